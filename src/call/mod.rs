@@ -1,0 +1,820 @@
+//! The call machine: everything one phone call decides, with no I/O, no clock and no
+//! platform types (sans-IO, after quinn-proto and str0m).
+//!
+//! The shell feeds it what arrived with [`Call::handle`], stamped with the time, then
+//! drains [`Call::poll_action`] until it returns `None` and carries each action out, and
+//! calls `handle(Input::Timeout, now)` when [`Call::poll_timeout`] comes due. Bad frames
+//! from either peer are logged, counted and dropped; they never end the call.
+
+mod playback;
+
+pub use playback::{Cut, Echo, Playback};
+
+use crate::audio::{base64_decoded_len, bytes_to_ms};
+use crate::config::Agent;
+use crate::ids::{CallSid, ItemId, Millis, StreamSid};
+use crate::openai::{self, ServerEvent};
+use crate::twilio::{self, Inbound};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, VecDeque};
+
+/// How long the OpenAI session may take to be ready before the call is given up.
+pub const SESSION_SETUP_TIMEOUT: Millis = Millis(10_000);
+/// Caller audio held while the OpenAI session is not ready: 15 s.
+pub const MAX_PENDING_INPUT_BYTES: u64 = 15_000 * crate::audio::BYTES_PER_MS;
+/// Agent audio held while Twilio's `start` has not arrived: 30 s.
+pub const MAX_HELD_OUTPUT_BYTES: u64 = 30_000 * crate::audio::BYTES_PER_MS;
+/// Largest frame accepted from either peer; Twilio frames are ~250 bytes and Realtime
+/// deltas a few KiB, so anything this large is a fault.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Something that arrived for the call.
+#[derive(Debug, Clone, Copy)]
+pub enum Input<'a> {
+    TwilioText(&'a str),
+    TwilioBinary {
+        len: usize,
+    },
+    TwilioClosed {
+        code: u16,
+        reason: &'a str,
+    },
+    OpenAiOpened,
+    OpenAiConnectFailed {
+        reason: &'a str,
+    },
+    OpenAiText(&'a str),
+    OpenAiBinary {
+        len: usize,
+    },
+    OpenAiClosed {
+        code: u16,
+        reason: &'a str,
+    },
+    /// The time given by `poll_timeout` has come.
+    Timeout,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Info,
+    Warn,
+    Error,
+}
+
+/// Something the shell must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Open the Realtime WebSocket for this model.
+    ConnectOpenAi {
+        model: String,
+    },
+    SendTwilio(String),
+    SendOpenAi(String),
+    CloseOpenAi {
+        code: u16,
+        reason: String,
+    },
+    /// Close Twilio's socket; Twilio then runs the TwiML after `</Connect>`.
+    CloseTwilio {
+        code: u16,
+        reason: String,
+    },
+    /// One structured log line (JSON), never holding audio or secrets.
+    Log {
+        level: Level,
+        line: String,
+    },
+    /// The call is over; what it leaves for the record.
+    Ended(Box<Summary>),
+}
+
+/// Why the call ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndReason {
+    /// Twilio sent `stop`: the caller hung up or the call was redirected.
+    TwilioStop,
+    TwilioSocketClosed {
+        code: u16,
+    },
+    OpenAiClosed {
+        code: u16,
+        reason: String,
+    },
+    OpenAiConnectFailed {
+        reason: String,
+    },
+    SessionSetupTimeout,
+    /// The Realtime server rejected our session configuration.
+    SessionRejected {
+        reason: String,
+    },
+}
+
+impl EndReason {
+    /// Short stable label, for storage and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            EndReason::TwilioStop => "twilio_stop",
+            EndReason::TwilioSocketClosed { .. } => "twilio_socket_closed",
+            EndReason::OpenAiClosed { .. } => "openai_closed",
+            EndReason::OpenAiConnectFailed { .. } => "openai_connect_failed",
+            EndReason::SessionSetupTimeout => "openai_session_timeout",
+            EndReason::SessionRejected { .. } => "openai_session_rejected",
+        }
+    }
+
+    /// True when the call ended because the agent side failed, not because of the caller.
+    pub fn is_failure(&self) -> bool {
+        !matches!(
+            self,
+            EndReason::TwilioStop | EndReason::TwilioSocketClosed { .. }
+        )
+    }
+
+    fn detail(&self) -> Value {
+        match self {
+            EndReason::TwilioSocketClosed { code } => json!({ "code": code }),
+            EndReason::OpenAiClosed { code, reason } => json!({ "code": code, "reason": reason }),
+            EndReason::OpenAiConnectFailed { reason } | EndReason::SessionRejected { reason } => {
+                json!({ "reason": reason })
+            }
+            _ => Value::Null,
+        }
+    }
+}
+
+/// Counters kept per call.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub caller_frames: u64,
+    pub caller_bytes: u64,
+    pub agent_frames: u64,
+    pub agent_bytes: u64,
+    pub barge_ins: u64,
+    pub responses: u64,
+    pub tokens: openai::Usage,
+    /// Dropped input by reason.
+    pub dropped: BTreeMap<&'static str, u64>,
+    /// From Twilio's `start` to the first agent audio sent to Twilio.
+    pub first_audio_ms: Option<u64>,
+}
+
+/// What an ended call leaves for the record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub call_sid: CallSid,
+    pub stream_sid: Option<StreamSid>,
+    pub session_id: Option<String>,
+    pub reason: EndReason,
+    pub started_at: Option<Millis>,
+    pub ended_at: Millis,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    Connecting,
+    /// Socket open, `session.update` sent, waiting for `session.updated`.
+    Configuring,
+    /// `session.updated` confirmed μ-law both ways: audio may flow.
+    Ready,
+    Closed,
+}
+
+struct Stream {
+    sid: StreamSid,
+    writer: twilio::Writer,
+    started_at: Millis,
+}
+
+pub struct Call {
+    sid: CallSid,
+    agent: Agent,
+    upstream: Upstream,
+    stream: Option<Stream>,
+    session_id: Option<String>,
+    greeted: bool,
+    response_active: bool,
+    /// Caller audio (already-built append events) waiting for the session to be ready.
+    pending_input: VecDeque<(String, u64)>,
+    pending_input_bytes: u64,
+    /// Agent audio waiting for Twilio's `start`.
+    held_output: VecDeque<(ItemId, String, u64)>,
+    held_output_bytes: u64,
+    playback: Playback,
+    setup_deadline: Option<Millis>,
+    ended: Option<EndReason>,
+    stats: Stats,
+    actions: VecDeque<Action>,
+}
+
+impl Call {
+    /// A call whose Twilio socket has just been accepted. Asks at once for the OpenAI
+    /// socket, so the session is being set up while Twilio sends `connected` and `start`.
+    pub fn new(sid: CallSid, agent: Agent, now: Millis) -> Self {
+        let mut call = Self {
+            sid,
+            upstream: Upstream::Connecting,
+            stream: None,
+            session_id: None,
+            greeted: false,
+            response_active: false,
+            pending_input: VecDeque::new(),
+            pending_input_bytes: 0,
+            held_output: VecDeque::new(),
+            held_output_bytes: 0,
+            playback: Playback::default(),
+            setup_deadline: Some(now + SESSION_SETUP_TIMEOUT),
+            ended: None,
+            stats: Stats::default(),
+            actions: VecDeque::new(),
+            agent,
+        };
+        call.actions.push_back(Action::ConnectOpenAi {
+            model: call.agent.model.clone(),
+        });
+        call.log(
+            Level::Info,
+            "call.accepted",
+            json!({ "model": call.agent.model }),
+        );
+        call
+    }
+
+    pub fn sid(&self) -> &CallSid {
+        &self.sid
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn end_reason(&self) -> Option<&EndReason> {
+        self.ended.as_ref()
+    }
+
+    pub fn is_ended(&self) -> bool {
+        self.ended.is_some()
+    }
+
+    /// The next action to carry out, in order.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the shell must next call `handle(Input::Timeout, now)`.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        if self.ended.is_some() {
+            return None;
+        }
+        self.setup_deadline
+    }
+
+    pub fn handle(&mut self, input: Input<'_>, now: Millis) {
+        if self.ended.is_some() {
+            // Late frames after the end (the other socket is closing) are expected.
+            return;
+        }
+        match input {
+            Input::TwilioText(text) => self.on_twilio_text(text, now),
+            Input::TwilioBinary { len } => {
+                self.drop_input("twilio_binary_frame", json!({ "len": len }))
+            }
+            Input::TwilioClosed { code, reason } => {
+                self.log(
+                    Level::Info,
+                    "twilio.closed",
+                    json!({ "code": code, "reason": reason }),
+                );
+                self.end(EndReason::TwilioSocketClosed { code }, now);
+            }
+            Input::OpenAiOpened => self.on_openai_opened(),
+            Input::OpenAiConnectFailed { reason } => {
+                self.log(
+                    Level::Error,
+                    "openai.connect_failed",
+                    json!({ "reason": reason }),
+                );
+                self.end(
+                    EndReason::OpenAiConnectFailed {
+                        reason: reason.to_owned(),
+                    },
+                    now,
+                );
+            }
+            Input::OpenAiText(text) => self.on_openai_text(text, now),
+            Input::OpenAiBinary { len } => {
+                self.drop_input("openai_binary_frame", json!({ "len": len }))
+            }
+            Input::OpenAiClosed { code, reason } => {
+                self.log(
+                    Level::Warn,
+                    "openai.closed",
+                    json!({ "code": code, "reason": reason }),
+                );
+                self.upstream = Upstream::Closed;
+                self.end(
+                    EndReason::OpenAiClosed {
+                        code,
+                        reason: reason.to_owned(),
+                    },
+                    now,
+                );
+            }
+            Input::Timeout => {
+                if self.setup_deadline.is_some_and(|d| now >= d) {
+                    self.log(
+                        Level::Error,
+                        "openai.session_timeout",
+                        json!({ "waited_ms": SESSION_SETUP_TIMEOUT.0 }),
+                    );
+                    self.end(EndReason::SessionSetupTimeout, now);
+                }
+            }
+        }
+    }
+
+    // ---- Twilio side ----
+
+    fn on_twilio_text(&mut self, text: &str, now: Millis) {
+        if text.len() > MAX_FRAME_BYTES {
+            return self.drop_input("twilio_oversized_frame", json!({ "len": text.len() }));
+        }
+        let frame = match twilio::parse(text) {
+            Ok(f) => f,
+            Err(e) => {
+                return self.drop_input("twilio_malformed_frame", json!({ "error": e.to_string() }))
+            }
+        };
+        match frame {
+            Inbound::Connected => self.log(Level::Info, "twilio.connected", Value::Null),
+            Inbound::Start(start) => self.on_start(start, now),
+            Inbound::Media(media) => self.on_caller_audio(&media.payload),
+            Inbound::Mark { name } => match self.playback.echoed(&name) {
+                Echo::Played { .. } | Echo::Flushed => {}
+                Echo::Unknown => self.drop_input("twilio_unknown_mark", json!({ "name": name })),
+            },
+            Inbound::Dtmf { digit } => {
+                self.log(Level::Info, "twilio.dtmf", json!({ "digit": digit }))
+            }
+            Inbound::Stop => {
+                self.log(Level::Info, "twilio.stop", Value::Null);
+                self.end(EndReason::TwilioStop, now);
+            }
+            Inbound::Unknown { event } => {
+                self.drop_input("twilio_unknown_event", json!({ "event": event }))
+            }
+        }
+    }
+
+    fn on_start(&mut self, start: twilio::Start, now: Millis) {
+        if self.stream.is_some() {
+            return self.drop_input(
+                "twilio_second_start",
+                json!({ "stream_sid": start.stream_sid }),
+            );
+        }
+        if start.call_sid != self.sid {
+            // The socket was routed here by the CallSid in its URL; a start naming another
+            // call is not ours to serve.
+            return self.drop_input(
+                "twilio_start_for_other_call",
+                json!({ "start_call_sid": start.call_sid }),
+            );
+        }
+        if start.encoding != "audio/x-mulaw" || start.sample_rate != 8000 {
+            self.log(
+                Level::Warn,
+                "twilio.unexpected_media_format",
+                json!({ "encoding": start.encoding, "sample_rate": start.sample_rate }),
+            );
+        }
+        self.log(
+            Level::Info,
+            "twilio.start",
+            json!({ "stream_sid": start.stream_sid, "account_sid": start.account_sid }),
+        );
+        self.stream = Some(Stream {
+            writer: twilio::Writer::new(&start.stream_sid),
+            sid: start.stream_sid,
+            started_at: now,
+        });
+        // Agent audio that came before we knew where to send it.
+        let held = std::mem::take(&mut self.held_output);
+        self.held_output_bytes = 0;
+        for (item, payload, bytes) in held {
+            self.send_agent_audio(&item, &payload, bytes, now);
+        }
+        self.maybe_greet();
+    }
+
+    fn on_caller_audio(&mut self, payload: &str) {
+        if self.stream.is_none() {
+            return self.drop_input("twilio_media_before_start", Value::Null);
+        }
+        let Some(bytes) = base64_decoded_len(payload) else {
+            return self.drop_input("twilio_invalid_base64", json!({ "len": payload.len() }));
+        };
+        let bytes = bytes as u64;
+        self.stats.caller_frames += 1;
+        self.stats.caller_bytes += bytes;
+        let event = openai::input_audio_append(payload);
+        if self.upstream == Upstream::Ready {
+            self.actions.push_back(Action::SendOpenAi(event));
+            return;
+        }
+        self.pending_input.push_back((event, bytes));
+        self.pending_input_bytes += bytes;
+        let mut overflow = 0u64;
+        while self.pending_input_bytes > MAX_PENDING_INPUT_BYTES {
+            let (_, b) = self.pending_input.pop_front().expect("bytes imply frames");
+            self.pending_input_bytes -= b;
+            overflow += 1;
+        }
+        if overflow > 0 {
+            *self
+                .stats
+                .dropped
+                .entry("caller_audio_overflow")
+                .or_default() += overflow;
+            self.log(
+                Level::Warn,
+                "bridge.caller_audio_overflow",
+                json!({ "frames": overflow, "held_ms": bytes_to_ms(self.pending_input_bytes) }),
+            );
+        }
+    }
+
+    // ---- OpenAI side ----
+
+    fn on_openai_opened(&mut self) {
+        if self.upstream != Upstream::Connecting {
+            return;
+        }
+        self.log(Level::Info, "openai.connected", Value::Null);
+        self.upstream = Upstream::Configuring;
+        self.actions
+            .push_back(Action::SendOpenAi(openai::session_update(&self.agent)));
+    }
+
+    fn on_openai_text(&mut self, text: &str, now: Millis) {
+        if text.len() > MAX_FRAME_BYTES {
+            return self.drop_input("openai_oversized_frame", json!({ "len": text.len() }));
+        }
+        let event = match openai::parse(text) {
+            Ok(e) => e,
+            Err(e) => {
+                return self.drop_input("openai_malformed_event", json!({ "error": e.to_string() }))
+            }
+        };
+        match event {
+            ServerEvent::SessionCreated(s) => {
+                self.session_id = s.id.clone();
+                self.log(
+                    Level::Info,
+                    "openai.session.created",
+                    json!({ "session_id": s.id, "model": s.model }),
+                );
+            }
+            ServerEvent::SessionUpdated(s) => self.on_session_updated(s, now),
+            ServerEvent::Error(err) => {
+                self.log(
+                    Level::Error,
+                    "openai.error",
+                    json!({
+                        "type": err.kind, "code": err.code, "message": err.message,
+                        "param": err.param, "event_id": err.event_id,
+                    }),
+                );
+                let ours = err.event_id.as_deref() == Some("evt_bridge_session_update");
+                if ours && self.upstream != Upstream::Ready {
+                    // The session keeps its defaults (24 kHz PCM out): unusable for a phone.
+                    let reason = err.code.or(err.message).unwrap_or_else(|| "error".into());
+                    self.end(EndReason::SessionRejected { reason }, now);
+                }
+            }
+            ServerEvent::SpeechStarted {
+                item_id,
+                audio_start_ms,
+            } => {
+                self.log(
+                    Level::Info,
+                    "openai.speech_started",
+                    json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
+                );
+                self.barge_in();
+            }
+            ServerEvent::SpeechStopped {
+                item_id,
+                audio_end_ms,
+            } => self.log(
+                Level::Info,
+                "openai.speech_stopped",
+                json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
+            ),
+            ServerEvent::Committed { item_id } => self.log(
+                Level::Info,
+                "openai.input_committed",
+                json!({ "item_id": item_id }),
+            ),
+            ServerEvent::ResponseCreated { response_id } => {
+                self.response_active = true;
+                self.log(
+                    Level::Info,
+                    "openai.response.created",
+                    json!({ "response_id": response_id }),
+                );
+            }
+            ServerEvent::AudioDelta { item_id, delta, .. } => {
+                self.on_agent_audio(ItemId(item_id), &delta, now)
+            }
+            ServerEvent::AudioDone { item_id } => {
+                if let Some(id) = item_id {
+                    self.playback.audio_done(&ItemId(id));
+                }
+            }
+            ServerEvent::AudioTranscriptDone {
+                item_id,
+                transcript,
+            } => self.log(
+                Level::Info,
+                "openai.agent_transcript",
+                json!({ "item_id": item_id, "chars": transcript.chars().count() }),
+            ),
+            ServerEvent::InputTranscriptionCompleted {
+                item_id,
+                transcript,
+            } => self.log(
+                Level::Info,
+                "openai.caller_transcript",
+                json!({ "item_id": item_id, "chars": transcript.chars().count() }),
+            ),
+            ServerEvent::InputTranscriptionFailed { item_id, error } => self.log(
+                Level::Warn,
+                "openai.caller_transcription_failed",
+                json!({ "item_id": item_id, "code": error.code, "message": error.message }),
+            ),
+            ServerEvent::ItemTruncated {
+                item_id,
+                audio_end_ms,
+            } => self.log(
+                Level::Info,
+                "openai.item_truncated",
+                json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
+            ),
+            ServerEvent::ResponseDone(r) => {
+                self.response_active = false;
+                self.stats.responses += 1;
+                let u = r.usage;
+                self.stats.tokens.total_tokens += u.total_tokens;
+                self.stats.tokens.input_tokens += u.input_tokens;
+                self.stats.tokens.output_tokens += u.output_tokens;
+                self.log(
+                    Level::Info,
+                    "openai.response.done",
+                    json!({
+                        "response_id": r.id, "status": r.status, "reason": r.status_reason,
+                        "usage": { "total_tokens": u.total_tokens, "input_tokens": u.input_tokens,
+                                   "output_tokens": u.output_tokens },
+                    }),
+                );
+            }
+            ServerEvent::RateLimitsUpdated(limits) => {
+                let limits: Vec<Value> = limits
+                    .iter()
+                    .map(|l| json!({ "name": l.name, "limit": l.limit, "remaining": l.remaining, "reset_seconds": l.reset_seconds }))
+                    .collect();
+                self.log(
+                    Level::Info,
+                    "openai.rate_limits",
+                    json!({ "rate_limits": limits }),
+                );
+            }
+            ServerEvent::Other { .. } => {}
+        }
+    }
+
+    fn on_session_updated(&mut self, s: openai::SessionInfo, now: Millis) {
+        self.log(
+            Level::Info,
+            "openai.session.updated",
+            json!({
+                "session_id": s.id, "input_format": s.input_format,
+                "output_format": s.output_format, "voice": s.voice,
+            }),
+        );
+        if s.id.is_some() {
+            self.session_id = s.id.clone();
+        }
+        let pcmu = |f: &Option<String>| f.as_deref() == Some("audio/pcmu");
+        if !(pcmu(&s.output_format) && pcmu(&s.input_format)) {
+            let reason = format!(
+                "session formats in={:?} out={:?}, need audio/pcmu",
+                s.input_format, s.output_format
+            );
+            if self.upstream == Upstream::Ready {
+                // A later update that lost μ-law would make everything after it noise.
+                self.log(
+                    Level::Error,
+                    "openai.session_format_lost",
+                    json!({ "reason": reason }),
+                );
+            }
+            return self.end(EndReason::SessionRejected { reason }, now);
+        }
+        if self.upstream == Upstream::Ready {
+            return;
+        }
+        self.upstream = Upstream::Ready;
+        self.setup_deadline = None;
+        // Greeting first: were buffered caller speech to trigger a VAD response first,
+        // our response.create would meet an active response.
+        self.maybe_greet();
+        self.pending_input_bytes = 0;
+        for (event, _) in std::mem::take(&mut self.pending_input) {
+            self.actions.push_back(Action::SendOpenAi(event));
+        }
+    }
+
+    fn maybe_greet(&mut self) {
+        if self.greeted || self.upstream != Upstream::Ready || self.stream.is_none() {
+            return;
+        }
+        self.greeted = true;
+        self.log(Level::Info, "bridge.greeting_requested", Value::Null);
+        self.actions
+            .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
+    }
+
+    fn on_agent_audio(&mut self, item: ItemId, delta: &str, now: Millis) {
+        if self.upstream != Upstream::Ready {
+            // Before μ-law is confirmed this is 24 kHz PCM: noise on a phone line.
+            return self.drop_input("openai_audio_before_session_ready", Value::Null);
+        }
+        if self.playback.is_cut(&item) {
+            return self.drop_input("openai_audio_after_barge_in", Value::Null);
+        }
+        let Some(bytes) = base64_decoded_len(delta) else {
+            return self.drop_input("openai_invalid_base64", json!({ "len": delta.len() }));
+        };
+        let bytes = bytes as u64;
+        self.playback.received(&item, bytes);
+        if self.stream.is_some() {
+            return self.send_agent_audio(&item, delta, bytes, now);
+        }
+        self.held_output.push_back((item, delta.to_owned(), bytes));
+        self.held_output_bytes += bytes;
+        while self.held_output_bytes > MAX_HELD_OUTPUT_BYTES {
+            let (_, _, b) = self.held_output.pop_front().expect("bytes imply frames");
+            self.held_output_bytes -= b;
+            *self
+                .stats
+                .dropped
+                .entry("agent_audio_overflow")
+                .or_default() += 1;
+        }
+    }
+
+    fn send_agent_audio(&mut self, item: &ItemId, payload: &str, bytes: u64, now: Millis) {
+        let Some(stream) = &self.stream else { return };
+        if self.stats.first_audio_ms.is_none() {
+            let ms = now.saturating_sub(stream.started_at).0;
+            self.stats.first_audio_ms = Some(ms);
+            self.log(
+                Level::Info,
+                "bridge.first_agent_audio",
+                json!({ "ms_from_start": ms }),
+            );
+        }
+        let stream = self.stream.as_ref().expect("checked above");
+        self.actions
+            .push_back(Action::SendTwilio(stream.writer.media(payload)));
+        let mark = self.playback.sent(item, bytes);
+        let stream = self.stream.as_ref().expect("checked above");
+        self.actions
+            .push_back(Action::SendTwilio(stream.writer.mark(&mark)));
+        self.stats.agent_frames += 1;
+        self.stats.agent_bytes += bytes;
+    }
+
+    /// The caller started talking. If agent audio is still unheard, stop it at Twilio
+    /// first (what the caller notices), then tell OpenAI how much was really heard.
+    fn barge_in(&mut self) {
+        if !self.playback.outstanding() {
+            return;
+        }
+        let unconfirmed_ms = self.playback.unconfirmed_ms();
+        if let Some(stream) = &self.stream {
+            self.actions
+                .push_back(Action::SendTwilio(stream.writer.clear()));
+        }
+        let cuts = self.playback.barge_in();
+        // Audio held for a stream that has not started belongs to the cut items.
+        self.held_output.clear();
+        self.held_output_bytes = 0;
+        self.stats.barge_ins += 1;
+        for cut in &cuts {
+            self.actions.push_back(Action::SendOpenAi(openai::truncate(
+                cut.item.as_str(),
+                cut.audio_end_ms,
+            )));
+        }
+        let cuts: Vec<Value> = cuts
+            .iter()
+            .map(|c| json!({ "item_id": c.item, "audio_end_ms": c.audio_end_ms }))
+            .collect();
+        self.log(
+            Level::Info,
+            "bridge.barge_in",
+            json!({ "cuts": cuts, "unconfirmed_ms": unconfirmed_ms }),
+        );
+    }
+
+    // ---- the end ----
+
+    fn end(&mut self, reason: EndReason, now: Millis) {
+        if self.ended.is_some() {
+            return;
+        }
+        if self.upstream != Upstream::Closed {
+            self.upstream = Upstream::Closed;
+            self.actions.push_back(Action::CloseOpenAi {
+                code: 1000,
+                reason: "call ended".into(),
+            });
+        }
+        if reason.is_failure() {
+            // Closing the stream makes Twilio play the TwiML after </Connect> (the apology
+            // and transfer), so the caller is not left in silence.
+            self.actions.push_back(Action::CloseTwilio {
+                code: 1011,
+                reason: "agent unavailable".into(),
+            });
+        } else if !matches!(reason, EndReason::TwilioSocketClosed { .. }) {
+            self.actions.push_back(Action::CloseTwilio {
+                code: 1000,
+                reason: "stream stopped".into(),
+            });
+        }
+        self.setup_deadline = None;
+        let level = if reason.is_failure() {
+            Level::Error
+        } else {
+            Level::Info
+        };
+        let dropped: BTreeMap<&str, u64> = self.stats.dropped.clone();
+        self.log(
+            level,
+            "call.ended",
+            json!({
+                "reason": reason.label(), "detail": reason.detail(),
+                "caller_frames": self.stats.caller_frames, "agent_frames": self.stats.agent_frames,
+                "barge_ins": self.stats.barge_ins, "first_audio_ms": self.stats.first_audio_ms,
+                "total_tokens": self.stats.tokens.total_tokens, "dropped": dropped,
+            }),
+        );
+        self.ended = Some(reason.clone());
+        self.actions.push_back(Action::Ended(Box::new(Summary {
+            call_sid: self.sid.clone(),
+            stream_sid: self.stream.as_ref().map(|s| s.sid.clone()),
+            session_id: self.session_id.clone(),
+            reason,
+            started_at: self.stream.as_ref().map(|s| s.started_at),
+            ended_at: now,
+            stats: self.stats.clone(),
+        })));
+    }
+
+    // ---- logging ----
+
+    fn drop_input(&mut self, reason: &'static str, detail: Value) {
+        let n = self.stats.dropped.entry(reason).or_default();
+        *n += 1;
+        let count = *n;
+        // A peer spraying bad frames must not flood the log: first ten, then every 100th.
+        if count <= 10 || count.is_multiple_of(100) {
+            self.log(
+                Level::Warn,
+                "bridge.dropped",
+                json!({ "reason": reason, "count": count, "detail": detail }),
+            );
+        }
+    }
+
+    fn log(&mut self, level: Level, event: &str, fields: Value) {
+        let mut line = serde_json::Map::new();
+        line.insert("call_sid".into(), json!(self.sid));
+        line.insert("event".into(), json!(event));
+        if let Value::Object(fields) = fields {
+            line.extend(fields);
+        }
+        self.actions.push_back(Action::Log {
+            level,
+            line: Value::Object(line).to_string(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! The playback clock: what of the agent's audio the caller has actually heard.
+//!
+//! Twilio plays the audio we send in order and echoes each `mark` we place after a chunk
+//! once everything before it has played (or when a `clear` flushes it, which is why echoes
+//! after a barge-in are ignored). Per conversation item we keep bytes received from
+//! OpenAI, bytes sent to Twilio and bytes confirmed played; μ-law at 8 kHz makes every
+//! 8 bytes one millisecond, so the arithmetic is exact.
+
+use crate::audio::bytes_to_ms;
+use crate::ids::ItemId;
+use std::collections::VecDeque;
+
+#[derive(Debug, Clone, PartialEq)]
+struct Item {
+    id: ItemId,
+    received: u64,
+    sent: u64,
+    played: u64,
+    audio_done: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct PendingMark {
+    seq: u64,
+    item: ItemId,
+    /// The item's `sent` count right after the chunk this mark follows.
+    sent_after: u64,
+}
+
+/// What an echoed mark meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Echo {
+    /// Audio up to this mark has played.
+    Played { item: ItemId, played_ms: u64 },
+    /// A mark we sent before a `clear`, echoed because the clear flushed it.
+    Flushed,
+    /// Not a mark of ours.
+    Unknown,
+}
+
+/// One item cut by a barge-in: the truncate to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cut {
+    pub item: ItemId,
+    pub audio_end_ms: u64,
+}
+
+const MARK_PREFIX: &str = "m";
+/// Items that were cut, remembered so their late deltas are dropped.
+const CUT_MEMORY: usize = 16;
+
+#[derive(Debug, Default)]
+pub struct Playback {
+    items: VecDeque<Item>,
+    marks: VecDeque<PendingMark>,
+    next_mark: u64,
+    cut: VecDeque<ItemId>,
+}
+
+impl Playback {
+    /// True when audio of this item must no longer be played (it was cut by a barge-in).
+    pub fn is_cut(&self, item: &ItemId) -> bool {
+        self.cut.contains(item)
+    }
+
+    fn item_mut(&mut self, id: &ItemId) -> &mut Item {
+        if let Some(i) = self.items.iter().position(|i| &i.id == id) {
+            return &mut self.items[i];
+        }
+        self.items.push_back(Item {
+            id: id.clone(),
+            received: 0,
+            sent: 0,
+            played: 0,
+            audio_done: false,
+        });
+        self.items.back_mut().expect("just pushed")
+    }
+
+    /// Audio for `item` arrived from OpenAI (whether or not it can be sent yet).
+    pub fn received(&mut self, item: &ItemId, bytes: u64) {
+        self.item_mut(item).received += bytes;
+    }
+
+    /// Audio for `item` was sent to Twilio; returns the name of the mark to send after it.
+    pub fn sent(&mut self, item: &ItemId, bytes: u64) -> String {
+        let it = self.item_mut(item);
+        it.sent += bytes;
+        let sent_after = it.sent;
+        let seq = self.next_mark;
+        self.next_mark += 1;
+        self.marks.push_back(PendingMark {
+            seq,
+            item: item.clone(),
+            sent_after,
+        });
+        format!("{MARK_PREFIX}{seq}")
+    }
+
+    /// OpenAI finished the item's audio: once it has all played, it can be forgotten.
+    pub fn audio_done(&mut self, item: &ItemId) {
+        if let Some(it) = self.items.iter_mut().find(|i| &i.id == item) {
+            it.audio_done = true;
+        }
+        self.forget_finished();
+    }
+
+    /// Twilio echoed a mark.
+    pub fn echoed(&mut self, name: &str) -> Echo {
+        let Some(seq) = name
+            .strip_prefix(MARK_PREFIX)
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|s| name.len() == MARK_PREFIX.len() + s.to_string().len())
+        else {
+            return Echo::Unknown;
+        };
+        if seq >= self.next_mark {
+            return Echo::Unknown;
+        }
+        // Marks come back in the order sent; an echo implies all earlier ones played too.
+        let Some(pos) = self.marks.iter().position(|m| m.seq == seq) else {
+            return Echo::Flushed;
+        };
+        let mut last = None;
+        for m in self.marks.drain(..=pos) {
+            if let Some(it) = self.items.iter_mut().find(|i| i.id == m.item) {
+                it.played = it.played.max(m.sent_after);
+            }
+            last = Some(m.item);
+        }
+        let item = last.expect("drained at least one mark");
+        let played_ms = self
+            .items
+            .iter()
+            .find(|i| i.id == item)
+            .map(|i| bytes_to_ms(i.played))
+            .unwrap_or(0);
+        self.forget_finished();
+        Echo::Played { item, played_ms }
+    }
+
+    /// True while some agent audio has been received but not confirmed heard.
+    pub fn outstanding(&self) -> bool {
+        self.items.iter().any(|i| i.received > i.played)
+    }
+
+    /// The caller started talking: every item with unheard audio is cut where playback
+    /// stands. Returns the truncates to send, oldest item first; empty when nothing was
+    /// playing. Pending marks become flushes.
+    pub fn barge_in(&mut self) -> Vec<Cut> {
+        let mut cuts = Vec::new();
+        for it in self.items.drain(..) {
+            if it.received > it.played {
+                // played <= sent <= received by construction; the clamp keeps the vendor
+                // rule (never past the audio received) even if that ever stopped holding.
+                let end = it.played.min(it.received);
+                cuts.push(Cut {
+                    item: it.id.clone(),
+                    audio_end_ms: bytes_to_ms(end),
+                });
+                self.cut.push_back(it.id);
+                if self.cut.len() > CUT_MEMORY {
+                    self.cut.pop_front();
+                }
+            }
+        }
+        self.marks.clear();
+        cuts
+    }
+
+    /// Milliseconds of audio sent to Twilio and not yet confirmed played.
+    pub fn unconfirmed_ms(&self) -> u64 {
+        self.items
+            .iter()
+            .map(|i| bytes_to_ms(i.sent.saturating_sub(i.played)))
+            .sum()
+    }
+
+    fn forget_finished(&mut self) {
+        while let Some(front) = self.items.front() {
+            let finished = front.audio_done && front.played >= front.received;
+            if finished && !self.marks.iter().any(|m| m.item == front.id) {
+                self.items.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tracked_items(&self) -> usize {
+        self.items.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> ItemId {
+        ItemId::new(s)
+    }
+
+    #[test]
+    fn played_ms_follows_echoed_marks() {
+        let mut p = Playback::default();
+        let a = id("item_a");
+        p.received(&a, 1600);
+        let m0 = p.sent(&a, 1600);
+        p.received(&a, 800);
+        let m1 = p.sent(&a, 800);
+        assert_eq!(
+            p.echoed(&m0),
+            Echo::Played {
+                item: a.clone(),
+                played_ms: 200
+            }
+        );
+        assert!(p.outstanding());
+        assert_eq!(
+            p.barge_in(),
+            vec![Cut {
+                item: a.clone(),
+                audio_end_ms: 200
+            }]
+        );
+        assert!(p.is_cut(&a));
+        // The clear flushes m1: its echo is not "played".
+        assert_eq!(p.echoed(&m1), Echo::Flushed);
+        assert!(!p.outstanding());
+    }
+
+    #[test]
+    fn a_later_echo_confirms_earlier_marks() {
+        let mut p = Playback::default();
+        let a = id("a");
+        for _ in 0..3 {
+            p.received(&a, 160);
+        }
+        let _m0 = p.sent(&a, 160);
+        let _m1 = p.sent(&a, 160);
+        let m2 = p.sent(&a, 160);
+        assert_eq!(
+            p.echoed(&m2),
+            Echo::Played {
+                item: a,
+                played_ms: 60
+            }
+        );
+        assert_eq!(p.unconfirmed_ms(), 0);
+    }
+
+    #[test]
+    fn nothing_playing_means_no_cut() {
+        let mut p = Playback::default();
+        assert!(p.barge_in().is_empty());
+        let a = id("a");
+        p.received(&a, 160);
+        let m = p.sent(&a, 160);
+        p.audio_done(&a);
+        p.echoed(&m);
+        assert!(!p.outstanding());
+        assert!(p.barge_in().is_empty());
+        assert_eq!(p.tracked_items(), 0, "finished items are forgotten");
+    }
+
+    #[test]
+    fn audio_received_but_never_sent_is_cut_at_zero() {
+        let mut p = Playback::default();
+        let a = id("a");
+        p.received(&a, 4000);
+        assert_eq!(
+            p.barge_in(),
+            vec![Cut {
+                item: a,
+                audio_end_ms: 0
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_marks_are_told_apart() {
+        let mut p = Playback::default();
+        assert_eq!(p.echoed("m0"), Echo::Unknown);
+        assert_eq!(p.echoed("hello"), Echo::Unknown);
+        let a = id("a");
+        p.received(&a, 8);
+        let m = p.sent(&a, 8);
+        assert_eq!(p.echoed(&format!("{m}x")), Echo::Unknown);
+        assert_eq!(p.echoed("m00"), Echo::Unknown);
+        assert_eq!(p.echoed("m+0"), Echo::Unknown);
+        assert!(matches!(p.echoed(&m), Echo::Played { .. }));
+        assert_eq!(
+            p.echoed(&m),
+            Echo::Flushed,
+            "a repeated echo changes nothing"
+        );
+    }
+
+    #[test]
+    fn ms_are_floored_never_rounded_up() {
+        let mut p = Playback::default();
+        let a = id("a");
+        p.received(&a, 1607);
+        let m = p.sent(&a, 1607);
+        p.received(&a, 100);
+        p.sent(&a, 100);
+        p.echoed(&m);
+        assert_eq!(p.barge_in()[0].audio_end_ms, 200);
+    }
+}

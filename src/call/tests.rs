@@ -1,0 +1,705 @@
+//! Scenario tests of the call machine on a simulated clock: each reads as a script of
+//! what arrives when and what the machine must do.
+
+use super::*;
+use base64::Engine;
+
+const SID: &str = "CA00000000000000000000000000000001";
+const STREAM: &str = "MZ00000000000000000000000000000001";
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `n` bytes of a recognisable pattern.
+fn audio(n: usize, seed: u8) -> String {
+    b64(&(0..n)
+        .map(|i| seed.wrapping_add(i as u8))
+        .collect::<Vec<_>>())
+}
+
+fn start() -> String {
+    format!(
+        r#"{{"event":"start","sequenceNumber":"1","start":{{"accountSid":"AC1","streamSid":"{STREAM}","callSid":"{SID}","tracks":["inbound"],"mediaFormat":{{"encoding":"audio/x-mulaw","sampleRate":8000,"channels":1}},"customParameters":{{"From":"+819012345678","To":"+815012345678"}}}},"streamSid":"{STREAM}"}}"#
+    )
+}
+
+fn media(payload: &str) -> String {
+    format!(
+        r#"{{"event":"media","sequenceNumber":"2","media":{{"track":"inbound","chunk":"1","timestamp":"20","payload":"{payload}"}},"streamSid":"{STREAM}"}}"#
+    )
+}
+
+fn mark(name: &str) -> String {
+    format!(
+        r#"{{"event":"mark","sequenceNumber":"3","streamSid":"{STREAM}","mark":{{"name":"{name}"}}}}"#
+    )
+}
+
+fn session_updated(out_format: &str) -> String {
+    format!(
+        r#"{{"type":"session.updated","event_id":"e1","session":{{"id":"sess_1","type":"realtime","audio":{{"input":{{"format":{{"type":"audio/pcmu"}}}},"output":{{"format":{{"type":"{out_format}"}},"voice":"marin"}}}}}}}}"#
+    )
+}
+
+fn delta(item: &str, payload: &str) -> String {
+    format!(
+        r#"{{"type":"response.output_audio.delta","event_id":"e","response_id":"resp_1","item_id":"{item}","output_index":0,"content_index":0,"delta":"{payload}"}}"#
+    )
+}
+
+fn speech_started() -> String {
+    r#"{"type":"input_audio_buffer.speech_started","event_id":"e","audio_start_ms":1000,"item_id":"item_user"}"#.into()
+}
+
+/// The call machine plus a clock; every step returns the non-log actions it produced.
+struct Sim {
+    call: Call,
+    now: Millis,
+    logs: Vec<String>,
+}
+
+impl Sim {
+    fn new() -> Self {
+        let mut sim = Sim {
+            call: Call::new(CallSid::new(SID), Agent::default(), Millis(0)),
+            now: Millis(0),
+            logs: vec![],
+        };
+        let first = sim.drain();
+        assert_eq!(
+            first,
+            vec![Action::ConnectOpenAi {
+                model: "gpt-realtime".into()
+            }]
+        );
+        sim
+    }
+
+    /// A call whose session is ready and whose stream has started; returns after the
+    /// greeting request.
+    fn live() -> Self {
+        let mut sim = Sim::new();
+        sim.openai_opened();
+        sim.openai(&session_updated("audio/pcmu"));
+        sim.twilio(&start());
+        sim
+    }
+
+    fn at(&mut self, ms: u64) -> &mut Self {
+        assert!(ms >= self.now.0, "time runs forward");
+        self.now = Millis(ms);
+        self
+    }
+
+    fn drain(&mut self) -> Vec<Action> {
+        let mut out = vec![];
+        while let Some(a) = self.call.poll_action() {
+            match a {
+                Action::Log { line, .. } => {
+                    let v: Value = serde_json::from_str(&line).expect("log lines are JSON");
+                    assert_eq!(v["call_sid"], SID, "every log line names the call");
+                    self.logs.push(line)
+                }
+                other => out.push(other),
+            }
+        }
+        out
+    }
+
+    fn input(&mut self, input: Input<'_>) -> Vec<Action> {
+        self.call.handle(input, self.now);
+        self.drain()
+    }
+
+    fn twilio(&mut self, text: &str) -> Vec<Action> {
+        self.input(Input::TwilioText(text))
+    }
+
+    fn openai(&mut self, text: &str) -> Vec<Action> {
+        self.input(Input::OpenAiText(text))
+    }
+
+    fn openai_opened(&mut self) -> Vec<Action> {
+        self.input(Input::OpenAiOpened)
+    }
+
+    /// Sends one agent audio chunk and returns the mark name the machine placed after it.
+    fn agent_chunk(&mut self, item: &str, payload: &str) -> String {
+        let out = self.openai(&delta(item, payload));
+        assert_eq!(out.len(), 2, "media then mark: {out:?}");
+        let Action::SendTwilio(m) = &out[0] else {
+            panic!("{out:?}")
+        };
+        let m: Value = serde_json::from_str(m).unwrap();
+        assert_eq!(m["event"], "media");
+        assert_eq!(
+            m["media"]["payload"], payload,
+            "agent audio is relayed unchanged"
+        );
+        mark_name(&out[1])
+    }
+
+    fn logged(&self, event: &str) -> Vec<Value> {
+        self.logs
+            .iter()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|v| v["event"] == event)
+            .collect()
+    }
+}
+
+fn mark_name(a: &Action) -> String {
+    let Action::SendTwilio(m) = a else {
+        panic!("{a:?}")
+    };
+    let m: Value = serde_json::from_str(m).unwrap();
+    assert_eq!(m["event"], "mark");
+    assert_eq!(m["streamSid"], STREAM);
+    m["mark"]["name"].as_str().unwrap().to_owned()
+}
+
+fn json_of(a: &Action) -> Value {
+    match a {
+        Action::SendTwilio(s) | Action::SendOpenAi(s) => serde_json::from_str(s).unwrap(),
+        other => panic!("not a send: {other:?}"),
+    }
+}
+
+fn is_greeting(a: &Action) -> bool {
+    matches!(a, Action::SendOpenAi(_)) && json_of(a)["type"] == "response.create"
+}
+
+// ---- session setup and greeting ----
+
+#[test]
+fn session_update_is_sent_when_the_socket_opens() {
+    let mut sim = Sim::new();
+    let out = sim.openai_opened();
+    assert_eq!(out.len(), 1);
+    let v = json_of(&out[0]);
+    assert_eq!(v["type"], "session.update");
+    assert_eq!(v["session"]["type"], "realtime");
+    assert_eq!(
+        v["session"]["audio"]["output"]["format"]["type"],
+        "audio/pcmu"
+    );
+}
+
+#[test]
+fn greeting_waits_for_both_session_ready_and_start() {
+    // Session first, then start.
+    let mut sim = Sim::new();
+    sim.openai_opened();
+    assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
+    let out = sim.twilio(&start());
+    assert_eq!(out.len(), 1);
+    assert!(is_greeting(&out[0]));
+    assert_eq!(
+        json_of(&out[0])["response"]["instructions"],
+        Agent::default().greeting
+    );
+
+    // Start first, then session.
+    let mut sim = Sim::new();
+    assert!(sim.twilio(&start()).is_empty());
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    assert!(is_greeting(&out[0]));
+    // Only once, whatever else arrives.
+    assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
+}
+
+#[test]
+fn session_without_pcmu_output_never_reaches_the_caller() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.openai_opened();
+    // The server kept its 24 kHz PCM default (protocol.md D3.4).
+    let out = sim.openai(&session_updated("audio/pcm"));
+    assert!(
+        out.iter().all(|a| !is_greeting(a)),
+        "no greeting on a session that would play noise"
+    );
+    assert!(out.contains(&Action::CloseTwilio {
+        code: 1011,
+        reason: "agent unavailable".into()
+    }));
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("openai_session_rejected")
+    );
+}
+
+#[test]
+fn audio_before_session_updated_is_dropped_not_played() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.openai_opened();
+    let out = sim.openai(&delta("item_a", &audio(160, 1)));
+    assert!(out.is_empty());
+    assert_eq!(
+        sim.call.stats().dropped["openai_audio_before_session_ready"],
+        1
+    );
+}
+
+#[test]
+fn rejected_session_update_ends_the_call_with_the_error_code() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.openai_opened();
+    let out = sim.openai(r#"{"type":"error","event_id":"e","error":{"type":"invalid_request_error","code":"unknown_parameter","message":"Unknown parameter: 'session.voice'.","param":"session.voice","event_id":"evt_bridge_session_update"}}"#);
+    assert!(out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })));
+    assert_eq!(
+        sim.call.end_reason(),
+        Some(&EndReason::SessionRejected {
+            reason: "unknown_parameter".into()
+        })
+    );
+    assert_eq!(sim.logged("openai.error")[0]["code"], "unknown_parameter");
+}
+
+#[test]
+fn other_errors_are_logged_and_the_call_goes_on() {
+    let mut sim = Sim::live();
+    let out = sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"conversation_already_has_active_response","message":"busy","param":null,"event_id":null}}"#);
+    assert!(out.is_empty());
+    assert!(!sim.call.is_ended());
+    assert_eq!(
+        sim.logged("openai.error")[0]["code"],
+        "conversation_already_has_active_response"
+    );
+}
+
+#[test]
+fn session_that_never_gets_ready_times_out() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.openai_opened();
+    assert_eq!(sim.call.poll_timeout(), Some(SESSION_SETUP_TIMEOUT));
+    sim.at(9_999);
+    assert!(sim.input(Input::Timeout).is_empty());
+    sim.at(10_000);
+    let out = sim.input(Input::Timeout);
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+    assert_eq!(sim.call.end_reason(), Some(&EndReason::SessionSetupTimeout));
+    assert_eq!(sim.call.poll_timeout(), None);
+}
+
+#[test]
+fn ready_session_cancels_the_setup_timeout() {
+    let sim = Sim::live();
+    assert_eq!(sim.call.poll_timeout(), None);
+}
+
+// ---- relay ----
+
+#[test]
+fn caller_audio_before_the_session_is_ready_is_held_then_sent_in_order() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    let frames: Vec<String> = (0..50).map(|i| audio(160, i)).collect();
+    for (i, f) in frames.iter().enumerate() {
+        sim.at(i as u64 * 20);
+        assert!(sim.twilio(&media(f)).is_empty(), "held, not sent");
+    }
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    assert!(is_greeting(&out[0]), "greeting goes before held audio");
+    let sent: Vec<String> = out[1..]
+        .iter()
+        .map(|a| {
+            let v = json_of(a);
+            assert_eq!(v["type"], "input_audio_buffer.append");
+            v["audio"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert_eq!(sent, frames, "every held frame, unchanged, in order");
+    // Afterwards frames go straight through.
+    let f = audio(160, 99);
+    let out = sim.twilio(&media(&f));
+    assert_eq!(json_of(&out[0])["audio"], f);
+    assert_eq!(sim.call.stats().caller_frames, 51);
+}
+
+#[test]
+fn held_caller_audio_is_bounded_dropping_the_oldest() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    let frame_bytes = 160u64;
+    let frames = MAX_PENDING_INPUT_BYTES / frame_bytes + 10;
+    for i in 0..frames {
+        sim.twilio(&media(&audio(160, i as u8)));
+    }
+    assert_eq!(sim.call.stats().dropped["caller_audio_overflow"], 10);
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    assert_eq!(out.len() as u64, 1 + MAX_PENDING_INPUT_BYTES / frame_bytes);
+    // The oldest ten went; the first kept is frame 10.
+    assert_eq!(json_of(&out[1])["audio"], audio(160, 10));
+}
+
+#[test]
+fn agent_audio_is_relayed_unchanged_each_followed_by_a_mark() {
+    let mut sim = Sim::live();
+    sim.at(700);
+    let chunks: Vec<String> = (0..5).map(|i| audio(800 + i * 8, i as u8)).collect();
+    let mut marks = vec![];
+    for c in &chunks {
+        marks.push(sim.agent_chunk("item_a", c));
+    }
+    let unique: std::collections::HashSet<_> = marks.iter().collect();
+    assert_eq!(unique.len(), marks.len(), "each mark names its own chunk");
+    assert_eq!(sim.call.stats().first_audio_ms, Some(700));
+    assert_eq!(sim.call.stats().agent_frames, 5);
+}
+
+#[test]
+fn beta_named_audio_deltas_are_relayed_too() {
+    let mut sim = Sim::live();
+    let text = delta("item_a", &audio(160, 3))
+        .replace("response.output_audio.delta", "response.audio.delta");
+    assert_eq!(sim.openai(&text).len(), 2);
+}
+
+// ---- barge-in ----
+
+/// A call in which the agent sent `chunks` chunks of 200 ms (1600 bytes) for `item_a`
+/// and Twilio confirmed `played` of them.
+fn playing(chunks: usize, played: usize) -> (Sim, Vec<String>) {
+    let mut sim = Sim::live();
+    let marks: Vec<String> = (0..chunks)
+        .map(|i| sim.agent_chunk("item_a", &audio(1600, i as u8)))
+        .collect();
+    for (i, m) in marks.iter().take(played).enumerate() {
+        sim.at(200 * (i as u64 + 1));
+        assert!(sim.twilio(&mark(m)).is_empty());
+    }
+    (sim, marks)
+}
+
+#[test]
+fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
+    let (mut sim, _) = playing(10, 3);
+    sim.at(650);
+    let out = sim.openai(&speech_started());
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(
+        json_of(&out[0]),
+        json!({"event":"clear","streamSid":STREAM})
+    );
+    assert_eq!(
+        json_of(&out[1]),
+        json!({"type":"conversation.item.truncate","item_id":"item_a","content_index":0,"audio_end_ms":600})
+    );
+    assert_eq!(sim.call.stats().barge_ins, 1);
+}
+
+#[test]
+fn marks_flushed_by_the_clear_do_not_count_as_played() {
+    let (mut sim, marks) = playing(10, 3);
+    sim.openai(&speech_started());
+    // Twilio echoes every pending mark when it clears; they are neither played nor unknown.
+    for m in &marks[3..] {
+        assert!(sim.twilio(&mark(m)).is_empty());
+    }
+    assert!(!sim.call.stats().dropped.contains_key("twilio_unknown_mark"));
+    // Nothing is playing now: a second speech_started does nothing.
+    assert!(sim.openai(&speech_started()).is_empty());
+    assert_eq!(sim.call.stats().barge_ins, 1);
+}
+
+#[test]
+fn later_audio_of_a_cut_item_is_dropped_and_the_next_item_plays() {
+    let (mut sim, _) = playing(4, 1);
+    sim.openai(&speech_started());
+    assert!(sim.openai(&delta("item_a", &audio(1600, 7))).is_empty());
+    assert_eq!(sim.call.stats().dropped["openai_audio_after_barge_in"], 1);
+    // The answer to what the caller said next plays normally.
+    sim.agent_chunk("item_b", &audio(1600, 8));
+}
+
+#[test]
+fn speech_when_nothing_is_playing_sends_no_clear_and_no_truncate() {
+    let mut sim = Sim::live();
+    assert!(sim.openai(&speech_started()).is_empty());
+    // All audio played: still nothing to cut.
+    let (mut sim, _) = playing(3, 3);
+    assert!(sim.openai(&speech_started()).is_empty());
+    assert_eq!(sim.call.stats().barge_ins, 0);
+}
+
+#[test]
+fn truncate_never_exceeds_the_audio_received_for_the_item() {
+    // protocol.md D3.5: "Audio content of 2450ms is already shorter than 2535ms".
+    // Odd-sized chunks: 2450 ms received = 19600 bytes in 7 uneven chunks, all played
+    // but the last one's mark.
+    let mut sim = Sim::live();
+    let sizes = [2801u64, 2799, 2800, 2800, 2800, 2800, 2800];
+    let marks: Vec<String> = sizes
+        .iter()
+        .map(|&n| sim.agent_chunk("item_a", &audio(n as usize, 1)))
+        .collect();
+    for m in &marks[..6] {
+        sim.twilio(&mark(m));
+    }
+    let out = sim.openai(&speech_started());
+    let end = json_of(&out[1])["audio_end_ms"].as_u64().unwrap();
+    assert_eq!(end, (sizes[..6].iter().sum::<u64>()) / 8);
+    assert!(end <= sizes.iter().sum::<u64>() / 8);
+}
+
+#[test]
+fn a_mark_confirms_everything_before_it() {
+    let (mut sim, marks) = playing(5, 0);
+    // Twilio's echoes for marks 0 and 1 were lost; mark 2 arrives.
+    sim.twilio(&mark(&marks[2]));
+    let out = sim.openai(&speech_started());
+    assert_eq!(json_of(&out[1])["audio_end_ms"], 600);
+}
+
+#[test]
+fn barge_in_before_the_stream_started_cuts_at_zero_without_clear() {
+    let mut sim = Sim::new();
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    // A response (not the greeting) arrives before Twilio's start: it is held.
+    assert!(sim.openai(&delta("item_a", &audio(1600, 1))).is_empty());
+    let out = sim.openai(&speech_started());
+    assert_eq!(out.len(), 1, "no stream, so no clear: {out:?}");
+    assert_eq!(json_of(&out[0])["audio_end_ms"], 0);
+    // The held audio was discarded with the cut.
+    let out = sim.twilio(&start());
+    assert!(
+        out.iter().all(|a| matches!(a, Action::SendOpenAi(_))),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn agent_audio_held_until_start_is_flushed_in_order_with_marks() {
+    let mut sim = Sim::new();
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    let chunks: Vec<String> = (0..3).map(|i| audio(400, i)).collect();
+    for c in &chunks {
+        assert!(sim.openai(&delta("item_a", c)).is_empty());
+    }
+    sim.at(300);
+    let out = sim.twilio(&start());
+    let medias: Vec<Value> = out
+        .iter()
+        .filter_map(|a| match a {
+            Action::SendTwilio(_) => Some(json_of(a)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(medias.len(), 6);
+    for (i, c) in chunks.iter().enumerate() {
+        assert_eq!(medias[2 * i]["media"]["payload"], c.as_str());
+        assert_eq!(medias[2 * i + 1]["event"], "mark");
+    }
+    assert_eq!(sim.call.stats().first_audio_ms, Some(0));
+}
+
+// ---- bad input ----
+
+#[test]
+fn bad_frames_from_either_side_are_counted_and_the_call_goes_on() {
+    let mut sim = Sim::live();
+    let bad_twilio = [
+        "not json",
+        r#"{"event":"media","media":{}}"#,
+        r#"{"event":"media","media":{"payload":"@@@@"}}"#,
+        r#"{"event":"mark","mark":{"name":"m999"}}"#,
+        r#"{"event":"surprise"}"#,
+    ];
+    for f in bad_twilio {
+        assert!(sim.twilio(f).is_empty(), "{f}");
+    }
+    sim.twilio(&start());
+    assert!(sim.input(Input::TwilioBinary { len: 10 }).is_empty());
+    for f in [
+        "{",
+        r#"{"type":"response.output_audio.delta","item_id":"i","delta":"not base64!"}"#,
+    ] {
+        assert!(sim.openai(f).is_empty(), "{f}");
+    }
+    assert!(sim.input(Input::OpenAiBinary { len: 3 }).is_empty());
+    let huge = format!(
+        "{{\"event\":\"media\",\"pad\":\"{}\"}}",
+        "x".repeat(MAX_FRAME_BYTES)
+    );
+    assert!(sim.twilio(&huge).is_empty());
+
+    let d = &sim.call.stats().dropped;
+    for reason in [
+        "twilio_malformed_frame",
+        "twilio_invalid_base64",
+        "twilio_unknown_mark",
+        "twilio_unknown_event",
+        "twilio_second_start",
+        "twilio_binary_frame",
+        "twilio_oversized_frame",
+        "openai_malformed_event",
+        "openai_invalid_base64",
+        "openai_binary_frame",
+    ] {
+        assert!(
+            d.get(reason).copied().unwrap_or(0) >= 1,
+            "{reason} not counted: {d:?}"
+        );
+    }
+    assert!(!sim.call.is_ended());
+    // And the relay still works.
+    let f = audio(160, 5);
+    assert_eq!(json_of(&sim.twilio(&media(&f))[0])["audio"], f);
+    sim.agent_chunk("item_z", &audio(160, 6));
+}
+
+#[test]
+fn media_before_start_is_dropped() {
+    let mut sim = Sim::new();
+    assert!(sim.twilio(&media(&audio(160, 0))).is_empty());
+    assert_eq!(sim.call.stats().dropped["twilio_media_before_start"], 1);
+}
+
+#[test]
+fn a_start_for_another_call_is_refused() {
+    let mut sim = Sim::new();
+    sim.twilio(&start().replace(SID, "CAother"));
+    assert_eq!(sim.call.stats().dropped["twilio_start_for_other_call"], 1);
+    assert!(sim.twilio(&media(&audio(160, 0))).is_empty());
+}
+
+#[test]
+fn repeated_bad_frames_do_not_flood_the_log() {
+    let mut sim = Sim::live();
+    let before = sim.logs.len();
+    for _ in 0..1000 {
+        sim.twilio("garbage");
+    }
+    assert_eq!(sim.call.stats().dropped["twilio_malformed_frame"], 1000);
+    assert!(sim.logs.len() - before <= 30, "{}", sim.logs.len() - before);
+}
+
+// ---- lifecycle ----
+
+#[test]
+fn twilio_stop_closes_openai_at_once_and_ends_the_call() {
+    let mut sim = Sim::live();
+    sim.at(5_000);
+    let out = sim.twilio(r#"{"event":"stop","sequenceNumber":"9","stop":{"accountSid":"AC1","callSid":"CA1"},"streamSid":"MZ1"}"#);
+    assert_eq!(
+        out[0],
+        Action::CloseOpenAi {
+            code: 1000,
+            reason: "call ended".into()
+        }
+    );
+    let Some(Action::Ended(summary)) = out.last() else {
+        panic!("{out:?}")
+    };
+    assert_eq!(summary.reason, EndReason::TwilioStop);
+    assert_eq!(
+        summary.stream_sid.as_ref().map(|s| s.as_str()),
+        Some(STREAM)
+    );
+    assert_eq!(summary.session_id.as_deref(), Some("sess_1"));
+    assert_eq!(summary.ended_at, Millis(5_000));
+    // Anything later is ignored.
+    assert!(sim.twilio(&media(&audio(160, 0))).is_empty());
+    assert!(sim
+        .input(Input::OpenAiClosed {
+            code: 1000,
+            reason: ""
+        })
+        .is_empty());
+}
+
+#[test]
+fn twilio_socket_close_closes_openai() {
+    let mut sim = Sim::live();
+    let out = sim.input(Input::TwilioClosed {
+        code: 1006,
+        reason: "",
+    });
+    assert!(matches!(out[0], Action::CloseOpenAi { .. }));
+    assert!(!out.iter().any(|a| matches!(a, Action::CloseTwilio { .. })));
+    assert_eq!(
+        sim.call.end_reason(),
+        Some(&EndReason::TwilioSocketClosed { code: 1006 })
+    );
+}
+
+#[test]
+fn openai_close_mid_call_is_logged_with_code_and_hands_the_caller_to_the_fallback() {
+    let mut sim = Sim::live();
+    let out = sim.input(Input::OpenAiClosed {
+        code: 4000,
+        reason: "invalid_request_error.beta_api_shape_disabled",
+    });
+    assert!(out.contains(&Action::CloseTwilio {
+        code: 1011,
+        reason: "agent unavailable".into()
+    }));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "already closed"
+    );
+    let log = &sim.logged("openai.closed")[0];
+    assert_eq!(log["code"], 4000);
+    assert_eq!(
+        log["reason"],
+        "invalid_request_error.beta_api_shape_disabled"
+    );
+    assert_eq!(sim.call.end_reason().unwrap().label(), "openai_closed");
+}
+
+#[test]
+fn connect_failure_ends_the_call_with_its_reason() {
+    let mut sim = Sim::new();
+    let out = sim.input(Input::OpenAiConnectFailed { reason: "HTTP 401" });
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+    assert_eq!(
+        sim.call.end_reason(),
+        Some(&EndReason::OpenAiConnectFailed {
+            reason: "HTTP 401".into()
+        })
+    );
+}
+
+#[test]
+fn usage_is_summed_over_responses() {
+    let mut sim = Sim::live();
+    for _ in 0..2 {
+        sim.openai(
+            r#"{"type":"response.created","response":{"id":"resp_1","status":"in_progress"}}"#,
+        );
+        sim.openai(r#"{"type":"response.done","response":{"id":"resp_1","status":"completed","usage":{"total_tokens":253,"input_tokens":132,"output_tokens":121}}}"#);
+    }
+    assert_eq!(sim.call.stats().tokens.total_tokens, 506);
+    assert_eq!(sim.call.stats().responses, 2);
+    assert_eq!(
+        sim.logged("openai.response.done")[1]["usage"]["output_tokens"],
+        121
+    );
+}
+
+#[test]
+fn logs_never_hold_audio() {
+    let mut sim = Sim::live();
+    let payload = audio(1600, 42);
+    sim.twilio(&media(&payload));
+    sim.agent_chunk("item_a", &payload);
+    sim.openai(&speech_started());
+    sim.twilio(r#"{"event":"stop"}"#);
+    for l in &sim.logs {
+        assert!(!l.contains(&payload[..40]), "audio in log: {l}");
+    }
+}

@@ -1,0 +1,302 @@
+//! `CallSession`: the Durable Object that owns one call, named by its CallSid. It accepts
+//! Twilio's Media Stream socket only for a call whose signed voice webhook came first,
+//! opens the OpenAI socket, and pumps both through the core's call machine.
+
+use super::socket::{self, Event, Frame, Listeners, Side};
+use super::{bridge_config, log};
+use crate::call::{Action, Call, Input, Level};
+use crate::config::Bridge;
+use crate::ids::Millis;
+use crate::webhook::{self, VoiceCall};
+use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use futures::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::Duration;
+use worker::*;
+
+/// Internal URL the Worker uses to tell the object a verified call is coming.
+pub const REGISTER_URL: &str = "https://call-session/register";
+const CALL_KEY: &str = "call";
+
+/// What the object keeps in its own storage about its call.
+#[derive(Serialize, Deserialize)]
+struct Record {
+    call: VoiceCall,
+    /// Set once the stream has ended; the call cannot be streamed again.
+    end_reason: Option<String>,
+}
+
+#[durable_object]
+pub struct CallSession {
+    state: State,
+    env: Env,
+    /// True while a stream is being served: a second socket for a live call is refused.
+    live: Rc<Cell<bool>>,
+}
+
+impl DurableObject for CallSession {
+    fn new(state: State, env: Env) -> Self {
+        Self {
+            state,
+            env,
+            live: Rc::new(Cell::new(false)),
+        }
+    }
+
+    async fn fetch(&self, mut req: Request) -> Result<Response> {
+        if req.method() == Method::Post && req.path() == "/register" {
+            let call: VoiceCall = req.json().await?;
+            let storage = self.state.storage();
+            if storage.get::<Record>(CALL_KEY).await?.is_none() {
+                storage
+                    .put(
+                        CALL_KEY,
+                        Record {
+                            call,
+                            end_reason: None,
+                        },
+                    )
+                    .await?;
+            }
+            return Response::empty().map(|r| r.with_status(204));
+        }
+        self.accept_stream(req).await
+    }
+}
+
+fn now() -> Millis {
+    Millis(Date::now().as_millis())
+}
+
+impl CallSession {
+    async fn accept_stream(&self, req: Request) -> Result<Response> {
+        let Some(call_sid) = webhook::stream_call_sid(&req.path()) else {
+            return Response::error("Not Found", 404);
+        };
+        let refuse = |status: u16, why: &str| {
+            log(
+                "warn",
+                "stream.refused",
+                serde_json::json!({ "call_sid": call_sid, "status": status, "why": why }),
+            );
+            Response::error(why.to_owned(), status)
+        };
+        let storage = self.state.storage();
+        let Some(record) = storage.get::<Record>(CALL_KEY).await? else {
+            return refuse(404, "no signed voice webhook for this call");
+        };
+        if record.call.call_sid != call_sid {
+            return refuse(404, "no signed voice webhook for this call");
+        }
+        if record.end_reason.is_some() {
+            return refuse(410, "this call's stream has ended");
+        }
+        if self.live.get() {
+            return refuse(409, "this call already has a stream");
+        }
+        let config = match bridge_config(&self.env) {
+            Ok(c) => c,
+            Err(e) => {
+                log(
+                    "error",
+                    "config.invalid",
+                    serde_json::json!({ "error": e.to_string() }),
+                );
+                return Response::error("Server misconfigured", 500);
+            }
+        };
+
+        let pair = WebSocketPair::new()?;
+        pair.server.accept()?;
+        let (tx, rx) = mpsc::unbounded();
+        // No await between accept and listen: see socket.rs.
+        let twilio_listeners = socket::listen(&pair.server, Side::Twilio, tx.clone())?;
+        self.live.set(true);
+        let call = Call::new(call_sid, config.agent.clone(), now());
+        let pump = Pump {
+            call,
+            config,
+            twilio: pair.server,
+            openai: None,
+            listeners: vec![twilio_listeners],
+            tx,
+            storage,
+            record,
+        };
+        let live = self.live.clone();
+        wasm_bindgen_futures::spawn_local(async move {
+            pump.run(rx).await;
+            live.set(false);
+        });
+        Response::from_websocket(pair.client)
+    }
+}
+
+/// Drives one call: events in, stamped with the time; actions out, carried out in order.
+struct Pump {
+    call: Call,
+    config: Bridge,
+    twilio: WebSocket,
+    openai: Option<WebSocket>,
+    listeners: Vec<Listeners>,
+    tx: UnboundedSender<Event>,
+    storage: Storage,
+    record: Record,
+}
+
+impl Pump {
+    async fn run(mut self, mut rx: UnboundedReceiver<Event>) {
+        self.perform().await;
+        while !self.call.is_ended() {
+            let event = match self.call.poll_timeout() {
+                Some(at) => {
+                    let wait = at.0.saturating_sub(now().0);
+                    let mut delay = Delay::from(Duration::from_millis(wait)).fuse();
+                    futures::select! {
+                        e = rx.next() => e,
+                        _ = delay => Some(Event::Timeout),
+                    }
+                }
+                None => rx.next().await,
+            };
+            let Some(event) = event else { break };
+            self.feed(event);
+            self.perform().await;
+        }
+        self.listeners.clear();
+    }
+
+    fn feed(&mut self, event: Event) {
+        let t = now();
+        match event {
+            Event::Socket(side, frame) => {
+                let input = match (&side, &frame) {
+                    (Side::Twilio, Frame::Text(s)) => Input::TwilioText(s),
+                    (Side::Twilio, Frame::Binary(len)) => Input::TwilioBinary { len: *len },
+                    (Side::Twilio, Frame::Closed { code, reason }) => Input::TwilioClosed {
+                        code: *code,
+                        reason,
+                    },
+                    (Side::OpenAi, Frame::Text(s)) => Input::OpenAiText(s),
+                    (Side::OpenAi, Frame::Binary(len)) => Input::OpenAiBinary { len: *len },
+                    (Side::OpenAi, Frame::Closed { code, reason }) => Input::OpenAiClosed {
+                        code: *code,
+                        reason,
+                    },
+                    (_, Frame::Error(message)) => {
+                        // A close event follows an error; that is what ends the call.
+                        self.log_socket_error(side, message);
+                        return;
+                    }
+                };
+                self.call.handle(input, t);
+            }
+            Event::OpenAiConnected(ws, listeners) => {
+                if self.call.is_ended() {
+                    let _ = ws.close(Some(1000), Some("call ended"));
+                    return;
+                }
+                self.openai = Some(ws);
+                self.listeners.push(listeners);
+                self.call.handle(Input::OpenAiOpened, t);
+            }
+            Event::OpenAiFailed(reason) => self
+                .call
+                .handle(Input::OpenAiConnectFailed { reason: &reason }, t),
+            Event::Timeout => self.call.handle(Input::Timeout, t),
+        }
+    }
+
+    fn log_socket_error(&self, side: Side, message: &str) {
+        log(
+            "warn",
+            "socket.error",
+            serde_json::json!({ "call_sid": self.call.sid(), "side": format!("{side:?}"), "message": message }),
+        );
+    }
+
+    async fn perform(&mut self) {
+        while let Some(action) = self.call.poll_action() {
+            match action {
+                Action::SendTwilio(text) => {
+                    if let Err(e) = self.twilio.send_with_str(&text) {
+                        self.log_socket_error(Side::Twilio, &e.to_string());
+                    }
+                }
+                Action::SendOpenAi(text) => match &self.openai {
+                    Some(ws) => {
+                        if let Err(e) = ws.send_with_str(&text) {
+                            self.log_socket_error(Side::OpenAi, &e.to_string());
+                        }
+                    }
+                    None => self.log_socket_error(Side::OpenAi, "send before the socket opened"),
+                },
+                Action::ConnectOpenAi { model } => {
+                    let url = self.config.realtime_connect_url(&model);
+                    let key = self.config.openai_api_key.expose().to_owned();
+                    let tx = self.tx.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let event = match connect_openai(&url, &key, tx.clone()).await {
+                            Ok((ws, listeners)) => Event::OpenAiConnected(ws, listeners),
+                            Err(reason) => Event::OpenAiFailed(reason),
+                        };
+                        let _ = tx.unbounded_send(event);
+                    });
+                }
+                Action::CloseOpenAi { code, reason } => {
+                    if let Some(ws) = self.openai.take() {
+                        let _ = ws.close(Some(code), Some(reason));
+                    }
+                }
+                Action::CloseTwilio { code, reason } => {
+                    let _ = self.twilio.close(Some(code), Some(reason));
+                }
+                Action::Log { level, line } => match level {
+                    Level::Info => console_log!("{}", line),
+                    Level::Warn => console_warn!("{}", line),
+                    Level::Error => console_error!("{}", line),
+                },
+                Action::Ended(summary) => {
+                    self.record.end_reason = Some(summary.reason.label().to_owned());
+                    if let Err(e) = self.storage.put(CALL_KEY, &self.record).await {
+                        log(
+                            "error",
+                            "storage.write_failed",
+                            serde_json::json!({ "call_sid": summary.call_sid, "error": e.to_string() }),
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Opens the Realtime socket: an ordinary fetch with `Upgrade: websocket` and the bearer
+/// key (the only header the GA API wants; no `OpenAI-Beta`).
+async fn connect_openai(
+    url: &str,
+    key: &str,
+    tx: UnboundedSender<Event>,
+) -> std::result::Result<(WebSocket, Listeners), String> {
+    let headers = Headers::new();
+    headers
+        .set("Upgrade", "websocket")
+        .and_then(|_| headers.set("Authorization", &format!("Bearer {key}")))
+        .map_err(|e| format!("headers: {e}"))?;
+    let mut init = RequestInit::new();
+    init.with_headers(headers);
+    let req = Request::new_with_init(url, &init).map_err(|e| format!("request: {e}"))?;
+    let resp = Fetch::Request(req)
+        .send()
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let status = resp.status_code();
+    let Some(ws) = resp.websocket() else {
+        return Err(format!("HTTP {status} on upgrade"));
+    };
+    ws.accept().map_err(|e| format!("accept: {e}"))?;
+    let listeners = socket::listen(&ws, Side::OpenAi, tx).map_err(|e| format!("listen: {e}"))?;
+    Ok((ws, listeners))
+}

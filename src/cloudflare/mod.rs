@@ -1,0 +1,153 @@
+//! The Cloudflare shell: HTTP routing in the Worker and one Durable Object per call.
+//! It moves bytes and maps results to responses; every protocol decision is the core's.
+
+mod call_session;
+mod socket;
+
+use crate::config::Bridge;
+use crate::webhook::{self, Refusal};
+use worker::*;
+
+/// Reads the configuration from the Worker's variables and secrets.
+pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::config::ConfigError> {
+    Bridge::from_lookup(|name| {
+        env.secret(name)
+            .map(|s| s.to_string())
+            .or_else(|_| env.var(name).map(|v| v.to_string()))
+            .ok()
+    })
+}
+
+/// One structured log line for events outside a call.
+pub(crate) fn log(level: &str, event: &str, fields: serde_json::Value) {
+    let mut line = serde_json::json!({ "level": level, "event": event });
+    if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
+        obj.extend(extra);
+    }
+    match level {
+        "error" => console_error!("{}", line),
+        "warn" => console_warn!("{}", line),
+        _ => console_log!("{}", line),
+    }
+}
+
+fn refuse(refusal: &Refusal, route: &str) -> Result<Response> {
+    let level = if matches!(refusal, Refusal::NoAuthToken) {
+        "error"
+    } else {
+        "warn"
+    };
+    log(
+        level,
+        "http.refused",
+        serde_json::json!({ "route": route, "status": refusal.status(), "why": refusal.to_string() }),
+    );
+    let body = if refusal.status() == 403 {
+        "Forbidden".to_owned()
+    } else {
+        refusal.to_string()
+    };
+    Response::error(body, refusal.status())
+}
+
+#[event(start)]
+fn start() {
+    console_error_panic_hook::set_once();
+}
+
+#[event(fetch)]
+async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
+    let path = req.path();
+    match (req.method(), path.as_str()) {
+        (Method::Get, "/healthz") => Response::ok("ok"),
+        (Method::Post, webhook::VOICE_PATH) => voice(req, env).await,
+        (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
+            media_stream(req, env).await
+        }
+        _ => Response::error("Not Found", 404),
+    }
+}
+
+fn config_or_500(env: &Env) -> std::result::Result<Bridge, Result<Response>> {
+    bridge_config(env).map_err(|e| {
+        log(
+            "error",
+            "config.invalid",
+            serde_json::json!({ "error": e.to_string() }),
+        );
+        Response::error("Server misconfigured", 500)
+    })
+}
+
+async fn voice(mut req: Request, env: Env) -> Result<Response> {
+    let config = match config_or_500(&env) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let url = req.inner().url();
+    let signature = req.headers().get("X-Twilio-Signature")?;
+    let body = req.text().await?;
+    let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), &body) {
+        Ok(a) => a,
+        Err(r) => return refuse(&r, "voice"),
+    };
+    log(
+        "info",
+        "twilio.voice",
+        serde_json::json!({
+            "call_sid": answer.call.call_sid, "direction": answer.call.direction,
+            "streams": answer.streams,
+        }),
+    );
+    if answer.streams {
+        // Tell the call's Durable Object first, so the stream that follows is accepted.
+        let stub = env
+            .durable_object("CALLS")?
+            .id_from_name(answer.call.call_sid.as_str())?
+            .get_stub()?;
+        let mut init = RequestInit::new();
+        init.with_method(Method::Post)
+            .with_body(Some(serde_json::to_string(&answer.call)?.into()));
+        let resp = stub
+            .fetch_with_request(Request::new_with_init(call_session::REGISTER_URL, &init)?)
+            .await?;
+        if resp.status_code() != 204 {
+            log(
+                "error",
+                "call.register_failed",
+                serde_json::json!({ "call_sid": answer.call.call_sid, "status": resp.status_code() }),
+            );
+            return Response::error("Call registration failed", 500);
+        }
+    }
+    let headers = Headers::new();
+    headers.set("Content-Type", "text/xml; charset=utf-8")?;
+    Ok(Response::ok(answer.twiml)?.with_headers(headers))
+}
+
+async fn media_stream(req: Request, env: Env) -> Result<Response> {
+    let config = match config_or_500(&env) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    if !req
+        .headers()
+        .get("Upgrade")?
+        .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+    {
+        return Response::error("Expected a WebSocket upgrade", 426);
+    }
+    let Some(call_sid) = webhook::stream_call_sid(&req.path()) else {
+        return Response::error("Not Found", 404);
+    };
+    let url = req.inner().url();
+    let signature = req.headers().get("X-Twilio-Signature")?;
+    if let Err(r) = webhook::verify_stream_upgrade(&config, &url, signature.as_deref(), &call_sid) {
+        return refuse(&r, "media-stream");
+    }
+    let stub = env
+        .durable_object("CALLS")?
+        .id_from_name(call_sid.as_str())?
+        .get_stub()?;
+    stub.fetch_with_request(req).await
+}

@@ -1,0 +1,352 @@
+//! Typed configuration, read once per request or call from the Worker's variables and
+//! validated here. Nothing deeper in the crate looks at environment variables.
+
+use std::fmt;
+
+/// The GA Realtime voices (protocol.md A2).
+pub const VOICES: &[&str] = &[
+    "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
+];
+
+pub const DEFAULT_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
+pub const DEFAULT_MODEL: &str = "gpt-realtime";
+pub const DEFAULT_VOICE: &str = "marin";
+pub const DEFAULT_LANGUAGE: &str = "ja";
+pub const DEFAULT_TRANSCRIPTION_MODEL: &str = "gpt-4o-transcribe";
+pub const DEFAULT_INSTRUCTIONS: &str = "あなたは会社の電話受付担当です。丁寧な敬語で、電話に適した短く分かりやすい文で話してください。相手の話を最後まで聞き、分からないことは推測せず確認してください。";
+pub const DEFAULT_GREETING: &str =
+    "お電話ありがとうございます、と丁寧にあいさつし、ご用件を伺ってください。";
+pub const DEFAULT_FALLBACK_MESSAGE: &str =
+    "申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。";
+
+/// A secret value: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// Server VAD settings (protocol.md A2, turn detection objects).
+#[derive(Clone, Debug, PartialEq)]
+pub struct TurnDetection {
+    pub threshold: f64,
+    pub prefix_padding_ms: u32,
+    pub silence_duration_ms: u32,
+}
+
+impl Default for TurnDetection {
+    fn default() -> Self {
+        Self {
+            threshold: 0.5,
+            prefix_padding_ms: 300,
+            silence_duration_ms: 500,
+        }
+    }
+}
+
+/// Who answers the phone: the voice agent's behaviour for one call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Agent {
+    pub instructions: String,
+    /// What the first response should say or do; sent as that response's instructions.
+    pub greeting: String,
+    pub voice: String,
+    pub model: String,
+    /// ISO-639-1 language of the caller's speech, for transcription.
+    pub language: String,
+    pub transcription_model: String,
+    pub turn_detection: TurnDetection,
+}
+
+impl Default for Agent {
+    fn default() -> Self {
+        Self {
+            instructions: DEFAULT_INSTRUCTIONS.into(),
+            greeting: DEFAULT_GREETING.into(),
+            voice: DEFAULT_VOICE.into(),
+            model: DEFAULT_MODEL.into(),
+            language: DEFAULT_LANGUAGE.into(),
+            transcription_model: DEFAULT_TRANSCRIPTION_MODEL.into(),
+            turn_detection: TurnDetection::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("invalid configuration `{field}`: {reason}")]
+pub struct ConfigError {
+    pub field: &'static str,
+    pub reason: String,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl Agent {
+    /// Checks every field against what the Realtime API accepts, so a bad value is an
+    /// error here rather than a `session.update` the server rejects mid-call.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !VOICES.contains(&self.voice.as_str()) {
+            return Err(invalid(
+                "voice",
+                format!(
+                    "unknown voice {:?}; one of {}",
+                    self.voice,
+                    VOICES.join(", ")
+                ),
+            ));
+        }
+        if self.model.trim().is_empty() {
+            return Err(invalid("model", "must not be empty"));
+        }
+        let lang = &self.language;
+        if !(lang.len() == 2 && lang.bytes().all(|b| b.is_ascii_lowercase())) {
+            return Err(invalid(
+                "language",
+                format!("{lang:?} is not an ISO-639-1 code such as \"ja\""),
+            ));
+        }
+        if self.transcription_model.trim().is_empty() {
+            return Err(invalid("transcription_model", "must not be empty"));
+        }
+        let td = &self.turn_detection;
+        if !(0.0..=1.0).contains(&td.threshold) {
+            return Err(invalid(
+                "turn_detection.threshold",
+                "must be between 0.0 and 1.0",
+            ));
+        }
+        if td.silence_duration_ms > 10_000 {
+            return Err(invalid(
+                "turn_detection.silence_duration_ms",
+                "at most 10000",
+            ));
+        }
+        if td.prefix_padding_ms > 10_000 {
+            return Err(invalid("turn_detection.prefix_padding_ms", "at most 10000"));
+        }
+        Ok(())
+    }
+}
+
+/// Everything the bridge needs to answer calls, from the Worker's variables and secrets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Bridge {
+    /// `ws(s)://` or `http(s)://` base of the Realtime endpoint, without the query.
+    pub openai_realtime_url: String,
+    pub openai_api_key: Secret,
+    pub twilio_auth_token: Secret,
+    /// Public `https://host` the Worker is reached at, when it differs from the request's.
+    pub public_base_url: Option<String>,
+    pub use_openai_realtime: bool,
+    pub fallback_message: String,
+    pub fallback_dial_number: Option<String>,
+    pub agent: Agent,
+}
+
+impl Bridge {
+    /// Reads the configuration through `get` (a variable or secret by name; empty counts as
+    /// unset) and validates it.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        let parse_num = |name: &'static str, default: f64| -> Result<f64, ConfigError> {
+            match get(name) {
+                None => Ok(default),
+                Some(v) => v
+                    .parse::<f64>()
+                    .map_err(|_| invalid(name, format!("{v:?} is not a number"))),
+            }
+        };
+        let use_openai_realtime = match get("USE_OPENAI_REALTIME").as_deref() {
+            None | Some("true") | Some("1") | Some("yes") => true,
+            Some("false") | Some("0") | Some("no") => false,
+            Some(other) => {
+                return Err(invalid(
+                    "USE_OPENAI_REALTIME",
+                    format!("{other:?} is not true or false"),
+                ))
+            }
+        };
+        let public_base_url = get("PUBLIC_BASE_URL").map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(u) = &public_base_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                return Err(invalid(
+                    "PUBLIC_BASE_URL",
+                    "must start with https:// or http://",
+                ));
+            }
+        }
+        let realtime = or("OPENAI_REALTIME_URL", DEFAULT_REALTIME_URL);
+        if !["wss://", "ws://", "https://", "http://"]
+            .iter()
+            .any(|p| realtime.starts_with(p))
+        {
+            return Err(invalid(
+                "OPENAI_REALTIME_URL",
+                "must start with wss://, ws://, https:// or http://",
+            ));
+        }
+        let defaults = TurnDetection::default();
+        let agent = Agent {
+            instructions: or("AGENT_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
+            greeting: or("AGENT_GREETING", DEFAULT_GREETING),
+            voice: or("AGENT_VOICE", DEFAULT_VOICE),
+            model: or("OPENAI_MODEL", DEFAULT_MODEL),
+            language: or("AGENT_LANGUAGE", DEFAULT_LANGUAGE),
+            transcription_model: or("AGENT_TRANSCRIPTION_MODEL", DEFAULT_TRANSCRIPTION_MODEL),
+            turn_detection: TurnDetection {
+                threshold: parse_num("AGENT_VAD_THRESHOLD", defaults.threshold)?,
+                prefix_padding_ms: parse_num(
+                    "AGENT_VAD_PREFIX_PADDING_MS",
+                    defaults.prefix_padding_ms.into(),
+                )? as u32,
+                silence_duration_ms: parse_num(
+                    "AGENT_VAD_SILENCE_MS",
+                    defaults.silence_duration_ms.into(),
+                )? as u32,
+            },
+        };
+        agent.validate()?;
+        Ok(Self {
+            openai_realtime_url: realtime.trim_end_matches('/').to_owned(),
+            openai_api_key: Secret::new(get("OPENAI_API_KEY").unwrap_or_default()),
+            twilio_auth_token: Secret::new(get("TWILIO_AUTH_TOKEN").unwrap_or_default()),
+            public_base_url,
+            use_openai_realtime,
+            fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
+            fallback_dial_number: get("FALLBACK_DIAL_NUMBER"),
+            agent,
+        })
+    }
+
+    /// The URL the Worker fetches to open the Realtime socket: `http(s)` scheme (the
+    /// upgrade is an ordinary fetch) and the model as the only query parameter.
+    pub fn realtime_connect_url(&self, model: &str) -> String {
+        let base = &self.openai_realtime_url;
+        let base = if let Some(rest) = base.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = base.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else {
+            base.clone()
+        };
+        let encoded: String = model
+            .bytes()
+            .map(|b| match b {
+                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        format!("{base}?model={encoded}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Bridge, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Bridge::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn japanese_defaults_when_nothing_is_set() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c.agent.language, "ja");
+        assert_eq!(c.agent.voice, "marin");
+        assert_eq!(c.agent.model, "gpt-realtime");
+        assert!(c.use_openai_realtime);
+        assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
+        assert!(c.fallback_message.contains("申し訳"));
+        assert_eq!(c.fallback_dial_number, None);
+    }
+
+    #[test]
+    fn connect_url_maps_scheme_and_adds_model() {
+        let c = from(&[("OPENAI_REALTIME_URL", "ws://127.0.0.1:9000/v1/realtime/")]).unwrap();
+        assert_eq!(
+            c.realtime_connect_url("gpt-realtime"),
+            "http://127.0.0.1:9000/v1/realtime?model=gpt-realtime"
+        );
+        let c = from(&[]).unwrap();
+        assert_eq!(
+            c.realtime_connect_url("a b&c"),
+            "https://api.openai.com/v1/realtime?model=a%20b%26c"
+        );
+    }
+
+    #[test]
+    fn invalid_values_name_their_field() {
+        assert_eq!(
+            from(&[("AGENT_VOICE", "robot")]).unwrap_err().field,
+            "voice"
+        );
+        assert_eq!(
+            from(&[("USE_OPENAI_REALTIME", "maybe")]).unwrap_err().field,
+            "USE_OPENAI_REALTIME"
+        );
+        assert_eq!(
+            from(&[("AGENT_VAD_THRESHOLD", "2")]).unwrap_err().field,
+            "turn_detection.threshold"
+        );
+        assert_eq!(
+            from(&[("AGENT_LANGUAGE", "japanese")]).unwrap_err().field,
+            "language"
+        );
+        assert_eq!(
+            from(&[("PUBLIC_BASE_URL", "example.com")])
+                .unwrap_err()
+                .field,
+            "PUBLIC_BASE_URL"
+        );
+    }
+
+    #[test]
+    fn false_turns_realtime_off_and_empty_is_unset() {
+        let c = from(&[
+            ("USE_OPENAI_REALTIME", "false"),
+            ("FALLBACK_DIAL_NUMBER", ""),
+        ])
+        .unwrap();
+        assert!(!c.use_openai_realtime);
+        assert_eq!(c.fallback_dial_number, None);
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let c = from(&[("OPENAI_API_KEY", "sk-very-secret")]).unwrap();
+        assert!(!format!("{c:?}").contains("sk-very-secret"));
+        assert_eq!(c.openai_api_key.expose(), "sk-very-secret");
+    }
+}

@@ -1,0 +1,20 @@
+//! Twilio Media Streams <-> OpenAI Realtime voice-agent bridge.
+//!
+//! The crate is split in two on purpose:
+//! - the *core* (every module but `cloudflare`) is pure Rust with no I/O, no clock and no
+//!   platform types; it builds and is tested natively;
+//! - the *shell* (`cloudflare`, wasm32 only) is a thin pump that feeds the core what arrived
+//!   on sockets and HTTP and carries out the actions it returns.
+
+pub mod audio;
+pub mod call;
+pub mod config;
+pub mod ids;
+pub mod openai;
+pub mod signature;
+pub mod twilio;
+pub mod twiml;
+pub mod webhook;
+
+#[cfg(target_arch = "wasm32")]
+mod cloudflare;

@@ -1,0 +1,448 @@
+//! OpenAI Realtime API (GA) wire format over WebSocket: the server events the bridge reads
+//! and the client events it writes. See protocol.md A2–A5. Beta event names that some
+//! live models still emit are accepted as aliases (protocol.md D3.9).
+
+use crate::config::Agent;
+use crate::twilio::Text;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::borrow::Cow;
+
+/// A server event, parsed to the parts the bridge uses. Audio borrows from the text.
+#[derive(Debug, PartialEq)]
+pub enum ServerEvent<'a> {
+    SessionCreated(SessionInfo),
+    SessionUpdated(SessionInfo),
+    Error(ErrorInfo),
+    SpeechStarted {
+        item_id: Option<String>,
+        audio_start_ms: Option<u64>,
+    },
+    SpeechStopped {
+        item_id: Option<String>,
+        audio_end_ms: Option<u64>,
+    },
+    Committed {
+        item_id: Option<String>,
+    },
+    ResponseCreated {
+        response_id: Option<String>,
+    },
+    AudioDelta {
+        response_id: Option<String>,
+        item_id: String,
+        delta: Cow<'a, str>,
+    },
+    AudioDone {
+        item_id: Option<String>,
+    },
+    AudioTranscriptDone {
+        item_id: Option<String>,
+        transcript: String,
+    },
+    InputTranscriptionCompleted {
+        item_id: Option<String>,
+        transcript: String,
+    },
+    InputTranscriptionFailed {
+        item_id: Option<String>,
+        error: ErrorInfo,
+    },
+    ItemTruncated {
+        item_id: Option<String>,
+        audio_end_ms: Option<u64>,
+    },
+    ResponseDone(ResponseInfo),
+    RateLimitsUpdated(Vec<RateLimit>),
+    /// Any other well-formed event; carried by name so it can be counted.
+    Other {
+        kind: String,
+    },
+}
+
+/// The parts of a session config the bridge checks after `session.updated`.
+#[derive(Debug, PartialEq, Clone, Default)]
+pub struct SessionInfo {
+    pub id: Option<String>,
+    pub model: Option<String>,
+    pub input_format: Option<String>,
+    pub output_format: Option<String>,
+    pub voice: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Clone, Default, Deserialize)]
+pub struct ErrorInfo {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+    #[serde(default)]
+    pub param: Option<String>,
+    #[serde(default)]
+    pub event_id: Option<String>,
+}
+
+#[derive(Debug, PartialEq, Clone, Default)]
+pub struct ResponseInfo {
+    pub id: Option<String>,
+    pub status: Option<String>,
+    pub status_reason: Option<String>,
+    pub usage: Usage,
+}
+
+#[derive(Debug, PartialEq, Clone, Copy, Default, Deserialize)]
+pub struct Usage {
+    #[serde(default)]
+    pub total_tokens: u64,
+    #[serde(default)]
+    pub input_tokens: u64,
+    #[serde(default)]
+    pub output_tokens: u64,
+}
+
+#[derive(Debug, PartialEq, Clone, Deserialize)]
+pub struct RateLimit {
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub limit: Option<f64>,
+    #[serde(default)]
+    pub remaining: Option<f64>,
+    #[serde(default)]
+    pub reset_seconds: Option<f64>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ParseError {
+    #[error("not JSON or not a Realtime event: {0}")]
+    Json(String),
+    #[error("`{event}` event is missing `{field}`")]
+    Missing {
+        event: &'static str,
+        field: &'static str,
+    },
+}
+
+// One flat shape for all events: serde reads only the fields named here and borrows the
+// audio delta out of the text.
+#[derive(Deserialize)]
+struct RawEvent<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default, borrow)]
+    delta: Option<Text<'a>>,
+    #[serde(default)]
+    item_id: Option<String>,
+    #[serde(default)]
+    response_id: Option<String>,
+    #[serde(default)]
+    audio_start_ms: Option<u64>,
+    #[serde(default)]
+    audio_end_ms: Option<u64>,
+    #[serde(default)]
+    transcript: Option<String>,
+    #[serde(default)]
+    session: Option<Value>,
+    #[serde(default)]
+    error: Option<ErrorInfo>,
+    #[serde(default)]
+    response: Option<RawResponse>,
+    #[serde(default)]
+    rate_limits: Option<Vec<RateLimit>>,
+}
+
+#[derive(Deserialize)]
+struct RawResponse {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    #[serde(default)]
+    status_details: Option<Value>,
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+fn session_info(v: &Value) -> SessionInfo {
+    let s = |p: &str| v.pointer(p).and_then(Value::as_str).map(str::to_owned);
+    SessionInfo {
+        id: s("/id"),
+        model: s("/model"),
+        input_format: s("/audio/input/format/type"),
+        output_format: s("/audio/output/format/type"),
+        voice: s("/audio/output/voice"),
+    }
+}
+
+/// Parses one text frame from the Realtime server.
+pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
+    let raw: RawEvent<'_> =
+        serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
+    let missing = |event, field| ParseError::Missing { event, field };
+    Ok(match raw.kind.as_ref() {
+        "session.created" | "session.updated" => {
+            let info = session_info(&raw.session.ok_or(missing("session", "session"))?);
+            if raw.kind == "session.created" {
+                ServerEvent::SessionCreated(info)
+            } else {
+                ServerEvent::SessionUpdated(info)
+            }
+        }
+        "error" => ServerEvent::Error(raw.error.unwrap_or_default()),
+        "input_audio_buffer.speech_started" => ServerEvent::SpeechStarted {
+            item_id: raw.item_id,
+            audio_start_ms: raw.audio_start_ms,
+        },
+        "input_audio_buffer.speech_stopped" => ServerEvent::SpeechStopped {
+            item_id: raw.item_id,
+            audio_end_ms: raw.audio_end_ms,
+        },
+        "input_audio_buffer.committed" => ServerEvent::Committed {
+            item_id: raw.item_id,
+        },
+        "response.created" => ServerEvent::ResponseCreated {
+            response_id: raw.response.and_then(|r| r.id),
+        },
+        "response.output_audio.delta" | "response.audio.delta" => ServerEvent::AudioDelta {
+            response_id: raw.response_id,
+            item_id: raw
+                .item_id
+                .ok_or(missing("response.output_audio.delta", "item_id"))?,
+            delta: raw
+                .delta
+                .ok_or(missing("response.output_audio.delta", "delta"))?
+                .0,
+        },
+        "response.output_audio.done" | "response.audio.done" => ServerEvent::AudioDone {
+            item_id: raw.item_id,
+        },
+        "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
+            ServerEvent::AudioTranscriptDone {
+                item_id: raw.item_id,
+                transcript: raw.transcript.unwrap_or_default(),
+            }
+        }
+        "conversation.item.input_audio_transcription.completed" => {
+            ServerEvent::InputTranscriptionCompleted {
+                item_id: raw.item_id,
+                transcript: raw.transcript.unwrap_or_default(),
+            }
+        }
+        "conversation.item.input_audio_transcription.failed" => {
+            ServerEvent::InputTranscriptionFailed {
+                item_id: raw.item_id,
+                error: raw.error.unwrap_or_default(),
+            }
+        }
+        "conversation.item.truncated" => ServerEvent::ItemTruncated {
+            item_id: raw.item_id,
+            audio_end_ms: raw.audio_end_ms,
+        },
+        "response.done" => {
+            let r = raw.response.ok_or(missing("response.done", "response"))?;
+            ServerEvent::ResponseDone(ResponseInfo {
+                id: r.id,
+                status: r.status,
+                status_reason: r
+                    .status_details
+                    .as_ref()
+                    .and_then(|d| d.get("reason"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                usage: r.usage.unwrap_or_default(),
+            })
+        }
+        "rate_limits.updated" => {
+            ServerEvent::RateLimitsUpdated(raw.rate_limits.unwrap_or_default())
+        }
+        other => ServerEvent::Other {
+            kind: other.chars().take(80).collect(),
+        },
+    })
+}
+
+/// The GA `session.update` for a phone call: μ-law both ways (no transcoding), server VAD
+/// that interrupts the response when the caller talks, and caller transcription.
+pub fn session_update(agent: &Agent) -> String {
+    let td = &agent.turn_detection;
+    json!({
+        "type": "session.update",
+        "event_id": "evt_bridge_session_update",
+        "session": {
+            "type": "realtime",
+            "model": agent.model,
+            "output_modalities": ["audio"],
+            "instructions": agent.instructions,
+            "audio": {
+                "input": {
+                    "format": { "type": "audio/pcmu" },
+                    "transcription": {
+                        "model": agent.transcription_model,
+                        "language": agent.language,
+                    },
+                    "turn_detection": {
+                        "type": "server_vad",
+                        "threshold": td.threshold,
+                        "prefix_padding_ms": td.prefix_padding_ms,
+                        "silence_duration_ms": td.silence_duration_ms,
+                        "create_response": true,
+                        "interrupt_response": true,
+                    },
+                },
+                "output": {
+                    "format": { "type": "audio/pcmu" },
+                    "voice": agent.voice,
+                },
+            },
+        },
+    })
+    .to_string()
+}
+
+/// Asks for the agent's first words.
+pub fn greeting_response(agent: &Agent) -> String {
+    json!({
+        "type": "response.create",
+        "event_id": "evt_bridge_greeting",
+        "response": { "instructions": agent.greeting },
+    })
+    .to_string()
+}
+
+/// `audio` must already be checked base64, so it is copied without escaping.
+pub fn input_audio_append(audio: &str) -> String {
+    const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+    let mut s = String::with_capacity(HEAD.len() + audio.len() + 2);
+    s.push_str(HEAD);
+    s.push_str(audio);
+    s.push_str("\"}");
+    s
+}
+
+pub fn truncate(item_id: &str, audio_end_ms: u64) -> String {
+    json!({
+        "type": "conversation.item.truncate",
+        "item_id": item_id,
+        "content_index": 0,
+        "audio_end_ms": audio_end_ms,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_update_has_the_ga_shape_and_no_beta_fields() {
+        let v: Value = serde_json::from_str(&session_update(&Agent::default())).unwrap();
+        assert_eq!(v["type"], "session.update");
+        let s = &v["session"];
+        assert_eq!(s["type"], "realtime");
+        assert_eq!(s["model"], "gpt-realtime");
+        assert_eq!(s["output_modalities"], json!(["audio"]));
+        assert_eq!(s["audio"]["input"]["format"], json!({"type":"audio/pcmu"}));
+        assert_eq!(s["audio"]["output"]["format"], json!({"type":"audio/pcmu"}));
+        assert_eq!(s["audio"]["input"]["turn_detection"]["type"], "server_vad");
+        assert_eq!(s["audio"]["input"]["transcription"]["language"], "ja");
+        assert_eq!(s["audio"]["output"]["voice"], "marin");
+        for beta in [
+            "modalities",
+            "voice",
+            "input_audio_format",
+            "output_audio_format",
+            "input_audio_transcription",
+            "turn_detection",
+            "temperature",
+        ] {
+            assert!(s.get(beta).is_none(), "beta field {beta} present");
+        }
+    }
+
+    #[test]
+    fn client_events_are_valid_json() {
+        let v: Value = serde_json::from_str(&input_audio_append("AAAA")).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"input_audio_buffer.append","audio":"AAAA"})
+        );
+        let v: Value = serde_json::from_str(&truncate("item_\"1", 1500)).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"conversation.item.truncate","item_id":"item_\"1","content_index":0,"audio_end_ms":1500})
+        );
+        let v: Value = serde_json::from_str(&greeting_response(&Agent::default())).unwrap();
+        assert_eq!(v["type"], "response.create");
+        assert!(v["response"]["instructions"]
+            .as_str()
+            .unwrap()
+            .contains("ご用件"));
+    }
+
+    #[test]
+    fn parses_session_updated_formats() {
+        let e = parse(r#"{"type":"session.updated","event_id":"e","session":{"id":"sess_1","type":"realtime","model":"gpt-realtime","audio":{"input":{"format":{"type":"audio/pcmu"}},"output":{"format":{"type":"audio/pcmu"},"voice":"marin"}}}}"#).unwrap();
+        assert_eq!(
+            e,
+            ServerEvent::SessionUpdated(SessionInfo {
+                id: Some("sess_1".into()),
+                model: Some("gpt-realtime".into()),
+                input_format: Some("audio/pcmu".into()),
+                output_format: Some("audio/pcmu".into()),
+                voice: Some("marin".into()),
+            })
+        );
+    }
+
+    #[test]
+    fn parses_audio_delta_in_ga_and_beta_names() {
+        for name in ["response.output_audio.delta", "response.audio.delta"] {
+            let text = format!(
+                r#"{{"type":"{name}","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"AAAA"}}"#
+            );
+            let ServerEvent::AudioDelta { item_id, delta, .. } = parse(&text).unwrap() else {
+                panic!("{name}")
+            };
+            assert_eq!(item_id, "item_1");
+            assert_eq!(delta, "AAAA");
+            assert!(matches!(delta, Cow::Borrowed(_)), "audio is not copied");
+        }
+    }
+
+    #[test]
+    fn parses_error_response_done_and_rate_limits() {
+        let e = parse(r#"{"event_id":"event_890","type":"error","error":{"type":"invalid_request_error","code":"invalid_event","message":"The 'type' field is missing.","param":null,"event_id":"event_567"}}"#).unwrap();
+        let ServerEvent::Error(err) = e else { panic!() };
+        assert_eq!(err.code.as_deref(), Some("invalid_event"));
+        assert_eq!(err.event_id.as_deref(), Some("event_567"));
+
+        let e = parse(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"},"usage":{"total_tokens":253,"input_tokens":132,"output_tokens":121}}}"#).unwrap();
+        let ServerEvent::ResponseDone(r) = e else {
+            panic!()
+        };
+        assert_eq!(r.status.as_deref(), Some("cancelled"));
+        assert_eq!(r.status_reason.as_deref(), Some("turn_detected"));
+        assert_eq!(r.usage.total_tokens, 253);
+
+        let e = parse(r#"{"type":"rate_limits.updated","rate_limits":[{"name":"requests","limit":1000,"remaining":999,"reset_seconds":60}]}"#).unwrap();
+        let ServerEvent::RateLimitsUpdated(l) = e else {
+            panic!()
+        };
+        assert_eq!(l[0].name, "requests");
+    }
+
+    #[test]
+    fn malformed_events_are_errors() {
+        assert!(parse("{").is_err());
+        assert!(parse(r#"{"event":"x"}"#).is_err());
+        assert!(parse(r#"{"type":"response.output_audio.delta","item_id":"i"}"#).is_err());
+        assert_eq!(
+            parse(r#"{"type":"conversation.item.added","item":{}}"#).unwrap(),
+            ServerEvent::Other {
+                kind: "conversation.item.added".into()
+            }
+        );
+    }
+}

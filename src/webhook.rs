@@ -1,0 +1,397 @@
+//! Twilio's HTTP side of a call: the voice webhook that answers with TwiML, and the
+//! checks on the Media Stream upgrade. Pure functions of the request's URL, headers and
+//! body, so the shell only has to hand them over and map a refusal to a status code.
+
+use crate::config::Bridge;
+use crate::ids::CallSid;
+use crate::{signature, twiml};
+
+/// Path of the voice webhook.
+pub const VOICE_PATH: &str = "/api/twilio/voice";
+/// Prefix of the Media Stream WebSocket path; the CallSid follows.
+pub const STREAM_PATH_PREFIX: &str = "/api/twilio/media-stream/";
+/// Language of the spoken fallback message.
+pub const FALLBACK_LANGUAGE: &str = "ja-JP";
+
+/// Why a Twilio request was not served.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("no X-Twilio-Signature header")]
+    Unsigned,
+    #[error("X-Twilio-Signature does not match")]
+    BadSignature,
+    #[error("TWILIO_AUTH_TOKEN is not set, so no Twilio request can be verified")]
+    NoAuthToken,
+    #[error("bad request: {0}")]
+    BadRequest(String),
+}
+
+impl Refusal {
+    /// The HTTP status the shell answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::BadRequest(_) => 400,
+            _ => 403,
+        }
+    }
+}
+
+/// The call a verified voice webhook announced.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VoiceCall {
+    pub call_sid: CallSid,
+    pub account_sid: String,
+    pub from: String,
+    pub to: String,
+    pub direction: String,
+    pub call_status: String,
+}
+
+/// A verified voice webhook and the TwiML to answer it with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VoiceAnswer {
+    pub call: VoiceCall,
+    /// True when the call is handed to the bridge; false for the fallback TwiML.
+    pub streams: bool,
+    pub twiml: String,
+}
+
+/// `scheme://authority` and the rest (`/path?query`) of an absolute URL.
+fn split_origin(url: &str) -> Option<(&str, &str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    (!authority.is_empty()).then_some((scheme, authority, tail))
+}
+
+/// The `scheme://host[:port]` Twilio reaches us at: `PUBLIC_BASE_URL` when set (behind a
+/// proxy or custom domain), else the request's own.
+fn public_origin(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
+    let source = config.public_base_url.as_deref().unwrap_or(request_url);
+    let (scheme, authority, _) = split_origin(source)
+        .ok_or_else(|| Refusal::BadRequest(format!("not an absolute URL: {source}")))?;
+    Ok((scheme.to_ascii_lowercase(), authority.to_owned()))
+}
+
+/// The URL Twilio signed: the public origin with the request's path and query.
+fn signed_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
+    let (_, _, tail) = split_origin(request_url)
+        .ok_or_else(|| Refusal::BadRequest(format!("not an absolute URL: {request_url}")))?;
+    let (scheme, authority) = public_origin(config, request_url)?;
+    Ok(format!("{scheme}://{authority}{tail}"))
+}
+
+/// The Media Stream URL for a call, exactly as written into the TwiML: `wss` when we are
+/// reached over https, `ws` for plain http (local development).
+pub fn stream_url(
+    config: &Bridge,
+    request_url: &str,
+    call_sid: &CallSid,
+) -> Result<String, Refusal> {
+    let (scheme, authority) = public_origin(config, request_url)?;
+    let ws = if scheme == "https" || scheme == "wss" {
+        "wss"
+    } else {
+        "ws"
+    };
+    Ok(format!("{ws}://{authority}{STREAM_PATH_PREFIX}{call_sid}"))
+}
+
+fn token(config: &Bridge) -> Result<&str, Refusal> {
+    let t = config.twilio_auth_token.expose();
+    if t.is_empty() {
+        Err(Refusal::NoAuthToken)
+    } else {
+        Ok(t)
+    }
+}
+
+/// Verifies and answers Twilio's voice webhook (a form POST).
+pub fn answer_voice(
+    config: &Bridge,
+    request_url: &str,
+    signature: Option<&str>,
+    body: &str,
+) -> Result<VoiceAnswer, Refusal> {
+    let token = token(config)?;
+    let signature = signature
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal::Unsigned)?;
+    let params: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect();
+    let url = signed_url(config, request_url)?;
+    if !signature::validate_webhook(token, &url, &params, signature) {
+        return Err(Refusal::BadSignature);
+    }
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let call_sid = CallSid::parse(&get("CallSid"))
+        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let call = VoiceCall {
+        call_sid,
+        account_sid: get("AccountSid"),
+        from: get("From"),
+        to: get("To"),
+        direction: get("Direction"),
+        call_status: get("CallStatus"),
+    };
+    let dial = config.fallback_dial_number.as_deref();
+    if !config.use_openai_realtime {
+        let twiml = twiml::fallback(&config.fallback_message, FALLBACK_LANGUAGE, dial);
+        return Ok(VoiceAnswer {
+            call,
+            streams: false,
+            twiml,
+        });
+    }
+    let url = stream_url(config, request_url, &call.call_sid)?;
+    let twiml = twiml::connect_stream_then_fallback(
+        &url,
+        &[
+            ("From", &call.from),
+            ("To", &call.to),
+            ("Direction", &call.direction),
+        ],
+        &config.fallback_message,
+        FALLBACK_LANGUAGE,
+        dial,
+    );
+    Ok(VoiceAnswer {
+        call,
+        streams: true,
+        twiml,
+    })
+}
+
+/// The CallSid named by a Media Stream path, if the path is one.
+pub fn stream_call_sid(path: &str) -> Option<CallSid> {
+    CallSid::parse(path.strip_prefix(STREAM_PATH_PREFIX)?)
+}
+
+/// Verifies the Media Stream WebSocket upgrade: signed over the stream URL as written in
+/// the TwiML (no params), which is rebuilt from the public origin and the CallSid.
+pub fn verify_stream_upgrade(
+    config: &Bridge,
+    request_url: &str,
+    signature: Option<&str>,
+    call_sid: &CallSid,
+) -> Result<(), Refusal> {
+    let token = token(config)?;
+    let signature = signature
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal::Unsigned)?;
+    let url = stream_url(config, request_url, call_sid)?;
+    if signature::validate_stream_upgrade(token, &url, signature) {
+        Ok(())
+    } else {
+        Err(Refusal::BadSignature)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    const TOKEN: &str = "test-token";
+
+    fn config() -> Bridge {
+        let mut c = Bridge::from_lookup(|_| None).unwrap();
+        c.twilio_auth_token = Secret::new(TOKEN);
+        c
+    }
+
+    fn form(params: &[(&str, &str)]) -> (String, Vec<(String, String)>) {
+        let body = form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params)
+            .finish();
+        let owned = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        (body, owned)
+    }
+
+    const CALL: &[(&str, &str)] = &[
+        ("CallSid", "CA0123456789abcdef0123456789abcdef"),
+        ("AccountSid", "AC0123456789abcdef0123456789abcdef"),
+        ("From", "+819012345678"),
+        ("To", "+815012345678"),
+        ("Direction", "inbound"),
+        ("CallStatus", "ringing"),
+    ];
+
+    #[test]
+    fn signed_webhook_gets_connect_stream_over_wss() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        assert!(a.streams);
+        assert_eq!(a.call.from, "+819012345678");
+        assert!(a.twiml.contains(
+            r#"<Stream url="wss://bridge.example.com/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef">"#
+        ));
+        assert!(a
+            .twiml
+            .contains(r#"<Parameter name="From" value="+819012345678"/>"#));
+        assert!(a
+            .twiml
+            .contains(r#"<Parameter name="To" value="+815012345678"/>"#));
+        assert!(
+            a.twiml.contains(r#"<Say language="ja-JP">"#),
+            "fallback after the stream"
+        );
+    }
+
+    #[test]
+    fn local_http_gets_ws_with_port() {
+        let c = config();
+        let url = "http://127.0.0.1:8787/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        assert!(a
+            .twiml
+            .contains(r#"url="ws://127.0.0.1:8787/api/twilio/media-stream/CA"#));
+    }
+
+    #[test]
+    fn public_base_url_decides_host_and_what_was_signed() {
+        let mut c = config();
+        c.public_base_url = Some("https://phone.example.jp".into());
+        let (body, params) = form(CALL);
+        let public = "https://phone.example.jp/api/twilio/voice";
+        let sig = signature::compute(TOKEN, public, &params);
+        let a = answer_voice(
+            &c,
+            "http://internal:8787/api/twilio/voice",
+            Some(&sig),
+            &body,
+        )
+        .unwrap();
+        assert!(a
+            .twiml
+            .contains(r#"url="wss://phone.example.jp/api/twilio/media-stream/"#));
+    }
+
+    #[test]
+    fn unsigned_or_wrongly_signed_webhooks_are_refused() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        assert_eq!(answer_voice(&c, url, None, &body), Err(Refusal::Unsigned));
+        assert_eq!(
+            answer_voice(&c, url, Some(""), &body),
+            Err(Refusal::Unsigned)
+        );
+        let wrong = signature::compute("other-token", url, &params);
+        assert_eq!(
+            answer_voice(&c, url, Some(&wrong), &body),
+            Err(Refusal::BadSignature)
+        );
+        // A parameter changed after signing.
+        let sig = signature::compute(TOKEN, url, &params);
+        let tampered = body.replace("ringing", "completed");
+        assert_eq!(
+            answer_voice(&c, url, Some(&sig), &tampered),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(Refusal::BadSignature.status(), 403);
+    }
+
+    #[test]
+    fn without_an_auth_token_nothing_is_accepted() {
+        let c = Bridge::from_lookup(|_| None).unwrap();
+        let (body, _) = form(CALL);
+        let sig = signature::compute("", "https://x/api/twilio/voice", &[]);
+        let r = answer_voice(&c, "https://x/api/twilio/voice", Some(&sig), &body);
+        assert_eq!(r, Err(Refusal::NoAuthToken));
+    }
+
+    #[test]
+    fn a_malformed_call_sid_is_a_bad_request() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(&[("CallSid", "CA1/../x"), ("From", "+81")]);
+        let sig = signature::compute(TOKEN, url, &params);
+        let r = answer_voice(&c, url, Some(&sig), &body);
+        assert!(matches!(r, Err(Refusal::BadRequest(_))));
+        assert_eq!(r.unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn realtime_off_answers_the_japanese_fallback_with_dial() {
+        let mut c = config();
+        c.use_openai_realtime = false;
+        c.fallback_dial_number = Some("+81312345678".into());
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        assert!(!a.streams);
+        assert!(!a.twiml.contains("<Stream"));
+        assert!(a
+            .twiml
+            .contains(r#"<Say language="ja-JP">申し訳ございません"#));
+        assert!(a.twiml.contains("<Dial>+81312345678</Dial>"));
+    }
+
+    #[test]
+    fn caller_values_are_escaped_in_the_twiml() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(&[("CallSid", "CA1"), ("From", "<a&b\">"), ("To", "+81")]);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        assert!(
+            a.twiml.contains(r#"value="&lt;a&amp;b&quot;&gt;""#),
+            "{}",
+            a.twiml
+        );
+    }
+
+    #[test]
+    fn stream_upgrade_is_verified_against_the_twiml_url() {
+        let c = config();
+        let sid = CallSid::parse("CA1").unwrap();
+        let tw = "wss://bridge.example.com/api/twilio/media-stream/CA1";
+        let sig = signature::compute(TOKEN, tw, &[]);
+        // Workers see the upgrade as https://.
+        let req = "https://bridge.example.com/api/twilio/media-stream/CA1";
+        assert_eq!(verify_stream_upgrade(&c, req, Some(&sig), &sid), Ok(()));
+        let slash = signature::compute(TOKEN, &format!("{tw}/"), &[]);
+        assert_eq!(verify_stream_upgrade(&c, req, Some(&slash), &sid), Ok(()));
+        assert_eq!(
+            verify_stream_upgrade(&c, req, None, &sid),
+            Err(Refusal::Unsigned)
+        );
+        let other = signature::compute(
+            TOKEN,
+            "wss://bridge.example.com/api/twilio/media-stream/CA2",
+            &[],
+        );
+        assert_eq!(
+            verify_stream_upgrade(&c, req, Some(&other), &sid),
+            Err(Refusal::BadSignature)
+        );
+    }
+
+    #[test]
+    fn stream_paths_name_a_call_sid() {
+        assert_eq!(
+            stream_call_sid("/api/twilio/media-stream/CA12"),
+            CallSid::parse("CA12")
+        );
+        assert_eq!(stream_call_sid("/api/twilio/media-stream/"), None);
+        assert_eq!(stream_call_sid("/api/twilio/media-stream/CA1/x"), None);
+        assert_eq!(stream_call_sid("/api/other/CA1"), None);
+    }
+}
