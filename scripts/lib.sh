@@ -1,0 +1,71 @@
+# shellcheck shell=bash
+# Shared helpers, sourced by the other scripts (never run directly).
+
+# Pinned tool versions. wasm-bindgen-cli is deliberately NOT pinned here: it must match the
+# wasm-bindgen library in Cargo.lock exactly, or the generated JS glue will not fit the wasm.
+# shellcheck disable=SC2034  # used by setup.sh
+WORKER_BUILD_VERSION=0.8.7
+# shellcheck disable=SC2034
+WASM_TARGET=wasm32-unknown-unknown
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT" || exit 1
+
+# `cargo install` puts binaries here; a fresh shell (CI, wrangler's build subprocess) may not
+# have it on PATH yet.
+CARGO_BIN="${CARGO_HOME:-$HOME/.cargo}/bin"
+case ":$PATH:" in *":$CARGO_BIN:"*) ;; *) PATH="$CARGO_BIN:$PATH" ;; esac
+export PATH
+
+# Wrangler must never stop to ask about telemetry; there may be nobody to answer.
+export WRANGLER_SEND_METRICS=false
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The wasm-bindgen version the crate graph resolved to.
+wasm_bindgen_version() {
+  [[ -f Cargo.lock ]] || cargo generate-lockfile >&2
+  local v
+  v="$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
+  [[ -n "$v" ]] || die "no wasm-bindgen entry in Cargo.lock"
+  printf '%s\n' "$v"
+}
+
+wasm_bindgen_ok() {
+  [[ "$(wasm-bindgen --version 2>/dev/null)" == "wasm-bindgen $(wasm_bindgen_version)" ]]
+}
+
+# worker-build would otherwise download esbuild, wasm-bindgen and wasm-opt from hosts that may
+# be unreachable (they are on the offline CI machines); point it at the local copies instead.
+export_build_env() {
+  # The esbuild binary package is per platform (@esbuild/linux-x64 here and on CI).
+  local candidates=("$ROOT"/node_modules/@esbuild/*/bin/esbuild)
+  ESBUILD_BIN="${candidates[0]}"
+  WASM_OPT_BIN="$ROOT/node_modules/.bin/wasm-opt"
+  WASM_BINDGEN_BIN="$(command -v wasm-bindgen || true)"
+  [[ -x "$ESBUILD_BIN" && -x "$WASM_OPT_BIN" ]] || die "node packages missing: run bash scripts/setup.sh"
+  wasm_bindgen_ok || die "wasm-bindgen $(wasm_bindgen_version) not installed: run bash scripts/setup.sh"
+  export ESBUILD_BIN WASM_OPT_BIN WASM_BINDGEN_BIN
+}
+
+# cargo install with the crate's own lockfile, for reproducible tools. The registry mirror
+# can lag crates.io (wasm-bindgen-cli 0.2.130 locks webpki-roots 1.0.11, which the mirror used
+# here lacks), so if the locked set cannot be resolved, retry with the newest compatible deps.
+cargo_install_pinned() {
+  local crate="$1" version="$2"
+  cargo install "$crate" --version "$version" --locked --force && return 0
+  log "locked install of $crate $version failed; retrying without --locked"
+  cargo install "$crate" --version "$version" --force
+}
+
+# Applies D1 migrations to the local database (.wrangler/state, the one `wrangler dev` uses).
+# CI=true keeps wrangler from asking for confirmation.
+apply_local_migrations() {
+  if compgen -G "migrations/*.sql" >/dev/null; then
+    log "applying local D1 migrations"
+    CI=true npx wrangler d1 migrations apply DB --local
+  else
+    log "no D1 migrations to apply"
+  fi
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# README command 2 (and CI): install what is missing, build the Worker, run every test.
+# Exits non-zero on the first failure. Append further steps (fuzz, load) at the end.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# Nothing here is interactive: make anything that tries to read input fail fast instead of hang.
+exec </dev/null
+
+bash scripts/setup.sh
+
+log "building the Worker"
+bash scripts/build.sh
+
+# For tests that run `wrangler dev` on the default local state.
+apply_local_migrations
+
+log "cargo test (unit + integration)"
+cargo test --all-targets
+
+log "all tests passed"
