@@ -1,6 +1,8 @@
 //! Typed configuration, read once per request or call from the Worker's variables and
 //! validated here. Nothing deeper in the crate looks at environment variables.
 
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use std::fmt;
 
 /// The GA Realtime voices (protocol.md A2).
@@ -41,9 +43,12 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Server VAD settings (protocol.md A2, turn detection objects).
-#[derive(Clone, Debug, PartialEq)]
+/// Turn detection settings (protocol.md A2, turn detection objects). `kind` is
+/// `server_vad` (uses the three numbers) or `semantic_vad`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TurnDetection {
+    #[serde(rename = "type")]
+    pub kind: String,
     pub threshold: f64,
     pub prefix_padding_ms: u32,
     pub silence_duration_ms: u32,
@@ -52,6 +57,7 @@ pub struct TurnDetection {
 impl Default for TurnDetection {
     fn default() -> Self {
         Self {
+            kind: "server_vad".into(),
             threshold: 0.5,
             prefix_padding_ms: 300,
             silence_duration_ms: 500,
@@ -59,9 +65,15 @@ impl Default for TurnDetection {
     }
 }
 
+pub const TURN_DETECTION_TYPES: &[&str] = &["server_vad", "semantic_vad"];
+pub const DEFAULT_MAX_CALL_SECONDS: u32 = 1800;
+
 /// Who answers the phone: the voice agent's behaviour for one call.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Agent {
+    /// The `agents.id` it was loaded from (`env` when it comes from the Worker's variables).
+    pub id: String,
+    pub name: String,
     pub instructions: String,
     /// What the first response should say or do; sent as that response's instructions.
     pub greeting: String,
@@ -71,11 +83,18 @@ pub struct Agent {
     pub language: String,
     pub transcription_model: String,
     pub turn_detection: TurnDetection,
+    /// Realtime function tool definitions (`{type:"function", name, description, parameters}`).
+    pub tools: Vec<Value>,
+    /// E.164 number a caller is transferred to when they ask for a person.
+    pub transfer_number: Option<String>,
+    pub max_call_seconds: u32,
 }
 
 impl Default for Agent {
     fn default() -> Self {
         Self {
+            id: "env".into(),
+            name: "Default (from configuration)".into(),
             instructions: DEFAULT_INSTRUCTIONS.into(),
             greeting: DEFAULT_GREETING.into(),
             voice: DEFAULT_VOICE.into(),
@@ -83,8 +102,51 @@ impl Default for Agent {
             language: DEFAULT_LANGUAGE.into(),
             transcription_model: DEFAULT_TRANSCRIPTION_MODEL.into(),
             turn_detection: TurnDetection::default(),
+            tools: Vec::new(),
+            transfer_number: None,
+            max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
         }
     }
+}
+
+/// True for an E.164 number: `+`, a non-zero digit, at most 15 digits in all.
+pub fn is_e164(s: &str) -> bool {
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (2..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
+}
+
+/// Checks one function tool definition; returns the reason it is not valid.
+fn tool_problem(tool: &Value) -> Option<String> {
+    let Some(obj) = tool.as_object() else {
+        return Some("must be an object".into());
+    };
+    if obj.get("type").and_then(Value::as_str) != Some("function") {
+        return Some("type must be \"function\"".into());
+    }
+    let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
+    let name_ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if !name_ok {
+        return Some("name must be 1-64 letters, digits, _ or -".into());
+    }
+    if let Some(d) = obj.get("description") {
+        if !d.is_string() {
+            return Some("description must be a string".into());
+        }
+    }
+    match obj.get("parameters") {
+        None => {}
+        Some(p) if p.is_object() => {}
+        Some(_) => return Some("parameters must be a JSON Schema object".into()),
+    }
+    None
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -105,6 +167,12 @@ impl Agent {
     /// Checks every field against what the Realtime API accepts, so a bad value is an
     /// error here rather than a `session.update` the server rejects mid-call.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.name.trim().is_empty() {
+            return Err(invalid("name", "must not be empty"));
+        }
+        if self.instructions.trim().is_empty() {
+            return Err(invalid("instructions", "must not be empty"));
+        }
         if !VOICES.contains(&self.voice.as_str()) {
             return Err(invalid(
                 "voice",
@@ -129,6 +197,16 @@ impl Agent {
             return Err(invalid("transcription_model", "must not be empty"));
         }
         let td = &self.turn_detection;
+        if !TURN_DETECTION_TYPES.contains(&td.kind.as_str()) {
+            return Err(invalid(
+                "turn_detection.type",
+                format!(
+                    "{:?} is not one of {}",
+                    td.kind,
+                    TURN_DETECTION_TYPES.join(", ")
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&td.threshold) {
             return Err(invalid(
                 "turn_detection.threshold",
@@ -143,6 +221,26 @@ impl Agent {
         }
         if td.prefix_padding_ms > 10_000 {
             return Err(invalid("turn_detection.prefix_padding_ms", "at most 10000"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, tool) in self.tools.iter().enumerate() {
+            if let Some(problem) = tool_problem(tool) {
+                return Err(invalid("tools", format!("tool {i}: {problem}")));
+            }
+            if !names.insert(tool["name"].as_str().unwrap_or_default()) {
+                return Err(invalid("tools", format!("tool {i}: duplicate name")));
+            }
+        }
+        if let Some(n) = &self.transfer_number {
+            if !is_e164(n) {
+                return Err(invalid(
+                    "transfer_number",
+                    format!("{n:?} is not an E.164 number such as +81312345678"),
+                ));
+            }
+        }
+        if !(30..=4 * 3600).contains(&self.max_call_seconds) {
+            return Err(invalid("max_call_seconds", "must be between 30 and 14400"));
         }
         Ok(())
     }
@@ -212,6 +310,8 @@ impl Bridge {
         }
         let defaults = TurnDetection::default();
         let agent = Agent {
+            id: "env".into(),
+            name: "Default (from configuration)".into(),
             instructions: or("AGENT_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
             greeting: or("AGENT_GREETING", DEFAULT_GREETING),
             voice: or("AGENT_VOICE", DEFAULT_VOICE),
@@ -219,6 +319,7 @@ impl Bridge {
             language: or("AGENT_LANGUAGE", DEFAULT_LANGUAGE),
             transcription_model: or("AGENT_TRANSCRIPTION_MODEL", DEFAULT_TRANSCRIPTION_MODEL),
             turn_detection: TurnDetection {
+                kind: "server_vad".into(),
                 threshold: parse_num("AGENT_VAD_THRESHOLD", defaults.threshold)?,
                 prefix_padding_ms: parse_num(
                     "AGENT_VAD_PREFIX_PADDING_MS",
@@ -229,6 +330,9 @@ impl Bridge {
                     defaults.silence_duration_ms.into(),
                 )? as u32,
             },
+            tools: Vec::new(),
+            transfer_number: None,
+            max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
         };
         agent.validate()?;
         Ok(Self {
@@ -341,6 +445,57 @@ mod tests {
         .unwrap();
         assert!(!c.use_openai_realtime);
         assert_eq!(c.fallback_dial_number, None);
+    }
+
+    #[test]
+    fn agent_validation_names_the_field() {
+        let ok = Agent::default();
+        assert_eq!(ok.validate(), Ok(()));
+        let check = |f: &dyn Fn(&mut Agent)| {
+            let mut a = Agent::default();
+            f(&mut a);
+            a.validate().unwrap_err().field
+        };
+        assert_eq!(check(&|a| a.voice = "nova".into()), "voice");
+        assert_eq!(check(&|a| a.name = " ".into()), "name");
+        assert_eq!(
+            check(&|a| a.turn_detection.kind = "push".into()),
+            "turn_detection.type"
+        );
+        assert_eq!(
+            check(&|a| a.turn_detection.silence_duration_ms = 60_000),
+            "turn_detection.silence_duration_ms"
+        );
+        assert_eq!(
+            check(&|a| a.transfer_number = Some("0312345678".into())),
+            "transfer_number"
+        );
+        assert_eq!(check(&|a| a.max_call_seconds = 5), "max_call_seconds");
+        assert_eq!(
+            check(&|a| a.tools = vec![serde_json::json!({"type":"function"})]),
+            "tools"
+        );
+        assert_eq!(check(&|a| a.tools = vec![serde_json::json!("x")]), "tools");
+        let tool = serde_json::json!({"type":"function","name":"lookup","description":"d","parameters":{"type":"object"}});
+        assert_eq!(
+            check(&|a| a.tools = vec![tool.clone(), tool.clone()]),
+            "tools"
+        );
+        let a = Agent {
+            tools: vec![tool],
+            transfer_number: Some("+81312345678".into()),
+            ..Agent::default()
+        };
+        assert_eq!(a.validate(), Ok(()));
+    }
+
+    #[test]
+    fn e164() {
+        assert!(is_e164("+81312345678"));
+        assert!(!is_e164("+0312345678"));
+        assert!(!is_e164("81312345678"));
+        assert!(!is_e164("+8131234567890123"));
+        assert!(!is_e164("+81-3-1234"));
     }
 
     #[test]

@@ -6,12 +6,15 @@
 //! - the *shell* (`cloudflare`, wasm32 only) is a thin pump that feeds the core what arrived
 //!   on sockets and HTTP and carries out the actions it returns.
 
+pub mod admin;
+pub mod agents;
 pub mod audio;
 pub mod call;
 pub mod config;
 pub mod ids;
 pub mod openai;
 pub mod signature;
+pub mod store;
 pub mod twilio;
 pub mod twiml;
 pub mod webhook;

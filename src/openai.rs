@@ -28,6 +28,24 @@ pub enum ServerEvent<'a> {
     ResponseCreated {
         response_id: Option<String>,
     },
+    /// A conversation item came to be: `conversation.item.added` (or the beta
+    /// `conversation.item.created`), `input_audio_buffer.committed` or
+    /// `response.output_item.added`. Items are numbered in the order they appear.
+    ItemAdded {
+        item_id: String,
+        /// `user`, `assistant` or `system`, for message items.
+        role: Option<String>,
+    },
+    AudioTranscriptDelta {
+        item_id: Option<String>,
+        delta: String,
+    },
+    /// `conversation.item.retrieved`: the item as the server now holds it (after a truncate,
+    /// its transcript ends where the caller stopped hearing it).
+    ItemRetrieved {
+        item_id: String,
+        transcript: Option<String>,
+    },
     AudioDelta {
         response_id: Option<String>,
         item_id: String,
@@ -151,6 +169,24 @@ struct RawEvent<'a> {
     response: Option<RawResponse>,
     #[serde(default)]
     rate_limits: Option<Vec<RateLimit>>,
+    #[serde(default)]
+    item: Option<RawItem>,
+}
+
+#[derive(Deserialize)]
+struct RawItem {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    role: Option<String>,
+    #[serde(default)]
+    content: Vec<RawContent>,
+}
+
+#[derive(Deserialize)]
+struct RawContent {
+    #[serde(default)]
+    transcript: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -202,6 +238,32 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         "input_audio_buffer.committed" => ServerEvent::Committed {
             item_id: raw.item_id,
         },
+        "conversation.item.added" | "conversation.item.created" | "response.output_item.added" => {
+            let item = raw.item.ok_or(missing("conversation.item.added", "item"))?;
+            ServerEvent::ItemAdded {
+                item_id: item
+                    .id
+                    .ok_or(missing("conversation.item.added", "item.id"))?,
+                role: item.role,
+            }
+        }
+        "conversation.item.retrieved" => {
+            let item = raw
+                .item
+                .ok_or(missing("conversation.item.retrieved", "item"))?;
+            ServerEvent::ItemRetrieved {
+                item_id: item
+                    .id
+                    .ok_or(missing("conversation.item.retrieved", "item.id"))?,
+                transcript: item.content.into_iter().find_map(|c| c.transcript),
+            }
+        }
+        "response.output_audio_transcript.delta" | "response.audio_transcript.delta" => {
+            ServerEvent::AudioTranscriptDelta {
+                item_id: raw.item_id,
+                delta: raw.delta.map(|d| d.0.into_owned()).unwrap_or_default(),
+            }
+        }
         "response.created" => ServerEvent::ResponseCreated {
             response_id: raw.response.and_then(|r| r.id),
         },
@@ -267,6 +329,32 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
 /// that interrupts the response when the caller talks, and caller transcription.
 pub fn session_update(agent: &Agent) -> String {
     let td = &agent.turn_detection;
+    let turn_detection = if td.kind == "semantic_vad" {
+        json!({ "type": "semantic_vad", "create_response": true, "interrupt_response": true })
+    } else {
+        json!({
+            "type": "server_vad",
+            "threshold": td.threshold,
+            "prefix_padding_ms": td.prefix_padding_ms,
+            "silence_duration_ms": td.silence_duration_ms,
+            "create_response": true,
+            "interrupt_response": true,
+        })
+    };
+    // Only the fields the Realtime API knows: it rejects a whole update for one unknown key.
+    let tools: Vec<Value> = agent
+        .tools
+        .iter()
+        .map(|t| {
+            let mut out = serde_json::Map::new();
+            for key in ["type", "name", "description", "parameters"] {
+                if let Some(v) = t.get(key) {
+                    out.insert(key.into(), v.clone());
+                }
+            }
+            Value::Object(out)
+        })
+        .collect();
     json!({
         "type": "session.update",
         "event_id": "evt_bridge_session_update",
@@ -282,20 +370,15 @@ pub fn session_update(agent: &Agent) -> String {
                         "model": agent.transcription_model,
                         "language": agent.language,
                     },
-                    "turn_detection": {
-                        "type": "server_vad",
-                        "threshold": td.threshold,
-                        "prefix_padding_ms": td.prefix_padding_ms,
-                        "silence_duration_ms": td.silence_duration_ms,
-                        "create_response": true,
-                        "interrupt_response": true,
-                    },
+                    "turn_detection": turn_detection,
                 },
                 "output": {
                     "format": { "type": "audio/pcmu" },
                     "voice": agent.voice,
                 },
             },
+            "tools": tools,
+            "tool_choice": "auto",
         },
     })
     .to_string()
@@ -319,6 +402,11 @@ pub fn input_audio_append(audio: &str) -> String {
     s.push_str(audio);
     s.push_str("\"}");
     s
+}
+
+/// Asks for an item as the server holds it, answered by `conversation.item.retrieved`.
+pub fn retrieve(item_id: &str) -> String {
+    json!({ "type": "conversation.item.retrieve", "item_id": item_id }).to_string()
 }
 
 pub fn truncate(item_id: &str, audio_end_ms: u64) -> String {
@@ -434,14 +522,55 @@ mod tests {
     }
 
     #[test]
+    fn parses_items_and_transcripts() {
+        for text in [
+            r#"{"type":"conversation.item.added","previous_item_id":null,"item":{"id":"item_1","type":"message","role":"user","status":"completed","content":[]}}"#,
+            r#"{"type":"conversation.item.created","item":{"id":"item_1","type":"message","role":"user"}}"#,
+        ] {
+            assert_eq!(
+                parse(text).unwrap(),
+                ServerEvent::ItemAdded {
+                    item_id: "item_1".into(),
+                    role: Some("user".into())
+                }
+            );
+        }
+        let e = parse(r#"{"type":"response.output_item.added","response_id":"r","output_index":0,"item":{"id":"item_2","type":"message","role":"assistant","status":"in_progress","content":[]}}"#).unwrap();
+        assert_eq!(
+            e,
+            ServerEvent::ItemAdded {
+                item_id: "item_2".into(),
+                role: Some("assistant".into())
+            }
+        );
+        let e = parse(r#"{"type":"conversation.item.retrieved","item":{"id":"item_2","type":"message","role":"assistant","content":[{"type":"output_audio","transcript":"こんにちは","audio":"AAAA"}]}}"#).unwrap();
+        assert_eq!(
+            e,
+            ServerEvent::ItemRetrieved {
+                item_id: "item_2".into(),
+                transcript: Some("こんにちは".into())
+            }
+        );
+        let e = parse(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_2","delta":"こん"}"#).unwrap();
+        assert_eq!(
+            e,
+            ServerEvent::AudioTranscriptDelta {
+                item_id: Some("item_2".into()),
+                delta: "こん".into()
+            }
+        );
+    }
+
+    #[test]
     fn malformed_events_are_errors() {
         assert!(parse("{").is_err());
         assert!(parse(r#"{"event":"x"}"#).is_err());
         assert!(parse(r#"{"type":"response.output_audio.delta","item_id":"i"}"#).is_err());
+        assert!(parse(r#"{"type":"conversation.item.added","item":{}}"#).is_err());
         assert_eq!(
-            parse(r#"{"type":"conversation.item.added","item":{}}"#).unwrap(),
+            parse(r#"{"type":"conversation.item.done","item":{}}"#).unwrap(),
             ServerEvent::Other {
-                kind: "conversation.item.added".into()
+                kind: "conversation.item.done".into()
             }
         );
     }

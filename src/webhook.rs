@@ -2,12 +2,15 @@
 //! checks on the Media Stream upgrade. Pure functions of the request's URL, headers and
 //! body, so the shell only has to hand them over and map a refusal to a status code.
 
-use crate::config::Bridge;
+use crate::config::{Agent, Bridge};
 use crate::ids::CallSid;
+use crate::store::{status_rank, Record};
 use crate::{signature, twiml};
 
 /// Path of the voice webhook.
 pub const VOICE_PATH: &str = "/api/twilio/voice";
+/// Path of Twilio's call status callback.
+pub const STATUS_PATH: &str = "/api/twilio/status";
 /// Prefix of the Media Stream WebSocket path; the CallSid follows.
 pub const STREAM_PATH_PREFIX: &str = "/api/twilio/media-stream/";
 /// Language of the spoken fallback message.
@@ -45,6 +48,30 @@ pub struct VoiceCall {
     pub to: String,
     pub direction: String,
     pub call_status: String,
+}
+
+/// What the Worker hands the call's Durable Object before answering the webhook: the call
+/// and the agent that will answer it, as they were when the call came in.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Registration {
+    pub call: VoiceCall,
+    pub agent: Agent,
+    pub at_ms: u64,
+}
+
+impl Registration {
+    /// The `calls` row as the call starts ringing.
+    pub fn record(&self) -> Record {
+        Record::CallRinging {
+            call_sid: self.call.call_sid.0.clone(),
+            account_sid: self.call.account_sid.clone(),
+            from: self.call.from.clone(),
+            to: self.call.to.clone(),
+            direction: self.call.direction.clone(),
+            agent_id: self.agent.id.clone(),
+            at_ms: self.at_ms,
+        }
+    }
 }
 
 /// A verified voice webhook and the TwiML to answer it with.
@@ -117,9 +144,7 @@ pub fn answer_voice(
     let signature = signature
         .filter(|s| !s.is_empty())
         .ok_or(Refusal::Unsigned)?;
-    let params: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
-        .into_owned()
-        .collect();
+    let params = form(body);
     let url = signed_url(config, request_url)?;
     if !signature::validate_webhook(token, &url, &params, signature) {
         return Err(Refusal::BadSignature);
@@ -166,6 +191,59 @@ pub fn answer_voice(
         call,
         streams: true,
         twiml,
+    })
+}
+
+fn form(body: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(body.as_bytes())
+        .into_owned()
+        .collect()
+}
+
+/// Verifies Twilio's status callback and turns it into the update of the call's row.
+pub fn status_callback(
+    config: &Bridge,
+    request_url: &str,
+    signature: Option<&str>,
+    body: &str,
+    now_ms: u64,
+) -> Result<Record, Refusal> {
+    let token = token(config)?;
+    let signature = signature
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal::Unsigned)?;
+    let params = form(body);
+    let url = signed_url(config, request_url)?;
+    if !signature::validate_webhook(token, &url, &params, signature) {
+        return Err(Refusal::BadSignature);
+    }
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let call_sid = get("CallSid")
+        .and_then(CallSid::parse)
+        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let status = get("CallStatus").unwrap_or_default();
+    if status_rank(status).is_none() {
+        return Err(Refusal::BadRequest(format!(
+            "unknown CallStatus {status:?}"
+        )));
+    }
+    let call_duration_s = match get("CallDuration").filter(|d| !d.is_empty()) {
+        None => None,
+        Some(d) => Some(
+            d.parse::<u64>()
+                .map_err(|_| Refusal::BadRequest(format!("CallDuration {d:?} is not a number")))?,
+        ),
+    };
+    Ok(Record::TwilioStatus {
+        call_sid: call_sid.0,
+        status: status.to_owned(),
+        call_duration_s,
+        at_ms: now_ms,
     })
 }
 
@@ -382,6 +460,38 @@ mod tests {
             verify_stream_upgrade(&c, req, Some(&other), &sid),
             Err(Refusal::BadSignature)
         );
+    }
+
+    #[test]
+    fn status_callbacks_are_verified_and_parsed() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/status";
+        let (body, params) = form(&[
+            ("CallSid", "CA1"),
+            ("CallStatus", "completed"),
+            ("CallDuration", "42"),
+            ("SequenceNumber", "3"),
+        ]);
+        let sig = signature::compute(TOKEN, url, &params);
+        assert_eq!(
+            status_callback(&c, url, Some(&sig), &body, 7),
+            Ok(Record::TwilioStatus {
+                call_sid: "CA1".into(),
+                status: "completed".into(),
+                call_duration_s: Some(42),
+                at_ms: 7
+            })
+        );
+        assert_eq!(
+            status_callback(&c, url, None, &body, 7),
+            Err(Refusal::Unsigned)
+        );
+        let (bad, params) = form(&[("CallSid", "CA1"), ("CallStatus", "exploded")]);
+        let sig = signature::compute(TOKEN, url, &params);
+        assert!(matches!(
+            status_callback(&c, url, Some(&sig), &bad, 7),
+            Err(Refusal::BadRequest(_))
+        ));
     }
 
     #[test]

@@ -7,13 +7,16 @@
 //! from either peer are logged, counted and dropped; they never end the call.
 
 mod playback;
+mod transcript;
 
 pub use playback::{Cut, Echo, Playback};
+pub use transcript::{Conversation, Entry};
 
 use crate::audio::{base64_decoded_len, bytes_to_ms};
 use crate::config::Agent;
 use crate::ids::{CallSid, ItemId, Millis, StreamSid};
 use crate::openai::{self, ServerEvent};
+use crate::store::Record;
 use crate::twilio::{self, Inbound};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
@@ -85,6 +88,8 @@ pub enum Action {
         level: Level,
         line: String,
     },
+    /// Write this to the call's record (durably, off the audio path).
+    Persist(Record),
     /// The call is over; what it leaves for the record.
     Ended(Box<Summary>),
 }
@@ -203,6 +208,9 @@ pub struct Call {
     held_output: VecDeque<(ItemId, String, u64)>,
     held_output_bytes: u64,
     playback: Playback,
+    conversation: Conversation,
+    event_seq: u64,
+    session_recorded: bool,
     setup_deadline: Option<Millis>,
     ended: Option<EndReason>,
     stats: Stats,
@@ -225,6 +233,9 @@ impl Call {
             held_output: VecDeque::new(),
             held_output_bytes: 0,
             playback: Playback::default(),
+            conversation: Conversation::default(),
+            event_seq: 0,
+            session_recorded: false,
             setup_deadline: Some(now + SESSION_SETUP_TIMEOUT),
             ended: None,
             stats: Stats::default(),
@@ -395,6 +406,12 @@ impl Call {
             "twilio.start",
             json!({ "stream_sid": start.stream_sid, "account_sid": start.account_sid }),
         );
+        self.actions
+            .push_back(Action::Persist(Record::CallConnected {
+                call_sid: self.sid.0.clone(),
+                stream_sid: start.stream_sid.0.clone(),
+                at_ms: now.0,
+            }));
         self.stream = Some(Stream {
             writer: twilio::Writer::new(&start.stream_sid),
             sid: start.stream_sid,
@@ -471,6 +488,7 @@ impl Call {
         match event {
             ServerEvent::SessionCreated(s) => {
                 self.session_id = s.id.clone();
+                self.record_session();
                 self.log(
                     Level::Info,
                     "openai.session.created",
@@ -486,6 +504,11 @@ impl Call {
                         "type": err.kind, "code": err.code, "message": err.message,
                         "param": err.param, "event_id": err.event_id,
                     }),
+                );
+                self.event(
+                    now,
+                    "openai_error",
+                    json!({ "type": err.kind, "code": err.code, "message": err.message, "param": err.param }),
                 );
                 let ours = err.event_id.as_deref() == Some("evt_bridge_session_update");
                 if ours && self.upstream != Upstream::Ready {
@@ -503,7 +526,10 @@ impl Call {
                     "openai.speech_started",
                     json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
                 );
-                self.barge_in();
+                if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
+                    self.conversation.speech_started(&ItemId(id.clone()), ms);
+                }
+                self.barge_in(now);
             }
             ServerEvent::SpeechStopped {
                 item_id,
@@ -513,11 +539,37 @@ impl Call {
                 "openai.speech_stopped",
                 json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
             ),
-            ServerEvent::Committed { item_id } => self.log(
-                Level::Info,
-                "openai.input_committed",
-                json!({ "item_id": item_id }),
-            ),
+            ServerEvent::Committed { item_id } => {
+                self.log(
+                    Level::Info,
+                    "openai.input_committed",
+                    json!({ "item_id": item_id }),
+                );
+                if let Some(id) = item_id {
+                    let at = self.offset(now);
+                    self.conversation.added(&ItemId(id), Some("user"), at);
+                }
+            }
+            ServerEvent::ItemAdded { item_id, role } => {
+                let at = self.offset(now);
+                self.conversation
+                    .added(&ItemId(item_id), role.as_deref(), at);
+            }
+            ServerEvent::AudioTranscriptDelta { item_id, delta } => {
+                if let Some(id) = item_id {
+                    let at = self.offset(now);
+                    self.conversation.agent_delta(&ItemId(id), &delta, at);
+                }
+            }
+            ServerEvent::ItemRetrieved {
+                item_id,
+                transcript,
+            } => {
+                let entry = self
+                    .conversation
+                    .retrieved(&ItemId(item_id), transcript.as_deref());
+                self.write_entry(entry);
+            }
             ServerEvent::ResponseCreated { response_id } => {
                 self.response_active = true;
                 self.log(
@@ -537,24 +589,45 @@ impl Call {
             ServerEvent::AudioTranscriptDone {
                 item_id,
                 transcript,
-            } => self.log(
-                Level::Info,
-                "openai.agent_transcript",
-                json!({ "item_id": item_id, "chars": transcript.chars().count() }),
-            ),
+            } => {
+                self.log(
+                    Level::Info,
+                    "openai.agent_transcript",
+                    json!({ "item_id": item_id, "chars": transcript.chars().count() }),
+                );
+                if let Some(id) = item_id {
+                    let at = self.offset(now);
+                    let entry = self.conversation.agent_text(&ItemId(id), &transcript, at);
+                    self.write_entry(entry);
+                }
+            }
             ServerEvent::InputTranscriptionCompleted {
                 item_id,
                 transcript,
-            } => self.log(
-                Level::Info,
-                "openai.caller_transcript",
-                json!({ "item_id": item_id, "chars": transcript.chars().count() }),
-            ),
-            ServerEvent::InputTranscriptionFailed { item_id, error } => self.log(
-                Level::Warn,
-                "openai.caller_transcription_failed",
-                json!({ "item_id": item_id, "code": error.code, "message": error.message }),
-            ),
+            } => {
+                self.log(
+                    Level::Info,
+                    "openai.caller_transcript",
+                    json!({ "item_id": item_id, "chars": transcript.chars().count() }),
+                );
+                if let Some(id) = item_id {
+                    let at = self.offset(now);
+                    let entry = self.conversation.caller_text(&ItemId(id), &transcript, at);
+                    self.write_entry(entry);
+                }
+            }
+            ServerEvent::InputTranscriptionFailed { item_id, error } => {
+                self.log(
+                    Level::Warn,
+                    "openai.caller_transcription_failed",
+                    json!({ "item_id": item_id, "code": error.code, "message": error.message }),
+                );
+                self.event(
+                    now,
+                    "transcription_failed",
+                    json!({ "item_id": item_id, "code": error.code, "message": error.message }),
+                );
+            }
             ServerEvent::ItemTruncated {
                 item_id,
                 audio_end_ms,
@@ -606,6 +679,7 @@ impl Call {
         );
         if s.id.is_some() {
             self.session_id = s.id.clone();
+            self.record_session();
         }
         let pcmu = |f: &Option<String>| f.as_deref() == Some("audio/pcmu");
         if !(pcmu(&s.output_format) && pcmu(&s.input_format)) {
@@ -678,8 +752,9 @@ impl Call {
 
     fn send_agent_audio(&mut self, item: &ItemId, payload: &str, bytes: u64, now: Millis) {
         let Some(stream) = &self.stream else { return };
+        let at = now.saturating_sub(stream.started_at).0;
         if self.stats.first_audio_ms.is_none() {
-            let ms = now.saturating_sub(stream.started_at).0;
+            let ms = at;
             self.stats.first_audio_ms = Some(ms);
             self.log(
                 Level::Info,
@@ -687,6 +762,7 @@ impl Call {
                 json!({ "ms_from_start": ms }),
             );
         }
+        self.conversation.agent_audio_started(item, at);
         let stream = self.stream.as_ref().expect("checked above");
         self.actions
             .push_back(Action::SendTwilio(stream.writer.media(payload)));
@@ -700,7 +776,7 @@ impl Call {
 
     /// The caller started talking. If agent audio is still unheard, stop it at Twilio
     /// first (what the caller notices), then tell OpenAI how much was really heard.
-    fn barge_in(&mut self) {
+    fn barge_in(&mut self, now: Millis) {
         if !self.playback.outstanding() {
             return;
         }
@@ -719,6 +795,21 @@ impl Call {
                 cut.item.as_str(),
                 cut.audio_end_ms,
             )));
+            if cut.audio_end_ms > 0 {
+                // The truncated item's transcript is what the caller heard.
+                self.actions
+                    .push_back(Action::SendOpenAi(openai::retrieve(cut.item.as_str())));
+            }
+            let at = self.offset(now);
+            let entry =
+                self.conversation
+                    .agent_cut(&cut.item, cut.audio_end_ms, cut.received_ms, at);
+            self.write_entry(entry);
+            self.event(
+                now,
+                "barge_in",
+                json!({ "item_id": cut.item, "audio_end_ms": cut.audio_end_ms, "received_ms": cut.received_ms }),
+            );
         }
         let cuts: Vec<Value> = cuts
             .iter()
@@ -774,6 +865,23 @@ impl Call {
                 "total_tokens": self.stats.tokens.total_tokens, "dropped": dropped,
             }),
         );
+        if !self.stats.dropped.is_empty() {
+            let dropped = json!(self.stats.dropped);
+            self.event(now, "dropped_input", dropped);
+        }
+        let started = self.stream.as_ref().map(|s| s.started_at);
+        self.actions.push_back(Action::Persist(Record::CallEnded {
+            call_sid: self.sid.0.clone(),
+            at_ms: now.0,
+            duration_ms: started.map(|s| now.saturating_sub(s).0),
+            end_reason: reason.label().to_owned(),
+            failed: reason.is_failure(),
+            input_tokens: self.stats.tokens.input_tokens,
+            output_tokens: self.stats.tokens.output_tokens,
+            total_tokens: self.stats.tokens.total_tokens,
+            first_audio_ms: self.stats.first_audio_ms,
+            barge_ins: self.stats.barge_ins,
+        }));
         self.ended = Some(reason.clone());
         self.actions.push_back(Action::Ended(Box::new(Summary {
             call_sid: self.sid.clone(),
@@ -784,6 +892,55 @@ impl Call {
             ended_at: now,
             stats: self.stats.clone(),
         })));
+    }
+
+    // ---- the record ----
+
+    /// Milliseconds from the stream start (0 before it).
+    fn offset(&self, now: Millis) -> u64 {
+        self.stream
+            .as_ref()
+            .map(|s| now.saturating_sub(s.started_at).0)
+            .unwrap_or(0)
+    }
+
+    fn record_session(&mut self) {
+        if self.session_recorded {
+            return;
+        }
+        if let Some(id) = &self.session_id {
+            self.session_recorded = true;
+            self.actions.push_back(Action::Persist(Record::SessionId {
+                call_sid: self.sid.0.clone(),
+                session_id: id.clone(),
+            }));
+        }
+    }
+
+    fn write_entry(&mut self, entry: Option<Entry>) {
+        let Some(e) = entry else { return };
+        self.actions.push_back(Action::Persist(Record::Transcript {
+            call_sid: self.sid.0.clone(),
+            seq: e.seq,
+            role: e.role,
+            text: e.text,
+            offset_ms: e.offset_ms,
+            item_id: Some(e.item_id.0),
+            interrupted: e.interrupted,
+        }));
+    }
+
+    /// Appends one entry to the call's event log.
+    fn event(&mut self, now: Millis, kind: &str, detail: Value) {
+        let seq = self.event_seq;
+        self.event_seq += 1;
+        self.actions.push_back(Action::Persist(Record::Event {
+            call_sid: self.sid.0.clone(),
+            seq,
+            at_ms: now.0,
+            kind: kind.to_owned(),
+            detail,
+        }));
     }
 
     // ---- logging ----

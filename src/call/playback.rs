@@ -43,6 +43,8 @@ pub enum Echo {
 pub struct Cut {
     pub item: ItemId,
     pub audio_end_ms: u64,
+    /// How much audio the item had when it was cut.
+    pub received_ms: u64,
 }
 
 const MARK_PREFIX: &str = "m";
@@ -157,6 +159,7 @@ impl Playback {
                 cuts.push(Cut {
                     item: it.id.clone(),
                     audio_end_ms: bytes_to_ms(end),
+                    received_ms: bytes_to_ms(it.received),
                 });
                 self.cut.push_back(it.id);
                 if self.cut.len() > CUT_MEMORY {
@@ -221,7 +224,8 @@ mod tests {
             p.barge_in(),
             vec![Cut {
                 item: a.clone(),
-                audio_end_ms: 200
+                audio_end_ms: 200,
+                received_ms: 300
             }]
         );
         assert!(p.is_cut(&a));
@@ -273,7 +277,8 @@ mod tests {
             p.barge_in(),
             vec![Cut {
                 item: a,
-                audio_end_ms: 0
+                audio_end_ms: 0,
+                received_ms: 500
             }]
         );
     }

@@ -2,6 +2,7 @@
 //! what arrives when and what the machine must do.
 
 use super::*;
+use crate::store::Role;
 use base64::Engine;
 
 const SID: &str = "CA00000000000000000000000000000001";
@@ -57,6 +58,7 @@ struct Sim {
     call: Call,
     now: Millis,
     logs: Vec<String>,
+    records: Vec<Record>,
 }
 
 impl Sim {
@@ -65,6 +67,7 @@ impl Sim {
             call: Call::new(CallSid::new(SID), Agent::default(), Millis(0)),
             now: Millis(0),
             logs: vec![],
+            records: vec![],
         };
         let first = sim.drain();
         assert_eq!(
@@ -101,6 +104,7 @@ impl Sim {
                     assert_eq!(v["call_sid"], SID, "every log line names the call");
                     self.logs.push(line)
                 }
+                Action::Persist(r) => self.records.push(r),
                 other => out.push(other),
             }
         }
@@ -386,7 +390,7 @@ fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
     let (mut sim, _) = playing(10, 3);
     sim.at(650);
     let out = sim.openai(&speech_started());
-    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(out.len(), 3, "{out:?}");
     assert_eq!(
         json_of(&out[0]),
         json!({"event":"clear","streamSid":STREAM})
@@ -394,6 +398,16 @@ fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
     assert_eq!(
         json_of(&out[1]),
         json!({"type":"conversation.item.truncate","item_id":"item_a","content_index":0,"audio_end_ms":600})
+    );
+    // Then the item as the server now holds it, for the transcript of what was heard.
+    assert_eq!(
+        json_of(&out[2]),
+        json!({"type":"conversation.item.retrieve","item_id":"item_a"})
+    );
+    // Then the item as the server now holds it, for the transcript of what was heard.
+    assert_eq!(
+        json_of(&out[2]),
+        json!({"type":"conversation.item.retrieve","item_id":"item_a"})
     );
     assert_eq!(sim.call.stats().barge_ins, 1);
 }
@@ -702,4 +716,169 @@ fn logs_never_hold_audio() {
     for l in &sim.logs {
         assert!(!l.contains(&payload[..40]), "audio in log: {l}");
     }
+}
+
+// ---- the record ----
+
+fn transcript(records: &[Record]) -> Vec<(u64, Role, String, u64, bool)> {
+    // Later writes of the same seq replace earlier ones, as the upsert does.
+    let mut by_seq = std::collections::BTreeMap::new();
+    for r in records {
+        if let Record::Transcript {
+            seq,
+            role,
+            text,
+            offset_ms,
+            interrupted,
+            ..
+        } = r
+        {
+            by_seq.insert(*seq, (*seq, *role, text.clone(), *offset_ms, *interrupted));
+        }
+    }
+    by_seq.into_values().collect()
+}
+
+fn events(records: &[Record]) -> Vec<(u64, String, Value)> {
+    records
+        .iter()
+        .filter_map(|r| match r {
+            Record::Event {
+                seq, kind, detail, ..
+            } => Some((*seq, kind.clone(), detail.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() {
+    let mut sim = Sim::new();
+    sim.openai(r#"{"type":"session.created","session":{"id":"sess_9","type":"realtime"}}"#);
+    sim.openai_opened();
+    sim.at(100);
+    sim.twilio(&start());
+    sim.openai(&session_updated("audio/pcmu"));
+    // The greeting: an assistant item, 2 chunks of 200 ms, both heard.
+    sim.at(400);
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_g","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_g","delta":"お電話ありがとうございます。"}"#);
+    let m1 = sim.agent_chunk("item_g", &audio(1600, 1));
+    let m2 = sim.agent_chunk("item_g", &audio(1600, 2));
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_g","transcript":"お電話ありがとうございます。"}"#);
+    sim.at(600);
+    sim.twilio(&mark(&m1));
+    sim.at(800);
+    sim.twilio(&mark(&m2));
+    // The caller speaks; their item is committed; the reply starts before the
+    // transcription of what they said arrives.
+    sim.at(1500);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1350,"item_id":"item_u"}"#,
+    );
+    sim.at(2500);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.committed","item_id":"item_u","previous_item_id":"item_g"}"#,
+    );
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_r","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_r","delta":"ご予約ですね。お日にちはいつがよろしいでしょうか。"}"#);
+    sim.at(2600);
+    let r1 = sim.agent_chunk("item_r", &audio(1600, 3));
+    sim.agent_chunk("item_r", &audio(1600, 4));
+    sim.agent_chunk("item_r", &audio(1600, 5));
+    sim.agent_chunk("item_r", &audio(1600, 6));
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"予約をお願いしたいです"}"#);
+    sim.at(2800);
+    sim.twilio(&mark(&r1));
+    // The caller talks over the reply after 200 of its 800 ms.
+    sim.at(2900);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":2750,"item_id":"item_u2"}"#,
+    );
+    sim.openai(r#"{"type":"conversation.item.retrieved","item":{"id":"item_r","type":"message","role":"assistant","content":[{"type":"output_audio","transcript":"ご予約ですね。"}]}}"#);
+    sim.openai(r#"{"type":"response.done","response":{"id":"resp_2","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"},"usage":{"total_tokens":100,"input_tokens":60,"output_tokens":40}}}"#);
+    sim.at(9100);
+    sim.twilio(r#"{"event":"stop"}"#);
+
+    assert_eq!(
+        transcript(&sim.records),
+        vec![
+            (
+                0,
+                Role::Agent,
+                "お電話ありがとうございます。".into(),
+                300,
+                false
+            ),
+            (
+                1,
+                Role::Caller,
+                "予約をお願いしたいです".into(),
+                1350,
+                false
+            ),
+            (2, Role::Agent, "ご予約ですね。".into(), 2500, true),
+        ]
+    );
+    let ev = events(&sim.records);
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0].1, "barge_in");
+    assert_eq!(ev[0].2["item_id"], "item_r");
+    assert_eq!(ev[0].2["audio_end_ms"], 200);
+
+    assert!(sim.records.contains(&Record::SessionId {
+        call_sid: SID.into(),
+        session_id: "sess_9".into()
+    }));
+    assert!(sim.records.contains(&Record::CallConnected {
+        call_sid: SID.into(),
+        stream_sid: STREAM.into(),
+        at_ms: 100
+    }));
+    let Some(Record::CallEnded {
+        duration_ms,
+        end_reason,
+        failed,
+        total_tokens,
+        first_audio_ms,
+        barge_ins,
+        ..
+    }) = sim.records.last()
+    else {
+        panic!("{:?}", sim.records.last())
+    };
+    assert_eq!(*duration_ms, Some(9000));
+    assert_eq!(end_reason, "twilio_stop");
+    assert!(!failed);
+    assert_eq!(*total_tokens, 100);
+    assert_eq!(*first_audio_ms, Some(300));
+    assert_eq!(*barge_ins, 1);
+}
+
+#[test]
+fn failures_and_bad_input_leave_events() {
+    let mut sim = Sim::live();
+    sim.twilio("garbage");
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.failed","item_id":"item_u","content_index":0,"error":{"type":"transcription_error","code":"audio_unintelligible","message":"x"}}"#);
+    sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"invalid_value","message":"bad"}}"#);
+    sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server error",
+    });
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(
+        kinds,
+        ["transcription_failed", "openai_error", "dropped_input"]
+    );
+    let Some(Record::CallEnded {
+        failed, end_reason, ..
+    }) = sim.records.last()
+    else {
+        panic!()
+    };
+    assert!(failed);
+    assert_eq!(end_reason, "openai_closed");
+    let seqs: Vec<u64> = events(&sim.records).into_iter().map(|e| e.0).collect();
+    assert_eq!(seqs, [0, 1, 2], "event seqs are dense and ordered");
 }

@@ -2,28 +2,32 @@
 //! Twilio's Media Stream socket only for a call whose signed voice webhook came first,
 //! opens the OpenAI socket, and pumps both through the core's call machine.
 
+use super::outbox::Outbox;
 use super::socket::{self, Event, Frame, Listeners, Side};
 use super::{bridge_config, log};
 use crate::call::{Action, Call, Input, Level};
 use crate::config::Bridge;
 use crate::ids::Millis;
-use crate::webhook::{self, VoiceCall};
+use crate::store::Record as StoreRecord;
+use crate::webhook::{self, Registration};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 use worker::*;
 
 /// Internal URL the Worker uses to tell the object a verified call is coming.
 pub const REGISTER_URL: &str = "https://call-session/register";
+/// Internal URL for a verified Twilio status callback of this call.
+pub const STATUS_URL: &str = "https://call-session/status";
 const CALL_KEY: &str = "call";
 
 /// What the object keeps in its own storage about its call.
 #[derive(Serialize, Deserialize)]
 struct Record {
-    call: VoiceCall,
+    registration: Registration,
     /// Set once the stream has ended; the call cannot be streamed again.
     end_reason: Option<String>,
 }
@@ -34,6 +38,7 @@ pub struct CallSession {
     env: Env,
     /// True while a stream is being served: a second socket for a live call is refused.
     live: Rc<Cell<bool>>,
+    outbox: RefCell<Option<Outbox>>,
 }
 
 impl DurableObject for CallSession {
@@ -42,27 +47,53 @@ impl DurableObject for CallSession {
             state,
             env,
             live: Rc::new(Cell::new(false)),
+            outbox: RefCell::new(None),
         }
     }
 
     async fn fetch(&self, mut req: Request) -> Result<Response> {
-        if req.method() == Method::Post && req.path() == "/register" {
-            let call: VoiceCall = req.json().await?;
-            let storage = self.state.storage();
-            if storage.get::<Record>(CALL_KEY).await?.is_none() {
-                storage
-                    .put(
-                        CALL_KEY,
-                        Record {
-                            call,
-                            end_reason: None,
-                        },
-                    )
-                    .await?;
+        let post = req.method() == Method::Post;
+        match req.path().as_str() {
+            "/register" if post => {
+                let registration: Registration = req.json().await?;
+                let storage = self.state.storage();
+                // Twilio may retry the webhook: the first registration stands.
+                if storage.get::<Record>(CALL_KEY).await?.is_none() {
+                    self.outbox().push(&registration.record()).await;
+                    storage
+                        .put(
+                            CALL_KEY,
+                            Record {
+                                registration,
+                                end_reason: None,
+                            },
+                        )
+                        .await?;
+                }
+                Response::empty().map(|r| r.with_status(204))
             }
-            return Response::empty().map(|r| r.with_status(204));
+            "/status" if post => {
+                let record: StoreRecord = req.json().await?;
+                self.outbox().push(&record).await;
+                Response::empty().map(|r| r.with_status(204))
+            }
+            _ => self.accept_stream(req).await,
         }
-        self.accept_stream(req).await
+    }
+
+    async fn alarm(&self) -> Result<Response> {
+        if let Err(e) = self.outbox().flush().await {
+            log(
+                "warn",
+                "outbox.alarm_flush_failed",
+                serde_json::json!({ "error": e.to_string() }),
+            );
+            self.state
+                .storage()
+                .set_alarm(Duration::from_secs(5))
+                .await?;
+        }
+        Response::ok("")
     }
 }
 
@@ -71,6 +102,14 @@ fn now() -> Millis {
 }
 
 impl CallSession {
+    /// The object's outbox, started on first use (and so after a restart).
+    fn outbox(&self) -> Outbox {
+        self.outbox
+            .borrow_mut()
+            .get_or_insert_with(|| Outbox::new(self.state.storage(), self.env.clone()))
+            .clone()
+    }
+
     async fn accept_stream(&self, req: Request) -> Result<Response> {
         let Some(call_sid) = webhook::stream_call_sid(&req.path()) else {
             return Response::error("Not Found", 404);
@@ -87,7 +126,7 @@ impl CallSession {
         let Some(record) = storage.get::<Record>(CALL_KEY).await? else {
             return refuse(404, "no signed voice webhook for this call");
         };
-        if record.call.call_sid != call_sid {
+        if record.registration.call.call_sid != call_sid {
             return refuse(404, "no signed voice webhook for this call");
         }
         if record.end_reason.is_some() {
@@ -114,7 +153,7 @@ impl CallSession {
         // No await between accept and listen: see socket.rs.
         let twilio_listeners = socket::listen(&pair.server, Side::Twilio, tx.clone())?;
         self.live.set(true);
-        let call = Call::new(call_sid, config.agent.clone(), now());
+        let call = Call::new(call_sid, record.registration.agent.clone(), now());
         let pump = Pump {
             call,
             config,
@@ -124,6 +163,7 @@ impl CallSession {
             tx,
             storage,
             record,
+            outbox: self.outbox(),
         };
         let live = self.live.clone();
         wasm_bindgen_futures::spawn_local(async move {
@@ -144,6 +184,7 @@ struct Pump {
     tx: UnboundedSender<Event>,
     storage: Storage,
     record: Record,
+    outbox: Outbox,
 }
 
 impl Pump {
@@ -258,6 +299,7 @@ impl Pump {
                     Level::Warn => console_warn!("{}", line),
                     Level::Error => console_error!("{}", line),
                 },
+                Action::Persist(record) => self.outbox.push(&record).await,
                 Action::Ended(summary) => {
                     self.record.end_reason = Some(summary.reason.label().to_owned());
                     if let Err(e) = self.storage.put(CALL_KEY, &self.record).await {

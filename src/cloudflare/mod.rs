@@ -1,7 +1,10 @@
 //! The Cloudflare shell: HTTP routing in the Worker and one Durable Object per call.
 //! It moves bytes and maps results to responses; every protocol decision is the core's.
 
+mod admin;
 mod call_session;
+mod db;
+mod outbox;
 mod socket;
 
 use crate::config::Bridge;
@@ -61,9 +64,11 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     match (req.method(), path.as_str()) {
         (Method::Get, "/healthz") => Response::ok("ok"),
         (Method::Post, webhook::VOICE_PATH) => voice(req, env).await,
+        (Method::Post, webhook::STATUS_PATH) => status(req, env).await,
         (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
             media_stream(req, env).await
         }
+        (_, p) if p.starts_with("/api/admin/") => admin::handle(req, env).await,
         _ => Response::error("Not Found", 404),
     }
 }
@@ -101,21 +106,22 @@ async fn voice(mut req: Request, env: Env) -> Result<Response> {
     );
     if answer.streams {
         // Tell the call's Durable Object first, so the stream that follows is accepted.
-        let stub = env
-            .durable_object("CALLS")?
-            .id_from_name(answer.call.call_sid.as_str())?
-            .get_stub()?;
-        let mut init = RequestInit::new();
-        init.with_method(Method::Post)
-            .with_body(Some(serde_json::to_string(&answer.call)?.into()));
-        let resp = stub
-            .fetch_with_request(Request::new_with_init(call_session::REGISTER_URL, &init)?)
+        let registration = webhook::Registration {
+            agent: agent_for(&env, &config, &answer.call.to).await,
+            call: answer.call,
+            at_ms: Date::now().as_millis(),
+        };
+        let resp = call_object(&env, &registration.call.call_sid)?
+            .fetch_with_request(internal_post(
+                call_session::REGISTER_URL,
+                &serde_json::to_string(&registration)?,
+            )?)
             .await?;
         if resp.status_code() != 204 {
             log(
                 "error",
                 "call.register_failed",
-                serde_json::json!({ "call_sid": answer.call.call_sid, "status": resp.status_code() }),
+                serde_json::json!({ "call_sid": registration.call.call_sid, "status": resp.status_code() }),
             );
             return Response::error("Call registration failed", 500);
         }
@@ -123,6 +129,71 @@ async fn voice(mut req: Request, env: Env) -> Result<Response> {
     let headers = Headers::new();
     headers.set("Content-Type", "text/xml; charset=utf-8")?;
     Ok(Response::ok(answer.twiml)?.with_headers(headers))
+}
+
+fn call_object(env: &Env, call_sid: &crate::ids::CallSid) -> Result<Stub> {
+    env.durable_object("CALLS")?
+        .id_from_name(call_sid.as_str())?
+        .get_stub()
+}
+
+fn internal_post(url: &str, body: &str) -> Result<Request> {
+    let mut init = RequestInit::new();
+    init.with_method(Method::Post).with_body(Some(body.into()));
+    Request::new_with_init(url, &init)
+}
+
+/// The agent that answers calls to `number`: its assignment, else the default agent in
+/// D1. If D1 cannot answer, the call is still taken, by the agent from configuration.
+async fn agent_for(env: &Env, config: &Bridge, number: &str) -> crate::config::Agent {
+    let found = async {
+        let database = db::database(env)?;
+        let rows = db::query(&database, &crate::agents::select_for_number(number)).await?;
+        Ok::<_, Error>(rows.into_iter().next())
+    }
+    .await;
+    let why = match found {
+        Ok(Some(row)) => match crate::agents::from_row(&row) {
+            Ok(agent) => return agent,
+            Err(e) => format!("stored agent is invalid: {e}"),
+        },
+        Ok(None) => "no agent for the number and no default agent".to_owned(),
+        Err(e) => format!("D1 lookup failed: {e}"),
+    };
+    log(
+        "warn",
+        "agent.fallback_to_config",
+        serde_json::json!({ "number": number, "why": why }),
+    );
+    config.agent.clone()
+}
+
+/// Twilio's status callback, applied through the call's object so it is kept even when
+/// D1 is failing.
+async fn status(mut req: Request, env: Env) -> Result<Response> {
+    let config = match config_or_500(&env) {
+        Ok(c) => c,
+        Err(resp) => return resp,
+    };
+    let url = req.inner().url();
+    let signature = req.headers().get("X-Twilio-Signature")?;
+    let body = req.text().await?;
+    let now = Date::now().as_millis();
+    let record = match webhook::status_callback(&config, &url, signature.as_deref(), &body, now) {
+        Ok(r) => r,
+        Err(r) => return refuse(&r, "status"),
+    };
+    let call_sid = crate::ids::CallSid::new(record.call_sid());
+    let resp = call_object(&env, &call_sid)?
+        .fetch_with_request(internal_post(
+            call_session::STATUS_URL,
+            &serde_json::to_string(&record)?,
+        )?)
+        .await?;
+    if resp.status_code() != 204 {
+        return Response::error("Status not recorded", 500);
+    }
+    Response::empty().map(|r| r.with_status(204))
 }
 
 async fn media_stream(req: Request, env: Env) -> Result<Response> {
@@ -145,9 +216,5 @@ async fn media_stream(req: Request, env: Env) -> Result<Response> {
     if let Err(r) = webhook::verify_stream_upgrade(&config, &url, signature.as_deref(), &call_sid) {
         return refuse(&r, "media-stream");
     }
-    let stub = env
-        .durable_object("CALLS")?
-        .id_from_name(call_sid.as_str())?
-        .get_stub()?;
-    stub.fetch_with_request(req).await
+    call_object(&env, &call_sid)?.fetch_with_request(req).await
 }

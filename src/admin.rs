@@ -1,0 +1,1186 @@
+//! The admin JSON API under `/api/admin/`, minus the I/O: bearer-token check, routing,
+//! request parsing and validation, the statements each route runs, the shape of its
+//! answers, and one error type that maps to a status and a JSON body. The Cloudflare shell
+//! (`cloudflare::admin`) reads the request, runs the statements on D1 and writes the response.
+//!
+//! Every value from a request reaches SQL as a positional parameter, never as SQL text.
+
+use crate::agents::{self, Refusal};
+use crate::ids::CallSid;
+use crate::store::{iso_time, Statement};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Map, Value};
+use sha1::Sha1;
+
+pub const PREFIX: &str = "/api/admin/";
+
+/// Twilio's `CallStatus` values, as the `calls.status` column holds them.
+pub const CALL_STATUSES: [&str; 7] = [
+    "ringing",
+    "in-progress",
+    "completed",
+    "failed",
+    "busy",
+    "no-answer",
+    "canceled",
+];
+
+pub const DEFAULT_LIMIT: u32 = 20;
+pub const MAX_LIMIT: u32 = 100;
+/// Larger request bodies are refused (413) before they are parsed.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+
+/// The JSON content type of every answer.
+pub const CONTENT_TYPE: &str = "application/json; charset=utf-8";
+
+// ---- auth ----------------------------------------------------------------------------------------
+
+type HmacSha1 = Hmac<Sha1>;
+
+/// A fixed-length digest of a token, so that comparing two of them takes the same time
+/// whatever their lengths and contents.
+fn token_mac(token: &[u8]) -> HmacSha1 {
+    let mut mac =
+        HmacSha1::new_from_slice(b"phone-agent-bridge admin token").expect("any key length");
+    mac.update(token);
+    mac
+}
+
+/// True when `authorization_header` is `Bearer <admin_token>` (scheme case-insensitive).
+/// The comparison is constant-time; an empty configured token authorizes nothing.
+pub fn authorized(authorization_header: Option<&str>, admin_token: &str) -> bool {
+    if admin_token.is_empty() {
+        return false;
+    }
+    let Some((scheme, given)) = authorization_header
+        .map(str::trim)
+        .and_then(|h| h.split_once(' '))
+    else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return false;
+    }
+    let expected = token_mac(admin_token.as_bytes()).finalize().into_bytes();
+    token_mac(given.trim().as_bytes())
+        .verify_slice(&expected)
+        .is_ok()
+}
+
+// ---- errors --------------------------------------------------------------------------------------
+
+/// Why a request was refused; [`Error::status`] and [`Error::body`] are the response.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Error {
+    #[error("missing or wrong bearer token")]
+    Unauthorized,
+    #[error("request body is not valid JSON: {0}")]
+    InvalidJson(String),
+    /// A value that is missing, unknown, of the wrong type or out of range.
+    #[error("`{field}`: {message}")]
+    Invalid { field: String, message: String },
+    /// A malformed request that no single field is to blame for.
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed; allowed: {allow}")]
+    MethodNotAllowed { allow: &'static str },
+    #[error("{0}")]
+    Conflict(String),
+    #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
+    TooLarge,
+    /// Something failed on our side (D1); the details go to the log, not to the client.
+    #[error("internal error")]
+    Internal,
+}
+
+fn invalid(field: &str, message: impl Into<String>) -> Error {
+    Error::Invalid {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+impl Error {
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::Unauthorized => 401,
+            Error::InvalidJson(_) | Error::Invalid { .. } | Error::BadRequest(_) => 400,
+            Error::NotFound(_) => 404,
+            Error::MethodNotAllowed { .. } => 405,
+            Error::Conflict(_) => 409,
+            Error::TooLarge => 413,
+            Error::Internal => 500,
+        }
+    }
+
+    /// The `error` member of the body: a stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Unauthorized => "unauthorized",
+            Error::InvalidJson(_) => "invalid_json",
+            Error::Invalid { .. } | Error::BadRequest(_) => "invalid_request",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed { .. } => "method_not_allowed",
+            Error::Conflict(_) => "conflict",
+            Error::TooLarge => "payload_too_large",
+            Error::Internal => "internal",
+        }
+    }
+
+    /// `{"error": code, "message": ...}`, plus `"field"` for validation errors.
+    pub fn body(&self) -> Value {
+        let message = match self {
+            Error::Invalid { message, .. } => message.clone(),
+            other => other.to_string(),
+        };
+        let mut body = json!({ "error": self.code(), "message": message });
+        if let Error::Invalid { field, .. } = self {
+            body["field"] = json!(field);
+        }
+        body
+    }
+
+    /// Headers the status calls for.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Error::Unauthorized => vec![("WWW-Authenticate", "Bearer".into())],
+            Error::MethodNotAllowed { allow } => vec![("Allow", (*allow).into())],
+            _ => vec![],
+        }
+    }
+}
+
+impl From<Refusal> for Error {
+    fn from(r: Refusal) -> Self {
+        match r {
+            Refusal::Invalid { field, message } => Error::Invalid { field, message },
+            Refusal::Conflict(m) => Error::Conflict(m),
+        }
+    }
+}
+
+// ---- routing -------------------------------------------------------------------------------------
+
+/// One admin API operation, with its decoded path parameter.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Route {
+    ListCalls,
+    GetCall(CallSid),
+    ListAgents,
+    CreateAgent,
+    GetAgent(String),
+    /// PUT or PATCH: both are partial updates (see [`agents::parse_update`]).
+    UpdateAgent(String),
+    DeleteAgent(String),
+    ListNumbers,
+    GetNumber(String),
+    AssignNumber(String),
+    UnassignNumber(String),
+}
+
+/// Decodes `%XX` escapes of a path segment (`+` stays `+`); None for a bad escape or UTF-8.
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Maps a method and a raw (still percent-encoded) path to a [`Route`]. Unknown paths are
+/// 404, known paths with another method 405, a path number that is not E.164 400.
+pub fn route(method: &str, path: &str) -> Result<Route, Error> {
+    let not_found = || Error::NotFound(format!("no admin API route {path:?}"));
+    let rest = path.strip_prefix(PREFIX).ok_or_else(not_found)?;
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let segments = rest
+        .split('/')
+        .map(percent_decode)
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(not_found)?;
+    if segments.iter().any(String::is_empty) {
+        return Err(not_found());
+    }
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let m = method.to_ascii_uppercase();
+    let wrong = |allow: &'static str| Err(Error::MethodNotAllowed { allow });
+    match segs.as_slice() {
+        ["calls"] => match m.as_str() {
+            "GET" => Ok(Route::ListCalls),
+            _ => wrong("GET"),
+        },
+        ["calls", sid] => match m.as_str() {
+            "GET" => CallSid::parse(sid)
+                .map(Route::GetCall)
+                .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
+            _ => wrong("GET"),
+        },
+        ["agents"] => match m.as_str() {
+            "GET" => Ok(Route::ListAgents),
+            "POST" => Ok(Route::CreateAgent),
+            _ => wrong("GET, POST"),
+        },
+        ["agents", id] => {
+            let id = if agents::is_valid_id(id) {
+                Ok((*id).to_owned())
+            } else {
+                Err(Error::NotFound(format!("no agent {id:?}")))
+            };
+            match m.as_str() {
+                "GET" => id.map(Route::GetAgent),
+                "PUT" | "PATCH" => id.map(Route::UpdateAgent),
+                "DELETE" => id.map(Route::DeleteAgent),
+                _ => wrong("GET, PUT, PATCH, DELETE"),
+            }
+        }
+        ["numbers"] => match m.as_str() {
+            "GET" => Ok(Route::ListNumbers),
+            _ => wrong("GET"),
+        },
+        ["numbers", n] => {
+            let route = match m.as_str() {
+                "GET" => Route::GetNumber,
+                "PUT" => Route::AssignNumber,
+                "DELETE" => Route::UnassignNumber,
+                _ => return wrong("GET, PUT, DELETE"),
+            };
+            agents::check_number(n)?;
+            Ok(route((*n).to_owned()))
+        }
+        _ => Err(not_found()),
+    }
+}
+
+/// A request body that must be a JSON object.
+pub fn parse_body(text: &str) -> Result<Map<String, Value>, Error> {
+    if text.len() > MAX_BODY_BYTES {
+        return Err(Error::TooLarge);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::BadRequest("the body must be a JSON object".into())),
+        Err(e) => Err(Error::InvalidJson(e.to_string())),
+    }
+}
+
+// ---- calls: list with keyset pagination ----------------------------------------------------------
+
+/// Where the next page starts: the last call of this page, in (started_at, call_sid) order.
+/// Opaque to clients and signed (HMAC-SHA1 with the admin token), so an edited cursor is
+/// refused rather than silently paging from somewhere else.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cursor {
+    pub started_at: String,
+    pub call_sid: String,
+}
+
+const CURSOR_TAG_LEN: usize = 12;
+
+fn cursor_mac(key: &str, payload: &str) -> HmacSha1 {
+    let mut mac = HmacSha1::new_from_slice(key.as_bytes()).expect("any key length");
+    mac.update(b"calls-cursor-v1\n");
+    mac.update(payload.as_bytes());
+    mac
+}
+
+impl Cursor {
+    pub fn encode(&self, key: &str) -> String {
+        let payload = format!("{}\n{}", self.started_at, self.call_sid);
+        let tag = cursor_mac(key, &payload).finalize().into_bytes();
+        format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(payload),
+            URL_SAFE_NO_PAD.encode(&tag[..CURSOR_TAG_LEN])
+        )
+    }
+
+    pub fn decode(s: &str, key: &str) -> Result<Cursor, Error> {
+        let bad = || invalid("cursor", "is not a cursor this API returned");
+        let (payload, tag) = s.split_once('.').ok_or_else(bad)?;
+        let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| bad())?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| bad())?;
+        let payload = String::from_utf8(payload).map_err(|_| bad())?;
+        if tag.len() != CURSOR_TAG_LEN {
+            return Err(bad());
+        }
+        cursor_mac(key, &payload)
+            .verify_truncated_left(&tag)
+            .map_err(|_| bad())?;
+        let (started_at, call_sid) = payload.split_once('\n').ok_or_else(bad)?;
+        Ok(Cursor {
+            started_at: started_at.to_owned(),
+            call_sid: call_sid.to_owned(),
+        })
+    }
+}
+
+/// `GET /api/admin/calls` query: every filter optional, combined with AND.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CallsQuery {
+    pub status: Option<String>,
+    /// Matches `from_number` or `to_number`.
+    pub number: Option<String>,
+    /// `started_at >= from` (ISO UTC, as stored).
+    pub from: Option<String>,
+    /// `started_at < before`: the end of `to` (a date covers that whole UTC day; a time is
+    /// inclusive to the millisecond).
+    pub before: Option<String>,
+    pub limit: u32,
+    pub after: Option<Cursor>,
+}
+
+const MS_PER_DAY: i64 = 86_400_000;
+
+/// Days from 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let mp = (i64::from(m) + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+fn days_in_month(y: i64, m: u32) -> u32 {
+    match m {
+        2 if (y % 4 == 0 && y % 100 != 0) || y % 400 == 0 => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+fn digits(s: &str, range: std::ops::Range<usize>) -> Option<u32> {
+    let part = s.get(range)?;
+    if part.bytes().all(|b| b.is_ascii_digit()) {
+        part.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// An ISO 8601 date (`2026-11-22`) or date-time (`2026-11-22T10:00`, `…:30`, `…:30.5`, with
+/// `Z`, `±HH:MM`, or nothing for UTC) as milliseconds since the epoch, and whether it was a
+/// bare date.
+fn parse_instant(s: &str) -> Option<(i64, bool)> {
+    let b = s.as_bytes();
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return None;
+    }
+    let (y, m, d) = (
+        i64::from(digits(s, 0..4)?),
+        digits(s, 5..7)?,
+        digits(s, 8..10)?,
+    );
+    if !(1..=12).contains(&m) || d == 0 || d > days_in_month(y, m) {
+        return None;
+    }
+    let day_ms = days_from_civil(y, m, d) * MS_PER_DAY;
+    if b.len() == 10 {
+        return Some((day_ms, true));
+    }
+    if !matches!(b[10], b'T' | b't') || b.len() < 16 || b[13] != b':' {
+        return None;
+    }
+    let (h, mi) = (digits(s, 11..13)?, digits(s, 14..16)?);
+    let mut i = 16;
+    let mut sec = 0;
+    let mut ms = 0;
+    if b.get(i) == Some(&b':') {
+        sec = digits(s, i + 1..i + 3)?;
+        i += 3;
+        if b.get(i) == Some(&b'.') {
+            let start = i + 1;
+            let mut end = start;
+            while end < b.len() && b[end].is_ascii_digit() {
+                end += 1;
+            }
+            if end == start || end - start > 9 {
+                return None;
+            }
+            // Milliseconds: the first three digits, padded.
+            let frac = &s[start..end];
+            ms = format!("{:0<3}", &frac[..frac.len().min(3)]).parse().ok()?;
+            i = end;
+        }
+    }
+    if h > 23 || mi > 59 || sec > 59 {
+        return None;
+    }
+    let offset_min: i64 = match &s[i..] {
+        "" | "Z" | "z" => 0,
+        tz => {
+            let tb = tz.as_bytes();
+            if tb.len() != 6 || tb[3] != b':' {
+                return None;
+            }
+            let (oh, om) = (digits(tz, 1..3)?, digits(tz, 4..6)?);
+            if oh > 23 || om > 59 {
+                return None;
+            }
+            let total = i64::from(oh * 60 + om);
+            match tb[0] {
+                b'+' => total,
+                b'-' => -total,
+                _ => return None,
+            }
+        }
+    };
+    let t = day_ms
+        + i64::from(h) * 3_600_000
+        + i64::from(mi) * 60_000
+        + i64::from(sec) * 1000
+        + i64::from(ms)
+        - offset_min * 60_000;
+    Some((t, false))
+}
+
+/// Epoch ms of the latest time `started_at` may have, as the stored ISO text.
+fn bound(field: &str, raw: &str) -> Result<(i64, bool), Error> {
+    // form decoding turns a literal `+` (as in `+09:00`) into a space.
+    let s = raw.replace(' ', "+");
+    let parsed = parse_instant(&s).ok_or_else(|| {
+        invalid(
+            field,
+            format!(
+                "{raw:?} is not an ISO 8601 date or date-time such as 2026-11-22 or \
+                 2026-11-22T10:00:00+09:00"
+            ),
+        )
+    })?;
+    // Stored times are 1970..9999 (iso_time's range, fixed-width text).
+    if !(0..253_402_300_800_000).contains(&parsed.0) {
+        return Err(invalid(field, "must be between 1970 and 9999"));
+    }
+    Ok(parsed)
+}
+
+impl CallsQuery {
+    /// Parses the raw query string (without `?`). Unknown or repeated parameters are refused;
+    /// an empty value counts as not given. `cursor_key` checks the cursor's signature.
+    pub fn parse(query: &str, cursor_key: &str) -> Result<CallsQuery, Error> {
+        let mut seen = std::collections::HashSet::new();
+        let mut q = CallsQuery {
+            status: None,
+            number: None,
+            from: None,
+            before: None,
+            limit: DEFAULT_LIMIT,
+            after: None,
+        };
+        let mut from_ms = None;
+        let mut before_ms = None;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let key = key.into_owned();
+            if !seen.insert(key.clone()) {
+                return Err(invalid(&key, "given more than once"));
+            }
+            if value.is_empty() {
+                if ["status", "number", "from", "to", "limit", "cursor"].contains(&key.as_str()) {
+                    continue;
+                }
+                return Err(invalid(&key, "unknown query parameter"));
+            }
+            match key.as_str() {
+                "status" => {
+                    if !CALL_STATUSES.contains(&value.as_ref()) {
+                        return Err(invalid(
+                            "status",
+                            format!("{value:?} is not one of {}", CALL_STATUSES.join(", ")),
+                        ));
+                    }
+                    q.status = Some(value.into_owned());
+                }
+                "number" => {
+                    // `?number=+8131…` arrives form-decoded as " 8131…".
+                    let n = match value.strip_prefix(' ') {
+                        Some(rest) => format!("+{rest}"),
+                        None => value.into_owned(),
+                    };
+                    if n.len() > 64 {
+                        return Err(invalid("number", "too long"));
+                    }
+                    q.number = Some(n);
+                }
+                "from" => {
+                    let (t, _) = bound("from", &value)?;
+                    from_ms = Some(t);
+                    q.from = Some(iso_time(t as u64));
+                }
+                "to" => {
+                    let (t, date_only) = bound("to", &value)?;
+                    let end = if date_only { t + MS_PER_DAY } else { t + 1 };
+                    before_ms = Some(end);
+                    q.before = Some(iso_time(end as u64));
+                }
+                "limit" => {
+                    q.limit = value
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|n| (1..=MAX_LIMIT).contains(n))
+                        .ok_or_else(|| {
+                            invalid("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
+                        })?;
+                }
+                "cursor" => q.after = Some(Cursor::decode(&value, cursor_key)?),
+                _ => return Err(invalid(&key, "unknown query parameter")),
+            }
+        }
+        if let (Some(f), Some(b)) = (from_ms, before_ms) {
+            if b <= f {
+                return Err(invalid("to", "must not be before from"));
+            }
+        }
+        Ok(q)
+    }
+
+    /// The page's rows, newest first; one more than `limit` to learn whether a next page
+    /// exists (see [`CallsQuery::page`]).
+    pub fn statement(&self) -> Statement {
+        let mut params: Vec<Value> = Vec::new();
+        let mut param = |v: &str| {
+            params.push(json!(v));
+            params.len()
+        };
+        let mut conds = Vec::new();
+        if let Some(s) = &self.status {
+            conds.push(format!("status = ?{}", param(s)));
+        }
+        if let Some(n) = &self.number {
+            let i = param(n);
+            conds.push(format!("(from_number = ?{i} OR to_number = ?{i})"));
+        }
+        if let Some(f) = &self.from {
+            conds.push(format!("started_at >= ?{}", param(f)));
+        }
+        if let Some(b) = &self.before {
+            conds.push(format!("started_at < ?{}", param(b)));
+        }
+        if let Some(c) = &self.after {
+            let t = param(&c.started_at);
+            let s = param(&c.call_sid);
+            conds.push(format!(
+                "(started_at < ?{t} OR (started_at = ?{t} AND call_sid < ?{s}))"
+            ));
+        }
+        let mut sql = String::from("SELECT * FROM calls");
+        if !conds.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conds.join(" AND "));
+        }
+        params.push(json!(self.limit + 1));
+        sql.push_str(&format!(
+            " ORDER BY started_at DESC, call_sid DESC LIMIT ?{}",
+            params.len()
+        ));
+        Statement::new(sql, params)
+    }
+
+    /// `{"calls": [...], "next_cursor": "..." | null}` from the rows [`CallsQuery::statement`]
+    /// returned.
+    pub fn page(&self, mut rows: Vec<Value>, cursor_key: &str) -> Value {
+        let more = rows.len() > self.limit as usize;
+        rows.truncate(self.limit as usize);
+        let next = more
+            .then(|| rows.last())
+            .flatten()
+            .and_then(|last| {
+                Some(Cursor {
+                    started_at: last.get("started_at")?.as_str()?.to_owned(),
+                    call_sid: last.get("call_sid")?.as_str()?.to_owned(),
+                })
+            })
+            .map(|c| c.encode(cursor_key));
+        json!({ "calls": rows, "next_cursor": next })
+    }
+}
+
+// ---- one call ------------------------------------------------------------------------------------
+
+/// The call row (zero or one).
+pub fn select_call(call_sid: &CallSid) -> Statement {
+    Statement::new(
+        "SELECT * FROM calls WHERE call_sid = ?1",
+        vec![json!(call_sid.as_str())],
+    )
+}
+
+/// The call's transcript in conversation order.
+pub fn select_transcript(call_sid: &CallSid) -> Statement {
+    Statement::new(
+        "SELECT seq, role, text, offset_ms, item_id, interrupted FROM transcript_entries \
+         WHERE call_sid = ?1 ORDER BY seq",
+        vec![json!(call_sid.as_str())],
+    )
+}
+
+/// The call's events in order.
+pub fn select_events(call_sid: &CallSid) -> Statement {
+    Statement::new(
+        "SELECT seq, at, type, detail FROM call_events WHERE call_sid = ?1 ORDER BY seq",
+        vec![json!(call_sid.as_str())],
+    )
+}
+
+/// `{"call": {...}, "transcript": [...], "events": [...]}`: `interrupted` as a boolean and
+/// each event's `detail` as JSON (as text when it is not JSON).
+pub fn call_detail(call: Value, mut transcript: Vec<Value>, mut events: Vec<Value>) -> Value {
+    for entry in &mut transcript {
+        if let Some(v) = entry.get_mut("interrupted") {
+            let flag = match &*v {
+                Value::Bool(b) => *b,
+                other => other.as_f64().is_some_and(|n| n != 0.0),
+            };
+            *v = Value::Bool(flag);
+        }
+    }
+    for event in &mut events {
+        if let Some(v) = event.get_mut("detail") {
+            if let Some(parsed) = v.as_str().and_then(|s| serde_json::from_str(s).ok()) {
+                *v = parsed;
+            }
+        }
+    }
+    json!({ "call": call, "transcript": transcript, "events": events })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::testdb;
+
+    const KEY: &str = "admin-token";
+
+    fn field(e: Error) -> String {
+        match e {
+            Error::Invalid { field, .. } => field,
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    fn q(query: &str) -> Result<CallsQuery, Error> {
+        CallsQuery::parse(query, KEY)
+    }
+
+    #[test]
+    fn bearer_token_check() {
+        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(authorized(Some("bearer s3cret"), "s3cret"));
+        assert!(authorized(Some("  Bearer   s3cret "), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cret2"), "s3cret"));
+        assert!(!authorized(Some("Bearer S3CRET"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+        assert!(!authorized(Some(""), "s3cret"));
+        assert!(!authorized(Some("Bearer"), "s3cret"));
+        assert!(!authorized(Some("s3cret"), "s3cret"));
+        assert!(!authorized(Some("Basic s3cret"), "s3cret"));
+        assert!(!authorized(Some("Token s3cret"), "s3cret"));
+        // Nothing is authorized when no token is configured, not even an empty bearer.
+        assert!(!authorized(Some("Bearer "), ""));
+        assert!(!authorized(Some("Bearer x"), ""));
+        assert!(!authorized(None, ""));
+    }
+
+    #[test]
+    fn errors_map_to_status_and_body() {
+        let e = invalid("voice", "unknown voice");
+        assert_eq!(e.status(), 400);
+        assert_eq!(
+            e.body(),
+            json!({"error": "invalid_request", "field": "voice", "message": "unknown voice"})
+        );
+        let e = parse_body("{nope").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.body()["error"], "invalid_json");
+        assert!(e.body().get("field").is_none());
+        assert_eq!(parse_body("[1]").unwrap_err().status(), 400);
+        assert_eq!(
+            parse_body(&" ".repeat(MAX_BODY_BYTES + 1))
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(parse_body(r#"{"a":1}"#).unwrap()["a"], 1);
+        assert_eq!(
+            Error::Unauthorized.headers(),
+            vec![("WWW-Authenticate", "Bearer".to_string())]
+        );
+        assert_eq!(Error::Unauthorized.status(), 401);
+        assert_eq!(Error::Internal.body()["message"], "internal error");
+        assert_eq!(Error::Conflict("x".into()).status(), 409);
+        let r: Error = Refusal::Conflict("busy".into()).into();
+        assert_eq!(r.body(), json!({"error": "conflict", "message": "busy"}));
+    }
+
+    #[test]
+    fn routes() {
+        use Route::*;
+        let r = |m: &str, p: &str| route(m, p);
+        assert_eq!(r("GET", "/api/admin/calls"), Ok(ListCalls));
+        assert_eq!(r("GET", "/api/admin/calls/"), Ok(ListCalls));
+        assert_eq!(
+            r("GET", "/api/admin/calls/CA123"),
+            Ok(GetCall(CallSid::new("CA123")))
+        );
+        assert_eq!(r("GET", "/api/admin/agents"), Ok(ListAgents));
+        assert_eq!(r("POST", "/api/admin/agents"), Ok(CreateAgent));
+        assert_eq!(
+            r("GET", "/api/admin/agents/a_1"),
+            Ok(GetAgent("a_1".into()))
+        );
+        assert_eq!(
+            r("PUT", "/api/admin/agents/a_1"),
+            Ok(UpdateAgent("a_1".into()))
+        );
+        assert_eq!(
+            r("PATCH", "/api/admin/agents/a_1"),
+            Ok(UpdateAgent("a_1".into()))
+        );
+        assert_eq!(
+            r("DELETE", "/api/admin/agents/a_1"),
+            Ok(DeleteAgent("a_1".into()))
+        );
+        assert_eq!(r("GET", "/api/admin/numbers"), Ok(ListNumbers));
+        let n = || "+81312345678".to_string();
+        assert_eq!(
+            r("PUT", "/api/admin/numbers/%2B81312345678"),
+            Ok(AssignNumber(n()))
+        );
+        assert_eq!(
+            r("PUT", "/api/admin/numbers/%2b81312345678"),
+            Ok(AssignNumber(n()))
+        );
+        assert_eq!(
+            r("PUT", "/api/admin/numbers/+81312345678"),
+            Ok(AssignNumber(n()))
+        );
+        assert_eq!(
+            r("DELETE", "/api/admin/numbers/%2B81312345678"),
+            Ok(UnassignNumber(n()))
+        );
+        assert_eq!(
+            r("GET", "/api/admin/numbers/%2B81312345678"),
+            Ok(GetNumber(n()))
+        );
+
+        assert_eq!(
+            field(r("PUT", "/api/admin/numbers/81312345678").unwrap_err()),
+            "number"
+        );
+        assert_eq!(
+            field(r("PUT", "/api/admin/numbers/%2081312345678").unwrap_err()),
+            "number"
+        );
+        let status = |m: &str, p: &str| r(m, p).unwrap_err().status();
+        assert_eq!(status("POST", "/api/admin/calls"), 405);
+        assert_eq!(status("DELETE", "/api/admin/calls/CA1"), 405);
+        assert_eq!(status("DELETE", "/api/admin/agents"), 405);
+        assert_eq!(status("POST", "/api/admin/agents/a"), 405);
+        assert_eq!(status("POST", "/api/admin/numbers"), 405);
+        assert_eq!(status("POST", "/api/admin/numbers/%2B81312345678"), 405);
+        assert_eq!(
+            r("POST", "/api/admin/numbers/x").unwrap_err().headers(),
+            vec![("Allow", "GET, PUT, DELETE".to_string())]
+        );
+        assert_eq!(status("GET", "/api/admin/"), 404);
+        assert_eq!(status("GET", "/api/admin/nope"), 404);
+        assert_eq!(status("GET", "/api/admin/agents/a/b"), 404);
+        assert_eq!(status("GET", "/api/admin/agents//"), 404);
+        assert_eq!(status("GET", "/api/admin/agents/a%2Fb"), 404);
+        assert_eq!(status("GET", "/api/admin/agents/%ZZ"), 404);
+        assert_eq!(status("GET", "/api/admin/calls/CA-1"), 404);
+        assert_eq!(status("GET", "/api/other"), 404);
+    }
+
+    #[test]
+    fn cursor_round_trip_and_tamper_rejection() {
+        let c = Cursor {
+            started_at: "2026-11-22T01:32:02.123Z".into(),
+            call_sid: "CA0123456789abcdef".into(),
+        };
+        let s = c.encode(KEY);
+        assert!(s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+        assert_eq!(Cursor::decode(&s, KEY), Ok(c.clone()));
+        // Another key (a rotated admin token) does not accept it.
+        assert_eq!(field(Cursor::decode(&s, "other").unwrap_err()), "cursor");
+        // Any changed character is refused.
+        for i in 0..s.len() {
+            let mut b = s.clone().into_bytes();
+            b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+            let t = String::from_utf8(b).unwrap();
+            assert!(Cursor::decode(&t, KEY).is_err(), "{t}");
+        }
+        // A forged payload with a copied tag too.
+        let (_, tag) = s.split_once('.').unwrap();
+        let forged = format!(
+            "{}.{tag}",
+            URL_SAFE_NO_PAD.encode("2099-01-01T00:00:00.000Z\nCA0123456789abcdef")
+        );
+        assert!(Cursor::decode(&forged, KEY).is_err());
+        for junk in ["", ".", "abc", "abc.def", "%%%.%%%"] {
+            assert!(Cursor::decode(junk, KEY).is_err(), "{junk}");
+        }
+        assert_eq!(field(q("cursor=abc").unwrap_err()), "cursor");
+        assert_eq!(q(&format!("cursor={s}")).unwrap().after, Some(c));
+    }
+
+    #[test]
+    fn query_validation_names_the_field() {
+        assert_eq!(field(q("status=done").unwrap_err()), "status");
+        assert_eq!(field(q("status=Completed").unwrap_err()), "status");
+        assert_eq!(field(q("limit=0").unwrap_err()), "limit");
+        assert_eq!(field(q("limit=101").unwrap_err()), "limit");
+        assert_eq!(field(q("limit=ten").unwrap_err()), "limit");
+        assert_eq!(field(q("from=yesterday").unwrap_err()), "from");
+        assert_eq!(field(q("from=2026-02-30").unwrap_err()), "from");
+        assert_eq!(field(q("to=2026-11-22T24:00").unwrap_err()), "to");
+        assert_eq!(field(q("to=2026-11-22T10:00:00+0900").unwrap_err()), "to");
+        assert_eq!(field(q("from=1969-12-31").unwrap_err()), "from");
+        assert_eq!(field(q("from=2026-11-23&to=2026-11-22").unwrap_err()), "to");
+        assert_eq!(field(q("sort=asc").unwrap_err()), "sort");
+        assert_eq!(field(q("status=busy&status=failed").unwrap_err()), "status");
+        let d = q("").unwrap();
+        assert_eq!(d.limit, DEFAULT_LIMIT);
+        assert_eq!(d, q("status=&number=&from=&to=&limit=&cursor=").unwrap());
+        for s in CALL_STATUSES {
+            assert_eq!(
+                q(&format!("status={s}")).unwrap().status.as_deref(),
+                Some(s)
+            );
+        }
+    }
+
+    #[test]
+    fn dates_become_stored_iso_bounds() {
+        let b = |query: &str| {
+            let x = q(query).unwrap();
+            (x.from, x.before)
+        };
+        assert_eq!(
+            b("from=2026-11-22&to=2026-11-22"),
+            (
+                Some("2026-11-22T00:00:00.000Z".into()),
+                Some("2026-11-23T00:00:00.000Z".into())
+            )
+        );
+        // Offsets convert to UTC; a literal `+` arrives as a space and still works.
+        assert_eq!(
+            b("from=2026-11-22T10:00:00%2B09:00&to=2026-11-22T10:00:00+09:00"),
+            (
+                Some("2026-11-22T01:00:00.000Z".into()),
+                Some("2026-11-22T01:00:00.001Z".into())
+            )
+        );
+        assert_eq!(
+            b("from=2026-03-01T00:30-01:00").0,
+            Some("2026-03-01T01:30:00.000Z".into())
+        );
+        // Digits past the millisecond are dropped; `to` is inclusive to the millisecond.
+        assert_eq!(
+            b("to=2024-02-29T23:59:59.9999Z").1,
+            Some("2024-03-01T00:00:00.000Z".into())
+        );
+        assert_eq!(
+            b("from=2026-11-22T10:00").0,
+            Some("2026-11-22T10:00:00.000Z".into())
+        );
+        assert_eq!(
+            b("from=2026-11-22t10:00:05.5z").0,
+            Some("2026-11-22T10:00:05.500Z".into())
+        );
+    }
+
+    #[test]
+    fn list_sql_and_params_for_each_filter() {
+        let key_c = Cursor {
+            started_at: "2026-11-22T01:00:00.000Z".into(),
+            call_sid: "CA9".into(),
+        }
+        .encode(KEY);
+        let st = q("").unwrap().statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls ORDER BY started_at DESC, call_sid DESC LIMIT ?1"
+        );
+        assert_eq!(st.params, vec![json!(21)]);
+        let st = q("status=completed&limit=5").unwrap().statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls WHERE status = ?1 ORDER BY started_at DESC, call_sid DESC LIMIT ?2"
+        );
+        assert_eq!(st.params, vec![json!("completed"), json!(6)]);
+        let st = q("number=+81312345678").unwrap().statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls WHERE (from_number = ?1 OR to_number = ?1) \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?2"
+        );
+        assert_eq!(st.params, vec![json!("+81312345678"), json!(21)]);
+        let st = q("from=2026-11-22&to=2026-11-22").unwrap().statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls WHERE started_at >= ?1 AND started_at < ?2 \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?3"
+        );
+        assert_eq!(
+            st.params,
+            vec![
+                json!("2026-11-22T00:00:00.000Z"),
+                json!("2026-11-23T00:00:00.000Z"),
+                json!(21)
+            ]
+        );
+        let st = q(&format!("cursor={key_c}")).unwrap().statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls WHERE (started_at < ?1 OR (started_at = ?1 AND call_sid < ?2)) \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?3"
+        );
+        assert_eq!(
+            st.params,
+            vec![json!("2026-11-22T01:00:00.000Z"), json!("CA9"), json!(21)]
+        );
+        let st = q(&format!(
+            "status=busy&number=%2B15551230001&from=2026-11-01&to=2026-11-30&limit=2&cursor={key_c}"
+        ))
+        .unwrap()
+        .statement();
+        assert_eq!(
+            st.sql,
+            "SELECT * FROM calls WHERE status = ?1 AND (from_number = ?2 OR to_number = ?2) \
+             AND started_at >= ?3 AND started_at < ?4 \
+             AND (started_at < ?5 OR (started_at = ?5 AND call_sid < ?6)) \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?7"
+        );
+        assert_eq!(
+            st.params,
+            vec![
+                json!("busy"),
+                json!("+15551230001"),
+                json!("2026-11-01T00:00:00.000Z"),
+                json!("2026-12-01T00:00:00.000Z"),
+                json!("2026-11-22T01:00:00.000Z"),
+                json!("CA9"),
+                json!(3)
+            ]
+        );
+        // Input never becomes SQL text.
+        let st = q("number=x'%20OR%201=1;--").unwrap().statement();
+        assert!(!st.sql.contains("OR 1=1"), "{}", st.sql);
+    }
+
+    fn insert_call(
+        db: &rusqlite::Connection,
+        sid: &str,
+        started: &str,
+        status: &str,
+        from: &str,
+        to: &str,
+    ) {
+        testdb::execute(
+            db,
+            &Statement::new(
+                "INSERT INTO calls (call_sid, from_number, to_number, status, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                vec![
+                    json!(sid),
+                    json!(from),
+                    json!(to),
+                    json!(status),
+                    json!(started),
+                ],
+            ),
+        )
+        .unwrap();
+    }
+
+    fn sids(page: &Value) -> Vec<String> {
+        page["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["call_sid"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Every page of `query`, following next_cursor.
+    fn all_pages(db: &rusqlite::Connection, query: &str) -> Vec<Vec<String>> {
+        let mut pages = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let full = match &cursor {
+                Some(c) => format!("{query}&cursor={c}"),
+                None => query.to_owned(),
+            };
+            let parsed = q(&full).unwrap();
+            let page = parsed.page(testdb::query(db, &parsed.statement()), KEY);
+            pages.push(sids(&page));
+            match page["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => break,
+            }
+            assert!(pages.len() < 20, "runaway pagination");
+        }
+        pages
+    }
+
+    #[test]
+    fn list_runs_on_the_real_schema_with_filters_and_keyset_pages() {
+        let db = testdb::open();
+        // Two calls share a start time: the call_sid breaks the tie.
+        insert_call(
+            &db,
+            "CA1",
+            "2026-11-20T09:00:00.000Z",
+            "completed",
+            "+15550000001",
+            "+81312345678",
+        );
+        insert_call(
+            &db,
+            "CA2",
+            "2026-11-21T09:00:00.000Z",
+            "busy",
+            "+15550000002",
+            "+81312345678",
+        );
+        insert_call(
+            &db,
+            "CA3",
+            "2026-11-22T09:00:00.000Z",
+            "completed",
+            "+81312345678",
+            "+15550000003",
+        );
+        insert_call(
+            &db,
+            "CA4",
+            "2026-11-22T09:00:00.000Z",
+            "in-progress",
+            "+15550000004",
+            "+81399999999",
+        );
+        insert_call(
+            &db,
+            "CA5",
+            "2026-11-23T00:00:00.000Z",
+            "ringing",
+            "+15550000005",
+            "+81312345678",
+        );
+
+        assert_eq!(
+            all_pages(&db, "limit=100"),
+            vec![vec!["CA5", "CA4", "CA3", "CA2", "CA1"]]
+        );
+        assert_eq!(
+            all_pages(&db, "limit=2"),
+            vec![vec!["CA5", "CA4"], vec!["CA3", "CA2"], vec!["CA1"]]
+        );
+        assert_eq!(
+            all_pages(&db, "limit=1").concat(),
+            vec!["CA5", "CA4", "CA3", "CA2", "CA1"]
+        );
+        // Exactly `limit` rows left: no cursor to an empty page.
+        assert_eq!(
+            all_pages(&db, "limit=5"),
+            vec![vec!["CA5", "CA4", "CA3", "CA2", "CA1"]]
+        );
+        assert_eq!(all_pages(&db, "status=completed"), vec![vec!["CA3", "CA1"]]);
+        assert_eq!(
+            all_pages(&db, "number=%2B81312345678&limit=2"),
+            vec![vec!["CA5", "CA3"], vec!["CA2", "CA1"]]
+        );
+        assert_eq!(
+            all_pages(&db, "from=2026-11-21&to=2026-11-22"),
+            vec![vec!["CA4", "CA3", "CA2"]]
+        );
+        assert_eq!(
+            all_pages(&db, "to=2026-11-22T09:00:00Z"),
+            vec![vec!["CA4", "CA3", "CA2", "CA1"]]
+        );
+        assert_eq!(
+            all_pages(&db, "from=2026-11-22T18:00:00%2B09:00"),
+            vec![vec!["CA5", "CA4", "CA3"]]
+        );
+        assert_eq!(
+            all_pages(
+                &db,
+                "status=completed&number=%2B81312345678&from=2026-11-21"
+            ),
+            vec![vec!["CA3"]]
+        );
+        assert_eq!(all_pages(&db, "status=failed"), vec![Vec::<String>::new()]);
+    }
+
+    #[test]
+    fn call_detail_orders_and_shapes_rows() {
+        let db = testdb::open();
+        insert_call(
+            &db,
+            "CA1",
+            "2026-11-20T09:00:00.000Z",
+            "completed",
+            "+1555",
+            "+8131",
+        );
+        let run = |sql: &str, params: Vec<Value>| {
+            testdb::execute(&db, &Statement::new(sql, params)).unwrap();
+        };
+        // Inserted out of order: the answer is by seq.
+        for (seq, role, text, interrupted) in [(2, "caller", "はい", 0), (1, "agent", "お電話", 1)]
+        {
+            run(
+                "INSERT INTO transcript_entries (call_sid, seq, role, text, offset_ms, item_id, interrupted) \
+                 VALUES ('CA1', ?1, ?2, ?3, ?4, 'item', ?5)",
+                vec![json!(seq), json!(role), json!(text), json!(seq * 1000), json!(interrupted)],
+            );
+        }
+        run(
+            "INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES \
+             ('CA1', 2, 't2', 'error', 'not json'), ('CA1', 1, 't1', 'barge_in', '{\"at_ms\":1200}')",
+            vec![],
+        );
+        let sid = CallSid::new("CA1");
+        let call = testdb::query(&db, &select_call(&sid)).remove(0);
+        let detail = call_detail(
+            call,
+            testdb::query(&db, &select_transcript(&sid)),
+            testdb::query(&db, &select_events(&sid)),
+        );
+        assert_eq!(detail["call"]["call_sid"], "CA1");
+        assert_eq!(detail["call"]["status"], "completed");
+        assert_eq!(
+            detail["transcript"],
+            json!([
+                {"seq": 1, "role": "agent", "text": "お電話", "offset_ms": 1000, "item_id": "item", "interrupted": true},
+                {"seq": 2, "role": "caller", "text": "はい", "offset_ms": 2000, "item_id": "item", "interrupted": false},
+            ])
+        );
+        assert_eq!(
+            detail["events"],
+            json!([
+                {"seq": 1, "at": "t1", "type": "barge_in", "detail": {"at_ms": 1200}},
+                {"seq": 2, "at": "t2", "type": "error", "detail": "not json"},
+            ])
+        );
+        assert!(testdb::query(&db, &select_call(&CallSid::new("CA404"))).is_empty());
+    }
+}

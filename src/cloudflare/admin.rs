@@ -1,0 +1,318 @@
+//! The admin JSON API's shell: reads the request, runs the statements `crate::admin` and
+//! `crate::agents` build on D1, and writes JSON. Every decision is in the core.
+
+use super::db::{batch, database, execute, query};
+use super::log;
+use crate::admin::{self, CallsQuery, Error, Route};
+use crate::agents;
+use crate::store::iso_time;
+use serde_json::{json, Value};
+use worker::{D1Database, Date, Env, Request, Response, ResponseBuilder};
+
+/// What a handled route answers: a status and a JSON body (none for 204).
+struct Reply {
+    status: u16,
+    body: Option<Value>,
+}
+
+fn ok(body: Value) -> Reply {
+    Reply {
+        status: 200,
+        body: Some(body),
+    }
+}
+
+type Outcome = std::result::Result<Reply, Error>;
+
+/// D1 and runtime failures: logged with their message, answered as a plain 500.
+fn internal(what: &'static str) -> impl Fn(worker::Error) -> Error {
+    move |e| {
+        log(
+            "error",
+            "admin.internal_error",
+            json!({ "during": what, "error": e.to_string() }),
+        );
+        Error::Internal
+    }
+}
+
+/// `ADMIN_TOKEN` from the secrets, or from a plain variable (local `--var`).
+fn admin_token(env: &Env) -> String {
+    env.secret("ADMIN_TOKEN")
+        .map(|s| s.to_string())
+        .or_else(|_| env.var("ADMIN_TOKEN").map(|v| v.to_string()))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_default()
+}
+
+fn now() -> String {
+    iso_time(Date::now().as_millis())
+}
+
+fn respond(
+    status: u16,
+    body: Option<&Value>,
+    extra: &[(&'static str, String)],
+) -> worker::Result<Response> {
+    let mut builder = ResponseBuilder::new()
+        .with_status(status)
+        .with_header("Cache-Control", "no-store")?;
+    for (k, v) in extra {
+        builder = builder.with_header(k, v)?;
+    }
+    Ok(match body {
+        Some(b) => builder
+            .with_header("Content-Type", admin::CONTENT_TYPE)?
+            .fixed(b.to_string().into_bytes()),
+        None => builder.empty(),
+    })
+}
+
+/// Every request under `/api/admin/`.
+pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
+    let method = req.inner().method();
+    let path = req.path();
+    let token = admin_token(&env);
+    let header = req.headers().get("Authorization")?;
+    if !admin::authorized(header.as_deref(), &token) {
+        // Which of the two it was helps an operator; the token itself is never logged.
+        let why = if token.is_empty() {
+            "ADMIN_TOKEN is not configured"
+        } else if header.is_none() {
+            "no Authorization header"
+        } else {
+            "wrong credentials"
+        };
+        log(
+            if token.is_empty() { "error" } else { "warn" },
+            "admin.refused",
+            json!({ "method": method, "path": path, "status": 401, "why": why }),
+        );
+        let e = Error::Unauthorized;
+        return respond(e.status(), Some(&e.body()), &e.headers());
+    }
+    let outcome = match admin::route(&method, &path) {
+        Ok(route) => dispatch(route, &mut req, &env, &token).await,
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(reply) => respond(reply.status, reply.body.as_ref(), &[]),
+        Err(e) => {
+            if e.status() != 500 {
+                log(
+                    "warn",
+                    "admin.refused",
+                    json!({ "method": method, "path": path, "status": e.status(), "why": e.to_string() }),
+                );
+            }
+            respond(e.status(), Some(&e.body()), &e.headers())
+        }
+    }
+}
+
+async fn body(req: &mut Request) -> std::result::Result<serde_json::Map<String, Value>, Error> {
+    let text = req.text().await.map_err(internal("read body"))?;
+    admin::parse_body(&text)
+}
+
+async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Outcome {
+    let db = database(env).map_err(internal("D1 binding"))?;
+    match route {
+        Route::ListCalls => {
+            let raw = req.url().map_err(internal("url"))?;
+            let q = CallsQuery::parse(raw.query().unwrap_or(""), token)?;
+            let rows = query(&db, &q.statement())
+                .await
+                .map_err(internal("list calls"))?;
+            Ok(ok(q.page(rows, token)))
+        }
+        Route::GetCall(sid) => {
+            let mut call = query(&db, &admin::select_call(&sid))
+                .await
+                .map_err(internal("get call"))?;
+            if call.is_empty() {
+                return Err(Error::NotFound(format!("no call {:?}", sid.as_str())));
+            }
+            let transcript = query(&db, &admin::select_transcript(&sid))
+                .await
+                .map_err(internal("get transcript"))?;
+            let events = query(&db, &admin::select_events(&sid))
+                .await
+                .map_err(internal("get events"))?;
+            Ok(ok(admin::call_detail(call.remove(0), transcript, events)))
+        }
+        Route::ListAgents => {
+            let rows = query(&db, &agents::select_all())
+                .await
+                .map_err(internal("list agents"))?;
+            let list = rows
+                .iter()
+                .map(|r| record(r).map(|rec| agents::to_json(&rec)))
+                .collect::<std::result::Result<Vec<_>, _>>()?;
+            Ok(ok(json!({ "agents": list })))
+        }
+        Route::GetAgent(id) => {
+            let rec = load_agent(&db, &id).await?;
+            Ok(ok(json!({ "agent": agents::to_json(&rec) })))
+        }
+        Route::CreateAgent => {
+            let body = body(req).await?;
+            let mut random = [0u8; 8];
+            getrandom::fill(&mut random).map_err(|e| {
+                log(
+                    "error",
+                    "admin.internal_error",
+                    json!({ "during": "random id", "error": e.to_string() }),
+                );
+                Error::Internal
+            })?;
+            let change = agents::parse_create(&body, &agents::new_id(random))?;
+            let id = change.agent.id.clone();
+            if find_agent(&db, &id).await?.is_some() {
+                return Err(Error::Conflict(format!("agent {id:?} already exists")));
+            }
+            batch(&db, &agents::insert(&change, &now()))
+                .await
+                .map_err(internal("create agent"))?;
+            let rec = load_agent(&db, &id).await?;
+            log("info", "admin.agent_created", json!({ "agent_id": id }));
+            Ok(Reply {
+                status: 201,
+                body: Some(json!({ "agent": agents::to_json(&rec) })),
+            })
+        }
+        Route::UpdateAgent(id) => {
+            let body = body(req).await?;
+            let current = load_agent(&db, &id).await?;
+            let change = agents::parse_update(&body, &current)?;
+            batch(&db, &agents::update(&change, &now()))
+                .await
+                .map_err(internal("update agent"))?;
+            let rec = load_agent(&db, &id).await?;
+            log("info", "admin.agent_updated", json!({ "agent_id": id }));
+            Ok(ok(json!({ "agent": agents::to_json(&rec) })))
+        }
+        Route::DeleteAgent(id) => {
+            let current = load_agent(&db, &id).await?;
+            let numbers = numbers_of(&db, &id).await?;
+            if let Some(refusal) = agents::deletion_conflict(&current, &numbers) {
+                return Err(refusal.into());
+            }
+            let changed = execute(&db, &agents::delete(&id))
+                .await
+                .map_err(internal("delete agent"))?;
+            if changed == 0 {
+                // Something changed between the check and the delete: say what, if we can.
+                let current = load_agent(&db, &id).await?;
+                let numbers = numbers_of(&db, &id).await?;
+                return Err(agents::deletion_conflict(&current, &numbers)
+                    .map(Error::from)
+                    .unwrap_or_else(|| Error::Conflict(format!("agent {id:?} changed; retry"))));
+            }
+            log("info", "admin.agent_deleted", json!({ "agent_id": id }));
+            Ok(Reply {
+                status: 204,
+                body: None,
+            })
+        }
+        Route::ListNumbers => {
+            let rows = query(&db, &agents::select_numbers())
+                .await
+                .map_err(internal("list numbers"))?;
+            Ok(ok(json!({ "numbers": rows })))
+        }
+        Route::GetNumber(number) => {
+            let row = load_number(&db, &number).await?;
+            row.map(|r| ok(json!({ "number": r })))
+                .ok_or_else(|| Error::NotFound(format!("number {number:?} is not assigned")))
+        }
+        Route::AssignNumber(number) => {
+            let body = body(req).await?;
+            let agent_id = agents::parse_assignment(&body)?;
+            if find_agent(&db, &agent_id).await?.is_none() {
+                return Err(Error::Invalid {
+                    field: "agent_id".into(),
+                    message: format!("no agent {agent_id:?}"),
+                });
+            }
+            let existed = load_number(&db, &number).await?.is_some();
+            execute(&db, &agents::assign_number(&number, &agent_id, &now()))
+                .await
+                .map_err(internal("assign number"))?;
+            let row = load_number(&db, &number).await?.ok_or(Error::Internal)?;
+            log(
+                "info",
+                "admin.number_assigned",
+                json!({ "number": number, "agent_id": agent_id }),
+            );
+            Ok(Reply {
+                status: if existed { 200 } else { 201 },
+                body: Some(json!({ "number": row })),
+            })
+        }
+        Route::UnassignNumber(number) => {
+            let changed = execute(&db, &agents::unassign_number(&number))
+                .await
+                .map_err(internal("unassign number"))?;
+            if changed == 0 {
+                return Err(Error::NotFound(format!(
+                    "number {number:?} is not assigned"
+                )));
+            }
+            log(
+                "info",
+                "admin.number_unassigned",
+                json!({ "number": number }),
+            );
+            Ok(Reply {
+                status: 204,
+                body: None,
+            })
+        }
+    }
+}
+
+/// A stored agent row; a row the core cannot read is logged and answered as 500.
+fn record(row: &Value) -> std::result::Result<agents::Record, Error> {
+    agents::record_from_row(row).map_err(|e| {
+        log(
+            "error",
+            "admin.bad_agent_row",
+            json!({ "agent_id": row.get("id"), "error": e.to_string() }),
+        );
+        Error::Internal
+    })
+}
+
+async fn find_agent(
+    db: &D1Database,
+    id: &str,
+) -> std::result::Result<Option<agents::Record>, Error> {
+    let rows = query(db, &agents::select_by_id(id))
+        .await
+        .map_err(internal("get agent"))?;
+    rows.first().map(record).transpose()
+}
+
+async fn load_agent(db: &D1Database, id: &str) -> std::result::Result<agents::Record, Error> {
+    find_agent(db, id)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("no agent {id:?}")))
+}
+
+async fn numbers_of(db: &D1Database, id: &str) -> std::result::Result<Vec<String>, Error> {
+    let rows = query(db, &agents::select_numbers_of(id))
+        .await
+        .map_err(internal("numbers of agent"))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| r.get("number").and_then(Value::as_str).map(str::to_owned))
+        .collect())
+}
+
+async fn load_number(db: &D1Database, number: &str) -> std::result::Result<Option<Value>, Error> {
+    let mut rows = query(db, &agents::select_number(number))
+        .await
+        .map_err(internal("get number"))?;
+    Ok((!rows.is_empty()).then(|| rows.remove(0)))
+}

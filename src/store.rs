@@ -1,0 +1,557 @@
+//! What the bridge keeps in D1, as SQL statements built from typed records. The shell
+//! only runs them; this module knows the schema of `migrations/`.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// One SQL statement with positional parameters (`?1`, `?2`, …). Parameters are JSON
+/// scalars: null, number, string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Statement {
+    pub sql: String,
+    pub params: Vec<Value>,
+}
+
+impl Statement {
+    pub fn new(sql: impl Into<String>, params: Vec<Value>) -> Self {
+        Self {
+            sql: sql.into(),
+            params,
+        }
+    }
+}
+
+/// Twilio's call statuses, in the order a call moves through them. A status never moves
+/// backwards: every terminal status ranks the same, so the first one recorded stays.
+pub fn status_rank(status: &str) -> Option<u8> {
+    match status {
+        "queued" | "initiated" => Some(0),
+        "ringing" => Some(1),
+        "in-progress" => Some(2),
+        "completed" | "failed" | "busy" | "no-answer" | "canceled" => Some(3),
+        _ => None,
+    }
+}
+
+/// The SQL twin of [`status_rank`], for conditional updates.
+const RANK_SQL: &str = "CASE status WHEN 'ringing' THEN 1 WHEN 'in-progress' THEN 2 ELSE 3 END";
+
+/// One fact about a call, to be written to D1. Writes are idempotent (upserts keyed by the
+/// call and a sequence number), so a batch retried after a failure changes nothing twice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "record", rename_all = "snake_case")]
+pub enum Record {
+    /// The voice webhook announced the call.
+    CallRinging {
+        call_sid: String,
+        account_sid: String,
+        from: String,
+        to: String,
+        direction: String,
+        agent_id: String,
+        at_ms: u64,
+    },
+    /// Twilio's stream started: the caller is connected to the bridge.
+    CallConnected {
+        call_sid: String,
+        stream_sid: String,
+        at_ms: u64,
+    },
+    SessionId {
+        call_sid: String,
+        session_id: String,
+    },
+    Transcript {
+        call_sid: String,
+        seq: u64,
+        role: Role,
+        text: String,
+        offset_ms: u64,
+        item_id: Option<String>,
+        interrupted: bool,
+    },
+    Event {
+        call_sid: String,
+        seq: u64,
+        at_ms: u64,
+        kind: String,
+        detail: Value,
+    },
+    CallEnded {
+        call_sid: String,
+        at_ms: u64,
+        /// From the stream start; `None` when the stream never started.
+        duration_ms: Option<u64>,
+        end_reason: String,
+        failed: bool,
+        input_tokens: u64,
+        output_tokens: u64,
+        total_tokens: u64,
+        first_audio_ms: Option<u64>,
+        barge_ins: u64,
+    },
+    /// Twilio's status callback.
+    TwilioStatus {
+        call_sid: String,
+        status: String,
+        call_duration_s: Option<u64>,
+        at_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Caller,
+    Agent,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Caller => "caller",
+            Role::Agent => "agent",
+        }
+    }
+}
+
+/// Makes sure a `calls` row exists, whichever write comes first (the webhook's, the
+/// stream's, or a status callback that overtook both).
+fn ensure_call(call_sid: &str, at_ms: u64) -> Statement {
+    Statement::new(
+        "INSERT INTO calls (call_sid, started_at) VALUES (?1, ?2) ON CONFLICT (call_sid) DO NOTHING",
+        vec![call_sid.into(), iso_time(at_ms).into()],
+    )
+}
+
+impl Record {
+    pub fn call_sid(&self) -> &str {
+        match self {
+            Record::CallRinging { call_sid, .. }
+            | Record::CallConnected { call_sid, .. }
+            | Record::SessionId { call_sid, .. }
+            | Record::Transcript { call_sid, .. }
+            | Record::Event { call_sid, .. }
+            | Record::CallEnded { call_sid, .. }
+            | Record::TwilioStatus { call_sid, .. } => call_sid,
+        }
+    }
+
+    /// The statements that write this record; `now_ms` dates a row this write creates.
+    pub fn statements(&self, now_ms: u64) -> Vec<Statement> {
+        match self {
+            Record::CallRinging {
+                call_sid,
+                account_sid,
+                from,
+                to,
+                direction,
+                agent_id,
+                at_ms,
+            } => vec![Statement::new(
+                "INSERT INTO calls (call_sid, account_sid, from_number, to_number, direction, agent_id, status, started_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ringing', ?7) \
+                 ON CONFLICT (call_sid) DO UPDATE SET account_sid = excluded.account_sid, \
+                 from_number = excluded.from_number, to_number = excluded.to_number, \
+                 direction = excluded.direction, agent_id = excluded.agent_id, started_at = excluded.started_at",
+                vec![
+                    call_sid.as_str().into(),
+                    account_sid.as_str().into(),
+                    from.as_str().into(),
+                    to.as_str().into(),
+                    direction.as_str().into(),
+                    agent_id.as_str().into(),
+                    iso_time(*at_ms).into(),
+                ],
+            )],
+            Record::CallConnected {
+                call_sid,
+                stream_sid,
+                at_ms,
+            } => vec![
+                ensure_call(call_sid, *at_ms),
+                Statement::new(
+                    format!(
+                        "UPDATE calls SET stream_sid = ?2, connected_at = ?3, \
+                         status = CASE WHEN {RANK_SQL} < 2 THEN 'in-progress' ELSE status END \
+                         WHERE call_sid = ?1"
+                    ),
+                    vec![
+                        call_sid.as_str().into(),
+                        stream_sid.as_str().into(),
+                        iso_time(*at_ms).into(),
+                    ],
+                ),
+            ],
+            Record::SessionId {
+                call_sid,
+                session_id,
+            } => vec![
+                ensure_call(call_sid, now_ms),
+                Statement::new(
+                    "UPDATE calls SET openai_session_id = ?2 WHERE call_sid = ?1",
+                    vec![call_sid.as_str().into(), session_id.as_str().into()],
+                ),
+            ],
+            Record::Transcript {
+                call_sid,
+                seq,
+                role,
+                text,
+                offset_ms,
+                item_id,
+                interrupted,
+            } => vec![
+                ensure_call(call_sid, now_ms),
+                Statement::new(
+                    "INSERT INTO transcript_entries (call_sid, seq, role, text, offset_ms, item_id, interrupted) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) \
+                     ON CONFLICT (call_sid, seq) DO UPDATE SET role = excluded.role, text = excluded.text, \
+                     offset_ms = excluded.offset_ms, item_id = excluded.item_id, interrupted = excluded.interrupted",
+                    vec![
+                        call_sid.as_str().into(),
+                        (*seq).into(),
+                        role.as_str().into(),
+                        text.as_str().into(),
+                        (*offset_ms).into(),
+                        item_id.clone().map(Value::from).unwrap_or(Value::Null),
+                        u8::from(*interrupted).into(),
+                    ],
+                ),
+            ],
+            Record::Event {
+                call_sid,
+                seq,
+                at_ms,
+                kind,
+                detail,
+            } => vec![
+                ensure_call(call_sid, *at_ms),
+                Statement::new(
+                    "INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES (?1, ?2, ?3, ?4, ?5) \
+                     ON CONFLICT (call_sid, seq) DO NOTHING",
+                    vec![
+                        call_sid.as_str().into(),
+                        (*seq).into(),
+                        iso_time(*at_ms).into(),
+                        kind.as_str().into(),
+                        detail.to_string().into(),
+                    ],
+                ),
+            ],
+            Record::CallEnded {
+                call_sid,
+                at_ms,
+                duration_ms,
+                end_reason,
+                failed,
+                input_tokens,
+                output_tokens,
+                total_tokens,
+                first_audio_ms,
+                barge_ins,
+            } => vec![
+                ensure_call(call_sid, *at_ms),
+                Statement::new(
+                    format!(
+                        "UPDATE calls SET ended_at = ?2, duration_ms = ?3, end_reason = ?4, \
+                         input_tokens = ?5, output_tokens = ?6, total_tokens = ?7, \
+                         first_audio_ms = ?8, barge_ins = ?9, \
+                         status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END \
+                         WHERE call_sid = ?1"
+                    ),
+                    vec![
+                        call_sid.as_str().into(),
+                        iso_time(*at_ms).into(),
+                        duration_ms.map(Value::from).unwrap_or(Value::Null),
+                        end_reason.as_str().into(),
+                        (*input_tokens).into(),
+                        (*output_tokens).into(),
+                        (*total_tokens).into(),
+                        first_audio_ms.map(Value::from).unwrap_or(Value::Null),
+                        (*barge_ins).into(),
+                        if *failed { "failed" } else { "completed" }.into(),
+                    ],
+                ),
+            ],
+            Record::TwilioStatus {
+                call_sid,
+                status,
+                call_duration_s,
+                at_ms,
+            } => {
+                let Some(rank) = status_rank(status).filter(|r| *r >= 1) else {
+                    // queued/initiated say nothing the row does not already say.
+                    return vec![];
+                };
+                vec![
+                    ensure_call(call_sid, *at_ms),
+                    Statement::new(
+                        format!(
+                            "UPDATE calls SET \
+                             status = CASE WHEN {RANK_SQL} < ?3 THEN ?2 ELSE status END, \
+                             twilio_duration_s = COALESCE(?4, twilio_duration_s), \
+                             ended_at = CASE WHEN ?3 = 3 THEN COALESCE(ended_at, ?5) ELSE ended_at END \
+                             WHERE call_sid = ?1"
+                        ),
+                        vec![
+                            call_sid.as_str().into(),
+                            status.as_str().into(),
+                            rank.into(),
+                            call_duration_s.map(Value::from).unwrap_or(Value::Null),
+                            iso_time(*at_ms).into(),
+                        ],
+                    ),
+                ]
+            }
+        }
+    }
+}
+
+/// ISO 8601 UTC with milliseconds, from milliseconds since the Unix epoch.
+pub fn iso_time(epoch_ms: u64) -> String {
+    let secs = epoch_ms / 1000;
+    let ms = epoch_ms % 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agents::testdb;
+    use serde_json::json;
+
+    const SID: &str = "CA1";
+
+    fn write(conn: &rusqlite::Connection, r: &Record) {
+        testdb::batch(conn, &r.statements(1_000)).unwrap();
+    }
+
+    fn call_row(conn: &rusqlite::Connection) -> Value {
+        let rows = testdb::query(
+            conn,
+            &Statement::new("SELECT * FROM calls WHERE call_sid = ?1", vec![SID.into()]),
+        );
+        assert_eq!(rows.len(), 1);
+        rows[0].clone()
+    }
+
+    fn status(conn: &rusqlite::Connection, s: &str, duration: Option<u64>) {
+        write(
+            conn,
+            &Record::TwilioStatus {
+                call_sid: SID.into(),
+                status: s.into(),
+                call_duration_s: duration,
+                at_ms: 9_000,
+            },
+        );
+    }
+
+    fn ringing() -> Record {
+        Record::CallRinging {
+            call_sid: SID.into(),
+            account_sid: "AC1".into(),
+            from: "+819012345678".into(),
+            to: "+815012345678".into(),
+            direction: "inbound".into(),
+            agent_id: "default".into(),
+            at_ms: 1_000,
+        }
+    }
+
+    fn ended(failed: bool) -> Record {
+        Record::CallEnded {
+            call_sid: SID.into(),
+            at_ms: 61_000,
+            duration_ms: Some(59_000),
+            end_reason: if failed {
+                "openai_closed"
+            } else {
+                "twilio_stop"
+            }
+            .into(),
+            failed,
+            input_tokens: 10,
+            output_tokens: 20,
+            total_tokens: 30,
+            first_audio_ms: Some(640),
+            barge_ins: 2,
+        }
+    }
+
+    #[test]
+    fn a_call_moves_ringing_to_in_progress_to_completed() {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        assert_eq!(call_row(&conn)["status"], "ringing");
+        assert_eq!(call_row(&conn)["started_at"], "1970-01-01T00:00:01.000Z");
+        write(
+            &conn,
+            &Record::CallConnected {
+                call_sid: SID.into(),
+                stream_sid: "MZ1".into(),
+                at_ms: 2_000,
+            },
+        );
+        write(
+            &conn,
+            &Record::SessionId {
+                call_sid: SID.into(),
+                session_id: "sess_1".into(),
+            },
+        );
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "in-progress");
+        assert_eq!(row["stream_sid"], "MZ1");
+        assert_eq!(row["openai_session_id"], "sess_1");
+        write(&conn, &ended(false));
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["end_reason"], "twilio_stop");
+        assert_eq!(row["duration_ms"], 59_000);
+        assert_eq!(row["total_tokens"], 30);
+        assert_eq!(row["first_audio_ms"], 640);
+        assert_eq!(row["barge_ins"], 2);
+        assert_eq!(row["from_number"], "+819012345678");
+    }
+
+    #[test]
+    fn status_never_moves_backwards_and_callbacks_are_idempotent() {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        status(&conn, "in-progress", None);
+        assert_eq!(call_row(&conn)["status"], "in-progress");
+        status(&conn, "ringing", None);
+        assert_eq!(
+            call_row(&conn)["status"],
+            "in-progress",
+            "late ringing ignored"
+        );
+        status(&conn, "completed", Some(61));
+        status(&conn, "completed", Some(61));
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["twilio_duration_s"], 61);
+        status(&conn, "in-progress", None);
+        assert_eq!(call_row(&conn)["status"], "completed");
+        // Our own end after Twilio's final status does not override it either.
+        write(&conn, &ended(true));
+        assert_eq!(call_row(&conn)["status"], "completed");
+        assert_eq!(call_row(&conn)["end_reason"], "openai_closed");
+    }
+
+    #[test]
+    fn a_failed_call_stays_failed_when_twilio_reports_completed() {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        write(&conn, &ended(true));
+        status(&conn, "completed", Some(5));
+        assert_eq!(call_row(&conn)["status"], "failed");
+    }
+
+    #[test]
+    fn a_status_callback_before_the_webhook_row_still_lands() {
+        let conn = testdb::open();
+        status(&conn, "completed", Some(3));
+        write(&conn, &ringing());
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["to_number"], "+815012345678");
+        // queued/initiated write nothing.
+        assert!(Record::TwilioStatus {
+            call_sid: SID.into(),
+            status: "queued".into(),
+            call_duration_s: None,
+            at_ms: 0
+        }
+        .statements(0)
+        .is_empty());
+    }
+
+    #[test]
+    fn transcripts_and_events_are_upserted_by_seq() {
+        let conn = testdb::open();
+        let entry = |seq, text: &str, interrupted| Record::Transcript {
+            call_sid: SID.into(),
+            seq,
+            role: Role::Agent,
+            text: text.into(),
+            offset_ms: 100,
+            item_id: Some("item_1".into()),
+            interrupted,
+        };
+        // Written before the call row exists (the outbox replays in order, but a row
+        // must never be refused for it).
+        write(&conn, &entry(1, "ご予約", true));
+        write(&conn, &entry(1, "ご予約ですね。", true));
+        write(&conn, &entry(0, "はい", false));
+        let event = Record::Event {
+            call_sid: SID.into(),
+            seq: 0,
+            at_ms: 5_000,
+            kind: "barge_in".into(),
+            detail: json!({"audio_end_ms": 200}),
+        };
+        write(&conn, &event);
+        write(&conn, &event);
+        let rows = testdb::query(
+            &conn,
+            &Statement::new(
+                "SELECT seq, role, text, interrupted FROM transcript_entries ORDER BY seq",
+                vec![],
+            ),
+        );
+        assert_eq!(
+            rows,
+            vec![
+                json!({"seq":0,"role":"agent","text":"はい","interrupted":0}),
+                json!({"seq":1,"role":"agent","text":"ご予約ですね。","interrupted":1}),
+            ]
+        );
+        let events = testdb::query(
+            &conn,
+            &Statement::new("SELECT seq, type, detail FROM call_events", vec![]),
+        );
+        assert_eq!(
+            events,
+            vec![json!({"seq":0,"type":"barge_in","detail":"{\"audio_end_ms\":200}"})]
+        );
+    }
+
+    #[test]
+    fn status_ranks() {
+        assert!(status_rank("ringing") < status_rank("in-progress"));
+        assert_eq!(status_rank("busy"), status_rank("completed"));
+        assert_eq!(status_rank("bogus"), None);
+    }
+
+    #[test]
+    fn iso_times() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(iso_time(1_795_311_122_123), "2026-11-22T01:32:02.123Z");
+    }
+}
