@@ -1,0 +1,899 @@
+//! End-to-end tests of the real Worker (`wrangler dev`) between a fake Twilio and a fake
+//! OpenAI Realtime server, over real HTTP and WebSockets on 127.0.0.1.
+//!
+//! What reached each peer is asserted byte-exact; timing is never asserted, only order.
+//! All tests share one Worker (started on first use, see `support::harness`).
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::fake_openai::{self as oai, SessionScript};
+use support::fake_twilio::{self as tw, CallIds, ConnectError, MediaStream};
+use support::{harness, ok, tagged_chunks, CallSpec, OPENAI_API_KEY, SOON, TWILIO_AUTH_TOKEN};
+
+/// Long enough for a Worker to have done something it should not do (negative checks).
+const QUIET: Duration = Duration::from_secs(2);
+
+fn b64(bytes: &[u8]) -> String {
+    oai::b64(bytes)
+}
+
+fn unb64(s: &str) -> Vec<u8> {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_else(|e| panic!("not base64 ({e}): {s}"))
+}
+
+fn expect_refused(what: &str, r: Result<MediaStream, ConnectError>) -> u16 {
+    match r {
+        Err(ConnectError::Refused { status, .. }) => {
+            assert_ne!(status, 101, "{what}");
+            status
+        }
+        Err(ConnectError::Other(e)) => panic!("{what}: expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("{what}: the Worker accepted the WebSocket upgrade"),
+    }
+}
+
+// ---- voice webhook ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn voice_webhook_answers_twiml_connecting_a_stream_for_this_call_with_escaped_parameters() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let from = r#"client:Tom&Jerry <"O'Brien">"#;
+    let to = "+81312345678";
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+
+    assert_eq!(reply.status, 200, "body: {}", reply.body);
+    let ct = reply.content_type.clone().unwrap_or_default();
+    assert!(
+        ct.to_ascii_lowercase().starts_with("text/xml"),
+        "Content-Type should be text/xml, got {ct:?}"
+    );
+    let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}\n{}", reply.body));
+    assert_eq!(
+        twiml.element_paths.first().map(String::as_str),
+        Some("Response"),
+        "root element; body: {}",
+        reply.body
+    );
+    assert_eq!(
+        twiml.stream_url,
+        h.expected_stream_url(&ids.call_sid),
+        "body: {}",
+        reply.body
+    );
+    assert_eq!(
+        twiml.parameter("From"),
+        Some(from),
+        "From must round-trip; body: {}",
+        reply.body
+    );
+    assert_eq!(twiml.parameter("To"), Some(to), "body: {}", reply.body);
+    // The markup characters of the caller id must have been escaped, not passed through.
+    assert!(
+        !reply.body.contains("Tom&Jerry"),
+        "raw '&' in TwiML: {}",
+        reply.body
+    );
+    assert!(
+        !reply.body.contains(r#"<"O'Brien">"#),
+        "raw '<' in TwiML: {}",
+        reply.body
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn voice_webhook_with_missing_or_wrong_signature_is_forbidden() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let params = tw::voice_params(&ids, "+15551230002", "+81312345678");
+    let url = h.voice_url();
+
+    let unsigned = tw::post_form(&url, &params, None).await.unwrap();
+    assert_eq!(
+        unsigned.status, 403,
+        "unsigned webhook; body: {}",
+        unsigned.body
+    );
+
+    let wrong_token = tw::sign("not-the-auth-token", &url, &params);
+    let wrong = tw::post_form(&url, &params, Some(&wrong_token))
+        .await
+        .unwrap();
+    assert_eq!(
+        wrong.status, 403,
+        "signature with another token; body: {}",
+        wrong.body
+    );
+
+    // A valid signature of other parameters (a tampered From) must not pass either.
+    let mut tampered = params.clone();
+    for (k, v) in tampered.iter_mut() {
+        if k == "From" {
+            *v = "+15559999999".into();
+        }
+    }
+    let tampered_reply = tw::post_form(
+        &url,
+        &tampered,
+        Some(&tw::sign(TWILIO_AUTH_TOKEN, &url, &params)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        tampered_reply.status, 403,
+        "tampered form; body: {}",
+        tampered_reply.body
+    );
+
+    // And a refused call gets no media stream later.
+    let stream_url = h.expected_stream_url(&ids.call_sid);
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let r = MediaStream::connect(
+        &stream_url,
+        Some(&tw::sign(TWILIO_AUTH_TOKEN, &stream_url, &[])),
+    )
+    .await;
+    expect_refused("media stream of a call whose webhooks were all refused", r);
+    ok(h, claim.expect_no_connection(QUIET).await);
+}
+
+// ---- media stream admission -------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn media_stream_without_prior_voice_webhook_is_refused_and_opens_no_openai_session() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let url = h.expected_stream_url(&ids.call_sid);
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &url, &[]);
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let status = expect_refused(
+        "signed media stream for a CallSid that had no voice webhook",
+        MediaStream::connect(&url, Some(&sig)).await,
+    );
+    eprintln!("media stream without webhook refused with {status}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unsigned_or_wrongly_signed_stream_upgrade_is_refused_but_signed_one_accepted() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+15551230003", "+81312345678").await;
+
+    let claim = h.openai.claim(SessionScript::new()).await;
+    expect_refused(
+        "unsigned upgrade",
+        MediaStream::connect(&twiml.stream_url, None).await,
+    );
+    let wrong = tw::sign("not-the-auth-token", &twiml.stream_url, &[]);
+    expect_refused(
+        "upgrade signed with another token",
+        MediaStream::connect(&twiml.stream_url, Some(&wrong)).await,
+    );
+    let other_url = tw::sign(TWILIO_AUTH_TOKEN, &h.expected_stream_url("CA0000"), &[]);
+    expect_refused(
+        "upgrade carrying the signature of another url",
+        MediaStream::connect(&twiml.stream_url, Some(&other_url)).await,
+    );
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
+
+    // The refusals were about the signature: the properly signed upgrade works.
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let stream = h.open_stream(&twiml).await;
+    stream.send_connected();
+    stream.send_start(&ids, &twiml.parameters);
+    let session = ok(h, claim.session(SOON).await);
+    drop(claim);
+    stream.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+}
+
+// ---- the OpenAI side ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openai_handshake_is_ga_with_bearer_key_and_session_update_asks_for_pcmu_realtime_ja() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    let hs = &call.openai.handshake;
+
+    assert_eq!(hs.path, "/v1/realtime");
+    assert_eq!(hs.query.as_deref(), Some("model=gpt-realtime"));
+    assert_eq!(
+        hs.header_values("authorization"),
+        vec![format!("Bearer {OPENAI_API_KEY}").as_str()],
+        "Authorization header"
+    );
+    assert!(
+        hs.header_values("openai-beta").is_empty(),
+        "GA must not send OpenAI-Beta: {:?}",
+        hs.header_values("openai-beta")
+    );
+
+    let update = ok(h, call.openai.wait_event("session.update", SOON).await);
+    let first = call.openai.received()[0].clone();
+    assert_eq!(
+        first.event_type(),
+        "session.update",
+        "the first client event must configure the session"
+    );
+    let s = &update.event["session"];
+    assert_eq!(s["type"], json!("realtime"), "session.type; got {s}");
+    assert_eq!(s["output_modalities"], json!(["audio"]), "got {s}");
+    assert_eq!(
+        s["audio"]["input"]["format"],
+        json!({"type": "audio/pcmu"}),
+        "got {s}"
+    );
+    assert_eq!(
+        s["audio"]["output"]["format"],
+        json!({"type": "audio/pcmu"}),
+        "got {s}"
+    );
+    assert_eq!(
+        s["audio"]["input"]["turn_detection"]["type"],
+        json!("server_vad"),
+        "got {s}"
+    );
+    assert_eq!(
+        s["audio"]["input"]["transcription"]["language"],
+        json!("ja"),
+        "got {s}"
+    );
+    let voice = s["audio"]["output"]["voice"]
+        .as_str()
+        .unwrap_or_else(|| panic!("audio.output.voice; got {s}"));
+    assert!(
+        ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar"]
+            .contains(&voice),
+        "audio.output.voice {voice:?}"
+    );
+    let instructions = s["instructions"]
+        .as_str()
+        .unwrap_or_else(|| panic!("instructions; got {s}"));
+    assert!(!instructions.trim().is_empty(), "instructions are empty");
+    if let Some(model) = s.get("model") {
+        assert_eq!(model, &json!("gpt-realtime"), "session.model");
+    }
+    for beta in [
+        "modalities",
+        "voice",
+        "input_audio_format",
+        "output_audio_format",
+        "input_audio_transcription",
+        "input_audio_noise_reduction",
+        "turn_detection",
+        "temperature",
+        "max_response_output_tokens",
+    ] {
+        assert!(
+            s.get(beta).is_none(),
+            "beta field session.{beta} in a GA session.update: {s}"
+        );
+    }
+
+    // The fake answered like the real server would: merged config, no error.
+    ok(
+        h,
+        call.openai
+            .wait_until("the fake's answer to session.update", SOON, |v| {
+                v.sent
+                    .iter()
+                    .any(|(_, e)| e["type"] == "session.updated" || e["type"] == "error")
+                    .then_some(())
+            })
+            .await,
+    );
+    let sent = call.openai.sent();
+    assert!(
+        sent.iter().all(|(_, e)| e["type"] != "error"),
+        "the fake OpenAI rejected something: {:?}",
+        sent.iter()
+            .filter(|(_, e)| e["type"] == "error")
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        call.openai.effective_session()["audio"]["output"]["format"]["type"],
+        json!("audio/pcmu")
+    );
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn greeting_follows_start_and_its_audio_reaches_twilio_byte_exact_each_media_then_a_mark() {
+    let h = harness().await;
+    // Distinct, known bytes and uneven sizes.
+    let chunks: Vec<Vec<u8>> = [800usize, 1600, 333, 1600, 160, 1000]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| tagged_chunks(0xA0 + i as u8, 1, len).remove(0))
+        .collect();
+    let script = SessionScript::new().once(
+        "response.create",
+        oai::full_response(
+            "resp_greet",
+            "item_greet",
+            &chunks,
+            "お電話ありがとうございます。",
+        ),
+    );
+
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+15551230004", "+81312345678").await;
+    let claim = h.openai.claim(script).await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+
+    // If the Worker opens its OpenAI session before `start`, it must not greet before `start`.
+    if let Ok(session) = claim.session(Duration::from_secs(3)).await {
+        ok(
+            h,
+            session
+                .wait_until("session.updated to be sent", SOON, |v| {
+                    v.sent
+                        .iter()
+                        .any(|(_, e)| e["type"] == "session.updated")
+                        .then_some(())
+                })
+                .await,
+        );
+        tokio::time::sleep(QUIET).await;
+        assert!(
+            session.received_of_type("response.create").is_empty(),
+            "response.create before Twilio's start"
+        );
+    }
+    let start_sent = Instant::now();
+    twilio.send_start(&ids, &twiml.parameters);
+    let session = ok(h, claim.session(SOON).await);
+    drop(claim);
+
+    let create = ok(h, session.wait_event("response.create", SOON).await);
+    assert!(create.at >= start_sent, "response.create before start");
+    let update_pos = session
+        .received()
+        .iter()
+        .position(|e| e.event_type() == "session.update");
+    let create_pos = session
+        .received()
+        .iter()
+        .position(|e| e.event_type() == "response.create");
+    assert!(
+        update_pos < create_pos,
+        "response.create before session.update"
+    );
+    assert_eq!(
+        session.received_of_type("response.create").len(),
+        1,
+        "one greeting"
+    );
+
+    let log = ok(
+        h,
+        twilio
+            .wait_until("all greeting audio", SOON, |l| {
+                (l.media.len() >= chunks.len()).then(|| l.clone())
+            })
+            .await,
+    );
+    let payloads: Vec<String> = log.media.iter().map(|m| m.payload.clone()).collect();
+    let expected: Vec<String> = chunks.iter().map(|c| b64(c)).collect();
+    assert_eq!(
+        payloads, expected,
+        "media payloads must be the deltas, unchanged and in order"
+    );
+    assert_eq!(log.media_bytes(), chunks.concat());
+    for m in &log.media {
+        let next = log.frames.get(m.frame_index + 1).map(|(_, f)| f.clone());
+        let next = match next {
+            Some(f) => f,
+            None => ok(
+                h,
+                twilio
+                    .wait_until("the mark after the last media", SOON, |l| {
+                        l.frames.get(m.frame_index + 1).map(|(_, f)| f.clone())
+                    })
+                    .await,
+            ),
+        };
+        assert_eq!(
+            next["event"],
+            json!("mark"),
+            "frame after media #{} is {next}",
+            m.frame_index
+        );
+        assert!(
+            next["mark"]["name"].as_str().is_some_and(|n| !n.is_empty()),
+            "mark without a name: {next}"
+        );
+    }
+
+    // Twilio plays it all and echoes every mark.
+    let log = ok(
+        h,
+        twilio
+            .wait_until("every mark echoed as played", SOON, |l| {
+                (l.played_echoes() >= chunks.len()).then(|| l.clone())
+            })
+            .await,
+    );
+    let names: Vec<&String> = log.marks.iter().map(|m| &m.name).collect();
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "mark names repeat: {names:?}");
+    assert!(log.clears.is_empty(), "unexpected clear");
+    assert!(
+        log.problems.is_empty(),
+        "Twilio protocol problems: {:?}",
+        log.problems
+    );
+
+    twilio.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn caller_audio_reaches_openai_unchanged_complete_in_order_even_before_openai_is_up() {
+    let h = harness().await;
+    let frames = 150; // 3 s of 20 ms frames
+    let audio: Vec<u8> = tagged_chunks(0x51, frames, tw::FRAME_BYTES).concat();
+    let call = h
+        .start_call(CallSpec {
+            // The Worker's OpenAI socket opens ~1 s after the caller started talking.
+            script: SessionScript::new().handshake_delay(Duration::from_secs(1)),
+            caller_audio: Some(audio.clone()),
+            ..CallSpec::default()
+        })
+        .await;
+    let sent = call.caller_audio.unwrap().await.unwrap();
+    assert_eq!(sent.len(), frames);
+
+    let appends = ok(
+        h,
+        call.openai
+            .wait_events("input_audio_buffer.append", frames, SOON)
+            .await,
+    );
+    let got: Vec<String> = appends
+        .iter()
+        .map(|e| e.event["audio"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let first_bad = got.iter().zip(&sent).position(|(a, b)| a != b);
+    assert!(
+        first_bad.is_none(),
+        "append #{:?} differs from the Twilio payload sent at that position",
+        first_bad
+    );
+    assert_eq!(
+        got, sent,
+        "appends must carry the Twilio payloads unchanged, in order"
+    );
+    let bytes: Vec<u8> = got.iter().flat_map(|a| unb64(a)).collect();
+    assert_eq!(bytes, audio, "concatenated appended audio");
+    for e in &appends {
+        let keys: Vec<&String> = e.event.as_object().unwrap().keys().collect();
+        assert!(
+            keys.iter()
+                .all(|k| ["type", "audio", "event_id"].contains(&k.as_str())),
+            "unexpected fields in {}",
+            e.event
+        );
+    }
+    let received = call.openai.received();
+    let update_pos = received
+        .iter()
+        .position(|e| e.event_type() == "session.update");
+    let first_append = received
+        .iter()
+        .position(|e| e.event_type() == "input_audio_buffer.append");
+    assert!(
+        update_pos < first_append,
+        "audio appended before session.update configured pcmu"
+    );
+
+    // The scenario really covered audio sent before the OpenAI socket was open.
+    let early = call
+        .twilio
+        .log()
+        .sent
+        .iter()
+        .filter(|(at, f)| f["event"] == "media" && *at < call.openai.connected_at)
+        .count();
+    assert!(
+        early > 0,
+        "no caller frame was sent before the OpenAI session opened"
+    );
+    eprintln!("{early} caller frames were sent before the OpenAI socket opened");
+
+    // Nothing more than what was sent.
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        call.openai
+            .received_of_type("input_audio_buffer.append")
+            .len(),
+        frames
+    );
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn model_audio_is_held_back_and_no_greeting_requested_until_session_updated_confirms_pcmu() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            script: SessionScript::new().without_session_updated(),
+            ..CallSpec::default()
+        })
+        .await;
+    let update = ok(h, call.openai.wait_event("session.update", SOON).await);
+
+    // Unconfirmed session: audio the model sends must not reach Twilio.
+    let early = tagged_chunks(0xD1, 3, 400);
+    call.openai.send_all(oai::full_response(
+        "resp_early",
+        "item_early",
+        &early,
+        "early",
+    ));
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        call.twilio.log().media.is_empty(),
+        "audio forwarded before session.updated"
+    );
+    assert!(
+        call.openai.received_of_type("response.create").is_empty(),
+        "greeting requested before session.updated"
+    );
+
+    // Confirm exactly what was asked for: now the greeting comes, and its audio plays.
+    call.openai.send_session_updated(&update.event["session"]);
+    ok(h, call.openai.wait_event("response.create", SOON).await);
+    let greeting = tagged_chunks(0xD2, 2, 400);
+    call.openai.send_all(oai::full_response(
+        "resp_greet",
+        "item_greet",
+        &greeting,
+        "hello",
+    ));
+    let log = ok(
+        h,
+        call.twilio
+            .wait_until("the greeting audio", SOON, |l| {
+                (l.media.len() >= 2).then(|| l.clone())
+            })
+            .await,
+    );
+    assert_eq!(
+        log.media_bytes(),
+        greeting.concat(),
+        "only the audio after session.updated"
+    );
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+}
+
+// ---- barge-in ---------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn barge_in_clears_then_truncates_at_mark_confirmed_ms_and_drops_rest_of_item() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    let (oa, twilio) = (&call.openai, &call.twilio);
+    ok(h, oa.wait_event("response.create", SOON).await);
+
+    // A long greeting: 10 × 200 ms (1600 bytes), sent at once like the real API does.
+    let (resp, item) = ("resp_long", "item_long");
+    let chunks = tagged_chunks(0xB1, 10, 1600);
+    oa.send_all(oai::response_start(resp, item));
+    for c in &chunks {
+        oa.send(oai::audio_delta(resp, item, c));
+    }
+
+    // Interrupt 100 ms into the 4th chunk: 3 marks echoed as played, and time for the Worker
+    // to have received the 3rd echo (it races speech_started over another socket).
+    ok(
+        h,
+        twilio
+            .wait_until("3 marks played", SOON, |l| {
+                (l.played_echoes() >= 3).then_some(())
+            })
+            .await,
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let k = twilio.log().played_echoes();
+    let speech_at = Instant::now();
+    oa.send(oai::speech_started(3000, "item_caller_1"));
+
+    let truncate = ok(h, oa.wait_event("conversation.item.truncate", SOON).await);
+    let log = ok(
+        h,
+        twilio
+            .wait_until("a clear", SOON, |l| {
+                (!l.clears.is_empty()).then(|| l.clone())
+            })
+            .await,
+    );
+    let clear = &log.clears[0];
+    let clear_frame = &log.frames[clear.frame_index].1;
+    assert_eq!(
+        clear_frame["streamSid"],
+        json!(call.ids.stream_sid),
+        "clear frame {clear_frame}"
+    );
+    assert!(clear.at >= speech_at);
+
+    let t = &truncate.event;
+    assert_eq!(t["item_id"], json!(item), "truncate {t}");
+    assert_eq!(t["content_index"], json!(0), "truncate {t}");
+    // The Worker knows what played only from marks echoed before it handled speech_started:
+    // the k seen when it was sent, or (on a very slow machine) any further one echoed before
+    // the clear came out.
+    let echoed_before_clear = log
+        .echoes
+        .iter()
+        .filter(|e| e.played && e.at <= clear.at)
+        .count();
+    let allowed: Vec<u64> = (k..=echoed_before_clear.max(k))
+        .map(|j| j as u64 * 200)
+        .collect();
+    let end = t["audio_end_ms"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("audio_end_ms missing: {t}"));
+    assert!(
+        allowed.contains(&end),
+        "audio_end_ms {end}, expected {} ({k} marks of 200 ms echoed as played); allowed {allowed:?}",
+        k * 200
+    );
+    // Clear first, then truncate. They travel on two sockets, so allow for receive jitter.
+    assert!(
+        clear.at <= truncate.at + Duration::from_millis(25),
+        "truncate reached OpenAI {:?} before the clear reached Twilio",
+        clear.at - truncate.at
+    );
+    assert_eq!(
+        log.media_bytes(),
+        chunks.concat(),
+        "all 10 chunks were forwarded before the interruption"
+    );
+
+    // The model's late deltas of the interrupted item never reach Twilio; a new response does.
+    let late = tagged_chunks(0xEE, 3, 1600);
+    for c in &late {
+        oa.send(oai::audio_delta(resp, item, c));
+    }
+    oa.send_all(oai::response_finish(resp, item, "interrupted", "cancelled"));
+    let next = tagged_chunks(0xC1, 2, 800);
+    oa.send_all(oai::full_response("resp_next", "item_next", &next, "はい"));
+    let log = ok(
+        h,
+        twilio
+            .wait_until("the next response's audio", SOON, |l| {
+                (l.media_bytes().len() >= chunks.concat().len() + next.concat().len())
+                    .then(|| l.clone())
+            })
+            .await,
+    );
+    let after_clear: Vec<u8> = log
+        .media
+        .iter()
+        .filter(|m| m.frame_index > clear.frame_index)
+        .flat_map(|m| m.bytes.clone())
+        .collect();
+    assert_eq!(
+        after_clear,
+        next.concat(),
+        "after the clear only the next response may play (late deltas of {item} must be dropped)"
+    );
+    assert_eq!(
+        oa.received_of_type("conversation.item.truncate").len(),
+        1,
+        "one truncate"
+    );
+    assert!(
+        oa.sent().iter().all(|(_, e)| e["type"] != "error"),
+        "the fake OpenAI answered an error: {:?}",
+        oa.sent()
+            .iter()
+            .filter(|(_, e)| e["type"] == "error")
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        log.problems.is_empty(),
+        "Twilio protocol problems: {:?}",
+        log.problems
+    );
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, oa.wait_closed(SOON).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn speech_started_without_outstanding_agent_audio_sends_neither_clear_nor_truncate() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    let (oa, twilio) = (&call.openai, &call.twilio);
+    ok(h, oa.wait_event("response.create", SOON).await);
+
+    // 1. Before the agent said anything.
+    oa.send(oai::speech_started(500, "item_caller_1"));
+
+    // 2. After a short answer played completely (all marks echoed as played).
+    let short = tagged_chunks(0x71, 2, 400);
+    oa.send_all(oai::full_response(
+        "resp_short",
+        "item_short",
+        &short,
+        "はい",
+    ));
+    ok(
+        h,
+        twilio
+            .wait_until("both marks played", SOON, |l| {
+                (l.played_echoes() >= 2).then_some(())
+            })
+            .await,
+    );
+    // The echoes travel to the Worker on the Twilio socket, speech_started on the OpenAI one:
+    // give the echoes a head start.
+    tokio::time::sleep(QUIET).await;
+    oa.send(oai::speech_started(2500, "item_caller_2"));
+
+    // Sync point: the Worker handles OpenAI events in order, so once this later audio reaches
+    // Twilio, both speech_started events have been handled.
+    let marker = tagged_chunks(0x72, 1, 160);
+    oa.send_all(oai::full_response(
+        "resp_after",
+        "item_after",
+        &marker,
+        "ok",
+    ));
+    let log = ok(
+        h,
+        twilio
+            .wait_until(
+                "the audio sent after the speech_started events",
+                SOON,
+                |l| (l.media.len() >= 3).then(|| l.clone()),
+            )
+            .await,
+    );
+    assert_eq!(
+        log.media_bytes(),
+        [short.concat(), marker.concat()].concat()
+    );
+    assert!(
+        log.clears.is_empty(),
+        "clear sent with nothing playing: {:?}",
+        log.clears
+    );
+    tokio::time::sleep(QUIET).await;
+    assert!(
+        oa.received_of_type("conversation.item.truncate").is_empty(),
+        "truncate sent with nothing playing: {:?}",
+        oa.received_of_type("conversation.item.truncate")
+    );
+    assert!(twilio.log().clears.is_empty());
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, oa.wait_closed(SOON).await);
+}
+
+// ---- end of call ----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_stop_closes_the_openai_socket() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("session.update", SOON).await);
+    assert!(call.openai.closed().is_none());
+    call.twilio.send_stop(&call.ids);
+    let closed = ok(h, call.openai.wait_closed(SOON).await);
+    eprintln!("OpenAI socket closed after stop: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_socket_close_without_stop_closes_the_openai_socket() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("session.update", SOON).await);
+    call.twilio.close();
+    let closed = ok(h, call.openai.wait_closed(SOON).await);
+    eprintln!("OpenAI socket closed after the Twilio socket closed: {closed:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twilio_connection_lost_without_close_frame_closes_the_openai_socket() {
+    let h = harness().await;
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("session.update", SOON).await);
+    call.twilio.abort();
+    let closed = ok(h, call.openai.wait_closed(SOON).await);
+    eprintln!("OpenAI socket closed after the Twilio connection was lost: {closed:?}");
+}
+
+// ---- secrets ----------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn secrets_never_appear_in_the_worker_log() {
+    let h = harness().await;
+    // Exercise every path that touches a secret: signed and refused webhooks, a refused and an
+    // accepted upgrade, the OpenAI handshake, audio both ways, barge-in, stop.
+    let ids = CallIds::new();
+    let params = tw::voice_params(&ids, "+15551230009", "+81312345678");
+    let bad = tw::post_form(&h.voice_url(), &params, Some("bm90LWEtc2lnbmF0dXJl"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 403);
+    {
+        // Under a claim, so that a Worker that wrongly connects cannot hand its OpenAI session
+        // to another test.
+        let claim = h.openai.claim(SessionScript::new()).await;
+        let _ = MediaStream::connect(&h.expected_stream_url(&ids.call_sid), None).await;
+        let _ = claim.expect_no_connection(Duration::from_millis(500)).await;
+    }
+
+    let greeting = tagged_chunks(0x91, 8, 1600);
+    let call = h
+        .start_call(CallSpec {
+            script: SessionScript::new().once(
+                "response.create",
+                oai::full_response("resp_s", "item_s", &greeting, "こんにちは"),
+            ),
+            caller_audio: Some(tagged_chunks(0x92, 25, tw::FRAME_BYTES).concat()),
+            ..CallSpec::default()
+        })
+        .await;
+    ok(
+        h,
+        call.twilio
+            .wait_until("a mark played", SOON, |l| {
+                (l.played_echoes() >= 1).then_some(())
+            })
+            .await,
+    );
+    call.openai.send(oai::speech_started(400, "item_caller"));
+    let _ = call
+        .openai
+        .wait_event("conversation.item.truncate", SOON)
+        .await;
+    call.caller_audio.unwrap().await.unwrap();
+    ok(
+        h,
+        call.openai
+            .wait_events("input_audio_buffer.append", 25, SOON)
+            .await,
+    );
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the last log lines land
+
+    let log = h.worker.log();
+    assert!(
+        log.contains("Ready on"),
+        "the captured log looks empty:\n{log}"
+    );
+    for secret in [OPENAI_API_KEY, TWILIO_AUTH_TOKEN, "SECRET"] {
+        let lines: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
+        assert!(
+            lines.is_empty(),
+            "{secret:?} appears in the Worker log ({}):\n{}",
+            h.worker.log_path.display(),
+            lines.join("\n")
+        );
+    }
+}

@@ -1,0 +1,1030 @@
+//! A fake OpenAI Realtime (GA) server for the end-to-end tests.
+//!
+//! It is a real WebSocket server on 127.0.0.1. Each accepted connection becomes a [`Session`]
+//! that records the handshake and every client event (in order, with receive time), answers
+//! `session.update` with `session.updated` carrying the merged effective config (like the real
+//! server), and otherwise says only what the test script tells it to (`Session::send`, or a
+//! reaction registered in a [`SessionScript`]).
+//!
+//! The server runs on its own runtime (see `support::background_runtime`) because it outlives
+//! any single `#[tokio::test]`; everything a test touches (`watch`, `mpsc`, mutexes) is
+//! runtime-agnostic.
+//!
+//! Tests run concurrently, and the Worker does not tell OpenAI which call a socket belongs to,
+//! so a test *claims* the next session: [`FakeOpenAi::claim`] serializes the window between
+//! opening a media stream and the Worker connecting here, and hands the test "its" session.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch, OwnedMutexGuard};
+use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A scripted reaction: given the client event that triggered it, the server events to send
+/// at once, in order.
+pub type Reaction = Box<dyn FnMut(&Value) -> Vec<Value> + Send>;
+
+/// How the next session behaves; handed over with [`FakeOpenAi::claim`].
+pub struct SessionScript {
+    /// Hold the WebSocket handshake this long after the TCP connect, so the Worker's socket
+    /// to OpenAI is not open yet while the caller is already talking.
+    pub handshake_delay: Duration,
+    /// Answer `session.update` with `session.updated` (default). When false the update is only
+    /// recorded; the test can answer by hand with [`Session::send_session_updated`].
+    pub answer_session_update: bool,
+    reactions: Vec<(String, Reaction)>,
+}
+
+impl Default for SessionScript {
+    fn default() -> Self {
+        SessionScript {
+            handshake_delay: Duration::ZERO,
+            answer_session_update: true,
+            reactions: Vec::new(),
+        }
+    }
+}
+
+impl SessionScript {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Every time a client event of type `event_type` arrives, send what `reaction` returns.
+    pub fn on(
+        mut self,
+        event_type: &str,
+        reaction: impl FnMut(&Value) -> Vec<Value> + Send + 'static,
+    ) -> Self {
+        self.reactions
+            .push((event_type.to_string(), Box::new(reaction)));
+        self
+    }
+
+    /// Only the first time a client event of type `event_type` arrives, send `events`.
+    pub fn once(self, event_type: &str, events: Vec<Value>) -> Self {
+        let mut events = Some(events);
+        self.on(event_type, move |_| events.take().unwrap_or_default())
+    }
+
+    pub fn handshake_delay(mut self, delay: Duration) -> Self {
+        self.handshake_delay = delay;
+        self
+    }
+
+    pub fn without_session_updated(mut self) -> Self {
+        self.answer_session_update = false;
+        self
+    }
+}
+
+/// What the Worker sent in its WebSocket upgrade request.
+#[derive(Clone, Debug)]
+pub struct Handshake {
+    pub path: String,
+    pub query: Option<String>,
+    /// Header names lower-cased, in the order received.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Handshake {
+    /// All values of a header (name compared case-insensitively).
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .filter(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.header_values(name).into_iter().next()
+    }
+}
+
+/// One event received from the client (the Worker).
+#[derive(Clone, Debug)]
+pub struct ClientEvent {
+    pub at: Instant,
+    /// The parsed JSON; a text frame that is not JSON is kept as `Value::String(raw)`,
+    /// a binary frame as `{"binary": <len>}`.
+    pub event: Value,
+}
+
+impl ClientEvent {
+    pub fn event_type(&self) -> &str {
+        self.event.get("type").and_then(Value::as_str).unwrap_or("")
+    }
+}
+
+/// What a session saw so far, as handed to `Session::wait_until` checks.
+pub struct SessionView<'a> {
+    pub received: &'a [ClientEvent],
+    /// Server events sent, in order.
+    pub sent: &'a [(Instant, Value)],
+    pub closed: Option<&'a Closed>,
+}
+
+/// How a session's socket ended.
+#[derive(Clone, Debug)]
+pub struct Closed {
+    pub at: Instant,
+    /// `Some` when the client sent a close frame (code, reason); `None` for a dropped socket.
+    pub close_frame: Option<(u16, String)>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct SessionLog {
+    received: Vec<ClientEvent>,
+    sent: Vec<(Instant, Value)>,
+    effective: Value,
+    closed: Option<Closed>,
+    /// μ-law bytes sent in `response.output_audio.delta`, per item id (for truncate checks).
+    audio_bytes_by_item: Vec<(String, usize)>,
+    next_event: u64,
+}
+
+enum Out {
+    Event(Value),
+    Close,
+}
+
+/// One WebSocket connection from the Worker.
+pub struct Session {
+    /// 0-based order of connection over the whole run.
+    pub index: usize,
+    pub handshake: Handshake,
+    pub connected_at: Instant,
+    log: Mutex<SessionLog>,
+    changed: watch::Sender<u64>,
+    out: mpsc::UnboundedSender<Out>,
+}
+
+impl Session {
+    /// Send a server event (an `event_id` is added when missing).
+    pub fn send(&self, event: Value) {
+        let _ = self.out.send(Out::Event(event));
+    }
+
+    pub fn send_all(&self, events: impl IntoIterator<Item = Value>) {
+        for e in events {
+            self.send(e);
+        }
+    }
+
+    /// Answer a `session.update` by hand (see `SessionScript::without_session_updated`).
+    /// `patch` is merged into the effective config first.
+    pub fn send_session_updated(&self, patch: &Value) {
+        let effective = {
+            let mut log = self.log.lock().unwrap();
+            merge_session(&mut log.effective, patch);
+            log.effective.clone()
+        };
+        self.send(json!({"type": "session.updated", "session": effective}));
+    }
+
+    /// Close the socket from the server side.
+    pub fn close(&self) {
+        let _ = self.out.send(Out::Close);
+    }
+
+    pub fn received(&self) -> Vec<ClientEvent> {
+        self.log.lock().unwrap().received.clone()
+    }
+
+    pub fn received_of_type(&self, event_type: &str) -> Vec<ClientEvent> {
+        self.received()
+            .into_iter()
+            .filter(|e| e.event_type() == event_type)
+            .collect()
+    }
+
+    /// Server events sent so far, in order.
+    pub fn sent(&self) -> Vec<(Instant, Value)> {
+        self.log.lock().unwrap().sent.clone()
+    }
+
+    pub fn effective_session(&self) -> Value {
+        self.log.lock().unwrap().effective.clone()
+    }
+
+    pub fn closed(&self) -> Option<Closed> {
+        self.log.lock().unwrap().closed.clone()
+    }
+
+    /// Types of the client events so far (for failure messages).
+    pub fn received_types(&self) -> Vec<String> {
+        self.received()
+            .iter()
+            .map(|e| e.event_type().to_string())
+            .collect()
+    }
+
+    /// Wait until `check` returns `Some` on what happened so far (checked at once and after
+    /// every change).
+    pub async fn wait_until<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut check: impl FnMut(&SessionView) -> Option<T>,
+    ) -> Result<T, String> {
+        let mut rx = self.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let log = self.log.lock().unwrap();
+                rx.borrow_and_update();
+                let view = SessionView {
+                    received: &log.received,
+                    sent: &log.sent,
+                    closed: log.closed.as_ref(),
+                };
+                if let Some(t) = check(&view) {
+                    return Ok(t);
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "OpenAI session #{}: timed out after {:?} waiting for {what}; client events so far: {:?}; closed: {:?}",
+                    self.index,
+                    timeout,
+                    summarize(&self.received()),
+                    self.closed()
+                ));
+            }
+        }
+    }
+
+    /// The first client event of this type (waiting for it if needed).
+    pub async fn wait_event(
+        &self,
+        event_type: &str,
+        timeout: Duration,
+    ) -> Result<ClientEvent, String> {
+        self.wait_until(&format!("a `{event_type}` event"), timeout, |v| {
+            v.received
+                .iter()
+                .find(|e| e.event_type() == event_type)
+                .cloned()
+        })
+        .await
+    }
+
+    /// The first `n` client events of this type (waiting until there are that many).
+    pub async fn wait_events(
+        &self,
+        event_type: &str,
+        n: usize,
+        timeout: Duration,
+    ) -> Result<Vec<ClientEvent>, String> {
+        self.wait_until(&format!("{n} `{event_type}` events"), timeout, |view| {
+            let v: Vec<ClientEvent> = view
+                .received
+                .iter()
+                .filter(|e| e.event_type() == event_type)
+                .cloned()
+                .collect();
+            (v.len() >= n).then(|| v.into_iter().take(n).collect())
+        })
+        .await
+    }
+
+    pub async fn wait_closed(&self, timeout: Duration) -> Result<Closed, String> {
+        self.wait_until("the socket to close", timeout, |v| v.closed.cloned())
+            .await
+    }
+
+    fn record_received(&self, event: Value) -> ClientEvent {
+        let ev = ClientEvent {
+            at: Instant::now(),
+            event,
+        };
+        self.log.lock().unwrap().received.push(ev.clone());
+        self.bump();
+        ev
+    }
+
+    fn record_closed(&self, close_frame: Option<(u16, String)>, error: Option<String>) {
+        {
+            let mut log = self.log.lock().unwrap();
+            if log.closed.is_none() {
+                log.closed = Some(Closed {
+                    at: Instant::now(),
+                    close_frame,
+                    error,
+                });
+            }
+        }
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// Stamp an outgoing event (event_id) and book-keep audio per item.
+    fn prepare_outgoing(&self, mut event: Value) -> Value {
+        let mut log = self.log.lock().unwrap();
+        if let Some(obj) = event.as_object_mut() {
+            if !obj.contains_key("event_id") {
+                log.next_event += 1;
+                obj.insert(
+                    "event_id".into(),
+                    json!(format!("event_s{}_{}", self.index, log.next_event)),
+                );
+            }
+        }
+        if event["type"] == "response.output_audio.delta" {
+            let item = event["item_id"].as_str().unwrap_or("").to_string();
+            let n = event["delta"]
+                .as_str()
+                .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+                .map(|b| b.len())
+                .unwrap_or(0);
+            match log.audio_bytes_by_item.iter_mut().find(|(i, _)| *i == item) {
+                Some((_, total)) => *total += n,
+                None => log.audio_bytes_by_item.push((item, n)),
+            }
+        }
+        log.sent.push((Instant::now(), event.clone()));
+        drop(log);
+        self.bump();
+        event
+    }
+
+    fn audio_ms_sent_for(&self, item_id: &str) -> Option<u64> {
+        let log = self.log.lock().unwrap();
+        log.audio_bytes_by_item
+            .iter()
+            .find(|(i, _)| i == item_id)
+            .map(|(_, n)| (*n as u64) / 8)
+    }
+}
+
+fn summarize(events: &[ClientEvent]) -> Vec<String> {
+    // Collapse runs of the same type so long audio streams stay readable.
+    let mut out: Vec<(String, usize)> = Vec::new();
+    for e in events {
+        let t = e.event_type().to_string();
+        match out.last_mut() {
+            Some((last, n)) if *last == t => *n += 1,
+            _ => out.push((t, 1)),
+        }
+    }
+    out.into_iter()
+        .map(|(t, n)| if n > 1 { format!("{t} ×{n}") } else { t })
+        .collect()
+}
+
+struct ServerState {
+    sessions: Vec<Arc<Session>>,
+    /// TCP connections accepted (a refused or broken handshake still counts).
+    connections: usize,
+    pending: Option<SessionScript>,
+}
+
+struct Shared {
+    state: Mutex<ServerState>,
+    changed: watch::Sender<u64>,
+    claim_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The fake OpenAI Realtime server.
+pub struct FakeOpenAi {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl FakeOpenAi {
+    /// Bind 127.0.0.1 on a free port and serve on `rt`.
+    pub fn start(rt: &tokio::runtime::Runtime) -> FakeOpenAi {
+        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake OpenAI");
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(ServerState {
+                sessions: Vec::new(),
+                connections: 0,
+                pending: None,
+            }),
+            changed: watch::channel(0).0,
+            claim_lock: Arc::new(tokio::sync::Mutex::new(())),
+        });
+        let s = shared.clone();
+        rt.spawn(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            loop {
+                match listener.accept().await {
+                    Ok((tcp, _)) => {
+                        tokio::spawn(serve_connection(s.clone(), tcp));
+                    }
+                    Err(e) => {
+                        eprintln!("fake OpenAI: accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+        FakeOpenAi { addr, shared }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// The value for the Worker's `OPENAI_REALTIME_URL`.
+    pub fn realtime_url(&self) -> String {
+        format!("ws://{}/v1/realtime", self.addr)
+    }
+
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.shared.state.lock().unwrap().sessions.clone()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.shared.state.lock().unwrap().connections
+    }
+
+    /// Reserve the next session that connects. Hold the claim while opening the media stream
+    /// whose OpenAI session you want, then call [`Claim::session`].
+    pub async fn claim(&self, script: SessionScript) -> Claim {
+        let guard = self.shared.claim_lock.clone().lock_owned().await;
+        let (sessions, connections) = {
+            let mut st = self.shared.state.lock().unwrap();
+            st.pending = Some(script);
+            (st.sessions.len(), st.connections)
+        };
+        Claim {
+            shared: self.shared.clone(),
+            sessions_before: sessions,
+            connections_before: connections,
+            _guard: guard,
+        }
+    }
+}
+
+/// An exclusive window in which the next connecting session belongs to the claimant.
+pub struct Claim {
+    shared: Arc<Shared>,
+    sessions_before: usize,
+    connections_before: usize,
+    _guard: OwnedMutexGuard<()>,
+}
+
+impl Claim {
+    /// The first session that connected after the claim began (waiting for it).
+    pub async fn session(&self, timeout: Duration) -> Result<Arc<Session>, String> {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            {
+                let st = self.shared.state.lock().unwrap();
+                rx.borrow_and_update();
+                if let Some(s) = st.sessions.get(self.sessions_before) {
+                    return Ok(s.clone());
+                }
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "the Worker did not open an OpenAI session within {timeout:?} \
+                     (TCP connections to the fake OpenAI during the claim: {})",
+                    self.shared.state.lock().unwrap().connections - self.connections_before
+                ));
+            }
+        }
+    }
+
+    /// Succeeds if nobody connected to the fake OpenAI during `wait`.
+    pub async fn expect_no_connection(&self, wait: Duration) -> Result<(), String> {
+        tokio::time::sleep(wait).await;
+        let st = self.shared.state.lock().unwrap();
+        let n = st.connections - self.connections_before;
+        if n == 0 {
+            Ok(())
+        } else {
+            Err(format!(
+                "expected no connection to the fake OpenAI, got {n} (handshakes: {:?})",
+                st.sessions[self.sessions_before..]
+                    .iter()
+                    .map(|s| &s.handshake)
+                    .collect::<Vec<_>>()
+            ))
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        // A script nobody picked up must not leak into the next claimant's session.
+        self.shared.state.lock().unwrap().pending = None;
+    }
+}
+
+#[allow(clippy::result_large_err)] // the handshake callback type is tungstenite's
+async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream) {
+    let mut script = {
+        let mut st = shared.state.lock().unwrap();
+        st.connections += 1;
+        st.pending.take().unwrap_or_default()
+    };
+    shared.changed.send_modify(|v| *v += 1);
+    if !script.handshake_delay.is_zero() {
+        tokio::time::sleep(script.handshake_delay).await;
+    }
+
+    let captured: Arc<Mutex<Option<Handshake>>> = Arc::new(Mutex::new(None));
+    let cap = captured.clone();
+    let ws = tokio_tungstenite::accept_hdr_async(tcp, move |req: &Request, resp: Response| {
+        *cap.lock().unwrap() = Some(Handshake {
+            path: req.uri().path().to_string(),
+            query: req.uri().query().map(str::to_string),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(n, v)| {
+                    (
+                        n.as_str().to_ascii_lowercase(),
+                        String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                    )
+                })
+                .collect(),
+        });
+        Ok(resp)
+    })
+    .await;
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(e) => {
+            eprintln!("fake OpenAI: WebSocket handshake failed: {e}");
+            return;
+        }
+    };
+    let handshake = captured.lock().unwrap().take().expect("handshake captured");
+
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel();
+    let session = {
+        let mut st = shared.state.lock().unwrap();
+        let s = Arc::new(Session {
+            index: st.sessions.len(),
+            handshake,
+            connected_at: Instant::now(),
+            log: Mutex::new(SessionLog {
+                effective: default_session(st.sessions.len()),
+                ..SessionLog::default()
+            }),
+            changed: watch::channel(0).0,
+            out: out_tx,
+        });
+        st.sessions.push(s.clone());
+        s
+    };
+    shared.changed.send_modify(|v| *v += 1);
+
+    let (mut sink, mut stream) = ws.split();
+    let created = json!({"type": "session.created", "session": session.effective_session()});
+    if send_event(&session, &mut sink, created).await.is_err() {
+        session.record_closed(None, Some("could not send session.created".into()));
+        return;
+    }
+
+    loop {
+        tokio::select! {
+            msg = stream.next() => match msg {
+                Some(Ok(Message::Text(text))) => {
+                    let event = serde_json::from_str::<Value>(text.as_str())
+                        .unwrap_or_else(|_| Value::String(text.as_str().to_string()));
+                    let ev = session.record_received(event);
+                    for reply in react(&session, &mut script, &ev.event) {
+                        if send_event(&session, &mut sink, reply).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Some(Ok(Message::Binary(b))) => {
+                    session.record_received(json!({"binary": b.len()}));
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    session.record_closed(
+                        Some(frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()))),
+                        None,
+                    );
+                    // tungstenite answers the close; drain until the stream ends.
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    session.record_closed(None, Some(e.to_string()));
+                    break;
+                }
+                None => {
+                    session.record_closed(None, None);
+                    break;
+                }
+            },
+            out = out_rx.recv() => match out {
+                Some(Out::Event(e)) => {
+                    if let Err(err) = send_event(&session, &mut sink, e).await {
+                        session.record_closed(None, Some(format!("send failed: {err}")));
+                        break;
+                    }
+                }
+                Some(Out::Close) => {
+                    let _ = sink
+                        .send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })))
+                        .await;
+                }
+                None => {}
+            },
+        }
+    }
+}
+
+async fn send_event<S>(session: &Session, sink: &mut S, event: Value) -> Result<(), String>
+where
+    S: futures::Sink<Message> + Unpin,
+    S::Error: std::fmt::Display,
+{
+    let event = session.prepare_outgoing(event);
+    sink.send(Message::text(event.to_string()))
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The server's own answers (like the real API) followed by the script's reactions.
+fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Value> {
+    let mut replies = Vec::new();
+    let ty = event.get("type").and_then(Value::as_str).unwrap_or("");
+    match ty {
+        "session.update" if script.answer_session_update => {
+            let patch = &event["session"];
+            if patch.get("type").is_none() {
+                replies.push(error_event(
+                    "missing_required_parameter",
+                    "Missing required parameter: 'session.type'.",
+                    Some("session.type"),
+                    event,
+                ));
+            } else {
+                let effective = {
+                    let mut log = session.log.lock().unwrap();
+                    merge_session(&mut log.effective, patch);
+                    log.effective.clone()
+                };
+                replies.push(json!({"type": "session.updated", "session": effective}));
+            }
+        }
+        "conversation.item.truncate" => {
+            let item = event["item_id"].as_str().unwrap_or("");
+            let end = event["audio_end_ms"].as_u64();
+            match (session.audio_ms_sent_for(item), end) {
+                (Some(have), Some(end)) if end <= have => replies.push(json!({
+                    "type": "conversation.item.truncated",
+                    "item_id": item,
+                    "content_index": event["content_index"],
+                    "audio_end_ms": end,
+                })),
+                (Some(have), Some(end)) => replies.push(error_event(
+                    "invalid_value",
+                    &format!("Audio content of {have}ms is already shorter than {end}ms"),
+                    Some("audio_end_ms"),
+                    event,
+                )),
+                _ => replies.push(error_event(
+                    "invalid_value",
+                    &format!("Item with item_id '{item}' not found or audio_end_ms missing"),
+                    Some("item_id"),
+                    event,
+                )),
+            }
+        }
+        _ => {}
+    }
+    for (t, reaction) in script.reactions.iter_mut() {
+        if t == ty {
+            replies.extend(reaction(event));
+        }
+    }
+    replies
+}
+
+fn error_event(code: &str, message: &str, param: Option<&str>, cause: &Value) -> Value {
+    json!({
+        "type": "error",
+        "error": {
+            "type": "invalid_request_error",
+            "code": code,
+            "message": message,
+            "param": param,
+            "event_id": cause.get("event_id").cloned().unwrap_or(Value::Null),
+        }
+    })
+}
+
+/// The GA default config of a fresh session (as in the API reference's `session.created`).
+pub fn default_session(index: usize) -> Value {
+    let expires = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    json!({
+        "type": "realtime",
+        "object": "realtime.session",
+        "id": format!("sess_fake{index:06}"),
+        "model": "gpt-realtime-2025-08-28",
+        "output_modalities": ["audio"],
+        "instructions": "Your knowledge cutoff is 2023-10. You are a helpful, witty, and friendly AI.",
+        "tools": [],
+        "tool_choice": "auto",
+        "max_output_tokens": "inf",
+        "tracing": null,
+        "truncation": "auto",
+        "prompt": null,
+        "expires_at": expires,
+        "audio": {
+            "input": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "transcription": null,
+                "noise_reduction": null,
+                "turn_detection": {
+                    "type": "server_vad",
+                    "threshold": 0.5,
+                    "prefix_padding_ms": 300,
+                    "silence_duration_ms": 200,
+                    "idle_timeout_ms": null,
+                    "create_response": true,
+                    "interrupt_response": true
+                }
+            },
+            "output": {
+                "format": {"type": "audio/pcm", "rate": 24000},
+                "voice": "marin",
+                "speed": 1.0
+            }
+        },
+        "include": null
+    })
+}
+
+/// Partial update as the server does it: objects merge key by key, anything else replaces.
+/// A tagged object (`{"type": …}`) whose tag changes is replaced whole, so
+/// `{"type":"audio/pcm","rate":24000}` updated with `{"type":"audio/pcmu"}` loses its rate.
+pub fn merge_session(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            let retagged = p.get("type").is_some()
+                && t.get("type").is_some()
+                && p.get("type") != t.get("type");
+            if retagged {
+                *t = p.clone();
+                return;
+            }
+            for (k, v) in p {
+                match t.get_mut(k) {
+                    Some(existing) if existing.is_object() && v.is_object() => {
+                        merge_session(existing, v)
+                    }
+                    _ => {
+                        t.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+// ---- server event builders ----------------------------------------------------------------
+
+pub fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `input_audio_buffer.speech_started` (the server VAD heard the caller).
+pub fn speech_started(audio_start_ms: u64, user_item_id: &str) -> Value {
+    json!({
+        "type": "input_audio_buffer.speech_started",
+        "audio_start_ms": audio_start_ms,
+        "item_id": user_item_id,
+    })
+}
+
+fn assistant_item(item_id: &str, status: &str, transcript: Option<&str>) -> Value {
+    let content = match transcript {
+        Some(t) => json!([{"type": "output_audio", "transcript": t}]),
+        None => json!([]),
+    };
+    json!({
+        "id": item_id,
+        "object": "realtime.item",
+        "type": "message",
+        "status": status,
+        "role": "assistant",
+        "content": content,
+    })
+}
+
+/// The events that open an audio response: `response.created`, `response.output_item.added`,
+/// `conversation.item.added`, `response.content_part.added`.
+pub fn response_start(response_id: &str, item_id: &str) -> Vec<Value> {
+    vec![
+        json!({
+            "type": "response.created",
+            "response": {
+                "object": "realtime.response",
+                "id": response_id,
+                "status": "in_progress",
+                "status_details": null,
+                "output": [],
+                "conversation_id": "conv_fake",
+                "output_modalities": ["audio"],
+                "max_output_tokens": "inf",
+                "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
+                "usage": null,
+                "metadata": null
+            }
+        }),
+        json!({
+            "type": "response.output_item.added",
+            "response_id": response_id,
+            "output_index": 0,
+            "item": assistant_item(item_id, "in_progress", None),
+        }),
+        json!({
+            "type": "conversation.item.added",
+            "previous_item_id": null,
+            "item": assistant_item(item_id, "in_progress", None),
+        }),
+        json!({
+            "type": "response.content_part.added",
+            "response_id": response_id,
+            "item_id": item_id,
+            "output_index": 0,
+            "content_index": 0,
+            "part": {"type": "output_audio", "transcript": ""},
+        }),
+    ]
+}
+
+/// One `response.output_audio.delta` carrying these μ-law bytes.
+pub fn audio_delta(response_id: &str, item_id: &str, bytes: &[u8]) -> Value {
+    json!({
+        "type": "response.output_audio.delta",
+        "response_id": response_id,
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": b64(bytes),
+    })
+}
+
+/// The events that close an audio response. `status` is `completed` or `cancelled`
+/// (the latter with reason `turn_detected`, as after a server-VAD barge-in).
+pub fn response_finish(
+    response_id: &str,
+    item_id: &str,
+    transcript: &str,
+    status: &str,
+) -> Vec<Value> {
+    let ids = json!({"response_id": response_id, "item_id": item_id, "output_index": 0, "content_index": 0});
+    let with = |ty: &str, extra: Value| {
+        let mut v = ids.clone();
+        v["type"] = json!(ty);
+        if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
+            for (k, x) in e {
+                o.insert(k.clone(), x.clone());
+            }
+        }
+        v
+    };
+    let item_status = if status == "completed" {
+        "completed"
+    } else {
+        "incomplete"
+    };
+    let status_details = if status == "cancelled" {
+        json!({"type": "cancelled", "reason": "turn_detected"})
+    } else {
+        Value::Null
+    };
+    vec![
+        with("response.output_audio.done", json!({})),
+        with(
+            "response.output_audio_transcript.done",
+            json!({"transcript": transcript}),
+        ),
+        with(
+            "response.content_part.done",
+            json!({"part": {"type": "output_audio", "transcript": transcript}}),
+        ),
+        json!({
+            "type": "response.output_item.done",
+            "response_id": response_id,
+            "output_index": 0,
+            "item": assistant_item(item_id, item_status, Some(transcript)),
+        }),
+        json!({
+            "type": "conversation.item.done",
+            "previous_item_id": null,
+            "item": assistant_item(item_id, item_status, Some(transcript)),
+        }),
+        json!({
+            "type": "response.done",
+            "response": {
+                "object": "realtime.response",
+                "id": response_id,
+                "status": status,
+                "status_details": status_details,
+                "output": [assistant_item(item_id, item_status, Some(transcript))],
+                "conversation_id": "conv_fake",
+                "output_modalities": ["audio"],
+                "max_output_tokens": "inf",
+                "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
+                "usage": {
+                    "total_tokens": 253,
+                    "input_tokens": 132,
+                    "output_tokens": 121,
+                    "input_token_details": {
+                        "text_tokens": 119, "audio_tokens": 13, "image_tokens": 0, "cached_tokens": 64,
+                        "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0}
+                    },
+                    "output_token_details": {"text_tokens": 30, "audio_tokens": 91}
+                },
+                "metadata": null
+            }
+        }),
+    ]
+}
+
+/// A whole audio response: start, one delta per chunk (in order), finish (`completed`).
+pub fn full_response(
+    response_id: &str,
+    item_id: &str,
+    chunks: &[Vec<u8>],
+    transcript: &str,
+) -> Vec<Value> {
+    let mut v = response_start(response_id, item_id);
+    v.extend(chunks.iter().map(|c| audio_delta(response_id, item_id, c)));
+    v.push(json!({
+        "type": "response.output_audio_transcript.delta",
+        "response_id": response_id,
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": transcript,
+    }));
+    v.extend(response_finish(
+        response_id,
+        item_id,
+        transcript,
+        "completed",
+    ));
+    v
+}
+
+// Checks of the fake itself (no Worker needed).
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_openai_merges_session_update_like_the_server() {
+        let mut s = default_session(0);
+        merge_session(
+            &mut s,
+            &json!({"type": "realtime", "audio": {"output": {"format": {"type": "audio/pcmu"}},
+                    "input": {"turn_detection": {"type": "server_vad", "threshold": 0.6}}}}),
+        );
+        assert_eq!(
+            s["audio"]["output"]["format"],
+            json!({"type": "audio/pcmu"})
+        );
+        assert_eq!(s["audio"]["output"]["voice"], json!("marin"));
+        assert_eq!(
+            s["audio"]["input"]["format"],
+            json!({"type": "audio/pcm", "rate": 24000})
+        );
+        assert_eq!(
+            s["audio"]["input"]["turn_detection"]["threshold"],
+            json!(0.6)
+        );
+        assert_eq!(
+            s["audio"]["input"]["turn_detection"]["prefix_padding_ms"],
+            json!(300)
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! Harness for the end-to-end tests: the real Worker in `wrangler dev` between a fake Twilio
+//! and a fake OpenAI Realtime server, both speaking over real sockets on 127.0.0.1.
+//!
+//! One Worker and one fake OpenAI are shared by all tests of a binary ([`harness`]); each test
+//! uses its own CallSid, and claims "its" OpenAI session (see `fake_openai::FakeOpenAi::claim`).
+
+#![allow(dead_code)]
+
+pub mod fake_openai;
+pub mod fake_twilio;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fake_openai::{FakeOpenAi, Session, SessionScript};
+use fake_twilio::{CallIds, MediaStream, Twiml};
+use tokio::task::JoinHandle;
+use worker::{WorkerConfig, WorkerProcess};
+
+/// Recognizable fake secrets: they must never show up in the Worker's log.
+pub const OPENAI_API_KEY: &str = "sk-test-e2e-SECRET-123";
+pub const TWILIO_AUTH_TOKEN: &str = "twilio-e2e-token-SECRET-456";
+pub const OPENAI_MODEL: &str = "gpt-realtime";
+
+/// Generous bound for anything that should happen "soon" (shared, noisy 2-core machines).
+pub const SOON: Duration = Duration::from_secs(30);
+
+/// The shared Worker and fake OpenAI.
+pub struct Harness {
+    pub worker: WorkerProcess,
+    pub openai: FakeOpenAi,
+}
+
+/// A runtime that outlives every `#[tokio::test]` runtime, for the servers the tests share.
+pub fn background_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("e2e-fake-openai")
+            .enable_all()
+            .build()
+            .expect("background runtime")
+    })
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Start (once per test binary) the fake OpenAI and the Worker; later callers wait for the
+/// first one and share the result, including a failure.
+pub async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| async {
+            let openai = FakeOpenAi::start(background_runtime());
+            let stamp = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis();
+            let scratch_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+                .join(format!("e2e-bridge-{}-{stamp}", std::process::id()));
+            let cfg = WorkerConfig {
+                root: repo_root(),
+                vars: vec![
+                    ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
+                    ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
+                    ("OPENAI_REALTIME_URL".into(), openai.realtime_url()),
+                    ("OPENAI_MODEL".into(), OPENAI_MODEL.into()),
+                ],
+                scratch_dir,
+            };
+            let worker = WorkerProcess::start(cfg).await?;
+            Ok(Harness { worker, openai })
+        })
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+/// One call in progress: Twilio's side and the OpenAI session the Worker opened for it.
+pub struct Call {
+    pub ids: CallIds,
+    pub from: String,
+    pub to: String,
+    pub twiml: Twiml,
+    pub twilio: MediaStream,
+    pub openai: Arc<Session>,
+    /// The caller-audio task when `CallSpec::caller_audio` was given (returns the payloads sent).
+    pub caller_audio: Option<JoinHandle<Vec<String>>>,
+}
+
+/// How to start a call.
+pub struct CallSpec {
+    pub from: String,
+    pub to: String,
+    pub script: SessionScript,
+    /// Audio the caller starts sending (paced, 20 ms frames) right after `start`, before the
+    /// Worker's OpenAI session is up.
+    pub caller_audio: Option<Vec<u8>>,
+}
+
+impl Default for CallSpec {
+    fn default() -> Self {
+        CallSpec {
+            from: "+15551230001".into(),
+            to: "+81312345678".into(),
+            script: SessionScript::new(),
+            caller_audio: None,
+        }
+    }
+}
+
+impl Harness {
+    pub fn base_url(&self) -> String {
+        self.worker.base_url()
+    }
+
+    pub fn voice_url(&self) -> String {
+        format!("{}/api/twilio/voice", self.base_url())
+    }
+
+    /// The Stream url the Worker is expected to put in its TwiML for this call.
+    pub fn expected_stream_url(&self, call_sid: &str) -> String {
+        format!(
+            "ws://127.0.0.1:{}/api/twilio/media-stream/{call_sid}",
+            self.worker.port
+        )
+    }
+
+    /// Post the signed voice webhook for a new call and parse the TwiML (asserting 200).
+    pub async fn answer_call(&self, ids: &CallIds, from: &str, to: &str) -> Twiml {
+        let params = fake_twilio::voice_params(ids, from, to);
+        let url = self.voice_url();
+        let sig = fake_twilio::sign(TWILIO_AUTH_TOKEN, &url, &params);
+        let reply = fake_twilio::post_form(&url, &params, Some(&sig))
+            .await
+            .unwrap_or_else(|e| panic!("voice webhook: {e}"));
+        assert_eq!(
+            reply.status,
+            200,
+            "signed voice webhook for {} answered {}: {}\nWorker log tail:\n{}",
+            ids.call_sid,
+            reply.status,
+            reply.body,
+            self.worker.log_tail(40)
+        );
+        fake_twilio::parse_twiml(&reply.body).unwrap_or_else(|e| {
+            panic!(
+                "voice webhook answer is not the expected TwiML: {e}\n{}",
+                reply.body
+            )
+        })
+    }
+
+    /// Open the signed media stream for `twiml`'s Stream url.
+    pub async fn open_stream(&self, twiml: &Twiml) -> MediaStream {
+        let sig = fake_twilio::sign(TWILIO_AUTH_TOKEN, &twiml.stream_url, &[]);
+        match MediaStream::connect(&twiml.stream_url, Some(&sig)).await {
+            Ok(s) => s,
+            Err(e) => panic!(
+                "media stream {} was not accepted: {e:?}\nWorker log tail:\n{}",
+                twiml.stream_url,
+                self.worker.log_tail(40)
+            ),
+        }
+    }
+
+    /// Webhook, media stream, `connected` + `start` (+ caller audio), and the OpenAI session
+    /// the Worker opened for this call.
+    pub async fn start_call(&self, spec: CallSpec) -> Call {
+        let ids = CallIds::new();
+        let twiml = self.answer_call(&ids, &spec.from, &spec.to).await;
+        let claim = self.openai.claim(spec.script).await;
+        let twilio = self.open_stream(&twiml).await;
+        twilio.send_connected();
+        twilio.send_start(&ids, &twiml.parameters);
+        let caller_audio = spec.caller_audio.map(|a| twilio.play_caller_audio(a));
+        let openai = match claim.session(SOON).await {
+            Ok(s) => s,
+            Err(e) => panic!("{e}\nWorker log tail:\n{}", self.worker.log_tail(40)),
+        };
+        Call {
+            ids,
+            from: spec.from,
+            to: spec.to,
+            twiml,
+            twilio,
+            openai,
+            caller_audio,
+        }
+    }
+}
+
+/// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
+/// with `tag`, the chunk number (big-endian u16), and then a pattern that depends on both.
+pub fn tagged_chunks(tag: u8, n: usize, len: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            (0..len)
+                .map(|j| match j {
+                    0 => tag,
+                    1 => (i >> 8) as u8,
+                    2 => i as u8,
+                    _ => (tag as usize * 31 + i * 7 + j * 13) as u8,
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// Unwrap a wait result, adding the Worker's log tail to the failure message.
+pub fn ok<T>(h: &Harness, r: Result<T, String>) -> T {
+    match r {
+        Ok(t) => t,
+        Err(e) => panic!("{e}\nWorker log tail:\n{}", h.worker.log_tail(60)),
+    }
+}

@@ -1,0 +1,301 @@
+//! Launches the real Worker under `wrangler dev` for the end-to-end tests.
+//!
+//! wrangler runs the `[build]` command itself (the wasm build takes a minute or more), so one
+//! Worker is started per test binary and shared. wrangler and its workerd children run in a
+//! process group of their own, led by a small bash watchdog that takes the group down when the
+//! test process goes away: statics are never dropped, so `Drop` alone cannot stop a shared
+//! Worker. A `WorkerProcess` that is dropped kills its group too.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long the build plus startup may take.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Settings for one `wrangler dev`.
+pub struct WorkerConfig {
+    /// The repository root (where wrangler.toml is).
+    pub root: PathBuf,
+    /// `--var KEY:VALUE` pairs.
+    pub vars: Vec<(String, String)>,
+    /// Where the log file and the `--persist-to` state go.
+    pub scratch_dir: PathBuf,
+}
+
+/// A running `wrangler dev`.
+pub struct WorkerProcess {
+    pub port: u16,
+    pub inspector_port: u16,
+    pub log_path: PathBuf,
+    pub persist_dir: PathBuf,
+    child: Child,
+}
+
+/// A port that was free a moment ago (bind :0, read it, release it).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// Remove ANSI escape sequences (wrangler colours its warnings even with NO_COLOR).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // Parameters and intermediates, then one final byte in @..~.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn sh_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+fn npx(root: &Path) -> Command {
+    let mut c = Command::new("npx");
+    c.current_dir(root)
+        .env("CI", "true")
+        .env("WRANGLER_SEND_METRICS", "false")
+        .env("NO_COLOR", "1")
+        .env("FORCE_COLOR", "0");
+    c
+}
+
+impl WorkerProcess {
+    /// Apply local D1 migrations (when there are any), start `wrangler dev`, and wait until
+    /// `GET /healthz` answers 200.
+    pub async fn start(cfg: WorkerConfig) -> Result<WorkerProcess, String> {
+        fs::create_dir_all(&cfg.scratch_dir).map_err(|e| e.to_string())?;
+        let persist_dir = cfg.scratch_dir.join("state");
+        let log_path = cfg.scratch_dir.join("wrangler.log");
+        fs::create_dir_all(&persist_dir).map_err(|e| e.to_string())?;
+
+        apply_migrations(
+            &cfg.root,
+            &persist_dir,
+            &cfg.scratch_dir.join("migrations.log"),
+        )?;
+
+        let port = free_port();
+        let mut inspector_port = free_port();
+        while inspector_port == port {
+            inspector_port = free_port();
+        }
+        let mut args: Vec<String> = vec![
+            "wrangler".into(),
+            "dev".into(),
+            "--ip".into(),
+            "127.0.0.1".into(),
+            "--port".into(),
+            port.to_string(),
+            "--inspector-port".into(),
+            inspector_port.to_string(),
+            "--persist-to".into(),
+            persist_dir.display().to_string(),
+            "--show-interactive-dev-session=false".into(),
+        ];
+        for (k, v) in &cfg.vars {
+            args.push("--var".into());
+            args.push(format!("{k}:{v}"));
+        }
+        let wrangler_cmd = std::iter::once("npx".to_string())
+            .chain(args.iter().cloned())
+            .map(|a| sh_quote(&a))
+            .collect::<Vec<_>>()
+            .join(" ");
+        // The watchdog: run wrangler in the background, then wait for either wrangler or the
+        // test process to end, and take the whole group down. The TERM trap is set after
+        // wrangler started so wrangler keeps the default TERM action.
+        let script = format!(
+            r#"{wrangler_cmd} </dev/null &
+W=$!
+trap '' TERM
+while kill -0 "$W" 2>/dev/null && kill -0 {test_pid} 2>/dev/null; do sleep 0.5; done
+kill -TERM -- -$$ 2>/dev/null
+sleep 3
+kill -KILL -- -$$ 2>/dev/null
+"#,
+            test_pid = std::process::id()
+        );
+        let log =
+            File::create(&log_path).map_err(|e| format!("create {}: {e}", log_path.display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new("bash");
+        cmd.arg("-c")
+            .arg(&script)
+            .current_dir(&cfg.root)
+            .env("CI", "true")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("NO_COLOR", "1")
+            .env("FORCE_COLOR", "0")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        {
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        let child = cmd.spawn().map_err(|e| format!("spawn wrangler: {e}"))?;
+        let mut worker = WorkerProcess {
+            port,
+            inspector_port,
+            log_path,
+            persist_dir,
+            child,
+        };
+        worker.wait_ready(READY_TIMEOUT).await?;
+        Ok(worker)
+    }
+
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Everything wrangler (and the Worker's console.log) printed so far, without terminal
+    /// colour codes.
+    pub fn log(&self) -> String {
+        let raw = fs::read(&self.log_path)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        strip_ansi(&raw)
+    }
+
+    /// The last `n` lines of the log (for failure messages), with a warning when wrangler
+    /// restarted the Worker during the run (it watches `src/`: editing the sources while the
+    /// tests run reloads the Worker and breaks calls in flight).
+    pub fn log_tail(&self, n: usize) -> String {
+        let log = self.log();
+        let lines: Vec<&str> = log.lines().collect();
+        let mut tail = lines[lines.len().saturating_sub(n)..].join("\n");
+        let after_ready = log.find("Ready on").map(|i| &log[i..]).unwrap_or("");
+        if after_ready.contains("restarting build") {
+            tail.push_str(
+                "\n[e2e] NOTE: wrangler rebuilt and restarted the Worker during this run \
+                 (a file under src/ changed); calls in flight were cut.",
+            );
+        }
+        tail
+    }
+
+    async fn wait_ready(&mut self, timeout: Duration) -> Result<(), String> {
+        let url = format!("{}/healthz", self.base_url());
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|e| e.to_string())?;
+        let started = Instant::now();
+        let mut last = String::from("no answer yet");
+        while started.elapsed() < timeout {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "wrangler dev exited ({status}) before /healthz answered 200; log {}:\n{}",
+                    self.log_path.display(),
+                    self.log_tail(80)
+                ));
+            }
+            match client.get(&url).send().await {
+                Ok(r) if r.status().as_u16() == 200 => {
+                    eprintln!(
+                        "[e2e] Worker ready on port {} after {:.1}s (log: {})",
+                        self.port,
+                        started.elapsed().as_secs_f64(),
+                        self.log_path.display()
+                    );
+                    return Ok(());
+                }
+                Ok(r) => last = format!("status {}", r.status()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(format!(
+            "GET {url} did not answer 200 within {timeout:?} (last: {last}); log {}:\n{}",
+            self.log_path.display(),
+            self.log_tail(80)
+        ))
+    }
+
+    /// Stop the whole process group (wrangler, workerd, the watchdog).
+    pub fn kill(&mut self) {
+        let pgid = self.child.id();
+        let _ = Command::new("kill")
+            .args(["-TERM", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{pgid}")])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `wrangler d1 migrations apply DB --local` into the same state directory, when the repo has
+/// `.sql` migrations.
+fn apply_migrations(root: &Path, persist_dir: &Path, log_path: &Path) -> Result<(), String> {
+    let dir = root.join("migrations");
+    let has_sql = fs::read_dir(&dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .any(|e| e.path().extension().is_some_and(|x| x == "sql"))
+        })
+        .unwrap_or(false);
+    if !has_sql {
+        return Ok(());
+    }
+    let log = File::create(log_path).map_err(|e| e.to_string())?;
+    let log2 = log.try_clone().map_err(|e| e.to_string())?;
+    let status = npx(root)
+        .args([
+            "wrangler",
+            "d1",
+            "migrations",
+            "apply",
+            "DB",
+            "--local",
+            "--persist-to",
+        ])
+        .arg(persist_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log))
+        .stderr(Stdio::from(log2))
+        .status()
+        .map_err(|e| format!("spawn wrangler d1 migrations apply: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "wrangler d1 migrations apply DB --local failed ({status}):\n{}",
+            fs::read_to_string(log_path).unwrap_or_default()
+        ))
+    }
+}
