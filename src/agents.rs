@@ -11,7 +11,7 @@ use crate::store::Statement;
 use serde_json::{json, Map, Value};
 
 /// The `agents` columns, in the order the statements here select them.
-pub const COLUMNS: [&str; 18] = [
+pub const COLUMNS: [&str; 19] = [
     "id",
     "name",
     "instructions",
@@ -30,6 +30,7 @@ pub const COLUMNS: [&str; 18] = [
     "is_default",
     "created_at",
     "updated_at",
+    "tool_secret",
 ];
 
 /// Prefix of the ids the API generates (`agt_` and 16 hex digits).
@@ -141,6 +142,11 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
         tools,
         transfer_number,
         max_call_seconds: whole(row, "max_call_seconds")?,
+        tool_secret: row
+            .get("tool_secret")
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(config::Secret::new),
     };
     Ok(Record {
         agent,
@@ -189,6 +195,8 @@ pub fn to_json(record: &Record) -> Value {
         "tools": a.tools,
         "transfer_number": a.transfer_number,
         "max_call_seconds": a.max_call_seconds,
+        // Write-only: whether one is set, never the secret.
+        "tool_secret_set": a.tool_secret.is_some(),
         "is_default": record.is_default,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
@@ -309,6 +317,20 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
                 }
             }
             "max_call_seconds" => a.max_call_seconds = int_u32(field, v)?,
+            "tool_secret" => {
+                a.tool_secret = match v {
+                    Value::Null => None,
+                    Value::String(s) if s.len() >= 16 => Some(config::Secret::new(s.clone())),
+                    _ => {
+                        return Err(invalid(
+                            field,
+                            "must be a string of 16 or more characters, or null",
+                        ))
+                    }
+                }
+            }
+            // Shown by GET; accepted and ignored so a GET body can be PUT back.
+            "tool_secret_set" => {}
             "is_default" => {
                 change.is_default = v
                     .as_bool()
@@ -455,6 +477,7 @@ fn row_params(change: &Change, now: &str) -> Vec<Value> {
         json!(a.max_call_seconds),
         json!(i32::from(change.is_default)),
         json!(now),
+        json!(a.tool_secret.as_ref().map(|s| s.expose())),
     ]
 }
 
@@ -476,7 +499,7 @@ pub fn insert(change: &Change, now: &str) -> Vec<Statement> {
     out.push(Statement::new(
         format!(
             "INSERT INTO agents ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-             ?13, ?14, ?15, ?16, ?17, ?17)",
+             ?13, ?14, ?15, ?16, ?17, ?17, ?18)",
             COLUMNS.join(", ")
         ),
         row_params(change, now),
@@ -494,7 +517,7 @@ pub fn update(change: &Change, now: &str) -> Vec<Statement> {
         "UPDATE agents SET name = ?2, instructions = ?3, greeting = ?4, voice = ?5, model = ?6, \
          language = ?7, transcription_model = ?8, turn_detection_type = ?9, vad_threshold = ?10, \
          vad_silence_ms = ?11, vad_prefix_padding_ms = ?12, tools = ?13, transfer_number = ?14, \
-         max_call_seconds = ?15, is_default = ?16, updated_at = ?17 WHERE id = ?1",
+         max_call_seconds = ?15, is_default = ?16, updated_at = ?17, tool_secret = ?18 WHERE id = ?1",
         row_params(change, now),
     ));
     out
@@ -687,7 +710,8 @@ mod tests {
 
     fn tool(name: &str) -> Value {
         json!({"type": "function", "name": name, "description": "d",
-               "parameters": {"type": "object", "properties": {}}})
+               "parameters": {"type": "object", "properties": {}},
+               "url": "https://crm.example.jp/tools"})
     }
 
     fn field_of(r: Result<Change, Refusal>) -> String {
@@ -747,6 +771,7 @@ mod tests {
         // The API view is the input plus the stored fields.
         let mut expected = body;
         expected["is_default"] = json!(false);
+        expected["tool_secret_set"] = json!(false);
         expected["created_at"] = json!(NOW);
         expected["updated_at"] = json!(NOW);
         assert_eq!(to_json(&record), expected);

@@ -10,6 +10,7 @@ pub const VOICES: &[&str] = &[
     "alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse", "marin", "cedar",
 ];
 
+pub const DEFAULT_TWILIO_API_BASE_URL: &str = "https://api.twilio.com";
 pub const DEFAULT_REALTIME_URL: &str = "wss://api.openai.com/v1/realtime";
 pub const DEFAULT_MODEL: &str = "gpt-realtime";
 pub const DEFAULT_VOICE: &str = "marin";
@@ -22,7 +23,8 @@ pub const DEFAULT_FALLBACK_MESSAGE: &str =
     "申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。";
 
 /// A secret value: never printed, not even by `{:?}`.
-#[derive(Clone, PartialEq, Eq, Default)]
+#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
 pub struct Secret(String);
 
 impl Secret {
@@ -88,6 +90,9 @@ pub struct Agent {
     /// E.164 number a caller is transferred to when they ask for a person.
     pub transfer_number: Option<String>,
     pub max_call_seconds: u32,
+    /// Key for the signature on webhook tool requests (write-only in the admin API).
+    #[serde(default)]
+    pub tool_secret: Option<Secret>,
 }
 
 impl Default for Agent {
@@ -105,6 +110,7 @@ impl Default for Agent {
             tools: Vec::new(),
             transfer_number: None,
             max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
+            tool_secret: None,
         }
     }
 }
@@ -117,36 +123,6 @@ pub fn is_e164(s: &str) -> bool {
     (2..=15).contains(&digits.len())
         && digits.bytes().all(|b| b.is_ascii_digit())
         && !digits.starts_with('0')
-}
-
-/// Checks one function tool definition; returns the reason it is not valid.
-fn tool_problem(tool: &Value) -> Option<String> {
-    let Some(obj) = tool.as_object() else {
-        return Some("must be an object".into());
-    };
-    if obj.get("type").and_then(Value::as_str) != Some("function") {
-        return Some("type must be \"function\"".into());
-    }
-    let name = obj.get("name").and_then(Value::as_str).unwrap_or("");
-    let name_ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    if !name_ok {
-        return Some("name must be 1-64 letters, digits, _ or -".into());
-    }
-    if let Some(d) = obj.get("description") {
-        if !d.is_string() {
-            return Some("description must be a string".into());
-        }
-    }
-    match obj.get("parameters") {
-        None => {}
-        Some(p) if p.is_object() => {}
-        Some(_) => return Some("parameters must be a JSON Schema object".into()),
-    }
-    None
 }
 
 #[derive(Debug, thiserror::Error, PartialEq)]
@@ -224,10 +200,10 @@ impl Agent {
         }
         let mut names = std::collections::HashSet::new();
         for (i, tool) in self.tools.iter().enumerate() {
-            if let Some(problem) = tool_problem(tool) {
+            if let Err(problem) = crate::tools::parse(tool) {
                 return Err(invalid("tools", format!("tool {i}: {problem}")));
             }
-            if !names.insert(tool["name"].as_str().unwrap_or_default()) {
+            if !names.insert(crate::tools::name_of(tool).unwrap_or_default()) {
                 return Err(invalid("tools", format!("tool {i}: duplicate name")));
             }
         }
@@ -253,11 +229,17 @@ pub struct Bridge {
     pub openai_realtime_url: String,
     pub openai_api_key: Secret,
     pub twilio_auth_token: Secret,
+    /// Username of Twilio REST calls (hang up, transfer); the auth token is the password.
+    pub twilio_account_sid: String,
+    /// Base of Twilio's REST API, `https://api.twilio.com` unless a test points it elsewhere.
+    pub twilio_api_base_url: String,
     /// Public `https://host` the Worker is reached at, when it differs from the request's.
     pub public_base_url: Option<String>,
     pub use_openai_realtime: bool,
     pub fallback_message: String,
     pub fallback_dial_number: Option<String>,
+    /// Silence this long makes the agent check in; as long again ends the call.
+    pub idle_timeout_ms: u64,
     pub agent: Agent,
 }
 
@@ -333,16 +315,28 @@ impl Bridge {
             tools: Vec::new(),
             transfer_number: None,
             max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
+            tool_secret: None,
         };
         agent.validate()?;
         Ok(Self {
             openai_realtime_url: realtime.trim_end_matches('/').to_owned(),
             openai_api_key: Secret::new(get("OPENAI_API_KEY").unwrap_or_default()),
             twilio_auth_token: Secret::new(get("TWILIO_AUTH_TOKEN").unwrap_or_default()),
+            twilio_account_sid: get("TWILIO_ACCOUNT_SID").unwrap_or_default(),
+            twilio_api_base_url: or("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL)
+                .trim_end_matches('/')
+                .to_owned(),
             public_base_url,
             use_openai_realtime,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             fallback_dial_number: get("FALLBACK_DIAL_NUMBER"),
+            idle_timeout_ms: {
+                let s = parse_num("IDLE_TIMEOUT_SECONDS", 30.0)?;
+                if !(5.0..=600.0).contains(&s) {
+                    return Err(invalid("IDLE_TIMEOUT_SECONDS", "must be between 5 and 600"));
+                }
+                (s * 1000.0) as u64
+            },
             agent,
         })
     }
@@ -476,7 +470,7 @@ mod tests {
             "tools"
         );
         assert_eq!(check(&|a| a.tools = vec![serde_json::json!("x")]), "tools");
-        let tool = serde_json::json!({"type":"function","name":"lookup","description":"d","parameters":{"type":"object"}});
+        let tool = serde_json::json!({"type":"function","name":"lookup","description":"d","parameters":{"type":"object"},"url":"https://crm.example.jp/t"});
         assert_eq!(
             check(&|a| a.tools = vec![tool.clone(), tool.clone()]),
             "tools"

@@ -72,6 +72,13 @@ pub enum ServerEvent<'a> {
     },
     ResponseDone(ResponseInfo),
     RateLimitsUpdated(Vec<RateLimit>),
+    /// The model called a function: `response.function_call_arguments.done`.
+    FunctionCall {
+        call_id: String,
+        name: String,
+        /// JSON text, as the model wrote it (may be invalid JSON).
+        arguments: String,
+    },
     /// Any other well-formed event; carried by name so it can be counted.
     Other {
         kind: String,
@@ -171,6 +178,12 @@ struct RawEvent<'a> {
     rate_limits: Option<Vec<RateLimit>>,
     #[serde(default)]
     item: Option<RawItem>,
+    #[serde(default)]
+    call_id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -302,6 +315,14 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
             item_id: raw.item_id,
             audio_end_ms: raw.audio_end_ms,
         },
+        "response.function_call_arguments.done" => {
+            let e = "response.function_call_arguments.done";
+            ServerEvent::FunctionCall {
+                call_id: raw.call_id.ok_or(missing(e, "call_id"))?,
+                name: raw.name.ok_or(missing(e, "name"))?,
+                arguments: raw.arguments.unwrap_or_default(),
+            }
+        }
         "response.done" => {
             let r = raw.response.ok_or(missing("response.done", "response"))?;
             ServerEvent::ResponseDone(ResponseInfo {
@@ -342,19 +363,7 @@ pub fn session_update(agent: &Agent) -> String {
         })
     };
     // Only the fields the Realtime API knows: it rejects a whole update for one unknown key.
-    let tools: Vec<Value> = agent
-        .tools
-        .iter()
-        .map(|t| {
-            let mut out = serde_json::Map::new();
-            for key in ["type", "name", "description", "parameters"] {
-                if let Some(v) = t.get(key) {
-                    out.insert(key.into(), v.clone());
-                }
-            }
-            Value::Object(out)
-        })
-        .collect();
+    let tools = crate::tools::realtime_definitions(&agent.tools);
     json!({
         "type": "session.update",
         "event_id": "evt_bridge_session_update",
@@ -390,6 +399,40 @@ pub fn greeting_response(agent: &Agent) -> String {
         "type": "response.create",
         "event_id": "evt_bridge_greeting",
         "response": { "instructions": agent.greeting },
+    })
+    .to_string()
+}
+
+/// Asks for a response, optionally with instructions for this response only.
+pub fn response_create(instructions: Option<&str>) -> String {
+    match instructions {
+        Some(i) => json!({ "type": "response.create", "response": { "instructions": i } }),
+        None => json!({ "type": "response.create" }),
+    }
+    .to_string()
+}
+
+/// The result of a function call, for the model to read.
+pub fn function_call_output(call_id: &str, output: &str) -> String {
+    json!({
+        "type": "conversation.item.create",
+        "item": { "type": "function_call_output", "call_id": call_id, "output": output },
+    })
+    .to_string()
+}
+
+/// A text message added to the conversation. `role` is `user`, `system` or `assistant`
+/// (assistant text uses the `output_text` content type; audio cannot be created).
+pub fn text_item(role: &str, text: &str) -> String {
+    let content_type = if role == "assistant" {
+        "output_text"
+    } else {
+        "input_text"
+    };
+    json!({
+        "type": "conversation.item.create",
+        "item": { "type": "message", "role": role,
+                  "content": [{ "type": content_type, "text": text }] },
     })
     .to_string()
 }
@@ -559,6 +602,34 @@ mod tests {
                 delta: "こん".into()
             }
         );
+    }
+
+    #[test]
+    fn parses_function_calls_and_builds_outputs() {
+        let e = parse(r#"{"event_id":"event_5556","type":"response.function_call_arguments.done","response_id":"resp_002","item_id":"fc_001","output_index":0,"call_id":"call_001","name":"get_weather","arguments":"{\"location\": \"San Francisco\"}"}"#).unwrap();
+        assert_eq!(
+            e,
+            ServerEvent::FunctionCall {
+                call_id: "call_001".into(),
+                name: "get_weather".into(),
+                arguments: "{\"location\": \"San Francisco\"}".into()
+            }
+        );
+        let v: Value =
+            serde_json::from_str(&function_call_output("call_001", "{\"ok\":true}")).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"conversation.item.create","item":{"type":"function_call_output","call_id":"call_001","output":"{\"ok\":true}"}})
+        );
+        let v: Value = serde_json::from_str(&text_item("assistant", "はい")).unwrap();
+        assert_eq!(
+            v["item"]["content"][0],
+            json!({"type":"output_text","text":"はい"})
+        );
+        let v: Value = serde_json::from_str(&text_item("user", "5")).unwrap();
+        assert_eq!(v["item"]["content"][0]["type"], "input_text");
+        let v: Value = serde_json::from_str(&response_create(None)).unwrap();
+        assert_eq!(v, json!({"type":"response.create"}));
     }
 
     #[test]

@@ -316,3 +316,80 @@ mod tests {
         );
     }
 }
+
+/// How to reach Twilio's REST API for call control.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RestConfig {
+    /// `https://api.twilio.com`, or a fake's address in tests.
+    pub base_url: String,
+    /// Basic-auth username; the call's own AccountSid when empty.
+    pub account_sid: String,
+    pub auth_token: crate::config::Secret,
+}
+
+/// `POST /2010-04-01/Accounts/{AccountSid}/Calls/{CallSid}.json` (protocol.md C3): hang up
+/// with `Status=completed`, or redirect with `Twiml=…`.
+pub fn update_call(
+    rest: &RestConfig,
+    account_sid: &str,
+    call_sid: &str,
+    form: &[(&str, &str)],
+) -> crate::http::Request {
+    use base64::Engine;
+    let user = if rest.account_sid.is_empty() {
+        account_sid
+    } else {
+        &rest.account_sid
+    };
+    let basic = base64::engine::general_purpose::STANDARD
+        .encode(format!("{user}:{}", rest.auth_token.expose()));
+    crate::http::Request {
+        method: "POST".into(),
+        url: format!(
+            "{}/2010-04-01/Accounts/{account_sid}/Calls/{call_sid}.json",
+            rest.base_url.trim_end_matches('/')
+        ),
+        headers: vec![
+            ("Authorization".into(), format!("Basic {basic}")),
+            (
+                "Content-Type".into(),
+                "application/x-www-form-urlencoded".into(),
+            ),
+        ],
+        body: crate::http::form(form),
+        timeout_ms: 10_000,
+    }
+}
+
+#[cfg(test)]
+mod rest_tests {
+    use super::*;
+
+    #[test]
+    fn hangup_request_matches_the_call_resource() {
+        let rest = RestConfig {
+            base_url: "https://api.twilio.com/".into(),
+            account_sid: String::new(),
+            auth_token: crate::config::Secret::new("tok"),
+        };
+        let r = update_call(&rest, "AC1", "CA1", &[("Status", "completed")]);
+        assert_eq!(r.method, "POST");
+        assert_eq!(
+            r.url,
+            "https://api.twilio.com/2010-04-01/Accounts/AC1/Calls/CA1.json"
+        );
+        assert_eq!(r.body, "Status=completed");
+        // base64("AC1:tok")
+        assert_eq!(r.header("authorization"), Some("Basic QUMxOnRvaw=="));
+        let r = update_call(
+            &rest,
+            "AC1",
+            "CA1",
+            &[("Twiml", "<Response><Dial>+81</Dial></Response>")],
+        );
+        assert_eq!(
+            r.body,
+            "Twiml=%3CResponse%3E%3CDial%3E%2B81%3C%2FDial%3E%3C%2FResponse%3E"
+        );
+    }
+}

@@ -6,6 +6,7 @@
 //! calls `handle(Input::Timeout, now)` when [`Call::poll_timeout`] comes due. Bad frames
 //! from either peer are logged, counted and dropped; they never end the call.
 
+mod control;
 mod playback;
 mod transcript;
 
@@ -17,7 +18,9 @@ use crate::config::Agent;
 use crate::ids::{CallSid, ItemId, Millis, StreamSid};
 use crate::openai::{self, ServerEvent};
 use crate::store::Record;
+use crate::tools::CallContext;
 use crate::twilio::{self, Inbound};
+use crate::{http, twilio::RestConfig};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, VecDeque};
 
@@ -53,6 +56,11 @@ pub enum Input<'a> {
     OpenAiClosed {
         code: u16,
         reason: &'a str,
+    },
+    /// An HTTP request from `Action::Http` finished.
+    HttpDone {
+        id: u64,
+        outcome: &'a http::Outcome,
     },
     /// The time given by `poll_timeout` has come.
     Timeout,
@@ -90,6 +98,11 @@ pub enum Action {
     },
     /// Write this to the call's record (durably, off the audio path).
     Persist(Record),
+    /// Make this request without blocking the call; answer with `Input::HttpDone`.
+    Http {
+        id: u64,
+        request: http::Request,
+    },
     /// The call is over; what it leaves for the record.
     Ended(Box<Summary>),
 }
@@ -114,6 +127,14 @@ pub enum EndReason {
     SessionRejected {
         reason: String,
     },
+    /// The agent hung up (the `end_call` tool, a time limit or a silent line).
+    AgentHangup {
+        why: String,
+    },
+    /// The call was handed to a person.
+    Transferred {
+        to: String,
+    },
 }
 
 impl EndReason {
@@ -126,6 +147,8 @@ impl EndReason {
             EndReason::OpenAiConnectFailed { .. } => "openai_connect_failed",
             EndReason::SessionSetupTimeout => "openai_session_timeout",
             EndReason::SessionRejected { .. } => "openai_session_rejected",
+            EndReason::AgentHangup { .. } => "agent_hangup",
+            EndReason::Transferred { .. } => "transferred",
         }
     }
 
@@ -133,7 +156,10 @@ impl EndReason {
     pub fn is_failure(&self) -> bool {
         !matches!(
             self,
-            EndReason::TwilioStop | EndReason::TwilioSocketClosed { .. }
+            EndReason::TwilioStop
+                | EndReason::TwilioSocketClosed { .. }
+                | EndReason::AgentHangup { .. }
+                | EndReason::Transferred { .. }
         )
     }
 
@@ -144,6 +170,8 @@ impl EndReason {
             EndReason::OpenAiConnectFailed { reason } | EndReason::SessionRejected { reason } => {
                 json!({ "reason": reason })
             }
+            EndReason::AgentHangup { why } => json!({ "why": why }),
+            EndReason::Transferred { to } => json!({ "to": to }),
             _ => Value::Null,
         }
     }
@@ -193,9 +221,22 @@ struct Stream {
     started_at: Millis,
 }
 
+/// Everything a call is set up with.
+#[derive(Debug, Clone)]
+pub struct Setup {
+    pub context: CallContext,
+    pub agent: Agent,
+    pub twilio_rest: RestConfig,
+    /// Silence on both sides this long makes the agent check in; as long again ends the call.
+    pub idle_timeout: Millis,
+}
+
 pub struct Call {
     sid: CallSid,
     agent: Agent,
+    context: CallContext,
+    twilio_rest: RestConfig,
+    control: control::State,
     upstream: Upstream,
     stream: Option<Stream>,
     session_id: Option<String>,
@@ -220,9 +261,18 @@ pub struct Call {
 impl Call {
     /// A call whose Twilio socket has just been accepted. Asks at once for the OpenAI
     /// socket, so the session is being set up while Twilio sends `connected` and `start`.
-    pub fn new(sid: CallSid, agent: Agent, now: Millis) -> Self {
+    pub fn new(setup: Setup, now: Millis) -> Self {
+        let Setup {
+            context,
+            agent,
+            twilio_rest,
+            idle_timeout,
+        } = setup;
         let mut call = Self {
-            sid,
+            sid: CallSid::new(context.call_sid.clone()),
+            context,
+            twilio_rest,
+            control: control::State::new(idle_timeout),
             upstream: Upstream::Connecting,
             stream: None,
             session_id: None,
@@ -279,7 +329,10 @@ impl Call {
         if self.ended.is_some() {
             return None;
         }
-        self.setup_deadline
+        [self.setup_deadline, self.control_deadline()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     pub fn handle(&mut self, input: Input<'_>, now: Millis) {
@@ -307,6 +360,9 @@ impl Call {
                     "openai.connect_failed",
                     json!({ "reason": reason }),
                 );
+                if self.try_reconnect(now, reason) {
+                    return;
+                }
                 self.end(
                     EndReason::OpenAiConnectFailed {
                         reason: reason.to_owned(),
@@ -325,6 +381,9 @@ impl Call {
                     json!({ "code": code, "reason": reason }),
                 );
                 self.upstream = Upstream::Closed;
+                if self.try_reconnect(now, reason) {
+                    return;
+                }
                 self.end(
                     EndReason::OpenAiClosed {
                         code,
@@ -333,6 +392,7 @@ impl Call {
                     now,
                 );
             }
+            Input::HttpDone { id, outcome } => self.on_http_done(id, outcome, now),
             Input::Timeout => {
                 if self.setup_deadline.is_some_and(|d| now >= d) {
                     self.log(
@@ -340,8 +400,13 @@ impl Call {
                         "openai.session_timeout",
                         json!({ "waited_ms": SESSION_SETUP_TIMEOUT.0 }),
                     );
+                    if self.try_reconnect(now, "session setup timed out") {
+                        return;
+                    }
                     self.end(EndReason::SessionSetupTimeout, now);
+                    return;
                 }
+                self.on_control_timer(now);
             }
         }
     }
@@ -363,15 +428,15 @@ impl Call {
             Inbound::Start(start) => self.on_start(start, now),
             Inbound::Media(media) => self.on_caller_audio(&media.payload),
             Inbound::Mark { name } => match self.playback.echoed(&name) {
-                Echo::Played { .. } | Echo::Flushed => {}
+                Echo::Played { .. } => self.on_played(now),
+                Echo::Flushed => {}
                 Echo::Unknown => self.drop_input("twilio_unknown_mark", json!({ "name": name })),
             },
-            Inbound::Dtmf { digit } => {
-                self.log(Level::Info, "twilio.dtmf", json!({ "digit": digit }))
-            }
+            Inbound::Dtmf { digit } => self.on_dtmf(&digit, now),
             Inbound::Stop => {
                 self.log(Level::Info, "twilio.stop", Value::Null);
-                self.end(EndReason::TwilioStop, now);
+                let reason = self.control_end_reason().unwrap_or(EndReason::TwilioStop);
+                self.end(reason, now);
             }
             Inbound::Unknown { event } => {
                 self.drop_input("twilio_unknown_event", json!({ "event": event }))
@@ -417,6 +482,7 @@ impl Call {
             sid: start.stream_sid,
             started_at: now,
         });
+        self.control_stream_started(now);
         // Agent audio that came before we knew where to send it.
         let held = std::mem::take(&mut self.held_output);
         self.held_output_bytes = 0;
@@ -510,6 +576,11 @@ impl Call {
                     "openai_error",
                     json!({ "type": err.kind, "code": err.code, "message": err.message, "param": err.param }),
                 );
+                match err.code.as_deref() {
+                    Some("session_expired") => return self.on_session_expired(now),
+                    Some("conversation_already_has_active_response") => self.on_response_refused(),
+                    _ => {}
+                }
                 let ours = err.event_id.as_deref() == Some("evt_bridge_session_update");
                 if ours && self.upstream != Upstream::Ready {
                     // The session keeps its defaults (24 kHz PCM out): unusable for a phone.
@@ -526,6 +597,7 @@ impl Call {
                     "openai.speech_started",
                     json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
                 );
+                self.activity(now);
                 if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
                     self.conversation.speech_started(&ItemId(id.clone()), ms);
                 }
@@ -534,11 +606,14 @@ impl Call {
             ServerEvent::SpeechStopped {
                 item_id,
                 audio_end_ms,
-            } => self.log(
-                Level::Info,
-                "openai.speech_stopped",
-                json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
-            ),
+            } => {
+                self.activity(now);
+                self.log(
+                    Level::Info,
+                    "openai.speech_stopped",
+                    json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
+                )
+            }
             ServerEvent::Committed { item_id } => {
                 self.log(
                     Level::Info,
@@ -572,6 +647,7 @@ impl Call {
             }
             ServerEvent::ResponseCreated { response_id } => {
                 self.response_active = true;
+                self.on_response_created(response_id.as_deref());
                 self.log(
                     Level::Info,
                     "openai.response.created",
@@ -652,6 +728,7 @@ impl Call {
                                    "output_tokens": u.output_tokens },
                     }),
                 );
+                self.on_response_done(r.id.as_deref(), now);
             }
             ServerEvent::RateLimitsUpdated(limits) => {
                 let limits: Vec<Value> = limits
@@ -664,6 +741,11 @@ impl Call {
                     json!({ "rate_limits": limits }),
                 );
             }
+            ServerEvent::FunctionCall {
+                call_id,
+                name,
+                arguments,
+            } => self.on_function_call(call_id, name, arguments, now),
             ServerEvent::Other { .. } => {}
         }
     }
@@ -705,6 +787,8 @@ impl Call {
         // Greeting first: were buffered caller speech to trigger a VAD response first,
         // our response.create would meet an active response.
         self.maybe_greet();
+        // After a reconnect: the conversation so far, before any new caller audio.
+        self.on_session_ready(now);
         self.pending_input_bytes = 0;
         for (event, _) in std::mem::take(&mut self.pending_input) {
             self.actions.push_back(Action::SendOpenAi(event));
@@ -716,6 +800,7 @@ impl Call {
             return;
         }
         self.greeted = true;
+        self.greeting_sent();
         self.log(Level::Info, "bridge.greeting_requested", Value::Null);
         self.actions
             .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
@@ -772,6 +857,7 @@ impl Call {
             .push_back(Action::SendTwilio(stream.writer.mark(&mark)));
         self.stats.agent_frames += 1;
         self.stats.agent_bytes += bytes;
+        self.agent_audio_activity(now, bytes);
     }
 
     /// The caller started talking. If agent audio is still unheard, stop it at Twilio
@@ -919,6 +1005,7 @@ impl Call {
 
     fn write_entry(&mut self, entry: Option<Entry>) {
         let Some(e) = entry else { return };
+        self.remember_transcript(e.seq, e.role, &e.text);
         self.actions.push_back(Action::Persist(Record::Transcript {
             call_sid: self.sid.0.clone(),
             seq: e.seq,

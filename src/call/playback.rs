@@ -171,6 +171,13 @@ impl Playback {
         cuts
     }
 
+    /// Forgets every item and pending mark (their session is gone) but keeps numbering
+    /// marks onwards, so echoes of the old marks are recognised as stale.
+    pub fn forget_items(&mut self) {
+        self.items.clear();
+        self.marks.clear();
+    }
+
     /// Milliseconds of audio sent to Twilio and not yet confirmed played.
     pub fn unconfirmed_ms(&self) -> u64 {
         self.items

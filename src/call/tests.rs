@@ -3,6 +3,7 @@
 
 use super::*;
 use crate::store::Role;
+use crate::twilio::RestConfig;
 use base64::Engine;
 
 const SID: &str = "CA00000000000000000000000000000001";
@@ -53,6 +54,27 @@ fn speech_started() -> String {
     r#"{"type":"input_audio_buffer.speech_started","event_id":"e","audio_start_ms":1000,"item_id":"item_user"}"#.into()
 }
 
+const IDLE: Millis = Millis(30_000);
+
+fn setup(agent: Agent) -> Setup {
+    Setup {
+        context: CallContext {
+            call_sid: SID.into(),
+            account_sid: "AC1".into(),
+            from: "+819012345678".into(),
+            to: "+815012345678".into(),
+            agent_id: agent.id.clone(),
+        },
+        agent,
+        twilio_rest: RestConfig {
+            base_url: "https://api.twilio.test".into(),
+            account_sid: "AC1".into(),
+            auth_token: crate::config::Secret::new("tok"),
+        },
+        idle_timeout: IDLE,
+    }
+}
+
 /// The call machine plus a clock; every step returns the non-log actions it produced.
 struct Sim {
     call: Call,
@@ -64,7 +86,7 @@ struct Sim {
 impl Sim {
     fn new() -> Self {
         let mut sim = Sim {
-            call: Call::new(CallSid::new(SID), Agent::default(), Millis(0)),
+            call: Call::new(setup(Agent::default()), Millis(0)),
             now: Millis(0),
             logs: vec![],
             records: vec![],
@@ -285,6 +307,17 @@ fn session_that_never_gets_ready_times_out() {
     sim.at(9_999);
     assert!(sim.input(Input::Timeout).is_empty());
     sim.at(10_000);
+    // First a new session is tried, for as long as the reconnect window allows.
+    let out = sim.input(Input::Timeout);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+        "{out:?}"
+    );
+    assert!(!sim.call.is_ended());
+    let window_end = 10_000 + control::RECONNECT_WINDOW.0;
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(window_end)));
+    sim.at(window_end);
     let out = sim.input(Input::Timeout);
     assert!(out
         .iter()
@@ -295,8 +328,17 @@ fn session_that_never_gets_ready_times_out() {
 
 #[test]
 fn ready_session_cancels_the_setup_timeout() {
-    let sim = Sim::live();
-    assert_eq!(sim.call.poll_timeout(), None);
+    let mut sim = Sim::live();
+    // While the greeting is asked for, only the call's time limit (its wrap-up) is due...
+    let max = u64::from(Agent::default().max_call_seconds) * 1000;
+    assert_eq!(
+        sim.call.poll_timeout(),
+        Some(Millis(max - control::WRAP_UP_BEFORE.0))
+    );
+    // ...and once it is done, the idle check.
+    sim.openai(r#"{"type":"response.created","response":{"id":"resp_g"}}"#);
+    sim.openai(r#"{"type":"response.done","response":{"id":"resp_g","status":"completed"}}"#);
+    assert_eq!(sim.call.poll_timeout(), Some(IDLE));
 }
 
 // ---- relay ----
@@ -652,10 +694,22 @@ fn twilio_socket_close_closes_openai() {
 #[test]
 fn openai_close_mid_call_is_logged_with_code_and_hands_the_caller_to_the_fallback() {
     let mut sim = Sim::live();
-    let out = sim.input(Input::OpenAiClosed {
+    let close = Input::OpenAiClosed {
         code: 4000,
         reason: "invalid_request_error.beta_api_shape_disabled",
-    });
+    };
+    // A new session is tried up to MAX_RECONNECTS times within the window...
+    for attempt in 1..=control::MAX_RECONNECTS {
+        let out = sim.input(close);
+        assert!(
+            out.iter()
+                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+            "attempt {attempt}: {out:?}"
+        );
+        sim.openai_opened();
+    }
+    // ...then the caller is handed to the fallback TwiML.
+    let out = sim.input(close);
     assert!(out.contains(&Action::CloseTwilio {
         code: 1011,
         reason: "agent unavailable".into()
@@ -676,7 +730,14 @@ fn openai_close_mid_call_is_logged_with_code_and_hands_the_caller_to_the_fallbac
 #[test]
 fn connect_failure_ends_the_call_with_its_reason() {
     let mut sim = Sim::new();
-    let out = sim.input(Input::OpenAiConnectFailed { reason: "HTTP 401" });
+    let failed = Input::OpenAiConnectFailed { reason: "HTTP 401" };
+    for _ in 0..control::MAX_RECONNECTS {
+        let out = sim.input(failed);
+        assert!(out
+            .iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    }
+    let out = sim.input(failed);
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
@@ -866,10 +927,19 @@ fn failures_and_bad_input_leave_events() {
         code: 1011,
         reason: "server error",
     });
+    sim.input(Input::OpenAiConnectFailed { reason: "HTTP 503" });
+    sim.at(control::RECONNECT_WINDOW.0);
+    sim.input(Input::OpenAiConnectFailed { reason: "HTTP 503" });
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(
         kinds,
-        ["transcription_failed", "openai_error", "dropped_input"]
+        [
+            "transcription_failed",
+            "openai_error",
+            "reconnect",
+            "reconnect",
+            "dropped_input"
+        ]
     );
     let Some(Record::CallEnded {
         failed, end_reason, ..
@@ -878,7 +948,398 @@ fn failures_and_bad_input_leave_events() {
         panic!()
     };
     assert!(failed);
-    assert_eq!(end_reason, "openai_closed");
+    assert_eq!(end_reason, "openai_connect_failed");
     let seqs: Vec<u64> = events(&sim.records).into_iter().map(|e| e.0).collect();
-    assert_eq!(seqs, [0, 1, 2], "event seqs are dense and ordered");
+    assert_eq!(seqs, [0, 1, 2, 3, 4], "event seqs are dense and ordered");
+}
+
+// ---- call control: tools, DTMF, limits, a lost session ----
+
+fn agent_with_tools() -> Agent {
+    Agent {
+        tools: vec![
+            json!({"type":"end_call"}),
+            json!({"type":"transfer_call"}),
+            json!({"type":"function","name":"lookup_customer","description":"顧客を検索",
+                   "parameters":{"type":"object","properties":{"phone":{"type":"string"}}},
+                   "url":"https://crm.example.jp/tools/lookup","timeout_ms":3000}),
+        ],
+        transfer_number: Some("+81312345678".into()),
+        tool_secret: Some(crate::config::Secret::new("0123456789abcdef")),
+        ..Agent::default()
+    }
+}
+
+impl Sim {
+    fn live_with(agent: Agent) -> Self {
+        let mut sim = Sim {
+            call: Call::new(setup(agent), Millis(0)),
+            now: Millis(0),
+            logs: vec![],
+            records: vec![],
+        };
+        sim.drain();
+        sim.openai_opened();
+        sim.openai(&session_updated("audio/pcmu"));
+        let out = sim.twilio(&start());
+        assert!(is_greeting(&out[0]));
+        sim
+    }
+
+    fn response(&mut self, id: &str) {
+        self.openai(&format!(
+            r#"{{"type":"response.created","response":{{"id":"{id}","status":"in_progress"}}}}"#
+        ));
+    }
+
+    fn response_done(&mut self, id: &str) -> Vec<Action> {
+        self.openai(&format!(
+            r#"{{"type":"response.done","response":{{"id":"{id}","status":"completed"}}}}"#
+        ))
+    }
+
+    fn function_call(&mut self, name: &str, args: &str) -> Vec<Action> {
+        let v = json!({"type":"response.function_call_arguments.done","response_id":"r",
+                       "item_id":"fc_1","output_index":0,"call_id":"call_1","name":name,
+                       "arguments":args});
+        self.openai(&v.to_string())
+    }
+}
+
+fn sends_of(out: &[Action], kind: &str) -> Vec<Value> {
+    out.iter()
+        .filter(|a| matches!(a, Action::SendOpenAi(_) | Action::SendTwilio(_)))
+        .map(json_of)
+        .filter(|v| v["type"] == kind || v["event"] == kind)
+        .collect()
+}
+
+fn http_of(out: &[Action]) -> Vec<(u64, http::Request)> {
+    out.iter()
+        .filter_map(|a| match a {
+            Action::Http { id, request } => Some((*id, request.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn end_call_says_goodbye_then_hangs_up_once_twilio_played_it() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    let out = sim.function_call("end_call", r#"{"reason":"用件終了"}"#);
+    let output = sends_of(&out, "conversation.item.create");
+    assert_eq!(output[0]["item"]["type"], "function_call_output");
+    assert_eq!(output[0]["item"]["call_id"], "call_1");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "never while a response is active"
+    );
+    let out = sim.response_done("resp_1");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "the goodbye");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    let out = sim.response_done("resp_2");
+    assert!(http_of(&out).is_empty(), "the goodbye has not played yet");
+    sim.at(1_000);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1);
+    let (id, req) = &reqs[0];
+    assert_eq!(
+        req.url,
+        "https://api.twilio.test/2010-04-01/Accounts/AC1/Calls/CA00000000000000000000000000000001.json"
+    );
+    assert_eq!(req.body, "Status=completed");
+    assert_eq!(req.header("Authorization"), Some("Basic QUMxOnRvaw=="));
+    let ok = http::Outcome::Response {
+        status: 200,
+        body: "{}".into(),
+    };
+    sim.input(Input::HttpDone {
+        id: *id,
+        outcome: &ok,
+    });
+    sim.twilio(r#"{"event":"stop"}"#);
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("agent_hangup")
+    );
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["tool_call", "hangup"]);
+    let tool = &events(&sim.records)[0].2;
+    assert_eq!(tool["name"], "end_call");
+    assert_eq!(tool["arguments"]["reason"], "用件終了");
+}
+
+#[test]
+fn transfer_call_announces_then_redirects_to_the_transfer_number() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.function_call("transfer_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    // The notice produced no audio: nothing to wait for.
+    let out = sim.response_done("resp_2");
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1);
+    assert_eq!(
+        reqs[0].1.body,
+        "Twiml=%3CResponse%3E%3CDial%3E%2B81312345678%3C%2FDial%3E%3C%2FResponse%3E"
+    );
+    let ok = http::Outcome::Response {
+        status: 200,
+        body: "{}".into(),
+    };
+    sim.input(Input::HttpDone {
+        id: reqs[0].0,
+        outcome: &ok,
+    });
+    sim.twilio(r#"{"event":"stop"}"#);
+    assert_eq!(
+        sim.call.end_reason(),
+        Some(&EndReason::Transferred {
+            to: "+81312345678".into()
+        })
+    );
+    assert_eq!(events(&sim.records)[1].1, "transfer");
+}
+
+#[test]
+fn transfer_without_a_number_tells_the_model_and_goes_on() {
+    let mut agent = agent_with_tools();
+    agent.transfer_number = None;
+    let mut sim = Sim::live_with(agent);
+    let out = sim.function_call("transfer_call", "{}");
+    let output = &sends_of(&out, "conversation.item.create")[0];
+    assert!(output["item"]["output"]
+        .as_str()
+        .unwrap()
+        .contains("No transfer number"));
+    sim.response("r");
+    let out = sim.response_done("r");
+    assert!(http_of(&out).is_empty());
+}
+
+#[test]
+fn a_webhook_tool_runs_without_stalling_audio_and_its_answer_goes_back_to_the_model() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.at(2_000);
+    let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1);
+    let (id, req) = reqs[0].clone();
+    assert_eq!(req.url, "https://crm.example.jp/tools/lookup");
+    assert_eq!(req.timeout_ms, 3000);
+    let body: Value = serde_json::from_str(&req.body).unwrap();
+    assert_eq!(body["arguments"]["phone"], "+819012345678");
+    assert_eq!(body["call"]["from"], "+819012345678");
+    assert_eq!(body["call"]["call_sid"], SID);
+    assert_eq!(
+        req.header(crate::tools::SIGNATURE_HEADER).unwrap(),
+        crate::tools::signature("0123456789abcdef", &req.body)
+    );
+    // While the tool runs, audio flows both ways.
+    let f = audio(160, 3);
+    assert_eq!(json_of(&sim.twilio(&media(&f))[0])["audio"], f);
+    sim.agent_chunk("item_x", &audio(160, 4));
+    // The response ends before the tool answers: no response.create yet.
+    let out = sim.response_done("resp_1");
+    assert!(sends_of(&out, "response.create").is_empty());
+    sim.at(2_450);
+    let outcome = http::Outcome::Response {
+        status: 200,
+        body: r#"{"name":"山田太郎","vip":true}"#.into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &outcome,
+    });
+    let created = sends_of(&out, "conversation.item.create");
+    assert_eq!(
+        created[0]["item"]["output"],
+        r#"{"name":"山田太郎","vip":true}"#
+    );
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    let ev = &events(&sim.records)[0].2;
+    assert_eq!(ev["name"], "lookup_customer");
+    assert_eq!(ev["ok"], true);
+    assert_eq!(ev["duration_ms"], 450);
+}
+
+#[test]
+fn a_failed_or_slow_webhook_tool_becomes_an_error_output() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    let out = sim.function_call("lookup_customer", "{}");
+    let (id, _) = http_of(&out)[0].clone();
+    let timeout = http::Outcome::Failed {
+        reason: "timeout".into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &timeout,
+    });
+    let output = sends_of(&out, "conversation.item.create")[0]["item"]["output"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(output.contains("3000 ms"), "{output}");
+    assert_eq!(events(&sim.records)[0].2["ok"], false);
+    // Unknown tools and invalid arguments are answered at once, without any request.
+    let out = sim.function_call("no_such_tool", "{}");
+    assert!(http_of(&out).is_empty());
+    assert!(
+        sends_of(&out, "conversation.item.create")[0]["item"]["output"]
+            .as_str()
+            .unwrap()
+            .contains("no tool named")
+    );
+    let out = sim.function_call("lookup_customer", "{not json");
+    assert!(http_of(&out).is_empty());
+}
+
+#[test]
+fn a_refused_response_create_is_asked_again_after_the_active_one() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    // A tool result asks for a response; server VAD started one at the same moment.
+    let out = sim.function_call("no_such_tool", "{}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"conversation_already_has_active_response","message":"busy"}}"#);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "asked again");
+}
+
+#[test]
+fn dtmf_reaches_the_model_as_a_message_and_is_recorded() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    let out = sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"5"}}"#);
+    let item = &sends_of(&out, "conversation.item.create")[0]["item"];
+    assert_eq!(item["role"], "user");
+    assert!(item["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .contains("「5」"));
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    assert_eq!(events(&sim.records)[0].1, "dtmf");
+    assert_eq!(events(&sim.records)[0].2["digit"], "5");
+}
+
+#[test]
+fn the_time_limit_warns_then_hangs_up() {
+    let agent = Agent {
+        max_call_seconds: 60,
+        ..Agent::default()
+    };
+    let mut sim = Sim::live_with(agent);
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    // Keep the line busy so the idle check stays out of the way.
+    for t in (1..=59).map(|s| s * 1_000) {
+        sim.at(t);
+        sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
+        if t == 30_000 {
+            let out = sim.input(Input::Timeout);
+            let sys = &sends_of(&out, "conversation.item.create")[0]["item"];
+            assert_eq!(sys["role"], "system");
+            assert_eq!(sends_of(&out, "response.create").len(), 1);
+            sim.response("resp_w");
+            sim.response_done("resp_w");
+        }
+    }
+    sim.at(60_000);
+    let out = sim.input(Input::Timeout);
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["wrap_up", "max_duration"]);
+}
+
+#[test]
+fn a_silent_line_gets_a_check_in_then_a_goodbye() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    assert_eq!(sim.call.poll_timeout(), Some(IDLE));
+    sim.at(IDLE.0);
+    let out = sim.input(Input::Timeout);
+    let ask = &sends_of(&out, "response.create")[0];
+    assert!(ask["response"]["instructions"]
+        .as_str()
+        .unwrap()
+        .contains("無言"));
+    sim.response("resp_c");
+    sim.response_done("resp_c");
+    sim.at(2 * IDLE.0);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "goodbye");
+    sim.response("resp_bye");
+    let out = sim.response_done("resp_bye");
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["idle_check_in", "idle_hangup"]);
+}
+
+#[test]
+fn speech_resets_the_idle_check() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.at(IDLE.0 - 1);
+    sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(2 * IDLE.0 - 1)));
+}
+
+#[test]
+fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_g","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_g","transcript":"お電話ありがとうございます。"}"#);
+    sim.response_done("resp_g");
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"予約したいです"}"#);
+    sim.at(3_600_000);
+    let out = sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"session_expired","message":"Your session hit the maximum duration of 60 minutes."}}"#);
+    assert!(out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })));
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    // The caller keeps talking meanwhile: held, not lost.
+    let f = audio(160, 7);
+    assert!(sim.twilio(&media(&f)).is_empty());
+    sim.at(3_600_400);
+    let out = sim.openai_opened();
+    assert_eq!(json_of(&out[0])["type"], "session.update");
+    sim.at(3_600_600);
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    let sent: Vec<Value> = out.iter().map(json_of).collect();
+    assert_eq!(sent[0]["item"]["role"], "assistant");
+    assert_eq!(
+        sent[0]["item"]["content"][0]["text"],
+        "お電話ありがとうございます。"
+    );
+    assert_eq!(sent[1]["item"]["role"], "user");
+    assert_eq!(sent[1]["item"]["content"][0]["text"], "予約したいです");
+    assert_eq!(sent[2]["audio"], f.as_str(), "then the held audio");
+    assert!(
+        !sent.iter().any(|v| v["type"] == "response.create"),
+        "no second greeting"
+    );
+    let ev = events(&sim.records);
+    let reconnected = ev.iter().find(|e| e.1 == "reconnected").unwrap();
+    assert_eq!(reconnected.2["gap_ms"], 600);
+    assert!(!sim.call.is_ended());
 }

@@ -5,7 +5,7 @@
 use super::outbox::Outbox;
 use super::socket::{self, Event, Frame, Listeners, Side};
 use super::{bridge_config, log};
-use crate::call::{Action, Call, Input, Level};
+use crate::call::{Action, Call, Input, Level, Setup};
 use crate::config::Bridge;
 use crate::ids::Millis;
 use crate::store::Record as StoreRecord;
@@ -153,13 +153,31 @@ impl CallSession {
         // No await between accept and listen: see socket.rs.
         let twilio_listeners = socket::listen(&pair.server, Side::Twilio, tx.clone())?;
         self.live.set(true);
-        let call = Call::new(call_sid, record.registration.agent.clone(), now());
+        let reg = &record.registration;
+        let setup = Setup {
+            context: crate::tools::CallContext {
+                call_sid: call_sid.0.clone(),
+                account_sid: reg.call.account_sid.clone(),
+                from: reg.call.from.clone(),
+                to: reg.call.to.clone(),
+                agent_id: reg.agent.id.clone(),
+            },
+            agent: reg.agent.clone(),
+            twilio_rest: crate::twilio::RestConfig {
+                base_url: config.twilio_api_base_url.clone(),
+                account_sid: config.twilio_account_sid.clone(),
+                auth_token: config.twilio_auth_token.clone(),
+            },
+            idle_timeout: Millis(config.idle_timeout_ms),
+        };
+        let call = Call::new(setup, now());
         let pump = Pump {
             call,
             config,
             twilio: pair.server,
             openai: None,
-            listeners: vec![twilio_listeners],
+            openai_listeners: None,
+            _twilio_listeners: twilio_listeners,
             tx,
             storage,
             record,
@@ -180,7 +198,9 @@ struct Pump {
     config: Bridge,
     twilio: WebSocket,
     openai: Option<WebSocket>,
-    listeners: Vec<Listeners>,
+    /// Dropped with the socket they listen to, so a replaced session's close is not heard.
+    openai_listeners: Option<Listeners>,
+    _twilio_listeners: Listeners,
     tx: UnboundedSender<Event>,
     storage: Storage,
     record: Record,
@@ -206,7 +226,7 @@ impl Pump {
             self.feed(event);
             self.perform().await;
         }
-        self.listeners.clear();
+        self.openai_listeners = None;
     }
 
     fn feed(&mut self, event: Event) {
@@ -240,12 +260,19 @@ impl Pump {
                     return;
                 }
                 self.openai = Some(ws);
-                self.listeners.push(listeners);
+                self.openai_listeners = Some(listeners);
                 self.call.handle(Input::OpenAiOpened, t);
             }
             Event::OpenAiFailed(reason) => self
                 .call
                 .handle(Input::OpenAiConnectFailed { reason: &reason }, t),
+            Event::HttpDone(id, outcome) => self.call.handle(
+                Input::HttpDone {
+                    id,
+                    outcome: &outcome,
+                },
+                t,
+            ),
             Event::Timeout => self.call.handle(Input::Timeout, t),
         }
     }
@@ -287,9 +314,17 @@ impl Pump {
                     });
                 }
                 Action::CloseOpenAi { code, reason } => {
+                    self.openai_listeners = None;
                     if let Some(ws) = self.openai.take() {
                         let _ = ws.close(Some(code), Some(reason));
                     }
+                }
+                Action::Http { id, request } => {
+                    let tx = self.tx.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        let outcome = super::http::send(&request).await;
+                        let _ = tx.unbounded_send(Event::HttpDone(id, outcome));
+                    });
                 }
                 Action::CloseTwilio { code, reason } => {
                     let _ = self.twilio.close(Some(code), Some(reason));

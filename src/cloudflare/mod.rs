@@ -4,6 +4,7 @@
 mod admin;
 mod call_session;
 mod db;
+mod http;
 mod outbox;
 mod socket;
 

@@ -27,6 +27,7 @@ pub enum Event {
     Socket(Side, Frame),
     OpenAiConnected(WebSocket, Listeners),
     OpenAiFailed(String),
+    HttpDone(u64, crate::http::Outcome),
     Timeout,
 }
 

@@ -1,0 +1,769 @@
+//! Call control: tools the model calls, responses asked for on the caller's behalf (tool
+//! results, DTMF, check-ins), ending the call (hang-up, transfer, time limits, a silent
+//! line) and keeping the call alive across a lost or expired Realtime session.
+
+use super::{Action, Call, EndReason, Level, Upstream};
+use crate::audio::bytes_to_ms;
+use crate::http;
+use crate::ids::Millis;
+use crate::openai;
+use crate::store::Role;
+use crate::tools::{self, Tool};
+use crate::twilio;
+use crate::twiml;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+
+/// How long the goodbye (or transfer notice) may take before the call is ended anyway.
+pub const GOODBYE_TIMEOUT: Millis = Millis(20_000);
+/// How long a finished goodbye may take to finish playing.
+pub const DRAIN_TIMEOUT: Millis = Millis(15_000);
+/// A lost Realtime session must be back within this long, or the caller gets the fallback.
+pub const RECONNECT_WINDOW: Millis = Millis(8_000);
+pub const MAX_RECONNECTS: u32 = 3;
+/// The agent is told to wrap up this long before the call's time limit.
+pub const WRAP_UP_BEFORE: Millis = Millis(30_000);
+
+const WRAP_UP: &str = "通話の制限時間がまもなく終わります。お客様に丁寧にその旨をお伝えし、会話を締めくくってください。";
+const CHECK_IN: &str =
+    "お客様がしばらく無言です。まだお電話がつながっているか、短く丁寧に確認してください。";
+const IDLE_GOODBYE: &str =
+    "お客様からの応答がないため、丁寧にお礼を述べて、お電話を終了する旨を短くお伝えしてください。";
+
+#[derive(Debug, Clone, PartialEq)]
+enum Finish {
+    Hangup { why: String },
+    Transfer { to: String },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    /// Waiting for the response that says goodbye (or announces the transfer).
+    Goodbye {
+        requested: bool,
+        response: Option<String>,
+    },
+    /// The goodbye is done; waiting for Twilio to finish playing it.
+    Draining,
+    /// The REST request is out.
+    Requested { id: u64 },
+}
+
+#[derive(Debug, Clone)]
+struct Ending {
+    finish: Finish,
+    phase: Phase,
+    deadline: Option<Millis>,
+}
+
+#[derive(Debug, Clone)]
+struct PendingTool {
+    call_id: String,
+    name: String,
+    arguments: Value,
+    started: Millis,
+    timeout_ms: u64,
+}
+
+/// A finished tool call, as the model and the event log see it.
+struct ToolResult<'a> {
+    call_id: &'a str,
+    name: &'a str,
+    arguments: Value,
+    ok: bool,
+    output: &'a str,
+    took: Millis,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Reconnect {
+    started: Millis,
+    attempts: u32,
+}
+
+#[derive(Debug)]
+pub(super) struct State {
+    idle_timeout: Millis,
+    pending_tools: BTreeMap<u64, PendingTool>,
+    next_http: u64,
+    /// A response to ask for as soon as none is active (with its instructions, if any).
+    wanted: Option<Option<String>>,
+    /// We sent `response.create` and have not seen `response.created` yet.
+    awaiting_created: bool,
+    last_request: Option<Option<String>>,
+    ending: Option<Ending>,
+    /// Set once the REST request that ends the call succeeded.
+    finished: Option<EndReason>,
+    last_activity: Option<Millis>,
+    checked_in: bool,
+    wrap_up_sent: bool,
+    call_deadline: Option<Millis>,
+    reconnect: Option<Reconnect>,
+    /// Final transcript text by conversation position, to seed a new session.
+    transcript: BTreeMap<u64, (Role, String)>,
+}
+
+impl State {
+    pub fn new(idle_timeout: Millis) -> Self {
+        Self {
+            idle_timeout,
+            pending_tools: BTreeMap::new(),
+            next_http: 0,
+            wanted: None,
+            awaiting_created: false,
+            last_request: None,
+            ending: None,
+            finished: None,
+            last_activity: None,
+            checked_in: false,
+            wrap_up_sent: false,
+            call_deadline: None,
+            reconnect: None,
+            transcript: BTreeMap::new(),
+        }
+    }
+}
+
+impl Call {
+    // ---- hooks called by the machine ----
+
+    pub(super) fn control_stream_started(&mut self, now: Millis) {
+        self.control.last_activity = Some(now);
+        self.control.call_deadline =
+            Some(now + Millis(u64::from(self.agent.max_call_seconds) * 1000));
+    }
+
+    /// The caller said or pressed something: the line is not idle, and a check-in has
+    /// been answered.
+    pub(super) fn activity(&mut self, now: Millis) {
+        self.busy(now);
+        self.control.checked_in = false;
+    }
+
+    /// The agent or a tool did something: the idle clock starts again (but a check-in
+    /// the caller has not answered still counts).
+    fn busy(&mut self, now: Millis) {
+        let c = &mut self.control;
+        c.last_activity = Some(c.last_activity.map_or(now, |t| t.max(now)));
+    }
+
+    /// Agent audio of `bytes` was sent: the line is busy until it has played.
+    pub(super) fn agent_audio_activity(&mut self, now: Millis, bytes: u64) {
+        let c = &mut self.control;
+        let base = c.last_activity.map_or(now, |t| t.max(now));
+        c.last_activity = Some(base + Millis(bytes_to_ms(bytes)));
+    }
+
+    pub(super) fn remember_transcript(&mut self, seq: u64, role: Role, text: &str) {
+        self.control.transcript.insert(seq, (role, text.to_owned()));
+    }
+
+    pub(super) fn control_end_reason(&self) -> Option<EndReason> {
+        self.control.finished.clone()
+    }
+
+    pub(super) fn control_deadline(&self) -> Option<Millis> {
+        let c = &self.control;
+        if let Some(e) = &c.ending {
+            return e.deadline;
+        }
+        let mut next = Vec::with_capacity(3);
+        if let Some(end) = c.call_deadline {
+            next.push(end);
+            if !c.wrap_up_sent {
+                next.push(end.saturating_sub(WRAP_UP_BEFORE));
+            }
+        }
+        if self.line_can_idle() {
+            if let Some(t) = c.last_activity {
+                next.push(t + c.idle_timeout);
+            }
+        }
+        next.into_iter().min()
+    }
+
+    /// Idle time counts only while nobody (caller, agent or a tool) has the floor.
+    fn line_can_idle(&self) -> bool {
+        self.upstream == Upstream::Ready
+            && self.stream.is_some()
+            && !self.response_active
+            && !self.control.awaiting_created
+            && self.control.pending_tools.is_empty()
+            && self.control.ending.is_none()
+    }
+
+    pub(super) fn on_control_timer(&mut self, now: Millis) {
+        if let Some(e) = &self.control.ending {
+            if e.deadline.is_some_and(|d| now >= d) {
+                self.log(
+                    Level::Warn,
+                    "control.ending_timeout",
+                    json!({ "phase": format!("{:?}", e.phase) }),
+                );
+                self.perform_finish(now);
+            }
+            return;
+        }
+        if let Some(end) = self.control.call_deadline {
+            if now >= end {
+                self.log(Level::Info, "control.max_duration", Value::Null);
+                self.event(
+                    now,
+                    "max_duration",
+                    json!({ "max_call_seconds": self.agent.max_call_seconds }),
+                );
+                self.start_ending(
+                    Finish::Hangup {
+                        why: "max_duration".into(),
+                    },
+                    Phase::Draining,
+                    now,
+                );
+                self.check_drained(now);
+                return;
+            }
+            if !self.control.wrap_up_sent && now >= end.saturating_sub(WRAP_UP_BEFORE) {
+                self.control.wrap_up_sent = true;
+                self.event(now, "wrap_up", Value::Null);
+                if self.upstream == Upstream::Ready {
+                    self.actions
+                        .push_back(Action::SendOpenAi(openai::text_item("system", WRAP_UP)));
+                    self.request_response(None);
+                }
+            }
+        }
+        let idle_due = self
+            .control
+            .last_activity
+            .is_some_and(|t| now >= t + self.control.idle_timeout);
+        if self.line_can_idle() && idle_due {
+            if !self.control.checked_in {
+                self.control.checked_in = true;
+                self.control.last_activity = Some(now);
+                self.event(now, "idle_check_in", Value::Null);
+                self.request_response(Some(CHECK_IN.into()));
+            } else {
+                self.event(now, "idle_hangup", Value::Null);
+                self.start_ending(
+                    Finish::Hangup { why: "idle".into() },
+                    Phase::Goodbye {
+                        requested: false,
+                        response: None,
+                    },
+                    now,
+                );
+                self.request_response(Some(IDLE_GOODBYE.into()));
+            }
+        }
+    }
+
+    // ---- responses ----
+
+    /// Asks for a response as soon as the model is free: never while one is active or
+    /// while a tool is still running (`conversation_already_has_active_response`).
+    pub(super) fn request_response(&mut self, instructions: Option<String>) {
+        if self.control.wanted.is_none() {
+            self.control.wanted = Some(instructions);
+        }
+        self.flush_response();
+    }
+
+    fn flush_response(&mut self) {
+        let c = &self.control;
+        if c.wanted.is_none()
+            || self.response_active
+            || c.awaiting_created
+            || !c.pending_tools.is_empty()
+            || self.upstream != Upstream::Ready
+        {
+            return;
+        }
+        let instructions = self.control.wanted.take().expect("checked");
+        self.actions
+            .push_back(Action::SendOpenAi(openai::response_create(
+                instructions.as_deref(),
+            )));
+        self.control.awaiting_created = true;
+        self.control.last_request = Some(instructions);
+        if let Some(Ending {
+            phase: Phase::Goodbye { requested, .. },
+            ..
+        }) = &mut self.control.ending
+        {
+            *requested = true;
+        }
+    }
+
+    /// The greeting is a response like any other for the gate.
+    pub(super) fn greeting_sent(&mut self) {
+        self.control.awaiting_created = true;
+    }
+
+    pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
+        self.control.awaiting_created = false;
+        if let Some(Ending {
+            phase:
+                Phase::Goodbye {
+                    requested: true,
+                    response,
+                },
+            ..
+        }) = &mut self.control.ending
+        {
+            if response.is_none() {
+                *response = response_id.map(str::to_owned);
+            }
+        }
+    }
+
+    pub(super) fn on_response_done(&mut self, response_id: Option<&str>, now: Millis) {
+        self.busy(now);
+        let goodbye_done = matches!(
+            &self.control.ending,
+            Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
+                if Some(id.as_str()) == response_id
+        );
+        if goodbye_done {
+            let e = self.control.ending.as_mut().expect("matched");
+            e.phase = Phase::Draining;
+            e.deadline = Some(now + DRAIN_TIMEOUT);
+            self.check_drained(now);
+        }
+        self.flush_response();
+    }
+
+    /// Our `response.create` met an active response: ask again when it is done.
+    pub(super) fn on_response_refused(&mut self) {
+        self.control.awaiting_created = false;
+        if self.control.wanted.is_none() {
+            self.control.wanted = self.control.last_request.take();
+        }
+    }
+
+    /// Twilio confirmed some agent audio played.
+    pub(super) fn on_played(&mut self, now: Millis) {
+        self.check_drained(now);
+    }
+
+    // ---- tools ----
+
+    pub(super) fn on_function_call(
+        &mut self,
+        call_id: String,
+        name: String,
+        arguments: String,
+        now: Millis,
+    ) {
+        self.busy(now);
+        let args: Result<Value, _> = if arguments.trim().is_empty() {
+            Ok(json!({}))
+        } else {
+            serde_json::from_str(&arguments)
+        };
+        let Ok(args) = args else {
+            let output = json!({ "error": "arguments are not valid JSON" }).to_string();
+            return self.tool_done(
+                ToolResult {
+                    call_id: &call_id,
+                    name: &name,
+                    arguments: json!(arguments),
+                    ok: false,
+                    output: &output,
+                    took: Millis(0),
+                },
+                now,
+            );
+        };
+        self.log(
+            Level::Info,
+            "tool.call",
+            json!({ "name": name, "call_id": call_id }),
+        );
+        match tools::resolve(&self.agent.tools, &name) {
+            None => {
+                let output = json!({ "error": format!("no tool named {name}") }).to_string();
+                self.tool_done(
+                    ToolResult {
+                        call_id: &call_id,
+                        name: &name,
+                        arguments: args,
+                        ok: false,
+                        output: &output,
+                        took: Millis(0),
+                    },
+                    now,
+                );
+            }
+            Some(Tool::EndCall) => {
+                let output = json!({
+                    "ok": true,
+                    "instruction": "Say a brief, polite goodbye now. The call ends when you finish speaking.",
+                })
+                .to_string();
+                self.tool_done(
+                    ToolResult {
+                        call_id: &call_id,
+                        name: &name,
+                        arguments: args.clone(),
+                        ok: true,
+                        output: &output,
+                        took: Millis(0),
+                    },
+                    now,
+                );
+                let why = args["reason"].as_str().unwrap_or("end_call").to_owned();
+                self.start_ending(
+                    Finish::Hangup { why },
+                    Phase::Goodbye {
+                        requested: false,
+                        response: None,
+                    },
+                    now,
+                );
+            }
+            Some(Tool::TransferCall) => match self.agent.transfer_number.clone() {
+                None => {
+                    let output = json!({
+                        "ok": false,
+                        "error": "No transfer number is configured; offer to take a message instead.",
+                    })
+                    .to_string();
+                    self.tool_done(
+                        ToolResult {
+                            call_id: &call_id,
+                            name: &name,
+                            arguments: args,
+                            ok: false,
+                            output: &output,
+                            took: Millis(0),
+                        },
+                        now,
+                    );
+                }
+                Some(to) => {
+                    let output = json!({
+                        "ok": true,
+                        "instruction": "Tell the caller in one short sentence that you are transferring them to a staff member now.",
+                    })
+                    .to_string();
+                    self.tool_done(
+                        ToolResult {
+                            call_id: &call_id,
+                            name: &name,
+                            arguments: args,
+                            ok: true,
+                            output: &output,
+                            took: Millis(0),
+                        },
+                        now,
+                    );
+                    self.start_ending(
+                        Finish::Transfer { to },
+                        Phase::Goodbye {
+                            requested: false,
+                            response: None,
+                        },
+                        now,
+                    );
+                }
+            },
+            Some(Tool::Webhook {
+                name: tool_name,
+                url,
+                timeout_ms,
+            }) => {
+                let secret = self.agent.tool_secret.as_ref().map(|s| s.expose());
+                let request = tools::webhook_request(
+                    &url,
+                    timeout_ms,
+                    &tool_name,
+                    &args,
+                    &self.context,
+                    secret,
+                );
+                let id = self.next_http_id();
+                self.control.pending_tools.insert(
+                    id,
+                    PendingTool {
+                        call_id,
+                        name: tool_name,
+                        arguments: args,
+                        started: now,
+                        timeout_ms,
+                    },
+                );
+                self.actions.push_back(Action::Http { id, request });
+            }
+        }
+    }
+
+    fn next_http_id(&mut self) -> u64 {
+        let id = self.control.next_http;
+        self.control.next_http += 1;
+        id
+    }
+
+    /// Gives the model a tool's result, records it, and asks for the model's answer.
+    fn tool_done(&mut self, r: ToolResult<'_>, now: Millis) {
+        if self.upstream == Upstream::Ready {
+            self.actions
+                .push_back(Action::SendOpenAi(openai::function_call_output(
+                    r.call_id, r.output,
+                )));
+        }
+        let shown: String = r.output.chars().take(2000).collect();
+        self.event(
+            now,
+            "tool_call",
+            json!({
+                "name": r.name, "call_id": r.call_id, "arguments": r.arguments, "ok": r.ok,
+                "output": shown, "duration_ms": r.took.0,
+            }),
+        );
+        self.request_response(None);
+    }
+
+    pub(super) fn on_http_done(&mut self, id: u64, outcome: &http::Outcome, now: Millis) {
+        if let Some(tool) = self.control.pending_tools.remove(&id) {
+            let (ok, output) = tools::webhook_output(outcome, tool.timeout_ms);
+            let took = now.saturating_sub(tool.started);
+            self.log(
+                if ok { Level::Info } else { Level::Warn },
+                "tool.done",
+                json!({ "name": tool.name, "ok": ok, "duration_ms": took.0 }),
+            );
+            self.busy(now);
+            return self.tool_done(
+                ToolResult {
+                    call_id: &tool.call_id,
+                    name: &tool.name,
+                    arguments: tool.arguments,
+                    ok,
+                    output: &output,
+                    took,
+                },
+                now,
+            );
+        }
+        let is_finish = matches!(
+            &self.control.ending,
+            Some(Ending { phase: Phase::Requested { id: r }, .. }) if *r == id
+        );
+        if !is_finish {
+            // A result for a session we have since replaced, or already given up on.
+            return;
+        }
+        let ending = self.control.ending.clone().expect("matched");
+        let ok = matches!(outcome, http::Outcome::Response { status, .. } if (200..300).contains(status));
+        let (kind, reason) = match &ending.finish {
+            Finish::Hangup { why } => ("hangup", EndReason::AgentHangup { why: why.clone() }),
+            Finish::Transfer { to } => ("transfer", EndReason::Transferred { to: to.clone() }),
+        };
+        let status = match outcome {
+            http::Outcome::Response { status, .. } => json!(status),
+            http::Outcome::Failed { reason } => json!(reason),
+        };
+        self.event(
+            now,
+            kind,
+            json!({ "ok": ok, "twilio": status, "reason": reason.detail() }),
+        );
+        if ok {
+            // Twilio now sends `stop`; the call ends with this reason then.
+            self.control.finished = Some(reason);
+        } else {
+            self.log(
+                Level::Error,
+                "control.twilio_rest_failed",
+                json!({ "kind": kind, "outcome": status }),
+            );
+            // Closing the stream makes Twilio run the TwiML after </Connect>.
+            self.end(reason, now);
+        }
+    }
+
+    // ---- DTMF ----
+
+    pub(super) fn on_dtmf(&mut self, digit: &str, now: Millis) {
+        let digit: String = digit.chars().take(4).collect();
+        self.log(Level::Info, "twilio.dtmf", json!({ "digit": digit }));
+        self.event(now, "dtmf", json!({ "digit": digit }));
+        self.activity(now);
+        if self.upstream != Upstream::Ready {
+            return;
+        }
+        let text = format!("（お客様が電話のキーパッドで「{digit}」を押しました）");
+        self.actions
+            .push_back(Action::SendOpenAi(openai::text_item("user", &text)));
+        self.request_response(None);
+    }
+
+    // ---- ending ----
+
+    fn start_ending(&mut self, finish: Finish, phase: Phase, now: Millis) {
+        if self.control.ending.is_some() {
+            return;
+        }
+        let deadline = match phase {
+            Phase::Goodbye { .. } => now + GOODBYE_TIMEOUT,
+            _ => now + DRAIN_TIMEOUT,
+        };
+        self.log(
+            Level::Info,
+            "control.ending",
+            json!({ "finish": format!("{finish:?}") }),
+        );
+        self.control.ending = Some(Ending {
+            finish,
+            phase,
+            deadline: Some(deadline),
+        });
+    }
+
+    fn check_drained(&mut self, now: Millis) {
+        let draining = matches!(
+            self.control.ending,
+            Some(Ending {
+                phase: Phase::Draining,
+                ..
+            })
+        );
+        if draining && !self.playback.outstanding() {
+            self.perform_finish(now);
+        }
+    }
+
+    /// Hangs up or redirects the call through Twilio REST.
+    fn perform_finish(&mut self, _now: Millis) {
+        let Some(ending) = self.control.ending.clone() else {
+            return;
+        };
+        if matches!(ending.phase, Phase::Requested { .. }) {
+            return;
+        }
+        let account_sid = self.context.account_sid.clone();
+        let request = match &ending.finish {
+            Finish::Hangup { .. } => twilio::update_call(
+                &self.twilio_rest,
+                &account_sid,
+                &self.context.call_sid,
+                &[("Status", "completed")],
+            ),
+            Finish::Transfer { to } => {
+                let twiml = twiml::fallback("", "", Some(to));
+                twilio::update_call(
+                    &self.twilio_rest,
+                    &account_sid,
+                    &self.context.call_sid,
+                    &[("Twiml", &twiml)],
+                )
+            }
+        };
+        let id = self.next_http_id();
+        let e = self.control.ending.as_mut().expect("cloned above");
+        e.phase = Phase::Requested { id };
+        e.deadline = None;
+        self.actions.push_back(Action::Http { id, request });
+    }
+
+    // ---- a lost or expired session ----
+
+    /// Opens a new Realtime session after losing one; false when the window has passed.
+    pub(super) fn try_reconnect(&mut self, now: Millis, why: &str) -> bool {
+        if self.ended.is_some()
+            || matches!(
+                self.control.ending,
+                Some(Ending {
+                    phase: Phase::Requested { .. },
+                    ..
+                })
+            )
+        {
+            return false;
+        }
+        let r = self.control.reconnect.get_or_insert(Reconnect {
+            started: now,
+            attempts: 0,
+        });
+        let window_end = r.started + RECONNECT_WINDOW;
+        if r.attempts >= MAX_RECONNECTS || now >= window_end {
+            return false;
+        }
+        r.attempts += 1;
+        let attempt = r.attempts;
+        self.log(
+            Level::Warn,
+            "openai.reconnecting",
+            json!({ "attempt": attempt, "why": why }),
+        );
+        self.event(now, "reconnect", json!({ "attempt": attempt, "why": why }));
+        self.upstream = Upstream::Connecting;
+        self.setup_deadline = Some(window_end.min(now + super::SESSION_SETUP_TIMEOUT));
+        // The old session's items, responses and tool calls are gone with it.
+        self.playback.forget_items();
+        self.held_output.clear();
+        self.held_output_bytes = 0;
+        self.response_active = false;
+        self.control.awaiting_created = false;
+        self.control.pending_tools.clear();
+        self.actions.push_back(Action::ConnectOpenAi {
+            model: self.agent.model.clone(),
+        });
+        true
+    }
+
+    /// `session_expired`: leave the old session at once rather than wait for its close.
+    pub(super) fn on_session_expired(&mut self, now: Millis) {
+        if self.upstream == Upstream::Closed {
+            return;
+        }
+        self.actions.push_back(Action::CloseOpenAi {
+            code: 1000,
+            reason: "session expired".into(),
+        });
+        self.upstream = Upstream::Closed;
+        if !self.try_reconnect(now, "session_expired") {
+            self.end(
+                EndReason::OpenAiClosed {
+                    code: 1000,
+                    reason: "session_expired".into(),
+                },
+                now,
+            );
+        }
+    }
+
+    /// A session is ready. After a reconnect, seed it with the conversation so far.
+    pub(super) fn on_session_ready(&mut self, now: Millis) {
+        let Some(r) = self.control.reconnect.take() else {
+            return;
+        };
+        let items: Vec<String> = self
+            .control
+            .transcript
+            .values()
+            .map(|(role, text)| {
+                let role = match role {
+                    Role::Caller => "user",
+                    Role::Agent => "assistant",
+                };
+                openai::text_item(role, text)
+            })
+            .collect();
+        let seeded = items.len();
+        for item in items {
+            self.actions.push_back(Action::SendOpenAi(item));
+        }
+        self.event(
+            now,
+            "reconnected",
+            json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0, "seeded_items": seeded }),
+        );
+        self.log(
+            Level::Info,
+            "openai.reconnected",
+            json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0 }),
+        );
+        self.flush_response();
+    }
+}

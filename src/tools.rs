@@ -1,0 +1,378 @@
+//! The tools an agent can use during a call, as configured in its `tools` JSON:
+//!
+//! - `{"type": "end_call"}`: the agent says goodbye and the bridge hangs up;
+//! - `{"type": "transfer_call"}`: the agent announces a transfer and the bridge redirects
+//!   the call to the agent's `transfer_number`;
+//! - `{"type": "function", "name", "description", "parameters", "url", "timeout_ms"?}`: a
+//!   webhook tool; the bridge POSTs the arguments and call context to `url`, signed with
+//!   the agent's tool secret, and gives the response body to the model.
+//!
+//! `description` may be set on the built-ins to override the default.
+
+use crate::http;
+use hmac::{Hmac, Mac};
+use serde_json::{json, Map, Value};
+use sha2::Sha256;
+
+pub const END_CALL: &str = "end_call";
+pub const TRANSFER_CALL: &str = "transfer_call";
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+pub const MAX_TIMEOUT_MS: u64 = 30_000;
+/// Header carrying `sha256=<hex HMAC-SHA256(tool_secret, body)>` on webhook tool calls.
+pub const SIGNATURE_HEADER: &str = "X-Bridge-Signature";
+/// Longest tool output handed to the model.
+pub const MAX_OUTPUT_BYTES: usize = 16 * 1024;
+
+/// A tool as the bridge runs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Tool {
+    EndCall,
+    TransferCall,
+    Webhook {
+        name: String,
+        url: String,
+        timeout_ms: u64,
+    },
+}
+
+fn str_field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a str> {
+    obj.get(key).and_then(Value::as_str)
+}
+
+/// The tool an entry of an agent's `tools` configures, or why it is not valid.
+pub fn parse(entry: &Value) -> Result<Tool, String> {
+    let obj = entry.as_object().ok_or("must be an object")?;
+    if let Some(d) = obj.get("description") {
+        if !d.is_string() {
+            return Err("description must be a string".into());
+        }
+    }
+    match str_field(obj, "type") {
+        Some(END_CALL) => Ok(Tool::EndCall),
+        Some(TRANSFER_CALL) => Ok(Tool::TransferCall),
+        Some("function") => {
+            let name = str_field(obj, "name").unwrap_or("");
+            let name_ok = !name.is_empty()
+                && name.len() <= 64
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+            if !name_ok {
+                return Err("name must be 1-64 letters, digits, _ or -".into());
+            }
+            if name == END_CALL || name == TRANSFER_CALL {
+                return Err(format!("{name} is built in: use {{\"type\": \"{name}\"}}"));
+            }
+            match obj.get("parameters") {
+                None => {}
+                Some(p) if p.is_object() => {}
+                Some(_) => return Err("parameters must be a JSON Schema object".into()),
+            }
+            let url = str_field(obj, "url").ok_or("url is required (the webhook to call)")?;
+            if !url_allowed(url) {
+                return Err("url must be https:// (http:// only to localhost)".into());
+            }
+            let timeout_ms = match obj.get("timeout_ms") {
+                None => DEFAULT_TIMEOUT_MS,
+                Some(v) => v
+                    .as_u64()
+                    .filter(|t| (1..=MAX_TIMEOUT_MS).contains(t))
+                    .ok_or(format!("timeout_ms must be 1 to {MAX_TIMEOUT_MS}"))?,
+            };
+            Ok(Tool::Webhook {
+                name: name.to_owned(),
+                url: url.to_owned(),
+                timeout_ms,
+            })
+        }
+        _ => Err("type must be \"function\", \"end_call\" or \"transfer_call\"".into()),
+    }
+}
+
+fn url_allowed(url: &str) -> bool {
+    let host_of = |rest: &str| {
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+        let host = authority.rsplit('@').next().unwrap_or("");
+        if let Some(v6) = host.strip_prefix('[') {
+            v6.split(']').next().unwrap_or("").to_owned()
+        } else {
+            host.split(':').next().unwrap_or("").to_owned()
+        }
+    };
+    if let Some(rest) = url.strip_prefix("https://") {
+        return !host_of(rest).is_empty();
+    }
+    if let Some(rest) = url.strip_prefix("http://") {
+        return matches!(host_of(rest).as_str(), "localhost" | "127.0.0.1" | "::1");
+    }
+    false
+}
+
+/// The name the model calls a configured tool by.
+pub fn name_of(entry: &Value) -> Option<&str> {
+    match str_field(entry.as_object()?, "type")? {
+        END_CALL => Some(END_CALL),
+        TRANSFER_CALL => Some(TRANSFER_CALL),
+        _ => str_field(entry.as_object()?, "name"),
+    }
+}
+
+/// Finds the tool the model called.
+pub fn resolve(tools: &[Value], name: &str) -> Option<Tool> {
+    tools
+        .iter()
+        .find(|t| name_of(t) == Some(name))
+        .and_then(|t| parse(t).ok())
+}
+
+/// The Realtime `tools` of a session: function definitions only, with the bridge's own
+/// fields (`url`, `timeout_ms`) removed, since the API rejects unknown keys.
+pub fn realtime_definitions(tools: &[Value]) -> Vec<Value> {
+    tools
+        .iter()
+        .filter_map(|t| {
+            let obj = t.as_object()?;
+            let description = str_field(obj, "description");
+            Some(match parse(t).ok()? {
+                Tool::EndCall => json!({
+                    "type": "function",
+                    "name": END_CALL,
+                    "description": description.unwrap_or(
+                        "Ends the phone call. Call it when the conversation is finished or the caller asks to hang up; \
+                         say a short goodbye first."),
+                    "parameters": { "type": "object", "properties": {
+                        "reason": { "type": "string", "description": "Why the call is ending." } } },
+                }),
+                Tool::TransferCall => json!({
+                    "type": "function",
+                    "name": TRANSFER_CALL,
+                    "description": description.unwrap_or(
+                        "Transfers the caller to a human staff member. Call it when the caller asks for a person \
+                         or you cannot help; tell the caller you are transferring them."),
+                    "parameters": { "type": "object", "properties": {
+                        "reason": { "type": "string", "description": "Why the caller is transferred." } } },
+                }),
+                Tool::Webhook { name, .. } => {
+                    let mut out = Map::new();
+                    out.insert("type".into(), "function".into());
+                    out.insert("name".into(), name.into());
+                    if let Some(d) = description {
+                        out.insert("description".into(), d.into());
+                    }
+                    out.insert(
+                        "parameters".into(),
+                        obj.get("parameters")
+                            .cloned()
+                            .unwrap_or_else(|| json!({"type": "object", "properties": {}})),
+                    );
+                    Value::Object(out)
+                }
+            })
+        })
+        .collect()
+}
+
+/// Who is calling whom, for tools that need it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct CallContext {
+    pub call_sid: String,
+    pub account_sid: String,
+    pub from: String,
+    pub to: String,
+    pub agent_id: String,
+}
+
+/// `sha256=<hex>` of the body, keyed by the agent's tool secret.
+pub fn signature(secret: &str, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(body.as_bytes());
+    let bytes = mac.finalize().into_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// The POST to a webhook tool: `{"tool", "arguments", "call"}` as JSON.
+pub fn webhook_request(
+    url: &str,
+    timeout_ms: u64,
+    tool: &str,
+    arguments: &Value,
+    ctx: &CallContext,
+    secret: Option<&str>,
+) -> http::Request {
+    let body = json!({
+        "tool": tool,
+        "arguments": arguments,
+        "call": {
+            "call_sid": ctx.call_sid, "from": ctx.from, "to": ctx.to, "agent_id": ctx.agent_id,
+        },
+    })
+    .to_string();
+    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    if let Some(secret) = secret.filter(|s| !s.is_empty()) {
+        headers.push((SIGNATURE_HEADER.to_owned(), signature(secret, &body)));
+    }
+    http::Request {
+        method: "POST".into(),
+        url: url.to_owned(),
+        headers,
+        body,
+        timeout_ms,
+    }
+}
+
+/// What the model is told a webhook tool returned.
+pub fn webhook_output(outcome: &http::Outcome, timeout_ms: u64) -> (bool, String) {
+    match outcome {
+        http::Outcome::Response { status, body } if (200..300).contains(status) => {
+            let mut end = body.len().min(MAX_OUTPUT_BYTES);
+            while !body.is_char_boundary(end) {
+                end -= 1;
+            }
+            (true, body[..end].to_owned())
+        }
+        http::Outcome::Response { status, .. } => (
+            false,
+            json!({ "error": format!("the tool's server answered HTTP {status}") }).to_string(),
+        ),
+        http::Outcome::Failed { reason } if reason == "timeout" => (
+            false,
+            json!({ "error": format!("the tool did not answer within {timeout_ms} ms") })
+                .to_string(),
+        ),
+        http::Outcome::Failed { reason } => (
+            false,
+            json!({ "error": format!("the tool could not be reached: {reason}") }).to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_kinds() {
+        assert_eq!(parse(&json!({"type":"end_call"})), Ok(Tool::EndCall));
+        assert_eq!(
+            parse(&json!({"type":"transfer_call"})),
+            Ok(Tool::TransferCall)
+        );
+        assert_eq!(
+            parse(&json!({"type":"function","name":"lookup","url":"https://crm.example.jp/hook"})),
+            Ok(Tool::Webhook {
+                name: "lookup".into(),
+                url: "https://crm.example.jp/hook".into(),
+                timeout_ms: DEFAULT_TIMEOUT_MS
+            })
+        );
+        let local =
+            json!({"type":"function","name":"x","url":"http://127.0.0.1:9000/t","timeout_ms":1500});
+        assert!(matches!(
+            parse(&local),
+            Ok(Tool::Webhook {
+                timeout_ms: 1500,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn rejects_what_cannot_run() {
+        for bad in [
+            json!("end_call"),
+            json!({"type":"mcp"}),
+            json!({"type":"function","name":"x"}),
+            json!({"type":"function","name":"x","url":"http://crm.example.jp"}),
+            json!({"type":"function","name":"x","url":"ftp://a"}),
+            json!({"type":"function","name":"bad name","url":"https://a"}),
+            json!({"type":"function","name":"end_call","url":"https://a"}),
+            json!({"type":"function","name":"x","url":"https://a","timeout_ms":0}),
+            json!({"type":"function","name":"x","url":"https://a","parameters":"{}"}),
+            json!({"type":"end_call","description":5}),
+        ] {
+            assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn realtime_definitions_drop_bridge_fields() {
+        let tools = vec![
+            json!({"type":"end_call"}),
+            json!({"type":"transfer_call","description":"担当者へ転送"}),
+            json!({"type":"function","name":"lookup","description":"顧客検索","parameters":{"type":"object"},"url":"https://a/b","timeout_ms":3000}),
+        ];
+        let defs = realtime_definitions(&tools);
+        assert_eq!(defs.len(), 3);
+        assert_eq!(defs[0]["name"], END_CALL);
+        assert_eq!(defs[1]["description"], "担当者へ転送");
+        assert_eq!(
+            defs[2],
+            json!({"type":"function","name":"lookup","description":"顧客検索","parameters":{"type":"object"}})
+        );
+        for d in &defs {
+            assert!(d.get("url").is_none() && d.get("timeout_ms").is_none());
+        }
+        assert_eq!(
+            resolve(&tools, "lookup").map(|t| matches!(t, Tool::Webhook { .. })),
+            Some(true)
+        );
+        assert_eq!(resolve(&tools, "end_call"), Some(Tool::EndCall));
+        assert_eq!(resolve(&tools, "nope"), None);
+    }
+
+    #[test]
+    fn webhook_requests_are_signed_and_outputs_bounded() {
+        let ctx = CallContext {
+            call_sid: "CA1".into(),
+            from: "+81901".into(),
+            to: "+81501".into(),
+            agent_id: "agt_1".into(),
+            ..Default::default()
+        };
+        let r = webhook_request(
+            "https://a/b",
+            5000,
+            "lookup",
+            &json!({"q":"山田"}),
+            &ctx,
+            Some("s3cret"),
+        );
+        let body: Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(body["arguments"]["q"], "山田");
+        assert_eq!(body["call"]["call_sid"], "CA1");
+        assert_eq!(
+            r.header(SIGNATURE_HEADER).unwrap(),
+            signature("s3cret", &r.body)
+        );
+        assert!(!format!("{r:?}").contains("sha256="), "headers never print");
+        // RFC 4231 test case 2.
+        assert_eq!(
+            signature("Jefe", "what do ya want for nothing?"),
+            "sha256=5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        let (ok, out) = webhook_output(
+            &http::Outcome::Response {
+                status: 200,
+                body: "あ".repeat(10_000),
+            },
+            5000,
+        );
+        assert!(ok && out.len() <= MAX_OUTPUT_BYTES);
+        let (ok, out) = webhook_output(
+            &http::Outcome::Failed {
+                reason: "timeout".into(),
+            },
+            5000,
+        );
+        assert!(!ok && out.contains("5000 ms"));
+        let (ok, out) = webhook_output(
+            &http::Outcome::Response {
+                status: 503,
+                body: "x".into(),
+            },
+            5000,
+        );
+        assert!(!ok && out.contains("503"));
+    }
+}
