@@ -72,7 +72,27 @@ impl Registration {
             at_ms: self.at_ms,
         }
     }
+
+    /// The end of a call whose bridge went away mid-stream (the object was restarted, by
+    /// a deploy for instance): what the call machine would have written had it lived.
+    pub fn interrupted(&self, streamed_at_ms: u64, now_ms: u64) -> Record {
+        Record::CallEnded {
+            call_sid: self.call.call_sid.0.clone(),
+            at_ms: now_ms,
+            duration_ms: Some(now_ms.saturating_sub(streamed_at_ms)),
+            end_reason: INTERRUPTED.into(),
+            failed: true,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            first_audio_ms: None,
+            barge_ins: 0,
+        }
+    }
 }
+
+/// End reason of a call whose bridge was restarted mid-stream.
+pub const INTERRUPTED: &str = "bridge_restarted";
 
 /// A verified voice webhook and the TwiML to answer it with.
 #[derive(Debug, Clone, PartialEq)]
@@ -492,6 +512,37 @@ mod tests {
             status_callback(&c, url, Some(&sig), &bad, 7),
             Err(Refusal::BadRequest(_))
         ));
+    }
+
+    #[test]
+    fn an_interrupted_stream_ends_as_failed_with_its_duration() {
+        let reg = Registration {
+            call: VoiceCall {
+                call_sid: CallSid::new("CA9"),
+                account_sid: "AC1".into(),
+                from: "+81".into(),
+                to: "+82".into(),
+                direction: "inbound".into(),
+                call_status: "ringing".into(),
+            },
+            agent: Agent::default(),
+            at_ms: 1_000,
+        };
+        let Record::CallEnded {
+            call_sid,
+            duration_ms,
+            end_reason,
+            failed,
+            ..
+        } = reg.interrupted(2_000, 65_000)
+        else {
+            panic!()
+        };
+        assert_eq!(call_sid, "CA9");
+        assert_eq!(duration_ms, Some(63_000));
+        assert_eq!(end_reason, INTERRUPTED);
+        assert!(failed);
+        assert!(matches!(reg.record(), Record::CallRinging { at_ms: 1_000, .. }));
     }
 
     #[test]

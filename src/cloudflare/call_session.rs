@@ -30,7 +30,13 @@ struct Record {
     registration: Registration,
     /// Set once the stream has ended; the call cannot be streamed again.
     end_reason: Option<String>,
+    /// When the stream was accepted; with no end reason, a stream is (or was) running.
+    #[serde(default)]
+    streamed_at_ms: Option<u64>,
 }
+
+/// How often the object checks that a running stream is still served by a live pump.
+const WATCH: Duration = Duration::from_secs(60);
 
 #[durable_object]
 pub struct CallSession {
@@ -66,6 +72,7 @@ impl DurableObject for CallSession {
                             Record {
                                 registration,
                                 end_reason: None,
+                                streamed_at_ms: None,
                             },
                         )
                         .await?;
@@ -82,6 +89,7 @@ impl DurableObject for CallSession {
     }
 
     async fn alarm(&self) -> Result<Response> {
+        self.watch_stream().await?;
         if let Err(e) = self.outbox().flush().await {
             log(
                 "warn",
@@ -102,6 +110,34 @@ fn now() -> Millis {
 }
 
 impl CallSession {
+    /// A stream that started but whose pump is gone (this object was restarted, e.g. by a
+    /// deploy) is finalized as interrupted, so the call's row does not stay in progress.
+    async fn watch_stream(&self) -> Result<()> {
+        let storage = self.state.storage();
+        let Some(mut record) = storage.get::<Record>(CALL_KEY).await? else {
+            return Ok(());
+        };
+        let Some(streamed_at) = record.streamed_at_ms else {
+            return Ok(());
+        };
+        if record.end_reason.is_some() {
+            return Ok(());
+        }
+        if self.live.get() {
+            storage.set_alarm(WATCH).await?;
+            return Ok(());
+        }
+        let ended = record.registration.interrupted(streamed_at, now().0);
+        log(
+            "error",
+            "call.interrupted",
+            serde_json::json!({ "call_sid": record.registration.call.call_sid }),
+        );
+        self.outbox().push(&ended).await;
+        record.end_reason = Some(webhook::INTERRUPTED.to_owned());
+        storage.put(CALL_KEY, &record).await
+    }
+
     /// The object's outbox, started on first use (and so after a restart).
     fn outbox(&self) -> Outbox {
         self.outbox
@@ -146,6 +182,11 @@ impl CallSession {
                 return Response::error("Server misconfigured", 500);
             }
         };
+
+        let mut record = record;
+        record.streamed_at_ms = Some(now().0);
+        storage.put(CALL_KEY, &record).await?;
+        storage.set_alarm(WATCH).await?;
 
         let pair = WebSocketPair::new()?;
         pair.server.accept()?;
