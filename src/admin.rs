@@ -92,6 +92,9 @@ pub enum Error {
     Conflict(String),
     #[error("request body is larger than {MAX_BODY_BYTES} bytes")]
     TooLarge,
+    /// A `Range` this resource of `size` bytes cannot serve.
+    #[error("range not satisfiable: the recording has {size} bytes")]
+    RangeNotSatisfiable { size: u64 },
     /// Something failed on our side (D1); the details go to the log, not to the client.
     #[error("internal error")]
     Internal,
@@ -113,6 +116,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => 405,
             Error::Conflict(_) => 409,
             Error::TooLarge => 413,
+            Error::RangeNotSatisfiable { .. } => 416,
             Error::Internal => 500,
         }
     }
@@ -127,6 +131,7 @@ impl Error {
             Error::MethodNotAllowed { .. } => "method_not_allowed",
             Error::Conflict(_) => "conflict",
             Error::TooLarge => "payload_too_large",
+            Error::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             Error::Internal => "internal",
         }
     }
@@ -149,6 +154,9 @@ impl Error {
         match self {
             Error::Unauthorized => vec![("WWW-Authenticate", "Bearer".into())],
             Error::MethodNotAllowed { allow } => vec![("Allow", (*allow).into())],
+            Error::RangeNotSatisfiable { size } => {
+                vec![("Content-Range", format!("bytes */{size}"))]
+            }
             _ => vec![],
         }
     }
@@ -170,6 +178,8 @@ impl From<Refusal> for Error {
 pub enum Route {
     ListCalls,
     GetCall(CallSid),
+    /// The call's recording (a WAV, not JSON), with `Range` support.
+    GetRecording(CallSid),
     ListAgents,
     CreateAgent,
     GetAgent(String),
@@ -225,6 +235,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, Error> {
         ["calls", sid] => match m.as_str() {
             "GET" => CallSid::parse(sid)
                 .map(Route::GetCall)
+                .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
+            _ => wrong("GET"),
+        },
+        ["calls", sid, "recording"] => match m.as_str() {
+            "GET" => CallSid::parse(sid)
+                .map(Route::GetRecording)
                 .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
             _ => wrong("GET"),
         },
@@ -658,6 +674,93 @@ pub fn call_detail(call: Value, mut transcript: Vec<Value>, mut events: Vec<Valu
     json!({ "call": call, "transcript": transcript, "events": events })
 }
 
+// ---- recordings ----------------------------------------------------------------------------------
+
+/// Where the call's recording is (`recording_key`) and how large (`recording_bytes`); no row
+/// when there is no such call, a null key when it has no recording.
+pub fn select_recording(call_sid: &CallSid) -> Statement {
+    Statement::new(
+        "SELECT recording_key, recording_bytes, recording_duration_ms FROM calls WHERE call_sid = ?1",
+        vec![json!(call_sid.as_str())],
+    )
+}
+
+/// Bytes `start..=end` of a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl ByteRange {
+    pub fn len(&self) -> u64 {
+        self.end - self.start + 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The `Content-Range` of a 206 answer.
+    pub fn content_range(&self, size: u64) -> String {
+        format!("bytes {}-{}/{size}", self.start, self.end)
+    }
+}
+
+/// What a `Range` header asks of a resource of `size` bytes (RFC 9110 §14): `Ok(None)` for
+/// the whole of it (no header, another unit, or several ranges, which a server may answer
+/// in full), `Ok(Some(range))` for one satisfiable byte range, and an error (416) for a
+/// malformed or unsatisfiable one.
+pub fn byte_range(header: Option<&str>, size: u64) -> Result<Option<ByteRange>, Error> {
+    let Some(h) = header.map(str::trim) else {
+        return Ok(None);
+    };
+    let Some((unit, spec)) = h.split_once('=') else {
+        return Err(Error::RangeNotSatisfiable { size });
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return Ok(None);
+    }
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let bad = || Error::RangeNotSatisfiable { size };
+    let number = |s: &str| -> Result<u64, Error> {
+        let s = s.trim();
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
+        s.parse().map_err(|_| bad())
+    };
+    let (first, last) = spec.split_once('-').ok_or_else(bad)?;
+    let range = if first.trim().is_empty() {
+        // The last `n` bytes.
+        let n = number(last)?;
+        if n == 0 || size == 0 {
+            return Err(bad());
+        }
+        ByteRange {
+            start: size - n.min(size),
+            end: size - 1,
+        }
+    } else {
+        let start = number(first)?;
+        let end = if last.trim().is_empty() {
+            u64::MAX
+        } else {
+            number(last)?
+        };
+        if end < start || start >= size {
+            return Err(bad());
+        }
+        ByteRange {
+            start,
+            end: end.min(size - 1),
+        }
+    };
+    Ok(Some(range))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -805,6 +908,96 @@ mod tests {
         assert_eq!(status("GET", "/api/admin/agents/%ZZ"), 404);
         assert_eq!(status("GET", "/api/admin/calls/CA-1"), 404);
         assert_eq!(status("GET", "/api/other"), 404);
+    }
+
+    #[test]
+    fn recording_route_and_byte_ranges() {
+        assert_eq!(
+            route("GET", "/api/admin/calls/CA1/recording"),
+            Ok(Route::GetRecording(CallSid::new("CA1")))
+        );
+        assert_eq!(
+            route("PUT", "/api/admin/calls/CA1/recording")
+                .unwrap_err()
+                .status(),
+            405
+        );
+        assert_eq!(
+            route("GET", "/api/admin/calls/CA-1/recording")
+                .unwrap_err()
+                .status(),
+            404
+        );
+        let r = |h: &str| byte_range(Some(h), 1_000);
+        let some = |start, end| Ok(Some(ByteRange { start, end }));
+        assert_eq!(byte_range(None, 1_000), Ok(None));
+        assert_eq!(r("bytes=0-43"), some(0, 43));
+        assert_eq!(r("bytes=0-43").unwrap().unwrap().len(), 44);
+        assert_eq!(r("bytes=990-"), some(990, 999));
+        assert_eq!(r("bytes=990-5000"), some(990, 999));
+        assert_eq!(r("bytes=-10"), some(990, 999));
+        assert_eq!(r("bytes=-5000"), some(0, 999));
+        assert_eq!(r(" Bytes = 5 - 6 "), some(5, 6));
+        assert_eq!(r("bytes=0-0"), some(0, 0));
+        assert_eq!(r("items=0-5"), Ok(None), "another unit is ignored");
+        assert_eq!(r("bytes=0-1,5-6"), Ok(None), "several ranges: the whole");
+        for bad in [
+            "bytes=1000-",
+            "bytes=1000-1001",
+            "bytes=5-4",
+            "bytes=-0",
+            "bytes=a-b",
+            "bytes=-",
+            "bytes=1",
+            "bytes=+1-2",
+            "bytes",
+            "bytes=99999999999999999999999-",
+        ] {
+            let e = r(bad).unwrap_err();
+            assert_eq!(e.status(), 416, "{bad}");
+            assert_eq!(
+                e.headers(),
+                vec![("Content-Range", "bytes */1000".to_string())]
+            );
+        }
+        assert_eq!(byte_range(Some("bytes=-1"), 0).unwrap_err().status(), 416);
+        assert_eq!(
+            ByteRange { start: 0, end: 43 }.content_range(1_000),
+            "bytes 0-43/1000"
+        );
+    }
+
+    #[test]
+    fn a_calls_recording_is_found_by_its_row() {
+        let conn = testdb::open();
+        let sid = CallSid::new("CA1");
+        assert!(testdb::query(&conn, &select_recording(&sid)).is_empty());
+        let ring = crate::store::Record::CallRinging {
+            call_sid: "CA1".into(),
+            account_sid: "AC1".into(),
+            from: "+15550001111".into(),
+            to: "+81312345678".into(),
+            direction: "inbound".into(),
+            agent_id: "default".into(),
+            at_ms: 1,
+        };
+        testdb::batch(&conn, &ring.statements(1)).unwrap();
+        let rows = testdb::query(&conn, &select_recording(&sid));
+        assert_eq!(rows[0]["recording_key"], Value::Null);
+        let rec = crate::store::Record::Recording {
+            call_sid: "CA1".into(),
+            key: "recordings/CA1.wav".into(),
+            duration_ms: 10,
+            bytes: 364,
+        };
+        testdb::batch(&conn, &rec.statements(2)).unwrap();
+        let rows = testdb::query(&conn, &select_recording(&sid));
+        assert_eq!(
+            rows,
+            vec![
+                json!({"recording_key": "recordings/CA1.wav", "recording_bytes": 364, "recording_duration_ms": 10})
+            ]
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use crate::store::Statement;
 use serde_json::{json, Map, Value};
 
 /// The `agents` columns, in the order the statements here select them.
-pub const COLUMNS: [&str; 19] = [
+pub const COLUMNS: [&str; 20] = [
     "id",
     "name",
     "instructions",
@@ -31,6 +31,7 @@ pub const COLUMNS: [&str; 19] = [
     "created_at",
     "updated_at",
     "tool_secret",
+    "record_calls",
 ];
 
 /// Prefix of the ids the API generates (`agt_` and 16 hex digits).
@@ -124,6 +125,12 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
         Value::Bool(b) => *b,
         v => v.as_f64().is_some_and(|n| n != 0.0),
     };
+    // A row from before the column existed records, like the column's default.
+    let record_calls = match row.get("record_calls") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => v.as_f64().is_some_and(|n| n != 0.0),
+    };
     let agent = Agent {
         id: text(row, "id")?,
         name: text(row, "name")?,
@@ -147,6 +154,7 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
             .map(config::Secret::new),
+        record_calls,
     };
     Ok(Record {
         agent,
@@ -197,6 +205,7 @@ pub fn to_json(record: &Record) -> Value {
         "max_call_seconds": a.max_call_seconds,
         // Write-only: whether one is set, never the secret.
         "tool_secret_set": a.tool_secret.is_some(),
+        "record_calls": a.record_calls,
         "is_default": record.is_default,
         "created_at": record.created_at,
         "updated_at": record.updated_at,
@@ -331,6 +340,11 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
             }
             // Shown by GET; accepted and ignored so a GET body can be PUT back.
             "tool_secret_set" => {}
+            "record_calls" => {
+                a.record_calls = v
+                    .as_bool()
+                    .ok_or_else(|| invalid(field, "must be true or false"))?
+            }
             "is_default" => {
                 change.is_default = v
                     .as_bool()
@@ -478,6 +492,7 @@ fn row_params(change: &Change, now: &str) -> Vec<Value> {
         json!(i32::from(change.is_default)),
         json!(now),
         json!(a.tool_secret.as_ref().map(|s| s.expose())),
+        json!(i32::from(a.record_calls)),
     ]
 }
 
@@ -499,7 +514,7 @@ pub fn insert(change: &Change, now: &str) -> Vec<Statement> {
     out.push(Statement::new(
         format!(
             "INSERT INTO agents ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-             ?13, ?14, ?15, ?16, ?17, ?17, ?18)",
+             ?13, ?14, ?15, ?16, ?17, ?17, ?18, ?19)",
             COLUMNS.join(", ")
         ),
         row_params(change, now),
@@ -517,7 +532,8 @@ pub fn update(change: &Change, now: &str) -> Vec<Statement> {
         "UPDATE agents SET name = ?2, instructions = ?3, greeting = ?4, voice = ?5, model = ?6, \
          language = ?7, transcription_model = ?8, turn_detection_type = ?9, vad_threshold = ?10, \
          vad_silence_ms = ?11, vad_prefix_padding_ms = ?12, tools = ?13, transfer_number = ?14, \
-         max_call_seconds = ?15, is_default = ?16, updated_at = ?17, tool_secret = ?18 WHERE id = ?1",
+         max_call_seconds = ?15, is_default = ?16, updated_at = ?17, tool_secret = ?18, \
+         record_calls = ?19 WHERE id = ?1",
         row_params(change, now),
     ));
     out
@@ -772,6 +788,7 @@ mod tests {
         let mut expected = body;
         expected["is_default"] = json!(false);
         expected["tool_secret_set"] = json!(false);
+        expected["record_calls"] = json!(true);
         expected["created_at"] = json!(NOW);
         expected["updated_at"] = json!(NOW);
         assert_eq!(to_json(&record), expected);
@@ -859,6 +876,7 @@ mod tests {
         assert_eq!(with("max_call_seconds", json!(60.5)), "max_call_seconds");
         assert_eq!(with("language", json!("japanese")), "language");
         assert_eq!(with("is_default", json!(1)), "is_default");
+        assert_eq!(with("record_calls", json!(0)), "record_calls");
         assert_eq!(with("id", json!("has space")), "id");
         assert_eq!(
             with("turn_detection", json!("server_vad")),
@@ -950,6 +968,29 @@ mod tests {
             field_of(parse_update(&obj(json!({"voice": "nova"})), &after)),
             "voice"
         );
+    }
+
+    #[test]
+    fn recording_can_be_turned_off_and_on_per_agent() {
+        let db = testdb::open();
+        assert!(load(&db, "default").agent.record_calls, "on by default");
+        let change = create(
+            &db,
+            json!({"id": "quiet", "name": "Q", "instructions": "I", "record_calls": false}),
+        );
+        assert!(!change.agent.record_calls);
+        let quiet = load(&db, "quiet");
+        assert!(!quiet.agent.record_calls);
+        assert_eq!(to_json(&quiet)["record_calls"], false);
+        let rows = testdb::query(&db, &select_for_number("+81399999999"));
+        assert!(from_row(&rows[0]).unwrap().record_calls);
+        let on = parse_update(&obj(json!({"record_calls": true})), &quiet).unwrap();
+        testdb::batch(&db, &update(&on, LATER)).unwrap();
+        assert!(load(&db, "quiet").agent.record_calls);
+        // A row written before the column existed records.
+        let mut row = testdb::query(&db, &select_by_id("quiet")).remove(0);
+        row.as_object_mut().unwrap().remove("record_calls");
+        assert!(from_row(&row).unwrap().record_calls);
     }
 
     #[test]

@@ -93,6 +93,13 @@ pub struct Agent {
     /// Key for the signature on webhook tool requests (write-only in the admin API).
     #[serde(default)]
     pub tool_secret: Option<Secret>,
+    /// Whether calls are recorded (a stereo WAV in R2). Absent from older stored agents: on.
+    #[serde(default = "recording_on")]
+    pub record_calls: bool,
+}
+
+fn recording_on() -> bool {
+    true
 }
 
 impl Default for Agent {
@@ -111,6 +118,7 @@ impl Default for Agent {
             transfer_number: None,
             max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
             tool_secret: None,
+            record_calls: true,
         }
     }
 }
@@ -316,6 +324,7 @@ impl Bridge {
             transfer_number: None,
             max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
             tool_secret: None,
+            record_calls: true,
         };
         agent.validate()?;
         Ok(Self {

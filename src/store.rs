@@ -90,6 +90,15 @@ pub enum Record {
         first_audio_ms: Option<u64>,
         barge_ins: u64,
     },
+    /// The call's recording is complete in the bucket.
+    Recording {
+        call_sid: String,
+        /// The object's key in the RECORDINGS bucket.
+        key: String,
+        duration_ms: u64,
+        /// Size of the WAV file, header included.
+        bytes: u64,
+    },
     /// Twilio's status callback.
     TwilioStatus {
         call_sid: String,
@@ -133,6 +142,7 @@ impl Record {
             | Record::Transcript { call_sid, .. }
             | Record::Event { call_sid, .. }
             | Record::CallEnded { call_sid, .. }
+            | Record::Recording { call_sid, .. }
             | Record::TwilioStatus { call_sid, .. } => call_sid,
         }
     }
@@ -271,6 +281,24 @@ impl Record {
                         first_audio_ms.map(Value::from).unwrap_or(Value::Null),
                         (*barge_ins).into(),
                         if *failed { "failed" } else { "completed" }.into(),
+                    ],
+                ),
+            ],
+            Record::Recording {
+                call_sid,
+                key,
+                duration_ms,
+                bytes,
+            } => vec![
+                ensure_call(call_sid, now_ms),
+                Statement::new(
+                    "UPDATE calls SET recording_key = ?2, recording_duration_ms = ?3, \
+                     recording_bytes = ?4 WHERE call_sid = ?1",
+                    vec![
+                        call_sid.as_str().into(),
+                        key.as_str().into(),
+                        (*duration_ms).into(),
+                        (*bytes).into(),
                     ],
                 ),
             ],
@@ -539,6 +567,27 @@ mod tests {
             events,
             vec![json!({"seq":0,"type":"barge_in","detail":"{\"audio_end_ms\":200}"})]
         );
+    }
+
+    #[test]
+    fn a_recording_lands_on_its_call_row() {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        assert_eq!(call_row(&conn)["recording_key"], Value::Null);
+        let rec = Record::Recording {
+            call_sid: SID.into(),
+            key: "recordings/CA1.wav".into(),
+            duration_ms: 59_000,
+            bytes: 44 + 59_000 * 32,
+        };
+        write(&conn, &rec);
+        write(&conn, &rec);
+        write(&conn, &ended(false));
+        let row = call_row(&conn);
+        assert_eq!(row["recording_key"], "recordings/CA1.wav");
+        assert_eq!(row["recording_duration_ms"], 59_000);
+        assert_eq!(row["recording_bytes"], 44 + 59_000 * 32);
+        assert_eq!(row["status"], "completed");
     }
 
     #[test]

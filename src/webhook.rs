@@ -542,7 +542,10 @@ mod tests {
         assert_eq!(duration_ms, Some(63_000));
         assert_eq!(end_reason, INTERRUPTED);
         assert!(failed);
-        assert!(matches!(reg.record(), Record::CallRinging { at_ms: 1_000, .. }));
+        assert!(matches!(
+            reg.record(),
+            Record::CallRinging { at_ms: 1_000, .. }
+        ));
     }
 
     #[test]

@@ -181,7 +181,8 @@ fn d1_execute(persist_dir: &Path, sql: &str) {
 
 fn tool(name: &str) -> Value {
     json!({"type": "function", "name": name, "description": "Looks something up",
-           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}})
+           "parameters": {"type": "object", "properties": {"q": {"type": "string"}}},
+           "url": "https://crm.example.jp/hooks/lookup"})
 }
 
 // ---- auth and malformed requests ----------------------------------------------------------------

@@ -97,6 +97,8 @@ pub(super) struct State {
     last_activity: Option<Millis>,
     checked_in: bool,
     wrap_up_sent: bool,
+    /// The wrap-up fell due while no session was ready to hear it.
+    wrap_up_unsaid: bool,
     call_deadline: Option<Millis>,
     reconnect: Option<Reconnect>,
     /// Final transcript text by conversation position, to seed a new session.
@@ -117,6 +119,7 @@ impl State {
             last_activity: None,
             checked_in: false,
             wrap_up_sent: false,
+            wrap_up_unsaid: false,
             call_deadline: None,
             reconnect: None,
             transcript: BTreeMap::new(),
@@ -158,8 +161,42 @@ impl Call {
         self.control.transcript.insert(seq, (role, text.to_owned()));
     }
 
-    pub(super) fn control_end_reason(&self) -> Option<EndReason> {
-        self.control.finished.clone()
+    /// Why the call ends when Twilio stops the stream: the agent's own hang-up or
+    /// transfer when that is what we asked for, even if Twilio's answer has not come yet
+    /// (its `stop` can overtake the REST response).
+    pub(super) fn control_end_reason(&mut self, now: Millis) -> Option<EndReason> {
+        if let Some(done) = &self.control.finished {
+            return Some(done.clone());
+        }
+        let ending = self.control.ending.clone()?;
+        if !matches!(ending.phase, Phase::Requested { .. }) {
+            return None;
+        }
+        let (kind, reason) = Self::finish_reason(&ending.finish);
+        self.event(
+            now,
+            kind,
+            json!({ "ok": true, "twilio": "stream stopped before the REST answer", "reason": reason.detail() }),
+        );
+        self.control.ending = None;
+        Some(reason)
+    }
+
+    fn finish_reason(finish: &Finish) -> (&'static str, EndReason) {
+        match finish {
+            Finish::Hangup { why } => ("hangup", EndReason::AgentHangup { why: why.clone() }),
+            Finish::Transfer { to } => ("transfer", EndReason::Transferred { to: to.clone() }),
+        }
+    }
+
+    fn say_wrap_up(&mut self) {
+        if !self.control.wrap_up_unsaid || self.upstream != Upstream::Ready {
+            return;
+        }
+        self.control.wrap_up_unsaid = false;
+        self.actions
+            .push_back(Action::SendOpenAi(openai::text_item("system", WRAP_UP)));
+        self.request_response(None);
     }
 
     pub(super) fn control_deadline(&self) -> Option<Millis> {
@@ -225,11 +262,9 @@ impl Call {
             if !self.control.wrap_up_sent && now >= end.saturating_sub(WRAP_UP_BEFORE) {
                 self.control.wrap_up_sent = true;
                 self.event(now, "wrap_up", Value::Null);
-                if self.upstream == Upstream::Ready {
-                    self.actions
-                        .push_back(Action::SendOpenAi(openai::text_item("system", WRAP_UP)));
-                    self.request_response(None);
-                }
+                // Not ready yet (still connecting, or reconnecting): said once it is.
+                self.control.wrap_up_unsaid = true;
+                self.say_wrap_up();
             }
         }
         let idle_due = self
@@ -400,23 +435,24 @@ impl Call {
                     "instruction": "Say a brief, polite goodbye now. The call ends when you finish speaking.",
                 })
                 .to_string();
-                self.tool_done(
-                    ToolResult {
-                        call_id: &call_id,
-                        name: &name,
-                        arguments: args.clone(),
-                        ok: true,
-                        output: &output,
-                        took: Millis(0),
-                    },
-                    now,
-                );
+                // Ending first: the response tool_done asks for is the goodbye.
                 let why = args["reason"].as_str().unwrap_or("end_call").to_owned();
                 self.start_ending(
                     Finish::Hangup { why },
                     Phase::Goodbye {
                         requested: false,
                         response: None,
+                    },
+                    now,
+                );
+                self.tool_done(
+                    ToolResult {
+                        call_id: &call_id,
+                        name: &name,
+                        arguments: args,
+                        ok: true,
+                        output: &output,
+                        took: Millis(0),
                     },
                     now,
                 );
@@ -446,6 +482,15 @@ impl Call {
                         "instruction": "Tell the caller in one short sentence that you are transferring them to a staff member now.",
                     })
                     .to_string();
+                    // Ending first: the response tool_done asks for is the notice.
+                    self.start_ending(
+                        Finish::Transfer { to },
+                        Phase::Goodbye {
+                            requested: false,
+                            response: None,
+                        },
+                        now,
+                    );
                     self.tool_done(
                         ToolResult {
                             call_id: &call_id,
@@ -454,14 +499,6 @@ impl Call {
                             ok: true,
                             output: &output,
                             took: Millis(0),
-                        },
-                        now,
-                    );
-                    self.start_ending(
-                        Finish::Transfer { to },
-                        Phase::Goodbye {
-                            requested: false,
-                            response: None,
                         },
                         now,
                     );
@@ -555,10 +592,7 @@ impl Call {
         }
         let ending = self.control.ending.clone().expect("matched");
         let ok = matches!(outcome, http::Outcome::Response { status, .. } if (200..300).contains(status));
-        let (kind, reason) = match &ending.finish {
-            Finish::Hangup { why } => ("hangup", EndReason::AgentHangup { why: why.clone() }),
-            Finish::Transfer { to } => ("transfer", EndReason::Transferred { to: to.clone() }),
-        };
+        let (kind, reason) = Self::finish_reason(&ending.finish);
         let status = match outcome {
             http::Outcome::Response { status, .. } => json!(status),
             http::Outcome::Failed { reason } => json!(reason),
@@ -577,8 +611,14 @@ impl Call {
                 "control.twilio_rest_failed",
                 json!({ "kind": kind, "outcome": status }),
             );
-            // Closing the stream makes Twilio run the TwiML after </Connect>.
-            self.end(reason, now);
+            // Closing the stream makes Twilio run the TwiML after </Connect>: the apology
+            // and, when configured, the fallback number.
+            self.end(
+                EndReason::CallControlFailed {
+                    what: format!("{kind} refused by Twilio: {status}"),
+                },
+                now,
+            );
         }
     }
 
@@ -736,6 +776,7 @@ impl Call {
     /// A session is ready. After a reconnect, seed it with the conversation so far.
     pub(super) fn on_session_ready(&mut self, now: Millis) {
         let Some(r) = self.control.reconnect.take() else {
+            self.say_wrap_up();
             return;
         };
         let items: Vec<String> = self
@@ -764,6 +805,7 @@ impl Call {
             "openai.reconnected",
             json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0 }),
         );
+        self.say_wrap_up();
         self.flush_response();
     }
 }

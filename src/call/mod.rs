@@ -8,6 +8,7 @@
 
 mod control;
 mod playback;
+mod record;
 mod transcript;
 
 pub use playback::{Cut, Echo, Playback};
@@ -105,6 +106,12 @@ pub enum Action {
     },
     /// The call is over; what it leaves for the record.
     Ended(Box<Summary>),
+    /// The next stereo PCM of the call's recording (see `crate::recording`), in order.
+    RecordingData(Vec<u8>),
+    /// The recording is complete: `duration_ms` long. Comes before the call's end record.
+    RecordingDone {
+        duration_ms: u64,
+    },
 }
 
 /// Why the call ended.
@@ -131,6 +138,10 @@ pub enum EndReason {
     AgentHangup {
         why: String,
     },
+    /// Twilio refused our hang-up or transfer; the caller gets the fallback TwiML.
+    CallControlFailed {
+        what: String,
+    },
     /// The call was handed to a person.
     Transferred {
         to: String,
@@ -149,6 +160,7 @@ impl EndReason {
             EndReason::SessionRejected { .. } => "openai_session_rejected",
             EndReason::AgentHangup { .. } => "agent_hangup",
             EndReason::Transferred { .. } => "transferred",
+            EndReason::CallControlFailed { .. } => "call_control_failed",
         }
     }
 
@@ -172,6 +184,7 @@ impl EndReason {
             }
             EndReason::AgentHangup { why } => json!({ "why": why }),
             EndReason::Transferred { to } => json!({ "to": to }),
+            EndReason::CallControlFailed { what } => json!({ "what": what }),
             _ => Value::Null,
         }
     }
@@ -256,6 +269,8 @@ pub struct Call {
     ended: Option<EndReason>,
     stats: Stats,
     actions: VecDeque<Action>,
+    /// The call's recording, from the stream start, when the agent records calls.
+    recorder: Option<crate::recording::Recorder>,
 }
 
 impl Call {
@@ -290,6 +305,7 @@ impl Call {
             ended: None,
             stats: Stats::default(),
             actions: VecDeque::new(),
+            recorder: None,
             agent,
         };
         call.actions.push_back(Action::ConnectOpenAi {
@@ -336,6 +352,11 @@ impl Call {
     }
 
     pub fn handle(&mut self, input: Input<'_>, now: Millis) {
+        self.dispatch(input, now);
+        self.record_settled(now);
+    }
+
+    fn dispatch(&mut self, input: Input<'_>, now: Millis) {
         if self.ended.is_some() {
             // Late frames after the end (the other socket is closing) are expected.
             return;
@@ -400,6 +421,16 @@ impl Call {
                         "openai.session_timeout",
                         json!({ "waited_ms": SESSION_SETUP_TIMEOUT.0 }),
                     );
+                    // Give up on the socket that never became ready (open, or still
+                    // connecting) before asking for another: one OpenAI socket at a time,
+                    // so nothing late from the old one is taken for the new session's.
+                    if self.upstream != Upstream::Closed {
+                        self.upstream = Upstream::Closed;
+                        self.actions.push_back(Action::CloseOpenAi {
+                            code: 1000,
+                            reason: "session setup timed out".into(),
+                        });
+                    }
                     if self.try_reconnect(now, "session setup timed out") {
                         return;
                     }
@@ -426,7 +457,7 @@ impl Call {
         match frame {
             Inbound::Connected => self.log(Level::Info, "twilio.connected", Value::Null),
             Inbound::Start(start) => self.on_start(start, now),
-            Inbound::Media(media) => self.on_caller_audio(&media.payload),
+            Inbound::Media(media) => self.on_caller_audio(&media.payload, now),
             Inbound::Mark { name } => match self.playback.echoed(&name) {
                 Echo::Played { .. } => self.on_played(now),
                 Echo::Flushed => {}
@@ -435,7 +466,9 @@ impl Call {
             Inbound::Dtmf { digit } => self.on_dtmf(&digit, now),
             Inbound::Stop => {
                 self.log(Level::Info, "twilio.stop", Value::Null);
-                let reason = self.control_end_reason().unwrap_or(EndReason::TwilioStop);
+                let reason = self
+                    .control_end_reason(now)
+                    .unwrap_or(EndReason::TwilioStop);
                 self.end(reason, now);
             }
             Inbound::Unknown { event } => {
@@ -483,6 +516,7 @@ impl Call {
             started_at: now,
         });
         self.control_stream_started(now);
+        self.recording_started();
         // Agent audio that came before we knew where to send it.
         let held = std::mem::take(&mut self.held_output);
         self.held_output_bytes = 0;
@@ -492,7 +526,7 @@ impl Call {
         self.maybe_greet();
     }
 
-    fn on_caller_audio(&mut self, payload: &str) {
+    fn on_caller_audio(&mut self, payload: &str, now: Millis) {
         if self.stream.is_none() {
             return self.drop_input("twilio_media_before_start", Value::Null);
         }
@@ -502,6 +536,7 @@ impl Call {
         let bytes = bytes as u64;
         self.stats.caller_frames += 1;
         self.stats.caller_bytes += bytes;
+        self.record_caller(payload, now);
         let event = openai::input_audio_append(payload);
         if self.upstream == Upstream::Ready {
             self.actions.push_back(Action::SendOpenAi(event));
@@ -716,9 +751,12 @@ impl Call {
                 self.response_active = false;
                 self.stats.responses += 1;
                 let u = r.usage;
-                self.stats.tokens.total_tokens += u.total_tokens;
-                self.stats.tokens.input_tokens += u.input_tokens;
-                self.stats.tokens.output_tokens += u.output_tokens;
+                // The counts are the server's: absurd ones must not overflow (a panic in
+                // debug builds, a wrapped total in release).
+                let t = &mut self.stats.tokens;
+                t.total_tokens = t.total_tokens.saturating_add(u.total_tokens);
+                t.input_tokens = t.input_tokens.saturating_add(u.input_tokens);
+                t.output_tokens = t.output_tokens.saturating_add(u.output_tokens);
                 self.log(
                     Level::Info,
                     "openai.response.done",
@@ -848,6 +886,7 @@ impl Call {
             );
         }
         self.conversation.agent_audio_started(item, at);
+        self.record_agent(payload, at);
         let stream = self.stream.as_ref().expect("checked above");
         self.actions
             .push_back(Action::SendTwilio(stream.writer.media(payload)));
@@ -870,6 +909,7 @@ impl Call {
         if let Some(stream) = &self.stream {
             self.actions
                 .push_back(Action::SendTwilio(stream.writer.clear()));
+            self.record_clear(now);
         }
         let cuts = self.playback.barge_in();
         // Audio held for a stream that has not started belongs to the cut items.
@@ -955,6 +995,7 @@ impl Call {
             let dropped = json!(self.stats.dropped);
             self.event(now, "dropped_input", dropped);
         }
+        self.record_end(now);
         let started = self.stream.as_ref().map(|s| s.started_at);
         self.actions.push_back(Action::Persist(Record::CallEnded {
             call_sid: self.sid.0.clone(),

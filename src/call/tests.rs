@@ -81,6 +81,9 @@ struct Sim {
     now: Millis,
     logs: Vec<String>,
     records: Vec<Record>,
+    /// The recording's PCM so far, and its length once complete (see record_tests).
+    recording: Vec<u8>,
+    recording_done: Option<u64>,
 }
 
 impl Sim {
@@ -90,6 +93,8 @@ impl Sim {
             now: Millis(0),
             logs: vec![],
             records: vec![],
+            recording: vec![],
+            recording_done: None,
         };
         let first = sim.drain();
         assert_eq!(
@@ -127,6 +132,14 @@ impl Sim {
                     self.logs.push(line)
                 }
                 Action::Persist(r) => self.records.push(r),
+                Action::RecordingData(pcm) => {
+                    assert!(self.recording_done.is_none(), "no audio after the end");
+                    self.recording.extend(pcm)
+                }
+                Action::RecordingDone { duration_ms } => {
+                    assert!(self.recording_done.is_none(), "one end");
+                    self.recording_done = Some(duration_ms)
+                }
                 other => out.push(other),
             }
         }
@@ -767,6 +780,50 @@ fn usage_is_summed_over_responses() {
 }
 
 #[test]
+fn a_session_that_never_got_ready_is_closed_before_the_next_is_opened() {
+    // Found by the call_machine fuzz target: the setup timeout asked for a new socket
+    // while the old one stayed open, so two sockets were live and the old one's late
+    // events could be taken for the new session's.
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.openai_opened();
+    sim.at(SESSION_SETUP_TIMEOUT.0);
+    let out = sim.input(Input::Timeout);
+    let close = out
+        .iter()
+        .position(|a| matches!(a, Action::CloseOpenAi { .. }))
+        .expect("the old socket is closed");
+    let connect = out
+        .iter()
+        .position(|a| matches!(a, Action::ConnectOpenAi { .. }))
+        .expect("a new one is asked for");
+    assert!(close < connect, "{out:?}");
+    // And when the window runs out, nothing is closed twice.
+    sim.at(SESSION_SETUP_TIMEOUT.0 + control::RECONNECT_WINDOW.0);
+    let out = sim.input(Input::Timeout);
+    let closes = out
+        .iter()
+        .filter(|a| matches!(a, Action::CloseOpenAi { .. }))
+        .count();
+    assert_eq!(closes, 1, "{out:?}");
+    assert_eq!(sim.call.end_reason(), Some(&EndReason::SessionSetupTimeout));
+}
+
+#[test]
+fn absurd_usage_counts_saturate_instead_of_overflowing() {
+    // Found by the call_machine fuzz target: two responses whose usage adds past u64::MAX.
+    let mut sim = Sim::live();
+    for _ in 0..2 {
+        sim.openai(r#"{"type":"response.done","response":{"id":"r","usage":{"total_tokens":18446744073709551615,"input_tokens":18446744073709551615,"output_tokens":1}}}"#);
+    }
+    let tokens = sim.call.stats().tokens;
+    assert_eq!(tokens.total_tokens, u64::MAX);
+    assert_eq!(tokens.input_tokens, u64::MAX);
+    assert_eq!(tokens.output_tokens, 2);
+    assert!(!sim.call.is_ended(), "the call goes on");
+}
+
+#[test]
 fn logs_never_hold_audio() {
     let mut sim = Sim::live();
     let payload = audio(1600, 42);
@@ -977,6 +1034,8 @@ impl Sim {
             now: Millis(0),
             logs: vec![],
             records: vec![],
+            recording: vec![],
+            recording_done: None,
         };
         sim.drain();
         sim.openai_opened();
@@ -1342,4 +1401,80 @@ fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
     let reconnected = ev.iter().find(|e| e.1 == "reconnected").unwrap();
     assert_eq!(reconnected.2["gap_ms"], 600);
     assert!(!sim.call.is_ended());
+}
+
+mod recording;
+
+#[test]
+fn a_wrap_up_due_before_the_session_is_ready_is_said_once_it_is() {
+    let agent = Agent {
+        max_call_seconds: 30,
+        ..Agent::default()
+    };
+    let mut sim = Sim {
+        call: Call::new(setup(agent), Millis(0)),
+        now: Millis(0),
+        logs: vec![],
+        records: vec![],
+        recording: vec![],
+        recording_done: None,
+    };
+    sim.drain();
+    sim.twilio(&start());
+    // With a 30 s limit the wrap-up is due at once, before the session is up.
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(0)));
+    let out = sim.input(Input::Timeout);
+    assert!(out.is_empty(), "{out:?}");
+    assert_ne!(sim.call.poll_timeout(), Some(Millis(0)), "no busy loop");
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    let items = sends_of(&out, "conversation.item.create");
+    assert_eq!(items.len(), 1, "{out:?}");
+    assert_eq!(items[0]["item"]["role"], "system");
+}
+
+#[test]
+fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    let out = sim.response_done("resp_2");
+    assert_eq!(http_of(&out).len(), 1);
+    sim.twilio(r#"{"event":"stop"}"#);
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("agent_hangup")
+    );
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["tool_call", "hangup"]);
+}
+
+#[test]
+fn a_refused_transfer_hands_the_caller_to_the_fallback() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.function_call("transfer_call", "{}");
+    sim.response("resp_2");
+    let out = sim.response_done("resp_2");
+    let (id, _) = http_of(&out)[0].clone();
+    let refused = http::Outcome::Response {
+        status: 400,
+        body: "{}".into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &refused,
+    });
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("call_control_failed")
+    );
 }

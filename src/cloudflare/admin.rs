@@ -92,6 +92,11 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
         return respond(e.status(), Some(&e.body()), &e.headers());
     }
     let outcome = match admin::route(&method, &path) {
+        // Audio, not JSON: answered by the recordings shell (errors still as JSON below).
+        Ok(Route::GetRecording(sid)) => match super::recording::serve(&req, &env, &sid).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => Err(e),
+        },
         Ok(route) => dispatch(route, &mut req, &env, &token).await,
         Err(e) => Err(e),
     };
@@ -118,6 +123,7 @@ async fn body(req: &mut Request) -> std::result::Result<serde_json::Map<String, 
 async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Outcome {
     let db = database(env).map_err(internal("D1 binding"))?;
     match route {
+        Route::GetRecording(_) => unreachable!("answered by handle: not JSON"),
         Route::ListCalls => {
             let raw = req.url().map_err(internal("url"))?;
             let q = CallsQuery::parse(raw.query().unwrap_or(""), token)?;

@@ -3,6 +3,7 @@
 //! opens the OpenAI socket, and pumps both through the core's call machine.
 
 use super::outbox::Outbox;
+use super::recording::Recording;
 use super::socket::{self, Event, Frame, Listeners, Side};
 use super::{bridge_config, log};
 use crate::call::{Action, Call, Input, Level, Setup};
@@ -223,6 +224,7 @@ impl CallSession {
             storage,
             record,
             outbox: self.outbox(),
+            recording: Recording::new(&self.env, call_sid.as_str(), self.outbox()),
         };
         let live = self.live.clone();
         wasm_bindgen_futures::spawn_local(async move {
@@ -246,6 +248,7 @@ struct Pump {
     storage: Storage,
     record: Record,
     outbox: Outbox,
+    recording: Recording,
 }
 
 impl Pump {
@@ -268,6 +271,8 @@ impl Pump {
             self.perform().await;
         }
         self.openai_listeners = None;
+        // However the call went, a recording that was started is completed.
+        self.recording.close();
     }
 
     fn feed(&mut self, event: Event) {
@@ -376,6 +381,8 @@ impl Pump {
                     Level::Error => console_error!("{}", line),
                 },
                 Action::Persist(record) => self.outbox.push(&record).await,
+                Action::RecordingData(pcm) => self.recording.data(pcm),
+                Action::RecordingDone { duration_ms } => self.recording.done(duration_ms),
                 Action::Ended(summary) => {
                     self.record.end_reason = Some(summary.reason.label().to_owned());
                     if let Err(e) = self.storage.put(CALL_KEY, &self.record).await {

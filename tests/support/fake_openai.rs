@@ -83,6 +83,25 @@ impl SessionScript {
         self.answer_session_update = false;
         self
     }
+
+    /// Answer every `conversation.item.retrieve` of `item_id` with `conversation.item.retrieved`
+    /// carrying `transcript` (what the real server holds after a truncate: the transcript of
+    /// the audio the caller heard). A retrieve of any other item gets the server's error.
+    pub fn answer_retrieve(self, item_id: &str, transcript: &str) -> Self {
+        let (item_id, transcript) = (item_id.to_owned(), transcript.to_owned());
+        self.on("conversation.item.retrieve", move |event| {
+            if event["item_id"] == item_id.as_str() {
+                vec![item_retrieved(&item_id, &transcript)]
+            } else {
+                vec![error_event(
+                    "invalid_value",
+                    &format!("Item with item_id '{}' not found", event["item_id"]),
+                    Some("item_id"),
+                    event,
+                )]
+            }
+        })
+    }
 }
 
 /// What the Worker sent in its WebSocket upgrade request.
@@ -814,6 +833,132 @@ pub fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// `input_audio_buffer.speech_stopped` (the server VAD heard the caller stop).
+pub fn speech_stopped(audio_end_ms: u64, user_item_id: &str) -> Value {
+    json!({
+        "type": "input_audio_buffer.speech_stopped",
+        "audio_end_ms": audio_end_ms,
+        "item_id": user_item_id,
+    })
+}
+
+/// `input_audio_buffer.committed`: the caller's turn became the user item `user_item_id`.
+pub fn input_committed(user_item_id: &str, previous_item_id: Option<&str>) -> Value {
+    json!({
+        "type": "input_audio_buffer.committed",
+        "previous_item_id": previous_item_id,
+        "item_id": user_item_id,
+    })
+}
+
+/// `conversation.item.added` for the caller's audio message, before its transcription.
+pub fn user_item_added(user_item_id: &str, previous_item_id: Option<&str>) -> Value {
+    json!({
+        "type": "conversation.item.added",
+        "previous_item_id": previous_item_id,
+        "item": {
+            "id": user_item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": "completed",
+            "role": "user",
+            "content": [{"type": "input_audio", "transcript": null}],
+        },
+    })
+}
+
+/// The end of a caller's turn as the server VAD reports it: `speech_stopped`,
+/// `input_audio_buffer.committed`, `conversation.item.added` (the user item).
+pub fn caller_turn_end(
+    user_item_id: &str,
+    previous_item_id: Option<&str>,
+    audio_end_ms: u64,
+) -> Vec<Value> {
+    vec![
+        speech_stopped(audio_end_ms, user_item_id),
+        input_committed(user_item_id, previous_item_id),
+        user_item_added(user_item_id, previous_item_id),
+    ]
+}
+
+/// `conversation.item.input_audio_transcription.delta` (caller speech, partial).
+pub fn caller_transcription_delta(user_item_id: &str, delta: &str) -> Value {
+    json!({
+        "type": "conversation.item.input_audio_transcription.delta",
+        "item_id": user_item_id,
+        "content_index": 0,
+        "delta": delta,
+    })
+}
+
+/// `conversation.item.input_audio_transcription.completed` (caller speech, final). Its
+/// `usage` is the transcription's, not a response's.
+pub fn caller_transcription_completed(user_item_id: &str, transcript: &str) -> Value {
+    json!({
+        "type": "conversation.item.input_audio_transcription.completed",
+        "item_id": user_item_id,
+        "content_index": 0,
+        "transcript": transcript,
+        "usage": {"type": "tokens", "input_tokens": 17, "output_tokens": 9, "total_tokens": 26,
+                  "input_token_details": {"text_tokens": 0, "audio_tokens": 17}},
+    })
+}
+
+/// `conversation.item.input_audio_transcription.failed`.
+pub fn caller_transcription_failed(user_item_id: &str, code: &str, message: &str) -> Value {
+    json!({
+        "type": "conversation.item.input_audio_transcription.failed",
+        "item_id": user_item_id,
+        "content_index": 0,
+        "error": {"type": "transcription_error", "code": code, "message": message, "param": null},
+    })
+}
+
+/// `response.output_audio_transcript.delta` (the agent's words, partial).
+pub fn agent_transcript_delta(response_id: &str, item_id: &str, delta: &str) -> Value {
+    json!({
+        "type": "response.output_audio_transcript.delta",
+        "response_id": response_id,
+        "item_id": item_id,
+        "output_index": 0,
+        "content_index": 0,
+        "delta": delta,
+    })
+}
+
+/// `conversation.item.retrieved` for an assistant audio item whose transcript (after a
+/// truncate) is `transcript`.
+pub fn item_retrieved(item_id: &str, transcript: &str) -> Value {
+    json!({
+        "type": "conversation.item.retrieved",
+        "item": {
+            "id": item_id,
+            "object": "realtime.item",
+            "type": "message",
+            "status": "incomplete",
+            "role": "assistant",
+            "content": [{"type": "output_audio", "transcript": transcript, "audio": b64(&[0xFF; 16])}],
+        },
+    })
+}
+
+/// Replace the token usage of every `response.done` in `events` (input + output = total).
+pub fn with_usage(mut events: Vec<Value>, input_tokens: u64, output_tokens: u64) -> Vec<Value> {
+    for e in events.iter_mut().filter(|e| e["type"] == "response.done") {
+        e["response"]["usage"] = json!({
+            "total_tokens": input_tokens + output_tokens,
+            "input_tokens": input_tokens,
+            "output_tokens": output_tokens,
+            "input_token_details": {
+                "text_tokens": input_tokens, "audio_tokens": 0, "image_tokens": 0, "cached_tokens": 0,
+                "cached_tokens_details": {"text_tokens": 0, "audio_tokens": 0, "image_tokens": 0}
+            },
+            "output_token_details": {"text_tokens": 0, "audio_tokens": output_tokens},
+        });
+    }
+    events
+}
+
 /// `input_audio_buffer.speech_started` (the server VAD heard the caller).
 pub fn speech_started(audio_start_ms: u64, user_item_id: &str) -> Value {
     json!({
@@ -968,6 +1113,26 @@ pub fn response_finish(
             }
         }),
     ]
+}
+
+/// The body of an audio response as the real server streams it: each audio chunk followed by
+/// its piece of the transcript (`pieces[i]` after `chunks[i]`; extra pieces go at the end).
+pub fn audio_with_transcript(
+    response_id: &str,
+    item_id: &str,
+    chunks: &[Vec<u8>],
+    pieces: &[&str],
+) -> Vec<Value> {
+    let mut v = Vec::new();
+    for i in 0..chunks.len().max(pieces.len()) {
+        if let Some(c) = chunks.get(i) {
+            v.push(audio_delta(response_id, item_id, c));
+        }
+        if let Some(p) = pieces.get(i) {
+            v.push(agent_transcript_delta(response_id, item_id, p));
+        }
+    }
+    v
 }
 
 /// A whole audio response: start, one delta per chunk (in order), finish (`completed`).

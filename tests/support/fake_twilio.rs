@@ -94,6 +94,74 @@ pub fn voice_params(ids: &CallIds, from: &str, to: &str) -> Vec<(String, String)
     .collect()
 }
 
+/// The form Twilio posts to a call's status callback (protocol.md C2): the voice webhook's
+/// params with this `CallStatus`, plus `CallbackSource`, `SequenceNumber`, `Timestamp`
+/// (RFC 2822), and on a terminal status with a duration `CallDuration` (seconds) and, for
+/// `completed`, `Duration` (billed minutes).
+pub fn status_params(
+    ids: &CallIds,
+    from: &str,
+    to: &str,
+    call_status: &str,
+    sequence_number: u32,
+    call_duration_s: Option<u64>,
+) -> Vec<(String, String)> {
+    let mut params = voice_params(ids, from, to);
+    for (k, v) in params.iter_mut() {
+        if k == "CallStatus" {
+            *v = call_status.to_string();
+        }
+    }
+    params.push(("CallbackSource".into(), "call-progress-events".into()));
+    params.push(("SequenceNumber".into(), sequence_number.to_string()));
+    params.push(("Timestamp".into(), rfc2822_now()));
+    if let Some(d) = call_duration_s {
+        params.push(("CallDuration".into(), d.to_string()));
+        if call_status == "completed" {
+            params.push(("Duration".into(), d.div_ceil(60).max(1).to_string()));
+        }
+    }
+    params
+}
+
+/// The current time as Twilio writes `Timestamp`, e.g. `Sun, 22 Nov 2026 01:32:02 +0000`.
+pub fn rfc2822_now() -> String {
+    rfc2822(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64,
+    )
+}
+
+/// Seconds since the Unix epoch in RFC 2822 form, UTC.
+pub fn rfc2822(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{}, {day:02} {} {year} {:02}:{:02}:{:02} +0000",
+        WEEKDAYS[days.rem_euclid(7) as usize],
+        MONTHS[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 /// Twilio's `X-Twilio-Signature` for `url` and the form `params`.
 pub fn sign(auth_token: &str, url: &str, params: &[(String, String)]) -> String {
     phone_agent_bridge::signature::compute(auth_token, url, params)
@@ -895,6 +963,13 @@ mod tests {
         assert_eq!(discarded, 3 * 1600 - 2000);
         assert_eq!(p.played_bytes, 2000);
         assert!(p.queue.is_empty() && p.next_deadline().is_none());
+    }
+
+    #[test]
+    fn fake_twilio_writes_rfc2822_timestamps() {
+        assert_eq!(rfc2822(0), "Thu, 01 Jan 1970 00:00:00 +0000");
+        assert_eq!(rfc2822(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
+        assert_eq!(rfc2822(1_795_311_122), "Sun, 22 Nov 2026 01:32:02 +0000");
     }
 
     #[test]

@@ -6,13 +6,17 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 pub mod fake_openai;
 pub mod fake_twilio;
+pub mod fake_twilio_rest;
+pub mod local_http;
+pub mod tool_server;
 pub mod worker;
 
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fake_openai::{FakeOpenAi, Session, SessionScript};
 use fake_twilio::{CallIds, MediaStream, Twiml};
@@ -57,27 +61,7 @@ pub async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
     let h = HARNESS
-        .get_or_init(|| async {
-            let openai = FakeOpenAi::start(background_runtime());
-            let stamp = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_millis();
-            let scratch_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-                .join(format!("e2e-bridge-{}-{stamp}", std::process::id()));
-            let cfg = WorkerConfig {
-                root: repo_root(),
-                vars: vec![
-                    ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
-                    ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
-                    ("OPENAI_REALTIME_URL".into(), openai.realtime_url()),
-                    ("OPENAI_MODEL".into(), OPENAI_MODEL.into()),
-                ],
-                scratch_dir,
-            };
-            let worker = WorkerProcess::start(cfg).await?;
-            Ok(Harness { worker, openai })
-        })
+        .get_or_init(|| Harness::start("e2e-bridge", Vec::new()))
         .await;
     match h {
         Ok(h) => h,
@@ -93,6 +77,8 @@ pub struct Call {
     pub twiml: Twiml,
     pub twilio: MediaStream,
     pub openai: Arc<Session>,
+    /// When the test handed Twilio's `start` frame to the stream (the Worker receives it later).
+    pub start_sent_at: Instant,
     /// The caller-audio task when `CallSpec::caller_audio` was given (returns the payloads sent).
     pub caller_audio: Option<JoinHandle<Vec<String>>>,
 }
@@ -119,12 +105,53 @@ impl Default for CallSpec {
 }
 
 impl Harness {
+    /// Start a fake OpenAI and a Worker wired to it (the fake secrets, the fake's URL, the
+    /// model), plus `extra_vars` (e.g. `ADMIN_TOKEN`, `FAULT_INJECT_D1_FAILURES`), with its
+    /// own scratch directory (log and local D1 state) named after `label`.
+    pub async fn start(label: &str, extra_vars: Vec<(String, String)>) -> Result<Harness, String> {
+        let openai = FakeOpenAi::start(background_runtime());
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis();
+        let scratch_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("{label}-{}-{stamp}", std::process::id()));
+        let mut vars = vec![
+            ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
+            ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
+            ("OPENAI_REALTIME_URL".into(), openai.realtime_url()),
+            ("OPENAI_MODEL".into(), OPENAI_MODEL.into()),
+        ];
+        vars.extend(extra_vars);
+        let cfg = WorkerConfig {
+            root: repo_root(),
+            vars,
+            scratch_dir,
+        };
+        let worker = WorkerProcess::start(cfg).await?;
+        Ok(Harness { worker, openai })
+    }
+
     pub fn base_url(&self) -> String {
         self.worker.base_url()
     }
 
     pub fn voice_url(&self) -> String {
         format!("{}/api/twilio/voice", self.base_url())
+    }
+
+    pub fn status_url(&self) -> String {
+        format!("{}/api/twilio/status", self.base_url())
+    }
+
+    /// Post Twilio's status callback with these form `params`, signed over the exact URL and
+    /// params (as Twilio does).
+    pub async fn post_status(&self, params: &[(String, String)]) -> fake_twilio::HttpReply {
+        let url = self.status_url();
+        let sig = fake_twilio::sign(TWILIO_AUTH_TOKEN, &url, params);
+        fake_twilio::post_form(&url, params, Some(&sig))
+            .await
+            .unwrap_or_else(|e| panic!("status callback: {e}"))
     }
 
     /// The Stream url the Worker is expected to put in its TwiML for this call.
@@ -181,6 +208,7 @@ impl Harness {
         let claim = self.openai.claim(spec.script).await;
         let twilio = self.open_stream(&twiml).await;
         twilio.send_connected();
+        let start_sent_at = Instant::now();
         twilio.send_start(&ids, &twiml.parameters);
         let caller_audio = spec.caller_audio.map(|a| twilio.play_caller_audio(a));
         let openai = match claim.session(SOON).await {
@@ -194,6 +222,7 @@ impl Harness {
             twiml,
             twilio,
             openai,
+            start_sent_at,
             caller_audio,
         }
     }

@@ -1,0 +1,62 @@
+//! The call's recording, fed from the points where audio moves (see `crate::recording`):
+//! caller frames as they arrive, agent audio as it is sent to Twilio, the `clear` of a
+//! barge-in, and the end. Only when the agent records calls; the relay never waits on it.
+
+use super::{Action, Call};
+use crate::ids::Millis;
+use crate::recording::Recorder;
+
+impl Call {
+    /// The stream started: the recording's timeline starts here.
+    pub(super) fn recording_started(&mut self) {
+        if self.agent.record_calls && self.recorder.is_none() {
+            self.recorder = Some(Recorder::new());
+        }
+    }
+
+    /// A caller frame (base64 μ-law, already checked for shape) arrived.
+    pub(super) fn record_caller(&mut self, payload: &str, now: Millis) {
+        let at = self.offset(now);
+        if let Some(r) = &mut self.recorder {
+            r.caller_base64(at, payload);
+        }
+    }
+
+    /// Agent audio went to Twilio `at` ms into the stream.
+    pub(super) fn record_agent(&mut self, payload: &str, at: u64) {
+        if let Some(r) = &mut self.recorder {
+            r.agent_base64(at, payload);
+        }
+    }
+
+    /// Twilio was told to `clear` its playback buffer.
+    pub(super) fn record_clear(&mut self, now: Millis) {
+        let at = self.offset(now);
+        if let Some(r) = &mut self.recorder {
+            r.clear(at);
+        }
+    }
+
+    /// Hands out what of the recording can no longer change (after every input).
+    pub(super) fn record_settled(&mut self, now: Millis) {
+        let at = self.offset(now);
+        let Some(r) = &mut self.recorder else { return };
+        while let Some(chunk) = r.poll(at) {
+            self.actions.push_back(Action::RecordingData(chunk));
+        }
+    }
+
+    /// The call is over: the rest of the recording, then that it is complete.
+    pub(super) fn record_end(&mut self, now: Millis) {
+        let at = self.offset(now);
+        let Some(mut r) = self.recorder.take() else {
+            return;
+        };
+        let (rest, duration_ms) = r.finish(at);
+        if !rest.is_empty() {
+            self.actions.push_back(Action::RecordingData(rest));
+        }
+        self.actions
+            .push_back(Action::RecordingDone { duration_ms });
+    }
+}

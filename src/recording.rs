@@ -1,0 +1,769 @@
+//! Call recordings: a stereo WAV (left the caller, right the agent; 8 kHz 16-bit PCM) laid
+//! out on the call's timeline, in milliseconds from the stream start, with no I/O.
+//!
+//! - The caller's audio is placed where it arrived: Twilio sends 20 ms frames in real time,
+//!   so a frame goes right after the previous one unless it came later than that (by more
+//!   than [`CALLER_SLACK_MS`] of jitter), and then the gap is silence.
+//! - The agent's audio follows Twilio's playback buffer: a chunk sent at `t` starts at
+//!   `max(t, end of what is queued)` and plays at 8 samples per millisecond; a `clear` at `t`
+//!   drops everything queued after `t`. The right channel is what the caller heard.
+//!
+//! [`Recorder`] emits interleaved PCM only up to the point that can no longer change, so it
+//! holds about a second of audio plus what the agent has queued ahead, however long the
+//! call. [`Parts`] cuts that stream into multipart-upload parts (R2: every part but the last
+//! of one size, at least 5 MiB) and keeps the first one, whose WAV header needs the final
+//! length, until the end.
+
+use base64::Engine as _;
+use std::collections::VecDeque;
+
+pub const SAMPLE_RATE: u32 = 8000;
+pub const CHANNELS: u16 = 2;
+pub const BITS_PER_SAMPLE: u16 = 16;
+/// One stereo sample frame: two 16-bit samples.
+pub const FRAME_BYTES: u64 = 4;
+/// 8 kHz: 8 samples (and so 8 μ-law bytes, or 32 bytes of stereo PCM) per millisecond.
+pub const SAMPLES_PER_MS: u64 = 8;
+/// Stereo PCM bytes per millisecond.
+pub const BYTES_PER_MS: u64 = SAMPLES_PER_MS * FRAME_BYTES;
+pub const HEADER_BYTES: usize = 44;
+/// Caller frames this much later than the previous frame's end still follow it directly:
+/// network jitter, not a gap in the audio.
+pub const CALLER_SLACK_MS: u64 = 100;
+/// Audio is handed out in chunks of at least this much (fewer, larger writes)…
+pub const EMIT_EVERY_MS: u64 = 1_000;
+/// …and at most this much per chunk.
+pub const MAX_CHUNK_MS: u64 = 4_000;
+/// Agent audio queued further ahead than this is left out of the recording (a runaway
+/// response; Twilio would be holding minutes of audio too). Bounds the agent buffer.
+pub const MAX_AGENT_AHEAD_MS: u64 = 2 * 60_000;
+/// Caller audio further ahead of the clock than this is left out (a peer flooding frames).
+pub const MAX_CALLER_AHEAD_MS: u64 = 10_000;
+/// R2's smallest part (every part but the last).
+pub const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
+
+/// μ-law silence (decodes to 0).
+const SILENCE: u8 = 0xFF;
+
+/// Where a call's recording is kept in the bucket.
+pub fn key(call_sid: &str) -> String {
+    format!("recordings/{call_sid}.wav")
+}
+
+// ---- G.711 μ-law ---------------------------------------------------------------------------------
+
+/// G.711 μ-law to 16-bit linear PCM (the standard expansion: bias 0x84, bits inverted).
+const fn expand(byte: u8) -> i16 {
+    let u = !byte;
+    let exponent = (u >> 4) & 0x07;
+    let mantissa = (u & 0x0F) as i32;
+    let magnitude = (((mantissa << 3) + 0x84) << exponent) - 0x84;
+    if u & 0x80 != 0 {
+        -magnitude as i16
+    } else {
+        magnitude as i16
+    }
+}
+
+const fn table() -> [i16; 256] {
+    let mut t = [0i16; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = expand(i as u8);
+        i += 1;
+    }
+    t
+}
+
+static ULAW: [i16; 256] = table();
+
+/// Decodes one μ-law byte.
+pub fn ulaw_to_linear(byte: u8) -> i16 {
+    ULAW[byte as usize]
+}
+
+// ---- WAV -----------------------------------------------------------------------------------------
+
+/// The 44-byte header of a PCM WAV (2 channels, 8000 Hz, 16-bit) holding `data_bytes` of
+/// samples. Sizes past what RIFF can say (4 GiB) are clamped.
+pub fn wav_header(data_bytes: u64) -> [u8; HEADER_BYTES] {
+    let data = u32::try_from(data_bytes)
+        .unwrap_or(u32::MAX)
+        .min(u32::MAX - 36);
+    let block_align = CHANNELS * BITS_PER_SAMPLE / 8;
+    let byte_rate = SAMPLE_RATE * u32::from(block_align);
+    let mut h = [0u8; HEADER_BYTES];
+    h[0..4].copy_from_slice(b"RIFF");
+    h[4..8].copy_from_slice(&(36 + data).to_le_bytes());
+    h[8..12].copy_from_slice(b"WAVE");
+    h[12..16].copy_from_slice(b"fmt ");
+    h[16..20].copy_from_slice(&16u32.to_le_bytes());
+    h[20..22].copy_from_slice(&1u16.to_le_bytes()); // PCM
+    h[22..24].copy_from_slice(&CHANNELS.to_le_bytes());
+    h[24..28].copy_from_slice(&SAMPLE_RATE.to_le_bytes());
+    h[28..32].copy_from_slice(&byte_rate.to_le_bytes());
+    h[32..34].copy_from_slice(&block_align.to_le_bytes());
+    h[34..36].copy_from_slice(&BITS_PER_SAMPLE.to_le_bytes());
+    h[36..40].copy_from_slice(b"data");
+    h[40..44].copy_from_slice(&data.to_le_bytes());
+    h
+}
+
+// ---- the timeline --------------------------------------------------------------------------------
+
+/// Both channels of one call on its timeline. Positions are sample indices (8 per ms) from
+/// the stream start; everything before `emitted` has been handed out and is gone.
+#[derive(Debug)]
+pub struct Recorder {
+    emitted: u64,
+    /// Caller μ-law from `emitted` to `caller_end` (empty when `caller_end <= emitted`).
+    caller: VecDeque<u8>,
+    caller_end: u64,
+    /// False until the first caller frame, which lands at its own arrival.
+    caller_heard: bool,
+    /// Agent μ-law from `emitted` to `agent_end`: what is queued at Twilio, as we model it.
+    agent: VecDeque<u8>,
+    agent_end: u64,
+    /// Samples left out (runaway or flooding peers), for the log.
+    dropped: u64,
+    /// Reused for base64 decoding, so no frame allocates.
+    scratch: Vec<u8>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Appends `samples` to `buf`, which covers the timeline from `emitted` to `*end`, so that
+/// they start at `start` (silence fills any gap); `*end` moves to their end.
+fn place(buf: &mut VecDeque<u8>, emitted: u64, end: &mut u64, start: u64, samples: &[u8]) {
+    let start = start.max(emitted);
+    let covered = (*end).max(emitted);
+    debug_assert!(start >= covered, "audio is only ever appended");
+    let gap = (start - covered) as usize;
+    buf.extend(std::iter::repeat_n(SILENCE, gap));
+    buf.extend(samples.iter().copied());
+    *end = start + samples.len() as u64;
+}
+
+impl Recorder {
+    pub fn new() -> Self {
+        Self {
+            emitted: 0,
+            caller: VecDeque::new(),
+            caller_end: 0,
+            caller_heard: false,
+            agent: VecDeque::new(),
+            agent_end: 0,
+            dropped: 0,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// A caller frame (μ-law) that arrived at `at_ms`.
+    pub fn caller(&mut self, at_ms: u64, mulaw: &[u8]) {
+        let arrived = at_ms * SAMPLES_PER_MS;
+        let late = arrived > self.caller_end + CALLER_SLACK_MS * SAMPLES_PER_MS;
+        let start = if late || !self.caller_heard {
+            arrived
+        } else {
+            self.caller_end
+        };
+        if start > arrived + MAX_CALLER_AHEAD_MS * SAMPLES_PER_MS {
+            self.dropped += mulaw.len() as u64;
+            return;
+        }
+        place(
+            &mut self.caller,
+            self.emitted,
+            &mut self.caller_end,
+            start,
+            mulaw,
+        );
+        self.caller_heard = true;
+    }
+
+    /// Agent audio (μ-law) sent to Twilio at `at_ms`: it plays once what is queued has.
+    pub fn agent(&mut self, at_ms: u64, mulaw: &[u8]) {
+        let sent = at_ms * SAMPLES_PER_MS;
+        let start = sent.max(self.agent_end);
+        if start + mulaw.len() as u64 > sent + MAX_AGENT_AHEAD_MS * SAMPLES_PER_MS {
+            self.dropped += mulaw.len() as u64;
+            return;
+        }
+        place(
+            &mut self.agent,
+            self.emitted,
+            &mut self.agent_end,
+            start,
+            mulaw,
+        );
+    }
+
+    /// [`Recorder::caller`] for a base64 payload; false (and nothing recorded) when it is
+    /// not base64.
+    pub fn caller_base64(&mut self, at_ms: u64, payload: &str) -> bool {
+        let mut buf = std::mem::take(&mut self.scratch);
+        let ok = decode_into(payload, &mut buf);
+        if ok {
+            self.caller(at_ms, &buf);
+        }
+        self.scratch = buf;
+        ok
+    }
+
+    /// [`Recorder::agent`] for a base64 payload.
+    pub fn agent_base64(&mut self, at_ms: u64, payload: &str) -> bool {
+        let mut buf = std::mem::take(&mut self.scratch);
+        let ok = decode_into(payload, &mut buf);
+        if ok {
+            self.agent(at_ms, &buf);
+        }
+        self.scratch = buf;
+        ok
+    }
+
+    /// Twilio was told to `clear` at `at_ms`: agent audio queued after that is never heard.
+    pub fn clear(&mut self, at_ms: u64) {
+        let cut = (at_ms * SAMPLES_PER_MS).max(self.emitted);
+        if self.agent_end > cut {
+            self.agent.truncate((cut - self.emitted) as usize);
+            self.agent_end = cut;
+        }
+    }
+
+    /// The timeline up to here can no longer change at `now_ms`: agent audio before now
+    /// has played (a later `clear` only cuts after its own time), and a caller frame that
+    /// arrives from now on lands at the caller's end or, if that is further back than the
+    /// jitter allowance, at its own arrival.
+    fn horizon(&self, now_ms: u64) -> u64 {
+        let now = now_ms * SAMPLES_PER_MS;
+        let caller_settled = self
+            .caller_end
+            .max(now.saturating_sub(CALLER_SLACK_MS * SAMPLES_PER_MS));
+        caller_settled.min(now)
+    }
+
+    /// The next chunk of settled stereo PCM (at least [`EMIT_EVERY_MS`], at most
+    /// [`MAX_CHUNK_MS`]), if there is one. Call until `None`.
+    pub fn poll(&mut self, now_ms: u64) -> Option<Vec<u8>> {
+        let ready = self.horizon(now_ms).saturating_sub(self.emitted);
+        if ready < EMIT_EVERY_MS * SAMPLES_PER_MS {
+            return None;
+        }
+        Some(self.emit(ready.min(MAX_CHUNK_MS * SAMPLES_PER_MS)))
+    }
+
+    /// The call ended at `end_ms`: the rest of the timeline (agent audio still queued then
+    /// was never heard; caller audio already received is kept) and the recording's length.
+    pub fn finish(&mut self, end_ms: u64) -> (Vec<u8>, u64) {
+        let end = (end_ms * SAMPLES_PER_MS)
+            .max(self.caller_end)
+            .max(self.emitted);
+        let rest = self.emit(end - self.emitted);
+        self.caller = VecDeque::new();
+        self.agent = VecDeque::new();
+        self.scratch = Vec::new();
+        (rest, self.emitted / SAMPLES_PER_MS)
+    }
+
+    /// Interleaves the next `samples` of both channels (silence where a channel has none).
+    fn emit(&mut self, samples: u64) -> Vec<u8> {
+        let n = samples as usize;
+        let mut out = Vec::with_capacity(n * FRAME_BYTES as usize);
+        let mut caller = self.caller.drain(..n.min(self.caller.len()));
+        let mut agent = self.agent.drain(..n.min(self.agent.len()));
+        for _ in 0..n {
+            let l = ulaw_to_linear(caller.next().unwrap_or(SILENCE));
+            let r = ulaw_to_linear(agent.next().unwrap_or(SILENCE));
+            out.extend_from_slice(&l.to_le_bytes());
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        drop((caller, agent));
+        self.emitted += samples;
+        out
+    }
+
+    /// Milliseconds handed out so far.
+    pub fn emitted_ms(&self) -> u64 {
+        self.emitted / SAMPLES_PER_MS
+    }
+
+    /// Samples left out of the recording (see [`MAX_AGENT_AHEAD_MS`], [`MAX_CALLER_AHEAD_MS`]).
+    pub fn dropped_samples(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Bytes the recorder holds: the measure of "bounded".
+    pub fn buffered_bytes(&self) -> usize {
+        self.caller.capacity() + self.agent.capacity() + self.scratch.capacity()
+    }
+}
+
+/// Standard padded base64 into `buf` (cleared first).
+fn decode_into(payload: &str, buf: &mut Vec<u8>) -> bool {
+    buf.clear();
+    base64::engine::general_purpose::STANDARD
+        .decode_vec(payload, buf)
+        .is_ok()
+}
+
+// ---- multipart upload parts ----------------------------------------------------------------------
+
+/// One part of the multipart upload: numbered from 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    pub number: u16,
+    pub bytes: Vec<u8>,
+}
+
+/// Cuts the WAV (header then PCM) into parts of `part_size` bytes, the last one shorter.
+/// Part 1 starts with the header, which needs the total length: it is kept until
+/// [`Parts::finish`], so at most two parts are held (the first and the one filling).
+#[derive(Debug)]
+pub struct Parts {
+    part_size: usize,
+    first: Vec<u8>,
+    current: Vec<u8>,
+    next_number: u16,
+    data_bytes: u64,
+    ready: VecDeque<Part>,
+}
+
+/// Grows `buf` for `extra` more bytes, doubling but never past `cap` (no 2× overshoot of a
+/// multi-megabyte part).
+fn reserve_capped(buf: &mut Vec<u8>, extra: usize, cap: usize) {
+    let need = buf.len() + extra;
+    if need > buf.capacity() {
+        let target = (buf.capacity() * 2)
+            .max(need)
+            .max(64 * 1024)
+            .min(cap.max(need));
+        buf.reserve_exact(target - buf.len());
+    }
+}
+
+impl Parts {
+    /// `part_size` must be at least the header; R2 wants [`MIN_PART_BYTES`] or more.
+    pub fn new(part_size: usize) -> Self {
+        assert!(part_size > HEADER_BYTES, "a part holds at least the header");
+        let mut first = Vec::new();
+        first.extend_from_slice(&[0; HEADER_BYTES]);
+        Self {
+            part_size,
+            first,
+            current: Vec::new(),
+            next_number: 2,
+            data_bytes: 0,
+            ready: VecDeque::new(),
+        }
+    }
+
+    /// More PCM, in order.
+    pub fn push(&mut self, mut data: &[u8]) {
+        self.data_bytes += data.len() as u64;
+        let size = self.part_size;
+        if self.first.len() < size {
+            let n = (size - self.first.len()).min(data.len());
+            reserve_capped(&mut self.first, n, size);
+            self.first.extend_from_slice(&data[..n]);
+            data = &data[n..];
+        }
+        while !data.is_empty() {
+            let n = (size - self.current.len()).min(data.len());
+            reserve_capped(&mut self.current, n, size);
+            self.current.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.current.len() == size {
+                let bytes = std::mem::take(&mut self.current);
+                self.ready.push_back(Part {
+                    number: self.next_number,
+                    bytes,
+                });
+                self.next_number += 1;
+            }
+        }
+    }
+
+    /// `bytes` of silence (PCM zeros), for audio that had to be left out: the timeline stays
+    /// aligned without holding the audio.
+    pub fn push_silence(&mut self, mut bytes: u64) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while bytes > 0 {
+            let n = bytes.min(ZEROS.len() as u64) as usize;
+            self.push(&ZEROS[..n]);
+            bytes -= n as u64;
+        }
+    }
+
+    /// A full part (never part 1) to upload now.
+    pub fn poll_part(&mut self) -> Option<Part> {
+        self.ready.pop_front()
+    }
+
+    /// Bytes of PCM pushed so far.
+    pub fn data_bytes(&self) -> u64 {
+        self.data_bytes
+    }
+
+    /// Bytes of the whole file.
+    pub fn file_bytes(&self) -> u64 {
+        HEADER_BYTES as u64 + self.data_bytes
+    }
+
+    /// Bytes held in memory (capacity, not length).
+    pub fn held_bytes(&self) -> usize {
+        self.first.capacity()
+            + self.current.capacity()
+            + self.ready.iter().map(|p| p.bytes.capacity()).sum::<usize>()
+    }
+
+    /// Every part not handed out yet, by number: part 1 with the real header, any full part
+    /// not polled, and the last, shorter part.
+    pub fn finish(mut self) -> Vec<Part> {
+        let header = wav_header(self.data_bytes);
+        self.first[..HEADER_BYTES].copy_from_slice(&header);
+        let mut parts = vec![Part {
+            number: 1,
+            bytes: self.first,
+        }];
+        parts.extend(self.ready);
+        if !self.current.is_empty() {
+            parts.push(Part {
+                number: self.next_number,
+                bytes: self.current,
+            });
+        }
+        parts
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Left and right channels of interleaved PCM.
+    fn channels(pcm: &[u8]) -> (Vec<i16>, Vec<i16>) {
+        assert_eq!(pcm.len() % 4, 0, "whole stereo frames");
+        pcm.chunks(4)
+            .map(|f| {
+                (
+                    i16::from_le_bytes([f[0], f[1]]),
+                    i16::from_le_bytes([f[2], f[3]]),
+                )
+            })
+            .unzip()
+    }
+
+    fn decoded(mulaw: &[u8]) -> Vec<i16> {
+        mulaw.iter().map(|&b| ulaw_to_linear(b)).collect()
+    }
+
+    /// Recognisable μ-law with no silent byte (0xFF and 0x7F both decode to 0).
+    fn tone(n: usize, seed: u8) -> Vec<u8> {
+        (0..n)
+            .map(|i| match seed.wrapping_add(i as u8) {
+                0xFF | 0x7F => 0x10,
+                b => b,
+            })
+            .collect()
+    }
+
+    /// Everything the recorder gives until the call ends at `end_ms`.
+    fn run(rec: &mut Recorder, end_ms: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(chunk) = rec.poll(end_ms) {
+            out.extend(chunk);
+        }
+        let (rest, _) = rec.finish(end_ms);
+        out.extend(rest);
+        out
+    }
+
+    #[test]
+    fn mulaw_decodes_by_the_g711_table() {
+        assert_eq!(ulaw_to_linear(0xFF), 0);
+        assert_eq!(ulaw_to_linear(0x7F), 0);
+        assert_eq!(ulaw_to_linear(0x00), -32124);
+        assert_eq!(ulaw_to_linear(0x80), 32124);
+        assert_eq!(ulaw_to_linear(0xFE), 8);
+        assert_eq!(ulaw_to_linear(0x7E), -8);
+        assert_eq!(ulaw_to_linear(0xF0), 120);
+        assert_eq!(ulaw_to_linear(0x70), -120);
+        assert_eq!(ulaw_to_linear(0xEF), 132);
+        assert_eq!(ulaw_to_linear(0x0F), -16764);
+        // Symmetric, and monotonic within each half.
+        for b in 0..=0x7Fu8 {
+            assert_eq!(ulaw_to_linear(b), -ulaw_to_linear(b | 0x80), "{b:#x}");
+        }
+        for b in 0..0x7Fu8 {
+            assert!(ulaw_to_linear(b) < ulaw_to_linear(b + 1), "{b:#x}");
+            assert!(ulaw_to_linear(b | 0x80) > ulaw_to_linear((b + 1) | 0x80));
+        }
+    }
+
+    #[test]
+    fn wav_header_is_byte_exact() {
+        let h = wav_header(32_000);
+        let mut want = Vec::new();
+        want.extend_from_slice(b"RIFF");
+        want.extend_from_slice(&(36u32 + 32_000).to_le_bytes());
+        want.extend_from_slice(b"WAVEfmt ");
+        want.extend_from_slice(&[16, 0, 0, 0, 1, 0, 2, 0]);
+        want.extend_from_slice(&8000u32.to_le_bytes());
+        want.extend_from_slice(&32_000u32.to_le_bytes());
+        want.extend_from_slice(&[4, 0, 16, 0]);
+        want.extend_from_slice(b"data");
+        want.extend_from_slice(&32_000u32.to_le_bytes());
+        assert_eq!(h.to_vec(), want);
+        // Too long for RIFF: clamped, never wrapped.
+        let h = wav_header(u64::MAX);
+        assert_eq!(&h[4..8], &u32::MAX.to_le_bytes());
+        assert_eq!(&h[40..44], &(u32::MAX - 36).to_le_bytes());
+    }
+
+    #[test]
+    fn caller_frames_land_where_they_arrived_and_gaps_are_silence() {
+        let mut rec = Recorder::new();
+        let (a, b, c) = (tone(160, 1), tone(160, 50), tone(160, 100));
+        rec.caller(20, &a); // 20..40 ms
+        rec.caller(45, &b); // 5 ms late: jitter, so right after a, 40..60 ms
+        rec.caller(500, &c); // far later: a gap of silence, 500..520 ms
+        let (l, r) = channels(&run(&mut rec, 600));
+        assert_eq!(l.len(), 600 * 8);
+        assert!(l[..160].iter().all(|&s| s == 0));
+        assert_eq!(l[160..320], decoded(&a)[..]);
+        assert_eq!(l[320..480], decoded(&b)[..]);
+        assert!(l[480..4000].iter().all(|&s| s == 0), "gap is silence");
+        assert_eq!(l[4000..4160], decoded(&c)[..]);
+        assert!(l[4160..].iter().all(|&s| s == 0));
+        assert!(r.iter().all(|&s| s == 0), "no agent audio");
+    }
+
+    #[test]
+    fn agent_chunks_queue_like_twilios_playback_buffer() {
+        let mut rec = Recorder::new();
+        let (a, b, c) = (tone(800, 3), tone(800, 90), tone(80, 200));
+        rec.agent(0, &a); // plays 0..100 ms
+        rec.agent(50, &b); // sent while a plays: 100..200 ms
+        rec.agent(300, &c); // queue empty again: 300..310 ms
+        let (l, r) = channels(&run(&mut rec, 400));
+        assert_eq!(r.len(), 400 * 8);
+        assert_eq!(r[..800], decoded(&a)[..]);
+        assert_eq!(r[800..1600], decoded(&b)[..]);
+        assert!(r[1600..2400].iter().all(|&s| s == 0));
+        assert_eq!(r[2400..2480], decoded(&c)[..]);
+        assert!(r[2480..].iter().all(|&s| s == 0));
+        assert!(l.iter().all(|&s| s == 0));
+    }
+
+    #[test]
+    fn a_barge_in_clear_cuts_the_agent_channel_where_playback_stood() {
+        let mut rec = Recorder::new();
+        let greeting = tone(2_000 * 8, 7); // 2 s sent at once at 100 ms
+        rec.agent(100, &greeting);
+        // The caller talks from 600 ms on; the clear goes out at 700 ms.
+        let mut t = 600;
+        while t < 1_000 {
+            rec.caller(t, &tone(160, t as u8));
+            t += 20;
+        }
+        // Polling before the clear hands out only what has already played.
+        let mut pcm = Vec::new();
+        while let Some(c) = rec.poll(699) {
+            pcm.extend(c);
+        }
+        assert!(pcm.len() as u64 <= 699 * BYTES_PER_MS);
+        rec.clear(700);
+        // Audio sent after the cut plays from when it was sent.
+        let after = tone(400, 33);
+        rec.agent(900, &after);
+        while let Some(c) = rec.poll(2_000) {
+            pcm.extend(c);
+        }
+        pcm.extend(rec.finish(2_500).0);
+        let (l, r) = channels(&pcm);
+        assert_eq!(r.len(), 2_500 * 8);
+        assert!(r[..800].iter().all(|&s| s == 0));
+        assert_eq!(
+            r[800..5600],
+            decoded(&greeting[..600 * 8])[..],
+            "heard up to the cut"
+        );
+        assert!(
+            r[5600..7200].iter().all(|&s| s == 0),
+            "silence after the cut"
+        );
+        assert_eq!(r[7200..7600], decoded(&after)[..]);
+        assert!(r[7600..].iter().all(|&s| s == 0), "the rest was never sent");
+        assert!(l[4800..8000].iter().any(|&s| s != 0), "the caller is there");
+    }
+
+    #[test]
+    fn a_clear_drops_whatever_was_still_queued_at_the_end() {
+        let mut rec = Recorder::new();
+        rec.agent(0, &tone(8_000, 1)); // 1 s
+        let (pcm, duration) = rec.finish(400);
+        assert_eq!(duration, 400);
+        let (_, r) = channels(&pcm);
+        assert_eq!(r.len(), 3_200, "audio queued past the end was never heard");
+    }
+
+    #[test]
+    fn nothing_is_handed_out_that_could_still_change() {
+        let mut rec = Recorder::new();
+        rec.agent(0, &tone(8 * 3_000, 9)); // 3 s queued
+        assert_eq!(rec.poll(500), None, "less than a chunk settled");
+        let first = rec.poll(1_200).expect("1.1 s settled");
+        // The caller has sent nothing: the last CALLER_SLACK_MS may still fill in.
+        assert_eq!(first.len() as u64, (1_200 - CALLER_SLACK_MS) * BYTES_PER_MS);
+        assert_eq!(rec.poll(1_200), None);
+        // A caller frame arriving now lands at its arrival, after what was handed out.
+        assert_eq!(rec.emitted_ms(), 1_100);
+        rec.caller(1_150, &tone(160, 4));
+        let (rest, duration) = rec.finish(1_300);
+        assert_eq!(duration, 1_300);
+        let (l, _) = channels(&rest);
+        assert_eq!(l[400..560], decoded(&tone(160, 4))[..]);
+    }
+
+    #[test]
+    fn base64_payloads_are_decoded_and_bad_ones_refused() {
+        let engine = base64::engine::general_purpose::STANDARD;
+        let mut rec = Recorder::new();
+        assert!(rec.caller_base64(0, &engine.encode(tone(160, 2))));
+        assert!(rec.agent_base64(0, &engine.encode(tone(160, 5))));
+        assert!(!rec.caller_base64(20, "not base64!"));
+        let (pcm, duration) = rec.finish(20);
+        assert_eq!(duration, 20);
+        let (l, r) = channels(&pcm);
+        assert_eq!(l, decoded(&tone(160, 2)));
+        assert_eq!(r, decoded(&tone(160, 5)));
+    }
+
+    #[test]
+    fn a_two_hour_call_stays_small_and_comes_out_whole() {
+        let mut rec = Recorder::new();
+        let mut parts = Parts::new(MIN_PART_BYTES);
+        let mut uploaded = Vec::new();
+        let frame = tone(160, 11);
+        let reply = tone(8 * 8_000, 21); // 8 s of agent audio, sent at once
+        let end = 2 * 3_600_000;
+        let mut max_buffered = 0;
+        let mut max_held = 0;
+        let mut t = 0;
+        while t < end {
+            t += 20;
+            // Now and then a frame is lost.
+            if t % 60_000 != 0 {
+                rec.caller(t, &frame);
+            }
+            if t % 30_000 == 0 {
+                rec.agent(t, &reply);
+            }
+            if t % 90_000 == 4_000 {
+                rec.clear(t); // a barge-in now and then
+            }
+            while let Some(chunk) = rec.poll(t) {
+                parts.push(&chunk);
+            }
+            while let Some(p) = parts.poll_part() {
+                uploaded.push((p.number, p.bytes.len()));
+            }
+            max_buffered = max_buffered.max(rec.buffered_bytes());
+            max_held = max_held.max(parts.held_bytes());
+        }
+        let (rest, duration) = rec.finish(end);
+        parts.push(&rest);
+        assert_eq!(duration, end);
+        assert_eq!(parts.data_bytes(), end * BYTES_PER_MS);
+        assert!(
+            max_buffered < 256 * 1024,
+            "the recorder held {max_buffered} bytes"
+        );
+        assert!(
+            max_held <= 2 * MIN_PART_BYTES,
+            "the parts held {max_held} bytes"
+        );
+        let last = parts.finish();
+        assert_eq!(last[0].number, 1);
+        assert_eq!(&last[0].bytes[..4], b"RIFF");
+        let total: u64 = uploaded.iter().map(|(_, n)| *n as u64).sum::<u64>()
+            + last.iter().map(|p| p.bytes.len() as u64).sum::<u64>();
+        assert_eq!(total, HEADER_BYTES as u64 + end * BYTES_PER_MS);
+        assert!(uploaded.iter().all(|(_, n)| *n == MIN_PART_BYTES));
+        assert_eq!(rec.dropped_samples(), 0);
+    }
+
+    #[test]
+    fn parts_are_equal_sized_but_the_last_and_reassemble_to_the_file() {
+        for part_size in [100usize, 257, 1_000] {
+            for total in [0usize, 10, 55, 56, 99, 100, 1_999, 5_000] {
+                let data: Vec<u8> = (0..total).map(|i| (i * 7) as u8).collect();
+                let mut parts = Parts::new(part_size);
+                let mut got = Vec::new();
+                for chunk in data.chunks(37) {
+                    parts.push(chunk);
+                    while let Some(p) = parts.poll_part() {
+                        got.push(p);
+                    }
+                    assert!(parts.held_bytes() <= 2 * part_size.max(64 * 1024));
+                }
+                assert_eq!(parts.file_bytes(), (HEADER_BYTES + total) as u64);
+                got.extend(parts.finish());
+                got.sort_by_key(|p| p.number);
+                let numbers: Vec<u16> = got.iter().map(|p| p.number).collect();
+                assert_eq!(numbers, (1..=got.len() as u16).collect::<Vec<_>>());
+                let (last, rest) = got.split_last().unwrap();
+                assert!(rest.iter().all(|p| p.bytes.len() == part_size));
+                assert!(!last.bytes.is_empty() && last.bytes.len() <= part_size);
+                let file: Vec<u8> = got.into_iter().flat_map(|p| p.bytes).collect();
+                assert_eq!(file[..HEADER_BYTES], wav_header(total as u64));
+                assert_eq!(file[HEADER_BYTES..], data[..], "{part_size} {total}");
+            }
+        }
+    }
+
+    #[test]
+    fn silence_keeps_the_file_aligned() {
+        let mut parts = Parts::new(100);
+        parts.push(&[1; 30]);
+        parts.push_silence(9_000);
+        parts.push(&[2; 30]);
+        let mut all = Vec::new();
+        while let Some(p) = parts.poll_part() {
+            all.push(p);
+        }
+        all.extend(parts.finish());
+        all.sort_by_key(|p| p.number);
+        let file: Vec<u8> = all.into_iter().flat_map(|p| p.bytes).collect();
+        assert_eq!(file.len(), HEADER_BYTES + 9_060);
+        assert_eq!(file[HEADER_BYTES..HEADER_BYTES + 30], [1; 30]);
+        assert!(file[HEADER_BYTES + 30..HEADER_BYTES + 9_030]
+            .iter()
+            .all(|&b| b == 0));
+        assert_eq!(file[HEADER_BYTES + 9_030..], [2; 30]);
+    }
+
+    #[test]
+    fn runaway_agent_audio_is_left_out_not_held() {
+        let mut rec = Recorder::new();
+        let minute = tone(8 * 60_000, 1);
+        for _ in 0..10 {
+            rec.agent(0, &minute);
+        }
+        assert_eq!(
+            rec.dropped_samples(),
+            8 * 8 * 60_000,
+            "two minutes ahead at most"
+        );
+        assert!(rec.buffered_bytes() < 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn keys_come_from_the_call_sid() {
+        assert_eq!(key("CA123"), "recordings/CA123.wav");
+    }
+}

@@ -1,0 +1,975 @@
+//! End-to-end tests of what calls leave in D1 (issue 3): the real Worker in `wrangler dev` with
+//! a local D1 migrated from `migrations/`, between the fake Twilio and the fake OpenAI, over
+//! real sockets. Everything is read back through the admin API (`GET /api/admin/calls/{sid}`),
+//! polling, because the Worker writes to D1 in the background (the call object's outbox).
+//!
+//! One Worker (with `ADMIN_TOKEN`) is shared by the tests of this binary; the fault-injection
+//! test starts a second one of its own with `FAULT_INJECT_D1_FAILURES`. Each test uses its own
+//! CallSids and numbers, so they can run in parallel.
+//!
+//! Where the order of two things matters the tests wait for an observed event, never a fixed
+//! time: a mark echoed by the fake Twilio, a caller frame that came out at the fake OpenAI
+//! (proof that the Worker has handled every Twilio frame before it), a row in D1.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+use support::admin::Admin;
+use support::fake_openai::{self as oai, Session, SessionScript};
+use support::fake_twilio::{self as tw, CallIds, MediaStream};
+use support::{ok, tagged_chunks, CallSpec, Harness, SOON};
+
+/// The admin bearer token of the Workers under test; it must never reach the log.
+const ADMIN_TOKEN: &str = "admin-e2e-persist-SECRET-321";
+/// D1 writes are asynchronous and, after a failure, retried with backoff: be generous.
+const D1_DEADLINE: Duration = Duration::from_secs(90);
+
+async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| {
+            Harness::start(
+                "e2e-persistence",
+                vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+            )
+        })
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+fn admin(h: &Harness) -> Admin {
+    Admin::new(&h.base_url(), ADMIN_TOKEN)
+}
+
+/// Proof that the Worker has handled every frame Twilio sent so far (mark echoes included):
+/// one caller `media` frame of recognizable audio is sent and must come out at OpenAI as an
+/// `input_audio_buffer.append`. The Worker handles one socket's frames in order.
+async fn sync_twilio(h: &Harness, twilio: &MediaStream, oa: &Session, tag: u8) {
+    let payload = twilio.send_media(&tagged_chunks(tag, 1, tw::FRAME_BYTES)[0]);
+    wait_appended(h, oa, &payload).await;
+}
+
+/// Wait until the caller audio `payload` has been appended at OpenAI.
+async fn wait_appended(h: &Harness, oa: &Session, payload: &str) {
+    ok(
+        h,
+        oa.wait_until("a caller frame to be appended", SOON, |v| {
+            v.received
+                .iter()
+                .any(|e| {
+                    e.event_type() == "input_audio_buffer.append" && e.event["audio"] == payload
+                })
+                .then_some(())
+        })
+        .await,
+    );
+}
+
+/// The caller talks for `frames` × 20 ms (paced in real time); returns when the last frame
+/// has been appended at OpenAI.
+async fn caller_talks(h: &Harness, twilio: &MediaStream, oa: &Session, tag: u8, frames: usize) {
+    let audio = tagged_chunks(tag, frames, tw::FRAME_BYTES).concat();
+    let sent = twilio.play_caller_audio(audio).await.unwrap();
+    wait_appended(h, oa, sent.last().expect("frames sent")).await;
+}
+
+/// Milliseconds since the Unix epoch of a stored time (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+fn iso_ms(v: &Value) -> i64 {
+    let s = v
+        .as_str()
+        .unwrap_or_else(|| panic!("time {v} is not a string"));
+    assert!(
+        s.len() == 24 && s.ends_with('Z') && &s[10..11] == "T",
+        "time {s:?} is not YYYY-MM-DDTHH:MM:SS.mmmZ"
+    );
+    let n = |r: std::ops::Range<usize>| -> i64 {
+        s[r].parse()
+            .unwrap_or_else(|_| panic!("time {s:?} is not YYYY-MM-DDTHH:MM:SS.mmmZ"))
+    };
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * ((m + 9) % 12) + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    (((days * 24 + n(11..13)) * 60 + n(14..16)) * 60 + n(17..19)) * 1000 + n(20..23)
+}
+
+/// Only these keys of a row, for comparisons with a readable diff.
+fn project(row: &Value, keys: &[&str]) -> Value {
+    let mut out = Map::new();
+    for k in keys {
+        out.insert((*k).to_owned(), row.get(*k).cloned().unwrap_or(Value::Null));
+    }
+    Value::Object(out)
+}
+
+fn entries(detail: &Value) -> &Vec<Value> {
+    detail["transcript"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no transcript array: {detail}"))
+}
+
+fn events(detail: &Value) -> &Vec<Value> {
+    detail["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events array: {detail}"))
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap()
+}
+
+/// The checks every complete call's row must pass: times present and ordered, the duration
+/// from the stream start to the end, the first agent audio within it.
+fn check_call_times(c: &Value) -> (i64, i64, i64, i64) {
+    let (started, connected, ended) = (
+        iso_ms(&c["started_at"]),
+        iso_ms(&c["connected_at"]),
+        iso_ms(&c["ended_at"]),
+    );
+    assert!(
+        started <= connected && connected <= ended,
+        "times out of order: {}",
+        pretty(c)
+    );
+    let duration = c["duration_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("duration_ms missing: {}", pretty(c)));
+    assert_eq!(
+        duration,
+        ended - connected,
+        "duration_ms is the time from the stream start (connected_at) to the end (ended_at): {}",
+        pretty(c)
+    );
+    let first_audio = c["first_audio_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("first_audio_ms missing: {}", pretty(c)));
+    assert!(
+        (0..=duration).contains(&first_audio),
+        "first_audio_ms {first_audio} outside the call's {duration} ms"
+    );
+    (started, connected, ended, duration)
+}
+
+#[test]
+fn stored_times_parse() {
+    for ms in [0u64, 951_782_400_000, 1_795_311_122_123] {
+        let iso = phone_agent_bridge::store::iso_time(ms);
+        assert_eq!(iso_ms(&json!(iso)), ms as i64, "{iso}");
+    }
+}
+
+// ---- 1. a complete call with a barge-in ---------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_with_a_barge_in_leaves_exactly_its_rows_in_conversation_order() {
+    let h = harness().await;
+    let admin = admin(h);
+    let (from, to) = ("+15551230101", "+81312345678");
+    let (greet_resp, greet_item) = ("resp_greet", "item_greet");
+    let (reply_resp, reply_item) = ("resp_reply", "item_reply");
+    let (caller_item, caller2_item) = ("item_caller_1", "item_caller_2");
+
+    const GREETING: [&str; 2] = ["お電話ありがとうございます。", "ご用件をどうぞ。"];
+    const CALLER_SAID: &str = "予約をお願いしたいのですが。";
+    // Ten 200 ms chunks of reply audio, each with three characters of its transcript.
+    const REPLY: [&str; 10] = [
+        "はい、",
+        "ご予約",
+        "ですね",
+        "。何名",
+        "様でい",
+        "らっし",
+        "ゃいま",
+        "すか。",
+        "お日に",
+        "ちは？",
+    ];
+    // What the server's truncated item says was heard. The Worker's own estimate (the share of
+    // the text matching the share of audio played, 3 characters per 200 ms) always has a
+    // multiple of 3 characters, so this 10-character text can only come from the server.
+    const HEARD: &str = "はい、ご予約ですね。";
+    assert_ne!(HEARD.chars().count() % 3, 0);
+    let greeting_text = GREETING.concat();
+    let reply_text = REPLY.concat();
+
+    let greeting_audio = tagged_chunks(0x31, 2, 800);
+    let mut greeting = oai::response_start(greet_resp, greet_item);
+    greeting.extend(oai::audio_with_transcript(
+        greet_resp,
+        greet_item,
+        &greeting_audio,
+        &GREETING,
+    ));
+    greeting.extend(oai::with_usage(
+        oai::response_finish(greet_resp, greet_item, &greeting_text, "completed"),
+        100,
+        20,
+    ));
+    let script = SessionScript::new()
+        .once("response.create", greeting)
+        .answer_retrieve(reply_item, HEARD);
+
+    // Webhook (signed) → stream → connected + start.
+    let call = h
+        .start_call(CallSpec {
+            from: from.into(),
+            to: to.into(),
+            script,
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, sid) = (&call.openai, &call.twilio, call.ids.call_sid.as_str());
+    let t0 = call.start_sent_at;
+    let created = &oa.sent()[0].1;
+    assert_eq!(created["type"], "session.created");
+    let session_id = created["session"]["id"].as_str().unwrap().to_owned();
+
+    // The greeting plays out completely (both marks echoed), and the Worker has seen the echoes.
+    let greet_request = ok(h, oa.wait_event("response.create", SOON).await);
+    ok(
+        h,
+        twilio
+            .wait_until("the greeting to play (2 marks echoed)", SOON, |l| {
+                (l.played_echoes() >= 2).then_some(())
+            })
+            .await,
+    );
+    sync_twilio(h, twilio, oa, 0x41).await;
+
+    // The caller speaks (500 ms) and the turn is committed as a user item.
+    let caller_start_ms = t0.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(caller_start_ms, caller_item));
+    caller_talks(h, twilio, oa, 0x42, 25).await;
+    oa.send_all(oai::caller_turn_end(
+        caller_item,
+        Some(greet_item),
+        caller_start_ms + 500,
+    ));
+    oa.send(oai::caller_transcription_delta(caller_item, "予約を"));
+
+    // The reply starts before the caller's transcription is complete.
+    let reply_audio = tagged_chunks(0x51, 10, 1600);
+    oa.send_all(oai::response_start(reply_resp, reply_item));
+    oa.send_all(oai::audio_with_transcript(
+        reply_resp,
+        reply_item,
+        &reply_audio,
+        &REPLY,
+    ));
+
+    // The caller talks over the reply once 3 of its 10 chunks have played.
+    ok(
+        h,
+        twilio
+            .wait_until("3 marks of the reply echoed as played", SOON, |l| {
+                (l.played_echoes() >= 2 + 3).then_some(())
+            })
+            .await,
+    );
+    let k_handled = twilio.log().played_echoes() - 2;
+    sync_twilio(h, twilio, oa, 0x43).await;
+    let barge_ms = t0.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(barge_ms, caller2_item));
+    // interrupt_response: the server cancels the reply itself.
+    oa.send_all(oai::with_usage(
+        oai::response_finish(reply_resp, reply_item, &reply_text, "cancelled"),
+        300,
+        45,
+    ));
+
+    // Twilio clear, truncate, retrieve (answered with HEARD by the script).
+    let truncate = ok(h, oa.wait_event("conversation.item.truncate", SOON).await);
+    let retrieve = ok(h, oa.wait_event("conversation.item.retrieve", SOON).await);
+    let tlog = ok(
+        h,
+        twilio
+            .wait_until("a clear", SOON, |l| {
+                (!l.clears.is_empty()).then(|| l.clone())
+            })
+            .await,
+    );
+    let clear = &tlog.clears[0];
+    let played_before_clear = tlog
+        .echoes
+        .iter()
+        .filter(|e| e.played && e.at <= clear.at)
+        .count()
+        - 2;
+    let allowed: Vec<u64> = (k_handled..=played_before_clear.max(k_handled))
+        .map(|j| j as u64 * 200)
+        .collect();
+    assert_eq!(truncate.event["item_id"], reply_item, "{}", truncate.event);
+    let audio_end_ms = truncate.event["audio_end_ms"].as_u64().unwrap();
+    assert!(
+        allowed.contains(&audio_end_ms),
+        "truncate at {audio_end_ms} ms; {k_handled} marks of 200 ms were known played, allowed {allowed:?}"
+    );
+    assert_eq!(retrieve.event["item_id"], reply_item, "{}", retrieve.event);
+
+    // The cut turn lands with the server's text while the caller's words are still unknown.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(
+                sid,
+                "the agent's cut turn with the retrieved text",
+                D1_DEADLINE,
+                |d| {
+                    entries(d)
+                        .iter()
+                        .any(|e| e["item_id"] == reply_item && e["text"] == HEARD)
+                },
+            )
+            .await,
+    );
+    let items: Vec<&Value> = entries(&detail).iter().map(|e| &e["item_id"]).collect();
+    assert_eq!(
+        items,
+        [greet_item, reply_item],
+        "before the caller's transcription: {}",
+        pretty(&detail)
+    );
+
+    // The caller's transcription arrives last, and goes in its place in the conversation.
+    oa.send(oai::caller_transcription_completed(
+        caller_item,
+        CALLER_SAID,
+    ));
+    ok(
+        h,
+        admin
+            .wait_call(sid, "the caller's transcript", D1_DEADLINE, |d| {
+                entries(d).iter().any(|e| e["item_id"] == caller_item)
+            })
+            .await,
+    );
+
+    // Twilio stops the stream; the call ends.
+    let stop_sent = Instant::now();
+    call.twilio.send_stop(&call.ids);
+    let closed = ok(h, oa.wait_closed(SOON).await);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(sid, "the call's end", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string() && d["call"]["end_reason"].is_string()
+            })
+            .await,
+    );
+    eprintln!("call detail:\n{}", pretty(&detail));
+
+    // The calls row.
+    let c = &detail["call"];
+    let keys = [
+        "call_sid",
+        "account_sid",
+        "from_number",
+        "to_number",
+        "direction",
+        "agent_id",
+        "status",
+        "stream_sid",
+        "openai_session_id",
+        "end_reason",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "barge_ins",
+        "twilio_duration_s",
+    ];
+    assert_eq!(
+        project(c, &keys),
+        project(
+            &json!({
+                "call_sid": sid, "account_sid": call.ids.account_sid, "from_number": from,
+                "to_number": to, "direction": "inbound", "agent_id": "default",
+                "status": "completed", "stream_sid": call.ids.stream_sid,
+                "openai_session_id": session_id, "end_reason": "twilio_stop",
+                "input_tokens": 400, "output_tokens": 65, "total_tokens": 465,
+                "barge_ins": 1, "twilio_duration_s": null,
+            }),
+            &keys
+        ),
+        "calls row: {}",
+        pretty(c)
+    );
+    let (_, connected, ended, duration) = check_call_times(c);
+    // Plausible: the Worker had `start` before it asked for the greeting and saw `stop` before
+    // it closed the OpenAI socket (10 ms of slack for the two clocks' rounding).
+    let at_least = stop_sent.duration_since(greet_request.at).as_millis() as i64;
+    let at_most = closed.at.duration_since(t0).as_millis() as i64;
+    assert!(
+        at_least - 10 <= duration && duration <= at_most + 10,
+        "duration_ms {duration} not within what the test saw ({at_least}..={at_most} ms)"
+    );
+
+    // The transcript: exactly three turns, in conversation order (not arrival order).
+    let t = entries(&detail);
+    assert_eq!(t.len(), 3, "transcript: {}", pretty(&detail["transcript"]));
+    let seqs: Vec<i64> = t.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq not increasing: {seqs:?}"
+    );
+    let keys = ["role", "text", "item_id", "interrupted"];
+    let got: Vec<Value> = t.iter().map(|e| project(e, &keys)).collect();
+    assert_eq!(
+        got,
+        vec![
+            json!({"role": "agent", "text": greeting_text, "item_id": greet_item, "interrupted": false}),
+            json!({"role": "caller", "text": CALLER_SAID, "item_id": caller_item, "interrupted": false}),
+            json!({"role": "agent", "text": HEARD, "item_id": reply_item, "interrupted": true}),
+        ]
+    );
+    let offsets: Vec<i64> = t.iter().map(|e| e["offset_ms"].as_i64().unwrap()).collect();
+    assert_eq!(
+        offsets[0],
+        c["first_audio_ms"].as_i64().unwrap(),
+        "the greeting began with the first agent audio"
+    );
+    assert_eq!(
+        offsets[1], caller_start_ms as i64,
+        "the caller's turn began at its speech_started audio_start_ms"
+    );
+    assert!(
+        offsets[0] < offsets[1] && offsets[1] <= offsets[2] && offsets[2] <= duration,
+        "offsets {offsets:?} not in conversation order within the {duration} ms call"
+    );
+
+    // The events: one barge-in, at the cut item and where it was cut; nothing went wrong.
+    let ev = events(&detail);
+    let barge_ins: Vec<&Value> = ev.iter().filter(|e| e["type"] == "barge_in").collect();
+    assert_eq!(barge_ins.len(), 1, "events: {}", pretty(&detail["events"]));
+    let b = barge_ins[0];
+    assert_eq!(b["detail"]["item_id"], reply_item, "{b}");
+    assert_eq!(b["detail"]["audio_end_ms"], audio_end_ms, "{b}");
+    assert!(
+        (connected..=ended).contains(&iso_ms(&b["at"])),
+        "barge_in at {} outside the call",
+        b["at"]
+    );
+    for bad in ["openai_error", "transcription_failed", "dropped_input"] {
+        assert!(
+            ev.iter().all(|e| e["type"] != bad),
+            "unexpected {bad} event: {}",
+            pretty(&detail["events"])
+        );
+    }
+    let seqs: Vec<i64> = ev.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "event seqs {seqs:?}");
+
+    // The fake OpenAI never had to answer with an error (e.g. a truncate past the audio).
+    let errors: Vec<Value> = oa
+        .sent()
+        .into_iter()
+        .map(|(_, e)| e)
+        .filter(|e| e["type"] == "error")
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the fake OpenAI answered errors: {errors:?}"
+    );
+}
+
+// ---- 2. the status callback --------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backwards() {
+    let h = harness().await;
+    let admin = admin(h);
+    let (from, to) = ("+15551230201", "+81312345678");
+    let url = h.status_url();
+
+    // Refused callbacks record nothing.
+    let lone = CallIds::new();
+    let forged = tw::status_params(&lone, from, to, "completed", 3, Some(999));
+    let r = tw::post_form(&url, &forged, None).await.unwrap();
+    assert_eq!(r.status, 403, "unsigned: {}", r.body);
+    let sig = tw::sign("not-the-auth-token", &url, &forged);
+    let r = tw::post_form(&url, &forged, Some(&sig)).await.unwrap();
+    assert_eq!(r.status, 403, "signed with another token: {}", r.body);
+    let honest = tw::status_params(&lone, from, to, "completed", 3, Some(12));
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &honest);
+    let tampered: Vec<(String, String)> = honest
+        .iter()
+        .map(|(k, v)| match k.as_str() {
+            "CallDuration" => (k.clone(), "999".to_owned()),
+            _ => (k.clone(), v.clone()),
+        })
+        .collect();
+    let r = tw::post_form(&url, &tampered, Some(&sig)).await.unwrap();
+    assert_eq!(r.status, 403, "a param changed after signing: {}", r.body);
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &format!("{url}/"), &honest);
+    let r = tw::post_form(&url, &honest, Some(&sig)).await.unwrap();
+    assert_eq!(r.status, 403, "signed for another URL: {}", r.body);
+    for status in ["answered", ""] {
+        let r = h
+            .post_status(&tw::status_params(&lone, from, to, status, 3, Some(999)))
+            .await;
+        assert_eq!(r.status, 400, "CallStatus {status:?}: {}", r.body);
+    }
+    let mut bad_duration = tw::status_params(&lone, from, to, "completed", 3, None);
+    bad_duration.push(("CallDuration".into(), "soon".into()));
+    let r = h.post_status(&bad_duration).await;
+    assert_eq!(r.status, 400, "CallDuration \"soon\": {}", r.body);
+    assert_eq!(
+        admin.call(&lone.call_sid).await.unwrap(),
+        None,
+        "a refused callback created a row"
+    );
+    // A status callback for a call whose webhook never came still creates its row. (Written
+    // after anything a refused callback might have queued: had one been, the row would say
+    // completed/999, or D1 would have refused the status and held everything behind it.)
+    let r = h
+        .post_status(&tw::status_params(&lone, from, to, "in-progress", 1, None))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(r.body, "");
+    let detail = ok(
+        h,
+        admin
+            .wait_call(
+                &lone.call_sid,
+                "the row from the callback",
+                D1_DEADLINE,
+                |d| d["call"]["status"].is_string(),
+            )
+            .await,
+    );
+    assert_eq!(
+        project(
+            &detail["call"],
+            &["status", "twilio_duration_s", "from_number", "agent_id"]
+        ),
+        json!({"status": "in-progress", "twilio_duration_s": null, "from_number": "", "agent_id": null}),
+        "{}",
+        pretty(&detail)
+    );
+    assert!(detail["call"]["started_at"].is_string());
+
+    // A call from the webhook on: ringing → in-progress → completed with its CallDuration.
+    let a = CallIds::new();
+    h.answer_call(&a, from, to).await;
+    let ringing = |d: &Value| d["call"]["status"] == "ringing";
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&a.call_sid, "ringing", D1_DEADLINE, ringing)
+            .await,
+    );
+    assert_eq!(detail["call"]["agent_id"], "default");
+    let r = h
+        .post_status(&tw::status_params(&a, from, to, "in-progress", 1, None))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    ok(
+        h,
+        admin
+            .wait_call(&a.call_sid, "in-progress", D1_DEADLINE, |d| {
+                d["call"]["status"] == "in-progress"
+            })
+            .await,
+    );
+    let completed = tw::status_params(&a, from, to, "completed", 2, Some(42));
+    let r = h.post_status(&completed).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&a.call_sid, "completed, 42 s", D1_DEADLINE, |d| {
+                d["call"]["status"] == "completed" && d["call"]["twilio_duration_s"] == 42
+            })
+            .await,
+    );
+    assert!(
+        detail["call"]["ended_at"].is_string(),
+        "{}",
+        pretty(&detail)
+    );
+
+    // Callbacks that overtake the webhook, Twilio's retry of the final one, and late ones.
+    let b = CallIds::new();
+    let r = h
+        .post_status(&tw::status_params(&b, from, to, "in-progress", 1, None))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let completed = tw::status_params(&b, from, to, "completed", 2, Some(42));
+    let r = h.post_status(&completed).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let before = ok(
+        h,
+        admin
+            .wait_call(&b.call_sid, "completed, 42 s", D1_DEADLINE, |d| {
+                d["call"]["status"] == "completed" && d["call"]["twilio_duration_s"] == 42
+            })
+            .await,
+    );
+    let ended_at = before["call"]["ended_at"].clone();
+    assert!(ended_at.is_string(), "{}", pretty(&before));
+    for (what, params) in [
+        ("the same completed again", completed.clone()),
+        (
+            "a late in-progress",
+            tw::status_params(&b, from, to, "in-progress", 1, None),
+        ),
+        (
+            "a late ringing",
+            tw::status_params(&b, from, to, "ringing", 0, None),
+        ),
+    ] {
+        let r = h.post_status(&params).await;
+        assert_eq!(r.status, 204, "{what}: {}", r.body);
+    }
+    // The webhook, last: the call's writes are applied in order, so once its row data shows,
+    // every callback above has been applied too.
+    h.answer_call(&b, from, to).await;
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&b.call_sid, "the webhook's data", D1_DEADLINE, |d| {
+                d["call"]["from_number"] == from
+            })
+            .await,
+    );
+    assert_eq!(
+        project(
+            &detail["call"],
+            &[
+                "status",
+                "twilio_duration_s",
+                "ended_at",
+                "to_number",
+                "agent_id",
+                "direction"
+            ]
+        ),
+        json!({"status": "completed", "twilio_duration_s": 42, "ended_at": ended_at,
+               "to_number": to, "agent_id": "default", "direction": "inbound"}),
+        "{}",
+        pretty(&detail)
+    );
+}
+
+// ---- 3. nothing is lost when D1 fails ------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
+    // A Worker of its own: the first 3 D1 batch writes of each call object fail.
+    let h = Harness::start(
+        "e2e-persistence-d1-faults",
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("FAULT_INJECT_D1_FAILURES".into(), "3".into()),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the faulty Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = admin(h);
+    let (from, to) = ("+15551230301", "+81312345678");
+    let greet_item = "item_greet";
+    let (c1, c2, reply_item) = ("item_c1", "item_c2", "item_reply");
+    const GREETING: &str = "お電話ありがとうございます。";
+    const CALLER_SAID: &str = "営業時間を教えてください。";
+    const REPLY: &str = "はい、午前十時から午後八時まででございます。";
+
+    let mut greeting = oai::full_response(
+        "resp_greet",
+        greet_item,
+        &tagged_chunks(0x61, 1, 800),
+        GREETING,
+    );
+    greeting = oai::with_usage(greeting, 100, 20);
+    let script = SessionScript::new().once("response.create", greeting);
+
+    let ids = CallIds::new();
+    let webhook_sent = Instant::now();
+    let twiml = h.answer_call(&ids, from, to).await;
+    // The ringing row's write failed at once, and the retries come after 0.5 s, 1 s and 2 s
+    // of backoff: within 1.5 s of the webhook D1 cannot have it yet.
+    let early = admin.call(&ids.call_sid).await.unwrap();
+    if webhook_sent.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            early, None,
+            "the row was in D1 despite the injected failures"
+        );
+    }
+
+    let claim = h.openai.claim(script).await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+    let t0 = Instant::now();
+    twilio.send_start(&ids, &twiml.parameters);
+    let oa = ok(h, claim.session(SOON).await);
+    drop(claim);
+    let oa = &oa;
+    let session_id = oa.sent()[0].1["session"]["id"].as_str().unwrap().to_owned();
+
+    ok(
+        h,
+        twilio
+            .wait_until("the greeting to play", SOON, |l| {
+                (l.played_echoes() >= 1).then_some(())
+            })
+            .await,
+    );
+    sync_twilio(h, &twilio, oa, 0x62).await;
+
+    // First utterance: transcription fails (an event). Second: transcribed. Then the reply.
+    let c1_ms = t0.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(c1_ms, c1));
+    caller_talks(h, &twilio, oa, 0x63, 10).await;
+    oa.send_all(oai::caller_turn_end(c1, Some(greet_item), c1_ms + 200));
+    oa.send(oai::caller_transcription_failed(
+        c1,
+        "audio_unintelligible",
+        "The audio could not be transcribed.",
+    ));
+    let c2_ms = t0.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(c2_ms, c2));
+    caller_talks(h, &twilio, oa, 0x64, 10).await;
+    oa.send_all(oai::caller_turn_end(c2, Some(c1), c2_ms + 200));
+    oa.send(oai::caller_transcription_completed(c2, CALLER_SAID));
+    let reply_audio = tagged_chunks(0x65, 2, 800);
+    oa.send_all(oai::with_usage(
+        oai::full_response("resp_reply", reply_item, &reply_audio, REPLY),
+        200,
+        30,
+    ));
+    // The reply's audio reaching Twilio proves every OpenAI event before it was handled.
+    ok(
+        h,
+        twilio
+            .wait_until("the reply to play", SOON, |l| {
+                (l.played_echoes() >= 3).then_some(())
+            })
+            .await,
+    );
+    twilio.send_stop(&ids);
+    ok(h, oa.wait_closed(SOON).await);
+    // Twilio's final status callback goes through the same (failing) write path.
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(4)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    let detail = ok(
+        h,
+        admin
+            .wait_call(
+                &ids.call_sid,
+                "every row: the end, 3 turns, the event, Twilio's duration",
+                D1_DEADLINE,
+                |d| {
+                    d["call"]["end_reason"].is_string()
+                        && d["call"]["twilio_duration_s"] == 4
+                        && entries(d).len() >= 3
+                        && !events(d).is_empty()
+                },
+            )
+            .await,
+    );
+    eprintln!("call detail:\n{}", pretty(&detail));
+
+    let log = h.worker.log();
+    // The background writer logs each failed batch; on a stalled machine the object's alarm
+    // may run one of the retries instead (logged as outbox.alarm_flush_failed).
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("outbox.d1_write_failed") || l.contains("outbox.alarm_flush_failed"))
+        .collect();
+    assert!(
+        failures
+            .iter()
+            .any(|l| l.contains("outbox.d1_write_failed")),
+        "no outbox.d1_write_failed in the Worker log ({})",
+        h.worker.log_path.display()
+    );
+    assert_eq!(
+        failures.len(),
+        3,
+        "expected exactly the 3 injected failures:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        failures.iter().all(|l| l.contains("injected D1 failure")),
+        "{failures:?}"
+    );
+    assert!(
+        !log.contains(ADMIN_TOKEN),
+        "the admin token reached the log"
+    );
+
+    let c = &detail["call"];
+    let keys = [
+        "call_sid",
+        "account_sid",
+        "from_number",
+        "to_number",
+        "direction",
+        "agent_id",
+        "status",
+        "stream_sid",
+        "openai_session_id",
+        "end_reason",
+        "input_tokens",
+        "output_tokens",
+        "total_tokens",
+        "barge_ins",
+        "twilio_duration_s",
+    ];
+    assert_eq!(
+        project(c, &keys),
+        project(
+            &json!({
+                "call_sid": ids.call_sid, "account_sid": ids.account_sid, "from_number": from,
+                "to_number": to, "direction": "inbound", "agent_id": "default",
+                "status": "completed", "stream_sid": ids.stream_sid,
+                "openai_session_id": session_id, "end_reason": "twilio_stop",
+                "input_tokens": 300, "output_tokens": 50, "total_tokens": 350,
+                "barge_ins": 0, "twilio_duration_s": 4,
+            }),
+            &keys
+        ),
+        "calls row: {}",
+        pretty(c)
+    );
+    check_call_times(c);
+
+    // Every turn exactly once, in order; the failed utterance has no turn.
+    let t = entries(&detail);
+    let seqs: Vec<i64> = t.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "seq not increasing: {seqs:?}"
+    );
+    let keys = ["role", "text", "item_id", "interrupted"];
+    let got: Vec<Value> = t.iter().map(|e| project(e, &keys)).collect();
+    assert_eq!(
+        got,
+        vec![
+            json!({"role": "agent", "text": GREETING, "item_id": greet_item, "interrupted": false}),
+            json!({"role": "caller", "text": CALLER_SAID, "item_id": c2, "interrupted": false}),
+            json!({"role": "agent", "text": REPLY, "item_id": reply_item, "interrupted": false}),
+        ],
+        "transcript: {}",
+        pretty(&detail["transcript"])
+    );
+    assert_eq!(t[0]["offset_ms"], c["first_audio_ms"]);
+    assert_eq!(t[1]["offset_ms"], c2_ms);
+
+    // The event exactly once.
+    let ev = events(&detail);
+    assert_eq!(ev.len(), 1, "events: {}", pretty(&detail["events"]));
+    assert_eq!(ev[0]["type"], "transcription_failed");
+    assert_eq!(ev[0]["detail"]["item_id"], c1, "{}", ev[0]);
+    assert_eq!(ev[0]["detail"]["code"], "audio_unintelligible", "{}", ev[0]);
+}
+
+// ---- 4. the agent assigned to the number answers -------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_assigned_to_the_called_number_answers_and_other_numbers_get_the_default() {
+    let h = harness().await;
+    let admin = admin(h);
+    let instructions = "You are the booking line of Restaurant Sakura (e2e agent choice). \
+                        Answer in short English sentences.";
+    let greeting = "Say: Thank you for calling Restaurant Sakura. How can I help?";
+    let r = admin
+        .post(
+            "/api/admin/agents",
+            &json!({
+                "name": "Sakura bookings", "instructions": instructions, "greeting": greeting,
+                "voice": "cedar", "language": "en",
+                "turn_detection": {"type": "server_vad", "threshold": 0.7, "silence_duration_ms": 800},
+            }),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "create agent: {}", r.text);
+    let agent_id = r.body["agent"]["id"].as_str().unwrap().to_owned();
+    let number = "+81355559001";
+    let r = admin
+        .put(
+            "/api/admin/numbers/%2B81355559001",
+            &json!({"agent_id": agent_id}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 201, "assign number: {}", r.text);
+    let r = admin.get("/api/admin/agents/default").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    let default = r.body["agent"].clone();
+
+    for (to, agent) in [
+        (number, r#"the assigned agent"#),
+        ("+81355559002", "the default agent"),
+    ] {
+        let call = h
+            .start_call(CallSpec {
+                from: "+15551230401".into(),
+                to: to.into(),
+                ..CallSpec::default()
+            })
+            .await;
+        let update = ok(h, call.openai.wait_event("session.update", SOON).await);
+        let create = ok(h, call.openai.wait_event("response.create", SOON).await);
+        call.twilio.send_stop(&call.ids);
+        ok(h, call.openai.wait_closed(SOON).await);
+
+        let s = &update.event["session"];
+        let got = json!({
+            "instructions": s["instructions"],
+            "voice": s["audio"]["output"]["voice"],
+            "language": s["audio"]["input"]["transcription"]["language"],
+            "threshold": s["audio"]["input"]["turn_detection"]["threshold"],
+            "silence_duration_ms": s["audio"]["input"]["turn_detection"]["silence_duration_ms"],
+            "greeting": create.event["response"]["instructions"],
+        });
+        let (expected_id, expected) = if to == number {
+            (
+                agent_id.as_str(),
+                json!({"instructions": instructions, "voice": "cedar", "language": "en",
+                       "threshold": 0.7, "silence_duration_ms": 800, "greeting": greeting}),
+            )
+        } else {
+            (
+                "default",
+                json!({"instructions": default["instructions"], "voice": default["voice"],
+                       "language": default["language"],
+                       "threshold": default["turn_detection"]["threshold"],
+                       "silence_duration_ms": default["turn_detection"]["silence_duration_ms"],
+                       "greeting": default["greeting"]}),
+            )
+        };
+        assert_eq!(
+            got, expected,
+            "a call to {to} must be configured from {agent}; session.update: {}",
+            update.event
+        );
+        let detail = ok(
+            h,
+            admin
+                .wait_call(&call.ids.call_sid, "the call's end", D1_DEADLINE, |d| {
+                    d["call"]["end_reason"].is_string()
+                })
+                .await,
+        );
+        assert_eq!(
+            project(&detail["call"], &["agent_id", "to_number", "status"]),
+            json!({"agent_id": expected_id, "to_number": to, "status": "completed"}),
+            "{}",
+            pretty(&detail)
+        );
+    }
+    assert_eq!(default["voice"], "marin", "the seeded default agent");
+}

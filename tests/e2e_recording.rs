@@ -1,0 +1,547 @@
+//! End-to-end tests of call recordings (issue 6): the real Worker in `wrangler dev` with local
+//! D1 and local R2, between the fake Twilio (which plays the agent's audio back like Twilio's
+//! buffer) and the fake OpenAI. A call with a barge-in is recorded to R2 and read back through
+//! the admin API (`GET /api/admin/calls/{sid}/recording`): the WAV header, its length against
+//! the call's, the caller on the left channel, the agent on the right up to the cut and silence
+//! after it, and byte ranges. Then: an agent with recording off leaves none, and a call whose
+//! Twilio socket is lost still leaves a playable file.
+//!
+//! One Worker (with `ADMIN_TOKEN`) is shared by the tests of this binary; each test uses its own
+//! CallSids and numbers.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::admin::Admin;
+use support::fake_openai::{self as oai, SessionScript};
+use support::fake_twilio::{self as tw};
+use support::{ok, tagged_chunks, CallSpec, Harness, SOON};
+
+const ADMIN_TOKEN: &str = "admin-e2e-recording-SECRET-654";
+/// D1 writes (and the recording's upload before its row) are asynchronous: be generous.
+const D1_DEADLINE: Duration = Duration::from_secs(90);
+const HEADER: usize = 44;
+
+async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| {
+            Harness::start(
+                "e2e-recording",
+                vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+            )
+        })
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+fn admin(h: &Harness) -> Admin {
+    Admin::new(&h.base_url(), ADMIN_TOKEN)
+}
+
+/// G.711 μ-law expansion, written out independently of the crate's table.
+fn ulaw(b: u8) -> i16 {
+    let u = !b;
+    let t = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 7);
+    (if u & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
+}
+
+fn decoded(mulaw: &[u8]) -> Vec<i16> {
+    mulaw.iter().map(|&b| ulaw(b)).collect()
+}
+
+/// An HTTP answer with its headers.
+struct Got {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: Vec<u8>,
+}
+
+impl Got {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+async fn get_recording(h: &Harness, sid: &str, range: Option<&str>, token: Option<&str>) -> Got {
+    let url = format!("{}/api/admin/calls/{sid}/recording", h.base_url());
+    let mut req = reqwest::Client::new().get(&url);
+    if let Some(t) = token {
+        req = req.header("Authorization", format!("Bearer {t}"));
+    }
+    if let Some(r) = range {
+        req = req.header("Range", r);
+    }
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    Got {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        body: resp.bytes().await.expect("body").to_vec(),
+    }
+}
+
+/// The parsed 44-byte header: (channels, rate, byte rate, block align, bits, data size).
+fn parse_header(wav: &[u8]) -> (u16, u32, u32, u16, u16, u32) {
+    assert!(wav.len() >= HEADER, "{} bytes", wav.len());
+    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
+    assert_eq!(&wav[0..4], b"RIFF");
+    assert_eq!(u32_at(4) as usize, wav.len() - 8, "RIFF size");
+    assert_eq!(&wav[8..16], b"WAVEfmt ");
+    assert_eq!(u32_at(16), 16, "fmt chunk size");
+    assert_eq!(u16_at(20), 1, "PCM");
+    assert_eq!(&wav[36..40], b"data");
+    (
+        u16_at(22),
+        u32_at(24),
+        u32_at(28),
+        u16_at(32),
+        u16_at(34),
+        u32_at(40),
+    )
+}
+
+/// (left, right) samples of the WAV's data.
+fn channels(wav: &[u8]) -> (Vec<i16>, Vec<i16>) {
+    wav[HEADER..]
+        .chunks(4)
+        .map(|f| {
+            (
+                i16::from_le_bytes([f[0], f[1]]),
+                i16::from_le_bytes([f[2], f[3]]),
+            )
+        })
+        .unzip()
+}
+
+fn find(haystack: &[i16], needle: &[i16], from: usize) -> Option<usize> {
+    (from..haystack.len().saturating_sub(needle.len() - 1))
+        .find(|&i| haystack[i..i + needle.len()] == *needle)
+}
+
+/// Waits for the call's row to name its recording; returns the call row.
+async fn wait_recording(h: &Harness, sid: &str) -> Value {
+    let detail = ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the recording on the call's row", D1_DEADLINE, |d| {
+                d["call"]["recording_key"].is_string() && d["call"]["ended_at"].is_string()
+            })
+            .await,
+    );
+    detail["call"].clone()
+}
+
+// ---- 1. a call with a barge-in ------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
+    let h = harness().await;
+    let (greet_resp, greet_item) = ("resp_greet", "item_greet");
+    // A 2 s greeting in ten 200 ms chunks; the caller talks over it once 3 have played.
+    let greeting_audio = tagged_chunks(0x31, 10, 1600);
+    let greeting: Vec<u8> = greeting_audio.concat();
+    let mut events = oai::response_start(greet_resp, greet_item);
+    events.extend(oai::audio_with_transcript(
+        greet_resp,
+        greet_item,
+        &greeting_audio,
+        &["お電話ありがとうございます。"],
+    ));
+    let script = SessionScript::new()
+        .once("response.create", events)
+        .answer_retrieve(greet_item, "お電話");
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230601".into(),
+            to: "+81312345678".into(),
+            script,
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, sid) = (&call.openai, &call.twilio, call.ids.call_sid.clone());
+    let t0 = call.start_sent_at;
+
+    ok(
+        h,
+        twilio
+            .wait_until("3 greeting marks echoed as played", SOON, |l| {
+                (l.played_echoes() >= 3).then_some(())
+            })
+            .await,
+    );
+    // The caller talks (1 s of recognizable frames, paced in real time); the server VAD hears
+    // it at once, so the Worker clears Twilio's buffer: a barge-in on the greeting.
+    let caller_audio = tagged_chunks(0x42, 50, tw::FRAME_BYTES);
+    let caller_sent_at = t0.elapsed();
+    let talking = twilio.play_caller_audio(caller_audio.concat());
+    oa.send(oai::speech_started(
+        t0.elapsed().as_millis() as u64,
+        "item_caller",
+    ));
+    let tlog = ok(
+        h,
+        twilio
+            .wait_until("the clear", SOON, |l| {
+                (!l.clears.is_empty()).then(|| l.clone())
+            })
+            .await,
+    );
+    let clear = tlog.clears[0].clone();
+    oa.send_all(oai::response_finish(
+        greet_resp,
+        greet_item,
+        "お電話ありがとうございます。",
+        "cancelled",
+    ));
+    let sent = talking.await.expect("caller audio task");
+    assert_eq!(sent.len(), caller_audio.len());
+    // A little silence on the line, then the caller hangs up.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    twilio.send_stop(&call.ids);
+    let _ = oa.wait_closed(SOON).await;
+
+    let c = wait_recording(h, &sid).await;
+    eprintln!("call row: {}", serde_json::to_string_pretty(&c).unwrap());
+    assert_eq!(c["recording_key"], format!("recordings/{sid}.wav"));
+    let duration = c["duration_ms"].as_i64().expect("duration_ms");
+    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
+    let rec_bytes = c["recording_bytes"].as_i64().expect("recording bytes");
+    assert!(
+        (duration..=duration + 200).contains(&rec_ms),
+        "the recording ({rec_ms} ms) spans the call ({duration} ms)"
+    );
+
+    // The whole file.
+    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200, "{}", String::from_utf8_lossy(&full.body));
+    assert_eq!(full.header("content-type"), "audio/wav");
+    assert_eq!(full.header("accept-ranges"), "bytes");
+    let wav = full.body;
+    assert_eq!(
+        wav.len() as i64,
+        rec_bytes,
+        "recording_bytes is the file size"
+    );
+    let (channels_n, rate, byte_rate, align, bits, data) = parse_header(&wav);
+    assert_eq!(
+        (channels_n, rate, byte_rate, align, bits),
+        (2, 8000, 32_000, 4, 16)
+    );
+    assert_eq!(data as usize, wav.len() - HEADER);
+    assert_eq!(data as i64, rec_ms * 32, "32 bytes per millisecond");
+    let (left, right) = channels(&wav);
+
+    // Right: silence, then the greeting from its first audio, up to the cut, then silence.
+    let first_audio = c["first_audio_ms"].as_u64().expect("first_audio_ms") as usize;
+    let start = right.iter().position(|&s| s != 0).expect("agent audio");
+    assert_eq!(
+        start,
+        first_audio * 8,
+        "the greeting starts where it was first sent"
+    );
+    let want = decoded(&greeting);
+    let heard = (0..want.len())
+        .take_while(|&i| right[start + i] == want[i])
+        .count();
+    assert!(heard < want.len(), "the greeting was cut, not played whole");
+    assert!(
+        right[start + heard..].iter().all(|&s| s == 0),
+        "silence on the agent channel after the cut"
+    );
+    let heard_ms = heard as f64 / 8.0;
+    eprintln!(
+        "greeting heard in the recording: {heard_ms} ms; Twilio had played {} ms at the clear",
+        clear.played_ms
+    );
+    assert!(
+        heard_ms >= 600.0 - 50.0 && heard_ms <= clear.played_ms + 250.0,
+        "the recording heard {heard_ms} ms of the greeting; Twilio had played {} ms at the clear",
+        clear.played_ms
+    );
+
+    // Left: every caller frame, in order, about where it was sent.
+    let mut from = 0;
+    for (i, frame) in caller_audio.iter().enumerate() {
+        let at = find(&left, &decoded(frame), from)
+            .unwrap_or_else(|| panic!("caller frame {i} is not on the left channel"));
+        if i == 0 {
+            let expected = caller_sent_at.as_millis() as i64 * 8;
+            assert!(
+                (at as i64 - expected).abs() <= 250 * 8,
+                "the first caller frame at {} ms, sent at {} ms",
+                at / 8,
+                expected / 8
+            );
+        }
+        from = at + frame.len();
+    }
+    assert!(
+        right.len() == left.len() && left.len() as i64 == rec_ms * 8,
+        "both channels span the recording"
+    );
+
+    // Ranges.
+    let size = wav.len();
+    for (range, lo, hi) in [
+        ("bytes=0-43", 0, 43),
+        ("bytes=1000-1999", 1000, 1999),
+        (
+            &format!("bytes={}-", size - 10) as &str,
+            size - 10,
+            size - 1,
+        ),
+        ("bytes=-100", size - 100, size - 1),
+    ] {
+        let got = get_recording(h, &sid, Some(range), Some(ADMIN_TOKEN)).await;
+        assert_eq!(got.status, 206, "{range}");
+        assert_eq!(
+            got.header("content-range"),
+            format!("bytes {lo}-{hi}/{size}"),
+            "{range}"
+        );
+        assert_eq!(got.header("accept-ranges"), "bytes");
+        assert_eq!(got.body, wav[lo..=hi], "{range}");
+    }
+    for bad in [
+        &format!("bytes={size}-") as &str,
+        "bytes=50-10",
+        "bytes=x-y",
+    ] {
+        let got = get_recording(h, &sid, Some(bad), Some(ADMIN_TOKEN)).await;
+        assert_eq!(got.status, 416, "{bad}");
+        assert_eq!(got.header("content-range"), format!("bytes */{size}"));
+    }
+    // Behind the admin token; unknown calls are JSON 404s.
+    let got = get_recording(h, &sid, None, None).await;
+    assert_eq!(got.status, 401);
+    let got = get_recording(h, &sid, None, Some("wrong-token")).await;
+    assert_eq!(got.status, 401);
+    let got = get_recording(
+        h,
+        "CA00000000000000000000000000000404",
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(got.status, 404);
+    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
+    assert_eq!(body["error"], "not_found");
+}
+
+// ---- 2. recording off -----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_with_recording_off_leaves_no_recording() {
+    let h = harness().await;
+    let admin = admin(h);
+    let number = "+81399990602";
+    let r = ok(
+        h,
+        admin
+            .post(
+                "/api/admin/agents",
+                &json!({"id": "quiet-e2e", "name": "録音なし", "instructions": "短く答えてください。",
+                        "record_calls": false}),
+            )
+            .await,
+    );
+    assert_eq!(r.status, 201, "{}", r.text);
+    assert_eq!(r.body["agent"]["record_calls"], false);
+    let r = ok(
+        h,
+        admin
+            .put(
+                &format!("/api/admin/numbers/{}", number.replace('+', "%2B")),
+                &json!({"agent_id": "quiet-e2e"}),
+            )
+            .await,
+    );
+    assert!(r.status == 201 || r.status == 200, "{}", r.text);
+
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230602".into(),
+            to: number.into(),
+            script: SessionScript::new(),
+            caller_audio: Some(tagged_chunks(0x55, 25, tw::FRAME_BYTES).concat()),
+        })
+        .await;
+    let sid = call.ids.call_sid.clone();
+    call.caller_audio.unwrap().await.expect("caller audio");
+    call.twilio.send_stop(&call.ids);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&sid, "the call's end", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(detail["call"]["agent_id"], "quiet-e2e");
+    // The recording row would be written right after the upload; give it that long.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let detail = ok(h, admin.call(&sid).await).expect("the call");
+    assert_eq!(detail["call"]["recording_key"], Value::Null);
+    let got = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(got.status, 404);
+    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
+    assert!(
+        body["message"].as_str().unwrap().contains("no recording"),
+        "{body}"
+    );
+}
+
+// ---- 3. a lost socket ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_cut_off_by_a_lost_socket_still_leaves_a_playable_file() {
+    let h = harness().await;
+    let greeting_audio = tagged_chunks(0x61, 3, 800);
+    let mut events = oai::response_start("resp_g3", "item_g3");
+    events.extend(oai::audio_with_transcript(
+        "resp_g3",
+        "item_g3",
+        &greeting_audio,
+        &["はい。"],
+    ));
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230603".into(),
+            to: "+81312345678".into(),
+            script: SessionScript::new().once("response.create", events),
+            caller_audio: Some(tagged_chunks(0x62, 40, tw::FRAME_BYTES).concat()),
+        })
+        .await;
+    let sid = call.ids.call_sid.clone();
+    ok(
+        h,
+        call.twilio
+            .wait_until("the greeting to play", SOON, |l| {
+                (l.played_echoes() >= 3).then_some(())
+            })
+            .await,
+    );
+    let sent = call.caller_audio.unwrap().await.expect("caller audio");
+    // Once the Worker has relayed the last frame, the connection drops: no stop, no close.
+    let last = sent.last().expect("frames sent").clone();
+    ok(
+        h,
+        call.openai
+            .wait_until("the last caller frame to be relayed", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| {
+                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
+                    })
+                    .then_some(())
+            })
+            .await,
+    );
+    call.twilio.abort();
+    let c = wait_recording(h, &sid).await;
+    assert_eq!(c["end_reason"], "twilio_socket_closed");
+    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200);
+    let (ch, rate, _, _, bits, data) = parse_header(&full.body);
+    assert_eq!((ch, rate, bits), (2, 8000, 16));
+    assert_eq!(data as usize, full.body.len() - HEADER);
+    assert_eq!(
+        data as i64,
+        c["recording_duration_ms"].as_i64().unwrap() * 32
+    );
+    let (left, right) = channels(&full.body);
+    assert!(
+        find(&right, &decoded(&greeting_audio[2]), 0).is_some(),
+        "the greeting is there"
+    );
+    assert!(
+        find(
+            &left,
+            &decoded(&tagged_chunks(0x62, 40, tw::FRAME_BYTES)[39]),
+            0
+        )
+        .is_some(),
+        "the caller's last frame before the loss is there"
+    );
+}
+
+// ---- 4. a call longer than one part ----------------------------------------------------------------
+
+/// R2's part size, which the Worker uses for every part but the last.
+const PART_BYTES: usize = 5 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
+    let h = harness().await;
+    // 170 s of caller audio: more than one 5 MiB part of stereo PCM (163.8 s).
+    let frames = 170_000 / 20;
+    let caller_audio = tagged_chunks(0x71, frames, tw::FRAME_BYTES);
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230604".into(),
+            to: "+81312345678".into(),
+            script: SessionScript::new(),
+            caller_audio: Some(caller_audio.concat()),
+        })
+        .await;
+    let sid = call.ids.call_sid.clone();
+    let sent = call.caller_audio.unwrap().await.expect("caller audio");
+    let last = sent.last().expect("frames sent").clone();
+    ok(
+        h,
+        call.openai
+            .wait_until("the last caller frame to be relayed", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| {
+                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
+                    })
+                    .then_some(())
+            })
+            .await,
+    );
+    call.twilio.send_stop(&call.ids);
+    let c = wait_recording(h, &sid).await;
+    let rec_ms = c["recording_duration_ms"].as_i64().unwrap();
+    assert!(rec_ms > 164_000, "{rec_ms} ms");
+    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200);
+    let wav = &full.body;
+    assert!(wav.len() > PART_BYTES, "{} bytes", wav.len());
+    assert_eq!(wav.len() as i64, c["recording_bytes"].as_i64().unwrap());
+    let (_, _, _, _, _, data) = parse_header(wav);
+    assert_eq!(data as i64, rec_ms * 32);
+    // A multipart object's ETag counts its parts: the first 5 MiB (with the header) and the rest.
+    let etag = full.header("etag").to_owned();
+    assert!(etag.trim_matches('"').ends_with("-2"), "ETag {etag}");
+    // The caller's frames are all there, in order, across the part boundary.
+    let (left, _) = channels(wav);
+    let mut from = 0;
+    for (i, frame) in caller_audio.iter().enumerate() {
+        let at = find(&left, &decoded(frame), from)
+            .unwrap_or_else(|| panic!("caller frame {i} of {frames} is missing"));
+        from = at + frame.len();
+    }
+    assert!(
+        from * 4 + HEADER > PART_BYTES,
+        "the frames cross into part 2"
+    );
+    // A range across the boundary between the parts.
+    let range = format!("bytes={}-{}", PART_BYTES - 100, PART_BYTES + 99);
+    let got = get_recording(h, &sid, Some(&range), Some(ADMIN_TOKEN)).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.body, wav[PART_BYTES - 100..PART_BYTES + 100]);
+}

@@ -1,0 +1,1599 @@
+//! End-to-end tests of call control (issue 4): tools the model calls, DTMF, time limits and
+//! session renewal, each a real call through the Worker in `wrangler dev` between the fake
+//! Twilio (media stream), the fake OpenAI Realtime server, a fake Twilio REST API
+//! (`support::fake_twilio_rest`, where the Worker hangs up and transfers) and a local
+//! webhook-tool server (`support::tool_server`).
+//!
+//! Two Workers are shared by the tests of this binary: the main one (idle timeout 600 s, so a
+//! quiet moment on a slow machine never triggers a check-in) and one with
+//! `IDLE_TIMEOUT_SECONDS=5` for the idle test. Both point `TWILIO_API_BASE_URL` at the one fake
+//! REST server and set `TWILIO_ACCOUNT_SID`; each test uses its own agent, number and CallSid,
+//! so the tests run in parallel.
+//!
+//! Order is checked on observed events, never on fixed times: a mark echoed by the fake
+//! Twilio, a caller frame that came out at the fake OpenAI (proof that the Worker has handled
+//! every Twilio frame before it), a request at a fake server, an event row in D1. The only
+//! time checks are lower bounds (a timer cannot fire early; a slow machine only makes it late).
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::admin::Admin;
+use support::fake_openai::{self as oai, ClientEvent, Session, SessionScript};
+use support::fake_twilio::{self as tw, CallIds, MediaStream};
+use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
+use support::tool_server::{expected_signature, Gate, ToolAnswer, ToolServer};
+use support::{background_runtime, ok, tagged_chunks, Call, CallSpec, Harness, SOON};
+
+/// The admin bearer token of the Workers under test.
+const ADMIN_TOKEN: &str = "admin-e2e-tools-SECRET-654";
+/// The Workers' `TWILIO_ACCOUNT_SID`: the Basic auth user of REST requests.
+const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+/// D1 writes are asynchronous (the call object's outbox): be generous.
+const D1_DEADLINE: Duration = Duration::from_secs(90);
+const GREETING: &str = "お電話ありがとうございます。ご用件をどうぞ。";
+
+// ---- the shared servers ---------------------------------------------------------------------------
+
+fn rest() -> &'static FakeTwilioRest {
+    static REST: OnceLock<FakeTwilioRest> = OnceLock::new();
+    REST.get_or_init(|| {
+        FakeTwilioRest::start(
+            background_runtime(),
+            ACCOUNT_SID,
+            support::TWILIO_AUTH_TOKEN,
+        )
+    })
+}
+
+fn vars(idle_timeout_seconds: u32) -> Vec<(String, String)> {
+    vec![
+        ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        ("TWILIO_API_BASE_URL".into(), rest().base_url()),
+        ("TWILIO_ACCOUNT_SID".into(), ACCOUNT_SID.into()),
+        (
+            "IDLE_TIMEOUT_SECONDS".into(),
+            idle_timeout_seconds.to_string(),
+        ),
+    ]
+}
+
+async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| Harness::start("e2e-tools", vars(600)))
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+/// The Worker with `IDLE_TIMEOUT_SECONDS=5`.
+async fn idle_harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| Harness::start("e2e-tools-idle", vars(5)))
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the idle-timeout Worker under test did not start:\n{e}"),
+    }
+}
+
+fn admin(h: &Harness) -> Admin {
+    Admin::new(&h.base_url(), ADMIN_TOKEN)
+}
+
+/// Creates agent `id` (name, instructions and the fields of `extra`) and assigns `number` to it.
+async fn agent_on_number(h: &Harness, id: &str, number: &str, extra: Value) {
+    let mut body = json!({
+        "id": id,
+        "name": format!("e2e {id}"),
+        "instructions": "電話受付です。丁寧に対応してください。",
+    });
+    for (k, v) in extra.as_object().expect("extra fields") {
+        body[k] = v.clone();
+    }
+    let a = admin(h);
+    let r = ok(h, a.post("/api/admin/agents", &body).await);
+    assert_eq!(r.status, 201, "create agent {id}: {}", r.text);
+    let path = format!("/api/admin/numbers/%2B{}", number.trim_start_matches('+'));
+    let r = ok(h, a.put(&path, &json!({ "agent_id": id })).await);
+    assert_eq!(r.status, 201, "assign {number} to {id}: {}", r.text);
+}
+
+// ---- OpenAI-side helpers ----------------------------------------------------------------------------
+
+/// Like the real server, acknowledge every item the Worker creates with
+/// `conversation.item.added` and `conversation.item.done`.
+fn acknowledging_items(script: SessionScript) -> SessionScript {
+    let mut n = 0;
+    script.on("conversation.item.create", move |ev| {
+        n += 1;
+        let mut item = ev["item"].clone();
+        item["id"] = json!(format!("item_srv_{n}"));
+        item["object"] = json!("realtime.item");
+        item["status"] = json!("completed");
+        vec![
+            json!({"type": "conversation.item.added", "previous_item_id": null, "item": item}),
+            json!({"type": "conversation.item.done", "previous_item_id": null, "item": item}),
+        ]
+    })
+}
+
+/// A session that answers the greeting's `response.create` with a 200 ms greeting
+/// (two 100 ms chunks) and acknowledges created items.
+fn greeting_script() -> SessionScript {
+    acknowledging_items(SessionScript::new().once(
+        "response.create",
+        oai::full_response(
+            "resp_greet",
+            "item_greet",
+            &tagged_chunks(0x31, 2, 800),
+            GREETING,
+        ),
+    ))
+}
+
+fn function_call_item(item_id: &str, call_id: &str, name: &str, args: &str, status: &str) -> Value {
+    json!({
+        "id": item_id, "object": "realtime.item", "type": "function_call", "status": status,
+        "call_id": call_id, "name": name, "arguments": args,
+    })
+}
+
+/// A response in which the model calls `name`: `response.created`, the function call item
+/// (added, argument delta, `response.function_call_arguments.done`, item done). The response
+/// stays active until [`function_call_response_done`].
+fn function_call_response(
+    resp: &str,
+    item: &str,
+    call_id: &str,
+    name: &str,
+    args: &str,
+) -> Vec<Value> {
+    let created = oai::response_start(resp, item).remove(0);
+    let fc = |status, a| function_call_item(item, call_id, name, a, status);
+    vec![
+        created,
+        json!({"type": "response.output_item.added", "response_id": resp, "output_index": 0,
+               "item": fc("in_progress", "")}),
+        json!({"type": "conversation.item.added", "previous_item_id": null,
+               "item": fc("in_progress", "")}),
+        json!({"type": "response.function_call_arguments.delta", "response_id": resp,
+               "item_id": item, "output_index": 0, "call_id": call_id, "delta": args}),
+        json!({"type": "response.function_call_arguments.done", "response_id": resp,
+               "item_id": item, "output_index": 0, "call_id": call_id, "name": name,
+               "arguments": args}),
+        json!({"type": "response.output_item.done", "response_id": resp, "output_index": 0,
+               "item": fc("completed", args)}),
+        json!({"type": "conversation.item.done", "previous_item_id": null,
+               "item": fc("completed", args)}),
+    ]
+}
+
+/// The `response.done` that closes a [`function_call_response`].
+fn function_call_response_done(
+    resp: &str,
+    item: &str,
+    call_id: &str,
+    name: &str,
+    args: &str,
+) -> Value {
+    json!({
+        "type": "response.done",
+        "response": {
+            "object": "realtime.response", "id": resp, "status": "completed",
+            "status_details": null,
+            "output": [function_call_item(item, call_id, name, args, "completed")],
+            "conversation_id": "conv_fake", "output_modalities": ["audio"],
+            "max_output_tokens": "inf",
+            "usage": {"total_tokens": 40, "input_tokens": 30, "output_tokens": 10},
+            "metadata": null,
+        }
+    })
+}
+
+fn is_output_for(e: &ClientEvent, call_id: &str) -> bool {
+    e.event_type() == "conversation.item.create"
+        && e.event["item"]["type"] == "function_call_output"
+        && e.event["item"]["call_id"] == call_id
+}
+
+/// The `function_call_output` item for `call_id` (waiting for it).
+async fn wait_output(h: &Harness, oa: &Session, call_id: &str) -> ClientEvent {
+    ok(
+        h,
+        oa.wait_until(
+            &format!("the function_call_output for {call_id}"),
+            SOON,
+            |v| {
+                v.received
+                    .iter()
+                    .find(|e| is_output_for(e, call_id))
+                    .cloned()
+            },
+        )
+        .await,
+    )
+}
+
+/// The output string of a `function_call_output` event.
+fn output_text(e: &ClientEvent) -> String {
+    e.event["item"]["output"]
+        .as_str()
+        .unwrap_or_else(|| panic!("function_call_output without a string output: {}", e.event))
+        .to_owned()
+}
+
+/// Position of the first received event matching `pred`.
+fn position(oa: &Session, pred: impl Fn(&ClientEvent) -> bool) -> Option<usize> {
+    oa.received().iter().position(pred)
+}
+
+/// When the fake sent the first server event matching `pred`.
+fn sent_at(oa: &Session, pred: impl Fn(&Value) -> bool) -> Instant {
+    oa.sent()
+        .iter()
+        .find(|(_, e)| pred(e))
+        .map(|(at, _)| *at)
+        .expect("the server event was sent")
+}
+
+/// Every `response.create` received while the fake had a response open (`response.created`
+/// sent, its `response.done` not yet): the real server refuses those with
+/// `conversation_already_has_active_response`.
+fn creates_while_active(oa: &Session) -> Vec<String> {
+    let sent = oa.sent();
+    let mut bad = Vec::new();
+    for ev in oa.received_of_type("response.create") {
+        let before = sent.iter().filter(|(at, _)| *at < ev.at);
+        let mut open: Vec<String> = Vec::new();
+        for (_, e) in before {
+            let id = e["response"]["id"].as_str().unwrap_or("").to_owned();
+            match e["type"].as_str() {
+                Some("response.created") => open.push(id),
+                Some("response.done") => open.retain(|o| *o != id),
+                _ => {}
+            }
+        }
+        if !open.is_empty() {
+            bad.push(format!("{} while {open:?} was active", ev.event));
+        }
+    }
+    bad
+}
+
+fn assert_no_create_while_active(h: &Harness, oa: &Session) {
+    let bad = creates_while_active(oa);
+    assert!(
+        bad.is_empty(),
+        "response.create sent while a response was active: {bad:?}\nWorker log tail:\n{}",
+        h.worker.log_tail(40)
+    );
+}
+
+// ---- Twilio-side helpers ----------------------------------------------------------------------------
+
+/// Proof that the Worker has handled every frame Twilio sent so far: one recognizable caller
+/// frame must come out at OpenAI as an `input_audio_buffer.append` (the Worker handles one
+/// socket's frames in order, and its actions in order).
+async fn sync_twilio(h: &Harness, twilio: &MediaStream, oa: &Session, tag: u8) {
+    let payload = twilio.send_media(&tagged_chunks(tag, 1, tw::FRAME_BYTES)[0]);
+    wait_appended(h, oa, &payload).await;
+}
+
+async fn wait_appended(h: &Harness, oa: &Session, payload: &str) {
+    ok(
+        h,
+        oa.wait_until("a caller frame to be appended", SOON, |v| {
+            v.received
+                .iter()
+                .any(|e| {
+                    e.event_type() == "input_audio_buffer.append" && e.event["audio"] == payload
+                })
+                .then_some(())
+        })
+        .await,
+    );
+}
+
+/// The audio payloads appended on this session, in order.
+fn appended(oa: &Session) -> Vec<String> {
+    oa.received_of_type("input_audio_buffer.append")
+        .iter()
+        .map(|e| e.event["audio"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+/// Wait until at least `n` marks were sent and every mark sent so far has been echoed as
+/// played; returns the time of the last echo.
+async fn wait_marks_played(h: &Harness, twilio: &MediaStream, n: usize) -> Instant {
+    ok(
+        h,
+        twilio
+            .wait_until(&format!("{n}+ marks, all played"), SOON, |l| {
+                if l.marks.len() < n {
+                    return None;
+                }
+                let mut last = None;
+                for m in &l.marks {
+                    let e = l.echoes.iter().find(|e| e.name == m.name && e.played)?;
+                    last = Some(last.map_or(e.at, |t: Instant| t.max(e.at)));
+                }
+                last
+            })
+            .await,
+    )
+}
+
+/// The greeting was asked for, played out at Twilio (its 2 marks echoed), and the Worker has
+/// seen the echoes.
+async fn greeting_played(h: &Harness, call: &Call) -> Instant {
+    let create = ok(h, call.openai.wait_event("response.create", SOON).await);
+    assert_eq!(
+        create.event["event_id"], "evt_bridge_greeting",
+        "the first response.create is the greeting: {}",
+        create.event
+    );
+    let played = wait_marks_played(h, &call.twilio, 2).await;
+    sync_twilio(h, &call.twilio, &call.openai, 0x41).await;
+    played
+}
+
+/// Every mark the Worker sent before `before` was echoed as played before it: what the agent
+/// said had been heard when the REST request went out.
+fn assert_all_marks_played_before(twilio: &MediaStream, before: Instant, min_marks: usize) {
+    let log = twilio.log();
+    let sent: Vec<_> = log.marks.iter().filter(|m| m.at < before).collect();
+    assert!(
+        sent.len() >= min_marks,
+        "expected at least {min_marks} marks before the REST request, got {}",
+        sent.len()
+    );
+    for m in sent {
+        let echo = log
+            .echoes
+            .iter()
+            .find(|e| e.name == m.name && e.played)
+            .unwrap_or_else(|| panic!("mark {:?} was never echoed as played", m.name));
+        assert!(
+            echo.at < before,
+            "mark {:?} was echoed after the REST request went out: the agent's words had not all played",
+            m.name
+        );
+    }
+}
+
+/// The REST request is Twilio's "update a call" for this call, from the Worker's credentials.
+fn assert_call_update(r: &RestRequest, ids: &CallIds) {
+    assert_eq!(r.method, "POST", "{r:?}");
+    assert_eq!(
+        r.path,
+        format!(
+            "/2010-04-01/Accounts/{}/Calls/{}.json",
+            ids.account_sid, ids.call_sid
+        ),
+        "the Call resource of this call"
+    );
+    assert_eq!(
+        r.basic_auth(),
+        Some((
+            ACCOUNT_SID.to_owned(),
+            support::TWILIO_AUTH_TOKEN.to_owned()
+        )),
+        "Basic auth TWILIO_ACCOUNT_SID:TWILIO_AUTH_TOKEN (header {:?})",
+        r.header("authorization")
+    );
+    assert!(
+        r.header("content-type")
+            .is_some_and(|c| c.starts_with("application/x-www-form-urlencoded")),
+        "form-encoded body: {:?}",
+        r.header("content-type")
+    );
+}
+
+// ---- D1 helpers ---------------------------------------------------------------------------------------
+
+fn events(detail: &Value) -> Vec<Value> {
+    detail["events"].as_array().cloned().unwrap_or_default()
+}
+
+fn events_of(detail: &Value, kind: &str) -> Vec<Value> {
+    events(detail)
+        .into_iter()
+        .filter(|e| e["type"] == kind)
+        .collect()
+}
+
+fn has_event(detail: &Value, kind: &str) -> bool {
+    !events_of(detail, kind).is_empty()
+}
+
+async fn wait_call(
+    h: &Harness,
+    call_sid: &str,
+    what: &str,
+    check: impl FnMut(&Value) -> bool,
+) -> Value {
+    ok(
+        h,
+        admin(h).wait_call(call_sid, what, D1_DEADLINE, check).await,
+    )
+}
+
+/// Wait until the row says the call ended (and `kinds` events are there).
+async fn wait_ended(h: &Harness, call_sid: &str, kinds: &[&str]) -> Value {
+    wait_call(
+        h,
+        call_sid,
+        &format!("the end of the call and {kinds:?} events"),
+        |d| d["call"]["end_reason"].is_string() && kinds.iter().all(|k| has_event(d, k)),
+    )
+    .await
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap()
+}
+
+/// The secrets never reach the Worker's log.
+fn assert_log_clean(h: &Harness, secrets: &[&str]) {
+    let log = h.worker.log();
+    for s in secrets {
+        assert!(!log.contains(s), "the Worker's log contains a secret ({s})");
+    }
+}
+
+// ---- 1. end_call ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn end_call_says_goodbye_then_hangs_up_through_twilio_rest_after_it_played() {
+    let h = harness().await;
+    let number = "+815000000101";
+    agent_on_number(
+        h,
+        "e2e-end-call",
+        number,
+        json!({"tools": [{"type": "end_call"}]}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110101".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+
+    // The session offers end_call as a function.
+    let update = ok(h, oa.wait_event("session.update", SOON).await);
+    let tools = update.event["session"]["tools"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        tools
+            .iter()
+            .any(|t| t["type"] == "function" && t["name"] == "end_call"),
+        "session.update offers end_call: {}",
+        update.event["session"]["tools"]
+    );
+    greeting_played(h, &call).await;
+
+    // The model calls end_call inside an active response.
+    let args = r#"{"reason":"the caller said goodbye"}"#;
+    oa.send_all(function_call_response(
+        "resp_tool",
+        "item_fc",
+        "call_end_1",
+        "end_call",
+        args,
+    ));
+    let output = wait_output(h, oa, "call_end_1").await;
+    let out: Value = serde_json::from_str(&output_text(&output)).expect("the output is JSON");
+    assert_eq!(out["ok"], true, "{out}");
+    // Everything the Worker did for the function call has gone out: no response.create yet,
+    // because the tool's response is still active.
+    sync_twilio(h, twilio, oa, 0x61).await;
+    assert_eq!(
+        oa.received_of_type("response.create").len(),
+        1,
+        "only the greeting's response.create while the tool's response is active"
+    );
+
+    // The tool's response ends: now the goodbye is asked for.
+    oa.send(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        "call_end_1",
+        "end_call",
+        args,
+    ));
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    let done_at = sent_at(oa, |e| {
+        e["type"] == "response.done" && e["response"]["id"] == "resp_tool"
+    });
+    assert!(
+        creates[1].at > done_at,
+        "response.create only after the tool's response.done"
+    );
+    assert!(
+        position(oa, |e| is_output_for(e, "call_end_1")).unwrap()
+            < position(oa, |e| e.event_type() == "response.create"
+                && e.at == creates[1].at)
+            .unwrap(),
+        "the output item before the response.create"
+    );
+
+    // The goodbye: 400 ms of audio. Nothing is hung up before it has played.
+    let bye_audio = tagged_chunks(0x71, 4, 800);
+    oa.send_all(oai::full_response(
+        "resp_bye",
+        "item_bye",
+        &bye_audio,
+        "お電話ありがとうございました。失礼いたします。",
+    ));
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert_call_update(&post, ids);
+    assert_eq!(
+        post.form,
+        vec![("Status".to_owned(), "completed".to_owned())]
+    );
+    let log = twilio.log();
+    assert!(
+        log.media_bytes().ends_with(&bye_audio.concat()),
+        "the goodbye's audio reached Twilio"
+    );
+    assert_all_marks_played_before(twilio, post.at, 2 + bye_audio.len());
+
+    // Twilio answered 200; once the Worker has that answer, Twilio ends the stream.
+    wait_call(h, sid, "the hangup event", |d| has_event(d, "hangup")).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["tool_call", "hangup"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "agent_hangup",
+        "{}",
+        pretty(&detail)
+    );
+    let tool = &events_of(&detail, "tool_call")[0];
+    assert_eq!(tool["detail"]["name"], "end_call", "{tool}");
+    assert_eq!(tool["detail"]["call_id"], "call_end_1", "{tool}");
+    assert_eq!(tool["detail"]["ok"], true, "{tool}");
+    assert_eq!(
+        tool["detail"]["arguments"]["reason"], "the caller said goodbye",
+        "{tool}"
+    );
+    let hangup = &events_of(&detail, "hangup")[0];
+    assert_eq!(hangup["detail"]["ok"], true, "{hangup}");
+    assert_eq!(hangup["detail"]["twilio"], 200, "{hangup}");
+    assert_eq!(
+        hangup["detail"]["reason"]["why"], "the caller said goodbye",
+        "{hangup}"
+    );
+    assert!(
+        tool["seq"].as_i64() < hangup["seq"].as_i64(),
+        "tool_call before hangup"
+    );
+
+    assert_eq!(
+        rest().requests_for(sid).len(),
+        1,
+        "exactly one REST request"
+    );
+    assert_no_create_while_active(h, oa);
+    ok(
+        h,
+        twilio
+            .wait_until("the Worker to close the stream", SOON, |l| l.closed.clone())
+            .await,
+    );
+    assert_log_clean(h, &[support::TWILIO_AUTH_TOKEN]);
+}
+
+// ---- 2. transfer_call ----------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
+    let h = harness().await;
+    let number = "+815000000102";
+    let staff = "+81312340099";
+    agent_on_number(
+        h,
+        "e2e-transfer",
+        number,
+        json!({"tools": [{"type": "transfer_call"}], "transfer_number": staff}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110102".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    greeting_played(h, &call).await;
+
+    let args = r#"{"reason":"wants to speak to a person"}"#;
+    oa.send_all(function_call_response(
+        "resp_tool",
+        "item_fc",
+        "call_xfer_1",
+        "transfer_call",
+        args,
+    ));
+    let output = wait_output(h, oa, "call_xfer_1").await;
+    let out: Value = serde_json::from_str(&output_text(&output)).expect("the output is JSON");
+    assert_eq!(out["ok"], true, "{out}");
+    sync_twilio(h, twilio, oa, 0x62).await;
+    assert_eq!(oa.received_of_type("response.create").len(), 1);
+    oa.send(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        "call_xfer_1",
+        "transfer_call",
+        args,
+    ));
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    let done_at = sent_at(oa, |e| {
+        e["type"] == "response.done" && e["response"]["id"] == "resp_tool"
+    });
+    assert!(
+        creates[1].at > done_at,
+        "response.create only after the tool's response.done"
+    );
+
+    // The notice (300 ms), then the redirect.
+    let notice = tagged_chunks(0x72, 3, 800);
+    oa.send_all(oai::full_response(
+        "resp_notice",
+        "item_notice",
+        &notice,
+        "担当者におつなぎします。",
+    ));
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert_call_update(&post, ids);
+    assert_eq!(
+        post.form,
+        vec![(
+            "Twiml".to_owned(),
+            format!("<Response><Dial>{staff}</Dial></Response>")
+        )],
+        "raw body {:?}",
+        post.body
+    );
+    assert!(twilio.log().media_bytes().ends_with(&notice.concat()));
+    assert_all_marks_played_before(twilio, post.at, 2 + notice.len());
+
+    wait_call(h, sid, "the transfer event", |d| has_event(d, "transfer")).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["tool_call", "transfer"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "transferred",
+        "{}",
+        pretty(&detail)
+    );
+    let transfer = &events_of(&detail, "transfer")[0];
+    assert_eq!(transfer["detail"]["ok"], true, "{transfer}");
+    assert_eq!(transfer["detail"]["reason"]["to"], staff, "{transfer}");
+    assert_eq!(
+        events_of(&detail, "tool_call")[0]["detail"]["name"],
+        "transfer_call"
+    );
+    assert_eq!(
+        rest().requests_for(sid).len(),
+        1,
+        "exactly one REST request"
+    );
+    assert_no_create_while_active(h, oa);
+}
+
+// ---- 3. webhook tools ---------------------------------------------------------------------------
+
+const TOOL_SECRET: &str = "tool-secret-e2e-0123456789abcdef";
+
+/// An agent on `number` with one webhook tool `name` at `url`.
+async fn webhook_agent(
+    h: &Harness,
+    id: &str,
+    number: &str,
+    name: &str,
+    url: &str,
+    timeout_ms: Option<u64>,
+) {
+    let mut tool = json!({
+        "type": "function", "name": name, "description": "顧客情報を電話番号で検索します。",
+        "parameters": {"type": "object", "properties": {"phone": {"type": "string"}},
+                       "required": ["phone"]},
+        "url": url,
+    });
+    if let Some(t) = timeout_ms {
+        tool["timeout_ms"] = json!(t);
+    }
+    agent_on_number(
+        h,
+        id,
+        number,
+        json!({"tools": [tool], "tool_secret": TOOL_SECRET}),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_tool_gets_signed_context_and_its_answer_goes_back_without_stalling_audio() {
+    let h = harness().await;
+    let (number, from) = ("+815000000103", "+819011110103");
+    let tools = ToolServer::start(background_runtime(), TOOL_SECRET);
+    let gate = Gate::new();
+    let answer = r#"{"name":"山田太郎","vip":true,"last_order":"2026-11-01"}"#;
+    // The answer takes at least a second, and is held until the test has seen the caller's
+    // audio flow while the tool runs.
+    tools.answer(
+        "/tools/lookup",
+        ToolAnswer::ok(answer)
+            .after(Duration::from_secs(1))
+            .held_by(&gate),
+    );
+    webhook_agent(
+        h,
+        "e2e-webhook-ok",
+        number,
+        "lookup_customer",
+        &tools.url("/tools/lookup"),
+        None,
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: from.into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+
+    // The Realtime session sees the tool without the bridge's own fields.
+    let update = ok(h, oa.wait_event("session.update", SOON).await);
+    let def = update.event["session"]["tools"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["name"] == "lookup_customer").cloned())
+        .unwrap_or_else(|| panic!("lookup_customer not offered: {}", update.event["session"]));
+    assert_eq!(def["type"], "function");
+    assert!(
+        def.get("url").is_none() && def.get("timeout_ms").is_none(),
+        "{def}"
+    );
+    greeting_played(h, &call).await;
+
+    let args = r#"{"phone":"+819011110103"}"#;
+    oa.send_all(function_call_response(
+        "resp_t1",
+        "item_fc1",
+        "call_lookup_1",
+        "lookup_customer",
+        args,
+    ));
+    let req = ok(h, tools.wait_request("/tools/lookup", SOON).await);
+    assert_eq!(req.method, "POST");
+    assert!(
+        req.header("content-type")
+            .is_some_and(|c| c.starts_with("application/json")),
+        "{:?}",
+        req.header("content-type")
+    );
+    assert_eq!(
+        req.json,
+        json!({
+            "tool": "lookup_customer",
+            "arguments": {"phone": "+819011110103"},
+            "call": {"call_sid": sid, "from": from, "to": number, "agent_id": "e2e-webhook-ok"},
+        }),
+        "raw body {}",
+        req.body
+    );
+    assert!(
+        req.signature_ok,
+        "X-Bridge-Signature {:?} does not match the body (expected {})",
+        req.signature,
+        expected_signature(TOOL_SECRET, &req.body)
+    );
+
+    // The model's turn ends while the tool runs; no response.create before the output.
+    oa.send(function_call_response_done(
+        "resp_t1",
+        "item_fc1",
+        "call_lookup_1",
+        "lookup_customer",
+        args,
+    ));
+    // The caller talks for 600 ms while the tool server holds its answer: every frame reaches
+    // OpenAI, in order, before the tool has answered.
+    let audio = tagged_chunks(0x52, 30, tw::FRAME_BYTES).concat();
+    let sent = twilio.play_caller_audio(audio).await.unwrap();
+    wait_appended(h, oa, sent.last().unwrap()).await;
+    let got: Vec<String> = appended(oa)
+        .into_iter()
+        .filter(|p| sent.contains(p))
+        .collect();
+    assert_eq!(
+        got, sent,
+        "caller frames during the tool call: all, in order"
+    );
+    assert!(!gate.is_open());
+    assert!(
+        position(oa, |e| is_output_for(e, "call_lookup_1")).is_none(),
+        "no output before the tool answered"
+    );
+    assert_eq!(
+        oa.received_of_type("response.create").len(),
+        1,
+        "only the greeting so far"
+    );
+
+    gate.open();
+    let output = wait_output(h, oa, "call_lookup_1").await;
+    assert_eq!(
+        output_text(&output),
+        answer,
+        "the tool's body is the output, verbatim"
+    );
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    assert!(
+        creates[1].at >= output.at,
+        "response.create after the output"
+    );
+    assert!(
+        position(oa, |e| is_output_for(e, "call_lookup_1")).unwrap()
+            < position(oa, |e| e.event_type() == "response.create"
+                && e.at == creates[1].at)
+            .unwrap()
+    );
+    assert_no_create_while_active(h, oa);
+
+    // The model answers; the caller hangs up.
+    oa.send_all(oai::full_response(
+        "resp_answer",
+        "item_answer",
+        &tagged_chunks(0x73, 2, 800),
+        "山田様ですね。",
+    ));
+    wait_marks_played(h, twilio, 4).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["tool_call"]).await;
+    assert_eq!(detail["call"]["end_reason"], "twilio_stop");
+    let ev = &events_of(&detail, "tool_call")[0];
+    assert_eq!(ev["detail"]["name"], "lookup_customer", "{ev}");
+    assert_eq!(ev["detail"]["ok"], true, "{ev}");
+    assert_eq!(ev["detail"]["output"], answer, "{ev}");
+    assert_eq!(ev["detail"]["arguments"]["phone"], "+819011110103", "{ev}");
+    assert!(ev["detail"]["duration_ms"].as_u64().is_some(), "{ev}");
+    assert_eq!(tools.requests().len(), 1, "one webhook request");
+    assert!(rest().requests_for(sid).is_empty(), "no REST request");
+    assert_log_clean(h, &[TOOL_SECRET]);
+}
+
+/// A webhook tool call that fails (`answer`); returns the output the model got and the
+/// `tool_call` event.
+async fn failing_webhook_call(
+    h: &Harness,
+    id: &str,
+    number: &str,
+    timeout_ms: Option<u64>,
+    answer: ToolAnswer,
+) -> (Value, Value) {
+    let tools = ToolServer::start(background_runtime(), TOOL_SECRET);
+    tools.answer("/tools/lookup", answer);
+    webhook_agent(
+        h,
+        id,
+        number,
+        "lookup_customer",
+        &tools.url("/tools/lookup"),
+        timeout_ms,
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011119999".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    greeting_played(h, &call).await;
+    let args = r#"{"phone":"+819011119999"}"#;
+    let mut events = function_call_response(
+        "resp_t1",
+        "item_fc1",
+        "call_fail_1",
+        "lookup_customer",
+        args,
+    );
+    events.push(function_call_response_done(
+        "resp_t1",
+        "item_fc1",
+        "call_fail_1",
+        "lookup_customer",
+        args,
+    ));
+    oa.send_all(events);
+    let req = ok(h, tools.wait_request("/tools/lookup", SOON).await);
+    assert!(req.signature_ok, "signed: {:?}", req.signature);
+    let output = wait_output(h, oa, "call_fail_1").await;
+    let out: Value = serde_json::from_str(&output_text(&output))
+        .unwrap_or_else(|_| panic!("the error output is JSON: {}", output_text(&output)));
+    // The model is asked to go on (and tell the caller).
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    assert!(creates[1].at >= output.at);
+    // The tool server's (late) answer changes nothing: one output for the call.
+    ok(h, tools.wait_answered("/tools/lookup", SOON).await);
+    sync_twilio(h, twilio, oa, 0x63).await;
+    assert_eq!(
+        oa.received()
+            .iter()
+            .filter(|e| is_output_for(e, "call_fail_1"))
+            .count(),
+        1,
+        "exactly one output for the call"
+    );
+    assert_no_create_while_active(h, oa);
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, &ids.call_sid, &["tool_call"]).await;
+    (out, events_of(&detail, "tool_call")[0].clone())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_tool_that_answers_too_late_gives_the_model_a_timeout_error() {
+    let h = harness().await;
+    let (out, ev) = failing_webhook_call(
+        h,
+        "e2e-webhook-slow",
+        "+815000000104",
+        Some(500),
+        ToolAnswer::ok(r#"{"too":"late"}"#).after(Duration::from_secs(3)),
+    )
+    .await;
+    let err = out["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an error output: {out}"));
+    assert!(err.contains("500 ms"), "names the timeout: {out}");
+    assert_eq!(ev["detail"]["ok"], false, "{ev}");
+    assert_eq!(ev["detail"]["name"], "lookup_customer", "{ev}");
+    let took = ev["detail"]["duration_ms"].as_u64().unwrap_or(0);
+    assert!(took >= 500, "gave up after the timeout, not before: {ev}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_webhook_tool_that_fails_gives_the_model_an_error() {
+    let h = harness().await;
+    let (out, ev) = failing_webhook_call(
+        h,
+        "e2e-webhook-500",
+        "+815000000105",
+        None,
+        ToolAnswer::status(500, r#"{"detail":"database down"}"#),
+    )
+    .await;
+    let err = out["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an error output: {out}"));
+    assert!(err.contains("500"), "names the status: {out}");
+    assert_eq!(ev["detail"]["ok"], false, "{ev}");
+}
+
+// ---- 4. DTMF ------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_keypress_reaches_the_model_as_a_message_and_is_recorded() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110106".into(),
+            to: "+815000000106".into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    greeting_played(h, &call).await;
+
+    twilio.send_raw(json!({
+        "event": "dtmf",
+        "streamSid": ids.stream_sid,
+        "dtmf": {"track": "inbound_track", "digit": "5"},
+    }));
+    let item = ok(
+        h,
+        oa.wait_until("a user message about the key", SOON, |v| {
+            v.received
+                .iter()
+                .find(|e| {
+                    e.event_type() == "conversation.item.create"
+                        && e.event["item"]["role"] == "user"
+                })
+                .cloned()
+        })
+        .await,
+    );
+    assert_eq!(item.event["item"]["type"], "message", "{}", item.event);
+    let text = item.event["item"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("");
+    assert_eq!(item.event["item"]["content"][0]["type"], "input_text");
+    assert!(text.contains('5'), "mentions the digit: {text:?}");
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    assert!(creates[1].at >= item.at, "then a response is asked for");
+    assert_no_create_while_active(h, oa);
+
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, &ids.call_sid, &["dtmf"]).await;
+    let dtmf = &events_of(&detail, "dtmf")[0];
+    assert_eq!(dtmf["detail"]["digit"], "5", "{dtmf}");
+    assert_eq!(detail["call"]["end_reason"], "twilio_stop");
+}
+
+// ---- 5. limits ----------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_silent_line_gets_a_check_in_then_a_goodbye_then_a_hang_up() {
+    let h = idle_harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110107".into(),
+            to: "+815000000107".into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    let greeting_done = greeting_played(h, &call).await;
+
+    // Nobody says anything: after the idle timeout (5 s) the agent checks in.
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    let check_in = &creates[1];
+    let instructions = check_in.event["response"]["instructions"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        instructions.contains("無言"),
+        "check-in instructions: {instructions:?}"
+    );
+    assert!(
+        check_in.at.duration_since(greeting_done) >= Duration::from_secs(4),
+        "the check-in came {:?} after the greeting played, before the 5 s idle timeout",
+        check_in.at.duration_since(greeting_done)
+    );
+    oa.send_all(oai::full_response(
+        "resp_check_in",
+        "item_check_in",
+        &tagged_chunks(0x74, 2, 800),
+        "もしもし、お電話つながっておりますでしょうか。",
+    ));
+    let check_in_played = wait_marks_played(h, twilio, 4).await;
+
+    // Still nothing: a goodbye, then the hang-up once it has played.
+    let creates = ok(h, oa.wait_events("response.create", 3, SOON).await);
+    let goodbye = &creates[2];
+    let instructions = goodbye.event["response"]["instructions"]
+        .as_str()
+        .unwrap_or("");
+    assert!(
+        instructions.contains("終了"),
+        "goodbye instructions: {instructions:?}"
+    );
+    assert!(
+        goodbye.at.duration_since(check_in_played) >= Duration::from_secs(4),
+        "the goodbye came {:?} after the check-in played",
+        goodbye.at.duration_since(check_in_played)
+    );
+    let bye = tagged_chunks(0x75, 3, 800);
+    oa.send_all(oai::full_response(
+        "resp_idle_bye",
+        "item_idle_bye",
+        &bye,
+        "お電話ありがとうございました。失礼いたします。",
+    ));
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert_call_update(&post, ids);
+    assert_eq!(
+        post.form,
+        vec![("Status".to_owned(), "completed".to_owned())]
+    );
+    assert_all_marks_played_before(twilio, post.at, 4 + bye.len());
+
+    wait_call(h, sid, "the hangup event", |d| has_event(d, "hangup")).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["idle_check_in", "idle_hangup", "hangup"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "agent_hangup",
+        "{}",
+        pretty(&detail)
+    );
+    let kinds: Vec<String> = events(&detail)
+        .iter()
+        .map(|e| e["type"].as_str().unwrap_or("").to_owned())
+        .filter(|k| k.starts_with("idle") || k == "hangup")
+        .collect();
+    assert_eq!(kinds, ["idle_check_in", "idle_hangup", "hangup"]);
+    assert_eq!(
+        events_of(&detail, "hangup")[0]["detail"]["reason"]["why"],
+        "idle"
+    );
+    assert_eq!(
+        rest().requests_for(sid).len(),
+        1,
+        "exactly one REST request"
+    );
+    assert_no_create_while_active(h, oa);
+}
+
+/// Like `Harness::start_call`, but Twilio's `start` goes out only once the OpenAI session
+/// is ready (`session.updated` sent, and a moment for the Worker to take it in: nothing the
+/// Worker does marks that moment before the stream has started).
+async fn start_call_session_first(
+    h: &Harness,
+    from: &str,
+    to: &str,
+    script: SessionScript,
+) -> Call {
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, from, to).await;
+    let claim = h.openai.claim(script).await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+    let openai = ok(h, claim.session(SOON).await);
+    drop(claim);
+    ok(
+        h,
+        openai
+            .wait_until("session.updated to be sent", SOON, |v| {
+                v.sent
+                    .iter()
+                    .any(|(_, e)| e["type"] == "session.updated")
+                    .then_some(())
+            })
+            .await,
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let start_sent_at = Instant::now();
+    twilio.send_start(&ids, &twiml.parameters);
+    Call {
+        ids,
+        from: from.into(),
+        to: to.into(),
+        twiml,
+        twilio,
+        openai,
+        start_sent_at,
+        caller_audio: None,
+    }
+}
+
+fn is_system_item(e: &ClientEvent) -> bool {
+    e.event_type() == "conversation.item.create" && e.event["item"]["role"] == "system"
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
+    let h = harness().await;
+    let number = "+815000000108";
+    // 30 s is the shortest limit; the wrap-up (30 s before the end) is due at once.
+    agent_on_number(
+        h,
+        "e2e-max-duration",
+        number,
+        json!({"max_call_seconds": 30}),
+    )
+    .await;
+    let call = start_call_session_first(h, "+819011110108", number, greeting_script()).await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+
+    let wrap_up = ok(
+        h,
+        oa.wait_until("the wrap-up system item", SOON, |v| {
+            v.received.iter().find(|e| is_system_item(e)).cloned()
+        })
+        .await,
+    );
+    let text = wrap_up.event["item"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or("");
+    assert!(text.contains("制限時間"), "wrap-up text: {text:?}");
+    greeting_played(h, &call).await;
+    // The wrap-up response is asked for once the greeting is done.
+    let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
+    assert!(creates[1].at > wrap_up.at);
+    oa.send_all(oai::full_response(
+        "resp_wrap",
+        "item_wrap",
+        &tagged_chunks(0x76, 2, 800),
+        "お時間となりましたので、まもなく終了いたします。",
+    ));
+    wait_marks_played(h, twilio, 4).await;
+
+    // At the limit the call is hung up.
+    let post = ok(h, rest().wait_request(sid, Duration::from_secs(90)).await);
+    assert_call_update(&post, ids);
+    assert_eq!(
+        post.form,
+        vec![("Status".to_owned(), "completed".to_owned())]
+    );
+    let after = post.at.duration_since(call.start_sent_at);
+    assert!(
+        after >= Duration::from_secs(29),
+        "hung up {after:?} after the start, before the 30 s limit"
+    );
+
+    wait_call(h, sid, "the hangup event", |d| has_event(d, "hangup")).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["wrap_up", "max_duration", "hangup"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "agent_hangup",
+        "{}",
+        pretty(&detail)
+    );
+    assert_eq!(
+        events_of(&detail, "hangup")[0]["detail"]["reason"]["why"],
+        "max_duration"
+    );
+    assert_eq!(
+        events_of(&detail, "max_duration")[0]["detail"]["max_call_seconds"],
+        30
+    );
+    assert_eq!(
+        rest().requests_for(sid).len(),
+        1,
+        "exactly one REST request"
+    );
+    assert_no_create_while_active(h, oa);
+}
+
+/// Twilio's `start` usually comes before the Realtime session is ready (the OpenAI connect
+/// takes longer): a wrap-up due at that moment must still reach the model.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrap_up_due_before_the_session_is_ready_still_reaches_the_model() {
+    let h = harness().await;
+    let number = "+815000000109";
+    agent_on_number(
+        h,
+        "e2e-max-duration-early",
+        number,
+        json!({"max_call_seconds": 30}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110109".into(),
+            to: number.into(),
+            script: greeting_script().handshake_delay(Duration::from_millis(1500)),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    greeting_played(h, &call).await;
+    let found = oa
+        .wait_until("the wrap-up system item", Duration::from_secs(10), |v| {
+            v.received.iter().find(|e| is_system_item(e)).cloned()
+        })
+        .await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, &ids.call_sid, &[]).await;
+    assert!(
+        found.is_ok(),
+        "call {}: the agent was never told to wrap up (30 s limit, stream started before the \
+         session was ready): {}\nevents: {}",
+        ids.call_sid,
+        found.unwrap_err(),
+        pretty(&detail["events"])
+    );
+}
+
+// ---- 6. session renewal -------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_no_audio() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110110".into(),
+            to: "+815000000110".into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa1, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    greeting_played(h, &call).await;
+
+    // The caller speaks; the turn is committed and transcribed.
+    const CALLER_SAID: &str = "予約をお願いしたいのですが。";
+    let t = call.start_sent_at.elapsed().as_millis() as u64;
+    oa1.send(oai::speech_started(t, "item_caller_1"));
+    let said = twilio
+        .play_caller_audio(tagged_chunks(0x42, 15, tw::FRAME_BYTES).concat())
+        .await
+        .unwrap();
+    wait_appended(h, oa1, said.last().unwrap()).await;
+    oa1.send_all(oai::caller_turn_end(
+        "item_caller_1",
+        Some("item_greet"),
+        t + 300,
+    ));
+    oa1.send(oai::caller_transcription_completed(
+        "item_caller_1",
+        CALLER_SAID,
+    ));
+    // The transcript is stored (the Worker has handled the transcription).
+    wait_call(h, sid, "the caller's transcript entry", |d| {
+        d["transcript"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|e| e["text"] == CALLER_SAID))
+    })
+    .await;
+
+    // The session hits its 60-minute limit. The next session is ours; it is answered by hand
+    // so that caller audio sent meanwhile falls in the gap for sure.
+    let claim = h
+        .openai
+        .claim(acknowledging_items(
+            SessionScript::new().without_session_updated(),
+        ))
+        .await;
+    oa1.send(json!({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "session_expired",
+        "message": "Your session hit the maximum duration of 60 minutes.",
+        "param": null, "event_id": null}}));
+    oa1.close();
+    let oa2 = ok(h, claim.session(SOON).await);
+    drop(claim);
+    let update = ok(h, oa2.wait_event("session.update", SOON).await);
+    assert_eq!(
+        update.event["session"]["type"], "realtime",
+        "{}",
+        update.event
+    );
+    assert_eq!(
+        oa2.handshake.header("authorization"),
+        Some(format!("Bearer {}", support::OPENAI_API_KEY).as_str())
+    );
+
+    // The caller keeps talking while the new session is not ready.
+    let gap: Vec<String> = tagged_chunks(0x43, 10, tw::FRAME_BYTES)
+        .iter()
+        .map(|f| twilio.send_media(f))
+        .collect();
+    oa2.send_session_updated(&update.event["session"]);
+    wait_appended(h, &oa2, gap.last().unwrap()).await;
+
+    // On the new session: session.update, the conversation so far as text, then the audio.
+    let received = oa2.received();
+    let types: Vec<&str> = received.iter().map(ClientEvent::event_type).collect();
+    assert_eq!(types[0], "session.update", "{types:?}");
+    let seeds: Vec<&ClientEvent> = received
+        .iter()
+        .filter(|e| e.event_type() == "conversation.item.create")
+        .collect();
+    assert_eq!(
+        seeds.len(),
+        2,
+        "two seed items: {:?}",
+        seeds.iter().map(|e| &e.event).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seeds[0].event["item"]["role"], "assistant",
+        "{}",
+        seeds[0].event
+    );
+    assert_eq!(seeds[0].event["item"]["content"][0]["type"], "output_text");
+    assert_eq!(seeds[0].event["item"]["content"][0]["text"], GREETING);
+    assert_eq!(seeds[1].event["item"]["role"], "user", "{}", seeds[1].event);
+    assert_eq!(seeds[1].event["item"]["content"][0]["type"], "input_text");
+    assert_eq!(seeds[1].event["item"]["content"][0]["text"], CALLER_SAID);
+    let first_append = types
+        .iter()
+        .position(|t| *t == "input_audio_buffer.append")
+        .expect("audio appended");
+    let last_seed = types
+        .iter()
+        .rposition(|t| *t == "conversation.item.create")
+        .unwrap();
+    assert!(
+        last_seed < first_append,
+        "seeds before any caller audio: {types:?}"
+    );
+    assert_eq!(
+        appended(&oa2),
+        gap,
+        "every frame sent in the gap, in order, on the new session"
+    );
+    assert!(
+        appended(oa1).iter().all(|p| !gap.contains(p)),
+        "no gap frame went to the expired session"
+    );
+
+    // The call carries on: more audio flows both ways, and there is no second greeting.
+    sync_twilio(h, twilio, &oa2, 0x44).await;
+    assert!(
+        oa2.received_of_type("response.create").is_empty(),
+        "no second greeting on the new session"
+    );
+    oa2.send_all(oai::full_response(
+        "resp_after",
+        "item_after",
+        &tagged_chunks(0x77, 2, 800),
+        "ご予約ですね。",
+    ));
+    wait_marks_played(h, twilio, 4).await;
+    assert_eq!(
+        oa1.received_of_type("response.create").len(),
+        1,
+        "one greeting in all"
+    );
+
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["reconnect", "reconnected"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "twilio_stop",
+        "{}",
+        pretty(&detail)
+    );
+    let reconnect = &events_of(&detail, "reconnect")[0];
+    assert_eq!(reconnect["detail"]["why"], "session_expired", "{reconnect}");
+    assert_eq!(reconnect["detail"]["attempt"], 1, "{reconnect}");
+    let reconnected = &events_of(&detail, "reconnected")[0];
+    assert_eq!(reconnected["detail"]["seeded_items"], 2, "{reconnected}");
+    assert!(reconnect["seq"].as_i64() < reconnected["seq"].as_i64());
+}
+
+// ---- the hang-up and Twilio's stop racing --------------------------------------------------------
+
+/// Twilio may end the stream (`stop`) before its answer to the hang-up request reaches the
+/// Worker; the call is still the agent's hang-up.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stop_before_the_rest_answer_still_records_the_agents_hang_up() {
+    let h = harness().await;
+    let number = "+815000000111";
+    agent_on_number(
+        h,
+        "e2e-end-call-race",
+        number,
+        json!({"tools": [{"type": "end_call"}]}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110111".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    rest().set_answer(
+        sid,
+        Answer {
+            status: 200,
+            delay: Duration::from_secs(2),
+        },
+    );
+    greeting_played(h, &call).await;
+    let args = r#"{"reason":"done"}"#;
+    let mut events = function_call_response("resp_tool", "item_fc", "call_end_2", "end_call", args);
+    events.push(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        "call_end_2",
+        "end_call",
+        args,
+    ));
+    oa.send_all(events);
+    ok(h, oa.wait_events("response.create", 2, SOON).await);
+    oa.send_all(oai::full_response(
+        "resp_bye",
+        "item_bye",
+        &tagged_chunks(0x78, 2, 800),
+        "失礼いたします。",
+    ));
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert!(post.answered.is_none(), "the answer is held");
+    // Twilio hangs up and stops the stream before the Worker has its answer.
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["tool_call"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "agent_hangup",
+        "the agent hung up (the REST hang-up was in flight when Twilio sent stop): {}",
+        pretty(&detail)
+    );
+}
+
+/// Twilio refuses the hang-up: the failure is recorded, nothing is retried, and the Worker
+/// closes the stream so that Twilio goes on with the TwiML after `</Connect>` (the call does
+/// not stay open on a silent line).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_hang_up_request_is_recorded_and_the_stream_closed() {
+    let h = harness().await;
+    let number = "+815000000112";
+    agent_on_number(
+        h,
+        "e2e-end-call-refused",
+        number,
+        json!({"tools": [{"type": "end_call"}]}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110112".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    rest().set_answer(
+        sid,
+        Answer {
+            status: 500,
+            delay: Duration::ZERO,
+        },
+    );
+    greeting_played(h, &call).await;
+    let args = r#"{"reason":"done"}"#;
+    let mut events = function_call_response("resp_tool", "item_fc", "call_end_3", "end_call", args);
+    events.push(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        "call_end_3",
+        "end_call",
+        args,
+    ));
+    oa.send_all(events);
+    ok(h, oa.wait_events("response.create", 2, SOON).await);
+    oa.send_all(oai::full_response(
+        "resp_bye",
+        "item_bye",
+        &tagged_chunks(0x79, 2, 800),
+        "失礼いたします。",
+    ));
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert_call_update(&post, ids);
+    let closed = ok(
+        h,
+        twilio
+            .wait_until("the Worker to close the stream", SOON, |l| l.closed.clone())
+            .await,
+    );
+    let detail = wait_ended(h, sid, &["hangup"]).await;
+    let hangup = &events_of(&detail, "hangup")[0];
+    assert_eq!(hangup["detail"]["ok"], false, "{hangup}");
+    assert_eq!(hangup["detail"]["twilio"], 500, "{hangup}");
+    assert_eq!(rest().requests_for(sid).len(), 1, "no retry");
+    eprintln!(
+        "[e2e] refused hang-up: stream closed with {:?}; call row end_reason {} failed {}",
+        closed.close_frame, detail["call"]["end_reason"], detail["call"]["failed"]
+    );
+}

@@ -1,0 +1,198 @@
+// Browser test of the call-review page (public/), in headless Chromium (Debian's `chromium`
+// driven by playwright-core) against the real Worker in `wrangler dev`: sign in with the admin
+// token, find the call in the list, read its transcript, play its recording and seek by
+// clicking a transcript line, switch to English, and see an agent's validation error next to
+// its field. Saves a screenshot of the call page to docs/call-page.png.
+//
+//   node --test tests/ui/        (scripts/ui-test.sh installs Chromium first when missing)
+
+import assert from 'node:assert/strict';
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { after, before, test } from 'node:test';
+
+import { chromium } from 'playwright-core';
+
+import { CALL_SID, OTHER_SID, RECORDING_KEY, TURNS, sql, wav } from './seed.mjs';
+import { ROOT, scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
+
+const TOKEN = 'ui-test-admin-token-0123456789';
+const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const SCREENSHOT = join(ROOT, 'docs', 'call-page.png');
+
+let worker;
+let context;
+let page;
+let profile;
+const consoleErrors = [];
+
+before(async () => {
+  const dir = scratchDir('ui');
+  seedD1(dir, sql());
+  seedR2(dir, RECORDING_KEY, wav(), 'audio/wav');
+  worker = await startWorker(dir, { ADMIN_TOKEN: TOKEN });
+  profile = mkdtempSync(join(tmpdir(), 'call-review-chromium-'));
+  context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync',
+      '--autoplay-policy=no-user-gesture-required'],
+    viewport: { width: 1280, height: 900 },
+    locale: 'ja-JP',
+    timezoneId: 'Asia/Tokyo',
+  });
+  page = context.pages()[0] || await context.newPage();
+  page.setDefaultTimeout(20_000);
+  page.on('pageerror', (e) => consoleErrors.push(String(e)));
+  // Answers like 401 and 400 are expected (and shown by the page); anything else is not.
+  page.on('console', (m) => {
+    if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) consoleErrors.push(m.text());
+  });
+});
+
+after(async () => {
+  await context?.close();
+  await worker?.stop();
+  if (profile) rmSync(profile, { recursive: true, force: true });
+});
+
+test('sign in with the admin token (a wrong one is refused)', async () => {
+  await page.goto(worker.baseUrl);
+  await page.getByRole('heading', { name: 'サインイン' }).waitFor();
+  await page.locator('#token').fill('not-the-token');
+  await page.getByRole('button', { name: 'サインイン' }).click();
+  await page.getByText('トークンが正しくありません。').waitFor();
+  await page.locator('#token').fill(TOKEN);
+  await page.getByRole('button', { name: 'サインイン' }).click();
+  await page.getByRole('heading', { name: '通話' }).waitFor();
+  assert.equal(await page.evaluate(() => sessionStorage.getItem('phone-agent-bridge.admin-token')), TOKEN);
+});
+
+test('the calls list shows the newest call first, with its figures', async () => {
+  const rows = page.locator('tbody tr');
+  await rows.first().waitFor();
+  assert.equal(await rows.count(), 2);
+  const first = await rows.nth(0).innerText();
+  assert.match(first, /completed/);
+  assert.match(first, /\+819012345678/);
+  assert.match(first, /\+815012345678/);
+  assert.match(first, /0:12/, 'duration');
+  assert.match(first, /標準受付/, 'the agent by name');
+  assert.match(await rows.nth(1).innerText(), /failed/);
+  // Filters go through the API.
+  await page.locator('#f-status').selectOption('failed');
+  await page.getByRole('button', { name: '絞り込む' }).click();
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
+  assert.match(await page.locator('tbody tr').innerText(), /failed/);
+  await page.getByRole('button', { name: 'クリア' }).click();
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+});
+
+test('one call: transcript, marks, figures, and the recording plays and seeks', async () => {
+  await page.locator('tbody tr').first().click();
+  await page.waitForURL(`**/#/calls/${CALL_SID}`);
+  const lines = page.locator('#transcript .turn');
+  await lines.first().waitFor();
+  assert.equal(await lines.count(), TURNS.length);
+  for (const [seq, role, text] of TURNS) {
+    const line = lines.nth(seq);
+    assert.match(await line.innerText(), new RegExp(text.slice(0, 8)));
+    assert.match(await line.getAttribute('class'), new RegExp(role));
+  }
+  assert.match(await lines.nth(2).innerText(), /割り込みで中断/);
+  assert.match(await page.locator('#transcript').innerText(), /割り込み \(800 ms\)/);
+  assert.match(await page.locator('#transcript').innerText(), /ツール呼び出し: lookup_reservation/);
+  assert.equal(await page.locator('.timeline .mark.barge_in').count(), 1);
+  assert.equal(await page.locator('.timeline .mark.tool_call').count(), 1);
+  const figures = await page.locator('.figures').innerText();
+  assert.match(figures, /640 ms/, 'time to first agent audio');
+  assert.match(figures, /1234 \/ 567 \/ 1801/, 'tokens');
+  assert.match(figures, /twilio_stop/, 'end reason');
+
+  // The recording: fetched with the token, played from an object URL.
+  const audio = page.locator('audio#recording');
+  await audio.waitFor();
+  await page.waitForFunction(() => {
+    const a = document.querySelector('audio#recording');
+    return a && a.src.startsWith('blob:') && a.readyState >= 1 && Math.abs(a.duration - 12) < 0.1;
+  });
+  await page.evaluate(() => {
+    const a = document.querySelector('audio#recording');
+    window.__played = false;
+    a.addEventListener('playing', () => { window.__played = true; });
+  });
+  // Clicking a transcript line seeks there and plays.
+  const [, , , offset] = TURNS[4];
+  await lines.nth(4).click();
+  await page.waitForFunction(() => window.__played === true);
+  await page.waitForFunction((ms) => {
+    const a = document.querySelector('audio#recording');
+    return !a.paused && a.currentTime > ms / 1000 + 0.3;
+  }, offset);
+  const t = await audio.evaluate((a) => a.currentTime);
+  assert.ok(t >= offset / 1000 && t < 12, `currentTime ${t}`);
+  await page.waitForFunction(() => document.querySelector('#transcript .turn.now') !== null);
+  assert.match(await page.locator('#transcript .turn.now').innerText(), /山田様/);
+  await audio.evaluate((a) => a.pause());
+  await page.evaluate(() => window.scrollTo(0, 0));
+  mkdirSync(join(ROOT, 'docs'), { recursive: true });
+  await page.screenshot({ path: SCREENSHOT, fullPage: true });
+});
+
+test('the English switch relabels the page and is remembered', async () => {
+  await page.getByRole('button', { name: 'English' }).click();
+  await page.getByRole('heading', { name: 'Conversation' }).waitFor();
+  assert.equal(await page.evaluate(() => document.documentElement.lang), 'en');
+  await page.reload();
+  await page.getByRole('heading', { name: 'Conversation' }).waitFor();
+  await page.getByRole('button', { name: '日本語' }).click();
+  await page.getByRole('heading', { name: '会話' }).waitFor();
+});
+
+test('agents: API validation messages appear next to the field they name', async () => {
+  await page.goto(`${worker.baseUrl}/#/agents`);
+  await page.getByRole('cell', { name: 'default', exact: true }).waitFor();
+  await page.goto(`${worker.baseUrl}/#/agents/default`);
+  const threshold = page.locator('[data-field="turn_detection.threshold"]');
+  await threshold.waitFor();
+  const voices = await page.locator('[data-field="voice"] option').allInnerTexts();
+  assert.deepEqual(voices, ['alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse', 'marin', 'cedar']);
+  await threshold.fill('1.5');
+  await page.getByRole('button', { name: '保存' }).click();
+  const err = page.locator('[data-error-for="turn_detection.threshold"]');
+  await page.waitForFunction(() => document.querySelector('[data-error-for="turn_detection.threshold"]').textContent !== '');
+  assert.match(await err.innerText(), /between 0\.0 and 1\.0/);
+  // Tools JSON that does not parse is caught before it is sent.
+  await threshold.fill('0.6');
+  await page.locator('[data-field="tools"]').fill('[{"type": ');
+  await page.getByRole('button', { name: '保存' }).click();
+  assert.match(await page.locator('[data-error-for="tools"]').innerText(), /JSON/);
+  assert.equal(await err.innerText(), '');
+  // A fixed form saves, recording off included.
+  await page.locator('[data-field="tools"]').fill('[]');
+  await page.locator('[data-field="record_calls"]').uncheck();
+  await page.getByRole('button', { name: '保存' }).click();
+  await page.getByText('保存しました。').waitFor();
+  const r = await fetch(`${worker.baseUrl}/api/admin/agents/default`, { headers: { Authorization: `Bearer ${TOKEN}` } });
+  const { agent } = await r.json();
+  assert.equal(agent.turn_detection.threshold, 0.6);
+  assert.equal(agent.record_calls, false);
+});
+
+test('number assignments: assign and list', async () => {
+  await page.goto(`${worker.baseUrl}/#/numbers`);
+  await page.locator('#n-number').fill('03-1234');
+  await page.getByRole('button', { name: '割り当て' }).click();
+  await page.getByText(/E\.164/).waitFor();
+  await page.locator('#n-number').fill('+81312345678');
+  await page.getByRole('button', { name: '割り当て' }).click();
+  await page.getByRole('cell', { name: '+81312345678' }).waitFor();
+});
+
+test('no errors in the page, and the other call has no recording', async () => {
+  await page.goto(`${worker.baseUrl}/#/calls/${OTHER_SID}`);
+  await page.getByText('この通話の録音はありません。').waitFor();
+  assert.deepEqual(consoleErrors, []);
+});

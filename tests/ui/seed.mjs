@@ -1,0 +1,86 @@
+// A reviewed call for the browser test: its D1 rows (as the Worker writes them) and its
+// recording, a stereo WAV in the layout the Worker records (left the caller, right the agent,
+// 8 kHz 16-bit), made of tones where each side speaks. The Worker's own recording path is
+// covered end to end by tests/e2e_recording.rs.
+
+export const CALL_SID = 'CA5eed00000000000000000000000000a1';
+export const OTHER_SID = 'CA5eed00000000000000000000000000a2';
+export const RECORDING_KEY = `recordings/${CALL_SID}.wav`;
+export const DURATION_MS = 12_000;
+const CONNECTED_MS = Date.parse('2026-11-20T01:30:00.500Z');
+
+/** The conversation: [seq, role, text, offset_ms, interrupted, until_ms (audio end)]. */
+export const TURNS = [
+  [0, 'agent', 'お電話ありがとうございます。AIアシスタントがご用件を承ります。', 640, 0, 2_900],
+  [1, 'caller', '予約の変更をお願いしたいのですが。', 3_100, 0, 4_300],
+  [2, 'agent', 'かしこまりました。ご予約の', 4_400, 1, 5_200],
+  [3, 'caller', '山田です。明日の予約です。', 5_200, 0, 6_600],
+  [4, 'agent', '山田様、明日午後三時のご予約を確認いたしました。何時に変更なさいますか。', 8_300, 0, 11_200],
+];
+export const BARGE_IN_MS = 5_200;
+export const TOOL_CALL_MS = 7_600;
+
+const iso = (ms) => new Date(ms).toISOString();
+const q = (s) => (s === null ? 'NULL' : typeof s === 'number' ? String(s) : `'${String(s).replace(/'/g, "''")}'`);
+
+export function wav() {
+  const rate = 8000;
+  const n = (DURATION_MS / 1000) * rate;
+  const buf = Buffer.alloc(44 + n * 4);
+  buf.write('RIFF', 0);
+  buf.writeUInt32LE(36 + n * 4, 4);
+  buf.write('WAVEfmt ', 8);
+  buf.writeUInt32LE(16, 16);
+  buf.writeUInt16LE(1, 20);
+  buf.writeUInt16LE(2, 22);
+  buf.writeUInt32LE(rate, 24);
+  buf.writeUInt32LE(rate * 4, 28);
+  buf.writeUInt16LE(4, 32);
+  buf.writeUInt16LE(16, 34);
+  buf.write('data', 36);
+  buf.writeUInt32LE(n * 4, 40);
+  for (const [, role, , from, , until] of TURNS) {
+    const hz = role === 'caller' ? 220 : 440;
+    const channel = role === 'caller' ? 0 : 2;
+    for (let i = (from * rate) / 1000; i < (until * rate) / 1000; i++) {
+      const env = Math.min(1, (i - (from * rate) / 1000) / 400, ((until * rate) / 1000 - i) / 400);
+      const v = Math.round(9000 * env * Math.sin((2 * Math.PI * hz * i) / rate) * (0.6 + 0.4 * Math.sin((2 * Math.PI * 3 * i) / rate)));
+      buf.writeInt16LE(v, 44 + i * 4 + channel);
+    }
+  }
+  return buf;
+}
+
+export function sql() {
+  const bytes = 44 + DURATION_MS * 32;
+  const call = (sid, o) => `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
+    stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
+    output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,
+    recording_bytes) VALUES (${[sid, 'AC00000000000000000000000000000001', o.from, o.to, 'default', 'inbound', o.status,
+    `MZ${sid.slice(2)}`, 'sess_seed', iso(o.connected - 500), iso(o.connected), iso(o.connected + o.duration), o.duration,
+    o.end_reason, o.input, o.output, o.input + o.output, o.first_audio, o.barge_ins, Math.round(o.duration / 1000),
+    o.key, o.key ? o.duration : null, o.key ? bytes : null].map(q).join(', ')});`;
+  const lines = [
+    call(CALL_SID, {
+      from: '+819012345678', to: '+815012345678', status: 'completed', connected: CONNECTED_MS, duration: DURATION_MS,
+      end_reason: 'twilio_stop', input: 1234, output: 567, first_audio: 640, barge_ins: 1, key: RECORDING_KEY,
+    }),
+    call(OTHER_SID, {
+      from: '+819087654321', to: '+815012345678', status: 'failed', connected: CONNECTED_MS - 3_600_000, duration: 4_000,
+      end_reason: 'openai_connect_failed', input: 0, output: 0, first_audio: null, barge_ins: 0, key: null,
+    }),
+  ];
+  for (const [seq, role, text, offset, interrupted] of TURNS) {
+    lines.push(`INSERT INTO transcript_entries (call_sid, seq, role, text, offset_ms, item_id, interrupted) VALUES
+      (${[CALL_SID, seq, role, text, offset, `item_${seq}`, interrupted].map(q).join(', ')});`);
+  }
+  const events = [
+    [0, BARGE_IN_MS, 'barge_in', { item_id: 'item_2', audio_end_ms: 800, received_ms: 2400 }],
+    [1, TOOL_CALL_MS, 'tool_call', { name: 'lookup_reservation', call_id: 'call_1', arguments: '{"name":"山田"}', ok: true, output: '{"time":"15:00"}', duration_ms: 412 }],
+  ];
+  for (const [seq, at, type, detail] of events) {
+    lines.push(`INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES
+      (${[CALL_SID, seq, iso(CONNECTED_MS + at), type, JSON.stringify(detail)].map(q).join(', ')});`);
+  }
+  return lines.join('\n');
+}

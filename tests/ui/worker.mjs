@@ -1,0 +1,99 @@
+// Starts the built Worker under `wrangler dev` for the browser tests, on a state directory of
+// its own (local D1 migrated from migrations/, local R2), like tests/support/worker.rs does for
+// the Rust end-to-end tests. wrangler and workerd run in their own process group, which
+// stop() (or this process exiting) takes down.
+
+import { execFileSync, spawn } from 'node:child_process';
+import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+const ENV = { ...process.env, CI: 'true', WRANGLER_SEND_METRICS: 'false', NO_COLOR: '1', FORCE_COLOR: '0' };
+
+/** A port that was free a moment ago. */
+export function freePort() {
+  return new Promise((ok, fail) => {
+    const s = createServer();
+    s.once('error', fail);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => ok(port));
+    });
+  });
+}
+
+function wrangler(args, logPath) {
+  try {
+    return execFileSync('npx', ['wrangler', ...args], { cwd: ROOT, env: ENV, stdio: ['ignore', 'pipe', 'pipe'] }).toString();
+  } catch (e) {
+    const out = `${e.stdout || ''}${e.stderr || ''}`;
+    if (logPath) writeFileSync(logPath, out, { flag: 'a' });
+    throw new Error(`wrangler ${args.slice(0, 3).join(' ')} failed:\n${out.slice(-4000)}`);
+  }
+}
+
+/** A scratch directory under target/tmp (kept for a look after a failure). */
+export function scratchDir(label) {
+  const dir = join(ROOT, 'target', 'tmp', `${label}-${process.pid}-${Date.now()}`);
+  mkdirSync(join(dir, 'state'), { recursive: true });
+  return dir;
+}
+
+/** Migrations, then `sql` (a file of statements) on the local D1 of `dir`. */
+export function seedD1(dir, sql) {
+  const state = join(dir, 'state');
+  wrangler(['d1', 'migrations', 'apply', 'DB', '--local', '--persist-to', state]);
+  const file = join(dir, 'seed.sql');
+  writeFileSync(file, sql);
+  wrangler(['d1', 'execute', 'DB', '--local', '--persist-to', state, '--file', file]);
+}
+
+/** Puts `bytes` in the local RECORDINGS bucket at `key`. */
+export function seedR2(dir, key, bytes, contentType) {
+  const file = join(dir, 'object.bin');
+  writeFileSync(file, bytes);
+  wrangler(['r2', 'object', 'put', `phone-agent-bridge-recordings/${key}`, '--local', '--persist-to', join(dir, 'state'),
+    '--file', file, '--content-type', contentType]);
+}
+
+/**
+ * `wrangler dev` on `dir`'s state with `vars`; resolves once GET /healthz answers 200.
+ * Returns { baseUrl, logPath, log(), stop() }.
+ */
+export async function startWorker(dir, vars) {
+  const port = await freePort();
+  let inspector = await freePort();
+  while (inspector === port) inspector = await freePort();
+  const logPath = join(dir, 'wrangler.log');
+  const out = openSync(logPath, 'a');
+  const args = ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(port), '--inspector-port', String(inspector),
+    '--persist-to', join(dir, 'state'), '--show-interactive-dev-session=false'];
+  for (const [k, v] of Object.entries(vars)) args.push('--var', `${k}:${v}`);
+  const child = spawn('npx', args, { cwd: ROOT, env: ENV, stdio: ['ignore', out, out], detached: true });
+  let exited = null;
+  child.on('exit', (code, signal) => { exited = { code, signal }; });
+  const kill = (signal) => { try { process.kill(-child.pid, signal); } catch { /* gone */ } };
+  const onExit = () => kill('SIGKILL');
+  process.on('exit', onExit);
+  const log = () => { try { return readFileSync(logPath, 'utf8'); } catch { return ''; } };
+  const stop = async () => {
+    process.off('exit', onExit);
+    kill('SIGTERM');
+    for (let i = 0; i < 30 && !exited; i++) await new Promise((r) => setTimeout(r, 100));
+    kill('SIGKILL');
+  };
+  const baseUrl = `http://127.0.0.1:${port}`;
+  const deadline = Date.now() + 300_000;
+  while (Date.now() < deadline) {
+    if (exited) throw new Error(`wrangler dev exited (${JSON.stringify(exited)}):\n${log().slice(-4000)}`);
+    try {
+      const r = await fetch(`${baseUrl}/healthz`);
+      if (r.status === 200) return { baseUrl, logPath, log, stop };
+    } catch { /* not yet */ }
+    await new Promise((r) => setTimeout(r, 500));
+  }
+  await stop();
+  throw new Error(`wrangler dev did not answer /healthz:\n${log().slice(-4000)}`);
+}
