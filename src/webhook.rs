@@ -160,15 +160,7 @@ pub fn answer_voice(
     signature: Option<&str>,
     body: &str,
 ) -> Result<VoiceAnswer, Refusal> {
-    let token = token(config)?;
-    let signature = signature
-        .filter(|s| !s.is_empty())
-        .ok_or(Refusal::Unsigned)?;
-    let params = form(body);
-    let url = signed_url(config, request_url)?;
-    if !signature::validate_webhook(token, &url, &params, signature) {
-        return Err(Refusal::BadSignature);
-    }
+    let params = verified_form(config, request_url, signature, body)?;
     let get = |name: &str| {
         params
             .iter()
@@ -214,10 +206,25 @@ pub fn answer_voice(
     })
 }
 
-fn form(body: &str) -> Vec<(String, String)> {
-    form_urlencoded::parse(body.as_bytes())
+/// The parameters of a signed form POST from Twilio, once its signature checks out.
+fn verified_form(
+    config: &Bridge,
+    request_url: &str,
+    signature: Option<&str>,
+    body: &str,
+) -> Result<Vec<(String, String)>, Refusal> {
+    let token = token(config)?;
+    let signature = signature
+        .filter(|s| !s.is_empty())
+        .ok_or(Refusal::Unsigned)?;
+    let params: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
         .into_owned()
-        .collect()
+        .collect();
+    let url = signed_url(config, request_url)?;
+    if !signature::validate_webhook(token, &url, &params, signature) {
+        return Err(Refusal::BadSignature);
+    }
+    Ok(params)
 }
 
 /// Verifies Twilio's status callback and turns it into the update of the call's row.
@@ -228,15 +235,7 @@ pub fn status_callback(
     body: &str,
     now_ms: u64,
 ) -> Result<Record, Refusal> {
-    let token = token(config)?;
-    let signature = signature
-        .filter(|s| !s.is_empty())
-        .ok_or(Refusal::Unsigned)?;
-    let params = form(body);
-    let url = signed_url(config, request_url)?;
-    if !signature::validate_webhook(token, &url, &params, signature) {
-        return Err(Refusal::BadSignature);
-    }
+    let params = verified_form(config, request_url, signature, body)?;
     let get = |name: &str| {
         params
             .iter()

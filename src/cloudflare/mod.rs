@@ -86,14 +86,27 @@ fn config_or_500(env: &Env) -> std::result::Result<Bridge, Result<Response>> {
     })
 }
 
-async fn voice(mut req: Request, env: Env) -> Result<Response> {
-    let config = match config_or_500(&env) {
+/// What every signed Twilio form POST needs: the configuration, the URL as the Worker
+/// saw it, the signature header and the body. A broken configuration is a 500.
+async fn twilio_form(
+    req: &mut Request,
+    env: &Env,
+) -> Result<std::result::Result<(Bridge, String, Option<String>, String), Result<Response>>> {
+    let config = match config_or_500(env) {
         Ok(c) => c,
-        Err(resp) => return resp,
+        Err(resp) => return Ok(Err(resp)),
     };
     let url = req.inner().url();
     let signature = req.headers().get("X-Twilio-Signature")?;
     let body = req.text().await?;
+    Ok(Ok((config, url, signature, body)))
+}
+
+async fn voice(mut req: Request, env: Env) -> Result<Response> {
+    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
+        Ok(parts) => parts,
+        Err(resp) => return resp,
+    };
     let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), &body) {
         Ok(a) => a,
         Err(r) => return refuse(&r, "voice"),
@@ -173,13 +186,10 @@ async fn agent_for(env: &Env, config: &Bridge, number: &str) -> crate::config::A
 /// Twilio's status callback, applied through the call's object so it is kept even when
 /// D1 is failing.
 async fn status(mut req: Request, env: Env) -> Result<Response> {
-    let config = match config_or_500(&env) {
-        Ok(c) => c,
+    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
+        Ok(parts) => parts,
         Err(resp) => return resp,
     };
-    let url = req.inner().url();
-    let signature = req.headers().get("X-Twilio-Signature")?;
-    let body = req.text().await?;
     let now = Date::now().as_millis();
     let record = match webhook::status_callback(&config, &url, signature.as_deref(), &body, now) {
         Ok(r) => r,
