@@ -1,0 +1,490 @@
+#!/usr/bin/env node
+// Load benchmark driver: N simultaneous simulated calls with real-time audio both ways
+// against one or more Workers in `wrangler dev`, one target after the other, with the
+// stand-in Realtime server in echo mode behind them (scripts/sim/standin.mjs --mode echo).
+// Loopback only; bounded in calls and time; stops by itself. Prints figures, asserts nothing.
+//
+//   node bench/load.mjs --standin http://127.0.0.1:PORT \
+//     --target floor=http://127.0.0.1:8801 --pid floor=<wrangler pid> \
+//     --target bridge=http://127.0.0.1:8802 --pid bridge=<wrangler pid> \
+//     [--calls 20] [--seconds 30] [--auth-token T] [--clk-tck 100] [--json out.json]
+//
+// Each call: the signed voice webhook, the <Stream> socket with the signed upgrade,
+// `connected`, `start`, then one 20 ms μ-law frame every 20 ms for --seconds, paced on the
+// monotonic clock. Every frame is tagged in its first 9 bytes (0xA5, call u16, seq u32,
+// 0x5A, 0xFF) and the rest is a tone. The stand-in stamps each tagged append when it
+// arrives and sends it straight back as an audio delta; the driver stamps the frame when it
+// sends it and when its echo comes back as Twilio media. All stamps are CLOCK_MONOTONIC
+// (process.hrtime), shared by the processes of the machine. Twilio's playback is played as
+// in the simulator: media queued at 8 bytes/ms, marks echoed when played.
+//
+// Figures per target:
+//   - call set-up: from the stream's `start` to the first frame back from the agent side;
+//   - one-way latency through the Worker, caller→agent (driver send → stand-in receive) and
+//     agent→caller (stand-in send → driver receive), p50/p99/max, over every frame sent
+//     after the call's first echo came back (before that, caller audio is held while the
+//     upstream session is set up, by design);
+//   - frames sent/received/lost each way;
+//   - CPU seconds of the target's workerd processes (utime+stime from /proc/<pid>/stat of
+//     every workerd descended from the given wrangler pid), per call-minute of audio.
+
+import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
+
+import { FRAME_BYTES, toneSequence } from '../scripts/sim/audio.mjs';
+import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
+
+function parseArgs(argv) {
+  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {} };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const v = () => argv[++i];
+    switch (a) {
+      case '--target': {
+        const [name, url] = v().split(/=(.*)/s);
+        o.targets.push({ name, url: url.replace(/\/+$/, '') });
+        break;
+      }
+      case '--pid': {
+        const [name, pid] = v().split('=');
+        o.pids[name] = Number(pid);
+        break;
+      }
+      case '--calls': o.calls = Number(v()); break;
+      case '--seconds': o.seconds = Number(v()); break;
+      case '--auth-token': o.authToken = v(); break;
+      case '--clk-tck': o.clkTck = Number(v()); break;
+      case '--json': o.json = v(); break;
+      case '--standin': o.standin = v().replace(/\/+$/, ''); break;
+      case '--ramp-ms': o.rampMs = Number(v()); break;
+      case '--rounds': o.rounds = Number(v()); break;
+      case '--standin-pid': o.standinPid = Number(v()); break;
+      case '--to': {
+        const [name, number] = v().split('=');
+        o.to[name] = number;
+        break;
+      }
+      default: throw new Error(`unknown option ${a}`);
+    }
+  }
+  if (!o.targets.length || !o.standin) throw new Error('need --standin and at least one --target');
+  if (!(o.calls >= 1 && o.calls <= 1000)) throw new Error('--calls must be 1..1000');
+  if (!(o.seconds >= 2 && o.seconds <= 600)) throw new Error('--seconds must be 2..600');
+  if (!(o.rounds >= 1 && o.rounds <= 10)) throw new Error('--rounds must be 1..10');
+  return o;
+}
+
+// ---- CPU of workerd processes ---------------------------------------------------------------
+
+function procTable() {
+  const procs = [];
+  for (const d of readdirSync('/proc')) {
+    if (!/^\d+$/.test(d)) continue;
+    try {
+      const stat = readFileSync(`/proc/${d}/stat`, 'utf8');
+      const close = stat.lastIndexOf(')');
+      const comm = stat.slice(stat.indexOf('(') + 1, close);
+      const f = stat.slice(close + 2).split(' '); // f[0] = state (field 3)
+      procs.push({ pid: Number(d), comm, ppid: Number(f[1]), utime: Number(f[11]), stime: Number(f[12]) });
+    } catch {
+      // gone
+    }
+  }
+  return procs;
+}
+
+/** CPU ticks of every process below `rootPid`, split into workerd and the rest. */
+function cpuTicks(rootPid) {
+  const procs = procTable();
+  const children = new Map();
+  for (const p of procs) {
+    if (!children.has(p.ppid)) children.set(p.ppid, []);
+    children.get(p.ppid).push(p);
+  }
+  const out = { workerd: 0, other: 0, workerdPids: [] };
+  const walk = (pid) => {
+    for (const c of children.get(pid) ?? []) {
+      if (c.comm.startsWith('workerd')) {
+        out.workerd += c.utime + c.stime;
+        out.workerdPids.push(c.pid);
+      } else {
+        out.other += c.utime + c.stime;
+      }
+      walk(c.pid);
+    }
+  };
+  const root = procs.find((p) => p.pid === rootPid);
+  if (root) out.other += root.utime + root.stime;
+  walk(rootPid);
+  return out;
+}
+
+// ---- one call -------------------------------------------------------------------------------
+
+const TONE = toneSequence([{ hz: 697, ms: 20 }], 0.2); // 160 bytes
+
+function taggedFrame(callIdx, seq) {
+  const b = Buffer.from(TONE);
+  b[0] = 0xa5;
+  b.writeUInt16BE(callIdx, 1);
+  b.writeUInt32BE(seq, 3);
+  b[7] = 0x5a;
+  b[8] = 0xff;
+  return b.toString('base64');
+}
+
+function readTag(payload) {
+  const h = Buffer.from(payload.slice(0, 12), 'base64');
+  if (h.length < 9 || h[0] !== 0xa5 || h[7] !== 0x5a) return null;
+  return { call: h.readUInt16BE(1), seq: h.readUInt32BE(3) };
+}
+
+class BenchCall {
+  constructor(idx, target, opt) {
+    this.idx = idx;
+    this.target = target;
+    this.opt = opt;
+    this.total = Math.round((opt.seconds * 1000) / 20);
+    this.sentAt = new Float64Array(this.total).fill(NaN);
+    this.echoAt = new Float64Array(this.total).fill(NaN);
+    this.nextSeq = 0;
+    this.received = 0;
+    this.foreign = 0;
+    this.marks = 0;
+    this.clears = 0;
+    this.state = 'new';
+    this.error = null;
+    this.ids = { callSid: sid('CA'), accountSid: sid('AC'), streamSid: sid('MZ') };
+    this.frames = new TwilioFrames(this.ids);
+    this.player = new Player({ onMark: (name) => this.send(this.frames.mark(name)) });
+  }
+
+  send(text) {
+    if (this.ws && this.ws.readyState === this.ws.OPEN) this.ws.send(text);
+  }
+
+  async start() {
+    try {
+      const hook = await postVoiceWebhook(
+        `${this.target.url}/api/twilio/voice`,
+        this.opt.authToken,
+        voiceParams({ ...this.ids, from: '+819012340000', to: this.opt.to[this.target.name] ?? '+815012345678' }),
+      );
+      if (hook.status !== 200) throw new Error(`webhook HTTP ${hook.status}: ${hook.body.slice(0, 200)}`);
+      const twiml = parseTwiml(hook.body);
+      if (!twiml.streamUrl) throw new Error('no <Stream> in the TwiML');
+      this.ws = await openMediaStream(twiml.streamUrl, this.opt.authToken);
+      this.ws.on('message', (data) => this.onMessage(data));
+      this.closed = new Promise((resolve) => this.ws.on('close', (code) => resolve(code)));
+      this.ws.on('close', () => {
+        if (this.state !== 'stopping') this.fail(`the Worker closed the stream early (${this.nextSeq}/${this.total} frames sent)`);
+        this.state = 'closed';
+      });
+      this.ws.on('error', (e) => this.fail(`socket: ${e.message}`));
+      this.send(this.frames.connected());
+      this.send(this.frames.start(twiml.parameters));
+      this.t0 = nowMs();
+      this.state = 'streaming';
+    } catch (e) {
+      this.fail(e.message);
+    }
+  }
+
+  fail(msg) {
+    if (!this.error) this.error = msg;
+    if (this.state !== 'closed') this.state = 'failed';
+  }
+
+  onMessage(data) {
+    const now = nowMs();
+    const text = data.toString();
+    if (text.startsWith('{"event":"media"') || text.includes('"event":"media"')) {
+      const m = /"payload":"([^"]*)"/.exec(text);
+      if (!m) return;
+      const tag = readTag(m[1]);
+      if (!tag || tag.call !== this.idx || tag.seq >= this.total) {
+        this.foreign++;
+      } else if (Number.isNaN(this.echoAt[tag.seq])) {
+        this.echoAt[tag.seq] = now;
+        this.received++;
+        if (this.firstEchoAt === undefined) this.firstEchoAt = now;
+      }
+      this.player.media(Buffer.from(m[1], 'base64'), now);
+      return;
+    }
+    let f;
+    try {
+      f = JSON.parse(text);
+    } catch {
+      return;
+    }
+    if (f.event === 'mark') {
+      this.marks++;
+      this.player.mark(f.mark?.name ?? '', now);
+    } else if (f.event === 'clear') {
+      this.clears++;
+      this.player.clear(now);
+    }
+  }
+
+  /** Sends every frame that is due; returns true while the call needs more ticks. */
+  tick(now) {
+    if (this.state !== 'streaming') return false;
+    while (this.nextSeq < this.total && this.t0 + 20 * this.nextSeq <= now) {
+      const payload = taggedFrame(this.idx, this.nextSeq);
+      this.sentAt[this.nextSeq] = nowMs();
+      this.send(this.frames.media(payload));
+      this.nextSeq++;
+    }
+    this.player.advance(now);
+    if (this.nextSeq >= this.total && this.lastFrameAt === undefined) this.lastFrameAt = now;
+    return true;
+  }
+
+  async finish() {
+    // Let the last echoes come back (up to 3 s), then hang up like Twilio.
+    const deadline = nowMs() + 3000;
+    while (this.state === 'streaming' && this.received < this.nextSeq && nowMs() < deadline) await sleep(20);
+    if (this.state === 'streaming') {
+      this.state = 'stopping';
+      this.send(this.frames.stop());
+      await Promise.race([this.closed, sleep(5000)]);
+      if (this.ws.readyState !== this.ws.CLOSED) this.ws.terminate();
+    }
+  }
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---- one target --------------------------------------------------------------------------------
+
+function pct(sorted, p) {
+  if (!sorted.length) return NaN;
+  const i = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[i];
+}
+
+async function runTarget(target, opt) {
+  const pid = opt.pids[target.name];
+  await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
+  const calls = Array.from({ length: opt.calls }, (_, i) => new BenchCall(i, target, opt));
+  const cpu0 = pid ? cpuTicks(pid) : null;
+  const gen0 = { self: process.cpuUsage(), standin: opt.standinPid ? cpuTicks(opt.standinPid).other : NaN };
+  const wall0 = nowMs();
+  const hardDeadline = wall0 + (opt.seconds + 90) * 1000;
+
+  // Start the calls spread over the ramp, so their frames interleave as real calls' do.
+  const starts = calls.map((c, i) => sleep((i * opt.rampMs) / opt.calls).then(() => c.start()));
+  const ticker = setInterval(() => {
+    const now = nowMs();
+    for (const c of calls) c.tick(now);
+  }, 2);
+  await Promise.all(starts);
+  // Wait until every call has sent all its frames (or failed).
+  while (calls.some((c) => c.state === 'streaming' && c.nextSeq < c.total) && nowMs() < hardDeadline) await sleep(50);
+  await Promise.all(calls.map((c) => c.finish()));
+  clearInterval(ticker);
+  for (const c of calls) if (c.ws && c.ws.readyState !== c.ws.CLOSED) c.ws.terminate();
+  await sleep(1000); // let workerd finish the calls' teardown (records, closes)
+  const cpu1 = pid ? cpuTicks(pid) : null;
+  const self = process.cpuUsage(gen0.self);
+  const generatorSeconds = (self.user + self.system) / 1e6 + (opt.standinPid ? (cpuTicks(opt.standinPid).other - gen0.standin) / opt.clkTck : 0);
+  const wall = (nowMs() - wall0) / 1000;
+
+  const stats = await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json());
+  const up = []; // caller→agent latencies, ms
+  const down = []; // agent→caller
+  const setupUp = [];
+  const setupMs = []; // stream start → first echo back, per call
+  let sentUp = 0;
+  let recvUp = 0;
+  let recvDown = 0;
+  let okCalls = 0;
+  const errors = [];
+  for (const c of calls) {
+    if (c.error) errors.push(c.error);
+    else okCalls++;
+    if (c.firstEchoAt !== undefined) setupMs.push(c.firstEchoAt - c.t0);
+    // Steady state: frames sent once the path works both ways (after the first echo came
+    // back). Before that the bridges hold caller audio while the upstream session is set up.
+    const steadyFrom = c.firstEchoAt ?? Infinity;
+    for (let s = 0; s < c.nextSeq; s++) {
+      sentUp++;
+      const a = c.sentAt[s];
+      const b = standinAt(stats, c, s);
+      const d = c.echoAt[s];
+      const steady = a > steadyFrom;
+      if (!Number.isNaN(b)) {
+        recvUp++;
+        (steady ? up : setupUp).push(b - a);
+        if (!Number.isNaN(d)) {
+          recvDown++;
+          if (steady) down.push(d - b);
+        }
+      }
+    }
+  }
+  up.sort((a, b) => a - b);
+  down.sort((a, b) => a - b);
+  setupUp.sort((a, b) => a - b);
+  setupMs.sort((a, b) => a - b);
+  const cpuS = cpu0 && cpu1 ? (cpu1.workerd - cpu0.workerd) / opt.clkTck : NaN;
+  const otherS = cpu0 && cpu1 ? (cpu1.other - cpu0.other) / opt.clkTck : NaN;
+  // The worst latency in each second of the run (by send time), to spot stalls.
+  const worstBySecond = [];
+  for (const c of calls) {
+    for (let s = 0; s < c.nextSeq; s++) {
+      const sec = Math.floor((c.sentAt[s] - wall0) / 1000);
+      const b = standinAt(stats, c, s);
+      if (Number.isNaN(b) || sec < 0) continue;
+      worstBySecond[sec] = Math.max(worstBySecond[sec] ?? 0, b - c.sentAt[s]);
+    }
+  }
+  return {
+    target: target.name,
+    calls: opt.calls,
+    okCalls,
+    errors: [...new Set(errors)],
+    seconds: opt.seconds,
+    wallSeconds: wall,
+    up,
+    down,
+    setupUp,
+    setupMs,
+    sentUp,
+    recvUp,
+    recvDown,
+    marks: calls.reduce((a, c) => a + c.marks, 0),
+    clears: calls.reduce((a, c) => a + c.clears, 0),
+    workerdSeconds: cpuS,
+    wranglerSeconds: otherS,
+    generatorSeconds,
+    workerdPids: cpu1?.workerdPids ?? [],
+    worstUpBySecond: worstBySecond.map((x) => Math.round((x ?? 0) * 100) / 100),
+  };
+}
+
+function standinAt(stats, c, s) {
+  if (!c._standin) {
+    c._standin = new Float64Array(c.total).fill(NaN);
+    for (const [seq, t] of stats.calls[c.idx] ?? []) if (seq < c.total) c._standin[seq] = t;
+  }
+  return c._standin[s];
+}
+
+/** One target's figures over all its rounds. */
+function pool(name, url, runs, opt) {
+  const up = runs.flatMap((r) => r.up).sort((a, b) => a - b);
+  const down = runs.flatMap((r) => r.down).sort((a, b) => a - b);
+  const setupUp = runs.flatMap((r) => r.setupUp).sort((a, b) => a - b);
+  const setupMs = runs.flatMap((r) => r.setupMs).sort((a, b) => a - b);
+  const sum = (f) => runs.reduce((a, r) => a + f(r), 0);
+  const okCalls = sum((r) => r.okCalls);
+  const cpuS = sum((r) => r.workerdSeconds);
+  const callMinutes = (okCalls * opt.seconds) / 60;
+  return {
+    target: name,
+    url,
+    rounds: runs.length,
+    calls: sum((r) => r.calls),
+    okCalls,
+    errors: [...new Set(runs.flatMap((r) => r.errors))].slice(0, 5),
+    seconds: opt.seconds,
+    up: { sent: sum((r) => r.sentUp), received: sum((r) => r.recvUp), lost: sum((r) => r.sentUp - r.recvUp), p50: pct(up, 50), p99: pct(up, 99), max: up[up.length - 1] ?? NaN, setupP99: pct(setupUp, 99) },
+    down: { sent: sum((r) => r.recvUp), received: sum((r) => r.recvDown), lost: sum((r) => r.recvUp - r.recvDown), p50: pct(down, 50), p99: pct(down, 99), max: down[down.length - 1] ?? NaN },
+    setup: { p50: pct(setupMs, 50), max: setupMs[setupMs.length - 1] ?? NaN },
+    marks: sum((r) => r.marks),
+    clears: sum((r) => r.clears),
+    cpu: {
+      workerdSeconds: cpuS,
+      wranglerSeconds: sum((r) => r.wranglerSeconds),
+      generatorSeconds: sum((r) => r.generatorSeconds),
+      wallSeconds: sum((r) => r.wallSeconds),
+      perCallMinute: cpuS / callMinutes,
+      perRound: runs.map((r) => r.workerdSeconds / ((r.okCalls * opt.seconds) / 60)),
+    },
+    runs: runs.map((r) => ({ wallSeconds: r.wallSeconds, okCalls: r.okCalls, workerdSeconds: r.workerdSeconds, workerdPids: r.workerdPids, worstUpBySecond: r.worstUpBySecond })),
+  };
+}
+
+// ---- report ----------------------------------------------------------------------------------
+
+const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
+const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
+
+export function table(results) {
+  const base = results[0];
+  const others = results.slice(1);
+  const rows = [];
+  const row = (label, fn, ratio = null) => {
+    const ratios = others.map((r) => {
+      if (!ratio) return '';
+      const a = ratio(r);
+      const b = ratio(base);
+      return Number.isFinite(a) && Number.isFinite(b) && b > 0 ? `${(a / b).toFixed(2)}×` : '-';
+    });
+    rows.push([label, ...results.map(fn), ...ratios]);
+  };
+  row('calls completed', (r) => `${r.okCalls}/${r.calls}`);
+  row('call set-up p50 (ms)', (r) => f2(r.setup.p50), (r) => r.setup.p50);
+  row('call set-up max (ms)', (r) => f2(r.setup.max), (r) => r.setup.max);
+  row('caller→agent latency p50 (ms)', (r) => f2(r.up.p50), (r) => r.up.p50);
+  row('caller→agent latency p99 (ms)', (r) => f2(r.up.p99), (r) => r.up.p99);
+  row('caller→agent latency max (ms)', (r) => f2(r.up.max), (r) => r.up.max);
+  row('agent→caller latency p50 (ms)', (r) => f2(r.down.p50), (r) => r.down.p50);
+  row('agent→caller latency p99 (ms)', (r) => f2(r.down.p99), (r) => r.down.p99);
+  row('agent→caller latency max (ms)', (r) => f2(r.down.max), (r) => r.down.max);
+  row('caller→agent frames sent/recv/lost', (r) => `${r.up.sent}/${r.up.received}/${r.up.lost}`);
+  row('agent→caller frames sent/recv/lost', (r) => `${r.down.sent}/${r.down.received}/${r.down.lost}`);
+  row('workerd CPU s per call-minute', (r) => f3(r.cpu.perCallMinute), (r) => r.cpu.perCallMinute);
+  row('workerd CPU s total', (r) => f2(r.cpu.workerdSeconds), (r) => r.cpu.workerdSeconds);
+  row('load generator CPU (cores busy)', (r) => f2(r.cpu.generatorSeconds / r.cpu.wallSeconds));
+  row('workerd CPU (cores busy)', (r) => f2(r.cpu.workerdSeconds / r.cpu.wallSeconds));
+  if (results.some((r) => r.cpu.perRound?.length > 1)) {
+    row('  per round (s per call-minute)', (r) => r.cpu.perRound.map(f3).join(' '));
+  }
+  const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
+  const line = (cells) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join('  ');
+  return [line(header), ...rows.map(line)].join('\n');
+}
+
+async function main() {
+  const opt = parseArgs(process.argv.slice(2));
+  const runs = new Map(opt.targets.map((t) => [t.name, []]));
+  for (const t of opt.targets) {
+    // Warm-up (not counted): the first calls pay for compiling the Worker and creating
+    // the first Durable Objects.
+    process.stderr.write(`==> load: warm-up of ${t.name} (${Math.min(3, opt.calls)} calls × 3 s, not counted)\n`);
+    const w = await runTarget(t, { ...opt, calls: Math.min(3, opt.calls), seconds: 3, rampMs: 300 });
+    if (w.okCalls === 0) process.stderr.write(`    warm-up failed: ${w.errors.join('; ')}\n`);
+  }
+  // Rounds in A B B A … order, so drift in the machine's load falls on every target alike.
+  for (let round = 0; round < opt.rounds; round++) {
+    const order = round % 2 === 0 ? opt.targets : [...opt.targets].reverse();
+    for (const t of order) {
+      process.stderr.write(`==> load round ${round + 1}/${opt.rounds}: ${opt.calls} calls × ${opt.seconds} s against ${t.name} (${t.url})\n`);
+      const r = await runTarget(t, opt);
+      process.stderr.write(
+        `    ${r.okCalls}/${r.calls} calls ok in ${r.wallSeconds.toFixed(1)} s; workerd CPU ${f2(r.workerdSeconds)} s ` +
+          `(pids ${r.workerdPids.join(',') || 'none found'}), wrangler/node ${f2(r.wranglerSeconds)} s; ` +
+          `caller→agent p99 ${f2(pct(r.up, 99))} ms, agent→caller p99 ${f2(pct(r.down, 99))} ms\n`,
+      );
+      for (const e of r.errors.slice(0, 5)) process.stderr.write(`    error: ${e}\n`);
+      runs.get(t.name).push(r);
+      await sleep(1000);
+    }
+  }
+  const results = opt.targets.map((t) => pool(t.name, t.url, runs.get(t.name), opt));
+  const rounds = opt.rounds > 1 ? `, ${opt.rounds} rounds each (pooled)` : '';
+  console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
+  console.log(table(results));
+  if (opt.json) writeFileSync(opt.json, JSON.stringify({ options: { calls: opt.calls, seconds: opt.seconds, rounds: opt.rounds }, results }, null, 2));
+}
+
+main().then(
+  () => process.exit(0),
+  (e) => {
+    console.error(e?.stack ?? String(e));
+    process.exit(1);
+  },
+);

@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# README's benchmark command: prints figures, asserts nothing about time.
+#   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--skip-native] [--skip-load]
+#   npm run bench -- --calls 100
+# (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
+# 2 rounds per target in A B C C B A order; about 8 minutes in all)
+#
+# 1. native: the call core's cost per relayed frame each way and per barge-in, with heap
+#    allocation counts (cargo bench --bench core, benches/core.rs);
+# 2. the wasm build's size, raw and gzipped (build/index_bg.wasm, freshly built);
+# 3. load in wrangler dev: N simultaneous simulated calls with real-time audio both ways,
+#    against the pass-through floor Worker (bench/floor), the bridge (default agent, call
+#    recording on) and the bridge with an agent that does not record (bridge-norec), all
+#    behind the stand-in Realtime server in echo mode; call set-up, latency p50/p99 each
+#    way, frames lost, and workerd CPU seconds per call-minute, as ratios to the floor
+#    (bench/load.mjs).
+# Everything runs on 127.0.0.1, is bounded in calls and time, and stops by itself.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exec </dev/null
+
+calls="${BENCH_CALLS:-20}"
+seconds="${BENCH_SECONDS:-30}"
+rounds="${BENCH_ROUNDS:-2}"
+native=1
+load=1
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --calls) calls="$2"; shift 2 ;;
+    --seconds) seconds="$2"; shift 2 ;;
+    --rounds) rounds="$2"; shift 2 ;;
+    --skip-native) native=0; shift ;;
+    --skip-load) load=0; shift ;;
+    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+[[ "$calls" =~ ^[0-9]+$ && "$calls" -ge 1 && "$calls" -le 1000 ]] || die "--calls must be 1..1000"
+[[ "$seconds" =~ ^[0-9]+$ && "$seconds" -ge 2 && "$seconds" -le 600 ]] || die "--seconds must be 2..600"
+[[ "$rounds" =~ ^[0-9]+$ && "$rounds" -ge 1 && "$rounds" -le 10 ]] || die "--rounds must be 1..10"
+
+bash scripts/setup.sh
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/bench.XXXXXX")"
+pgids=()
+cleanup() {
+  local g
+  for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  sleep 1
+  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Starts "$@" in a process group of its own (so cleanup can end it and its children), with
+# output to $1.log; sets $started to its pid.
+start_bg() {
+  local name="$1"
+  shift
+  setsid "$@" >"$work/$name.log" 2>&1 &
+  started=$!
+  pgids+=("$started")
+}
+
+free_port() {
+  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
+wait_http() { # url, log, seconds
+  local url="$1" logf="$2" limit="$3" t=0
+  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+    sleep 1
+    t=$((t + 1))
+    if [[ $t -ge $limit ]]; then
+      tail -40 "$logf" >&2
+      die "$url did not answer within ${limit}s"
+    fi
+  done
+}
+
+machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+native_out="$work/native.txt"
+load_out="$work/load.txt"
+
+log "building the Worker (release wasm)"
+bash scripts/build.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "build failed"; }
+wasm=build/index_bg.wasm
+raw=$(wc -c <"$wasm")
+gz=$(gzip -9 -c "$wasm" | wc -c)
+
+if [[ "$native" == 1 ]]; then
+  log "native: cargo bench --bench core"
+  cargo bench --bench core 2>"$work/cargo-bench.log" | tee "$native_out" || { tail -40 "$work/cargo-bench.log" >&2; die "cargo bench failed"; }
+fi
+
+if [[ "$load" == 1 ]]; then
+  standin_port=$(free_port)
+  floor_port=$(free_port)
+  bridge_port=$(free_port)
+  log "load: stand-in (echo) on :$standin_port, floor Worker on :$floor_port, bridge on :$bridge_port"
+  start_bg standin node scripts/sim/standin.mjs --mode echo --port "$standin_port" --quiet
+  standin_pid=$started
+  realtime="ws://127.0.0.1:$standin_port/v1/realtime"
+  token="bench-twilio-token-$$"
+  admin="bench-admin-token-$$"
+  common=(--ip 127.0.0.1 --show-interactive-dev-session=false)
+
+  mkdir -p "$work/floor-state" "$work/bridge-state"
+  start_bg floor env CI=true NO_COLOR=1 npx wrangler dev -c bench/floor/wrangler.toml "${common[@]}" \
+    --port "$floor_port" --inspector-port "$(free_port)" --persist-to "$work/floor-state" \
+    --var "OPENAI_REALTIME_URL:$realtime"
+  floor_pid=$started
+
+  log "applying D1 migrations to the bridge's bench state"
+  CI=true npx wrangler d1 migrations apply DB --local --persist-to "$work/bridge-state" >"$work/migrations.log" 2>&1 \
+    || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
+  start_bg bridge env CI=true NO_COLOR=1 npx wrangler dev "${common[@]}" \
+    --port "$bridge_port" --inspector-port "$(free_port)" --persist-to "$work/bridge-state" \
+    --var "OPENAI_REALTIME_URL:$realtime" --var "TWILIO_AUTH_TOKEN:$token" \
+    --var "OPENAI_API_KEY:sk-bench-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+  bridge_pid=$started
+
+  wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
+  wait_http "http://127.0.0.1:$floor_port/healthz" "$work/floor.log" 120
+  wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300
+  sleep 2
+
+  # A second agent on another number, with call recording off: the bridge's cost without
+  # the recording (bridge-norec), beside the default agent's (bridge, recording on).
+  norec=()
+  norec_number="+815099990000"
+  bridge="http://127.0.0.1:$bridge_port"
+  if curl -fsS -o /dev/null -X POST "$bridge/api/admin/agents" -H "Authorization: Bearer $admin" \
+       -H 'Content-Type: application/json' \
+       -d '{"id":"bench-norec","name":"bench, no recording","instructions":"bench","record_calls":false}' \
+     && curl -fsS -o /dev/null -X PUT "$bridge/api/admin/numbers/%2B815099990000" -H "Authorization: Bearer $admin" \
+       -H 'Content-Type: application/json' -d '{"agent_id":"bench-norec"}'; then
+    norec=(--target "bridge-norec=$bridge" --pid "bridge-norec=$bridge_pid" --to "bridge-norec=$norec_number")
+  else
+    log "could not set up the no-recording agent through the admin API; skipping bridge-norec"
+  fi
+
+  log "load: $calls calls × ${seconds}s, $rounds round(s) per Worker"
+  timeout $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
+    --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
+    --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
+    --target "bridge=$bridge" --pid "bridge=$bridge_pid" "${norec[@]}" \
+    --calls "$calls" --seconds "$seconds" --rounds "$rounds" --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
+    --json "$work/load.json" | tee "$load_out"
+fi
+
+echo
+echo "================================================================================"
+echo "benchmark summary — $(date -u +%Y-%m-%dT%H:%MZ), $machine"
+echo "commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo ' (+ uncommitted changes)')"
+echo "--------------------------------------------------------------------------------"
+printf 'wasm build (build/index_bg.wasm): %s bytes raw, %s bytes gzipped (-9)\n' "$raw" "$gz"
+if [[ "$native" == 1 ]]; then
+  echo
+  cat "$native_out"
+fi
+if [[ "$load" == 1 ]]; then
+  echo
+  cat "$load_out"
+  echo "(set-up: stream start → first audio back; latency: one way through the Worker on loopback,"
+  echo " every frame once the call's audio path was up both ways; CPU: utime+stime of the Worker's"
+  echo " workerd processes / call-minutes of audio)"
+fi
+echo "logs and raw figures: $work"

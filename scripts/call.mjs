@@ -1,0 +1,475 @@
+#!/usr/bin/env node
+// Call simulator: places a phone call against the local Worker exactly as Twilio does, with
+// no phone. See `node scripts/call.mjs --help`.
+//
+//   npm run call -- --audio samples/caller-ja.wav [--offline] [--out agent.wav]
+//
+// 1. POSTs the voice webhook (form params of an incoming call) signed with X-Twilio-Signature
+//    (HMAC-SHA1 with TWILIO_AUTH_TOKEN from the environment or .dev.vars, protocol.md B5).
+// 2. Opens the <Stream url> of the TwiML answer with the signed header and speaks Media
+//    Streams: connected, start (customParameters = the <Parameter>s), real-time paced 20 ms
+//    μ-law media frames (the WAV file, resampled to 8 kHz), silence, stop.
+// 3. Plays Twilio's part for the agent's audio: queued and played at 8 bytes/ms, marks
+//    echoed when played, `clear` flushes and echoes pending marks. What was played is
+//    written to --out (16-bit PCM WAV, 8 kHz).
+// 4. Prints the transcript: with --offline, what the local stand-in Realtime server heard and
+//    said as it happens; otherwise the Worker's stored transcript (admin API, ADMIN_TOKEN),
+//    polled during the call and printed in full at the end.
+
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } from './sim/audio.mjs';
+import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
+import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
+
+const HELP = `Call simulator: a phone call to the local Worker, played exactly as Twilio would.
+
+usage: npm run call -- --audio FILE.wav [options]
+       node scripts/call.mjs --audio FILE.wav [options]
+
+  --audio FILE        what the caller says: a WAV file of any common rate, channel count and
+                      sample format (PCM 8/16/24/32-bit, float, μ-law, A-law); resampled to
+                      8 kHz μ-law. Default: samples/caller-ja.wav
+  --offline           start the local stand-in Realtime server (not OpenAI) on 127.0.0.1:PORT;
+                      the Worker must point at it: start it with \`npm run dev:offline\`
+  --standin-port N    port of the stand-in (default ${DEFAULT_PORT})
+  --out FILE          the agent's audio as the caller heard it (default agent.wav)
+  --recording FILE    also write both sides as a stereo WAV (left caller, right agent)
+  --url URL           the Worker (default http://127.0.0.1:8787)
+  --from NUMBER       caller number (default +819012345678)
+  --to NUMBER         called number; picks the agent (default +815012345678)
+  --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
+                      agent's greeting has played (at most 10 s). 0 makes the caller talk
+                      over the greeting (a barge-in). Default auto
+  --tail S            silence after the caller's audio, at least (default 3); the call goes on
+                      while the agent is still answering, up to --max-tail (default 30)
+  --dev-vars FILE     where TWILIO_AUTH_TOKEN and ADMIN_TOKEN are read when not in the
+                      environment (default .dev.vars)
+  --quiet             print only the transcript and the summary
+  -h, --help          this text
+
+Microphone input is not supported (the simulator only reads WAV files).
+Exit status: 0 call completed; 1 usage or setup error; 2 the call failed (webhook refused,
+stream refused or ended by the Worker, no agent audio).`;
+
+function parseArgs(argv) {
+  const o = {
+    audio: join(ROOT, 'samples/caller-ja.wav'),
+    offline: false,
+    standinPort: DEFAULT_PORT,
+    out: 'agent.wav',
+    recording: null,
+    url: 'http://127.0.0.1:8787',
+    from: '+819012345678',
+    to: '+815012345678',
+    leadIn: 'auto',
+    tail: 3,
+    maxTail: 30,
+    devVars: join(ROOT, '.dev.vars'),
+    quiet: false,
+  };
+  const need = (i, name) => {
+    if (i + 1 >= argv.length) throw new Error(`${name} needs a value`);
+    return argv[i + 1];
+  };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const [flag, inline] = a.startsWith('--') && a.includes('=') ? [a.slice(0, a.indexOf('=')), a.slice(a.indexOf('=') + 1)] : [a, undefined];
+    const val = () => (inline !== undefined ? inline : need(i++, flag));
+    switch (flag) {
+      case '-h': case '--help': o.help = true; break;
+      case '--audio': o.audio = val(); break;
+      case '--offline': o.offline = true; break;
+      case '--standin-port': o.standinPort = Number(val()); break;
+      case '--out': o.out = val(); break;
+      case '--recording': o.recording = val(); break;
+      case '--url': o.url = val().replace(/\/+$/, ''); break;
+      case '--from': o.from = val(); break;
+      case '--to': o.to = val(); break;
+      case '--lead-in': o.leadIn = val(); break;
+      case '--tail': o.tail = Number(val()); break;
+      case '--max-tail': o.maxTail = Number(val()); break;
+      case '--dev-vars': o.devVars = val(); break;
+      case '--quiet': o.quiet = true; break;
+      case '--mic': case '--microphone': throw new Error('microphone input is not supported: pass a WAV file with --audio');
+      default: throw new Error(`unknown option ${a} (see --help)`);
+    }
+  }
+  if (o.leadIn !== 'auto' && !(Number(o.leadIn) >= 0)) throw new Error('--lead-in takes seconds or auto');
+  if (!(o.tail >= 0) || !(o.maxTail >= o.tail)) throw new Error('--tail/--max-tail must be seconds, max ≥ tail');
+  if (!(o.standinPort > 0 && o.standinPort < 65536)) throw new Error('--standin-port must be a port number');
+  return o;
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, Math.max(0, ms)));
+
+class CallFailed extends Error {}
+
+async function main() {
+  let opt;
+  try {
+    opt = parseArgs(process.argv.slice(2));
+  } catch (e) {
+    console.error(`call: ${e.message}`);
+    return 1;
+  }
+  if (opt.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const info = (...a) => opt.quiet || console.log(...a);
+
+  // ---- settings and audio ----
+  const authToken = setting('TWILIO_AUTH_TOKEN', opt.devVars);
+  const adminToken = setting('ADMIN_TOKEN', opt.devVars);
+  if (!authToken) {
+    console.error(`call: TWILIO_AUTH_TOKEN is not set (environment or ${opt.devVars}); the Worker refuses unsigned webhooks.`);
+    return 1;
+  }
+  let caller;
+  try {
+    caller = wavToMulaw8k(readFileSync(opt.audio));
+  } catch (e) {
+    console.error(`call: cannot read ${opt.audio}: ${e.message}`);
+    return 1;
+  }
+  const src = caller.source;
+  info(`caller audio: ${opt.audio} (${src.sampleRate} Hz, ${src.channels} ch, ${src.bitsPerSample}-bit) → ${caller.seconds.toFixed(2)} s of 8 kHz μ-law`);
+
+  // Is the Worker there?
+  try {
+    const r = await fetch(`${opt.url}/healthz`, { signal: AbortSignal.timeout(5000) });
+    if (!r.ok) throw new Error(`GET /healthz answered ${r.status}`);
+  } catch (e) {
+    console.error(`call: the Worker does not answer at ${opt.url} (${e.cause?.code ?? e.message}).`);
+    console.error(opt.offline ? '      Start it first:  npm run dev:offline' : '      Start it first:  npm run dev');
+    return 1;
+  }
+
+  // ---- the stand-in ----
+  let standin = null;
+  let t0 = null; // stream start, ms (monotonic)
+  const stamp = () => (t0 === null ? '  --- ' : `${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s`);
+  const say = (who, text) => console.log(`[${stamp()}] ${who.padEnd(6)} ${text}`);
+  const state = { standinSessions: 0, agentAudioBytes: 0, responsesPending: 0, standinSpeaking: false };
+  if (opt.offline) {
+    standin = new StandIn({ port: opt.standinPort, mode: 'conversation' });
+    try {
+      await standin.listen();
+    } catch (e) {
+      console.error(`call: cannot start the stand-in on 127.0.0.1:${opt.standinPort}: ${e.message}`);
+      console.error('      Is another simulator running? Pick another port with --standin-port (and start the Worker to match).');
+      return 1;
+    }
+    info(`stand-in Realtime server (offline, NOT OpenAI) listening on ${standin.url}`);
+    standin.on('session', () => {
+      state.standinSessions++;
+      info(`[${stamp()}] the Worker connected to the stand-in`);
+    });
+    standin.on('session_updated', ({ config }) => {
+      const a = config.audio ?? {};
+      info(
+        `[${stamp()}] stand-in session: in=${a.input?.format?.type} out=${a.output?.format?.type} voice=${a.output?.voice} ` +
+          `turn_detection=${a.input?.turn_detection?.type ?? 'none'} transcription=${a.input?.transcription?.model ?? 'off'}`,
+      );
+    });
+    standin.on('speech_started', () => info(`[${stamp()}] (stand-in VAD: caller speech started)`));
+    standin.on('speech_stopped', () => info(`[${stamp()}] (stand-in VAD: caller speech stopped)`));
+    standin.on('heard', ({ text }) => say('caller', text));
+    standin.on('response_started', ({ text }) => {
+      state.responsesPending++;
+      say('agent', text);
+    });
+    standin.on('said', ({ status, reason, text }) => {
+      state.responsesPending = Math.max(0, state.responsesPending - 1);
+      if (status !== 'completed') say('agent', `(response ${status}${reason ? `: ${reason}` : ''}; generated so far: "${text}")`);
+    });
+    standin.on('truncated', ({ audioEndMs, text }) => say('agent', `(cut by the caller after ${audioEndMs} ms; heard: "${text}")`));
+    standin.on('error_sent', ({ code, message }) => info(`[${stamp()}] stand-in sent an error: ${code}: ${message}`));
+  }
+
+  const ids = { callSid: sid('CA'), accountSid: sid('AC'), streamSid: sid('MZ') };
+  let exit = 0;
+  try {
+    exit = await placeCall(opt, { authToken, adminToken, caller, ids, standin, state, info, say, setT0: (t) => (t0 = t) });
+  } catch (e) {
+    if (e instanceof CallFailed) {
+      console.error(`call failed: ${e.message}`);
+      exit = 2;
+    } else {
+      throw e;
+    }
+  } finally {
+    if (standin) await standin.close();
+  }
+  return exit;
+}
+
+async function placeCall(opt, ctx) {
+  const { authToken, adminToken, caller, ids, standin, state, info, say } = ctx;
+
+  // ---- the voice webhook ----
+  const voiceUrl = `${opt.url}/api/twilio/voice`;
+  info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
+  const hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
+  if (hook.status !== 200) {
+    const hint = hook.status === 403 ? ' (is TWILIO_AUTH_TOKEN the one the Worker uses? the simulator reads the environment, then .dev.vars)' : '';
+    throw new CallFailed(`voice webhook answered HTTP ${hook.status}: ${hook.body.trim().slice(0, 300)}${hint}`);
+  }
+  const twiml = parseTwiml(hook.body);
+  if (!twiml.streamUrl) {
+    info('the Worker answered without a media stream (USE_OPENAI_REALTIME off?). Twilio would now:');
+    for (const s of twiml.says) info(`  <Say> ${s}`);
+    for (const d of twiml.dials) info(`  <Dial> ${d}`);
+    throw new CallFailed('no <Connect><Stream> in the TwiML answer');
+  }
+  info(`TwiML: <Stream url="${twiml.streamUrl}"> with ${twiml.parameters.map(([k, v]) => `${k}=${v}`).join(', ') || 'no parameters'}`);
+
+  // ---- the media stream ----
+  let ws;
+  try {
+    ws = await openMediaStream(twiml.streamUrl, authToken);
+  } catch (e) {
+    throw new CallFailed(e.message);
+  }
+  const frames = new TwilioFrames(ids);
+  const t0 = nowMs();
+  ctx.setT0(t0);
+  const agentTimeline = { buf: Buffer.alloc(8000 * 60, MULAW_SILENCE), end: 0 };
+  const put = (bytes, atMs) => {
+    const pos = Math.max(0, Math.round((atMs - t0) * 8));
+    const need = pos + bytes.length;
+    if (need > agentTimeline.buf.length) {
+      const bigger = Buffer.alloc(Math.max(need, agentTimeline.buf.length * 2), MULAW_SILENCE);
+      agentTimeline.buf.copy(bigger);
+      agentTimeline.buf = bigger;
+    }
+    bytes.copy(agentTimeline.buf, pos);
+    agentTimeline.end = Math.max(agentTimeline.end, need);
+  };
+  const stats = { sent: 0, media: 0, marks: 0, echoedPlayed: 0, echoedFlushed: 0, clears: 0, problems: [] };
+  const send = (text) => {
+    if (ws.readyState === ws.OPEN) ws.send(text);
+  };
+  const player = new Player({
+    onPlayed: put,
+    onMark: (name, played) => {
+      played ? stats.echoedPlayed++ : stats.echoedFlushed++;
+      send(frames.mark(name));
+    },
+  });
+  const ticker = setInterval(() => player.advance(nowMs()), 5);
+  let closed = null;
+  const closedPromise = new Promise((resolve) =>
+    ws.on('close', (code, reason) => {
+      closed = { code, reason: reason.toString(), at: nowMs() };
+      resolve(closed);
+    }),
+  );
+  ws.on('message', (data) => {
+    const now = nowMs();
+    let f;
+    try {
+      f = JSON.parse(data.toString());
+    } catch {
+      stats.problems.push('non-JSON frame from the Worker');
+      return;
+    }
+    if (f.streamSid !== ids.streamSid) stats.problems.push(`${f.event} frame with streamSid ${f.streamSid}`);
+    switch (f.event) {
+      case 'media': {
+        const bytes = Buffer.from(f.media?.payload ?? '', 'base64');
+        stats.media++;
+        state.agentAudioBytes += bytes.length;
+        player.media(bytes, now);
+        break;
+      }
+      case 'mark':
+        stats.marks++;
+        player.mark(f.mark?.name ?? '', now);
+        break;
+      case 'clear': {
+        stats.clears++;
+        const before = player.discardedBytes;
+        const flushed = player.clear(now);
+        info(`[${((now - t0) / 1000).toFixed(1).padStart(5)}s] Twilio: clear (barge-in) — ${((player.discardedBytes - before) / 8).toFixed(0)} ms of agent audio dropped, ${flushed.length} marks echoed`);
+        break;
+      }
+      default:
+        stats.problems.push(`unexpected event ${JSON.stringify(f.event)} from the Worker`);
+    }
+  });
+  ws.on('error', (e) => stats.problems.push(`socket error: ${e.message}`));
+
+  send(frames.connected());
+  send(frames.start(twiml.parameters));
+
+  // Live transcript from the Worker's store (real OpenAI): poll the admin API.
+  const printed = new Set();
+  const printEntries = (entries) => {
+    for (const e of entries) {
+      const key = `${e.seq}:${e.text}`;
+      if (printed.has(key)) continue;
+      printed.add(key);
+      const who = e.role === 'agent' ? 'agent' : 'caller';
+      console.log(`[${(e.offset_ms / 1000).toFixed(1).padStart(5)}s] ${who.padEnd(6)} ${e.text}${e.interrupted ? '  (interrupted)' : ''}`);
+    }
+  };
+  let polling = null;
+  if (!standin && adminToken) {
+    polling = setInterval(async () => {
+      const d = await fetchCall(opt.url, adminToken, ids.callSid).catch(() => null);
+      if (d?.transcript) printEntries(d.transcript);
+    }, 1500);
+  }
+
+  // ---- the caller's audio, paced in real time ----
+  const silence = Buffer.alloc(FRAME_BYTES, MULAW_SILENCE);
+  let i = 0;
+  const sendFrame = async (frame) => {
+    await sleep(t0 + 20 * i - nowMs());
+    if (closed) return false;
+    send(frames.media(frame.toString('base64')));
+    stats.sent++;
+    i++;
+    return true;
+  };
+  const callerTimeline = [];
+  const agentQuiet = (ms) =>
+    !player.busy() && state.responsesPending === 0 && (player.lastAudioAt === null || nowMs() - player.lastAudioAt >= ms);
+
+  // Lead-in: silence while the greeting plays (auto), or a fixed time.
+  const leadInMs = opt.leadIn === 'auto' ? null : Number(opt.leadIn) * 1000;
+  while (!closed) {
+    const elapsed = i * 20;
+    if (leadInMs !== null ? elapsed >= leadInMs : elapsed >= 10_000 || (elapsed >= 1000 && state.agentAudioBytes > 0 && agentQuiet(600))) break;
+    if (!(await sendFrame(silence))) break;
+    callerTimeline.push(silence);
+  }
+  if (!closed) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] caller starts speaking (${caller.seconds.toFixed(1)} s)`);
+  for (let off = 0; off < caller.mulaw.length && !closed; off += FRAME_BYTES) {
+    let frame = caller.mulaw.subarray(off, off + FRAME_BYTES);
+    if (frame.length < FRAME_BYTES) frame = Buffer.concat([frame, silence.subarray(frame.length)]);
+    if (!(await sendFrame(frame))) break;
+    callerTimeline.push(frame);
+  }
+  // Tail: silence while the agent answers.
+  const tailStart = i;
+  while (!closed) {
+    const tailMs = (i - tailStart) * 20;
+    if (tailMs >= opt.maxTail * 1000) break;
+    if (tailMs >= opt.tail * 1000 && agentQuiet(1500)) break;
+    if (!(await sendFrame(silence))) break;
+    callerTimeline.push(silence);
+  }
+
+  let endedByWorker = closed;
+  if (!closed) {
+    send(frames.stop());
+    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] Twilio: stop (the caller hung up)`);
+    await Promise.race([closedPromise, sleep(5000)]);
+    if (!closed) ws.close(1000, 'call ended');
+  }
+  player.advance(nowMs());
+  clearInterval(ticker);
+  if (polling) clearInterval(polling);
+
+  // ---- results ----
+  const played = agentTimeline.buf.subarray(0, agentTimeline.end);
+  const outPath = resolve(opt.out);
+  mkdirSync(dirname(outPath), { recursive: true });
+  writeFileSync(outPath, encodeWav16([mulawToInt16(played)], 8000));
+  if (opt.recording) {
+    const callerBytes = Buffer.concat(callerTimeline);
+    const n = Math.max(callerBytes.length, played.length);
+    const left = new Int16Array(n);
+    const right = new Int16Array(n);
+    left.set(mulawToInt16(callerBytes));
+    right.set(mulawToInt16(played));
+    const recPath = resolve(opt.recording);
+    mkdirSync(dirname(recPath), { recursive: true });
+    writeFileSync(recPath, encodeWav16([left, right], 8000));
+    info(`recording (left caller, right agent): ${recPath}`);
+  }
+  const secs = (b) => (b / 8000).toFixed(2);
+  info('');
+  info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s`);
+  info(`              marks: ${stats.marks} received, ${stats.echoedPlayed} echoed as played, ${stats.echoedFlushed} flushed by ${stats.clears} clear(s)`);
+  info(`agent audio written to ${outPath} (8 kHz 16-bit PCM, ${secs(played.length)} s, silence where the agent was not speaking)`);
+  if (stats.problems.length) info(`protocol problems: ${[...new Set(stats.problems)].join('; ')}`);
+
+  // The stored transcript.
+  if (adminToken) {
+    const detail = await waitForEnded(opt.url, adminToken, ids.callSid);
+    if (detail) {
+      const c = detail.call ?? {};
+      console.log(`\nstored call record: status=${c.status} end_reason=${c.end_reason} duration_ms=${c.duration_ms} first_audio_ms=${c.first_audio_ms} barge_ins=${c.barge_ins}`);
+      console.log('stored transcript (GET /api/admin/calls/' + ids.callSid + '):');
+      if (!detail.transcript?.length) console.log('  (empty)');
+      for (const e of detail.transcript ?? []) {
+        console.log(`  [${(e.offset_ms / 1000).toFixed(1).padStart(5)}s] ${(e.role === 'agent' ? 'agent' : 'caller').padEnd(6)} ${e.text}${e.interrupted ? '  (interrupted)' : ''}`);
+      }
+    } else {
+      console.log(`\n(could not read the stored call from the admin API; is ADMIN_TOKEN the Worker's?)`);
+    }
+  } else {
+    console.log('\n(ADMIN_TOKEN not set: the stored transcript is not shown)');
+  }
+
+  if (endedByWorker) {
+    const why = endedByWorker.code === 1011 ? 'the agent is unavailable' : `close ${endedByWorker.code} ${endedByWorker.reason}`;
+    const then = [...twiml.says.map((s) => `<Say> ${s}`), ...twiml.dials.map((d) => `<Dial> ${d}`)];
+    console.log(`\nthe Worker ended the stream before the caller hung up (${why}); Twilio would now run the TwiML after <Connect>:`);
+    for (const t of then) console.log(`  ${t}`);
+    if (!standin) {
+      console.log('  (the Worker could not use OpenAI. With the dummy OPENAI_API_KEY of .dev.vars.example this is expected:');
+      console.log('   put a real key in .dev.vars, or run offline: `npm run dev:offline` and `npm run call -- --offline`)');
+    }
+    else if (ctx.state.standinSessions === 0) console.log('  (the Worker never reached the stand-in: start it with `npm run dev:offline`)');
+    return 2;
+  }
+  if (state.agentAudioBytes === 0) {
+    const hint = standin && state.standinSessions === 0
+      ? ' — the Worker never connected to the stand-in: it must be started with `npm run dev:offline` (OPENAI_REALTIME_URL=' + standin.url + ')'
+      : '';
+    console.log(`\nno agent audio was received${hint}`);
+    return 2;
+  }
+  return 0;
+}
+
+async function fetchCall(url, adminToken, callSid) {
+  const r = await fetch(`${url}/api/admin/calls/${callSid}`, {
+    headers: { Authorization: `Bearer ${adminToken}` },
+    signal: AbortSignal.timeout(5000),
+  });
+  if (!r.ok) return null;
+  return r.json();
+}
+
+/** The stored call once it has ended (the record is written off the audio path). */
+async function waitForEnded(url, adminToken, callSid) {
+  let last = null;
+  for (let k = 0; k < 20; k++) {
+    last = (await fetchCall(url, adminToken, callSid).catch(() => null)) ?? last;
+    if (last?.call?.ended_at) {
+      // Transcript rows may trail the end row by a moment.
+      await sleep(500);
+      return (await fetchCall(url, adminToken, callSid).catch(() => null)) ?? last;
+    }
+    await sleep(500);
+  }
+  return last;
+}
+
+main().then(
+  (code) => process.exit(code),
+  (e) => {
+    console.error(e?.stack ?? String(e));
+    process.exit(1);
+  },
+);
