@@ -254,11 +254,21 @@ struct Pump {
 impl Pump {
     async fn run(mut self, mut rx: UnboundedReceiver<Event>) {
         self.perform().await;
+        // One timer, kept while its deadline holds: re-arming a setTimeout for every frame
+        // is a real cost at 150 messages a second per call.
+        let mut timer: Option<(Millis, futures::future::Fuse<Delay>)> = None;
         while !self.call.is_ended() {
-            let event = match self.call.poll_timeout() {
+            match self.call.poll_timeout() {
+                None => timer = None,
+                Some(at) if timer.as_ref().is_some_and(|(d, _)| *d == at) => {}
                 Some(at) => {
                     let wait = at.0.saturating_sub(now().0);
-                    let mut delay = Delay::from(Duration::from_millis(wait)).fuse();
+                    timer = Some((at, Delay::from(Duration::from_millis(wait)).fuse()));
+                }
+            }
+            let event = match timer.as_mut() {
+                Some((_, delay)) => {
+                    let mut delay = delay;
                     futures::select! {
                         e = rx.next() => e,
                         _ = delay => Some(Event::Timeout),
@@ -267,7 +277,17 @@ impl Pump {
                 None => rx.next().await,
             };
             let Some(event) = event else { break };
+            if matches!(event, Event::Timeout) {
+                timer = None;
+            }
             self.feed(event);
+            // Whatever else is already queued goes through before the next wait.
+            while !self.call.is_ended() {
+                match rx.try_recv() {
+                    Ok(event) => self.feed(event),
+                    Err(_) => break,
+                }
+            }
             self.perform().await;
         }
         self.openai_listeners = None;
