@@ -19,4 +19,13 @@ apply_local_migrations
 log "cargo test (unit + integration)"
 cargo test --all-targets
 
+# ---- call-review page (issue 6): headless Chromium against the Worker in wrangler dev ----
+log "browser test of the call-review page (installs chromium when missing)"
+bash scripts/ui-test.sh
+
+# ---- fuzzing (issue 5): a short run of every fuzz target from the committed corpora ----
+# (the long run is `bash scripts/fuzz.sh 3600 call_machine`; see fuzz/README.md)
+log "fuzz: a short run of the core's fuzz targets (installs cargo-fuzz when missing)"
+bash scripts/fuzz.sh 30
+
 log "all tests passed"
