@@ -261,7 +261,7 @@ fn agent_to_caller(
         // One 1 s "response" per batch: 50 deltas of a fresh item, then their 50 echoes.
         // A call lasts 20 responses, so per-call state stays the size of a real call's.
         item_no += 1;
-        if item_no % 20 == 0 {
+        if item_no.is_multiple_of(20) {
             call = live_call_with(record);
         }
         let item = format!("item_{item_no}");
@@ -386,7 +386,7 @@ fn main() {
         let mut seq = 2u64;
         figures.push(measure("barge-in", 1, budget, samples, || {
             item_no += 1;
-            if item_no % 20 == 0 {
+            if item_no.is_multiple_of(20) {
                 call = live_call();
             }
             let item = format!("item_b{item_no}");

@@ -958,7 +958,9 @@ impl Harness {
             };
         }
         if let Err(e) = agent.validate() {
-            fail(format!("the harness built an agent no call could have: {e}"));
+            fail(format!(
+                "the harness built an agent no call could have: {e}"
+            ));
         }
         let model = agent.model.clone();
         let setup = Setup {

@@ -219,6 +219,7 @@ impl CallSession {
             twilio: pair.server,
             openai: None,
             openai_listeners: None,
+            openai_connect: 0,
             _twilio_listeners: twilio_listeners,
             tx,
             storage,
@@ -243,6 +244,8 @@ struct Pump {
     openai: Option<WebSocket>,
     /// Dropped with the socket they listen to, so a replaced session's close is not heard.
     openai_listeners: Option<Listeners>,
+    /// Number of the latest OpenAI connect asked for; older ones are discarded.
+    openai_connect: u64,
     _twilio_listeners: Listeners,
     tx: UnboundedSender<Event>,
     storage: Storage,
@@ -308,10 +311,15 @@ impl Pump {
                     },
                     (Side::OpenAi, Frame::Text(s)) => Input::OpenAiText(s),
                     (Side::OpenAi, Frame::Binary(len)) => Input::OpenAiBinary { len: *len },
-                    (Side::OpenAi, Frame::Closed { code, reason }) => Input::OpenAiClosed {
-                        code: *code,
-                        reason,
-                    },
+                    (Side::OpenAi, Frame::Closed { code, reason }) => {
+                        // The peer closed it: nothing more is sent there.
+                        self.openai = None;
+                        self.openai_listeners = None;
+                        Input::OpenAiClosed {
+                            code: *code,
+                            reason,
+                        }
+                    }
                     (_, Frame::Error(message)) => {
                         // A close event follows an error; that is what ends the call.
                         self.log_socket_error(side, message);
@@ -320,18 +328,24 @@ impl Pump {
                 };
                 self.call.handle(input, t);
             }
-            Event::OpenAiConnected(ws, listeners) => {
-                if self.call.is_ended() {
-                    let _ = ws.close(Some(1000), Some("call ended"));
+            Event::OpenAiConnected(n, ws, listeners) => {
+                // A connect the machine has since given up on (a setup timeout, then a
+                // new attempt) must not pass for the current session.
+                if self.call.is_ended() || n != self.openai_connect {
+                    drop(listeners);
+                    let _ = ws.close(Some(1000), Some("superseded"));
                     return;
                 }
                 self.openai = Some(ws);
                 self.openai_listeners = Some(listeners);
                 self.call.handle(Input::OpenAiOpened, t);
             }
-            Event::OpenAiFailed(reason) => self
-                .call
-                .handle(Input::OpenAiConnectFailed { reason: &reason }, t),
+            Event::OpenAiFailed(n, reason) => {
+                if n == self.openai_connect {
+                    self.call
+                        .handle(Input::OpenAiConnectFailed { reason: &reason }, t)
+                }
+            }
             Event::HttpDone(id, outcome) => self.call.handle(
                 Input::HttpDone {
                     id,
@@ -368,13 +382,19 @@ impl Pump {
                     None => self.log_socket_error(Side::OpenAi, "send before the socket opened"),
                 },
                 Action::ConnectOpenAi { model } => {
+                    self.openai_connect += 1;
+                    let n = self.openai_connect;
+                    self.openai_listeners = None;
+                    if let Some(old) = self.openai.take() {
+                        let _ = old.close(Some(1000), Some("replaced"));
+                    }
                     let url = self.config.realtime_connect_url(&model);
                     let key = self.config.openai_api_key.expose().to_owned();
                     let tx = self.tx.clone();
                     wasm_bindgen_futures::spawn_local(async move {
                         let event = match connect_openai(&url, &key, tx.clone()).await {
-                            Ok((ws, listeners)) => Event::OpenAiConnected(ws, listeners),
-                            Err(reason) => Event::OpenAiFailed(reason),
+                            Ok((ws, listeners)) => Event::OpenAiConnected(n, ws, listeners),
+                            Err(reason) => Event::OpenAiFailed(n, reason),
                         };
                         let _ = tx.unbounded_send(event);
                     });

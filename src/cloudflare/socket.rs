@@ -25,8 +25,9 @@ pub enum Frame {
 
 pub enum Event {
     Socket(Side, Frame),
-    OpenAiConnected(WebSocket, Listeners),
-    OpenAiFailed(String),
+    /// The connect numbered so (see `Pump::openai_connect`) succeeded or failed.
+    OpenAiConnected(u64, WebSocket, Listeners),
+    OpenAiFailed(u64, String),
     HttpDone(u64, crate::http::Outcome),
     Timeout,
 }
