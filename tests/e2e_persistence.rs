@@ -229,7 +229,16 @@ async fn a_call_with_a_barge_in_leaves_exactly_its_rows_in_conversation_order() 
         .await;
     let (oa, twilio, sid) = (&call.openai, &call.twilio, call.ids.call_sid.as_str());
     let t0 = call.start_sent_at;
-    let created = &oa.sent()[0].1;
+    // The fake sends session.created as soon as the socket is up, which can be just after
+    // start_call returns: wait for it rather than read it.
+    let created = ok(
+        h,
+        oa.wait_until("session.created sent", SOON, |v| {
+            v.sent.first().map(|(_, e)| e.clone())
+        })
+        .await,
+    );
+    let created = &created;
     assert_eq!(created["type"], "session.created");
     let session_id = created["session"]["id"].as_str().unwrap().to_owned();
 
