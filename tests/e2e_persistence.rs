@@ -721,7 +721,14 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
     let oa = ok(h, claim.session(SOON).await);
     drop(claim);
     let oa = &oa;
-    let session_id = oa.sent()[0].1["session"]["id"].as_str().unwrap().to_owned();
+    let created = ok(
+        h,
+        oa.wait_until("session.created sent", SOON, |v| {
+            v.sent.first().map(|(_, e)| e.clone())
+        })
+        .await,
+    );
+    let session_id = created["session"]["id"].as_str().unwrap().to_owned();
 
     ok(
         h,
