@@ -430,30 +430,15 @@ impl Call {
                 );
             }
             Some(Tool::EndCall) => {
-                let output = json!({
-                    "ok": true,
-                    "instruction": "Say a brief, polite goodbye now. The call ends when you finish speaking.",
-                })
-                .to_string();
-                // Ending first: the response tool_done asks for is the goodbye.
                 let why = args["reason"].as_str().unwrap_or("end_call").to_owned();
-                self.start_ending(
+                let instruction =
+                    "Say a brief, polite goodbye now. The call ends when you finish speaking.";
+                self.finish_with_words(
                     Finish::Hangup { why },
-                    Phase::Goodbye {
-                        requested: false,
-                        response: None,
-                    },
-                    now,
-                );
-                self.tool_done(
-                    ToolResult {
-                        call_id: &call_id,
-                        name: &name,
-                        arguments: args,
-                        ok: true,
-                        output: &output,
-                        took: Millis(0),
-                    },
+                    instruction,
+                    &call_id,
+                    &name,
+                    args,
                     now,
                 );
             }
@@ -477,29 +462,13 @@ impl Call {
                     );
                 }
                 Some(to) => {
-                    let output = json!({
-                        "ok": true,
-                        "instruction": "Tell the caller in one short sentence that you are transferring them to a staff member now.",
-                    })
-                    .to_string();
-                    // Ending first: the response tool_done asks for is the notice.
-                    self.start_ending(
+                    let instruction = "Tell the caller in one short sentence that you are transferring them to a staff member now.";
+                    self.finish_with_words(
                         Finish::Transfer { to },
-                        Phase::Goodbye {
-                            requested: false,
-                            response: None,
-                        },
-                        now,
-                    );
-                    self.tool_done(
-                        ToolResult {
-                            call_id: &call_id,
-                            name: &name,
-                            arguments: args,
-                            ok: true,
-                            output: &output,
-                            took: Millis(0),
-                        },
+                        instruction,
+                        &call_id,
+                        &name,
+                        args,
                         now,
                     );
                 }
@@ -532,6 +501,40 @@ impl Call {
                 self.actions.push_back(Action::Http { id, request });
             }
         }
+    }
+
+    /// A built-in tool that ends the call: the agent says its piece (`instruction`), then
+    /// the call is hung up or transferred once that has played. The ending is set before
+    /// the tool output, so the response the output asks for is recognised as that piece.
+    fn finish_with_words(
+        &mut self,
+        finish: Finish,
+        instruction: &str,
+        call_id: &str,
+        name: &str,
+        args: Value,
+        now: Millis,
+    ) {
+        self.start_ending(
+            finish,
+            Phase::Goodbye {
+                requested: false,
+                response: None,
+            },
+            now,
+        );
+        let output = json!({ "ok": true, "instruction": instruction }).to_string();
+        self.tool_done(
+            ToolResult {
+                call_id,
+                name,
+                arguments: args,
+                ok: true,
+                output: &output,
+                took: Millis(0),
+            },
+            now,
+        );
     }
 
     fn next_http_id(&mut self) -> u64 {
