@@ -81,6 +81,7 @@ fn new_call(record: bool) -> Call {
                 auth_token: Secret::new("bench"),
             },
             idle_timeout: Millis(3_600_000),
+            fallback_twiml: "<Response><Say>sorry</Say></Response>".into(),
         },
         Millis(0),
     )

@@ -83,6 +83,8 @@ pub enum Record {
         /// From the stream start; `None` when the stream never started.
         duration_ms: Option<u64>,
         end_reason: String,
+        /// The particulars of the reason (a close code, an HTTP status, …).
+        end_detail: Option<String>,
         failed: bool,
         input_tokens: u64,
         output_tokens: u64,
@@ -254,6 +256,7 @@ impl Record {
                 at_ms,
                 duration_ms,
                 end_reason,
+                end_detail,
                 failed,
                 input_tokens,
                 output_tokens,
@@ -267,7 +270,8 @@ impl Record {
                         "UPDATE calls SET ended_at = ?2, duration_ms = ?3, end_reason = ?4, \
                          input_tokens = ?5, output_tokens = ?6, total_tokens = ?7, \
                          first_audio_ms = ?8, barge_ins = ?9, \
-                         status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END \
+                         status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END, \
+                         end_detail = ?11 \
                          WHERE call_sid = ?1"
                     ),
                     vec![
@@ -281,6 +285,7 @@ impl Record {
                         first_audio_ms.map(Value::from).unwrap_or(Value::Null),
                         (*barge_ins).into(),
                         if *failed { "failed" } else { "completed" }.into(),
+                        end_detail.as_deref().map(Value::from).unwrap_or(Value::Null),
                     ],
                 ),
             ],
@@ -421,6 +426,7 @@ mod tests {
                 "twilio_stop"
             }
             .into(),
+            end_detail: failed.then(|| "closed with code 1011: server error".into()),
             failed,
             input_tokens: 10,
             output_tokens: 20,
@@ -497,7 +503,10 @@ mod tests {
         write(&conn, &ringing());
         write(&conn, &ended(true));
         status(&conn, "completed", Some(5));
-        assert_eq!(call_row(&conn)["status"], "failed");
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "failed");
+        assert_eq!(row["end_reason"], "openai_closed");
+        assert_eq!(row["end_detail"], "closed with code 1011: server error");
     }
 
     #[test]

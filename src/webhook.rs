@@ -81,6 +81,9 @@ impl Registration {
             at_ms: now_ms,
             duration_ms: Some(now_ms.saturating_sub(streamed_at_ms)),
             end_reason: INTERRUPTED.into(),
+            end_detail: Some(
+                "the bridge restarted mid-call (a deploy or a platform restart)".into(),
+            ),
             failed: true,
             input_tokens: 0,
             output_tokens: 0,
@@ -204,6 +207,16 @@ pub fn answer_voice(
         streams: true,
         twiml,
     })
+}
+
+/// The TwiML a call is redirected to when its agent fails mid-call: the apology, then the
+/// fallback number, or else the agent's own transfer number, when either is set.
+pub fn fallback_twiml(config: &Bridge, agent: &crate::config::Agent) -> String {
+    let dial = config
+        .fallback_dial_number
+        .as_deref()
+        .or(agent.transfer_number.as_deref());
+    twiml::fallback(&config.fallback_message, FALLBACK_LANGUAGE, dial)
 }
 
 /// The parameters of a signed form POST from Twilio, once its signature checks out.

@@ -21,6 +21,9 @@ pub const DRAIN_TIMEOUT: Millis = Millis(15_000);
 /// A lost Realtime session must be back within this long, or the caller gets the fallback.
 pub const RECONNECT_WINDOW: Millis = Millis(8_000);
 pub const MAX_RECONNECTS: u32 = 3;
+/// Wait before each new attempt (the first is at once): a refusing or rate-limiting server
+/// gets a moment, and the attempts still fit well inside the window.
+const RECONNECT_DELAYS: [Millis; MAX_RECONNECTS as usize] = [Millis(0), Millis(500), Millis(1_500)];
 /// The agent is told to wrap up this long before the call's time limit.
 pub const WRAP_UP_BEFORE: Millis = Millis(30_000);
 
@@ -75,10 +78,14 @@ struct ToolResult<'a> {
     took: Millis,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Reconnect {
+    /// What lost the session in the first place: the call's end reason if none comes back.
+    cause: EndReason,
     started: Millis,
     attempts: u32,
+    /// The next attempt waits for this moment.
+    connect_at: Option<Millis>,
 }
 
 #[derive(Debug)]
@@ -537,7 +544,7 @@ impl Call {
         );
     }
 
-    fn next_http_id(&mut self) -> u64 {
+    pub(super) fn next_http_id(&mut self) -> u64 {
         let id = self.control.next_http;
         self.control.next_http += 1;
         id
@@ -678,6 +685,10 @@ impl Call {
 
     /// Hangs up or redirects the call through Twilio REST.
     fn perform_finish(&mut self, _now: Millis) {
+        if self.failing() {
+            // The caller is already on the way to the fallback.
+            return;
+        }
         let Some(ending) = self.control.ending.clone() else {
             return;
         };
@@ -712,35 +723,36 @@ impl Call {
     // ---- a lost or expired session ----
 
     /// Opens a new Realtime session after losing one; false when the window has passed.
-    pub(super) fn try_reconnect(&mut self, now: Millis, why: &str) -> bool {
-        if self.ended.is_some()
-            || matches!(
-                self.control.ending,
-                Some(Ending {
-                    phase: Phase::Requested { .. },
-                    ..
-                })
-            )
-        {
+    pub(super) fn try_reconnect(&mut self, now: Millis, failure: &EndReason) -> bool {
+        if self.ended.is_some() || self.failing() || self.control_asked_twilio() {
             return false;
         }
-        let r = self.control.reconnect.get_or_insert(Reconnect {
+        let why = failure
+            .detail_text()
+            .unwrap_or_else(|| failure.label().to_owned());
+        let r = self.control.reconnect.get_or_insert_with(|| Reconnect {
+            cause: failure.clone(),
             started: now,
             attempts: 0,
+            connect_at: None,
         });
         let window_end = r.started + RECONNECT_WINDOW;
         if r.attempts >= MAX_RECONNECTS || now >= window_end {
             return false;
         }
+        let delay = RECONNECT_DELAYS[r.attempts as usize];
         r.attempts += 1;
         let attempt = r.attempts;
         self.log(
             Level::Warn,
             "openai.reconnecting",
-            json!({ "attempt": attempt, "why": why }),
+            json!({ "attempt": attempt, "why": why, "delay_ms": delay.0 }),
         );
-        self.event(now, "reconnect", json!({ "attempt": attempt, "why": why }));
-        self.upstream = Upstream::Connecting;
+        self.event(
+            now,
+            "reconnect",
+            json!({ "attempt": attempt, "why": why, "delay_ms": delay.0 }),
+        );
         self.setup_deadline = Some(window_end.min(now + super::SESSION_SETUP_TIMEOUT));
         // The old session's items, responses and tool calls are gone with it.
         self.playback.forget_items();
@@ -749,10 +761,53 @@ impl Call {
         self.response_active = false;
         self.control.awaiting_created = false;
         self.control.pending_tools.clear();
+        if delay == Millis(0) {
+            self.connect_again();
+        } else if let Some(r) = &mut self.control.reconnect {
+            // No socket until then.
+            self.upstream = Upstream::Closed;
+            r.connect_at = Some(now + delay);
+        }
+        true
+    }
+
+    fn connect_again(&mut self) {
+        self.upstream = Upstream::Connecting;
         self.actions.push_back(Action::ConnectOpenAi {
             model: self.agent.model.clone(),
         });
-        true
+    }
+
+    /// When a delayed reconnect attempt is due.
+    pub(super) fn reconnect_due(&self) -> Option<Millis> {
+        self.control.reconnect.as_ref().and_then(|r| r.connect_at)
+    }
+
+    pub(super) fn on_reconnect_timer(&mut self, now: Millis) {
+        let Some(r) = &mut self.control.reconnect else {
+            return;
+        };
+        if r.connect_at.is_some_and(|t| now >= t) {
+            r.connect_at = None;
+            self.connect_again();
+        }
+    }
+
+    /// Gives up on replacing the session; returns what lost it in the first place.
+    pub(super) fn cancel_reconnect(&mut self) -> Option<EndReason> {
+        self.control.reconnect.take().map(|r| r.cause)
+    }
+
+    /// A hang-up or transfer request has gone to Twilio (or already succeeded).
+    pub(super) fn control_asked_twilio(&self) -> bool {
+        self.control.finished.is_some()
+            || matches!(
+                self.control.ending,
+                Some(Ending {
+                    phase: Phase::Requested { .. },
+                    ..
+                })
+            )
     }
 
     /// `session_expired`: leave the old session at once rather than wait for its close.
@@ -765,14 +820,12 @@ impl Call {
             reason: "session expired".into(),
         });
         self.upstream = Upstream::Closed;
-        if !self.try_reconnect(now, "session_expired") {
-            self.end(
-                EndReason::OpenAiClosed {
-                    code: 1000,
-                    reason: "session_expired".into(),
-                },
-                now,
-            );
+        let failure = EndReason::OpenAiClosed {
+            code: 1000,
+            reason: "session_expired".into(),
+        };
+        if !self.try_reconnect(now, &failure) {
+            self.fail(failure, now);
         }
     }
 

@@ -7,6 +7,7 @@
 //! from either peer are logged, counted and dropped; they never end the call.
 
 mod control;
+mod fallback;
 mod playback;
 mod record;
 mod transcript;
@@ -49,6 +50,8 @@ pub enum Input<'a> {
     OpenAiOpened,
     OpenAiConnectFailed {
         reason: &'a str,
+        /// The HTTP status of a refused upgrade; `None` when no HTTP answer came.
+        status: Option<u16>,
     },
     OpenAiText(&'a str),
     OpenAiBinary {
@@ -175,6 +178,32 @@ impl EndReason {
         )
     }
 
+    /// The particulars, in words, for the call's record (`calls.end_detail`).
+    pub fn detail_text(&self) -> Option<String> {
+        match self {
+            EndReason::TwilioSocketClosed { code } => {
+                Some(format!("Twilio closed the stream ({code})"))
+            }
+            EndReason::OpenAiClosed { code, reason } if reason.is_empty() => {
+                Some(format!("closed with code {code}"))
+            }
+            EndReason::OpenAiClosed { code, reason } => {
+                Some(format!("closed with code {code}: {reason}"))
+            }
+            EndReason::OpenAiConnectFailed { reason } | EndReason::SessionRejected { reason } => {
+                Some(reason.clone())
+            }
+            EndReason::SessionSetupTimeout => Some(format!(
+                "no usable session within {} s",
+                SESSION_SETUP_TIMEOUT.0 / 1000
+            )),
+            EndReason::AgentHangup { why } => Some(why.clone()),
+            EndReason::Transferred { to } => Some(to.clone()),
+            EndReason::CallControlFailed { what } => Some(what.clone()),
+            EndReason::TwilioStop => None,
+        }
+    }
+
     fn detail(&self) -> Value {
         match self {
             EndReason::TwilioSocketClosed { code } => json!({ "code": code }),
@@ -242,6 +271,8 @@ pub struct Setup {
     pub twilio_rest: RestConfig,
     /// Silence on both sides this long makes the agent check in; as long again ends the call.
     pub idle_timeout: Millis,
+    /// What Twilio is redirected to when the agent side fails (see `fallback`).
+    pub fallback_twiml: String,
 }
 
 pub struct Call {
@@ -271,6 +302,11 @@ pub struct Call {
     actions: VecDeque<Action>,
     /// The call's recording, from the stream start, when the agent records calls.
     recorder: Option<crate::recording::Recorder>,
+    fallback_twiml: String,
+    /// Set once the agent side failed for good and the caller is being handed over.
+    fallback: Option<fallback::Failing>,
+    /// Twilio's socket has closed.
+    twilio_gone: bool,
 }
 
 impl Call {
@@ -282,6 +318,7 @@ impl Call {
             agent,
             twilio_rest,
             idle_timeout,
+            fallback_twiml,
         } = setup;
         let mut call = Self {
             sid: CallSid::new(context.call_sid.clone()),
@@ -306,6 +343,9 @@ impl Call {
             stats: Stats::default(),
             actions: VecDeque::new(),
             recorder: None,
+            fallback_twiml,
+            fallback: None,
+            twilio_gone: false,
             agent,
         };
         call.actions.push_back(Action::ConnectOpenAi {
@@ -345,10 +385,17 @@ impl Call {
         if self.ended.is_some() {
             return None;
         }
-        [self.setup_deadline, self.control_deadline()]
-            .into_iter()
-            .flatten()
-            .min()
+        if let Some(d) = self.fallback_deadline() {
+            return Some(d);
+        }
+        [
+            self.setup_deadline,
+            self.control_deadline(),
+            self.reconnect_due(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     pub fn handle(&mut self, input: Input<'_>, now: Millis) {
@@ -372,24 +419,30 @@ impl Call {
                     "twilio.closed",
                     json!({ "code": code, "reason": reason }),
                 );
-                self.end(EndReason::TwilioSocketClosed { code }, now);
+                self.twilio_gone = true;
+                let reason = self
+                    .failed_reason(now)
+                    .unwrap_or(EndReason::TwilioSocketClosed { code });
+                self.end(reason, now);
             }
             Input::OpenAiOpened => self.on_openai_opened(),
-            Input::OpenAiConnectFailed { reason } => {
+            Input::OpenAiConnectFailed { reason, status } => {
                 self.log(
                     Level::Error,
                     "openai.connect_failed",
-                    json!({ "reason": reason }),
+                    json!({ "reason": reason, "status": status }),
                 );
-                if self.try_reconnect(now, reason) {
+                // No socket came of it: nothing to close.
+                self.upstream = Upstream::Closed;
+                // A refused key or a wrong URL stays refused: no point in trying again.
+                let lasting = matches!(status, Some(400 | 401 | 403 | 404));
+                let failure = EndReason::OpenAiConnectFailed {
+                    reason: reason.to_owned(),
+                };
+                if !lasting && self.try_reconnect(now, &failure) {
                     return;
                 }
-                self.end(
-                    EndReason::OpenAiConnectFailed {
-                        reason: reason.to_owned(),
-                    },
-                    now,
-                );
+                self.fail(failure, now);
             }
             Input::OpenAiText(text) => self.on_openai_text(text, now),
             Input::OpenAiBinary { len } => {
@@ -402,19 +455,25 @@ impl Call {
                     json!({ "code": code, "reason": reason }),
                 );
                 self.upstream = Upstream::Closed;
-                if self.try_reconnect(now, reason) {
+                let failure = EndReason::OpenAiClosed {
+                    code,
+                    reason: reason.to_owned(),
+                };
+                if self.try_reconnect(now, &failure) {
                     return;
                 }
-                self.end(
-                    EndReason::OpenAiClosed {
-                        code,
-                        reason: reason.to_owned(),
-                    },
-                    now,
-                );
+                self.fail(failure, now);
             }
-            Input::HttpDone { id, outcome } => self.on_http_done(id, outcome, now),
+            Input::HttpDone { id, outcome } => {
+                if !self.on_fallback_http_done(id, outcome, now) {
+                    self.on_http_done(id, outcome, now);
+                }
+            }
             Input::Timeout => {
+                if self.failing() {
+                    return self.on_fallback_timer(now);
+                }
+                self.on_reconnect_timer(now);
                 if self.setup_deadline.is_some_and(|d| now >= d) {
                     self.log(
                         Level::Error,
@@ -431,10 +490,10 @@ impl Call {
                             reason: "session setup timed out".into(),
                         });
                     }
-                    if self.try_reconnect(now, "session setup timed out") {
+                    if self.try_reconnect(now, &EndReason::SessionSetupTimeout) {
                         return;
                     }
-                    self.end(EndReason::SessionSetupTimeout, now);
+                    self.fail(EndReason::SessionSetupTimeout, now);
                     return;
                 }
                 self.on_control_timer(now);
@@ -467,7 +526,8 @@ impl Call {
             Inbound::Stop => {
                 self.log(Level::Info, "twilio.stop", Value::Null);
                 let reason = self
-                    .control_end_reason(now)
+                    .failed_reason(now)
+                    .or_else(|| self.control_end_reason(now))
                     .unwrap_or(EndReason::TwilioStop);
                 self.end(reason, now);
             }
@@ -537,6 +597,10 @@ impl Call {
         self.stats.caller_frames += 1;
         self.stats.caller_bytes += bytes;
         self.record_caller(payload, now);
+        if self.failing() {
+            // No session will hear it; the recording keeps it.
+            return;
+        }
         let event = openai::input_audio_append(payload);
         if self.upstream == Upstream::Ready {
             self.actions.push_back(Action::SendOpenAi(event));
@@ -567,6 +631,14 @@ impl Call {
     // ---- OpenAI side ----
 
     fn on_openai_opened(&mut self) {
+        if self.upstream == Upstream::Closed {
+            // A connect we gave up on while it was on its way: let it go.
+            self.actions.push_back(Action::CloseOpenAi {
+                code: 1000,
+                reason: "no longer wanted".into(),
+            });
+            return;
+        }
         if self.upstream != Upstream::Connecting {
             return;
         }
@@ -620,7 +692,7 @@ impl Call {
                 if ours && self.upstream != Upstream::Ready {
                     // The session keeps its defaults (24 kHz PCM out): unusable for a phone.
                     let reason = err.code.or(err.message).unwrap_or_else(|| "error".into());
-                    self.end(EndReason::SessionRejected { reason }, now);
+                    self.fail(EndReason::SessionRejected { reason }, now);
                 }
             }
             ServerEvent::SpeechStarted {
@@ -815,7 +887,7 @@ impl Call {
                     json!({ "reason": reason }),
                 );
             }
-            return self.end(EndReason::SessionRejected { reason }, now);
+            return self.fail(EndReason::SessionRejected { reason }, now);
         }
         if self.upstream == Upstream::Ready {
             return;
@@ -961,14 +1033,16 @@ impl Call {
                 reason: "call ended".into(),
             });
         }
-        if reason.is_failure() {
+        if self.twilio_gone {
+            // Nothing to close.
+        } else if reason.is_failure() {
             // Closing the stream makes Twilio play the TwiML after </Connect> (the apology
             // and transfer), so the caller is not left in silence.
             self.actions.push_back(Action::CloseTwilio {
                 code: 1011,
                 reason: "agent unavailable".into(),
             });
-        } else if !matches!(reason, EndReason::TwilioSocketClosed { .. }) {
+        } else {
             self.actions.push_back(Action::CloseTwilio {
                 code: 1000,
                 reason: "stream stopped".into(),
@@ -1002,6 +1076,7 @@ impl Call {
             at_ms: now.0,
             duration_ms: started.map(|s| now.saturating_sub(s).0),
             end_reason: reason.label().to_owned(),
+            end_detail: reason.detail_text(),
             failed: reason.is_failure(),
             input_tokens: self.stats.tokens.input_tokens,
             output_tokens: self.stats.tokens.output_tokens,

@@ -55,6 +55,7 @@ fn speech_started() -> String {
 }
 
 const IDLE: Millis = Millis(30_000);
+const FALLBACK_TWIML: &str = "<Response><Say language=\"ja-JP\">申し訳ございません</Say><Dial>+81300000000</Dial></Response>";
 
 fn setup(agent: Agent) -> Setup {
     Setup {
@@ -72,6 +73,7 @@ fn setup(agent: Agent) -> Setup {
             auth_token: crate::config::Secret::new("tok"),
         },
         idle_timeout: IDLE,
+        fallback_twiml: FALLBACK_TWIML.into(),
     }
 }
 
@@ -188,6 +190,78 @@ impl Sim {
     }
 }
 
+const STOP: &str = r#"{"event":"stop","sequenceNumber":"99","streamSid":"MZ00000000000000000000000000000001","stop":{"accountSid":"AC1","callSid":"CA00000000000000000000000000000001"}}"#;
+
+/// The fallback redirect among `out`: a Twilio REST call update whose TwiML is the
+/// fallback. Returns its request id.
+fn expect_redirect(out: &[Action]) -> u64 {
+    let http = http_of(out);
+    assert_eq!(http.len(), 1, "one redirect: {out:?}");
+    let (id, r) = &http[0];
+    assert_eq!(r.method, "POST");
+    assert_eq!(
+        r.url,
+        format!("https://api.twilio.test/2010-04-01/Accounts/AC1/Calls/{SID}.json")
+    );
+    let form: Vec<(String, String)> = form_urlencoded::parse(r.body.as_bytes())
+        .into_owned()
+        .collect();
+    assert_eq!(form, [("Twiml".to_owned(), FALLBACK_TWIML.to_owned())]);
+    *id
+}
+
+impl Sim {
+    /// After a lost session: a new connect, at once or (for later attempts) when the
+    /// machine's timer says.
+    fn expect_reconnect(&mut self, out: Vec<Action>, attempt: u32) {
+        let connects = |out: &[Action]| {
+            out.iter()
+                .filter(|a| matches!(a, Action::ConnectOpenAi { .. }))
+                .count()
+        };
+        if attempt == 1 {
+            assert_eq!(connects(&out), 1, "first attempt at once: {out:?}");
+            return;
+        }
+        assert_eq!(connects(&out), 0, "attempt {attempt} waits: {out:?}");
+        let due = self.call.poll_timeout().expect("a timer for the attempt");
+        assert!(due > self.now, "attempt {attempt} is delayed");
+        self.at(due.0);
+        let out = self.input(Input::Timeout);
+        assert_eq!(connects(&out), 1, "attempt {attempt}: {out:?}");
+    }
+
+    fn redirect_answered(&mut self, id: u64, status: u16) -> Vec<Action> {
+        let outcome = http::Outcome::Response {
+            status,
+            body: "{}".into(),
+        };
+        self.input(Input::HttpDone {
+            id,
+            outcome: &outcome,
+        })
+    }
+
+    /// The call has ended, and its record says it failed, why, and the particulars.
+    fn assert_failed(&self, reason: &str, detail: &str) {
+        assert_eq!(self.call.end_reason().map(EndReason::label), Some(reason));
+        let ended = self
+            .records
+            .iter()
+            .find_map(|r| match r {
+                Record::CallEnded {
+                    end_reason,
+                    end_detail,
+                    failed,
+                    ..
+                } => Some((end_reason.clone(), end_detail.clone(), *failed)),
+                _ => None,
+            })
+            .expect("an end record");
+        assert_eq!(ended, (reason.to_owned(), Some(detail.to_owned()), true));
+    }
+}
+
 fn mark_name(a: &Action) -> String {
     let Action::SendTwilio(m) = a else {
         panic!("{a:?}")
@@ -260,13 +334,12 @@ fn session_without_pcmu_output_never_reaches_the_caller() {
         out.iter().all(|a| !is_greeting(a)),
         "no greeting on a session that would play noise"
     );
-    assert!(out.contains(&Action::CloseTwilio {
-        code: 1011,
-        reason: "agent unavailable".into()
-    }));
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("openai_session_rejected")
+    let id = expect_redirect(&out);
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed(
+        "openai_session_rejected",
+        "session formats in=Some(\"audio/pcmu\") out=Some(\"audio/pcm\"), need audio/pcmu",
     );
 }
 
@@ -290,13 +363,15 @@ fn rejected_session_update_ends_the_call_with_the_error_code() {
     sim.openai_opened();
     let out = sim.openai(r#"{"type":"error","event_id":"e","error":{"type":"invalid_request_error","code":"unknown_parameter","message":"Unknown parameter: 'session.voice'.","param":"session.voice","event_id":"evt_bridge_session_update"}}"#);
     assert!(out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })));
-    assert_eq!(
-        sim.call.end_reason(),
-        Some(&EndReason::SessionRejected {
-            reason: "unknown_parameter".into()
-        })
-    );
+    // A rejected configuration stays rejected: no new session, the fallback at once.
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    let id = expect_redirect(&out);
     assert_eq!(sim.logged("openai.error")[0]["code"], "unknown_parameter");
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed("openai_session_rejected", "unknown_parameter");
 }
 
 #[test]
@@ -332,10 +407,10 @@ fn session_that_never_gets_ready_times_out() {
     assert_eq!(sim.call.poll_timeout(), Some(Millis(window_end)));
     sim.at(window_end);
     let out = sim.input(Input::Timeout);
-    assert!(out
-        .iter()
-        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
-    assert_eq!(sim.call.end_reason(), Some(&EndReason::SessionSetupTimeout));
+    let id = expect_redirect(&out);
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed("openai_session_timeout", "no usable session within 10 s");
     assert_eq!(sim.call.poll_timeout(), None);
 }
 
@@ -714,51 +789,203 @@ fn openai_close_mid_call_is_logged_with_code_and_hands_the_caller_to_the_fallbac
     // A new session is tried up to MAX_RECONNECTS times within the window...
     for attempt in 1..=control::MAX_RECONNECTS {
         let out = sim.input(close);
-        assert!(
-            out.iter()
-                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
-            "attempt {attempt}: {out:?}"
-        );
+        sim.expect_reconnect(out, attempt);
         sim.openai_opened();
     }
-    // ...then the caller is handed to the fallback TwiML.
+    // ...then the caller is redirected to the fallback TwiML.
     let out = sim.input(close);
-    assert!(out.contains(&Action::CloseTwilio {
-        code: 1011,
-        reason: "agent unavailable".into()
-    }));
     assert!(
         !out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
         "already closed"
     );
+    let id = expect_redirect(&out);
     let log = &sim.logged("openai.closed")[0];
     assert_eq!(log["code"], 4000);
     assert_eq!(
         log["reason"],
         "invalid_request_error.beta_api_shape_disabled"
     );
-    assert_eq!(sim.call.end_reason().unwrap().label(), "openai_closed");
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed(
+        "openai_closed",
+        "closed with code 4000: invalid_request_error.beta_api_shape_disabled",
+    );
 }
 
 #[test]
-fn connect_failure_ends_the_call_with_its_reason() {
+fn a_refused_key_is_not_tried_again_and_the_caller_gets_the_fallback_at_once() {
     let mut sim = Sim::new();
-    let failed = Input::OpenAiConnectFailed { reason: "HTTP 401" };
-    for _ in 0..control::MAX_RECONNECTS {
+    sim.twilio(&start());
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 401 on upgrade",
+        status: Some(401),
+    });
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+        "{out:?}"
+    );
+    let id = expect_redirect(&out);
+    assert!(!sim.call.is_ended(), "the stream stays up for the redirect");
+    sim.redirect_answered(id, 200);
+    // Twilio stops the stream once the redirect takes hold.
+    sim.twilio(STOP);
+    sim.assert_failed("openai_connect_failed", "HTTP 401 on upgrade");
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["fallback", "fallback_redirect"]);
+}
+
+#[test]
+fn a_busy_or_unreachable_server_is_tried_again_with_pauses_then_the_caller_gets_the_fallback() {
+    for status in [Some(429), Some(503), None] {
+        let mut sim = Sim::new();
+        sim.twilio(&start());
+        let failed = Input::OpenAiConnectFailed {
+            reason: "refused",
+            status,
+        };
+        for attempt in 1..=control::MAX_RECONNECTS {
+            let out = sim.input(failed);
+            sim.expect_reconnect(out, attempt);
+        }
+        assert!(
+            sim.now < control::RECONNECT_WINDOW,
+            "the attempts fit in the window"
+        );
         let out = sim.input(failed);
-        assert!(out
-            .iter()
-            .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+        let id = expect_redirect(&out);
+        sim.redirect_answered(id, 200);
+        sim.twilio(STOP);
+        sim.assert_failed("openai_connect_failed", "refused");
     }
-    let out = sim.input(failed);
+}
+
+#[test]
+fn a_failed_redirect_closes_the_stream_so_twilio_plays_the_fallback_after_connect() {
+    let mut sim = Sim::live();
+    let out = sim.openai(
+        r#"{"type":"error","error":{"type":"invalid_request_error","code":"session_expired","message":"Your session hit the maximum duration of 60 minutes."}}"#,
+    );
+    sim.expect_reconnect(out, 1);
+    // The new socket never opens and the window runs out.
+    sim.at(control::RECONNECT_WINDOW.0);
+    let out = sim.input(Input::Timeout);
+    let id = expect_redirect(&out);
+    let out = sim.redirect_answered(id, 401);
+    assert!(
+        out.iter()
+            .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })),
+        "{out:?}"
+    );
+    // Recorded for what lost the session, not for the attempt that then timed out.
+    sim.assert_failed("openai_closed", "closed with code 1000: session_expired");
+    let fallback = &sim.logged("call.fallback")[0];
+    assert_eq!(fallback["last_failure"], "no usable session within 10 s");
+}
+
+#[test]
+fn a_redirect_that_gets_no_answer_or_no_stop_still_ends_the_call() {
+    // No answer to the request at all.
+    let mut sim = Sim::live();
+    sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 403 on upgrade",
+        status: Some(403),
+    });
+    let due = sim.call.poll_timeout().expect("a deadline");
+    assert_eq!(due, sim.now + fallback::REDIRECT_TIMEOUT);
+    sim.at(due.0);
+    let out = sim.input(Input::Timeout);
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+    sim.assert_failed("openai_connect_failed", "HTTP 403 on upgrade");
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["fallback", "fallback_redirect"]);
+
+    // Accepted, but Twilio never stops the stream.
+    let mut sim = Sim::live();
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 403 on upgrade",
+        status: Some(403),
+    });
+    let id = expect_redirect(&out);
+    sim.at(100);
+    sim.redirect_answered(id, 200);
+    let due = sim.call.poll_timeout().expect("a deadline");
+    assert_eq!(due, Millis(100) + fallback::STOP_TIMEOUT);
+    sim.at(due.0);
+    sim.input(Input::Timeout);
+    sim.assert_failed("openai_connect_failed", "HTTP 403 on upgrade");
+}
+
+#[test]
+fn caller_audio_during_the_redirect_goes_nowhere_and_the_socket_closing_ends_the_call() {
+    let mut sim = Sim::live();
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 404 on upgrade",
+        status: Some(404),
+    });
+    let id = expect_redirect(&out);
+    let out = sim.twilio(&media("AAAA"));
+    assert!(out.is_empty(), "{out:?}");
+    assert!(sim.call.stats().dropped.is_empty(), "not bad input");
+    sim.redirect_answered(id, 200);
+    sim.input(Input::TwilioClosed {
+        code: 1000,
+        reason: "",
+    });
+    sim.assert_failed("openai_connect_failed", "HTTP 404 on upgrade");
+}
+
+#[test]
+fn a_stop_that_overtakes_the_redirect_answer_still_records_the_failure() {
+    let mut sim = Sim::live();
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 401 on upgrade",
+        status: Some(401),
+    });
+    let id = expect_redirect(&out);
+    sim.twilio(STOP);
+    sim.assert_failed("openai_connect_failed", "HTTP 401 on upgrade");
+    let redirect = events(&sim.records)
+        .into_iter()
+        .find(|e| e.1 == "fallback_redirect")
+        .expect("the redirect is in the event log");
+    assert_eq!(redirect.2["twilio"], "stream ended before the REST answer");
+    // The answer, when it comes, changes nothing.
+    assert!(sim.redirect_answered(id, 200).is_empty());
+}
+
+#[test]
+fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.function_call("end_call", r#"{"reason":"用件終了"}"#);
+    sim.response_done("resp_1");
+    // The goodbye, with no audio: the hang-up goes to Twilio at once.
+    sim.response("resp_2");
+    let out = sim.response_done("resp_2");
+    let (id, _) = http_of(&out)[0].clone();
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1000,
+        reason: "",
+    });
+    assert!(http_of(&out).is_empty(), "no redirect: {out:?}");
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    let ok = http::Outcome::Response {
+        status: 200,
+        body: "{}".into(),
+    };
+    sim.input(Input::HttpDone { id, outcome: &ok });
+    sim.twilio(STOP);
     assert_eq!(
-        sim.call.end_reason(),
-        Some(&EndReason::OpenAiConnectFailed {
-            reason: "HTTP 401".into()
-        })
+        sim.call.end_reason().map(EndReason::label),
+        Some("agent_hangup")
     );
 }
 
@@ -806,7 +1033,10 @@ fn a_session_that_never_got_ready_is_closed_before_the_next_is_opened() {
         .filter(|a| matches!(a, Action::CloseOpenAi { .. }))
         .count();
     assert_eq!(closes, 1, "{out:?}");
-    assert_eq!(sim.call.end_reason(), Some(&EndReason::SessionSetupTimeout));
+    let id = expect_redirect(&out);
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed("openai_session_timeout", "no usable session within 10 s");
 }
 
 #[test]
@@ -984,9 +1214,16 @@ fn failures_and_bad_input_leave_events() {
         code: 1011,
         reason: "server error",
     });
-    sim.input(Input::OpenAiConnectFailed { reason: "HTTP 503" });
+    let failed = Input::OpenAiConnectFailed {
+        reason: "HTTP 503",
+        status: Some(503),
+    };
+    sim.input(failed);
     sim.at(control::RECONNECT_WINDOW.0);
-    sim.input(Input::OpenAiConnectFailed { reason: "HTTP 503" });
+    let out = sim.input(failed);
+    let id = expect_redirect(&out);
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(
         kinds,
@@ -995,6 +1232,8 @@ fn failures_and_bad_input_leave_events() {
             "openai_error",
             "reconnect",
             "reconnect",
+            "fallback",
+            "fallback_redirect",
             "dropped_input"
         ]
     );
@@ -1005,9 +1244,13 @@ fn failures_and_bad_input_leave_events() {
         panic!()
     };
     assert!(failed);
-    assert_eq!(end_reason, "openai_connect_failed");
+    assert_eq!(end_reason, "openai_closed", "what lost the session first");
     let seqs: Vec<u64> = events(&sim.records).into_iter().map(|e| e.0).collect();
-    assert_eq!(seqs, [0, 1, 2, 3, 4], "event seqs are dense and ordered");
+    assert_eq!(
+        seqs,
+        [0, 1, 2, 3, 4, 5, 6],
+        "event seqs are dense and ordered"
+    );
 }
 
 // ---- call control: tools, DTMF, limits, a lost session ----

@@ -211,6 +211,7 @@ impl CallSession {
                 auth_token: config.twilio_auth_token.clone(),
             },
             idle_timeout: Millis(config.idle_timeout_ms),
+            fallback_twiml: webhook::fallback_twiml(&config, &reg.agent),
         };
         let call = Call::new(setup, now());
         let pump = Pump {
@@ -340,10 +341,15 @@ impl Pump {
                 self.openai_listeners = Some(listeners);
                 self.call.handle(Input::OpenAiOpened, t);
             }
-            Event::OpenAiFailed(n, reason) => {
+            Event::OpenAiFailed(n, status, reason) => {
                 if n == self.openai_connect {
-                    self.call
-                        .handle(Input::OpenAiConnectFailed { reason: &reason }, t)
+                    self.call.handle(
+                        Input::OpenAiConnectFailed {
+                            reason: &reason,
+                            status,
+                        },
+                        t,
+                    )
                 }
             }
             Event::HttpDone(id, outcome) => self.call.handle(
@@ -394,7 +400,7 @@ impl Pump {
                     wasm_bindgen_futures::spawn_local(async move {
                         let event = match connect_openai(&url, &key, tx.clone()).await {
                             Ok((ws, listeners)) => Event::OpenAiConnected(n, ws, listeners),
-                            Err(reason) => Event::OpenAiFailed(n, reason),
+                            Err((status, reason)) => Event::OpenAiFailed(n, status, reason),
                         };
                         let _ = tx.unbounded_send(event);
                     });
@@ -439,29 +445,31 @@ impl Pump {
 }
 
 /// Opens the Realtime socket: an ordinary fetch with `Upgrade: websocket` and the bearer
-/// key (the only header the GA API wants; no `OpenAI-Beta`).
+/// key (the only header the GA API wants; no `OpenAI-Beta`). A failure comes with the
+/// HTTP status of a refused upgrade, when there was an HTTP answer.
 async fn connect_openai(
     url: &str,
     key: &str,
     tx: UnboundedSender<Event>,
-) -> std::result::Result<(WebSocket, Listeners), String> {
+) -> std::result::Result<(WebSocket, Listeners), (Option<u16>, String)> {
+    let failed = |what: &str, e: worker::Error| (None, format!("{what}: {e}"));
     let headers = Headers::new();
     headers
         .set("Upgrade", "websocket")
         .and_then(|_| headers.set("Authorization", &format!("Bearer {key}")))
-        .map_err(|e| format!("headers: {e}"))?;
+        .map_err(|e| failed("headers", e))?;
     let mut init = RequestInit::new();
     init.with_headers(headers);
-    let req = Request::new_with_init(url, &init).map_err(|e| format!("request: {e}"))?;
+    let req = Request::new_with_init(url, &init).map_err(|e| failed("request", e))?;
     let resp = Fetch::Request(req)
         .send()
         .await
-        .map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| failed("connect", e))?;
     let status = resp.status_code();
     let Some(ws) = resp.websocket() else {
-        return Err(format!("HTTP {status} on upgrade"));
+        return Err((Some(status), format!("HTTP {status} on upgrade")));
     };
-    ws.accept().map_err(|e| format!("accept: {e}"))?;
-    let listeners = socket::listen(&ws, Side::OpenAi, tx).map_err(|e| format!("listen: {e}"))?;
+    ws.accept().map_err(|e| failed("accept", e))?;
+    let listeners = socket::listen(&ws, Side::OpenAi, tx).map_err(|e| failed("listen", e))?;
     Ok((ws, listeners))
 }

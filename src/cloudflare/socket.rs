@@ -27,7 +27,8 @@ pub enum Event {
     Socket(Side, Frame),
     /// The connect numbered so (see `Pump::openai_connect`) succeeded or failed.
     OpenAiConnected(u64, WebSocket, Listeners),
-    OpenAiFailed(u64, String),
+    /// A failed connect: its number, the HTTP status of a refused upgrade, what went wrong.
+    OpenAiFailed(u64, Option<u16>, String),
     HttpDone(u64, crate::http::Outcome),
     Timeout,
 }

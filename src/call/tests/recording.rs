@@ -148,7 +148,10 @@ fn a_call_whose_stream_never_started_has_no_recording() {
     sim.at(10_000);
     sim.input(Input::Timeout);
     sim.at(30_000);
-    sim.input(Input::OpenAiConnectFailed { reason: "down" });
+    sim.input(Input::OpenAiConnectFailed {
+        reason: "down",
+        status: None,
+    });
     sim.input(Input::TwilioClosed {
         code: 1000,
         reason: "",
