@@ -29,6 +29,7 @@ pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
 const REST_BASE: &str = "https://api.twilio.test";
 const REST_TOKEN: &str = "rest-token";
 const TOOL_URL: &str = "https://tools.example.jp/lookup";
+const FALLBACK_TWIML: &str = "<Response><Say>sorry</Say></Response>";
 /// How many cut items the core remembers, to drop their late audio (a private constant of
 /// the core's playback clock, mirrored here).
 const CUT_MEMORY: u64 = 16;
@@ -92,7 +93,8 @@ pub enum Op {
         reason: Text,
     },
     OpenAiOpened,
-    OpenAiConnectFailed(Text),
+    /// A failed connect, with the HTTP status of a refused upgrade (if any).
+    OpenAiConnectFailed(Text, Option<u16>),
     /// The answer to one of the HTTP requests asked for (`pick` chooses which; a stale or
     /// unknown id when none is out).
     HttpDone {
@@ -834,6 +836,10 @@ pub struct Harness {
     max_offset: u64,
     started_at: Option<Millis>,
     clock_limit: u64,
+    /// The end reason the fallback redirect was started for (`call.fallback`).
+    failing: Option<String>,
+    /// The core has closed its OpenAI socket and asked for no other since.
+    core_closed_openai: bool,
 }
 
 fn fail(msg: impl AsRef<str>) -> ! {
@@ -978,6 +984,7 @@ impl Harness {
                 auth_token: Secret::new(REST_TOKEN),
             },
             idle_timeout: Millis(5_000 + u64::from(s.idle_s) * 1000),
+            fallback_twiml: FALLBACK_TWIML.into(),
         };
         let mut call = Call::new(setup, now);
         let first = call.poll_action();
@@ -1021,6 +1028,8 @@ impl Harness {
             max_offset: 0,
             started_at: None,
             clock_limit: now.0 + if record { RECORDED_CLOCK_MS } else { 1 << 40 },
+            failing: None,
+            core_closed_openai: false,
         };
         let rest = h.drain();
         let step = Step {
@@ -1075,7 +1084,10 @@ impl Harness {
                 reason,
             }),
             Op::OpenAiOpened => self.feed(Input::OpenAiOpened),
-            Op::OpenAiConnectFailed(reason) => self.feed(Input::OpenAiConnectFailed { reason }),
+            Op::OpenAiConnectFailed(reason, status) => self.feed(Input::OpenAiConnectFailed {
+                reason,
+                status: *status,
+            }),
             Op::HttpDone {
                 pick,
                 ok,
@@ -1203,6 +1215,13 @@ impl Harness {
         }
         if allowed {
             self.openai = next;
+        }
+        if matches!(
+            input,
+            Input::OpenAiClosed { .. } | Input::OpenAiConnectFailed { .. }
+        ) {
+            // The server closed it, or it never opened: the core has nothing left to close.
+            self.core_closed_openai = true;
         }
         if let Input::HttpDone { id, .. } = input {
             self.http.remove(&id);
@@ -1343,6 +1362,8 @@ impl Harness {
         let mut ended: Option<&Summary> = None;
         let mut recording_chunk = false;
         let mut reconnect_after_close = false;
+        let closed_before = self.core_closed_openai;
+        let mut gave_up_now = false;
 
         for (idx, a) in actions.iter().enumerate() {
             check!(
@@ -1410,6 +1431,7 @@ impl Harness {
                     milestone("reconnect");
                     // A new session: everything of the old one is gone.
                     reconnect_after_close = closed_openai > 0;
+                    self.core_closed_openai = false;
                     self.openai = Socket::Connecting;
                     self.pcmu_seen = false;
                     self.session_update_sent = false;
@@ -1488,6 +1510,7 @@ impl Harness {
                 Action::CloseOpenAi { code, .. } => {
                     check!(*code == 1000, "CloseOpenAi code {code}");
                     closed_openai += 1;
+                    self.core_closed_openai = true;
                     self.openai = Socket::Gone;
                 }
                 Action::CloseTwilio { code, .. } => {
@@ -1500,6 +1523,27 @@ impl Harness {
                         .unwrap_or_else(|e| fail(format!("log line not JSON ({e}): {line}")));
                     check!(v["call_sid"] == CALL_SID, "log line names the call: {line}");
                     check!(v["event"].is_string(), "log line has an event: {line}");
+                    match v["event"].as_str() {
+                        Some("call.fallback") => {
+                            check!(self.failing.is_none(), "a second fallback");
+                            check!(
+                                matches!(
+                                    input,
+                                    Input::OpenAiClosed { .. }
+                                        | Input::OpenAiConnectFailed { .. }
+                                        | Input::Timeout
+                                ) || step.read.is("error")
+                                    || step.read.is("session.updated"),
+                                "the agent side cannot fail on {input:?}"
+                            );
+                            let reason = v["reason"].as_str().unwrap_or_default().to_owned();
+                            self.failing = Some(reason);
+                            gave_up_now = true;
+                            milestone("fallback");
+                        }
+                        Some("call.agent_lost_while_finishing") => gave_up_now = true,
+                        _ => {}
+                    }
                 }
                 Action::Http { id, request } => self.check_http(*id, request),
                 Action::RecordingData(pcm) => {
@@ -1658,9 +1702,13 @@ impl Harness {
                     "Twilio closed while the call goes on"
                 );
                 if closed_openai > 0 {
-                    // Only to replace the session (expired, or never ready) by a new one.
+                    // Only to replace the session (expired, or never ready) by a new one,
+                    // to give up on it, or to let go of a socket no longer wanted.
                     check!(
-                        closed_openai == 1 && reconnect_after_close,
+                        closed_openai == 1
+                            && (reconnect_after_close
+                                || gave_up_now
+                                || matches!(input, Input::OpenAiOpened)),
                         "OpenAI closed mid-call on {input:?} without a new socket"
                     );
                 }
@@ -1668,7 +1716,7 @@ impl Harness {
             Some(s) => {
                 milestone(s.reason.label());
                 self.ended = true;
-                self.check_end(s, step, closed_openai, close_twilio);
+                self.check_end(s, step, closed_openai + u32::from(closed_before), close_twilio);
             }
         }
     }
@@ -1855,6 +1903,9 @@ impl Harness {
             .collect();
         match form.as_slice() {
             [(k, v)] if k == "Status" && v == "completed" => {}
+            [(k, v)] if k == "Twiml" && v == FALLBACK_TWIML => {
+                check!(self.failing.is_some(), "the fallback TwiML without a failure");
+            }
             [(k, v)] if k == "Twiml" => {
                 crate::webhook::check_xml(v);
                 let to = self
@@ -1866,7 +1917,9 @@ impl Harness {
             }
             other => fail(format!("Twilio REST form {other:?}")),
         }
-        milestone(if r.body.starts_with("Twiml") {
+        milestone(if self.failing.is_some() {
+            "REST fallback"
+        } else if r.body.starts_with("Twiml") {
             "REST transfer"
         } else {
             "REST hang-up"
@@ -1912,7 +1965,29 @@ impl Harness {
             s.reason,
             EndReason::AgentHangup { .. } | EndReason::Transferred { .. }
         );
+        let agent_failure = matches!(
+            s.reason,
+            EndReason::OpenAiClosed { .. }
+                | EndReason::OpenAiConnectFailed { .. }
+                | EndReason::SessionSetupTimeout
+                | EndReason::SessionRejected { .. }
+        );
+        // An agent-side failure first redirects the caller to the fallback; the call ends
+        // when Twilio stops the stream, or the redirect fails or takes too long.
         let ok = match (&s.reason, input) {
+            _ if agent_failure => {
+                check!(
+                    self.failing.as_deref() == Some(s.reason.label()),
+                    "{:?} ended the call, but the fallback was for {:?}",
+                    s.reason,
+                    self.failing
+                );
+                matches!(
+                    input,
+                    Input::TwilioClosed { .. } | Input::HttpDone { .. } | Input::Timeout
+                ) || step.read.is("stop")
+            }
+            _ if self.failing.is_some() => false,
             (EndReason::TwilioStop, Input::TwilioText(_)) => step.read.is("stop"),
             (_, Input::TwilioText(_)) if rest_end => step.read.is("stop"),
             (_, Input::HttpDone { .. }) => {
@@ -1921,31 +1996,17 @@ impl Harness {
             (EndReason::TwilioSocketClosed { code }, Input::TwilioClosed { code: c, .. }) => {
                 code == c
             }
-            (
-                EndReason::OpenAiClosed { code, reason },
-                Input::OpenAiClosed { code: c, reason: r },
-            ) => code == c && reason == r,
-            (EndReason::OpenAiClosed { reason, .. }, Input::OpenAiText(_)) => {
-                step.read.is("error") && reason == "session_expired"
-            }
-            (
-                EndReason::OpenAiConnectFailed { reason },
-                Input::OpenAiConnectFailed { reason: r },
-            ) => reason == r,
-            (EndReason::SessionSetupTimeout, Input::Timeout) => true,
-            (EndReason::SessionRejected { .. }, Input::OpenAiText(_)) => {
-                step.read.is("session.updated") || step.read.is("error")
-            }
             _ => false,
         };
         check!(ok, "{:?} cannot end a call with {:?}", input, s.reason);
-        let want_close = u32::from(!matches!(input, Input::OpenAiClosed { .. }));
+        // `closed_openai` counts the socket as closed before this input too (the core gave
+        // up on the session earlier, or the server closed it): closed exactly once in all.
         check!(
-            closed_openai == want_close,
+            closed_openai == 1,
             "OpenAI socket closed {closed_openai} times at the end on {input:?}"
         );
         let want = match s.reason {
-            EndReason::TwilioSocketClosed { .. } => None,
+            _ if matches!(input, Input::TwilioClosed { .. }) => None,
             ref r if r.is_failure() => Some(1011),
             _ => Some(1000),
         };

@@ -235,10 +235,38 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     ]);
     out.push(("setup_timeout_then_ready", scenario(d(), false, ops)));
 
-    // Connecting fails until the window is spent.
-    let fail = || Op::OpenAiConnectFailed(t("HTTP 429"));
-    let ops = vec![start(), fail(), fail(), Op::Advance(3000), fail(), fail()];
+    // Connecting fails until the attempts are spent; the caller is redirected to the
+    // fallback, and Twilio stops the stream.
+    let fail = || Op::OpenAiConnectFailed(t("HTTP 429 on upgrade"), Some(429));
+    let ops = vec![
+        start(),
+        fail(),
+        fail(),
+        Op::TimeoutWhenDue,
+        fail(),
+        Op::TimeoutWhenDue,
+        fail(),
+        caller(160),
+        http_done(true),
+        stop(),
+    ];
     out.push(("connect_fails", scenario(d(), false, ops)));
+    // A refused key is not tried again; the redirect fails, so the stream is closed.
+    let ops = vec![
+        start(),
+        Op::OpenAiConnectFailed(t("HTTP 401 on upgrade"), Some(401)),
+        http_done(false),
+    ];
+    out.push(("connect_refused_key", scenario(d(), false, ops)));
+    // The redirect gets no answer in time.
+    let ops = vec![
+        start(),
+        Op::OpenAiConnectFailed(t("connect: refused"), None),
+        Op::AdvanceLong(20_000),
+        Op::OpenAiConnectFailed(t("connect: refused"), None),
+        Op::TimeoutWhenDue,
+    ];
+    out.push(("fallback_timeout", scenario(d(), false, ops)));
 
     // The session is lost mid-call and resumed with the conversation so far.
     let mut ops = live();
@@ -267,6 +295,16 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         stop(),
     ]);
     out.push(("openai_lost_and_resumed", scenario(d(), false, ops)));
+    // Lost for good: every new session closes too; the caller gets the fallback.
+    let closed = || Op::OpenAiClosed {
+        code: 1011,
+        reason: t("server_error"),
+    };
+    let mut ops = live();
+    ops.extend([closed(), opened(), closed(), Op::TimeoutWhenDue, opened()]);
+    ops.extend([closed(), Op::TimeoutWhenDue, opened(), closed()]);
+    ops.extend([caller(160), http_done(true), stop()]);
+    out.push(("openai_lost_for_good", scenario(d(), false, ops)));
     let mut ops = live();
     ops.extend([
         Op::OpenAi(OpenAiEvent::Error {
@@ -281,7 +319,9 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
             reason: t("bye"),
         },
         Op::AdvanceLong(10_000),
-        Op::OpenAiConnectFailed(t("refused")),
+        Op::OpenAiConnectFailed(t("refused"), None),
+        http_done(true),
+        stop(),
     ]);
     out.push(("session_expired", scenario(d(), false, ops)));
 

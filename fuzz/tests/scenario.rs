@@ -33,6 +33,8 @@ fn seeds_round_trip_and_pass() {
         "function_call_output",
         "REST hang-up",
         "REST transfer",
+        "REST fallback",
+        "fallback",
         "response.create (control)",
         "text item",
         "recording done",
@@ -43,6 +45,7 @@ fn seeds_round_trip_and_pass() {
         "openai_session_rejected",
         "openai_session_timeout",
         "openai_connect_failed",
+        "openai_closed",
         "twilio_socket_closed",
     ] {
         assert!(
