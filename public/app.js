@@ -378,7 +378,7 @@ async function renderCall(sid) {
       fig(t('duration'), fmtDuration(call.duration_ms)),
       fig(t('first_audio'), call.first_audio_ms === null || call.first_audio_ms === undefined ? '—' : `${call.first_audio_ms} ${t('ms')}`),
       fig(t('tokens'), `${call.input_tokens ?? 0} / ${call.output_tokens ?? 0} / ${call.total_tokens ?? 0}`),
-      fig(t('end_reason'), dash(call.end_reason)),
+      fig(t('end_reason'), call.end_detail ? `${dash(call.end_reason)} (${call.end_detail})` : dash(call.end_reason)),
       fig(t('barge_ins'), call.barge_ins ?? 0),
       fig(t('twilio_duration'), call.twilio_duration_s === null || call.twilio_duration_s === undefined ? '—' : `${call.twilio_duration_s} ${t('sec')}`),
       fig(t('recording_size'), fmtBytes(call.recording_bytes)))),

@@ -39,6 +39,9 @@ pub struct SessionScript {
     /// Answer `session.update` with `session.updated` (default). When false the update is only
     /// recorded; the test can answer by hand with [`Session::send_session_updated`].
     pub answer_session_update: bool,
+    /// Refuse every WebSocket upgrade while the claim holds, with this HTTP status and
+    /// OpenAI's error body (see [`SessionScript::refuse_upgrades`]).
+    pub refuse: Option<u16>,
     reactions: Vec<(String, Reaction)>,
 }
 
@@ -47,6 +50,7 @@ impl Default for SessionScript {
         SessionScript {
             handshake_delay: Duration::ZERO,
             answer_session_update: true,
+            refuse: None,
             reactions: Vec::new(),
         }
     }
@@ -76,6 +80,14 @@ impl SessionScript {
 
     pub fn handshake_delay(mut self, delay: Duration) -> Self {
         self.handshake_delay = delay;
+        self
+    }
+
+    /// Answer every upgrade with HTTP `status` and an OpenAI-shaped JSON error instead of
+    /// switching protocols, until the claim is dropped (so retries are refused too): 401 is
+    /// what a wrong API key gets, 429 a rate limit, 5xx an outage.
+    pub fn refuse_upgrades(mut self, status: u16) -> Self {
+        self.refuse = Some(status);
         self
     }
 
@@ -174,7 +186,7 @@ struct SessionLog {
 
 enum Out {
     Event(Value),
-    Close,
+    Close(u16, String),
 }
 
 /// One WebSocket connection from the Worker.
@@ -213,7 +225,12 @@ impl Session {
 
     /// Close the socket from the server side.
     pub fn close(&self) {
-        let _ = self.out.send(Out::Close);
+        let _ = self.out.send(Out::Close(1000, String::new()));
+    }
+
+    /// Close the socket with this code and reason (1011 is what a server error closes with).
+    pub fn close_with(&self, code: u16, reason: &str) {
+        let _ = self.out.send(Out::Close(code, reason.to_owned()));
     }
 
     pub fn received(&self) -> Vec<ClientEvent> {
@@ -411,6 +428,8 @@ struct ServerState {
     sessions: Vec<Arc<Session>>,
     /// TCP connections accepted (a refused or broken handshake still counts).
     connections: usize,
+    /// Upgrades refused by a [`SessionScript::refuse_upgrades`] script.
+    refused: usize,
     pending: Option<SessionScript>,
 }
 
@@ -436,6 +455,7 @@ impl FakeOpenAi {
             state: Mutex::new(ServerState {
                 sessions: Vec::new(),
                 connections: 0,
+                refused: 0,
                 pending: None,
             }),
             changed: watch::channel(0).0,
@@ -476,19 +496,25 @@ impl FakeOpenAi {
         self.shared.state.lock().unwrap().connections
     }
 
+    /// Upgrades refused so far (all claims).
+    pub fn refused_count(&self) -> usize {
+        self.shared.state.lock().unwrap().refused
+    }
+
     /// Reserve the next session that connects. Hold the claim while opening the media stream
     /// whose OpenAI session you want, then call [`Claim::session`].
     pub async fn claim(&self, script: SessionScript) -> Claim {
         let guard = self.shared.claim_lock.clone().lock_owned().await;
-        let (sessions, connections) = {
+        let (sessions, connections, refused) = {
             let mut st = self.shared.state.lock().unwrap();
             st.pending = Some(script);
-            (st.sessions.len(), st.connections)
+            (st.sessions.len(), st.connections, st.refused)
         };
         Claim {
             shared: self.shared.clone(),
             sessions_before: sessions,
             connections_before: connections,
+            refused_before: refused,
             _guard: guard,
         }
     }
@@ -499,6 +525,7 @@ pub struct Claim {
     shared: Arc<Shared>,
     sessions_before: usize,
     connections_before: usize,
+    refused_before: usize,
     _guard: OwnedMutexGuard<()>,
 }
 
@@ -523,6 +550,32 @@ impl Claim {
                     "the Worker did not open an OpenAI session within {timeout:?} \
                      (TCP connections to the fake OpenAI during the claim: {})",
                     self.shared.state.lock().unwrap().connections - self.connections_before
+                ));
+            }
+        }
+    }
+
+    /// Upgrades refused during the claim so far.
+    pub fn refused(&self) -> usize {
+        self.shared.state.lock().unwrap().refused - self.refused_before
+    }
+
+    /// Wait until at least `n` upgrades were refused during the claim.
+    pub async fn wait_refused(&self, n: usize, timeout: Duration) -> Result<usize, String> {
+        let mut rx = self.shared.changed.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            rx.borrow_and_update();
+            let got = self.refused();
+            if got >= n {
+                return Ok(got);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
+                return Err(format!(
+                    "expected {n} refused upgrades within {timeout:?}, got {got}"
                 ));
             }
         }
@@ -556,10 +609,17 @@ impl Drop for Claim {
 
 #[allow(clippy::result_large_err)] // the handshake callback type is tungstenite's
 async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream) {
-    let mut script = {
+    let (mut script, refuse) = {
         let mut st = shared.state.lock().unwrap();
         st.connections += 1;
-        st.pending.take().unwrap_or_default()
+        match st.pending.as_ref().and_then(|p| p.refuse) {
+            // The refusing script stays in place for the next attempt.
+            Some(status) => {
+                st.refused += 1;
+                (SessionScript::default(), Some(status))
+            }
+            None => (st.pending.take().unwrap_or_default(), None),
+        }
     };
     shared.changed.send_modify(|v| *v += 1);
     if !script.handshake_delay.is_zero() {
@@ -569,6 +629,9 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream) {
     let captured: Arc<Mutex<Option<Handshake>>> = Arc::new(Mutex::new(None));
     let cap = captured.clone();
     let ws = tokio_tungstenite::accept_hdr_async(tcp, move |req: &Request, resp: Response| {
+        if let Some(status) = refuse {
+            return Err(refusal(status));
+        }
         *cap.lock().unwrap() = Some(Handshake {
             path: req.uri().path().to_string(),
             query: req.uri().query().map(str::to_string),
@@ -588,6 +651,10 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream) {
     .await;
     let ws = match ws {
         Ok(ws) => ws,
+        Err(_) if refuse.is_some() => {
+            shared.changed.send_modify(|v| *v += 1);
+            return;
+        }
         Err(e) => {
             eprintln!("fake OpenAI: WebSocket handshake failed: {e}");
             return;
@@ -661,9 +728,9 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream) {
                         break;
                     }
                 }
-                Some(Out::Close) => {
+                Some(Out::Close(code, reason)) => {
                     let _ = sink
-                        .send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "".into() })))
+                        .send(Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() })))
                         .await;
                 }
                 None => {}
@@ -754,6 +821,34 @@ fn error_event(code: &str, message: &str, param: Option<&str>, cause: &Value) ->
 }
 
 /// The GA default config of a fresh session (as in the API reference's `session.created`).
+/// The HTTP answer to a refused upgrade, with the JSON error body OpenAI's API gives.
+fn refusal(status: u16) -> tokio_tungstenite::tungstenite::handshake::server::ErrorResponse {
+    let (kind, code, message) = match status {
+        401 => (
+            "invalid_request_error",
+            "invalid_api_key",
+            "Incorrect API key provided.",
+        ),
+        429 => (
+            "requests",
+            "rate_limit_exceeded",
+            "Rate limit reached for requests.",
+        ),
+        _ => ("server_error", "server_error", "The server had an error."),
+    };
+    let body = json!({"error": {"message": message, "type": kind, "param": null, "code": code}});
+    let mut resp = tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+        body.to_string(),
+    ));
+    *resp.status_mut() =
+        tokio_tungstenite::tungstenite::http::StatusCode::from_u16(status).expect("a status");
+    resp.headers_mut().insert(
+        "content-type",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 pub fn default_session(index: usize) -> Value {
     let expires = SystemTime::now()
         .duration_since(UNIX_EPOCH)

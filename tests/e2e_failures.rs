@@ -1,0 +1,470 @@
+//! End-to-end tests of the OpenAI side failing (issue 5): the connection refused, HTTP 401 and
+//! 429 on the upgrade, the session closed mid-call, `error` events and `session_expired`. Each
+//! is a real call through the Worker in `wrangler dev`: the fake Twilio (media stream), the
+//! fake OpenAI Realtime server (which refuses upgrades, closes sessions and sends errors on
+//! cue) and a fake Twilio REST API where the Worker redirects the call.
+//!
+//! What must hold in every case: the caller is never left in silence. When the session cannot
+//! start, or is lost and cannot be replaced within a few seconds, the Worker redirects the
+//! call through Twilio REST to the fallback TwiML (the Japanese apology, then the fallback
+//! number), and the call's row says it failed and why. The fake Twilio then does what Twilio
+//! does once a redirect takes hold: it sends `stop` and closes the stream.
+//!
+//! Two Workers: the main one, and one whose `OPENAI_REALTIME_URL` points at a port where
+//! nothing listens (connection refused).
+
+mod support;
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::admin::Admin;
+use support::fake_openai::{self as oai, SessionScript};
+use support::fake_twilio::{CallIds, MediaStream};
+use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
+use support::{background_runtime, ok, tagged_chunks, CallSpec, Harness, SOON};
+
+const ADMIN_TOKEN: &str = "admin-e2e-failures-SECRET-987";
+const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+const FALLBACK_MESSAGE: &str = "申し訳ございません。ただいま電話に出ることができません。";
+const FALLBACK_NUMBER: &str = "+81300001111";
+/// D1 writes are asynchronous (the call object's outbox): be generous.
+const D1_DEADLINE: Duration = Duration::from_secs(90);
+
+fn fallback_twiml() -> String {
+    format!(
+        "<Response><Say language=\"ja-JP\">{FALLBACK_MESSAGE}</Say>\
+         <Dial>{FALLBACK_NUMBER}</Dial></Response>"
+    )
+}
+
+fn rest() -> &'static FakeTwilioRest {
+    static REST: OnceLock<FakeTwilioRest> = OnceLock::new();
+    REST.get_or_init(|| {
+        FakeTwilioRest::start(
+            background_runtime(),
+            ACCOUNT_SID,
+            support::TWILIO_AUTH_TOKEN,
+        )
+    })
+}
+
+fn vars() -> Vec<(String, String)> {
+    vec![
+        ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        ("TWILIO_API_BASE_URL".into(), rest().base_url()),
+        ("TWILIO_ACCOUNT_SID".into(), ACCOUNT_SID.into()),
+        ("FALLBACK_MESSAGE".into(), FALLBACK_MESSAGE.into()),
+        ("FALLBACK_DIAL_NUMBER".into(), FALLBACK_NUMBER.into()),
+    ]
+}
+
+async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| Harness::start("e2e-failures", vars()))
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+/// The Worker whose Realtime URL is a port nobody listens on.
+async fn refused_harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| async {
+            let dead = support::worker::free_port();
+            let mut v = vars();
+            v.push((
+                "OPENAI_REALTIME_URL".into(),
+                format!("ws://127.0.0.1:{dead}/v1/realtime"),
+            ));
+            Harness::start("e2e-failures-refused", v).await
+        })
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the refused-connection Worker did not start:\n{e}"),
+    }
+}
+
+/// Webhook, media stream, `connected` and `start`, with `script` claimed for the OpenAI side
+/// (the claim is returned so that a refusing script keeps refusing the retries).
+async fn open_call(
+    h: &Harness,
+    script: SessionScript,
+) -> (CallIds, MediaStream, support::fake_openai::Claim) {
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340000", "+81501234000").await;
+    let claim = h.openai.claim(script).await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+    twilio.send_start(&ids, &twiml.parameters);
+    (ids, twilio, claim)
+}
+
+/// The redirect to the fallback TwiML arrives at the fake REST API; once it is answered, the
+/// fake Twilio stops and closes the stream as Twilio does. Returns the request.
+async fn expect_redirect(h: &Harness, ids: &CallIds, twilio: &MediaStream) -> RestRequest {
+    let sid = ids.call_sid.as_str();
+    let req = ok(
+        h,
+        rest()
+            .wait_for(sid, "the redirect, answered", SOON, |r| {
+                r.first().filter(|r| r.answered.is_some()).cloned()
+            })
+            .await,
+    );
+    assert_eq!(req.method, "POST");
+    assert_eq!(
+        req.path,
+        format!("/2010-04-01/Accounts/{}/Calls/{sid}.json", ids.account_sid)
+    );
+    assert_eq!(
+        req.basic_auth(),
+        Some((
+            ACCOUNT_SID.to_owned(),
+            support::TWILIO_AUTH_TOKEN.to_owned()
+        ))
+    );
+    assert_eq!(req.form, [("Twiml".to_owned(), fallback_twiml())]);
+    assert!(
+        twilio.log().closed.is_none(),
+        "the stream stays up until the redirect takes hold"
+    );
+    twilio.send_stop(ids);
+    twilio.close();
+    req
+}
+
+fn admin(h: &Harness) -> Admin {
+    Admin::new(&h.base_url(), ADMIN_TOKEN)
+}
+
+fn events_of(detail: &Value, kind: &str) -> Vec<Value> {
+    detail["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect()
+}
+
+/// Waits for the call's row to be finalized, then checks it failed with `reason` and
+/// `detail` (when given), and that the redirect is in its event log.
+async fn expect_failed(h: &Harness, ids: &CallIds, reason: &str, detail: Option<&str>) -> Value {
+    let sid = ids.call_sid.as_str();
+    let d = ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the failed call's final row", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string() && !events_of(d, "fallback_redirect").is_empty()
+            })
+            .await,
+    );
+    let call = &d["call"];
+    assert_eq!(call["status"], "failed", "{call}");
+    assert_eq!(call["end_reason"], reason, "{call}");
+    if let Some(detail) = detail {
+        assert_eq!(call["end_detail"], detail, "{call}");
+    }
+    let fallback = &events_of(&d, "fallback")[0]["detail"];
+    assert_eq!(fallback["reason"], reason, "{fallback}");
+    // Twilio's `stop` may reach the Worker before its answer to the redirect does.
+    let redirect = &events_of(&d, "fallback_redirect")[0]["detail"];
+    assert!(
+        (redirect["ok"] == true && redirect["twilio"] == 200)
+            || redirect["twilio"] == "stream ended before the REST answer",
+        "{redirect}"
+    );
+    d
+}
+
+fn reconnects(d: &Value) -> usize {
+    events_of(d, "reconnect").len()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_connection_is_retried_then_the_caller_is_redirected_to_the_fallback() {
+    let h = refused_harness().await;
+    let (ids, twilio, _claim) = open_call(h, SessionScript::new()).await;
+    let t0 = Instant::now();
+    let req = expect_redirect(h, &ids, &twilio).await;
+    let d = expect_failed(h, &ids, "openai_connect_failed", None).await;
+    let detail = d["call"]["end_detail"].as_str().unwrap_or_default();
+    assert!(detail.starts_with("connect: "), "{detail}");
+    eprintln!(
+        "[e2e] refused: redirect {:?} after start; detail {detail:?}",
+        req.at.duration_since(t0)
+    );
+    assert_eq!(reconnects(&d), 3, "every attempt was made");
+    assert_eq!(h.openai.connection_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_401_on_the_upgrade_is_not_retried_and_the_caller_gets_the_fallback_at_once() {
+    let h = harness().await;
+    let (ids, twilio, claim) = open_call(h, SessionScript::new().refuse_upgrades(401)).await;
+    expect_redirect(h, &ids, &twilio).await;
+    let d = expect_failed(
+        h,
+        &ids,
+        "openai_connect_failed",
+        Some("HTTP 401 on upgrade"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 0, "a refused key is not tried again");
+    assert_eq!(claim.refused(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn http_429_on_the_upgrade_is_retried_with_pauses_then_the_caller_gets_the_fallback() {
+    let h = harness().await;
+    let (ids, twilio, claim) = open_call(h, SessionScript::new().refuse_upgrades(429)).await;
+    let t0 = Instant::now();
+    let req = expect_redirect(h, &ids, &twilio).await;
+    let d = expect_failed(
+        h,
+        &ids,
+        "openai_connect_failed",
+        Some("HTTP 429 on upgrade"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 3);
+    assert_eq!(claim.refused(), 4, "the first attempt and three more");
+    // The pauses between attempts add up to 2 s (a lower bound: timers never fire early).
+    assert!(
+        req.at.duration_since(t0) >= Duration::from_millis(2000),
+        "{:?}",
+        req.at.duration_since(t0)
+    );
+}
+
+/// A live call: the greeting asked for, and caller audio relayed.
+async fn live_call(h: &Harness) -> support::Call {
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("response.create", SOON).await);
+    let frame = &tagged_chunks(0x51, 1, 160)[0];
+    let payload = call.twilio.send_media(frame);
+    ok(
+        h,
+        call.openai
+            .wait_until("the caller frame relayed", SOON, |s| {
+                s.received
+                    .iter()
+                    .any(|e| e.event["audio"] == payload.as_str())
+                    .then_some(())
+            })
+            .await,
+    );
+    call
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_closed_mid_call_that_cannot_be_replaced_sends_the_caller_to_the_fallback() {
+    let h = harness().await;
+    let call = live_call(h).await;
+    // Every new session is refused from now on (an outage).
+    let claim = h
+        .openai
+        .claim(SessionScript::new().refuse_upgrades(503))
+        .await;
+    call.openai.close_with(1011, "server_error");
+    expect_redirect(h, &call.ids, &call.twilio).await;
+    let d = expect_failed(
+        h,
+        &call.ids,
+        "openai_closed",
+        Some("closed with code 1011: server_error"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 3);
+    assert!(claim.refused() >= 3, "{}", claim.refused());
+    let fallback = &events_of(&d, "fallback")[0]["detail"];
+    assert_eq!(
+        fallback["last_failure"], "HTTP 503 on upgrade",
+        "{fallback}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_event_mid_call_is_recorded_and_the_call_goes_on() {
+    let h = harness().await;
+    let call = live_call(h).await;
+    call.openai.send(json!({
+        "type": "error",
+        "event_id": "event_srv_1",
+        "error": {"type": "invalid_request_error", "code": "invalid_value",
+                  "message": "Invalid value: 'x'.", "param": "item.content", "event_id": null}
+    }));
+    // Audio still flows both ways afterwards.
+    let frame = &tagged_chunks(0x52, 1, 160)[0];
+    let payload = call.twilio.send_media(frame);
+    ok(
+        h,
+        call.openai
+            .wait_until("a caller frame after the error", SOON, |s| {
+                s.received
+                    .iter()
+                    .any(|e| e.event["audio"] == payload.as_str())
+                    .then_some(())
+            })
+            .await,
+    );
+    let agent = tagged_chunks(0x53, 1, 160).remove(0);
+    call.openai
+        .send_all(oai::response_start("resp_after", "item_after"));
+    call.openai
+        .send(oai::audio_delta("resp_after", "item_after", &agent));
+    ok(
+        h,
+        call.twilio
+            .wait_until("agent audio after the error", SOON, |l| {
+                l.media_bytes().ends_with(&agent).then_some(())
+            })
+            .await,
+    );
+    let sid = call.ids.call_sid.as_str();
+    let d = ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the openai_error event", D1_DEADLINE, |d| {
+                !events_of(d, "openai_error").is_empty()
+            })
+            .await,
+    );
+    let e = &events_of(&d, "openai_error")[0]["detail"];
+    assert_eq!(e["code"], "invalid_value", "{e}");
+    assert!(events_of(&d, "fallback").is_empty());
+    assert!(rest().requests_for(sid).is_empty(), "no redirect");
+    call.twilio.send_stop(&call.ids);
+    let d = ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the end", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(d["call"]["end_reason"], "twilio_stop");
+    assert_ne!(d["call"]["status"], "failed");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_error_rejecting_the_session_update_sends_the_caller_to_the_fallback_without_retrying() {
+    let h = harness().await;
+    let script = SessionScript::new()
+        .without_session_updated()
+        .on("session.update", |ev| {
+            vec![json!({
+                "type": "error",
+                "event_id": "event_srv_2",
+                "error": {"type": "invalid_request_error", "code": "unknown_parameter",
+                          "message": "Unknown parameter: 'session.voice'.",
+                          "param": "session.voice", "event_id": ev["event_id"]}
+            })]
+        });
+    let (ids, twilio, claim) = open_call(h, script).await;
+    ok(h, claim.session(SOON).await);
+    expect_redirect(h, &ids, &twilio).await;
+    let d = expect_failed(
+        h,
+        &ids,
+        "openai_session_rejected",
+        Some("unknown_parameter"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_expired_that_cannot_be_renewed_sends_the_caller_to_the_fallback() {
+    let h = harness().await;
+    let call = live_call(h).await;
+    let claim = h
+        .openai
+        .claim(SessionScript::new().refuse_upgrades(503))
+        .await;
+    call.openai.send(json!({
+        "type": "error",
+        "event_id": "event_srv_3",
+        "error": {"type": "invalid_request_error", "code": "session_expired",
+                  "message": "Your session hit the maximum duration of 60 minutes.",
+                  "param": null, "event_id": null}
+    }));
+    expect_redirect(h, &call.ids, &call.twilio).await;
+    let d = expect_failed(
+        h,
+        &call.ids,
+        "openai_closed",
+        Some("closed with code 1000: session_expired"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 3);
+    assert!(claim.refused() >= 3);
+    let e = &events_of(&d, "openai_error")[0]["detail"];
+    assert_eq!(e["code"], "session_expired", "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_twilio_refuses_closes_the_stream_so_the_twiml_after_connect_plays() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    rest().set_answer(
+        &ids.call_sid,
+        Answer {
+            status: 500,
+            delay: Duration::ZERO,
+        },
+    );
+    let twiml = h.answer_call(&ids, "+819012340001", "+81501234001").await;
+    let _claim = h
+        .openai
+        .claim(SessionScript::new().refuse_upgrades(401))
+        .await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+    twilio.send_start(&ids, &twiml.parameters);
+    let closed = ok(
+        h,
+        twilio
+            .wait_until("the Worker to close the stream", SOON, |l| l.closed.clone())
+            .await,
+    );
+    eprintln!(
+        "[e2e] refused redirect: stream closed with {:?}",
+        closed.close_frame
+    );
+    assert_eq!(
+        closed.close_frame.as_ref().map(|(code, _)| *code),
+        Some(1011),
+        "{closed:?}"
+    );
+    let sid = ids.call_sid.as_str();
+    let d = ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the end", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(d["call"]["status"], "failed");
+    assert_eq!(d["call"]["end_reason"], "openai_connect_failed");
+    let redirect = &events_of(&d, "fallback_redirect")[0]["detail"];
+    assert_eq!(redirect["ok"], false, "{redirect}");
+    assert_eq!(redirect["twilio"], 500, "{redirect}");
+    // What Twilio then runs: the fallback after </Connect>.
+    assert!(
+        twiml.element_paths.iter().any(|p| p == "Response/Say")
+            && twiml.element_paths.iter().any(|p| p == "Response/Dial"),
+        "{:?}",
+        twiml.element_paths
+    );
+}
