@@ -1460,7 +1460,10 @@ async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_n
         pretty(&detail)
     );
     let reconnect = &events_of(&detail, "reconnect")[0];
-    assert_eq!(reconnect["detail"]["why"], "session_expired", "{reconnect}");
+    assert_eq!(
+        reconnect["detail"]["why"], "closed with code 1000: session_expired",
+        "{reconnect}"
+    );
     assert_eq!(reconnect["detail"]["attempt"], 1, "{reconnect}");
     let reconnected = &events_of(&detail, "reconnected")[0];
     assert_eq!(reconnected["detail"]["seeded_items"], 2, "{reconnected}");

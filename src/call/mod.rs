@@ -649,6 +649,10 @@ impl Call {
     }
 
     fn on_openai_text(&mut self, text: &str, now: Millis) {
+        if self.failing() {
+            // The session has been given up on; the caller is on the way to the fallback.
+            return;
+        }
         if text.len() > MAX_FRAME_BYTES {
             return self.drop_input("openai_oversized_frame", json!({ "len": text.len() }));
         }
