@@ -222,7 +222,7 @@ async function placeCall(opt, ctx) {
   }
   const twiml = parseTwiml(hook.body);
   if (!twiml.streamUrl) {
-    info('the Worker answered without a media stream (USE_OPENAI_REALTIME off?). Twilio would now:');
+    info('the Worker answered without a media stream (FALLBACK_ONLY on?). Twilio would now:');
     for (const s of twiml.says) info(`  <Say> ${s}`);
     for (const d of twiml.dials) info(`  <Dial> ${d}`);
     throw new CallFailed('no <Connect><Stream> in the TwiML answer');

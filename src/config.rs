@@ -243,7 +243,8 @@ pub struct Bridge {
     pub twilio_api_base_url: String,
     /// Public `https://host` the Worker is reached at, when it differs from the request's.
     pub public_base_url: Option<String>,
-    pub use_openai_realtime: bool,
+    /// Answer every call with the fallback TwiML, without an agent (a maintenance switch).
+    pub fallback_only: bool,
     pub fallback_message: String,
     pub fallback_dial_number: Option<String>,
     /// Silence this long makes the agent check in; as long again ends the call.
@@ -269,12 +270,12 @@ impl Bridge {
                     .map_err(|_| invalid(name, format!("{v:?} is not a number"))),
             }
         };
-        let use_openai_realtime = match get("USE_OPENAI_REALTIME").as_deref() {
-            None | Some("true") | Some("1") | Some("yes") => true,
-            Some("false") | Some("0") | Some("no") => false,
+        let fallback_only = match get("FALLBACK_ONLY").as_deref() {
+            Some("true") | Some("1") | Some("yes") => true,
+            None | Some("false") | Some("0") | Some("no") => false,
             Some(other) => {
                 return Err(invalid(
-                    "USE_OPENAI_REALTIME",
+                    "FALLBACK_ONLY",
                     format!("{other:?} is not true or false"),
                 ))
             }
@@ -336,7 +337,7 @@ impl Bridge {
                 .trim_end_matches('/')
                 .to_owned(),
             public_base_url,
-            use_openai_realtime,
+            fallback_only,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             fallback_dial_number: get("FALLBACK_DIAL_NUMBER"),
             idle_timeout_ms: {
@@ -393,7 +394,7 @@ mod tests {
         assert_eq!(c.agent.language, "ja");
         assert_eq!(c.agent.voice, "marin");
         assert_eq!(c.agent.model, "gpt-realtime");
-        assert!(c.use_openai_realtime);
+        assert!(!c.fallback_only);
         assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
         assert!(c.fallback_message.contains("申し訳"));
         assert_eq!(c.fallback_dial_number, None);
@@ -420,8 +421,8 @@ mod tests {
             "voice"
         );
         assert_eq!(
-            from(&[("USE_OPENAI_REALTIME", "maybe")]).unwrap_err().field,
-            "USE_OPENAI_REALTIME"
+            from(&[("FALLBACK_ONLY", "maybe")]).unwrap_err().field,
+            "FALLBACK_ONLY"
         );
         assert_eq!(
             from(&[("AGENT_VAD_THRESHOLD", "2")]).unwrap_err().field,
@@ -440,13 +441,9 @@ mod tests {
     }
 
     #[test]
-    fn false_turns_realtime_off_and_empty_is_unset() {
-        let c = from(&[
-            ("USE_OPENAI_REALTIME", "false"),
-            ("FALLBACK_DIAL_NUMBER", ""),
-        ])
-        .unwrap();
-        assert!(!c.use_openai_realtime);
+    fn fallback_only_turns_the_agent_off_and_empty_is_unset() {
+        let c = from(&[("FALLBACK_ONLY", "true"), ("FALLBACK_DIAL_NUMBER", "")]).unwrap();
+        assert!(c.fallback_only);
         assert_eq!(c.fallback_dial_number, None);
     }
 

@@ -182,7 +182,7 @@ pub fn answer_voice(
         call_status: get("CallStatus"),
     };
     let dial = config.fallback_dial_number.as_deref();
-    if !config.use_openai_realtime {
+    if config.fallback_only {
         let twiml = twiml::fallback(&config.fallback_message, FALLBACK_LANGUAGE, dial);
         return Ok(VoiceAnswer {
             call,
@@ -438,9 +438,9 @@ mod tests {
     }
 
     #[test]
-    fn realtime_off_answers_the_japanese_fallback_with_dial() {
+    fn fallback_only_answers_the_japanese_fallback_with_dial() {
         let mut c = config();
-        c.use_openai_realtime = false;
+        c.fallback_only = true;
         c.fallback_dial_number = Some("+81312345678".into());
         let url = "https://bridge.example.com/api/twilio/voice";
         let (body, params) = form(CALL);

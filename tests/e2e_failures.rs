@@ -221,6 +221,13 @@ async fn http_401_on_the_upgrade_is_not_retried_and_the_caller_gets_the_fallback
     .await;
     assert_eq!(reconnects(&d), 0, "a refused key is not tried again");
     assert_eq!(claim.refused(), 1);
+    // Neither the key OpenAI refused nor Twilio's token (in the redirect's Basic auth) is
+    // written anywhere.
+    h.assert_log_clean(&[
+        support::OPENAI_API_KEY,
+        support::TWILIO_AUTH_TOKEN,
+        ADMIN_TOKEN,
+    ]);
 }
 
 #[tokio::test(flavor = "multi_thread")]

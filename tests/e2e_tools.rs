@@ -443,14 +443,6 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap()
 }
 
-/// The secrets never reach the Worker's log.
-fn assert_log_clean(h: &Harness, secrets: &[&str]) {
-    let log = h.worker.log();
-    for s in secrets {
-        assert!(!log.contains(s), "the Worker's log contains a secret ({s})");
-    }
-}
-
 // ---- 1. end_call ------------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
@@ -598,7 +590,7 @@ async fn end_call_says_goodbye_then_hangs_up_through_twilio_rest_after_it_played
             .wait_until("the Worker to close the stream", SOON, |l| l.closed.clone())
             .await,
     );
-    assert_log_clean(h, &[support::TWILIO_AUTH_TOKEN]);
+    h.assert_log_clean(&[support::TWILIO_AUTH_TOKEN]);
 }
 
 // ---- 2. transfer_call ----------------------------------------------------------------------------
@@ -885,7 +877,7 @@ async fn a_webhook_tool_gets_signed_context_and_its_answer_goes_back_without_sta
     assert!(ev["detail"]["duration_ms"].as_u64().is_some(), "{ev}");
     assert_eq!(tools.requests().len(), 1, "one webhook request");
     assert!(rest().requests_for(sid).is_empty(), "no REST request");
-    assert_log_clean(h, &[TOOL_SECRET]);
+    h.assert_log_clean(&[TOOL_SECRET]);
 }
 
 /// A webhook tool call that fails (`answer`); returns the output the model got and the

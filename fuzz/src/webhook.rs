@@ -201,7 +201,7 @@ pub fn run(w: &WebhookInput) {
         .public_base
         .as_ref()
         .map(|b| b.chars().filter(char::is_ascii_graphic).collect());
-    config.use_openai_realtime = w.use_realtime;
+    config.fallback_only = !w.use_realtime;
     config.fallback_message = w.fallback_message.clone();
     config.fallback_dial_number = w.dial.clone();
 

@@ -136,6 +136,25 @@ impl Harness {
         self.worker.base_url()
     }
 
+    /// None of `secrets` appears anywhere in the Worker's log so far (and the log is not
+    /// simply empty).
+    pub fn assert_log_clean(&self, secrets: &[&str]) {
+        let log = self.worker.log();
+        assert!(
+            log.contains("Ready on"),
+            "the captured log looks empty:\n{log}"
+        );
+        for secret in secrets {
+            let lines: Vec<&str> = log.lines().filter(|l| l.contains(secret)).collect();
+            assert!(
+                lines.is_empty(),
+                "{secret:?} appears in the Worker log ({}):\n{}",
+                self.worker.log_path.display(),
+                lines.join("\n")
+            );
+        }
+    }
+
     pub fn voice_url(&self) -> String {
         format!("{}/api/twilio/voice", self.base_url())
     }
