@@ -35,6 +35,15 @@ fi
 if [[ ! -f .dev.vars ]]; then
   log "creating .dev.vars from .dev.vars.example (local secrets; edit it, never commit it)"
   cp .dev.vars.example .dev.vars
+else
+  # A checkout made before a variable joined the example gets it too (its values are kept).
+  while IFS= read -r line; do
+    name="${line%%=*}"
+    if ! grep -q "^${name}=" .dev.vars; then
+      log "adding $name to .dev.vars (from .dev.vars.example; edit it)"
+      printf '\n%s\n' "$line" >> .dev.vars
+    fi
+  done < <(grep -E '^[A-Z][A-Z0-9_]*=' .dev.vars.example)
 fi
 
 log "setup ok"

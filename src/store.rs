@@ -165,7 +165,8 @@ impl Record {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'ringing', ?7) \
                  ON CONFLICT (call_sid) DO UPDATE SET account_sid = excluded.account_sid, \
                  from_number = excluded.from_number, to_number = excluded.to_number, \
-                 direction = excluded.direction, agent_id = excluded.agent_id, started_at = excluded.started_at",
+                 direction = excluded.direction, agent_id = excluded.agent_id, \
+                 started_at = MIN(calls.started_at, excluded.started_at)",
                 vec![
                     call_sid.as_str().into(),
                     account_sid.as_str().into(),
@@ -517,6 +518,15 @@ mod tests {
         let row = call_row(&conn);
         assert_eq!(row["status"], "completed");
         assert_eq!(row["to_number"], "+815012345678");
+        // The call started when the webhook came, not when the callback made the row.
+        assert_eq!(row["started_at"], iso_time(1_000));
+        // A retried webhook record never moves the start later.
+        let mut late = ringing();
+        if let Record::CallRinging { at_ms, .. } = &mut late {
+            *at_ms = 5_000;
+        }
+        write(&conn, &late);
+        assert_eq!(call_row(&conn)["started_at"], iso_time(1_000));
         // queued/initiated write nothing.
         assert!(Record::TwilioStatus {
             call_sid: SID.into(),
