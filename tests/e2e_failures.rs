@@ -23,7 +23,7 @@ use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
-use support::{background_runtime, ok, tagged_chunks, CallSpec, Harness, SOON};
+use support::{background_runtime, ok, shared_harness, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-failures-SECRET-987";
 const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
@@ -63,34 +63,23 @@ fn vars() -> Vec<(String, String)> {
 async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| Harness::start("e2e-failures", vars()))
-        .await;
-    match h {
-        Ok(h) => h,
-        Err(e) => panic!("the Worker under test did not start:\n{e}"),
-    }
+    shared_harness(&HARNESS, "e2e-failures", vars).await
 }
 
 /// The Worker whose Realtime URL is a port nobody listens on.
 async fn refused_harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| async {
-            let dead = support::worker::free_port();
-            let mut v = vars();
-            v.push((
-                "OPENAI_REALTIME_URL".into(),
-                format!("ws://127.0.0.1:{dead}/v1/realtime"),
-            ));
-            Harness::start("e2e-failures-refused", v).await
-        })
-        .await;
-    match h {
-        Ok(h) => h,
-        Err(e) => panic!("the refused-connection Worker did not start:\n{e}"),
-    }
+    shared_harness(&HARNESS, "e2e-failures-refused", || {
+        let dead = support::worker::free_port();
+        let mut v = vars();
+        v.push((
+            "OPENAI_REALTIME_URL".into(),
+            format!("ws://127.0.0.1:{dead}/v1/realtime"),
+        ));
+        v
+    })
+    .await
 }
 
 /// Webhook, media stream, `connected` and `start`, with `script` claimed for the OpenAI side
@@ -253,11 +242,9 @@ async fn http_429_on_the_upgrade_is_retried_with_pauses_then_the_caller_gets_the
     );
 }
 
-/// A live call: the greeting asked for, and caller audio relayed.
-async fn live_call(h: &Harness) -> support::Call {
-    let call = h.start_call(CallSpec::default()).await;
-    ok(h, call.openai.wait_event("response.create", SOON).await);
-    let frame = &tagged_chunks(0x51, 1, 160)[0];
+/// One tagged caller frame goes out on the stream and arrives at the fake OpenAI.
+async fn relay_caller_frame(h: &Harness, call: &support::Call, tag: u8) {
+    let frame = &tagged_chunks(tag, 1, 160)[0];
     let payload = call.twilio.send_media(frame);
     ok(
         h,
@@ -270,6 +257,13 @@ async fn live_call(h: &Harness) -> support::Call {
             })
             .await,
     );
+}
+
+/// A live call: the greeting asked for, and caller audio relayed.
+async fn live_call(h: &Harness) -> support::Call {
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("response.create", SOON).await);
+    relay_caller_frame(h, &call, 0x51).await;
     call
 }
 
@@ -311,19 +305,7 @@ async fn an_error_event_mid_call_is_recorded_and_the_call_goes_on() {
                   "message": "Invalid value: 'x'.", "param": "item.content", "event_id": null}
     }));
     // Audio still flows both ways afterwards.
-    let frame = &tagged_chunks(0x52, 1, 160)[0];
-    let payload = call.twilio.send_media(frame);
-    ok(
-        h,
-        call.openai
-            .wait_until("a caller frame after the error", SOON, |s| {
-                s.received
-                    .iter()
-                    .any(|e| e.event["audio"] == payload.as_str())
-                    .then_some(())
-            })
-            .await,
-    );
+    relay_caller_frame(h, &call, 0x52).await;
     let agent = tagged_chunks(0x53, 1, 160).remove(0);
     call.openai
         .send_all(oai::response_start("resp_after", "item_after"));

@@ -27,18 +27,10 @@ const HEADER: usize = 44;
 async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| {
-            Harness::start(
-                "e2e-recording",
-                vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
-            )
-        })
-        .await;
-    match h {
-        Ok(h) => h,
-        Err(e) => panic!("the Worker under test did not start:\n{e}"),
-    }
+    support::shared_harness(&HARNESS, "e2e-recording", || {
+        vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())]
+    })
+    .await
 }
 
 fn admin(h: &Harness) -> Admin {

@@ -26,7 +26,9 @@ use support::fake_openai::{self as oai, ClientEvent, Session, SessionScript};
 use support::fake_twilio::{self as tw, CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
 use support::tool_server::{expected_signature, Gate, ToolAnswer, ToolServer};
-use support::{background_runtime, ok, tagged_chunks, Call, CallSpec, Harness, SOON};
+use support::{
+    background_runtime, ok, shared_harness, tagged_chunks, Call, CallSpec, Harness, SOON,
+};
 
 /// The admin bearer token of the Workers under test.
 const ADMIN_TOKEN: &str = "admin-e2e-tools-SECRET-654";
@@ -64,26 +66,14 @@ fn vars(idle_timeout_seconds: u32) -> Vec<(String, String)> {
 async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| Harness::start("e2e-tools", vars(600)))
-        .await;
-    match h {
-        Ok(h) => h,
-        Err(e) => panic!("the Worker under test did not start:\n{e}"),
-    }
+    shared_harness(&HARNESS, "e2e-tools", || vars(600)).await
 }
 
 /// The Worker with `IDLE_TIMEOUT_SECONDS=5`.
 async fn idle_harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| Harness::start("e2e-tools-idle", vars(5)))
-        .await;
-    match h {
-        Ok(h) => h,
-        Err(e) => panic!("the idle-timeout Worker under test did not start:\n{e}"),
-    }
+    shared_harness(&HARNESS, "e2e-tools-idle", || vars(5)).await
 }
 
 fn admin(h: &Harness) -> Admin {

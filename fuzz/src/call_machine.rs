@@ -1202,6 +1202,26 @@ impl Harness {
             );
             return;
         }
+        if self.failing.is_some()
+            && matches!(input, Input::OpenAiText(_) | Input::OpenAiBinary { .. })
+        {
+            // The session was given up on: its frames change nothing.
+            check!(
+                actions
+                    .iter()
+                    .all(|a| matches!(a, Action::RecordingData(_))),
+                "an OpenAI frame after the fallback began did something: {}",
+                brief(&actions)
+            );
+            check!(
+                dropped_before == self.call.stats().dropped,
+                "an OpenAI frame after the fallback began was counted"
+            );
+            if allowed {
+                self.openai = next;
+            }
+            return;
+        }
         if matches!(input, Input::Timeout) && due.is_none_or(|d| self.now < d) {
             // The recording settles with the clock on any input; nothing else may happen.
             check!(

@@ -445,6 +445,8 @@ impl Call {
                 self.fail(failure, now);
             }
             Input::OpenAiText(text) => self.on_openai_text(text, now),
+            // A session given up on is not listened to (see `on_openai_text`).
+            Input::OpenAiBinary { .. } if self.failing() => {}
             Input::OpenAiBinary { len } => {
                 self.drop_input("openai_binary_frame", json!({ "len": len }))
             }

@@ -60,12 +60,20 @@ pub fn repo_root() -> PathBuf {
 pub async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    let h = HARNESS
-        .get_or_init(|| Harness::start("e2e-bridge", Vec::new()))
-        .await;
+    shared_harness(&HARNESS, "e2e-bridge", Vec::new).await
+}
+
+/// The Worker a test binary shares, kept in `cell`: started (labelled `label`, with `vars`)
+/// by the first caller; later callers wait for it and share the result, failure included.
+pub async fn shared_harness(
+    cell: &'static tokio::sync::OnceCell<Result<Harness, String>>,
+    label: &str,
+    vars: impl FnOnce() -> Vec<(String, String)>,
+) -> &'static Harness {
+    let h = cell.get_or_init(|| Harness::start(label, vars())).await;
     match h {
         Ok(h) => h,
-        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+        Err(e) => panic!("the Worker under test ({label}) did not start:\n{e}"),
     }
 }
 
