@@ -105,12 +105,55 @@ pub struct CallState {
     pub streamed_at_ms: Option<u64>,
 }
 
+/// Why a call's object refuses a Media Stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamRefusal {
+    #[error("no signed voice webhook for this call")]
+    NoWebhook,
+    #[error("this call already has a stream")]
+    AlreadyStreaming,
+    #[error("this call's stream has ended")]
+    Ended,
+    #[error("this call's stream was cut by a restart of the bridge and cannot be resumed")]
+    Interrupted,
+}
+
+impl StreamRefusal {
+    /// The HTTP status the upgrade is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            StreamRefusal::NoWebhook => 404,
+            StreamRefusal::AlreadyStreaming => 409,
+            StreamRefusal::Ended | StreamRefusal::Interrupted => 410,
+        }
+    }
+}
+
 impl CallState {
     pub fn new(registration: Registration) -> Self {
         CallState {
             registration,
             end_reason: None,
             streamed_at_ms: None,
+        }
+    }
+
+    /// Whether a new Media Stream for `call_sid` may start, given whether a pump of this
+    /// instance of the object serves one (`live`). A stream that started before this instance
+    /// (the object restarted) went with it: it cannot be resumed, and a new one would start a
+    /// new call machine whose turns overwrite the call's; it is refused as `Interrupted`,
+    /// and is then to be finalized ([`CallState::finalize_orphaned`]).
+    pub fn admit_stream(&self, call_sid: &CallSid, live: bool) -> Result<(), StreamRefusal> {
+        if self.registration.call.call_sid != *call_sid {
+            Err(StreamRefusal::NoWebhook)
+        } else if self.end_reason.is_some() {
+            Err(StreamRefusal::Ended)
+        } else if live {
+            Err(StreamRefusal::AlreadyStreaming)
+        } else if self.streamed_at_ms.is_some() {
+            Err(StreamRefusal::Interrupted)
+        } else {
+            Ok(())
         }
     }
 
@@ -611,6 +654,39 @@ mod tests {
         ended.streamed_at_ms = Some(2_000);
         assert_eq!(ended.finalize_orphaned(false, 5_000), None);
         assert_eq!(ended.end_reason.as_deref(), Some("twilio_stop"));
+    }
+
+    #[test]
+    fn one_stream_per_call_and_none_after_it_ended_or_was_cut() {
+        let sid = CallSid::new("CA9");
+        let mut state = CallState::new(registration());
+        assert_eq!(
+            state.admit_stream(&CallSid::new("CA8"), false),
+            Err(StreamRefusal::NoWebhook)
+        );
+        assert_eq!(state.admit_stream(&sid, false), Ok(()));
+        state.streamed_at_ms = Some(2_000);
+        assert_eq!(
+            state.admit_stream(&sid, true),
+            Err(StreamRefusal::AlreadyStreaming)
+        );
+        // Started before this instance of the object: cut by its restart.
+        assert_eq!(
+            state.admit_stream(&sid, false),
+            Err(StreamRefusal::Interrupted)
+        );
+        state.finalize_orphaned(false, 9_000).unwrap();
+        assert_eq!(state.admit_stream(&sid, false), Err(StreamRefusal::Ended));
+        let statuses: Vec<u16> = [
+            StreamRefusal::NoWebhook,
+            StreamRefusal::AlreadyStreaming,
+            StreamRefusal::Ended,
+            StreamRefusal::Interrupted,
+        ]
+        .into_iter()
+        .map(StreamRefusal::status)
+        .collect();
+        assert_eq!(statuses, [404, 409, 410, 410]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use crate::call::{Action, Call, Input, Level, Setup};
 use crate::config::Bridge;
 use crate::ids::Millis;
 use crate::store::Record as StoreRecord;
-use crate::webhook::{self, CallState, Registration};
+use crate::webhook::{self, CallState, Registration, StreamRefusal};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::{FutureExt, StreamExt};
 use std::cell::{Cell, RefCell};
@@ -146,26 +146,24 @@ impl CallSession {
         let Some(call_sid) = webhook::stream_call_sid(&req.path()) else {
             return Response::error("Not Found", 404);
         };
-        let refuse = |status: u16, why: &str| {
+        let refuse = |refusal: StreamRefusal| {
+            let (status, why) = (refusal.status(), refusal.to_string());
             log(
                 "warn",
                 "stream.refused",
                 serde_json::json!({ "call_sid": call_sid, "status": status, "why": why }),
             );
-            Response::error(why.to_owned(), status)
+            Response::error(why, status)
         };
         let storage = self.state.storage();
         let Some(record) = storage.get::<CallState>(CALL_KEY).await? else {
-            return refuse(404, "no signed voice webhook for this call");
+            return refuse(StreamRefusal::NoWebhook);
         };
-        if record.registration.call.call_sid != call_sid {
-            return refuse(404, "no signed voice webhook for this call");
-        }
-        if record.end_reason.is_some() {
-            return refuse(410, "this call's stream has ended");
-        }
-        if self.live.get() {
-            return refuse(409, "this call already has a stream");
+        if let Err(refusal) = record.admit_stream(&call_sid, self.live.get()) {
+            if refusal == StreamRefusal::Interrupted {
+                self.finalize_orphaned_stream().await?;
+            }
+            return refuse(refusal);
         }
         let config = match bridge_config(&self.env) {
             Ok(c) => c,
