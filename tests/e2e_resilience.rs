@@ -407,6 +407,9 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     // the object's own watch must notice.
     let a = converse(h, &admin, "+15551230611", 0x61).await;
     let b = converse(h, &admin, "+15551230612", 0x71).await;
+    // Call C: after the restart, its stream is opened again (a replay of Twilio's signed
+    // upgrade); the earlier stream is gone and cannot be resumed.
+    let c = converse(h, &admin, "+15551230614", 0x81).await;
     press_key(h, &b.call, 0x74).await;
     let b_before = ok(
         h,
@@ -435,7 +438,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     // taken, is still only in the call object's own storage.
 
     // What Twilio runs once the stream is gone: the apology after </Connect>.
-    for said in [&a, &b] {
+    for said in [&a, &b, &c] {
         let paths = &said.call.twiml.element_paths;
         let connect = paths.iter().position(|p| p == "Response/Connect").unwrap();
         assert!(
@@ -448,7 +451,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     let reloads = count_in_log(h, "Local server updated and ready");
     let redeployed_at = Instant::now();
     deployment.redeploy().unwrap_or_else(|e| panic!("{e}"));
-    for said in [&a, &b] {
+    for said in [&a, &b, &c] {
         let call = &said.call;
         let closed = ok(
             h,
@@ -478,6 +481,16 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     lock.release();
+
+    // C's stream again: refused, no OpenAI session, and C is over.
+    let claim = h.openai.claim(greeting_script(0x8a)).await;
+    let (status, body) = refused_status(
+        "a stream again for a call whose object restarted",
+        connect_again(&c.call.twiml).await,
+    );
+    assert_eq!(status, 410, "{body}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
 
     // Twilio played the apology and hung up: its final status callback for call A.
     let (from_a, to_a) = (a.call.from.as_str(), a.call.to.as_str());
@@ -524,13 +537,28 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             .await,
     );
     let finalized_b = redeployed_at.elapsed();
+    let after_c = ok(
+        h,
+        admin
+            .wait_call(
+                &c.call.ids.call_sid,
+                "call C finalized",
+                D1_DEADLINE,
+                finalized,
+            )
+            .await,
+    );
     eprintln!(
         "finalized {:.1}s (A, told by Twilio) and {:.1}s (B, by its watch) after the restart",
         finalized_a.as_secs_f64(),
         finalized_b.as_secs_f64()
     );
 
-    for (said, before, after) in [(&a, &a.before, &after_a), (&b, &b_before, &after_b)] {
+    for (said, before, after, presses) in [
+        (&a, &a.before, &after_a, 1),
+        (&b, &b_before, &after_b, 1),
+        (&c, &c.before, &after_c, 0),
+    ] {
         let sid = said.call.ids.call_sid.as_str();
         eprintln!("{sid} after the restart:\n{}", pretty(after));
         let (c, c0) = (&after["call"], &before["call"]);
@@ -561,15 +589,15 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             after["transcript"], before["transcript"],
             "{sid}: transcript changed by the restart"
         );
-        // So are the events, and the key press (queued before the restart) is there once.
+        // So are the events, and a key press queued before the restart is there once.
         let events = after["events"].as_array().unwrap();
         for e in before["events"].as_array().unwrap() {
             assert!(events.contains(e), "{sid}: event lost: {e}");
         }
         let dtmf: Vec<&Value> = events.iter().filter(|e| e["type"] == "dtmf").collect();
         assert!(
-            dtmf.len() == 1 && dtmf[0]["detail"]["digit"] == "7",
-            "{sid}: the key press, once: {}",
+            dtmf.len() == presses && dtmf.iter().all(|e| e["detail"]["digit"] == "7"),
+            "{sid}: {presses} key press(es): {}",
             pretty(&after["events"])
         );
         let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
