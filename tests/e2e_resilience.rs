@@ -9,10 +9,11 @@
 //! - The call objects restart mid-call, as on a deploy: this test serves a copy of the built
 //!   Worker from a directory of its own (`support::worker::Deployment`) and rewrites its bundle,
 //!   so wrangler restarts workerd for real and the Worker the other tests share is untouched.
-//!   Both sockets of each call in flight drop. One call is finalized when Twilio's final status
-//!   callback reaches its object, the other by the object's watch alarm; both end as
-//!   `bridge_restarted` and failed, keeping every row written before the restart, including
-//!   one that was still queued in the object's outbox because D1 was locked at the time.
+//!   Both sockets of each call in flight drop. Each call is then finalized one way: when
+//!   Twilio's final status callback reaches its object, by the object's watch alarm, when its
+//!   stream is opened again (refused, 410), or by the alarm that retries a D1 write which was
+//!   still queued in the object's outbox because D1 was locked at the restart. All end as
+//!   `bridge_restarted` and failed, keeping every row written before the restart.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -401,30 +402,21 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     let h = &h;
     let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
 
-    // Call A: Twilio reports the call's end after the restart (its status callback), and a
-    // key press is still queued in the object's outbox when the restart comes (D1 is locked).
-    // Call B: its key press reached D1 before the restart, and after it nobody says anything;
-    // the object's own watch must notice.
+    // Four calls, each finalized one way after the restart:
+    // A: Twilio's final status callback reaches its object;
+    // B: nobody says anything, the object's watch alarm must notice;
+    // C: its stream is opened again (a replay of Twilio's signed upgrade), which is refused;
+    // D: a key press is still queued in its object's outbox at the restart (D1 is locked), and
+    //    the object's retry (or watch) alarm brings it back to write it.
+    // A, B and C have nothing left to write when the restart comes, so only their own path
+    // can end them early.
     let a = converse(h, &admin, "+15551230611", 0x61).await;
     let b = converse(h, &admin, "+15551230612", 0x71).await;
-    // Call C: after the restart, its stream is opened again (a replay of Twilio's signed
-    // upgrade); the earlier stream is gone and cannot be resumed.
-    let c = converse(h, &admin, "+15551230614", 0x81).await;
-    press_key(h, &b.call, 0x74).await;
-    let b_before = ok(
-        h,
-        admin
-            .wait_call(
-                &b.call.ids.call_sid,
-                "B's key press",
-                D1_DEADLINE,
-                has_key_press,
-            )
-            .await,
-    );
+    let c = converse(h, &admin, "+15551230613", 0x81).await;
+    let d = converse(h, &admin, "+15551230614", 0x91).await;
     let failed_writes = count_in_log(h, "outbox.d1_write_failed");
     let lock = D1Lock::take(h);
-    press_key(h, &a.call, 0x64).await;
+    press_key(h, &d.call, 0x94).await;
     let deadline = Instant::now() + SOON;
     while count_in_log(h, "outbox.d1_write_failed") == failed_writes {
         assert!(
@@ -434,11 +426,12 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // No write commits while the lock is held: A's key press, queued after the lock was
-    // taken, is still only in the call object's own storage.
+    // No write commits while the lock is held: D's key press, queued after the lock was
+    // taken, is only in the call object's own storage.
 
     // What Twilio runs once the stream is gone: the apology after </Connect>.
-    for said in [&a, &b, &c] {
+    let calls = [&a, &b, &c, &d];
+    for said in calls {
         let paths = &said.call.twiml.element_paths;
         let connect = paths.iter().position(|p| p == "Response/Connect").unwrap();
         assert!(
@@ -451,7 +444,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     let reloads = count_in_log(h, "Local server updated and ready");
     let redeployed_at = Instant::now();
     deployment.redeploy().unwrap_or_else(|e| panic!("{e}"));
-    for said in [&a, &b, &c] {
+    for said in calls {
         let call = &said.call;
         let closed = ok(
             h,
@@ -482,23 +475,12 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     }
     lock.release();
 
-    // C's stream again: refused, no OpenAI session, and C is over.
-    let claim = h.openai.claim(greeting_script(0x8a)).await;
-    let (status, body) = refused_status(
-        "a stream again for a call whose object restarted",
-        connect_again(&c.call.twiml).await,
-    );
-    assert_eq!(status, 410, "{body}");
-    ok(h, claim.expect_no_connection(QUIET).await);
-    drop(claim);
-
-    // Twilio played the apology and hung up: its final status callback for call A.
-    let (from_a, to_a) = (a.call.from.as_str(), a.call.to.as_str());
+    // A: Twilio played the apology and hung up; its final status callback.
     let r = h
         .post_status(&tw::status_params(
             &a.call.ids,
-            from_a,
-            to_a,
+            &a.call.from,
+            &a.call.to,
             "completed",
             2,
             Some(61),
@@ -509,60 +491,52 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         "status callback after the restart: {}",
         r.body
     );
+    // C: its stream again. Refused, no OpenAI session, and C is over.
+    let claim = h.openai.claim(greeting_script(0x8a)).await;
+    let (status, body) = refused_status(
+        "a stream again for a call whose object restarted",
+        connect_again(&c.call.twiml).await,
+    );
+    assert_eq!(status, 410, "{body}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
 
     let finalized = |d: &Value| {
         d["call"]["end_reason"] == "bridge_restarted" && d["call"]["ended_at"].is_string()
     };
-    let after_a = ok(
-        h,
-        admin
-            .wait_call(
-                &a.call.ids.call_sid,
-                "call A finalized",
-                WATCH_DEADLINE,
-                |d| finalized(d) && d["call"]["twilio_duration_s"] == 61 && has_key_press(d),
-            )
-            .await,
-    );
-    let finalized_a = redeployed_at.elapsed();
-    let after_b = ok(
-        h,
-        admin
-            .wait_call(
-                &b.call.ids.call_sid,
-                "call B finalized",
-                WATCH_DEADLINE,
-                finalized,
-            )
-            .await,
-    );
-    let finalized_b = redeployed_at.elapsed();
-    let after_c = ok(
-        h,
-        admin
-            .wait_call(
-                &c.call.ids.call_sid,
-                "call C finalized",
-                D1_DEADLINE,
-                finalized,
-            )
-            .await,
-    );
-    eprintln!(
-        "finalized {:.1}s (A, told by Twilio) and {:.1}s (B, by its watch) after the restart",
-        finalized_a.as_secs_f64(),
-        finalized_b.as_secs_f64()
-    );
-
-    for (said, before, after, presses) in [
-        (&a, &a.before, &after_a, 1),
-        (&b, &b_before, &after_b, 1),
-        (&c, &c.before, &after_c, 0),
+    // In the order they are expected to end (B's watch comes last), so the times printed
+    // say when each was seen finalized.
+    let mut after = Vec::new();
+    for (said, what) in [
+        (&a, "A finalized, with Twilio's duration"),
+        (&c, "C finalized"),
+        (&d, "D finalized, with its key press"),
+        (&b, "B finalized"),
     ] {
+        let sid = &said.call.ids.call_sid;
+        let detail = ok(
+            h,
+            admin
+                .wait_call(sid, what, WATCH_DEADLINE, |detail| {
+                    finalized(detail)
+                        && (sid != &a.call.ids.call_sid
+                            || detail["call"]["twilio_duration_s"] == 61)
+                        && (sid != &d.call.ids.call_sid || has_key_press(detail))
+                })
+                .await,
+        );
+        eprintln!(
+            "{what}: {:.1}s after the restart",
+            redeployed_at.elapsed().as_secs_f64()
+        );
+        after.push((said, detail));
+    }
+
+    for (said, after) in &after {
         let sid = said.call.ids.call_sid.as_str();
         eprintln!("{sid} after the restart:\n{}", pretty(after));
-        let (c, c0) = (&after["call"], &before["call"]);
-        assert_eq!(c["status"], "failed", "{sid}: {}", pretty(c));
+        let (row, row0) = (&after["call"], &said.before["call"]);
+        assert_eq!(row["status"], "failed", "{sid}: {}", pretty(row));
         for key in [
             "started_at",
             "connected_at",
@@ -571,29 +545,30 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             "from_number",
             "agent_id",
         ] {
-            assert_eq!(c[key], c0[key], "{sid}: {key} changed by the restart");
+            assert_eq!(row[key], row0[key], "{sid}: {key} changed by the restart");
         }
         // The call lasted at least until the restart.
         let lasted = redeployed_at
             .duration_since(said.call.start_sent_at)
             .as_millis() as i64;
-        let duration = c["duration_ms"]
+        let duration = row["duration_ms"]
             .as_i64()
             .unwrap_or_else(|| panic!("{sid}: no duration_ms"));
         assert!(
             duration + 100 >= lasted,
             "{sid}: duration_ms {duration} < {lasted} ms from the stream start to the restart"
         );
-        // Every turn written before the restart is there, unchanged, exactly once.
+        // Every turn written before the restart is there, unchanged, exactly once; so are
+        // the events, and D's key press (queued before the restart) is there once.
         assert_eq!(
-            after["transcript"], before["transcript"],
+            after["transcript"], said.before["transcript"],
             "{sid}: transcript changed by the restart"
         );
-        // So are the events, and a key press queued before the restart is there once.
         let events = after["events"].as_array().unwrap();
-        for e in before["events"].as_array().unwrap() {
+        for e in said.before["events"].as_array().unwrap() {
             assert!(events.contains(e), "{sid}: event lost: {e}");
         }
+        let presses = usize::from(std::ptr::eq(*said, &d));
         let dtmf: Vec<&Value> = events.iter().filter(|e| e["type"] == "dtmf").collect();
         assert!(
             dtmf.len() == presses && dtmf.iter().all(|e| e["detail"]["digit"] == "7"),
@@ -606,17 +581,18 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             "{sid}: event seqs {seqs:?}"
         );
     }
+    assert_eq!(after[0].1["call"]["twilio_duration_s"], 61);
 
     // The redeployed Worker takes new calls.
-    let c = h
+    let fresh = h
         .start_call(CallSpec {
-            from: "+15551230613".into(),
+            from: "+15551230615".into(),
             script: greeting_script(0x7a),
             ..CallSpec::default()
         })
         .await;
-    greeting_played(h, &c).await;
-    relays_both_ways(h, &c, 0x7b, "a call after the restart").await;
-    c.twilio.send_stop(&c.ids);
-    ok(h, c.openai.wait_closed(SOON).await);
+    greeting_played(h, &fresh).await;
+    relays_both_ways(h, &fresh, 0x7b, "a call after the restart").await;
+    fresh.twilio.send_stop(&fresh.ids);
+    ok(h, fresh.openai.wait_closed(SOON).await);
 }
