@@ -97,6 +97,83 @@ impl Registration {
 /// End reason of a call whose bridge was restarted mid-stream.
 pub const INTERRUPTED: &str = "bridge_restarted";
 
+/// What a call's Durable Object keeps about its call in its own storage.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CallState {
+    pub registration: Registration,
+    /// Set once the stream has ended; the call cannot be streamed again.
+    pub end_reason: Option<String>,
+    /// When the stream was accepted; with no end reason, a stream is (or was) running.
+    #[serde(default)]
+    pub streamed_at_ms: Option<u64>,
+}
+
+/// Why a call's object refuses a Media Stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamRefusal {
+    #[error("no signed voice webhook for this call")]
+    NoWebhook,
+    #[error("this call already has a stream")]
+    AlreadyStreaming,
+    #[error("this call's stream has ended")]
+    Ended,
+    #[error("this call's stream was cut by a restart of the bridge and cannot be resumed")]
+    Interrupted,
+}
+
+impl StreamRefusal {
+    /// The HTTP status the upgrade is answered with.
+    pub fn status(self) -> u16 {
+        match self {
+            StreamRefusal::NoWebhook => 404,
+            StreamRefusal::AlreadyStreaming => 409,
+            StreamRefusal::Ended | StreamRefusal::Interrupted => 410,
+        }
+    }
+}
+
+impl CallState {
+    pub fn new(registration: Registration) -> Self {
+        CallState {
+            registration,
+            end_reason: None,
+            streamed_at_ms: None,
+        }
+    }
+
+    /// Whether a new Media Stream for `call_sid` may start, given whether a pump of this
+    /// instance of the object serves one (`live`). A stream that started before this instance
+    /// (the object restarted) went with it: it cannot be resumed, and a new one would start a
+    /// new call machine whose turns overwrite the call's; it is refused as `Interrupted`,
+    /// and is then to be finalized ([`CallState::finalize_orphaned`]).
+    pub fn admit_stream(&self, call_sid: &CallSid, live: bool) -> Result<(), StreamRefusal> {
+        if self.registration.call.call_sid != *call_sid {
+            Err(StreamRefusal::NoWebhook)
+        } else if self.end_reason.is_some() {
+            Err(StreamRefusal::Ended)
+        } else if live {
+            Err(StreamRefusal::AlreadyStreaming)
+        } else if self.streamed_at_ms.is_some() {
+            Err(StreamRefusal::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A stream that started and never ended, while no pump of this instance of the object
+    /// serves it (`pumped` is false): the object was restarted mid-stream (by a deploy, say)
+    /// and both sockets went with it. Marks the stream ended and returns the call's end to
+    /// record; `None` when there is nothing to finalize.
+    pub fn finalize_orphaned(&mut self, pumped: bool, now_ms: u64) -> Option<Record> {
+        let streamed_at = self.streamed_at_ms?;
+        if pumped || self.end_reason.is_some() {
+            return None;
+        }
+        self.end_reason = Some(INTERRUPTED.to_owned());
+        Some(self.registration.interrupted(streamed_at, now_ms))
+    }
+}
+
 /// A verified voice webhook and the TwiML to answer it with.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VoiceAnswer {
@@ -528,18 +605,7 @@ mod tests {
 
     #[test]
     fn an_interrupted_stream_ends_as_failed_with_its_duration() {
-        let reg = Registration {
-            call: VoiceCall {
-                call_sid: CallSid::new("CA9"),
-                account_sid: "AC1".into(),
-                from: "+81".into(),
-                to: "+82".into(),
-                direction: "inbound".into(),
-                call_status: "ringing".into(),
-            },
-            agent: Agent::default(),
-            at_ms: 1_000,
-        };
+        let reg = registration();
         let Record::CallEnded {
             call_sid,
             duration_ms,
@@ -558,6 +624,124 @@ mod tests {
             reg.record(),
             Record::CallRinging { at_ms: 1_000, .. }
         ));
+    }
+
+    fn registration() -> Registration {
+        Registration {
+            call: VoiceCall {
+                call_sid: CallSid::new("CA9"),
+                account_sid: "AC1".into(),
+                from: "+81".into(),
+                to: "+82".into(),
+                direction: "inbound".into(),
+                call_status: "ringing".into(),
+            },
+            agent: Agent::default(),
+            at_ms: 1_000,
+        }
+    }
+
+    #[test]
+    fn only_a_started_unended_stream_without_a_pump_is_finalized_and_only_once() {
+        let mut state = CallState::new(registration());
+        assert_eq!(
+            state.finalize_orphaned(false, 5_000),
+            None,
+            "never streamed"
+        );
+        state.streamed_at_ms = Some(2_000);
+        assert_eq!(state.finalize_orphaned(true, 5_000), None, "its pump runs");
+        assert_eq!(state.end_reason, None);
+        let end = state.finalize_orphaned(false, 65_000);
+        assert_eq!(end, Some(registration().interrupted(2_000, 65_000)));
+        assert_eq!(state.end_reason.as_deref(), Some(INTERRUPTED));
+        assert_eq!(
+            state.finalize_orphaned(false, 70_000),
+            None,
+            "already ended"
+        );
+        let mut ended = CallState {
+            end_reason: Some("twilio_stop".into()),
+            ..CallState::new(registration())
+        };
+        ended.streamed_at_ms = Some(2_000);
+        assert_eq!(ended.finalize_orphaned(false, 5_000), None);
+        assert_eq!(ended.end_reason.as_deref(), Some("twilio_stop"));
+    }
+
+    #[test]
+    fn one_stream_per_call_and_none_after_it_ended_or_was_cut() {
+        let sid = CallSid::new("CA9");
+        let mut state = CallState::new(registration());
+        assert_eq!(
+            state.admit_stream(&CallSid::new("CA8"), false),
+            Err(StreamRefusal::NoWebhook)
+        );
+        assert_eq!(state.admit_stream(&sid, false), Ok(()));
+        state.streamed_at_ms = Some(2_000);
+        assert_eq!(
+            state.admit_stream(&sid, true),
+            Err(StreamRefusal::AlreadyStreaming)
+        );
+        // Started before this instance of the object: cut by its restart.
+        assert_eq!(
+            state.admit_stream(&sid, false),
+            Err(StreamRefusal::Interrupted)
+        );
+        state.finalize_orphaned(false, 9_000).unwrap();
+        assert_eq!(state.admit_stream(&sid, false), Err(StreamRefusal::Ended));
+        let statuses: Vec<u16> = [
+            StreamRefusal::NoWebhook,
+            StreamRefusal::AlreadyStreaming,
+            StreamRefusal::Ended,
+            StreamRefusal::Interrupted,
+        ]
+        .into_iter()
+        .map(StreamRefusal::status)
+        .collect();
+        assert_eq!(statuses, [404, 409, 410, 410]);
+    }
+
+    #[test]
+    fn call_state_reads_what_earlier_versions_stored() {
+        let mut stored = serde_json::to_value(CallState::new(registration())).unwrap();
+        stored.as_object_mut().unwrap().remove("streamed_at_ms");
+        let state: CallState = serde_json::from_value(stored).unwrap();
+        assert_eq!(state, CallState::new(registration()));
+    }
+
+    /// Twilio's final status reaches a restarted object before its watch does: finalizing
+    /// first keeps the call a failure, ended when the bridge noticed, with Twilio's duration.
+    #[test]
+    fn a_restarted_call_finalized_before_twilios_final_status_reads_failed() {
+        use crate::agents::testdb;
+        let conn = testdb::open();
+        let write = |r: &Record| testdb::batch(&conn, &r.statements(1_000)).unwrap();
+        let mut state = CallState::new(registration());
+        write(&state.registration.record());
+        state.streamed_at_ms = Some(2_000);
+        write(&state.finalize_orphaned(false, 9_000).unwrap());
+        write(&Record::TwilioStatus {
+            call_sid: "CA9".into(),
+            status: "completed".into(),
+            call_duration_s: Some(8),
+            at_ms: 9_000,
+        });
+        let rows = testdb::query(
+            &conn,
+            &crate::store::Statement::new(
+                "SELECT status, end_reason, ended_at, duration_ms, twilio_duration_s FROM calls",
+                vec![],
+            ),
+        );
+        assert_eq!(
+            rows,
+            vec![serde_json::json!({
+                "status": "failed", "end_reason": INTERRUPTED,
+                "ended_at": "1970-01-01T00:00:09.000Z", "duration_ms": 7_000,
+                "twilio_duration_s": 8,
+            })]
+        );
     }
 
     #[test]

@@ -10,10 +10,9 @@ use crate::call::{Action, Call, Input, Level, Setup};
 use crate::config::Bridge;
 use crate::ids::Millis;
 use crate::store::Record as StoreRecord;
-use crate::webhook::{self, Registration};
+use crate::webhook::{self, CallState, Registration, StreamRefusal};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::{FutureExt, StreamExt};
-use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
@@ -24,17 +23,6 @@ pub const REGISTER_URL: &str = "https://call-session/register";
 /// Internal URL for a verified Twilio status callback of this call.
 pub const STATUS_URL: &str = "https://call-session/status";
 const CALL_KEY: &str = "call";
-
-/// What the object keeps in its own storage about its call.
-#[derive(Serialize, Deserialize)]
-struct Record {
-    registration: Registration,
-    /// Set once the stream has ended; the call cannot be streamed again.
-    end_reason: Option<String>,
-    /// When the stream was accepted; with no end reason, a stream is (or was) running.
-    #[serde(default)]
-    streamed_at_ms: Option<u64>,
-}
 
 /// How often the object checks that a running stream is still served by a live pump.
 const WATCH: Duration = Duration::from_secs(60);
@@ -65,23 +53,19 @@ impl DurableObject for CallSession {
                 let registration: Registration = req.json().await?;
                 let storage = self.state.storage();
                 // Twilio may retry the webhook: the first registration stands.
-                if storage.get::<Record>(CALL_KEY).await?.is_none() {
+                if storage.get::<CallState>(CALL_KEY).await?.is_none() {
                     self.outbox().push(&registration.record()).await;
-                    storage
-                        .put(
-                            CALL_KEY,
-                            Record {
-                                registration,
-                                end_reason: None,
-                                streamed_at_ms: None,
-                            },
-                        )
-                        .await?;
+                    storage.put(CALL_KEY, CallState::new(registration)).await?;
                 }
                 Response::empty().map(|r| r.with_status(204))
             }
             "/status" if post => {
                 let record: StoreRecord = req.json().await?;
+                // Twilio reports on a call this object streamed before it restarted (Twilio
+                // played the fallback and the call is over): end the stream first, so the
+                // call reads as the failure it was, ended when Twilio said so, rather than
+                // waiting for the watch alarm and overwriting Twilio's end with its own.
+                self.finalize_orphaned_stream().await?;
                 self.outbox().push(&record).await;
                 Response::empty().map(|r| r.with_status(204))
             }
@@ -90,7 +74,9 @@ impl DurableObject for CallSession {
     }
 
     async fn alarm(&self) -> Result<Response> {
-        self.watch_stream().await?;
+        if self.finalize_orphaned_stream().await? == Stream::Live {
+            self.state.storage().set_alarm(WATCH).await?;
+        }
         if let Err(e) = self.outbox().flush().await {
             log(
                 "warn",
@@ -110,33 +96,42 @@ fn now() -> Millis {
     Millis(Date::now().as_millis())
 }
 
+/// What [`CallSession::finalize_orphaned_stream`] found.
+#[derive(PartialEq)]
+enum Stream {
+    /// None was ever accepted, or it has ended.
+    None,
+    /// A pump of this instance serves it.
+    Live,
+    /// It had started before this instance and was just finalized as interrupted.
+    Finalized,
+}
+
 impl CallSession {
     /// A stream that started but whose pump is gone (this object was restarted, e.g. by a
     /// deploy) is finalized as interrupted, so the call's row does not stay in progress.
-    async fn watch_stream(&self) -> Result<()> {
+    async fn finalize_orphaned_stream(&self) -> Result<Stream> {
         let storage = self.state.storage();
-        let Some(mut record) = storage.get::<Record>(CALL_KEY).await? else {
-            return Ok(());
+        let Some(mut state) = storage.get::<CallState>(CALL_KEY).await? else {
+            return Ok(Stream::None);
         };
-        let Some(streamed_at) = record.streamed_at_ms else {
-            return Ok(());
+        let live = self.live.get();
+        let Some(ended) = state.finalize_orphaned(live, now().0) else {
+            let running = state.streamed_at_ms.is_some() && state.end_reason.is_none();
+            return Ok(if live && running {
+                Stream::Live
+            } else {
+                Stream::None
+            });
         };
-        if record.end_reason.is_some() {
-            return Ok(());
-        }
-        if self.live.get() {
-            storage.set_alarm(WATCH).await?;
-            return Ok(());
-        }
-        let ended = record.registration.interrupted(streamed_at, now().0);
         log(
             "error",
             "call.interrupted",
-            serde_json::json!({ "call_sid": record.registration.call.call_sid }),
+            serde_json::json!({ "call_sid": state.registration.call.call_sid }),
         );
         self.outbox().push(&ended).await;
-        record.end_reason = Some(webhook::INTERRUPTED.to_owned());
-        storage.put(CALL_KEY, &record).await
+        storage.put(CALL_KEY, &state).await?;
+        Ok(Stream::Finalized)
     }
 
     /// The object's outbox, started on first use (and so after a restart).
@@ -151,26 +146,24 @@ impl CallSession {
         let Some(call_sid) = webhook::stream_call_sid(&req.path()) else {
             return Response::error("Not Found", 404);
         };
-        let refuse = |status: u16, why: &str| {
+        let refuse = |refusal: StreamRefusal| {
+            let (status, why) = (refusal.status(), refusal.to_string());
             log(
                 "warn",
                 "stream.refused",
                 serde_json::json!({ "call_sid": call_sid, "status": status, "why": why }),
             );
-            Response::error(why.to_owned(), status)
+            Response::error(why, status)
         };
         let storage = self.state.storage();
-        let Some(record) = storage.get::<Record>(CALL_KEY).await? else {
-            return refuse(404, "no signed voice webhook for this call");
+        let Some(record) = storage.get::<CallState>(CALL_KEY).await? else {
+            return refuse(StreamRefusal::NoWebhook);
         };
-        if record.registration.call.call_sid != call_sid {
-            return refuse(404, "no signed voice webhook for this call");
-        }
-        if record.end_reason.is_some() {
-            return refuse(410, "this call's stream has ended");
-        }
-        if self.live.get() {
-            return refuse(409, "this call already has a stream");
+        if let Err(refusal) = record.admit_stream(&call_sid, self.live.get()) {
+            if refusal == StreamRefusal::Interrupted {
+                self.finalize_orphaned_stream().await?;
+            }
+            return refuse(refusal);
         }
         let config = match bridge_config(&self.env) {
             Ok(c) => c,
@@ -250,7 +243,7 @@ struct Pump {
     _twilio_listeners: Listeners,
     tx: UnboundedSender<Event>,
     storage: Storage,
-    record: Record,
+    record: CallState,
     outbox: Outbox,
     recording: Recording,
 }

@@ -55,6 +55,16 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A fresh scratch directory for one Worker's log and state, named after `label`.
+pub fn scratch_dir(label: &str) -> PathBuf {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("{label}-{}-{stamp}", std::process::id()))
+}
+
 /// Start (once per test binary) the fake OpenAI and the Worker; later callers wait for the
 /// first one and share the result, including a failure.
 pub async fn harness() -> &'static Harness {
@@ -117,13 +127,17 @@ impl Harness {
     /// model), plus `extra_vars` (e.g. `ADMIN_TOKEN`, `FAULT_INJECT_D1_FAILURES`), with its
     /// own scratch directory (log and local D1 state) named after `label`.
     pub async fn start(label: &str, extra_vars: Vec<(String, String)>) -> Result<Harness, String> {
+        Harness::start_from(scratch_dir(label), repo_root(), extra_vars).await
+    }
+
+    /// Like [`Harness::start`], but `wrangler dev` serves the Worker in `root` (a
+    /// `worker::Deployment`, say) and keeps its log and state in `scratch_dir`.
+    pub async fn start_from(
+        scratch_dir: PathBuf,
+        root: PathBuf,
+        extra_vars: Vec<(String, String)>,
+    ) -> Result<Harness, String> {
         let openai = FakeOpenAi::start(background_runtime());
-        let stamp = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis();
-        let scratch_dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-            .join(format!("{label}-{}-{stamp}", std::process::id()));
         let mut vars = vec![
             ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
             ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
@@ -132,7 +146,7 @@ impl Harness {
         ];
         vars.extend(extra_vars);
         let cfg = WorkerConfig {
-            root: repo_root(),
+            root,
             vars,
             scratch_dir,
         };

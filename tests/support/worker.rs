@@ -299,3 +299,94 @@ fn apply_migrations(root: &Path, persist_dir: &Path, log_path: &Path) -> Result<
         ))
     }
 }
+
+/// A copy of the built Worker in a directory of its own, served by a `wrangler dev` that can
+/// be made to reload it (as a new deploy does) without touching anything other Workers serve.
+///
+/// It holds the repository's `wrangler.toml` without its `[build]` table (so a reload never
+/// rebuilds the crate) and a copy of `build/`; migrations, static assets and `node_modules`
+/// are links to the repository's. wrangler watches the bundle's inputs: [`Deployment::redeploy`]
+/// rewrites `build/index.js`, and wrangler rebundles and restarts workerd, which drops every
+/// socket and restarts every Durable Object, keeping their storage.
+pub struct Deployment {
+    pub dir: PathBuf,
+    deploys: std::cell::Cell<u32>,
+}
+
+impl Deployment {
+    /// Copy the repository's built Worker (`build/`, made by `scripts/build.sh`) to `dir`.
+    pub fn copy_of(root: &Path, dir: &Path) -> Result<Deployment, String> {
+        let err =
+            |what: &str, e: std::io::Error| format!("deployment {}: {what}: {e}", dir.display());
+        let build = root.join("build");
+        for f in ["index.js", "index_bg.wasm"] {
+            if !build.join(f).is_file() {
+                return Err(format!(
+                    "{} is missing: build the Worker first (bash scripts/build.sh)",
+                    build.join(f).display()
+                ));
+            }
+        }
+        fs::create_dir_all(dir).map_err(|e| err("create", e))?;
+        copy_dir(&build, &dir.join("build")).map_err(|e| err("copy build/", e))?;
+        for link in ["migrations", "public", "node_modules"] {
+            std::os::unix::fs::symlink(root.join(link), dir.join(link))
+                .map_err(|e| err(link, e))?;
+        }
+        let toml = fs::read_to_string(root.join("wrangler.toml"))
+            .map_err(|e| err("read wrangler.toml", e))?;
+        let toml = without_table(&toml, "build")?;
+        fs::write(dir.join("wrangler.toml"), toml).map_err(|e| err("write wrangler.toml", e))?;
+        Ok(Deployment {
+            dir: dir.to_owned(),
+            deploys: std::cell::Cell::new(0),
+        })
+    }
+
+    /// Rewrite the bundle's entry (same code, one comment more) so wrangler reloads it.
+    pub fn redeploy(&self) -> Result<(), String> {
+        let n = self.deploys.get() + 1;
+        self.deploys.set(n);
+        let entry = self.dir.join("build/index.js");
+        let mut js = fs::read_to_string(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
+        js.push_str(&format!("\n// e2e redeploy {n}\n"));
+        fs::write(&entry, js).map_err(|e| format!("{}: {e}", entry.display()))
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// `toml` without the top-level table `[name]` (its header and keys, up to the next header).
+fn without_table(toml: &str, name: &str) -> Result<String, String> {
+    let header = format!("[{name}]");
+    let mut out = String::with_capacity(toml.len());
+    let (mut skipping, mut found) = (false, false);
+    for line in toml.lines() {
+        let t = line.trim();
+        if t.starts_with('[') {
+            skipping = t == header;
+            found |= skipping;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    if found {
+        Ok(out)
+    } else {
+        Err(format!("wrangler.toml has no {header} table"))
+    }
+}

@@ -1,0 +1,598 @@
+//! End-to-end tests of the bridge under failures: the real Worker in `wrangler dev` between the
+//! fake Twilio and the fake OpenAI, over real sockets, with what landed in D1 read back through
+//! the admin API.
+//!
+//! - A second media stream for a call that is already streaming is refused (409) and the first
+//!   keeps relaying both ways; of two upgrades racing for one call exactly one is accepted; an
+//!   ended call's stream cannot be opened again (410). (A stream for a CallSid with no signed
+//!   webhook is refused in e2e_bridge.)
+//! - The call objects restart mid-call, as on a deploy: this test serves a copy of the built
+//!   Worker from a directory of its own (`support::worker::Deployment`) and rewrites its bundle,
+//!   so wrangler restarts workerd for real and the Worker the other tests share is untouched.
+//!   Both sockets of each call in flight drop. Each call is then finalized one way: when
+//!   Twilio's final status callback reaches its object, by the object's watch alarm, when its
+//!   stream is opened again (refused, 410), or by the alarm that retries a D1 write which was
+//!   still queued in the object's outbox because D1 was locked at the restart. All end as
+//!   `bridge_restarted` and failed, keeping every row written before the restart.
+//!
+//! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
+//! with generous bounds; time is asserted only from below.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use support::admin::Admin;
+use support::fake_openai::{self as oai, Session, SessionScript};
+use support::fake_twilio::{self as tw, CallIds, ConnectError, MediaStream};
+use support::worker::Deployment;
+use support::{ok, tagged_chunks, Call, CallSpec, Harness, SOON, TWILIO_AUTH_TOKEN};
+
+const ADMIN_TOKEN: &str = "admin-e2e-resilience-SECRET-654";
+/// D1 writes are asynchronous (the call object's outbox): be generous.
+const D1_DEADLINE: Duration = Duration::from_secs(90);
+/// A call whose object restarted and that nobody asks about is finalized by the object's watch
+/// alarm, which runs once a minute while a stream is up; plus a noisy machine's slack.
+const WATCH_DEADLINE: Duration = Duration::from_secs(180);
+/// Long enough for a Worker to have done something it should not do (negative checks).
+const QUIET: Duration = Duration::from_secs(2);
+
+async fn harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = HARNESS
+        .get_or_init(|| {
+            Harness::start(
+                "e2e-resilience",
+                vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+            )
+        })
+        .await;
+    match h {
+        Ok(h) => h,
+        Err(e) => panic!("the Worker under test did not start:\n{e}"),
+    }
+}
+
+fn pretty(v: &Value) -> String {
+    serde_json::to_string_pretty(v).unwrap()
+}
+
+fn greeting_script(tag: u8) -> SessionScript {
+    SessionScript::new().once(
+        "response.create",
+        oai::full_response(
+            "resp_greet",
+            "item_greet",
+            &tagged_chunks(tag, 2, 800),
+            "お電話ありがとうございます。",
+        ),
+    )
+}
+
+/// Open the signed media stream for `twiml` again, as a second Twilio (or a replay) would.
+async fn connect_again(twiml: &tw::Twiml) -> Result<MediaStream, ConnectError> {
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &twiml.stream_url, &[]);
+    MediaStream::connect(&twiml.stream_url, Some(&sig)).await
+}
+
+fn refused_status(what: &str, r: Result<MediaStream, ConnectError>) -> (u16, String) {
+    match r {
+        Err(ConnectError::Refused { status, body }) => (status, body),
+        Err(ConnectError::Other(e)) => panic!("{what}: expected an HTTP refusal, got {e}"),
+        Ok(_) => panic!("{what}: the Worker accepted the WebSocket upgrade"),
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Five tagged caller frames come out at OpenAI unchanged and in order.
+async fn caller_reaches_openai(h: &Harness, call: &Call, tag: u8, round: &str) {
+    let frames = tagged_chunks(tag, 5, tw::FRAME_BYTES);
+    let payloads: Vec<String> = frames.iter().map(|f| call.twilio.send_media(f)).collect();
+    ok(
+        h,
+        call.openai
+            .wait_until(&format!("{round}: the caller's tagged frames"), SOON, |v| {
+                let appended: Vec<&str> = v
+                    .received
+                    .iter()
+                    .filter(|e| e.event_type() == "input_audio_buffer.append")
+                    .filter_map(|e| e.event["audio"].as_str())
+                    .collect();
+                appended
+                    .windows(payloads.len())
+                    .any(|w| w.iter().zip(&payloads).all(|(a, p)| *a == p.as_str()))
+                    .then_some(())
+            })
+            .await,
+    );
+}
+
+/// A tagged agent response (three 100 ms chunks) comes out at Twilio byte-exact.
+async fn agent_reaches_twilio(h: &Harness, call: &Call, tag: u8, round: &str) {
+    let chunks = tagged_chunks(tag, 3, 800);
+    let (resp, item) = (format!("resp_{tag:02x}"), format!("item_{tag:02x}"));
+    call.openai.send_all(oai::full_response(
+        &resp,
+        &item,
+        &chunks,
+        "はい、承知しました。",
+    ));
+    let want = chunks.concat();
+    ok(
+        h,
+        call.twilio
+            .wait_until(&format!("{round}: the agent's tagged audio"), SOON, |l| {
+                contains(&l.media_bytes(), &want).then_some(())
+            })
+            .await,
+    );
+}
+
+/// Proof that the call relays both ways.
+async fn relays_both_ways(h: &Harness, call: &Call, tag: u8, round: &str) {
+    caller_reaches_openai(h, call, tag, round).await;
+    agent_reaches_twilio(h, call, tag.wrapping_add(1), round).await;
+}
+
+async fn greeting_played(h: &Harness, call: &Call) {
+    ok(
+        h,
+        call.twilio
+            .wait_until("the greeting to play (2 marks echoed)", SOON, |l| {
+                (l.played_echoes() >= 2).then_some(())
+            })
+            .await,
+    );
+}
+
+// ---- 1. one stream per call ----------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_stream_for_a_live_call_is_refused_with_409_and_the_first_keeps_relaying() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230601".into(),
+            script: greeting_script(0x11),
+            ..CallSpec::default()
+        })
+        .await;
+    greeting_played(h, &call).await;
+    relays_both_ways(h, &call, 0x20, "before the second stream").await;
+
+    // The same signed upgrade again while the first stream is up: refused, and no second
+    // OpenAI session is opened for it.
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let (status, body) = refused_status(
+        "a second stream for a live call",
+        connect_again(&call.twiml).await,
+    );
+    assert_eq!(status, 409, "second stream refused with {status}: {body}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
+
+    // The first call did not notice.
+    relays_both_ways(h, &call, 0x30, "after the second stream").await;
+    let tlog = call.twilio.log();
+    assert!(
+        tlog.closed.is_none(),
+        "the first stream was closed: {:?}",
+        tlog.closed
+    );
+    assert!(tlog.problems.is_empty(), "{:?}", tlog.problems);
+    assert!(
+        tlog.clears.is_empty(),
+        "nothing interrupted the agent: {:?}",
+        tlog.clears
+    );
+    assert!(call.openai.closed().is_none(), "{:?}", call.openai.closed());
+    assert!(
+        call.openai
+            .received()
+            .iter()
+            .all(|e| e.event_type() != "error"),
+        "{:?}",
+        call.openai.received_types()
+    );
+    let sid = call.ids.call_sid.as_str();
+    let log = h.worker.log();
+    let refusals: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("stream.refused") && l.contains(sid))
+        .collect();
+    assert!(
+        refusals.len() == 1 && refusals[0].contains("\"status\":409"),
+        "one stream.refused line with status 409 for {sid}: {refusals:?}"
+    );
+
+    // Once the call has ended its stream cannot be opened again (410). The object records
+    // the end just after it closes the OpenAI socket, so a 409 can still come first.
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let deadline = Instant::now() + SOON;
+    loop {
+        let (status, body) = refused_status(
+            "a stream for an ended call",
+            connect_again(&call.twiml).await,
+        );
+        if status == 410 {
+            break;
+        }
+        assert!(
+            status == 409 && Instant::now() < deadline,
+            "stream for an ended call refused with {status}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ok(h, claim.expect_no_connection(QUIET).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn of_two_streams_racing_for_one_call_exactly_one_is_accepted() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+15551230602", "+81312345678").await;
+    let claim = h.openai.claim(greeting_script(0x41)).await;
+    let connections_before = h.openai.connection_count();
+    let (a, b) = tokio::join!(connect_again(&twiml), connect_again(&twiml));
+    let (twilio, loser) = match (a, b) {
+        (Ok(s), Err(e)) | (Err(e), Ok(s)) => (s, e),
+        (Ok(_), Ok(_)) => panic!("both racing streams were accepted for {}", ids.call_sid),
+        (Err(a), Err(b)) => panic!("both racing streams were refused: {a:?} / {b:?}"),
+    };
+    assert!(
+        matches!(loser, ConnectError::Refused { status: 409, .. }),
+        "the losing stream: {loser:?}"
+    );
+    twilio.send_connected();
+    twilio.send_start(&ids, &twiml.parameters);
+    let openai = ok(h, claim.session(SOON).await);
+    let call = Call {
+        ids,
+        from: "+15551230602".into(),
+        to: "+81312345678".into(),
+        twiml,
+        twilio,
+        openai,
+        start_sent_at: Instant::now(),
+        caller_audio: None,
+    };
+    greeting_played(h, &call).await;
+    relays_both_ways(h, &call, 0x50, "the winning stream").await;
+    assert_eq!(
+        h.openai.connection_count() - connections_before,
+        1,
+        "one OpenAI session for the one accepted stream"
+    );
+    drop(claim);
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+}
+
+// ---- 2. a restart mid-call -------------------------------------------------------------------------
+
+/// What one call said before the restart.
+struct Said {
+    call: Call,
+    /// The call's detail once its three turns were in D1.
+    before: Value,
+}
+
+/// Greeting, a caller turn, a reply, all played; returns once the three turns are in D1.
+async fn converse(h: &Harness, admin: &Admin, from: &str, tag: u8) -> Said {
+    let call = h
+        .start_call(CallSpec {
+            from: from.into(),
+            script: greeting_script(tag),
+            ..CallSpec::default()
+        })
+        .await;
+    greeting_played(h, &call).await;
+    let oa: &Session = &call.openai;
+    let caller_item = format!("item_caller_{tag:02x}");
+    let at_ms = call.start_sent_at.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(at_ms, &caller_item));
+    caller_reaches_openai(h, &call, tag + 1, "the caller's turn").await;
+    oa.send_all(oai::caller_turn_end(
+        &caller_item,
+        Some("item_greet"),
+        at_ms + 100,
+    ));
+    oa.send(oai::caller_transcription_completed(
+        &caller_item,
+        "営業時間を教えてください。",
+    ));
+    agent_reaches_twilio(h, &call, tag + 2, "the reply").await;
+    let before = ok(
+        h,
+        admin
+            .wait_call(&call.ids.call_sid, "the three turns", D1_DEADLINE, |d| {
+                d["transcript"].as_array().is_some_and(|t| t.len() == 3)
+            })
+            .await,
+    );
+    Said { call, before }
+}
+
+/// The caller presses 7; returns once the call object has queued the key press in its outbox,
+/// durably: a frame sent after it has reached OpenAI (the object handles one socket's frames
+/// in order, and holds its output until its storage writes are durable).
+async fn press_key(h: &Harness, call: &Call, tag: u8) {
+    call.twilio.send_raw(json!({
+        "event": "dtmf",
+        "streamSid": call.ids.stream_sid,
+        "dtmf": {"track": "inbound_track", "digit": "7"},
+    }));
+    let sync = call
+        .twilio
+        .send_media(&tagged_chunks(tag, 1, tw::FRAME_BYTES)[0]);
+    ok(
+        h,
+        call.openai
+            .wait_until("the frame after the key press", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| e.event["audio"] == sync.as_str())
+                    .then_some(())
+            })
+            .await,
+    );
+}
+
+fn has_key_press(d: &Value) -> bool {
+    d["events"]
+        .as_array()
+        .is_some_and(|ev| ev.iter().any(|e| e["type"] == "dtmf"))
+}
+
+/// Holds the local D1 database's write lock (as another writer would), so every D1 write of
+/// the Worker fails while it is held (reads too: the admin API answers 500 meanwhile).
+struct D1Lock(rusqlite::Connection);
+
+impl D1Lock {
+    fn take(h: &Harness) -> D1Lock {
+        let dir = h
+            .worker
+            .persist_dir
+            .join("v3/d1/miniflare-D1DatabaseObject");
+        let files: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|x| x == "sqlite")
+                    && p.file_stem().is_some_and(|s| s != "metadata")
+            })
+            .collect();
+        assert_eq!(files.len(), 1, "one local D1 database: {files:?}");
+        let conn = rusqlite::Connection::open(&files[0]).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        D1Lock(conn)
+    }
+
+    fn release(self) {
+        self.0.execute_batch("ROLLBACK").unwrap();
+    }
+}
+
+fn count_in_log(h: &Harness, needle: &str) -> usize {
+    h.worker.log().matches(needle).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_every_row() {
+    // A Worker of its own, served from a copy that can be redeployed without touching the
+    // Worker the other tests use.
+    let scratch = support::scratch_dir("e2e-resilience-restart");
+    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h = Harness::start_from(
+        scratch.clone(),
+        deployment.dir.clone(),
+        vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the redeployable Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
+
+    // Four calls, each finalized one way after the restart:
+    // A: Twilio's final status callback reaches its object;
+    // B: nobody says anything, the object's watch alarm must notice;
+    // C: its stream is opened again (a replay of Twilio's signed upgrade), which is refused;
+    // D: a key press is still queued in its object's outbox at the restart (D1 is locked), and
+    //    the object's retry (or watch) alarm brings it back to write it.
+    // A, B and C have nothing left to write when the restart comes, so only their own path
+    // can end them early.
+    let a = converse(h, &admin, "+15551230611", 0x61).await;
+    let b = converse(h, &admin, "+15551230612", 0x71).await;
+    let c = converse(h, &admin, "+15551230613", 0x81).await;
+    let d = converse(h, &admin, "+15551230614", 0x91).await;
+    let failed_writes = count_in_log(h, "outbox.d1_write_failed");
+    let lock = D1Lock::take(h);
+    press_key(h, &d.call, 0x94).await;
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, "outbox.d1_write_failed") == failed_writes {
+        assert!(
+            Instant::now() < deadline,
+            "no D1 write failed while D1 was locked:\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // No write commits while the lock is held: D's key press, queued after the lock was
+    // taken, is only in the call object's own storage.
+
+    // What Twilio runs once the stream is gone: the apology after </Connect>.
+    let calls = [&a, &b, &c, &d];
+    for said in calls {
+        let paths = &said.call.twiml.element_paths;
+        let connect = paths.iter().position(|p| p == "Response/Connect").unwrap();
+        assert!(
+            paths[connect..].iter().any(|p| p == "Response/Say"),
+            "no fallback after </Connect>: {paths:?}"
+        );
+    }
+
+    // The deploy.
+    let reloads = count_in_log(h, "Local server updated and ready");
+    let redeployed_at = Instant::now();
+    deployment.redeploy().unwrap_or_else(|e| panic!("{e}"));
+    for said in calls {
+        let call = &said.call;
+        let closed = ok(
+            h,
+            call.twilio
+                .wait_until("the restart to drop Twilio's socket", SOON, |l| {
+                    l.closed.clone()
+                })
+                .await,
+        );
+        assert_eq!(
+            closed.close_frame, None,
+            "a dropped connection, not a close: {closed:?}"
+        );
+        let closed = ok(h, call.openai.wait_closed(SOON).await);
+        assert_eq!(
+            closed.close_frame, None,
+            "a dropped connection, not a close: {closed:?}"
+        );
+    }
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, "Local server updated and ready") <= reloads {
+        assert!(
+            Instant::now() < deadline,
+            "wrangler did not reload:\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lock.release();
+
+    // A: Twilio played the apology and hung up; its final status callback.
+    let r = h
+        .post_status(&tw::status_params(
+            &a.call.ids,
+            &a.call.from,
+            &a.call.to,
+            "completed",
+            2,
+            Some(61),
+        ))
+        .await;
+    assert_eq!(
+        r.status, 204,
+        "status callback after the restart: {}",
+        r.body
+    );
+    // C: its stream again. Refused, no OpenAI session, and C is over.
+    let claim = h.openai.claim(greeting_script(0x8a)).await;
+    let (status, body) = refused_status(
+        "a stream again for a call whose object restarted",
+        connect_again(&c.call.twiml).await,
+    );
+    assert_eq!(status, 410, "{body}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
+
+    let finalized = |d: &Value| {
+        d["call"]["end_reason"] == "bridge_restarted" && d["call"]["ended_at"].is_string()
+    };
+    // In the order they are expected to end (B's watch comes last), so the times printed
+    // say when each was seen finalized.
+    let mut after = Vec::new();
+    for (said, what) in [
+        (&a, "A finalized, with Twilio's duration"),
+        (&c, "C finalized"),
+        (&d, "D finalized, with its key press"),
+        (&b, "B finalized"),
+    ] {
+        let sid = &said.call.ids.call_sid;
+        let detail = ok(
+            h,
+            admin
+                .wait_call(sid, what, WATCH_DEADLINE, |detail| {
+                    finalized(detail)
+                        && (sid != &a.call.ids.call_sid
+                            || detail["call"]["twilio_duration_s"] == 61)
+                        && (sid != &d.call.ids.call_sid || has_key_press(detail))
+                })
+                .await,
+        );
+        eprintln!(
+            "{what}: {:.1}s after the restart",
+            redeployed_at.elapsed().as_secs_f64()
+        );
+        after.push((said, detail));
+    }
+
+    for (said, after) in &after {
+        let sid = said.call.ids.call_sid.as_str();
+        eprintln!("{sid} after the restart:\n{}", pretty(after));
+        let (row, row0) = (&after["call"], &said.before["call"]);
+        assert_eq!(row["status"], "failed", "{sid}: {}", pretty(row));
+        for key in [
+            "started_at",
+            "connected_at",
+            "stream_sid",
+            "openai_session_id",
+            "from_number",
+            "agent_id",
+        ] {
+            assert_eq!(row[key], row0[key], "{sid}: {key} changed by the restart");
+        }
+        // The call lasted at least until the restart.
+        let lasted = redeployed_at
+            .duration_since(said.call.start_sent_at)
+            .as_millis() as i64;
+        let duration = row["duration_ms"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("{sid}: no duration_ms"));
+        assert!(
+            duration + 100 >= lasted,
+            "{sid}: duration_ms {duration} < {lasted} ms from the stream start to the restart"
+        );
+        // Every turn written before the restart is there, unchanged, exactly once; so are
+        // the events, and D's key press (queued before the restart) is there once.
+        assert_eq!(
+            after["transcript"], said.before["transcript"],
+            "{sid}: transcript changed by the restart"
+        );
+        let events = after["events"].as_array().unwrap();
+        for e in said.before["events"].as_array().unwrap() {
+            assert!(events.contains(e), "{sid}: event lost: {e}");
+        }
+        let presses = usize::from(std::ptr::eq(*said, &d));
+        let dtmf: Vec<&Value> = events.iter().filter(|e| e["type"] == "dtmf").collect();
+        assert!(
+            dtmf.len() == presses && dtmf.iter().all(|e| e["detail"]["digit"] == "7"),
+            "{sid}: {presses} key press(es): {}",
+            pretty(&after["events"])
+        );
+        let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "{sid}: event seqs {seqs:?}"
+        );
+    }
+    assert_eq!(after[0].1["call"]["twilio_duration_s"], 61);
+
+    // The redeployed Worker takes new calls.
+    let fresh = h
+        .start_call(CallSpec {
+            from: "+15551230615".into(),
+            script: greeting_script(0x7a),
+            ..CallSpec::default()
+        })
+        .await;
+    greeting_played(h, &fresh).await;
+    relays_both_ways(h, &fresh, 0x7b, "a call after the restart").await;
+    fresh.twilio.send_stop(&fresh.ids);
+    ok(h, fresh.openai.wait_closed(SOON).await);
+}
