@@ -314,10 +314,24 @@ pub struct Deployment {
 }
 
 impl Deployment {
-    /// Copy the repository's built Worker (`build/`, made by `scripts/build.sh`) to `dir`.
+    /// Copy the repository's built Worker (`build/`) to `dir`, building it first when the
+    /// sources are newer (as `wrangler dev` does; a no-op when it is up to date).
     pub fn copy_of(root: &Path, dir: &Path) -> Result<Deployment, String> {
         let err =
             |what: &str, e: std::io::Error| format!("deployment {}: {what}: {e}", dir.display());
+        let built = Command::new("bash")
+            .arg("scripts/build.sh")
+            .current_dir(root)
+            .env("WRANGLER_COMMAND", "dev")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| err("run scripts/build.sh", e))?;
+        if !built.status.success() {
+            return Err(format!(
+                "scripts/build.sh failed:\n{}",
+                String::from_utf8_lossy(&built.stderr)
+            ));
+        }
         let build = root.join("build");
         for f in ["index.js", "index_bg.wasm"] {
             if !build.join(f).is_file() {
