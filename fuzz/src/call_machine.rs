@@ -1383,7 +1383,7 @@ impl Harness {
         let mut recording_chunk = false;
         let mut reconnect_after_close = false;
         let closed_before = self.core_closed_openai;
-        let mut gave_up_now = false;
+        let mut close_explained = false;
 
         for (idx, a) in actions.iter().enumerate() {
             check!(
@@ -1558,10 +1558,18 @@ impl Harness {
                             );
                             let reason = v["reason"].as_str().unwrap_or_default().to_owned();
                             self.failing = Some(reason);
-                            gave_up_now = true;
+                            close_explained = true;
                             milestone("fallback");
                         }
-                        Some("call.agent_lost_while_finishing") => gave_up_now = true,
+                        Some("call.agent_lost_while_finishing") => close_explained = true,
+                        // A new attempt after a pause: the close is followed by a timer.
+                        Some("openai.reconnecting") if v["delay_ms"].as_u64() > Some(0) => {
+                            check!(
+                                self.call.poll_timeout().is_some(),
+                                "a delayed reconnect without a timer"
+                            );
+                            close_explained = true;
+                        }
                         _ => {}
                     }
                 }
@@ -1727,7 +1735,7 @@ impl Harness {
                     check!(
                         closed_openai == 1
                             && (reconnect_after_close
-                                || gave_up_now
+                                || close_explained
                                 || matches!(input, Input::OpenAiOpened)),
                         "OpenAI closed mid-call on {input:?} without a new socket"
                     );

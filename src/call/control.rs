@@ -812,7 +812,8 @@ impl Call {
 
     /// `session_expired`: leave the old session at once rather than wait for its close.
     pub(super) fn on_session_expired(&mut self, now: Millis) {
-        if self.upstream == Upstream::Closed {
+        if !matches!(self.upstream, Upstream::Configuring | Upstream::Ready) {
+            // No session is open to expire.
             return;
         }
         self.actions.push_back(Action::CloseOpenAi {
