@@ -445,8 +445,8 @@ impl Call {
                 self.fail(failure, now);
             }
             Input::OpenAiText(text) => self.on_openai_text(text, now),
-            // A session given up on is not listened to (see `on_openai_text`).
-            Input::OpenAiBinary { .. } if self.failing() => {}
+            // No session is open to have sent it (see `on_openai_text`).
+            Input::OpenAiBinary { .. } if !self.session_open() => {}
             Input::OpenAiBinary { len } => {
                 self.drop_input("openai_binary_frame", json!({ "len": len }))
             }
@@ -650,9 +650,15 @@ impl Call {
             .push_back(Action::SendOpenAi(openai::session_update(&self.agent)));
     }
 
+    /// A Realtime socket is open (configuring or ready). Frames read while none is are left
+    /// over from one already closed or given up on (the fallback, a reconnect), and change
+    /// nothing.
+    fn session_open(&self) -> bool {
+        matches!(self.upstream, Upstream::Configuring | Upstream::Ready)
+    }
+
     fn on_openai_text(&mut self, text: &str, now: Millis) {
-        if self.failing() {
-            // The session has been given up on; the caller is on the way to the fallback.
+        if !self.session_open() {
             return;
         }
         if text.len() > MAX_FRAME_BYTES {

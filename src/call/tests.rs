@@ -939,6 +939,26 @@ fn caller_audio_during_the_redirect_goes_nowhere_and_the_socket_closing_ends_the
 }
 
 #[test]
+fn frames_read_while_no_session_is_open_change_nothing() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    // Not open yet.
+    assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
+    let failed = Input::OpenAiConnectFailed {
+        reason: "HTTP 503 on upgrade",
+        status: Some(503),
+    };
+    let out = sim.input(failed);
+    sim.expect_reconnect(out, 1);
+    sim.input(failed);
+    // Waiting to try again: left over from a closed socket, it must not pass for a session.
+    assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
+    assert!(sim.input(Input::OpenAiBinary { len: 3 }).is_empty());
+    assert!(sim.call.stats().dropped.is_empty());
+    assert!(sim.logged("openai.session.updated").is_empty());
+}
+
+#[test]
 fn a_stop_that_overtakes_the_redirect_answer_still_records_the_failure() {
     let mut sim = Sim::live();
     let out = sim.input(Input::OpenAiConnectFailed {
@@ -1102,8 +1122,8 @@ fn events(records: &[Record]) -> Vec<(u64, String, Value)> {
 #[test]
 fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() {
     let mut sim = Sim::new();
-    sim.openai(r#"{"type":"session.created","session":{"id":"sess_9","type":"realtime"}}"#);
     sim.openai_opened();
+    sim.openai(r#"{"type":"session.created","session":{"id":"sess_9","type":"realtime"}}"#);
     sim.at(100);
     sim.twilio(&start());
     sim.openai(&session_updated("audio/pcmu"));
