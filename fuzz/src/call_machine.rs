@@ -1218,6 +1218,16 @@ impl Harness {
                 dropped_before == self.call.stats().dropped,
                 "an OpenAI frame with no socket open was counted"
             );
+            // The recording settles with the clock on any input.
+            for a in &actions {
+                if let Action::RecordingData(pcm) = a {
+                    check!(
+                        (pcm.len() as u64).is_multiple_of(recording::FRAME_BYTES),
+                        "a recording chunk splits a stereo frame"
+                    );
+                    self.recorded += pcm.len() as u64;
+                }
+            }
             if allowed {
                 self.openai = next;
             }
