@@ -257,13 +257,14 @@ struct Pump {
 impl Pump {
     async fn run(mut self, mut rx: UnboundedReceiver<Event>) {
         self.perform().await;
-        // One timer, kept while its deadline holds: re-arming a setTimeout for every frame
-        // is a real cost at 150 messages a second per call.
+        // One timer, kept while it fires no later than the deadline: the idle deadline
+        // moves with every agent delta, and re-arming a setTimeout for each is a real cost
+        // at 150 messages a second per call. A timer that fires early is re-armed then.
         let mut timer: Option<(Millis, futures::future::Fuse<Delay>)> = None;
         while !self.call.is_ended() {
             match self.call.poll_timeout() {
                 None => timer = None,
-                Some(at) if timer.as_ref().is_some_and(|(d, _)| *d == at) => {}
+                Some(at) if timer.as_ref().is_some_and(|(d, _)| *d <= at) => {}
                 Some(at) => {
                     let wait = at.0.saturating_sub(now().0);
                     timer = Some((at, Delay::from(Duration::from_millis(wait)).fuse()));
@@ -282,6 +283,9 @@ impl Pump {
             let Some(event) = event else { break };
             if matches!(event, Event::Timeout) {
                 timer = None;
+                if self.call.poll_timeout().is_none_or(|at| at > now()) {
+                    continue;
+                }
             }
             self.feed(event);
             // Whatever else is already queued goes through before the next wait.
