@@ -10,6 +10,7 @@ use crate::store::{Record, Statement};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 use worker::{Date, Delay, Env, ListOptions, Storage};
@@ -27,6 +28,9 @@ struct Inner {
     storage: Storage,
     env: Env,
     next_seq: Cell<Option<u64>>,
+    /// Records handed over with `enqueue`, not yet in storage, oldest first.
+    unstored: RefCell<VecDeque<(String, String)>>,
+    storing: RefCell<()>,
     wake: UnboundedSender<()>,
     /// Test hook: fail this many D1 writes (FAULT_INJECT_D1_FAILURES), to prove nothing
     /// is lost when D1 errors.
@@ -51,6 +55,8 @@ impl Outbox {
             storage,
             env,
             next_seq: Cell::new(None),
+            unstored: RefCell::new(VecDeque::new()),
+            storing: RefCell::new(()),
             wake,
             injected_failures: Cell::new(injected),
             running: Cell::new(false),
@@ -93,27 +99,57 @@ impl Outbox {
 
     /// Queues a record durably (local storage) and wakes the background writer.
     pub async fn push(&self, record: &Record) {
+        self.enqueue(record);
+        if self.store().await > 0 {
+            // The writer may have looked before these were stored.
+            let _ = self.0.wake.unbounded_send(());
+        }
+    }
+
+    /// Queues a record without waiting: the call's pump hands records over here so the
+    /// audio path never waits on storage. They are stored in the order given, by `push`
+    /// or by the background writer, whichever runs first.
+    pub fn enqueue(&self, record: &Record) {
         let now = Date::now().as_millis();
         let statements = record.statements(now);
         if statements.is_empty() {
             return;
         }
         let text = serde_json::to_string(&statements).expect("statements serialize");
-        let result = async {
-            let seq = self.next_seq().await?;
-            self.0.next_seq.set(Some(seq + 1));
-            self.0.storage.put(&key(seq), text).await
-        }
-        .await;
-        if let Err(e) = result {
-            // Local storage failing is as bad as it gets; say so loudly with what was lost.
-            log(
-                "error",
-                "outbox.store_failed",
-                serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string() }),
-            );
-        }
+        self.0
+            .unstored
+            .borrow_mut()
+            .push_back((text, record.call_sid().to_owned()));
         let _ = self.0.wake.unbounded_send(());
+    }
+
+    /// Moves enqueued records into local storage, in order (one mover at a time); returns
+    /// how many it moved.
+    async fn store(&self) -> usize {
+        let Ok(_guard) = self.0.storing.try_borrow_mut() else {
+            return 0;
+        };
+        let mut moved = 0;
+        loop {
+            let Some((text, call_sid)) = self.0.unstored.borrow_mut().pop_front() else {
+                return moved;
+            };
+            moved += 1;
+            let result = async {
+                let seq = self.next_seq().await?;
+                self.0.next_seq.set(Some(seq + 1));
+                self.0.storage.put(&key(seq), text).await
+            }
+            .await;
+            if let Err(e) = result {
+                // Local storage failing is as bad as it gets; say so loudly with what was lost.
+                log(
+                    "error",
+                    "outbox.store_failed",
+                    serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
+                );
+            }
+        }
     }
 
     async fn writer(self, mut rx: UnboundedReceiver<()>) {
@@ -121,6 +157,7 @@ impl Outbox {
         while rx.next().await.is_some() {
             // Coalesce wake-ups that came while we were writing.
             while rx.try_recv().is_ok() {}
+            self.store().await;
             loop {
                 match self.flush().await {
                     Ok(()) => {
