@@ -459,6 +459,7 @@ function pool(name, url, runs, opt) {
 
 // ---- report ----------------------------------------------------------------------------------
 
+const median = (sorted) => (sorted.length % 2 ? sorted[(sorted.length - 1) / 2] : (sorted[sorted.length / 2 - 1] + sorted[sorted.length / 2]) / 2);
 const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
 
@@ -496,6 +497,13 @@ export function table(results) {
   row('workerd CPU (cores busy)', (r) => f2(r.cpu.workerdSeconds / r.cpu.wallSeconds));
   if (results.some((r) => r.cpu.perRound?.length > 1)) {
     row('  per round (s per call-minute)', (r) => r.cpu.perRound.map(f3).join(' '));
+    // Round i of each target ran next to round i of the floor (A B B A order): the median of
+    // those ratios is the figure least moved by a noisy machine.
+    row('  ratio to the first target, median of rounds', (r) => {
+      const ratios = r.cpu.perRound.map((x, i) => x / base.cpu.perRound[i]).filter(Number.isFinite).sort((a, b) => a - b);
+      return ratios.length ? `${median(ratios).toFixed(2)}×` : '-';
+    });
+    row('  CPU s per call-minute, median of rounds', (r) => f3(median([...r.cpu.perRound].sort((a, b) => a - b))));
   }
   const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
