@@ -286,8 +286,9 @@ fn agent_to_caller(
         }
         let mut sink = Vec::new();
         let (d2, a2, b2, _) = timed(|| {
+            // Each echo comes once its 100 ms of audio played: time runs as in a real call.
             for e in &echoes {
-                now += 20;
+                now += 100;
                 call.handle(Input::TwilioText(e), Millis(now));
                 drain(&mut call, &mut sink);
             }
