@@ -26,7 +26,14 @@
 //     upstream session is set up, by design);
 //   - frames sent/received/lost each way;
 //   - CPU seconds of the target's workerd processes (utime+stime from /proc/<pid>/stat of
-//     every workerd descended from the given wrangler pid), per call-minute of audio.
+//     every workerd descended from the given wrangler pid), per call-minute of audio;
+//   - with --admin NAME=TOKEN (a bridge): after each run (outside the CPU window), how many
+//     calls have transcript rows in D1, read back through the admin API
+//     (GET /api/admin/calls/{CallSid}), waiting up to 60 s for the outbox to copy them.
+//
+// --check turns the figures into a verdict for the test command (scripts/load-test.sh):
+// exit status 1 when a call failed, a frame was lost either way, or a call checked with
+// --admin has no transcript rows. Nothing about time is ever asserted.
 
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 
@@ -34,7 +41,7 @@ import { FRAME_BYTES, toneSequence } from '../scripts/sim/audio.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
 
 function parseArgs(argv) {
-  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {} };
+  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => argv[++i];
@@ -63,6 +70,13 @@ function parseArgs(argv) {
         o.to[name] = number;
         break;
       }
+      case '--admin': {
+        const [name, token] = v().split(/=(.*)/s);
+        o.admin[name] = token;
+        break;
+      }
+      case '--check': o.check = true; break;
+      case '--no-warmup': o.warmup = false; break;
       default: throw new Error(`unknown option ${a}`);
     }
   }
@@ -263,6 +277,38 @@ function pct(sorted, p) {
   return sorted[i];
 }
 
+/** Transcript rows per call, read back through the admin API; waits (up to `waitMs`) for
+ * the calls' outboxes to reach D1. Returns { checked, withRows, rows, missing: [CallSid] }. */
+async function transcriptRows(target, token, calls, waitMs = 60_000) {
+  const pending = new Map(calls.filter((c) => c.state !== 'new').map((c) => [c.ids.callSid, c]));
+  const checked = pending.size;
+  let rows = 0;
+  const deadline = nowMs() + waitMs;
+  for (;;) {
+    const sids = [...pending.keys()];
+    for (let i = 0; i < sids.length; i += 10) {
+      await Promise.all(
+        sids.slice(i, i + 10).map(async (callSid) => {
+          try {
+            const r = await fetch(`${target.url}/api/admin/calls/${callSid}`, { headers: { authorization: `Bearer ${token}` } });
+            if (r.status !== 200) return;
+            const n = (await r.json()).transcript?.length ?? 0;
+            if (n > 0) {
+              rows += n;
+              pending.delete(callSid);
+            }
+          } catch {
+            // not there yet
+          }
+        }),
+      );
+    }
+    if (!pending.size || nowMs() > deadline) break;
+    await sleep(2000);
+  }
+  return { checked, withRows: checked - pending.size, rows, missing: [...pending.keys()] };
+}
+
 async function runTarget(target, opt) {
   const pid = opt.pids[target.name];
   await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
@@ -291,6 +337,7 @@ async function runTarget(target, opt) {
   const wall = (nowMs() - wall0) / 1000;
 
   const stats = await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json());
+  const transcripts = opt.admin[target.name] ? await transcriptRows(target, opt.admin[target.name], calls) : null;
   const up = []; // caller→agent latencies, ms
   const down = []; // agent→caller
   const setupUp = [];
@@ -359,6 +406,7 @@ async function runTarget(target, opt) {
     wranglerSeconds: otherS,
     generatorSeconds,
     workerdPids: cpu1?.workerdPids ?? [],
+    transcripts,
     worstUpBySecond: worstBySecond.map((x) => Math.round((x ?? 0) * 100) / 100),
   };
 }
@@ -394,6 +442,9 @@ function pool(name, url, runs, opt) {
     setup: { p50: pct(setupMs, 50), max: setupMs[setupMs.length - 1] ?? NaN },
     marks: sum((r) => r.marks),
     clears: sum((r) => r.clears),
+    transcripts: runs.every((r) => r.transcripts)
+      ? { checked: sum((r) => r.transcripts.checked), withRows: sum((r) => r.transcripts.withRows), rows: sum((r) => r.transcripts.rows), missing: runs.flatMap((r) => r.transcripts.missing) }
+      : null,
     cpu: {
       workerdSeconds: cpuS,
       wranglerSeconds: sum((r) => r.wranglerSeconds),
@@ -408,6 +459,7 @@ function pool(name, url, runs, opt) {
 
 // ---- report ----------------------------------------------------------------------------------
 
+const median = (sorted) => (sorted.length % 2 ? sorted[(sorted.length - 1) / 2] : (sorted[sorted.length / 2 - 1] + sorted[sorted.length / 2]) / 2);
 const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
 
@@ -435,12 +487,23 @@ export function table(results) {
   row('agent→caller latency max (ms)', (r) => f2(r.down.max), (r) => r.down.max);
   row('caller→agent frames sent/recv/lost', (r) => `${r.up.sent}/${r.up.received}/${r.up.lost}`);
   row('agent→caller frames sent/recv/lost', (r) => `${r.down.sent}/${r.down.received}/${r.down.lost}`);
+  row('marks sent to the caller side', (r) => String(r.marks));
+  if (results.some((r) => r.transcripts)) {
+    row('calls with transcript rows in D1', (r) => (r.transcripts ? `${r.transcripts.withRows}/${r.transcripts.checked}` : '-'));
+  }
   row('workerd CPU s per call-minute', (r) => f3(r.cpu.perCallMinute), (r) => r.cpu.perCallMinute);
   row('workerd CPU s total', (r) => f2(r.cpu.workerdSeconds), (r) => r.cpu.workerdSeconds);
   row('load generator CPU (cores busy)', (r) => f2(r.cpu.generatorSeconds / r.cpu.wallSeconds));
   row('workerd CPU (cores busy)', (r) => f2(r.cpu.workerdSeconds / r.cpu.wallSeconds));
   if (results.some((r) => r.cpu.perRound?.length > 1)) {
     row('  per round (s per call-minute)', (r) => r.cpu.perRound.map(f3).join(' '));
+    // Round i of each target ran next to round i of the floor (A B B A order): the median of
+    // those ratios is the figure least moved by a noisy machine.
+    row('  ratio to the first target, median of rounds', (r) => {
+      const ratios = r.cpu.perRound.map((x, i) => x / base.cpu.perRound[i]).filter(Number.isFinite).sort((a, b) => a - b);
+      return ratios.length ? `${median(ratios).toFixed(2)}×` : '-';
+    });
+    row('  CPU s per call-minute, median of rounds', (r) => f3(median([...r.cpu.perRound].sort((a, b) => a - b))));
   }
   const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
@@ -451,7 +514,7 @@ export function table(results) {
 async function main() {
   const opt = parseArgs(process.argv.slice(2));
   const runs = new Map(opt.targets.map((t) => [t.name, []]));
-  for (const t of opt.targets) {
+  for (const t of opt.warmup ? opt.targets : []) {
     // Warm-up (not counted): the first calls pay for compiling the Worker and creating
     // the first Durable Objects.
     process.stderr.write(`==> load: warm-up of ${t.name} (${Math.min(3, opt.calls)} calls × 3 s, not counted)\n`);
@@ -470,6 +533,9 @@ async function main() {
           `caller→agent p99 ${f2(pct(r.up, 99))} ms, agent→caller p99 ${f2(pct(r.down, 99))} ms\n`,
       );
       for (const e of r.errors.slice(0, 5)) process.stderr.write(`    error: ${e}\n`);
+      if (r.transcripts) {
+        process.stderr.write(`    transcript rows in D1: ${r.transcripts.withRows}/${r.transcripts.checked} calls have rows (${r.transcripts.rows} rows)\n`);
+      }
       runs.get(t.name).push(r);
       await sleep(1000);
     }
@@ -479,10 +545,27 @@ async function main() {
   console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
   console.log(table(results));
   if (opt.json) writeFileSync(opt.json, JSON.stringify({ options: { calls: opt.calls, seconds: opt.seconds, rounds: opt.rounds }, results }, null, 2));
+  if (opt.check) {
+    const problems = [];
+    for (const r of results) {
+      if (r.okCalls !== r.calls) problems.push(`${r.target}: ${r.calls - r.okCalls} of ${r.calls} calls failed (${r.errors.join('; ')})`);
+      if (r.up.lost) problems.push(`${r.target}: ${r.up.lost} caller→agent frames lost`);
+      if (r.down.lost) problems.push(`${r.target}: ${r.down.lost} agent→caller frames lost`);
+      if (r.transcripts && r.transcripts.withRows !== r.calls) {
+        problems.push(`${r.target}: ${r.calls - r.transcripts.withRows} of ${r.calls} calls have no transcript rows in D1 (${r.transcripts.missing.slice(0, 5).join(', ')})`);
+      }
+    }
+    if (problems.length) {
+      for (const p of problems) console.error(`FAIL ${p}`);
+      process.exitCode = 1;
+    } else {
+      console.log('check: every call completed, no frame lost either way, every checked call has transcript rows');
+    }
+  }
 }
 
 main().then(
-  () => process.exit(0),
+  () => process.exit(process.exitCode ?? 0),
   (e) => {
     console.error(e?.stack ?? String(e));
     process.exit(1);

@@ -8,9 +8,10 @@
 //! What one "frame" costs here is everything the shell asks of the core for it: `handle`
 //! plus draining every action it produced (the strings the shell would send, log lines,
 //! records). Caller → agent: one Twilio `media` frame (20 ms, 160 bytes of μ-law). Agent →
-//! caller: one `response.output_audio.delta` of 20 ms plus the `mark` echo Twilio sends back
-//! for it. Barge-in: `speech_started` while 500 ms of agent audio is unheard, plus the echoes
-//! of the marks the `clear` flushed.
+//! caller: one `response.output_audio.delta` of 20 ms plus its share of the `mark` echoes
+//! Twilio sends back (one mark per 100 ms of audio, so one echo per five deltas). Barge-in:
+//! `speech_started` while 500 ms of agent audio is unheard, plus the echoes of the marks the
+//! `clear` flushed.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -239,8 +240,8 @@ fn timed<T>(f: impl FnOnce() -> T) -> (Duration, u64, u64, T) {
     (d, a1 - a0, b1 - b0, out)
 }
 
-/// Agent → caller: an audio delta becomes media + mark; Twilio echoes the mark. Pushes the
-/// frame's figure and the delta / echo split.
+/// Agent → caller: an audio delta becomes media (every fifth also a mark); Twilio echoes the
+/// marks. Pushes the frame's figure and the delta / echo split.
 fn agent_to_caller(
     figures: &mut Vec<Figure>,
     names: [&'static str; 3],
@@ -286,8 +287,9 @@ fn agent_to_caller(
         }
         let mut sink = Vec::new();
         let (d2, a2, b2, _) = timed(|| {
+            // Each echo comes once its 100 ms of audio played: time runs as in a real call.
             for e in &echoes {
-                now += 20;
+                now += 100;
                 call.handle(Input::TwilioText(e), Millis(now));
                 drain(&mut call, &mut sink);
             }
@@ -400,14 +402,15 @@ fn main() {
                 drain(&mut call, &mut marks);
             }
             let mut sink = Vec::new();
-            for m in &marks[..25] {
+            let half = marks.len() / 2;
+            for m in &marks[..half] {
                 seq += 1;
                 now += 20;
                 let e = twilio_mark(m, seq);
                 call.handle(Input::TwilioText(&e), Millis(now));
                 drain(&mut call, &mut sink);
             }
-            let flushed: Vec<String> = marks[25..]
+            let flushed: Vec<String> = marks[half..]
                 .iter()
                 .map(|m| {
                     seq += 1;

@@ -13,7 +13,7 @@
 #    recording on) and the bridge with an agent that does not record (bridge-norec), all
 #    behind the stand-in Realtime server in echo mode; call set-up, latency p50/p99 each
 #    way, frames lost, and workerd CPU seconds per call-minute, as ratios to the floor
-#    (bench/load.mjs).
+#    (bench/load.mjs); for the bridge, how many calls left transcript rows in D1.
 # Everything runs on 127.0.0.1, is bounded in calls and time, and stops by itself.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -136,7 +136,7 @@ if [[ "$load" == 1 ]]; then
        -d '{"id":"bench-norec","name":"bench, no recording","instructions":"bench","record_calls":false}' \
      && curl -fsS -o /dev/null -X PUT "$bridge/api/admin/numbers/%2B815099990000" -H "Authorization: Bearer $admin" \
        -H 'Content-Type: application/json' -d '{"agent_id":"bench-norec"}'; then
-    norec=(--target "bridge-norec=$bridge" --pid "bridge-norec=$bridge_pid" --to "bridge-norec=$norec_number")
+    norec=(--target "bridge-norec=$bridge" --pid "bridge-norec=$bridge_pid" --to "bridge-norec=$norec_number" --admin "bridge-norec=$admin")
   else
     log "could not set up the no-recording agent through the admin API; skipping bridge-norec"
   fi
@@ -145,7 +145,7 @@ if [[ "$load" == 1 ]]; then
   timeout $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
     --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
     --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
-    --target "bridge=$bridge" --pid "bridge=$bridge_pid" "${norec[@]}" \
+    --target "bridge=$bridge" --pid "bridge=$bridge_pid" --admin "bridge=$admin" "${norec[@]}" \
     --calls "$calls" --seconds "$seconds" --rounds "$rounds" --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
     --json "$work/load.json" | tee "$load_out"
 fi

@@ -28,4 +28,10 @@ bash scripts/ui-test.sh
 log "fuzz: a short run of the core's fuzz targets (installs cargo-fuzz when missing)"
 bash scripts/fuzz.sh 30
 
+# ---- load: a small load run that fails on a lost frame or a call with no transcript ----
+# (10 calls × 10 s against the bridge; asserts nothing about time. The full load run is
+# `bash scripts/load-test.sh --calls 100 --seconds 60`, see README "Benchmarks".)
+log "load: 10 simultaneous calls × 10 s, no frame lost and every call's transcript in D1"
+bash scripts/load-test.sh --calls 10 --seconds 10
+
 log "all tests passed"

@@ -272,16 +272,10 @@ impl Recorder {
     /// Interleaves the next `samples` of both channels (silence where a channel has none).
     fn emit(&mut self, samples: u64) -> Vec<u8> {
         let n = samples as usize;
-        let mut out = Vec::with_capacity(n * FRAME_BYTES as usize);
-        let mut caller = self.caller.drain(..n.min(self.caller.len()));
-        let mut agent = self.agent.drain(..n.min(self.agent.len()));
-        for _ in 0..n {
-            let l = ulaw_to_linear(caller.next().unwrap_or(SILENCE));
-            let r = ulaw_to_linear(agent.next().unwrap_or(SILENCE));
-            out.extend_from_slice(&l.to_le_bytes());
-            out.extend_from_slice(&r.to_le_bytes());
-        }
-        drop((caller, agent));
+        // Zeroed: μ-law silence decodes to 0, so a channel with no audio needs no writes.
+        let mut out = vec![0u8; n * FRAME_BYTES as usize];
+        expand_into(&mut out, 0, &mut self.caller, n);
+        expand_into(&mut out, 2, &mut self.agent, n);
         self.emitted += samples;
         out
     }
@@ -300,6 +294,19 @@ impl Recorder {
     pub fn buffered_bytes(&self) -> usize {
         self.caller.capacity() + self.agent.capacity() + self.scratch.capacity()
     }
+}
+
+/// Writes the first `n` samples of `buf` (fewer if it holds fewer) as 16-bit PCM at byte
+/// `offset` of each 4-byte stereo frame of `out`, and removes them from `buf`.
+fn expand_into(out: &mut [u8], offset: usize, buf: &mut VecDeque<u8>, n: usize) {
+    const { assert!(ULAW[SILENCE as usize] == 0) };
+    let take = n.min(buf.len());
+    let (a, b) = buf.as_slices();
+    let frames = out.chunks_exact_mut(FRAME_BYTES as usize);
+    for (&byte, frame) in a.iter().chain(b).take(take).zip(frames) {
+        frame[offset..offset + 2].copy_from_slice(&ULAW[byte as usize].to_le_bytes());
+    }
+    buf.drain(..take);
 }
 
 /// Standard padded base64 into `buf` (cleared first).

@@ -14,6 +14,9 @@
 //   echo — for the load benchmark: every input_audio_buffer.append comes straight back as
 //     a response.output_audio.delta with the same payload, and tagged frames (see
 //     bench/load.mjs) are time-stamped for the latency figures, served at GET /bench/stats.
+//     So that a call leaves a transcript, the greeting's response.create is answered with
+//     a text-only turn ("[stand-in] echo …" transcript, no audio), and every 5 s of appended
+//     audio is "transcribed" as one caller turn.
 //
 // Run alone:  node scripts/sim/standin.mjs [--port 8788] [--mode conversation|echo]
 // The Worker must then be started with
@@ -247,6 +250,35 @@ class Session {
 
   // ---- echo mode (benchmark) ----
 
+  /** The greeting in echo mode: a finished agent turn with a transcript and no audio. */
+  echoTurn() {
+    const id = `resp_standin_${this.index}_${++this.itemSeq}`;
+    const itemId = this.newItemId();
+    const text = '[stand-in] echo: こちらは負荷試験用の代役サーバーです (load-test stand-in, not OpenAI)';
+    const item = { id: itemId, object: 'realtime.item', type: 'message', status: 'completed', role: 'assistant', content: [{ type: 'output_audio', transcript: text }] };
+    const usage = { total_tokens: 0, input_tokens: 0, output_tokens: 0 };
+    this.send({ type: 'response.created', response: { object: 'realtime.response', id, status: 'in_progress', output: [] } });
+    this.send({ type: 'response.output_item.added', response_id: id, output_index: 0, item: { ...item, status: 'in_progress', content: [] } });
+    this.send({ type: 'response.output_audio_transcript.done', response_id: id, item_id: itemId, output_index: 0, content_index: 0, transcript: text });
+    this.send({ type: 'response.output_item.done', response_id: id, output_index: 0, item });
+    this.send({ type: 'response.done', response: { object: 'realtime.response', id, status: 'completed', output: [item], usage } });
+  }
+
+  /** Every 5 s of echoed audio becomes one caller turn with a transcript. */
+  echoTranscribe() {
+    this.echoedFrames = (this.echoedFrames ?? 0) + 1;
+    if (this.echoedFrames % 250 !== 0) return;
+    const itemId = this.newItemId();
+    const secs = (this.echoedFrames / 50).toFixed(0);
+    this.send({
+      type: 'conversation.item.input_audio_transcription.completed',
+      item_id: itemId,
+      content_index: 0,
+      transcript: `[stand-in] echo: ${secs} s of caller audio so far`,
+      usage: { type: 'duration', seconds: 5 },
+    });
+  }
+
   echo(payload) {
     if (!this.echoItem) {
       this.echoItem = this.newItemId();
@@ -261,6 +293,7 @@ class Session {
       `{"type":"response.output_audio.delta","event_id":"e${++this.eventSeq}","response_id":"resp_standin_echo","item_id":"${this.echoItem}","output_index":0,"content_index":0,"delta":"${payload}"}`,
     );
     this.server.recordEcho(payload);
+    this.echoTranscribe();
   }
 
   // ---- input audio and the VAD ----
@@ -374,11 +407,7 @@ class Session {
         ev,
       );
     }
-    if (this.mode === 'echo') {
-      const id = `resp_standin_${this.index}_${++this.itemSeq}`;
-      this.send({ type: 'response.created', response: { object: 'realtime.response', id, status: 'in_progress', output: [] } });
-      return;
-    }
+    if (this.mode === 'echo') return this.echoTurn(ev);
     const first = ![...this.items.values()].some((i) => i.role === 'assistant');
     const instructions = ev.response?.instructions ?? this.config.instructions ?? '';
     const text = first

@@ -400,6 +400,13 @@ impl Call {
 
     pub fn handle(&mut self, input: Input<'_>, now: Millis) {
         self.dispatch(input, now);
+        // Agent audio left unmarked too long (its stream paused) is marked now, so what
+        // played is confirmed; caller frames come every 20 ms, so this runs often enough.
+        if self.ended.is_none() {
+            if let Some(mark) = self.playback.stale_mark(now) {
+                self.send_mark(&mark);
+            }
+        }
         self.record_settled(now);
     }
 
@@ -778,7 +785,9 @@ impl Call {
             }
             ServerEvent::AudioDone { item_id } => {
                 if let Some(id) = item_id {
-                    self.playback.audio_done(&ItemId(id));
+                    if let Some(mark) = self.playback.audio_done(&ItemId(id)) {
+                        self.send_mark(&mark);
+                    }
                 }
             }
             ServerEvent::AudioTranscriptDone {
@@ -971,16 +980,25 @@ impl Call {
         }
         self.conversation.agent_audio_started(item, at);
         self.record_agent(payload, at);
+        if let Some(mark) = self.playback.before_send(item) {
+            self.send_mark(&mark);
+        }
         let stream = self.stream.as_ref().expect("checked above");
         self.actions
             .push_back(Action::SendTwilio(stream.writer.media(payload)));
-        let mark = self.playback.sent(item, bytes);
-        let stream = self.stream.as_ref().expect("checked above");
-        self.actions
-            .push_back(Action::SendTwilio(stream.writer.mark(&mark)));
+        if let Some(mark) = self.playback.sent(item, bytes, now) {
+            self.send_mark(&mark);
+        }
         self.stats.agent_frames += 1;
         self.stats.agent_bytes += bytes;
         self.agent_audio_activity(now, bytes);
+    }
+
+    fn send_mark(&mut self, name: &str) {
+        if let Some(stream) = &self.stream {
+            self.actions
+                .push_back(Action::SendTwilio(stream.writer.mark(name)));
+        }
     }
 
     /// The caller started talking. If agent audio is still unheard, stop it at Twilio

@@ -5,10 +5,21 @@
 //! after a barge-in are ignored). Per conversation item we keep bytes received from
 //! OpenAI, bytes sent to Twilio and bytes confirmed played; μ-law at 8 kHz makes every
 //! 8 bytes one millisecond, so the arithmetic is exact.
+//!
+//! Marks are batched: every mark costs a frame each way on Twilio's socket, as much as the
+//! audio itself when deltas are small. One goes after [`MARK_EVERY_BYTES`] of an item's
+//! audio, before audio of another item, when the item's audio is done, and when audio has
+//! waited [`MARK_EVERY_MS`] unmarked. What played is still known to the byte at each mark;
+//! between marks it is rounded down, never up.
 
 use crate::audio::bytes_to_ms;
-use crate::ids::ItemId;
+use crate::ids::{ItemId, Millis};
 use std::collections::VecDeque;
+
+/// Agent audio sent without a mark after it is marked once it reaches this much (100 ms)…
+pub const MARK_EVERY_BYTES: u64 = 800;
+/// …or once its first byte went this long ago.
+pub const MARK_EVERY_MS: Millis = Millis(100);
 
 #[derive(Debug, Clone, PartialEq)]
 struct Item {
@@ -57,6 +68,8 @@ pub struct Playback {
     marks: VecDeque<PendingMark>,
     next_mark: u64,
     cut: VecDeque<ItemId>,
+    /// Audio sent to Twilio with no mark after it yet: its item, bytes and when it began.
+    unmarked: Option<(ItemId, u64, Millis)>,
 }
 
 impl Playback {
@@ -84,27 +97,64 @@ impl Playback {
         self.item_mut(item).received += bytes;
     }
 
-    /// Audio for `item` was sent to Twilio; returns the name of the mark to send after it.
-    pub fn sent(&mut self, item: &ItemId, bytes: u64) -> String {
+    /// Audio of `item` is about to be sent: if audio of another item is still unmarked, the
+    /// mark to send before it (a mark names one item).
+    pub fn before_send(&mut self, item: &ItemId) -> Option<String> {
+        match &self.unmarked {
+            Some((other, _, _)) if other != item => self.flush(),
+            _ => None,
+        }
+    }
+
+    /// Audio for `item` was sent to Twilio at `now`; returns the name of the mark to send
+    /// after it, when one is due.
+    pub fn sent(&mut self, item: &ItemId, bytes: u64, now: Millis) -> Option<String> {
         let it = self.item_mut(item);
         it.sent += bytes;
-        let sent_after = it.sent;
+        let done = it.audio_done;
+        let (_, pending, _) = self.unmarked.get_or_insert_with(|| (item.clone(), 0, now));
+        *pending += bytes;
+        if done || *pending >= MARK_EVERY_BYTES {
+            self.flush()
+        } else {
+            None
+        }
+    }
+
+    /// The mark for audio that has waited [`MARK_EVERY_MS`] unmarked at `now`, if any.
+    pub fn stale_mark(&mut self, now: Millis) -> Option<String> {
+        match &self.unmarked {
+            Some((_, _, since)) if now.saturating_sub(*since) >= MARK_EVERY_MS => self.flush(),
+            _ => None,
+        }
+    }
+
+    /// The mark for whatever audio is sent and unmarked.
+    pub fn flush(&mut self) -> Option<String> {
+        let (item, _, _) = self.unmarked.take()?;
+        let sent_after = self.items.iter().find(|i| i.id == item)?.sent;
         let seq = self.next_mark;
         self.next_mark += 1;
         self.marks.push_back(PendingMark {
             seq,
-            item: item.clone(),
+            item,
             sent_after,
         });
-        format!("{MARK_PREFIX}{seq}")
+        Some(format!("{MARK_PREFIX}{seq}"))
     }
 
     /// OpenAI finished the item's audio: once it has all played, it can be forgotten.
-    pub fn audio_done(&mut self, item: &ItemId) {
+    /// Returns the mark for the item's unmarked tail, if any.
+    pub fn audio_done(&mut self, item: &ItemId) -> Option<String> {
         if let Some(it) = self.items.iter_mut().find(|i| &i.id == item) {
             it.audio_done = true;
         }
+        let mark = match &self.unmarked {
+            Some((i, _, _)) if i == item => self.flush(),
+            _ => None,
+        };
         self.forget_finished();
+        mark
     }
 
     /// Twilio echoed a mark.
@@ -168,6 +218,7 @@ impl Playback {
             }
         }
         self.marks.clear();
+        self.unmarked = None;
         cuts
     }
 
@@ -176,6 +227,7 @@ impl Playback {
     pub fn forget_items(&mut self) {
         self.items.clear();
         self.marks.clear();
+        self.unmarked = None;
     }
 
     /// Milliseconds of audio sent to Twilio and not yet confirmed played.
@@ -211,14 +263,16 @@ mod tests {
         ItemId::new(s)
     }
 
+    const T0: Millis = Millis(0);
+
     #[test]
     fn played_ms_follows_echoed_marks() {
         let mut p = Playback::default();
         let a = id("item_a");
         p.received(&a, 1600);
-        let m0 = p.sent(&a, 1600);
+        let m0 = p.sent(&a, 1600, T0).unwrap();
         p.received(&a, 800);
-        let m1 = p.sent(&a, 800);
+        let m1 = p.sent(&a, 800, T0).unwrap();
         assert_eq!(
             p.echoed(&m0),
             Echo::Played {
@@ -246,16 +300,16 @@ mod tests {
         let mut p = Playback::default();
         let a = id("a");
         for _ in 0..3 {
-            p.received(&a, 160);
+            p.received(&a, 800);
         }
-        let _m0 = p.sent(&a, 160);
-        let _m1 = p.sent(&a, 160);
-        let m2 = p.sent(&a, 160);
+        let _m0 = p.sent(&a, 800, T0).unwrap();
+        let _m1 = p.sent(&a, 800, T0).unwrap();
+        let m2 = p.sent(&a, 800, T0).unwrap();
         assert_eq!(
             p.echoed(&m2),
             Echo::Played {
                 item: a,
-                played_ms: 60
+                played_ms: 300
             }
         );
         assert_eq!(p.unconfirmed_ms(), 0);
@@ -267,8 +321,10 @@ mod tests {
         assert!(p.barge_in().is_empty());
         let a = id("a");
         p.received(&a, 160);
-        let m = p.sent(&a, 160);
-        p.audio_done(&a);
+        assert_eq!(p.sent(&a, 160, T0), None, "20 ms is not worth a mark yet");
+        let m = p
+            .audio_done(&a)
+            .expect("the item's tail is marked when it is done");
         p.echoed(&m);
         assert!(!p.outstanding());
         assert!(p.barge_in().is_empty());
@@ -297,7 +353,8 @@ mod tests {
         assert_eq!(p.echoed("hello"), Echo::Unknown);
         let a = id("a");
         p.received(&a, 8);
-        let m = p.sent(&a, 8);
+        assert_eq!(p.sent(&a, 8, T0), None);
+        let m = p.flush().unwrap();
         assert_eq!(p.echoed(&format!("{m}x")), Echo::Unknown);
         assert_eq!(p.echoed("m00"), Echo::Unknown);
         assert_eq!(p.echoed("m+0"), Echo::Unknown);
@@ -314,10 +371,82 @@ mod tests {
         let mut p = Playback::default();
         let a = id("a");
         p.received(&a, 1607);
-        let m = p.sent(&a, 1607);
+        let m = p.sent(&a, 1607, T0).unwrap();
         p.received(&a, 100);
-        p.sent(&a, 100);
+        p.sent(&a, 100, T0);
         p.echoed(&m);
         assert_eq!(p.barge_in()[0].audio_end_ms, 200);
+    }
+
+    #[test]
+    fn small_chunks_share_a_mark_every_100_ms() {
+        let mut p = Playback::default();
+        let a = id("a");
+        let mut marks = vec![];
+        for i in 0..10u64 {
+            p.received(&a, 160);
+            if let Some(m) = p.sent(&a, 160, Millis(20 * i)) {
+                marks.push((i, m));
+            }
+        }
+        // 5 chunks of 20 ms make 100 ms: a mark after the 5th and the 10th.
+        assert_eq!(
+            marks.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![4, 9]
+        );
+        assert_eq!(
+            p.echoed(&marks[0].1),
+            Echo::Played {
+                item: a.clone(),
+                played_ms: 100
+            }
+        );
+        assert_eq!(p.unconfirmed_ms(), 100);
+    }
+
+    #[test]
+    fn unmarked_audio_is_marked_before_another_item_and_when_stale() {
+        let mut p = Playback::default();
+        let (a, b) = (id("a"), id("b"));
+        p.received(&a, 160);
+        assert_eq!(p.sent(&a, 160, Millis(0)), None);
+        assert_eq!(p.before_send(&a), None, "same item: no mark yet");
+        let ma = p.before_send(&b).expect("a's audio is marked before b's");
+        p.received(&b, 160);
+        assert_eq!(p.sent(&b, 160, Millis(10)), None);
+        assert_eq!(p.stale_mark(Millis(109)), None);
+        let mb = p.stale_mark(Millis(110)).expect("100 ms unmarked");
+        assert_eq!(p.stale_mark(Millis(500)), None, "nothing left unmarked");
+        assert_eq!(
+            p.echoed(&ma),
+            Echo::Played {
+                item: a,
+                played_ms: 20
+            }
+        );
+        assert_eq!(
+            p.echoed(&mb),
+            Echo::Played {
+                item: b,
+                played_ms: 20
+            }
+        );
+        assert!(!p.outstanding());
+    }
+
+    #[test]
+    fn a_barge_in_forgets_unmarked_audio_and_cuts_at_the_last_mark() {
+        let mut p = Playback::default();
+        let a = id("a");
+        p.received(&a, 1600);
+        let m = p.sent(&a, 800, T0).unwrap();
+        assert_eq!(p.sent(&a, 400, T0), None);
+        p.echoed(&m);
+        let cuts = p.barge_in();
+        assert_eq!(
+            cuts[0].audio_end_ms, 100,
+            "unconfirmed audio is not counted as heard"
+        );
+        assert_eq!(p.flush(), None);
     }
 }

@@ -494,9 +494,73 @@ fn agent_audio_is_relayed_unchanged_each_followed_by_a_mark() {
 #[test]
 fn beta_named_audio_deltas_are_relayed_too() {
     let mut sim = Sim::live();
-    let text = delta("item_a", &audio(160, 3))
+    let text = delta("item_a", &audio(800, 3))
         .replace("response.output_audio.delta", "response.audio.delta");
     assert_eq!(sim.openai(&text).len(), 2);
+}
+
+/// The events of a Twilio send list, in order: "media" or the mark's name.
+fn twilio_events(out: &[Action]) -> Vec<String> {
+    out.iter()
+        .filter(|a| matches!(a, Action::SendTwilio(_)))
+        .map(|a| {
+            let v = json_of(a);
+            match v["event"].as_str().unwrap() {
+                "mark" => v["mark"]["name"].as_str().unwrap().to_owned(),
+                e => e.to_owned(),
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn small_deltas_share_one_mark_per_100_ms_and_the_tail_is_marked_when_done() {
+    let mut sim = Sim::live();
+    let mut events = vec![];
+    for i in 0..12u64 {
+        sim.at(1000 + 20 * i);
+        events.extend(twilio_events(
+            &sim.openai(&delta("item_s", &audio(160, i as u8))),
+        ));
+    }
+    // 12 × 20 ms: a mark after the 5th and the 10th delta, two deltas still unmarked.
+    let media = "media".to_owned();
+    let expected: Vec<String> = [
+        vec![media.clone(); 5],
+        vec!["m0".into()],
+        vec![media.clone(); 5],
+        vec!["m1".into()],
+        vec![media.clone(); 2],
+    ]
+    .concat();
+    assert_eq!(events, expected);
+    let done = r#"{"type":"response.output_audio.done","event_id":"e","response_id":"resp_1","item_id":"item_s","output_index":0,"content_index":0}"#;
+    assert_eq!(twilio_events(&sim.openai(done)), vec!["m2".to_owned()]);
+    // Twilio played the first 100 ms when the caller barged in: truncated there, exactly.
+    sim.twilio(&mark("m0"));
+    let out = sim.openai(&speech_started());
+    assert_eq!(json_of(&out[1])["audio_end_ms"], 100);
+}
+
+#[test]
+fn a_paused_response_has_its_unmarked_audio_marked_100_ms_later() {
+    let mut sim = Sim::live();
+    sim.at(1000);
+    assert_eq!(
+        twilio_events(&sim.openai(&delta("item_p", &audio(160, 1)))),
+        vec!["media"]
+    );
+    sim.at(1099);
+    let f = audio(160, 2);
+    assert!(twilio_events(&sim.twilio(&media(&f))).is_empty());
+    sim.at(1100);
+    // The next input of any kind (here a caller frame) carries the mark.
+    assert_eq!(twilio_events(&sim.twilio(&media(&f))), vec!["m0"]);
+    sim.twilio(&mark("m0"));
+    assert!(
+        sim.openai(&speech_started()).is_empty(),
+        "all heard: nothing to cut"
+    );
 }
 
 // ---- barge-in ----
@@ -628,7 +692,7 @@ fn agent_audio_held_until_start_is_flushed_in_order_with_marks() {
     let mut sim = Sim::new();
     sim.openai_opened();
     sim.openai(&session_updated("audio/pcmu"));
-    let chunks: Vec<String> = (0..3).map(|i| audio(400, i)).collect();
+    let chunks: Vec<String> = (0..3).map(|i| audio(800, i)).collect();
     for c in &chunks {
         assert!(sim.openai(&delta("item_a", c)).is_empty());
     }
@@ -701,7 +765,7 @@ fn bad_frames_from_either_side_are_counted_and_the_call_goes_on() {
     // And the relay still works.
     let f = audio(160, 5);
     assert_eq!(json_of(&sim.twilio(&media(&f))[0])["audio"], f);
-    sim.agent_chunk("item_z", &audio(160, 6));
+    sim.agent_chunk("item_z", &audio(800, 6));
 }
 
 #[test]
@@ -1471,7 +1535,7 @@ fn a_webhook_tool_runs_without_stalling_audio_and_its_answer_goes_back_to_the_mo
     // While the tool runs, audio flows both ways.
     let f = audio(160, 3);
     assert_eq!(json_of(&sim.twilio(&media(&f))[0])["audio"], f);
-    sim.agent_chunk("item_x", &audio(160, 4));
+    sim.agent_chunk("item_x", &audio(800, 4));
     // The response ends before the tool answers: no response.create yet.
     let out = sim.response_done("resp_1");
     assert!(sends_of(&out, "response.create").is_empty());

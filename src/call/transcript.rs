@@ -55,6 +55,10 @@ fn role_of(role: Option<&str>) -> Option<Role> {
 
 impl Conversation {
     fn item(&mut self, id: &ItemId, now_offset_ms: u64) -> &mut Item {
+        // Looked up first: this runs for every agent delta, and an entry needs an owned key.
+        if self.items.contains_key(id) {
+            return self.items.get_mut(id).expect("just checked");
+        }
         let next = &mut self.next_seq;
         self.items.entry(id.clone()).or_insert_with(|| {
             let item = Item {

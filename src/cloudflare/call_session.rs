@@ -4,16 +4,17 @@
 
 use super::outbox::Outbox;
 use super::recording::Recording;
-use super::socket::{self, Event, Frame, Listeners, Side};
+use super::socket::{self, Event, Frame, Listeners, Side, Sink};
 use super::{bridge_config, log};
 use crate::call::{Action, Call, Input, Level, Setup};
 use crate::config::Bridge;
 use crate::ids::Millis;
 use crate::store::Record as StoreRecord;
 use crate::webhook::{self, CallState, Registration, StreamRefusal};
-use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
-use futures::{FutureExt, StreamExt};
+use futures::channel::oneshot;
+use futures::FutureExt;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 use worker::*;
@@ -92,8 +93,9 @@ impl DurableObject for CallSession {
     }
 }
 
+/// `Date.now()`, without the `Date` object `worker::Date::now` makes (this runs per frame).
 fn now() -> Millis {
-    Millis(Date::now().as_millis())
+    Millis(js_sys::Date::now() as u64)
 }
 
 /// What [`CallSession::finalize_orphaned_stream`] found.
@@ -184,9 +186,9 @@ impl CallSession {
 
         let pair = WebSocketPair::new()?;
         pair.server.accept()?;
-        let (tx, rx) = mpsc::unbounded();
+        let driver = Driver::default();
         // No await between accept and listen: see socket.rs.
-        let twilio_listeners = socket::listen(&pair.server, Side::Twilio, tx.clone())?;
+        let twilio_listeners = socket::listen(&pair.server, Side::Twilio, driver.sink())?;
         self.live.set(true);
         let reg = &record.registration;
         let setup = Setup {
@@ -214,19 +216,73 @@ impl CallSession {
             openai: None,
             openai_listeners: None,
             openai_connect: 0,
-            _twilio_listeners: twilio_listeners,
-            tx,
-            storage,
+            twilio_listeners: Some(twilio_listeners),
+            storage: Rc::new(storage),
             record,
             outbox: self.outbox(),
             recording: Recording::new(&self.env, call_sid.as_str(), self.outbox()),
+            timer: None,
+            timers_armed: 0,
+            live: self.live.clone(),
+            finished: false,
         };
-        let live = self.live.clone();
-        wasm_bindgen_futures::spawn_local(async move {
-            pump.run(rx).await;
-            live.set(false);
-        });
+        driver.start(pump);
         Response::from_websocket(pair.client)
+    }
+}
+
+/// Runs a call's pump where its events arrive. Each event (a frame, a timer, a finished
+/// connect or request) is fed to the machine and the actions are carried out before the
+/// handler returns: no channel and no task switch per frame, and nothing on the audio path
+/// waits (records go to the outbox, the recording to its own task). An event that arrives
+/// while the pump is busy (a handler re-entered) is queued and handled right after.
+#[derive(Clone, Default)]
+struct Driver {
+    pump: Rc<RefCell<Option<Pump>>>,
+    queue: Rc<RefCell<VecDeque<Event>>>,
+}
+
+impl Driver {
+    fn sink(&self) -> Sink {
+        let me = self.clone();
+        Rc::new(move |event| me.deliver(event))
+    }
+
+    fn start(&self, pump: Pump) {
+        *self.pump.borrow_mut() = Some(pump);
+        self.run();
+    }
+
+    fn deliver(&self, event: Event) {
+        self.queue.borrow_mut().push_back(event);
+        self.run();
+    }
+
+    /// Handles everything queued, then carries out the actions and sets the timer.
+    fn run(&self) {
+        let Ok(mut slot) = self.pump.try_borrow_mut() else {
+            return; // the pump is running further up the stack; it takes the queue next
+        };
+        let Some(pump) = slot.as_mut() else {
+            self.queue.borrow_mut().clear(); // late events of a finished call
+            return;
+        };
+        loop {
+            pump.perform(self);
+            let next = self.queue.borrow_mut().pop_front();
+            match next {
+                Some(event) => pump.feed(event),
+                None => break,
+            }
+        }
+        if pump.call.is_ended() {
+            pump.finish();
+            // The pump is done: drop it (its sockets' listeners were retired).
+            *slot = None;
+            self.queue.borrow_mut().clear();
+        } else {
+            pump.arm_timer(self);
+        }
     }
 }
 
@@ -236,60 +292,71 @@ struct Pump {
     config: Bridge,
     twilio: WebSocket,
     openai: Option<WebSocket>,
-    /// Dropped with the socket they listen to, so a replaced session's close is not heard.
+    /// Retired with the socket they listen to, so a replaced session's close is not heard.
     openai_listeners: Option<Listeners>,
     /// Number of the latest OpenAI connect asked for; older ones are discarded.
     openai_connect: u64,
-    _twilio_listeners: Listeners,
-    tx: UnboundedSender<Event>,
-    storage: Storage,
+    twilio_listeners: Option<Listeners>,
+    storage: Rc<Storage>,
     record: CallState,
     outbox: Outbox,
     recording: Recording,
+    /// The armed timer: when it fires, its number, and what cancels it when dropped.
+    timer: Option<(Millis, u64, oneshot::Sender<()>)>,
+    timers_armed: u64,
+    live: Rc<Cell<bool>>,
+    finished: bool,
 }
 
 impl Pump {
-    async fn run(mut self, mut rx: UnboundedReceiver<Event>) {
-        self.perform().await;
-        // One timer, kept while its deadline holds: re-arming a setTimeout for every frame
-        // is a real cost at 150 messages a second per call.
-        let mut timer: Option<(Millis, futures::future::Fuse<Delay>)> = None;
-        while !self.call.is_ended() {
-            match self.call.poll_timeout() {
-                None => timer = None,
-                Some(at) if timer.as_ref().is_some_and(|(d, _)| *d == at) => {}
-                Some(at) => {
-                    let wait = at.0.saturating_sub(now().0);
-                    timer = Some((at, Delay::from(Duration::from_millis(wait)).fuse()));
-                }
-            }
-            let event = match timer.as_mut() {
-                Some((_, delay)) => {
-                    let mut delay = delay;
+    /// One timer, kept while it fires no later than the machine's deadline: the idle
+    /// deadline moves with every agent delta, and re-arming a setTimeout for each would cost
+    /// a timer per frame. A timer that fires early is re-armed then.
+    fn arm_timer(&mut self, driver: &Driver) {
+        match self.call.poll_timeout() {
+            None => self.timer = None,
+            Some(at) if self.timer.as_ref().is_some_and(|(d, _, _)| *d <= at) => {}
+            Some(at) => {
+                self.timers_armed += 1;
+                let n = self.timers_armed;
+                let (cancel, cancelled) = oneshot::channel::<()>();
+                self.timer = Some((at, n, cancel));
+                let wait = Duration::from_millis(at.0.saturating_sub(now().0));
+                let driver = driver.clone();
+                wasm_bindgen_futures::spawn_local(async move {
+                    let delay = Delay::from(wait).fuse();
+                    let mut cancelled = cancelled.fuse();
+                    futures::pin_mut!(delay);
                     futures::select! {
-                        e = rx.next() => e,
-                        _ = delay => Some(Event::Timeout),
+                        _ = delay => driver.deliver(Event::Timer(n)),
+                        _ = cancelled => {}
                     }
-                }
-                None => rx.next().await,
-            };
-            let Some(event) = event else { break };
-            if matches!(event, Event::Timeout) {
-                timer = None;
+                });
             }
-            self.feed(event);
-            // Whatever else is already queued goes through before the next wait.
-            while !self.call.is_ended() {
-                match rx.try_recv() {
-                    Ok(event) => self.feed(event),
-                    Err(_) => break,
-                }
-            }
-            self.perform().await;
         }
-        self.openai_listeners = None;
+    }
+
+    /// The call is over: its sockets' listeners go, and the recording is completed.
+    fn finish(&mut self) {
+        if std::mem::replace(&mut self.finished, true) {
+            return;
+        }
+        self.timer = None;
+        if let Some(l) = self.openai_listeners.take() {
+            l.retire();
+        }
+        if let Some(l) = self.twilio_listeners.take() {
+            l.retire();
+        }
         // However the call went, a recording that was started is completed.
         self.recording.close();
+        self.live.set(false);
+    }
+
+    fn drop_openai_listeners(&mut self) {
+        if let Some(l) = self.openai_listeners.take() {
+            l.retire();
+        }
     }
 
     fn feed(&mut self, event: Event) {
@@ -308,7 +375,7 @@ impl Pump {
                     (Side::OpenAi, Frame::Closed { code, reason }) => {
                         // The peer closed it: nothing more is sent there.
                         self.openai = None;
-                        self.openai_listeners = None;
+                        self.drop_openai_listeners();
                         Input::OpenAiClosed {
                             code: *code,
                             reason,
@@ -326,7 +393,7 @@ impl Pump {
                 // A connect the machine has since given up on (a setup timeout, then a
                 // new attempt) must not pass for the current session.
                 if self.call.is_ended() || n != self.openai_connect {
-                    drop(listeners);
+                    listeners.retire();
                     let _ = ws.close(Some(1000), Some("superseded"));
                     return;
                 }
@@ -352,7 +419,15 @@ impl Pump {
                 },
                 t,
             ),
-            Event::Timeout => self.call.handle(Input::Timeout, t),
+            Event::Timer(n) => {
+                if self.timer.as_ref().is_none_or(|(_, armed, _)| *armed != n) {
+                    return; // replaced since
+                }
+                self.timer = None;
+                if self.call.poll_timeout().is_some_and(|at| at <= t) {
+                    self.call.handle(Input::Timeout, t);
+                }
+            }
         }
     }
 
@@ -364,7 +439,7 @@ impl Pump {
         );
     }
 
-    async fn perform(&mut self) {
+    fn perform(&mut self, driver: &Driver) {
         while let Some(action) = self.call.poll_action() {
             match action {
                 Action::SendTwilio(text) => {
@@ -383,32 +458,32 @@ impl Pump {
                 Action::ConnectOpenAi { model } => {
                     self.openai_connect += 1;
                     let n = self.openai_connect;
-                    self.openai_listeners = None;
+                    self.drop_openai_listeners();
                     if let Some(old) = self.openai.take() {
                         let _ = old.close(Some(1000), Some("replaced"));
                     }
                     let url = self.config.realtime_connect_url(&model);
                     let key = self.config.openai_api_key.expose().to_owned();
-                    let tx = self.tx.clone();
+                    let driver = driver.clone();
                     wasm_bindgen_futures::spawn_local(async move {
-                        let event = match connect_openai(&url, &key, tx.clone()).await {
+                        let event = match connect_openai(&url, &key, driver.sink()).await {
                             Ok((ws, listeners)) => Event::OpenAiConnected(n, ws, listeners),
                             Err((status, reason)) => Event::OpenAiFailed(n, status, reason),
                         };
-                        let _ = tx.unbounded_send(event);
+                        driver.deliver(event);
                     });
                 }
                 Action::CloseOpenAi { code, reason } => {
-                    self.openai_listeners = None;
+                    self.drop_openai_listeners();
                     if let Some(ws) = self.openai.take() {
                         let _ = ws.close(Some(code), Some(reason));
                     }
                 }
                 Action::Http { id, request } => {
-                    let tx = self.tx.clone();
+                    let driver = driver.clone();
                     wasm_bindgen_futures::spawn_local(async move {
                         let outcome = super::http::send(&request).await;
-                        let _ = tx.unbounded_send(Event::HttpDone(id, outcome));
+                        driver.deliver(Event::HttpDone(id, outcome));
                     });
                 }
                 Action::CloseTwilio { code, reason } => {
@@ -419,18 +494,22 @@ impl Pump {
                     Level::Warn => console_warn!("{}", line),
                     Level::Error => console_error!("{}", line),
                 },
-                Action::Persist(record) => self.outbox.push(&record).await,
+                Action::Persist(record) => self.outbox.enqueue(&record),
                 Action::RecordingData(pcm) => self.recording.data(pcm),
                 Action::RecordingDone { duration_ms } => self.recording.done(duration_ms),
                 Action::Ended(summary) => {
                     self.record.end_reason = Some(summary.reason.label().to_owned());
-                    if let Err(e) = self.storage.put(CALL_KEY, &self.record).await {
-                        log(
-                            "error",
-                            "storage.write_failed",
-                            serde_json::json!({ "call_sid": summary.call_sid, "error": e.to_string() }),
-                        );
-                    }
+                    let record = self.record.clone();
+                    let storage = self.storage.clone();
+                    wasm_bindgen_futures::spawn_local(async move {
+                        if let Err(e) = storage.put(CALL_KEY, &record).await {
+                            log(
+                                "error",
+                                "storage.write_failed",
+                                serde_json::json!({ "call_sid": summary.call_sid, "error": e.to_string() }),
+                            );
+                        }
+                    });
                 }
             }
         }
@@ -443,7 +522,7 @@ impl Pump {
 async fn connect_openai(
     url: &str,
     key: &str,
-    tx: UnboundedSender<Event>,
+    sink: Sink,
 ) -> std::result::Result<(WebSocket, Listeners), (Option<u16>, String)> {
     let failed = |what: &str, e: worker::Error| (None, format!("{what}: {e}"));
     let headers = Headers::new();
@@ -463,6 +542,6 @@ async fn connect_openai(
         return Err((Some(status), format!("HTTP {status} on upgrade")));
     };
     ws.accept().map_err(|e| failed("accept", e))?;
-    let listeners = socket::listen(&ws, Side::OpenAi, tx).map_err(|e| failed("listen", e))?;
+    let listeners = socket::listen(&ws, Side::OpenAi, sink).map_err(|e| failed("listen", e))?;
     Ok((ws, listeners))
 }

@@ -1,8 +1,11 @@
-//! The call's durable outbox: records the core asks to keep are first written to the
-//! Durable Object's own storage, then copied to D1 in the background, in order, and
-//! deleted only once D1 has accepted them. A failed D1 write is retried with backoff, and
-//! an alarm brings the object back to finish if it is evicted first. Nothing on the audio
-//! path waits for D1.
+//! The call's durable outbox: records the core asks to keep reach D1 in the background, in
+//! order, and nothing on the audio path waits for them. The call's pump hands records over
+//! in memory; while nothing is waiting in the object's own storage they go straight to D1.
+//! Whatever D1 does not accept at once (and what the Worker hands over with `push`) is
+//! first written to the object's storage, copied to D1 from there in order and deleted only
+//! once D1 has accepted it; a failed D1 write is retried with backoff, and an alarm brings
+//! the object back to finish if it is evicted first. (Storage writes cost the whole object:
+//! under load, one per record stalled every call's audio in `wrangler dev`.)
 
 use super::db;
 use super::log;
@@ -10,6 +13,7 @@ use crate::store::{Record, Statement};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 use worker::{Date, Delay, Env, ListOptions, Storage};
@@ -27,6 +31,16 @@ struct Inner {
     storage: Storage,
     env: Env,
     next_seq: Cell<Option<u64>>,
+    /// Records handed over with `enqueue`, in neither D1 nor storage yet, oldest first:
+    /// their statements and call.
+    unstored: RefCell<VecDeque<(Vec<Statement>, String)>>,
+    /// Held while records leave `unstored` (to D1 or to storage), so they leave in order.
+    storing: RefCell<()>,
+    /// Records may be waiting in storage: new ones must queue behind them. True at first
+    /// (an earlier instance may have left some) until a flush finds storage empty.
+    backlog: Cell<bool>,
+    /// Records written to storage so far, to tell whether one came during a flush.
+    stored: Cell<u64>,
     wake: UnboundedSender<()>,
     /// Test hook: fail this many D1 writes (FAULT_INJECT_D1_FAILURES), to prove nothing
     /// is lost when D1 errors.
@@ -51,6 +65,10 @@ impl Outbox {
             storage,
             env,
             next_seq: Cell::new(None),
+            unstored: RefCell::new(VecDeque::new()),
+            storing: RefCell::new(()),
+            backlog: Cell::new(true),
+            stored: Cell::new(0),
             wake,
             injected_failures: Cell::new(injected),
             running: Cell::new(false),
@@ -93,27 +111,105 @@ impl Outbox {
 
     /// Queues a record durably (local storage) and wakes the background writer.
     pub async fn push(&self, record: &Record) {
+        self.enqueue(record);
+        if self.store().await > 0 {
+            // The writer may have looked before these were stored.
+            let _ = self.0.wake.unbounded_send(());
+        }
+    }
+
+    /// Queues a record without waiting: the call's pump hands records over here so the
+    /// audio path never waits on storage. They are stored in the order given, by `push`
+    /// or by the background writer, whichever runs first.
+    pub fn enqueue(&self, record: &Record) {
         let now = Date::now().as_millis();
         let statements = record.statements(now);
         if statements.is_empty() {
             return;
         }
-        let text = serde_json::to_string(&statements).expect("statements serialize");
-        let result = async {
-            let seq = self.next_seq().await?;
-            self.0.next_seq.set(Some(seq + 1));
-            self.0.storage.put(&key(seq), text).await
-        }
-        .await;
-        if let Err(e) = result {
-            // Local storage failing is as bad as it gets; say so loudly with what was lost.
-            log(
-                "error",
-                "outbox.store_failed",
-                serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string() }),
-            );
-        }
+        self.0
+            .unstored
+            .borrow_mut()
+            .push_back((statements, record.call_sid().to_owned()));
         let _ = self.0.wake.unbounded_send(());
+    }
+
+    /// Sends what was handed over straight to D1 when nothing waits in storage. Returns
+    /// false when the records must go through storage instead (a backlog, another mover, or
+    /// D1 refused them: then they are back in `unstored`, in order).
+    async fn send_direct(&self) -> bool {
+        if self.0.backlog.get() {
+            return false;
+        }
+        let Ok(_guard) = self.0.storing.try_borrow_mut() else {
+            return false;
+        };
+        let batch: Vec<(Vec<Statement>, String)> = self.0.unstored.borrow_mut().drain(..).collect();
+        if batch.is_empty() {
+            return true;
+        }
+        let statements: Vec<Statement> =
+            batch.iter().flat_map(|(s, _)| s.iter().cloned()).collect();
+        match self.write_d1(&statements).await {
+            Ok(()) => true,
+            Err(e) => {
+                log(
+                    "warn",
+                    "outbox.d1_write_failed",
+                    serde_json::json!({ "error": e.to_string(), "then": "kept in storage, retried" }),
+                );
+                let mut unstored = self.0.unstored.borrow_mut();
+                for entry in batch.into_iter().rev() {
+                    unstored.push_front(entry);
+                }
+                false
+            }
+        }
+    }
+
+    async fn write_d1(&self, statements: &[Statement]) -> worker::Result<()> {
+        if self.0.injected_failures.get() > 0 {
+            self.0
+                .injected_failures
+                .set(self.0.injected_failures.get() - 1);
+            return Err(worker::Error::RustError(
+                "injected D1 failure (FAULT_INJECT_D1_FAILURES)".into(),
+            ));
+        }
+        let database = db::database(&self.0.env)?;
+        db::batch(&database, statements).await
+    }
+
+    /// Moves enqueued records into local storage, in order (one mover at a time); returns
+    /// how many it moved.
+    async fn store(&self) -> usize {
+        let Ok(_guard) = self.0.storing.try_borrow_mut() else {
+            return 0;
+        };
+        let mut moved = 0;
+        loop {
+            let Some((statements, call_sid)) = self.0.unstored.borrow_mut().pop_front() else {
+                return moved;
+            };
+            moved += 1;
+            self.0.backlog.set(true);
+            let text = serde_json::to_string(&statements).expect("statements serialize");
+            let result = async {
+                let seq = self.next_seq().await?;
+                self.0.next_seq.set(Some(seq + 1));
+                self.0.storage.put(&key(seq), text).await
+            }
+            .await;
+            self.0.stored.set(self.0.stored.get() + 1);
+            if let Err(e) = result {
+                // Local storage failing is as bad as it gets; say so loudly with what was lost.
+                log(
+                    "error",
+                    "outbox.store_failed",
+                    serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
+                );
+            }
+        }
     }
 
     async fn writer(self, mut rx: UnboundedReceiver<()>) {
@@ -121,6 +217,10 @@ impl Outbox {
         while rx.next().await.is_some() {
             // Coalesce wake-ups that came while we were writing.
             while rx.try_recv().is_ok() {}
+            if self.send_direct().await {
+                continue;
+            }
+            self.store().await;
             loop {
                 match self.flush().await {
                     Ok(()) => {
@@ -155,6 +255,7 @@ impl Outbox {
             Err(_) => return Ok(()),
         };
         loop {
+            let stored_before = self.0.stored.get();
             let entries = self
                 .0
                 .storage
@@ -177,20 +278,25 @@ impl Outbox {
                 }
                 keys.push(k);
             }
+            // Storage is drained once a listing was short, nothing was stored since and
+            // nothing is being stored now.
+            let drained = |me: &Self| {
+                if me.0.stored.get() == stored_before && me.0.storing.try_borrow_mut().is_ok() {
+                    me.0.backlog.set(false);
+                }
+            };
             if keys.is_empty() {
+                drained(self);
                 return Ok(());
             }
-            if self.0.injected_failures.get() > 0 {
-                self.0
-                    .injected_failures
-                    .set(self.0.injected_failures.get() - 1);
-                return Err(worker::Error::RustError(
-                    "injected D1 failure (FAULT_INJECT_D1_FAILURES)".into(),
-                ));
-            }
-            let database = db::database(&self.0.env)?;
-            db::batch(&database, &statements).await?;
+            self.write_d1(&statements).await?;
+            let full = keys.len() >= BATCH;
             self.0.storage.delete_multiple(keys).await?;
+            if !full {
+                // That was all; whatever was stored since came with a wake-up of its own.
+                drained(self);
+                return Ok(());
+            }
         }
     }
 }

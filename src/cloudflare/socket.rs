@@ -1,10 +1,10 @@
-//! WebSocket events as messages on one channel, so the call's pump can wait on both
-//! sockets and a timer in a single loop.
+//! WebSocket events handed to one sink, the call's pump, as they arrive: no channel and no
+//! task switch per frame.
 //!
 //! Listeners are attached synchronously, right after `accept()`: workerd drops messages
 //! that arrive before a listener exists, and Twilio's `connected`/`start` come at once.
 
-use futures::channel::mpsc::UnboundedSender;
+use std::rc::Rc;
 use worker::js_sys;
 use worker::wasm_bindgen::closure::Closure;
 use worker::wasm_bindgen::JsCast;
@@ -30,8 +30,12 @@ pub enum Event {
     /// A failed connect: its number, the HTTP status of a refused upgrade, what went wrong.
     OpenAiFailed(u64, Option<u16>, String),
     HttpDone(u64, crate::http::Outcome),
-    Timeout,
+    /// The pump's timer numbered so fired.
+    Timer(u64),
 }
+
+/// Where a socket's events go.
+pub type Sink = Rc<dyn Fn(Event)>;
 
 type Handler<T> = Closure<dyn FnMut(T)>;
 
@@ -41,6 +45,14 @@ pub struct Listeners {
     message: Handler<web_sys::MessageEvent>,
     close: Handler<web_sys::CloseEvent>,
     error: Handler<web_sys::ErrorEvent>,
+}
+
+impl Listeners {
+    /// Detaches the listeners once the running event handler (which may be one of them) has
+    /// returned: a closure must not be freed while it runs.
+    pub fn retire(self) {
+        worker::wasm_bindgen_futures::spawn_local(async move { drop(self) });
+    }
 }
 
 impl Drop for Listeners {
@@ -53,24 +65,25 @@ impl Drop for Listeners {
     }
 }
 
-/// Forwards every event of `ws` to `tx`, tagged with `side`.
-pub fn listen(ws: &WebSocket, side: Side, tx: UnboundedSender<Event>) -> worker::Result<Listeners> {
+/// Forwards every event of `ws` to `sink`, tagged with `side`. The sink may not drop these
+/// listeners while it runs (they are running): see `Listeners::retire`.
+pub fn listen(ws: &WebSocket, side: Side, sink: Sink) -> worker::Result<Listeners> {
     let socket: web_sys::WebSocket = ws.as_ref().clone();
     let message: Handler<web_sys::MessageEvent> = Closure::wrap(Box::new({
-        let tx = tx.clone();
+        let sink = sink.clone();
         move |e: web_sys::MessageEvent| {
             let data = e.data();
             let frame = match data.as_string() {
                 Some(text) => Frame::Text(text),
                 None => Frame::Binary(js_sys::Uint8Array::new(&data).length() as usize),
             };
-            let _ = tx.unbounded_send(Event::Socket(side, frame));
+            sink(Event::Socket(side, frame));
         }
     }));
     let close: Handler<web_sys::CloseEvent> = Closure::wrap(Box::new({
-        let tx = tx.clone();
+        let sink = sink.clone();
         move |e: web_sys::CloseEvent| {
-            let _ = tx.unbounded_send(Event::Socket(
+            sink(Event::Socket(
                 side,
                 Frame::Closed {
                     code: e.code(),
@@ -81,7 +94,7 @@ pub fn listen(ws: &WebSocket, side: Side, tx: UnboundedSender<Event>) -> worker:
     }));
     let error: Handler<web_sys::ErrorEvent> =
         Closure::wrap(Box::new(move |e: web_sys::ErrorEvent| {
-            let _ = tx.unbounded_send(Event::Socket(side, Frame::Error(e.message())));
+            sink(Event::Socket(side, Frame::Error(e.message())));
         }));
     socket
         .add_event_listener_with_callback("message", message.as_ref().unchecked_ref())

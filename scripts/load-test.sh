@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The test command's load step: a small load run against the bridge alone that FAILS when a
+# call fails, any frame is lost either way, or any call has no transcript rows in D1. It
+# asserts nothing about time (latency and CPU are printed, never judged).
+#   bash scripts/load-test.sh [--calls N] [--seconds S]      (defaults 10 calls × 10 s)
+# (or LOAD_CALLS / LOAD_SECONDS in the environment). The full load run of the load issue is
+#   bash scripts/load-test.sh --calls 100 --seconds 60
+# The stand-in Realtime server (echo mode) and `wrangler dev` run on free ports of
+# 127.0.0.1 with state in a temporary directory; everything stops by itself.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+exec </dev/null
+
+calls="${LOAD_CALLS:-10}"
+seconds="${LOAD_SECONDS:-10}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --calls) calls="$2"; shift 2 ;;
+    --seconds) seconds="$2"; shift 2 ;;
+    -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+done
+[[ "$calls" =~ ^[0-9]+$ && "$calls" -ge 1 && "$calls" -le 1000 ]] || die "--calls must be 1..1000"
+[[ "$seconds" =~ ^[0-9]+$ && "$seconds" -ge 2 && "$seconds" -le 600 ]] || die "--seconds must be 2..600"
+
+bash scripts/setup.sh
+
+work="$(mktemp -d "${TMPDIR:-/tmp}/load-test.XXXXXX")"
+pgids=()
+cleanup() {
+  local g
+  for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  sleep 1
+  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_bg() { # name, command...: own process group, output to $work/name.log; sets $started
+  local name="$1"
+  shift
+  setsid "$@" >"$work/$name.log" 2>&1 &
+  started=$!
+  pgids+=("$started")
+}
+
+free_port() {
+  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
+wait_http() { # url, log, seconds
+  local url="$1" logf="$2" limit="$3" t=0
+  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+    sleep 1
+    t=$((t + 1))
+    if [[ $t -ge $limit ]]; then
+      tail -40 "$logf" >&2
+      die "$url did not answer within ${limit}s"
+    fi
+  done
+}
+
+log "building the Worker (release wasm)"
+bash scripts/build.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "build failed"; }
+
+standin_port=$(free_port)
+bridge_port=$(free_port)
+token="load-twilio-token-$$"
+admin="load-admin-token-$$"
+log "stand-in (echo) on :$standin_port, bridge on :$bridge_port; state in $work"
+start_bg standin node scripts/sim/standin.mjs --mode echo --port "$standin_port" --quiet
+standin_pid=$started
+mkdir -p "$work/state"
+CI=true npx wrangler d1 migrations apply DB --local --persist-to "$work/state" >"$work/migrations.log" 2>&1 \
+  || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
+start_bg bridge env CI=true NO_COLOR=1 npx wrangler dev --ip 127.0.0.1 --show-interactive-dev-session=false \
+  --port "$bridge_port" --inspector-port "$(free_port)" --persist-to "$work/state" \
+  --var "OPENAI_REALTIME_URL:ws://127.0.0.1:$standin_port/v1/realtime" --var "TWILIO_AUTH_TOKEN:$token" \
+  --var "OPENAI_API_KEY:sk-load-test-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+bridge_pid=$started
+wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
+wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300
+
+log "load: $calls calls × ${seconds}s against the bridge (fails on a lost frame or a call without transcript rows)"
+status=0
+timeout $((2 * seconds + 300)) node bench/load.mjs \
+  --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
+  --target "bridge=http://127.0.0.1:$bridge_port" --pid "bridge=$bridge_pid" --admin "bridge=$admin" \
+  --calls "$calls" --seconds "$seconds" --rounds 1 --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
+  --json "$work/load.json" --check || status=$?
+if [[ $status -ne 0 ]]; then
+  tail -30 "$work/bridge.log" >&2
+  die "load test failed (logs: $work)"
+fi
+log "load test passed (logs: $work)"
