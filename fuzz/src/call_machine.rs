@@ -29,6 +29,10 @@ pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
 const REST_BASE: &str = "https://api.twilio.test";
 const REST_TOKEN: &str = "rest-token";
 const TOOL_URL: &str = "https://tools.example.jp/lookup";
+/// The core's mark batching (`call::playback`), mirrored: a mark after this much audio of
+/// an item, or this long after its first unmarked byte.
+const MARK_EVERY_BYTES: u64 = 800;
+const MARK_EVERY_MS: Millis = Millis(100);
 const FALLBACK_TWIML: &str = "<Response><Say>sorry</Say></Response>";
 /// How many cut items the core remembers, to drop their late audio (a private constant of
 /// the core's playback clock, mirrored here).
@@ -838,6 +842,8 @@ pub struct Harness {
     clock_limit: u64,
     /// The end reason the fallback redirect was started for (`call.fallback`).
     failing: Option<String>,
+    /// Agent audio sent with no mark after it yet: its item, bytes and when it began.
+    unmarked: Option<(String, u64, Millis)>,
     /// The core has closed its OpenAI socket and asked for no other since.
     core_closed_openai: bool,
 }
@@ -1030,6 +1036,7 @@ impl Harness {
             clock_limit: now.0 + if record { RECORDED_CLOCK_MS } else { 1 << 40 },
             failing: None,
             core_closed_openai: false,
+            unmarked: None,
         };
         let rest = h.drain();
         let step = Step {
@@ -1383,7 +1390,6 @@ impl Harness {
             .iter()
             .any(|a| matches!(a, Action::Persist(Record::CallConnected { .. })));
         let mut medias = 0usize;
-        let mut last_media: Option<String> = None;
         let mut cleared = false;
         let mut truncated = false;
         let mut expect_retrieve: Option<String> = None;
@@ -1411,34 +1417,6 @@ impl Harness {
                     "a truncate after audio was heard is followed by a retrieve of {item:?}: {}",
                     brief(std::slice::from_ref(a))
                 );
-                continue;
-            }
-            if let Some(item) = last_media.take() {
-                // A mark follows each media chunk at once.
-                let Action::SendTwilio(s) = a else {
-                    fail(format!(
-                        "media not followed by a mark: {}",
-                        brief(std::slice::from_ref(a))
-                    ))
-                };
-                let v: Value = serde_json::from_str(s)
-                    .unwrap_or_else(|e| fail(format!("SendTwilio is not JSON ({e}): {s}")));
-                check!(v["event"] == "mark", "media not followed by a mark: {s}");
-                check!(
-                    v["streamSid"] == self.stream_sid.as_deref().unwrap_or_default(),
-                    "wrong streamSid: {s}"
-                );
-                let name = str_at(&v, "/mark/name")
-                    .unwrap_or_else(|| fail(format!("mark without a name: {s}")));
-                check!(
-                    !self.marks.iter().any(|m| m.name == name),
-                    "mark name {name:?} reused"
-                );
-                self.marks.push(SentMark {
-                    name: name.to_owned(),
-                    sent_after: self.sent.get(&item).copied().unwrap_or(0),
-                    item,
-                });
                 continue;
             }
             match a {
@@ -1519,11 +1497,39 @@ impl Harness {
                             *self.sent.entry(item.clone()).or_default() += bytes;
                             self.agent_frames += 1;
                             self.agent_bytes += bytes;
-                            last_media = Some(item);
+                            // A mark names one item: another's unmarked audio is marked first.
+                            match &mut self.unmarked {
+                                Some((other, n, _)) => {
+                                    check!(
+                                        *other == item,
+                                        "audio of {item:?} while {other:?}'s is unmarked"
+                                    );
+                                    *n += bytes;
+                                }
+                                None => self.unmarked = Some((item, bytes, self.now)),
+                            }
+                        }
+                        Some("mark") => {
+                            let name = str_at(&v, "/mark/name")
+                                .unwrap_or_else(|| fail(format!("mark without a name: {s}")));
+                            check!(
+                                !self.marks.iter().any(|m| m.name == name),
+                                "mark name {name:?} reused"
+                            );
+                            let Some((item, _, _)) = self.unmarked.take() else {
+                                fail(format!("a mark with no unmarked audio before it: {s}"))
+                            };
+                            self.marks.push(SentMark {
+                                name: name.to_owned(),
+                                sent_after: self.sent.get(&item).copied().unwrap_or(0),
+                                item,
+                            });
                         }
                         Some("clear") => {
                             check!(!cleared, "one clear per barge-in");
                             cleared = true;
+                            // What was unmarked is cut, not marked.
+                            self.unmarked = None;
                         }
                         other => fail(format!("unexpected Twilio event {other:?}: {s}")),
                     }
@@ -1573,8 +1579,13 @@ impl Harness {
                             milestone("fallback");
                         }
                         Some("call.agent_lost_while_finishing") => close_explained = true,
+                        Some("openai.reconnecting") if v["delay_ms"].as_u64() == Some(0) => {
+                            // The old session's audio is forgotten, marked or not.
+                            self.unmarked = None;
+                        }
                         // A new attempt after a pause: the close is followed by a timer.
                         Some("openai.reconnecting") if v["delay_ms"].as_u64() > Some(0) => {
+                            self.unmarked = None;
                             check!(
                                 self.call.poll_timeout().is_some(),
                                 "a delayed reconnect without a timer"
@@ -1687,7 +1698,19 @@ impl Harness {
                 }
             }
         }
-        check!(last_media.is_none(), "media not followed by a mark");
+        // Marks are batched, but bounded: under 100 ms of audio waits for one, and after any
+        // input (caller frames come every 20 ms) none has waited 100 ms.
+        if let (Some((item, bytes, since)), false) = (&self.unmarked, self.call.is_ended()) {
+            check!(
+                *bytes < MARK_EVERY_BYTES,
+                "{bytes} bytes of {item:?} sent without a mark"
+            );
+            check!(
+                self.now < *since + MARK_EVERY_MS,
+                "audio of {item:?} unmarked since {since:?}, at {:?}",
+                self.now
+            );
+        }
         if let Some(at) = self.started_at {
             self.max_offset = self.max_offset.max(self.now.saturating_sub(at).0);
         }
