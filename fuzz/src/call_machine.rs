@@ -848,6 +848,12 @@ pub struct Harness {
     core_closed_openai: bool,
 }
 
+/// A `mark` sent to Twilio.
+fn is_mark(a: &Action) -> bool {
+    matches!(a, Action::SendTwilio(s)
+        if serde_json::from_str::<Value>(s).is_ok_and(|v| v["event"] == "mark"))
+}
+
 fn fail(msg: impl AsRef<str>) -> ! {
     panic!("invariant violated: {}", msg.as_ref())
 }
@@ -1168,6 +1174,27 @@ impl Harness {
         out
     }
 
+    /// A mark went to Twilio: it confirms, once echoed, the unmarked audio before it.
+    fn sent_mark(&mut self, v: &Value) {
+        check!(
+            self.stream_sid.is_some() && v["streamSid"] == self.stream_sid.as_deref().unwrap_or_default(),
+            "a mark with the wrong streamSid, or before start: {v}"
+        );
+        let name = str_at(v, "/mark/name").unwrap_or_else(|| fail(format!("mark without a name: {v}")));
+        check!(
+            !self.marks.iter().any(|m| m.name == name),
+            "mark name {name:?} reused"
+        );
+        let Some((item, _, _)) = self.unmarked.take() else {
+            fail(format!("a mark with no unmarked audio before it: {v}"))
+        };
+        self.marks.push(SentMark {
+            name: name.to_owned(),
+            sent_after: self.sent.get(&item).copied().unwrap_or(0),
+            item,
+        });
+    }
+
     /// Hands one input to the call and checks everything it did.
     pub fn feed(&mut self, input: Input<'_>) {
         // The shell's side of the contract: OpenAI frames only while its socket is open.
@@ -1213,14 +1240,18 @@ impl Harness {
             && matches!(input, Input::OpenAiText(_) | Input::OpenAiBinary { .. })
         {
             // No socket is open (closed, given up on, or not open yet): whatever the shell
-            // hands over against its contract changes nothing.
+            // hands over against its contract changes nothing (but time: a stale mark, the
+            // recording).
             check!(
-                actions
-                    .iter()
-                    .all(|a| matches!(a, Action::RecordingData(_))),
+                actions.iter().all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
                 "an OpenAI frame with no socket open did something: {}",
                 brief(&actions)
             );
+            for a in &actions {
+                if let Action::SendTwilio(s) = a {
+                    self.sent_mark(&serde_json::from_str(s).expect("checked"));
+                }
+            }
             check!(
                 dropped_before == self.call.stats().dropped,
                 "an OpenAI frame with no socket open was counted"
@@ -1241,11 +1272,10 @@ impl Harness {
             return;
         }
         if matches!(input, Input::Timeout) && due.is_none_or(|d| self.now < d) {
-            // The recording settles with the clock on any input; nothing else may happen.
+            // The recording settles with the clock on any input, and audio unmarked for
+            // 100 ms is marked; nothing else may happen.
             check!(
-                actions
-                    .iter()
-                    .all(|a| matches!(a, Action::RecordingData(_))),
+                actions.iter().all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
                 "a Timeout before poll_timeout ({due:?}, now {:?}) does nothing: {}",
                 self.now,
                 brief(&actions)
@@ -1509,22 +1539,7 @@ impl Harness {
                                 None => self.unmarked = Some((item, bytes, self.now)),
                             }
                         }
-                        Some("mark") => {
-                            let name = str_at(&v, "/mark/name")
-                                .unwrap_or_else(|| fail(format!("mark without a name: {s}")));
-                            check!(
-                                !self.marks.iter().any(|m| m.name == name),
-                                "mark name {name:?} reused"
-                            );
-                            let Some((item, _, _)) = self.unmarked.take() else {
-                                fail(format!("a mark with no unmarked audio before it: {s}"))
-                            };
-                            self.marks.push(SentMark {
-                                name: name.to_owned(),
-                                sent_after: self.sent.get(&item).copied().unwrap_or(0),
-                                item,
-                            });
-                        }
+                        Some("mark") => self.sent_mark(&v),
                         Some("clear") => {
                             check!(!cleared, "one clear per barge-in");
                             cleared = true;
