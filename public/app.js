@@ -230,9 +230,23 @@ function route() {
 
 // ---- calls ---------------------------------------------------------------------------------------
 
+/** A day picked in the browser is the viewer's own day: its start (or, with `endOfDay`, its
+ *  last millisecond) as an ISO time with the browser's UTC offset on that day. */
+function localDayBound(day, endOfDay) {
+  const d = new Date(`${day}T00:00:00`);
+  if (isNaN(d)) return day;
+  if (endOfDay) d.setHours(23, 59, 59, 999);
+  const pad = (n, w = 2) => String(n).padStart(w, '0');
+  const off = -d.getTimezoneOffset();
+  const tz = `${off >= 0 ? '+' : '-'}${pad(Math.floor(Math.abs(off) / 60))}:${pad(Math.abs(off) % 60)}`;
+  return `${day}T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}${tz}`;
+}
+
 async function renderCalls(params) {
   const q = new URLSearchParams();
-  for (const k of ['status', 'number', 'from', 'to', 'cursor']) if (params.get(k)) q.set(k, params.get(k));
+  for (const k of ['status', 'number', 'cursor']) if (params.get(k)) q.set(k, params.get(k));
+  if (params.get('from')) q.set('from', localDayBound(params.get('from'), false));
+  if (params.get('to')) q.set('to', localDayBound(params.get('to'), true));
   q.set('limit', '25');
   const [r, agents] = await Promise.all([api(`/api/admin/calls?${q}`), agentsById()]);
   const field = (name, el) => h('div', {}, h('label', { for: `f-${name}` }, t(name === 'from' ? 'date_from' : name === 'to' ? 'date_to' : name)), el);
