@@ -42,42 +42,7 @@ done
 
 bash scripts/setup.sh
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/bench.XXXXXX")"
-pgids=()
-cleanup() {
-  local g
-  for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-  sleep 1
-  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# Starts "$@" in a process group of its own (so cleanup can end it and its children), with
-# output to $1.log; sets $started to its pid.
-start_bg() {
-  local name="$1"
-  shift
-  setsid "$@" >"$work/$name.log" 2>&1 &
-  started=$!
-  pgids+=("$started")
-}
-
-free_port() {
-  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
-}
-
-wait_http() { # url, log, seconds
-  local url="$1" logf="$2" limit="$3" t=0
-  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
-    sleep 1
-    t=$((t + 1))
-    if [[ $t -ge $limit ]]; then
-      tail -40 "$logf" >&2
-      die "$url did not answer within ${limit}s"
-    fi
-  done
-}
+bg_begin bench
 
 machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 native_out="$work/native.txt"

@@ -69,3 +69,46 @@ apply_local_migrations() {
     log "no D1 migrations to apply"
   fi
 }
+
+# ---- background servers for the load and benchmark scripts ----
+# `bg_begin PREFIX` makes the scratch directory $work and ends, on exit, every process group
+# started with `start_bg` (each server and its children).
+bg_begin() {
+  work="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
+  pgids=()
+  trap bg_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+bg_cleanup() {
+  local g
+  for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  sleep 1
+  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+}
+
+# Starts "$@" in a process group of its own, with output to $work/NAME.log; sets $started
+# to its pid.
+start_bg() { # name, command...
+  local name="$1"
+  shift
+  setsid "$@" >"$work/$name.log" 2>&1 &
+  started=$!
+  pgids+=("$started")
+}
+
+free_port() {
+  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
+}
+
+wait_http() { # url, log, seconds
+  local url="$1" logf="$2" limit="$3" t=0
+  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+    sleep 1
+    t=$((t + 1))
+    if [[ $t -ge $limit ]]; then
+      tail -40 "$logf" >&2
+      die "$url did not answer within ${limit}s"
+    fi
+  done
+}

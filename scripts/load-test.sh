@@ -27,40 +27,7 @@ done
 
 bash scripts/setup.sh
 
-work="$(mktemp -d "${TMPDIR:-/tmp}/load-test.XXXXXX")"
-pgids=()
-cleanup() {
-  local g
-  for g in "${pgids[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
-  sleep 1
-  for g in "${pgids[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-start_bg() { # name, command...: own process group, output to $work/name.log; sets $started
-  local name="$1"
-  shift
-  setsid "$@" >"$work/$name.log" 2>&1 &
-  started=$!
-  pgids+=("$started")
-}
-
-free_port() {
-  node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
-}
-
-wait_http() { # url, log, seconds
-  local url="$1" logf="$2" limit="$3" t=0
-  until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
-    sleep 1
-    t=$((t + 1))
-    if [[ $t -ge $limit ]]; then
-      tail -40 "$logf" >&2
-      die "$url did not answer within ${limit}s"
-    fi
-  done
-}
+bg_begin load-test
 
 log "building the Worker (release wasm)"
 bash scripts/build.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "build failed"; }
