@@ -15,7 +15,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -23,10 +22,10 @@ use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
-use support::{background_runtime, ok, shared_harness, tagged_chunks, CallSpec, Harness, SOON};
+use support::{ok, shared_harness, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-failures-SECRET-987";
-const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+use support::fake_twilio_rest::ACCOUNT_SID;
 const FALLBACK_MESSAGE: &str = "申し訳ございません。ただいま電話に出ることができません。";
 const FALLBACK_NUMBER: &str = "+81300001111";
 /// D1 writes are asynchronous (the call object's outbox): be generous.
@@ -40,14 +39,7 @@ fn fallback_twiml() -> String {
 }
 
 fn rest() -> &'static FakeTwilioRest {
-    static REST: OnceLock<FakeTwilioRest> = OnceLock::new();
-    REST.get_or_init(|| {
-        FakeTwilioRest::start(
-            background_runtime(),
-            ACCOUNT_SID,
-            support::TWILIO_AUTH_TOKEN,
-        )
-    })
+    support::fake_twilio_rest::shared()
 }
 
 fn vars() -> Vec<(String, String)> {
@@ -173,6 +165,18 @@ async fn expect_failed(h: &Harness, ids: &CallIds, reason: &str, detail: Option<
         "{redirect}"
     );
     d
+}
+
+/// The call's detail once its row says it ended.
+async fn wait_ended(h: &Harness, sid: &str) -> Value {
+    ok(
+        h,
+        admin(h)
+            .wait_call(sid, "the end", D1_DEADLINE, |d| {
+                d["call"]["ended_at"].is_string()
+            })
+            .await,
+    )
 }
 
 fn reconnects(d: &Value) -> usize {
@@ -333,14 +337,7 @@ async fn an_error_event_mid_call_is_recorded_and_the_call_goes_on() {
     assert!(events_of(&d, "fallback").is_empty());
     assert!(rest().requests_for(sid).is_empty(), "no redirect");
     call.twilio.send_stop(&call.ids);
-    let d = ok(
-        h,
-        admin(h)
-            .wait_call(sid, "the end", D1_DEADLINE, |d| {
-                d["call"]["ended_at"].is_string()
-            })
-            .await,
-    );
+    let d = wait_ended(h, sid).await;
     assert_eq!(d["call"]["end_reason"], "twilio_stop");
     assert_ne!(d["call"]["status"], "failed");
 }
@@ -436,14 +433,7 @@ async fn a_redirect_twilio_refuses_closes_the_stream_so_the_twiml_after_connect_
         "{closed:?}"
     );
     let sid = ids.call_sid.as_str();
-    let d = ok(
-        h,
-        admin(h)
-            .wait_call(sid, "the end", D1_DEADLINE, |d| {
-                d["call"]["ended_at"].is_string()
-            })
-            .await,
-    );
+    let d = wait_ended(h, sid).await;
     assert_eq!(d["call"]["status"], "failed");
     assert_eq!(d["call"]["end_reason"], "openai_connect_failed");
     let redirect = &events_of(&d, "fallback_redirect")[0]["detail"];

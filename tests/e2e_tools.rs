@@ -17,7 +17,6 @@
 
 mod support;
 
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -32,8 +31,7 @@ use support::{
 
 /// The admin bearer token of the Workers under test.
 const ADMIN_TOKEN: &str = "admin-e2e-tools-SECRET-654";
-/// The Workers' `TWILIO_ACCOUNT_SID`: the Basic auth user of REST requests.
-const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+use support::fake_twilio_rest::ACCOUNT_SID;
 /// D1 writes are asynchronous (the call object's outbox): be generous.
 const D1_DEADLINE: Duration = Duration::from_secs(90);
 const GREETING: &str = "お電話ありがとうございます。ご用件をどうぞ。";
@@ -41,14 +39,7 @@ const GREETING: &str = "お電話ありがとうございます。ご用件を�
 // ---- the shared servers ---------------------------------------------------------------------------
 
 fn rest() -> &'static FakeTwilioRest {
-    static REST: OnceLock<FakeTwilioRest> = OnceLock::new();
-    REST.get_or_init(|| {
-        FakeTwilioRest::start(
-            background_runtime(),
-            ACCOUNT_SID,
-            support::TWILIO_AUTH_TOKEN,
-        )
-    })
+    support::fake_twilio_rest::shared()
 }
 
 fn vars(idle_timeout_seconds: u32) -> Vec<(String, String)> {

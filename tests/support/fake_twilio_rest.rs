@@ -255,3 +255,19 @@ impl FakeTwilioRest {
             .await
     }
 }
+
+/// The Workers' `TWILIO_ACCOUNT_SID` in the tests: the Basic auth user of REST requests.
+pub const ACCOUNT_SID: &str = "AC0123456789abcdef0123456789abcdef";
+
+/// The fake REST server a test binary shares (its Workers' `TWILIO_API_BASE_URL`), taking
+/// `ACCOUNT_SID` and the tests' Twilio auth token.
+pub fn shared() -> &'static FakeTwilioRest {
+    static REST: std::sync::OnceLock<FakeTwilioRest> = std::sync::OnceLock::new();
+    REST.get_or_init(|| {
+        FakeTwilioRest::start(
+            super::background_runtime(),
+            ACCOUNT_SID,
+            super::TWILIO_AUTH_TOKEN,
+        )
+    })
+}
