@@ -27,6 +27,29 @@ fn key(seq: u64) -> String {
     format!("{PREFIX}{seq:016}")
 }
 
+/// A job only one task may do at a time (this is single-threaded): a second task that finds
+/// it taken skips it, and the holder releases it when its guard drops, across awaits.
+#[derive(Default)]
+struct Lock(Cell<bool>);
+
+struct LockGuard<'a>(&'a Cell<bool>);
+
+impl Lock {
+    fn try_take(&self) -> Option<LockGuard<'_>> {
+        (!self.0.replace(true)).then_some(LockGuard(&self.0))
+    }
+
+    fn is_taken(&self) -> bool {
+        self.0.get()
+    }
+}
+
+impl Drop for LockGuard<'_> {
+    fn drop(&mut self) {
+        self.0.set(false);
+    }
+}
+
 struct Inner {
     storage: Storage,
     env: Env,
@@ -35,7 +58,7 @@ struct Inner {
     /// their statements and call.
     unstored: RefCell<VecDeque<(Vec<Statement>, String)>>,
     /// Held while records leave `unstored` (to D1 or to storage), so they leave in order.
-    storing: RefCell<()>,
+    storing: Lock,
     /// Records may be waiting in storage: new ones must queue behind them. True at first
     /// (an earlier instance may have left some) until a flush finds storage empty.
     backlog: Cell<bool>,
@@ -46,7 +69,7 @@ struct Inner {
     /// is lost when D1 errors.
     injected_failures: Cell<u64>,
     running: Cell<bool>,
-    flushing: RefCell<()>,
+    flushing: Lock,
 }
 
 /// Cheap to clone; all clones share one queue and one background writer.
@@ -66,13 +89,13 @@ impl Outbox {
             env,
             next_seq: Cell::new(None),
             unstored: RefCell::new(VecDeque::new()),
-            storing: RefCell::new(()),
+            storing: Lock::default(),
             backlog: Cell::new(true),
             stored: Cell::new(0),
             wake,
             injected_failures: Cell::new(injected),
             running: Cell::new(false),
-            flushing: RefCell::new(()),
+            flushing: Lock::default(),
         }));
         outbox.start(rx);
         // Whatever an earlier instance left queued goes first.
@@ -141,7 +164,7 @@ impl Outbox {
         if self.0.backlog.get() {
             return false;
         }
-        let Ok(_guard) = self.0.storing.try_borrow_mut() else {
+        let Some(_guard) = self.0.storing.try_take() else {
             return false;
         };
         let batch: Vec<(Vec<Statement>, String)> = self.0.unstored.borrow_mut().drain(..).collect();
@@ -183,7 +206,7 @@ impl Outbox {
     /// Moves enqueued records into local storage, in order (one mover at a time); returns
     /// how many it moved.
     async fn store(&self) -> usize {
-        let Ok(_guard) = self.0.storing.try_borrow_mut() else {
+        let Some(_guard) = self.0.storing.try_take() else {
             return 0;
         };
         let mut moved = 0;
@@ -250,9 +273,8 @@ impl Outbox {
     /// Copies everything queued to D1, oldest first, deleting what D1 accepted.
     pub async fn flush(&self) -> worker::Result<()> {
         // One flush at a time (the alarm and the writer may both call this).
-        let _guard = match self.0.flushing.try_borrow_mut() {
-            Ok(g) => g,
-            Err(_) => return Ok(()),
+        let Some(_guard) = self.0.flushing.try_take() else {
+            return Ok(());
         };
         loop {
             let stored_before = self.0.stored.get();
@@ -281,7 +303,7 @@ impl Outbox {
             // Storage is drained once a listing was short, nothing was stored since and
             // nothing is being stored now.
             let drained = |me: &Self| {
-                if me.0.stored.get() == stored_before && me.0.storing.try_borrow_mut().is_ok() {
+                if me.0.stored.get() == stored_before && !me.0.storing.is_taken() {
                     me.0.backlog.set(false);
                 }
             };
