@@ -36,7 +36,8 @@ struct LockGuard<'a>(&'a Cell<bool>);
 
 impl Lock {
     fn try_take(&self) -> Option<LockGuard<'_>> {
-        (!self.0.replace(true)).then_some(LockGuard(&self.0))
+        // Lazily: a guard made and dropped for a taken lock would release it.
+        (!self.0.replace(true)).then(|| LockGuard(&self.0))
     }
 
     fn is_taken(&self) -> bool {
