@@ -1288,8 +1288,10 @@ impl Harness {
             input,
             Input::OpenAiClosed { .. } | Input::OpenAiConnectFailed { .. }
         ) {
-            // The server closed it, or it never opened: the core has nothing left to close.
+            // The server closed it, or it never opened: the core has nothing left to close,
+            // and reads nothing more from it (even when the shell broke its contract).
             self.core_closed_openai = true;
+            self.openai = Socket::Gone;
         }
         if let Input::HttpDone { id, .. } = input {
             self.http.remove(&id);
