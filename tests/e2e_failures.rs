@@ -271,15 +271,20 @@ async fn live_call(h: &Harness) -> support::Call {
     call
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_session_closed_mid_call_that_cannot_be_replaced_sends_the_caller_to_the_fallback() {
-    let h = harness().await;
+/// A live call, then an outage: every new session is refused with 503 while the claim holds.
+async fn live_call_then_outage(h: &Harness) -> (support::Call, support::fake_openai::Claim) {
     let call = live_call(h).await;
-    // Every new session is refused from now on (an outage).
     let claim = h
         .openai
         .claim(SessionScript::new().refuse_upgrades(503))
         .await;
+    (call, claim)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_closed_mid_call_that_cannot_be_replaced_sends_the_caller_to_the_fallback() {
+    let h = harness().await;
+    let (call, claim) = live_call_then_outage(h).await;
     call.openai.close_with(1011, "server_error");
     expect_redirect(h, &call.ids, &call.twilio).await;
     let d = expect_failed(
@@ -372,11 +377,7 @@ async fn an_error_rejecting_the_session_update_sends_the_caller_to_the_fallback_
 #[tokio::test(flavor = "multi_thread")]
 async fn session_expired_that_cannot_be_renewed_sends_the_caller_to_the_fallback() {
     let h = harness().await;
-    let call = live_call(h).await;
-    let claim = h
-        .openai
-        .claim(SessionScript::new().refuse_upgrades(503))
-        .await;
+    let (call, claim) = live_call_then_outage(h).await;
     call.openai.send(json!({
         "type": "error",
         "event_id": "event_srv_3",

@@ -1174,6 +1174,22 @@ impl Harness {
         out
     }
 
+    /// The next chunk of the recording was handed out.
+    fn recording_data(&mut self, pcm: &[u8]) {
+        check!(
+            self.stream_sid.is_some(),
+            "recording before the stream started"
+        );
+        check!(!self.recording_done, "recording data after it was complete");
+        check!(!pcm.is_empty(), "an empty recording chunk");
+        check!(
+            (pcm.len() as u64).is_multiple_of(recording::FRAME_BYTES),
+            "a recording chunk of {} bytes splits a stereo frame",
+            pcm.len()
+        );
+        self.recorded += pcm.len() as u64;
+    }
+
     /// A mark went to Twilio: it confirms, once echoed, the unmarked audio before it.
     fn sent_mark(&mut self, v: &Value) {
         check!(
@@ -1259,11 +1275,7 @@ impl Harness {
             // The recording settles with the clock on any input.
             for a in &actions {
                 if let Action::RecordingData(pcm) = a {
-                    check!(
-                        (pcm.len() as u64).is_multiple_of(recording::FRAME_BYTES),
-                        "a recording chunk splits a stereo frame"
-                    );
-                    self.recorded += pcm.len() as u64;
+                    self.recording_data(pcm);
                 }
             }
             if allowed {
@@ -1614,18 +1626,7 @@ impl Harness {
                 }
                 Action::Http { id, request } => self.check_http(*id, request),
                 Action::RecordingData(pcm) => {
-                    check!(
-                        self.stream_sid.is_some(),
-                        "recording before the stream started"
-                    );
-                    check!(!self.recording_done, "recording data after it was complete");
-                    check!(!pcm.is_empty(), "an empty recording chunk");
-                    check!(
-                        (pcm.len() as u64).is_multiple_of(recording::FRAME_BYTES),
-                        "a recording chunk of {} bytes splits a stereo frame",
-                        pcm.len()
-                    );
-                    self.recorded += pcm.len() as u64;
+                    self.recording_data(pcm);
                     recording_chunk = true;
                 }
                 Action::RecordingDone { duration_ms } => {
