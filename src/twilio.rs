@@ -39,7 +39,7 @@ pub struct Start {
 pub struct Media<'a> {
     /// Base64 μ-law, exactly as Twilio sent it.
     pub payload: Cow<'a, str>,
-    pub track: Option<String>,
+    pub track: Option<Cow<'a, str>>,
     /// Presentation timestamp in ms from the stream start, when Twilio gave one.
     pub timestamp: Option<u64>,
 }
@@ -61,8 +61,8 @@ pub enum ParseError {
 struct RawFrame<'a> {
     #[serde(borrow)]
     event: Cow<'a, str>,
-    #[serde(default, rename = "streamSid")]
-    stream_sid: Option<String>,
+    #[serde(default, rename = "streamSid", borrow)]
+    stream_sid: Option<Text<'a>>,
     #[serde(default, borrow)]
     media: Option<RawMedia<'a>>,
     #[serde(default)]
@@ -77,8 +77,8 @@ struct RawFrame<'a> {
 struct RawMedia<'a> {
     #[serde(default, borrow)]
     payload: Option<Text<'a>>,
-    #[serde(default)]
-    track: Option<String>,
+    #[serde(default, borrow)]
+    track: Option<Text<'a>>,
     #[serde(default)]
     timestamp: Option<Cow<'a, str>>,
 }
@@ -131,7 +131,7 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, ParseError> {
             let s = raw.start.ok_or(missing("start", "start"))?;
             let stream_sid = s
                 .stream_sid
-                .or(raw.stream_sid)
+                .or_else(|| raw.stream_sid.map(|t| t.0.into_owned()))
                 .ok_or(missing("start", "streamSid"))?;
             let call_sid = s.call_sid.ok_or(missing("start", "callSid"))?;
             let format = s.media_format;
@@ -159,7 +159,7 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, ParseError> {
             let m = raw.media.ok_or(missing("media", "media"))?;
             Inbound::Media(Media {
                 payload: m.payload.ok_or(missing("media", "payload"))?.0,
-                track: m.track,
+                track: m.track.map(|t| t.0),
                 timestamp: m.timestamp.and_then(|t| t.parse().ok()),
             })
         }
