@@ -249,6 +249,8 @@ pub struct Bridge {
     pub fallback_dial_number: Option<String>,
     /// Silence this long makes the agent check in; as long again ends the call.
     pub idle_timeout_ms: u64,
+    /// The least important call log lines printed (`LOG_LEVEL`; `info` unless set).
+    pub log_level: crate::call::Level,
     pub agent: Agent,
 }
 
@@ -347,6 +349,15 @@ impl Bridge {
                 }
                 (s * 1000.0) as u64
             },
+            log_level: match get("LOG_LEVEL") {
+                None => crate::call::Level::Info,
+                Some(v) => v.parse().map_err(|()| {
+                    invalid(
+                        "LOG_LEVEL",
+                        format!("{v:?} is not debug, info, warn or error"),
+                    )
+                })?,
+            },
             agent,
         })
     }
@@ -386,6 +397,31 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Bridge::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn log_level_is_info_unless_set_and_checked() {
+        use crate::call::Level;
+        assert_eq!(from(&[]).unwrap().log_level, Level::Info);
+        assert_eq!(
+            from(&[("LOG_LEVEL", "debug")]).unwrap().log_level,
+            Level::Debug
+        );
+        assert_eq!(
+            from(&[("LOG_LEVEL", "WARN")]).unwrap().log_level,
+            Level::Warn
+        );
+        assert_eq!(
+            from(&[("LOG_LEVEL", "error")]).unwrap().log_level,
+            Level::Error
+        );
+        assert_eq!(
+            from(&[("LOG_LEVEL", "loud")]).unwrap_err().field,
+            "LOG_LEVEL"
+        );
+        assert!(
+            Level::Debug < Level::Info && Level::Info < Level::Warn && Level::Warn < Level::Error
+        );
     }
 
     #[test]

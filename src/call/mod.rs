@@ -70,11 +70,29 @@ pub enum Input<'a> {
     Timeout,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How much a log line matters, least first. `Debug` is the detail of every turn (speech
+/// started, transcripts' lengths, responses created); the shell prints it only when asked
+/// (`LOG_LEVEL=debug`): every line costs CPU where logs are collected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
+    Debug,
     Info,
     Warn,
     Error,
+}
+
+impl std::str::FromStr for Level {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.to_ascii_lowercase().as_str() {
+            "debug" => Ok(Level::Debug),
+            "info" => Ok(Level::Info),
+            "warn" | "warning" => Ok(Level::Warn),
+            "error" => Ok(Level::Error),
+            _ => Err(()),
+        }
+    }
 }
 
 /// Something the shell must do.
@@ -307,6 +325,8 @@ pub struct Call {
     fallback: Option<fallback::Failing>,
     /// Twilio's socket has closed.
     twilio_gone: bool,
+    /// The item whose audio was last sent: its later deltas need no transcript lookup.
+    audio_item: Option<ItemId>,
 }
 
 impl Call {
@@ -346,6 +366,7 @@ impl Call {
             fallback_twiml,
             fallback: None,
             twilio_gone: false,
+            audio_item: None,
             agent,
         };
         call.actions.push_back(Action::ConnectOpenAi {
@@ -523,7 +544,7 @@ impl Call {
             }
         };
         match frame {
-            Inbound::Connected => self.log(Level::Info, "twilio.connected", Value::Null),
+            Inbound::Connected => self.log(Level::Debug, "twilio.connected", Value::Null),
             Inbound::Start(start) => self.on_start(start, now),
             Inbound::Media(media) => self.on_caller_audio(&media.payload, now),
             Inbound::Mark { name } => match self.playback.echoed(&name) {
@@ -651,7 +672,7 @@ impl Call {
         if self.upstream != Upstream::Connecting {
             return;
         }
-        self.log(Level::Info, "openai.connected", Value::Null);
+        self.log(Level::Debug, "openai.connected", Value::Null);
         self.upstream = Upstream::Configuring;
         self.actions
             .push_back(Action::SendOpenAi(openai::session_update(&self.agent)));
@@ -682,7 +703,7 @@ impl Call {
                 self.session_id = s.id.clone();
                 self.record_session();
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.session.created",
                     json!({ "session_id": s.id, "model": s.model }),
                 );
@@ -719,7 +740,7 @@ impl Call {
                 audio_start_ms,
             } => {
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.speech_started",
                     json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
                 );
@@ -735,14 +756,14 @@ impl Call {
             } => {
                 self.activity(now);
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.speech_stopped",
                     json!({ "item_id": item_id, "audio_end_ms": audio_end_ms }),
                 )
             }
             ServerEvent::Committed { item_id } => {
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.input_committed",
                     json!({ "item_id": item_id }),
                 );
@@ -775,7 +796,7 @@ impl Call {
                 self.response_active = true;
                 self.on_response_created(response_id.as_deref());
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.response.created",
                     json!({ "response_id": response_id }),
                 );
@@ -795,7 +816,7 @@ impl Call {
                 transcript,
             } => {
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.agent_transcript",
                     json!({ "item_id": item_id, "chars": transcript.chars().count() }),
                 );
@@ -810,7 +831,7 @@ impl Call {
                 transcript,
             } => {
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.caller_transcript",
                     json!({ "item_id": item_id, "chars": transcript.chars().count() }),
                 );
@@ -867,7 +888,7 @@ impl Call {
                     .map(|l| json!({ "name": l.name, "limit": l.limit, "remaining": l.remaining, "reset_seconds": l.reset_seconds }))
                     .collect();
                 self.log(
-                    Level::Info,
+                    Level::Debug,
                     "openai.rate_limits",
                     json!({ "rate_limits": limits }),
                 );
@@ -932,7 +953,7 @@ impl Call {
         }
         self.greeted = true;
         self.greeting_sent();
-        self.log(Level::Info, "bridge.greeting_requested", Value::Null);
+        self.log(Level::Debug, "bridge.greeting_requested", Value::Null);
         self.actions
             .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
     }
@@ -978,7 +999,10 @@ impl Call {
                 json!({ "ms_from_start": ms }),
             );
         }
-        self.conversation.agent_audio_started(item, at);
+        if self.audio_item.as_ref() != Some(item) {
+            self.conversation.agent_audio_started(item, at);
+            self.audio_item = Some(item.clone());
+        }
         self.record_agent(payload, at);
         if let Some(mark) = self.playback.before_send(item) {
             self.send_mark(&mark);

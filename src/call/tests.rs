@@ -86,6 +86,8 @@ struct Sim {
     /// The recording's PCM so far, and its length once complete (see record_tests).
     recording: Vec<u8>,
     recording_done: Option<u64>,
+    /// The events logged at `Info` or above, in order.
+    info_events: Vec<String>,
 }
 
 impl Sim {
@@ -97,6 +99,7 @@ impl Sim {
             records: vec![],
             recording: vec![],
             recording_done: None,
+            info_events: vec![],
         };
         let first = sim.drain();
         assert_eq!(
@@ -128,9 +131,13 @@ impl Sim {
         let mut out = vec![];
         while let Some(a) = self.call.poll_action() {
             match a {
-                Action::Log { line, .. } => {
+                Action::Log { line, level } => {
                     let v: Value = serde_json::from_str(&line).expect("log lines are JSON");
                     assert_eq!(v["call_sid"], SID, "every log line names the call");
+                    if level >= Level::Info {
+                        let event = v["event"].as_str().expect("an event").to_owned();
+                        self.info_events.push(event);
+                    }
                     self.logs.push(line)
                 }
                 Action::Persist(r) => self.records.push(r),
@@ -1138,6 +1145,61 @@ fn absurd_usage_counts_saturate_instead_of_overflowing() {
 }
 
 #[test]
+fn a_turn_is_logged_at_debug_and_the_call_s_milestones_at_info() {
+    // Every line costs CPU where logs are collected: a call says what matters once, and
+    // the detail of each turn only when LOG_LEVEL=debug.
+    let mut sim = Sim::new();
+    sim.twilio(r#"{"event":"connected","protocol":"Call","version":"1.0.0"}"#);
+    sim.openai_opened();
+    sim.openai(r#"{"type":"session.created","session":{"id":"sess_1","model":"gpt-realtime"}}"#);
+    sim.openai(&session_updated("audio/pcmu"));
+    sim.twilio(&start());
+    for turn in 0..3 {
+        sim.openai(&speech_started());
+        sim.openai(r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":2000,"item_id":"item_user"}"#);
+        sim.openai(r#"{"type":"input_audio_buffer.committed","item_id":"item_user"}"#);
+        sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_user","transcript":"もしもし"}"#);
+        let id = format!("resp_{turn}");
+        sim.response(&id);
+        let played = sim.agent_chunk(&format!("item_{turn}"), &audio(800, turn));
+        sim.openai(&format!(r#"{{"type":"response.output_audio_transcript.done","item_id":"item_{turn}","transcript":"はい"}}"#));
+        sim.response_done(&id);
+        sim.twilio(&mark(&played));
+    }
+    sim.twilio(STOP);
+    let debug = [
+        "twilio.connected",
+        "openai.connected",
+        "openai.session.created",
+        "openai.speech_started",
+        "openai.caller_transcript",
+        "openai.response.created",
+        "openai.agent_transcript",
+    ];
+    for event in debug {
+        assert!(!sim.logged(event).is_empty(), "{event} is still logged");
+        assert!(
+            !sim.info_events.iter().any(|e| e == event),
+            "{event} at info"
+        );
+    }
+    assert_eq!(
+        sim.info_events,
+        [
+            "call.accepted",
+            "openai.session.updated",
+            "twilio.start",
+            "bridge.first_agent_audio",
+            "openai.response.done",
+            "openai.response.done",
+            "openai.response.done",
+            "twilio.stop",
+            "call.ended",
+        ]
+    );
+}
+
+#[test]
 fn logs_never_hold_audio() {
     let mut sim = Sim::live();
     let payload = audio(1600, 42);
@@ -1363,6 +1425,7 @@ impl Sim {
             records: vec![],
             recording: vec![],
             recording_done: None,
+            info_events: vec![],
         };
         sim.drain();
         sim.openai_opened();
@@ -1745,6 +1808,7 @@ fn a_wrap_up_due_before_the_session_is_ready_is_said_once_it_is() {
         records: vec![],
         recording: vec![],
         recording_done: None,
+        info_events: vec![],
     };
     sim.drain();
     sim.twilio(&start());

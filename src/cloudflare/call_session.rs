@@ -489,8 +489,9 @@ impl Pump {
                 Action::CloseTwilio { code, reason } => {
                     let _ = self.twilio.close(Some(code), Some(reason));
                 }
+                Action::Log { level, .. } if level < self.config.log_level => {}
                 Action::Log { level, line } => match level {
-                    Level::Info => console_log!("{}", line),
+                    Level::Debug | Level::Info => console_log!("{}", line),
                     Level::Warn => console_warn!("{}", line),
                     Level::Error => console_error!("{}", line),
                 },
