@@ -26,7 +26,9 @@
 //     upstream session is set up, by design);
 //   - frames sent/received/lost each way;
 //   - CPU seconds of the target's workerd processes (utime+stime from /proc/<pid>/stat of
-//     every workerd descended from the given wrangler pid), per call-minute of audio;
+//     every workerd descended from the given wrangler pid), per call-minute of audio; split
+//     into the rate while every call is streaming (the cost of a longer call) and what each
+//     call costs beyond that (set-up and teardown: webhook, session, records, recording);
 //   - with --admin NAME=TOKEN (a bridge): after each run (outside the CPU window), how many
 //     calls have transcript rows in D1, read back through the admin API
 //     (GET /api/admin/calls/{CallSid}), waiting up to 60 s for the outbox to copy them.
@@ -325,6 +327,7 @@ async function runTarget(target, opt) {
     for (const c of calls) c.tick(now);
   }, 2);
   await Promise.all(starts);
+  const steadyWindow = pid ? measureSteady(calls, pid, opt) : Promise.resolve(null);
   // Wait until every call has sent all its frames (or failed).
   while (calls.some((c) => c.state === 'streaming' && c.nextSeq < c.total) && nowMs() < hardDeadline) await sleep(50);
   await Promise.all(calls.map((c) => c.finish()));
@@ -332,6 +335,7 @@ async function runTarget(target, opt) {
   for (const c of calls) if (c.ws && c.ws.readyState !== c.ws.CLOSED) c.ws.terminate();
   await sleep(1000); // let workerd finish the calls' teardown (records, closes)
   const cpu1 = pid ? cpuTicks(pid) : null;
+  const steady = await steadyWindow;
   const self = process.cpuUsage(gen0.self);
   const generatorSeconds = (self.user + self.system) / 1e6 + (opt.standinPid ? (cpuTicks(opt.standinPid).other - gen0.standin) / opt.clkTck : 0);
   const wall = (nowMs() - wall0) / 1000;
@@ -403,12 +407,35 @@ async function runTarget(target, opt) {
     marks: calls.reduce((a, c) => a + c.marks, 0),
     clears: calls.reduce((a, c) => a + c.clears, 0),
     workerdSeconds: cpuS,
+    steady,
     wranglerSeconds: otherS,
     generatorSeconds,
     workerdPids: cpu1?.workerdPids ?? [],
     transcripts,
     worstUpBySecond: worstBySecond.map((x) => Math.round((x ?? 0) * 100) / 100),
   };
+}
+
+/**
+ * CPU of the target's workerd processes while every call is streaming: from when each has
+ * had its first echo back (set-up done) to a second before the first call's audio ends
+ * (teardown not begun). `null` when that window is under 3 s or a call failed in it.
+ */
+async function measureSteady(calls, pid, opt) {
+  const live = () => calls.filter((c) => c.state === 'streaming');
+  const deadline = nowMs() + (opt.seconds + 10) * 1000;
+  while (live().some((c) => c.firstEchoAt === undefined) && nowMs() < deadline) await sleep(20);
+  const from = nowMs() + 500;
+  const to = Math.min(...calls.map((c) => (c.t0 ?? -Infinity) + opt.seconds * 1000)) - 1000;
+  if (!(to - from >= 3000) || live().length !== calls.length) return null;
+  await sleep(from - nowMs());
+  const a = cpuTicks(pid);
+  const ta = nowMs();
+  await sleep(to - nowMs());
+  const b = cpuTicks(pid);
+  const tb = nowMs();
+  if (live().length !== calls.length) return null;
+  return { workerdSeconds: (b.workerd - a.workerd) / opt.clkTck, callMinutes: (calls.length * (tb - ta)) / 60000 };
 }
 
 function standinAt(stats, c, s) {
@@ -452,6 +479,13 @@ function pool(name, url, runs, opt) {
       wallSeconds: sum((r) => r.wallSeconds),
       perCallMinute: cpuS / callMinutes,
       perRound: runs.map((r) => r.workerdSeconds / ((r.okCalls * opt.seconds) / 60)),
+      // While every call streams: the cost of a call-minute once the call is up…
+      steadyPerRound: runs.map((r) => (r.steady ? r.steady.workerdSeconds / r.steady.callMinutes : NaN)),
+      // …and what each call costs beyond that (set-up and teardown: webhook, session,
+      // records, recording upload), in ms: the run's CPU less its audio at the steady rate.
+      fixedMsPerRound: runs.map((r) =>
+        r.steady ? (1000 * (r.workerdSeconds - (r.steady.workerdSeconds / r.steady.callMinutes) * ((r.okCalls * opt.seconds) / 60))) / r.okCalls : NaN,
+      ),
     },
     runs: runs.map((r) => ({ wallSeconds: r.wallSeconds, okCalls: r.okCalls, workerdSeconds: r.workerdSeconds, workerdPids: r.workerdPids, worstUpBySecond: r.worstUpBySecond })),
   };
@@ -493,6 +527,12 @@ export function table(results) {
   }
   row('workerd CPU s per call-minute', (r) => f3(r.cpu.perCallMinute), (r) => r.cpu.perCallMinute);
   row('workerd CPU s total', (r) => f2(r.cpu.workerdSeconds), (r) => r.cpu.workerdSeconds);
+  const medianOf = (xs) => {
+    const ok = xs.filter(Number.isFinite).sort((a, b) => a - b);
+    return ok.length ? median(ok) : NaN;
+  };
+  row('  of which, all calls streaming: s per call-minute', (r) => f3(medianOf(r.cpu.steadyPerRound)), (r) => medianOf(r.cpu.steadyPerRound));
+  row('  and per call, set-up + teardown (ms)', (r) => f2(medianOf(r.cpu.fixedMsPerRound)), (r) => medianOf(r.cpu.fixedMsPerRound));
   row('load generator CPU (cores busy)', (r) => f2(r.cpu.generatorSeconds / r.cpu.wallSeconds));
   row('workerd CPU (cores busy)', (r) => f2(r.cpu.workerdSeconds / r.cpu.wallSeconds));
   if (results.some((r) => r.cpu.perRound?.length > 1)) {
@@ -517,8 +557,11 @@ async function main() {
   for (const t of opt.warmup ? opt.targets : []) {
     // Warm-up (not counted): the first calls pay for compiling the Worker and creating
     // the first Durable Objects.
-    process.stderr.write(`==> load: warm-up of ${t.name} (${Math.min(3, opt.calls)} calls × 3 s, not counted)\n`);
-    const w = await runTarget(t, { ...opt, calls: Math.min(3, opt.calls), seconds: 3, rampMs: 300 });
+    // Enough calls for V8 to compile the hot code with its optimizing tier, which a run
+    // after a short warm-up still paid for in the middle of its figures.
+    const warm = { ...opt, calls: Math.min(10, opt.calls), seconds: 6, rampMs: 300 };
+    process.stderr.write(`==> load: warm-up of ${t.name} (${warm.calls} calls × ${warm.seconds} s, not counted)\n`);
+    const w = await runTarget(t, warm);
     if (w.okCalls === 0) process.stderr.write(`    warm-up failed: ${w.errors.join('; ')}\n`);
   }
   // Rounds in A B B A … order, so drift in the machine's load falls on every target alike.

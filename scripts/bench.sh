@@ -130,6 +130,7 @@ if [[ "$load" == 1 ]]; then
   cat "$load_out"
   echo "(set-up: stream start → first audio back; latency: one way through the Worker on loopback,"
   echo " every frame once the call's audio path was up both ways; CPU: utime+stime of the Worker's"
-  echo " workerd processes / call-minutes of audio)"
+  echo " workerd processes / call-minutes of audio; \"all calls streaming\": the same while every"
+  echo " call is up, and \"set-up + teardown\": the rest of the run's CPU, per call)"
 fi
 echo "logs and raw figures: $work"
