@@ -69,21 +69,16 @@ if [[ "$load" == 1 ]]; then
   realtime="ws://127.0.0.1:$standin_port/v1/realtime"
   token="bench-twilio-token-$$"
   admin="bench-admin-token-$$"
-  common=(--ip 127.0.0.1 --show-interactive-dev-session=false)
 
-  mkdir -p "$work/floor-state" "$work/bridge-state"
-  start_bg floor env CI=true NO_COLOR=1 npx wrangler dev -c bench/floor/wrangler.toml "${common[@]}" \
+  mkdir -p "$work/floor-state"
+  start_bg floor env CI=true NO_COLOR=1 npx wrangler dev -c bench/floor/wrangler.toml --ip 127.0.0.1 \
+    --show-interactive-dev-session=false \
     --port "$floor_port" --inspector-port "$(free_port)" --persist-to "$work/floor-state" \
     --var "OPENAI_REALTIME_URL:$realtime"
   floor_pid=$started
 
-  log "applying D1 migrations to the bridge's bench state"
-  CI=true npx wrangler d1 migrations apply DB --local --persist-to "$work/bridge-state" >"$work/migrations.log" 2>&1 \
-    || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
-  start_bg bridge env CI=true NO_COLOR=1 npx wrangler dev "${common[@]}" \
-    --port "$bridge_port" --inspector-port "$(free_port)" --persist-to "$work/bridge-state" \
-    --var "OPENAI_REALTIME_URL:$realtime" --var "TWILIO_AUTH_TOKEN:$token" \
-    --var "OPENAI_API_KEY:sk-bench-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+  log "applying D1 migrations to the bridge's bench state, starting the bridge"
+  start_bridge "$bridge_port" "$work/bridge-state" "$realtime" "$token" "$admin"
   bridge_pid=$started
 
   wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20

@@ -97,6 +97,20 @@ start_bg() { # name, command...
   pgids+=("$started")
 }
 
+# Migrates the local D1 in STATE, then starts the bridge in `wrangler dev` on PORT against
+# the Realtime server at REALTIME (the stand-in), as the load check and the benchmark both
+# run it; sets $started to its pid. The OpenAI key is a placeholder the stand-in accepts.
+start_bridge() { # port, state dir, realtime url, Twilio token, admin token
+  local port="$1" state="$2" realtime="$3" token="$4" admin="$5"
+  mkdir -p "$state"
+  CI=true npx wrangler d1 migrations apply DB --local --persist-to "$state" >"$work/migrations.log" 2>&1 \
+    || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
+  start_bg bridge env CI=true NO_COLOR=1 npx wrangler dev --ip 127.0.0.1 --show-interactive-dev-session=false \
+    --port "$port" --inspector-port "$(free_port)" --persist-to "$state" \
+    --var "OPENAI_REALTIME_URL:$realtime" --var "TWILIO_AUTH_TOKEN:$token" \
+    --var "OPENAI_API_KEY:sk-stand-in-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+}
+
 free_port() {
   node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
 }

@@ -39,13 +39,7 @@ admin="load-admin-token-$$"
 log "stand-in (echo) on :$standin_port, bridge on :$bridge_port; state in $work"
 start_bg standin node scripts/sim/standin.mjs --mode echo --port "$standin_port" --quiet
 standin_pid=$started
-mkdir -p "$work/state"
-CI=true npx wrangler d1 migrations apply DB --local --persist-to "$work/state" >"$work/migrations.log" 2>&1 \
-  || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
-start_bg bridge env CI=true NO_COLOR=1 npx wrangler dev --ip 127.0.0.1 --show-interactive-dev-session=false \
-  --port "$bridge_port" --inspector-port "$(free_port)" --persist-to "$work/state" \
-  --var "OPENAI_REALTIME_URL:ws://127.0.0.1:$standin_port/v1/realtime" --var "TWILIO_AUTH_TOKEN:$token" \
-  --var "OPENAI_API_KEY:sk-load-test-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+start_bridge "$bridge_port" "$work/state" "ws://127.0.0.1:$standin_port/v1/realtime" "$token" "$admin"
 bridge_pid=$started
 wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
 wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300
