@@ -889,4 +889,34 @@ async fn secrets_never_appear_in_the_worker_log() {
     tokio::time::sleep(Duration::from_secs(1)).await; // let the last log lines land
 
     h.assert_log_clean(&[OPENAI_API_KEY, TWILIO_AUTH_TOKEN, "SECRET"]);
+
+    // At the default LOG_LEVEL (info) the call's milestones are printed and the detail of
+    // each turn (here the caller's speech) is not.
+    let log = h.worker.log();
+    let events: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&call.ids.call_sid))
+        .filter_map(|l| l.split(r#""event":""#).nth(1)?.split('"').next())
+        .collect();
+    for milestone in [
+        "call.accepted",
+        "twilio.start",
+        "bridge.barge_in",
+        "call.ended",
+    ] {
+        assert!(
+            events.contains(&milestone),
+            "{milestone} missing: {events:?}"
+        );
+    }
+    for detail in [
+        "twilio.connected",
+        "openai.connected",
+        "openai.speech_started",
+    ] {
+        assert!(
+            !events.contains(&detail),
+            "{detail} printed at info: {events:?}"
+        );
+    }
 }
