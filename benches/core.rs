@@ -1,9 +1,12 @@
-//! The call core's cost, natively: per relayed frame each way and per barge-in, in time and
-//! in heap allocations. A plain harness (no criterion): it prints figures and asserts nothing
-//! about time.
+//! The call core's cost per relayed frame each way and per barge-in, in time and in heap
+//! allocations. A plain harness (no criterion): it prints figures and asserts nothing about
+//! time.
 //!
-//!   cargo bench --bench core            # full run (a few seconds)
+//!   cargo bench --bench core            # full run, native (a few seconds)
 //!   cargo test --benches                # (and `cargo test --all-targets`) one quick pass
+//!
+//! The same file is built for wasm32-wasip1 by `benches/wasm` and run in V8 (Node's WASI) by
+//! `bash scripts/bench.sh`: the core's cost in the engine workerd embeds.
 //!
 //! What one "frame" costs here is everything the shell asks of the core for it: `handle`
 //! plus draining every action it produced (the strings the shell would send, log lines,
@@ -470,8 +473,13 @@ fn main() {
     }
 
     println!(
-        "call core, native ({}; {} build)",
-        if full { "cargo bench" } else { "quick pass" },
+        "call core, {} ({}; {} build)",
+        if cfg!(target_arch = "wasm32") {
+            "wasm in V8 (Node, WASI)"
+        } else {
+            "native"
+        },
+        if full { "full run" } else { "quick pass" },
         if cfg!(debug_assertions) {
             "debug"
         } else {

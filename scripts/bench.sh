@@ -6,7 +6,9 @@
 # 2 rounds per target in A B C C B A order; about 8 minutes in all)
 #
 # 1. native: the call core's cost per relayed frame each way and per barge-in, with heap
-#    allocation counts (cargo bench --bench core, benches/core.rs);
+#    allocation counts (cargo bench --bench core, benches/core.rs); then the same harness
+#    built for wasm32-wasip1 (benches/wasm) and run in Node's V8, the engine workerd embeds
+#    (bench/wasi.mjs): what the core costs per frame as wasm;
 # 2. the wasm build's size, raw and gzipped (build/index_bg.wasm, freshly built);
 # 3. load in wrangler dev: N simultaneous simulated calls with real-time audio both ways,
 #    against the pass-through floor Worker (bench/floor), the bridge (default agent, call
@@ -46,6 +48,7 @@ bg_begin bench
 
 machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
 native_out="$work/native.txt"
+wasm_core_out="$work/wasm-core.txt"
 load_out="$work/load.txt"
 
 log "building the Worker (release wasm)"
@@ -57,6 +60,16 @@ gz=$(gzip -9 -c "$wasm" | wc -c)
 if [[ "$native" == 1 ]]; then
   log "native: cargo bench --bench core"
   cargo bench --bench core 2>"$work/cargo-bench.log" | tee "$native_out" || { tail -40 "$work/cargo-bench.log" >&2; die "cargo bench failed"; }
+  if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+    log "adding rust target wasm32-wasip1 (the core's benchmark as wasm, run in Node)"
+    rustup target add wasm32-wasip1
+  fi
+  log "wasm in V8: benches/wasm (the same harness for wasm32-wasip1), run by bench/wasi.mjs"
+  cargo build --release --target wasm32-wasip1 --manifest-path benches/wasm/Cargo.toml \
+    --target-dir target/core-wasm >"$work/core-wasm-build.log" 2>&1 ||
+    { tail -40 "$work/core-wasm-build.log" >&2; die "building benches/wasm failed"; }
+  node --no-warnings bench/wasi.mjs target/core-wasm/wasm32-wasip1/release/core.wasm --bench | tee "$wasm_core_out" ||
+    die "the core's benchmark in Node failed"
 fi
 
 if [[ "$load" == 1 ]]; then
@@ -119,6 +132,8 @@ printf 'wasm build (build/index_bg.wasm): %s bytes raw, %s bytes gzipped (-9)\n'
 if [[ "$native" == 1 ]]; then
   echo
   cat "$native_out"
+  echo
+  cat "$wasm_core_out"
 fi
 if [[ "$load" == 1 ]]; then
   echo
