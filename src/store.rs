@@ -130,9 +130,33 @@ impl Role {
 /// stream's, or a status callback that overtook both).
 fn ensure_call(call_sid: &str, at_ms: u64) -> Statement {
     Statement::new(
-        "INSERT INTO calls (call_sid, started_at) VALUES (?1, ?2) ON CONFLICT (call_sid) DO NOTHING",
+        ENSURE_CALL_SQL,
         vec![call_sid.into(), iso_time(at_ms).into()],
     )
+}
+
+const ENSURE_CALL_SQL: &str =
+    "INSERT INTO calls (call_sid, started_at) VALUES (?1, ?2) ON CONFLICT (call_sid) DO NOTHING";
+
+/// Several records' statements as one batch (one D1 transaction), in order: a call's row is
+/// made sure of once, by the first record that needs it; the later "make sure" statements of
+/// the same call could only ever do nothing.
+pub fn coalesce(statements: impl IntoIterator<Item = Statement>) -> Vec<Statement> {
+    let mut ensured: Vec<Value> = Vec::new();
+    statements
+        .into_iter()
+        .filter(|st| {
+            if st.sql != ENSURE_CALL_SQL {
+                return true;
+            }
+            let call = st.params.first().cloned().unwrap_or(Value::Null);
+            if ensured.contains(&call) {
+                return false;
+            }
+            ensured.push(call);
+            true
+        })
+        .collect()
 }
 
 impl Record {
@@ -471,6 +495,80 @@ mod tests {
         assert_eq!(row["first_audio_ms"], 640);
         assert_eq!(row["barge_ins"], 2);
         assert_eq!(row["from_number"], "+819012345678");
+    }
+
+    #[test]
+    fn a_batch_makes_sure_of_each_call_once_and_writes_what_the_records_would_alone() {
+        let other = "CA2";
+        let transcript = |call: &str, seq: u64| Record::Transcript {
+            call_sid: call.into(),
+            seq,
+            role: Role::Caller,
+            text: format!("turn {seq}"),
+            offset_ms: 1_000 * seq,
+            item_id: None,
+            interrupted: false,
+        };
+        let connected = Record::CallConnected {
+            call_sid: SID.into(),
+            stream_sid: "MZ1".into(),
+            at_ms: 2_000,
+        };
+        let records = [
+            connected,
+            transcript(SID, 0),
+            transcript(other, 0),
+            transcript(SID, 1),
+            ended(false),
+        ];
+        let statements: Vec<Statement> = records.iter().flat_map(|r| r.statements(5_000)).collect();
+        let batch = coalesce(statements.clone());
+        let ensures = |sts: &[Statement]| {
+            sts.iter()
+                .filter(|s| s.sql == ENSURE_CALL_SQL)
+                .map(|s| s.params[0].clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ensures(&batch), vec![json!(SID), json!(other)]);
+        assert_eq!(
+            batch.len(),
+            statements.len() - 3,
+            "three repeated ensures of CA1 dropped"
+        );
+        assert_eq!(
+            batch
+                .iter()
+                .filter(|s| s.sql != ENSURE_CALL_SQL)
+                .collect::<Vec<_>>(),
+            statements
+                .iter()
+                .filter(|s| s.sql != ENSURE_CALL_SQL)
+                .collect::<Vec<_>>(),
+            "every other statement kept, in order"
+        );
+        // The batch leaves the database as the records written one by one do.
+        let dump = |conn: &rusqlite::Connection| {
+            let calls = testdb::query(
+                conn,
+                &Statement::new("SELECT * FROM calls ORDER BY call_sid", vec![]),
+            );
+            let rows = testdb::query(
+                conn,
+                &Statement::new(
+                    "SELECT * FROM transcript_entries ORDER BY call_sid, seq",
+                    vec![],
+                ),
+            );
+            (calls, rows)
+        };
+        let one_by_one = testdb::open();
+        for r in &records {
+            testdb::batch(&one_by_one, &r.statements(5_000)).unwrap();
+        }
+        let batched = testdb::open();
+        testdb::batch(&batched, &batch).unwrap();
+        assert_eq!(dump(&batched), dump(&one_by_one));
+        assert_eq!(dump(&batched).1.len(), 3);
     }
 
     #[test]

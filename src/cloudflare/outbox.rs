@@ -9,7 +9,7 @@
 
 use super::db;
 use super::log;
-use crate::store::{Record, Statement};
+use crate::store::{self, Record, Statement};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use std::cell::{Cell, RefCell};
@@ -172,8 +172,7 @@ impl Outbox {
         if batch.is_empty() {
             return true;
         }
-        let statements: Vec<Statement> =
-            batch.iter().flat_map(|(s, _)| s.iter().cloned()).collect();
+        let statements = store::coalesce(batch.iter().flat_map(|(s, _)| s.iter().cloned()));
         match self.write_d1(&statements).await {
             Ok(()) => true,
             Err(e) => {
@@ -312,7 +311,7 @@ impl Outbox {
                 drained(self);
                 return Ok(());
             }
-            self.write_d1(&statements).await?;
+            self.write_d1(&store::coalesce(statements)).await?;
             let full = keys.len() >= BATCH;
             self.0.storage.delete_multiple(keys).await?;
             if !full {
