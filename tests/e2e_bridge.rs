@@ -920,3 +920,74 @@ async fn secrets_never_appear_in_the_worker_log() {
         );
     }
 }
+
+// ---- log level --------------------------------------------------------------------------------------
+
+/// A Worker of its own, with `LOG_LEVEL=warn`.
+async fn warn_level_harness() -> &'static support::Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    support::shared_harness(&HARNESS, "e2e-bridge-warn", || {
+        vec![("LOG_LEVEL".into(), "warn".into())]
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_log_level_warn_neither_the_worker_nor_the_call_prints_info_lines() {
+    let h = warn_level_harness().await;
+    // A refused webhook is a warning: it is still printed.
+    let refused = CallIds::new();
+    let params = tw::voice_params(&refused, "+15551230010", "+81312345678");
+    let bad = tw::post_form(&h.voice_url(), &params, Some("bm90LWEtc2lnbmF0dXJl"))
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 403);
+
+    let call = h.start_call(CallSpec::default()).await;
+    ok(h, call.openai.wait_event("session.update", SOON).await);
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+    tokio::time::sleep(Duration::from_secs(1)).await; // let the last log lines land
+
+    let log = h.worker.log();
+    let events = |sid: &str| -> Vec<String> {
+        log.lines()
+            .filter(|l| l.contains(sid))
+            .filter_map(|l| {
+                Some(
+                    l.split(r#""event":""#)
+                        .nth(1)?
+                        .split('"')
+                        .next()?
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let ours: Vec<&str> = log.lines().filter(|l| l.contains(r#""event":""#)).collect();
+    assert!(
+        ours.iter().any(|l| l.contains(r#""event":"http.refused""#)),
+        "the refused webhook's warning is missing:\n{}",
+        h.worker.log_tail(40)
+    );
+    // The call ran and printed none of its info lines:
+    // neither the Worker's (`twilio.voice`) nor the call machine's milestones.
+    let printed = events(&call.ids.call_sid);
+    for info in [
+        "twilio.voice",
+        "call.accepted",
+        "twilio.start",
+        "call.ended",
+    ] {
+        assert!(
+            !printed.iter().any(|e| e == info),
+            "{info} printed at LOG_LEVEL=warn: {printed:?}"
+        );
+    }
+    assert!(
+        !ours.iter().any(|l| l.contains(r#""level":"info""#)),
+        "an info line at LOG_LEVEL=warn:\n{}",
+        ours.join("\n")
+    );
+}

@@ -9,22 +9,36 @@ mod outbox;
 mod recording;
 mod socket;
 
+use crate::call::Level;
 use crate::config::Bridge;
 use crate::webhook::{self, Refusal};
+use std::cell::Cell;
 use worker::*;
+
+thread_local! {
+    /// `LOG_LEVEL` as last read by [`bridge_config`] (every request reads the configuration
+    /// first): the least important line [`log`] prints. `info` until then.
+    static LOG_LEVEL: Cell<Level> = const { Cell::new(Level::Info) };
+}
 
 /// Reads the configuration from the Worker's variables and secrets.
 pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::config::ConfigError> {
-    Bridge::from_lookup(|name| {
+    let config = Bridge::from_lookup(|name| {
         env.secret(name)
             .map(|s| s.to_string())
             .or_else(|_| env.var(name).map(|v| v.to_string()))
             .ok()
-    })
+    })?;
+    LOG_LEVEL.with(|l| l.set(config.log_level));
+    Ok(config)
 }
 
-/// One structured log line for events outside a call.
+/// One structured log line for events outside a call's machine, unless `LOG_LEVEL` is above
+/// its level.
 pub(crate) fn log(level: &str, event: &str, fields: serde_json::Value) {
+    if level.parse::<Level>().unwrap_or(Level::Error) < LOG_LEVEL.with(Cell::get) {
+        return;
+    }
     let mut line = serde_json::json!({ "level": level, "event": event });
     if let (Some(obj), serde_json::Value::Object(extra)) = (line.as_object_mut(), fields) {
         obj.extend(extra);
