@@ -98,6 +98,40 @@ pub enum Error {
     /// Something failed on our side (D1); the details go to the log, not to the client.
     #[error("internal error")]
     Internal,
+    /// The store (D1) or the bucket (R2) failed in a way that passes (busy, locked,
+    /// overloaded, a lost connection): the client may try again shortly.
+    #[error("the call store is unavailable for now; try again in a few seconds")]
+    Unavailable,
+}
+
+/// Seconds a client is told to wait after [`Error::Unavailable`].
+pub const RETRY_AFTER_S: u32 = 5;
+
+/// What the client is told when D1 or R2 failed with `message`: a failure that passes
+/// (the database busy or locked by another writer, D1 overloaded or restarting, D1's own
+/// "internal error; reference = …", which its documentation says to retry, a lost
+/// connection, a timeout) is [`Error::Unavailable`], worth a retry; anything else (a
+/// missing table, a bad statement) is [`Error::Internal`], which retrying will not fix.
+pub fn storage_failure(message: &str) -> Error {
+    const PASSING: [&str; 11] = [
+        "internal error; reference",
+        "database is locked",
+        "sqlite_busy",
+        "busy",
+        "overloaded",
+        "network connection lost",
+        "connection reset",
+        "timed out",
+        "timeout",
+        "try again",
+        "unavailable",
+    ];
+    let m = message.to_ascii_lowercase();
+    if PASSING.iter().any(|p| m.contains(p)) {
+        Error::Unavailable
+    } else {
+        Error::Internal
+    }
 }
 
 fn invalid(field: &str, message: impl Into<String>) -> Error {
@@ -118,6 +152,7 @@ impl Error {
             Error::TooLarge => 413,
             Error::RangeNotSatisfiable { .. } => 416,
             Error::Internal => 500,
+            Error::Unavailable => 503,
         }
     }
 
@@ -133,6 +168,7 @@ impl Error {
             Error::TooLarge => "payload_too_large",
             Error::RangeNotSatisfiable { .. } => "range_not_satisfiable",
             Error::Internal => "internal",
+            Error::Unavailable => "unavailable",
         }
     }
 
@@ -157,6 +193,7 @@ impl Error {
             Error::RangeNotSatisfiable { size } => {
                 vec![("Content-Range", format!("bytes */{size}"))]
             }
+            Error::Unavailable => vec![("Retry-After", RETRY_AFTER_S.to_string())],
             _ => vec![],
         }
     }
@@ -828,6 +865,36 @@ mod tests {
         assert_eq!(Error::Conflict("x".into()).status(), 409);
         let r: Error = Refusal::Conflict("busy".into()).into();
         assert_eq!(r.body(), json!({"error": "conflict", "message": "busy"}));
+    }
+
+    #[test]
+    fn a_store_failure_that_passes_is_a_503_to_retry_and_any_other_a_500() {
+        for passing in [
+            "D1_ERROR: database is locked: SQLITE_BUSY",
+            "D1_ERROR: Network connection lost.",
+            "D1 DB is overloaded. Requests queued for too long.",
+            "D1_ERROR: Operation timed out",
+            "D1_ERROR: Failed to parse body as JSON, got: Error: internal error; reference = b3ls",
+            "please try again",
+            "R2 is temporarily unavailable",
+        ] {
+            let e = storage_failure(passing);
+            assert_eq!(e, Error::Unavailable, "{passing}");
+            assert_eq!(e.status(), 503);
+            assert_eq!(e.code(), "unavailable");
+            assert_eq!(e.headers(), vec![("Retry-After", "5".to_string())]);
+            assert!(e.body()["message"].as_str().unwrap().contains("try again"));
+        }
+        for lasting in [
+            "D1_ERROR: no such table: calls: SQLITE_ERROR",
+            "D1_TYPE_ERROR: Type 'object' not supported for value",
+            "Binding DB is undefined",
+        ] {
+            let e = storage_failure(lasting);
+            assert_eq!(e, Error::Internal, "{lasting}");
+            assert_eq!(e.status(), 500);
+            assert!(e.headers().is_empty());
+        }
     }
 
     #[test]

@@ -352,7 +352,7 @@ fn has_key_press(d: &Value) -> bool {
 }
 
 /// Holds the local D1 database's write lock (as another writer would), so every D1 write of
-/// the Worker fails while it is held (reads too: the admin API answers 500 meanwhile).
+/// the Worker fails while it is held (reads too: the admin API answers 503 meanwhile).
 struct D1Lock(rusqlite::Connection);
 
 impl D1Lock {
@@ -428,6 +428,32 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     }
     // No write commits while the lock is held: D's key press, queued after the lock was
     // taken, is only in the call object's own storage.
+
+    // Meanwhile the admin API says the store is unavailable for now, with when to retry,
+    // rather than an internal error.
+    let r = admin.get("/api/admin/calls?limit=5").await.unwrap();
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.body["error"], "unavailable", "{}", r.text);
+    assert_eq!(
+        r.headers.get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("5"),
+        "{:?}",
+        r.headers
+    );
+    let deadline = Instant::now() + SOON;
+    while !h
+        .worker
+        .log()
+        .lines()
+        .any(|l| l.contains("admin.failed") && l.contains("\"status\":503"))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the cause of the 503 is not in the log:\n{}",
+            h.worker.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // What Twilio runs once the stream is gone: the apology after </Connect>.
     let calls = [&a, &b, &c, &d];

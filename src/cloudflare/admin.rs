@@ -24,15 +24,18 @@ fn ok(body: Value) -> Reply {
 
 type Outcome = std::result::Result<Reply, Error>;
 
-/// D1 and runtime failures: logged with their message, answered as a plain 500.
-fn internal(what: &'static str) -> impl Fn(worker::Error) -> Error {
+/// D1, R2 and runtime failures: logged with their message, answered as a 503 to retry when
+/// the failure passes (D1 busy or locked, a lost connection) and a plain 500 otherwise.
+pub(super) fn failed(what: &'static str) -> impl Fn(worker::Error) -> Error {
     move |e| {
+        let message = e.to_string();
+        let answer = admin::storage_failure(&message);
         log(
             "error",
-            "admin.internal_error",
-            json!({ "during": what, "error": e.to_string() }),
+            "admin.failed",
+            json!({ "during": what, "status": answer.status(), "error": message }),
         );
-        Error::Internal
+        answer
     }
 }
 
@@ -116,41 +119,41 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
 }
 
 async fn body(req: &mut Request) -> std::result::Result<serde_json::Map<String, Value>, Error> {
-    let text = req.text().await.map_err(internal("read body"))?;
+    let text = req.text().await.map_err(failed("read body"))?;
     admin::parse_body(&text)
 }
 
 async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Outcome {
-    let db = database(env).map_err(internal("D1 binding"))?;
+    let db = database(env).map_err(failed("D1 binding"))?;
     match route {
         Route::GetRecording(_) => unreachable!("answered by handle: not JSON"),
         Route::ListCalls => {
-            let raw = req.url().map_err(internal("url"))?;
+            let raw = req.url().map_err(failed("url"))?;
             let q = CallsQuery::parse(raw.query().unwrap_or(""), token)?;
             let rows = query(&db, &q.statement())
                 .await
-                .map_err(internal("list calls"))?;
+                .map_err(failed("list calls"))?;
             Ok(ok(q.page(rows, token)))
         }
         Route::GetCall(sid) => {
             let mut call = query(&db, &admin::select_call(&sid))
                 .await
-                .map_err(internal("get call"))?;
+                .map_err(failed("get call"))?;
             if call.is_empty() {
                 return Err(Error::NotFound(format!("no call {:?}", sid.as_str())));
             }
             let transcript = query(&db, &admin::select_transcript(&sid))
                 .await
-                .map_err(internal("get transcript"))?;
+                .map_err(failed("get transcript"))?;
             let events = query(&db, &admin::select_events(&sid))
                 .await
-                .map_err(internal("get events"))?;
+                .map_err(failed("get events"))?;
             Ok(ok(admin::call_detail(call.remove(0), transcript, events)))
         }
         Route::ListAgents => {
             let rows = query(&db, &agents::select_all())
                 .await
-                .map_err(internal("list agents"))?;
+                .map_err(failed("list agents"))?;
             let list = rows
                 .iter()
                 .map(|r| record(r).map(|rec| agents::to_json(&rec)))
@@ -179,7 +182,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             }
             batch(&db, &agents::insert(&change, &now()))
                 .await
-                .map_err(internal("create agent"))?;
+                .map_err(failed("create agent"))?;
             let rec = load_agent(&db, &id).await?;
             log("info", "admin.agent_created", json!({ "agent_id": id }));
             Ok(Reply {
@@ -193,7 +196,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             let change = agents::parse_update(&body, &current)?;
             batch(&db, &agents::update(&change, &now()))
                 .await
-                .map_err(internal("update agent"))?;
+                .map_err(failed("update agent"))?;
             let rec = load_agent(&db, &id).await?;
             log("info", "admin.agent_updated", json!({ "agent_id": id }));
             Ok(ok(json!({ "agent": agents::to_json(&rec) })))
@@ -206,7 +209,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             }
             let changed = execute(&db, &agents::delete(&id))
                 .await
-                .map_err(internal("delete agent"))?;
+                .map_err(failed("delete agent"))?;
             if changed == 0 {
                 // Something changed between the check and the delete: say what, if we can.
                 let current = load_agent(&db, &id).await?;
@@ -224,7 +227,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
         Route::ListNumbers => {
             let rows = query(&db, &agents::select_numbers())
                 .await
-                .map_err(internal("list numbers"))?;
+                .map_err(failed("list numbers"))?;
             Ok(ok(json!({ "numbers": rows })))
         }
         Route::GetNumber(number) => {
@@ -244,7 +247,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             let existed = load_number(&db, &number).await?.is_some();
             execute(&db, &agents::assign_number(&number, &agent_id, &now()))
                 .await
-                .map_err(internal("assign number"))?;
+                .map_err(failed("assign number"))?;
             let row = load_number(&db, &number).await?.ok_or(Error::Internal)?;
             log(
                 "info",
@@ -259,7 +262,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
         Route::UnassignNumber(number) => {
             let changed = execute(&db, &agents::unassign_number(&number))
                 .await
-                .map_err(internal("unassign number"))?;
+                .map_err(failed("unassign number"))?;
             if changed == 0 {
                 return Err(Error::NotFound(format!(
                     "number {number:?} is not assigned"
@@ -296,7 +299,7 @@ async fn find_agent(
 ) -> std::result::Result<Option<agents::Record>, Error> {
     let rows = query(db, &agents::select_by_id(id))
         .await
-        .map_err(internal("get agent"))?;
+        .map_err(failed("get agent"))?;
     rows.first().map(record).transpose()
 }
 
@@ -309,7 +312,7 @@ async fn load_agent(db: &D1Database, id: &str) -> std::result::Result<agents::Re
 async fn numbers_of(db: &D1Database, id: &str) -> std::result::Result<Vec<String>, Error> {
     let rows = query(db, &agents::select_numbers_of(id))
         .await
-        .map_err(internal("numbers of agent"))?;
+        .map_err(failed("numbers of agent"))?;
     Ok(rows
         .iter()
         .filter_map(|r| r.get("number").and_then(Value::as_str).map(str::to_owned))
@@ -319,6 +322,6 @@ async fn numbers_of(db: &D1Database, id: &str) -> std::result::Result<Vec<String
 async fn load_number(db: &D1Database, number: &str) -> std::result::Result<Option<Value>, Error> {
     let mut rows = query(db, &agents::select_number(number))
         .await
-        .map_err(internal("get number"))?;
+        .map_err(failed("get number"))?;
     Ok((!rows.is_empty()).then(|| rows.remove(0)))
 }

@@ -336,21 +336,12 @@ pub async fn serve(
     env: &Env,
     call_sid: &crate::ids::CallSid,
 ) -> Result<worker::Response, crate::admin::Error> {
+    use super::admin::failed;
     use crate::admin::{self, Error};
-    let internal = |what: &'static str| {
-        move |e: worker::Error| {
-            log(
-                "error",
-                "admin.internal_error",
-                json!({ "during": what, "error": e.to_string() }),
-            );
-            Error::Internal
-        }
-    };
-    let db = super::db::database(env).map_err(internal("D1 binding"))?;
+    let db = super::db::database(env).map_err(failed("D1 binding"))?;
     let rows = super::db::query(&db, &admin::select_recording(call_sid))
         .await
-        .map_err(internal("find recording"))?;
+        .map_err(failed("find recording"))?;
     let Some(row) = rows.first() else {
         return Err(Error::NotFound(format!("no call {:?}", call_sid.as_str())));
     };
@@ -360,11 +351,11 @@ pub async fn serve(
             call_sid.as_str()
         )));
     };
-    let bucket = env.bucket(BINDING).map_err(internal("R2 binding"))?;
+    let bucket = env.bucket(BINDING).map_err(failed("R2 binding"))?;
     let head = bucket
         .head(key)
         .await
-        .map_err(internal("recording head"))?
+        .map_err(failed("recording head"))?
         .ok_or_else(|| {
             log(
                 "error",
@@ -377,10 +368,7 @@ pub async fn serve(
             ))
         })?;
     let size = head.size();
-    let header = req
-        .headers()
-        .get("Range")
-        .map_err(internal("range header"))?;
+    let header = req.headers().get("Range").map_err(failed("range header"))?;
     let range = admin::byte_range(header.as_deref(), size)?;
     let get = bucket.get(key);
     let get = match range {
@@ -393,18 +381,18 @@ pub async fn serve(
     let object = get
         .execute()
         .await
-        .map_err(internal("recording get"))?
+        .map_err(failed("recording get"))?
         .ok_or(Error::NotFound("the recording is gone".into()))?;
     let body = object
         .body()
         .ok_or(Error::Internal)?
         .response_body()
-        .map_err(internal("recording body"))?;
+        .map_err(failed("recording body"))?;
     let (status, length) = match range {
         Some(r) => (206, r.len()),
         None => (200, size),
     };
-    let header_err = internal("headers");
+    let header_err = failed("headers");
     let mut builder = worker::ResponseBuilder::new()
         .with_status(status)
         .with_header("Content-Type", CONTENT_TYPE)
@@ -422,7 +410,7 @@ pub async fn serve(
     if let Some(r) = range {
         builder = builder
             .with_header("Content-Range", &r.content_range(size))
-            .map_err(internal("headers"))?;
+            .map_err(failed("headers"))?;
     }
     Ok(builder.body(body))
 }

@@ -10,6 +10,7 @@ use serde_json::Value;
 #[derive(Debug, Clone)]
 pub struct AdminReply {
     pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
     /// The body as JSON (`Null` when empty or not JSON; see `text`).
     pub body: Value,
     pub text: String,
@@ -61,12 +62,18 @@ impl Admin {
             .await
             .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
         let text = resp
             .text()
             .await
             .map_err(|e| format!("{method} {path}: {e}"))?;
         let body = serde_json::from_str(&text).unwrap_or(Value::Null);
-        Ok(AdminReply { status, body, text })
+        Ok(AdminReply {
+            status,
+            headers,
+            body,
+            text,
+        })
     }
 
     pub async fn get(&self, path: &str) -> Result<AdminReply, String> {
