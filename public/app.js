@@ -1,7 +1,7 @@
 // Call review: calls, their transcripts and recordings, agents and number assignments, on
 // top of the admin API (/api/admin/). Plain JavaScript, no framework. The admin token is
-// kept in sessionStorage (gone with the tab) and sent as a bearer token; the recording is
-// fetched with it and played from an object URL, which seeks like any file.
+// kept in sessionStorage (gone with the tab) and sent as a bearer token; the recording plays
+// from a signed, expiring link to it that the token fetches, streamed with Range requests.
 'use strict';
 
 const TOKEN_KEY = 'phone-agent-bridge.admin-token';
@@ -17,7 +17,7 @@ const I18N = {
     sign_out: 'サインアウト', sign_in: 'サインイン', token: '管理トークン (ADMIN_TOKEN)',
     sign_in_help: 'トークンはこのタブを閉じると消去されます。',
     bad_token: 'トークンが正しくありません。', session_expired: 'もう一度サインインしてください。',
-    loading: '読み込み中…', failed: '読み込めませんでした', retry: '再読み込み',
+    loading: '読み込み中…', failed: '読み込めませんでした', retry: '再読み込み', reload_hint: 'ページを再読み込みしてください。',
     calls: '通話', status: '状態', agent: 'エージェント', from: '発信元', to: '着信先',
     started: '開始時刻', duration: '通話時間', barge_ins: '割り込み', any: 'すべて',
     number: '電話番号', date_from: '開始日', date_to: '終了日', filter: '絞り込む', clear: 'クリア',
@@ -46,7 +46,7 @@ const I18N = {
     sign_out: 'Sign out', sign_in: 'Sign in', token: 'Admin token (ADMIN_TOKEN)',
     sign_in_help: 'The token is forgotten when this tab closes.',
     bad_token: 'That token is not valid.', session_expired: 'Please sign in again.',
-    loading: 'Loading…', failed: 'Could not load', retry: 'Reload',
+    loading: 'Loading…', failed: 'Could not load', retry: 'Reload', reload_hint: 'reload the page.',
     calls: 'Calls', status: 'Status', agent: 'Agent', from: 'From', to: 'To',
     started: 'Started', duration: 'Duration', barge_ins: 'Barge-ins', any: 'Any',
     number: 'Number', date_from: 'From date', date_to: 'To date', filter: 'Filter', clear: 'Clear',
@@ -76,7 +76,7 @@ let lang = localStorage.getItem(LANG_KEY) === 'en' ? 'en' : 'ja';
 const t = (key) => I18N[lang][key] ?? I18N.ja[key] ?? key;
 const token = () => sessionStorage.getItem(TOKEN_KEY);
 const $view = () => document.getElementById('view');
-let cleanup = []; // run before the next view renders (object URLs, listeners)
+let cleanup = []; // run before the next view renders (the recording's stream)
 
 // ---- DOM -----------------------------------------------------------------------------------------
 
@@ -401,17 +401,21 @@ async function renderCall(sid) {
   );
 
   if (call.recording_key) {
-    // <audio src> cannot send the bearer token: fetch the WAV and play it from memory.
-    const res = await fetch(`/api/admin/calls/${encodeURIComponent(sid)}/recording`, { headers: { Authorization: `Bearer ${token()}` } });
+    // <audio src> cannot send the bearer token: ask for a signed link to this recording,
+    // which the browser then streams with Range requests (no download of the whole WAV).
+    const link = await api(`/api/admin/calls/${encodeURIComponent(sid)}/recording-link`);
     const status = document.getElementById('recording-status');
     if (!status) return; // navigated away meanwhile
-    if (!res.ok) {
-      status.textContent = res.status === 404 ? t('no_recording') : `${t('failed')} (${res.status})`;
+    if (!link.ok) {
+      status.textContent = link.status === 404 ? t('no_recording') : `${t('failed')} (${link.status})`;
       return;
     }
-    const url = URL.createObjectURL(await res.blob());
-    cleanup.push(() => URL.revokeObjectURL(url));
-    audio.src = url;
+    audio.addEventListener('error', () => {
+      audioBox.replaceChildren(audio, h('p', { class: 'error', id: 'recording-status' }, `${t('failed')}: ${t('reload_hint')}`));
+    }, { once: true });
+    audio.src = link.data.url;
+    // Leaving the page stops the stream.
+    cleanup.push(() => { audio.pause(); audio.removeAttribute('src'); audio.load(); });
     audioBox.replaceChildren(audio);
   }
 }

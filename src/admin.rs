@@ -13,6 +13,7 @@ use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Map, Value};
 use sha1::Sha1;
+use sha2::Sha256;
 
 pub const PREFIX: &str = "/api/admin/";
 
@@ -67,6 +68,36 @@ pub fn authorized(authorization_header: Option<&str>, admin_token: &str) -> bool
     token_mac(given.trim().as_bytes())
         .verify_slice(&expected)
         .is_ok()
+}
+
+/// Whether a request to `route` may go on: with the bearer token, or, for a recording, with
+/// a valid recording link in its `query` (see [`recording_link`]). A refusal says why, for
+/// the log (never the token itself).
+pub fn admit(
+    route: &Result<Route, Error>,
+    query: &str,
+    authorization_header: Option<&str>,
+    admin_token: &str,
+    now_ms: u64,
+) -> Result<(), &'static str> {
+    if authorized(authorization_header, admin_token) {
+        return Ok(());
+    }
+    if admin_token.is_empty() {
+        return Err("ADMIN_TOKEN is not configured");
+    }
+    if authorization_header.is_some() {
+        return Err("wrong credentials");
+    }
+    let Ok(Route::GetRecording(sid)) = route else {
+        return Err("no Authorization header");
+    };
+    match check_recording_link(sid, query, admin_token, now_ms) {
+        Ok(()) => Ok(()),
+        Err(LinkRefusal::NoLink) => Err("no Authorization header"),
+        Err(LinkRefusal::Expired) => Err("the recording link has expired"),
+        Err(LinkRefusal::Malformed | LinkRefusal::BadSignature) => Err("a bad recording link"),
+    }
 }
 
 // ---- errors --------------------------------------------------------------------------------------
@@ -217,6 +248,8 @@ pub enum Route {
     GetCall(CallSid),
     /// The call's recording (a WAV, not JSON), with `Range` support.
     GetRecording(CallSid),
+    /// A link to the recording that plays without the bearer token (see [`recording_link`]).
+    GetRecordingLink(CallSid),
     ListAgents,
     CreateAgent,
     GetAgent(String),
@@ -278,6 +311,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, Error> {
         ["calls", sid, "recording"] => match m.as_str() {
             "GET" => CallSid::parse(sid)
                 .map(Route::GetRecording)
+                .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
+            _ => wrong("GET"),
+        },
+        ["calls", sid, "recording-link"] => match m.as_str() {
+            "GET" => CallSid::parse(sid)
+                .map(Route::GetRecordingLink)
                 .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
             _ => wrong("GET"),
         },
@@ -713,6 +752,89 @@ pub fn call_detail(call: Value, mut transcript: Vec<Value>, mut events: Vec<Valu
 
 // ---- recordings ----------------------------------------------------------------------------------
 
+/// How long a recording link plays: a review session's listening, pauses included.
+pub const RECORDING_LINK_TTL_MS: u64 = 6 * 60 * 60 * 1000;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// The signature of a link to `call_sid`'s recording good until `expires` (epoch seconds),
+/// keyed by the admin token: changing the token revokes every link.
+fn link_mac(admin_token: &str, call_sid: &CallSid, expires: u64) -> HmacSha256 {
+    let mut mac = HmacSha256::new_from_slice(admin_token.as_bytes()).expect("any key length");
+    mac.update(b"phone-agent-bridge recording link\n");
+    mac.update(call_sid.as_str().as_bytes());
+    mac.update(b"\n");
+    mac.update(expires.to_string().as_bytes());
+    mac
+}
+
+/// `GET /api/admin/calls/{CallSid}/recording-link`: the recording's URL with an expiry and a
+/// signature in its query, which authorizes that one recording without the bearer token, so
+/// the review page can give it to an `<audio>` element. The browser then streams it with
+/// `Range` requests instead of the page downloading the whole WAV first.
+pub fn recording_link(call_sid: &CallSid, admin_token: &str, now_ms: u64) -> Value {
+    let expires = (now_ms + RECORDING_LINK_TTL_MS) / 1000;
+    let signature = URL_SAFE_NO_PAD.encode(
+        link_mac(admin_token, call_sid, expires)
+            .finalize()
+            .into_bytes(),
+    );
+    json!({
+        "url": format!(
+            "{PREFIX}calls/{}/recording?expires={expires}&signature={signature}",
+            call_sid.as_str()
+        ),
+        "expires_at": iso_time(expires * 1000),
+    })
+}
+
+/// Why a recording link in a request's query does not authorize it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkRefusal {
+    /// No `signature` in the query: the request needs the bearer token.
+    NoLink,
+    Malformed,
+    Expired,
+    /// Not signed with this admin token for this call and expiry.
+    BadSignature,
+}
+
+/// Checks the `expires` and `signature` of a recording link (the query of
+/// [`recording_link`]'s URL) for `call_sid` at `now_ms`; the comparison is constant-time.
+pub fn check_recording_link(
+    call_sid: &CallSid,
+    query: &str,
+    admin_token: &str,
+    now_ms: u64,
+) -> Result<(), LinkRefusal> {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    };
+    let Some(signature) = param("signature") else {
+        return Err(LinkRefusal::NoLink);
+    };
+    let expires: u64 = param("expires")
+        .and_then(|e| e.parse().ok())
+        .ok_or(LinkRefusal::Malformed)?;
+    let signature = URL_SAFE_NO_PAD
+        .decode(signature)
+        .map_err(|_| LinkRefusal::Malformed)?;
+    if admin_token.is_empty() {
+        return Err(LinkRefusal::BadSignature);
+    }
+    link_mac(admin_token, call_sid, expires)
+        .verify_slice(&signature)
+        .map_err(|_| LinkRefusal::BadSignature)?;
+    if expires.saturating_mul(1000) <= now_ms {
+        return Err(LinkRefusal::Expired);
+    }
+    Ok(())
+}
+
 /// Where the call's recording is (`recording_key`) and how large (`recording_bytes`); no row
 /// when there is no such call, a null key when it has no recording.
 pub fn select_recording(call_sid: &CallSid) -> Statement {
@@ -868,6 +990,147 @@ mod tests {
     }
 
     #[test]
+    fn a_recording_link_plays_that_one_recording_until_it_expires() {
+        let sid = CallSid::new("CA0123456789abcdef0123456789abcdef");
+        let now = 1_795_000_000_000;
+        let link = recording_link(&sid, "admin-token", now);
+        let url = link["url"].as_str().unwrap();
+        let (path, query) = url.split_once('?').unwrap();
+        assert_eq!(route("GET", path), Ok(Route::GetRecording(sid.clone())));
+        let expires = (now + RECORDING_LINK_TTL_MS) / 1000;
+        assert!(
+            query.starts_with(&format!("expires={expires}&signature=")),
+            "{query}"
+        );
+        assert_eq!(link["expires_at"], iso_time(expires * 1000));
+
+        let check =
+            |sid: &CallSid, q: &str, token: &str, at: u64| check_recording_link(sid, q, token, at);
+        assert_eq!(check(&sid, query, "admin-token", now), Ok(()));
+        assert_eq!(
+            check(&sid, query, "admin-token", expires * 1000 - 1),
+            Ok(())
+        );
+        assert_eq!(
+            check(&sid, query, "admin-token", expires * 1000),
+            Err(LinkRefusal::Expired)
+        );
+        // Another call, another token, a moved expiry, a changed signature: refused.
+        let other = CallSid::new("CA0123456789abcdef0123456789abcdee");
+        assert_eq!(
+            check(&other, query, "admin-token", now),
+            Err(LinkRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(&sid, query, "new-token", now),
+            Err(LinkRefusal::BadSignature)
+        );
+        assert_eq!(check(&sid, query, "", now), Err(LinkRefusal::BadSignature));
+        let later = query.replace(&expires.to_string(), &(expires + 3600).to_string());
+        assert_eq!(
+            check(&sid, &later, "admin-token", now),
+            Err(LinkRefusal::BadSignature)
+        );
+        let sig = query.split_once("signature=").unwrap().1;
+        let flipped = format!(
+            "expires={expires}&signature={}{}",
+            if sig.starts_with('A') { 'B' } else { 'A' },
+            &sig[1..]
+        );
+        assert_eq!(
+            check(&sid, &flipped, "admin-token", now),
+            Err(LinkRefusal::BadSignature)
+        );
+        assert_eq!(
+            check(
+                &sid,
+                &format!("expires={expires}&signature={}", &sig[..8]),
+                "admin-token",
+                now
+            ),
+            Err(LinkRefusal::BadSignature)
+        );
+        // No link at all, or not one.
+        assert_eq!(
+            check(&sid, "", "admin-token", now),
+            Err(LinkRefusal::NoLink)
+        );
+        assert_eq!(
+            check(&sid, "expires=1", "admin-token", now),
+            Err(LinkRefusal::NoLink)
+        );
+        for bad in [
+            "signature=abc",
+            "expires=soon&signature=abc",
+            &format!("expires={expires}&signature=not*base64"),
+        ] {
+            assert_eq!(
+                check(&sid, bad, "admin-token", now),
+                Err(LinkRefusal::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_request_is_admitted_with_the_token_or_for_a_recording_with_its_link() {
+        let sid = CallSid::new("CA0123456789abcdef0123456789abcdef");
+        let now = 1_795_000_000_000;
+        let url = recording_link(&sid, "admin-token", now)["url"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        let (path, query) = url.split_once('?').unwrap();
+        let recording = route("GET", path);
+        let call = route("GET", "/api/admin/calls/CA0123456789abcdef0123456789abcdef");
+        let bearer = Some("Bearer admin-token");
+        assert_eq!(admit(&call, "", bearer, "admin-token", now), Ok(()));
+        assert_eq!(admit(&recording, "", bearer, "admin-token", now), Ok(()));
+        assert_eq!(admit(&recording, query, None, "admin-token", now), Ok(()));
+        // The link opens the recording only, and not once expired.
+        assert_eq!(
+            admit(&call, query, None, "admin-token", now),
+            Err("no Authorization header")
+        );
+        assert_eq!(
+            admit(
+                &recording,
+                query,
+                None,
+                "admin-token",
+                now + RECORDING_LINK_TTL_MS
+            ),
+            Err("the recording link has expired")
+        );
+        assert_eq!(
+            admit(&recording, query, None, "other-token", now),
+            Err("a bad recording link")
+        );
+        assert_eq!(
+            admit(&recording, "", None, "admin-token", now),
+            Err("no Authorization header")
+        );
+        assert_eq!(
+            admit(&recording, query, Some("Bearer wrong"), "admin-token", now),
+            Err("wrong credentials")
+        );
+        assert_eq!(
+            admit(&recording, query, None, "", now),
+            Err("ADMIN_TOKEN is not configured")
+        );
+        assert_eq!(
+            admit(
+                &route("GET", "/api/admin/nowhere"),
+                "",
+                None,
+                "admin-token",
+                now
+            ),
+            Err("no Authorization header")
+        );
+    }
+
+    #[test]
     fn a_store_failure_that_passes_is_a_503_to_retry_and_any_other_a_500() {
         for passing in [
             "D1_ERROR: database is locked: SQLITE_BUSY",
@@ -906,6 +1169,14 @@ mod tests {
         assert_eq!(
             r("GET", "/api/admin/calls/CA123"),
             Ok(GetCall(CallSid::new("CA123")))
+        );
+        assert_eq!(
+            r("GET", "/api/admin/calls/CA123/recording-link"),
+            Ok(GetRecordingLink(CallSid::new("CA123")))
+        );
+        assert_eq!(
+            r("POST", "/api/admin/calls/CA123/recording-link"),
+            Err(Error::MethodNotAllowed { allow: "GET" })
         );
         assert_eq!(r("GET", "/api/admin/agents"), Ok(ListAgents));
         assert_eq!(r("POST", "/api/admin/agents"), Ok(CreateAgent));

@@ -65,7 +65,18 @@ impl Got {
 }
 
 async fn get_recording(h: &Harness, sid: &str, range: Option<&str>, token: Option<&str>) -> Got {
-    let url = format!("{}/api/admin/calls/{sid}/recording", h.base_url());
+    get(
+        h,
+        &format!("/api/admin/calls/{sid}/recording"),
+        range,
+        token,
+    )
+    .await
+}
+
+/// `GET path` (with its query) on the Worker, with an optional `Range` and bearer token.
+async fn get(h: &Harness, path: &str, range: Option<&str>, token: Option<&str>) -> Got {
+    let url = format!("{}{path}", h.base_url());
     let mut req = reqwest::Client::new().get(&url);
     if let Some(t) = token {
         req = req.header("Authorization", format!("Bearer {t}"));
@@ -331,6 +342,54 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
     assert_eq!(got.status, 404);
     let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
     assert_eq!(body["error"], "not_found");
+
+    // A signed link (what the review page gives its <audio>) plays this recording, ranges
+    // included, without the token; not another call's, and not once tampered with.
+    let link = get(
+        h,
+        &format!("/api/admin/calls/{sid}/recording-link"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(link.status, 200);
+    let link: Value = serde_json::from_slice(&link.body).expect("JSON");
+    let url = link["url"].as_str().expect("url");
+    assert!(
+        link["expires_at"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')),
+        "{link}"
+    );
+    let got = get(h, url, None, None).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-type"), "audio/wav");
+    assert_eq!(got.body, wav);
+    let got = get(h, url, Some("bytes=1000-1999"), None).await;
+    assert_eq!(got.status, 206);
+    assert_eq!(got.body, wav[1000..=1999]);
+    let query = url.split_once('?').unwrap().1;
+    let other = get(
+        h,
+        &format!("/api/admin/calls/CA00000000000000000000000000000404/recording?{query}"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(other.status, 401);
+    let tampered = url.replace("expires=", "expires=9");
+    assert_eq!(get(h, &tampered, None, None).await.status, 401);
+    // The link opens the recording only.
+    let call_path = url.replace("/recording?", "?");
+    assert_eq!(get(h, &call_path, None, None).await.status, 401);
+    let got = get(
+        h,
+        "/api/admin/calls/CA00000000000000000000000000000404/recording-link",
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await;
+    assert_eq!(got.status, 404);
 }
 
 // ---- 2. recording off -----------------------------------------------------------------------------
@@ -388,6 +447,14 @@ async fn an_agent_with_recording_off_leaves_no_recording() {
     let detail = ok(h, admin.call(&sid).await).expect("the call");
     assert_eq!(detail["call"]["recording_key"], Value::Null);
     let got = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(got.status, 404);
+    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
+    assert!(
+        body["message"].as_str().unwrap().contains("no recording"),
+        "{body}"
+    );
+    let path = format!("/api/admin/calls/{sid}/recording-link");
+    let got = get(h, &path, None, Some(ADMIN_TOKEN)).await;
     assert_eq!(got.status, 404);
     let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
     assert!(

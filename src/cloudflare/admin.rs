@@ -77,15 +77,10 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     let path = req.path();
     let token = admin_token(&env);
     let header = req.headers().get("Authorization")?;
-    if !admin::authorized(header.as_deref(), &token) {
-        // Which of the two it was helps an operator; the token itself is never logged.
-        let why = if token.is_empty() {
-            "ADMIN_TOKEN is not configured"
-        } else if header.is_none() {
-            "no Authorization header"
-        } else {
-            "wrong credentials"
-        };
+    let route = admin::route(&method, &path);
+    let query = req.url()?.query().unwrap_or("").to_owned();
+    let now_ms = Date::now().as_millis();
+    if let Err(why) = admin::admit(&route, &query, header.as_deref(), &token, now_ms) {
         log(
             if token.is_empty() { "error" } else { "warn" },
             "admin.refused",
@@ -94,7 +89,7 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
         let e = Error::Unauthorized;
         return respond(e.status(), Some(&e.body()), &e.headers());
     }
-    let outcome = match admin::route(&method, &path) {
+    let outcome = match route {
         // Audio, not JSON: answered by the recordings shell (errors still as JSON below).
         Ok(Route::GetRecording(sid)) => match super::recording::serve(&req, &env, &sid).await {
             Ok(resp) => return Ok(resp),
@@ -127,6 +122,23 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
     let db = database(env).map_err(failed("D1 binding"))?;
     match route {
         Route::GetRecording(_) => unreachable!("answered by handle: not JSON"),
+        Route::GetRecordingLink(sid) => {
+            let rows = query(&db, &admin::select_recording(&sid))
+                .await
+                .map_err(failed("find recording"))?;
+            match rows.first().map(|row| row.get("recording_key")) {
+                None => Err(Error::NotFound(format!("no call {:?}", sid.as_str()))),
+                Some(None | Some(Value::Null)) => Err(Error::NotFound(format!(
+                    "call {:?} has no recording",
+                    sid.as_str()
+                ))),
+                Some(Some(_)) => Ok(ok(admin::recording_link(
+                    &sid,
+                    token,
+                    Date::now().as_millis(),
+                ))),
+            }
+        }
         Route::ListCalls => {
             let raw = req.url().map_err(failed("url"))?;
             let q = CallsQuery::parse(raw.query().unwrap_or(""), token)?;

@@ -26,6 +26,7 @@ let context;
 let page;
 let profile;
 const consoleErrors = [];
+const recordingRequests = [];
 
 before(async () => {
   const dir = scratchDir('ui');
@@ -46,6 +47,12 @@ before(async () => {
   page = context.pages()[0] || await context.newPage();
   page.setDefaultTimeout(20_000);
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
+  page.on('request', (r) => {
+    if (r.url().includes('/recording')) {
+      const headers = r.headers();
+      recordingRequests.push({ url: r.url(), range: headers.range, authorization: headers.authorization });
+    }
+  });
   // Answers like 401 and 400 are expected (and shown by the page); anything else is not.
   page.on('console', (m) => {
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) consoleErrors.push(m.text());
@@ -111,13 +118,18 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
   assert.match(figures, /1234 \/ 567 \/ 1801/, 'tokens');
   assert.match(figures, /twilio_stop/, 'end reason');
 
-  // The recording: fetched with the token, played from an object URL.
+  // The recording: played from its signed link, streamed by the browser with Range requests
+  // that carry no token.
   const audio = page.locator('audio#recording');
   await audio.waitFor();
   await page.waitForFunction(() => {
     const a = document.querySelector('audio#recording');
-    return a && a.src.startsWith('blob:') && a.readyState >= 1 && Math.abs(a.duration - 12) < 0.1;
+    return a && /\/recording\?expires=\d+&signature=/.test(a.src) && a.readyState >= 1 && Math.abs(a.duration - 12) < 0.1;
   });
+  const fetched = recordingRequests.filter((r) => r.url.includes(`/calls/${CALL_SID}/recording?`));
+  assert.ok(fetched.length >= 1, 'the audio element fetched the recording itself');
+  assert.ok(fetched.some((r) => r.range), `a Range request: ${JSON.stringify(fetched)}`);
+  assert.ok(fetched.every((r) => !r.authorization), 'the link needs no token');
   await page.evaluate(() => {
     const a = document.querySelector('audio#recording');
     window.__played = false;
