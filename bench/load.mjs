@@ -1,13 +1,19 @@
 #!/usr/bin/env node
 // Load benchmark driver: N simultaneous simulated calls with real-time audio both ways
-// against one or more Workers in `wrangler dev`, one target after the other, with the
-// stand-in Realtime server in echo mode behind them (scripts/sim/standin.mjs --mode echo).
-// Loopback only; bounded in calls and time; stops by itself. Prints figures, asserts nothing.
+// against one or more Workers in `wrangler dev`, with the stand-in Realtime server in echo
+// mode behind them (scripts/sim/standin.mjs --mode echo). Loopback only; bounded in calls and
+// time; stops by itself. Prints figures, asserts nothing.
 //
 //   node bench/load.mjs --standin http://127.0.0.1:PORT \
 //     --target floor=http://127.0.0.1:8801 --pid floor=<wrangler pid> \
 //     --target bridge=http://127.0.0.1:8802 --pid bridge=<wrangler pid> \
-//     [--calls 20] [--seconds 30] [--auth-token T] [--clk-tck 100] [--json out.json]
+//     [--calls 20] [--seconds 30] [--rounds 2] [--together] [--auth-token T]
+//     [--clk-tck 100] [--json out.json]
+//
+// Each round runs the targets one after the other (A B B A order over rounds), or with
+// --together all at once, --calls each, in the same seconds: the shared machine's changes
+// in load then fall on every target alike, and the ratios of CPU between targets hold still
+// from round to round (each target needs its own Worker process, its own --pid).
 //
 // Each call: the signed voice webhook, the <Stream> socket with the signed upgrade,
 // `connected`, `start`, then one 20 ms μ-law frame every 20 ms for --seconds, paced on the
@@ -43,7 +49,7 @@ import { FRAME_BYTES, toneSequence } from '../scripts/sim/audio.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
 
 function parseArgs(argv) {
-  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true };
+  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true, together: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => argv[++i];
@@ -79,6 +85,7 @@ function parseArgs(argv) {
       }
       case '--check': o.check = true; break;
       case '--no-warmup': o.warmup = false; break;
+      case '--together': o.together = true; break;
       default: throw new Error(`unknown option ${a}`);
     }
   }
@@ -86,6 +93,10 @@ function parseArgs(argv) {
   if (!(o.calls >= 1 && o.calls <= 1000)) throw new Error('--calls must be 1..1000');
   if (!(o.seconds >= 2 && o.seconds <= 600)) throw new Error('--seconds must be 2..600');
   if (!(o.rounds >= 1 && o.rounds <= 10)) throw new Error('--rounds must be 1..10');
+  const pids = o.targets.map((t) => o.pids[t.name]).filter((p) => p !== undefined);
+  if (o.together && new Set(pids).size !== pids.length) {
+    throw new Error('--together needs a Worker process per target: two targets share a --pid, so their CPU could not be told apart');
+  }
   return o;
 }
 
@@ -311,10 +322,29 @@ async function transcriptRows(target, token, calls, waitMs = 60_000) {
   return { checked, withRows: checked - pending.size, rows, missing: [...pending.keys()] };
 }
 
+/** One round against one target. */
 async function runTarget(target, opt) {
-  const pid = opt.pids[target.name];
   await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
-  const calls = Array.from({ length: opt.calls }, (_, i) => new BenchCall(i, target, opt));
+  const run = await drive(target, opt, 0);
+  return collect(run, await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json()), opt);
+}
+
+/**
+ * One round against every target at once (`--together`): each target gets its own `calls`
+ * (numbered apart, so the stand-in tells them apart) over the same seconds, so a change in
+ * the machine's load falls on all of them alike and the ratios between them hold still.
+ */
+async function runTogether(targets, opt) {
+  await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
+  const runs = await Promise.all(targets.map((t, k) => drive(t, opt, k * opt.calls)));
+  const stats = await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json());
+  return Promise.all(runs.map((run) => collect(run, stats, opt)));
+}
+
+/** Places a target's calls, streams them to the end and takes its CPU figures. */
+async function drive(target, opt, idxBase) {
+  const pid = opt.pids[target.name];
+  const calls = Array.from({ length: opt.calls }, (_, i) => new BenchCall(idxBase + i, target, opt));
   const cpu0 = pid ? cpuTicks(pid) : null;
   const gen0 = { self: process.cpuUsage(), standin: opt.standinPid ? cpuTicks(opt.standinPid).other : NaN };
   const wall0 = nowMs();
@@ -339,8 +369,11 @@ async function runTarget(target, opt) {
   const self = process.cpuUsage(gen0.self);
   const generatorSeconds = (self.user + self.system) / 1e6 + (opt.standinPid ? (cpuTicks(opt.standinPid).other - gen0.standin) / opt.clkTck : 0);
   const wall = (nowMs() - wall0) / 1000;
+  return { target, calls, cpu0, cpu1, steady, generatorSeconds, wall, wall0 };
+}
 
-  const stats = await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json());
+/** A driven round's figures, with the stand-in's receive times. */
+async function collect({ target, calls, cpu0, cpu1, steady, generatorSeconds, wall, wall0 }, stats, opt) {
   const transcripts = opt.admin[target.name] ? await transcriptRows(target, opt.admin[target.name], calls) : null;
   const up = []; // caller→agent latencies, ms
   const down = []; // agent→caller
@@ -537,18 +570,35 @@ export function table(results) {
   row('workerd CPU (cores busy)', (r) => f2(r.cpu.workerdSeconds / r.cpu.wallSeconds));
   if (results.some((r) => r.cpu.perRound?.length > 1)) {
     row('  per round (s per call-minute)', (r) => r.cpu.perRound.map(f3).join(' '));
-    // Round i of each target ran next to round i of the floor (A B B A order): the median of
-    // those ratios is the figure least moved by a noisy machine.
+    // Round i of each target ran next to round i of the floor (A B B A order, or in the same
+    // seconds with --together): the median of those ratios is the figure least moved by a
+    // noisy machine, and their spread shows how much the machine moved them.
+    const ratiosTo = (r, key) => r.cpu[key].map((x, i) => x / base.cpu[key][i]);
+    row('  ratio to the first target, each round', (r) => ratiosTo(r, 'perRound').map((x) => (Number.isFinite(x) ? `${x.toFixed(2)}×` : '-')).join(' '));
     row('  ratio to the first target, median of rounds', (r) => {
-      const ratios = r.cpu.perRound.map((x, i) => x / base.cpu.perRound[i]).filter(Number.isFinite).sort((a, b) => a - b);
+      const ratios = ratiosTo(r, 'perRound').filter(Number.isFinite).sort((a, b) => a - b);
       return ratios.length ? `${median(ratios).toFixed(2)}×` : '-';
     });
+    row('  the same while all calls stream, each round', (r) => ratiosTo(r, 'steadyPerRound').map((x) => (Number.isFinite(x) ? `${x.toFixed(2)}×` : '-')).join(' '));
     row('  CPU s per call-minute, median of rounds', (r) => f3(median([...r.cpu.perRound].sort((a, b) => a - b))));
   }
   const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
   const line = (cells) => cells.map((c, i) => (i === 0 ? String(c).padEnd(widths[i]) : String(c).padStart(widths[i]))).join('  ');
   return [line(header), ...rows.map(line)].join('\n');
+}
+
+/** A round's figures, as it ends (stderr). */
+function report(r) {
+  process.stderr.write(
+    `    ${r.okCalls}/${r.calls} calls ok in ${r.wallSeconds.toFixed(1)} s; workerd CPU ${f2(r.workerdSeconds)} s ` +
+      `(pids ${r.workerdPids.join(',') || 'none found'}), wrangler/node ${f2(r.wranglerSeconds)} s; ` +
+      `caller→agent p99 ${f2(pct(r.up, 99))} ms, agent→caller p99 ${f2(pct(r.down, 99))} ms\n`,
+  );
+  for (const e of r.errors.slice(0, 5)) process.stderr.write(`    error: ${e}\n`);
+  if (r.transcripts) {
+    process.stderr.write(`    transcript rows in D1: ${r.transcripts.withRows}/${r.transcripts.checked} calls have rows (${r.transcripts.rows} rows)\n`);
+  }
 }
 
 async function main() {
@@ -564,28 +614,33 @@ async function main() {
     const w = await runTarget(t, warm);
     if (w.okCalls === 0) process.stderr.write(`    warm-up failed: ${w.errors.join('; ')}\n`);
   }
-  // Rounds in A B B A … order, so drift in the machine's load falls on every target alike.
+  // Rounds in A B B A … order, so drift in the machine's load falls on every target alike;
+  // or, with --together, every target in the same seconds.
   for (let round = 0; round < opt.rounds; round++) {
     const order = round % 2 === 0 ? opt.targets : [...opt.targets].reverse();
+    if (opt.together) {
+      const names = opt.targets.map((t) => t.name).join(', ');
+      process.stderr.write(`==> load round ${round + 1}/${opt.rounds}: ${opt.calls} calls × ${opt.seconds} s against each of ${names}, at once\n`);
+      for (const r of await runTogether(opt.targets, opt)) {
+        process.stderr.write(`    ${r.target}:\n`);
+        report(r);
+        runs.get(r.target).push(r);
+      }
+      await sleep(1000);
+      continue;
+    }
     for (const t of order) {
       process.stderr.write(`==> load round ${round + 1}/${opt.rounds}: ${opt.calls} calls × ${opt.seconds} s against ${t.name} (${t.url})\n`);
       const r = await runTarget(t, opt);
-      process.stderr.write(
-        `    ${r.okCalls}/${r.calls} calls ok in ${r.wallSeconds.toFixed(1)} s; workerd CPU ${f2(r.workerdSeconds)} s ` +
-          `(pids ${r.workerdPids.join(',') || 'none found'}), wrangler/node ${f2(r.wranglerSeconds)} s; ` +
-          `caller→agent p99 ${f2(pct(r.up, 99))} ms, agent→caller p99 ${f2(pct(r.down, 99))} ms\n`,
-      );
-      for (const e of r.errors.slice(0, 5)) process.stderr.write(`    error: ${e}\n`);
-      if (r.transcripts) {
-        process.stderr.write(`    transcript rows in D1: ${r.transcripts.withRows}/${r.transcripts.checked} calls have rows (${r.transcripts.rows} rows)\n`);
-      }
+      report(r);
       runs.get(t.name).push(r);
       await sleep(1000);
     }
   }
   const results = opt.targets.map((t) => pool(t.name, t.url, runs.get(t.name), opt));
   const rounds = opt.rounds > 1 ? `, ${opt.rounds} rounds each (pooled)` : '';
-  console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
+  const together = opt.together ? ` per target, all targets at once (${opt.calls * opt.targets.length} calls in all)` : '';
+  console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${together}${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
   console.log(table(results));
   if (opt.json) writeFileSync(opt.json, JSON.stringify({ options: { calls: opt.calls, seconds: opt.seconds, rounds: opt.rounds }, results }, null, 2));
   if (opt.check) {

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # README's benchmark command: prints figures, asserts nothing about time.
-#   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--skip-native] [--skip-load]
-#   npm run bench -- --calls 100
+#   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--one-at-a-time]
+#                         [--skip-native] [--skip-load]
+#   npm run bench -- --calls 100 --one-at-a-time
 # (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
-# 2 rounds per target in A B C C B A order; about 8 minutes in all)
+# 3 rounds, each round running N calls against every target at once, so a change in the
+# shared machine's load moves them all alike; --one-at-a-time runs the targets one after
+# the other in A B C C B A order instead, for N large enough that three targets at once
+# would be more than the machine can carry; about 8 minutes in all)
 #
 # 1. native: the call core's cost per relayed frame each way and per barge-in, with heap
 #    allocation counts (cargo bench --bench core, benches/core.rs); then the same harness
@@ -24,7 +28,8 @@ exec </dev/null
 
 calls="${BENCH_CALLS:-20}"
 seconds="${BENCH_SECONDS:-30}"
-rounds="${BENCH_ROUNDS:-2}"
+rounds="${BENCH_ROUNDS:-3}"
+together=1
 native=1
 load=1
 while [[ $# -gt 0 ]]; do
@@ -32,9 +37,10 @@ while [[ $# -gt 0 ]]; do
     --calls) calls="$2"; shift 2 ;;
     --seconds) seconds="$2"; shift 2 ;;
     --rounds) rounds="$2"; shift 2 ;;
+    --one-at-a-time) together=0; shift ;;
     --skip-native) native=0; shift ;;
     --skip-load) load=0; shift ;;
-    -h|--help) sed -n '2,19p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -100,27 +106,44 @@ if [[ "$load" == 1 ]]; then
   sleep 2
 
   # A second agent on another number, with call recording off: the bridge's cost without
-  # the recording (bridge-norec), beside the default agent's (bridge, recording on).
+  # the recording (bridge-norec), beside the default agent's (bridge, recording on). Run
+  # together, it needs a Worker process of its own, so that each one's CPU is its own.
+  bridge="http://127.0.0.1:$bridge_port"
+  norec_bridge="$bridge"
+  norec_pid="$bridge_pid"
+  if [[ "$together" == 1 ]]; then
+    norec_port=$(free_port)
+    log "starting a second bridge for bridge-norec on :$norec_port"
+    start_bridge "$norec_port" "$work/norec-state" "$realtime" "$token" "$admin" bridge-norec
+    norec_pid=$started
+    norec_bridge="http://127.0.0.1:$norec_port"
+    wait_http "$norec_bridge/healthz" "$work/bridge-norec.log" 300
+  fi
   norec=()
   norec_number="+815099990000"
-  bridge="http://127.0.0.1:$bridge_port"
-  if curl -fsS -o /dev/null -X POST "$bridge/api/admin/agents" -H "Authorization: Bearer $admin" \
+  if curl -fsS -o /dev/null -X POST "$norec_bridge/api/admin/agents" -H "Authorization: Bearer $admin" \
        -H 'Content-Type: application/json' \
        -d '{"id":"bench-norec","name":"bench, no recording","instructions":"bench","record_calls":false}' \
-     && curl -fsS -o /dev/null -X PUT "$bridge/api/admin/numbers/%2B815099990000" -H "Authorization: Bearer $admin" \
+     && curl -fsS -o /dev/null -X PUT "$norec_bridge/api/admin/numbers/%2B815099990000" -H "Authorization: Bearer $admin" \
        -H 'Content-Type: application/json' -d '{"agent_id":"bench-norec"}'; then
-    norec=(--target "bridge-norec=$bridge" --pid "bridge-norec=$bridge_pid" --to "bridge-norec=$norec_number" --admin "bridge-norec=$admin")
+    norec=(--target "bridge-norec=$norec_bridge" --pid "bridge-norec=$norec_pid" --to "bridge-norec=$norec_number" --admin "bridge-norec=$admin")
   else
     log "could not set up the no-recording agent through the admin API; skipping bridge-norec"
   fi
+  how=(--together)
+  [[ "$together" == 1 ]] || how=()
 
-  log "load: $calls calls × ${seconds}s, $rounds round(s) per Worker"
+  if [[ "$together" == 1 ]]; then
+    log "load: $calls calls × ${seconds}s against every Worker at once, $rounds round(s)"
+  else
+    log "load: $calls calls × ${seconds}s, $rounds round(s) per Worker, one Worker at a time"
+  fi
   timeout $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
     --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
     --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
     --target "bridge=$bridge" --pid "bridge=$bridge_pid" --admin "bridge=$admin" "${norec[@]}" \
     --calls "$calls" --seconds "$seconds" --rounds "$rounds" --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
-    --json "$work/load.json" | tee "$load_out"
+    "${how[@]}" --json "$work/load.json" | tee "$load_out"
 fi
 
 echo
