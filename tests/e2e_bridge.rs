@@ -826,15 +826,70 @@ async fn speech_started_without_outstanding_agent_audio_sends_neither_clear_nor_
 
 // ---- end of call ----------------------------------------------------------------------------------
 
+/// The alarm the call's Durable Object has set (ms since the epoch), or None, read from its
+/// local storage as `wrangler dev` keeps it: one SQLite file per object, named in
+/// `__miniflare_do_name`, the alarm in `_cf_METADATA` row 1 (in nanoseconds).
+fn call_object_alarm(h: &support::Harness, call_sid: &str) -> Option<i64> {
+    let dir = h
+        .worker
+        .persist_dir
+        .join("v3/do/phone-agent-bridge-CallSession");
+    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "sqlite")
+            || path.file_stem().is_some_and(|s| s == "metadata")
+        {
+            continue;
+        }
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let name: Option<String> = db
+            .query_row("SELECT name FROM __miniflare_do_name", [], |r| r.get(0))
+            .ok();
+        if name.as_deref() == Some(call_sid) {
+            return db
+                .query_row("SELECT value FROM _cf_METADATA WHERE key = 1", [], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .ok()
+                .flatten()
+                .map(|ns| ns / 1_000_000);
+        }
+    }
+    panic!(
+        "no Durable Object storage for {call_sid} in {}",
+        dir.display()
+    )
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn twilio_stop_closes_the_openai_socket() {
+async fn twilio_stop_closes_the_openai_socket_and_the_call_object_stops_its_watch() {
     let h = harness().await;
     let call = h.start_call(CallSpec::default()).await;
     ok(h, call.openai.wait_event("session.update", SOON).await);
     assert!(call.openai.closed().is_none());
+    // While the stream runs, the object's watch alarm is set, about a minute ahead.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let alarm = call_object_alarm(h, &call.ids.call_sid).expect("the watch alarm while live");
+    assert!(
+        (now_ms + 30_000..now_ms + 61_000).contains(&alarm),
+        "alarm at {alarm}, now {now_ms}"
+    );
     call.twilio.send_stop(&call.ids);
     let closed = ok(h, call.openai.wait_closed(SOON).await);
     eprintln!("OpenAI socket closed after stop: {closed:?}");
+    // Once the call's records are in D1, the alarm goes: no wake-up a minute later.
+    let deadline = Instant::now() + SOON;
+    while call_object_alarm(h, &call.ids.call_sid).is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the call object's alarm is still set after the call ended:\n{}",
+            h.worker.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -27,6 +27,9 @@ const CALL_KEY: &str = "call";
 
 /// How often the object checks that a running stream is still served by a live pump.
 const WATCH: Duration = Duration::from_secs(60);
+/// How long an ended call waits for its records to reach D1 before it stops the watch's
+/// alarm; past that, the alarm stays (and flushes what is left when it fires).
+const SETTLE: Duration = Duration::from_secs(30);
 
 #[durable_object]
 pub struct CallSession {
@@ -502,6 +505,7 @@ impl Pump {
                     self.record.end_reason = Some(summary.reason.label().to_owned());
                     let record = self.record.clone();
                     let storage = self.storage.clone();
+                    let outbox = self.outbox.clone();
                     wasm_bindgen_futures::spawn_local(async move {
                         if let Err(e) = storage.put(CALL_KEY, &record).await {
                             log(
@@ -509,6 +513,19 @@ impl Pump {
                                 "storage.write_failed",
                                 serde_json::json!({ "call_sid": summary.call_sid, "error": e.to_string() }),
                             );
+                            return;
+                        }
+                        // The stream is over: the watch has nothing left to watch. Its
+                        // alarm goes once the call's last records reached D1; a write that
+                        // fails after that sets the outbox's own retry alarm.
+                        if outbox.settled(SETTLE).await {
+                            if let Err(e) = storage.delete_alarm().await {
+                                log(
+                                    "warn",
+                                    "storage.delete_alarm_failed",
+                                    serde_json::json!({ "call_sid": summary.call_sid, "error": e.to_string() }),
+                                );
+                            }
                         }
                     });
                 }

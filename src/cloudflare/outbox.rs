@@ -270,6 +270,30 @@ impl Outbox {
         }
     }
 
+    /// Nothing waits to reach D1 and nothing is on its way there: no retry needs the alarm.
+    fn is_idle(&self) -> bool {
+        !self.0.backlog.get()
+            && self.0.unstored.borrow().is_empty()
+            && !self.0.storing.is_taken()
+            && !self.0.flushing.is_taken()
+    }
+
+    /// Waits up to `limit` for the outbox to be idle (checking every 100 ms); false if it
+    /// never was. True comes back in the same turn as the check, so what the caller does
+    /// next, before awaiting anything, comes before anything new can queue.
+    pub async fn settled(&self, limit: Duration) -> bool {
+        let step = Duration::from_millis(100);
+        let mut waited = Duration::ZERO;
+        while !self.is_idle() {
+            if waited >= limit {
+                return false;
+            }
+            Delay::from(step).await;
+            waited += step;
+        }
+        true
+    }
+
     /// Copies everything queued to D1, oldest first, deleting what D1 accepted.
     pub async fn flush(&self) -> worker::Result<()> {
         // One flush at a time (the alarm and the writer may both call this).
