@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# README's deploy command (`npm run deploy`): installs what the build needs, checks what only
+# you can set up before a first deploy, then runs `wrangler deploy` (which builds the Worker
+# with scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
+#   bash scripts/deploy.sh [--config FILE] [--check-only] [wrangler deploy options]
+# --config FILE (in this directory: wrangler resolves its paths from there) checks and
+# deploys FILE instead of wrangler.toml; --check-only stops after the checks.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+config=wrangler.toml
+check_only=0
+pass=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --config) config="$2"; shift 2 ;;
+    --check-only) check_only=1; shift ;;
+    -h|--help) sed -n '2,7p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) pass+=("$1"); shift ;;
+  esac
+done
+[[ -f "$config" ]] || die "$config not found"
+
+# The D1 database: wrangler.toml ships with a placeholder id, which no account has.
+id=$(sed -n 's/^[[:space:]]*database_id[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$config" | head -1)
+if [[ -z "$id" || "$id" =~ ^[0-]+$ ]]; then
+  die "$config has no D1 database yet (database_id is ${id:-missing}). Once per account:
+    npx wrangler d1 create phone-agent-bridge                    # paste its database_id into $config
+    npx wrangler d1 migrations apply DB --remote
+    npx wrangler r2 bucket create phone-agent-bridge-recordings
+    npx wrangler secret put OPENAI_API_KEY    (and TWILIO_AUTH_TOKEN, ADMIN_TOKEN)
+  then run this again."
+fi
+[[ "$id" =~ ^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$ ]] ||
+  die "database_id \"$id\" in $config is not the id 'npx wrangler d1 create' prints (a UUID)"
+log "D1 database_id $id"
+[[ "$check_only" == 0 ]] || exit 0
+
+bash scripts/setup.sh
+npx wrangler deploy -c "$config" "${pass[@]}"
