@@ -36,7 +36,10 @@ impl Config {
     fn with_database_id(name: &str, id: &str) -> Config {
         let shipped = std::fs::read_to_string(root().join("wrangler.toml")).unwrap();
         let placeholder = "00000000-0000-0000-0000-000000000000";
-        assert!(shipped.contains(placeholder), "wrangler.toml lost its placeholder");
+        assert!(
+            shipped.contains(placeholder),
+            "wrangler.toml lost its placeholder"
+        );
         let path = root().join(name);
         std::fs::write(&path, shipped.replace(placeholder, id)).unwrap();
         Config(path)
@@ -91,7 +94,10 @@ fn deploy_refuses_the_placeholder_database_and_says_what_to_run_then_deploys_wit
     let said = text(&out);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("--dry-run: exiting now"), "{said}");
-    assert!(said.contains("env.DB"), "the D1 binding is deployed: {said}");
+    assert!(
+        said.contains("env.DB"),
+        "the D1 binding is deployed: {said}"
+    );
     assert!(
         outdir.join("index.js").is_file(),
         "no bundle in {}",
