@@ -1193,10 +1193,12 @@ impl Harness {
     /// A mark went to Twilio: it confirms, once echoed, the unmarked audio before it.
     fn sent_mark(&mut self, v: &Value) {
         check!(
-            self.stream_sid.is_some() && v["streamSid"] == self.stream_sid.as_deref().unwrap_or_default(),
+            self.stream_sid.is_some()
+                && v["streamSid"] == self.stream_sid.as_deref().unwrap_or_default(),
             "a mark with the wrong streamSid, or before start: {v}"
         );
-        let name = str_at(v, "/mark/name").unwrap_or_else(|| fail(format!("mark without a name: {v}")));
+        let name =
+            str_at(v, "/mark/name").unwrap_or_else(|| fail(format!("mark without a name: {v}")));
         check!(
             !self.marks.iter().any(|m| m.name == name),
             "mark name {name:?} reused"
@@ -1259,7 +1261,9 @@ impl Harness {
             // hands over against its contract changes nothing (but time: a stale mark, the
             // recording).
             check!(
-                actions.iter().all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
+                actions
+                    .iter()
+                    .all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
                 "an OpenAI frame with no socket open did something: {}",
                 brief(&actions)
             );
@@ -1287,7 +1291,9 @@ impl Harness {
             // The recording settles with the clock on any input, and audio unmarked for
             // 100 ms is marked; nothing else may happen.
             check!(
-                actions.iter().all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
+                actions
+                    .iter()
+                    .all(|a| matches!(a, Action::RecordingData(_)) || is_mark(a)),
                 "a Timeout before poll_timeout ({due:?}, now {:?}) does nothing: {}",
                 self.now,
                 brief(&actions)
@@ -1796,7 +1802,12 @@ impl Harness {
             Some(s) => {
                 milestone(s.reason.label());
                 self.ended = true;
-                self.check_end(s, step, closed_openai + u32::from(closed_before), close_twilio);
+                self.check_end(
+                    s,
+                    step,
+                    closed_openai + u32::from(closed_before),
+                    close_twilio,
+                );
             }
         }
     }
@@ -1984,7 +1995,10 @@ impl Harness {
         match form.as_slice() {
             [(k, v)] if k == "Status" && v == "completed" => {}
             [(k, v)] if k == "Twiml" && v == FALLBACK_TWIML => {
-                check!(self.failing.is_some(), "the fallback TwiML without a failure");
+                check!(
+                    self.failing.is_some(),
+                    "the fallback TwiML without a failure"
+                );
             }
             [(k, v)] if k == "Twiml" => {
                 crate::webhook::check_xml(v);
