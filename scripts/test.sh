@@ -10,6 +10,15 @@ exec </dev/null
 
 bash scripts/setup.sh
 
+log "formatting: cargo fmt --check (the crate, and the fuzz and wasm-bench crates, which have workspaces of their own)"
+if ! rustup component list --installed 2>/dev/null | grep -q '^rustfmt'; then
+  log "adding the rustfmt component"
+  rustup component add rustfmt
+fi
+cargo fmt --all -- --check
+(cd fuzz && cargo fmt -- --check)
+(cd benches/wasm && cargo fmt -- --check)
+
 log "building the Worker"
 bash scripts/build.sh
 
