@@ -144,10 +144,9 @@ pub const RETRY_AFTER_S: u32 = 5;
 /// connection, a timeout) is [`Error::Unavailable`], worth a retry; anything else (a
 /// missing table, a bad statement) is [`Error::Internal`], which retrying will not fix.
 pub fn storage_failure(message: &str) -> Error {
-    const PASSING: [&str; 11] = [
+    const PASSING: [&str; 10] = [
         "internal error; reference",
         "database is locked",
-        "sqlite_busy",
         "busy",
         "overloaded",
         "network connection lost",
@@ -844,6 +843,18 @@ pub fn select_recording(call_sid: &CallSid) -> Statement {
     )
 }
 
+/// The recording's key from [`select_recording`]'s rows: a 404 for an unknown call or a call
+/// without a recording, saying which.
+pub fn recording_key(call_sid: &CallSid, rows: &[Value]) -> Result<String, Error> {
+    let row = rows
+        .first()
+        .ok_or_else(|| Error::NotFound(format!("no call {:?}", call_sid.as_str())))?;
+    row.get("recording_key")
+        .and_then(Value::as_str)
+        .map(str::to_owned)
+        .ok_or_else(|| Error::NotFound(format!("call {:?} has no recording", call_sid.as_str())))
+}
+
 /// Bytes `start..=end` of a resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteRange {
@@ -1069,6 +1080,24 @@ mod tests {
                 Err(LinkRefusal::Malformed),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn a_recording_key_is_found_or_the_404_says_whether_the_call_or_its_recording_is_missing() {
+        let sid = CallSid::new("CA0123456789abcdef0123456789abcdef");
+        let key = "recordings/CA0123456789abcdef0123456789abcdef.wav";
+        assert_eq!(
+            recording_key(&sid, &[json!({ "recording_key": key })]),
+            Ok(key.to_owned())
+        );
+        let no_call = recording_key(&sid, &[]).unwrap_err();
+        assert_eq!(no_call.status(), 404);
+        assert!(no_call.to_string().starts_with("no call"), "{no_call}");
+        for row in [json!({ "recording_key": null }), json!({})] {
+            let none = recording_key(&sid, &[row]).unwrap_err();
+            assert_eq!(none.status(), 404);
+            assert!(none.to_string().contains("has no recording"), "{none}");
         }
     }
 

@@ -123,21 +123,9 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
     match route {
         Route::GetRecording(_) => unreachable!("answered by handle: not JSON"),
         Route::GetRecordingLink(sid) => {
-            let rows = query(&db, &admin::select_recording(&sid))
-                .await
-                .map_err(failed("find recording"))?;
-            match rows.first().map(|row| row.get("recording_key")) {
-                None => Err(Error::NotFound(format!("no call {:?}", sid.as_str()))),
-                Some(None | Some(Value::Null)) => Err(Error::NotFound(format!(
-                    "call {:?} has no recording",
-                    sid.as_str()
-                ))),
-                Some(Some(_)) => Ok(ok(admin::recording_link(
-                    &sid,
-                    token,
-                    Date::now().as_millis(),
-                ))),
-            }
+            super::recording::key_of(env, &sid).await?;
+            let link = admin::recording_link(&sid, token, Date::now().as_millis());
+            Ok(ok(link))
         }
         Route::ListCalls => {
             let raw = req.url().map_err(failed("url"))?;

@@ -329,6 +329,20 @@ async fn backoff(attempt: u32) {
 
 // ---- serving ---------------------------------------------------------------------------------------
 
+/// The key of `call_sid`'s recording in R2, from its row in D1 (a 404 when the call or its
+/// recording is unknown).
+pub async fn key_of(
+    env: &Env,
+    call_sid: &crate::ids::CallSid,
+) -> Result<String, crate::admin::Error> {
+    use super::admin::failed;
+    let db = super::db::database(env).map_err(failed("D1 binding"))?;
+    let rows = super::db::query(&db, &crate::admin::select_recording(call_sid))
+        .await
+        .map_err(failed("find recording"))?;
+    crate::admin::recording_key(call_sid, &rows)
+}
+
 /// `GET /api/admin/calls/{CallSid}/recording` (already authorized): the WAV from R2, whole
 /// or the one byte range asked for, streamed.
 pub async fn serve(
@@ -338,19 +352,7 @@ pub async fn serve(
 ) -> Result<worker::Response, crate::admin::Error> {
     use super::admin::failed;
     use crate::admin::{self, Error};
-    let db = super::db::database(env).map_err(failed("D1 binding"))?;
-    let rows = super::db::query(&db, &admin::select_recording(call_sid))
-        .await
-        .map_err(failed("find recording"))?;
-    let Some(row) = rows.first() else {
-        return Err(Error::NotFound(format!("no call {:?}", call_sid.as_str())));
-    };
-    let Some(key) = row.get("recording_key").and_then(|v| v.as_str()) else {
-        return Err(Error::NotFound(format!(
-            "call {:?} has no recording",
-            call_sid.as_str()
-        )));
-    };
+    let key = &key_of(env, call_sid).await?;
     let bucket = env.bucket(BINDING).map_err(failed("R2 binding"))?;
     let head = bucket
         .head(key)
