@@ -56,6 +56,12 @@ struct Got {
 }
 
 impl Got {
+    /// The body as JSON (errors and the recording link are JSON).
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+
     fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
@@ -70,6 +76,20 @@ async fn get_recording(h: &Harness, sid: &str, range: Option<&str>, token: Optio
         &format!("/api/admin/calls/{sid}/recording"),
         range,
         token,
+    )
+    .await
+}
+
+/// A call the Worker has never seen.
+const UNKNOWN_CALL: &str = "CA00000000000000000000000000000404";
+
+/// `GET /api/admin/calls/{sid}/recording-link` with the admin token.
+async fn get_recording_link(h: &Harness, sid: &str) -> Got {
+    get(
+        h,
+        &format!("/api/admin/calls/{sid}/recording-link"),
+        None,
+        Some(ADMIN_TOKEN),
     )
     .await
 }
@@ -332,28 +352,15 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
     assert_eq!(got.status, 401);
     let got = get_recording(h, &sid, None, Some("wrong-token")).await;
     assert_eq!(got.status, 401);
-    let got = get_recording(
-        h,
-        "CA00000000000000000000000000000404",
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let got = get_recording(h, UNKNOWN_CALL, None, Some(ADMIN_TOKEN)).await;
     assert_eq!(got.status, 404);
-    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
-    assert_eq!(body["error"], "not_found");
+    assert_eq!(got.json()["error"], "not_found");
 
     // A signed link (what the review page gives its <audio>) plays this recording, ranges
     // included, without the token; not another call's, and not once tampered with.
-    let link = get(
-        h,
-        &format!("/api/admin/calls/{sid}/recording-link"),
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let link = get_recording_link(h, &sid).await;
     assert_eq!(link.status, 200);
-    let link: Value = serde_json::from_slice(&link.body).expect("JSON");
+    let link = link.json();
     let url = link["url"].as_str().expect("url");
     assert!(
         link["expires_at"]
@@ -369,27 +376,16 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
     assert_eq!(got.status, 206);
     assert_eq!(got.body, wav[1000..=1999]);
     let query = url.split_once('?').unwrap().1;
-    let other = get(
-        h,
-        &format!("/api/admin/calls/CA00000000000000000000000000000404/recording?{query}"),
-        None,
-        None,
-    )
-    .await;
-    assert_eq!(other.status, 401);
+    let other = format!("/api/admin/calls/{UNKNOWN_CALL}/recording?{query}");
+    assert_eq!(get(h, &other, None, None).await.status, 401);
     let tampered = url.replace("expires=", "expires=9");
     assert_eq!(get(h, &tampered, None, None).await.status, 401);
     // The link opens the recording only.
     let call_path = url.replace("/recording?", "?");
     assert_eq!(get(h, &call_path, None, None).await.status, 401);
-    let got = get(
-        h,
-        "/api/admin/calls/CA00000000000000000000000000000404/recording-link",
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await;
+    let got = get_recording_link(h, UNKNOWN_CALL).await;
     assert_eq!(got.status, 404);
+    assert_eq!(got.json()["error"], "not_found");
 }
 
 // ---- 2. recording off -----------------------------------------------------------------------------
@@ -446,21 +442,18 @@ async fn an_agent_with_recording_off_leaves_no_recording() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let detail = ok(h, admin.call(&sid).await).expect("the call");
     assert_eq!(detail["call"]["recording_key"], Value::Null);
-    let got = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
-    assert_eq!(got.status, 404);
-    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
-    assert!(
-        body["message"].as_str().unwrap().contains("no recording"),
-        "{body}"
-    );
-    let path = format!("/api/admin/calls/{sid}/recording-link");
-    let got = get(h, &path, None, Some(ADMIN_TOKEN)).await;
-    assert_eq!(got.status, 404);
-    let body: Value = serde_json::from_slice(&got.body).expect("a JSON error");
-    assert!(
-        body["message"].as_str().unwrap().contains("no recording"),
-        "{body}"
-    );
+    // Neither the recording nor a link to it: JSON 404s that say why.
+    for got in [
+        get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await,
+        get_recording_link(h, &sid).await,
+    ] {
+        assert_eq!(got.status, 404);
+        let body = got.json();
+        assert!(
+            body["message"].as_str().unwrap().contains("no recording"),
+            "{body}"
+        );
+    }
 }
 
 // ---- 3. a lost socket ------------------------------------------------------------------------------
