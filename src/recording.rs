@@ -50,6 +50,37 @@ pub fn key(call_sid: &str) -> String {
     format!("recordings/{call_sid}.wav")
 }
 
+// ---- checkpoints ---------------------------------------------------------------------------------
+
+/// A copy of each piece of recorded PCM is kept in the call object's own storage under these
+/// keys, in order, until the recording is stored: an object that restarts mid-call (a deploy)
+/// loses what it held in memory, and its next instance uploads the recording from them.
+pub const CHECKPOINT_PREFIX: &str = "rec/";
+/// Recorded audio is checkpointed this much at a time (one storage write per 5 s of a call;
+/// a restart loses at most this much and the second the recorder holds back).
+pub const CHECKPOINT_EVERY_MS: u64 = 5_000;
+/// The same in bytes of stereo PCM.
+pub const CHECKPOINT_BYTES: usize = (CHECKPOINT_EVERY_MS * BYTES_PER_MS) as usize;
+/// Times an object tries to upload a recording from its checkpoints before it gives up and
+/// drops them (R2 refusing for good must not keep the object waking forever).
+pub const CHECKPOINT_UPLOAD_TRIES: u32 = 5;
+/// Where the count of those tries is kept.
+pub const CHECKPOINT_TRIES_KEY: &str = "rec-tries";
+
+/// The key of the `seq`th checkpoint: zero-padded, so keys sort in the order they were taken.
+pub fn checkpoint_key(seq: u64) -> String {
+    format!("{CHECKPOINT_PREFIX}{seq:012}")
+}
+
+/// The number of a checkpoint's key; `None` for any other key.
+pub fn checkpoint_seq(key: &str) -> Option<u64> {
+    let digits = key.strip_prefix(CHECKPOINT_PREFIX)?;
+    if digits.len() != 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
 // ---- G.711 μ-law ---------------------------------------------------------------------------------
 
 /// G.711 μ-law to 16-bit linear PCM (the standard expansion: bias 0x84, bits inverted).
@@ -449,6 +480,33 @@ impl Parts {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn checkpoint_keys_sort_in_the_order_taken_and_read_back() {
+        let keys: Vec<String> = [0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999]
+            .iter()
+            .map(|&n| super::checkpoint_key(n))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(sorted, keys, "lexical order is the order taken");
+        for (k, n) in keys
+            .iter()
+            .zip([0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999])
+        {
+            assert!(k.starts_with(super::CHECKPOINT_PREFIX));
+            assert_eq!(super::checkpoint_seq(k), Some(n));
+        }
+        for other in [
+            "call",
+            "rec/12",
+            "rec/00000000001x",
+            "rec-tries",
+            "rec/0000000000001",
+        ] {
+            assert_eq!(super::checkpoint_seq(other), None, "{other}");
+        }
+    }
+
     use super::*;
 
     /// Left and right channels of interleaved PCM.

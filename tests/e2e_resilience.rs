@@ -13,7 +13,8 @@
 //!   Twilio's final status callback reaches its object, by the object's watch alarm, when its
 //!   stream is opened again (refused, 410), or by the alarm that retries a D1 write which was
 //!   still queued in the object's outbox because D1 was locked at the restart. All end as
-//!   `bridge_restarted` and failed, keeping every row written before the restart.
+//!   `bridge_restarted` and failed, keeping every row written before the restart, and each
+//!   call's recording up to its last checkpoint is uploaded from its object's storage.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -22,6 +23,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use phone_agent_bridge::recording;
 use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, Session, SessionScript};
@@ -282,6 +284,8 @@ struct Said {
     call: Call,
     /// The call's detail once its three turns were in D1.
     before: Value,
+    /// When the caller's audio last reached the Worker.
+    streamed_until: Instant,
 }
 
 /// Greeting, a caller turn, a reply, all played; returns once the three turns are in D1.
@@ -317,7 +321,26 @@ async fn converse(h: &Harness, admin: &Admin, from: &str, tag: u8) -> Said {
             })
             .await,
     );
-    Said { call, before }
+    Said {
+        call,
+        before,
+        streamed_until: Instant::now(),
+    }
+}
+
+/// The lines stay open as on real calls: Twilio streams each caller's audio all along (here a
+/// frame every 100 ms to every call, for `how_long`), so the recordings run on past the
+/// conversations, long enough for the call objects to checkpoint some of them.
+async fn keep_streaming(calls: &mut [&mut Said], how_long: Duration) {
+    let frames = tagged_chunks(0x3c, 1, tw::FRAME_BYTES);
+    let until = Instant::now() + how_long;
+    while Instant::now() < until {
+        for said in calls.iter_mut() {
+            said.call.twilio.send_media(&frames[0]);
+            said.streamed_until = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The caller presses 7; returns once the call object has queued the key press in its outbox,
@@ -410,10 +433,16 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     //    the object's retry (or watch) alarm brings it back to write it.
     // A, B and C have nothing left to write when the restart comes, so only their own path
     // can end them early.
-    let a = converse(h, &admin, "+15551230611", 0x61).await;
-    let b = converse(h, &admin, "+15551230612", 0x71).await;
-    let c = converse(h, &admin, "+15551230613", 0x81).await;
-    let d = converse(h, &admin, "+15551230614", 0x91).await;
+    let mut a = converse(h, &admin, "+15551230611", 0x61).await;
+    let mut b = converse(h, &admin, "+15551230612", 0x71).await;
+    let mut c = converse(h, &admin, "+15551230613", 0x81).await;
+    let mut d = converse(h, &admin, "+15551230614", 0x91).await;
+    let checkpointed = Duration::from_millis(recording::CHECKPOINT_EVERY_MS);
+    keep_streaming(
+        &mut [&mut a, &mut b, &mut c, &mut d],
+        checkpointed + Duration::from_millis(1_500),
+    )
+    .await;
     let failed_writes = count_in_log(h, "outbox.d1_write_failed");
     let lock = D1Lock::take(h);
     press_key(h, &d.call, 0x94).await;
@@ -608,6 +637,70 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         );
     }
     assert_eq!(after[0].1["call"]["twilio_duration_s"], 61);
+
+    // What each call recorded up to the restart is stored: the object's next instance uploads
+    // it from the checkpoints its pump kept in the object's storage.
+    for said in calls {
+        let sid = said.call.ids.call_sid.as_str();
+        let detail = ok(
+            h,
+            admin
+                .wait_call(
+                    sid,
+                    "the recording, from the checkpoints",
+                    WATCH_DEADLINE,
+                    |d| d["call"]["recording_key"].is_string(),
+                )
+                .await,
+        );
+        let row = &detail["call"];
+        assert_eq!(row["recording_key"], format!("recordings/{sid}.wav"));
+        let lasted = redeployed_at
+            .duration_since(said.call.start_sent_at)
+            .as_millis() as i64;
+        let rec_ms = row["recording_duration_ms"].as_i64().expect("recording ms");
+        let streamed = said
+            .streamed_until
+            .duration_since(said.call.start_sent_at)
+            .as_millis() as i64;
+        eprintln!(
+            "{sid}: recording of {rec_ms} ms; caller audio for {streamed} ms, the restart at {lasted} ms"
+        );
+        // The recorder hands out audio a second at a time (a little behind the clock) as
+        // frames come in, and the object checkpoints it 5 s at a time: all of the caller's
+        // audio is in but for at most those two.
+        let step = recording::CHECKPOINT_EVERY_MS as i64;
+        assert!(
+            rec_ms >= step && rec_ms + step + 1_300 >= streamed && rec_ms <= lasted,
+            "{sid}: a recording of {rec_ms} ms for {streamed} ms of caller audio"
+        );
+        let wav = reqwest::Client::new()
+            .get(format!("{}/api/admin/calls/{sid}/recording", h.base_url()))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{sid}: recording: {e}"));
+        assert_eq!(wav.status().as_u16(), 200, "{sid}: recording");
+        let wav = wav.bytes().await.unwrap();
+        assert_eq!(&wav[..4], b"RIFF", "{sid}");
+        assert_eq!(&wav[8..12], b"WAVE", "{sid}");
+        let data_len = u32::from_le_bytes(wav[40..44].try_into().unwrap()) as usize;
+        assert_eq!(data_len, wav.len() - 44, "{sid}: the header's length");
+        assert_eq!(
+            Some(wav.len() as i64),
+            row["recording_bytes"].as_i64(),
+            "{sid}"
+        );
+        assert!(
+            wav[44..].iter().any(|&b| b != 0),
+            "{sid}: the recording is all silence"
+        );
+    }
+    assert!(
+        count_in_log(h, "recording.recovering") >= calls.len(),
+        "{}",
+        h.worker.log_tail(40)
+    );
 
     // The redeployed Worker takes new calls.
     let fresh = h

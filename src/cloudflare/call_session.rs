@@ -3,7 +3,7 @@
 //! opens the OpenAI socket, and pumps both through the core's call machine.
 
 use super::outbox::Outbox;
-use super::recording::Recording;
+use super::recording::{self, Keep, Recording};
 use super::socket::{self, Event, Frame, Listeners, Side, Sink};
 use super::{bridge_config, log};
 use crate::call::{Action, Call, Input, Level, Setup};
@@ -38,6 +38,8 @@ pub struct CallSession {
     /// True while a stream is being served: a second socket for a live call is refused.
     live: Rc<Cell<bool>>,
     outbox: RefCell<Option<Outbox>>,
+    /// True while a writer of this instance is storing the call's recording.
+    recording_busy: Rc<Cell<bool>>,
 }
 
 impl DurableObject for CallSession {
@@ -47,6 +49,7 @@ impl DurableObject for CallSession {
             env,
             live: Rc::new(Cell::new(false)),
             outbox: RefCell::new(None),
+            recording_busy: Rc::new(Cell::new(false)),
         }
     }
 
@@ -92,6 +95,7 @@ impl DurableObject for CallSession {
                 .set_alarm(Duration::from_secs(5))
                 .await?;
         }
+        self.recover_recording().await;
         Response::ok("")
     }
 }
@@ -136,7 +140,38 @@ impl CallSession {
         );
         self.outbox().push(&ended).await;
         storage.put(CALL_KEY, &state).await?;
+        // What the lost pump recorded is in the object's checkpoints.
+        self.recover_recording().await;
         Ok(Stream::Finalized)
+    }
+
+    fn keep(&self) -> Keep {
+        Keep {
+            storage: Rc::new(self.state.storage()),
+            busy: self.recording_busy.clone(),
+        }
+    }
+
+    /// Uploads a recording left in the object's checkpoints (see `recording::recover`), when
+    /// no pump of this instance is recording. A failure is logged; the alarm tries again.
+    async fn recover_recording(&self) {
+        if self.live.get() {
+            return;
+        }
+        let Ok(Some(state)) = self.state.storage().get::<CallState>(CALL_KEY).await else {
+            return;
+        };
+        let call_sid = &state.registration.call.call_sid;
+        if let Err(e) =
+            recording::recover(&self.env, call_sid.as_str(), self.outbox(), self.keep()).await
+        {
+            log(
+                "error",
+                "recording.recover_failed",
+                serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
+            );
+            let _ = self.state.storage().set_alarm(WATCH).await;
+        }
     }
 
     /// The object's outbox, started on first use (and so after a restart).
@@ -223,7 +258,8 @@ impl CallSession {
             storage: Rc::new(storage),
             record,
             outbox: self.outbox(),
-            recording: Recording::new(&self.env, call_sid.as_str(), self.outbox()),
+            recording: Recording::new(&self.env, call_sid.as_str(), self.outbox(), self.keep()),
+            recording_busy: self.recording_busy.clone(),
             timer: None,
             timers_armed: 0,
             live: self.live.clone(),
@@ -309,6 +345,7 @@ struct Pump {
     timers_armed: u64,
     live: Rc<Cell<bool>>,
     finished: bool,
+    recording_busy: Rc<Cell<bool>>,
 }
 
 impl Pump {
@@ -506,6 +543,7 @@ impl Pump {
                     let record = self.record.clone();
                     let storage = self.storage.clone();
                     let outbox = self.outbox.clone();
+                    let recording_busy = self.recording_busy.clone();
                     wasm_bindgen_futures::spawn_local(async move {
                         if let Err(e) = storage.put(CALL_KEY, &record).await {
                             log(
@@ -516,9 +554,18 @@ impl Pump {
                             return;
                         }
                         // The stream is over: the watch has nothing left to watch. Its
-                        // alarm goes once the call's last records reached D1; a write that
-                        // fails after that sets the outbox's own retry alarm.
-                        if outbox.settled(SETTLE).await {
+                        // alarm goes once the recording is stored and the call's last
+                        // records reached D1; a write that fails after that sets the
+                        // outbox's own retry alarm. A recording that failed keeps its
+                        // checkpoints and its retry alarm.
+                        let mut waited = Duration::ZERO;
+                        while recording_busy.get() && waited < SETTLE {
+                            Delay::from(Duration::from_millis(50)).await;
+                            waited += Duration::from_millis(50);
+                        }
+                        let recorded = !recording_busy.get()
+                            && matches!(recording::has_checkpoints(&storage).await, Ok(false));
+                        if recorded && outbox.settled(SETTLE).await {
                             if let Err(e) = storage.delete_alarm().await {
                                 log(
                                     "warn",

@@ -9,6 +9,11 @@
 //! Memory per call: part 1 and the part being sent or filled (each at most 5 MiB). A part is
 //! streamed to R2 in 64 KiB pieces (a `FixedLengthStream`), never copied whole, and can be
 //! sent again if R2 fails; audio waiting for a slow writer is capped (then left out as silence).
+//!
+//! The audio is also checkpointed in the call object's storage, 5 s at a time (one write, not
+//! waited for), and the checkpoints are deleted once the recording is stored. An
+//! object that restarted mid-call (a deploy) or whose upload failed finds them ([`recover`]),
+//! and uploads the recording from them: the call keeps its audio up to the restart.
 
 use super::log;
 use super::outbox::Outbox;
@@ -20,7 +25,11 @@ use serde_json::json;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::time::Duration;
-use worker::{Bucket, Delay, Env, FixedLengthStream, HttpMetadata, MultipartUpload, UploadedPart};
+use worker::wasm_bindgen::JsCast;
+use worker::{
+    js_sys, wasm_bindgen::JsValue, Bucket, Delay, Env, FixedLengthStream, HttpMetadata,
+    ListOptions, MultipartUpload, Storage, UploadedPart,
+};
 
 /// The bucket's binding in wrangler.toml.
 pub const BINDING: &str = "RECORDINGS";
@@ -34,6 +43,12 @@ const STREAM_CHUNK: usize = 64 * 1024;
 /// Audio waiting for the writer (R2 slow or stuck) beyond this is replaced by its length
 /// of silence, so the queue stays bounded and the file stays aligned.
 const MAX_QUEUED_BYTES: usize = 2 * 1024 * 1024;
+/// When a failed upload is tried again from the checkpoints.
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+/// Checkpoints read at once when uploading from them.
+const READ_BATCH: usize = 16;
+/// Keys deleted at once (the storage API's limit is 128).
+const DELETE_BATCH: usize = 128;
 
 enum Msg {
     Data(Vec<u8>),
@@ -42,6 +57,16 @@ enum Msg {
     Done {
         duration_ms: u64,
     },
+    /// The audio could not be read back: the upload fails and the checkpoints stay.
+    Abort(String),
+}
+
+/// The call object's side of its recording: its storage (the checkpoints) and whether a
+/// writer of this instance is at work (true until it has stored the recording or failed).
+#[derive(Clone)]
+pub struct Keep {
+    pub storage: Rc<Storage>,
+    pub busy: Rc<Cell<bool>>,
 }
 
 /// The pump's end of one call's recording.
@@ -54,10 +79,15 @@ pub struct Recording {
     /// Bytes sent to the writer and not yet taken in (shared with it).
     queued: Rc<Cell<usize>>,
     left_out: u64,
+    keep: Keep,
+    /// Number of the next checkpoint.
+    checkpoints: u64,
+    /// Audio not checkpointed yet (less than [`recording::CHECKPOINT_BYTES`]).
+    unsaved: Vec<u8>,
 }
 
 impl Recording {
-    pub fn new(env: &Env, call_sid: &str, outbox: Outbox) -> Self {
+    pub fn new(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> Self {
         Self {
             call_sid: call_sid.to_owned(),
             bucket: env.bucket(BINDING).ok(),
@@ -66,6 +96,26 @@ impl Recording {
             finished: false,
             queued: Rc::new(Cell::new(0)),
             left_out: 0,
+            keep,
+            checkpoints: 0,
+            unsaved: Vec::new(),
+        }
+    }
+
+    /// Keeps a copy of `pcm` in the object's storage. Not waited for, and without holding the
+    /// object's outgoing messages (`allowUnconfirmed`): the audio path never waits on it.
+    fn checkpoint(&mut self, pcm: &[u8]) {
+        let key = recording::checkpoint_key(self.checkpoints);
+        self.checkpoints += 1;
+        let value = js_sys::Uint8Array::from(pcm);
+        let call_sid = self.call_sid.clone();
+        match put_unconfirmed(&self.keep.storage, &key, &value) {
+            Ok(done) => worker::wasm_bindgen_futures::spawn_local(async move {
+                if let Err(e) = worker::wasm_bindgen_futures::JsFuture::from(done).await {
+                    checkpoint_failed(&call_sid, &key, &format!("{e:?}"));
+                }
+            }),
+            Err(e) => checkpoint_failed(&call_sid, &key, &format!("{e:?}")),
         }
     }
 
@@ -76,6 +126,14 @@ impl Recording {
         }
         if self.tx.is_none() {
             self.start();
+        }
+        if self.tx.is_none() {
+            return;
+        }
+        self.unsaved.extend_from_slice(&pcm);
+        if self.unsaved.len() >= recording::CHECKPOINT_BYTES {
+            let unsaved = std::mem::take(&mut self.unsaved);
+            self.checkpoint(&unsaved);
         }
         let Some(tx) = &self.tx else { return };
         if self.queued.get() + pcm.len() > MAX_QUEUED_BYTES {
@@ -129,17 +187,171 @@ impl Recording {
         };
         let (tx, rx) = mpsc::unbounded();
         self.tx = Some(tx);
-        let writer = Writer {
-            key: recording::key(&self.call_sid),
-            call_sid: self.call_sid.clone(),
+        let writer = Writer::new(
+            &self.call_sid,
             bucket,
-            upload: None,
-            uploaded: Vec::new(),
-            queued: self.queued.clone(),
-        };
+            self.queued.clone(),
+            self.keep.clone(),
+        );
         let outbox = self.outbox.clone();
         worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
     }
+}
+
+fn checkpoint_failed(call_sid: &str, key: &str, error: &str) {
+    log(
+        "warn",
+        "recording.checkpoint_failed",
+        json!({ "call_sid": call_sid, "key": key, "error": error }),
+    );
+}
+
+/// `storage.put(key, value, { allowUnconfirmed: true })`, which workers-rs does not offer.
+fn put_unconfirmed(
+    storage: &Storage,
+    key: &str,
+    value: &JsValue,
+) -> Result<js_sys::Promise, JsValue> {
+    let raw: &JsValue = storage.as_raw().as_ref();
+    let put: js_sys::Function = js_sys::Reflect::get(raw, &"put".into())?.into();
+    let options = js_sys::Object::new();
+    js_sys::Reflect::set(&options, &"allowUnconfirmed".into(), &JsValue::TRUE)?;
+    put.call3(raw, &key.into(), value, &options)?.dyn_into()
+}
+
+/// Up to `limit` checkpoints from number `from` on, in order: (number, PCM).
+async fn read_checkpoints(
+    storage: &Storage,
+    from: u64,
+    limit: usize,
+) -> worker::Result<Vec<(u64, Vec<u8>)>> {
+    let start = recording::checkpoint_key(from);
+    let map = storage
+        .list_with_options(
+            ListOptions::new()
+                .prefix(recording::CHECKPOINT_PREFIX)
+                .start(&start)
+                .limit(limit),
+        )
+        .await?;
+    let mut out = Vec::new();
+    map.for_each(&mut |value, key| {
+        if let Some(seq) = key
+            .as_string()
+            .as_deref()
+            .and_then(recording::checkpoint_seq)
+        {
+            out.push((seq, js_sys::Uint8Array::new(&value).to_vec()));
+        }
+    });
+    out.sort_by_key(|(seq, _)| *seq);
+    Ok(out)
+}
+
+/// True when the object holds checkpoints of a recording not stored yet.
+pub async fn has_checkpoints(storage: &Storage) -> worker::Result<bool> {
+    let map = storage
+        .list_with_options(
+            ListOptions::new()
+                .prefix(recording::CHECKPOINT_PREFIX)
+                .limit(1),
+        )
+        .await?;
+    Ok(map.size() > 0)
+}
+
+/// Deletes every checkpoint and the count of upload tries.
+async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
+    loop {
+        let map = storage
+            .list_with_options(
+                ListOptions::new()
+                    .prefix(recording::CHECKPOINT_PREFIX)
+                    .limit(DELETE_BATCH),
+            )
+            .await?;
+        let keys: Vec<String> = map
+            .keys()
+            .into_iter()
+            .filter_map(|k| k.ok()?.as_string())
+            .collect();
+        if keys.is_empty() {
+            break;
+        }
+        storage.delete_multiple(keys).await?;
+    }
+    storage.delete(recording::CHECKPOINT_TRIES_KEY).await?;
+    Ok(())
+}
+
+/// Uploads the recording kept in the object's checkpoints, when there are some and no writer
+/// of this instance is at work: the pump that recorded them is gone (the object restarted
+/// mid-call), or its upload failed. Each try is counted; after
+/// [`recording::CHECKPOINT_UPLOAD_TRIES`] the checkpoints are dropped. Returns at once: the
+/// upload goes on in a task of its own, and a failure sets the object's alarm to try again.
+pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> worker::Result<()> {
+    if keep.busy.get() || !has_checkpoints(&keep.storage).await? {
+        return Ok(());
+    }
+    let tries = keep
+        .storage
+        .get::<u32>(recording::CHECKPOINT_TRIES_KEY)
+        .await?
+        .unwrap_or(0);
+    if tries >= recording::CHECKPOINT_UPLOAD_TRIES {
+        log(
+            "error",
+            "recording.abandoned",
+            json!({ "call_sid": call_sid, "tries": tries }),
+        );
+        return clear_checkpoints(&keep.storage).await;
+    }
+    let Ok(bucket) = env.bucket(BINDING) else {
+        log(
+            "error",
+            "recording.no_bucket",
+            json!({ "call_sid": call_sid, "binding": BINDING }),
+        );
+        return Ok(());
+    };
+    keep.storage
+        .put(recording::CHECKPOINT_TRIES_KEY, tries + 1)
+        .await?;
+    log(
+        "info",
+        "recording.recovering",
+        json!({ "call_sid": call_sid, "try": tries + 1 }),
+    );
+    let queued = Rc::new(Cell::new(0));
+    let (tx, rx) = mpsc::unbounded();
+    let writer = Writer::new(call_sid, bucket, queued.clone(), keep.clone());
+    worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
+    // The checkpoints are read a few at a time, as fast as the writer takes them in.
+    let storage = keep.storage.clone();
+    worker::wasm_bindgen_futures::spawn_local(async move {
+        let mut next = 0;
+        loop {
+            while queued.get() > MAX_QUEUED_BYTES {
+                Delay::from(Duration::from_millis(20)).await;
+            }
+            let batch = match read_checkpoints(&storage, next, READ_BATCH).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let _ = tx.unbounded_send(Msg::Abort(format!("read checkpoints: {e}")));
+                    return;
+                }
+            };
+            if batch.is_empty() {
+                return; // the end of the audio: dropping the sender completes the upload
+            }
+            for (seq, pcm) in batch {
+                next = seq + 1;
+                queued.set(queued.get() + pcm.len());
+                let _ = tx.unbounded_send(Msg::Data(pcm));
+            }
+        }
+    });
+    Ok(())
 }
 
 struct Writer {
@@ -149,6 +361,7 @@ struct Writer {
     upload: Option<MultipartUpload>,
     uploaded: Vec<UploadedPart>,
     queued: Rc<Cell<usize>>,
+    keep: Keep,
 }
 
 fn metadata() -> HttpMetadata {
@@ -159,7 +372,25 @@ fn metadata() -> HttpMetadata {
 }
 
 impl Writer {
-    async fn run(mut self, mut rx: UnboundedReceiver<Msg>, outbox: Outbox) {
+    fn new(call_sid: &str, bucket: Bucket, queued: Rc<Cell<usize>>, keep: Keep) -> Self {
+        keep.busy.set(true);
+        Self {
+            key: recording::key(call_sid),
+            call_sid: call_sid.to_owned(),
+            bucket,
+            upload: None,
+            uploaded: Vec::new(),
+            queued,
+            keep,
+        }
+    }
+
+    async fn run(mut self, rx: UnboundedReceiver<Msg>, outbox: Outbox) {
+        self.store(rx, outbox).await;
+        self.keep.busy.set(false);
+    }
+
+    async fn store(&mut self, mut rx: UnboundedReceiver<Msg>, outbox: Outbox) {
         let mut parts = Parts::new(PART_BYTES);
         let mut failure: Option<String> = None;
         let mut duration_ms = None;
@@ -173,6 +404,10 @@ impl Writer {
                 Msg::Silence(bytes) => parts.push_silence(bytes),
                 Msg::Done { duration_ms: d } => {
                     duration_ms = Some(d);
+                    break;
+                }
+                Msg::Abort(e) => {
+                    failure.get_or_insert(e);
                     break;
                 }
             }
@@ -207,15 +442,32 @@ impl Writer {
                         bytes,
                     })
                     .await;
+                // Stored: the copies in the object's storage have served their purpose.
+                if let Err(e) = clear_checkpoints(&self.keep.storage).await {
+                    log(
+                        "warn",
+                        "recording.checkpoints_not_cleared",
+                        json!({ "call_sid": self.call_sid, "error": e.to_string() }),
+                    );
+                }
             }
             Err(e) => {
                 log(
                     "error",
                     "recording.failed",
-                    json!({ "call_sid": self.call_sid, "key": self.key, "error": e }),
+                    json!({ "call_sid": self.call_sid, "key": self.key, "error": e,
+                            "retry_in_s": RETRY_AFTER.as_secs() }),
                 );
                 if let Some(upload) = self.upload.take() {
                     let _ = upload.abort().await;
+                }
+                // The checkpoints stay; the object's alarm tries again from them.
+                if let Err(e) = self.keep.storage.set_alarm(RETRY_AFTER).await {
+                    log(
+                        "error",
+                        "recording.retry_not_set",
+                        json!({ "call_sid": self.call_sid, "error": e.to_string() }),
+                    );
                 }
             }
         }
