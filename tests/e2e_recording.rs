@@ -17,12 +17,12 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{self as tw};
+use support::wav::{channels, decoded, find, parse_header, HEADER};
 use support::{ok, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-recording-SECRET-654";
 /// D1 writes (and the recording's upload before its row) are asynchronous: be generous.
 const D1_DEADLINE: Duration = Duration::from_secs(90);
-const HEADER: usize = 44;
 
 async fn harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
@@ -35,17 +35,6 @@ async fn harness() -> &'static Harness {
 
 fn admin(h: &Harness) -> Admin {
     Admin::new(&h.base_url(), ADMIN_TOKEN)
-}
-
-/// G.711 μ-law expansion, written out independently of the crate's table.
-fn ulaw(b: u8) -> i16 {
-    let u = !b;
-    let t = ((((u & 0x0F) as i32) << 3) + 0x84) << ((u >> 4) & 7);
-    (if u & 0x80 != 0 { 0x84 - t } else { t - 0x84 }) as i16
-}
-
-fn decoded(mulaw: &[u8]) -> Vec<i16> {
-    mulaw.iter().map(|&b| ulaw(b)).collect()
 }
 
 /// An HTTP answer with its headers.
@@ -113,45 +102,6 @@ async fn get(h: &Harness, path: &str, range: Option<&str>, token: Option<&str>) 
         headers: resp.headers().clone(),
         body: resp.bytes().await.expect("body").to_vec(),
     }
-}
-
-/// The parsed 44-byte header: (channels, rate, byte rate, block align, bits, data size).
-fn parse_header(wav: &[u8]) -> (u16, u32, u32, u16, u16, u32) {
-    assert!(wav.len() >= HEADER, "{} bytes", wav.len());
-    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
-    let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
-    assert_eq!(&wav[0..4], b"RIFF");
-    assert_eq!(u32_at(4) as usize, wav.len() - 8, "RIFF size");
-    assert_eq!(&wav[8..16], b"WAVEfmt ");
-    assert_eq!(u32_at(16), 16, "fmt chunk size");
-    assert_eq!(u16_at(20), 1, "PCM");
-    assert_eq!(&wav[36..40], b"data");
-    (
-        u16_at(22),
-        u32_at(24),
-        u32_at(28),
-        u16_at(32),
-        u16_at(34),
-        u32_at(40),
-    )
-}
-
-/// (left, right) samples of the WAV's data.
-fn channels(wav: &[u8]) -> (Vec<i16>, Vec<i16>) {
-    wav[HEADER..]
-        .chunks(4)
-        .map(|f| {
-            (
-                i16::from_le_bytes([f[0], f[1]]),
-                i16::from_le_bytes([f[2], f[3]]),
-            )
-        })
-        .unzip()
-}
-
-fn find(haystack: &[i16], needle: &[i16], from: usize) -> Option<usize> {
-    (from..haystack.len().saturating_sub(needle.len() - 1))
-        .find(|&i| haystack[i..i + needle.len()] == *needle)
 }
 
 /// Waits for the call's row to name its recording; returns the call row.

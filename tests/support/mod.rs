@@ -12,6 +12,7 @@ pub mod fake_twilio;
 pub mod fake_twilio_rest;
 pub mod local_http;
 pub mod tool_server;
+pub mod wav;
 pub mod worker;
 
 use std::path::PathBuf;
