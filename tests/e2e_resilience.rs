@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, Session, SessionScript};
 use support::fake_twilio::{self as tw, CallIds, ConnectError, MediaStream};
+use support::wav::{channels, decoded, find, parse_header, HEADER};
 use support::worker::Deployment;
 use support::{ok, tagged_chunks, Call, CallSpec, Harness, SOON, TWILIO_AUTH_TOKEN};
 
@@ -286,6 +287,8 @@ struct Said {
     before: Value,
     /// When the caller's audio last reached the Worker.
     streamed_until: Instant,
+    /// The tag of the call's audio: the caller's turn is tagged `tag + 1`, the reply `tag + 2`.
+    tag: u8,
 }
 
 /// Greeting, a caller turn, a reply, all played; returns once the three turns are in D1.
@@ -325,6 +328,7 @@ async fn converse(h: &Harness, admin: &Admin, from: &str, tag: u8) -> Said {
         call,
         before,
         streamed_until: Instant::now(),
+        tag,
     }
 }
 
@@ -682,18 +686,35 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             .unwrap_or_else(|e| panic!("{sid}: recording: {e}"));
         assert_eq!(wav.status().as_u16(), 200, "{sid}: recording");
         let wav = wav.bytes().await.unwrap();
-        assert_eq!(&wav[..4], b"RIFF", "{sid}");
-        assert_eq!(&wav[8..12], b"WAVE", "{sid}");
-        let data_len = u32::from_le_bytes(wav[40..44].try_into().unwrap()) as usize;
-        assert_eq!(data_len, wav.len() - 44, "{sid}: the header's length");
+        let (channels_n, rate, _, _, bits, data) = parse_header(&wav);
+        assert_eq!((channels_n, rate, bits), (2, 8000, 16), "{sid}");
+        assert_eq!(
+            data as usize,
+            wav.len() - HEADER,
+            "{sid}: the header's length"
+        );
+        assert_eq!(data as i64, rec_ms * 32, "{sid}: 32 bytes per millisecond");
         assert_eq!(
             Some(wav.len() as i64),
             row["recording_bytes"].as_i64(),
             "{sid}"
         );
+        // What was said before the restart is in it: the caller's frames on the left, in
+        // order, and the agent's reply on the right, as Twilio played it.
+        let (left, right) = channels(&wav);
+        let mut from = 0;
+        for (i, frame) in tagged_chunks(said.tag + 1, 5, tw::FRAME_BYTES)
+            .iter()
+            .enumerate()
+        {
+            from = find(&left, &decoded(frame), from)
+                .unwrap_or_else(|| panic!("{sid}: caller frame {i} is not on the left channel"))
+                + frame.len();
+        }
+        let reply = tagged_chunks(said.tag + 2, 3, 800).concat();
         assert!(
-            wav[44..].iter().any(|&b| b != 0),
-            "{sid}: the recording is all silence"
+            find(&right, &decoded(&reply), 0).is_some(),
+            "{sid}: the agent's reply is not on the right channel"
         );
     }
     assert!(
