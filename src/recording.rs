@@ -480,11 +480,13 @@ impl Parts {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn checkpoint_keys_sort_in_the_order_taken_and_read_back() {
         let keys: Vec<String> = [0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999]
             .iter()
-            .map(|&n| super::checkpoint_key(n))
+            .map(|&n| checkpoint_key(n))
             .collect();
         let mut sorted = keys.clone();
         sorted.sort();
@@ -493,8 +495,8 @@ mod tests {
             .iter()
             .zip([0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999])
         {
-            assert!(k.starts_with(super::CHECKPOINT_PREFIX));
-            assert_eq!(super::checkpoint_seq(k), Some(n));
+            assert!(k.starts_with(CHECKPOINT_PREFIX));
+            assert_eq!(checkpoint_seq(k), Some(n));
         }
         for other in [
             "call",
@@ -503,11 +505,9 @@ mod tests {
             "rec-tries",
             "rec/0000000000001",
         ] {
-            assert_eq!(super::checkpoint_seq(other), None, "{other}");
+            assert_eq!(checkpoint_seq(other), None, "{other}");
         }
     }
-
-    use super::*;
 
     /// Left and right channels of interleaved PCM.
     fn channels(pcm: &[u8]) -> (Vec<i16>, Vec<i16>) {

@@ -558,13 +558,12 @@ impl Pump {
                         // records reached D1; a write that fails after that sets the
                         // outbox's own retry alarm. A recording that failed keeps its
                         // checkpoints and its retry alarm.
-                        let mut waited = Duration::ZERO;
-                        while recording_busy.get() && waited < SETTLE {
-                            Delay::from(Duration::from_millis(50)).await;
-                            waited += Duration::from_millis(50);
-                        }
-                        let recorded = !recording_busy.get()
-                            && matches!(recording::has_checkpoints(&storage).await, Ok(false));
+                        let recorded =
+                            super::wait_until(SETTLE, Duration::from_millis(100), || {
+                                !recording_busy.get()
+                            })
+                            .await
+                                && matches!(recording::has_checkpoints(&storage).await, Ok(false));
                         if recorded && outbox.settled(SETTLE).await {
                             if let Err(e) = storage.delete_alarm().await {
                                 log(

@@ -33,6 +33,25 @@ pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::con
     Ok(config)
 }
 
+/// Waits up to `limit` for `done` to hold, checking every `step`; false if it never did. True
+/// comes back in the same turn as the check, so what the caller does next, before awaiting
+/// anything, comes before anything else can change.
+pub(crate) async fn wait_until(
+    limit: std::time::Duration,
+    step: std::time::Duration,
+    done: impl Fn() -> bool,
+) -> bool {
+    let mut waited = std::time::Duration::ZERO;
+    while !done() {
+        if waited >= limit {
+            return false;
+        }
+        Delay::from(step).await;
+        waited += step;
+    }
+    true
+}
+
 /// One structured log line for events outside a call's machine, unless `LOG_LEVEL` is above
 /// its level.
 pub(crate) fn log(level: &str, event: &str, fields: serde_json::Value) {

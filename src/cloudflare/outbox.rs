@@ -282,16 +282,7 @@ impl Outbox {
     /// never was. True comes back in the same turn as the check, so what the caller does
     /// next, before awaiting anything, comes before anything new can queue.
     pub async fn settled(&self, limit: Duration) -> bool {
-        let step = Duration::from_millis(100);
-        let mut waited = Duration::ZERO;
-        while !self.is_idle() {
-            if waited >= limit {
-                return false;
-            }
-            Delay::from(step).await;
-            waited += step;
-        }
-        true
+        super::wait_until(limit, Duration::from_millis(100), || self.is_idle()).await
     }
 
     /// Copies everything queued to D1, oldest first, deleting what D1 accepted.

@@ -11,7 +11,8 @@
 //! sent again if R2 fails; audio waiting for a slow writer is capped (then left out as silence).
 //!
 //! The audio is also checkpointed in the call object's storage, 5 s at a time (one write, not
-//! waited for), and the checkpoints are deleted once the recording is stored. An
+//! waited for) and its tail when the recording completes, and the checkpoints are deleted
+//! once the recording is stored. An
 //! object that restarted mid-call (a deploy) or whose upload failed finds them ([`recover`]),
 //! and uploads the recording from them: the call keeps its audio up to the restart.
 
@@ -102,12 +103,17 @@ impl Recording {
         }
     }
 
-    /// Keeps a copy of `pcm` in the object's storage. Not waited for, and without holding the
-    /// object's outgoing messages (`allowUnconfirmed`): the audio path never waits on it.
-    fn checkpoint(&mut self, pcm: &[u8]) {
+    /// Keeps a copy of the audio not checkpointed yet in the object's storage. Not waited for,
+    /// and without holding the object's outgoing messages (`allowUnconfirmed`): the audio path
+    /// never waits on it.
+    fn save_unsaved(&mut self) {
+        if self.unsaved.is_empty() {
+            return;
+        }
         let key = recording::checkpoint_key(self.checkpoints);
         self.checkpoints += 1;
-        let value = js_sys::Uint8Array::from(pcm);
+        let value = js_sys::Uint8Array::from(&self.unsaved[..]);
+        self.unsaved.clear();
         let call_sid = self.call_sid.clone();
         match put_unconfirmed(&self.keep.storage, &key, &value) {
             Ok(done) => worker::wasm_bindgen_futures::spawn_local(async move {
@@ -128,14 +134,13 @@ impl Recording {
             self.start();
         }
         if self.tx.is_none() {
-            return;
+            return; // no bucket: nothing is recorded
         }
         self.unsaved.extend_from_slice(&pcm);
         if self.unsaved.len() >= recording::CHECKPOINT_BYTES {
-            let unsaved = std::mem::take(&mut self.unsaved);
-            self.checkpoint(&unsaved);
+            self.save_unsaved();
         }
-        let Some(tx) = &self.tx else { return };
+        let tx = self.tx.as_ref().expect("started above");
         if self.queued.get() + pcm.len() > MAX_QUEUED_BYTES {
             if self.left_out == 0 {
                 log(
@@ -162,6 +167,8 @@ impl Recording {
             self.start();
         }
         if let Some(tx) = self.tx.take() {
+            // The tail too: should the upload fail, its retry has the whole recording.
+            self.save_unsaved();
             let _ = tx.unbounded_send(Msg::Done { duration_ms });
         }
         self.finished = true;
@@ -171,7 +178,9 @@ impl Recording {
     /// with what it has, so even a call cut short leaves a playable file.
     pub fn close(&mut self) {
         // Dropping the sender ends the writer's input; it completes the upload.
-        self.tx = None;
+        if self.tx.take().is_some() {
+            self.save_unsaved();
+        }
         self.finished = true;
     }
 
@@ -219,21 +228,30 @@ fn put_unconfirmed(
     put.call3(raw, &key.into(), value, &options)?.dyn_into()
 }
 
-/// Up to `limit` checkpoints from number `from` on, in order: (number, PCM).
-async fn read_checkpoints(
+/// Up to `limit` checkpoints (keys and values), in order, from the `from`th on.
+async fn list_checkpoints(
     storage: &Storage,
     from: u64,
     limit: usize,
-) -> worker::Result<Vec<(u64, Vec<u8>)>> {
+) -> worker::Result<js_sys::Map> {
     let start = recording::checkpoint_key(from);
-    let map = storage
+    storage
         .list_with_options(
             ListOptions::new()
                 .prefix(recording::CHECKPOINT_PREFIX)
                 .start(&start)
                 .limit(limit),
         )
-        .await?;
+        .await
+}
+
+/// Up to `limit` checkpoints from number `from` on, in order: (number, PCM).
+async fn read_checkpoints(
+    storage: &Storage,
+    from: u64,
+    limit: usize,
+) -> worker::Result<Vec<(u64, Vec<u8>)>> {
+    let map = list_checkpoints(storage, from, limit).await?;
     let mut out = Vec::new();
     map.for_each(&mut |value, key| {
         if let Some(seq) = key
@@ -250,26 +268,13 @@ async fn read_checkpoints(
 
 /// True when the object holds checkpoints of a recording not stored yet.
 pub async fn has_checkpoints(storage: &Storage) -> worker::Result<bool> {
-    let map = storage
-        .list_with_options(
-            ListOptions::new()
-                .prefix(recording::CHECKPOINT_PREFIX)
-                .limit(1),
-        )
-        .await?;
-    Ok(map.size() > 0)
+    Ok(list_checkpoints(storage, 0, 1).await?.size() > 0)
 }
 
 /// Deletes every checkpoint and the count of upload tries.
 async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
     loop {
-        let map = storage
-            .list_with_options(
-                ListOptions::new()
-                    .prefix(recording::CHECKPOINT_PREFIX)
-                    .limit(DELETE_BATCH),
-            )
-            .await?;
+        let map = list_checkpoints(storage, 0, DELETE_BATCH).await?;
         let keys: Vec<String> = map
             .keys()
             .into_iter()
