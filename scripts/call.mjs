@@ -3,15 +3,17 @@
 // no phone. See `node scripts/call.mjs --help`.
 //
 //   npm run call -- --audio samples/caller-ja.wav [--offline] [--out agent.wav]
+//   npm run call -- --mic [--offline]          (talk into the microphone, hear the agent)
 //
 // 1. POSTs the voice webhook (form params of an incoming call) signed with X-Twilio-Signature
 //    (HMAC-SHA1 with TWILIO_AUTH_TOKEN from the environment or .dev.vars, protocol.md B5).
 // 2. Opens the <Stream url> of the TwiML answer with the signed header and speaks Media
 //    Streams: connected, start (customParameters = the <Parameter>s), real-time paced 20 ms
-//    μ-law media frames (the WAV file, resampled to 8 kHz), silence, stop.
+//    μ-law media frames (the WAV file, resampled to 8 kHz, or the microphone), silence, stop.
 // 3. Plays Twilio's part for the agent's audio: queued and played at 8 bytes/ms, marks
 //    echoed when played, `clear` flushes and echoes pending marks. What was played is
-//    written to --out (16-bit PCM WAV, 8 kHz).
+//    written to --out (16-bit PCM WAV, 8 kHz) and, with --mic or --speaker, played on the
+//    speaker as it plays (a `clear` cuts it off there too).
 // 4. Prints the transcript: with --offline, what the local stand-in Realtime server heard and
 //    said as it happens; otherwise the Worker's stored transcript (admin API, ADMIN_TOKEN),
 //    polled during the call and printed in full at the end.
@@ -21,6 +23,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } from './sim/audio.mjs';
+import { openMicrophone, openSpeaker } from './sim/devices.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
 
@@ -29,11 +32,26 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 const HELP = `Call simulator: a phone call to the local Worker, played exactly as Twilio would.
 
 usage: npm run call -- --audio FILE.wav [options]
+       npm run call -- --mic [options]
        node scripts/call.mjs --audio FILE.wav [options]
 
   --audio FILE        what the caller says: a WAV file of any common rate, channel count and
                       sample format (PCM 8/16/24/32-bit, float, μ-law, A-law); resampled to
                       8 kHz μ-law. Default: samples/caller-ja.wav
+  --mic               the caller talks into the microphone instead, live, until Ctrl-C (or
+                      --duration); the agent is heard on the speaker. Captured with sox,
+                      arecord or ffmpeg, whichever is on PATH (the default input device).
+                      Wear headphones: the agent's voice picked up by the microphone would
+                      interrupt it (a barge-in)
+  --mic-command CMD   capture with this shell command instead: it must print raw 8 kHz
+                      mono signed 16-bit little-endian PCM on stdout, e.g.
+                      "sox -q -d -t raw -r 8000 -c 1 -b 16 -e signed-integer -L -"
+  --duration S        with --mic: hang up after S seconds (default: at Ctrl-C)
+  --speaker           play the agent's audio on the speaker (the default with --mic), with
+                      sox, aplay or ffplay
+  --no-speaker        do not (the agent's audio still goes to --out)
+  --speaker-command CMD  play with this shell command instead: it reads raw 8 kHz μ-law on
+                      stdin, in real time
   --offline           start the local stand-in Realtime server (not OpenAI) on 127.0.0.1:PORT;
                       the Worker must point at it: start it with \`npm run dev:offline\`
   --standin-port N    port of the stand-in (default ${DEFAULT_PORT})
@@ -52,9 +70,9 @@ usage: npm run call -- --audio FILE.wav [options]
   --quiet             print only the transcript and the summary
   -h, --help          this text
 
-Microphone input is not supported (the simulator only reads WAV files).
-Exit status: 0 call completed; 1 usage or setup error; 2 the call failed (webhook refused,
-stream refused or ended by the Worker, no agent audio).`;
+Ctrl-C hangs up (Twilio's stop); a second Ctrl-C quits at once.
+Exit status: 0 call completed; 1 usage or setup error (no microphone, no Worker); 2 the call
+failed (webhook refused, stream refused or ended by the Worker, no agent audio).`;
 
 function parseArgs(argv) {
   const o = {
@@ -71,6 +89,11 @@ function parseArgs(argv) {
     maxTail: 30,
     devVars: join(ROOT, '.dev.vars'),
     quiet: false,
+    mic: false,
+    micCommand: null,
+    duration: null,
+    speaker: null, // null: on with --mic, off otherwise
+    speakerCommand: null,
   };
   const need = (i, name) => {
     if (i + 1 >= argv.length) throw new Error(`${name} needs a value`);
@@ -82,7 +105,7 @@ function parseArgs(argv) {
     const val = () => (inline !== undefined ? inline : need(i++, flag));
     switch (flag) {
       case '-h': case '--help': o.help = true; break;
-      case '--audio': o.audio = val(); break;
+      case '--audio': o.audio = val(); o.audioGiven = true; break;
       case '--offline': o.offline = true; break;
       case '--standin-port': o.standinPort = Number(val()); break;
       case '--out': o.out = val(); break;
@@ -95,13 +118,22 @@ function parseArgs(argv) {
       case '--max-tail': o.maxTail = Number(val()); break;
       case '--dev-vars': o.devVars = val(); break;
       case '--quiet': o.quiet = true; break;
-      case '--mic': case '--microphone': throw new Error('microphone input is not supported: pass a WAV file with --audio');
+      case '--mic': case '--microphone': o.mic = true; break;
+      case '--mic-command': o.mic = true; o.micCommand = val(); break;
+      case '--duration': o.duration = Number(val()); break;
+      case '--speaker': o.speaker = true; break;
+      case '--no-speaker': o.speaker = false; break;
+      case '--speaker-command': o.speaker = true; o.speakerCommand = val(); break;
       default: throw new Error(`unknown option ${a} (see --help)`);
     }
   }
   if (o.leadIn !== 'auto' && !(Number(o.leadIn) >= 0)) throw new Error('--lead-in takes seconds or auto');
   if (!(o.tail >= 0) || !(o.maxTail >= o.tail)) throw new Error('--tail/--max-tail must be seconds, max ≥ tail');
   if (!(o.standinPort > 0 && o.standinPort < 65536)) throw new Error('--standin-port must be a port number');
+  if (o.duration !== null && !(o.duration > 0)) throw new Error('--duration takes seconds');
+  if (o.duration !== null && !o.mic) throw new Error('--duration is for --mic (a WAV file ends by itself)');
+  if (o.audioGiven && o.mic) throw new Error('give --audio or --mic, not both');
+  if (o.speaker === null) o.speaker = o.mic;
   return o;
 }
 
@@ -130,15 +162,34 @@ async function main() {
     console.error(`call: TWILIO_AUTH_TOKEN is not set (environment or ${opt.devVars}); the Worker refuses unsigned webhooks.`);
     return 1;
   }
-  let caller;
-  try {
-    caller = wavToMulaw8k(readFileSync(opt.audio));
-  } catch (e) {
-    console.error(`call: cannot read ${opt.audio}: ${e.message}`);
-    return 1;
+  let caller = null;
+  let mic = null;
+  if (opt.mic) {
+    try {
+      mic = await openMicrophone({ command: opt.micCommand });
+    } catch (e) {
+      console.error(`call: ${e.message}`);
+      return 1;
+    }
+    info(`caller audio: the microphone (${opt.micCommand ? `\`${opt.micCommand}\`` : mic.dev.name}) → live 8 kHz μ-law; Ctrl-C hangs up. Wear headphones.`);
+  } else {
+    try {
+      caller = wavToMulaw8k(readFileSync(opt.audio));
+    } catch (e) {
+      console.error(`call: cannot read ${opt.audio}: ${e.message}`);
+      return 1;
+    }
+    const src = caller.source;
+    info(`caller audio: ${opt.audio} (${src.sampleRate} Hz, ${src.channels} ch, ${src.bitsPerSample}-bit) → ${caller.seconds.toFixed(2)} s of 8 kHz μ-law`);
   }
-  const src = caller.source;
-  info(`caller audio: ${opt.audio} (${src.sampleRate} Hz, ${src.channels} ch, ${src.bitsPerSample}-bit) → ${caller.seconds.toFixed(2)} s of 8 kHz μ-law`);
+  try {
+    return await run(opt, { authToken, adminToken, caller, mic, info });
+  } finally {
+    mic?.close();
+  }
+}
+
+async function run(opt, { authToken, adminToken, caller, mic, info }) {
 
   // Is the Worker there?
   try {
@@ -195,7 +246,7 @@ async function main() {
   const ids = { callSid: sid('CA'), accountSid: sid('AC'), streamSid: sid('MZ') };
   let exit = 0;
   try {
-    exit = await placeCall(opt, { authToken, adminToken, caller, ids, standin, state, info, say, setT0: (t) => (t0 = t) });
+    exit = await placeCall(opt, { authToken, adminToken, caller, mic, ids, standin, state, info, say, setT0: (t) => (t0 = t) });
   } catch (e) {
     if (e instanceof CallFailed) {
       console.error(`call failed: ${e.message}`);
@@ -210,7 +261,7 @@ async function main() {
 }
 
 async function placeCall(opt, ctx) {
-  const { authToken, adminToken, caller, ids, standin, state, info, say } = ctx;
+  const { authToken, adminToken, caller, mic, ids, standin, state, info, say } = ctx;
 
   // ---- the voice webhook ----
   const voiceUrl = `${opt.url}/api/twilio/voice`;
@@ -255,8 +306,20 @@ async function placeCall(opt, ctx) {
   const send = (text) => {
     if (ws.readyState === ws.OPEN) ws.send(text);
   };
+  let speaker = null;
+  if (opt.speaker) {
+    const s = openSpeaker({ command: opt.speakerCommand, nowMs });
+    if (s.error) {
+      info(`speaker: ${s.error}; the agent's audio goes to ${opt.out} only`);
+    } else {
+      speaker = s.speaker;
+      info(`speaker: ${opt.speakerCommand ? `\`${opt.speakerCommand}\`` : s.dev.name} plays the agent's audio as Twilio plays it`);
+      speaker.on('failed', (why) => info(`speaker: ${why}; going on without it (the agent's audio still goes to ${opt.out})`));
+    }
+  }
   const player = new Player({
     onPlayed: put,
+    onAudible: (bytes) => speaker?.play(bytes),
     onMark: (name, played) => {
       played ? stats.echoedPlayed++ : stats.echoedFlushed++;
       send(frames.mark(name));
@@ -305,6 +368,18 @@ async function placeCall(opt, ctx) {
   });
   ws.on('error', (e) => stats.problems.push(`socket error: ${e.message}`));
 
+  // Ctrl-C: the caller hangs up (Twilio's stop, and the call's results as usual).
+  let hangUp = null;
+  const hungUp = new Promise((resolve) => (hangUp = resolve));
+  let hungUpByCaller = false;
+  const onSigint = () => {
+    if (hungUpByCaller) process.exit(130);
+    hungUpByCaller = true;
+    console.error('\n(Ctrl-C: the caller hangs up; press it again to quit at once)');
+    hangUp(null);
+  };
+  process.on('SIGINT', onSigint);
+
   send(frames.connected());
   send(frames.start(twiml.parameters));
 
@@ -331,8 +406,8 @@ async function placeCall(opt, ctx) {
   const silence = Buffer.alloc(FRAME_BYTES, MULAW_SILENCE);
   let i = 0;
   const sendFrame = async (frame) => {
-    await sleep(t0 + 20 * i - nowMs());
-    if (closed) return false;
+    await Promise.race([sleep(t0 + 20 * i - nowMs()), hungUp]);
+    if (closed || hungUpByCaller) return false;
     send(frames.media(frame.toString('base64')));
     stats.sent++;
     i++;
@@ -342,16 +417,30 @@ async function placeCall(opt, ctx) {
   const agentQuiet = (ms) =>
     !player.busy() && state.responsesPending === 0 && (player.lastAudioAt === null || nowMs() - player.lastAudioAt >= ms);
 
+  const speaking = () => !closed && !hungUpByCaller;
+  if (mic) {
+    // The microphone, live from the answer on (a phone line carries the greeting's silence
+    // too): what it captured while the call was being set up is not sent.
+    mic.discard();
+    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] the microphone is live${opt.duration ? ` for ${opt.duration} s` : ''}; Ctrl-C hangs up`);
+    while (speaking() && !(opt.duration && i * 20 >= opt.duration * 1000)) {
+      const frame = await Promise.race([mic.next(), hungUp]);
+      if (!frame || !(await sendFrame(frame))) break;
+      callerTimeline.push(frame);
+    }
+    if (mic.ended && !closed) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] ${mic.ended}: the caller hangs up`);
+  }
+
   // Lead-in: silence while the greeting plays (auto), or a fixed time.
   const leadInMs = opt.leadIn === 'auto' ? null : Number(opt.leadIn) * 1000;
-  while (!closed) {
+  while (caller && speaking()) {
     const elapsed = i * 20;
     if (leadInMs !== null ? elapsed >= leadInMs : elapsed >= 10_000 || (elapsed >= 1000 && state.agentAudioBytes > 0 && agentQuiet(600))) break;
     if (!(await sendFrame(silence))) break;
     callerTimeline.push(silence);
   }
-  if (!closed) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] caller starts speaking (${caller.seconds.toFixed(1)} s)`);
-  for (let off = 0; off < caller.mulaw.length && !closed; off += FRAME_BYTES) {
+  if (caller && speaking()) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] caller starts speaking (${caller.seconds.toFixed(1)} s)`);
+  for (let off = 0; caller && off < caller.mulaw.length && speaking(); off += FRAME_BYTES) {
     let frame = caller.mulaw.subarray(off, off + FRAME_BYTES);
     if (frame.length < FRAME_BYTES) frame = Buffer.concat([frame, silence.subarray(frame.length)]);
     if (!(await sendFrame(frame))) break;
@@ -359,7 +448,7 @@ async function placeCall(opt, ctx) {
   }
   // Tail: silence while the agent answers.
   const tailStart = i;
-  while (!closed) {
+  while (caller && speaking()) {
     const tailMs = (i - tailStart) * 20;
     if (tailMs >= opt.maxTail * 1000) break;
     if (tailMs >= opt.tail * 1000 && agentQuiet(1500)) break;
@@ -374,9 +463,11 @@ async function placeCall(opt, ctx) {
     await Promise.race([closedPromise, sleep(5000)]);
     if (!closed) ws.close(1000, 'call ended');
   }
+  process.off('SIGINT', onSigint);
   player.advance(nowMs());
   clearInterval(ticker);
   if (polling) clearInterval(polling);
+  speaker?.close();
 
   // ---- results ----
   const played = agentTimeline.buf.subarray(0, agentTimeline.end);
@@ -399,6 +490,8 @@ async function placeCall(opt, ctx) {
   info('');
   info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s`);
   info(`              marks: ${stats.marks} received, ${stats.echoedPlayed} echoed as played, ${stats.echoedFlushed} flushed by ${stats.clears} clear(s)`);
+  if (mic) info(`              microphone: ${secs(mic.captured * FRAME_BYTES)} s captured (from before the answer on)`);
+  if (speaker) info(`              speaker: ${secs(speaker.written)} s played${speaker.broken ? ` until it failed (${speaker.broken})` : ''}`);
   info(`agent audio written to ${outPath} (8 kHz 16-bit PCM, ${secs(played.length)} s, silence where the agent was not speaking)`);
   if (stats.problems.length) info(`protocol problems: ${[...new Set(stats.problems)].join('; ')}`);
 

@@ -164,14 +164,17 @@ export function parseTwiml(xml) {
  * Twilio's outbound audio queue, played in real time at 8 bytes/ms. A mark is echoed once
  * everything queued before it has played; `clear` empties the queue and echoes every pending
  * mark at once. The owner calls `advance(now)` often (a timer) and before each new frame.
- * `onPlayed(bytes, atMs)` receives each played piece with the time it started playing;
+ * `onPlayed(bytes, atMs)` receives each played piece with the time it started playing, once
+ * it has played (or been cut by `clear`); `onAudible(bytes)` receives the same audio as it
+ * plays, in the pieces that became audible since the last `advance` (for a live speaker);
  * `onMark(name, played)` each echo.
  */
 export class Player {
-  constructor({ onPlayed = () => {}, onMark = () => {} } = {}) {
-    this.queue = []; // { audio: Buffer, offset } | { mark: string }
+  constructor({ onPlayed = () => {}, onAudible = () => {}, onMark = () => {} } = {}) {
+    this.queue = []; // { audio: Buffer, offset, heard } | { mark: string }
     this.headStarted = null; // when the audio at the head started (ms); null when idle
     this.onPlayed = onPlayed;
+    this.onAudible = onAudible;
     this.onMark = onMark;
     this.playedBytes = 0;
     this.discardedBytes = 0;
@@ -186,7 +189,7 @@ export class Player {
 
   media(bytes, now) {
     this.advance(now);
-    this.queue.push({ audio: bytes, offset: 0 });
+    this.queue.push({ audio: bytes, offset: 0, heard: 0 });
     this.queuedBytes += bytes.length;
     this.lastAudioAt = now;
     this.advance(now);
@@ -210,6 +213,7 @@ export class Player {
     if (head && this.headStarted !== null && head === this.queue[0]) {
       const played = Math.min(head.audio.length - head.offset, Math.floor((now - this.headStarted) * BYTES_PER_MS));
       if (played > 0) {
+        this.#audible(head, head.offset + played);
         this.onPlayed(head.audio.subarray(head.offset, head.offset + played), this.headStarted);
         this.playedBytes += played;
         head.offset += played;
@@ -235,7 +239,11 @@ export class Player {
       if (this.headStarted === null) this.headStarted = now;
       const left = head.audio.length - head.offset;
       const end = this.headStarted + left / BYTES_PER_MS;
-      if (end > now) break;
+      if (end > now) {
+        this.#audible(head, head.offset + Math.floor((now - this.headStarted) * BYTES_PER_MS));
+        break;
+      }
+      this.#audible(head, head.audio.length);
       this.onPlayed(head.audio.subarray(head.offset), this.headStarted);
       this.playedBytes += left;
       this.queuedBytes -= head.audio.length;
@@ -243,6 +251,14 @@ export class Player {
       this.headStarted = end;
     }
     if (!this.queue.length) this.headStarted = null;
+  }
+
+  /** Hands `onAudible` the part of `head` up to `upTo` it has not had yet. */
+  #audible(head, upTo) {
+    if (upTo > head.heard) {
+      this.onAudible(head.audio.subarray(head.heard, upTo));
+      head.heard = upTo;
+    }
   }
 }
 
