@@ -1,16 +1,21 @@
-//! End-to-end test of the call simulator (`npm run call -- --offline`): the real Worker in
+//! End-to-end tests of the call simulator (`npm run call -- --offline`): the real Worker in
 //! `wrangler dev`, pointed at the simulator's stand-in Realtime server, gets a call placed
 //! the way Twilio places it, with the Japanese caller sample. Checks that the call completes,
 //! that the agent's audio written to the WAV is the stand-in's tones, and that the transcript
 //! printed — live from the stand-in and as stored by the Worker — has the stand-in's lines.
+//! The same with the caller on a microphone (`--mic`, here a stand-in capture command that
+//! speaks the sample in real time) who hangs up with Ctrl-C, the agent heard on a speaker
+//! command; and the clear refusal when there is no microphone.
 
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
+use support::wav;
 use support::worker::{free_port, WorkerConfig, WorkerProcess};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 const TWILIO_AUTH_TOKEN: &str = "twilio-sim-token-SECRET-111";
 const ADMIN_TOKEN: &str = "admin-sim-token-SECRET-222";
@@ -18,40 +23,6 @@ const OPENAI_API_KEY: &str = "sk-sim-SECRET-333";
 
 /// The stand-in's tones (scripts/sim/standin.mjs): greeting C-E-G, answer 440 + 880 Hz.
 const STANDIN_TONES_HZ: [f64; 5] = [440.0, 523.0, 659.0, 784.0, 880.0];
-
-/// 16-bit PCM samples and the format of a WAV file.
-fn read_wav(path: &Path) -> (u32, u16, u16, Vec<i16>) {
-    let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert!(
-        b.len() >= 44 && &b[0..4] == b"RIFF" && &b[8..12] == b"WAVE",
-        "{} is not a WAV file",
-        path.display()
-    );
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-    let u32_at = |o: usize| u32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]]);
-    let (mut rate, mut channels, mut bits, mut data) = (0, 0, 0, None);
-    let mut off = 12;
-    while off + 8 <= b.len() {
-        let id = &b[off..off + 4];
-        let size = u32_at(off + 4) as usize;
-        let body = off + 8;
-        if id == b"fmt " {
-            assert_eq!(u16_at(body), 1, "PCM");
-            channels = u16_at(body + 2);
-            rate = u32_at(body + 4);
-            bits = u16_at(body + 14);
-        } else if id == b"data" {
-            data = Some(&b[body..(body + size).min(b.len())]);
-        }
-        off = body + size + (size & 1);
-    }
-    let data = data.expect("data chunk");
-    let samples = data
-        .chunks_exact(2)
-        .map(|c| i16::from_le_bytes([c[0], c[1]]))
-        .collect();
-    (rate, channels, bits, samples)
-}
 
 /// Power of the `hz` component of `x` (Goertzel).
 fn goertzel(x: &[i16], hz: f64, rate: f64) -> f64 {
@@ -81,17 +52,48 @@ fn is_standin_tone(x: &[i16]) -> (bool, f64) {
     (ratio > 5.0, ratio)
 }
 
-fn scratch_dir() -> PathBuf {
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-        .join(format!("e2e-simulator-{}-{stamp}", std::process::id()))
+/// At least `min_loud` loud 100 ms windows in `agent`, and they are the stand-in's tones. A
+/// window that straddles the start or end of a tone (or a barge-in cut) smears its spectrum
+/// (rectangular window), so a few of those may fall under the ratio: one in ten is allowed.
+fn assert_standin_tones(what: &str, agent: &[i16], min_loud: usize) {
+    let mut loud = 0;
+    let mut not_tone = Vec::new();
+    for w in agent.chunks(800) {
+        let rms = (w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
+        if rms < 1000.0 || w.len() < 800 {
+            continue;
+        }
+        loud += 1;
+        let (ok, ratio) = is_standin_tone(w);
+        if !ok {
+            not_tone.push(format!("{ratio:.1}"));
+        }
+    }
+    assert!(
+        loud >= min_loud,
+        "{what}: expected ≥ {min_loud} loud 100 ms windows of stand-in tones, found {loud}"
+    );
+    assert!(
+        not_tone.len() * 10 <= loud,
+        "{what}: {} of {loud} loud 100 ms windows are not stand-in tones (tone/other power {})",
+        not_tone.len(),
+        not_tone.join(", ")
+    );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulator_places_an_offline_call_through_the_worker() {
+/// The samples of a 16-bit PCM mono WAV the simulator wrote, after checking its format.
+fn mono_8k(path: &Path) -> Vec<i16> {
+    let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    let (channels, rate, _, _, bits, _) = wav::parse_header(&b);
+    assert_eq!((rate, channels, bits), (8000, 1, 16), "{}", path.display());
+    b[wav::HEADER..]
+        .chunks_exact(2)
+        .map(|c| i16::from_le_bytes([c[0], c[1]]))
+        .collect()
+}
+
+/// The repository, with the simulator's sample and node packages in place.
+fn checked_root() -> PathBuf {
     let root = support::repo_root();
     let sample = root.join("samples/caller-ja.wav");
     assert!(
@@ -103,11 +105,13 @@ async fn simulator_places_an_offline_call_through_the_worker() {
         root.join("node_modules/ws/package.json").is_file(),
         "node_modules/ws is missing: run bash scripts/setup.sh"
     );
+    root
+}
 
-    let standin_port = free_port();
-    let scratch = scratch_dir();
-    let worker = WorkerProcess::start(WorkerConfig {
-        root: root.clone(),
+/// The Worker in `wrangler dev`, pointed at a stand-in on `standin_port`.
+async fn start_worker(root: &Path, standin_port: u16, scratch: &Path) -> WorkerProcess {
+    WorkerProcess::start(WorkerConfig {
+        root: root.to_path_buf(),
         vars: vec![
             ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
             ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
@@ -117,43 +121,103 @@ async fn simulator_places_an_offline_call_through_the_worker() {
                 format!("ws://127.0.0.1:{standin_port}/v1/realtime"),
             ),
         ],
-        scratch_dir: scratch.clone(),
+        scratch_dir: scratch.to_path_buf(),
     })
     .await
-    .unwrap_or_else(|e| panic!("the Worker did not start:\n{e}"));
+    .unwrap_or_else(|e| panic!("the Worker did not start:\n{e}"))
+}
 
-    let out = scratch.join("agent.wav");
-    let recording = scratch.join("call.wav");
-    let run = tokio::process::Command::new("node")
-        .current_dir(&root)
+/// `node scripts/call.mjs ARGS`, with the Worker's secrets in its environment: they come
+/// from --var, not from .dev.vars, and the environment wins over .dev.vars.
+fn simulator(root: &Path, args: &[&str]) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new("node");
+    cmd.current_dir(root)
         .arg("scripts/call.mjs")
-        .args(["--offline", "--audio"])
-        .arg(&sample)
-        .args(["--standin-port", &standin_port.to_string()])
-        .args(["--url", &worker.base_url()])
-        .arg("--out")
-        .arg(&out)
-        .arg("--recording")
-        .arg(&recording)
-        // The Worker's secrets come from --var, not from .dev.vars: the simulator must get
-        // the same ones (the environment wins over .dev.vars).
+        .args(args)
         .env("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN)
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
         .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
+        .kill_on_drop(true);
+    cmd
+}
+
+/// What the simulator printed, and the Worker's log, for a failure message.
+fn context(output: &Output, worker: Option<&WorkerProcess>) -> String {
+    format!(
+        "--- simulator stdout ---\n{}\n--- stderr ---\n{}\n--- Worker log tail ---\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+        worker.map(|w| w.log_tail(60)).unwrap_or_default()
+    )
+}
+
+/// The lines printed live, before the summary, that come from the stand-in for `who`.
+fn live_standin_lines<'a>(stdout: &'a str, who: &str) -> Vec<&'a str> {
+    stdout
+        .lines()
+        .take_while(|l| !l.starts_with("call summary"))
+        .filter(|l| l.contains(&format!("] {who} ")) && l.contains("[stand-in]"))
+        .collect()
+}
+
+/// The stored call (as the simulator printed it from the admin API) ended with Twilio's
+/// stop and holds the stand-in's greeting, its answer and the caller's turn.
+fn assert_stored_call(stdout: &str, context: &dyn Fn() -> String) {
+    assert!(
+        stdout.contains("stored call record: status=completed end_reason=twilio_stop"),
+        "the stored call should have ended by Twilio's stop:\n{}",
+        context()
+    );
+    let stored = stdout
+        .split("stored transcript (GET /api/admin/calls/")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no stored transcript printed:\n{}", context()));
+    let count = |who: &str| {
+        stored
+            .lines()
+            .filter(|l| l.contains(&format!(" {who} ")) && l.contains("[stand-in]"))
+            .count()
+    };
+    assert!(
+        count("agent") >= 2 && count("caller") >= 1,
+        "stored transcript should hold the stand-in's greeting, answer and the caller's turn:\n{}",
+        context()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_places_an_offline_call_through_the_worker() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+
+    let out = scratch.join("agent.wav");
+    let recording = scratch.join("call.wav");
+    let sample = root.join("samples/caller-ja.wav");
+    let run = simulator(
+        &root,
+        &[
+            "--offline",
+            "--audio",
+            sample.to_str().unwrap(),
+            "--standin-port",
+            &standin_port.to_string(),
+            "--url",
+            &worker.base_url(),
+            "--out",
+            out.to_str().unwrap(),
+            "--recording",
+            recording.to_str().unwrap(),
+        ],
+    )
+    .output();
     let output = tokio::time::timeout(Duration::from_secs(120), run)
         .await
         .expect("the simulator did not finish within 120 s")
         .expect("run node scripts/call.mjs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    let context = || {
-        format!(
-            "--- simulator stdout ---\n{stdout}\n--- stderr ---\n{stderr}\n--- Worker log tail ---\n{}",
-            worker.log_tail(60)
-        )
-    };
+    let context = || context(&output, Some(&worker));
     assert!(
         output.status.success(),
         "the simulator failed ({}):\n{}",
@@ -177,18 +241,7 @@ async fn simulator_places_an_offline_call_through_the_worker() {
     }
 
     // The live transcript: the stand-in's greeting and answer, and what it "heard".
-    let live: Vec<&str> = stdout
-        .lines()
-        .take_while(|l| !l.starts_with("call summary"))
-        .collect();
-    let agent_lines: Vec<&&str> = live
-        .iter()
-        .filter(|l| l.contains("] agent ") && l.contains("[stand-in]"))
-        .collect();
-    let caller_lines: Vec<&&str> = live
-        .iter()
-        .filter(|l| l.contains("] caller ") && l.contains("[stand-in]"))
-        .collect();
+    let agent_lines = live_standin_lines(&stdout, "agent");
     assert!(
         agent_lines.len() >= 2,
         "expected the greeting and an answer from the stand-in:\n{}",
@@ -200,79 +253,266 @@ async fn simulator_places_an_offline_call_through_the_worker() {
         context()
     );
     assert!(
-        !caller_lines.is_empty(),
+        !live_standin_lines(&stdout, "caller").is_empty(),
         "the caller's turn (the sample), as the stand-in transcribed it:\n{}",
         context()
     );
-
-    // The transcript the Worker stored, as the simulator printed it from the admin API.
-    let stored = stdout
-        .split("stored transcript (GET /api/admin/calls/")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no stored transcript printed:\n{}", context()));
-    assert!(
-        stdout.contains("stored call record: status=completed end_reason=twilio_stop"),
-        "the stored call should have ended by Twilio's stop:\n{}",
-        context()
-    );
-    let stored_agent = stored
-        .lines()
-        .filter(|l| l.contains(" agent ") && l.contains("[stand-in]"))
-        .count();
-    let stored_caller = stored
-        .lines()
-        .filter(|l| l.contains(" caller ") && l.contains("[stand-in]"))
-        .count();
-    assert!(
-        stored_agent >= 2 && stored_caller >= 1,
-        "stored transcript should hold the stand-in's greeting, answer and the caller's turn:\n{}",
-        context()
-    );
+    assert_stored_call(&stdout, &context);
 
     // The agent's audio: 8 kHz 16-bit mono, and it is the stand-in's tones.
-    let (rate, channels, bits, agent) = read_wav(&out);
-    assert_eq!((rate, channels, bits), (8000, 1, 16), "agent WAV format");
+    let agent = mono_8k(&out);
     assert!(
         agent.len() > 8000 * 2,
         "at least 2 s of agent audio on the timeline, got {} samples",
         agent.len()
     );
-    // Split into 100 ms windows; the loud ones must be the stand-in's tones. A window
-    // that straddles the start or end of a tone (or a barge-in cut) smears its spectrum
-    // (rectangular window), so a few of those may fall under the ratio: allow one in ten.
-    let mut loud = 0;
-    let mut not_tone = Vec::new();
-    for w in agent.chunks(800) {
-        let rms = (w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / w.len() as f64).sqrt();
-        if rms < 1000.0 || w.len() < 800 {
-            continue;
-        }
-        loud += 1;
-        let (ok, ratio) = is_standin_tone(w);
-        if !ok {
-            not_tone.push(format!("{ratio:.1}"));
-        }
-    }
-    assert!(
-        loud >= 15,
-        "expected ≥ 1.5 s of stand-in tones in the agent audio, found {loud} loud 100 ms windows"
-    );
-    assert!(
-        not_tone.len() * 10 <= loud,
-        "{} of {loud} loud 100 ms windows of the agent audio are not stand-in tones (tone/other power {})",
-        not_tone.len(),
-        not_tone.join(", ")
-    );
+    assert_standin_tones("the agent's audio", &agent, 15);
 
     // The recording: caller on the left (the sample), agent on the right.
-    let (rate, channels, _, both) = read_wav(&recording);
+    let both = std::fs::read(&recording).unwrap();
+    let (channels, rate, ..) = wav::parse_header(&both);
     assert_eq!((rate, channels), (8000, 2));
-    let left_loud = both
-        .chunks_exact(2)
-        .filter(|lr| (lr[0] as i32).abs() > 2000)
-        .count();
+    let (left, _) = wav::channels(&both);
+    let left_loud = left.iter().filter(|v| v.unsigned_abs() > 2000).count();
     assert!(
         left_loud > 4000,
         "the caller's speech should be on the left channel"
+    );
+}
+
+/// Processes whose command line holds `tag` (from /proc).
+fn processes_tagged(tag: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|c| c.contains(tag) && !c.contains("call.mjs"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-mic");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+
+    let out = scratch.join("agent.wav");
+    let speaker_out = scratch.join("speaker.ulaw");
+    // The microphone: the sample spoken after 2 s of a quiet room, then the quiet room, for
+    // as long as it is listened to. The tag finds it (and its shell) afterwards.
+    let tag = format!("mic-tag-{}", std::process::id());
+    let mic = format!("node tests/support/fake_mic.mjs samples/caller-ja.wav 2 {tag}");
+    let speaker = format!("cat > '{}'", speaker_out.display());
+    let mut child = simulator(
+        &root,
+        &[
+            "--offline",
+            "--mic-command",
+            &mic,
+            "--speaker-command",
+            &speaker,
+            "--standin-port",
+            &standin_port.to_string(),
+            "--url",
+            &worker.base_url(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("run node scripts/call.mjs");
+
+    // Read what it prints as it comes; once the stand-in has answered what it heard and its
+    // answer has had time to play, the caller hangs up with Ctrl-C (SIGINT).
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stderr = child.stderr.take().unwrap();
+    let stderr_task = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s).await;
+        s
+    });
+    let mut stdout = String::new();
+    let answered = tokio::time::timeout(Duration::from_secs(90), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            stdout.push_str(&line);
+            stdout.push('\n');
+            if line.contains("] agent ") && line.contains("heard ") {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    if answered {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let pid = child.id().expect("the simulator is running").to_string();
+        let kill = std::process::Command::new("kill")
+            .args(["-INT", &pid])
+            .status()
+            .expect("kill -INT");
+        assert!(kill.success(), "kill -INT {pid}");
+    } else {
+        let _ = child.start_kill();
+    }
+    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            stdout.push_str(&line);
+            stdout.push('\n');
+        }
+        child.wait().await
+    })
+    .await
+    .expect("the simulator did not end within 60 s of Ctrl-C")
+    .expect("wait for the simulator");
+    let stderr = stderr_task.await.unwrap();
+    let output = Output {
+        status: rest,
+        stdout: stdout.clone().into_bytes(),
+        stderr: stderr.clone().into_bytes(),
+    };
+    let context = || context(&output, Some(&worker));
+    assert!(
+        answered,
+        "the stand-in never answered the caller:\n{}",
+        context()
+    );
+    assert!(
+        output.status.success(),
+        "the simulator failed ({}):\n{}",
+        output.status,
+        context()
+    );
+    for expected in [
+        "caller audio: the microphone (`node tests/support/fake_mic.mjs",
+        "the microphone is live",
+        "speaker: `cat > ",
+        "Twilio: stop (the caller hung up)",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{}",
+            context()
+        );
+    }
+    assert!(
+        stderr.contains("Ctrl-C: the caller hangs up"),
+        "the Ctrl-C should be acknowledged:\n{}",
+        context()
+    );
+    assert!(
+        !live_standin_lines(&stdout, "caller").is_empty(),
+        "the stand-in should have heard the caller's turn from the microphone:\n{}",
+        context()
+    );
+    assert_stored_call(&stdout, &context);
+
+    // What Twilio played went to the WAV and, in real time, to the speaker: a continuous
+    // stream (silence between turns) as long as the call, holding the same tones.
+    let agent = mono_8k(&out);
+    assert_standin_tones("the agent's audio", &agent, 15);
+    let speaker = std::fs::read(&speaker_out).expect("the speaker command's output");
+    let streamed_s = stdout
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("speaker: ")?
+                .strip_suffix(" s played")
+        })
+        .and_then(|s| s.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no speaker summary:\n{}", context()));
+    assert!(
+        (speaker.len() as f64 / 8000.0 - streamed_s).abs() < 0.1,
+        "the speaker got {} bytes for {streamed_s} s played",
+        speaker.len()
+    );
+    let sent_s = stdout
+        .lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("call summary: ")?;
+            l.split(" media frames sent").next()?.parse::<f64>().ok()
+        })
+        .map(|frames| frames * 0.02)
+        .unwrap_or_else(|| panic!("no call summary:\n{}", context()));
+    assert!(
+        (streamed_s - sent_s).abs() < 1.0,
+        "the speaker played {streamed_s} s in a call of {sent_s} s of caller audio"
+    );
+    // The speaker carried exactly that audio: 25 ms from the middle of each loud 100 ms
+    // of the WAV is found in it (a piece of the timeline may sit a sample off its
+    // neighbour, so a few may not match).
+    let heard = wav::decoded(&speaker);
+    let needles: Vec<&[i16]> = agent
+        .chunks_exact(800)
+        .filter(|w| w.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / 800.0 > 1e6)
+        .map(|w| &w[300..500])
+        .collect();
+    let found = needles
+        .iter()
+        .filter(|n| wav::find(&heard, n, 0).is_some())
+        .count();
+    assert!(
+        needles.len() >= 15 && found * 10 >= needles.len() * 8,
+        "{found} of {} pieces of the agent's audio found in what the speaker played",
+        needles.len()
+    );
+
+    // The microphone's program (and the shell around it) is stopped with the call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = processes_tagged(&tag);
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+#[tokio::test]
+async fn simulator_refuses_clearly_without_a_microphone() {
+    let root = checked_root();
+    // A capture program that finds no device.
+    let output = simulator(
+        &root,
+        &[
+            "--mic-command",
+            "echo 'ALSA lib pcm.c: Unknown PCM default' >&2; exit 1",
+            "--url",
+            "http://127.0.0.1:9",
+        ],
+    )
+    .output()
+    .await
+    .expect("run node scripts/call.mjs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{}", context(&output, None));
+    assert!(
+        stderr.contains("no microphone could be opened") && stderr.contains("Unknown PCM default"),
+        "{}",
+        context(&output, None)
+    );
+
+    // No capture program at all: PATH holds node only.
+    let bin = support::scratch_dir("e2e-simulator-path");
+    std::fs::create_dir_all(&bin).unwrap();
+    let node = std::process::Command::new("sh")
+        .args(["-c", "command -v node"])
+        .output()
+        .unwrap();
+    let node = String::from_utf8_lossy(&node.stdout).trim().to_owned();
+    std::os::unix::fs::symlink(&node, bin.join("node")).unwrap();
+    let output = simulator(&root, &["--mic", "--url", "http://127.0.0.1:9"])
+        .env("PATH", &bin)
+        .output()
+        .await
+        .expect("run node scripts/call.mjs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{}", context(&output, None));
+    assert!(
+        stderr.contains("no program to capture the microphone was found")
+            && stderr.contains("apt-get install sox"),
+        "{}",
+        context(&output, None)
     );
 }
