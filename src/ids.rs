@@ -31,6 +31,12 @@ macro_rules! string_id {
                 Self(s.to_owned())
             }
         }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

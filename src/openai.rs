@@ -46,9 +46,11 @@ pub enum ServerEvent<'a> {
         item_id: String,
         transcript: Option<String>,
     },
+    /// Borrowed from the event's text, ids and audio alike: the machine compares the ids
+    /// with the item it is playing and relays the audio, allocating nothing for either.
     AudioDelta {
-        response_id: Option<String>,
-        item_id: String,
+        response_id: Option<Cow<'a, str>>,
+        item_id: Cow<'a, str>,
         delta: Cow<'a, str>,
     },
     AudioDone {
@@ -158,10 +160,11 @@ struct RawEvent<'a> {
     kind: Cow<'a, str>,
     #[serde(default, borrow)]
     delta: Option<Text<'a>>,
-    #[serde(default)]
-    item_id: Option<String>,
-    #[serde(default)]
-    response_id: Option<String>,
+    // Borrowed: an audio delta's ids are compared, not kept (see `ServerEvent::AudioDelta`).
+    #[serde(default, borrow)]
+    item_id: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    response_id: Option<Text<'a>>,
     #[serde(default)]
     audio_start_ms: Option<u64>,
     #[serde(default)]
@@ -225,9 +228,13 @@ fn session_info(v: &Value) -> SessionInfo {
     }
 }
 
+fn owned(id: Option<Text<'_>>) -> Option<String> {
+    id.map(|t| t.0.into_owned())
+}
+
 /// Parses one text frame from the Realtime server.
 pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
-    let raw: RawEvent<'_> =
+    let mut raw: RawEvent<'_> =
         serde_json::from_str(text).map_err(|e| ParseError::Json(e.to_string()))?;
     let missing = |event, field| ParseError::Missing { event, field };
     Ok(match raw.kind.as_ref() {
@@ -241,15 +248,15 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         }
         "error" => ServerEvent::Error(raw.error.unwrap_or_default()),
         "input_audio_buffer.speech_started" => ServerEvent::SpeechStarted {
-            item_id: raw.item_id,
+            item_id: owned(raw.item_id),
             audio_start_ms: raw.audio_start_ms,
         },
         "input_audio_buffer.speech_stopped" => ServerEvent::SpeechStopped {
-            item_id: raw.item_id,
+            item_id: owned(raw.item_id),
             audio_end_ms: raw.audio_end_ms,
         },
         "input_audio_buffer.committed" => ServerEvent::Committed {
-            item_id: raw.item_id,
+            item_id: owned(raw.item_id),
         },
         "conversation.item.added" | "conversation.item.created" | "response.output_item.added" => {
             let item = raw.item.ok_or(missing("conversation.item.added", "item"))?;
@@ -273,7 +280,7 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         }
         "response.output_audio_transcript.delta" | "response.audio_transcript.delta" => {
             ServerEvent::AudioTranscriptDelta {
-                item_id: raw.item_id,
+                item_id: owned(raw.item_id),
                 delta: raw.delta.map(|d| d.0.into_owned()).unwrap_or_default(),
             }
         }
@@ -281,38 +288,40 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
             response_id: raw.response.and_then(|r| r.id),
         },
         "response.output_audio.delta" | "response.audio.delta" => ServerEvent::AudioDelta {
-            response_id: raw.response_id,
+            response_id: raw.response_id.take().map(|t| t.0),
             item_id: raw
                 .item_id
-                .ok_or(missing("response.output_audio.delta", "item_id"))?,
+                .take()
+                .ok_or(missing("response.output_audio.delta", "item_id"))?
+                .0,
             delta: raw
                 .delta
                 .ok_or(missing("response.output_audio.delta", "delta"))?
                 .0,
         },
         "response.output_audio.done" | "response.audio.done" => ServerEvent::AudioDone {
-            item_id: raw.item_id,
+            item_id: owned(raw.item_id),
         },
         "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
             ServerEvent::AudioTranscriptDone {
-                item_id: raw.item_id,
+                item_id: owned(raw.item_id),
                 transcript: raw.transcript.unwrap_or_default(),
             }
         }
         "conversation.item.input_audio_transcription.completed" => {
             ServerEvent::InputTranscriptionCompleted {
-                item_id: raw.item_id,
+                item_id: owned(raw.item_id),
                 transcript: raw.transcript.unwrap_or_default(),
             }
         }
         "conversation.item.input_audio_transcription.failed" => {
             ServerEvent::InputTranscriptionFailed {
-                item_id: raw.item_id,
+                item_id: owned(raw.item_id),
                 error: raw.error.unwrap_or_default(),
             }
         }
         "conversation.item.truncated" => ServerEvent::ItemTruncated {
-            item_id: raw.item_id,
+            item_id: owned(raw.item_id),
             audio_end_ms: raw.audio_end_ms,
         },
         "response.function_call_arguments.done" => {
@@ -533,12 +542,25 @@ mod tests {
             let text = format!(
                 r#"{{"type":"{name}","event_id":"e","response_id":"resp_1","item_id":"item_1","output_index":0,"content_index":0,"delta":"AAAA"}}"#
             );
-            let ServerEvent::AudioDelta { item_id, delta, .. } = parse(&text).unwrap() else {
+            let ServerEvent::AudioDelta {
+                item_id,
+                delta,
+                response_id,
+            } = parse(&text).unwrap()
+            else {
                 panic!("{name}")
             };
             assert_eq!(item_id, "item_1");
+            assert_eq!(response_id.as_deref(), Some("resp_1"));
             assert_eq!(delta, "AAAA");
             assert!(matches!(delta, Cow::Borrowed(_)), "audio is not copied");
+            assert!(
+                matches!(
+                    (item_id, response_id),
+                    (Cow::Borrowed(_), Some(Cow::Borrowed(_)))
+                ),
+                "nor are the ids"
+            );
         }
     }
 

@@ -12,8 +12,9 @@ pub enum Inbound<'a> {
     Connected,
     Start(Start),
     Media(Media<'a>),
+    /// Borrowed: an echo (one per 100 ms of agent audio) is looked up, not kept.
     Mark {
-        name: String,
+        name: Cow<'a, str>,
     },
     Dtmf {
         digit: String,
@@ -67,8 +68,8 @@ struct RawFrame<'a> {
     media: Option<RawMedia<'a>>,
     #[serde(default)]
     start: Option<RawStart>,
-    #[serde(default)]
-    mark: Option<RawMark>,
+    #[serde(default, borrow)]
+    mark: Option<RawMark<'a>>,
     #[serde(default)]
     dtmf: Option<RawDtmf>,
 }
@@ -79,8 +80,8 @@ struct RawMedia<'a> {
     payload: Option<Text<'a>>,
     #[serde(default, borrow)]
     track: Option<Text<'a>>,
-    #[serde(default)]
-    timestamp: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    timestamp: Option<Text<'a>>,
 }
 
 /// A string that borrows from the frame unless it holds JSON escapes. (serde borrows a
@@ -111,8 +112,9 @@ struct RawMediaFormat {
 }
 
 #[derive(Deserialize)]
-struct RawMark {
-    name: Option<String>,
+struct RawMark<'a> {
+    #[serde(default, borrow)]
+    name: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -160,14 +162,15 @@ pub fn parse(text: &str) -> Result<Inbound<'_>, ParseError> {
             Inbound::Media(Media {
                 payload: m.payload.ok_or(missing("media", "payload"))?.0,
                 track: m.track.map(|t| t.0),
-                timestamp: m.timestamp.and_then(|t| t.parse().ok()),
+                timestamp: m.timestamp.and_then(|t| t.0.parse().ok()),
             })
         }
         "mark" => Inbound::Mark {
             name: raw
                 .mark
                 .and_then(|m| m.name)
-                .ok_or(missing("mark", "name"))?,
+                .ok_or(missing("mark", "name"))?
+                .0,
         },
         "dtmf" => Inbound::Dtmf {
             digit: raw
@@ -210,9 +213,18 @@ impl Writer {
         s
     }
 
+    /// One allocation for a name of ours (`m17`: nothing to escape); any other is escaped.
     pub fn mark(&self, name: &str) -> String {
-        let name = serde_json::to_string(name).expect("strings serialize");
-        format!("{}{}}}}}", self.mark_prefix, name)
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            let name = serde_json::to_string(name).expect("strings serialize");
+            return format!("{}{}}}}}", self.mark_prefix, name);
+        }
+        let mut s = String::with_capacity(self.mark_prefix.len() + name.len() + 4);
+        s.push_str(&self.mark_prefix);
+        s.push('"');
+        s.push_str(name);
+        s.push_str("\"}}");
+        s
     }
 
     pub fn clear(&self) -> String {
@@ -276,6 +288,24 @@ mod tests {
                 event: "surprise".into()
             }
         );
+    }
+
+    #[test]
+    fn marks_and_their_echoes_borrow_and_escape_what_needs_it() {
+        let w = Writer::new(&StreamSid::from("MZ\"1"));
+        for name in ["m17", "a \"quoted\" name", "名前"] {
+            let frame = w.mark(name);
+            let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
+            assert_eq!(v["event"], "mark");
+            assert_eq!(v["streamSid"], "MZ\"1");
+            assert_eq!(v["mark"]["name"], name, "{frame}");
+        }
+        let Inbound::Mark { name } =
+            parse(r#"{"event":"mark","streamSid":"MZ1","mark":{"name":"m17"}}"#).unwrap()
+        else {
+            panic!("a mark");
+        };
+        assert!(matches!(name, Cow::Borrowed("m17")));
     }
 
     #[test]

@@ -41,7 +41,7 @@ pub fn run(f: &FrameInput) {
         Ok(openai::ServerEvent::AudioDelta { item_id, delta, .. }) => {
             let v = json(&f.text);
             assert_eq!(v["delta"].as_str(), Some(&*delta));
-            assert_eq!(v["item_id"].as_str(), Some(item_id.as_str()));
+            assert_eq!(v["item_id"].as_str(), Some(&*item_id));
         }
         Ok(_) => {}
         Err(e) => drop(e.to_string()),

@@ -611,7 +611,7 @@ impl Call {
         let held = std::mem::take(&mut self.held_output);
         self.held_output_bytes = 0;
         for (item, payload, bytes) in held {
-            self.send_agent_audio(&item, &payload, bytes, now);
+            self.send_agent_audio(item.as_str(), &payload, bytes, now);
         }
         self.maybe_greet();
     }
@@ -802,7 +802,7 @@ impl Call {
                 );
             }
             ServerEvent::AudioDelta { item_id, delta, .. } => {
-                self.on_agent_audio(ItemId(item_id), &delta, now)
+                self.on_agent_audio(&item_id, &delta, now)
             }
             ServerEvent::AudioDone { item_id } => {
                 if let Some(id) = item_id {
@@ -958,23 +958,24 @@ impl Call {
             .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
     }
 
-    fn on_agent_audio(&mut self, item: ItemId, delta: &str, now: Millis) {
+    fn on_agent_audio(&mut self, item: &str, delta: &str, now: Millis) {
         if self.upstream != Upstream::Ready {
             // Before μ-law is confirmed this is 24 kHz PCM: noise on a phone line.
             return self.drop_input("openai_audio_before_session_ready", Value::Null);
         }
-        if self.playback.is_cut(&item) {
+        if self.playback.is_cut(item) {
             return self.drop_input("openai_audio_after_barge_in", Value::Null);
         }
         let Some(bytes) = base64_decoded_len(delta) else {
             return self.drop_input("openai_invalid_base64", json!({ "len": delta.len() }));
         };
         let bytes = bytes as u64;
-        self.playback.received(&item, bytes);
+        self.playback.received(item, bytes);
         if self.stream.is_some() {
-            return self.send_agent_audio(&item, delta, bytes, now);
+            return self.send_agent_audio(item, delta, bytes, now);
         }
-        self.held_output.push_back((item, delta.to_owned(), bytes));
+        self.held_output
+            .push_back((ItemId::from(item), delta.to_owned(), bytes));
         self.held_output_bytes += bytes;
         while self.held_output_bytes > MAX_HELD_OUTPUT_BYTES {
             let (_, _, b) = self.held_output.pop_front().expect("bytes imply frames");
@@ -987,7 +988,7 @@ impl Call {
         }
     }
 
-    fn send_agent_audio(&mut self, item: &ItemId, payload: &str, bytes: u64, now: Millis) {
+    fn send_agent_audio(&mut self, item: &str, payload: &str, bytes: u64, now: Millis) {
         let Some(stream) = &self.stream else { return };
         let at = now.saturating_sub(stream.started_at).0;
         if self.stats.first_audio_ms.is_none() {
@@ -999,9 +1000,10 @@ impl Call {
                 json!({ "ms_from_start": ms }),
             );
         }
-        if self.audio_item.as_ref() != Some(item) {
-            self.conversation.agent_audio_started(item, at);
-            self.audio_item = Some(item.clone());
+        if self.audio_item.as_ref().is_none_or(|a| a.as_str() != item) {
+            let id = ItemId::from(item);
+            self.conversation.agent_audio_started(&id, at);
+            self.audio_item = Some(id);
         }
         self.record_agent(payload, at);
         if let Some(mark) = self.playback.before_send(item) {

@@ -72,18 +72,22 @@ pub struct Playback {
     unmarked: Option<(ItemId, u64, Millis)>,
 }
 
+// The methods an audio delta goes through take the item's id as any `AsRef<str>`: the
+// machine hands them the id borrowed from the event's text, so that a delta of an item
+// already known allocates no `ItemId`.
 impl Playback {
     /// True when audio of this item must no longer be played (it was cut by a barge-in).
-    pub fn is_cut(&self, item: &ItemId) -> bool {
-        self.cut.contains(item)
+    pub fn is_cut(&self, item: &(impl AsRef<str> + ?Sized)) -> bool {
+        let item = item.as_ref();
+        self.cut.iter().any(|c| c.as_str() == item)
     }
 
-    fn item_mut(&mut self, id: &ItemId) -> &mut Item {
-        if let Some(i) = self.items.iter().position(|i| &i.id == id) {
+    fn item_mut(&mut self, id: &str) -> &mut Item {
+        if let Some(i) = self.items.iter().position(|i| i.id.as_str() == id) {
             return &mut self.items[i];
         }
         self.items.push_back(Item {
-            id: id.clone(),
+            id: ItemId::from(id),
             received: 0,
             sent: 0,
             played: 0,
@@ -93,26 +97,33 @@ impl Playback {
     }
 
     /// Audio for `item` arrived from OpenAI (whether or not it can be sent yet).
-    pub fn received(&mut self, item: &ItemId, bytes: u64) {
-        self.item_mut(item).received += bytes;
+    pub fn received(&mut self, item: &(impl AsRef<str> + ?Sized), bytes: u64) {
+        self.item_mut(item.as_ref()).received += bytes;
     }
 
     /// Audio of `item` is about to be sent: if audio of another item is still unmarked, the
     /// mark to send before it (a mark names one item).
-    pub fn before_send(&mut self, item: &ItemId) -> Option<String> {
+    pub fn before_send(&mut self, item: &(impl AsRef<str> + ?Sized)) -> Option<String> {
         match &self.unmarked {
-            Some((other, _, _)) if other != item => self.flush(),
+            Some((other, _, _)) if other.as_str() != item.as_ref() => self.flush(),
             _ => None,
         }
     }
 
     /// Audio for `item` was sent to Twilio at `now`; returns the name of the mark to send
     /// after it, when one is due.
-    pub fn sent(&mut self, item: &ItemId, bytes: u64, now: Millis) -> Option<String> {
-        let it = self.item_mut(item);
+    pub fn sent(
+        &mut self,
+        item: &(impl AsRef<str> + ?Sized),
+        bytes: u64,
+        now: Millis,
+    ) -> Option<String> {
+        let it = self.item_mut(item.as_ref());
         it.sent += bytes;
         let done = it.audio_done;
-        let (_, pending, _) = self.unmarked.get_or_insert_with(|| (item.clone(), 0, now));
+        let (_, pending, _) = self
+            .unmarked
+            .get_or_insert_with(|| (ItemId::from(item.as_ref()), 0, now));
         *pending += bytes;
         if done || *pending >= MARK_EVERY_BYTES {
             self.flush()
