@@ -8,7 +8,7 @@
 //     --target floor=http://127.0.0.1:8801 --pid floor=<wrangler pid> \
 //     --target bridge=http://127.0.0.1:8802 --pid bridge=<wrangler pid> \
 //     [--calls 20] [--seconds 30] [--rounds 2] [--together] [--auth-token T]
-//     [--clk-tck 100] [--json out.json]
+//     [--clk-tck 100] [--json out.json] [--profile NAME=INSPECTOR_PORT] [--profile-out DIR]
 //
 // Each round runs the targets one after the other (A B B A order over rounds), or with
 // --together all at once, --calls each, in the same seconds: the shared machine's changes
@@ -39,6 +39,10 @@
 //     calls have transcript rows in D1, read back through the admin API
 //     (GET /api/admin/calls/{CallSid}), waiting up to 60 s for the outbox to copy them.
 //
+// --profile NAME=PORT (the target's `wrangler dev --inspector-port`) also takes a V8 CPU
+// profile of that Worker during the first round's all-calls-streaming window and prints
+// where its time went (bench/profile.mjs); --profile-out keeps the .cpuprofile files.
+//
 // --check turns the figures into a verdict for the test command (scripts/load-test.sh):
 // exit status 1 when a call failed, a frame was lost either way, or a call checked with
 // --admin has no transcript rows. Nothing about time is ever asserted.
@@ -46,10 +50,11 @@
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 
 import { FRAME_BYTES, toneSequence } from '../scripts/sim/audio.mjs';
+import { attach as attachProfiler } from './profile.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
 
 function parseArgs(argv) {
-  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true, together: false };
+  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true, together: false, profile: {}, profileOut: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => argv[++i];
@@ -86,6 +91,12 @@ function parseArgs(argv) {
       case '--check': o.check = true; break;
       case '--no-warmup': o.warmup = false; break;
       case '--together': o.together = true; break;
+      case '--profile': {
+        const [name, port] = v().split('=');
+        o.profile[name] = Number(port);
+        break;
+      }
+      case '--profile-out': o.profileOut = v(); break;
       default: throw new Error(`unknown option ${a}`);
     }
   }
@@ -323,9 +334,9 @@ async function transcriptRows(target, token, calls, waitMs = 60_000) {
 }
 
 /** One round against one target. */
-async function runTarget(target, opt) {
+async function runTarget(target, opt, profilers = {}) {
   await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
-  const run = await drive(target, opt, 0);
+  const run = await drive(target, opt, 0, profilers[target.name]);
   return collect(run, await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json()), opt);
 }
 
@@ -334,15 +345,16 @@ async function runTarget(target, opt) {
  * (numbered apart, so the stand-in tells them apart) over the same seconds, so a change in
  * the machine's load falls on all of them alike and the ratios between them hold still.
  */
-async function runTogether(targets, opt) {
+async function runTogether(targets, opt, profilers = {}) {
   await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.text());
-  const runs = await Promise.all(targets.map((t, k) => drive(t, opt, k * opt.calls)));
+  const runs = await Promise.all(targets.map((t, k) => drive(t, opt, k * opt.calls, profilers[t.name])));
   const stats = await fetch(`${opt.standin}/bench/stats?reset=1`).then((r) => r.json());
   return Promise.all(runs.map((run) => collect(run, stats, opt)));
 }
 
-/** Places a target's calls, streams them to the end and takes its CPU figures. */
-async function drive(target, opt, idxBase) {
+/** Places a target's calls, streams them to the end and takes its CPU figures (and, given a
+ * profiler, its CPU profile while every call streams). */
+async function drive(target, opt, idxBase, profiler = null) {
   const pid = opt.pids[target.name];
   const calls = Array.from({ length: opt.calls }, (_, i) => new BenchCall(idxBase + i, target, opt));
   const cpu0 = pid ? cpuTicks(pid) : null;
@@ -357,7 +369,7 @@ async function drive(target, opt, idxBase) {
     for (const c of calls) c.tick(now);
   }, 2);
   await Promise.all(starts);
-  const steadyWindow = pid ? measureSteady(calls, pid, opt) : Promise.resolve(null);
+  const steadyWindow = pid ? measureSteady(calls, pid, opt, profiler) : Promise.resolve(null);
   // Wait until every call has sent all its frames (or failed).
   while (calls.some((c) => c.state === 'streaming' && c.nextSeq < c.total) && nowMs() < hardDeadline) await sleep(50);
   await Promise.all(calls.map((c) => c.finish()));
@@ -454,7 +466,7 @@ async function collect({ target, calls, cpu0, cpu1, steady, generatorSeconds, wa
  * had its first echo back (set-up done) to a second before the first call's audio ends
  * (teardown not begun). `null` when that window is under 3 s or a call failed in it.
  */
-async function measureSteady(calls, pid, opt) {
+async function measureSteady(calls, pid, opt, profiler = null) {
   const live = () => calls.filter((c) => c.state === 'streaming');
   const deadline = nowMs() + (opt.seconds + 10) * 1000;
   while (live().some((c) => c.firstEchoAt === undefined) && nowMs() < deadline) await sleep(20);
@@ -464,9 +476,13 @@ async function measureSteady(calls, pid, opt) {
   await sleep(from - nowMs());
   const a = cpuTicks(pid);
   const ta = nowMs();
+  const profiling = profiler ? profiler.start().then(() => true, (e) => (process.stderr.write(`    profile: ${e.message}\n`), false)) : null;
   await sleep(to - nowMs());
   const b = cpuTicks(pid);
   const tb = nowMs();
+  if (profiling && (await profiling)) {
+    profiler.text = await profiler.stop().catch((e) => `${profiler.name}: the profile failed: ${e.message}`);
+  }
   if (live().length !== calls.length) return null;
   return { workerdSeconds: (b.workerd - a.workerd) / opt.clkTck, callMinutes: (calls.length * (tb - ta)) / 60000 };
 }
@@ -614,14 +630,24 @@ async function main() {
     const w = await runTarget(t, warm);
     if (w.okCalls === 0) process.stderr.write(`    warm-up failed: ${w.errors.join('; ')}\n`);
   }
+  // Profiles of the first round's streaming window: attached now, past the warm-up.
+  const profilers = {};
+  for (const [name, port] of Object.entries(opt.profile)) {
+    try {
+      profilers[name] = await attachProfiler({ name, port, out: opt.profileOut });
+    } catch (e) {
+      process.stderr.write(`    profile of ${name}: cannot attach to the inspector on :${port}: ${e.message}\n`);
+    }
+  }
   // Rounds in A B B A … order, so drift in the machine's load falls on every target alike;
   // or, with --together, every target in the same seconds.
   for (let round = 0; round < opt.rounds; round++) {
+    const profiling = round === 0 ? profilers : {};
     const order = round % 2 === 0 ? opt.targets : [...opt.targets].reverse();
     if (opt.together) {
       const names = opt.targets.map((t) => t.name).join(', ');
       process.stderr.write(`==> load round ${round + 1}/${opt.rounds}: ${opt.calls} calls × ${opt.seconds} s against each of ${names}, at once\n`);
-      for (const r of await runTogether(opt.targets, opt)) {
+      for (const r of await runTogether(opt.targets, opt, profiling)) {
         process.stderr.write(`    ${r.target}:\n`);
         report(r);
         runs.get(r.target).push(r);
@@ -631,7 +657,7 @@ async function main() {
     }
     for (const t of order) {
       process.stderr.write(`==> load round ${round + 1}/${opt.rounds}: ${opt.calls} calls × ${opt.seconds} s against ${t.name} (${t.url})\n`);
-      const r = await runTarget(t, opt);
+      const r = await runTarget(t, opt, profiling);
       report(r);
       runs.get(t.name).push(r);
       await sleep(1000);
@@ -642,6 +668,11 @@ async function main() {
   const together = opt.together ? ` per target, all targets at once (${opt.calls * opt.targets.length} calls in all)` : '';
   console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${together}${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
   console.log(table(results));
+  const profiled = Object.values(profilers).filter((p) => p.text);
+  if (profiled.length) {
+    console.log(`\nCPU profiles of the first round, while every call streamed (V8 samples of each Worker's isolate; shares of its busy samples)${opt.profileOut ? `; .cpuprofile files in ${opt.profileOut}` : ''}:`);
+    for (const p of profiled) console.log(`${p.text}\n`);
+  }
   if (opt.json) writeFileSync(opt.json, JSON.stringify({ options: { calls: opt.calls, seconds: opt.seconds, rounds: opt.rounds }, results }, null, 2));
   if (opt.check) {
     const problems = [];

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # README's benchmark command: prints figures, asserts nothing about time.
 #   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--one-at-a-time]
-#                         [--skip-native] [--skip-load]
+#                         [--skip-native] [--skip-load] [--profile]
 #   npm run bench -- --calls 100 --one-at-a-time
 # (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
 # 3 rounds, each round running N calls against every target at once, so a change in the
@@ -19,7 +19,11 @@
 #    recording on) and the bridge with an agent that does not record (bridge-norec), all
 #    behind the stand-in Realtime server in echo mode; call set-up, latency p50/p99 each
 #    way, frames lost, and workerd CPU seconds per call-minute, as ratios to the floor
-#    (bench/load.mjs); for the bridge, how many calls left transcript rows in D1.
+#    (bench/load.mjs); for the bridge, how many calls left transcript rows in D1;
+# 4. with --profile, a V8 CPU profile of each Worker while every call of the first round
+#    streams: where its time goes, by kind (JavaScript, wasm, workerd built-ins such as
+#    WebSocket.send, GC) and by function (bench/profile.mjs; the .cpuprofile files are kept
+#    for Chrome's DevTools).
 # Everything runs on 127.0.0.1, is bounded in calls and time, and stops by itself.
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
@@ -32,6 +36,7 @@ rounds="${BENCH_ROUNDS:-3}"
 together=1
 native=1
 load=1
+profile=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --calls) calls="$2"; shift 2 ;;
@@ -40,7 +45,8 @@ while [[ $# -gt 0 ]]; do
     --one-at-a-time) together=0; shift ;;
     --skip-native) native=0; shift ;;
     --skip-load) load=0; shift ;;
-    -h|--help) sed -n '2,24p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --profile) profile=1; shift ;;
+    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
@@ -90,15 +96,18 @@ if [[ "$load" == 1 ]]; then
   admin="bench-admin-token-$$"
 
   mkdir -p "$work/floor-state"
+  floor_inspector=$(free_port)
   start_bg floor env CI=true NO_COLOR=1 npx wrangler dev -c bench/floor/wrangler.toml --ip 127.0.0.1 \
     --show-interactive-dev-session=false \
-    --port "$floor_port" --inspector-port "$(free_port)" --persist-to "$work/floor-state" \
+    --port "$floor_port" --inspector-port "$floor_inspector" --persist-to "$work/floor-state" \
     --var "OPENAI_REALTIME_URL:$realtime"
   floor_pid=$started
 
   log "applying D1 migrations to the bridge's bench state, starting the bridge"
   start_bridge "$bridge_port" "$work/bridge-state" "$realtime" "$token" "$admin"
   bridge_pid=$started
+  profiles=(--profile "floor=$floor_inspector" --profile "bridge=$inspector" --profile-out "$work/profiles")
+  [[ "$profile" == 1 ]] || profiles=()
 
   wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
   wait_http "http://127.0.0.1:$floor_port/healthz" "$work/floor.log" 120
@@ -116,6 +125,7 @@ if [[ "$load" == 1 ]]; then
     log "starting a second bridge for bridge-norec on :$norec_port"
     start_bridge "$norec_port" "$work/norec-state" "$realtime" "$token" "$admin" bridge-norec
     norec_pid=$started
+    [[ "$profile" == 1 ]] && profiles+=(--profile "bridge-norec=$inspector")
     norec_bridge="http://127.0.0.1:$norec_port"
     wait_http "$norec_bridge/healthz" "$work/bridge-norec.log" 300
   fi
@@ -143,7 +153,7 @@ if [[ "$load" == 1 ]]; then
     --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
     --target "bridge=$bridge" --pid "bridge=$bridge_pid" --admin "bridge=$admin" "${norec[@]}" \
     --calls "$calls" --seconds "$seconds" --rounds "$rounds" --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
-    "${how[@]}" --json "$work/load.json" | tee "$load_out"
+    "${how[@]}" "${profiles[@]}" --json "$work/load.json" | tee "$load_out"
 fi
 
 echo
