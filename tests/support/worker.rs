@@ -33,12 +33,23 @@ pub struct WorkerProcess {
     child: Child,
 }
 
-/// A port that was free a moment ago (bind :0, read it, release it).
+/// A port that was free a moment ago (bind :0, read it, release it), and one this test
+/// process has not handed out before: a port is released before its user binds it (the
+/// stand-in, `wrangler dev`), and the kernel may give a just-released port to the next bind
+/// :0, so without the record two users in one test could be told the same port.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// Remove ANSI escape sequences (wrangler colours its warnings even with NO_COLOR).
@@ -93,10 +104,7 @@ impl WorkerProcess {
         )?;
 
         let port = free_port();
-        let mut inspector_port = free_port();
-        while inspector_port == port {
-            inspector_port = free_port();
-        }
+        let inspector_port = free_port();
         let mut args: Vec<String> = vec![
             "wrangler".into(),
             "dev".into(),
