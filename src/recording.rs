@@ -350,11 +350,63 @@ fn decode_into(payload: &str, buf: &mut Vec<u8>) -> bool {
 
 // ---- multipart upload parts ----------------------------------------------------------------------
 
-/// One part of the multipart upload: numbered from 1.
+/// Parts are held in pieces of at most this many bytes, each allocated once at its full size:
+/// the audio is never copied to grow a buffer, freed pieces are reused by the next calls, and
+/// a part goes to R2 piece by piece.
+pub const PIECE_BYTES: usize = 64 * 1024;
+
+/// One part of the multipart upload: numbered from 1, its bytes in pieces, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
     pub number: u16,
-    pub bytes: Vec<u8>,
+    pub pieces: Vec<Vec<u8>>,
+}
+
+impl Part {
+    /// Bytes in the part.
+    pub fn len(&self) -> usize {
+        self.pieces.iter().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pieces.iter().all(Vec::is_empty)
+    }
+
+    /// The part's bytes in one buffer.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        self.pieces.concat()
+    }
+}
+
+/// A part being filled: pieces of at most [`PIECE_BYTES`], each filled to its capacity.
+#[derive(Debug, Default)]
+struct Filling {
+    pieces: Vec<Vec<u8>>,
+    len: usize,
+}
+
+impl Filling {
+    /// Appends `data`, which fits in a part of `part_size` bytes.
+    fn extend(&mut self, mut data: &[u8], part_size: usize) {
+        debug_assert!(self.len + data.len() <= part_size);
+        while !data.is_empty() {
+            match self.pieces.last_mut() {
+                Some(piece) if piece.len() < piece.capacity() => {
+                    let n = (piece.capacity() - piece.len()).min(data.len());
+                    piece.extend_from_slice(&data[..n]);
+                    self.len += n;
+                    data = &data[n..];
+                }
+                _ => self
+                    .pieces
+                    .push(Vec::with_capacity(PIECE_BYTES.min(part_size - self.len))),
+            }
+        }
+    }
+
+    fn held_bytes(&self) -> usize {
+        self.pieces.iter().map(Vec::capacity).sum()
+    }
 }
 
 /// Cuts the WAV (header then PCM) into parts of `part_size` bytes, the last one shorter.
@@ -363,36 +415,23 @@ pub struct Part {
 #[derive(Debug)]
 pub struct Parts {
     part_size: usize,
-    first: Vec<u8>,
-    current: Vec<u8>,
+    first: Filling,
+    current: Filling,
     next_number: u16,
     data_bytes: u64,
     ready: VecDeque<Part>,
-}
-
-/// Grows `buf` for `extra` more bytes, doubling but never past `cap` (no 2× overshoot of a
-/// multi-megabyte part).
-fn reserve_capped(buf: &mut Vec<u8>, extra: usize, cap: usize) {
-    let need = buf.len() + extra;
-    if need > buf.capacity() {
-        let target = (buf.capacity() * 2)
-            .max(need)
-            .max(64 * 1024)
-            .min(cap.max(need));
-        buf.reserve_exact(target - buf.len());
-    }
 }
 
 impl Parts {
     /// `part_size` must be at least the header; R2 wants [`MIN_PART_BYTES`] or more.
     pub fn new(part_size: usize) -> Self {
         assert!(part_size > HEADER_BYTES, "a part holds at least the header");
-        let mut first = Vec::new();
-        first.extend_from_slice(&[0; HEADER_BYTES]);
+        let mut first = Filling::default();
+        first.extend(&[0; HEADER_BYTES], part_size);
         Self {
             part_size,
             first,
-            current: Vec::new(),
+            current: Filling::default(),
             next_number: 2,
             data_bytes: 0,
             ready: VecDeque::new(),
@@ -403,22 +442,20 @@ impl Parts {
     pub fn push(&mut self, mut data: &[u8]) {
         self.data_bytes += data.len() as u64;
         let size = self.part_size;
-        if self.first.len() < size {
-            let n = (size - self.first.len()).min(data.len());
-            reserve_capped(&mut self.first, n, size);
-            self.first.extend_from_slice(&data[..n]);
+        if self.first.len < size {
+            let n = (size - self.first.len).min(data.len());
+            self.first.extend(&data[..n], size);
             data = &data[n..];
         }
         while !data.is_empty() {
-            let n = (size - self.current.len()).min(data.len());
-            reserve_capped(&mut self.current, n, size);
-            self.current.extend_from_slice(&data[..n]);
+            let n = (size - self.current.len).min(data.len());
+            self.current.extend(&data[..n], size);
             data = &data[n..];
-            if self.current.len() == size {
-                let bytes = std::mem::take(&mut self.current);
+            if self.current.len == size {
+                let full = std::mem::take(&mut self.current);
                 self.ready.push_back(Part {
                     number: self.next_number,
-                    bytes,
+                    pieces: full.pieces,
                 });
                 self.next_number += 1;
             }
@@ -453,25 +490,31 @@ impl Parts {
 
     /// Bytes held in memory (capacity, not length).
     pub fn held_bytes(&self) -> usize {
-        self.first.capacity()
-            + self.current.capacity()
-            + self.ready.iter().map(|p| p.bytes.capacity()).sum::<usize>()
+        self.first.held_bytes()
+            + self.current.held_bytes()
+            + self
+                .ready
+                .iter()
+                .flat_map(|p| &p.pieces)
+                .map(Vec::capacity)
+                .sum::<usize>()
     }
 
     /// Every part not handed out yet, by number: part 1 with the real header, any full part
     /// not polled, and the last, shorter part.
     pub fn finish(mut self) -> Vec<Part> {
         let header = wav_header(self.data_bytes);
-        self.first[..HEADER_BYTES].copy_from_slice(&header);
+        // The first piece holds the whole header: a piece is at least HEADER_BYTES long.
+        self.first.pieces[0][..HEADER_BYTES].copy_from_slice(&header);
         let mut parts = vec![Part {
             number: 1,
-            bytes: self.first,
+            pieces: self.first.pieces,
         }];
         parts.extend(self.ready);
-        if !self.current.is_empty() {
+        if self.current.len > 0 {
             parts.push(Part {
                 number: self.next_number,
-                bytes: self.current,
+                pieces: self.current.pieces,
             });
         }
         parts
@@ -735,7 +778,7 @@ mod tests {
                 parts.push(&chunk);
             }
             while let Some(p) = parts.poll_part() {
-                uploaded.push((p.number, p.bytes.len()));
+                uploaded.push((p.number, p.len()));
             }
             max_buffered = max_buffered.max(rec.buffered_bytes());
             max_held = max_held.max(parts.held_bytes());
@@ -754,9 +797,9 @@ mod tests {
         );
         let last = parts.finish();
         assert_eq!(last[0].number, 1);
-        assert_eq!(&last[0].bytes[..4], b"RIFF");
+        assert_eq!(&last[0].to_bytes()[..4], b"RIFF");
         let total: u64 = uploaded.iter().map(|(_, n)| *n as u64).sum::<u64>()
-            + last.iter().map(|p| p.bytes.len() as u64).sum::<u64>();
+            + last.iter().map(|p| p.len() as u64).sum::<u64>();
         assert_eq!(total, HEADER_BYTES as u64 + end * BYTES_PER_MS);
         assert!(uploaded.iter().all(|(_, n)| *n == MIN_PART_BYTES));
         assert_eq!(rec.dropped_samples(), 0);
@@ -782,13 +825,46 @@ mod tests {
                 let numbers: Vec<u16> = got.iter().map(|p| p.number).collect();
                 assert_eq!(numbers, (1..=got.len() as u16).collect::<Vec<_>>());
                 let (last, rest) = got.split_last().unwrap();
-                assert!(rest.iter().all(|p| p.bytes.len() == part_size));
-                assert!(!last.bytes.is_empty() && last.bytes.len() <= part_size);
-                let file: Vec<u8> = got.into_iter().flat_map(|p| p.bytes).collect();
+                assert!(rest.iter().all(|p| p.len() == part_size));
+                assert!(!last.is_empty() && last.len() <= part_size);
+                let file: Vec<u8> = got.iter().flat_map(Part::to_bytes).collect();
                 assert_eq!(file[..HEADER_BYTES], wav_header(total as u64));
                 assert_eq!(file[HEADER_BYTES..], data[..], "{part_size} {total}");
             }
         }
+    }
+
+    #[test]
+    fn parts_are_held_in_pieces_allocated_once_at_their_size() {
+        let mut parts = Parts::new(MIN_PART_BYTES);
+        let second = 32_000; // the recorder hands out about a second at a time
+        let block: Vec<u8> = (0..second).map(|i| (i % 251) as u8).collect();
+        let mut got = Vec::new();
+        // Three parts and a bit: 5 MiB is about 164 s of stereo audio.
+        for _ in 0..500 {
+            parts.push(&block);
+            got.extend(std::iter::from_fn(|| parts.poll_part()));
+            // Every piece was allocated at its full size: never more held than a piece of
+            // slack per part being filled.
+            let held = parts.held_bytes();
+            let data = parts.file_bytes() as usize - got.iter().map(Part::len).sum::<usize>();
+            assert!(held <= data + 2 * PIECE_BYTES, "{held} held for {data}");
+        }
+        got.extend(parts.finish());
+        assert_eq!(got.len(), 4);
+        for part in &got {
+            let (last, full) = part.pieces.split_last().unwrap();
+            assert!(full
+                .iter()
+                .all(|p| p.len() == PIECE_BYTES && p.capacity() == PIECE_BYTES));
+            assert!(!last.is_empty() && last.len() <= PIECE_BYTES);
+        }
+        got.sort_by_key(|p| p.number);
+        let file: Vec<u8> = got.iter().flat_map(Part::to_bytes).collect();
+        assert_eq!(file[..HEADER_BYTES], wav_header(500 * second as u64));
+        assert!(file[HEADER_BYTES..]
+            .chunks(second)
+            .all(|c| c == &block[..c.len()]));
     }
 
     #[test]
@@ -803,7 +879,7 @@ mod tests {
         }
         all.extend(parts.finish());
         all.sort_by_key(|p| p.number);
-        let file: Vec<u8> = all.into_iter().flat_map(|p| p.bytes).collect();
+        let file: Vec<u8> = all.iter().flat_map(Part::to_bytes).collect();
         assert_eq!(file.len(), HEADER_BYTES + 9_060);
         assert_eq!(file[HEADER_BYTES..HEADER_BYTES + 30], [1; 30]);
         assert!(file[HEADER_BYTES + 30..HEADER_BYTES + 9_030]

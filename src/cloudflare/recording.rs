@@ -6,8 +6,9 @@
 //! upload. A call shorter than one part is a single `put`. Then the key, duration and size go
 //! to the call's row through the outbox.
 //!
-//! Memory per call: part 1 and the part being sent or filled (each at most 5 MiB). A part is
-//! streamed to R2 in 64 KiB pieces (a `FixedLengthStream`), never copied whole, and can be
+//! Memory per call: part 1 and the part being sent or filled (each at most 5 MiB), held in
+//! pieces of 64 KiB that are allocated once each (no buffer grows by copying). A part is
+//! streamed to R2 piece by piece (a `FixedLengthStream`), never copied whole, and can be
 //! sent again if R2 fails; audio waiting for a slow writer is capped (then left out as silence).
 //!
 //! The audio is also checkpointed in the call object's storage, 5 s at a time (one write, not
@@ -39,8 +40,6 @@ pub const CONTENT_TYPE: &str = "audio/wav";
 const PART_BYTES: usize = recording::MIN_PART_BYTES;
 /// Tries of each R2 call.
 const ATTEMPTS: u32 = 3;
-/// Pieces a part is streamed in.
-const STREAM_CHUNK: usize = 64 * 1024;
 /// Audio waiting for the writer (R2 slow or stuck) beyond this is replaced by its length
 /// of silence, so the queue stays bounded and the file stays aligned.
 const MAX_QUEUED_BYTES: usize = 2 * 1024 * 1024;
@@ -506,12 +505,12 @@ impl Writer {
 
     async fn upload_part(&mut self, part: Part) -> Result<(), String> {
         let number = part.number;
-        let bytes = Rc::new(part.bytes);
+        let pieces = Rc::new(part.pieces);
         let upload = self.multipart().await?;
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             backoff(attempt).await;
-            match upload.upload_part(number, streamed(&bytes)).await {
+            match upload.upload_part(number, streamed(&pieces)).await {
                 Ok(done) => {
                     self.uploaded.push(done);
                     return Ok(());
@@ -526,7 +525,7 @@ impl Writer {
         if self.upload.is_none() && rest.len() == 1 {
             // Shorter than one part: a single put.
             let part = rest.pop().expect("one part");
-            return self.put(part.bytes).await;
+            return self.put(part.pieces).await;
         }
         rest.sort_by_key(|p| p.number);
         for part in rest {
@@ -542,14 +541,14 @@ impl Writer {
             .map_err(|e| format!("complete: {e}"))
     }
 
-    async fn put(&self, bytes: Vec<u8>) -> Result<(), String> {
-        let bytes = Rc::new(bytes);
+    async fn put(&self, pieces: Vec<Vec<u8>>) -> Result<(), String> {
+        let pieces = Rc::new(pieces);
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             backoff(attempt).await;
             match self
                 .bucket
-                .put(self.key.clone(), streamed(&bytes))
+                .put(self.key.clone(), streamed(&pieces))
                 .http_metadata(metadata())
                 .execute()
                 .await
@@ -562,20 +561,16 @@ impl Writer {
     }
 }
 
-/// `bytes` as a stream of known length, in pieces: R2 takes it without a whole copy.
-fn streamed(bytes: &Rc<Vec<u8>>) -> FixedLengthStream {
-    let len = bytes.len() as u64;
-    let bytes = bytes.clone();
-    let pieces = futures::stream::unfold(0usize, move |at| {
-        let bytes = bytes.clone();
-        async move {
-            (at < bytes.len()).then(|| {
-                let end = (at + STREAM_CHUNK).min(bytes.len());
-                (Ok(bytes[at..end].to_vec()), end)
-            })
-        }
+/// A part's pieces as a stream of known length: R2 takes it piece by piece, without a copy
+/// of the whole part, and the pieces stay for another try.
+fn streamed(pieces: &Rc<Vec<Vec<u8>>>) -> FixedLengthStream {
+    let len = pieces.iter().map(|p| p.len() as u64).sum();
+    let pieces = pieces.clone();
+    let stream = futures::stream::unfold(0usize, move |at| {
+        let pieces = pieces.clone();
+        async move { pieces.get(at).map(|piece| (Ok(piece.clone()), at + 1)) }
     });
-    FixedLengthStream::wrap(pieces, len)
+    FixedLengthStream::wrap(stream, len)
 }
 
 async fn backoff(attempt: u32) {
