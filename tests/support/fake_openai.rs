@@ -448,7 +448,7 @@ pub struct FakeOpenAi {
 impl FakeOpenAi {
     /// Bind 127.0.0.1 on a free port and serve on `rt`.
     pub fn start(rt: &tokio::runtime::Runtime) -> FakeOpenAi {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind fake OpenAI");
+        let std_listener = super::worker::local_listener("fake OpenAI");
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let shared = Arc::new(Shared {

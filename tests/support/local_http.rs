@@ -154,7 +154,7 @@ impl LocalHttp {
         rt: &tokio::runtime::Runtime,
         handler: impl Fn(&HttpRequest) -> HttpReply + Send + Sync + 'static,
     ) -> LocalHttp {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind local HTTP");
+        let std_listener = super::worker::local_listener("local HTTP");
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let shared = Arc::new(Shared {

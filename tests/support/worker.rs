@@ -33,23 +33,36 @@ pub struct WorkerProcess {
     child: Child,
 }
 
-/// A port that was free a moment ago (bind :0, read it, release it), and one this test
-/// process has not handed out before: a port is released before its user binds it (the
-/// stand-in, `wrangler dev`), and the kernel may give a just-released port to the next bind
-/// :0, so without the record two users in one test could be told the same port.
-pub fn free_port() -> u16 {
-    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+/// Ports this test process has handed out: to `wrangler dev` and stand-ins ([`free_port`],
+/// released before their user binds them) and to the fakes ([`local_listener`], held).
+static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+
+/// A listener on 127.0.0.1 whose port this test process has not handed out before. The
+/// kernel may give a port that [`free_port`] just released to the next bind :0, before its
+/// user (`wrangler dev`, the simulator's stand-in) has bound it: such a port is passed over.
+pub fn local_listener(what: &str) -> std::net::TcpListener {
     let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    // Ports passed over stay bound until one is found, so the kernel offers others.
+    let mut passed_over = Vec::new();
     loop {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("no free port");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap_or_else(|e| panic!("bind {what} on 127.0.0.1: {e}"));
+        let port = listener.local_addr().expect("bound address").port();
         if !given.contains(&port) {
             given.push(port);
-            return port;
+            return listener;
         }
+        passed_over.push(listener);
     }
+}
+
+/// A port that was free a moment ago and that no one else in this test process was given
+/// (see [`local_listener`]); released, for a process that binds it itself.
+pub fn free_port() -> u16 {
+    local_listener("a free port")
+        .local_addr()
+        .expect("bound address")
+        .port()
 }
 
 /// Remove ANSI escape sequences (wrangler colours its warnings even with NO_COLOR).
