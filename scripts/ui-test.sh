@@ -2,7 +2,8 @@
 # Browser test of the call-review page (public/): headless Chromium driven by playwright-core
 # against the built Worker in `wrangler dev` (tests/ui/). Installs Debian's chromium (and a
 # Japanese font) when missing; playwright-core comes from package.json (scripts/setup.sh).
-# Writes docs/call-page.png. Run after scripts/build.sh (scripts/test.sh does both).
+# Writes a screenshot of the call page to target/ui/call-page.png (CALL_PAGE_SCREENSHOT=docs/call-page.png
+# refreshes the docs' picture). Run after scripts/build.sh (scripts/test.sh does both).
 set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"

@@ -2,14 +2,16 @@
 // driven by playwright-core) against the real Worker in `wrangler dev`: sign in with the admin
 // token, find the call in the list, read its transcript, play its recording and seek by
 // clicking a transcript line, switch to English, and see an agent's validation error next to
-// its field. Saves a screenshot of the call page to docs/call-page.png.
+// its field. Saves a screenshot of the call page to target/ui/call-page.png, or to the path in
+// CALL_PAGE_SCREENSHOT (the docs' picture is refreshed on purpose, not by every test run:
+// CALL_PAGE_SCREENSHOT=docs/call-page.png bash scripts/ui-test.sh).
 //
 //   node --test tests/ui/        (scripts/ui-test.sh installs Chromium first when missing)
 
 import assert from 'node:assert/strict';
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { after, before, test } from 'node:test';
 
 import { chromium } from 'playwright-core';
@@ -19,7 +21,9 @@ import { ROOT, scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
 
 const TOKEN = 'ui-test-admin-token-0123456789';
 const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const SCREENSHOT = join(ROOT, 'docs', 'call-page.png');
+const SCREENSHOT = process.env.CALL_PAGE_SCREENSHOT
+  ? resolve(ROOT, process.env.CALL_PAGE_SCREENSHOT)
+  : join(ROOT, 'target', 'ui', 'call-page.png');
 
 let worker;
 let context;
@@ -149,7 +153,7 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
   assert.match(await page.locator('#transcript .turn.now').innerText(), /山田様/);
   await audio.evaluate((a) => a.pause());
   await page.evaluate(() => window.scrollTo(0, 0));
-  mkdirSync(join(ROOT, 'docs'), { recursive: true });
+  mkdirSync(dirname(SCREENSHOT), { recursive: true });
   await page.screenshot({ path: SCREENSHOT, fullPage: true });
 });
 
