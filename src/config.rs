@@ -21,6 +21,9 @@ pub const DEFAULT_GREETING: &str =
     "お電話ありがとうございます、と丁寧にあいさつし、ご用件を伺ってください。";
 pub const DEFAULT_FALLBACK_MESSAGE: &str =
     "申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。";
+pub const DEFAULT_FALLBACK_LANGUAGE: &str = "ja-JP";
+/// A Japanese Amazon Polly voice: Twilio's default voice cannot read Japanese.
+pub const DEFAULT_FALLBACK_VOICE: &str = "Polly.Mizuki";
 
 /// A secret value: never printed, not even by `{:?}`.
 #[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -246,6 +249,9 @@ pub struct Bridge {
     /// Answer every call with the fallback TwiML, without an agent (a maintenance switch).
     pub fallback_only: bool,
     pub fallback_message: String,
+    /// `<Say language>` and `<Say voice>` of the fallback message.
+    pub fallback_language: String,
+    pub fallback_voice: String,
     pub fallback_dial_number: Option<String>,
     /// Silence this long makes the agent check in; as long again ends the call.
     pub idle_timeout_ms: u64,
@@ -264,6 +270,21 @@ impl Bridge {
                 .filter(|v| !v.is_empty())
         };
         let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        // A `<Say>` language or voice name (`ja-JP`, `Polly.Mizuki`, `Google.ja-JP-Wavenet-A`).
+        let tts_name = |name: &'static str, default: &str| -> Result<String, ConfigError> {
+            let v = or(name, default);
+            let ok = v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if ok {
+                Ok(v)
+            } else {
+                Err(invalid(
+                    name,
+                    format!("{v:?} is not a language or voice name (letters, digits, - _ .)"),
+                ))
+            }
+        };
         let parse_num = |name: &'static str, default: f64| -> Result<f64, ConfigError> {
             match get(name) {
                 None => Ok(default),
@@ -341,6 +362,8 @@ impl Bridge {
             public_base_url,
             fallback_only,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
+            fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE)?,
+            fallback_voice: tts_name("FALLBACK_VOICE", DEFAULT_FALLBACK_VOICE)?,
             fallback_dial_number: get("FALLBACK_DIAL_NUMBER"),
             idle_timeout_ms: {
                 let s = parse_num("IDLE_TIMEOUT_SECONDS", 30.0)?;
@@ -433,7 +456,18 @@ mod tests {
         assert!(!c.fallback_only);
         assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
         assert!(c.fallback_message.contains("申し訳"));
+        assert_eq!(c.fallback_language, "ja-JP");
+        assert_eq!(c.fallback_voice, "Polly.Mizuki");
         assert_eq!(c.fallback_dial_number, None);
+        let c = from(&[
+            ("FALLBACK_LANGUAGE", "en-US"),
+            ("FALLBACK_VOICE", "Google.en-US-Standard-C"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.fallback_language.as_str(), c.fallback_voice.as_str()),
+            ("en-US", "Google.en-US-Standard-C")
+        );
     }
 
     #[test]
@@ -473,6 +507,16 @@ mod tests {
                 .unwrap_err()
                 .field,
             "PUBLIC_BASE_URL"
+        );
+        assert_eq!(
+            from(&[("FALLBACK_VOICE", "Polly.Mizuki\" loop=\"9")])
+                .unwrap_err()
+                .field,
+            "FALLBACK_VOICE"
+        );
+        assert_eq!(
+            from(&[("FALLBACK_LANGUAGE", "日本語")]).unwrap_err().field,
+            "FALLBACK_LANGUAGE"
         );
     }
 

@@ -41,12 +41,11 @@ pub fn connect_stream(stream_url: &str, parameters: &[(&str, &str)]) -> String {
 pub fn connect_stream_then_fallback(
     stream_url: &str,
     parameters: &[(&str, &str)],
-    message: &str,
-    language: &str,
+    apology: &Apology<'_>,
     dial_number: Option<&str>,
 ) -> String {
     let mut out = connect_stream_open(stream_url, parameters);
-    fallback_verbs(&mut out, message, language, dial_number);
+    fallback_verbs(&mut out, apology, dial_number);
     out.push_str("</Response>");
     out
 }
@@ -74,33 +73,59 @@ fn connect_stream_open(stream_url: &str, parameters: &[(&str, &str)]) -> String 
     out
 }
 
-/// `<Response><Say language=…>message</Say><Dial>number</Dial></Response>`: an apology read
-/// out in `language` (callers use `"ja-JP"`), then a transfer to `dial_number`.
+/// What the caller hears when the agent cannot take (or keep) the call: `message`, read by
+/// Twilio's text-to-speech `voice` in `language`. Twilio's default voice (`man`) speaks
+/// only a few languages and fails the `<Say>` on others, Japanese among them, so the
+/// bridge always names one (a Japanese Amazon Polly voice unless configured otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Apology<'a> {
+    pub message: &'a str,
+    pub language: &'a str,
+    pub voice: &'a str,
+}
+
+/// `<Response><Say language=… voice=…>message</Say><Dial>number</Dial></Response>`: the
+/// apology, then a transfer to `dial_number`.
 ///
 /// `<Dial>` is emitted only for a non-blank number; without one the call ends after the
 /// message. A blank message emits no `<Say>` (an empty one says nothing and risks a TwiML
-/// error), and a blank language omits the attribute so Twilio's default voice language
-/// applies.
-pub fn fallback(message: &str, language: &str, dial_number: Option<&str>) -> String {
+/// error); a blank language or voice omits that attribute.
+pub fn fallback(apology: &Apology<'_>, dial_number: Option<&str>) -> String {
     let mut out = String::from("<Response>");
-    fallback_verbs(&mut out, message, language, dial_number);
+    fallback_verbs(&mut out, apology, dial_number);
     out.push_str("</Response>");
     out
 }
 
-fn fallback_verbs(out: &mut String, message: &str, language: &str, dial_number: Option<&str>) {
-    if !message.trim().is_empty() {
+/// `<Response><Dial>number</Dial></Response>`: a transfer with nothing said first.
+pub fn dial(number: &str) -> String {
+    let mut out = String::from("<Response>");
+    dial_verb(&mut out, Some(number));
+    out.push_str("</Response>");
+    out
+}
+
+fn fallback_verbs(out: &mut String, apology: &Apology<'_>, dial_number: Option<&str>) {
+    if !apology.message.trim().is_empty() {
         out.push_str("<Say");
-        let language = language.trim();
-        if !language.is_empty() {
-            out.push_str(" language=\"");
-            out.push_str(&attribute(language));
-            out.push('"');
+        for (name, value) in [("language", apology.language), ("voice", apology.voice)] {
+            let value = value.trim();
+            if !value.is_empty() {
+                out.push(' ');
+                out.push_str(name);
+                out.push_str("=\"");
+                out.push_str(&attribute(value));
+                out.push('"');
+            }
         }
         out.push('>');
-        out.push_str(&text(message));
+        out.push_str(&text(apology.message));
         out.push_str("</Say>");
     }
+    dial_verb(out, dial_number);
+}
+
+fn dial_verb(out: &mut String, dial_number: Option<&str>) {
     if let Some(number) = dial_number.map(str::trim).filter(|n| !n.is_empty()) {
         out.push_str("<Dial>");
         out.push_str(&text(number));
@@ -338,7 +363,7 @@ mod tests {
     #[test]
     fn japanese_text_survives_unchanged() {
         let message = "ただいま電話が大変混み合っております。担当者におつなぎします。";
-        let xml = fallback(message, "ja-JP", Some("+81312345678"));
+        let xml = fallback(&say(message, "ja-JP", ""), Some("+81312345678"));
         // Written as is (UTF-8), not as character references.
         assert!(xml.contains(message));
         let (declaration, nodes) = parse(&xml);
@@ -368,9 +393,16 @@ mod tests {
     #[test]
     fn fallback_exact_output() {
         assert_eq!(
-            fallback("申し訳ありません。", "ja-JP", Some("+815012345678")),
-            "<Response><Say language=\"ja-JP\">申し訳ありません。</Say>\
+            fallback(
+                &say("申し訳ありません。", "ja-JP", "Polly.Mizuki"),
+                Some("+815012345678")
+            ),
+            "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ありません。</Say>\
              <Dial>+815012345678</Dial></Response>"
+        );
+        assert_eq!(
+            dial("+81312345678"),
+            "<Response><Dial>+81312345678</Dial></Response>"
         );
     }
 
@@ -378,15 +410,16 @@ mod tests {
     fn fallback_escapes_message_language_and_number() {
         let message = r#"1 < 2 & 3 > 2 "quoted" 'single' </Say><Hangup/>"#;
         let number = r#"+1<Play>&"'</Dial>"#;
-        let language = r#"ja-JP" voice="x"#;
-        let xml = fallback(message, language, Some(number));
-        assert!(!xml.contains("<Hangup") && !xml.contains("<Play") && !xml.contains("voice=\""));
+        let language = r#"ja-JP" loop="9"#;
+        let voice = r#"Polly.Mizuki"><Hangup/><Say voice="x"#;
+        let xml = fallback(&say(message, language, voice), Some(number));
+        assert!(!xml.contains("<Hangup") && !xml.contains("<Play") && !xml.contains("loop=\""));
         let (_, nodes) = parse(&xml);
         assert_eq!(
             nodes,
             [
                 open("Response", &[]),
-                open("Say", &[("language", language)]),
+                open("Say", &[("language", language), ("voice", voice)]),
                 text_node(message),
                 close("Say"),
                 open("Dial", &[]),
@@ -400,7 +433,7 @@ mod tests {
     #[test]
     fn fallback_without_dial() {
         for dial in [None, Some(""), Some("   ")] {
-            let xml = fallback("さようなら", "ja-JP", dial);
+            let xml = fallback(&say("さようなら", "ja-JP", ""), dial);
             assert!(!xml.contains("Dial"), "{dial:?}: {xml}");
             let (_, nodes) = parse(&xml);
             assert_eq!(
@@ -417,16 +450,27 @@ mod tests {
     }
 
     #[test]
-    fn fallback_blank_message_or_language() {
+    fn fallback_blank_message_language_or_voice() {
         assert_eq!(
-            fallback("", "ja-JP", Some("+81")),
+            fallback(&say("", "ja-JP", "Polly.Mizuki"), Some("+81")),
             "<Response><Dial>+81</Dial></Response>"
         );
-        assert_eq!(fallback(" ", "ja-JP", None), "<Response></Response>");
         assert_eq!(
-            fallback("hi", "", None),
+            fallback(&say(" ", "ja-JP", "x"), None),
+            "<Response></Response>"
+        );
+        assert_eq!(
+            fallback(&say("hi", "", " "), None),
             "<Response><Say>hi</Say></Response>"
         );
+    }
+
+    fn say<'a>(message: &'a str, language: &'a str, voice: &'a str) -> Apology<'a> {
+        Apology {
+            message,
+            language,
+            voice,
+        }
     }
 
     /// The value of the only `<Parameter>` in `connect_stream(URL, [(name, value)])`.
@@ -503,13 +547,13 @@ mod tests {
 
     #[test]
     fn fallback_follows_the_stream_inside_one_response() {
-        let xml = connect_stream_then_fallback(
-            URL,
-            &[("From", "+81")],
-            "申し訳ございません。",
-            "ja-JP",
-            Some("+815012345678"),
-        );
+        let apology = Apology {
+            message: "申し訳ございません。",
+            language: "ja-JP",
+            voice: "Polly.Mizuki",
+        };
+        let xml =
+            connect_stream_then_fallback(URL, &[("From", "+81")], &apology, Some("+815012345678"));
         let (_, nodes) = parse(&xml);
         let names: Vec<String> = nodes
             .iter()
@@ -524,6 +568,6 @@ mod tests {
         );
         assert!(nodes.contains(&Node::Text("申し訳ございません。".into())));
         assert!(nodes.contains(&Node::Text("+815012345678".into())));
-        assert!(xml.ends_with("</Connect><Say language=\"ja-JP\">申し訳ございません。</Say><Dial>+815012345678</Dial></Response>"));
+        assert!(xml.ends_with("</Connect><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。</Say><Dial>+815012345678</Dial></Response>"));
     }
 }

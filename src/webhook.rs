@@ -13,8 +13,6 @@ pub const VOICE_PATH: &str = "/api/twilio/voice";
 pub const STATUS_PATH: &str = "/api/twilio/status";
 /// Prefix of the Media Stream WebSocket path; the CallSid follows.
 pub const STREAM_PATH_PREFIX: &str = "/api/twilio/media-stream/";
-/// Language of the spoken fallback message.
-pub const FALLBACK_LANGUAGE: &str = "ja-JP";
 
 /// Why a Twilio request was not served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -174,13 +172,58 @@ impl CallState {
     }
 }
 
-/// A verified voice webhook and the TwiML to answer it with.
+/// A verified voice webhook: the call, and where its Media Stream is to connect.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VoiceAnswer {
     pub call: VoiceCall,
+    /// `None` when the call gets the fallback only (`FALLBACK_ONLY`).
+    pub stream_url: Option<String>,
+}
+
+impl VoiceAnswer {
     /// True when the call is handed to the bridge; false for the fallback TwiML.
-    pub streams: bool,
-    pub twiml: String,
+    pub fn streams(&self) -> bool {
+        self.stream_url.is_some()
+    }
+
+    /// The TwiML that answers the call, once its agent is known: the Media Stream, then
+    /// what Twilio plays when the stream ends without the call having ended (the agent side
+    /// failed, the bridge restarted, a hang-up or transfer was refused): the apology and a
+    /// transfer to the fallback number or else the agent's own. With `FALLBACK_ONLY`, that
+    /// fallback alone.
+    pub fn twiml(&self, config: &Bridge, agent: &Agent) -> String {
+        let Some(url) = &self.stream_url else {
+            return fallback_twiml(config, agent);
+        };
+        let call = &self.call;
+        twiml::connect_stream_then_fallback(
+            url,
+            &[
+                ("From", &call.from),
+                ("To", &call.to),
+                ("Direction", &call.direction),
+            ],
+            &apology(config),
+            fallback_dial(config, agent),
+        )
+    }
+}
+
+fn apology(config: &Bridge) -> twiml::Apology<'_> {
+    twiml::Apology {
+        message: &config.fallback_message,
+        language: &config.fallback_language,
+        voice: &config.fallback_voice,
+    }
+}
+
+/// Who a caller the agent cannot serve is put through to: the fallback number, or else
+/// the agent's own transfer number.
+fn fallback_dial<'a>(config: &'a Bridge, agent: &'a Agent) -> Option<&'a str> {
+    config
+        .fallback_dial_number
+        .as_deref()
+        .or(agent.transfer_number.as_deref())
 }
 
 /// `scheme://authority` and the rest (`/path?query`) of an absolute URL.
@@ -233,7 +276,7 @@ fn token(config: &Bridge) -> Result<&str, Refusal> {
     }
 }
 
-/// Verifies and answers Twilio's voice webhook (a form POST).
+/// Verifies Twilio's voice webhook (a form POST); [`VoiceAnswer::twiml`] answers it.
 pub fn answer_voice(
     config: &Bridge,
     request_url: &str,
@@ -258,42 +301,19 @@ pub fn answer_voice(
         direction: get("Direction"),
         call_status: get("CallStatus"),
     };
-    let dial = config.fallback_dial_number.as_deref();
-    if config.fallback_only {
-        let twiml = twiml::fallback(&config.fallback_message, FALLBACK_LANGUAGE, dial);
-        return Ok(VoiceAnswer {
-            call,
-            streams: false,
-            twiml,
-        });
-    }
-    let url = stream_url(config, request_url, &call.call_sid)?;
-    let twiml = twiml::connect_stream_then_fallback(
-        &url,
-        &[
-            ("From", &call.from),
-            ("To", &call.to),
-            ("Direction", &call.direction),
-        ],
-        &config.fallback_message,
-        FALLBACK_LANGUAGE,
-        dial,
-    );
-    Ok(VoiceAnswer {
-        call,
-        streams: true,
-        twiml,
-    })
+    let stream_url = if config.fallback_only {
+        None
+    } else {
+        Some(stream_url(config, request_url, &call.call_sid)?)
+    };
+    Ok(VoiceAnswer { call, stream_url })
 }
 
-/// The TwiML a call is redirected to when its agent fails mid-call: the apology, then the
-/// fallback number, or else the agent's own transfer number, when either is set.
-pub fn fallback_twiml(config: &Bridge, agent: &crate::config::Agent) -> String {
-    let dial = config
-        .fallback_dial_number
-        .as_deref()
-        .or(agent.transfer_number.as_deref());
-    twiml::fallback(&config.fallback_message, FALLBACK_LANGUAGE, dial)
+/// The TwiML of a caller the agent cannot serve (the agent failed mid-call, the call could
+/// not be handed to its call object, `FALLBACK_ONLY`): the apology, then the fallback
+/// number, or else the agent's own transfer number, when either is set.
+pub fn fallback_twiml(config: &Bridge, agent: &Agent) -> String {
+    twiml::fallback(&apology(config), fallback_dial(config, agent))
 }
 
 /// The parameters of a signed form POST from Twilio, once its signature checks out.
@@ -421,19 +441,16 @@ mod tests {
         let (body, params) = form(CALL);
         let sig = signature::compute(TOKEN, url, &params);
         let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
-        assert!(a.streams);
+        let twiml = a.twiml(&c, &Agent::default());
+        assert!(a.streams());
         assert_eq!(a.call.from, "+819012345678");
-        assert!(a.twiml.contains(
+        assert!(twiml.contains(
             r#"<Stream url="wss://bridge.example.com/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef">"#
         ));
-        assert!(a
-            .twiml
-            .contains(r#"<Parameter name="From" value="+819012345678"/>"#));
-        assert!(a
-            .twiml
-            .contains(r#"<Parameter name="To" value="+815012345678"/>"#));
+        assert!(twiml.contains(r#"<Parameter name="From" value="+819012345678"/>"#));
+        assert!(twiml.contains(r#"<Parameter name="To" value="+815012345678"/>"#));
         assert!(
-            a.twiml.contains(r#"<Say language="ja-JP">"#),
+            twiml.contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">"#),
             "fallback after the stream"
         );
     }
@@ -445,9 +462,8 @@ mod tests {
         let (body, params) = form(CALL);
         let sig = signature::compute(TOKEN, url, &params);
         let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
-        assert!(a
-            .twiml
-            .contains(r#"url="ws://127.0.0.1:8787/api/twilio/media-stream/CA"#));
+        let twiml = a.twiml(&c, &Agent::default());
+        assert!(twiml.contains(r#"url="ws://127.0.0.1:8787/api/twilio/media-stream/CA"#));
     }
 
     #[test]
@@ -464,9 +480,8 @@ mod tests {
             &body,
         )
         .unwrap();
-        assert!(a
-            .twiml
-            .contains(r#"url="wss://phone.example.jp/api/twilio/media-stream/"#));
+        let twiml = a.twiml(&c, &Agent::default());
+        assert!(twiml.contains(r#"url="wss://phone.example.jp/api/twilio/media-stream/"#));
     }
 
     #[test]
@@ -523,12 +538,36 @@ mod tests {
         let (body, params) = form(CALL);
         let sig = signature::compute(TOKEN, url, &params);
         let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
-        assert!(!a.streams);
-        assert!(!a.twiml.contains("<Stream"));
-        assert!(a
-            .twiml
-            .contains(r#"<Say language="ja-JP">申し訳ございません"#));
-        assert!(a.twiml.contains("<Dial>+81312345678</Dial>"));
+        let twiml = a.twiml(&c, &Agent::default());
+        assert!(!a.streams());
+        assert!(!twiml.contains("<Stream"));
+        assert!(twiml.contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">申し訳ございません"#));
+        assert!(twiml.contains("<Dial>+81312345678</Dial>"));
+    }
+
+    #[test]
+    fn the_fallback_after_the_stream_transfers_to_the_agent_s_number_unless_one_is_set() {
+        let mut c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        let agent = Agent {
+            transfer_number: Some("+81355550000".into()),
+            ..Agent::default()
+        };
+        let twiml = a.twiml(&c, &agent);
+        assert!(
+            twiml.ends_with("</Connect><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial>+81355550000</Dial></Response>"),
+            "{twiml}"
+        );
+        assert!(!a.twiml(&c, &Agent::default()).contains("<Dial>"));
+        c.fallback_dial_number = Some("+81311112222".into());
+        assert!(a.twiml(&c, &agent).contains("<Dial>+81311112222</Dial>"));
+        assert_eq!(
+            fallback_twiml(&c, &agent),
+            "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial>+81311112222</Dial></Response>"
+        );
     }
 
     #[test]
@@ -538,10 +577,11 @@ mod tests {
         let (body, params) = form(&[("CallSid", "CA1"), ("From", "<a&b\">"), ("To", "+81")]);
         let sig = signature::compute(TOKEN, url, &params);
         let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        let twiml = a.twiml(&c, &Agent::default());
         assert!(
-            a.twiml.contains(r#"value="&lt;a&amp;b&quot;&gt;""#),
+            twiml.contains(r#"value="&lt;a&amp;b&quot;&gt;""#),
             "{}",
-            a.twiml
+            twiml
         );
     }
 

@@ -33,7 +33,7 @@ const D1_DEADLINE: Duration = Duration::from_secs(90);
 
 fn fallback_twiml() -> String {
     format!(
-        "<Response><Say language=\"ja-JP\">{FALLBACK_MESSAGE}</Say>\
+        "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">{FALLBACK_MESSAGE}</Say>\
          <Dial>{FALLBACK_NUMBER}</Dial></Response>"
     )
 }

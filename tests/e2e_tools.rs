@@ -598,6 +598,17 @@ async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
         .await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
+    // Should the stream end without the call (the agent side failing), Twilio reads the
+    // apology with a Japanese voice and puts the caller through to this agent's staff.
+    assert_eq!(call.twiml.dials, [staff], "{:?}", call.twiml);
+    assert_eq!(
+        call.twiml
+            .says
+            .iter()
+            .map(|(_, v)| v.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("Polly.Mizuki")]
+    );
     greeting_played(h, &call).await;
 
     let args = r#"{"reason":"wants to speak to a person"}"#;

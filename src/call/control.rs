@@ -704,7 +704,7 @@ impl Call {
                 &[("Status", "completed")],
             ),
             Finish::Transfer { to } => {
-                let twiml = twiml::fallback("", "", Some(to));
+                let twiml = twiml::dial(to);
                 twilio::update_call(
                     &self.twilio_rest,
                     &account_sid,

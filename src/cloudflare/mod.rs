@@ -149,34 +149,57 @@ async fn voice(mut req: Request, env: Env) -> Result<Response> {
         "twilio.voice",
         serde_json::json!({
             "call_sid": answer.call.call_sid, "direction": answer.call.direction,
-            "streams": answer.streams,
+            "streams": answer.streams(),
         }),
     );
-    if answer.streams {
+    let agent = agent_for(&env, &config, &answer.call.to).await;
+    let twiml = answer.twiml(&config, &agent);
+    if answer.streams() {
         // Tell the call's Durable Object first, so the stream that follows is accepted.
+        let call_sid = answer.call.call_sid.clone();
         let registration = webhook::Registration {
-            agent: agent_for(&env, &config, &answer.call.to).await,
+            agent: agent.clone(),
             call: answer.call,
             at_ms: Date::now().as_millis(),
         };
-        let resp = call_object(&env, &registration.call.call_sid)?
-            .fetch_with_request(internal_post(
-                call_session::REGISTER_URL,
-                &serde_json::to_string(&registration)?,
-            )?)
-            .await?;
-        if resp.status_code() != 204 {
+        if let Err(why) = register(&env, &registration).await {
+            // The stream would be refused: the caller hears the apology and is put
+            // through to a person instead of Twilio's "application error".
             log(
                 "error",
                 "call.register_failed",
-                serde_json::json!({ "call_sid": registration.call.call_sid, "status": resp.status_code() }),
+                serde_json::json!({ "call_sid": call_sid, "error": why }),
             );
-            return Response::error("Call registration failed", 500);
+            return twiml_response(webhook::fallback_twiml(&config, &agent));
         }
     }
+    twiml_response(twiml)
+}
+
+/// Hands a verified call to its Durable Object; what went wrong when it was not taken.
+async fn register(
+    env: &Env,
+    registration: &webhook::Registration,
+) -> std::result::Result<(), String> {
+    let sent = async {
+        call_object(env, &registration.call.call_sid)?
+            .fetch_with_request(internal_post(
+                call_session::REGISTER_URL,
+                &serde_json::to_string(registration)?,
+            )?)
+            .await
+    };
+    match sent.await {
+        Ok(resp) if resp.status_code() == 204 => Ok(()),
+        Ok(resp) => Err(format!("HTTP {}", resp.status_code())),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn twiml_response(twiml: String) -> Result<Response> {
     let headers = Headers::new();
     headers.set("Content-Type", "text/xml; charset=utf-8")?;
-    Ok(Response::ok(answer.twiml)?.with_headers(headers))
+    Ok(Response::ok(twiml)?.with_headers(headers))
 }
 
 fn call_object(env: &Env, call_sid: &crate::ids::CallSid) -> Result<Stub> {

@@ -215,6 +215,10 @@ pub struct Twiml {
     pub parameters: Vec<(String, String)>,
     /// Slash-joined element paths in document order, e.g. `Response/Connect/Stream`.
     pub element_paths: Vec<String>,
+    /// What Twilio does once the stream ends: the `<Say>` texts with their `voice`
+    /// attribute, and the `<Dial>` numbers, after `</Connect>`.
+    pub says: Vec<(String, Option<String>)>,
+    pub dials: Vec<String>,
 }
 
 impl Twiml {
@@ -267,6 +271,24 @@ pub fn parse_twiml(xml: &str) -> Result<Twiml, String> {
                 stack.pop();
                 (None, false)
             }
+            Event::Text(t) => {
+                // (quick-xml reports entity references as events of their own; the texts
+                // checked here have none.)
+                let text = t
+                    .decode()
+                    .map_err(|e| format!("bad text: {e}"))?
+                    .into_owned();
+                match stack.join("/").as_str() {
+                    "Response/Say" => {
+                        if let Some(last) = twiml.says.last_mut() {
+                            last.0.push_str(&text);
+                        }
+                    }
+                    "Response/Dial" => twiml.dials.push(text),
+                    _ => {}
+                }
+                (None, false)
+            }
             Event::Eof => break,
             _ => (None, false),
         };
@@ -287,6 +309,7 @@ pub fn parse_twiml(xml: &str) -> Result<Twiml, String> {
                     let v = get("value").ok_or("<Parameter> without value")?;
                     twiml.parameters.push((n, v));
                 }
+                "Response/Say" => twiml.says.push((String::new(), get("voice"))),
                 _ => {}
             }
             if empty {
