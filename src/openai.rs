@@ -116,6 +116,8 @@ pub struct ResponseInfo {
     pub id: Option<String>,
     pub status: Option<String>,
     pub status_reason: Option<String>,
+    /// `status_details.error` of a failed response, as `type: code`.
+    pub status_error: Option<String>,
     pub usage: Usage,
 }
 
@@ -343,6 +345,22 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
                     .and_then(|d| d.get("reason"))
                     .and_then(Value::as_str)
                     .map(str::to_owned),
+                status_error: r
+                    .status_details
+                    .as_ref()
+                    .and_then(|d| d.get("error"))
+                    .filter(|e| !e.is_null())
+                    .map(|e| {
+                        let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
+                        let code = field("code");
+                        let kind = field("type");
+                        match (kind.is_empty(), code.is_empty()) {
+                            (false, false) => format!("{kind}: {code}"),
+                            (false, true) => kind.to_owned(),
+                            (true, false) => code.to_owned(),
+                            (true, true) => e.to_string().chars().take(200).collect(),
+                        }
+                    }),
                 usage: r.usage.unwrap_or_default(),
             })
         }
@@ -406,19 +424,21 @@ pub fn session_update(agent: &Agent) -> String {
 pub fn greeting_response(agent: &Agent) -> String {
     json!({
         "type": "response.create",
-        "event_id": "evt_bridge_greeting",
+        "event_id": GREETING_EVENT_ID,
         "response": { "instructions": agent.greeting },
     })
     .to_string()
 }
 
-/// Asks for a response, optionally with instructions for this response only.
-pub fn response_create(instructions: Option<&str>) -> String {
-    match instructions {
-        Some(i) => json!({ "type": "response.create", "response": { "instructions": i } }),
-        None => json!({ "type": "response.create" }),
-    }
-    .to_string()
+/// The `event_id` of the greeting's `response.create`, echoed in an `error` it causes.
+pub const GREETING_EVENT_ID: &str = "evt_bridge_greeting";
+/// The `event_id` of every other `response.create` of ours.
+pub const RESPONSE_EVENT_ID: &str = "evt_bridge_response";
+
+/// Asks for a response under the session's own instructions (what it should be about is
+/// already in the conversation).
+pub fn response_create() -> String {
+    json!({ "type": "response.create", "event_id": RESPONSE_EVENT_ID }).to_string()
 }
 
 /// The result of a function call, for the model to read.
@@ -650,8 +670,11 @@ mod tests {
         );
         let v: Value = serde_json::from_str(&text_item("user", "5")).unwrap();
         assert_eq!(v["item"]["content"][0]["type"], "input_text");
-        let v: Value = serde_json::from_str(&response_create(None)).unwrap();
-        assert_eq!(v, json!({"type":"response.create"}));
+        let v: Value = serde_json::from_str(&response_create()).unwrap();
+        assert_eq!(
+            v,
+            json!({"type":"response.create","event_id":"evt_bridge_response"})
+        );
     }
 
     #[test]

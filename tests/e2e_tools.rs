@@ -420,6 +420,21 @@ async fn wait_ended(h: &Harness, call_sid: &str, kinds: &[&str]) -> Value {
     .await
 }
 
+/// The text of the last system message the Worker added to the conversation before `at`.
+fn system_note_before(oa: &Session, at: Instant) -> String {
+    oa.received_of_type("conversation.item.create")
+        .into_iter()
+        .filter(|e| e.at <= at && e.event["item"]["role"] == "system")
+        .last()
+        .map(|e| {
+            e.event["item"]["content"][0]["text"]
+                .as_str()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_default()
+}
+
 fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap()
 }
@@ -1053,13 +1068,15 @@ async fn a_silent_line_gets_a_check_in_then_a_goodbye_then_a_hang_up() {
     // Nobody says anything: after the idle timeout (5 s) the agent checks in.
     let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
     let check_in = &creates[1];
-    let instructions = check_in.event["response"]["instructions"]
-        .as_str()
-        .unwrap_or("");
+    // What to say is a system message before it; the response keeps the agent's own
+    // instructions (a response's `instructions` would replace them).
     assert!(
-        instructions.contains("無言"),
-        "check-in instructions: {instructions:?}"
+        check_in.event.get("response").is_none(),
+        "{}",
+        check_in.event
     );
+    let note = system_note_before(oa, check_in.at);
+    assert!(note.contains("無言"), "check-in note: {note:?}");
     assert!(
         check_in.at.duration_since(greeting_done) >= Duration::from_secs(4),
         "the check-in came {:?} after the greeting played, before the 5 s idle timeout",
@@ -1076,13 +1093,8 @@ async fn a_silent_line_gets_a_check_in_then_a_goodbye_then_a_hang_up() {
     // Still nothing: a goodbye, then the hang-up once it has played.
     let creates = ok(h, oa.wait_events("response.create", 3, SOON).await);
     let goodbye = &creates[2];
-    let instructions = goodbye.event["response"]["instructions"]
-        .as_str()
-        .unwrap_or("");
-    assert!(
-        instructions.contains("終了"),
-        "goodbye instructions: {instructions:?}"
-    );
+    let note = system_note_before(oa, goodbye.at);
+    assert!(note.contains("終了"), "goodbye note: {note:?}");
     assert!(
         goodbye.at.duration_since(check_in_played) >= Duration::from_secs(4),
         "the goodbye came {:?} after the check-in played",

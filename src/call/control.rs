@@ -27,11 +27,61 @@ const RECONNECT_DELAYS: [Millis; MAX_RECONNECTS as usize] = [Millis(0), Millis(5
 /// The agent is told to wrap up this long before the call's time limit.
 pub const WRAP_UP_BEFORE: Millis = Millis(30_000);
 
-const WRAP_UP: &str = "通話の制限時間がまもなく終わります。お客様に丁寧にその旨をお伝えし、会話を締めくくってください。";
-const CHECK_IN: &str =
-    "お客様がしばらく無言です。まだお電話がつながっているか、短く丁寧に確認してください。";
-const IDLE_GOODBYE: &str =
-    "お客様からの応答がないため、丁寧にお礼を述べて、お電話を終了する旨を短くお伝えしてください。";
+/// What the bridge tells the model on the caller's behalf, as system messages in the
+/// conversation (never as a response's `instructions`, which would replace the agent's own
+/// for that response). In Japanese for a Japanese agent, in English for any other: the agent's
+/// instructions say which language it speaks to the caller.
+struct Notes {
+    wrap_up: &'static str,
+    check_in: &'static str,
+    idle_goodbye: &'static str,
+    /// The caller spoke while the agent was ending the call: it goes on.
+    not_ended: &'static str,
+    not_transferred: &'static str,
+}
+
+const JAPANESE: Notes = Notes {
+    wrap_up: "通話の制限時間がまもなく終わります。お客様に丁寧にその旨をお伝えし、会話を締めくくってください。",
+    check_in: "お客様がしばらく無言です。まだお電話がつながっているか、短く丁寧に確認してください。",
+    idle_goodbye: "お客様からの応答がないため、丁寧にお礼を述べて、お電話を終了する旨を短くお伝えしてください。",
+    not_ended: "お客様が話し始めたため、通話は終了していません。お客様のお話を伺ってください。それでも通話を終える場合は、あらためて end_call を呼んでください。",
+    not_transferred: "お客様が話し始めたため、転送はまだ行われていません。お客様のお話を伺ってください。それでも転送する場合は、あらためて transfer_call を呼んでください。",
+};
+
+const ENGLISH: Notes = Notes {
+    wrap_up: "The call's time limit is almost up. Politely tell the caller so and bring the conversation to a close.",
+    check_in: "The caller has been silent for a while. Briefly and politely check whether they are still on the line.",
+    idle_goodbye: "The caller is not answering. Thank them politely and say briefly that you are ending the call.",
+    not_ended: "The caller started speaking, so the call was not ended. Listen to the caller. If the call should still end, call end_call again.",
+    not_transferred: "The caller started speaking, so the call was not transferred. Listen to the caller. If they should still be transferred, call transfer_call again.",
+};
+
+impl Call {
+    fn notes(&self) -> &'static Notes {
+        if self.agent.language.trim().eq_ignore_ascii_case("ja") {
+            &JAPANESE
+        } else {
+            &ENGLISH
+        }
+    }
+
+    /// A keypad press, as the model reads it.
+    fn dtmf_note(&self, digit: &str) -> String {
+        if std::ptr::eq(self.notes(), &JAPANESE) {
+            format!("（お客様が電話のキーパッドで「{digit}」を押しました）")
+        } else {
+            format!("(The caller pressed \"{digit}\" on the phone's keypad.)")
+        }
+    }
+
+    /// Adds a system message to the conversation, when a session is there to take it.
+    fn tell_model(&mut self, text: &str) {
+        if self.upstream == Upstream::Ready {
+            self.actions
+                .push_back(Action::SendOpenAi(openai::text_item("system", text)));
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq)]
 enum Finish {
@@ -57,6 +107,9 @@ struct Ending {
     finish: Finish,
     phase: Phase,
     deadline: Option<Millis>,
+    /// The caller speaking before the call is handed to Twilio calls it off (the agent's
+    /// own hang-up or transfer, a silent line); a time limit's end stands.
+    caller_can_stop: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -93,11 +146,13 @@ pub(super) struct State {
     idle_timeout: Millis,
     pending_tools: BTreeMap<u64, PendingTool>,
     next_http: u64,
-    /// A response to ask for as soon as none is active (with its instructions, if any).
-    wanted: Option<Option<String>>,
+    /// A response to ask for as soon as none is active.
+    wanted: bool,
     /// We sent `response.create` and have not seen `response.created` yet.
     awaiting_created: bool,
-    last_request: Option<Option<String>>,
+    /// The response in progress, and whether it has produced audio yet.
+    response: Option<String>,
+    response_spoke: bool,
     ending: Option<Ending>,
     /// Set once the REST request that ends the call succeeded.
     finished: Option<EndReason>,
@@ -118,9 +173,10 @@ impl State {
             idle_timeout,
             pending_tools: BTreeMap::new(),
             next_http: 0,
-            wanted: None,
+            wanted: false,
             awaiting_created: false,
-            last_request: None,
+            response: None,
+            response_spoke: false,
             ending: None,
             finished: None,
             last_activity: None,
@@ -201,9 +257,8 @@ impl Call {
             return;
         }
         self.control.wrap_up_unsaid = false;
-        self.actions
-            .push_back(Action::SendOpenAi(openai::text_item("system", WRAP_UP)));
-        self.request_response(None);
+        self.tell_model(self.notes().wrap_up);
+        self.request_response();
     }
 
     pub(super) fn control_deadline(&self) -> Option<Millis> {
@@ -261,6 +316,7 @@ impl Call {
                         why: "max_duration".into(),
                     },
                     Phase::Draining,
+                    false,
                     now,
                 );
                 self.check_drained(now);
@@ -283,7 +339,8 @@ impl Call {
                 self.control.checked_in = true;
                 self.control.last_activity = Some(now);
                 self.event(now, "idle_check_in", Value::Null);
-                self.request_response(Some(CHECK_IN.into()));
+                self.tell_model(self.notes().check_in);
+                self.request_response();
             } else {
                 self.event(now, "idle_hangup", Value::Null);
                 self.start_ending(
@@ -292,9 +349,11 @@ impl Call {
                         requested: false,
                         response: None,
                     },
+                    true,
                     now,
                 );
-                self.request_response(Some(IDLE_GOODBYE.into()));
+                self.tell_model(self.notes().idle_goodbye);
+                self.request_response();
             }
         }
     }
@@ -302,17 +361,16 @@ impl Call {
     // ---- responses ----
 
     /// Asks for a response as soon as the model is free: never while one is active or
-    /// while a tool is still running (`conversation_already_has_active_response`).
-    pub(super) fn request_response(&mut self, instructions: Option<String>) {
-        if self.control.wanted.is_none() {
-            self.control.wanted = Some(instructions);
-        }
+    /// while a tool is still running (`conversation_already_has_active_response`). What
+    /// the model should say comes before, as a message in the conversation.
+    pub(super) fn request_response(&mut self) {
+        self.control.wanted = true;
         self.flush_response();
     }
 
     fn flush_response(&mut self) {
         let c = &self.control;
-        if c.wanted.is_none()
+        if !c.wanted
             || self.response_active
             || c.awaiting_created
             || !c.pending_tools.is_empty()
@@ -320,13 +378,10 @@ impl Call {
         {
             return;
         }
-        let instructions = self.control.wanted.take().expect("checked");
+        self.control.wanted = false;
         self.actions
-            .push_back(Action::SendOpenAi(openai::response_create(
-                instructions.as_deref(),
-            )));
+            .push_back(Action::SendOpenAi(openai::response_create()));
         self.control.awaiting_created = true;
-        self.control.last_request = Some(instructions);
         if let Some(Ending {
             phase: Phase::Goodbye { requested, .. },
             ..
@@ -343,6 +398,8 @@ impl Call {
 
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
         self.control.awaiting_created = false;
+        self.control.response = response_id.map(str::to_owned);
+        self.control.response_spoke = false;
         if let Some(Ending {
             phase:
                 Phase::Goodbye {
@@ -358,8 +415,15 @@ impl Call {
         }
     }
 
+    /// Agent audio of the response in progress arrived.
+    pub(super) fn response_spoke(&mut self) {
+        self.control.response_spoke = true;
+    }
+
     pub(super) fn on_response_done(&mut self, response_id: Option<&str>, now: Millis) {
         self.busy(now);
+        self.control.response = None;
+        self.control.response_spoke = false;
         let goodbye_done = matches!(
             &self.control.ending,
             Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
@@ -377,9 +441,28 @@ impl Call {
     /// Our `response.create` met an active response: ask again when it is done.
     pub(super) fn on_response_refused(&mut self) {
         self.control.awaiting_created = false;
-        if self.control.wanted.is_none() {
-            self.control.wanted = self.control.last_request.take();
+        self.control.wanted = true;
+    }
+
+    /// Our `response.create` was refused for another reason (an `error` naming it): asking
+    /// again would be refused again. The gate opens for what comes next, and a goodbye that
+    /// will not be said no longer holds up the end of the call.
+    pub(super) fn on_response_failed(&mut self, now: Millis) {
+        self.control.awaiting_created = false;
+        if let Some(e) = &mut self.control.ending {
+            if matches!(
+                e.phase,
+                Phase::Goodbye {
+                    requested: true,
+                    response: None
+                }
+            ) {
+                e.phase = Phase::Draining;
+                e.deadline = Some(now + DRAIN_TIMEOUT);
+                self.check_drained(now);
+            }
         }
+        self.flush_response();
     }
 
     /// Twilio confirmed some agent audio played.
@@ -510,9 +593,12 @@ impl Call {
         }
     }
 
-    /// A built-in tool that ends the call: the agent says its piece (`instruction`), then
-    /// the call is hung up or transferred once that has played. The ending is set before
-    /// the tool output, so the response the output asks for is recognised as that piece.
+    /// A built-in tool that ends the call: the agent says its piece (goodbye, or the
+    /// transfer notice), then the call is hung up or transferred once that has played.
+    /// Said once: when the response that called the tool has already spoken (the tools'
+    /// descriptions ask for the goodbye first), its audio is the piece; otherwise the tool
+    /// output asks for it (`instruction`) and the response that follows is the piece. The
+    /// ending is set before the tool output, so that response is recognised as it.
     fn finish_with_words(
         &mut self,
         finish: Finish,
@@ -522,26 +608,35 @@ impl Call {
         args: Value,
         now: Millis,
     ) {
-        self.start_ending(
-            finish,
-            Phase::Goodbye {
-                requested: false,
-                response: None,
+        let spoken = self.response_active && self.control.response_spoke;
+        let phase = Phase::Goodbye {
+            requested: spoken,
+            response: if spoken {
+                self.control.response.clone()
+            } else {
+                None
             },
-            now,
-        );
-        let output = json!({ "ok": true, "instruction": instruction }).to_string();
-        self.tool_done(
-            ToolResult {
-                call_id,
-                name,
-                arguments: args,
-                ok: true,
-                output: &output,
-                took: Millis(0),
-            },
-            now,
-        );
+        };
+        self.start_ending(finish, phase, true, now);
+        let output = if spoken {
+            json!({ "ok": true, "instruction": "Done. Say nothing more: the call continues as announced once what you said has played." })
+        } else {
+            json!({ "ok": true, "instruction": instruction })
+        }
+        .to_string();
+        let result = ToolResult {
+            call_id,
+            name,
+            arguments: args,
+            ok: true,
+            output: &output,
+            took: Millis(0),
+        };
+        if spoken {
+            self.tool_output(result, now);
+        } else {
+            self.tool_done(result, now);
+        }
     }
 
     pub(super) fn next_http_id(&mut self) -> u64 {
@@ -552,6 +647,12 @@ impl Call {
 
     /// Gives the model a tool's result, records it, and asks for the model's answer.
     fn tool_done(&mut self, r: ToolResult<'_>, now: Millis) {
+        self.tool_output(r, now);
+        self.request_response();
+    }
+
+    /// Gives the model a tool's result and records it.
+    fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
         if self.upstream == Upstream::Ready {
             self.actions
                 .push_back(Action::SendOpenAi(openai::function_call_output(
@@ -567,7 +668,6 @@ impl Call {
                 "output": shown, "duration_ms": r.took.0,
             }),
         );
-        self.request_response(None);
     }
 
     pub(super) fn on_http_done(&mut self, id: u64, outcome: &http::Outcome, now: Millis) {
@@ -642,15 +742,15 @@ impl Call {
         if self.upstream != Upstream::Ready {
             return;
         }
-        let text = format!("（お客様が電話のキーパッドで「{digit}」を押しました）");
+        let text = self.dtmf_note(&digit);
         self.actions
             .push_back(Action::SendOpenAi(openai::text_item("user", &text)));
-        self.request_response(None);
+        self.request_response();
     }
 
     // ---- ending ----
 
-    fn start_ending(&mut self, finish: Finish, phase: Phase, now: Millis) {
+    fn start_ending(&mut self, finish: Finish, phase: Phase, caller_can_stop: bool, now: Millis) {
         if self.control.ending.is_some() {
             return;
         }
@@ -667,10 +767,50 @@ impl Call {
             finish,
             phase,
             deadline: Some(deadline),
+            caller_can_stop,
         });
     }
 
-    fn check_drained(&mut self, now: Millis) {
+    /// The caller started speaking. While the agent is still saying goodbye (or announcing
+    /// a transfer), or that is still playing, the caller is there and wants to go on: the
+    /// ending is called off before it reaches Twilio, and the model is told, so that it
+    /// listens and can end or transfer again when that is still wanted.
+    pub(super) fn caller_spoke(&mut self, now: Millis) {
+        let Some(e) = &self.control.ending else {
+            return;
+        };
+        if !e.caller_can_stop || matches!(e.phase, Phase::Requested { .. }) {
+            return;
+        }
+        let e = self.control.ending.take().expect("checked");
+        if matches!(
+            e.phase,
+            Phase::Goodbye {
+                requested: false,
+                ..
+            }
+        ) {
+            // The goodbye asked for and not yet started is no longer wanted.
+            self.control.wanted = false;
+        }
+        let (kind, note) = match e.finish {
+            Finish::Hangup { .. } => ("hangup", self.notes().not_ended),
+            Finish::Transfer { .. } => ("transfer", self.notes().not_transferred),
+        };
+        self.log(
+            Level::Info,
+            "control.ending_called_off",
+            json!({ "finish": kind, "phase": format!("{:?}", e.phase) }),
+        );
+        self.event(
+            now,
+            "ending_called_off",
+            json!({ "finish": kind, "why": "the caller spoke" }),
+        );
+        self.tell_model(note);
+    }
+
+    pub(super) fn check_drained(&mut self, now: Millis) {
         let draining = matches!(
             self.control.ending,
             Some(Ending {

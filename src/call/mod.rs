@@ -448,8 +448,10 @@ impl Call {
                     json!({ "code": code, "reason": reason }),
                 );
                 self.twilio_gone = true;
+                // A close without `stop` after our hang-up or transfer is still ours.
                 let reason = self
                     .failed_reason(now)
+                    .or_else(|| self.control_end_reason(now))
                     .unwrap_or(EndReason::TwilioSocketClosed { code });
                 self.end(reason, now);
             }
@@ -723,9 +725,14 @@ impl Call {
                     "openai_error",
                     json!({ "type": err.kind, "code": err.code, "message": err.message, "param": err.param }),
                 );
+                let asked_response = matches!(
+                    err.event_id.as_deref(),
+                    Some(openai::RESPONSE_EVENT_ID | openai::GREETING_EVENT_ID)
+                );
                 match err.code.as_deref() {
                     Some("session_expired") => return self.on_session_expired(now),
                     Some("conversation_already_has_active_response") => self.on_response_refused(),
+                    _ if asked_response => self.on_response_failed(now),
                     _ => {}
                 }
                 let ours = err.event_id.as_deref() == Some("evt_bridge_session_update");
@@ -748,7 +755,10 @@ impl Call {
                 if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
                     self.conversation.speech_started(&ItemId(id.clone()), ms);
                 }
+                self.caller_spoke(now);
                 self.barge_in(now);
+                // A `clear` leaves nothing to play: an ending that waited for it goes on.
+                self.check_drained(now);
             }
             ServerEvent::SpeechStopped {
                 item_id,
@@ -876,6 +886,7 @@ impl Call {
                     "openai.response.done",
                     json!({
                         "response_id": r.id, "status": r.status, "reason": r.status_reason,
+                        "error": r.status_error,
                         "usage": { "total_tokens": u.total_tokens, "input_tokens": u.input_tokens,
                                    "output_tokens": u.output_tokens },
                     }),
@@ -971,6 +982,9 @@ impl Call {
         };
         let bytes = bytes as u64;
         self.playback.received(item, bytes);
+        if self.response_active {
+            self.response_spoke();
+        }
         if self.stream.is_some() {
             return self.send_agent_audio(item, delta, bytes, now);
         }

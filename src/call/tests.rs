@@ -1724,11 +1724,15 @@ fn a_silent_line_gets_a_check_in_then_a_goodbye() {
     assert_eq!(sim.call.poll_timeout(), Some(IDLE));
     sim.at(IDLE.0);
     let out = sim.input(Input::Timeout);
-    let ask = &sends_of(&out, "response.create")[0];
-    assert!(ask["response"]["instructions"]
+    // What to say goes into the conversation; the response keeps the agent's instructions.
+    let note = &sends_of(&out, "conversation.item.create")[0]["item"];
+    assert_eq!(note["role"], "system");
+    assert!(note["content"][0]["text"]
         .as_str()
         .unwrap()
         .contains("無言"));
+    let ask = &sends_of(&out, "response.create")[0];
+    assert!(ask.get("response").is_none(), "{ask}");
     sim.response("resp_c");
     sim.response_done("resp_c");
     sim.at(2 * IDLE.0);
@@ -1739,6 +1743,249 @@ fn a_silent_line_gets_a_check_in_then_a_goodbye() {
     assert_eq!(http_of(&out)[0].1.body, "Status=completed");
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, ["idle_check_in", "idle_hangup"]);
+}
+
+/// The text of the system messages among `out`.
+fn system_notes(out: &[Action]) -> Vec<String> {
+    sends_of(out, "conversation.item.create")
+        .iter()
+        .filter(|v| v["item"]["role"] == "system")
+        .map(|v| v["item"]["content"][0]["text"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_goodbye_said_before_end_call_is_not_asked_for_again() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    // The model says goodbye, then calls end_call in the same response.
+    sim.response("resp_1");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    let out = sim.function_call("end_call", "{}");
+    let output = &sends_of(&out, "conversation.item.create")[0]["item"];
+    assert_eq!(output["type"], "function_call_output");
+    let out = sim.response_done("resp_1");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "no second goodbye"
+    );
+    assert!(http_of(&out).is_empty(), "the goodbye has not played yet");
+    sim.at(300);
+    let out = sim.twilio(&mark(&m));
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+}
+
+#[test]
+fn a_transfer_announced_before_the_call_is_not_announced_again() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    let m = sim.agent_chunk("item_notice", &audio(800, 2));
+    sim.function_call("transfer_call", "{}");
+    let out = sim.response_done("resp_1");
+    assert!(sends_of(&out, "response.create").is_empty());
+    let out = sim.twilio(&mark(&m));
+    assert!(http_of(&out)[0].1.body.starts_with("Twiml="));
+}
+
+#[test]
+fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.at(IDLE.0);
+    sim.input(Input::Timeout);
+    sim.response("resp_c");
+    sim.response_done("resp_c");
+    sim.at(2 * IDLE.0);
+    sim.input(Input::Timeout);
+    sim.response("resp_bye");
+    sim.agent_chunk("item_bye", &audio(1600, 9));
+    // "Hello? I'm still here": the server cancels the goodbye (interrupt_response).
+    sim.at(2 * IDLE.0 + 100);
+    let out = sim.openai(&speech_started());
+    assert_eq!(sends_of(&out, "clear").len(), 1, "the goodbye stops");
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("end_call"), "{notes:?}");
+    let out = sim.openai(r#"{"type":"response.done","response":{"id":"resp_bye","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
+    assert!(http_of(&out).is_empty(), "no hang-up: {out:?}");
+    // The conversation goes on: the server answers the caller's turn.
+    sim.response("resp_answer");
+    let m = sim.agent_chunk("item_answer", &audio(800, 1));
+    let out = sim.response_done("resp_answer");
+    assert!(http_of(&out).is_empty());
+    let out = sim.twilio(&mark(&m));
+    assert!(http_of(&out).is_empty());
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(
+        kinds,
+        [
+            "idle_check_in",
+            "idle_hangup",
+            "ending_called_off",
+            "barge_in"
+        ]
+    );
+    assert_eq!(events(&sim.records)[2].2["finish"], "hangup");
+    // A silent line is still looked after: check-in, then goodbye, again.
+    assert!(sim.call.poll_timeout().is_some());
+}
+
+#[test]
+fn a_caller_who_speaks_while_the_goodbye_plays_keeps_the_call() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    sim.agent_chunk("item_bye", &audio(1600, 9));
+    sim.response_done("resp_2");
+    // The goodbye is fully generated and still playing when the caller speaks.
+    sim.at(50);
+    let out = sim.openai(&speech_started());
+    assert!(http_of(&out).is_empty(), "no hang-up: {out:?}");
+    assert_eq!(system_notes(&out).len(), 1);
+    assert_eq!(
+        sends_of(&out, "conversation.item.truncate").len(),
+        1,
+        "the goodbye is cut where it stood"
+    );
+    // Later, the model ends the call again; this time it goes through.
+    sim.response("resp_3");
+    sim.function_call("end_call", "{}");
+    let out = sim.response_done("resp_3");
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    sim.response("resp_4");
+    let out = sim.response_done("resp_4");
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+}
+
+#[test]
+fn a_transfer_called_off_by_the_caller_tells_the_model_it_did_not_happen() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.response("resp_1");
+    sim.function_call("transfer_call", "{}");
+    sim.response_done("resp_1");
+    // The notice was asked for; the caller speaks before it starts.
+    let out = sim.openai(&speech_started());
+    let notes = system_notes(&out);
+    assert!(notes[0].contains("transfer_call"), "{notes:?}");
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(http_of(&out).is_empty(), "not transferred");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "the notice is no longer asked for"
+    );
+}
+
+#[test]
+fn the_time_limit_s_end_is_not_called_off_by_speech() {
+    let agent = Agent {
+        max_call_seconds: 60,
+        ..Agent::default()
+    };
+    let mut sim = Sim::live_with(agent);
+    sim.response("resp_g");
+    sim.agent_chunk("item_g", &audio(800, 1));
+    sim.response_done("resp_g");
+    sim.at(30_000);
+    sim.input(Input::Timeout);
+    sim.at(60_000);
+    let out = sim.input(Input::Timeout);
+    assert!(http_of(&out).is_empty(), "the greeting is still playing");
+    let out = sim.openai(&speech_started());
+    assert!(system_notes(&out).is_empty());
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
+}
+
+#[test]
+fn a_close_without_stop_after_the_hang_up_is_still_the_agents_hang_up() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    sim.function_call("end_call", "{}");
+    sim.response("resp_bye");
+    let out = sim.response_done("resp_bye");
+    assert_eq!(http_of(&out).len(), 1);
+    sim.input(Input::TwilioClosed {
+        code: 1000,
+        reason: "",
+    });
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("agent_hangup")
+    );
+}
+
+#[test]
+fn a_response_create_refused_for_another_reason_does_not_block_later_ones() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    let out = sim.function_call("no_such_tool", "{}");
+    assert_eq!(
+        sends_of(&out, "response.create")[0]["event_id"],
+        "evt_bridge_response"
+    );
+    sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"invalid_value","message":"nope","event_id":"evt_bridge_response"}}"#);
+    // A keypad press later still gets its answer.
+    let out = sim.twilio(
+        r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"1"}}"#,
+    );
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_refused_goodbye_does_not_hold_up_the_hang_up() {
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    let out = sim.function_call("end_call", "{}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "the goodbye");
+    let out = sim.openai(r#"{"type":"error","error":{"type":"server_error","code":"server_error","message":"x","event_id":"evt_bridge_response"}}"#);
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+}
+
+#[test]
+fn an_agent_in_another_language_is_told_things_in_english() {
+    let agent = Agent {
+        language: "en".into(),
+        ..Agent::default()
+    };
+    let mut sim = Sim::live_with(agent);
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    let out = sim.twilio(
+        r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"7"}}"#,
+    );
+    let item = &sends_of(&out, "conversation.item.create")[0]["item"];
+    assert_eq!(
+        item["content"][0]["text"],
+        r#"(The caller pressed "7" on the phone's keypad.)"#
+    );
+    sim.response("resp_d");
+    sim.response_done("resp_d");
+    sim.at(IDLE.0 + 1);
+    let out = sim.input(Input::Timeout);
+    assert!(system_notes(&out)[0].starts_with("The caller has been silent"));
+}
+
+#[test]
+fn a_failed_response_is_logged_with_its_error() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.openai(r#"{"type":"response.done","response":{"id":"resp_g","status":"failed","status_details":{"type":"failed","error":{"type":"server_error","code":"internal_error"}}}}"#);
+    let done = &sim.logged("openai.response.done")[0];
+    assert_eq!(done["status"], "failed");
+    assert_eq!(done["error"], "server_error: internal_error");
 }
 
 #[test]
