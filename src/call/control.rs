@@ -894,8 +894,11 @@ impl Call {
             json!({ "attempt": attempt, "why": why, "delay_ms": delay.0 }),
         );
         self.setup_deadline = Some(window_end.min(now + super::SESSION_SETUP_TIMEOUT));
-        // The old session's items, responses and tool calls are gone with it.
-        self.playback.forget_items();
+        // The old session's items, responses and tool calls are gone with it; what it said
+        // and Twilio still plays can still be cleared by a barge-in.
+        if let Some(mark) = self.playback.orphan_items() {
+            self.send_mark(&mark);
+        }
         self.held_output.clear();
         self.held_output_bytes = 0;
         self.response_active = false;

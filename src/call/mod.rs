@@ -307,6 +307,10 @@ pub struct Call {
     /// Caller audio (already-built append events) waiting for the session to be ready.
     pending_input: VecDeque<(String, u64)>,
     pending_input_bytes: u64,
+    /// Where on the caller's audio (ms from the stream start) the current session's input
+    /// begins: its `audio_start_ms` count from there (a reconnected session's from where it
+    /// took over, not from the stream start).
+    session_audio_from_ms: u64,
     /// Agent audio waiting for Twilio's `start`.
     held_output: VecDeque<(ItemId, String, u64)>,
     held_output_bytes: u64,
@@ -352,6 +356,7 @@ impl Call {
             response_active: false,
             pending_input: VecDeque::new(),
             pending_input_bytes: 0,
+            session_audio_from_ms: 0,
             held_output: VecDeque::new(),
             held_output_bytes: 0,
             playback: Playback::default(),
@@ -753,7 +758,8 @@ impl Call {
                 );
                 self.activity(now);
                 if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
-                    self.conversation.speech_started(&ItemId(id.clone()), ms);
+                    let at = self.session_audio_from_ms + ms;
+                    self.conversation.speech_started(&ItemId(id.clone()), at);
                 }
                 self.caller_spoke(now);
                 self.barge_in(now);
@@ -952,6 +958,9 @@ impl Call {
         self.maybe_greet();
         // After a reconnect: the conversation so far, before any new caller audio.
         self.on_session_ready(now);
+        // The session hears the held audio first: it begins where that began.
+        self.session_audio_from_ms =
+            bytes_to_ms(self.stats.caller_bytes - self.pending_input_bytes);
         self.pending_input_bytes = 0;
         for (event, _) in std::mem::take(&mut self.pending_input) {
             self.actions.push_back(Action::SendOpenAi(event));
@@ -1059,11 +1068,13 @@ impl Call {
         self.held_output_bytes = 0;
         self.stats.barge_ins += 1;
         for cut in &cuts {
-            self.actions.push_back(Action::SendOpenAi(openai::truncate(
-                cut.item.as_str(),
-                cut.audio_end_ms,
-            )));
-            if cut.audio_end_ms > 0 {
+            if !cut.orphaned {
+                self.actions.push_back(Action::SendOpenAi(openai::truncate(
+                    cut.item.as_str(),
+                    cut.audio_end_ms,
+                )));
+            }
+            if cut.audio_end_ms > 0 && !cut.orphaned {
                 // The truncated item's transcript is what the caller heard.
                 self.actions
                     .push_back(Action::SendOpenAi(openai::retrieve(cut.item.as_str())));

@@ -28,6 +28,9 @@ struct Item {
     sent: u64,
     played: u64,
     audio_done: bool,
+    /// Its session is gone (a reconnect): what was sent still plays at Twilio and can be
+    /// cleared, but there is no session left to truncate it in.
+    orphaned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +59,8 @@ pub struct Cut {
     pub audio_end_ms: u64,
     /// How much audio the item had when it was cut.
     pub received_ms: u64,
+    /// The item belonged to a session since replaced: nothing to truncate.
+    pub orphaned: bool,
 }
 
 const MARK_PREFIX: &str = "m";
@@ -92,6 +97,7 @@ impl Playback {
             sent: 0,
             played: 0,
             audio_done: false,
+            orphaned: false,
         });
         self.items.back_mut().expect("just pushed")
     }
@@ -221,6 +227,7 @@ impl Playback {
                     item: it.id.clone(),
                     audio_end_ms: bytes_to_ms(end),
                     received_ms: bytes_to_ms(it.received),
+                    orphaned: it.orphaned,
                 });
                 self.cut.push_back(it.id);
                 if self.cut.len() > CUT_MEMORY {
@@ -233,12 +240,19 @@ impl Playback {
         cuts
     }
 
-    /// Forgets every item and pending mark (their session is gone) but keeps numbering
-    /// marks onwards, so echoes of the old marks are recognised as stale.
-    pub fn forget_items(&mut self) {
-        self.items.clear();
-        self.marks.clear();
-        self.unmarked = None;
+    /// The items' session is gone (a reconnect). Their audio already sent to Twilio still
+    /// plays there, and a barge-in must still be able to clear it; what was received and not
+    /// sent never will be. Returns the mark for audio sent and not yet marked, so the end of
+    /// the old audio is confirmed too.
+    pub fn orphan_items(&mut self) -> Option<String> {
+        for it in &mut self.items {
+            it.received = it.sent;
+            it.audio_done = true;
+            it.orphaned = true;
+        }
+        let mark = self.flush();
+        self.forget_finished();
+        mark
     }
 
     /// Milliseconds of audio sent to Twilio and not yet confirmed played.
@@ -297,7 +311,8 @@ mod tests {
             vec![Cut {
                 item: a.clone(),
                 audio_end_ms: 200,
-                received_ms: 300
+                received_ms: 300,
+                orphaned: false,
             }]
         );
         assert!(p.is_cut(&a));
@@ -352,9 +367,41 @@ mod tests {
             vec![Cut {
                 item: a,
                 audio_end_ms: 0,
-                received_ms: 500
+                received_ms: 500,
+                orphaned: false,
             }]
         );
+    }
+
+    #[test]
+    fn audio_of_a_lost_session_can_still_be_cleared_but_not_truncated() {
+        let mut p = Playback::default();
+        let a = id("a");
+        p.received(&a, 2400);
+        p.sent(&a, 800, T0).unwrap();
+        assert_eq!(p.sent(&a, 400, T0), None);
+        // The session is lost: the 1 s received never goes out, the 150 ms sent still plays.
+        let tail = p.orphan_items().expect("the unmarked 50 ms is marked");
+        assert!(p.outstanding());
+        assert_eq!(p.unconfirmed_ms(), 150);
+        assert_eq!(
+            p.barge_in(),
+            vec![Cut {
+                item: a.clone(),
+                audio_end_ms: 0,
+                received_ms: 150,
+                orphaned: true,
+            }]
+        );
+        assert_eq!(p.echoed(&tail), Echo::Flushed);
+        // Played to the end instead, it is forgotten like any other.
+        let mut p = Playback::default();
+        p.received(&a, 800);
+        let m = p.sent(&a, 800, T0).unwrap();
+        assert_eq!(p.orphan_items(), None);
+        p.echoed(&m);
+        assert!(!p.outstanding());
+        assert_eq!(p.tracked_items(), 0);
     }
 
     #[test]

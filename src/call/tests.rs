@@ -2040,6 +2040,63 @@ fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
     assert!(!sim.call.is_ended());
 }
 
+#[test]
+fn after_a_reconnect_the_old_session_s_audio_can_be_cleared_and_caller_turns_keep_their_time() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.response_done("resp_g");
+    // Twilio sends caller audio all along, 20 ms every 20 ms.
+    let mut t = 0;
+    let mut caller_until = |sim: &mut Sim, end: u64| {
+        while t < end {
+            sim.at(t);
+            sim.twilio(&media(&audio(160, 1)));
+            t += 20;
+        }
+    };
+    caller_until(&mut sim, 9_000);
+    // The agent sends 1 s of audio, which Twilio is still playing when the session is lost.
+    sim.response("resp_1");
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_a","type":"message","role":"assistant"}}"#);
+    for i in 0..10u8 {
+        sim.agent_chunk("item_a", &audio(800, i));
+    }
+    caller_until(&mut sim, 9_500);
+    sim.at(9_500);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    // The caller talks on while the new session comes up: held, then heard first.
+    caller_until(&mut sim, 10_100);
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    // The caller interrupts what is still playing: Twilio is told to clear it; the new
+    // session has no such item to truncate.
+    let out = sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":300,"item_id":"item_u2"}"#,
+    );
+    assert_eq!(sends_of(&out, "clear").len(), 1, "{out:?}");
+    assert!(sends_of(&out, "conversation.item.truncate").is_empty());
+    assert!(sends_of(&out, "conversation.item.retrieve").is_empty());
+    // The new session counts its audio from where it took over (9 500 ms into the call),
+    // so the caller's turn is at 9 800 ms, not 300 ms.
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u2","type":"message","role":"user"}}"#);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u2","transcript":"もしもし"}"#);
+    let offset = sim
+        .records
+        .iter()
+        .find_map(|r| match r {
+            Record::Transcript {
+                text, offset_ms, ..
+            } if text == "もしもし" => Some(*offset_ms),
+            _ => None,
+        })
+        .expect("the caller's turn");
+    assert_eq!(offset, 9_800);
+}
+
 mod recording;
 
 #[test]

@@ -83,8 +83,8 @@ impl Conversation {
         }
     }
 
-    /// The caller began speaking; `audio_start_ms` counts from the first audio appended,
-    /// which is the stream start.
+    /// The caller began speaking, `audio_start_ms` into the stream (the server counts from
+    /// the first audio its session heard; the machine adds where that was).
     pub fn speech_started(&mut self, id: &ItemId, audio_start_ms: u64) {
         match self.items.get_mut(id) {
             Some(item) => item.offset_ms = Some(audio_start_ms),
