@@ -424,8 +424,7 @@ async fn wait_ended(h: &Harness, call_sid: &str, kinds: &[&str]) -> Value {
 fn system_note_before(oa: &Session, at: Instant) -> String {
     oa.received_of_type("conversation.item.create")
         .into_iter()
-        .filter(|e| e.at <= at && e.event["item"]["role"] == "system")
-        .last()
+        .rfind(|e| e.at <= at && e.event["item"]["role"] == "system")
         .map(|e| {
             e.event["item"]["content"][0]["text"]
                 .as_str()

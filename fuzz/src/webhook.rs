@@ -249,9 +249,15 @@ pub fn run(w: &WebhookInput) {
     let r = webhook::answer_voice(&config, &request_url, sig.as_deref(), &body);
     check_refusal(&r, w, forged, plain);
     let Ok(answer) = r else { return };
-    let stream = check_xml(&answer.twiml);
-    assert_eq!(answer.streams, w.use_realtime);
-    assert_eq!(stream.is_some(), answer.streams, "{}", answer.twiml);
+    // An agent whose transfer number is anything at all.
+    let agent = phone_agent_bridge::config::Agent {
+        transfer_number: w.public_base.clone(),
+        ..Default::default()
+    };
+    let twiml = answer.twiml(&config, &agent);
+    let stream = check_xml(&twiml);
+    assert_eq!(answer.streams(), w.use_realtime);
+    assert_eq!(stream.is_some(), answer.streams(), "{twiml}");
     if let Some(stream) = stream {
         // Twilio signs the upgrade over the URL exactly as we wrote it: our own check of
         // that upgrade, arriving at the same origin, must accept it.
@@ -276,11 +282,16 @@ pub fn run(w: &WebhookInput) {
         );
     }
     // The TwiML builders on their own, with anything in them.
+    let any = w.public_base.as_deref().unwrap_or("ja-JP");
     check_xml(&twiml::fallback(
-        &w.fallback_message,
-        w.public_base.as_deref().unwrap_or("ja-JP"),
+        &twiml::Apology {
+            message: &w.fallback_message,
+            language: any,
+            voice: any,
+        },
         w.dial.as_deref(),
     ));
+    check_xml(&webhook::fallback_twiml(&config, &agent));
     let params: Vec<(&str, &str)> = params
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
