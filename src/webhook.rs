@@ -276,14 +276,35 @@ fn token(config: &Bridge) -> Result<&str, Refusal> {
     }
 }
 
-/// Verifies Twilio's voice webhook (a form POST); [`VoiceAnswer::twiml`] answers it.
-pub fn answer_voice(
+/// Where a Twilio webhook's parameters are: the body of a form POST, or the query string
+/// of a GET (a number's webhook can be set to either method). Twilio signs the URL followed
+/// by a form's parameters; a GET's are in the URL already, and nothing is appended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Params<'a> {
+    Form(&'a str),
+    Query,
+}
+
+impl<'a> From<&'a str> for Params<'a> {
+    fn from(body: &'a str) -> Self {
+        Params::Form(body)
+    }
+}
+
+impl<'a> From<&'a String> for Params<'a> {
+    fn from(body: &'a String) -> Self {
+        Params::Form(body)
+    }
+}
+
+/// Verifies Twilio's voice webhook; [`VoiceAnswer::twiml`] answers it.
+pub fn answer_voice<'a>(
     config: &Bridge,
     request_url: &str,
     signature: Option<&str>,
-    body: &str,
+    params: impl Into<Params<'a>>,
 ) -> Result<VoiceAnswer, Refusal> {
-    let params = verified_form(config, request_url, signature, body)?;
+    let params = verified_params(config, request_url, signature, params.into())?;
     let get = |name: &str| {
         params
             .iter()
@@ -316,36 +337,49 @@ pub fn fallback_twiml(config: &Bridge, agent: &Agent) -> String {
     twiml::fallback(&apology(config), fallback_dial(config, agent))
 }
 
-/// The parameters of a signed form POST from Twilio, once its signature checks out.
-fn verified_form(
+/// The parameters of a signed webhook from Twilio, once its signature checks out.
+fn verified_params(
     config: &Bridge,
     request_url: &str,
     signature: Option<&str>,
-    body: &str,
+    params: Params<'_>,
 ) -> Result<Vec<(String, String)>, Refusal> {
     let token = token(config)?;
     let signature = signature
         .filter(|s| !s.is_empty())
         .ok_or(Refusal::Unsigned)?;
-    let params: Vec<(String, String)> = form_urlencoded::parse(body.as_bytes())
-        .into_owned()
-        .collect();
     let url = signed_url(config, request_url)?;
-    if !signature::validate_webhook(token, &url, &params, signature) {
+    let (signed, params): (Vec<(String, String)>, _) = match params {
+        Params::Form(body) => {
+            let form: Vec<_> = form_urlencoded::parse(body.as_bytes())
+                .into_owned()
+                .collect();
+            (form.clone(), form)
+        }
+        Params::Query => {
+            let query = url.split_once('?').map_or("", |(_, q)| q);
+            let query = query.split_once('#').map_or(query, |(q, _)| q);
+            let query = form_urlencoded::parse(query.as_bytes())
+                .into_owned()
+                .collect();
+            (Vec::new(), query)
+        }
+    };
+    if !signature::validate_webhook(token, &url, &signed, signature) {
         return Err(Refusal::BadSignature);
     }
     Ok(params)
 }
 
 /// Verifies Twilio's status callback and turns it into the update of the call's row.
-pub fn status_callback(
+pub fn status_callback<'a>(
     config: &Bridge,
     request_url: &str,
     signature: Option<&str>,
-    body: &str,
+    params: impl Into<Params<'a>>,
     now_ms: u64,
 ) -> Result<Record, Refusal> {
-    let params = verified_form(config, request_url, signature, body)?;
+    let params = verified_params(config, request_url, signature, params.into())?;
     let get = |name: &str| {
         params
             .iter()
@@ -507,6 +541,38 @@ mod tests {
             Err(Refusal::BadSignature)
         );
         assert_eq!(Refusal::BadSignature.status(), 403);
+    }
+
+    #[test]
+    fn a_get_webhook_carries_its_parameters_in_the_signed_url() {
+        let c = config();
+        let (query, params) = form(CALL);
+        let url = format!("https://bridge.example.com/api/twilio/voice?{query}");
+        // Twilio signs the whole URL and appends nothing.
+        let sig = signature::compute(TOKEN, &url, &[]);
+        let a = answer_voice(&c, &url, Some(&sig), Params::Query).unwrap();
+        assert!(a.streams());
+        assert_eq!(
+            a.call.call_sid.as_str(),
+            "CA0123456789abcdef0123456789abcdef"
+        );
+        assert_eq!(a.call.from, "+819012345678");
+        // A signature with the parameters appended, as for a POST, is not Twilio's for a GET.
+        let as_post = signature::compute(TOKEN, &url, &params);
+        assert_eq!(
+            answer_voice(&c, &url, Some(&as_post), Params::Query),
+            Err(Refusal::BadSignature)
+        );
+        let tampered = url.replace("ringing", "completed");
+        assert_eq!(
+            answer_voice(&c, &tampered, Some(&sig), Params::Query),
+            Err(Refusal::BadSignature)
+        );
+        let status =
+            "https://bridge.example.com/api/twilio/status?CallSid=CA1&CallStatus=completed&CallDuration=7";
+        let sig = signature::compute(TOKEN, status, &[]);
+        let r = status_callback(&c, status, Some(&sig), Params::Query, 1_000).unwrap();
+        assert_eq!(r.call_sid(), "CA1");
     }
 
     #[test]

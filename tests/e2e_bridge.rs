@@ -116,6 +116,30 @@ async fn voice_webhook_answers_twiml_connecting_a_stream_for_this_call_with_esca
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_number_whose_webhook_is_set_to_get_is_answered_the_same() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let params = tw::voice_params(&ids, "+15551230009", "+81312345678");
+    let (url, reply) = tw::get_query(&h.voice_url(), &params, TWILIO_AUTH_TOKEN)
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "GET {url}: {}", reply.body);
+    let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}\n{}", reply.body));
+    assert_eq!(twiml.stream_url, h.expected_stream_url(&ids.call_sid));
+    assert_eq!(twiml.parameter("From"), Some("+15551230009"));
+    // Signed as a POST would be (parameters appended), it is not Twilio's signature.
+    let wrong = tw::sign(TWILIO_AUTH_TOKEN, &url, &params);
+    let client = reqwest::Client::new();
+    let r = client
+        .get(&url)
+        .header("X-Twilio-Signature", wrong)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn voice_webhook_with_missing_or_wrong_signature_is_forbidden() {
     let h = harness().await;
     let ids = CallIds::new();

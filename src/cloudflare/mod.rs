@@ -98,8 +98,9 @@ async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
     let path = req.path();
     match (req.method(), path.as_str()) {
         (Method::Get, "/healthz") => Response::ok("ok"),
-        (Method::Post, webhook::VOICE_PATH) => voice(req, env).await,
-        (Method::Post, webhook::STATUS_PATH) => status(req, env).await,
+        // A number's webhooks may be set to POST (the default) or GET.
+        (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env).await,
+        (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env).await,
         (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
             media_stream(req, env).await
         }
@@ -119,20 +120,30 @@ fn config_or_500(env: &Env) -> std::result::Result<Bridge, Result<Response>> {
     })
 }
 
-/// What every signed Twilio form POST needs: the configuration, the URL as the Worker
-/// saw it, the signature header and the body. A broken configuration is a 500.
+/// What every signed Twilio webhook needs: the configuration, the URL as the Worker saw
+/// it, the signature header, and the body of a POST (`None` for a GET, whose parameters are
+/// in the URL). A broken configuration is a 500.
 async fn twilio_form(
     req: &mut Request,
     env: &Env,
-) -> Result<std::result::Result<(Bridge, String, Option<String>, String), Result<Response>>> {
+) -> Result<std::result::Result<(Bridge, String, Option<String>, Option<String>), Result<Response>>>
+{
     let config = match config_or_500(env) {
         Ok(c) => c,
         Err(resp) => return Ok(Err(resp)),
     };
     let url = req.inner().url();
     let signature = req.headers().get("X-Twilio-Signature")?;
-    let body = req.text().await?;
+    let body = match req.method() {
+        Method::Get => None,
+        _ => Some(req.text().await?),
+    };
     Ok(Ok((config, url, signature, body)))
+}
+
+fn params(body: &Option<String>) -> webhook::Params<'_> {
+    body.as_deref()
+        .map_or(webhook::Params::Query, webhook::Params::Form)
 }
 
 async fn voice(mut req: Request, env: Env) -> Result<Response> {
@@ -140,7 +151,7 @@ async fn voice(mut req: Request, env: Env) -> Result<Response> {
         Ok(parts) => parts,
         Err(resp) => return resp,
     };
-    let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), &body) {
+    let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), params(&body)) {
         Ok(a) => a,
         Err(r) => return refuse(&r, "voice"),
     };
@@ -247,10 +258,11 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
         Err(resp) => return resp,
     };
     let now = Date::now().as_millis();
-    let record = match webhook::status_callback(&config, &url, signature.as_deref(), &body, now) {
-        Ok(r) => r,
-        Err(r) => return refuse(&r, "status"),
-    };
+    let record =
+        match webhook::status_callback(&config, &url, signature.as_deref(), params(&body), now) {
+            Ok(r) => r,
+            Err(r) => return refuse(&r, "status"),
+        };
     let call_sid = crate::ids::CallSid::new(record.call_sid());
     let resp = call_object(&env, &call_sid)?
         .fetch_with_request(internal_post(

@@ -181,15 +181,46 @@ pub async fn post_form(
     params: &[(String, String)],
     signature: Option<&str>,
 ) -> Result<HttpReply, String> {
+    send_webhook(url, Some(params), signature).await
+}
+
+/// A webhook as Twilio sends it to a number set to HTTP GET: the parameters in the query
+/// string, the signature over the whole URL. Returns the URL requested too.
+pub async fn get_query(
+    url: &str,
+    params: &[(String, String)],
+    auth_token: &str,
+) -> Result<(String, HttpReply), String> {
+    let query: String = form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    let url = format!("{url}?{query}");
+    let sig = sign(auth_token, &url, &[]);
+    let reply = send_webhook(&url, None, Some(&sig)).await?;
+    Ok((url, reply))
+}
+
+async fn send_webhook(
+    url: &str,
+    form: Option<&[(String, String)]>,
+    signature: Option<&str>,
+) -> Result<HttpReply, String> {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(60))
         .build()
         .map_err(|e| e.to_string())?;
-    let mut req = client.post(url).form(params);
+    let mut req = match form {
+        Some(params) => client.post(url).form(params),
+        None => client.get(url),
+    };
     if let Some(sig) = signature {
         req = req.header("X-Twilio-Signature", sig);
     }
-    let resp = req.send().await.map_err(|e| format!("POST {url}: {e}"))?;
+    let method = if form.is_some() { "POST" } else { "GET" };
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{method} {url}: {e}"))?;
     let status = resp.status().as_u16();
     let content_type = resp
         .headers()
