@@ -350,11 +350,11 @@ async fn keep_streaming(calls: &mut [&mut Said], how_long: Duration) {
 /// The caller presses 7; returns once the call object has queued the key press in its outbox,
 /// durably: a frame sent after it has reached OpenAI (the object handles one socket's frames
 /// in order, and holds its output until its storage writes are durable).
-async fn press_key(h: &Harness, call: &Call, tag: u8) {
+async fn press_key(h: &Harness, call: &Call, tag: u8, digit: &str) {
     call.twilio.send_raw(json!({
         "event": "dtmf",
         "streamSid": call.ids.stream_sid,
-        "dtmf": {"track": "inbound_track", "digit": "7"},
+        "dtmf": {"track": "inbound_track", "digit": digit},
     }));
     let sync = call
         .twilio
@@ -372,10 +372,13 @@ async fn press_key(h: &Harness, call: &Call, tag: u8) {
     );
 }
 
-fn has_key_press(d: &Value) -> bool {
-    d["events"]
-        .as_array()
-        .is_some_and(|ev| ev.iter().any(|e| e["type"] == "dtmf"))
+fn has_key_presses(d: &Value) -> bool {
+    ["7", "8"].iter().all(|digit| {
+        d["events"].as_array().is_some_and(|ev| {
+            ev.iter()
+                .any(|e| e["type"] == "dtmf" && e["detail"]["digit"] == *digit)
+        })
+    })
 }
 
 /// Holds the local D1 database's write lock (as another writer would), so every D1 write of
@@ -447,20 +450,29 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         checkpointed + Duration::from_millis(1_500),
     )
     .await;
-    let failed_writes = count_in_log(h, "outbox.d1_write_failed");
     let lock = D1Lock::take(h);
-    press_key(h, &d.call, 0x94).await;
-    let deadline = Instant::now() + SOON;
-    while count_in_log(h, "outbox.d1_write_failed") == failed_writes {
-        assert!(
-            Instant::now() < deadline,
-            "no D1 write failed while D1 was locked:\n{}",
-            h.worker.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // No write commits while the lock is held: D's key press, queued after the lock was
-    // taken, is only in the call object's own storage.
+    let wait_failed_write = |since: usize| async move {
+        let deadline = Instant::now() + SOON;
+        while count_in_log(h, "outbox.d1_write_failed") == since {
+            assert!(
+                Instant::now() < deadline,
+                "no D1 write failed while D1 was locked:\n{}",
+                h.worker.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let failed_writes = count_in_log(h, "outbox.d1_write_failed");
+    press_key(h, &d.call, 0x94, "7").await;
+    wait_failed_write(failed_writes).await;
+    // A second key press while D1 is still refusing: it comes during the outbox's backoff,
+    // and must reach storage too, not wait in memory for D1 to come back. A failed write
+    // after it proves the writer has been round since.
+    let failed_writes = count_in_log(h, "outbox.d1_write_failed");
+    press_key(h, &d.call, 0x95, "8").await;
+    wait_failed_write(failed_writes).await;
+    // No write commits while the lock is held: D's key presses, queued after the lock was
+    // taken, are only in the call object's own storage.
 
     // Meanwhile the admin API says the store is unavailable for now, with when to retry,
     // rather than an internal error.
@@ -569,7 +581,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     for (said, what) in [
         (&a, "A finalized, with Twilio's duration"),
         (&c, "C finalized"),
-        (&d, "D finalized, with its key press"),
+        (&d, "D finalized, with its key presses"),
         (&b, "B finalized"),
     ] {
         let sid = &said.call.ids.call_sid;
@@ -580,7 +592,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
                     finalized(detail)
                         && (sid != &a.call.ids.call_sid
                             || detail["call"]["twilio_duration_s"] == 61)
-                        && (sid != &d.call.ids.call_sid || has_key_press(detail))
+                        && (sid != &d.call.ids.call_sid || has_key_presses(detail))
                 })
                 .await,
         );
@@ -618,7 +630,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
             "{sid}: duration_ms {duration} < {lasted} ms from the stream start to the restart"
         );
         // Every turn written before the restart is there, unchanged, exactly once; so are
-        // the events, and D's key press (queued before the restart) is there once.
+        // the events, and D's key presses (queued before the restart) are there once each.
         assert_eq!(
             after["transcript"], said.before["transcript"],
             "{sid}: transcript changed by the restart"
@@ -627,13 +639,17 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         for e in said.before["events"].as_array().unwrap() {
             assert!(events.contains(e), "{sid}: event lost: {e}");
         }
-        let presses = usize::from(std::ptr::eq(*said, &d));
-        let dtmf: Vec<&Value> = events.iter().filter(|e| e["type"] == "dtmf").collect();
-        assert!(
-            dtmf.len() == presses && dtmf.iter().all(|e| e["detail"]["digit"] == "7"),
-            "{sid}: {presses} key press(es): {}",
-            pretty(&after["events"])
-        );
+        let presses: &[&str] = if std::ptr::eq(*said, &d) {
+            &["7", "8"]
+        } else {
+            &[]
+        };
+        let dtmf: Vec<&Value> = events
+            .iter()
+            .filter(|e| e["type"] == "dtmf")
+            .map(|e| &e["detail"]["digit"])
+            .collect();
+        assert_eq!(dtmf, presses, "{sid}: {}", pretty(&after["events"]));
         let seqs: Vec<i64> = events.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
         assert!(
             seqs.windows(2).all(|w| w[0] < w[1]),

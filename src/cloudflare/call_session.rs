@@ -61,7 +61,9 @@ impl DurableObject for CallSession {
                 let storage = self.state.storage();
                 // Twilio may retry the webhook: the first registration stands.
                 if storage.get::<CallState>(CALL_KEY).await?.is_none() {
-                    self.outbox().push(&registration.record()).await;
+                    if !self.outbox().push(&registration.record()).await {
+                        return Response::error("call record not kept", 500);
+                    }
                     storage.put(CALL_KEY, CallState::new(registration)).await?;
                 }
                 Response::empty().map(|r| r.with_status(204))
@@ -73,7 +75,9 @@ impl DurableObject for CallSession {
                 // call reads as the failure it was, ended when Twilio said so, rather than
                 // waiting for the watch alarm and overwriting Twilio's end with its own.
                 self.finalize_orphaned_stream().await?;
-                self.outbox().push(&record).await;
+                if !self.outbox().push(&record).await {
+                    return Response::error("status not kept", 500);
+                }
                 Response::empty().map(|r| r.with_status(204))
             }
             _ => self.accept_stream(req).await,
@@ -138,7 +142,12 @@ impl CallSession {
             "call.interrupted",
             serde_json::json!({ "call_sid": state.registration.call.call_sid }),
         );
-        self.outbox().push(&ended).await;
+        if !self.outbox().push(&ended).await {
+            // Not marked ended then: the next alarm or status callback tries again.
+            return Err(Error::RustError(
+                "the interrupted call's end was not kept".into(),
+            ));
+        }
         storage.put(CALL_KEY, &state).await?;
         // What the lost pump recorded is in the object's checkpoints.
         self.recover_recording().await;
@@ -545,6 +554,10 @@ impl Pump {
                     let outbox = self.outbox.clone();
                     let recording_busy = self.recording_busy.clone();
                     wasm_bindgen_futures::spawn_local(async move {
+                        // The call's last records (its end among them) are kept first:
+                        // once the call reads as ended, a restart no longer finalizes it,
+                        // so they must not be lost with this instance.
+                        outbox.durable().await;
                         if let Err(e) = storage.put(CALL_KEY, &record).await {
                             log(
                                 "error",

@@ -21,6 +21,16 @@ use worker::{Date, Delay, Env, ListOptions, Storage};
 const PREFIX: &str = "outbox:";
 /// Entries copied to D1 in one batch (one transaction).
 const BATCH: usize = 50;
+/// How long [`Outbox::durable`] waits for a direct D1 write already on its way.
+const DURABLE_WAIT: Duration = Duration::from_secs(20);
+
+/// What [`Outbox::store`] did.
+#[derive(Default)]
+struct Stored {
+    moved: usize,
+    /// Storage refused a write: that record is back at the head of the queue.
+    failed: bool,
+}
 const MAX_BACKOFF_MS: u64 = 30_000;
 
 fn key(seq: u64) -> String {
@@ -133,12 +143,44 @@ impl Outbox {
         Ok(n)
     }
 
-    /// Queues a record durably (local storage) and wakes the background writer.
-    pub async fn push(&self, record: &Record) {
+    /// Queues a record and returns once it is durable (see [`Outbox::durable`]); false,
+    /// logged, if it could not be made so.
+    pub async fn push(&self, record: &Record) -> bool {
         self.enqueue(record);
-        if self.store().await > 0 {
-            // The writer may have looked before these were stored.
-            let _ = self.0.wake.unbounded_send(());
+        self.durable().await
+    }
+
+    /// Waits until every record handed over so far is durable: accepted by D1 (a direct
+    /// write already on its way is waited for) or kept in the object's storage. What a
+    /// restart must not lose (a status from Twilio, the end of a call about to be marked
+    /// ended) goes through here first. False, logged, when storage refused it or a direct
+    /// write took longer than [`DURABLE_WAIT`].
+    pub async fn durable(&self) -> bool {
+        let start = Date::now().as_millis();
+        loop {
+            if self.0.storing.is_taken() {
+                if Date::now().as_millis().saturating_sub(start) > DURABLE_WAIT.as_millis() as u64 {
+                    log(
+                        "error",
+                        "outbox.not_durable",
+                        serde_json::json!({ "why": "a D1 write took too long" }),
+                    );
+                    return false;
+                }
+                Delay::from(Duration::from_millis(10)).await;
+                continue;
+            }
+            if self.0.unstored.borrow().is_empty() {
+                return true;
+            }
+            let stored = self.store().await;
+            if stored.moved > 0 {
+                // The writer may have looked before these were stored.
+                let _ = self.0.wake.unbounded_send(());
+            }
+            if stored.failed {
+                return false;
+            }
         }
     }
 
@@ -203,35 +245,44 @@ impl Outbox {
         db::batch(&database, statements).await
     }
 
-    /// Moves enqueued records into local storage, in order (one mover at a time); returns
-    /// how many it moved.
-    async fn store(&self) -> usize {
+    /// Moves enqueued records into local storage, in order (one mover at a time). A write
+    /// storage refuses puts its record back at the head of the queue and stops there: the
+    /// writer tries again with its backoff.
+    async fn store(&self) -> Stored {
+        let mut done = Stored::default();
         let Some(_guard) = self.0.storing.try_take() else {
-            return 0;
+            return done;
         };
-        let mut moved = 0;
         loop {
             let Some((statements, call_sid)) = self.0.unstored.borrow_mut().pop_front() else {
-                return moved;
+                return done;
             };
-            moved += 1;
             self.0.backlog.set(true);
             let text = serde_json::to_string(&statements).expect("statements serialize");
             let result = async {
                 let seq = self.next_seq().await?;
+                self.0.storage.put(&key(seq), text).await?;
                 self.0.next_seq.set(Some(seq + 1));
-                self.0.storage.put(&key(seq), text).await
+                Ok::<_, worker::Error>(())
             }
             .await;
             self.0.stored.set(self.0.stored.get() + 1);
             if let Err(e) = result {
-                // Local storage failing is as bad as it gets; say so loudly with what was lost.
+                // Local storage failing is as bad as it gets: say so loudly, and keep the
+                // record in memory for the next try rather than drop it.
                 log(
                     "error",
                     "outbox.store_failed",
                     serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
                 );
+                self.0
+                    .unstored
+                    .borrow_mut()
+                    .push_front((statements, call_sid));
+                done.failed = true;
+                return done;
             }
+            done.moved += 1;
         }
     }
 
@@ -243,8 +294,8 @@ impl Outbox {
             if self.send_direct().await {
                 continue;
             }
-            self.store().await;
             loop {
+                self.store().await;
                 match self.flush().await {
                     Ok(()) => {
                         backoff = 0;
@@ -263,8 +314,28 @@ impl Outbox {
                             .storage
                             .set_alarm(Duration::from_millis(backoff + 1000))
                             .await;
-                        Delay::from(Duration::from_millis(backoff)).await;
+                        self.wait_storing(&mut rx, Duration::from_millis(backoff))
+                            .await;
                     }
+                }
+            }
+        }
+    }
+
+    /// Waits `pause` before D1 is tried again; records handed over meanwhile (the call goes
+    /// on while D1 is down) go to storage as they come, so a restart during a long outage
+    /// loses none of them.
+    async fn wait_storing(&self, rx: &mut UnboundedReceiver<()>, pause: Duration) {
+        use futures::FutureExt;
+        let mut pause = Delay::from(pause).fuse();
+        loop {
+            futures::select! {
+                _ = pause => return,
+                woken = rx.next() => {
+                    if woken.is_none() {
+                        return;
+                    }
+                    self.store().await;
                 }
             }
         }
