@@ -101,6 +101,18 @@ pub enum Record {
         /// Size of the WAV file, header included.
         bytes: u64,
     },
+    /// The call got the fallback TwiML instead of the agent (`FALLBACK_ONLY`, or the call
+    /// could not be handed to its call object): why, so the call can be found and followed
+    /// up. Twilio's final status callback dates its end.
+    CallUnserved {
+        call_sid: String,
+        at_ms: u64,
+        end_reason: String,
+        end_detail: Option<String>,
+        /// The bridge failed the caller (the status reads `failed`), rather than being
+        /// switched off on purpose.
+        failed: bool,
+    },
     /// Twilio's status callback.
     TwilioStatus {
         call_sid: String,
@@ -169,6 +181,7 @@ impl Record {
             | Record::Event { call_sid, .. }
             | Record::CallEnded { call_sid, .. }
             | Record::Recording { call_sid, .. }
+            | Record::CallUnserved { call_sid, .. }
             | Record::TwilioStatus { call_sid, .. } => call_sid,
         }
     }
@@ -329,6 +342,31 @@ impl Record {
                         key.as_str().into(),
                         (*duration_ms).into(),
                         (*bytes).into(),
+                    ],
+                ),
+            ],
+            Record::CallUnserved {
+                call_sid,
+                at_ms,
+                end_reason,
+                end_detail,
+                failed,
+            } => vec![
+                ensure_call(call_sid, *at_ms),
+                Statement::new(
+                    format!(
+                        "UPDATE calls SET \
+                         end_detail = CASE WHEN end_reason IS NULL THEN ?3 ELSE end_detail END, \
+                         end_reason = COALESCE(end_reason, ?2), \
+                         status = CASE WHEN ?4 AND end_reason IS NULL AND {RANK_SQL} < 3 \
+                                  THEN 'failed' ELSE status END \
+                         WHERE call_sid = ?1"
+                    ),
+                    vec![
+                        call_sid.as_str().into(),
+                        end_reason.as_str().into(),
+                        end_detail.as_deref().map(Value::from).unwrap_or(Value::Null),
+                        (*failed).into(),
                     ],
                 ),
             ],
@@ -606,6 +644,47 @@ mod tests {
         assert_eq!(row["status"], "failed");
         assert_eq!(row["end_reason"], "openai_closed");
         assert_eq!(row["end_detail"], "closed with code 1011: server error");
+    }
+
+    #[test]
+    fn a_call_the_agent_never_took_says_why_and_keeps_its_numbers() {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        let unserved = |failed| Record::CallUnserved {
+            call_sid: SID.into(),
+            at_ms: 1_000,
+            end_reason: if failed {
+                "not_registered"
+            } else {
+                "fallback_only"
+            }
+            .into(),
+            end_detail: failed.then(|| "HTTP 500".into()),
+            failed,
+        };
+        write(&conn, &unserved(true));
+        status(&conn, "completed", Some(12));
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "failed");
+        assert_eq!(row["end_reason"], "not_registered");
+        assert_eq!(row["end_detail"], "HTTP 500");
+        assert_eq!(row["from_number"], "+819012345678");
+        assert_eq!(
+            row["ended_at"],
+            iso_time(9_000),
+            "dated by Twilio's final status"
+        );
+        assert_eq!(row["twilio_duration_s"], 12);
+        // Switched off on purpose: Twilio's status stands, and a reason already there stays.
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        write(&conn, &unserved(false));
+        write(&conn, &unserved(true));
+        status(&conn, "completed", Some(8));
+        let row = call_row(&conn);
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["end_reason"], "fallback_only");
+        assert_eq!(row["end_detail"], Value::Null);
     }
 
     #[test]

@@ -71,6 +71,18 @@ impl Registration {
         }
     }
 
+    /// The call got the fallback TwiML instead of its agent: `reason` (one of
+    /// [`FALLBACK_ONLY`], [`NOT_REGISTERED`]) and its particulars.
+    pub fn unserved(&self, reason: &str, detail: Option<String>) -> Record {
+        Record::CallUnserved {
+            call_sid: self.call.call_sid.0.clone(),
+            at_ms: self.at_ms,
+            end_reason: reason.into(),
+            end_detail: detail,
+            failed: reason != FALLBACK_ONLY,
+        }
+    }
+
     /// The end of a call whose bridge went away mid-stream (the object was restarted, by
     /// a deploy for instance): what the call machine would have written had it lived.
     pub fn interrupted(&self, streamed_at_ms: u64, now_ms: u64) -> Record {
@@ -94,6 +106,10 @@ impl Registration {
 
 /// End reason of a call whose bridge was restarted mid-stream.
 pub const INTERRUPTED: &str = "bridge_restarted";
+/// `end_reason` of a call answered with the fallback because `FALLBACK_ONLY` is on.
+pub const FALLBACK_ONLY: &str = "fallback_only";
+/// `end_reason` of a call whose call object could not take it (the fallback answered it).
+pub const NOT_REGISTERED: &str = "not_registered";
 
 /// What a call's Durable Object keeps about its call in its own storage.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

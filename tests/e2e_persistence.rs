@@ -484,6 +484,79 @@ async fn a_call_with_a_barge_in_leaves_exactly_its_rows_in_conversation_order() 
 // ---- 2. the status callback --------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = support::shared_harness(&HARNESS, "e2e-persistence-fallback-only", || {
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("FALLBACK_ONLY".into(), "true".into()),
+        ]
+    })
+    .await;
+    let admin = admin(h);
+    let ids = CallIds::new();
+    let (from, to) = ("+15551230301", "+81312345678");
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(!reply.body.contains("<Stream"), "{}", reply.body);
+    assert!(
+        reply
+            .body
+            .contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">"#),
+        "{}",
+        reply.body
+    );
+    // The call is in D1 with its numbers and why the agent did not take it…
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the fallback call's row", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(
+        project(
+            &detail["call"],
+            &[
+                "end_reason",
+                "from_number",
+                "to_number",
+                "agent_id",
+                "ended_at"
+            ]
+        ),
+        json!({"end_reason": "fallback_only", "from_number": from, "to_number": to,
+               "agent_id": "default", "ended_at": null}),
+        "{}",
+        pretty(&detail)
+    );
+    // …and Twilio's final status dates its end.
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(9)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the final status", D1_DEADLINE, |d| {
+                d["call"]["status"] == "completed"
+            })
+            .await,
+    );
+    assert!(
+        detail["call"]["ended_at"].is_string(),
+        "{}",
+        pretty(&detail)
+    );
+    assert_eq!(detail["call"]["twilio_duration_s"], 9);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backwards() {
     let h = harness().await;
     let admin = admin(h);

@@ -94,12 +94,12 @@ fn start() {
 }
 
 #[event(fetch)]
-async fn fetch(req: Request, env: Env, _ctx: Context) -> Result<Response> {
+async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     let path = req.path();
     match (req.method(), path.as_str()) {
         (Method::Get, "/healthz") => Response::ok("ok"),
         // A number's webhooks may be set to POST (the default) or GET.
-        (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env).await,
+        (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env, ctx).await,
         (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env).await,
         (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
             media_stream(req, env).await
@@ -146,7 +146,7 @@ fn params(body: &Option<String>) -> webhook::Params<'_> {
         .map_or(webhook::Params::Query, webhook::Params::Form)
 }
 
-async fn voice(mut req: Request, env: Env) -> Result<Response> {
+async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
         Ok(parts) => parts,
         Err(resp) => return resp,
@@ -165,26 +165,66 @@ async fn voice(mut req: Request, env: Env) -> Result<Response> {
     );
     let agent = agent_for(&env, &config, &answer.call.to).await;
     let twiml = answer.twiml(&config, &agent);
-    if answer.streams() {
-        // Tell the call's Durable Object first, so the stream that follows is accepted.
-        let call_sid = answer.call.call_sid.clone();
-        let registration = webhook::Registration {
-            agent: agent.clone(),
-            call: answer.call,
-            at_ms: Date::now().as_millis(),
-        };
-        if let Err(why) = register(&env, &registration).await {
-            // The stream would be refused: the caller hears the apology and is put
-            // through to a person instead of Twilio's "application error".
-            log(
-                "error",
-                "call.register_failed",
-                serde_json::json!({ "call_sid": call_sid, "error": why }),
-            );
-            return twiml_response(webhook::fallback_twiml(&config, &agent));
-        }
+    let streams = answer.streams();
+    let registration = webhook::Registration {
+        agent,
+        call: answer.call,
+        at_ms: Date::now().as_millis(),
+    };
+    if !streams {
+        record_unserved(&env, &ctx, &registration, webhook::FALLBACK_ONLY, None);
+        return twiml_response(twiml);
+    }
+    // Tell the call's Durable Object first, so the stream that follows is accepted.
+    if let Err(why) = register(&env, &registration).await {
+        // The stream would be refused: the caller hears the apology and is put through to
+        // a person instead of Twilio's "application error".
+        log(
+            "error",
+            "call.register_failed",
+            serde_json::json!({ "call_sid": registration.call.call_sid, "error": why }),
+        );
+        record_unserved(
+            &env,
+            &ctx,
+            &registration,
+            webhook::NOT_REGISTERED,
+            Some(why),
+        );
+        return twiml_response(webhook::fallback_twiml(&config, &registration.agent));
     }
     twiml_response(twiml)
+}
+
+/// The row of a call the agent did not take (numbers, agent, why), written straight to D1
+/// after the answer has gone: there is no call object to keep it. Should D1 fail too, the
+/// log keeps what it would have said.
+fn record_unserved(
+    env: &Env,
+    ctx: &Context,
+    registration: &webhook::Registration,
+    reason: &str,
+    detail: Option<String>,
+) {
+    let records = [registration.record(), registration.unserved(reason, detail)];
+    let statements = crate::store::coalesce(
+        records
+            .iter()
+            .flat_map(|r| r.statements(registration.at_ms)),
+    );
+    let call_sid = registration.call.call_sid.clone();
+    let reason = reason.to_owned();
+    let env = env.clone();
+    ctx.wait_until(async move {
+        let written = async { db::batch(&db::database(&env)?, &statements).await }.await;
+        if let Err(e) = written {
+            log(
+                "error",
+                "call.record_failed",
+                serde_json::json!({ "call_sid": call_sid, "error": e.to_string(), "unserved": reason }),
+            );
+        }
+    });
 }
 
 /// Hands a verified call to its Durable Object; what went wrong when it was not taken.
