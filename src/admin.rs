@@ -641,43 +641,58 @@ impl CallsQuery {
 
     /// The page's rows, newest first; one more than `limit` to learn whether a next page
     /// exists (see [`CallsQuery::page`]).
+    ///
+    /// A number is looked for as the caller and as the called number separately, each side
+    /// walking its own index newest first and stopping at the page's size, and the two are
+    /// merged: one query with `from_number = ? OR to_number = ?` would read and sort every
+    /// call of that number (the business's own number is on nearly every call) for each page.
     pub fn statement(&self) -> Statement {
         let mut params: Vec<Value> = Vec::new();
-        let mut param = |v: &str| {
-            params.push(json!(v));
+        let mut param = |v: Value| {
+            params.push(v);
             params.len()
         };
         let mut conds = Vec::new();
         if let Some(s) = &self.status {
-            conds.push(format!("status = ?{}", param(s)));
-        }
-        if let Some(n) = &self.number {
-            let i = param(n);
-            conds.push(format!("(from_number = ?{i} OR to_number = ?{i})"));
+            conds.push(format!("status = ?{}", param(json!(s))));
         }
         if let Some(f) = &self.from {
-            conds.push(format!("started_at >= ?{}", param(f)));
+            conds.push(format!("started_at >= ?{}", param(json!(f))));
         }
         if let Some(b) = &self.before {
-            conds.push(format!("started_at < ?{}", param(b)));
+            conds.push(format!("started_at < ?{}", param(json!(b))));
         }
         if let Some(c) = &self.after {
-            let t = param(&c.started_at);
-            let s = param(&c.call_sid);
+            let t = param(json!(c.started_at));
+            let s = param(json!(c.call_sid));
             conds.push(format!(
                 "(started_at < ?{t} OR (started_at = ?{t} AND call_sid < ?{s}))"
             ));
         }
-        let mut sql = String::from("SELECT * FROM calls");
-        if !conds.is_empty() {
-            sql.push_str(" WHERE ");
-            sql.push_str(&conds.join(" AND "));
-        }
-        params.push(json!(self.limit + 1));
-        sql.push_str(&format!(
-            " ORDER BY started_at DESC, call_sid DESC LIMIT ?{}",
-            params.len()
-        ));
+        let number = self.number.as_ref().map(|n| param(json!(n)));
+        let limit = param(json!(self.limit + 1));
+        const ORDER: &str = "ORDER BY started_at DESC, call_sid DESC";
+        let select = |extra: Option<String>| {
+            let conds: Vec<&str> = extra
+                .iter()
+                .map(String::as_str)
+                .chain(conds.iter().map(String::as_str))
+                .collect();
+            let mut sql = String::from("SELECT * FROM calls");
+            if !conds.is_empty() {
+                sql.push_str(" WHERE ");
+                sql.push_str(&conds.join(" AND "));
+            }
+            format!("{sql} {ORDER} LIMIT ?{limit}")
+        };
+        let sql = match number {
+            None => select(None),
+            Some(n) => format!(
+                "SELECT * FROM ({}) UNION SELECT * FROM ({}) {ORDER} LIMIT ?{limit}",
+                select(Some(format!("from_number = ?{n}"))),
+                select(Some(format!("to_number = ?{n}"))),
+            ),
+        };
         Statement::new(sql, params)
     }
 
@@ -1489,10 +1504,25 @@ mod tests {
         let st = q("number=+81312345678").unwrap().statement();
         assert_eq!(
             st.sql,
-            "SELECT * FROM calls WHERE (from_number = ?1 OR to_number = ?1) \
+            "SELECT * FROM (SELECT * FROM calls WHERE from_number = ?1 \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?2) \
+             UNION SELECT * FROM (SELECT * FROM calls WHERE to_number = ?1 \
+             ORDER BY started_at DESC, call_sid DESC LIMIT ?2) \
              ORDER BY started_at DESC, call_sid DESC LIMIT ?2"
         );
         assert_eq!(st.params, vec![json!("+81312345678"), json!(21)]);
+        // Each side walks its own index; no side reads the whole table.
+        let plan = crate::agents::testdb::query(
+            &crate::agents::testdb::open(),
+            &Statement::new(format!("EXPLAIN QUERY PLAN {}", st.sql), st.params.clone()),
+        );
+        let plan: Vec<&str> = plan.iter().filter_map(|r| r["detail"].as_str()).collect();
+        assert!(
+            plan.iter().any(|d| d.contains("INDEX calls_from"))
+                && plan.iter().any(|d| d.contains("INDEX calls_to"))
+                && !plan.iter().any(|d| d.starts_with("SCAN calls")),
+            "{plan:?}"
+        );
         let st = q("from=2026-11-22&to=2026-11-22").unwrap().statement();
         assert_eq!(
             st.sql,
@@ -1522,22 +1552,32 @@ mod tests {
         ))
         .unwrap()
         .statement();
+        let side = |column: &str| {
+            format!(
+                "SELECT * FROM calls WHERE {column} = ?6 AND status = ?1 \
+                 AND started_at >= ?2 AND started_at < ?3 \
+                 AND (started_at < ?4 OR (started_at = ?4 AND call_sid < ?5)) \
+                 ORDER BY started_at DESC, call_sid DESC LIMIT ?7"
+            )
+        };
         assert_eq!(
             st.sql,
-            "SELECT * FROM calls WHERE status = ?1 AND (from_number = ?2 OR to_number = ?2) \
-             AND started_at >= ?3 AND started_at < ?4 \
-             AND (started_at < ?5 OR (started_at = ?5 AND call_sid < ?6)) \
-             ORDER BY started_at DESC, call_sid DESC LIMIT ?7"
+            format!(
+                "SELECT * FROM ({}) UNION SELECT * FROM ({}) \
+                 ORDER BY started_at DESC, call_sid DESC LIMIT ?7",
+                side("from_number"),
+                side("to_number")
+            )
         );
         assert_eq!(
             st.params,
             vec![
                 json!("busy"),
-                json!("+15551230001"),
                 json!("2026-11-01T00:00:00.000Z"),
                 json!("2026-12-01T00:00:00.000Z"),
                 json!("2026-11-22T01:00:00.000Z"),
                 json!("CA9"),
+                json!("+15551230001"),
                 json!(3)
             ]
         );
@@ -1599,6 +1639,37 @@ mod tests {
             assert!(pages.len() < 20, "runaway pagination");
         }
         pages
+    }
+
+    #[test]
+    fn a_call_from_a_number_to_itself_is_listed_once() {
+        let db = testdb::open();
+        let n = "+81312345678";
+        insert_call(&db, "CA1", "2026-11-20T09:00:00.000Z", "completed", n, n);
+        insert_call(
+            &db,
+            "CA2",
+            "2026-11-21T09:00:00.000Z",
+            "completed",
+            "+1555",
+            n,
+        );
+        insert_call(
+            &db,
+            "CA3",
+            "2026-11-22T09:00:00.000Z",
+            "completed",
+            n,
+            "+1555",
+        );
+        assert_eq!(
+            all_pages(&db, "number=%2B81312345678&limit=2"),
+            vec![vec!["CA3", "CA2"], vec!["CA1"]]
+        );
+        assert_eq!(
+            all_pages(&db, "number=%2B81312345678&limit=1").concat(),
+            vec!["CA3", "CA2", "CA1"]
+        );
     }
 
     #[test]
