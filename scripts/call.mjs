@@ -19,6 +19,7 @@
 //    polled during the call and printed in full at the end.
 
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { setTimeout as delay } from 'node:timers/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -61,8 +62,8 @@ usage: npm run call -- --audio FILE.wav [options]
   --from NUMBER       caller number (default +819012345678)
   --to NUMBER         called number; picks the agent (default +815012345678)
   --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
-                      agent's greeting has played (at most 10 s). 0 makes the caller talk
-                      over the greeting (a barge-in). Default auto
+                      agent's greeting has played (at most 10 s). 1 makes the caller talk
+                      over the greeting as it plays (a barge-in). Default auto
   --tail S            silence after the caller's audio, at least (default 3); the call goes on
                       while the agent is still answering, up to --max-tail (default 30)
   --dev-vars FILE     where TWILIO_AUTH_TOKEN and ADMIN_TOKEN are read when not in the
@@ -79,7 +80,7 @@ function parseArgs(argv) {
     audio: join(ROOT, 'samples/caller-ja.wav'),
     offline: false,
     standinPort: DEFAULT_PORT,
-    out: 'agent.wav',
+    out: userPath('agent.wav'),
     recording: null,
     url: 'http://127.0.0.1:8787',
     from: '+819012345678',
@@ -105,18 +106,18 @@ function parseArgs(argv) {
     const val = () => (inline !== undefined ? inline : need(i++, flag));
     switch (flag) {
       case '-h': case '--help': o.help = true; break;
-      case '--audio': o.audio = val(); o.audioGiven = true; break;
+      case '--audio': o.audio = userPath(val()); o.audioGiven = true; break;
       case '--offline': o.offline = true; break;
       case '--standin-port': o.standinPort = Number(val()); break;
-      case '--out': o.out = val(); break;
-      case '--recording': o.recording = val(); break;
+      case '--out': o.out = userPath(val()); break;
+      case '--recording': o.recording = userPath(val()); break;
       case '--url': o.url = val().replace(/\/+$/, ''); break;
       case '--from': o.from = val(); break;
       case '--to': o.to = val(); break;
       case '--lead-in': o.leadIn = val(); break;
       case '--tail': o.tail = Number(val()); break;
       case '--max-tail': o.maxTail = Number(val()); break;
-      case '--dev-vars': o.devVars = val(); break;
+      case '--dev-vars': o.devVars = userPath(val()); break;
       case '--quiet': o.quiet = true; break;
       case '--mic': case '--microphone': o.mic = true; break;
       case '--mic-command': o.mic = true; o.micCommand = val(); break;
@@ -138,6 +139,13 @@ function parseArgs(argv) {
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, Math.max(0, ms)));
+
+/** Waits `ms`, or less if `signal` aborts (its listener goes with the timer). */
+const sleepUnless = (ms, signal) => delay(Math.max(0, ms), undefined, { signal }).catch(() => {});
+
+/** A path the user gave, against the directory they ran the command in (`npm run` itself
+ * runs in the project's root and says where it was started in INIT_CWD). */
+const userPath = (p) => resolve(process.env.INIT_CWD || process.cwd(), p);
 
 class CallFailed extends Error {}
 
@@ -303,8 +311,10 @@ async function placeCall(opt, ctx) {
     agentTimeline.end = Math.max(agentTimeline.end, need);
   };
   const stats = { sent: 0, media: 0, marks: 0, echoedPlayed: 0, echoedFlushed: 0, clears: 0, problems: [] };
+  // Twilio sends nothing after its `stop`: no marks echoed, no more audio played.
+  let stopped = false;
   const send = (text) => {
-    if (ws.readyState === ws.OPEN) ws.send(text);
+    if (!stopped && ws.readyState === ws.OPEN) ws.send(text);
   };
   let speaker = null;
   if (opt.speaker) {
@@ -368,15 +378,16 @@ async function placeCall(opt, ctx) {
   });
   ws.on('error', (e) => stats.problems.push(`socket error: ${e.message}`));
 
-  // Ctrl-C: the caller hangs up (Twilio's stop, and the call's results as usual).
-  let hangUp = null;
-  const hungUp = new Promise((resolve) => (hangUp = resolve));
+  // Ctrl-C: the caller hangs up (Twilio's stop, and the call's results as usual). It cuts
+  // short the wait for the next frame (an abortable timer, or the microphone's pending read).
+  const hangingUp = new AbortController();
   let hungUpByCaller = false;
   const onSigint = () => {
     if (hungUpByCaller) process.exit(130);
     hungUpByCaller = true;
     console.error('\n(Ctrl-C: the caller hangs up; press it again to quit at once)');
-    hangUp(null);
+    hangingUp.abort();
+    mic?.stopWaiting();
   };
   process.on('SIGINT', onSigint);
 
@@ -406,7 +417,7 @@ async function placeCall(opt, ctx) {
   const silence = Buffer.alloc(FRAME_BYTES, MULAW_SILENCE);
   let i = 0;
   const sendFrame = async (frame) => {
-    await Promise.race([sleep(t0 + 20 * i - nowMs()), hungUp]);
+    await sleepUnless(t0 + 20 * i - nowMs(), hangingUp.signal);
     if (closed || hungUpByCaller) return false;
     send(frames.media(frame.toString('base64')));
     stats.sent++;
@@ -424,7 +435,7 @@ async function placeCall(opt, ctx) {
     mic.discard();
     info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] the microphone is live${opt.duration ? ` for ${opt.duration} s` : ''}; Ctrl-C hangs up`);
     while (speaking() && !(opt.duration && i * 20 >= opt.duration * 1000)) {
-      const frame = await Promise.race([mic.next(), hungUp]);
+      const frame = await mic.next();
       if (!frame || !(await sendFrame(frame))) break;
       callerTimeline.push(frame);
     }
@@ -446,26 +457,33 @@ async function placeCall(opt, ctx) {
     if (!(await sendFrame(frame))) break;
     callerTimeline.push(frame);
   }
-  // Tail: silence while the agent answers.
+  // Tail: silence while the agent answers. The stand-in says when its responses are done;
+  // the real API is only seen through the Worker, so there the agent must have been heard
+  // after the caller's last words (it can take a few seconds to start) before the caller
+  // hangs up, or --max-tail pass.
   const tailStart = i;
+  const callerDoneAt = nowMs();
+  const answered = () => standin || (player.lastAudioAt ?? -Infinity) > callerDoneAt;
   while (caller && speaking()) {
     const tailMs = (i - tailStart) * 20;
     if (tailMs >= opt.maxTail * 1000) break;
-    if (tailMs >= opt.tail * 1000 && agentQuiet(1500)) break;
+    if (tailMs >= opt.tail * 1000 && agentQuiet(1500) && answered()) break;
     if (!(await sendFrame(silence))) break;
     callerTimeline.push(silence);
   }
 
   let endedByWorker = closed;
+  player.advance(nowMs());
+  clearInterval(ticker);
   if (!closed) {
     send(frames.stop());
+    stopped = true;
     info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] Twilio: stop (the caller hung up)`);
     await Promise.race([closedPromise, sleep(5000)]);
     if (!closed) ws.close(1000, 'call ended');
   }
+  stopped = true;
   process.off('SIGINT', onSigint);
-  player.advance(nowMs());
-  clearInterval(ticker);
   if (polling) clearInterval(polling);
   speaker?.close();
 

@@ -25,6 +25,9 @@ bash scripts/build.sh
 # For tests that run `wrangler dev` on the default local state.
 apply_local_migrations
 
+log "the call simulator's audio and Twilio playback (node --test tests/sim/)"
+node --test tests/sim/
+
 log "cargo test (unit + integration)"
 cargo test --all-targets
 

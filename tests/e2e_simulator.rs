@@ -136,6 +136,8 @@ fn simulator(root: &Path, args: &[&str]) -> tokio::process::Command {
         .args(args)
         .env("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN)
         .env("ADMIN_TOKEN", ADMIN_TOKEN)
+        // Paths are the test's own: not relative to wherever `npm test` was started.
+        .env_remove("INIT_CWD")
         .stdin(Stdio::null())
         .kill_on_drop(true);
     cmd
@@ -277,6 +279,78 @@ async fn simulator_places_an_offline_call_through_the_worker() {
     assert!(
         left_loud > 4000,
         "the caller's speech should be on the left channel"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_who_talks_over_the_greeting_interrupts_it() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-barge-in");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+    let out = scratch.join("agent.wav");
+    let sample = root.join("samples/caller-ja.wav");
+    let run = simulator(
+        &root,
+        &[
+            "--offline",
+            "--audio",
+            sample.to_str().unwrap(),
+            // The caller starts while the greeting is playing (at 0 s the stand-in's VAD
+            // would cancel it before it made a sound: nothing to interrupt).
+            "--lead-in",
+            "1",
+            "--standin-port",
+            &standin_port.to_string(),
+            "--url",
+            &worker.base_url(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the simulator did not finish within 120 s")
+        .expect("run node scripts/call.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || context(&output, Some(&worker));
+    assert!(output.status.success(), "{}:\n{}", output.status, context());
+    // The Worker cleared Twilio's playback of the greeting; its marks came back flushed.
+    assert!(
+        stdout.contains("Twilio: clear (barge-in)"),
+        "no clear:\n{}",
+        context()
+    );
+    let marks = stdout
+        .lines()
+        .find(|l| l.contains("marks:") && l.contains("flushed by"))
+        .unwrap_or_else(|| panic!("no marks summary:\n{}", context()));
+    assert!(
+        !marks.contains("flushed by 0 clear"),
+        "{marks}\n{}",
+        context()
+    );
+    assert!(
+        !stdout.contains("protocol problems"),
+        "the Worker broke Twilio's protocol:\n{}",
+        context()
+    );
+    // The stored call counts the barge-in and keeps the cut greeting as interrupted.
+    let record = stdout
+        .lines()
+        .find(|l| l.starts_with("stored call record:"))
+        .unwrap_or_else(|| panic!("no stored call:\n{}", context()));
+    assert!(!record.contains("barge_ins=0"), "{record}\n{}", context());
+    assert!(
+        stdout
+            .split("stored transcript (GET /api/admin/calls/")
+            .nth(1)
+            .is_some_and(|t| t
+                .lines()
+                .any(|l| l.contains(" agent ") && l.contains("(interrupted)"))),
+        "the cut greeting should be stored as interrupted:\n{}",
+        context()
     );
 }
 

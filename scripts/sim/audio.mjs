@@ -26,8 +26,9 @@ export function decodeWav(buf) {
     const id = buf.toString('ascii', off, off + 4);
     let size = buf.readUInt32LE(off + 4);
     const body = off + 8;
-    // Streamed writers leave 0 or 0xFFFFFFFF in the size; take what is there.
-    if (size === 0 || body + size > buf.length) size = buf.length - body;
+    // Streamed writers leave 0 or 0xFFFFFFFF in the data chunk's size: take what is there.
+    // Any other chunk may be empty, and one that runs past the end is cut there.
+    if ((size === 0 && id === 'data') || body + size > buf.length) size = buf.length - body;
     if (id === 'fmt ') {
       let format = buf.readUInt16LE(body);
       const channels = buf.readUInt16LE(body + 2);

@@ -163,6 +163,15 @@ export class Microphone extends EventEmitter {
     return new Promise((resolve) => (this.waiting = resolve));
   }
 
+  /** Ends a pending `next()` with null at once (the caller hung up); capture goes on. */
+  stopWaiting() {
+    if (this.waiting) {
+      const w = this.waiting;
+      this.waiting = null;
+      w(null);
+    }
+  }
+
   /** Forgets what was captured so far (before the call was answered). */
   discard() {
     this.frames = [];

@@ -601,6 +601,17 @@ export class StandIn extends EventEmitter {
         socket.end('HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n');
         return;
       }
+      // Like the real API: a bearer key (any, here) and a model in the query.
+      if (!/^Bearer \S+$/.test(req.headers.authorization ?? '')) {
+        socket.end('HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n');
+        this.emit('refused', { why: 'no bearer key' });
+        return;
+      }
+      if (!new URL(req.url, 'http://x').searchParams.get('model')) {
+        socket.end('HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n');
+        this.emit('refused', { why: 'no model' });
+        return;
+      }
       if (req.headers['openai-beta']) {
         // What the real API does with beta clients since the beta was removed (protocol.md A1).
         this.wss.handleUpgrade(req, socket, head, (ws) => ws.close(4000, 'invalid_request_error.beta_api_shape_disabled'));
