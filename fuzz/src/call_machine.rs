@@ -823,6 +823,9 @@ pub struct Harness {
     cut_at: HashMap<String, u64>,
     cuts: u64,
     barge_ins: u64,
+    /// Items of sessions since replaced: what of them was sent and not confirmed played may
+    /// still be playing at Twilio, so a barge-in clears it (with nothing to truncate).
+    orphans: Vec<String>,
     agent_frames: u64,
     agent_bytes: u64,
     event_seq: u64,
@@ -1027,6 +1030,7 @@ impl Harness {
             cut_at: HashMap::new(),
             cuts: 0,
             barge_ins: 0,
+            orphans: Vec::new(),
             agent_frames: 0,
             agent_bytes: 0,
             event_seq: 0,
@@ -1488,6 +1492,12 @@ impl Harness {
                         "a reconnect on {input:?}"
                     );
                     milestone("reconnect");
+                    for (item, sent) in &self.sent {
+                        let heard = self.confirmed.get(item).copied().unwrap_or(0);
+                        if heard < *sent && !self.cut_at.contains_key(item) {
+                            self.orphans.push(item.clone());
+                        }
+                    }
                     // A new session: everything of the old one is gone.
                     reconnect_after_close = closed_openai > 0;
                     self.core_closed_openai = false;
@@ -1614,13 +1624,11 @@ impl Harness {
                             milestone("fallback");
                         }
                         Some("call.agent_lost_while_finishing") => close_explained = true,
-                        Some("openai.reconnecting") if v["delay_ms"].as_u64() == Some(0) => {
-                            // The old session's audio is forgotten, marked or not.
-                            self.unmarked = None;
-                        }
+                        // The old session's audio still plays at Twilio: what of it is
+                        // unmarked is marked next (and checked as any mark is).
+                        Some("openai.reconnecting") if v["delay_ms"].as_u64() == Some(0) => {}
                         // A new attempt after a pause: the close is followed by a timer.
                         Some("openai.reconnecting") if v["delay_ms"].as_u64() > Some(0) => {
-                            self.unmarked = None;
                             check!(
                                 self.call.poll_timeout().is_some(),
                                 "a delayed reconnect without a timer"
@@ -1768,8 +1776,17 @@ impl Harness {
             // The barge-in discarded whatever was held for the cut items.
             self.held.clear();
         }
+        if cleared && !truncated {
+            // Only the audio of a replaced session was playing: nothing to truncate.
+            let playing = self.orphans.iter().any(|i| {
+                self.confirmed.get(i).copied().unwrap_or(0) < self.sent.get(i).copied().unwrap_or(0)
+            });
+            check!(playing, "a clear only for a barge-in");
+            self.barge_ins += 1;
+            milestone("barge-in over a replaced session's audio");
+        }
         if cleared {
-            check!(truncated, "a clear only for a barge-in");
+            self.orphans.clear();
         }
         let stats = self.call.stats();
         check!(
@@ -2084,6 +2101,9 @@ impl Harness {
             _ if self.failing.is_some() => false,
             (EndReason::TwilioStop, Input::TwilioText(_)) => step.read.is("stop"),
             (_, Input::TwilioText(_)) if rest_end => step.read.is("stop"),
+            // Twilio closing the socket without a `stop` after our hang-up or transfer
+            // request went out: still the agent's own end.
+            (_, Input::TwilioClosed { .. }) if rest_end => self.rest_requests > 0,
             (_, Input::HttpDone { .. }) => {
                 rest_end || matches!(s.reason, EndReason::CallControlFailed { .. })
             }
