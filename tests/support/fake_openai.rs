@@ -764,6 +764,14 @@ fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Va
                     Some("session.type"),
                     event,
                 ));
+            } else if let Some(param) = unknown_field(patch, "session", SESSION_FIELDS) {
+                // GA rejects the whole update for one unknown (or beta) field.
+                replies.push(error_event(
+                    "unknown_parameter",
+                    &format!("Unknown parameter: '{param}'."),
+                    Some(&param),
+                    event,
+                ));
             } else {
                 let effective = {
                     let mut log = session.log.lock().unwrap();
@@ -771,6 +779,16 @@ fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Va
                     log.effective.clone()
                 };
                 replies.push(json!({"type": "session.updated", "session": effective}));
+            }
+        }
+        "response.create" => {
+            if let Some(param) = unknown_field(&event["response"], "response", RESPONSE_FIELDS) {
+                replies.push(error_event(
+                    "unknown_parameter",
+                    &format!("Unknown parameter: '{param}'."),
+                    Some(&param),
+                    event,
+                ));
             }
         }
         "conversation.item.truncate" => {
@@ -805,6 +823,102 @@ fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Va
         }
     }
     replies
+}
+
+/// The fields the GA API knows (protocol.md A2), as nested paths: a key not listed where an
+/// object is listed is unknown. `*` lists the fields of every element of an array.
+const SESSION_FIELDS: &[&str] = &[
+    "type",
+    "model",
+    "output_modalities",
+    "instructions",
+    "audio",
+    "audio.input",
+    "audio.input.format",
+    "audio.input.format.type",
+    "audio.input.format.rate",
+    "audio.input.transcription",
+    "audio.input.transcription.model",
+    "audio.input.transcription.language",
+    "audio.input.transcription.prompt",
+    "audio.input.noise_reduction",
+    "audio.input.noise_reduction.type",
+    "audio.input.turn_detection",
+    "audio.input.turn_detection.type",
+    "audio.input.turn_detection.threshold",
+    "audio.input.turn_detection.prefix_padding_ms",
+    "audio.input.turn_detection.silence_duration_ms",
+    "audio.input.turn_detection.idle_timeout_ms",
+    "audio.input.turn_detection.create_response",
+    "audio.input.turn_detection.interrupt_response",
+    "audio.input.turn_detection.eagerness",
+    "audio.output",
+    "audio.output.format",
+    "audio.output.format.type",
+    "audio.output.format.rate",
+    "audio.output.voice",
+    "audio.output.speed",
+    "tools",
+    "tools.*.type",
+    "tools.*.name",
+    "tools.*.description",
+    "tools.*.parameters",
+    "tool_choice",
+    "max_output_tokens",
+    "tracing",
+    "truncation",
+    "include",
+    "prompt",
+];
+
+/// The fields of `response.create`'s `response` (protocol.md A3).
+const RESPONSE_FIELDS: &[&str] = &[
+    "instructions",
+    "output_modalities",
+    "tools",
+    "tool_choice",
+    "max_output_tokens",
+    "conversation",
+    "metadata",
+    "input",
+    "audio",
+    "prompt",
+];
+
+/// The first field of `value` (at `path`) that `known` does not list, as the API names it
+/// (`session.voice`). A listed field whose value is not an object (or array of objects) is
+/// not looked into, unless fields under it are listed.
+fn unknown_field(value: &Value, path: &str, known: &[&str]) -> Option<String> {
+    fn walk(value: &Value, at: &str, shown: &str, known: &[&str]) -> Option<String> {
+        match value {
+            Value::Object(map) => {
+                for (k, v) in map {
+                    let here = if at.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{at}.{k}")
+                    };
+                    let shown = format!("{shown}.{k}");
+                    if !known.contains(&here.as_str()) {
+                        return Some(shown);
+                    }
+                    let inner = format!("{here}.");
+                    if known.iter().any(|f| f.starts_with(&inner)) {
+                        if let Some(u) = walk(v, &here, &shown, known) {
+                            return Some(u);
+                        }
+                    }
+                }
+                None
+            }
+            Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, v)| walk(v, &format!("{at}.*"), &format!("{shown}[{i}]"), known)),
+            _ => None,
+        }
+    }
+    walk(value, "", path, known)
 }
 
 fn error_event(code: &str, message: &str, param: Option<&str>, cause: &Value) -> Value {
@@ -1260,6 +1374,38 @@ pub fn full_response(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fake_openai_names_the_first_unknown_field_like_the_server() {
+        let ga = json!({"type": "realtime", "model": "gpt-realtime",
+            "audio": {"input": {"format": {"type": "audio/pcmu"},
+                                "turn_detection": {"type": "server_vad", "threshold": 0.5}},
+                      "output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
+            "tools": [{"type": "function", "name": "end_call", "parameters": {"type": "object",
+                       "properties": {"reason": {"type": "string"}}}}]});
+        assert_eq!(unknown_field(&ga, "session", SESSION_FIELDS), None);
+        let beta = json!({"type": "realtime", "voice": "marin"});
+        assert_eq!(
+            unknown_field(&beta, "session", SESSION_FIELDS).as_deref(),
+            Some("session.voice")
+        );
+        let nested =
+            json!({"type": "realtime", "audio": {"input": {"input_audio_format": "g711_ulaw"}}});
+        assert_eq!(
+            unknown_field(&nested, "session", SESSION_FIELDS).as_deref(),
+            Some("session.audio.input.input_audio_format")
+        );
+        let tool = json!({"type": "realtime", "tools": [{"type": "function", "name": "x", "url": "https://x"}]});
+        assert_eq!(
+            unknown_field(&tool, "session", SESSION_FIELDS).as_deref(),
+            Some("session.tools[0].url")
+        );
+        let response = json!({"modalities": ["audio"]});
+        assert_eq!(
+            unknown_field(&response, "response", RESPONSE_FIELDS).as_deref(),
+            Some("response.modalities")
+        );
+    }
 
     #[test]
     fn fake_openai_merges_session_update_like_the_server() {
