@@ -187,6 +187,42 @@ fn assert_stored_call(stdout: &str, context: &dyn Fn() -> String) {
     );
 }
 
+/// One offline call from the sample through `worker` (the stand-in on `standin_port`), with
+/// `args` besides; what the simulator printed. It must have succeeded.
+async fn offline_call(
+    root: &Path,
+    worker: &WorkerProcess,
+    standin_port: u16,
+    args: &[&str],
+) -> (Output, String) {
+    let sample = root.join("samples/caller-ja.wav");
+    let port = standin_port.to_string();
+    let url = worker.base_url();
+    let mut all = vec![
+        "--offline",
+        "--audio",
+        sample.to_str().unwrap(),
+        "--standin-port",
+        &port,
+        "--url",
+        &url,
+    ];
+    all.extend_from_slice(args);
+    let run = simulator(root, &all).output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the simulator did not finish within 120 s")
+        .expect("run node scripts/call.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "the simulator failed ({}):\n{}",
+        output.status,
+        context(&output, Some(worker))
+    );
+    (output, stdout)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn simulator_places_an_offline_call_through_the_worker() {
     let root = checked_root();
@@ -196,36 +232,19 @@ async fn simulator_places_an_offline_call_through_the_worker() {
 
     let out = scratch.join("agent.wav");
     let recording = scratch.join("call.wav");
-    let sample = root.join("samples/caller-ja.wav");
-    let run = simulator(
+    let (output, stdout) = offline_call(
         &root,
+        &worker,
+        standin_port,
         &[
-            "--offline",
-            "--audio",
-            sample.to_str().unwrap(),
-            "--standin-port",
-            &standin_port.to_string(),
-            "--url",
-            &worker.base_url(),
             "--out",
             out.to_str().unwrap(),
             "--recording",
             recording.to_str().unwrap(),
         ],
     )
-    .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the simulator did not finish within 120 s")
-        .expect("run node scripts/call.mjs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    .await;
     let context = || context(&output, Some(&worker));
-    assert!(
-        output.status.success(),
-        "the simulator failed ({}):\n{}",
-        output.status,
-        context()
-    );
 
     // The call went the way a Twilio call goes, to its end.
     for expected in [
@@ -289,33 +308,16 @@ async fn a_caller_who_talks_over_the_greeting_interrupts_it() {
     let scratch = support::scratch_dir("e2e-simulator-barge-in");
     let worker = start_worker(&root, standin_port, &scratch).await;
     let out = scratch.join("agent.wav");
-    let sample = root.join("samples/caller-ja.wav");
-    let run = simulator(
+    // The caller starts while the greeting is playing (at 0 s the stand-in's VAD would
+    // cancel it before it made a sound: nothing to interrupt).
+    let (output, stdout) = offline_call(
         &root,
-        &[
-            "--offline",
-            "--audio",
-            sample.to_str().unwrap(),
-            // The caller starts while the greeting is playing (at 0 s the stand-in's VAD
-            // would cancel it before it made a sound: nothing to interrupt).
-            "--lead-in",
-            "1",
-            "--standin-port",
-            &standin_port.to_string(),
-            "--url",
-            &worker.base_url(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &worker,
+        standin_port,
+        &["--lead-in", "1", "--out", out.to_str().unwrap()],
     )
-    .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the simulator did not finish within 120 s")
-        .expect("run node scripts/call.mjs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    .await;
     let context = || context(&output, Some(&worker));
-    assert!(output.status.success(), "{}:\n{}", output.status, context());
     // The Worker cleared Twilio's playback of the greeting; its marks came back flushed.
     assert!(
         stdout.contains("Twilio: clear (barge-in)"),

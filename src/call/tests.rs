@@ -1050,9 +1050,7 @@ fn a_stop_that_overtakes_the_redirect_answer_still_records_the_failure() {
 
 #[test]
 fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("end_call", r#"{"reason":"用件終了"}"#);
     sim.response_done("resp_1");
@@ -1435,6 +1433,14 @@ impl Sim {
         sim
     }
 
+    /// [`Sim::live_with`], once the greeting's response (`resp_g`, no audio) is done.
+    fn greeted(agent: Agent) -> Self {
+        let mut sim = Sim::live_with(agent);
+        sim.response("resp_g");
+        sim.response_done("resp_g");
+        sim
+    }
+
     fn response(&mut self, id: &str) {
         self.openai(&format!(
             r#"{{"type":"response.created","response":{{"id":"{id}","status":"in_progress"}}}}"#
@@ -1474,9 +1480,7 @@ fn http_of(out: &[Action]) -> Vec<(u64, http::Request)> {
 
 #[test]
 fn end_call_says_goodbye_then_hangs_up_once_twilio_played_it() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     let out = sim.function_call("end_call", r#"{"reason":"用件終了"}"#);
     let output = sends_of(&out, "conversation.item.create");
@@ -1525,9 +1529,7 @@ fn end_call_says_goodbye_then_hangs_up_once_twilio_played_it() {
 
 #[test]
 fn transfer_call_announces_then_redirects_to_the_transfer_number() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("transfer_call", "{}");
     sim.response_done("resp_1");
@@ -1576,9 +1578,7 @@ fn transfer_without_a_number_tells_the_model_and_goes_on() {
 
 #[test]
 fn a_webhook_tool_runs_without_stalling_audio_and_its_answer_goes_back_to_the_model() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.at(2_000);
     let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
@@ -1656,9 +1656,7 @@ fn a_failed_or_slow_webhook_tool_becomes_an_error_output() {
 
 #[test]
 fn a_refused_response_create_is_asked_again_after_the_active_one() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     // A tool result asks for a response; server VAD started one at the same moment.
     let out = sim.function_call("no_such_tool", "{}");
     assert_eq!(sends_of(&out, "response.create").len(), 1);
@@ -1670,9 +1668,7 @@ fn a_refused_response_create_is_asked_again_after_the_active_one() {
 
 #[test]
 fn dtmf_reaches_the_model_as_a_message_and_is_recorded() {
-    let mut sim = Sim::live_with(Agent::default());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(Agent::default());
     let out = sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"5"}}"#);
     let item = &sends_of(&out, "conversation.item.create")[0]["item"];
     assert_eq!(item["role"], "user");
@@ -1691,9 +1687,7 @@ fn the_time_limit_warns_then_hangs_up() {
         max_call_seconds: 60,
         ..Agent::default()
     };
-    let mut sim = Sim::live_with(agent);
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent);
     // Keep the line busy so the idle check stays out of the way.
     for t in (1..=59).map(|s| s * 1_000) {
         sim.at(t);
@@ -1718,9 +1712,7 @@ fn the_time_limit_warns_then_hangs_up() {
 
 #[test]
 fn a_silent_line_gets_a_check_in_then_a_goodbye() {
-    let mut sim = Sim::live_with(Agent::default());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(Agent::default());
     assert_eq!(sim.call.poll_timeout(), Some(IDLE));
     sim.at(IDLE.0);
     let out = sim.input(Input::Timeout);
@@ -1756,9 +1748,7 @@ fn system_notes(out: &[Action]) -> Vec<String> {
 
 #[test]
 fn a_goodbye_said_before_end_call_is_not_asked_for_again() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     // The model says goodbye, then calls end_call in the same response.
     sim.response("resp_1");
     let m = sim.agent_chunk("item_bye", &audio(1600, 9));
@@ -1778,9 +1768,7 @@ fn a_goodbye_said_before_end_call_is_not_asked_for_again() {
 
 #[test]
 fn a_transfer_announced_before_the_call_is_not_announced_again() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     let m = sim.agent_chunk("item_notice", &audio(800, 2));
     sim.function_call("transfer_call", "{}");
@@ -1792,9 +1780,7 @@ fn a_transfer_announced_before_the_call_is_not_announced_again() {
 
 #[test]
 fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
-    let mut sim = Sim::live_with(Agent::default());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(Agent::default());
     sim.at(IDLE.0);
     sim.input(Input::Timeout);
     sim.response("resp_c");
@@ -1836,9 +1822,7 @@ fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
 
 #[test]
 fn a_caller_who_speaks_while_the_goodbye_plays_keeps_the_call() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("end_call", "{}");
     sim.response_done("resp_1");
@@ -1867,9 +1851,7 @@ fn a_caller_who_speaks_while_the_goodbye_plays_keeps_the_call() {
 
 #[test]
 fn a_transfer_called_off_by_the_caller_tells_the_model_it_did_not_happen() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("transfer_call", "{}");
     sim.response_done("resp_1");
@@ -1908,9 +1890,7 @@ fn the_time_limit_s_end_is_not_called_off_by_speech() {
 
 #[test]
 fn a_close_without_stop_after_the_hang_up_is_still_the_agents_hang_up() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.function_call("end_call", "{}");
     sim.response("resp_bye");
     let out = sim.response_done("resp_bye");
@@ -1927,9 +1907,7 @@ fn a_close_without_stop_after_the_hang_up_is_still_the_agents_hang_up() {
 
 #[test]
 fn a_response_create_refused_for_another_reason_does_not_block_later_ones() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     let out = sim.function_call("no_such_tool", "{}");
     assert_eq!(
         sends_of(&out, "response.create")[0]["event_id"],
@@ -1945,9 +1923,7 @@ fn a_response_create_refused_for_another_reason_does_not_block_later_ones() {
 
 #[test]
 fn a_refused_goodbye_does_not_hold_up_the_hang_up() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     let out = sim.function_call("end_call", "{}");
     assert_eq!(sends_of(&out, "response.create").len(), 1, "the goodbye");
     let out = sim.openai(r#"{"type":"error","error":{"type":"server_error","code":"server_error","message":"x","event_id":"evt_bridge_response"}}"#);
@@ -1960,9 +1936,7 @@ fn an_agent_in_another_language_is_told_things_in_english() {
         language: "en".into(),
         ..Agent::default()
     };
-    let mut sim = Sim::live_with(agent);
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent);
     let out = sim.twilio(
         r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"7"}}"#,
     );
@@ -1990,9 +1964,7 @@ fn a_failed_response_is_logged_with_its_error() {
 
 #[test]
 fn speech_resets_the_idle_check() {
-    let mut sim = Sim::live_with(Agent::default());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(Agent::default());
     sim.at(IDLE.0 - 1);
     sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
     assert_eq!(sim.call.poll_timeout(), Some(Millis(2 * IDLE.0 - 1)));
@@ -2042,9 +2014,7 @@ fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
 
 #[test]
 fn after_a_reconnect_the_old_session_s_audio_can_be_cleared_and_caller_turns_keep_their_time() {
-    let mut sim = Sim::live_with(Agent::default());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(Agent::default());
     // Twilio sends caller audio all along, 20 ms every 20 ms.
     let mut t = 0;
     let mut caller_until = |sim: &mut Sim, end: u64| {
@@ -2130,9 +2100,7 @@ fn a_wrap_up_due_before_the_session_is_ready_is_said_once_it_is() {
 
 #[test]
 fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("end_call", "{}");
     sim.response_done("resp_1");
@@ -2150,9 +2118,7 @@ fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
 
 #[test]
 fn a_refused_transfer_hands_the_caller_to_the_fallback() {
-    let mut sim = Sim::live_with(agent_with_tools());
-    sim.response("resp_g");
-    sim.response_done("resp_g");
+    let mut sim = Sim::greeted(agent_with_tools());
     sim.function_call("transfer_call", "{}");
     sim.response("resp_2");
     let out = sim.response_done("resp_2");
