@@ -150,6 +150,9 @@ pub(super) struct State {
     wanted: bool,
     /// We sent `response.create` and have not seen `response.created` yet.
     awaiting_created: bool,
+    /// That `response.create` was the greeting's: refused because the caller's own turn
+    /// already has a response, it is not asked for again.
+    awaiting_greeting: bool,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
@@ -175,6 +178,7 @@ impl State {
             next_http: 0,
             wanted: false,
             awaiting_created: false,
+            awaiting_greeting: false,
             response: None,
             response_spoke: false,
             ending: None,
@@ -382,6 +386,7 @@ impl Call {
         self.actions
             .push_back(Action::SendOpenAi(openai::response_create()));
         self.control.awaiting_created = true;
+        self.control.awaiting_greeting = false;
         if let Some(Ending {
             phase: Phase::Goodbye { requested, .. },
             ..
@@ -394,6 +399,7 @@ impl Call {
     /// The greeting is a response like any other for the gate.
     pub(super) fn greeting_sent(&mut self) {
         self.control.awaiting_created = true;
+        self.control.awaiting_greeting = true;
     }
 
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
@@ -438,10 +444,13 @@ impl Call {
         self.flush_response();
     }
 
-    /// Our `response.create` met an active response: ask again when it is done.
+    /// Our `response.create` met an active response: ask again when it is done (but for
+    /// the greeting: the response already there answers the caller).
     pub(super) fn on_response_refused(&mut self) {
         self.control.awaiting_created = false;
-        self.control.wanted = true;
+        if !std::mem::take(&mut self.control.awaiting_greeting) {
+            self.control.wanted = true;
+        }
     }
 
     /// Our `response.create` was refused for another reason (an `error` naming it): asking

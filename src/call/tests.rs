@@ -1667,6 +1667,17 @@ fn a_refused_response_create_is_asked_again_after_the_active_one() {
 }
 
 #[test]
+fn a_refused_greeting_is_not_asked_for_again() {
+    // The caller spoke first: the server's own response to them is active when the
+    // greeting's response.create arrives.
+    let mut sim = Sim::live_with(agent_with_tools());
+    sim.openai(r#"{"type":"error","error":{"type":"invalid_request_error","code":"conversation_already_has_active_response","message":"busy","event_id":"evt_bridge_greeting"}}"#);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
 fn dtmf_reaches_the_model_as_a_message_and_is_recorded() {
     let mut sim = Sim::greeted(Agent::default());
     let out = sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"5"}}"#);
