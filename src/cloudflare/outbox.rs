@@ -21,8 +21,10 @@ use worker::{Date, Delay, Env, ListOptions, Storage};
 const PREFIX: &str = "outbox:";
 /// Entries copied to D1 in one batch (one transaction).
 const BATCH: usize = 50;
-/// How long [`Outbox::durable`] waits for a direct D1 write already on its way.
-const DURABLE_WAIT: Duration = Duration::from_secs(20);
+/// How long [`Outbox::durable`] waits for a direct D1 write already on its way: well
+/// inside Twilio's 15 s webhook timeout, since the voice webhook and the status callback
+/// wait on it (a webhook Twilio gave up on plays its "application error" to the caller).
+const DURABLE_WAIT: Duration = Duration::from_secs(8);
 
 /// What [`Outbox::store`] did.
 #[derive(Default)]
