@@ -30,6 +30,9 @@ use std::collections::{BTreeMap, VecDeque};
 pub const SESSION_SETUP_TIMEOUT: Millis = Millis(10_000);
 /// Caller audio held while the OpenAI session is not ready: 15 s.
 pub const MAX_PENDING_INPUT_BYTES: u64 = 15_000 * crate::audio::BYTES_PER_MS;
+/// Caller audio held while Twilio's `start` has not arrived: 2 s. Twilio sends `start`
+/// right after `connected`, so any held at all is a peer out of order.
+pub const MAX_EARLY_INPUT_BYTES: u64 = 2_000 * crate::audio::BYTES_PER_MS;
 /// Agent audio held while Twilio's `start` has not arrived: 30 s.
 pub const MAX_HELD_OUTPUT_BYTES: u64 = 30_000 * crate::audio::BYTES_PER_MS;
 /// Largest frame accepted from either peer; Twilio frames are ~250 bytes and Realtime
@@ -311,6 +314,9 @@ pub struct Call {
     /// begins: its `audio_start_ms` count from there (a reconnected session's from where it
     /// took over, not from the stream start).
     session_audio_from_ms: u64,
+    /// Caller media payloads that came before Twilio's `start`, replayed when it comes.
+    early_input: VecDeque<String>,
+    early_input_bytes: u64,
     /// Agent audio waiting for Twilio's `start`.
     held_output: VecDeque<(ItemId, String, u64)>,
     held_output_bytes: u64,
@@ -357,6 +363,8 @@ impl Call {
             pending_input: VecDeque::new(),
             pending_input_bytes: 0,
             session_audio_from_ms: 0,
+            early_input: VecDeque::new(),
+            early_input_bytes: 0,
             held_output: VecDeque::new(),
             held_output_bytes: 0,
             playback: Playback::default(),
@@ -620,12 +628,33 @@ impl Call {
         for (item, payload, bytes) in held {
             self.send_agent_audio(item.as_str(), &payload, bytes, now);
         }
+        // Caller audio that came before the stream's `start`, in the order it came.
+        let early = std::mem::take(&mut self.early_input);
+        self.early_input_bytes = 0;
+        for payload in early {
+            self.on_caller_audio(&payload, now);
+        }
         self.maybe_greet();
+    }
+
+    /// Media before `start` (protocol.md: buffer frames until `start`): held, at most
+    /// [`MAX_EARLY_INPUT_BYTES`], the oldest dropped and counted past that.
+    fn hold_early_input(&mut self, payload: &str) {
+        let Some(bytes) = base64_decoded_len(payload) else {
+            return self.drop_input("twilio_invalid_base64", json!({ "len": payload.len() }));
+        };
+        self.early_input.push_back(payload.to_owned());
+        self.early_input_bytes += bytes as u64;
+        while self.early_input_bytes > MAX_EARLY_INPUT_BYTES {
+            let dropped = self.early_input.pop_front().expect("bytes imply frames");
+            self.early_input_bytes -= base64_decoded_len(&dropped).unwrap_or(0) as u64;
+            self.drop_input("twilio_media_before_start", Value::Null);
+        }
     }
 
     fn on_caller_audio(&mut self, payload: &str, now: Millis) {
         if self.stream.is_none() {
-            return self.drop_input("twilio_media_before_start", Value::Null);
+            return self.hold_early_input(payload);
         }
         let Some(bytes) = base64_decoded_len(payload) else {
             return self.drop_input("twilio_invalid_base64", json!({ "len": payload.len() }));
@@ -1130,6 +1159,11 @@ impl Call {
             });
         }
         self.setup_deadline = None;
+        // Media held for a `start` that never came is lost with the call: counted.
+        for _ in std::mem::take(&mut self.early_input) {
+            self.drop_input("twilio_media_before_start", Value::Null);
+        }
+        self.early_input_bytes = 0;
         let level = if reason.is_failure() {
             Level::Error
         } else {

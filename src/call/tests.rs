@@ -776,10 +776,36 @@ fn bad_frames_from_either_side_are_counted_and_the_call_goes_on() {
 }
 
 #[test]
-fn media_before_start_is_dropped() {
+fn media_before_start_is_held_and_relayed_in_order_once_it_comes() {
     let mut sim = Sim::new();
-    assert!(sim.twilio(&media(&audio(160, 0))).is_empty());
-    assert_eq!(sim.call.stats().dropped["twilio_media_before_start"], 1);
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    let (a, b) = (audio(160, 1), audio(160, 2));
+    assert!(sim.twilio(&media(&a)).is_empty());
+    assert!(sim.twilio(&media(&b)).is_empty());
+    let out = sim.twilio(&start());
+    let appended: Vec<Value> = out
+        .iter()
+        .filter(|a| matches!(a, Action::SendOpenAi(_)))
+        .map(json_of)
+        .filter(|v| v["type"] == "input_audio_buffer.append")
+        .map(|v| v["audio"].clone())
+        .collect();
+    assert_eq!(appended, vec![json!(a), json!(b)]);
+    assert_eq!(sim.call.stats().caller_frames, 2);
+    assert!(sim.call.stats().dropped.is_empty());
+}
+
+#[test]
+fn media_before_start_is_held_at_most_two_seconds_and_counted_if_start_never_comes() {
+    let mut sim = Sim::new();
+    // 2 s of 20 ms frames fit; the next 5 push the oldest out.
+    for i in 0..105u8 {
+        assert!(sim.twilio(&media(&audio(160, i))).is_empty());
+    }
+    assert_eq!(sim.call.stats().dropped["twilio_media_before_start"], 5);
+    sim.twilio(r#"{"event":"stop"}"#);
+    assert_eq!(sim.call.stats().dropped["twilio_media_before_start"], 105);
 }
 
 #[test]
