@@ -6,6 +6,7 @@
 //! Every value from a request reaches SQL as a positional parameter, never as SQL text.
 
 use crate::agents::{self, Refusal};
+use crate::config;
 use crate::ids::CallSid;
 use crate::store::{iso_time, Statement};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -109,6 +110,13 @@ pub enum Error {
     Unauthorized,
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
+    /// The body's bytes are not UTF-8 (say, Shift_JIS): refused rather than stored with
+    /// replacement characters.
+    #[error(
+        "request body is not UTF-8 (invalid bytes at offset {valid_up_to}); send the JSON \
+         encoded as UTF-8"
+    )]
+    InvalidUtf8 { valid_up_to: usize },
     /// A value that is missing, unknown, of the wrong type or out of range.
     #[error("`{field}`: {message}")]
     Invalid { field: String, message: String },
@@ -164,6 +172,21 @@ pub fn storage_failure(message: &str) -> Error {
     }
 }
 
+/// What the client is told when creating a row failed with `message`: a UNIQUE failure
+/// means another request made the same row first (past the existence check), which is a
+/// conflict (`conflict` says what); anything else is as [`storage_failure`] says.
+pub fn create_failure(message: &str, conflict: impl FnOnce() -> String) -> Error {
+    let m = message.to_ascii_uppercase();
+    if m.contains("UNIQUE CONSTRAINT FAILED")
+        || m.contains("SQLITE_CONSTRAINT_UNIQUE")
+        || m.contains("SQLITE_CONSTRAINT_PRIMARYKEY")
+    {
+        Error::Conflict(conflict())
+    } else {
+        storage_failure(message)
+    }
+}
+
 fn invalid(field: &str, message: impl Into<String>) -> Error {
     Error::Invalid {
         field: field.to_owned(),
@@ -175,7 +198,10 @@ impl Error {
     pub fn status(&self) -> u16 {
         match self {
             Error::Unauthorized => 401,
-            Error::InvalidJson(_) | Error::Invalid { .. } | Error::BadRequest(_) => 400,
+            Error::InvalidJson(_)
+            | Error::InvalidUtf8 { .. }
+            | Error::Invalid { .. }
+            | Error::BadRequest(_) => 400,
             Error::NotFound(_) => 404,
             Error::MethodNotAllowed { .. } => 405,
             Error::Conflict(_) => 409,
@@ -191,6 +217,7 @@ impl Error {
         match self {
             Error::Unauthorized => "unauthorized",
             Error::InvalidJson(_) => "invalid_json",
+            Error::InvalidUtf8 { .. } => "invalid_utf8",
             Error::Invalid { .. } | Error::BadRequest(_) => "invalid_request",
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed { .. } => "method_not_allowed",
@@ -355,11 +382,14 @@ pub fn route(method: &str, path: &str) -> Result<Route, Error> {
     }
 }
 
-/// A request body that must be a JSON object.
-pub fn parse_body(text: &str) -> Result<Map<String, Value>, Error> {
-    if text.len() > MAX_BODY_BYTES {
+/// A request body that must be a JSON object, in UTF-8.
+pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
+    if bytes.len() > MAX_BODY_BYTES {
         return Err(Error::TooLarge);
     }
+    let text = std::str::from_utf8(bytes).map_err(|e| Error::InvalidUtf8 {
+        valid_up_to: e.valid_up_to(),
+    })?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(Error::BadRequest("the body must be a JSON object".into())),
@@ -369,27 +399,69 @@ pub fn parse_body(text: &str) -> Result<Map<String, Value>, Error> {
 
 // ---- calls: list with keyset pagination ----------------------------------------------------------
 
-/// Where the next page starts: the last call of this page, in (started_at, call_sid) order.
-/// Opaque to clients and signed (HMAC-SHA1 with the admin token), so an edited cursor is
-/// refused rather than silently paging from somewhere else.
+/// The filters of a calls query, as normalized (`from` and `before` as stored ISO bounds).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Filters {
+    pub status: Option<String>,
+    /// Matches `from_number` or `to_number` (E.164).
+    pub number: Option<String>,
+    /// `started_at >= from` (ISO UTC, as stored).
+    pub from: Option<String>,
+    /// `started_at < before`: the end of `to` (a date covers that whole UTC day; a time is
+    /// inclusive to the millisecond). None also when `to` reaches past the last storable time.
+    pub before: Option<String>,
+}
+
+impl Filters {
+    /// `status=completed&number=…` of the filters that are set, for messages.
+    fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("status", &self.status),
+            ("number", &self.number),
+            ("from", &self.from),
+            ("before", &self.before),
+        ]
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+        .collect();
+        if parts.is_empty() {
+            "no filters".into()
+        } else {
+            parts.join("&")
+        }
+    }
+}
+
+/// Where the next page starts: the last call of this page, in (started_at, call_sid) order,
+/// with the filters and page size of the query it continues, so that a cursor alone goes on
+/// with the same calls and a cursor with other filters is refused rather than silently
+/// paging through another set. Opaque to clients and signed (HMAC-SHA1 with the admin
+/// token), so an edited cursor is refused too.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cursor {
     pub started_at: String,
     pub call_sid: String,
+    pub filters: Filters,
+    pub limit: u32,
 }
 
 const CURSOR_TAG_LEN: usize = 12;
 
 fn cursor_mac(key: &str, payload: &str) -> HmacSha1 {
     let mut mac = HmacSha1::new_from_slice(key.as_bytes()).expect("any key length");
-    mac.update(b"calls-cursor-v1\n");
+    mac.update(b"calls-cursor-v2\n");
     mac.update(payload.as_bytes());
     mac
 }
 
 impl Cursor {
     pub fn encode(&self, key: &str) -> String {
-        let payload = format!("{}\n{}", self.started_at, self.call_sid);
+        let f = &self.filters;
+        let payload = json!({
+            "t": self.started_at, "c": self.call_sid, "status": f.status, "number": f.number,
+            "from": f.from, "before": f.before, "limit": self.limit,
+        })
+        .to_string();
         let tag = cursor_mac(key, &payload).finalize().into_bytes();
         format!(
             "{}.{}",
@@ -410,10 +482,23 @@ impl Cursor {
         cursor_mac(key, &payload)
             .verify_truncated_left(&tag)
             .map_err(|_| bad())?;
-        let (started_at, call_sid) = payload.split_once('\n').ok_or_else(bad)?;
+        let v: Value = serde_json::from_str(&payload).map_err(|_| bad())?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_owned);
         Ok(Cursor {
-            started_at: started_at.to_owned(),
-            call_sid: call_sid.to_owned(),
+            started_at: text("t").ok_or_else(bad)?,
+            call_sid: text("c").ok_or_else(bad)?,
+            filters: Filters {
+                status: text("status"),
+                number: text("number"),
+                from: text("from"),
+                before: text("before"),
+            },
+            limit: v
+                .get("limit")
+                .and_then(Value::as_u64)
+                .and_then(|n| u32::try_from(n).ok())
+                .filter(|n| (1..=MAX_LIMIT).contains(n))
+                .ok_or_else(bad)?,
         })
     }
 }
@@ -421,17 +506,15 @@ impl Cursor {
 /// `GET /api/admin/calls` query: every filter optional, combined with AND.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallsQuery {
-    pub status: Option<String>,
-    /// Matches `from_number` or `to_number`.
-    pub number: Option<String>,
-    /// `started_at >= from` (ISO UTC, as stored).
-    pub from: Option<String>,
-    /// `started_at < before`: the end of `to` (a date covers that whole UTC day; a time is
-    /// inclusive to the millisecond).
-    pub before: Option<String>,
+    pub filters: Filters,
     pub limit: u32,
-    pub after: Option<Cursor>,
+    /// Where the page starts: the last call of the previous page.
+    pub after: Option<(String, String)>,
 }
+
+/// One past the last millisecond a stored time can have (10000-01-01T00:00:00Z): stored
+/// times are fixed-width `YYYY-…` text.
+const END_OF_TIME_MS: i64 = 253_402_300_800_000;
 
 const MS_PER_DAY: i64 = 86_400_000;
 
@@ -554,25 +637,61 @@ fn bound(field: &str, raw: &str) -> Result<(i64, bool), Error> {
         )
     })?;
     // Stored times are 1970..9999 (iso_time's range, fixed-width text).
-    if !(0..253_402_300_800_000).contains(&parsed.0) {
+    if !(0..END_OF_TIME_MS).contains(&parsed.0) {
         return Err(invalid(field, "must be between 1970 and 9999"));
     }
     Ok(parsed)
 }
 
+/// The `number` filter: E.164, as calls are stored. A domestic Japanese number gets a
+/// suggestion of its +81 form.
+fn number_filter(raw: &str) -> Result<String, Error> {
+    // `?number=+8131…` arrives form-decoded as " 8131…".
+    let n = match raw.strip_prefix(' ') {
+        Some(rest) => format!("+{rest}"),
+        None => raw.to_owned(),
+    };
+    if config::is_e164(&n) {
+        return Ok(n);
+    }
+    let digits: String = n
+        .chars()
+        .filter(|c| !matches!(c, '-' | ' ' | '(' | ')' | '.'))
+        .collect();
+    let hint = match digits.strip_prefix('0') {
+        Some(rest)
+            if !rest.starts_with('0')
+                && rest.bytes().all(|b| b.is_ascii_digit())
+                && config::is_e164(&format!("+81{rest}")) =>
+        {
+            format!(" (for a number in Japan, +81{rest})")
+        }
+        _ => String::new(),
+    };
+    let shown: String = n.chars().take(40).collect();
+    Err(invalid(
+        "number",
+        format!(
+            "{shown:?} is not an E.164 number; calls are stored in E.164, so write it in \
+             +81… form{hint}, such as +81312345678 (the + as %2B)"
+        ),
+    ))
+}
+
 impl CallsQuery {
     /// Parses the raw query string (without `?`). Unknown or repeated parameters are refused;
-    /// an empty value counts as not given. `cursor_key` checks the cursor's signature.
+    /// an empty value counts as not given. `cursor_key` checks the cursor's signature. A
+    /// cursor brings the filters and page size of the query that made it: given alone it
+    /// goes on with them, given with other filters it is refused (a `limit` may change).
     pub fn parse(query: &str, cursor_key: &str) -> Result<CallsQuery, Error> {
         let mut seen = std::collections::HashSet::new();
-        let mut q = CallsQuery {
-            status: None,
-            number: None,
-            from: None,
-            before: None,
-            limit: DEFAULT_LIMIT,
-            after: None,
-        };
+        // Each filter: None if not given, Some(normalized value) if given.
+        let mut status = None;
+        let mut number = None;
+        let mut from = None;
+        let mut before = None;
+        let mut limit = None;
+        let mut cursor = None;
         let mut from_ms = None;
         let mut before_ms = None;
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
@@ -594,40 +713,36 @@ impl CallsQuery {
                             format!("{value:?} is not one of {}", CALL_STATUSES.join(", ")),
                         ));
                     }
-                    q.status = Some(value.into_owned());
+                    status = Some(Some(value.into_owned()));
                 }
-                "number" => {
-                    // `?number=+8131…` arrives form-decoded as " 8131…".
-                    let n = match value.strip_prefix(' ') {
-                        Some(rest) => format!("+{rest}"),
-                        None => value.into_owned(),
-                    };
-                    if n.len() > 64 {
-                        return Err(invalid("number", "too long"));
-                    }
-                    q.number = Some(n);
-                }
+                "number" => number = Some(Some(number_filter(&value)?)),
                 "from" => {
                     let (t, _) = bound("from", &value)?;
                     from_ms = Some(t);
-                    q.from = Some(iso_time(t as u64));
+                    from = Some(Some(iso_time(t as u64)));
                 }
                 "to" => {
                     let (t, date_only) = bound("to", &value)?;
                     let end = if date_only { t + MS_PER_DAY } else { t + 1 };
                     before_ms = Some(end);
-                    q.before = Some(iso_time(end as u64));
+                    // The end of 9999-12-31 bounds nothing (and has no 4-digit year).
+                    before = Some((end < END_OF_TIME_MS).then(|| iso_time(end as u64)));
                 }
                 "limit" => {
-                    q.limit = value
-                        .parse::<u32>()
-                        .ok()
-                        .filter(|n| (1..=MAX_LIMIT).contains(n))
-                        .ok_or_else(|| {
-                            invalid("limit", format!("must be an integer from 1 to {MAX_LIMIT}"))
-                        })?;
+                    limit = Some(
+                        value
+                            .parse::<u32>()
+                            .ok()
+                            .filter(|n| (1..=MAX_LIMIT).contains(n))
+                            .ok_or_else(|| {
+                                invalid(
+                                    "limit",
+                                    format!("must be an integer from 1 to {MAX_LIMIT}"),
+                                )
+                            })?,
+                    );
                 }
-                "cursor" => q.after = Some(Cursor::decode(&value, cursor_key)?),
+                "cursor" => cursor = Some(Cursor::decode(&value, cursor_key)?),
                 _ => return Err(invalid(&key, "unknown query parameter")),
             }
         }
@@ -636,7 +751,43 @@ impl CallsQuery {
                 return Err(invalid("to", "must not be before from"));
             }
         }
-        Ok(q)
+        let given = Filters {
+            status: status.clone().flatten(),
+            number: number.clone().flatten(),
+            from: from.clone().flatten(),
+            before: before.clone().flatten(),
+        };
+        let Some(cursor) = cursor else {
+            return Ok(CallsQuery {
+                filters: given,
+                limit: limit.unwrap_or(DEFAULT_LIMIT),
+                after: None,
+            });
+        };
+        let made_for = &cursor.filters;
+        let differs = [
+            (status.is_some(), &given.status, &made_for.status),
+            (number.is_some(), &given.number, &made_for.number),
+            (from.is_some(), &given.from, &made_for.from),
+            (before.is_some(), &given.before, &made_for.before),
+        ]
+        .iter()
+        .any(|(was_given, g, m)| *was_given && g != m);
+        if differs {
+            return Err(invalid(
+                "cursor",
+                format!(
+                    "was made for a query with {}, not these filters; give the cursor alone \
+                     (it keeps its filters) or with the same filters",
+                    made_for.describe()
+                ),
+            ));
+        }
+        Ok(CallsQuery {
+            filters: cursor.filters.clone(),
+            limit: limit.unwrap_or(cursor.limit),
+            after: Some((cursor.started_at, cursor.call_sid)),
+        })
     }
 
     /// The page's rows, newest first; one more than `limit` to learn whether a next page
@@ -653,23 +804,24 @@ impl CallsQuery {
             params.len()
         };
         let mut conds = Vec::new();
-        if let Some(s) = &self.status {
+        let f = &self.filters;
+        if let Some(s) = &f.status {
             conds.push(format!("status = ?{}", param(json!(s))));
         }
-        if let Some(f) = &self.from {
-            conds.push(format!("started_at >= ?{}", param(json!(f))));
+        if let Some(from) = &f.from {
+            conds.push(format!("started_at >= ?{}", param(json!(from))));
         }
-        if let Some(b) = &self.before {
+        if let Some(b) = &f.before {
             conds.push(format!("started_at < ?{}", param(json!(b))));
         }
-        if let Some(c) = &self.after {
-            let t = param(json!(c.started_at));
-            let s = param(json!(c.call_sid));
+        if let Some((started_at, call_sid)) = &self.after {
+            let t = param(json!(started_at));
+            let s = param(json!(call_sid));
             conds.push(format!(
                 "(started_at < ?{t} OR (started_at = ?{t} AND call_sid < ?{s}))"
             ));
         }
-        let number = self.number.as_ref().map(|n| param(json!(n)));
+        let number = f.number.as_ref().map(|n| param(json!(n)));
         let limit = param(json!(self.limit + 1));
         const ORDER: &str = "ORDER BY started_at DESC, call_sid DESC";
         let select = |extra: Option<String>| {
@@ -708,6 +860,8 @@ impl CallsQuery {
                 Some(Cursor {
                     started_at: last.get("started_at")?.as_str()?.to_owned(),
                     call_sid: last.get("call_sid")?.as_str()?.to_owned(),
+                    filters: self.filters.clone(),
+                    limit: self.limit,
                 })
             })
             .map(|c| c.encode(cursor_key));
@@ -992,18 +1146,18 @@ mod tests {
             e.body(),
             json!({"error": "invalid_request", "field": "voice", "message": "unknown voice"})
         );
-        let e = parse_body("{nope").unwrap_err();
+        let e = parse_body(b"{nope").unwrap_err();
         assert_eq!(e.status(), 400);
         assert_eq!(e.body()["error"], "invalid_json");
         assert!(e.body().get("field").is_none());
-        assert_eq!(parse_body("[1]").unwrap_err().status(), 400);
+        assert_eq!(parse_body(b"[1]").unwrap_err().status(), 400);
         assert_eq!(
-            parse_body(&" ".repeat(MAX_BODY_BYTES + 1))
+            parse_body(" ".repeat(MAX_BODY_BYTES + 1).as_bytes())
                 .unwrap_err()
                 .status(),
             413
         );
-        assert_eq!(parse_body(r#"{"a":1}"#).unwrap()["a"], 1);
+        assert_eq!(parse_body(br#"{"a":1}"#).unwrap()["a"], 1);
         assert_eq!(
             Error::Unauthorized.headers(),
             vec![("WWW-Authenticate", "Bearer".to_string())]
@@ -1387,6 +1541,8 @@ mod tests {
         let c = Cursor {
             started_at: "2026-11-22T01:32:02.123Z".into(),
             call_sid: "CA0123456789abcdef".into(),
+            filters: Filters::default(),
+            limit: 20,
         };
         let s = c.encode(KEY);
         assert!(s
@@ -1406,14 +1562,17 @@ mod tests {
         let (_, tag) = s.split_once('.').unwrap();
         let forged = format!(
             "{}.{tag}",
-            URL_SAFE_NO_PAD.encode("2099-01-01T00:00:00.000Z\nCA0123456789abcdef")
+            URL_SAFE_NO_PAD.encode(r#"{"t":"2099-01-01T00:00:00.000Z","c":"CA0","limit":20}"#)
         );
         assert!(Cursor::decode(&forged, KEY).is_err());
         for junk in ["", ".", "abc", "abc.def", "%%%.%%%"] {
             assert!(Cursor::decode(junk, KEY).is_err(), "{junk}");
         }
         assert_eq!(field(q("cursor=abc").unwrap_err()), "cursor");
-        assert_eq!(q(&format!("cursor={s}")).unwrap().after, Some(c));
+        assert_eq!(
+            q(&format!("cursor={s}")).unwrap().after,
+            Some((c.started_at, c.call_sid))
+        );
     }
 
     #[test]
@@ -1436,7 +1595,7 @@ mod tests {
         assert_eq!(d, q("status=&number=&from=&to=&limit=&cursor=").unwrap());
         for s in CALL_STATUSES {
             assert_eq!(
-                q(&format!("status={s}")).unwrap().status.as_deref(),
+                q(&format!("status={s}")).unwrap().filters.status.as_deref(),
                 Some(s)
             );
         }
@@ -1446,7 +1605,7 @@ mod tests {
     fn dates_become_stored_iso_bounds() {
         let b = |query: &str| {
             let x = q(query).unwrap();
-            (x.from, x.before)
+            (x.filters.from, x.filters.before)
         };
         assert_eq!(
             b("from=2026-11-22&to=2026-11-22"),
@@ -1487,6 +1646,8 @@ mod tests {
         let key_c = Cursor {
             started_at: "2026-11-22T01:00:00.000Z".into(),
             call_sid: "CA9".into(),
+            filters: Filters::default(),
+            limit: 20,
         }
         .encode(KEY);
         let st = q("").unwrap().statement();
@@ -1547,11 +1708,21 @@ mod tests {
             st.params,
             vec![json!("2026-11-22T01:00:00.000Z"), json!("CA9"), json!(21)]
         );
-        let st = q(&format!(
-            "status=busy&number=%2B15551230001&from=2026-11-01&to=2026-11-30&limit=2&cursor={key_c}"
-        ))
-        .unwrap()
-        .statement();
+        let filtered = "status=busy&number=%2B15551230001&from=2026-11-01&to=2026-11-30";
+        let key_f = Cursor {
+            started_at: "2026-11-22T01:00:00.000Z".into(),
+            call_sid: "CA9".into(),
+            filters: q(filtered).unwrap().filters,
+            limit: 20,
+        }
+        .encode(KEY);
+        let st = q(&format!("{filtered}&limit=2&cursor={key_f}"))
+            .unwrap()
+            .statement();
+        // The cursor alone applies the same filters (with its own page size).
+        let alone = q(&format!("cursor={key_f}")).unwrap();
+        assert_eq!(alone.filters, q(filtered).unwrap().filters);
+        assert_eq!(alone.limit, 20);
         let side = |column: &str| {
             format!(
                 "SELECT * FROM calls WHERE {column} = ?6 AND status = ?1 \
@@ -1581,9 +1752,10 @@ mod tests {
                 json!(3)
             ]
         );
-        // Input never becomes SQL text.
-        let st = q("number=x'%20OR%201=1;--").unwrap().statement();
-        assert!(!st.sql.contains("OR 1=1"), "{}", st.sql);
+        // Input never becomes SQL text (and a number that is not E.164 is refused anyway).
+        assert_eq!(field(q("number=x'%20OR%201=1;--").unwrap_err()), "number");
+        let st = q("status=busy").unwrap().statement();
+        assert!(!st.sql.contains("busy"), "{}", st.sql);
     }
 
     fn insert_call(
@@ -1813,5 +1985,167 @@ mod tests {
             ])
         );
         assert!(testdb::query(&db, &select_call(&CallSid::new("CA404"))).is_empty());
+    }
+
+    #[test]
+    fn a_cursor_keeps_the_filters_it_was_made_for_and_refuses_others() {
+        let db = testdb::open();
+        let n = "+81312345678";
+        insert_call(
+            &db,
+            "CA1",
+            "2026-11-20T09:00:00.000Z",
+            "completed",
+            "+1555",
+            n,
+        );
+        insert_call(&db, "CA2", "2026-11-21T09:00:00.000Z", "failed", "+1555", n);
+        insert_call(
+            &db,
+            "CA3",
+            "2026-11-22T09:00:00.000Z",
+            "completed",
+            "+1555",
+            n,
+        );
+        let page = |query: &str| {
+            let parsed = q(query)?;
+            Ok::<_, Error>(parsed.page(testdb::query(&db, &parsed.statement()), KEY))
+        };
+        let first = page("status=completed&limit=1").unwrap();
+        assert_eq!(sids(&first), ["CA3"]);
+        let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+        // The cursor alone goes on with status=completed (and limit=1): not the failed CA2.
+        let second = page(&format!("cursor={cursor}")).unwrap();
+        assert_eq!(sids(&second), ["CA1"]);
+        assert_eq!(second["next_cursor"], Value::Null);
+        // With the same filters, and another page size, it is accepted.
+        assert_eq!(
+            sids(&page(&format!("status=completed&limit=5&cursor={cursor}")).unwrap()),
+            ["CA1"]
+        );
+        // With other filters it is refused, naming the cursor.
+        for other in [
+            "status=failed",
+            "number=%2B81312345678",
+            "from=2026-11-01",
+            "to=2026-11-30",
+        ] {
+            let e = q(&format!("{other}&cursor={cursor}")).unwrap_err();
+            assert_eq!(e.status(), 400, "{other}");
+            let message = e.body()["message"].as_str().unwrap().to_owned();
+            assert_eq!(field(e), "cursor", "{other}");
+            assert!(message.contains("status=completed"), "{message}");
+        }
+        // The same bound written another way is the same filter.
+        let dated = page("from=2026-11-01&limit=1").unwrap();
+        let c = dated["next_cursor"].as_str().unwrap();
+        assert_eq!(
+            sids(&page(&format!("from=2026-11-01T09:00%2B09:00&cursor={c}")).unwrap()),
+            ["CA2"]
+        );
+    }
+
+    #[test]
+    fn to_the_last_storable_day_bounds_nothing_rather_than_everything() {
+        let db = testdb::open();
+        insert_call(
+            &db,
+            "CA1",
+            "2026-11-20T09:00:00.000Z",
+            "completed",
+            "+1555",
+            "+8131",
+        );
+        insert_call(
+            &db,
+            "CA2",
+            "9999-12-31T23:59:59.999Z",
+            "completed",
+            "+1555",
+            "+8131",
+        );
+        for query in [
+            "to=9999-12-31",
+            "to=9999-12-31T23:59:59.999Z",
+            "from=2026-11-01&to=9999-12-31",
+        ] {
+            let parsed = q(query).unwrap();
+            assert_eq!(parsed.filters.before, None, "{query}");
+            assert_eq!(
+                sids(&parsed.page(testdb::query(&db, &parsed.statement()), KEY)),
+                ["CA2", "CA1"],
+                "{query}"
+            );
+        }
+        assert_eq!(
+            q("to=9999-12-30").unwrap().filters.before.as_deref(),
+            Some("9999-12-31T00:00:00.000Z")
+        );
+        assert!(q("from=9999-12-31&to=9999-12-31").is_ok());
+    }
+
+    #[test]
+    fn the_number_filter_must_be_e164_and_a_domestic_number_gets_its_plus_81_form() {
+        let e = q("number=090-1234-5678").unwrap_err();
+        assert_eq!(e.status(), 400);
+        let message = e.body()["message"].as_str().unwrap().to_owned();
+        assert_eq!(field(e), "number");
+        assert!(message.contains("+819012345678"), "{message}");
+        assert!(message.contains("+81"), "{message}");
+        for bad in ["81312345678", "0312345678", "%2B0312345678", "abc"] {
+            assert_eq!(
+                field(q(&format!("number={bad}")).unwrap_err()),
+                "number",
+                "{bad}"
+            );
+        }
+        // The + as %2B, or a literal + (which form decoding turns into a space).
+        for ok in ["number=%2B819012345678", "number=+819012345678"] {
+            assert_eq!(
+                q(ok).unwrap().filters.number.as_deref(),
+                Some("+819012345678"),
+                "{ok}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_body_that_is_not_utf8_is_refused_not_stored_as_mojibake() {
+        // {"name": "予約"} in Shift_JIS.
+        let sjis = b"{\"name\": \"\x97\x5c\x96\xf1\"}";
+        let e = parse_body(sjis).unwrap_err();
+        assert_eq!(e, Error::InvalidUtf8 { valid_up_to: 10 });
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.code(), "invalid_utf8");
+        assert!(e.body()["message"].as_str().unwrap().contains("UTF-8"));
+        assert_eq!(
+            parse_body("{\"name\": \"予約\"}".as_bytes()).unwrap()["name"],
+            "予約"
+        );
+    }
+
+    #[test]
+    fn a_constraint_failure_on_create_is_a_conflict() {
+        for unique in [
+            "D1_ERROR: UNIQUE constraint failed: agents.id: SQLITE_CONSTRAINT",
+            "UNIQUE constraint failed: agents.id",
+        ] {
+            let e = create_failure(unique, || "agent \"x\" already exists".into());
+            assert_eq!(e, Error::Conflict("agent \"x\" already exists".into()));
+            assert_eq!(e.status(), 409);
+        }
+        assert_eq!(
+            create_failure("D1_ERROR: database is locked", String::new),
+            Error::Unavailable
+        );
+        assert_eq!(
+            create_failure("D1_ERROR: CHECK constraint failed: is_default", String::new),
+            Error::Internal
+        );
+        assert_eq!(
+            create_failure("D1_ERROR: no such table: agents", String::new),
+            Error::Internal
+        );
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! Rows are JSON objects keyed by column, exactly as D1 returns them (`tools` is JSON text,
 //! `is_default` is 0/1). Validation of the agent itself is [`Agent::validate`]; this module
-//! only checks shapes and types, so each rule lives in one place.
+//! checks shapes and types, and the one rule only API input must meet (a webhook tool needs
+//! a tool secret: stored agents from before it still load and answer calls).
 
 use crate::config::{self, Agent, ConfigError, TurnDetection};
 use crate::store::Statement;
@@ -92,6 +93,33 @@ fn whole(row: &Value, col: &'static str) -> Result<u32, ConfigError> {
 /// Reads one `agents` row without judging the agent (the admin API must be able to show,
 /// and fix, a row an operator wrote by hand).
 pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
+    read_row(row, &mut |e| Err(e))
+}
+
+/// A 0/1 (or boolean) column as D1 returns it.
+fn flag(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => *b,
+        v => v.as_f64().is_some_and(|n| n != 0.0),
+    }
+}
+
+/// What [`read_row`] does with a column it cannot read: `Err` stops there; `Ok` goes on
+/// with the column's default in the record.
+type OnUnreadable<'a> = dyn FnMut(ConfigError) -> Result<(), ConfigError> + 'a;
+
+fn or_default<T>(
+    read: Result<T, ConfigError>,
+    default: impl FnOnce() -> T,
+    on_unreadable: &mut OnUnreadable<'_>,
+) -> Result<T, ConfigError> {
+    match read {
+        Ok(v) => Ok(v),
+        Err(e) => on_unreadable(e).map(|()| default()),
+    }
+}
+
+fn read_tools(row: &Value) -> Result<Vec<Value>, ConfigError> {
     let tools = match column(row, "tools")? {
         Value::String(s) => serde_json::from_str::<Value>(s).map_err(|e| ConfigError {
             field: "tools",
@@ -99,32 +127,69 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
         })?,
         other => other.clone(),
     };
-    let Value::Array(tools) = tools else {
-        return Err(ConfigError {
+    match tools {
+        Value::Array(tools) => Ok(tools),
+        _ => Err(ConfigError {
             field: "tools",
             reason: "not a JSON array".into(),
-        });
-    };
+        }),
+    }
+}
+
+fn read_threshold(row: &Value) -> Result<f64, ConfigError> {
     let threshold = column(row, "vad_threshold")?;
-    let threshold = threshold.as_f64().ok_or_else(|| ConfigError {
+    threshold.as_f64().ok_or_else(|| ConfigError {
         field: "vad_threshold",
         reason: format!("expected a number, got {threshold}"),
-    })?;
-    let transfer_number = match row.get("transfer_number") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(s.clone()),
-        Some(other) => {
-            return Err(ConfigError {
-                field: "transfer_number",
-                reason: format!("expected text, got {other}"),
-            })
-        }
-    };
-    let is_default = match column(row, "is_default")? {
-        Value::Bool(b) => *b,
-        v => v.as_f64().is_some_and(|n| n != 0.0),
-    };
+    })
+}
+
+fn read_transfer_number(row: &Value) -> Result<Option<String>, ConfigError> {
+    match row.get("transfer_number") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if s.is_empty() => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(ConfigError {
+            field: "transfer_number",
+            reason: format!("expected text, got {other}"),
+        }),
+    }
+}
+
+/// Reads a row column by column; `on_unreadable` is asked about each column that cannot be
+/// read. The `id` must always be readable.
+fn read_row(row: &Value, on_unreadable: &mut OnUnreadable<'_>) -> Result<Record, ConfigError> {
+    let id = text(row, "id")?;
+    let mut text_or_empty =
+        |col: &'static str| or_default(text(row, col), String::new, on_unreadable);
+    let name = text_or_empty("name")?;
+    let instructions = text_or_empty("instructions")?;
+    let greeting = text_or_empty("greeting")?;
+    let voice = text_or_empty("voice")?;
+    let model = text_or_empty("model")?;
+    let language = text_or_empty("language")?;
+    let transcription_model = text_or_empty("transcription_model")?;
+    let kind = text_or_empty("turn_detection_type")?;
+    let defaults = TurnDetection::default();
+    let threshold = or_default(read_threshold(row), || defaults.threshold, on_unreadable)?;
+    let prefix_padding_ms = or_default(
+        whole(row, "vad_prefix_padding_ms"),
+        || defaults.prefix_padding_ms,
+        on_unreadable,
+    )?;
+    let silence_duration_ms = or_default(
+        whole(row, "vad_silence_ms"),
+        || defaults.silence_duration_ms,
+        on_unreadable,
+    )?;
+    let tools = or_default(read_tools(row), Vec::new, on_unreadable)?;
+    let transfer_number = or_default(read_transfer_number(row), || None, on_unreadable)?;
+    let max_call_seconds = or_default(
+        whole(row, "max_call_seconds"),
+        || config::DEFAULT_MAX_CALL_SECONDS,
+        on_unreadable,
+    )?;
+    let is_default = or_default(column(row, "is_default").map(flag), || false, on_unreadable)?;
     // A row from before the column existed records, like the column's default.
     let record_calls = match row.get("record_calls") {
         None | Some(Value::Null) => true,
@@ -132,23 +197,23 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
         Some(v) => v.as_f64().is_some_and(|n| n != 0.0),
     };
     let agent = Agent {
-        id: text(row, "id")?,
-        name: text(row, "name")?,
-        instructions: text(row, "instructions")?,
-        greeting: text(row, "greeting")?,
-        voice: text(row, "voice")?,
-        model: text(row, "model")?,
-        language: text(row, "language")?,
-        transcription_model: text(row, "transcription_model")?,
+        id,
+        name,
+        instructions,
+        greeting,
+        voice,
+        model,
+        language,
+        transcription_model,
         turn_detection: TurnDetection {
-            kind: text(row, "turn_detection_type")?,
+            kind,
             threshold,
-            prefix_padding_ms: whole(row, "vad_prefix_padding_ms")?,
-            silence_duration_ms: whole(row, "vad_silence_ms")?,
+            prefix_padding_ms,
+            silence_duration_ms,
         },
         tools,
         transfer_number,
-        max_call_seconds: whole(row, "max_call_seconds")?,
+        max_call_seconds,
         tool_secret: row
             .get("tool_secret")
             .and_then(Value::as_str)
@@ -170,6 +235,107 @@ pub fn record_from_row(row: &Value) -> Result<Record, ConfigError> {
             .unwrap_or_default()
             .to_owned(),
     })
+}
+
+/// The API field a column is set through.
+fn api_field(column: &'static str) -> &'static str {
+    match column {
+        "turn_detection_type" => "turn_detection.type",
+        "vad_threshold" => "turn_detection.threshold",
+        "vad_silence_ms" => "turn_detection.silence_duration_ms",
+        "vad_prefix_padding_ms" => "turn_detection.prefix_padding_ms",
+        other => other,
+    }
+}
+
+/// Whether `body` gives a value for the API field `field` (`turn_detection.x` inside its
+/// object).
+fn body_gives(body: &Map<String, Value>, field: &str) -> bool {
+    match field.split_once('.') {
+        Some((outer, inner)) => body
+            .get(outer)
+            .and_then(Value::as_object)
+            .is_some_and(|o| o.contains_key(inner)),
+        None => body.contains_key(field),
+    }
+}
+
+/// The stored agent a PUT `body` starts from. A column that cannot be read (a row written
+/// by hand, say `tools = ''`) is refused naming its field unless the body gives a new value
+/// for it, so that the row can be repaired through the API.
+pub fn record_for_update(row: &Value, body: &Map<String, Value>) -> Result<Record, Refusal> {
+    let mut first_unreadable = None;
+    let read = read_row(row, &mut |e: ConfigError| {
+        if !body_gives(body, api_field(e.field)) && first_unreadable.is_none() {
+            first_unreadable = Some(e);
+        }
+        Ok(())
+    });
+    let record = read?;
+    match first_unreadable {
+        None => Ok(record),
+        Some(e) => Err(invalid(
+            api_field(e.field),
+            format!(
+                "the stored value cannot be read ({}); give a new one in this request",
+                e.reason
+            ),
+        )),
+    }
+}
+
+/// A stored agent as far as it can be read (unreadable columns at their defaults): enough to
+/// decide whether it may be deleted.
+pub fn record_for_delete(row: &Value) -> Result<Record, ConfigError> {
+    read_row(row, &mut |_| Ok(()))
+}
+
+/// How the admin API shows one stored row.
+#[derive(Clone, Debug, PartialEq)]
+pub enum View {
+    /// The API's view of the agent ([`to_json`]).
+    Agent(Value),
+    /// A row that cannot be read: shown with its id, name and default flag as far as they
+    /// can be read and the field at fault, so it can be fixed with a PUT naming that field
+    /// (or deleted).
+    Unreadable { json: Value, error: ConfigError },
+}
+
+/// The API's view of one stored row, or what is wrong with it.
+pub fn view(row: &Value) -> View {
+    match record_from_row(row) {
+        Ok(record) => View::Agent(to_json(&record)),
+        Err(error) => View::Unreadable {
+            json: json!({
+                "id": row.get("id"),
+                "name": row.get("name").filter(|v| v.is_string()),
+                "is_default": row.get("is_default").is_some_and(flag),
+                "unreadable": {
+                    "field": api_field(error.field),
+                    "message": error.reason,
+                },
+            }),
+            error,
+        },
+    }
+}
+
+/// `{"agents": [...]}` of every stored row: a row that cannot be read is listed as
+/// [`View::Unreadable`] (and returned beside, for the log) rather than failing the list.
+pub fn list_json(rows: &[Value]) -> (Value, Vec<(Option<String>, ConfigError)>) {
+    let mut bad = Vec::new();
+    let list: Vec<Value> = rows
+        .iter()
+        .map(|row| match view(row) {
+            View::Agent(json) => json,
+            View::Unreadable { json, error } => {
+                let id = row.get("id").and_then(Value::as_str).map(str::to_owned);
+                bad.push((id, error));
+                json
+            }
+        })
+        .collect();
+    (json!({ "agents": list }), bad)
 }
 
 /// The agent of one `agents` row, validated: what a call may be run with. An error names the
@@ -257,6 +423,62 @@ pub fn new_id(random: [u8; 8]) -> String {
 pub struct Change {
     pub agent: Agent,
     pub is_default: bool,
+    /// The columns the input gave a value for: an update writes these and no others, so
+    /// two updates of different fields from the same read both stick.
+    pub columns: Vec<&'static str>,
+    /// What the stored row must still hold for an update to go ahead, because the checks
+    /// of the merged agent relied on a field this update does not write.
+    pub conditions: Vec<Condition>,
+}
+
+/// A condition an update puts on the stored row (see [`Change::conditions`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Condition {
+    /// A tool secret is set (the update adds webhook tools and leaves the secret).
+    SecretSet,
+    /// No webhook tool is configured (the update removes the secret and leaves the tools).
+    NoWebhookTool,
+    /// Not the default agent (the update says `is_default: false`, which may not unset it).
+    NotDefault,
+}
+
+impl Condition {
+    /// The SQL of the condition on the `agents` row named `table`.
+    fn sql(self, table: &str) -> String {
+        match self {
+            Condition::SecretSet => {
+                format!("{table}.tool_secret IS NOT NULL AND {table}.tool_secret <> ''")
+            }
+            Condition::NoWebhookTool => format!(
+                "NOT EXISTS (SELECT 1 FROM json_each({table}.tools) AS t \
+                 WHERE json_extract(t.value, '$.type') = 'function')"
+            ),
+            Condition::NotDefault => format!("{table}.is_default = 0"),
+        }
+    }
+}
+
+/// True when `tools` has a webhook (`function`) tool.
+fn has_webhook_tool(tools: &[Value]) -> bool {
+    tools.iter().any(|t| {
+        matches!(
+            crate::tools::parse(t),
+            Ok(crate::tools::Tool::Webhook { .. })
+        )
+    })
+}
+
+/// Webhook tool requests are signed with the tool secret, so an agent with one needs it.
+/// Checked on API input only: a stored agent without one still loads and answers calls.
+fn check_tool_secret(agent: &Agent) -> Result<(), Refusal> {
+    if agent.tool_secret.is_none() && has_webhook_tool(&agent.tools) {
+        return Err(invalid(
+            "tool_secret",
+            "is required while the agent has a webhook (\"function\") tool: every request \
+             to it is signed with this secret (X-Bridge-Signature); give 16 or more characters",
+        ));
+    }
+    Ok(())
 }
 
 fn string(field: &str, v: &Value) -> Result<String, Refusal> {
@@ -295,11 +517,43 @@ fn apply_turn_detection(td: &mut TurnDetection, v: &Value) -> Result<(), Refusal
     Ok(())
 }
 
-/// Applies every field of `body` to `change`; `id` is handled by the callers.
+/// Applies every field of `body` to `change` and notes the columns it sets; `id` is
+/// handled by the callers.
 fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> {
     let a = &mut change.agent;
+    let columns = &mut change.columns;
     for (key, v) in body {
         let field = key.as_str();
+        match field {
+            "name"
+            | "instructions"
+            | "greeting"
+            | "voice"
+            | "model"
+            | "language"
+            | "transcription_model"
+            | "tools"
+            | "transfer_number"
+            | "max_call_seconds"
+            | "tool_secret"
+            | "record_calls"
+            | "is_default" => {
+                let column = COLUMNS.iter().find(|c| **c == field).expect("a column");
+                columns.push(*column);
+            }
+            "turn_detection" => {
+                for inner in v.as_object().into_iter().flat_map(Map::keys) {
+                    match inner.as_str() {
+                        "type" => columns.push("turn_detection_type"),
+                        "threshold" => columns.push("vad_threshold"),
+                        "silence_duration_ms" => columns.push("vad_silence_ms"),
+                        "prefix_padding_ms" => columns.push("vad_prefix_padding_ms"),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
         match field {
             "id" => {}
             // Read-only: accepted and ignored so that a GET body can be edited and PUT back.
@@ -327,16 +581,18 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
             }
             "max_call_seconds" => a.max_call_seconds = int_u32(field, v)?,
             "tool_secret" => {
-                a.tool_secret = match v {
-                    Value::Null => None,
-                    Value::String(s) if s.len() >= 16 => Some(config::Secret::new(s.clone())),
-                    _ => {
-                        return Err(invalid(
+                a.tool_secret =
+                    match v {
+                        Value::Null => None,
+                        // Characters, not bytes: eight kanji are not a 16-character secret.
+                        Value::String(s) if s.chars().count() >= 16 && !s.trim().is_empty() => {
+                            Some(config::Secret::new(s.clone()))
+                        }
+                        _ => return Err(invalid(
                             field,
-                            "must be a string of 16 or more characters, or null",
-                        ))
+                            "must be a string of 16 or more characters, not all spaces, or null",
+                        )),
                     }
-                }
             }
             // Shown by GET; accepted and ignored so a GET body can be PUT back.
             "tool_secret_set" => {}
@@ -383,9 +639,13 @@ pub fn parse_create(body: &Map<String, Value>, generated_id: &str) -> Result<Cha
             ..Agent::default()
         },
         is_default: false,
+        columns: Vec::new(),
+        conditions: Vec::new(),
     };
     apply(body, &mut change)?;
     change.agent.validate()?;
+    check_tool_secret(&change.agent)?;
+    change.columns = COLUMNS.to_vec();
     Ok(change)
 }
 
@@ -402,6 +662,8 @@ pub fn parse_update(body: &Map<String, Value>, current: &Record) -> Result<Chang
     let mut change = Change {
         agent: current.agent.clone(),
         is_default: current.is_default,
+        columns: Vec::new(),
+        conditions: Vec::new(),
     };
     apply(body, &mut change)?;
     change.agent.validate()?;
@@ -411,6 +673,19 @@ pub fn parse_update(body: &Map<String, Value>, current: &Record) -> Result<Chang
              (is_default: true) instead of unsetting it",
             current.agent.id
         )));
+    }
+    check_tool_secret(&change.agent)?;
+    // What the checks above took from the stored row for fields this update leaves alone
+    // must still hold when it is written (another update may have come in between).
+    let gives = |c: &str| change.columns.contains(&c);
+    if gives("tools") && !gives("tool_secret") && has_webhook_tool(&change.agent.tools) {
+        change.conditions.push(Condition::SecretSet);
+    }
+    if gives("tool_secret") && !gives("tools") && change.agent.tool_secret.is_none() {
+        change.conditions.push(Condition::NoWebhookTool);
+    }
+    if gives("is_default") && !change.is_default {
+        change.conditions.push(Condition::NotDefault);
     }
     Ok(change)
 }
@@ -522,19 +797,83 @@ pub fn insert(change: &Change, now: &str) -> Vec<Statement> {
     out
 }
 
-/// Rewrites an existing agent (run as one batch); `created_at` is kept.
+/// The value a column of `change` is written as.
+fn column_value(change: &Change, column: &str) -> Value {
+    let a = &change.agent;
+    match column {
+        "name" => json!(a.name),
+        "instructions" => json!(a.instructions),
+        "greeting" => json!(a.greeting),
+        "voice" => json!(a.voice),
+        "model" => json!(a.model),
+        "language" => json!(a.language),
+        "transcription_model" => json!(a.transcription_model),
+        "turn_detection_type" => json!(a.turn_detection.kind),
+        "vad_threshold" => json!(a.turn_detection.threshold),
+        "vad_silence_ms" => json!(a.turn_detection.silence_duration_ms),
+        "vad_prefix_padding_ms" => json!(a.turn_detection.prefix_padding_ms),
+        "tools" => json!(Value::Array(a.tools.clone()).to_string()),
+        "transfer_number" => json!(a.transfer_number),
+        "max_call_seconds" => json!(a.max_call_seconds),
+        "tool_secret" => json!(a.tool_secret.as_ref().map(|s| s.expose())),
+        "record_calls" => json!(i32::from(a.record_calls)),
+        other => unreachable!("column {other} is not written by an update"),
+    }
+}
+
+/// Writes the fields an update gave, and only those, with `updated_at` (run as one batch;
+/// the last statement is the agent's own). It changes no row when the agent is gone or no
+/// longer meets [`Change::conditions`]: then read it again and say why.
 pub fn update(change: &Change, now: &str) -> Vec<Statement> {
+    let id = &change.agent.id;
+    let mut params = vec![json!(id), json!(now)];
+    let mut sets = Vec::new();
+    for column in COLUMNS {
+        if !change.columns.contains(&column) {
+            continue;
+        }
+        match column {
+            // Only ever set here (unsetting is refused, or a condition when asked as a no-op).
+            "is_default" => {
+                if change.is_default {
+                    sets.push("is_default = 1".to_owned());
+                }
+            }
+            "id" | "created_at" | "updated_at" => {}
+            _ => {
+                params.push(column_value(change, column));
+                sets.push(format!("{column} = ?{}", params.len()));
+            }
+        }
+    }
+    sets.push("updated_at = ?2".to_owned());
+    let conditions = |table: &str| -> String {
+        change
+            .conditions
+            .iter()
+            .map(|c| format!(" AND {}", c.sql(table)))
+            .collect()
+    };
     let mut out = Vec::new();
-    if change.is_default {
-        out.push(clear_other_defaults(&change.agent.id, now));
+    if change.is_default && change.columns.contains(&"is_default") {
+        // Only if the agent's own update below will go ahead.
+        out.push(Statement::new(
+            format!(
+                "UPDATE agents SET is_default = 0, updated_at = ?2 \
+                 WHERE is_default = 1 AND id <> ?1 \
+                 AND EXISTS (SELECT 1 FROM agents AS cur WHERE cur.id = ?1{})",
+                conditions("cur")
+            ),
+            vec![json!(id), json!(now)],
+        ));
     }
     out.push(Statement::new(
-        "UPDATE agents SET name = ?2, instructions = ?3, greeting = ?4, voice = ?5, model = ?6, \
-         language = ?7, transcription_model = ?8, turn_detection_type = ?9, vad_threshold = ?10, \
-         vad_silence_ms = ?11, vad_prefix_padding_ms = ?12, tools = ?13, transfer_number = ?14, \
-         max_call_seconds = ?15, is_default = ?16, updated_at = ?17, tool_secret = ?18, \
-         record_calls = ?19 WHERE id = ?1",
-        row_params(change, now),
+        format!(
+            "UPDATE agents SET {} WHERE agents.id = ?1{}",
+            sets.join(", "),
+            conditions("agents")
+        ),
+        params,
     ));
     out
 }
@@ -699,6 +1038,26 @@ pub(crate) mod testdb {
         Ok(conn.changes())
     }
 
+    /// All or nothing, like `db::batch_changes`: the rows each statement changed.
+    pub fn batch_changes(
+        conn: &Connection,
+        statements: &[Statement],
+    ) -> rusqlite::Result<Vec<u64>> {
+        conn.execute_batch("BEGIN")?;
+        let mut changes = Vec::new();
+        for st in statements {
+            match run(conn, st) {
+                Ok(_) => changes.push(conn.changes()),
+                Err(e) => {
+                    conn.execute_batch("ROLLBACK")?;
+                    return Err(e);
+                }
+            }
+        }
+        conn.execute_batch("COMMIT")?;
+        Ok(changes)
+    }
+
     /// All or nothing, like `db::batch`.
     pub fn batch(conn: &Connection, statements: &[Statement]) -> rusqlite::Result<()> {
         conn.execute_batch("BEGIN")?;
@@ -719,6 +1078,7 @@ mod tests {
 
     const NOW: &str = "2026-11-22T01:32:02.123Z";
     const LATER: &str = "2026-11-22T02:00:00.000Z";
+    const SECRET: &str = "a-long-random-shared-secret";
 
     fn obj(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
@@ -776,6 +1136,7 @@ mod tests {
                                "silence_duration_ms": 800, "prefix_padding_ms": 200},
             "tools": [tool("lookup_order"), tool("transfer")],
             "transfer_number": "+81312345678", "max_call_seconds": 600,
+            "tool_secret": SECRET,
         });
         let change = create(&db, body.clone());
         let rows = testdb::query(&db, &select_by_id("sales"));
@@ -786,8 +1147,9 @@ mod tests {
         assert!(!record.is_default);
         // The API view is the input plus the stored fields.
         let mut expected = body;
+        expected.as_object_mut().unwrap().remove("tool_secret");
         expected["is_default"] = json!(false);
-        expected["tool_secret_set"] = json!(false);
+        expected["tool_secret_set"] = json!(true);
         expected["record_calls"] = json!(true);
         expected["created_at"] = json!(NOW);
         expected["updated_at"] = json!(NOW);
@@ -1099,5 +1461,301 @@ mod tests {
         assert!(check_number("+81312345678").is_ok());
         assert!(check_number("81312345678").is_err());
         assert!(check_number(" 81312345678").is_err());
+    }
+
+    fn refusal_of(r: Result<Change, Refusal>) -> (String, String) {
+        match r {
+            Err(Refusal::Invalid { field, message }) => (field, message),
+            other => panic!("expected a field error, got {other:?}"),
+        }
+    }
+
+    /// Runs an update; the rows the agent's own statement changed (0: gone or refused).
+    fn apply_update(db: &rusqlite::Connection, change: &Change) -> u64 {
+        *testdb::batch_changes(db, &update(change, LATER))
+            .unwrap()
+            .last()
+            .unwrap()
+    }
+
+    fn defaults(db: &rusqlite::Connection) -> Vec<Value> {
+        testdb::query(
+            db,
+            &Statement::new("SELECT id FROM agents WHERE is_default = 1", vec![]),
+        )
+    }
+
+    #[test]
+    fn a_japanese_language_slip_is_refused_with_a_suggestion() {
+        let (field, message) = refusal_of(parse_create(
+            &obj(json!({"name": "A", "instructions": "I", "language": "jp"})),
+            "x",
+        ));
+        assert_eq!(field, "language");
+        assert!(message.contains("\"ja\""), "{message}");
+        let (field, _) = refusal_of(parse_create(
+            &obj(json!({"name": "A", "instructions": "I", "language": "xx"})),
+            "x",
+        ));
+        assert_eq!(field, "language");
+        let ok = parse_create(
+            &obj(
+                json!({"name": "A", "instructions": "I", "language": "ko", "model": "gpt-realtime-next"}),
+            ),
+            "x",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+        assert_eq!(
+            field_of(parse_create(
+                &obj(json!({"name": "A", "instructions": "I", "model": ""})),
+                "x"
+            )),
+            "model"
+        );
+    }
+
+    #[test]
+    fn tool_secret_counts_characters_and_is_not_blank() {
+        let with = |secret: &str| {
+            parse_create(
+                &obj(json!({"name": "A", "instructions": "I", "tool_secret": secret})),
+                "x",
+            )
+        };
+        // Eight kanji are 24 bytes but 8 characters.
+        assert_eq!(field_of(with("秘密秘密秘密秘密")), "tool_secret");
+        assert_eq!(field_of(with(&" ".repeat(16))), "tool_secret");
+        assert_eq!(field_of(with(&"\u{3000}".repeat(20))), "tool_secret");
+        assert_eq!(field_of(with("fifteen-chars-x")), "tool_secret");
+        assert!(with("秘密秘密秘密秘密秘密秘密秘密秘密").is_ok());
+        assert!(with("sixteen-chars-xx").is_ok());
+    }
+
+    #[test]
+    fn a_webhook_tool_needs_a_tool_secret_on_create_and_on_update() {
+        let db = testdb::open();
+        let body =
+            json!({"id": "hook", "name": "H", "instructions": "I", "tools": [tool("lookup")]});
+        let (field, message) = refusal_of(parse_create(&obj(body.clone()), "x"));
+        assert_eq!(field, "tool_secret");
+        assert!(message.contains("signed"), "{message}");
+        // The built-ins are not webhooks: no secret needed.
+        assert!(parse_create(
+            &obj(json!({"name": "E", "instructions": "I", "tools": [{"type": "end_call"}]})),
+            "x"
+        )
+        .is_ok());
+        let mut with_secret = body.clone();
+        with_secret["tool_secret"] = json!(SECRET);
+        create(&db, with_secret);
+        // Removing the secret while the webhook stays is refused.
+        let current = load(&db, "hook");
+        assert_eq!(
+            field_of(parse_update(&obj(json!({"tool_secret": null})), &current)),
+            "tool_secret"
+        );
+        // Removing both at once is fine.
+        assert!(parse_update(&obj(json!({"tool_secret": null, "tools": []})), &current).is_ok());
+
+        // A row stored before the rule still loads and answers calls...
+        testdb::execute(
+            &db,
+            &Statement::new(
+                "UPDATE agents SET tool_secret = NULL WHERE id = 'hook'",
+                vec![],
+            ),
+        )
+        .unwrap();
+        let rows = testdb::query(&db, &select_by_id("hook"));
+        assert!(from_row(&rows[0]).is_ok());
+        let stored = record_from_row(&rows[0]).unwrap();
+        // ...but an update that leaves it without a secret is refused, naming the secret.
+        assert_eq!(
+            field_of(parse_update(&obj(json!({"voice": "sage"})), &stored)),
+            "tool_secret"
+        );
+        assert!(parse_update(&obj(json!({"tool_secret": SECRET})), &stored).is_ok());
+    }
+
+    #[test]
+    fn updates_of_different_fields_from_the_same_read_both_stick() {
+        let db = testdb::open();
+        create(
+            &db,
+            json!({"id": "a", "name": "A", "instructions": "Old.", "voice": "ash",
+                   "turn_detection": {"threshold": 0.6}}),
+        );
+        let stale = load(&db, "a");
+        let voice = parse_update(&obj(json!({"voice": "sage"})), &stale).unwrap();
+        let instructions = parse_update(&obj(json!({"instructions": "New."})), &stale).unwrap();
+        let silence = parse_update(
+            &obj(json!({"turn_detection": {"silence_duration_ms": 900}})),
+            &stale,
+        )
+        .unwrap();
+        let threshold =
+            parse_update(&obj(json!({"turn_detection": {"threshold": 0.8}})), &stale).unwrap();
+        for change in [&voice, &instructions, &silence, &threshold] {
+            assert_eq!(apply_update(&db, change), 1);
+        }
+        let after = load(&db, "a");
+        assert_eq!(after.agent.voice, "sage");
+        assert_eq!(after.agent.instructions, "New.");
+        assert_eq!(after.agent.turn_detection.silence_duration_ms, 900);
+        assert_eq!(after.agent.turn_detection.threshold, 0.8);
+        assert_eq!(after.agent.name, "A");
+        assert_eq!(after.updated_at, LATER);
+        // Each writes its own columns and no others.
+        assert_eq!(
+            update(&voice, LATER).last().unwrap().sql,
+            "UPDATE agents SET voice = ?3, updated_at = ?2 WHERE agents.id = ?1"
+        );
+        assert_eq!(
+            update(&silence, LATER).last().unwrap().sql,
+            "UPDATE agents SET vad_silence_ms = ?3, updated_at = ?2 WHERE agents.id = ?1"
+        );
+        // A gone agent is not written (the shell then answers 404).
+        testdb::execute(&db, &delete("a")).unwrap();
+        assert_eq!(apply_update(&db, &voice), 0);
+    }
+
+    #[test]
+    fn an_update_whose_checks_relied_on_a_field_changed_meanwhile_changes_nothing() {
+        let db = testdb::open();
+        let secret_no_tools = |id: &str| {
+            create(
+                &db,
+                json!({"id": id, "name": id, "instructions": "I", "tool_secret": SECRET}),
+            )
+        };
+        let add_hook = json!({"tools": [tool("lookup")]});
+        let drop_secret = json!({"tool_secret": null});
+
+        // The secret is dropped first: adding a webhook (checked against a read that had
+        // the secret) must not go through.
+        secret_no_tools("s1");
+        let stale = load(&db, "s1");
+        let hook = parse_update(&obj(add_hook.clone()), &stale).unwrap();
+        let unset = parse_update(&obj(drop_secret.clone()), &stale).unwrap();
+        assert_eq!(apply_update(&db, &unset), 1);
+        assert_eq!(apply_update(&db, &hook), 0);
+        let s1 = load(&db, "s1");
+        assert!(s1.agent.tools.is_empty() && s1.agent.tool_secret.is_none());
+        // Read again, the refusal names the field.
+        assert_eq!(
+            field_of(parse_update(&obj(add_hook.clone()), &s1)),
+            "tool_secret"
+        );
+
+        // The webhook comes first: dropping the secret must not go through.
+        secret_no_tools("s2");
+        let stale = load(&db, "s2");
+        let hook = parse_update(&obj(add_hook.clone()), &stale).unwrap();
+        let unset = parse_update(&obj(drop_secret), &stale).unwrap();
+        assert_eq!(apply_update(&db, &hook), 1);
+        assert_eq!(apply_update(&db, &unset), 0);
+        let s2 = load(&db, "s2");
+        assert_eq!(s2.agent.tools.len(), 1);
+        assert!(s2.agent.tool_secret.is_some());
+
+        // `is_default: false` read on a non-default agent that became the default meanwhile.
+        create(&db, json!({"id": "d", "name": "D", "instructions": "I"}));
+        let stale = load(&db, "d");
+        let not_default = parse_update(&obj(json!({"is_default": false})), &stale).unwrap();
+        let make_default = parse_update(&obj(json!({"is_default": true})), &stale).unwrap();
+        assert_eq!(apply_update(&db, &make_default), 1);
+        assert_eq!(apply_update(&db, &not_default), 0);
+        assert_eq!(defaults(&db), vec![json!({"id": "d"})]);
+
+        // A refused update that would make its agent the default leaves the old default.
+        secret_no_tools("s3");
+        let stale = load(&db, "s3");
+        let hook_default = parse_update(
+            &obj(json!({"tools": [tool("lookup")], "is_default": true})),
+            &stale,
+        )
+        .unwrap();
+        let unset = parse_update(&obj(json!({"tool_secret": null})), &stale).unwrap();
+        assert_eq!(apply_update(&db, &unset), 1);
+        assert_eq!(apply_update(&db, &hook_default), 0);
+        assert_eq!(defaults(&db), vec![json!({"id": "d"})]);
+    }
+
+    #[test]
+    fn an_unreadable_row_is_listed_as_such_and_can_be_fixed_or_deleted() {
+        let db = testdb::open();
+        create(&db, json!({"id": "good", "name": "G", "instructions": "I"}));
+        for id in ["bad-tools", "bad-threshold"] {
+            create(&db, json!({"id": id, "name": "B", "instructions": "I"}));
+        }
+        let set = |sql: &str| {
+            testdb::execute(&db, &Statement::new(sql, vec![])).unwrap();
+        };
+        set("UPDATE agents SET tools = '' WHERE id = 'bad-tools'");
+        set("UPDATE agents SET vad_threshold = 'loud' WHERE id = 'bad-threshold'");
+        let rows = testdb::query(&db, &select_all());
+        let (list, bad) = list_json(&rows);
+        let list = list["agents"].as_array().unwrap();
+        assert_eq!(list.len(), 4, "{list:?}");
+        let entry = |id: &str| list.iter().find(|a| a["id"] == id).unwrap().clone();
+        assert_eq!(entry("good")["voice"], "marin");
+        assert_eq!(entry("default")["is_default"], true);
+        assert_eq!(entry("bad-tools")["unreadable"]["field"], "tools");
+        assert_eq!(entry("bad-tools")["name"], "B");
+        assert_eq!(
+            entry("bad-threshold")["unreadable"]["field"],
+            "turn_detection.threshold"
+        );
+        let bad_ids: Vec<_> = bad.iter().map(|(id, _)| id.clone().unwrap()).collect();
+        assert_eq!(bad_ids.len(), 2);
+        assert!(bad_ids.contains(&"bad-tools".to_owned()));
+
+        // A PUT that does not give the unreadable field is refused, naming it...
+        let row = testdb::query(&db, &select_by_id("bad-tools")).remove(0);
+        match record_for_update(&row, &obj(json!({"voice": "sage"}))) {
+            Err(Refusal::Invalid { field, message }) => {
+                assert_eq!(field, "tools");
+                assert!(message.contains("cannot be read"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // ...one that gives it repairs the row.
+        let body = obj(json!({"tools": [{"type": "end_call"}]}));
+        let current = record_for_update(&row, &body).unwrap();
+        let change = parse_update(&body, &current).unwrap();
+        assert_eq!(apply_update(&db, &change), 1);
+        let fixed = testdb::query(&db, &select_by_id("bad-tools")).remove(0);
+        assert_eq!(
+            from_row(&fixed).unwrap().tools,
+            vec![json!({"type": "end_call"})]
+        );
+        assert!(matches!(view(&fixed), View::Agent(_)));
+
+        let row = testdb::query(&db, &select_by_id("bad-threshold")).remove(0);
+        let body = obj(json!({"turn_detection": {"threshold": 0.4}}));
+        let change = parse_update(&body, &record_for_update(&row, &body).unwrap()).unwrap();
+        assert_eq!(apply_update(&db, &change), 1);
+        let fixed = testdb::query(&db, &select_by_id("bad-threshold")).remove(0);
+        assert_eq!(from_row(&fixed).unwrap().turn_detection.threshold, 0.4);
+
+        // An unreadable row can be deleted too.
+        set("UPDATE agents SET tools = '' WHERE id = 'bad-tools'");
+        let row = testdb::query(&db, &select_by_id("bad-tools")).remove(0);
+        let record = record_for_delete(&row).unwrap();
+        assert!(deletion_conflict(&record, &[]).is_none());
+        assert_eq!(testdb::execute(&db, &delete("bad-tools")).unwrap(), 1);
+    }
+
+    #[test]
+    fn a_second_insert_of_the_same_id_fails_on_the_unique_key() {
+        // What the shell maps to 409 when two creates race past the existence check.
+        let db = testdb::open();
+        let change = create(
+            &db,
+            json!({"id": "twice", "name": "T", "instructions": "I"}),
+        );
+        let e = testdb::batch(&db, &insert(&change, LATER)).unwrap_err();
+        let answer = crate::admin::create_failure(&e.to_string(), || "exists".into());
+        assert_eq!(answer.status(), 409, "{e}");
     }
 }

@@ -126,6 +126,55 @@ impl Default for Agent {
     }
 }
 
+/// The ISO 639-1 language codes (the two-letter ones; the Realtime API refuses others as the
+/// transcription language).
+pub const ISO_639_1: &[&str] = &[
+    "aa", "ab", "ae", "af", "ak", "am", "an", "ar", "as", "av", "ay", "az", "ba", "be", "bg", "bi",
+    "bm", "bn", "bo", "br", "bs", "ca", "ce", "ch", "co", "cr", "cs", "cu", "cv", "cy", "da", "de",
+    "dv", "dz", "ee", "el", "en", "eo", "es", "et", "eu", "fa", "ff", "fi", "fj", "fo", "fr", "fy",
+    "ga", "gd", "gl", "gn", "gu", "gv", "ha", "he", "hi", "ho", "hr", "ht", "hu", "hy", "hz", "ia",
+    "id", "ie", "ig", "ii", "ik", "io", "is", "it", "iu", "ja", "jv", "ka", "kg", "ki", "kj", "kk",
+    "kl", "km", "kn", "ko", "kr", "ks", "ku", "kv", "kw", "ky", "la", "lb", "lg", "li", "ln", "lo",
+    "lt", "lu", "lv", "mg", "mh", "mi", "mk", "ml", "mn", "mr", "ms", "mt", "my", "na", "nb", "nd",
+    "ne", "ng", "nl", "nn", "no", "nr", "nv", "ny", "oc", "oj", "om", "or", "os", "pa", "pi", "pl",
+    "ps", "pt", "qu", "rm", "rn", "ro", "ru", "rw", "sa", "sc", "sd", "se", "sg", "si", "sk", "sl",
+    "sm", "sn", "so", "sq", "sr", "ss", "st", "su", "sv", "sw", "ta", "te", "tg", "th", "ti", "tk",
+    "tl", "tn", "to", "tr", "ts", "tt", "tw", "ty", "ug", "uk", "ur", "uz", "ve", "vi", "vo", "wa",
+    "wo", "xh", "yi", "yo", "za", "zh", "zu",
+];
+
+/// The ISO 639-1 code someone writing `s` most likely meant: a code in other case or with a
+/// region (`JA`, `ja-JP`), a country code used for its language (`jp`, `cn`), or a withdrawn
+/// code (`iw`).
+pub fn suggest_language(s: &str) -> Option<&'static str> {
+    let lower = s.trim().to_ascii_lowercase();
+    let base = lower.split(['-', '_']).next().unwrap_or("");
+    if let Some(code) = ISO_639_1.iter().find(|c| **c == base) {
+        return Some(code);
+    }
+    const SLIPS: &[(&str, &str)] = &[
+        ("jp", "ja"),
+        ("jpn", "ja"),
+        ("cn", "zh"),
+        ("zho", "zh"),
+        ("kor", "ko"),
+        ("eng", "en"),
+        ("cz", "cs"),
+        ("dk", "da"),
+        ("gr", "el"),
+        ("ua", "uk"),
+        ("vn", "vi"),
+        ("iw", "he"),
+        ("in", "id"),
+        ("ji", "yi"),
+        ("mo", "ro"),
+    ];
+    SLIPS
+        .iter()
+        .find(|(slip, _)| *slip == base)
+        .map(|(_, c)| *c)
+}
+
 /// True for an E.164 number: `+`, a non-zero digit, at most 15 digits in all.
 pub fn is_e164(s: &str) -> bool {
     let Some(digits) = s.strip_prefix('+') else {
@@ -136,7 +185,7 @@ pub fn is_e164(s: &str) -> bool {
         && !digits.starts_with('0')
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq)]
 #[error("invalid configuration `{field}`: {reason}")]
 pub struct ConfigError {
     pub field: &'static str,
@@ -174,10 +223,17 @@ impl Agent {
             return Err(invalid("model", "must not be empty"));
         }
         let lang = &self.language;
-        if !(lang.len() == 2 && lang.bytes().all(|b| b.is_ascii_lowercase())) {
+        if !ISO_639_1.contains(&lang.as_str()) {
+            let hint = match suggest_language(lang) {
+                Some(code) => format!("; did you mean {code:?}?"),
+                None => String::new(),
+            };
             return Err(invalid(
                 "language",
-                format!("{lang:?} is not an ISO-639-1 code such as \"ja\""),
+                format!(
+                    "{lang:?} is not an ISO 639-1 language code (two lowercase letters such as \
+                     \"ja\" or \"en\"){hint}"
+                ),
             ));
         }
         if self.transcription_model.trim().is_empty() {
@@ -364,7 +420,16 @@ impl Bridge {
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE)?,
             fallback_voice: tts_name("FALLBACK_VOICE", DEFAULT_FALLBACK_VOICE)?,
-            fallback_dial_number: get("FALLBACK_DIAL_NUMBER"),
+            // It goes into `<Dial>` as it is: a number Twilio cannot dial fails after the apology.
+            fallback_dial_number: match get("FALLBACK_DIAL_NUMBER") {
+                Some(n) if !is_e164(&n) => {
+                    return Err(invalid(
+                        "FALLBACK_DIAL_NUMBER",
+                        format!("{n:?} is not an E.164 number such as +81312345678"),
+                    ))
+                }
+                n => n,
+            },
             idle_timeout_ms: {
                 let s = parse_num("IDLE_TIMEOUT_SECONDS", 30.0)?;
                 if !(5.0..=600.0).contains(&s) {
@@ -567,6 +632,86 @@ mod tests {
             ..Agent::default()
         };
         assert_eq!(a.validate(), Ok(()));
+    }
+
+    #[test]
+    fn language_must_be_an_iso_639_1_code_and_a_slip_gets_a_suggestion() {
+        let lang = |l: &str| {
+            Agent {
+                language: l.into(),
+                ..Agent::default()
+            }
+            .validate()
+        };
+        for ok in ["ja", "en", "zh", "ko", "de", "pt", "zu"] {
+            assert_eq!(lang(ok), Ok(()), "{ok}");
+        }
+        let e = lang("jp").unwrap_err();
+        assert_eq!(e.field, "language");
+        assert!(e.reason.contains("did you mean \"ja\""), "{}", e.reason);
+        for (slip, meant) in [("JA", "ja"), ("ja-JP", "ja"), ("cn", "zh"), ("iw", "he")] {
+            let e = lang(slip).unwrap_err();
+            assert!(
+                e.reason.contains(&format!("{meant:?}")),
+                "{slip}: {}",
+                e.reason
+            );
+        }
+        for bad in ["xx", "qq", "japanese", "", "j", "日本"] {
+            let e = lang(bad).unwrap_err();
+            assert_eq!(e.field, "language", "{bad}");
+            assert!(!e.reason.contains("did you mean"), "{bad}: {}", e.reason);
+        }
+        assert_eq!(ISO_639_1.len(), 183);
+        assert!(
+            ISO_639_1.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no repeats"
+        );
+        assert_eq!(
+            from(&[("AGENT_LANGUAGE", "jp")]).unwrap_err().field,
+            "language"
+        );
+        // `model` stays free (new models appear) but not empty.
+        assert_eq!(
+            Agent {
+                model: "gpt-realtime-2030".into(),
+                ..Agent::default()
+            }
+            .validate(),
+            Ok(())
+        );
+        assert_eq!(
+            Agent {
+                model: " ".into(),
+                ..Agent::default()
+            }
+            .validate()
+            .unwrap_err()
+            .field,
+            "model"
+        );
+    }
+
+    #[test]
+    fn fallback_dial_number_must_be_e164_like_transfer_numbers() {
+        assert_eq!(
+            from(&[("FALLBACK_DIAL_NUMBER", "+81312345678")])
+                .unwrap()
+                .fallback_dial_number
+                .as_deref(),
+            Some("+81312345678")
+        );
+        for bad in [
+            "03-1234-5678",
+            "0312345678",
+            "+81 3 1234 5678",
+            "+0312345678",
+            "</Dial>",
+        ] {
+            let e = from(&[("FALLBACK_DIAL_NUMBER", bad)]).unwrap_err();
+            assert_eq!(e.field, "FALLBACK_DIAL_NUMBER", "{bad}");
+            assert!(e.reason.contains("E.164"), "{}", e.reason);
+        }
     }
 
     #[test]

@@ -67,7 +67,7 @@ enum Auth<'a> {
     Raw(&'a str),
 }
 
-async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&str>) -> Reply {
+async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&[u8]>) -> Reply {
     let w = worker().await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -86,7 +86,7 @@ async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&str>) -> R
     if let Some(b) = body {
         req = req
             .header("Content-Type", "application/json")
-            .body(b.to_owned());
+            .body(b.to_vec());
     }
     let resp = req
         .send()
@@ -133,7 +133,13 @@ async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&str>) -> R
 
 async fn api(method: &str, path: &str, body: Option<Value>) -> Reply {
     let body = body.map(|b| b.to_string());
-    send(method, path, Auth::Bearer(ADMIN_TOKEN), body.as_deref()).await
+    send(
+        method,
+        path,
+        Auth::Bearer(ADMIN_TOKEN),
+        body.as_deref().map(str::as_bytes),
+    )
+    .await
 }
 
 fn expect(r: &Reply, status: u16, what: &str) {
@@ -205,7 +211,7 @@ async fn every_admin_route_needs_the_bearer_token() {
             Auth::Raw(&format!("Basic {ADMIN_TOKEN}")),
             Auth::Raw(ADMIN_TOKEN),
         ] {
-            let r = send(method, path, auth, Some("{}")).await;
+            let r = send(method, path, auth, Some(b"{}")).await;
             expect(&r, 401, &format!("{method} {path}"));
             assert_eq!(r.www_authenticate.as_deref(), Some("Bearer"));
             assert_eq!(r.body["error"], "unauthorized");
@@ -236,12 +242,28 @@ async fn malformed_requests_get_json_errors() {
         "POST",
         "/api/admin/agents",
         Auth::Bearer(ADMIN_TOKEN),
-        Some("{\"name\": "),
+        Some(b"{\"name\": "),
     )
     .await;
     expect(&r, 400, "truncated JSON");
     assert_eq!(r.body["error"], "invalid_json");
     assert!(r.body.get("field").is_none());
+
+    // A Shift_JIS body is refused, not stored with replacement characters.
+    let sjis: &[u8] =
+        b"{\"id\": \"e2e-sjis\", \"name\": \"\x97\x5c\x96\xf1\", \"instructions\": \"I\"}";
+    let r = send(
+        "POST",
+        "/api/admin/agents",
+        Auth::Bearer(ADMIN_TOKEN),
+        Some(sjis),
+    )
+    .await;
+    expect(&r, 400, "Shift_JIS body");
+    assert_eq!(r.body["error"], "invalid_utf8", "{}", r.text);
+    assert!(r.body["message"].as_str().unwrap().contains("UTF-8"));
+    let r = api("GET", "/api/admin/agents/e2e-sjis", None).await;
+    expect(&r, 404, "nothing stored from the Shift_JIS body");
 
     let r = send("POST", "/api/admin/agents", Auth::Bearer(ADMIN_TOKEN), None).await;
     expect(&r, 400, "empty body");
@@ -311,7 +333,7 @@ async fn agents_and_numbers_lifecycle() {
             "name": "予約受付", "instructions": "予約を受け付けます。", "voice": "cedar",
             "turn_detection": {"type": "server_vad", "threshold": 0.6, "silence_duration_ms": 700},
             "tools": [tool("find_slot")], "transfer_number": "+81312340000",
-            "max_call_seconds": 900,
+            "max_call_seconds": 900, "tool_secret": "e2e-tool-secret-0123456789",
         })),
     )
     .await;
@@ -389,6 +411,17 @@ async fn agents_and_numbers_lifecycle() {
             "threshold",
         ),
         (with("id", json!("bad id!")), "id", "bad id"),
+        (with("language", json!("jp")), "language", "jp for Japanese"),
+        (
+            with("tools", json!([tool("unsigned")])),
+            "tool_secret",
+            "a webhook tool without a secret",
+        ),
+        (
+            with("tool_secret", json!("秘密秘密秘密秘密")),
+            "tool_secret",
+            "8 kanji",
+        ),
         (Some(json!({"instructions": "Y"})), "name", "missing name"),
     ] {
         let r = api("POST", "/api/admin/agents", body).await;
@@ -396,6 +429,26 @@ async fn agents_and_numbers_lifecycle() {
     }
     let r = api("GET", "/api/admin/agents/e2e-invalid", None).await;
     expect(&r, 404, "nothing was created");
+    let r = api(
+        "POST",
+        "/api/admin/agents",
+        Some(json!({"name": "X", "instructions": "Y", "language": "jp"})),
+    )
+    .await;
+    assert!(
+        r.body["message"].as_str().unwrap().contains("\"ja\""),
+        "{}",
+        r.text
+    );
+    // Removing the secret while the webhook tool stays is refused too.
+    let r = api(
+        "PUT",
+        &format!("/api/admin/agents/{id}"),
+        Some(json!({"tool_secret": null})),
+    )
+    .await;
+    expect_field(&r, "tool_secret", "unsetting the secret of a webhook agent");
+    assert_eq!(agent["tool_secret_set"], true);
 
     // Partial update.
     let r = api(
@@ -542,6 +595,91 @@ async fn agents_and_numbers_lifecycle() {
     expect(&r, 204, "delete sales");
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreadable_agent_row_is_listed_as_such_and_can_be_fixed_or_deleted() {
+    let w = worker().await;
+    // A row written by hand with tools that are not JSON.
+    d1_execute(
+        &w.persist_dir,
+        "INSERT INTO agents (id, name, instructions, greeting, tools) \
+         VALUES ('e2e-bad-row', 'Hand-written', 'I', 'G', '')",
+    );
+    let r = api("GET", "/api/admin/agents", None).await;
+    expect(&r, 200, "list with an unreadable row");
+    let list = r.body["agents"].as_array().unwrap();
+    assert!(list
+        .iter()
+        .any(|a| a["id"] == "default" && a["voice"] == "marin"));
+    let bad = list
+        .iter()
+        .find(|a| a["id"] == "e2e-bad-row")
+        .unwrap_or_else(|| panic!("the unreadable row is not listed: {}", r.text));
+    assert_eq!(bad["unreadable"]["field"], "tools", "{}", r.text);
+    assert_eq!(bad["name"], "Hand-written");
+    // The row is reported in the log (which may lag the answer a little).
+    let mut logged = false;
+    for _ in 0..50 {
+        logged = w.log().contains("admin.bad_agent_row");
+        if logged {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        logged,
+        "admin.bad_agent_row not logged:\n{}",
+        w.log_tail(40)
+    );
+    let r = api("GET", "/api/admin/agents/e2e-bad-row", None).await;
+    expect(&r, 200, "get the unreadable row");
+    assert_eq!(r.body["agent"]["unreadable"]["field"], "tools");
+
+    // A PUT must give the field named; then the row is fixed.
+    let r = api(
+        "PUT",
+        "/api/admin/agents/e2e-bad-row",
+        Some(json!({"voice": "sage"})),
+    )
+    .await;
+    expect_field(&r, "tools", "a PUT that leaves the unreadable field");
+    let r = api(
+        "PUT",
+        "/api/admin/agents/e2e-bad-row",
+        Some(json!({"tools": [{"type": "end_call"}]})),
+    )
+    .await;
+    expect(&r, 200, "a PUT that repairs the row");
+    assert_eq!(r.body["agent"]["tools"], json!([{"type": "end_call"}]));
+    assert_eq!(r.body["agent"]["name"], "Hand-written");
+
+    // Broken again, it can be deleted.
+    d1_execute(
+        &w.persist_dir,
+        "UPDATE agents SET tools = '' WHERE id = 'e2e-bad-row'",
+    );
+    let r = api("DELETE", "/api/admin/agents/e2e-bad-row", None).await;
+    expect(&r, 204, "delete the unreadable row");
+    let r = api("GET", "/api/admin/agents/e2e-bad-row", None).await;
+    expect(&r, 404, "deleted");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn creates_racing_with_the_same_id_get_one_201_and_409s_never_a_500() {
+    let body = json!({"id": "e2e-race", "name": "Race", "instructions": "I"});
+    let answers = futures::future::join_all(
+        (0..6).map(|_| api("POST", "/api/admin/agents", Some(body.clone()))),
+    )
+    .await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [201, 409, 409, 409, 409, 409], "{answers:?}");
+    for r in answers.iter().filter(|r| r.status == 409) {
+        assert_eq!(r.body["error"], "conflict");
+    }
+    let r = api("DELETE", "/api/admin/agents/e2e-race", None).await;
+    expect(&r, 204, "delete");
+}
+
 // ---- calls --------------------------------------------------------------------------------------
 
 fn call_sids(r: &Reply) -> Vec<String> {
@@ -655,6 +793,41 @@ async fn calls_newest_first_filtered_paginated_and_in_detail() {
     .await;
     assert_eq!(call_sids(&r), ["CAe2e0002", "CAe2e0001"]);
     assert_eq!(r.body["next_cursor"], Value::Null);
+
+    // A cursor alone goes on with the filters it was made for; with others it is refused.
+    let r = api("GET", "/api/admin/calls?status=completed&limit=1", None).await;
+    assert_eq!(call_sids(&r), ["CAe2e0003"]);
+    let completed = r.body["next_cursor"]
+        .as_str()
+        .expect("a next page")
+        .to_owned();
+    let r = api("GET", &format!("/api/admin/calls?cursor={completed}"), None).await;
+    expect(&r, 200, "cursor alone");
+    assert_eq!(call_sids(&r), ["CAe2e0001"], "still status=completed");
+    let r = api(
+        "GET",
+        &format!("/api/admin/calls?status=busy&cursor={completed}"),
+        None,
+    )
+    .await;
+    expect_field(&r, "cursor", "a cursor with other filters");
+
+    // The last storable day is a bound like any other.
+    let r = api("GET", "/api/admin/calls?to=9999-12-31", None).await;
+    expect(&r, 200, "to=9999-12-31");
+    assert_eq!(call_sids(&r), all);
+
+    // Calls are stored in E.164: a domestic number is refused with its +81 form.
+    let r = api("GET", "/api/admin/calls?number=090-1234-5678", None).await;
+    expect_field(&r, "number", "a domestic number");
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("+819012345678"),
+        "{}",
+        r.text
+    );
 
     // Invalid filters name the parameter.
     for (query, field) in [

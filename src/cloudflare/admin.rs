@@ -1,7 +1,7 @@
 //! The admin JSON API's shell: reads the request, runs the statements `crate::admin` and
 //! `crate::agents` build on D1, and writes JSON. Every decision is in the core.
 
-use super::db::{batch, database, execute, query};
+use super::db::{batch, batch_changes, database, execute, query};
 use super::log;
 use crate::admin::{self, CallsQuery, Error, Route};
 use crate::agents;
@@ -37,6 +37,16 @@ pub(super) fn failed(what: &'static str) -> impl Fn(worker::Error) -> Error {
         );
         answer
     }
+}
+
+/// A failure on our side that is not D1's or R2's: logged like theirs, answered 500.
+fn internal(during: &'static str, error: impl std::fmt::Display) -> Error {
+    log(
+        "error",
+        "admin.failed",
+        json!({ "during": during, "status": 500, "error": error.to_string() }),
+    );
+    Error::Internal
 }
 
 /// `ADMIN_TOKEN` from the secrets, or from a plain variable (local `--var`).
@@ -113,9 +123,11 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     }
 }
 
+/// The JSON object of the body, read as bytes so that a body in another encoding is
+/// refused instead of being stored with replacement characters.
 async fn body(req: &mut Request) -> std::result::Result<serde_json::Map<String, Value>, Error> {
-    let text = req.text().await.map_err(failed("read body"))?;
-    admin::parse_body(&text)
+    let bytes = req.bytes().await.map_err(failed("read body"))?;
+    admin::parse_body(&bytes)
 }
 
 async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Outcome {
@@ -154,55 +166,71 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             let rows = query(&db, &agents::select_all())
                 .await
                 .map_err(failed("list agents"))?;
-            let list = rows
-                .iter()
-                .map(|r| record(r).map(|rec| agents::to_json(&rec)))
-                .collect::<std::result::Result<Vec<_>, _>>()?;
-            Ok(ok(json!({ "agents": list })))
+            // One unreadable row must not hide the others: it is listed as unreadable.
+            let (list, bad) = agents::list_json(&rows);
+            for (id, e) in bad {
+                log_bad_row(id.as_deref(), &e);
+            }
+            Ok(ok(list))
         }
         Route::GetAgent(id) => {
-            let rec = load_agent(&db, &id).await?;
-            Ok(ok(json!({ "agent": agents::to_json(&rec) })))
+            let row = agent_row(&db, &id).await?.ok_or_else(|| no_agent(&id))?;
+            Ok(ok(json!({ "agent": shown(&row) })))
         }
         Route::CreateAgent => {
             let body = body(req).await?;
             let mut random = [0u8; 8];
-            getrandom::fill(&mut random).map_err(|e| {
-                log(
-                    "error",
-                    "admin.internal_error",
-                    json!({ "during": "random id", "error": e.to_string() }),
-                );
-                Error::Internal
-            })?;
+            getrandom::fill(&mut random).map_err(|e| internal("random id", e))?;
             let change = agents::parse_create(&body, &agents::new_id(random))?;
             let id = change.agent.id.clone();
-            if find_agent(&db, &id).await?.is_some() {
-                return Err(Error::Conflict(format!("agent {id:?} already exists")));
+            let taken = format!("agent {id:?} already exists");
+            if agent_row(&db, &id).await?.is_some() {
+                return Err(Error::Conflict(taken));
             }
+            // Another request with the same id may get there between the check and here.
             batch(&db, &agents::insert(&change, &now()))
                 .await
-                .map_err(failed("create agent"))?;
-            let rec = load_agent(&db, &id).await?;
+                .map_err(
+                    |e| match admin::create_failure(&e.to_string(), || taken.clone()) {
+                        conflict @ Error::Conflict(_) => conflict,
+                        _ => failed("create agent")(e),
+                    },
+                )?;
+            let row = agent_row(&db, &id)
+                .await?
+                .ok_or_else(|| internal("create agent", "the new agent is not there"))?;
             log("info", "admin.agent_created", json!({ "agent_id": id }));
             Ok(Reply {
                 status: 201,
-                body: Some(json!({ "agent": agents::to_json(&rec) })),
+                body: Some(json!({ "agent": shown(&row) })),
             })
         }
         Route::UpdateAgent(id) => {
             let body = body(req).await?;
-            let current = load_agent(&db, &id).await?;
+            let row = agent_row(&db, &id).await?.ok_or_else(|| no_agent(&id))?;
+            let current = agents::record_for_update(&row, &body)?;
             let change = agents::parse_update(&body, &current)?;
-            batch(&db, &agents::update(&change, &now()))
+            // Only the given columns are written, on the condition that what the checks
+            // took from this read still holds.
+            let changed = batch_changes(&db, &agents::update(&change, &now()))
                 .await
                 .map_err(failed("update agent"))?;
-            let rec = load_agent(&db, &id).await?;
+            if changed.last() == Some(&0) {
+                // Deleted, or changed so that the checks no longer hold: say which.
+                let row = agent_row(&db, &id).await?.ok_or_else(|| no_agent(&id))?;
+                let current = agents::record_for_update(&row, &body)?;
+                agents::parse_update(&body, &current)?;
+                return Err(Error::Conflict(format!(
+                    "agent {id:?} was changed by another request meanwhile; read it and try again"
+                )));
+            }
+            let row = agent_row(&db, &id).await?.ok_or_else(|| no_agent(&id))?;
             log("info", "admin.agent_updated", json!({ "agent_id": id }));
-            Ok(ok(json!({ "agent": agents::to_json(&rec) })))
+            Ok(ok(json!({ "agent": shown(&row) })))
         }
         Route::DeleteAgent(id) => {
-            let current = load_agent(&db, &id).await?;
+            // A row that cannot be read can still be deleted.
+            let current = deletable(&db, &id).await?;
             let numbers = numbers_of(&db, &id).await?;
             if let Some(refusal) = agents::deletion_conflict(&current, &numbers) {
                 return Err(refusal.into());
@@ -212,7 +240,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
                 .map_err(failed("delete agent"))?;
             if changed == 0 {
                 // Something changed between the check and the delete: say what, if we can.
-                let current = load_agent(&db, &id).await?;
+                let current = deletable(&db, &id).await?;
                 let numbers = numbers_of(&db, &id).await?;
                 return Err(agents::deletion_conflict(&current, &numbers)
                     .map(Error::from)
@@ -238,7 +266,7 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
         Route::AssignNumber(number) => {
             let body = body(req).await?;
             let agent_id = agents::parse_assignment(&body)?;
-            if find_agent(&db, &agent_id).await?.is_none() {
+            if agent_row(&db, &agent_id).await?.is_none() {
                 return Err(Error::Invalid {
                     field: "agent_id".into(),
                     message: format!("no agent {agent_id:?}"),
@@ -248,7 +276,9 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
             execute(&db, &agents::assign_number(&number, &agent_id, &now()))
                 .await
                 .map_err(failed("assign number"))?;
-            let row = load_number(&db, &number).await?.ok_or(Error::Internal)?;
+            let row = load_number(&db, &number)
+                .await?
+                .ok_or_else(|| internal("assign number", "the assignment is not there"))?;
             log(
                 "info",
                 "admin.number_assigned",
@@ -281,32 +311,42 @@ async fn dispatch(route: Route, req: &mut Request, env: &Env, token: &str) -> Ou
     }
 }
 
-/// A stored agent row; a row the core cannot read is logged and answered as 500.
-fn record(row: &Value) -> std::result::Result<agents::Record, Error> {
-    agents::record_from_row(row).map_err(|e| {
-        log(
-            "error",
-            "admin.bad_agent_row",
-            json!({ "agent_id": row.get("id"), "error": e.to_string() }),
-        );
-        Error::Internal
-    })
+fn no_agent(id: &str) -> Error {
+    Error::NotFound(format!("no agent {id:?}"))
 }
 
-async fn find_agent(
-    db: &D1Database,
-    id: &str,
-) -> std::result::Result<Option<agents::Record>, Error> {
-    let rows = query(db, &agents::select_by_id(id))
+fn log_bad_row(id: Option<&str>, e: &crate::config::ConfigError) {
+    log(
+        "error",
+        "admin.bad_agent_row",
+        json!({ "agent_id": id, "error": e.to_string() }),
+    );
+}
+
+/// The API's view of a stored row; a row the core cannot read is logged and shown as
+/// unreadable, naming the field to fix.
+fn shown(row: &Value) -> Value {
+    match agents::view(row) {
+        agents::View::Agent(json) => json,
+        agents::View::Unreadable { json, error } => {
+            log_bad_row(row.get("id").and_then(Value::as_str), &error);
+            json
+        }
+    }
+}
+
+/// The stored row of agent `id`, if there is one.
+async fn agent_row(db: &D1Database, id: &str) -> std::result::Result<Option<Value>, Error> {
+    let mut rows = query(db, &agents::select_by_id(id))
         .await
         .map_err(failed("get agent"))?;
-    rows.first().map(record).transpose()
+    Ok((!rows.is_empty()).then(|| rows.remove(0)))
 }
 
-async fn load_agent(db: &D1Database, id: &str) -> std::result::Result<agents::Record, Error> {
-    find_agent(db, id)
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("no agent {id:?}")))
+/// Agent `id` as far as deciding whether it may be deleted needs.
+async fn deletable(db: &D1Database, id: &str) -> std::result::Result<agents::Record, Error> {
+    let row = agent_row(db, id).await?.ok_or_else(|| no_agent(id))?;
+    agents::record_for_delete(&row).map_err(|e| internal("read agent row", e))
 }
 
 async fn numbers_of(db: &D1Database, id: &str) -> std::result::Result<Vec<String>, Error> {

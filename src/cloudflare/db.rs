@@ -46,14 +46,26 @@ pub async fn execute(db: &D1Database, st: &Statement) -> Result<u64> {
 
 /// Runs statements atomically (D1 batches are one transaction).
 pub async fn batch(db: &D1Database, statements: &[Statement]) -> Result<()> {
+    batch_changes(db, statements).await.map(|_| ())
+}
+
+/// Runs statements atomically; returns the number of rows each changed.
+pub async fn batch_changes(db: &D1Database, statements: &[Statement]) -> Result<Vec<u64>> {
     let prepared = statements
         .iter()
         .map(|st| prepare(db, st))
         .collect::<Result<Vec<_>>>()?;
+    let mut changes = Vec::with_capacity(statements.len());
     for r in db.batch(prepared).await? {
         if let Some(e) = r.error() {
             return Err(worker::Error::RustError(e));
         }
+        changes.push(
+            r.meta()?
+                .and_then(|m| m.changes)
+                .map(|c| c as u64)
+                .unwrap_or(0),
+        );
     }
-    Ok(())
+    Ok(changes)
 }
