@@ -109,9 +109,9 @@ if [[ "$load" == 1 ]]; then
   profiles=(--profile "floor=$floor_inspector" --profile "bridge=$inspector" --profile-out "$work/profiles")
   [[ "$profile" == 1 ]] || profiles=()
 
-  wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
-  wait_http "http://127.0.0.1:$floor_port/healthz" "$work/floor.log" 120
-  wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300
+  wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20 "$standin_pid"
+  wait_http "http://127.0.0.1:$floor_port/healthz" "$work/floor.log" 120 "$floor_pid"
+  wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300 "$bridge_pid"
   sleep 2
 
   # A second agent on another number, with call recording off: the bridge's cost without
@@ -127,7 +127,7 @@ if [[ "$load" == 1 ]]; then
     norec_pid=$started
     [[ "$profile" == 1 ]] && profiles+=(--profile "bridge-norec=$inspector")
     norec_bridge="http://127.0.0.1:$norec_port"
-    wait_http "$norec_bridge/healthz" "$work/bridge-norec.log" 300
+    wait_http "$norec_bridge/healthz" "$work/bridge-norec.log" 300 "$norec_pid"
   fi
   norec=()
   norec_number="+815099990000"
@@ -148,7 +148,9 @@ if [[ "$load" == 1 ]]; then
   else
     log "load: $calls calls × ${seconds}s, $rounds round(s) per Worker, one Worker at a time"
   fi
-  timeout $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
+  # --foreground: node stays in this script's process group, so Ctrl-C reaches it at once
+  # (see scripts/load-test.sh).
+  timeout --foreground $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
     --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
     --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
     --target "bridge=$bridge" --pid "bridge=$bridge_pid" --admin "bridge=$admin" "${norec[@]}" \

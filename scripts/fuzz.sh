@@ -24,10 +24,8 @@ targets=("$@")
 
 # libFuzzer (built by libfuzzer-sys) is C++.
 if ! command -v c++ >/dev/null && ! command -v g++ >/dev/null && ! command -v clang++ >/dev/null; then
-  command -v apt-get >/dev/null || die "no C++ compiler (g++ or clang++) and no apt-get to install one"
-  log "installing g++ for libFuzzer"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null
+  log "no C++ compiler: installing g++ for libFuzzer"
+  apt_install g++
 fi
 
 # `cargo fuzz --version` prints "cargo-fuzz 0.13.2".

@@ -23,6 +23,29 @@ export WRANGLER_SEND_METRICS=false
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# Installs the Debian packages given (apt-get, so Debian or Ubuntu) that are not installed
+# yet: as root, or through sudo otherwise. Callers check first for what they need (a command,
+# a file) and name only the packages to provide it.
+apt_install() { # package...
+  local missing=() p
+  for p in "$@"; do
+    [[ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" == "install ok installed" ]] || missing+=("$p")
+  done
+  [[ ${#missing[@]} -gt 0 ]] || return 0
+  command -v apt-get >/dev/null ||
+    die "${missing[*]} missing, and no apt-get to install it (these scripts expect Debian or Ubuntu): install it by hand"
+  local sudo=() how="apt-get"
+  if [[ "$(id -u)" != 0 ]]; then
+    command -v sudo >/dev/null || die "installing ${missing[*]} needs root: run as root, or install sudo"
+    sudo=(sudo)
+    how="sudo apt-get"
+  fi
+  log "installing ${missing[*]} (Debian packages, $how)"
+  "${sudo[@]}" apt-get update -qq
+  # env, not a prefix assignment: sudo does not pass the caller's environment on.
+  "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
 # The wasm-bindgen version the crate graph resolved to.
 wasm_bindgen_version() {
   [[ -f Cargo.lock ]] || cargo generate-lockfile >&2
@@ -77,7 +100,9 @@ bg_begin() {
   work="$(mktemp -d "${TMPDIR:-/tmp}/$1.XXXXXX")"
   pgids=()
   trap bg_cleanup EXIT
-  trap 'exit 130' INT TERM
+  # Ctrl-C or a TERM: exit (128 + the signal), which runs bg_cleanup.
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
 }
 
 bg_cleanup() {
@@ -117,9 +142,15 @@ free_port() {
   node -e 'const s=require("net").createServer();s.listen(0,"127.0.0.1",()=>{console.log(s.address().port);s.close()})'
 }
 
-wait_http() { # url, log, seconds
-  local url="$1" logf="$2" limit="$3" t=0
+# Waits until URL answers 2xx, for at most SECONDS; fails at once, with the tail of LOG,
+# when PID (the server, as start_bg set $started) is given and has exited.
+wait_http() { # url, log, seconds[, pid]
+  local url="$1" logf="$2" limit="$3" pid="${4:-}" t=0
   until curl -fsS -o /dev/null --max-time 2 "$url" 2>/dev/null; do
+    if [[ -n "$pid" ]] && ! kill -0 "$pid" 2>/dev/null; then
+      tail -40 "$logf" >&2
+      die "the server for $url exited before it answered (log: $logf)"
+    fi
     sleep 1
     t=$((t + 1))
     if [[ $t -ge $limit ]]; then

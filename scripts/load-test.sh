@@ -41,12 +41,15 @@ start_bg standin node scripts/sim/standin.mjs --mode echo --port "$standin_port"
 standin_pid=$started
 start_bridge "$bridge_port" "$work/state" "ws://127.0.0.1:$standin_port/v1/realtime" "$token" "$admin"
 bridge_pid=$started
-wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20
-wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300
+wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20 "$standin_pid"
+wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300 "$bridge_pid"
 
 log "load: $calls calls × ${seconds}s against the bridge (fails on a lost frame or a call without transcript rows)"
 status=0
-timeout $((2 * seconds + 300)) node bench/load.mjs \
+# --foreground keeps node in this script's process group, so Ctrl-C reaches it at once (and
+# then the INT trap, whose exit stops the servers); without it timeout puts node in a group
+# of its own, which the terminal's SIGINT never reaches.
+timeout --foreground $((2 * seconds + 300)) node bench/load.mjs \
   --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
   --target "bridge=http://127.0.0.1:$bridge_port" --pid "bridge=$bridge_pid" --admin "bridge=$admin" \
   --calls "$calls" --seconds "$seconds" --rounds 1 --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \

@@ -19,13 +19,7 @@ if [[ -f "$out" && "$force" == 0 ]]; then
   exit 0
 fi
 
-if ! command -v espeak-ng >/dev/null; then
-  log "installing espeak-ng (Debian package)"
-  sudo=()
-  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq espeak-ng >/dev/null
-fi
+command -v espeak-ng >/dev/null || apt_install espeak-ng
 
 mkdir -p samples
 # Japanese voice, 160 words per minute; espeak-ng writes 22050 Hz 16-bit mono, which the

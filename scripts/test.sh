@@ -25,8 +25,9 @@ bash scripts/build.sh
 # For tests that run `wrangler dev` on the default local state.
 apply_local_migrations
 
-log "the call simulator's audio and Twilio playback (node --test tests/sim/)"
-node --test tests/sim/
+# The files, not the directory: Node 22+ reads a directory argument as a glob pattern.
+log "the call simulator's audio and Twilio playback (node --test tests/sim/*.test.mjs)"
+node --test tests/sim/*.test.mjs
 
 log "cargo test (unit + integration)"
 cargo test --all-targets

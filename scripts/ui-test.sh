@@ -8,17 +8,11 @@ set -euo pipefail
 # shellcheck source=scripts/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-# Chromium, and a Japanese font so the page (and its screenshot) shows text, not boxes.
-packages=()
-[[ -x /usr/bin/chromium ]] || packages+=(chromium)
-dpkg -s fonts-ipafont-gothic >/dev/null 2>&1 || packages+=(fonts-ipafont-gothic)
-if (( ${#packages[@]} )); then
-  log "installing ${packages[*]} (Debian packages) for the browser test"
-  sudo=()
-  [[ "$(id -u)" == 0 ]] || sudo=(sudo)
-  "${sudo[@]}" apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq "${packages[@]}" >/dev/null
-fi
+# Chromium (/usr/bin/chromium, or the one CHROMIUM_PATH names), and a Japanese font so the
+# page (and its screenshot) shows text, not boxes.
+packages=(fonts-ipafont-gothic)
+[[ -x "${CHROMIUM_PATH:-/usr/bin/chromium}" ]] || packages+=(chromium)
+apt_install "${packages[@]}"
 [[ -f node_modules/playwright-core/package.json ]] || die "playwright-core missing: run bash scripts/setup.sh"
 
 node --test tests/ui/*.test.mjs

@@ -4,32 +4,32 @@
 use arbitrary::{Arbitrary, Unstructured};
 use std::path::Path;
 
-fn replay<T: for<'a> Arbitrary<'a>>(target: &str, run: impl Fn(&T)) -> usize {
+/// Replays every input in `corpus/TARGET`; panics when there is none (a replay of nothing
+/// would pass and prove nothing) or when one does not decode into an input.
+fn replay<T: for<'a> Arbitrary<'a>>(target: &str, run: impl Fn(&T)) {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("corpus")
         .join(target);
+    let entries = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("no corpus for {target}: {}: {e}", dir.display()));
     let mut n = 0;
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return 0;
-    };
     for entry in entries {
         let path = entry.unwrap().path();
         let data = std::fs::read(&path).unwrap();
         // As libfuzzer-sys decodes a target's input.
-        if let Ok(input) = T::arbitrary_take_rest(Unstructured::new(&data)) {
-            run(&input);
-        }
+        let input = T::arbitrary_take_rest(Unstructured::new(&data))
+            .unwrap_or_else(|e| panic!("{} does not decode: {e}", path.display()));
+        run(&input);
         n += 1;
     }
-    n
+    assert!(n > 0, "the {target} corpus ({}) is empty", dir.display());
 }
 
 #[test]
 fn call_machine_corpus_passes() {
     use phone_agent_bridge_fuzz::call_machine::{count_milestones, Harness, Scenario};
     count_milestones();
-    let n = replay::<Scenario>("call_machine", Harness::run);
-    assert!(n > 0, "no call_machine corpus");
+    replay::<Scenario>("call_machine", Harness::run);
     // What the seeds reach (`cargo test -- --nocapture` shows it).
     for (milestone, count) in count_milestones() {
         println!("{count:>8}  {milestone}");

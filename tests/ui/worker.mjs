@@ -1,7 +1,8 @@
 // Starts the built Worker under `wrangler dev` for the browser tests, on a state directory of
 // its own (local D1 migrated from migrations/, local R2), like tests/support/worker.rs does for
 // the Rust end-to-end tests. wrangler and workerd run in their own process group, which
-// stop() (or this process exiting) takes down.
+// stop() takes down, and so does this process ending: on exit, and on SIGINT (Ctrl-C) or
+// SIGTERM, which Node would otherwise die of without an 'exit' event (then exiting 130 or 143).
 
 import { execFileSync, spawn } from 'node:child_process';
 import { mkdirSync, openSync, readFileSync, writeFileSync } from 'node:fs';
@@ -11,6 +12,29 @@ import { fileURLToPath } from 'node:url';
 
 export const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
 const ENV = { ...process.env, CI: 'true', WRANGLER_SEND_METRICS: 'false', NO_COLOR: '1', FORCE_COLOR: '0' };
+
+/** Process groups of the `wrangler dev`s still running. */
+const groups = new Set();
+let guarded = false;
+
+function killGroups(signal) {
+  for (const pgid of groups) {
+    try { process.kill(-pgid, signal); } catch { /* gone */ }
+  }
+}
+
+/** Once per process: take every group down when this process ends, however it ends. */
+function guardGroups() {
+  if (guarded) return;
+  guarded = true;
+  process.on('exit', () => killGroups('SIGKILL'));
+  for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]]) {
+    process.once(signal, () => {
+      killGroups('SIGKILL');
+      process.exit(code);
+    });
+  }
+}
 
 /** A port that was free a moment ago. */
 export function freePort() {
@@ -71,18 +95,18 @@ export async function startWorker(dir, vars) {
   const args = ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(port), '--inspector-port', String(inspector),
     '--persist-to', join(dir, 'state'), '--show-interactive-dev-session=false'];
   for (const [k, v] of Object.entries(vars)) args.push('--var', `${k}:${v}`);
+  guardGroups();
   const child = spawn('npx', args, { cwd: ROOT, env: ENV, stdio: ['ignore', out, out], detached: true });
+  groups.add(child.pid);
   let exited = null;
   child.on('exit', (code, signal) => { exited = { code, signal }; });
   const kill = (signal) => { try { process.kill(-child.pid, signal); } catch { /* gone */ } };
-  const onExit = () => kill('SIGKILL');
-  process.on('exit', onExit);
   const log = () => { try { return readFileSync(logPath, 'utf8'); } catch { return ''; } };
   const stop = async () => {
-    process.off('exit', onExit);
     kill('SIGTERM');
     for (let i = 0; i < 30 && !exited; i++) await new Promise((r) => setTimeout(r, 100));
     kill('SIGKILL');
+    groups.delete(child.pid);
   };
   const baseUrl = `http://127.0.0.1:${port}`;
   const deadline = Date.now() + 300_000;
