@@ -72,6 +72,25 @@ pub fn checkpoint_key(seq: u64) -> String {
     format!("{CHECKPOINT_PREFIX}{seq:012}")
 }
 
+/// When a call whose pump was lost (the object restarted) ended at the latest, from its
+/// recording's checkpoints: the pump was gone before it could write the one after the last
+/// (`last_checkpoint`; `None` when it wrote none), and the recorder is at most
+/// [`MAX_CHUNK_MS`] behind the call. Never before the stream started nor after `now_ms`.
+/// A call not recorded leaves nothing to go by: `now_ms`.
+pub fn lost_pump_ended_by_ms(
+    streamed_at_ms: u64,
+    recorded: bool,
+    last_checkpoint: Option<u64>,
+    now_ms: u64,
+) -> u64 {
+    if !recorded {
+        return now_ms.max(streamed_at_ms);
+    }
+    let next = last_checkpoint.map_or(1, |seq| seq + 2);
+    let by = streamed_at_ms + next * CHECKPOINT_EVERY_MS + MAX_CHUNK_MS;
+    by.min(now_ms).max(streamed_at_ms)
+}
+
 /// The number of a checkpoint's key; `None` for any other key.
 pub fn checkpoint_seq(key: &str) -> Option<u64> {
     let digits = key.strip_prefix(CHECKPOINT_PREFIX)?;
@@ -524,6 +543,31 @@ impl Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lost_pump_s_call_ends_by_the_checkpoint_it_did_not_write() {
+        let at = 1_000_000;
+        // Two checkpoints (0 and 1): gone before the third, 15 s of audio, was written.
+        assert_eq!(
+            lost_pump_ended_by_ms(at, true, Some(1), at + 60_000),
+            at + 15_000 + MAX_CHUNK_MS
+        );
+        // None: gone within the first 5 s of audio.
+        assert_eq!(
+            lost_pump_ended_by_ms(at, true, None, at + 60_000),
+            at + 5_000 + MAX_CHUNK_MS
+        );
+        // Never after now, never before the stream started, and nothing to go by unrecorded.
+        assert_eq!(
+            lost_pump_ended_by_ms(at, true, Some(9), at + 7_000),
+            at + 7_000
+        );
+        assert_eq!(lost_pump_ended_by_ms(at, true, None, at - 5), at);
+        assert_eq!(
+            lost_pump_ended_by_ms(at, false, None, at + 60_000),
+            at + 60_000
+        );
+    }
 
     #[test]
     fn checkpoint_keys_sort_in_the_order_taken_and_read_back() {

@@ -109,6 +109,26 @@ fn now() -> Millis {
     Millis(js_sys::Date::now() as u64)
 }
 
+/// The number of the last recording checkpoint in the object's storage, if any.
+async fn last_checkpoint(storage: &Storage) -> Result<Option<u64>> {
+    let map = storage
+        .list_with_options(
+            ListOptions::new()
+                .prefix(crate::recording::CHECKPOINT_PREFIX)
+                .reverse(true)
+                .limit(1),
+        )
+        .await?;
+    let mut last = None;
+    map.for_each(&mut |_, key| {
+        last = key
+            .as_string()
+            .as_deref()
+            .and_then(crate::recording::checkpoint_seq);
+    });
+    Ok(last)
+}
+
 /// What [`CallSession::finalize_orphaned_stream`] found.
 #[derive(PartialEq)]
 enum Stream {
@@ -129,7 +149,22 @@ impl CallSession {
             return Ok(Stream::None);
         };
         let live = self.live.get();
-        let Some(ended) = state.finalize_orphaned(live, now().0) else {
+        let ended_by = match state.streamed_at_ms {
+            Some(at) if !live && state.end_reason.is_none() => {
+                let last = last_checkpoint(&storage).await.unwrap_or_else(|e| {
+                    log(
+                        "warn",
+                        "recording.checkpoints_unreadable",
+                        serde_json::json!({ "error": e.to_string() }),
+                    );
+                    None
+                });
+                let recorded = state.registration.agent.record_calls;
+                crate::recording::lost_pump_ended_by_ms(at, recorded, last, now().0)
+            }
+            _ => now().0,
+        };
+        let Some(ended) = state.finalize_orphaned(live, ended_by) else {
             let running = state.streamed_at_ms.is_some() && state.end_reason.is_none();
             return Ok(if live && running {
                 Stream::Live
