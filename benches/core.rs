@@ -86,6 +86,7 @@ fn new_call(record: bool) -> Call {
             },
             idle_timeout: Millis(3_600_000),
             fallback_twiml: "<Response><Say>sorry</Say></Response>".into(),
+            transfer_action: "https://bridge.example/api/twilio/transfer-result".into(),
         },
         Millis(0),
     )

@@ -21,6 +21,9 @@ pub const DEFAULT_GREETING: &str =
     "お電話ありがとうございます、と丁寧にあいさつし、ご用件を伺ってください。";
 pub const DEFAULT_FALLBACK_MESSAGE: &str =
     "申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。";
+/// Said when a transfer to a person is not answered (busy, no answer, failed).
+pub const DEFAULT_TRANSFER_FAILED_MESSAGE: &str =
+    "申し訳ございません。ただいま担当者が電話に出ることができません。恐れ入りますが、しばらくたってからおかけ直しください。";
 pub const DEFAULT_FALLBACK_LANGUAGE: &str = "ja-JP";
 /// A Japanese Amazon Polly voice: Twilio's default voice cannot read Japanese.
 pub const DEFAULT_FALLBACK_VOICE: &str = "Polly.Mizuki";
@@ -305,6 +308,8 @@ pub struct Bridge {
     /// Answer every call with the fallback TwiML, without an agent (a maintenance switch).
     pub fallback_only: bool,
     pub fallback_message: String,
+    /// Said (with the fallback's voice) when a transfer to a person is not answered.
+    pub transfer_failed_message: String,
     /// `<Say language>` and `<Say voice>` of the fallback message.
     pub fallback_language: String,
     pub fallback_voice: String,
@@ -418,6 +423,7 @@ impl Bridge {
             public_base_url,
             fallback_only,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
+            transfer_failed_message: or("TRANSFER_FAILED_MESSAGE", DEFAULT_TRANSFER_FAILED_MESSAGE),
             fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE)?,
             fallback_voice: tts_name("FALLBACK_VOICE", DEFAULT_FALLBACK_VOICE)?,
             // It goes into `<Dial>` as it is: a number Twilio cannot dial fails after the apology.

@@ -97,15 +97,37 @@ pub fn fallback(apology: &Apology<'_>, dial_number: Option<&str>) -> String {
     out
 }
 
-/// `<Response><Dial>number</Dial></Response>`: a transfer with nothing said first.
-pub fn dial(number: &str) -> String {
-    let mut out = String::from("<Response>");
-    dial_verb(&mut out, Some(number));
-    out.push_str("</Response>");
+/// `<Response><Dial action=… method="POST">number</Dial></Response>`: the agent's transfer
+/// to a person. When the person's line ends (answered and hung up, busy, no answer, failed)
+/// Twilio asks `action` what to do with the caller (see [`transfer_result`]); without it, a
+/// transfer nobody answers would simply hang up on the caller.
+pub fn transfer(number: &str, action: &str) -> String {
+    let mut out = String::from("<Response><Dial action=\"");
+    out.push_str(&attribute(action));
+    out.push_str("\" method=\"POST\">");
+    out.push_str(&text(number.trim()));
+    out.push_str("</Dial></Response>");
+    out
+}
+
+/// The answer to a transfer's `<Dial action>`: when the person answered, the call ends with
+/// them (`<Hangup/>`); when they did not, the caller hears `apology` first.
+pub fn transfer_result(answered: bool, apology: &Apology<'_>) -> String {
+    let mut out = String::from(XML_DECLARATION);
+    out.push_str("<Response>");
+    if !answered {
+        say_verb(&mut out, apology);
+    }
+    out.push_str("<Hangup/></Response>");
     out
 }
 
 fn fallback_verbs(out: &mut String, apology: &Apology<'_>, dial_number: Option<&str>) {
+    say_verb(out, apology);
+    dial_verb(out, dial_number);
+}
+
+fn say_verb(out: &mut String, apology: &Apology<'_>) {
     if !apology.message.trim().is_empty() {
         out.push_str("<Say");
         for (name, value) in [("language", apology.language), ("voice", apology.voice)] {
@@ -122,7 +144,6 @@ fn fallback_verbs(out: &mut String, apology: &Apology<'_>, dial_number: Option<&
         out.push_str(&text(apology.message));
         out.push_str("</Say>");
     }
-    dial_verb(out, dial_number);
 }
 
 fn dial_verb(out: &mut String, dial_number: Option<&str>) {
@@ -400,9 +421,63 @@ mod tests {
             "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ありません。</Say>\
              <Dial>+815012345678</Dial></Response>"
         );
+    }
+
+    #[test]
+    fn a_transfer_asks_what_to_do_when_the_line_ends() {
         assert_eq!(
-            dial("+81312345678"),
-            "<Response><Dial>+81312345678</Dial></Response>"
+            transfer(
+                "+81312345678",
+                "https://phone.example.jp/api/twilio/transfer-result"
+            ),
+            "<Response><Dial action=\"https://phone.example.jp/api/twilio/transfer-result\" \
+             method=\"POST\">+81312345678</Dial></Response>"
+        );
+        let (_, nodes) = parse(&transfer("+1<Play/>", "https://x.example/a?b=1&c=\"2\""));
+        assert_eq!(
+            nodes,
+            [
+                open("Response", &[]),
+                open(
+                    "Dial",
+                    &[
+                        ("action", "https://x.example/a?b=1&c=\"2\""),
+                        ("method", "POST")
+                    ]
+                ),
+                text_node("+1<Play/>"),
+                close("Dial"),
+                close("Response"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_transfer_nobody_answered_apologises_before_hanging_up() {
+        let apology = say("担当者が出られません。", "ja-JP", "Polly.Mizuki");
+        let (declared, nodes) = parse(&transfer_result(false, &apology));
+        assert!(declared);
+        assert_eq!(
+            nodes,
+            [
+                open("Response", &[]),
+                open("Say", &[("language", "ja-JP"), ("voice", "Polly.Mizuki")]),
+                text_node("担当者が出られません。"),
+                close("Say"),
+                open("Hangup", &[]),
+                close("Hangup"),
+                close("Response"),
+            ]
+        );
+        let (_, nodes) = parse(&transfer_result(true, &apology));
+        assert_eq!(
+            nodes,
+            [
+                open("Response", &[]),
+                open("Hangup", &[]),
+                close("Hangup"),
+                close("Response"),
+            ]
         );
     }
 

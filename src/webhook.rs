@@ -11,6 +11,11 @@ use crate::{signature, twiml};
 pub const VOICE_PATH: &str = "/api/twilio/voice";
 /// Path of Twilio's call status callback.
 pub const STATUS_PATH: &str = "/api/twilio/status";
+/// Path Twilio asks, once a transfer's `<Dial>` has ended, what to do with the caller.
+pub const TRANSFER_RESULT_PATH: &str = "/api/twilio/transfer-result";
+/// The `seq` of a transfer's result among the call's events: the call machine numbers its
+/// own from 0, and a call is transferred at most once, so a retried callback lands once.
+pub const TRANSFER_RESULT_SEQ: u64 = 1_000_000_000;
 /// Prefix of the Media Stream WebSocket path; the CallSid follows.
 pub const STREAM_PATH_PREFIX: &str = "/api/twilio/media-stream/";
 
@@ -281,6 +286,79 @@ pub fn stream_url(
         "ws"
     };
     Ok(format!("{ws}://{authority}{STREAM_PATH_PREFIX}{call_sid}"))
+}
+
+/// The `<Dial action>` URL of a transfer, on the origin Twilio reaches us at (`https` when
+/// the stream is `wss`). `request_url` is any request Twilio made to us: the stream's.
+pub fn transfer_result_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
+    let (scheme, authority) = public_origin(config, request_url)?;
+    let http = if scheme == "https" || scheme == "wss" {
+        "https"
+    } else {
+        "http"
+    };
+    Ok(format!("{http}://{authority}{TRANSFER_RESULT_PATH}"))
+}
+
+/// What a verified transfer result is answered with, and kept as.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TransferResult {
+    pub call_sid: CallSid,
+    /// The person answered (`DialCallStatus` `completed` or `answered`).
+    pub answered: bool,
+    /// A `transfer_result` event for the call's record.
+    pub record: Record,
+    /// `<Hangup/>`, after the apology when nobody answered.
+    pub twiml: String,
+}
+
+/// Verifies Twilio's request to a transfer's `<Dial action>` and answers it: the call ends
+/// when the person answered (their conversation is over), or after an apology when the
+/// line was busy, not answered or failed, rather than with silence.
+pub fn transfer_result<'a>(
+    config: &Bridge,
+    request_url: &str,
+    signature: Option<&str>,
+    params: impl Into<Params<'a>>,
+    now_ms: u64,
+) -> Result<TransferResult, Refusal> {
+    let params = verified_params(config, request_url, signature, params.into())?;
+    let get = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    };
+    let call_sid = get("CallSid")
+        .and_then(CallSid::parse)
+        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let status = get("DialCallStatus")
+        .ok_or_else(|| Refusal::BadRequest("DialCallStatus missing".into()))?;
+    let answered = matches!(status, "completed" | "answered");
+    let duration_s = get("DialCallDuration").and_then(|d| d.parse::<u64>().ok());
+    let record = Record::Event {
+        call_sid: call_sid.0.clone(),
+        seq: TRANSFER_RESULT_SEQ,
+        at_ms: now_ms,
+        kind: "transfer_result".into(),
+        detail: serde_json::json!({
+            "answered": answered,
+            "dial_call_status": status,
+            "dial_call_duration_s": duration_s,
+            "dial_call_sid": get("DialCallSid"),
+        }),
+    };
+    let apology = twiml::Apology {
+        message: &config.transfer_failed_message,
+        ..apology(config)
+    };
+    Ok(TransferResult {
+        twiml: twiml::transfer_result(answered, &apology),
+        call_sid,
+        answered,
+        record,
+    })
 }
 
 fn token(config: &Bridge) -> Result<&str, Refusal> {
@@ -589,6 +667,79 @@ mod tests {
         let sig = signature::compute(TOKEN, status, &[]);
         let r = status_callback(&c, status, Some(&sig), Params::Query, 1_000).unwrap();
         assert_eq!(r.call_sid(), "CA1");
+    }
+
+    #[test]
+    fn a_transfer_asks_back_on_the_origin_twilio_reaches_us_at() {
+        let mut c = config();
+        let stream = "https://bridge.example.com/api/twilio/media-stream/CA1";
+        assert_eq!(
+            transfer_result_url(&c, stream).unwrap(),
+            "https://bridge.example.com/api/twilio/transfer-result"
+        );
+        assert_eq!(
+            transfer_result_url(&c, "http://127.0.0.1:8787/api/twilio/media-stream/CA1").unwrap(),
+            "http://127.0.0.1:8787/api/twilio/transfer-result"
+        );
+        c.public_base_url = Some("https://phone.example.jp".into());
+        assert_eq!(
+            transfer_result_url(&c, "http://internal:8787/x").unwrap(),
+            "https://phone.example.jp/api/twilio/transfer-result"
+        );
+    }
+
+    #[test]
+    fn a_transfer_nobody_answered_gets_the_apology_and_is_kept_once() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/transfer-result";
+        let result = |status: &str| {
+            let mut p = CALL.to_vec();
+            p.extend([("DialCallStatus", status), ("DialCallDuration", "")]);
+            let (body, params) = form(&p);
+            let sig = signature::compute(TOKEN, url, &params);
+            transfer_result(&c, url, Some(&sig), &body, 5_000)
+        };
+        for status in ["busy", "no-answer", "failed", "canceled"] {
+            let r = result(status).unwrap();
+            assert!(!r.answered, "{status}");
+            assert!(
+                r.twiml.contains("<Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま担当者が")
+                    && r.twiml.ends_with("</Say><Hangup/></Response>"),
+                "{status}: {}",
+                r.twiml
+            );
+            let Record::Event {
+                seq, kind, detail, ..
+            } = &r.record
+            else {
+                panic!("{:?}", r.record)
+            };
+            assert_eq!(
+                (*seq, kind.as_str()),
+                (TRANSFER_RESULT_SEQ, "transfer_result")
+            );
+            assert_eq!(detail["dial_call_status"], status);
+            assert_eq!(detail["answered"], false);
+            assert!(detail["dial_call_duration_s"].is_null());
+        }
+        for status in ["completed", "answered"] {
+            let r = result(status).unwrap();
+            assert!(r.answered);
+            assert!(
+                r.twiml.ends_with("<Response><Hangup/></Response>"),
+                "{}",
+                r.twiml
+            );
+        }
+        assert_eq!(
+            result("").unwrap_err(),
+            Refusal::BadRequest("DialCallStatus missing".into())
+        );
+        let (body, _) = form(CALL);
+        assert_eq!(
+            transfer_result(&c, url, Some("forged"), &body, 0).unwrap_err(),
+            Refusal::BadSignature
+        );
     }
 
     #[test]

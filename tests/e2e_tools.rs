@@ -668,7 +668,10 @@ async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
         post.form,
         vec![(
             "Twiml".to_owned(),
-            format!("<Response><Dial>{staff}</Dial></Response>")
+            format!(
+                "<Response><Dial action=\"{}\" method=\"POST\">{staff}</Dial></Response>",
+                h.transfer_result_url()
+            )
         )],
         "raw body {:?}",
         post.body
@@ -698,6 +701,69 @@ async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
         "exactly one REST request"
     );
     assert_no_create_while_active(h, oa);
+
+    // Nobody picks up: Twilio asks the <Dial action> what to do with the caller, who hears
+    // an apology in Japanese before the call ends (not silence, not a hang-up out of the blue).
+    let mut params = tw::voice_params(ids, "+819011110102", number);
+    params.extend(
+        [
+            ("DialCallStatus", "no-answer"),
+            ("DialCallSid", "CAffffffffffffffffffffffffffffffff"),
+            ("DialCallDuration", "0"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let reply = h.post_transfer_result(&params).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply
+            .content_type
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("text/xml"),
+        "{reply:?}"
+    );
+    assert!(
+        reply.body.contains(
+            "<Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま担当者が"
+        ) && reply.body.ends_with("</Say><Hangup/></Response>"),
+        "{}",
+        reply.body
+    );
+    let detail = wait_call(h, sid, "the transfer's result", |d| {
+        has_event(d, "transfer_result")
+    })
+    .await;
+    let result = &events_of(&detail, "transfer_result")[0]["detail"];
+    assert_eq!(result["answered"], false, "{result}");
+    assert_eq!(result["dial_call_status"], "no-answer", "{result}");
+    // Twilio retries a callback it got no answer to: the result is kept once.
+    let again = h.post_transfer_result(&params).await;
+    assert_eq!(again.status, 200);
+    // Not Twilio's signature: refused.
+    let forged = tw::post_form(&h.transfer_result_url(), &params, Some("bad")).await;
+    assert_eq!(forged.map(|r| r.status).ok(), Some(403));
+    // Answered, then the person hung up: the call simply ends.
+    let mut answered = params.clone();
+    for (k, v) in answered.iter_mut() {
+        if k == "DialCallStatus" {
+            *v = "completed".into();
+        }
+    }
+    let reply = h.post_transfer_result(&answered).await;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply.body.ends_with("<Response><Hangup/></Response>"),
+        "{}",
+        reply.body
+    );
+    let detail = ok(h, admin(h).call(sid).await).expect("the call");
+    assert_eq!(
+        events_of(&detail, "transfer_result").len(),
+        1,
+        "one result per call: {}",
+        pretty(&detail)
+    );
 }
 
 // ---- 3. webhook tools ---------------------------------------------------------------------------

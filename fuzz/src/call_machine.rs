@@ -1000,6 +1000,7 @@ impl Harness {
             },
             idle_timeout: Millis(5_000 + u64::from(s.idle_s) * 1000),
             fallback_twiml: FALLBACK_TWIML.into(),
+            transfer_action: "https://bridge.example/api/twilio/transfer-result".into(),
         };
         let mut call = Call::new(setup, now);
         let first = call.poll_action();
@@ -2030,7 +2031,12 @@ impl Harness {
                     .transfer_to
                     .as_deref()
                     .unwrap_or_else(|| fail("a transfer without a number"));
-                check!(v.contains("<Dial>"), "transfer TwiML dials {to:?}: {v}");
+                check!(
+                    v.contains(
+                        "<Dial action=\"https://bridge.example/api/twilio/transfer-result\""
+                    ),
+                    "transfer TwiML dials {to:?} and asks what next: {v}"
+                );
             }
             other => fail(format!("Twilio REST form {other:?}")),
         }

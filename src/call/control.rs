@@ -853,7 +853,7 @@ impl Call {
                 &[("Status", "completed")],
             ),
             Finish::Transfer { to } => {
-                let twiml = twiml::dial(to);
+                let twiml = twiml::transfer(to, &self.transfer_action);
                 twilio::update_call(
                     &self.twilio_rest,
                     &account_sid,

@@ -294,6 +294,9 @@ pub struct Setup {
     pub idle_timeout: Millis,
     /// What Twilio is redirected to when the agent side fails (see `fallback`).
     pub fallback_twiml: String,
+    /// The `<Dial action>` of a transfer: where Twilio asks what to do with the caller once
+    /// the person's line has ended (see `webhook::transfer_result`).
+    pub transfer_action: String,
 }
 
 pub struct Call {
@@ -331,6 +334,7 @@ pub struct Call {
     /// The call's recording, from the stream start, when the agent records calls.
     recorder: Option<crate::recording::Recorder>,
     fallback_twiml: String,
+    transfer_action: String,
     /// Set once the agent side failed for good and the caller is being handed over.
     fallback: Option<fallback::Failing>,
     /// Twilio's socket has closed.
@@ -349,6 +353,7 @@ impl Call {
             twilio_rest,
             idle_timeout,
             fallback_twiml,
+            transfer_action,
         } = setup;
         let mut call = Self {
             sid: CallSid::new(context.call_sid.clone()),
@@ -377,6 +382,7 @@ impl Call {
             actions: VecDeque::new(),
             recorder: None,
             fallback_twiml,
+            transfer_action,
             fallback: None,
             twilio_gone: false,
             audio_item: None,

@@ -56,6 +56,7 @@ fn speech_started() -> String {
 
 const IDLE: Millis = Millis(30_000);
 const FALLBACK_TWIML: &str = "<Response><Say language=\"ja-JP\">申し訳ございません</Say><Dial>+81300000000</Dial></Response>";
+const TRANSFER_ACTION: &str = "https://bridge.example/api/twilio/transfer-result";
 
 fn setup(agent: Agent) -> Setup {
     Setup {
@@ -74,6 +75,7 @@ fn setup(agent: Agent) -> Setup {
         },
         idle_timeout: IDLE,
         fallback_twiml: FALLBACK_TWIML.into(),
+        transfer_action: TRANSFER_ACTION.into(),
     }
 }
 
@@ -1564,9 +1566,17 @@ fn transfer_call_announces_then_redirects_to_the_transfer_number() {
     let out = sim.response_done("resp_2");
     let reqs = http_of(&out);
     assert_eq!(reqs.len(), 1);
+    let form: Vec<(String, String)> = form_urlencoded::parse(reqs[0].1.body.as_bytes())
+        .into_owned()
+        .collect();
     assert_eq!(
-        reqs[0].1.body,
-        "Twiml=%3CResponse%3E%3CDial%3E%2B81312345678%3C%2FDial%3E%3C%2FResponse%3E"
+        form,
+        [(
+            "Twiml".to_owned(),
+            format!(
+                "<Response><Dial action=\"{TRANSFER_ACTION}\" method=\"POST\">+81312345678</Dial></Response>"
+            )
+        )]
     );
     let ok = http::Outcome::Response {
         status: 200,

@@ -261,6 +261,10 @@ impl CallSession {
             }
         };
 
+        let transfer_action = match webhook::transfer_result_url(&config, &req.url()?.to_string()) {
+            Ok(url) => url,
+            Err(e) => return Response::error(e.to_string(), 400),
+        };
         let mut record = record;
         record.streamed_at_ms = Some(now().0);
         storage.put(CALL_KEY, &record).await?;
@@ -289,6 +293,7 @@ impl CallSession {
             },
             idle_timeout: Millis(config.idle_timeout_ms),
             fallback_twiml: webhook::fallback_twiml(&config, &reg.agent),
+            transfer_action,
         };
         let call = Call::new(setup, now());
         let pump = Pump {

@@ -101,6 +101,9 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         // A number's webhooks may be set to POST (the default) or GET.
         (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env, ctx).await,
         (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env).await,
+        (Method::Post | Method::Get, webhook::TRANSFER_RESULT_PATH) => {
+            transfer_result(req, env).await
+        }
         (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
             media_stream(req, env).await
         }
@@ -314,6 +317,45 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
         return Response::error("Status not recorded", 500);
     }
     Response::empty().map(|r| r.with_status(204))
+}
+
+/// Twilio asks, once a transfer's `<Dial>` has ended, what to do with the caller: answered
+/// at once; the result is kept among the call's events through its object (a failure to keep
+/// it is logged, and does not keep the caller waiting).
+async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
+    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
+        Ok(parts) => parts,
+        Err(resp) => return resp,
+    };
+    let now = Date::now().as_millis();
+    let result =
+        match webhook::transfer_result(&config, &url, signature.as_deref(), params(&body), now) {
+            Ok(r) => r,
+            Err(r) => return refuse(&r, "transfer-result"),
+        };
+    log(
+        if result.answered { "info" } else { "warn" },
+        "transfer.result",
+        serde_json::json!({ "call_sid": result.call_sid, "answered": result.answered }),
+    );
+    let kept = async {
+        let resp = call_object(&env, &result.call_sid)?
+            .fetch_with_request(internal_post(
+                call_session::STATUS_URL,
+                &serde_json::to_string(&result.record)?,
+            )?)
+            .await?;
+        Ok::<_, Error>(resp.status_code() == 204)
+    }
+    .await;
+    if !matches!(kept, Ok(true)) {
+        log(
+            "error",
+            "transfer.result_not_kept",
+            serde_json::json!({ "call_sid": result.call_sid, "error": format!("{kept:?}") }),
+        );
+    }
+    twiml_response(result.twiml)
 }
 
 async fn media_stream(req: Request, env: Env) -> Result<Response> {

@@ -186,6 +186,23 @@ impl Harness {
         format!("{}/api/twilio/status", self.base_url())
     }
 
+    pub fn transfer_result_url(&self) -> String {
+        format!("{}/api/twilio/transfer-result", self.base_url())
+    }
+
+    /// Post what Twilio asks a transfer's `<Dial action>` once the person's line has ended,
+    /// signed as Twilio signs it.
+    pub async fn post_transfer_result(
+        &self,
+        params: &[(String, String)],
+    ) -> fake_twilio::HttpReply {
+        let url = self.transfer_result_url();
+        let sig = fake_twilio::sign(TWILIO_AUTH_TOKEN, &url, params);
+        fake_twilio::post_form(&url, params, Some(&sig))
+            .await
+            .unwrap_or_else(|e| panic!("transfer result: {e}"))
+    }
+
     /// Post Twilio's status callback with these form `params`, signed over the exact URL and
     /// params (as Twilio does).
     pub async fn post_status(&self, params: &[(String, String)]) -> fake_twilio::HttpReply {
