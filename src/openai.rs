@@ -481,6 +481,12 @@ pub fn retrieve(item_id: &str) -> String {
     json!({ "type": "conversation.item.retrieve", "item_id": item_id }).to_string()
 }
 
+/// Stops a response the server started by itself; answered by its `response.done` with
+/// `status:"cancelled"`.
+pub fn response_cancel(response_id: &str) -> String {
+    json!({ "type": "response.cancel", "response_id": response_id }).to_string()
+}
+
 pub fn truncate(item_id: &str, audio_end_ms: u64) -> String {
     json!({
         "type": "conversation.item.truncate",

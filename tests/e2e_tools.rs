@@ -1598,7 +1598,7 @@ async fn a_stop_before_the_rest_answer_still_records_the_agents_hang_up() {
 /// closes the stream so that Twilio goes on with the TwiML after `</Connect>` (the call does
 /// not stay open on a silent line).
 #[tokio::test(flavor = "multi_thread")]
-async fn a_refused_hang_up_request_is_recorded_and_the_stream_closed() {
+async fn a_hang_up_twilio_keeps_failing_is_tried_three_times_then_recorded_and_the_stream_closed() {
     let h = harness().await;
     let number = "+815000000112";
     agent_on_number(
@@ -1655,7 +1655,11 @@ async fn a_refused_hang_up_request_is_recorded_and_the_stream_closed() {
     let hangup = &events_of(&detail, "hangup")[0];
     assert_eq!(hangup["detail"]["ok"], false, "{hangup}");
     assert_eq!(hangup["detail"]["twilio"], 500, "{hangup}");
-    assert_eq!(rest().requests_for(sid).len(), 1, "no retry");
+    // A 5xx is a passing failure: asked again after 1 s and 3 s, the same request each time.
+    assert_eq!(hangup["detail"]["attempts"], 3, "{hangup}");
+    let posts = rest().requests_for(sid);
+    assert_eq!(posts.len(), 3, "three tries");
+    assert!(posts.iter().all(|p| p.form == post.form), "{posts:?}");
     eprintln!(
         "[e2e] refused hang-up: stream closed with {:?}; call row end_reason {} failed {}",
         closed.close_frame, detail["call"]["end_reason"], detail["call"]["failed"]

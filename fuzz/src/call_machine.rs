@@ -836,6 +836,7 @@ pub struct Harness {
     /// Tool requests of the current session still running.
     tools_running: BTreeSet<u64>,
     rest_requests: u32,
+    rest_body: Option<String>,
     /// Stereo PCM bytes of the recording handed out so far, and whether it is complete.
     recorded: u64,
     recording_done: bool,
@@ -1040,6 +1041,7 @@ impl Harness {
             http_ids: BTreeSet::new(),
             tools_running: BTreeSet::new(),
             rest_requests: 0,
+            rest_body: None,
             recorded: 0,
             recording_done: false,
             max_offset: 0,
@@ -1969,6 +1971,14 @@ impl Harness {
             "conversation.item.retrieve" => {
                 fail(format!("a retrieve not right after its truncate: {s}"))
             }
+            "response.cancel" => {
+                // Only a response the server started after the goodbye was said.
+                check!(
+                    v["response_id"].is_string(),
+                    "cancel names no response: {s}"
+                );
+                milestone("response after the goodbye cancelled");
+            }
             other => fail(format!("unexpected OpenAI event {other:?}: {s}")),
         }
     }
@@ -2012,7 +2022,20 @@ impl Harness {
             r.url
         );
         self.rest_requests += 1;
-        check!(self.rest_requests == 1, "a second Twilio REST request");
+        // A hang-up or transfer that failed for a passing reason is asked again, the same
+        // request, at most three times in all, never while the last is still out.
+        check!(
+            !self.http.values().any(|k| *k == HttpKind::Rest),
+            "a Twilio REST request while one is out"
+        );
+        match &self.rest_body {
+            None => self.rest_body = Some(r.body.clone()),
+            Some(first) => {
+                check!(*first == r.body, "a different second Twilio REST request");
+                check!(self.rest_requests <= 3, "a fourth Twilio REST request");
+                milestone("REST retried");
+            }
+        }
         let form: Vec<(String, String)> = form_urlencoded::parse(r.body.as_bytes())
             .into_owned()
             .collect();

@@ -349,12 +349,38 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         http_done(true),
         stop(),
     ]);
+    // The same hang-up, which Twilio answers with 503 and then no answer in time: asked
+    // again after each, done on the third try; the caller's "はい" over the goodbye changes
+    // nothing.
+    let mut retried = ops.clone();
+    let at = retried.len() - 2;
+    retried.splice(
+        at..at + 1,
+        [
+            speech(9),
+            http_done(false),
+            Op::TimeoutWhenDue,
+            Op::HttpDone {
+                pick: 0,
+                ok: false,
+                status: 0,
+                body: t("timed out"),
+                failed: true,
+            },
+            Op::TimeoutWhenDue,
+            http_done(true),
+        ],
+    );
+    out.push((
+        "hangup_rest_retried",
+        scenario(tools_agent(false, true), false, retried),
+    ));
     out.push((
         "tools_then_hangup",
         scenario(tools_agent(false, true), false, ops),
     ));
 
-    // A transfer whose REST request fails: the caller gets the fallback.
+    // A transfer Twilio refuses (400: not a passing failure): the caller gets the fallback.
     let mut ops = live();
     ops.extend([
         response_done("resp_greet"),
@@ -362,7 +388,13 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
         response_created("resp_t"),
         response_done("resp_t"),
         Op::TimeoutWhenDue,
-        http_done(false),
+        Op::HttpDone {
+            pick: 0,
+            ok: false,
+            status: 400,
+            body: t(r#"{"code":21220,"message":"Invalid TwiML"}"#),
+            failed: false,
+        },
     ]);
     out.push((
         "transfer_rest_fails",

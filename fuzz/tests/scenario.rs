@@ -32,6 +32,7 @@ fn seeds_round_trip_and_pass() {
         "tool webhook request",
         "function_call_output",
         "REST hang-up",
+        "REST retried",
         "REST transfer",
         "REST fallback",
         "fallback",

@@ -18,6 +18,10 @@ use std::collections::BTreeMap;
 pub const GOODBYE_TIMEOUT: Millis = Millis(20_000);
 /// How long a finished goodbye may take to finish playing.
 pub const DRAIN_TIMEOUT: Millis = Millis(15_000);
+/// A hang-up or transfer that Twilio's REST API could not take for a passing reason (no
+/// answer in time, 429, 5xx) is asked again after these waits before the caller is handed
+/// to the fallback: the goodbye has been said, and the apology would contradict it.
+const FINISH_RETRY_DELAYS: [Millis; 2] = [Millis(1_000), Millis(3_000)];
 /// A lost Realtime session must be back within this long, or the caller gets the fallback.
 pub const RECONNECT_WINDOW: Millis = Millis(8_000);
 pub const MAX_RECONNECTS: u32 = 3;
@@ -100,6 +104,15 @@ enum Phase {
     Draining,
     /// The REST request is out.
     Requested { id: u64 },
+    /// The last request failed for a passing reason; the next goes at the deadline.
+    Retrying,
+}
+
+impl Phase {
+    /// Twilio has been asked (it may have acted even when its answer did not arrive).
+    fn asked(&self) -> bool {
+        matches!(self, Phase::Requested { .. } | Phase::Retrying)
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +123,8 @@ struct Ending {
     /// The caller speaking before the call is handed to Twilio calls it off (the agent's
     /// own hang-up or transfer, a silent line); a time limit's end stands.
     caller_can_stop: bool,
+    /// REST requests made for it so far.
+    attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +134,8 @@ struct PendingTool {
     arguments: Value,
     started: Millis,
     timeout_ms: u64,
+    /// Called in a session since lost: the new one has no call to attach an output to.
+    session_lost: bool,
 }
 
 /// A finished tool call, as the model and the event log see it.
@@ -156,6 +173,9 @@ pub(super) struct State {
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
+    /// A response the server started after the goodbye was said (to the caller's "はい" over
+    /// it): cancelled, and none of its audio is played.
+    silenced: Option<String>,
     ending: Option<Ending>,
     /// Set once the REST request that ends the call succeeded.
     finished: Option<EndReason>,
@@ -168,6 +188,8 @@ pub(super) struct State {
     reconnect: Option<Reconnect>,
     /// Final transcript text by conversation position, to seed a new session.
     transcript: BTreeMap<u64, (Role, String)>,
+    /// Results of tools called in a lost session that came before the new one was ready.
+    late_tool_notes: Vec<String>,
 }
 
 impl State {
@@ -181,6 +203,7 @@ impl State {
             awaiting_greeting: false,
             response: None,
             response_spoke: false,
+            silenced: None,
             ending: None,
             finished: None,
             last_activity: None,
@@ -190,6 +213,7 @@ impl State {
             call_deadline: None,
             reconnect: None,
             transcript: BTreeMap::new(),
+            late_tool_notes: Vec::new(),
         }
     }
 }
@@ -236,7 +260,7 @@ impl Call {
             return Some(done.clone());
         }
         let ending = self.control.ending.clone()?;
-        if !matches!(ending.phase, Phase::Requested { .. }) {
+        if !ending.phase.asked() {
             return None;
         }
         let (kind, reason) = Self::finish_reason(&ending.finish);
@@ -298,11 +322,13 @@ impl Call {
     pub(super) fn on_control_timer(&mut self, now: Millis) {
         if let Some(e) = &self.control.ending {
             if e.deadline.is_some_and(|d| now >= d) {
-                self.log(
-                    Level::Warn,
-                    "control.ending_timeout",
-                    json!({ "phase": format!("{:?}", e.phase) }),
-                );
+                if e.phase != Phase::Retrying {
+                    self.log(
+                        Level::Warn,
+                        "control.ending_timeout",
+                        json!({ "phase": format!("{:?}", e.phase) }),
+                    );
+                }
                 self.perform_finish(now);
             }
             return;
@@ -382,6 +408,12 @@ impl Call {
         {
             return;
         }
+        if self.control_asked_twilio() {
+            // The call is being hung up or put through: the agent says nothing more (a
+            // tool's late answer, say, would have it talk over the transfer).
+            self.control.wanted = false;
+            return;
+        }
         self.control.wanted = false;
         self.actions
             .push_back(Action::SendOpenAi(openai::response_create()));
@@ -406,6 +438,18 @@ impl Call {
         self.control.awaiting_created = false;
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
+        if let (Some(id), true) = (response_id, self.goodbye_said()) {
+            // The server answering the caller's words over the goodbye: the call ends as said.
+            self.log(
+                Level::Info,
+                "control.response_after_goodbye_cancelled",
+                json!({ "response_id": id }),
+            );
+            self.actions
+                .push_back(Action::SendOpenAi(openai::response_cancel(id)));
+            self.control.silenced = Some(id.to_owned());
+            return;
+        }
         if let Some(Ending {
             phase:
                 Phase::Goodbye {
@@ -595,6 +639,7 @@ impl Call {
                         arguments: args,
                         started: now,
                         timeout_ms,
+                        session_lost: false,
                     },
                 );
                 self.actions.push_back(Action::Http { id, request });
@@ -662,21 +707,53 @@ impl Call {
 
     /// Gives the model a tool's result and records it.
     fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
-        if self.upstream == Upstream::Ready {
+        if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
             self.actions
                 .push_back(Action::SendOpenAi(openai::function_call_output(
                     r.call_id, r.output,
                 )));
         }
+        self.tool_event(&r, false, now);
+    }
+
+    fn tool_event(&mut self, r: &ToolResult<'_>, session_lost: bool, now: Millis) {
         let shown: String = r.output.chars().take(2000).collect();
-        self.event(
-            now,
-            "tool_call",
-            json!({
-                "name": r.name, "call_id": r.call_id, "arguments": r.arguments, "ok": r.ok,
-                "output": shown, "duration_ms": r.took.0,
-            }),
-        );
+        let mut detail = json!({
+            "name": r.name, "call_id": r.call_id, "arguments": r.arguments, "ok": r.ok,
+            "output": shown, "duration_ms": r.took.0,
+        });
+        if session_lost {
+            detail["after_reconnect"] = json!(true);
+        }
+        self.event(now, "tool_call", detail);
+    }
+
+    /// A tool called in a session since lost has answered: the new session has no function
+    /// call to give the output to, so the result goes in as a note (once that session is
+    /// ready), and the model answers the caller with it instead of leaving them waiting.
+    fn tool_done_after_reconnect(&mut self, r: ToolResult<'_>, now: Millis) {
+        self.tool_event(&r, true, now);
+        if self.control_asked_twilio() {
+            return;
+        }
+        let shown: String = r.output.chars().take(4000).collect();
+        let note = if std::ptr::eq(self.notes(), &JAPANESE) {
+            format!(
+                "接続が切れる前に呼び出したツール「{}」の結果です: {shown}",
+                r.name
+            )
+        } else {
+            format!(
+                "The result of the tool \"{}\", called before the connection was lost: {shown}",
+                r.name
+            )
+        };
+        if self.upstream == Upstream::Ready {
+            self.tell_model(&note);
+        } else {
+            self.control.late_tool_notes.push(note);
+        }
+        self.request_response();
     }
 
     pub(super) fn on_http_done(&mut self, id: u64, outcome: &http::Outcome, now: Millis) {
@@ -689,17 +766,18 @@ impl Call {
                 json!({ "name": tool.name, "ok": ok, "duration_ms": took.0 }),
             );
             self.busy(now);
-            return self.tool_done(
-                ToolResult {
-                    call_id: &tool.call_id,
-                    name: &tool.name,
-                    arguments: tool.arguments,
-                    ok,
-                    output: &output,
-                    took,
-                },
-                now,
-            );
+            let result = ToolResult {
+                call_id: &tool.call_id,
+                name: &tool.name,
+                arguments: tool.arguments,
+                ok,
+                output: &output,
+                took,
+            };
+            if tool.session_lost {
+                return self.tool_done_after_reconnect(result, now);
+            }
+            return self.tool_done(result, now);
         }
         let is_finish = matches!(
             &self.control.ending,
@@ -711,15 +789,31 @@ impl Call {
         }
         let ending = self.control.ending.clone().expect("matched");
         let ok = matches!(outcome, http::Outcome::Response { status, .. } if (200..300).contains(status));
+        let passing = match outcome {
+            http::Outcome::Response { status, .. } => *status == 429 || *status >= 500,
+            http::Outcome::Failed { .. } => true,
+        };
         let (kind, reason) = Self::finish_reason(&ending.finish);
         let status = match outcome {
             http::Outcome::Response { status, .. } => json!(status),
             http::Outcome::Failed { reason } => json!(reason),
         };
+        let retry_in = FINISH_RETRY_DELAYS.get(ending.attempts as usize - 1);
+        if let (false, true, Some(&delay)) = (ok, passing, retry_in) {
+            self.log(
+                Level::Warn,
+                "control.twilio_rest_retry",
+                json!({ "kind": kind, "outcome": status, "attempt": ending.attempts, "delay_ms": delay.0 }),
+            );
+            let e = self.control.ending.as_mut().expect("matched");
+            e.phase = Phase::Retrying;
+            e.deadline = Some(now + delay);
+            return;
+        }
         self.event(
             now,
             kind,
-            json!({ "ok": ok, "twilio": status, "reason": reason.detail() }),
+            json!({ "ok": ok, "twilio": status, "reason": reason.detail(), "attempts": ending.attempts }),
         );
         if ok {
             // Twilio now sends `stop`; the call ends with this reason then.
@@ -777,19 +871,45 @@ impl Call {
             phase,
             deadline: Some(deadline),
             caller_can_stop,
+            attempts: 0,
         });
     }
 
-    /// The caller started speaking. While the agent is still saying goodbye (or announcing
-    /// a transfer), or that is still playing, the caller is there and wants to go on: the
-    /// ending is called off before it reaches Twilio, and the model is told, so that it
-    /// listens and can end or transfer again when that is still wanted.
-    pub(super) fn caller_spoke(&mut self, now: Millis) {
+    /// The agent's goodbye (or transfer notice) has been said in full and the call ends once
+    /// it has played, or Twilio has already been asked to end it.
+    fn goodbye_said(&self) -> bool {
+        self.control
+            .ending
+            .as_ref()
+            .is_some_and(|e| e.phase.asked() || (e.caller_can_stop && e.phase == Phase::Draining))
+    }
+
+    /// Audio of a response cancelled because the goodbye had been said: not played.
+    pub(super) fn silenced(&self, response_id: Option<&str>) -> bool {
+        self.control.silenced.is_some() && self.control.silenced.as_deref() == response_id
+    }
+
+    /// The caller started speaking; true when the agent's words go on playing regardless.
+    ///
+    /// While the agent is still saying goodbye (or announcing a transfer), the caller is
+    /// there and wants to go on: the ending is called off before it reaches Twilio, and the
+    /// model is told, so that it listens and can end or transfer again when that is still
+    /// wanted. Once the goodbye has been said in full, words over it ("はい、ありがとう
+    /// ございました", as callers do) do not cut it: it plays out and the call ends.
+    pub(super) fn caller_spoke(&mut self, now: Millis) -> bool {
+        if self.goodbye_said() {
+            self.log(
+                Level::Info,
+                "control.caller_spoke_over_goodbye",
+                Value::Null,
+            );
+            return true;
+        }
         let Some(e) = &self.control.ending else {
-            return;
+            return false;
         };
-        if !e.caller_can_stop || matches!(e.phase, Phase::Requested { .. }) {
-            return;
+        if !e.caller_can_stop {
+            return false;
         }
         let e = self.control.ending.take().expect("checked");
         if matches!(
@@ -817,6 +937,7 @@ impl Call {
             json!({ "finish": kind, "why": "the caller spoke" }),
         );
         self.tell_model(note);
+        false
     }
 
     pub(super) fn check_drained(&mut self, now: Millis) {
@@ -866,6 +987,7 @@ impl Call {
         let e = self.control.ending.as_mut().expect("cloned above");
         e.phase = Phase::Requested { id };
         e.deadline = None;
+        e.attempts += 1;
         self.actions.push_back(Action::Http { id, request });
     }
 
@@ -912,7 +1034,10 @@ impl Call {
         self.held_output_bytes = 0;
         self.response_active = false;
         self.control.awaiting_created = false;
-        self.control.pending_tools.clear();
+        // A tool still running answers into the next session (see tool_done_after_reconnect).
+        for tool in self.control.pending_tools.values_mut() {
+            tool.session_lost = true;
+        }
         if delay == Millis(0) {
             self.connect_again();
         } else if let Some(r) = &mut self.control.reconnect {
@@ -953,13 +1078,11 @@ impl Call {
     /// A hang-up or transfer request has gone to Twilio (or already succeeded).
     pub(super) fn control_asked_twilio(&self) -> bool {
         self.control.finished.is_some()
-            || matches!(
-                self.control.ending,
-                Some(Ending {
-                    phase: Phase::Requested { .. },
-                    ..
-                })
-            )
+            || self
+                .control
+                .ending
+                .as_ref()
+                .is_some_and(|e| e.phase.asked())
     }
 
     /// `session_expired`: leave the old session at once rather than wait for its close.
@@ -1003,6 +1126,9 @@ impl Call {
         let seeded = items.len();
         for item in items {
             self.actions.push_back(Action::SendOpenAi(item));
+        }
+        for note in std::mem::take(&mut self.control.late_tool_notes) {
+            self.tell_model(&note);
         }
         self.event(
             now,

@@ -796,7 +796,9 @@ impl Call {
                     let at = self.session_audio_from_ms + ms;
                     self.conversation.speech_started(&ItemId(id.clone()), at);
                 }
-                self.caller_spoke(now);
+                if self.caller_spoke(now) {
+                    return;
+                }
                 self.barge_in(now);
                 // A `clear` leaves nothing to play: an ending that waited for it goes on.
                 self.check_drained(now);
@@ -852,7 +854,14 @@ impl Call {
                     json!({ "response_id": response_id }),
                 );
             }
-            ServerEvent::AudioDelta { item_id, delta, .. } => {
+            ServerEvent::AudioDelta {
+                item_id,
+                delta,
+                response_id,
+            } => {
+                if self.silenced(response_id.as_deref()) {
+                    return self.drop_input("agent_audio_after_goodbye", Value::Null);
+                }
                 self.on_agent_audio(&item_id, &delta, now)
             }
             ServerEvent::AudioDone { item_id } => {

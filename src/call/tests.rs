@@ -1868,15 +1868,53 @@ fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
 }
 
 #[test]
-fn a_caller_who_speaks_while_the_goodbye_plays_keeps_the_call() {
+fn words_over_a_goodbye_said_in_full_do_not_cut_it_and_the_call_ends_as_said() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    sim.response_done("resp_2");
+    // The goodbye is fully generated and still playing when the caller says "はい、
+    // ありがとうございました" over it, as callers do.
+    sim.at(50);
+    let out = sim.openai(&speech_started());
+    assert!(out.is_empty(), "no clear, no truncate, no note: {out:?}");
+    // The server answers those words by itself: that response is cancelled, and its audio
+    // (what comes before the cancel lands) is not played.
+    let out = sim.openai(
+        r#"{"type":"response.created","response":{"id":"resp_vad","status":"in_progress"}}"#,
+    );
+    let cancel = sends_of(&out, "response.cancel");
+    assert_eq!(cancel.len(), 1, "{out:?}");
+    assert_eq!(cancel[0]["response_id"], "resp_vad");
+    let late = delta("item_vad", &audio(800, 3)).replace("resp_1", "resp_vad");
+    assert!(sim.openai(&late).is_empty());
+    assert_eq!(sim.call.stats().dropped["agent_audio_after_goodbye"], 1);
+    let out = sim.openai(
+        r#"{"type":"response.done","response":{"id":"resp_vad","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}"#,
+    );
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    // The goodbye plays out; then the call is hung up.
+    sim.at(1_000);
+    let out = sim.twilio(&mark(&m));
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+    assert!(!sim
+        .info_events
+        .iter()
+        .any(|e| e == "control.ending_called_off"));
+}
+
+#[test]
+fn a_caller_who_speaks_before_the_goodbye_is_said_in_full_keeps_the_call() {
     let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("end_call", "{}");
     sim.response_done("resp_1");
     sim.response("resp_2");
     sim.agent_chunk("item_bye", &audio(1600, 9));
-    sim.response_done("resp_2");
-    // The goodbye is fully generated and still playing when the caller speaks.
+    // The goodbye is still being generated when the caller speaks: the server cancels it.
     sim.at(50);
     let out = sim.openai(&speech_started());
     assert!(http_of(&out).is_empty(), "no hang-up: {out:?}");
@@ -1885,6 +1923,9 @@ fn a_caller_who_speaks_while_the_goodbye_plays_keeps_the_call() {
         sends_of(&out, "conversation.item.truncate").len(),
         1,
         "the goodbye is cut where it stood"
+    );
+    sim.openai(
+        r#"{"type":"response.done","response":{"id":"resp_2","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#,
     );
     // Later, the model ends the call again; this time it goes through.
     sim.response("resp_3");
@@ -2161,6 +2202,238 @@ fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
     );
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, ["tool_call", "hangup"]);
+}
+
+/// The agent says goodbye and calls `end_call`; returns the hang-up request once the
+/// goodbye has played.
+fn goodbye_played(sim: &mut Sim) -> (u64, http::Request) {
+    sim.function_call("end_call", "{}");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    sim.response_done("resp_2");
+    sim.at(1_000);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    reqs[0].clone()
+}
+
+#[test]
+fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let (id, _) = goodbye_played(&mut sim);
+    let unavailable = http::Outcome::Response {
+        status: 503,
+        body: "{}".into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &unavailable,
+    });
+    assert!(out.is_empty(), "no fallback yet: {out:?}");
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(2_000)));
+    // The caller says "はい" over the end: the hang-up stands, Twilio was already asked.
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":900,"item_id":"item_u"}"#,
+    );
+    sim.at(2_000);
+    let out = sim.input(Input::Timeout);
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    let timed_out = http::Outcome::Failed {
+        reason: "timed out".into(),
+    };
+    sim.input(Input::HttpDone {
+        id: reqs[0].0,
+        outcome: &timed_out,
+    });
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(5_000)));
+    sim.at(5_000);
+    let out = sim.input(Input::Timeout);
+    let (id, _) = http_of(&out)[0].clone();
+    let ok = http::Outcome::Response {
+        status: 200,
+        body: "{}".into(),
+    };
+    sim.input(Input::HttpDone { id, outcome: &ok });
+    sim.twilio(r#"{"event":"stop"}"#);
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("agent_hangup")
+    );
+    let hangup = events(&sim.records)
+        .into_iter()
+        .find(|e| e.1 == "hangup")
+        .expect("the hang-up event");
+    assert_eq!(hangup.2["attempts"], 3);
+    assert!(!sim.info_events.iter().any(|e| e == "ending_called_off"));
+}
+
+#[test]
+fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_tries() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let (mut id, _) = goodbye_played(&mut sim);
+    let unavailable = http::Outcome::Response {
+        status: 500,
+        body: "{}".into(),
+    };
+    for at in [2_000, 5_000] {
+        sim.input(Input::HttpDone {
+            id,
+            outcome: &unavailable,
+        });
+        sim.at(at);
+        id = http_of(&sim.input(Input::Timeout))[0].0;
+    }
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &unavailable,
+    });
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+    assert_eq!(
+        sim.call.end_reason().map(EndReason::label),
+        Some("call_control_failed")
+    );
+}
+
+#[test]
+fn a_hang_up_refused_for_good_is_not_asked_again() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let (id, _) = goodbye_played(&mut sim);
+    let unauthorised = http::Outcome::Response {
+        status: 401,
+        body: "{}".into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &unauthorised,
+    });
+    assert!(out
+        .iter()
+        .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
+}
+
+#[test]
+fn a_tool_answering_after_the_transfer_went_to_twilio_makes_the_agent_say_nothing() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
+    let (lookup, _) = http_of(&out)[0].clone();
+    let transfer = json!({"type":"response.function_call_arguments.done","response_id":"resp_1",
+                          "item_id":"fc_2","output_index":1,"call_id":"call_2",
+                          "name":"transfer_call","arguments":"{}"});
+    sim.openai(&transfer.to_string());
+    let out = sim.response_done("resp_1");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "the notice waits for the lookup"
+    );
+    // The lookup takes longer than the notice may: the transfer goes without it.
+    let deadline = sim.call.poll_timeout().expect("the goodbye's deadline");
+    sim.at(deadline.0);
+    let out = sim.input(Input::Timeout);
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert!(reqs[0].1.body.starts_with("Twiml="));
+    // Its answer comes while Twilio redirects the call: the model is not asked to speak.
+    sim.at(deadline.0 + 3_000);
+    let answer = http::Outcome::Response {
+        status: 200,
+        body: r#"{"name":"山田"}"#.into(),
+    };
+    let out = sim.input(Input::HttpDone {
+        id: lookup,
+        outcome: &answer,
+    });
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(
+        sends_of(&out, "conversation.item.create").is_empty(),
+        "{out:?}"
+    );
+    let tool_events = events(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == "tool_call")
+        .count();
+    assert_eq!(tool_events, 2, "the lookup's answer is still kept");
+}
+
+fn lookup_then_session_lost(sim: &mut Sim) -> u64 {
+    sim.response("resp_1");
+    sim.at(1_000);
+    let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
+    let (id, _) = http_of(&out)[0].clone();
+    sim.response_done("resp_1");
+    sim.at(1_500);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    id
+}
+
+fn tool_answer() -> http::Outcome {
+    http::Outcome::Response {
+        status: 200,
+        body: r#"{"name":"山田太郎"}"#.into(),
+    }
+}
+
+#[test]
+fn a_tool_answering_after_its_session_was_lost_is_told_to_the_new_one() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let id = lookup_then_session_lost(&mut sim);
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "the model waits for the lookup, as it would have"
+    );
+    sim.at(2_000);
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &tool_answer(),
+    });
+    assert!(
+        sends_of(&out, "conversation.item.create")
+            .iter()
+            .all(|v| v["item"]["type"] != "function_call_output"),
+        "the new session has no call to attach an output to: {out:?}"
+    );
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("lookup_customer") && notes[0].contains("山田太郎"));
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    let tool = events(&sim.records)
+        .into_iter()
+        .find(|e| e.1 == "tool_call")
+        .expect("the tool's event");
+    assert_eq!(tool.2["after_reconnect"], true);
+    assert_eq!(tool.2["ok"], true);
+}
+
+#[test]
+fn a_tool_answering_while_the_session_is_being_replaced_is_told_once_it_is_ready() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let id = lookup_then_session_lost(&mut sim);
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &tool_answer(),
+    });
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::SendOpenAi(_))),
+        "{out:?}"
+    );
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("山田太郎"));
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
 }
 
 #[test]
