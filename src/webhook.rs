@@ -323,16 +323,8 @@ pub fn transfer_result<'a>(
     now_ms: u64,
 ) -> Result<TransferResult, Refusal> {
     let params = verified_params(config, request_url, signature, params.into())?;
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .filter(|v| !v.is_empty())
-    };
-    let call_sid = get("CallSid")
-        .and_then(CallSid::parse)
-        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let get = |name: &str| params.get(name);
+    let call_sid = params.call_sid()?;
     let status = get("DialCallStatus")
         .ok_or_else(|| Refusal::BadRequest("DialCallStatus missing".into()))?;
     let answered = matches!(status, "completed" | "answered");
@@ -399,15 +391,8 @@ pub fn answer_voice<'a>(
     params: impl Into<Params<'a>>,
 ) -> Result<VoiceAnswer, Refusal> {
     let params = verified_params(config, request_url, signature, params.into())?;
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone())
-            .unwrap_or_default()
-    };
-    let call_sid = CallSid::parse(&get("CallSid"))
-        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let get = |name: &str| params.get(name).unwrap_or_default().to_owned();
+    let call_sid = params.call_sid()?;
     let call = VoiceCall {
         call_sid,
         account_sid: get("AccountSid"),
@@ -437,7 +422,7 @@ fn verified_params(
     request_url: &str,
     signature: Option<&str>,
     params: Params<'_>,
-) -> Result<Vec<(String, String)>, Refusal> {
+) -> Result<Verified, Refusal> {
     let token = token(config)?;
     let signature = signature
         .filter(|s| !s.is_empty())
@@ -462,7 +447,28 @@ fn verified_params(
     if !signature::validate_webhook(token, &url, &signed, signature) {
         return Err(Refusal::BadSignature);
     }
-    Ok(params)
+    Ok(Verified(params))
+}
+
+/// The parameters of a webhook whose signature checked out.
+struct Verified(Vec<(String, String)>);
+
+impl Verified {
+    /// The first value given for `name`, unless it is empty.
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .filter(|v| !v.is_empty())
+    }
+
+    /// The call it is about: every Twilio webhook names it.
+    fn call_sid(&self) -> Result<CallSid, Refusal> {
+        self.get("CallSid")
+            .and_then(CallSid::parse)
+            .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))
+    }
 }
 
 /// Verifies Twilio's status callback and turns it into the update of the call's row.
@@ -474,22 +480,15 @@ pub fn status_callback<'a>(
     now_ms: u64,
 ) -> Result<Record, Refusal> {
     let params = verified_params(config, request_url, signature, params.into())?;
-    let get = |name: &str| {
-        params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    };
-    let call_sid = get("CallSid")
-        .and_then(CallSid::parse)
-        .ok_or_else(|| Refusal::BadRequest("CallSid missing or malformed".into()))?;
+    let get = |name: &str| params.get(name);
+    let call_sid = params.call_sid()?;
     let status = get("CallStatus").unwrap_or_default();
     if status_rank(status).is_none() {
         return Err(Refusal::BadRequest(format!(
             "unknown CallStatus {status:?}"
         )));
     }
-    let call_duration_s = match get("CallDuration").filter(|d| !d.is_empty()) {
+    let call_duration_s = match get("CallDuration") {
         None => None,
         Some(d) => Some(
             d.parse::<u64>()

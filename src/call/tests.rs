@@ -2219,18 +2219,23 @@ fn goodbye_played(sim: &mut Sim) -> (u64, http::Request) {
     reqs[0].clone()
 }
 
+/// Twilio's REST API answers request `id` with `status`.
+fn rest_answers(sim: &mut Sim, id: u64, status: u16) -> Vec<Action> {
+    let outcome = http::Outcome::Response {
+        status,
+        body: "{}".into(),
+    };
+    sim.input(Input::HttpDone {
+        id,
+        outcome: &outcome,
+    })
+}
+
 #[test]
 fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     let mut sim = Sim::greeted(agent_with_tools());
     let (id, _) = goodbye_played(&mut sim);
-    let unavailable = http::Outcome::Response {
-        status: 503,
-        body: "{}".into(),
-    };
-    let out = sim.input(Input::HttpDone {
-        id,
-        outcome: &unavailable,
-    });
+    let out = rest_answers(&mut sim, id, 503);
     assert!(out.is_empty(), "no fallback yet: {out:?}");
     assert_eq!(sim.call.poll_timeout(), Some(Millis(2_000)));
     // The caller says "はい" over the end: the hang-up stands, Twilio was already asked.
@@ -2253,11 +2258,7 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     sim.at(5_000);
     let out = sim.input(Input::Timeout);
     let (id, _) = http_of(&out)[0].clone();
-    let ok = http::Outcome::Response {
-        status: 200,
-        body: "{}".into(),
-    };
-    sim.input(Input::HttpDone { id, outcome: &ok });
+    rest_answers(&mut sim, id, 200);
     sim.twilio(r#"{"event":"stop"}"#);
     assert_eq!(
         sim.call.end_reason().map(EndReason::label),
@@ -2275,22 +2276,12 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
 fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_tries() {
     let mut sim = Sim::greeted(agent_with_tools());
     let (mut id, _) = goodbye_played(&mut sim);
-    let unavailable = http::Outcome::Response {
-        status: 500,
-        body: "{}".into(),
-    };
     for at in [2_000, 5_000] {
-        sim.input(Input::HttpDone {
-            id,
-            outcome: &unavailable,
-        });
+        rest_answers(&mut sim, id, 500);
         sim.at(at);
         id = http_of(&sim.input(Input::Timeout))[0].0;
     }
-    let out = sim.input(Input::HttpDone {
-        id,
-        outcome: &unavailable,
-    });
+    let out = rest_answers(&mut sim, id, 500);
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
@@ -2304,14 +2295,7 @@ fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_t
 fn a_hang_up_refused_for_good_is_not_asked_again() {
     let mut sim = Sim::greeted(agent_with_tools());
     let (id, _) = goodbye_played(&mut sim);
-    let unauthorised = http::Outcome::Response {
-        status: 401,
-        body: "{}".into(),
-    };
-    let out = sim.input(Input::HttpDone {
-        id,
-        outcome: &unauthorised,
-    });
+    let out = rest_answers(&mut sim, id, 401);
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));

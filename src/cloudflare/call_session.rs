@@ -261,7 +261,7 @@ impl CallSession {
             }
         };
 
-        let transfer_action = match webhook::transfer_result_url(&config, &req.url()?.to_string()) {
+        let transfer_action = match webhook::transfer_result_url(&config, req.url()?.as_ref()) {
             Ok(url) => url,
             Err(e) => return Response::error(e.to_string(), 400),
         };

@@ -307,16 +307,26 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
             Err(r) => return refuse(&r, "status"),
         };
     let call_sid = crate::ids::CallSid::new(record.call_sid());
-    let resp = call_object(&env, &call_sid)?
-        .fetch_with_request(internal_post(
-            call_session::STATUS_URL,
-            &serde_json::to_string(&record)?,
-        )?)
-        .await?;
-    if resp.status_code() != 204 {
+    if !keep_through_call_object(&env, &call_sid, &record).await? {
         return Response::error("Status not recorded", 500);
     }
     Response::empty().map(|r| r.with_status(204))
+}
+
+/// Hands a record of a Twilio webhook to the call's object, which keeps it (in D1, or in its
+/// storage until D1 takes it); false when the object did not.
+async fn keep_through_call_object(
+    env: &Env,
+    call_sid: &crate::ids::CallSid,
+    record: &crate::store::Record,
+) -> Result<bool> {
+    let resp = call_object(env, call_sid)?
+        .fetch_with_request(internal_post(
+            call_session::STATUS_URL,
+            &serde_json::to_string(record)?,
+        )?)
+        .await?;
+    Ok(resp.status_code() == 204)
 }
 
 /// Twilio asks, once a transfer's `<Dial>` has ended, what to do with the caller: answered
@@ -338,16 +348,7 @@ async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
         "transfer.result",
         serde_json::json!({ "call_sid": result.call_sid, "answered": result.answered }),
     );
-    let kept = async {
-        let resp = call_object(&env, &result.call_sid)?
-            .fetch_with_request(internal_post(
-                call_session::STATUS_URL,
-                &serde_json::to_string(&result.record)?,
-            )?)
-            .await?;
-        Ok::<_, Error>(resp.status_code() == 204)
-    }
-    .await;
+    let kept = keep_through_call_object(&env, &result.call_sid, &result.record).await;
     if !matches!(kept, Ok(true)) {
         log(
             "error",
