@@ -104,10 +104,27 @@ fn npx(root: &Path) -> Command {
 impl WorkerProcess {
     /// Apply local D1 migrations (when there are any), start `wrangler dev`, and wait until
     /// `GET /healthz` answers 200.
+    ///
+    /// On a loaded machine wrangler's watcher can report `src/` changed while the dev server
+    /// is still starting (nothing changed); the restart then races the first workerd for its
+    /// port and wrangler exits. That start is tried once more, on fresh ports; any other
+    /// failure, or the same one twice, fails the test.
     pub async fn start(cfg: WorkerConfig) -> Result<WorkerProcess, String> {
+        match Self::start_once(&cfg, "wrangler.log").await {
+            Err(e) if e.contains("exited") && e.contains("restarting build") => {
+                eprintln!(
+                    "[e2e] wrangler dev restarted itself while starting and exited; once more:\n{e}"
+                );
+                Self::start_once(&cfg, "wrangler-again.log").await
+            }
+            started => started,
+        }
+    }
+
+    async fn start_once(cfg: &WorkerConfig, log_name: &str) -> Result<WorkerProcess, String> {
         fs::create_dir_all(&cfg.scratch_dir).map_err(|e| e.to_string())?;
         let persist_dir = cfg.scratch_dir.join("state");
-        let log_path = cfg.scratch_dir.join("wrangler.log");
+        let log_path = cfg.scratch_dir.join(log_name);
         fs::create_dir_all(&persist_dir).map_err(|e| e.to_string())?;
 
         apply_migrations(
