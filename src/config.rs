@@ -318,6 +318,9 @@ pub struct Bridge {
     pub idle_timeout_ms: u64,
     /// The least important call log lines printed (`LOG_LEVEL`; `info` unless set).
     pub log_level: crate::call::Level,
+    /// Settings of the fallback that were invalid and set aside for their defaults (the
+    /// shell logs each as `config.ignored`).
+    pub ignored: Vec<ConfigError>,
     pub agent: Agent,
 }
 
@@ -331,20 +334,27 @@ impl Bridge {
                 .filter(|v| !v.is_empty())
         };
         let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        // What the fallback reads and dials is the caller's safety net when the agent cannot
+        // take the call: a bad value there must not fail every webhook (Twilio would say
+        // "application error" and hang up). It is set aside, noted in `ignored`, and the
+        // default is used.
+        let ignored = std::cell::RefCell::new(Vec::new());
         // A `<Say>` language or voice name (`ja-JP`, `Polly.Mizuki`, `Google.ja-JP-Wavenet-A`).
-        let tts_name = |name: &'static str, default: &str| -> Result<String, ConfigError> {
+        let tts_name = |name: &'static str, default: &str| -> String {
             let v = or(name, default);
             let ok = v.len() <= 64
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
             if ok {
-                Ok(v)
-            } else {
-                Err(invalid(
-                    name,
-                    format!("{v:?} is not a language or voice name (letters, digits, - _ .)"),
-                ))
+                return v;
             }
+            ignored.borrow_mut().push(invalid(
+                name,
+                format!(
+                    "{v:?} is not a language or voice name (letters, digits, - _ .): {default:?} is used"
+                ),
+            ));
+            default.to_owned()
         };
         let parse_num = |name: &'static str, default: f64| -> Result<f64, ConfigError> {
             match get(name) {
@@ -424,15 +434,17 @@ impl Bridge {
             fallback_only,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             transfer_failed_message: or("TRANSFER_FAILED_MESSAGE", DEFAULT_TRANSFER_FAILED_MESSAGE),
-            fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE)?,
-            fallback_voice: tts_name("FALLBACK_VOICE", DEFAULT_FALLBACK_VOICE)?,
-            // It goes into `<Dial>` as it is: a number Twilio cannot dial fails after the apology.
+            fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE),
+            fallback_voice: tts_name("FALLBACK_VOICE", DEFAULT_FALLBACK_VOICE),
+            // It goes into `<Dial>` as it is: a number Twilio cannot dial would fail after the
+            // apology. Not dialled then (the agent's own transfer number is, if it has one).
             fallback_dial_number: match get("FALLBACK_DIAL_NUMBER") {
                 Some(n) if !is_e164(&n) => {
-                    return Err(invalid(
+                    ignored.borrow_mut().push(invalid(
                         "FALLBACK_DIAL_NUMBER",
-                        format!("{n:?} is not an E.164 number such as +81312345678"),
-                    ))
+                        format!("{n:?} is not an E.164 number such as +81312345678: not dialled"),
+                    ));
+                    None
                 }
                 n => n,
             },
@@ -453,6 +465,7 @@ impl Bridge {
                 })?,
             },
             agent,
+            ignored: ignored.into_inner(),
         })
     }
 
@@ -579,16 +592,21 @@ mod tests {
                 .field,
             "PUBLIC_BASE_URL"
         );
-        assert_eq!(
-            from(&[("FALLBACK_VOICE", "Polly.Mizuki\" loop=\"9")])
-                .unwrap_err()
-                .field,
-            "FALLBACK_VOICE"
-        );
-        assert_eq!(
-            from(&[("FALLBACK_LANGUAGE", "日本語")]).unwrap_err().field,
-            "FALLBACK_LANGUAGE"
-        );
+    }
+
+    #[test]
+    fn a_bad_fallback_setting_is_set_aside_for_its_default_not_a_failure() {
+        // The fallback is what callers hear when everything else fails: it must not fail too.
+        let c = from(&[
+            ("FALLBACK_VOICE", "Polly.Mizuki\" loop=\"9"),
+            ("FALLBACK_LANGUAGE", "日本語"),
+        ])
+        .unwrap();
+        assert_eq!(c.fallback_voice, DEFAULT_FALLBACK_VOICE);
+        assert_eq!(c.fallback_language, DEFAULT_FALLBACK_LANGUAGE);
+        let fields: Vec<&str> = c.ignored.iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["FALLBACK_LANGUAGE", "FALLBACK_VOICE"]);
+        assert!(from(&[]).unwrap().ignored.is_empty());
     }
 
     #[test]
@@ -699,7 +717,7 @@ mod tests {
     }
 
     #[test]
-    fn fallback_dial_number_must_be_e164_like_transfer_numbers() {
+    fn a_fallback_dial_number_that_is_not_e164_is_set_aside_not_dialled() {
         assert_eq!(
             from(&[("FALLBACK_DIAL_NUMBER", "+81312345678")])
                 .unwrap()
@@ -714,7 +732,9 @@ mod tests {
             "+0312345678",
             "</Dial>",
         ] {
-            let e = from(&[("FALLBACK_DIAL_NUMBER", bad)]).unwrap_err();
+            let c = from(&[("FALLBACK_DIAL_NUMBER", bad)]).unwrap();
+            assert_eq!(c.fallback_dial_number, None, "{bad} is not dialled");
+            let e = &c.ignored[0];
             assert_eq!(e.field, "FALLBACK_DIAL_NUMBER", "{bad}");
             assert!(e.reason.contains("E.164"), "{}", e.reason);
         }

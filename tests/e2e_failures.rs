@@ -448,3 +448,46 @@ async fn a_redirect_twilio_refuses_closes_the_stream_so_the_twiml_after_connect_
         twiml.element_paths
     );
 }
+
+/// A misconfigured fallback (a voice name Twilio cannot read, a number written the domestic
+/// way) must not take every call down with a 500 ("application error" at Twilio): calls are
+/// answered, the fallback keeps its defaults and leaves out the number, and the log says
+/// what was set aside.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    let h = shared_harness(&HARNESS, "e2e-failures-bad-fallback", || {
+        let mut v = vars();
+        v.retain(|(k, _)| k != "FALLBACK_DIAL_NUMBER");
+        v.push(("FALLBACK_DIAL_NUMBER".into(), "03-1234-5678".into()));
+        v.push(("FALLBACK_VOICE".into(), "Polly.Mizuki\" loop=\"9".into()));
+        v
+    })
+    .await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340009", "+81501234009").await;
+    assert!(
+        twiml.stream_url.contains("/api/twilio/media-stream/"),
+        "the call goes to the agent: {twiml:?}"
+    );
+    assert!(twiml.dials.is_empty(), "no number to dial: {twiml:?}");
+    assert_eq!(
+        twiml
+            .says
+            .iter()
+            .map(|(_, v)| v.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("Polly.Mizuki")],
+        "{twiml:?}"
+    );
+    let log = h.worker.log();
+    for field in ["FALLBACK_VOICE", "FALLBACK_DIAL_NUMBER"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("config.ignored") && l.contains(field)),
+            "no config.ignored for {field}:\n{}",
+            h.worker.log_tail(30)
+        );
+    }
+}

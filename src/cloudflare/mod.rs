@@ -30,6 +30,13 @@ pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::con
             .ok()
     })?;
     LOG_LEVEL.with(|l| l.set(config.log_level));
+    for e in &config.ignored {
+        log(
+            "error",
+            "config.ignored",
+            serde_json::json!({ "field": e.field, "reason": e.reason }),
+        );
+    }
     Ok(config)
 }
 
