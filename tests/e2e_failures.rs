@@ -481,13 +481,22 @@ async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
         [Some("Polly.Mizuki")],
         "{twiml:?}"
     );
-    let log = h.worker.log();
+    // wrangler prints the Worker's console after the response has gone.
     for field in ["FALLBACK_VOICE", "FALLBACK_DIAL_NUMBER"] {
-        assert!(
-            log.lines()
-                .any(|l| l.contains("config.ignored") && l.contains(field)),
-            "no config.ignored for {field}:\n{}",
-            h.worker.log_tail(30)
-        );
+        let logged = || {
+            h.worker
+                .log()
+                .lines()
+                .any(|l| l.contains("config.ignored") && l.contains(field))
+        };
+        let deadline = std::time::Instant::now() + SOON;
+        while !logged() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no config.ignored for {field}:\n{}",
+                h.worker.log_tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
