@@ -172,7 +172,7 @@ fn text(raw: &str) -> String {
 /// `raw` without the characters XML 1.0 cannot contain even escaped (control characters
 /// other than tab, newline and carriage return, and U+FFFE/U+FFFF); a document containing
 /// one would be rejected whole.
-fn xml_chars(raw: &str) -> String {
+pub(crate) fn xml_chars(raw: &str) -> String {
     raw.chars()
         .filter(|&c| match c {
             '\t' | '\n' | '\r' => true,

@@ -264,6 +264,14 @@ fn public_origin(config: &Bridge, request_url: &str) -> Result<(String, String),
     Ok((scheme.to_ascii_lowercase(), authority.to_owned()))
 }
 
+/// [`public_origin`] for a URL that goes into TwiML: without the characters no XML document
+/// can carry, which the TwiML drops. Twilio signs what it read there, so the URL a
+/// signature is checked against must be the one the TwiML holds.
+fn twiml_origin(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
+    let (scheme, authority) = public_origin(config, request_url)?;
+    Ok((scheme, twiml::xml_chars(&authority)))
+}
+
 /// The URL Twilio signed: the public origin with the request's path and query.
 fn signed_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
     let (_, _, tail) = split_origin(request_url)
@@ -279,7 +287,7 @@ pub fn stream_url(
     request_url: &str,
     call_sid: &CallSid,
 ) -> Result<String, Refusal> {
-    let (scheme, authority) = public_origin(config, request_url)?;
+    let (scheme, authority) = twiml_origin(config, request_url)?;
     let ws = if scheme == "https" || scheme == "wss" {
         "wss"
     } else {
@@ -291,7 +299,7 @@ pub fn stream_url(
 /// The `<Dial action>` URL of a transfer, on the origin Twilio reaches us at (`https` when
 /// the stream is `wss`). `request_url` is any request Twilio made to us: the stream's.
 pub fn transfer_result_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
-    let (scheme, authority) = public_origin(config, request_url)?;
+    let (scheme, authority) = twiml_origin(config, request_url)?;
     let http = if scheme == "https" || scheme == "wss" {
         "https"
     } else {
@@ -666,6 +674,28 @@ mod tests {
         let sig = signature::compute(TOKEN, status, &[]);
         let r = status_callback(&c, status, Some(&sig), Params::Query, 1_000).unwrap();
         assert_eq!(r.call_sid(), "CA1");
+    }
+
+    #[test]
+    fn a_stream_url_is_checked_as_the_twiml_holds_it() {
+        // Found by the webhook fuzz target: a host with characters XML cannot carry (they are
+        // dropped from the TwiML, and Twilio signs what it read there).
+        let c = config();
+        let url = "https://\u{0}\u{1}\u{98}e.example/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let sig = signature::compute(TOKEN, url, &params);
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        let stream = a.stream_url.clone().unwrap();
+        assert_eq!(
+            stream,
+            "wss://\u{98}e.example/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef"
+        );
+        assert!(a.twiml(&c, &c.agent).contains(&stream));
+        let upgrade = signature::compute(TOKEN, &stream, &[]);
+        assert_eq!(
+            verify_stream_upgrade(&c, url, Some(&upgrade), &a.call.call_sid),
+            Ok(())
+        );
     }
 
     #[test]
