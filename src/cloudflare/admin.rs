@@ -40,7 +40,7 @@ pub(super) fn failed(what: &'static str) -> impl Fn(worker::Error) -> Error {
 }
 
 /// A failure on our side that is not D1's or R2's: logged like theirs, answered 500.
-fn internal(during: &'static str, error: impl std::fmt::Display) -> Error {
+pub(super) fn internal(during: &'static str, error: impl std::fmt::Display) -> Error {
     log(
         "error",
         "admin.failed",

@@ -602,7 +602,7 @@ pub async fn serve(
     env: &Env,
     call_sid: &crate::ids::CallSid,
 ) -> Result<worker::Response, crate::admin::Error> {
-    use super::admin::failed;
+    use super::admin::{failed, internal};
     use crate::admin::{self, Error};
     let key = &key_of(env, call_sid).await?;
     let bucket = env.bucket(BINDING).map_err(failed("R2 binding"))?;
@@ -639,7 +639,7 @@ pub async fn serve(
         .ok_or(Error::NotFound("the recording is gone".into()))?;
     let body = object
         .body()
-        .ok_or(Error::Internal)?
+        .ok_or_else(|| internal("recording body", "the object has no body"))?
         .response_body()
         .map_err(failed("recording body"))?;
     let (status, length) = match range {
