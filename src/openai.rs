@@ -58,6 +58,7 @@ pub enum ServerEvent<'a> {
     },
     AudioTranscriptDone {
         item_id: Option<String>,
+        response_id: Option<String>,
         transcript: String,
     },
     InputTranscriptionCompleted {
@@ -307,6 +308,7 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         "response.output_audio_transcript.done" | "response.audio_transcript.done" => {
             ServerEvent::AudioTranscriptDone {
                 item_id: owned(raw.item_id),
+                response_id: owned(raw.response_id),
                 transcript: raw.transcript.unwrap_or_default(),
             }
         }

@@ -873,8 +873,17 @@ impl Call {
             }
             ServerEvent::AudioTranscriptDone {
                 item_id,
+                response_id,
                 transcript,
             } => {
+                if self.silenced(response_id.as_deref()) {
+                    // Words of the response cancelled over a goodbye: never played, so not
+                    // what the agent said to the caller.
+                    return self.drop_input(
+                        "agent_transcript_after_goodbye",
+                        json!({ "chars": transcript.chars().count() }),
+                    );
+                }
                 self.log(
                     Level::Debug,
                     "openai.agent_transcript",

@@ -1892,6 +1892,19 @@ fn words_over_a_goodbye_said_in_full_do_not_cut_it_and_the_call_ends_as_said() {
     let late = delta("item_vad", &audio(800, 3)).replace("resp_1", "resp_vad");
     assert!(sim.openai(&late).is_empty());
     assert_eq!(sim.call.stats().dropped["agent_audio_after_goodbye"], 1);
+    // Nor is its transcript, if the server sends it before the cancel lands: the caller
+    // never heard those words.
+    let said_before = transcript(&sim.records);
+    assert!(sim
+        .openai(
+            r#"{"type":"response.output_audio_transcript.done","event_id":"e","response_id":"resp_vad","item_id":"item_vad","output_index":0,"content_index":0,"transcript":"かしこまりました。"}"#,
+        )
+        .is_empty());
+    assert_eq!(
+        sim.call.stats().dropped["agent_transcript_after_goodbye"],
+        1
+    );
+    assert_eq!(transcript(&sim.records), said_before);
     let out = sim.openai(
         r#"{"type":"response.done","response":{"id":"resp_vad","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}"#,
     );
