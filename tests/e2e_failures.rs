@@ -22,6 +22,7 @@ use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
+use support::worker::Deployment;
 use support::{ok, shared_harness, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-failures-SECRET-987";
@@ -449,12 +450,13 @@ async fn a_redirect_twilio_refuses_closes_the_stream_so_the_twiml_after_connect_
     );
 }
 
-/// A misconfigured fallback (a voice name Twilio cannot read, a number written the domestic
-/// way) must not take every call down with a 500 ("application error" at Twilio): calls are
-/// answered, the fallback keeps its defaults and leaves out the number, and the log says
+/// A misconfigured setting (a voice name Twilio cannot read, a number written the domestic
+/// way, an idle timeout out of range, an unknown log level, a base URL without its scheme)
+/// must not take every call down with a 500 ("application error" at Twilio): calls are
+/// answered, each such setting keeps its default (the number is left out), and the log says
 /// what was set aside.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
+async fn a_bad_setting_is_set_aside_and_calls_are_still_answered() {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
     let h = shared_harness(&HARNESS, "e2e-failures-bad-fallback", || {
@@ -462,6 +464,9 @@ async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
         v.retain(|(k, _)| k != "FALLBACK_DIAL_NUMBER");
         v.push(("FALLBACK_DIAL_NUMBER".into(), "03-1234-5678".into()));
         v.push(("FALLBACK_VOICE".into(), "Polly.Mizuki\" loop=\"9".into()));
+        v.push(("IDLE_TIMEOUT_SECONDS".into(), "2".into()));
+        v.push(("LOG_LEVEL".into(), "loud".into()));
+        v.push(("PUBLIC_BASE_URL".into(), "phone.example.jp".into()));
         v
     })
     .await;
@@ -472,6 +477,10 @@ async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
         "the call goes to the agent: {twiml:?}"
     );
     assert!(twiml.dials.is_empty(), "no number to dial: {twiml:?}");
+    // The stream is at the request's own origin, and its signed upgrade is accepted.
+    let origin = h.base_url().replacen("http", "ws", 1);
+    assert!(twiml.stream_url.starts_with(&origin), "{twiml:?}");
+    drop(h.open_stream(&twiml).await);
     assert_eq!(
         twiml
             .says
@@ -482,7 +491,13 @@ async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
         "{twiml:?}"
     );
     // wrangler prints the Worker's console after the response has gone.
-    for field in ["FALLBACK_VOICE", "FALLBACK_DIAL_NUMBER"] {
+    for field in [
+        "FALLBACK_VOICE",
+        "FALLBACK_DIAL_NUMBER",
+        "IDLE_TIMEOUT_SECONDS",
+        "LOG_LEVEL",
+        "PUBLIC_BASE_URL",
+    ] {
         let logged = || {
             h.worker
                 .log()
@@ -499,4 +514,50 @@ async fn a_bad_fallback_setting_is_set_aside_and_calls_are_still_answered() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// wrangler binds a `[vars]` value written without quotes (`FALLBACK_ONLY = true`) as a
+/// boolean or number, which the Worker would otherwise take for unset: it is read as written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_setting_written_without_quotes_is_read_as_written() {
+    let scratch = support::scratch_dir("e2e-failures-unquoted");
+    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    deployment
+        .edit_config(|t| {
+            let quoted = "FALLBACK_ONLY = \"false\"";
+            assert!(t.contains(quoted), "wrangler.toml lost {quoted}");
+            t.replace(quoted, "FALLBACK_ONLY = true")
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h = Harness::start_from(scratch.clone(), deployment.dir.clone(), vars())
+        .await
+        .unwrap_or_else(|e| panic!("the Worker did not start:\n{e}"));
+    // The fallback's TwiML (no <Stream>), which the harness's answer_call does not expect.
+    let ids = CallIds::new();
+    let params = support::fake_twilio::voice_params(&ids, "+819012340010", "+81501234010");
+    let url = h.voice_url();
+    let sig = support::fake_twilio::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = support::fake_twilio::post_form(&url, &params, Some(&sig))
+        .await
+        .unwrap_or_else(|e| panic!("voice webhook: {e}"));
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        !reply.body.contains("<Stream"),
+        "FALLBACK_ONLY = true: no agent, no stream: {}",
+        reply.body
+    );
+    assert!(
+        reply.body.contains("<Say ")
+            && reply
+                .body
+                .contains(&format!("<Dial>{FALLBACK_NUMBER}</Dial>")),
+        "the fallback message, then the number: {}",
+        reply.body
+    );
+    assert!(
+        !h.worker.log().contains("config.ignored"),
+        "{}",
+        h.worker.log_tail(30)
+    );
 }

@@ -51,9 +51,7 @@ pub(super) fn internal(during: &'static str, error: impl std::fmt::Display) -> E
 
 /// `ADMIN_TOKEN` from the secrets, or from a plain variable (local `--var`).
 fn admin_token(env: &Env) -> String {
-    env.secret("ADMIN_TOKEN")
-        .map(|s| s.to_string())
-        .or_else(|_| env.var("ADMIN_TOKEN").map(|v| v.to_string()))
+    super::setting(env, "ADMIN_TOKEN")
         .map(|t| t.trim().to_owned())
         .unwrap_or_default()
 }

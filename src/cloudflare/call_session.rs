@@ -249,17 +249,7 @@ impl CallSession {
             }
             return refuse(refusal);
         }
-        let config = match bridge_config(&self.env) {
-            Ok(c) => c,
-            Err(e) => {
-                log(
-                    "error",
-                    "config.invalid",
-                    serde_json::json!({ "error": e.to_string() }),
-                );
-                return Response::error("Server misconfigured", 500);
-            }
-        };
+        let config = bridge_config(&self.env);
 
         let transfer_action = match webhook::transfer_result_url(&config, req.url()?.as_ref()) {
             Ok(url) => url,

@@ -21,14 +21,32 @@ thread_local! {
     static LOG_LEVEL: Cell<Level> = const { Cell::new(Level::Info) };
 }
 
-/// Reads the configuration from the Worker's variables and secrets.
-pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::config::ConfigError> {
-    let config = Bridge::from_lookup(|name| {
-        env.secret(name)
-            .map(|s| s.to_string())
-            .or_else(|_| env.var(name).map(|v| v.to_string()))
+/// One variable or secret, as text. wrangler binds a `[vars]` value written without quotes
+/// (`IDLE_TIMEOUT_SECONDS = 45`, `FALLBACK_ONLY = true`) as a number or boolean, which
+/// `Env::var` does not read: such a setting would be silently left at its default. Those
+/// are read as the text they were written as, and anything else (a table) as its JSON, for
+/// the configuration to check.
+pub(crate) fn setting(env: &Env, name: &str) -> Option<String> {
+    let value = js_sys::Reflect::get(env.as_ref(), &name.into()).ok()?;
+    if value.is_undefined() || value.is_null() {
+        None
+    } else if let Some(s) = value.as_string() {
+        Some(s)
+    } else if let Some(n) = value.as_f64() {
+        Some(n.to_string())
+    } else if let Some(b) = value.as_bool() {
+        Some(b.to_string())
+    } else {
+        js_sys::JSON::stringify(&value)
             .ok()
-    })?;
+            .and_then(|s| s.as_string())
+    }
+}
+
+/// Reads the configuration from the Worker's variables and secrets; what was set aside for
+/// its default is logged as `config.ignored`, on every request until it is fixed.
+pub(crate) fn bridge_config(env: &Env) -> Bridge {
+    let config = Bridge::from_lookup(|name| setting(env, name));
     LOG_LEVEL.with(|l| l.set(config.log_level));
     for e in &config.ignored {
         log(
@@ -37,7 +55,7 @@ pub(crate) fn bridge_config(env: &Env) -> std::result::Result<Bridge, crate::con
             serde_json::json!({ "field": e.field, "reason": e.reason }),
         );
     }
-    Ok(config)
+    config
 }
 
 /// Waits up to `limit` for `done` to hold, checking every `step`; false if it never did. True
@@ -119,36 +137,21 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
     }
 }
 
-fn config_or_500(env: &Env) -> std::result::Result<Bridge, Result<Response>> {
-    bridge_config(env).map_err(|e| {
-        log(
-            "error",
-            "config.invalid",
-            serde_json::json!({ "error": e.to_string() }),
-        );
-        Response::error("Server misconfigured", 500)
-    })
-}
-
 /// What every signed Twilio webhook needs: the configuration, the URL as the Worker saw
 /// it, the signature header, and the body of a POST (`None` for a GET, whose parameters are
-/// in the URL). A broken configuration is a 500.
+/// in the URL).
 async fn twilio_form(
     req: &mut Request,
     env: &Env,
-) -> Result<std::result::Result<(Bridge, String, Option<String>, Option<String>), Result<Response>>>
-{
-    let config = match config_or_500(env) {
-        Ok(c) => c,
-        Err(resp) => return Ok(Err(resp)),
-    };
+) -> Result<(Bridge, String, Option<String>, Option<String>)> {
+    let config = bridge_config(env);
     let url = req.inner().url();
     let signature = req.headers().get("X-Twilio-Signature")?;
     let body = match req.method() {
         Method::Get => None,
         _ => Some(req.text().await?),
     };
-    Ok(Ok((config, url, signature, body)))
+    Ok((config, url, signature, body))
 }
 
 fn params(body: &Option<String>) -> webhook::Params<'_> {
@@ -157,10 +160,7 @@ fn params(body: &Option<String>) -> webhook::Params<'_> {
 }
 
 async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
-    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
-        Ok(parts) => parts,
-        Err(resp) => return resp,
-    };
+    let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), params(&body)) {
         Ok(a) => a,
         Err(r) => return refuse(&r, "voice"),
@@ -303,10 +303,7 @@ async fn agent_for(env: &Env, config: &Bridge, number: &str) -> crate::config::A
 /// Twilio's status callback, applied through the call's object so it is kept even when
 /// D1 is failing.
 async fn status(mut req: Request, env: Env) -> Result<Response> {
-    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
-        Ok(parts) => parts,
-        Err(resp) => return resp,
-    };
+    let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let now = Date::now().as_millis();
     let record =
         match webhook::status_callback(&config, &url, signature.as_deref(), params(&body), now) {
@@ -340,10 +337,7 @@ async fn keep_through_call_object(
 /// at once; the result is kept among the call's events through its object (a failure to keep
 /// it is logged, and does not keep the caller waiting).
 async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
-    let (config, url, signature, body) = match twilio_form(&mut req, &env).await? {
-        Ok(parts) => parts,
-        Err(resp) => return resp,
-    };
+    let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let now = Date::now().as_millis();
     let result =
         match webhook::transfer_result(&config, &url, signature.as_deref(), params(&body), now) {
@@ -367,10 +361,7 @@ async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
 }
 
 async fn media_stream(req: Request, env: Env) -> Result<Response> {
-    let config = match config_or_500(&env) {
-        Ok(c) => c,
-        Err(resp) => return resp,
-    };
+    let config = bridge_config(&env);
     if !req
         .headers()
         .get("Upgrade")?

@@ -92,10 +92,8 @@ pub struct Outbox(Rc<Inner>);
 impl Outbox {
     pub fn new(storage: Storage, env: Env) -> Self {
         let (wake, rx) = mpsc::unbounded();
-        let injected = env
-            .var("FAULT_INJECT_D1_FAILURES")
-            .ok()
-            .and_then(|v| v.to_string().trim().parse().ok())
+        let injected = super::setting(&env, "FAULT_INJECT_D1_FAILURES")
+            .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         let outbox = Outbox(Rc::new(Inner {
             storage,

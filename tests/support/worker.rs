@@ -395,6 +395,13 @@ impl Deployment {
         })
     }
 
+    /// Rewrite the deployment's `wrangler.toml` through `edit`, before its Worker starts.
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) -> Result<(), String> {
+        let path = self.dir.join("wrangler.toml");
+        let toml = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        fs::write(&path, edit(toml)).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
     /// Rewrite the bundle's entry (same code, one comment more) so wrangler reloads it.
     pub fn redeploy(&self) -> Result<(), String> {
         let n = self.deploys.get() + 1;
