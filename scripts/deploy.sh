@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README's deploy command (`npm run deploy`): installs what the build needs, checks what only
-# you can set up before a first deploy, then runs `wrangler deploy` (which builds the Worker
-# with scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
+# you can set up before a first deploy and the [vars] as the Worker will read them
+# (src/bin/check-config.rs), then runs `wrangler deploy` (which builds the Worker with
+# scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
 #   bash scripts/deploy.sh [--config FILE] [--check-only] [wrangler deploy options]
 # --config FILE (in this directory: wrangler resolves its paths from there) checks and
 # deploys FILE instead of wrangler.toml; --check-only stops after the checks.
@@ -16,7 +17,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
     --check-only) check_only=1; shift ;;
-    -h|--help) sed -n '2,7p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) pass+=("$1"); shift ;;
   esac
 done
@@ -35,6 +36,21 @@ fi
 [[ "$id" =~ ^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$ ]] ||
   die "database_id \"$id\" in $config is not the id 'npx wrangler d1 create' prints (a UUID)"
 log "D1 database_id $id"
+
+# The [vars]: the Worker would answer calls with an invalid value set aside for its default
+# (logged as config.ignored), a misspelt name would do nothing, and a secret there would be
+# committed. wrangler does not inherit [vars] into an environment: check the one deployed.
+env_args=()
+for ((i = 0; i < ${#pass[@]}; i++)); do
+  case "${pass[$i]}" in
+    --env|-e) env_args=(--env "${pass[$((i + 1))]:-}") ;;
+    --env=*) env_args=(--env "${pass[$i]#--env=}") ;;
+  esac
+done
+command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
+log "checking the [vars] of $config"
+cargo run --quiet --bin check-config -- "$config" "${env_args[@]}" ||
+  die "$config: fix the [vars] above (see the README's Configuration), then run this again"
 [[ "$check_only" == 0 ]] || exit 0
 
 bash scripts/setup.sh

@@ -1,6 +1,7 @@
 //! The README's deploy command (`scripts/deploy.sh`, `npm run deploy`): it refuses to deploy
 //! with the placeholder D1 database id wrangler.toml ships with, saying what to run, and with
-//! a real one it goes on to `wrangler deploy` (here `--dry-run`, which builds and bundles the
+//! a real one it checks the [vars] (a setting the Worker would not use as written refuses the
+//! deploy) and goes on to `wrangler deploy` (here `--dry-run`, which builds and bundles the
 //! Worker as a deploy would, with no account and no network).
 
 use std::path::{Path, PathBuf};
@@ -34,7 +35,12 @@ struct Config(PathBuf);
 
 impl Config {
     fn with_database_id(name: &str, id: &str) -> Config {
-        let shipped = std::fs::read_to_string(root().join("wrangler.toml")).unwrap();
+        Config::edited(name, id, |t| t)
+    }
+
+    /// As [`Config::with_database_id`], with `edit` applied to the file's text.
+    fn edited(name: &str, id: &str, edit: impl Fn(String) -> String) -> Config {
+        let shipped = edit(std::fs::read_to_string(root().join("wrangler.toml")).unwrap());
         let placeholder = "00000000-0000-0000-0000-000000000000";
         assert!(
             shipped.contains(placeholder),
@@ -77,6 +83,27 @@ fn deploy_refuses_the_placeholder_database_and_says_what_to_run_then_deploys_wit
     let out = deploy(&["--config", bad.path().to_str().unwrap(), "--dry-run"]);
     assert!(!out.status.success(), "{}", text(&out));
     assert!(text(&out).contains("is not the id"), "{}", text(&out));
+
+    // A real id, but a voice name the Realtime API does not have and a misspelt variable:
+    // refused before anything is built, each named.
+    let typo = Config::edited(
+        ".deploy-test-typo.toml",
+        "3f2b9c1e-7a4d-4e8b-9c2f-1a2b3c4d5e6f",
+        |t| {
+            let t = t.replace("AGENT_VOICE = \"marin\"", "AGENT_VOICE = \"nova\"");
+            t.replace("LOG_LEVEL = ", "LOG_LEVL = ")
+        },
+    );
+    let out = deploy(&["--config", typo.path().to_str().unwrap(), "--dry-run"]);
+    let said = text(&out);
+    assert!(!out.status.success(), "{said}");
+    for finding in [
+        "AGENT_VOICE: unknown voice \"nova\"",
+        "LOG_LEVL: not a setting",
+    ] {
+        assert!(said.contains(finding), "{finding:?} missing from:\n{said}");
+    }
+    assert!(!said.contains("--dry-run: exiting now"), "{said}");
 
     // A real id: on to wrangler, which builds and bundles the Worker for upload.
     let good = Config::with_database_id(

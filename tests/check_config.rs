@@ -1,0 +1,118 @@
+//! `check-config` (src/bin/check-config.rs), which `scripts/deploy.sh` runs before a deploy:
+//! the [vars] of a wrangler config as the Worker will read them. What the Worker would set
+//! aside (and answer calls without), a misspelt name and a secret in the file are each
+//! named, and refuse the deploy; the shipped wrangler.toml passes.
+
+use std::process::{Command, Output};
+
+fn check(toml: &str, args: &[&str]) -> Output {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("check-config-{}-{n}.toml", std::process::id()));
+    std::fs::write(&path, toml).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_check-config"))
+        .arg(&path)
+        .args(args)
+        .output()
+        .expect("check-config runs");
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn the_shipped_wrangler_toml_passes() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/wrangler.toml")).unwrap();
+    let out = check(&shipped, &[]);
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("each used as written"),
+        "{}",
+        said(&out)
+    );
+}
+
+#[test]
+fn every_setting_the_worker_would_not_use_as_written_is_named_and_refused() {
+    let out = check(
+        r#"
+name = "x"
+[vars]
+AGENT_VOICE = "nova"
+AGENT_LANGUAGE = "jp"
+IDLE_TIMEOUT_SECONDS = "2"
+FALLBACK_DIAL_NUMBER = "03-1234-5678"
+LOG_LEVEL = "verbose"
+IDLE_TIMEOUT_SECOND = "45"
+OPENAI_API_KEY = "sk-in-the-repo"
+TWILIO_AUTH_TOKEN = ""
+FAULT_INJECT_D1_FAILURES = "0"
+OPENAI_MODEL = "gpt-realtime"
+"#,
+        &[],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for finding in [
+        "AGENT_VOICE: unknown voice \"nova\"",
+        "AGENT_LANGUAGE: \"jp\" is not an ISO 639-1 language code",
+        "did you mean \"ja\"",
+        "IDLE_TIMEOUT_SECONDS: \"2\" is not a number from 5 to 600",
+        "FALLBACK_DIAL_NUMBER: \"03-1234-5678\" is not an E.164 number",
+        "LOG_LEVEL: \"verbose\"",
+        "IDLE_TIMEOUT_SECOND: not a setting of this Worker",
+        "OPENAI_API_KEY: a secret",
+        "7 setting(s)",
+    ] {
+        assert!(text.contains(finding), "{finding:?} missing from:\n{text}");
+    }
+    // An empty secret placeholder, the test hook and a good value are not findings.
+    for quiet in [
+        "TWILIO_AUTH_TOKEN",
+        "FAULT_INJECT_D1_FAILURES",
+        "OPENAI_MODEL",
+    ] {
+        assert!(!text.contains(&format!("{quiet}:")), "{quiet}: {text}");
+    }
+}
+
+#[test]
+fn values_written_without_quotes_are_read_as_the_worker_reads_them() {
+    // wrangler binds these as a number and a boolean; the Worker reads them as written.
+    let out = check(
+        "[vars]\nIDLE_TIMEOUT_SECONDS = 45\nFALLBACK_ONLY = true\nAGENT_VAD_THRESHOLD = 0.6\n",
+        &[],
+    );
+    assert!(out.status.success(), "{}", said(&out));
+    let out = check(
+        "[vars]\nIDLE_TIMEOUT_SECONDS = 4\nLOG_LEVEL = [\"debug\"]\n",
+        &[],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("IDLE_TIMEOUT_SECONDS: \"4\""), "{text}");
+    assert!(text.contains("LOG_LEVEL: \"[\\\"debug\\\"]\""), "{text}");
+}
+
+#[test]
+fn an_environment_is_checked_on_its_own_vars() {
+    // wrangler does not inherit [vars] into [env.NAME]: only the environment's own count.
+    let toml = "[vars]\nAGENT_VOICE = \"nova\"\n[env.staging.vars]\nAGENT_VOICE = \"marin\"\n";
+    assert_eq!(check(toml, &[]).status.code(), Some(1));
+    let out = check(toml, &["--env", "staging"]);
+    assert!(out.status.success(), "{}", said(&out));
+    let out = check(toml, &["--env", "production"]);
+    assert_eq!(out.status.code(), Some(2), "{}", said(&out));
+    assert!(said(&out).contains("no [env.production]"), "{}", said(&out));
+    let out = check("[vars\n", &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", said(&out));
+    assert!(said(&out).contains("not TOML"), "{}", said(&out));
+}
