@@ -588,6 +588,131 @@ async fn end_call_says_goodbye_then_hangs_up_through_twilio_rest_after_it_played
     h.assert_log_clean(&[support::TWILIO_AUTH_TOKEN]);
 }
 
+/// A caller who answers the goodbye ("はい、ありがとうございました") while it plays does not
+/// cut it: the server's reply to those words is cancelled and never heard, nothing is
+/// cleared or truncated, and the call is hung up once the goodbye has played.
+#[tokio::test(flavor = "multi_thread")]
+async fn words_over_a_goodbye_said_in_full_do_not_cut_it_and_the_call_is_hung_up_as_said() {
+    let h = harness().await;
+    let number = "+815000000102";
+    agent_on_number(
+        h,
+        "e2e-end-call-over",
+        number,
+        json!({"tools": [{"type": "end_call"}]}),
+    )
+    .await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+819011110102".into(),
+            to: number.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    greeting_played(h, &call).await;
+
+    let args = r#"{"reason":"the caller is done"}"#;
+    let mut events = function_call_response("resp_tool", "item_fc", "call_end_o", "end_call", args);
+    events.push(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        "call_end_o",
+        "end_call",
+        args,
+    ));
+    oa.send_all(events);
+    ok(h, oa.wait_events("response.create", 2, SOON).await);
+
+    // The goodbye, 3 s of audio, generated in full; Twilio has only begun to play it when
+    // the caller speaks over it and the server (as its VAD does) answers with a response
+    // of its own.
+    let bye_audio = tagged_chunks(0x72, 30, 800);
+    let bye = "お電話ありがとうございました。失礼いたします。";
+    oa.send_all(oai::full_response("resp_bye", "item_bye", &bye_audio, bye));
+    let reply_audio = tagged_chunks(0x7a, 2, 800);
+    let reply = "かしこまりました。";
+    let mut vad = vec![oai::speech_started(400, "item_caller_over")];
+    vad.extend(oai::response_start("resp_vad", "item_vad"));
+    vad.extend(
+        reply_audio
+            .iter()
+            .map(|c| oai::audio_delta("resp_vad", "item_vad", c)),
+    );
+    vad.push(
+        json!({"type": "response.output_audio_transcript.done", "response_id": "resp_vad",
+        "item_id": "item_vad", "output_index": 0, "content_index": 0, "transcript": reply}),
+    );
+    oa.send_all(vad);
+    let cancel = ok(h, oa.wait_event("response.cancel", SOON).await);
+    assert_eq!(
+        cancel.event["response_id"], "resp_vad",
+        "{:?}",
+        cancel.event
+    );
+    oa.send_all(oai::response_finish(
+        "resp_vad",
+        "item_vad",
+        reply,
+        "cancelled",
+    ));
+
+    // The goodbye plays out, and then the call is hung up.
+    let post = ok(h, rest().wait_request(sid, SOON).await);
+    assert_call_update(&post, ids);
+    assert_eq!(
+        post.form,
+        vec![("Status".to_owned(), "completed".to_owned())]
+    );
+    assert_all_marks_played_before(twilio, post.at, 2 + 1);
+    let log = twilio.log();
+    assert!(
+        log.media_bytes().ends_with(&bye_audio.concat()),
+        "the whole goodbye reached Twilio, and nothing after it"
+    );
+    assert!(
+        !log.event_names().iter().any(|e| e == "clear"),
+        "nothing was cleared: {:?}",
+        log.event_names()
+    );
+    assert!(
+        oa.received_of_type("conversation.item.truncate").is_empty(),
+        "nothing was truncated"
+    );
+    wait_call(h, sid, "the hangup event", |d| has_event(d, "hangup")).await;
+    twilio.send_stop(ids);
+    let detail = wait_ended(h, sid, &["hangup"]).await;
+    assert_eq!(
+        detail["call"]["end_reason"],
+        "agent_hangup",
+        "{}",
+        pretty(&detail)
+    );
+    let said: Vec<&str> = detail["transcript"]
+        .as_array()
+        .map(|t| t.iter().filter_map(|e| e["text"].as_str()).collect())
+        .unwrap_or_default();
+    assert!(
+        said.contains(&bye),
+        "the goodbye is in the transcript: {said:?}"
+    );
+    assert!(
+        !said.iter().any(|t| t.contains(reply)),
+        "the cancelled reply was never heard, so it is not in the transcript: {said:?}"
+    );
+    assert!(
+        !h.worker.log().contains("control.ending_called_off"),
+        "the hang-up was not called off"
+    );
+    assert_eq!(
+        rest().requests_for(sid).len(),
+        1,
+        "exactly one REST request"
+    );
+}
+
 // ---- 2. transfer_call ----------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
