@@ -247,6 +247,87 @@ async fn unsigned_or_wrongly_signed_stream_upgrade_is_refused_but_signed_one_acc
     ok(h, session.wait_closed(SOON).await);
 }
 
+/// A Worker reached through a proxy or custom domain (`PUBLIC_BASE_URL`), with its own Worker.
+async fn proxied_harness() -> &'static support::Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    support::shared_harness(&HARNESS, "e2e-bridge-public-base-url", || {
+        vec![("PUBLIC_BASE_URL".into(), PUBLIC.into())]
+    })
+    .await
+}
+
+const PUBLIC: &str = "https://phone.example.jp";
+
+/// Twilio signs the URL it called, the public one: every check is against that, and the URLs
+/// the TwiML gives Twilio (the stream, the transfer's Dial action) are on it too.
+#[tokio::test(flavor = "multi_thread")]
+async fn behind_a_proxy_signatures_are_checked_against_public_base_url_and_twiml_points_there() {
+    let h = proxied_harness().await;
+    let ids = CallIds::new();
+    let params = tw::voice_params(&ids, "+15551230021", "+81312345678");
+    let public_voice = format!("{PUBLIC}/api/twilio/voice");
+    // Signed for the address the Worker itself sees: not what Twilio signs, refused.
+    let local_sig = tw::sign(TWILIO_AUTH_TOKEN, &h.voice_url(), &params);
+    let reply = tw::post_form(&h.voice_url(), &params, Some(&local_sig))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &public_voice, &params);
+    let reply = tw::post_form(&h.voice_url(), &params, Some(&sig))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
+    let public_stream = format!(
+        "wss://phone.example.jp/api/twilio/media-stream/{}",
+        ids.call_sid
+    );
+    assert_eq!(twiml.stream_url, public_stream);
+
+    // Twilio opens the stream at the public URL, signed for it; the proxy passes it on.
+    let local_stream = public_stream.replace(
+        "wss://phone.example.jp",
+        &h.base_url().replacen("http", "ws", 1),
+    );
+    let local_sig = tw::sign(TWILIO_AUTH_TOKEN, &local_stream, &[]);
+    expect_refused(
+        "upgrade signed for the local address",
+        MediaStream::connect(&local_stream, Some(&local_sig)).await,
+    );
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &public_stream, &[]);
+    let stream = MediaStream::connect(&local_stream, Some(&sig))
+        .await
+        .unwrap_or_else(|e| panic!("the upgrade signed for the public URL: {e:?}"));
+    stream.send_connected();
+    stream.send_start(&ids, &twiml.parameters);
+    let session = ok(h, claim.session(SOON).await);
+    drop(claim);
+
+    // The transfer's Dial action (where Twilio reports a transfer's outcome) is checked the
+    // same way.
+    let local_action = format!("{}/api/twilio/transfer-result", h.base_url());
+    let public_action = format!("{PUBLIC}/api/twilio/transfer-result");
+    let mut result = tw::voice_params(&ids, "+15551230021", "+81312345678");
+    result.push(("DialCallStatus".into(), "completed".into()));
+    result.push(("DialCallDuration".into(), "42".into()));
+    let local_sig = tw::sign(TWILIO_AUTH_TOKEN, &local_action, &result);
+    let reply = tw::post_form(&local_action, &result, Some(&local_sig))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 403, "{}", reply.body);
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &public_action, &result);
+    let reply = tw::post_form(&local_action, &result, Some(&sig))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.contains("<Hangup/>"), "{}", reply.body);
+
+    stream.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+}
+
 // ---- the OpenAI side ------------------------------------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]
