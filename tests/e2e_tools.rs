@@ -328,6 +328,39 @@ async fn greeting_played(h: &Harness, call: &Call) -> Instant {
     played
 }
 
+/// A call to a number whose agent has the end_call tool, greeted as [`greeting_script`] does.
+async fn end_call_agent_call(h: &Harness, agent_id: &str, number: &str, from: &str) -> Call {
+    agent_on_number(
+        h,
+        agent_id,
+        number,
+        json!({"tools": [{"type": "end_call"}]}),
+    )
+    .await;
+    h.start_call(CallSpec {
+        from: from.into(),
+        to: number.into(),
+        script: greeting_script(),
+        caller_audio: None,
+    })
+    .await
+}
+
+/// The model calls end_call in a response of its own, which ends; the Worker then asks for
+/// the goodbye (the second response.create, after the greeting's).
+async fn model_calls_end_call(h: &Harness, oa: &Session, call_id: &str, args: &str) {
+    let mut events = function_call_response("resp_tool", "item_fc", call_id, "end_call", args);
+    events.push(function_call_response_done(
+        "resp_tool",
+        "item_fc",
+        call_id,
+        "end_call",
+        args,
+    ));
+    oa.send_all(events);
+    ok(h, oa.wait_events("response.create", 2, SOON).await);
+}
+
 /// Every mark the Worker sent before `before` was echoed as played before it: what the agent
 /// said had been heard when the REST request went out.
 fn assert_all_marks_played_before(twilio: &MediaStream, before: Instant, min_marks: usize) {
@@ -443,22 +476,7 @@ fn pretty(v: &Value) -> String {
 #[tokio::test(flavor = "multi_thread")]
 async fn end_call_says_goodbye_then_hangs_up_through_twilio_rest_after_it_played() {
     let h = harness().await;
-    let number = "+815000000101";
-    agent_on_number(
-        h,
-        "e2e-end-call",
-        number,
-        json!({"tools": [{"type": "end_call"}]}),
-    )
-    .await;
-    let call = h
-        .start_call(CallSpec {
-            from: "+819011110101".into(),
-            to: number.into(),
-            script: greeting_script(),
-            caller_audio: None,
-        })
-        .await;
+    let call = end_call_agent_call(h, "e2e-end-call", "+815000000101", "+819011110101").await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
 
@@ -594,37 +612,13 @@ async fn end_call_says_goodbye_then_hangs_up_through_twilio_rest_after_it_played
 #[tokio::test(flavor = "multi_thread")]
 async fn words_over_a_goodbye_said_in_full_do_not_cut_it_and_the_call_is_hung_up_as_said() {
     let h = harness().await;
-    let number = "+815000000102";
-    agent_on_number(
-        h,
-        "e2e-end-call-over",
-        number,
-        json!({"tools": [{"type": "end_call"}]}),
-    )
-    .await;
-    let call = h
-        .start_call(CallSpec {
-            from: "+819011110102".into(),
-            to: number.into(),
-            script: greeting_script(),
-            caller_audio: None,
-        })
-        .await;
+    let call = end_call_agent_call(h, "e2e-end-call-over", "+815000000113", "+819011110113").await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
     greeting_played(h, &call).await;
 
     let args = r#"{"reason":"the caller is done"}"#;
-    let mut events = function_call_response("resp_tool", "item_fc", "call_end_o", "end_call", args);
-    events.push(function_call_response_done(
-        "resp_tool",
-        "item_fc",
-        "call_end_o",
-        "end_call",
-        args,
-    ));
-    oa.send_all(events);
-    ok(h, oa.wait_events("response.create", 2, SOON).await);
+    model_calls_end_call(h, oa, "call_end_o", args).await;
 
     // The goodbye, 3 s of audio, generated in full; Twilio has only begun to play it when
     // the caller speaks over it and the server (as its VAD does) answers with a response
@@ -1663,22 +1657,7 @@ async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_n
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stop_before_the_rest_answer_still_records_the_agents_hang_up() {
     let h = harness().await;
-    let number = "+815000000111";
-    agent_on_number(
-        h,
-        "e2e-end-call-race",
-        number,
-        json!({"tools": [{"type": "end_call"}]}),
-    )
-    .await;
-    let call = h
-        .start_call(CallSpec {
-            from: "+819011110111".into(),
-            to: number.into(),
-            script: greeting_script(),
-            caller_audio: None,
-        })
-        .await;
+    let call = end_call_agent_call(h, "e2e-end-call-race", "+815000000111", "+819011110111").await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
     rest().set_answer(
@@ -1690,16 +1669,7 @@ async fn a_stop_before_the_rest_answer_still_records_the_agents_hang_up() {
     );
     greeting_played(h, &call).await;
     let args = r#"{"reason":"done"}"#;
-    let mut events = function_call_response("resp_tool", "item_fc", "call_end_2", "end_call", args);
-    events.push(function_call_response_done(
-        "resp_tool",
-        "item_fc",
-        "call_end_2",
-        "end_call",
-        args,
-    ));
-    oa.send_all(events);
-    ok(h, oa.wait_events("response.create", 2, SOON).await);
+    model_calls_end_call(h, oa, "call_end_2", args).await;
     oa.send_all(oai::full_response(
         "resp_bye",
         "item_bye",
@@ -1725,22 +1695,8 @@ async fn a_stop_before_the_rest_answer_still_records_the_agents_hang_up() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hang_up_twilio_keeps_failing_is_tried_three_times_then_recorded_and_the_stream_closed() {
     let h = harness().await;
-    let number = "+815000000112";
-    agent_on_number(
-        h,
-        "e2e-end-call-refused",
-        number,
-        json!({"tools": [{"type": "end_call"}]}),
-    )
-    .await;
-    let call = h
-        .start_call(CallSpec {
-            from: "+819011110112".into(),
-            to: number.into(),
-            script: greeting_script(),
-            caller_audio: None,
-        })
-        .await;
+    let call =
+        end_call_agent_call(h, "e2e-end-call-refused", "+815000000112", "+819011110112").await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
     rest().set_answer(
@@ -1752,16 +1708,7 @@ async fn a_hang_up_twilio_keeps_failing_is_tried_three_times_then_recorded_and_t
     );
     greeting_played(h, &call).await;
     let args = r#"{"reason":"done"}"#;
-    let mut events = function_call_response("resp_tool", "item_fc", "call_end_3", "end_call", args);
-    events.push(function_call_response_done(
-        "resp_tool",
-        "item_fc",
-        "call_end_3",
-        "end_call",
-        args,
-    ));
-    oa.send_all(events);
-    ok(h, oa.wait_events("response.create", 2, SOON).await);
+    model_calls_end_call(h, oa, "call_end_3", args).await;
     oa.send_all(oai::full_response(
         "resp_bye",
         "item_bye",
