@@ -310,7 +310,14 @@ impl Record {
                          first_audio_ms = ?8, barge_ins = ?9, \
                          status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END, \
                          end_detail = ?11 \
-                         WHERE call_sid = ?1"
+                         WHERE call_sid = ?1{}",
+                        // A restart is only presumed when the object finds no end kept; the
+                        // call's own end, if it did reach D1, is the truth and stays.
+                        if end_reason == crate::webhook::INTERRUPTED {
+                            " AND end_reason IS NULL"
+                        } else {
+                            ""
+                        }
                     ),
                     vec![
                         call_sid.as_str().into(),
@@ -533,6 +540,42 @@ mod tests {
         assert_eq!(row["first_audio_ms"], 640);
         assert_eq!(row["barge_ins"], 2);
         assert_eq!(row["from_number"], "+819012345678");
+    }
+
+    #[test]
+    fn a_presumed_restart_never_overwrites_the_end_the_call_recorded_itself() {
+        let restarted = |at_ms: u64| Record::CallEnded {
+            call_sid: SID.into(),
+            at_ms,
+            duration_ms: Some(at_ms - 2_000),
+            end_reason: crate::webhook::INTERRUPTED.into(),
+            end_detail: Some("the bridge restarted mid-call".into()),
+            failed: true,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            first_audio_ms: None,
+            barge_ins: 0,
+        };
+        // The call's own end reached D1 before its object presumed a restart (a status
+        // callback came while the end was still being kept): the real end stays.
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        write(&conn, &ended(false));
+        write(&conn, &restarted(70_000));
+        let row = call_row(&conn);
+        assert_eq!(row["end_reason"], "twilio_stop");
+        assert_eq!(row["status"], "completed");
+        assert_eq!(row["total_tokens"], 30);
+        assert_eq!(row["duration_ms"], 59_000);
+        // With no end recorded, the restart is what ended the call.
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        write(&conn, &restarted(70_000));
+        let row = call_row(&conn);
+        assert_eq!(row["end_reason"], crate::webhook::INTERRUPTED);
+        assert_eq!(row["status"], "failed");
+        assert_eq!(row["duration_ms"], 68_000);
     }
 
     #[test]

@@ -302,6 +302,7 @@ impl CallSession {
             timer: None,
             timers_armed: 0,
             live: self.live.clone(),
+            end_pending: false,
             finished: false,
         };
         driver.start(pump);
@@ -383,6 +384,8 @@ struct Pump {
     timer: Option<(Millis, u64, oneshot::Sender<()>)>,
     timers_armed: u64,
     live: Rc<Cell<bool>>,
+    /// The call's end is being kept (see `Action::Ended`): the stream stays live until then.
+    end_pending: bool,
     finished: bool,
     recording_busy: Rc<Cell<bool>>,
 }
@@ -429,7 +432,9 @@ impl Pump {
         }
         // However the call went, a recording that was started is completed.
         self.recording.close();
-        self.live.set(false);
+        if !self.end_pending {
+            self.live.set(false);
+        }
     }
 
     fn drop_openai_listeners(&mut self) {
@@ -579,6 +584,13 @@ impl Pump {
                 Action::RecordingDone { duration_ms } => self.recording.done(duration_ms),
                 Action::Ended(summary) => {
                     self.record.end_reason = Some(summary.reason.label().to_owned());
+                    // Until the stored call reads as ended, the stream counts as live: a
+                    // status callback or alarm in between (Twilio's `completed` comes right
+                    // after its `stop`, while the last records may wait seconds on D1) would
+                    // otherwise take it for a stream lost in a restart and record the call
+                    // as `bridge_restarted`.
+                    self.end_pending = true;
+                    let live = self.live.clone();
                     let record = self.record.clone();
                     let storage = self.storage.clone();
                     let outbox = self.outbox.clone();
@@ -588,7 +600,9 @@ impl Pump {
                         // once the call reads as ended, a restart no longer finalizes it,
                         // so they must not be lost with this instance.
                         outbox.durable().await;
-                        if let Err(e) = storage.put(CALL_KEY, &record).await {
+                        let stored = storage.put(CALL_KEY, &record).await;
+                        live.set(false);
+                        if let Err(e) = stored {
                             log(
                                 "error",
                                 "storage.write_failed",
