@@ -292,6 +292,37 @@ impl Agent {
     }
 }
 
+/// A base URL as the settings take it: one of `schemes`, a host, an optional path; no query
+/// or fragment (`?model=` is added to the Realtime URL). The URL without a trailing `/`, or
+/// why it is not one.
+fn base_url(v: &str, schemes: &[&str]) -> Result<String, String> {
+    let Some(rest) = schemes.iter().find_map(|s| v.strip_prefix(s)) else {
+        return Err(format!("{v:?} does not start with {}", schemes.join(", ")));
+    };
+    let host = rest.split('/').next().unwrap_or("");
+    if host.is_empty()
+        || v.bytes()
+            .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+    {
+        return Err(format!("{v:?} has no host, or spaces in it"));
+    }
+    if v.contains(['?', '#']) {
+        return Err(format!(
+            "{v:?} has a query or fragment; give the base URL alone"
+        ));
+    }
+    Ok(v.trim_end_matches('/').to_owned())
+}
+
+/// One variable or secret as the Worker has it: text (a number or boolean written without
+/// quotes counts, as written), or something else (wrangler binds a `[vars]` table or array
+/// as JSON), given as its JSON.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Setting {
+    Text(String),
+    NotText(String),
+}
+
 /// Everything the bridge needs to answer calls, from the Worker's variables and secrets.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Bridge {
@@ -331,17 +362,25 @@ impl Bridge {
     /// typo in one variable must not make every webhook a 500, which Twilio answers with
     /// "an application error has occurred" and a hang-up: every call lost until someone
     /// reads the log. `scripts/deploy.sh` refuses to deploy a `wrangler.toml` with any.
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Self {
-        let get = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let or = |name: &str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<Setting>) -> Self {
         let ignored = std::cell::RefCell::new(Vec::new());
         let set_aside = |name: &'static str, reason: String| {
             ignored.borrow_mut().push(invalid(name, reason));
         };
+        let get = |name: &'static str| match lookup(name)? {
+            Setting::Text(v) => Some(v.trim().to_owned()).filter(|v| !v.is_empty()),
+            Setting::NotText(json) => {
+                // Every setting is text: a table or list would end up read as its JSON
+                // (as the agent's instructions, say).
+                set_aside(
+                    name,
+                    format!("{json} is not text (a table or list?): treated as unset"),
+                );
+                None
+            }
+        };
+        let or =
+            |name: &'static str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
         // A `<Say>` language or voice name (`ja-JP`, `Polly.Mizuki`, `Google.ja-JP-Wavenet-A`).
         let tts_name = |name: &'static str, default: &str| -> String {
             let v = or(name, default);
@@ -379,7 +418,9 @@ impl Bridge {
                 }
             }
         };
-        let fallback_only = match get("FALLBACK_ONLY")
+        // The maintenance switch fails safe: a value that is neither on nor off is taken as on
+        // (the fallback answers), since that is what whoever set it most likely wanted.
+        let mut fallback_only = match get("FALLBACK_ONLY")
             .map(|v| v.to_ascii_lowercase())
             .as_deref()
         {
@@ -389,44 +430,61 @@ impl Bridge {
                 set_aside(
                     "FALLBACK_ONLY",
                     format!(
-                        "{:?} is not true or false: false is used (the agent answers)",
+                        "{:?} is not true or false: taken as true (the fallback answers \
+                             every call)",
                         or("FALLBACK_ONLY", "")
                     ),
                 );
-                false
+                true
             }
         };
-        let public_base_url = get("PUBLIC_BASE_URL")
-            .map(|u| u.trim_end_matches('/').to_owned())
-            .filter(|u| {
-                let ok = u.starts_with("https://") || u.starts_with("http://");
-                if !ok {
+        let public_base_url = get("PUBLIC_BASE_URL").and_then(|u| {
+            base_url(&u, &["https://", "http://"])
+                .map_err(|why| {
                     set_aside(
                         "PUBLIC_BASE_URL",
-                        format!(
-                            "{u:?} does not start with https:// or http://: the request's own \
-                             origin is used"
-                        ),
-                    );
-                }
-                ok
-            });
-        let realtime = {
-            let v = or("OPENAI_REALTIME_URL", DEFAULT_REALTIME_URL);
-            if ["wss://", "ws://", "https://", "http://"]
-                .iter()
-                .any(|p| v.starts_with(p))
-            {
-                v
-            } else {
+                        format!("{why}: the request's own origin is used"),
+                    )
+                })
+                .ok()
+        });
+        // Where the caller's audio and the API key go. A value that is not a URL is not
+        // replaced by OpenAI's own endpoint (it may name a gateway or a regional endpoint the
+        // audio must go through): calls are answered with the fallback until it is fixed.
+        let mut realtime = or("OPENAI_REALTIME_URL", DEFAULT_REALTIME_URL);
+        if let Some(at) = realtime.find('?') {
+            // OpenAI's documented `wss://api.openai.com/v1/realtime?model=gpt-realtime`.
+            set_aside(
+                "OPENAI_REALTIME_URL",
+                format!(
+                    "{realtime:?} has a query: it is left out (the model is the agent's, \
+                     OPENAI_MODEL for the configured one)"
+                ),
+            );
+            realtime.truncate(at);
+        }
+        let realtime = match base_url(&realtime, &["wss://", "ws://", "https://", "http://"]) {
+            Ok(url) => url,
+            Err(why) => {
                 set_aside(
                     "OPENAI_REALTIME_URL",
-                    format!(
-                        "{v:?} does not start with wss://, ws://, https:// or http://: \
-                         {DEFAULT_REALTIME_URL} is used"
-                    ),
+                    format!("{why}: every call is answered with the fallback"),
                 );
+                fallback_only = true;
                 DEFAULT_REALTIME_URL.to_owned()
+            }
+        };
+        let twilio_api_base_url = match base_url(
+            &or("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL),
+            &["https://", "http://"],
+        ) {
+            Ok(url) => url,
+            Err(why) => {
+                set_aside(
+                    "TWILIO_API_BASE_URL",
+                    format!("{why}: {DEFAULT_TWILIO_API_BASE_URL} is used"),
+                );
+                DEFAULT_TWILIO_API_BASE_URL.to_owned()
             }
         };
         let defaults = Agent::default();
@@ -467,8 +525,10 @@ impl Bridge {
                     agent.voice = defaults.voice.clone();
                 }
                 "language" => {
-                    set_aside("AGENT_LANGUAGE", reason);
-                    agent.language = defaults.language.clone();
+                    // `EN`, `en-US`, `jp`: what was meant is clear enough to use.
+                    let meant = suggest_language(&agent.language).unwrap_or(&defaults.language);
+                    set_aside("AGENT_LANGUAGE", format!("{}: {meant:?} is used", e.reason));
+                    agent.language = meant.to_owned();
                 }
                 // The rest cannot fail from variables (empty is unset, the numbers are
                 // checked above); were one to, the whole default agent is used.
@@ -479,13 +539,11 @@ impl Bridge {
             }
         }
         Self {
-            openai_realtime_url: realtime.trim_end_matches('/').to_owned(),
+            openai_realtime_url: realtime,
             openai_api_key: Secret::new(get("OPENAI_API_KEY").unwrap_or_default()),
             twilio_auth_token: Secret::new(get("TWILIO_AUTH_TOKEN").unwrap_or_default()),
             twilio_account_sid: get("TWILIO_ACCOUNT_SID").unwrap_or_default(),
-            twilio_api_base_url: or("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL)
-                .trim_end_matches('/')
-                .to_owned(),
+            twilio_api_base_url,
             public_base_url,
             fallback_only,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
@@ -554,7 +612,7 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Bridge::from_lookup(|k| map.get(k).cloned())
+        Bridge::from_lookup(|k| map.get(k).cloned().map(Setting::Text))
     }
 
     #[test]
@@ -625,17 +683,42 @@ mod tests {
         };
         check("AGENT_VOICE", "robot", &|c| c.agent.voice == d.agent.voice);
         check("AGENT_LANGUAGE", "jp", &|c| c.agent.language == "ja");
+        // A language written another way is read as the code it means, not replaced.
+        check("AGENT_LANGUAGE", "EN", &|c| c.agent.language == "en");
+        check("AGENT_LANGUAGE", "en-US", &|c| c.agent.language == "en");
+        check("AGENT_LANGUAGE", "cn", &|c| c.agent.language == "zh");
+        check("AGENT_LANGUAGE", "klingon", &|c| c.agent.language == "ja");
         check("AGENT_VAD_THRESHOLD", "2", &|c| c.agent == d.agent);
         check("AGENT_VAD_SILENCE_MS", "a second", &|c| c.agent == d.agent);
         check("AGENT_VAD_PREFIX_PADDING_MS", "-300", &|c| {
             c.agent == d.agent
         });
-        check("FALLBACK_ONLY", "maybe", &|c| !c.fallback_only);
+        // The maintenance switch fails safe: on.
+        check("FALLBACK_ONLY", "maybe", &|c| c.fallback_only);
+        check("FALLBACK_ONLY", "enabled", &|c| c.fallback_only);
         check("PUBLIC_BASE_URL", "example.com", &|c| {
             c.public_base_url.is_none()
         });
-        check("OPENAI_REALTIME_URL", "api.openai.com/v1/realtime", &|c| {
-            c.openai_realtime_url == DEFAULT_REALTIME_URL
+        check("PUBLIC_BASE_URL", "https://", &|c| {
+            c.public_base_url.is_none()
+        });
+        // Not a URL: never replaced by OpenAI's own host (it may name a gateway the audio
+        // must go through); the fallback answers.
+        for bad in [
+            "gateway.example.jp/v1/openai",
+            "wss://",
+            "wss://gw.example.jp/v1 realtime",
+        ] {
+            check("OPENAI_REALTIME_URL", bad, &|c| c.fallback_only);
+        }
+        // OpenAI's documented URL with its `?model=`: the query is left out, the host kept.
+        check(
+            "OPENAI_REALTIME_URL",
+            "wss://gw.example.jp/v1/realtime?model=gpt-realtime",
+            &|c| !c.fallback_only && c.openai_realtime_url == "wss://gw.example.jp/v1/realtime",
+        );
+        check("TWILIO_API_BASE_URL", "api.twilio.com", &|c| {
+            c.twilio_api_base_url == DEFAULT_TWILIO_API_BASE_URL
         });
         check("IDLE_TIMEOUT_SECONDS", "1", &|c| {
             c.idle_timeout_ms == 30_000
@@ -656,6 +739,16 @@ mod tests {
         assert_eq!(c.agent.turn_detection.silence_duration_ms, 800);
         assert_eq!(c.idle_timeout_ms, 45_000);
         assert_eq!(c.agent.validate(), Ok(()));
+        // A table or list where text belongs is not read as its JSON.
+        let c = Bridge::from_lookup(|k| match k {
+            "AGENT_INSTRUCTIONS" => Some(Setting::NotText(r#"["a","b"]"#.into())),
+            "FALLBACK_MESSAGE" => Some(Setting::NotText(r#"{"text":"x"}"#.into())),
+            _ => None,
+        });
+        let fields: Vec<&str> = c.ignored.iter().map(|e| e.field).collect();
+        assert_eq!(fields, ["AGENT_INSTRUCTIONS", "FALLBACK_MESSAGE"]);
+        assert_eq!(c.agent.instructions, DEFAULT_INSTRUCTIONS);
+        assert_eq!(c.fallback_message, DEFAULT_FALLBACK_MESSAGE);
         // The switch reads the usual spellings.
         for on in ["true", "TRUE", "1", "yes", "on"] {
             assert!(from(&[("FALLBACK_ONLY", on)]).fallback_only, "{on}");

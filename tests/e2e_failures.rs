@@ -525,9 +525,15 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
         .unwrap_or_else(|e| panic!("{e}"));
     deployment
         .edit_config(|t| {
-            let quoted = "FALLBACK_ONLY = \"false\"";
-            assert!(t.contains(quoted), "wrangler.toml lost {quoted}");
-            t.replace(quoted, "FALLBACK_ONLY = true")
+            let mut t = t;
+            for (quoted, bare) in [
+                ("FALLBACK_ONLY = \"false\"", "FALLBACK_ONLY = true"),
+                ("IDLE_TIMEOUT_SECONDS = \"30\"", "IDLE_TIMEOUT_SECONDS = 45"),
+            ] {
+                assert!(t.contains(quoted), "wrangler.toml lost {quoted}");
+                t = t.replace(quoted, bare);
+            }
+            t
         })
         .unwrap_or_else(|e| panic!("{e}"));
     let h = Harness::start_from(scratch.clone(), deployment.dir.clone(), vars())
@@ -555,6 +561,13 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
         "the fallback message, then the number: {}",
         reply.body
     );
+    // Nothing was set aside (the number read as 45, not as something else), once the
+    // Worker's lines for this call are printed (wrangler prints them after the response).
+    let deadline = Instant::now() + SOON;
+    while !h.worker.log().contains(&ids.call_sid) {
+        assert!(Instant::now() < deadline, "{}", h.worker.log_tail(30));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         !h.worker.log().contains("config.ignored"),
         "{}",

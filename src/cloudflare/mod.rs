@@ -10,7 +10,7 @@ mod recording;
 mod socket;
 
 use crate::call::Level;
-use crate::config::Bridge;
+use crate::config::{Bridge, Setting};
 use crate::webhook::{self, Refusal};
 use std::cell::Cell;
 use worker::*;
@@ -21,25 +21,34 @@ thread_local! {
     static LOG_LEVEL: Cell<Level> = const { Cell::new(Level::Info) };
 }
 
-/// One variable or secret, as text. wrangler binds a `[vars]` value written without quotes
+/// One variable or secret. wrangler binds a `[vars]` value written without quotes
 /// (`IDLE_TIMEOUT_SECONDS = 45`, `FALLBACK_ONLY = true`) as a number or boolean, which
 /// `Env::var` does not read: such a setting would be silently left at its default. Those
-/// are read as the text they were written as, and anything else (a table) as its JSON, for
-/// the configuration to check.
-pub(crate) fn setting(env: &Env, name: &str) -> Option<String> {
+/// are text as written; a table or array comes as its JSON, for the configuration to refuse.
+pub(crate) fn setting(env: &Env, name: &str) -> Option<Setting> {
     let value = js_sys::Reflect::get(env.as_ref(), &name.into()).ok()?;
     if value.is_undefined() || value.is_null() {
         None
     } else if let Some(s) = value.as_string() {
-        Some(s)
+        Some(Setting::Text(s))
     } else if let Some(n) = value.as_f64() {
-        Some(n.to_string())
+        Some(Setting::Text(n.to_string()))
     } else if let Some(b) = value.as_bool() {
-        Some(b.to_string())
+        Some(Setting::Text(b.to_string()))
     } else {
-        js_sys::JSON::stringify(&value)
+        let json = js_sys::JSON::stringify(&value)
             .ok()
             .and_then(|s| s.as_string())
+            .unwrap_or_default();
+        Some(Setting::NotText(json))
+    }
+}
+
+/// A setting the shell reads itself, as text (anything else counts as unset).
+pub(crate) fn setting_text(env: &Env, name: &str) -> Option<String> {
+    match setting(env, name)? {
+        Setting::Text(s) => Some(s),
+        Setting::NotText(_) => None,
     }
 }
 
