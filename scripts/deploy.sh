@@ -23,6 +23,30 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -f "$config" ]] || die "$config not found"
 
+# The [vars]: the Worker would answer calls with an invalid value set aside for its default
+# (logged as config.ignored), a misspelt name would do nothing, and a secret there would be
+# committed. wrangler does not inherit [vars] into an environment: check the one deployed
+# (--env / -e, or CLOUDFLARE_ENV), with the values `--var KEY:VALUE` adds at deploy time.
+check_args=()
+[[ -n "${CLOUDFLARE_ENV:-}" ]] && check_args=(--env "$CLOUDFLARE_ENV")
+for ((i = 0; i < ${#pass[@]}; i++)); do
+  case "${pass[$i]}" in
+    --env|-e) check_args+=(--env "${pass[$((i + 1))]:-}") ;;
+    --env=*|-e=*) check_args+=(--env "${pass[$i]#*=}") ;;
+    --var=*) check_args+=(--var "${pass[$i]#*=}") ;;
+    --var)
+      # wrangler takes one or more KEY:VALUE after --var.
+      for ((j = i + 1; j < ${#pass[@]}; j++)); do
+        [[ "${pass[$j]}" == -* ]] && break
+        check_args+=(--var "${pass[$j]}")
+      done ;;
+  esac
+done
+command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
+log "checking the [vars] of $config"
+cargo run --quiet --bin check-config -- "$config" "${check_args[@]}" ||
+  die "$config: fix the [vars] above (see the README's Configuration), then run this again"
+
 # The D1 database: wrangler.toml ships with a placeholder id, which no account has.
 id=$(sed -n 's/^[[:space:]]*database_id[[:space:]]*=[[:space:]]*"\([^"]*\)".*/\1/p' "$config" | head -1)
 if [[ -z "$id" || "$id" =~ ^[0-]+$ ]]; then
@@ -37,20 +61,6 @@ fi
   die "database_id \"$id\" in $config is not the id 'npx wrangler d1 create' prints (a UUID)"
 log "D1 database_id $id"
 
-# The [vars]: the Worker would answer calls with an invalid value set aside for its default
-# (logged as config.ignored), a misspelt name would do nothing, and a secret there would be
-# committed. wrangler does not inherit [vars] into an environment: check the one deployed.
-env_args=()
-for ((i = 0; i < ${#pass[@]}; i++)); do
-  case "${pass[$i]}" in
-    --env|-e) env_args=(--env "${pass[$((i + 1))]:-}") ;;
-    --env=*) env_args=(--env "${pass[$i]#--env=}") ;;
-  esac
-done
-command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
-log "checking the [vars] of $config"
-cargo run --quiet --bin check-config -- "$config" "${env_args[@]}" ||
-  die "$config: fix the [vars] above (see the README's Configuration), then run this again"
 [[ "$check_only" == 0 ]] || exit 0
 
 bash scripts/setup.sh

@@ -69,17 +69,15 @@ OPENAI_MODEL = "gpt-realtime"
         "FALLBACK_DIAL_NUMBER: \"03-1234-5678\" is not an E.164 number",
         "LOG_LEVEL: \"verbose\"",
         "IDLE_TIMEOUT_SECOND: not a setting of this Worker",
-        "OPENAI_API_KEY: a secret",
-        "7 setting(s)",
+        "OPENAI_API_KEY in [vars]: a secret",
+        // Even empty: it takes the name `wrangler secret put` needs.
+        "TWILIO_AUTH_TOKEN in [vars]: a secret",
+        "8 setting(s)",
     ] {
         assert!(text.contains(finding), "{finding:?} missing from:\n{text}");
     }
-    // An empty secret placeholder, the test hook and a good value are not findings.
-    for quiet in [
-        "TWILIO_AUTH_TOKEN",
-        "FAULT_INJECT_D1_FAILURES",
-        "OPENAI_MODEL",
-    ] {
+    // The test hook left at 0 and a good value are not findings.
+    for quiet in ["FAULT_INJECT_D1_FAILURES", "OPENAI_MODEL"] {
         assert!(!text.contains(&format!("{quiet}:")), "{quiet}: {text}");
     }
 }
@@ -93,13 +91,20 @@ fn values_written_without_quotes_are_read_as_the_worker_reads_them() {
     );
     assert!(out.status.success(), "{}", said(&out));
     let out = check(
-        "[vars]\nIDLE_TIMEOUT_SECONDS = 4\nLOG_LEVEL = [\"debug\"]\n",
+        "[vars]\nIDLE_TIMEOUT_SECONDS = 4\nLOG_LEVEL = [\"debug\"]\nAGENT_GREETING = { text = \"x\" }\n",
         &[],
     );
     let text = said(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("IDLE_TIMEOUT_SECONDS: \"4\""), "{text}");
-    assert!(text.contains("LOG_LEVEL: \"[\\\"debug\\\"]\""), "{text}");
+    // A table or list is not text: not read as its JSON.
+    for name in ["LOG_LEVEL", "AGENT_GREETING"] {
+        let line = text.lines().find(|l| l.contains(&format!("{name}: ")));
+        assert!(
+            line.is_some_and(|l| l.contains("is not text")),
+            "{name}: {text}"
+        );
+    }
 }
 
 #[test]
@@ -115,4 +120,30 @@ fn an_environment_is_checked_on_its_own_vars() {
     let out = check("[vars\n", &[]);
     assert_eq!(out.status.code(), Some(2), "{}", said(&out));
     assert!(said(&out).contains("not TOML"), "{}", said(&out));
+}
+
+#[test]
+fn deploy_time_vars_secrets_in_any_environment_and_the_test_hook_are_checked() {
+    // `wrangler deploy --var KEY:VALUE` sets a value on top of the file's.
+    let toml = "[vars]\nAGENT_VOICE = \"marin\"\n";
+    assert!(check(toml, &[]).status.success());
+    let out = check(toml, &["--var", "AGENT_VOICE:nova"]);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("AGENT_VOICE: unknown voice \"nova\""),
+        "{}",
+        said(&out)
+    );
+    // A secret in an environment's vars is in the committed file too, whichever is deployed.
+    let out = check("[env.staging.vars]\nOPENAI_API_KEY = \"sk-live\"\n", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("OPENAI_API_KEY in [env.staging.vars]: a secret"),
+        "{}",
+        said(&out)
+    );
+    // The fault-injection hook makes every call's first D1 writes fail.
+    let out = check("[vars]\nFAULT_INJECT_D1_FAILURES = 5\n", &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(said(&out).contains("a test hook"), "{}", said(&out));
 }

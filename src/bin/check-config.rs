@@ -1,12 +1,14 @@
 //! Checks the `[vars]` of a wrangler config as the Worker will read them, before they are
-//! deployed: `cargo run --bin check-config -- wrangler.toml [--env NAME]`. `scripts/deploy.sh`
-//! runs it and refuses to deploy on a finding.
+//! deployed: `cargo run --bin check-config -- wrangler.toml [--env NAME] [--var KEY:VALUE]...`
+//! (`--var` as `wrangler deploy --var` sets it). `scripts/deploy.sh` runs it and refuses to
+//! deploy on a finding.
 //!
 //! The Worker answers calls whatever its settings: an invalid value is set aside for its
 //! default and logged as `config.ignored` on every request. That keeps calls answered, but
 //! the setting silently does nothing; here it stops the deploy instead. Also refused: a
-//! variable the Worker does not read (a misspelt name would do nothing), and a secret
-//! written into `[vars]` (it would be committed with the file).
+//! variable the Worker does not read (a misspelt name would do nothing), a secret written
+//! into any `[vars]` of the file (it would be committed with it), and the D1 fault-injection
+//! test hook.
 //!
 //! Exit status: 0 when every setting is used as written, 1 on a finding, 2 when the file
 //! cannot be read.
@@ -16,15 +18,25 @@ fn main() {}
 
 #[cfg(not(target_arch = "wasm32"))]
 fn main() {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (path, env) = match args.as_slice() {
-        [path] => (path.as_str(), None),
-        [path, flag, name] if flag == "--env" => (path.as_str(), Some(name.as_str())),
-        _ => {
-            eprintln!("usage: check-config WRANGLER_TOML [--env NAME]");
-            std::process::exit(2);
-        }
+    let mut args = std::env::args().skip(1);
+    let usage = || -> ! {
+        eprintln!("usage: check-config WRANGLER_TOML [--env NAME] [--var KEY:VALUE]...");
+        std::process::exit(2);
     };
+    let path = args.next().unwrap_or_else(|| usage());
+    let (mut env, mut overrides) = (None, Vec::new());
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| usage());
+        match flag.as_str() {
+            "--env" => env = Some(value),
+            "--var" => match value.split_once(':') {
+                Some((k, v)) => overrides.push((k.to_owned(), v.to_owned())),
+                None => usage(),
+            },
+            _ => usage(),
+        }
+    }
+    let path = path.as_str();
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) => {
@@ -32,7 +44,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    match check::findings(&text, env) {
+    match check::findings(&text, env.as_deref(), &overrides) {
         Err(e) => {
             eprintln!("check-config: {path}: {e}");
             std::process::exit(2);
@@ -56,7 +68,7 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod check {
-    use phone_agent_bridge::config::Bridge;
+    use phone_agent_bridge::config::{Bridge, Setting};
     use std::cell::RefCell;
     use std::collections::BTreeSet;
 
@@ -65,36 +77,52 @@ mod check {
     /// Set with `wrangler secret put` (or `.dev.vars` locally), never in the committed file.
     const SECRETS: &[&str] = &["OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", "ADMIN_TOKEN"];
 
+    /// A value as the Worker reads it: text as is, a number or boolean as written, anything
+    /// else (a table, an array, a date) not text (see `setting` in src/cloudflare/mod.rs).
+    fn setting(v: &toml::Value) -> Setting {
+        match v {
+            toml::Value::String(s) => Setting::Text(s.clone()),
+            toml::Value::Integer(i) => Setting::Text(i.to_string()),
+            toml::Value::Float(f) => Setting::Text(f.to_string()),
+            toml::Value::Boolean(b) => Setting::Text(b.to_string()),
+            other => Setting::NotText(serde_json::to_string(other).unwrap_or_default()),
+        }
+    }
+
     /// How many settings the `[vars]` (of `env`, when given: wrangler does not inherit
-    /// `[vars]` into an environment) hold, and what is wrong with them.
-    pub fn findings(text: &str, env: Option<&str>) -> Result<(usize, Vec<String>), String> {
+    /// `[vars]` into an environment), with `overrides` (`wrangler deploy --var`) on top,
+    /// hold, and what is wrong with them.
+    pub fn findings(
+        text: &str,
+        env: Option<&str>,
+        overrides: &[(String, String)],
+    ) -> Result<(usize, Vec<String>), String> {
         let doc: toml::Table = text.parse().map_err(|e| format!("not TOML: {e}"))?;
+        let envs = doc.get("env").and_then(|e| e.as_table());
         let scope = match env {
             None => &doc,
-            Some(name) => doc
-                .get("env")
+            Some(name) => envs
                 .and_then(|e| e.get(name))
                 .and_then(|e| e.as_table())
                 .ok_or_else(|| format!("no [env.{name}]"))?,
         };
-        let empty = toml::Table::new();
-        let vars = match scope.get("vars") {
-            None => &empty,
-            Some(v) => v.as_table().ok_or("[vars] is not a table")?,
+        let vars_of = |t: &toml::Table| -> Result<toml::Table, String> {
+            match t.get("vars") {
+                None => Ok(toml::Table::new()),
+                Some(v) => v
+                    .as_table()
+                    .cloned()
+                    .ok_or_else(|| "[vars] is not a table".to_owned()),
+            }
         };
-        // As the Worker reads them: text as is, a number or boolean as written, anything
-        // else as JSON (see `setting` in src/cloudflare/mod.rs).
-        let text_of = |v: &toml::Value| match v {
-            toml::Value::String(s) => s.clone(),
-            toml::Value::Integer(i) => i.to_string(),
-            toml::Value::Float(f) => f.to_string(),
-            toml::Value::Boolean(b) => b.to_string(),
-            other => serde_json::to_string(other).unwrap_or_default(),
-        };
+        let mut vars = vars_of(scope)?;
+        for (k, v) in overrides {
+            vars.insert(k.clone(), toml::Value::String(v.clone()));
+        }
         let asked = RefCell::new(BTreeSet::new());
         let config = Bridge::from_lookup(|name| {
             asked.borrow_mut().insert(name.to_owned());
-            vars.get(name).map(text_of)
+            vars.get(name).map(setting)
         });
         let mut findings: Vec<String> = config
             .ignored
@@ -102,18 +130,37 @@ mod check {
             .map(|e| format!("{}: {}", e.field, e.reason))
             .collect();
         let asked = asked.into_inner();
-        for (name, value) in vars {
-            if SECRETS.contains(&name.as_str()) {
-                if !text_of(value).trim().is_empty() {
-                    findings.push(format!(
-                        "{name}: a secret; remove it from [vars] and set it with \
-                         `npx wrangler secret put {name}`"
-                    ));
-                }
-            } else if !asked.contains(name) && !OTHER_SETTINGS.contains(&name.as_str()) {
+        for name in vars.keys() {
+            let known = OTHER_SETTINGS.contains(&name.as_str()) || SECRETS.contains(&name.as_str());
+            if !asked.contains(name) && !known {
                 findings.push(format!(
                     "{name}: not a setting of this Worker (misspelt?); see the README's \
                      Configuration"
+                ));
+            }
+        }
+        if let Some(v) = vars.get("FAULT_INJECT_D1_FAILURES") {
+            if !matches!(setting(v), Setting::Text(t) if matches!(t.trim(), "" | "0")) {
+                findings.push(
+                    "FAULT_INJECT_D1_FAILURES: a test hook (the first writes of every call to \
+                     D1 fail); leave it unset"
+                        .to_owned(),
+                );
+            }
+        }
+        // A secret in any [vars] of the file is committed with it, and even empty it takes
+        // the name `wrangler secret put` needs.
+        let mut tables = vec![("[vars]".to_owned(), vars_of(&doc)?)];
+        for (name, e) in envs.into_iter().flatten() {
+            if let Some(t) = e.as_table() {
+                tables.push((format!("[env.{name}.vars]"), vars_of(t)?));
+            }
+        }
+        for (table, vars) in &tables {
+            for name in vars.keys().filter(|k| SECRETS.contains(&k.as_str())) {
+                findings.push(format!(
+                    "{name} in {table}: a secret; remove it and set it with \
+                     `npx wrangler secret put {name}`"
                 ));
             }
         }
