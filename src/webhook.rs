@@ -77,7 +77,7 @@ impl Registration {
     }
 
     /// The call got the fallback TwiML instead of its agent: `reason` (one of
-    /// [`FALLBACK_ONLY`], [`NOT_REGISTERED`]) and its particulars.
+    /// [`FALLBACK_ONLY`], [`NOT_REGISTERED`], [`NEVER_STREAMED`]) and its particulars.
     pub fn unserved(&self, reason: &str, detail: Option<String>) -> Record {
         Record::CallUnserved {
             call_sid: self.call.call_sid.0.clone(),
@@ -115,6 +115,10 @@ pub const INTERRUPTED: &str = "bridge_restarted";
 pub const FALLBACK_ONLY: &str = "fallback_only";
 /// `end_reason` of a call whose call object could not take it (the fallback answered it).
 pub const NOT_REGISTERED: &str = "not_registered";
+/// `end_reason` of a call handed to its agent whose Media Stream never connected (an
+/// upgrade refused or never made, or the caller gone first): Twilio went on past
+/// `</Connect>` to the fallback, or the call was over.
+pub const NEVER_STREAMED: &str = "stream_never_connected";
 
 /// What a call's Durable Object keeps about its call in its own storage.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -177,6 +181,26 @@ impl CallState {
         } else {
             Ok(())
         }
+    }
+
+    /// Twilio's final `status` for a call handed to its agent whose stream never started:
+    /// marks it ended (a late upgrade is refused) and returns the end to record, with
+    /// Twilio's status and duration as its particulars; `None` for any other call or status.
+    pub fn never_streamed(&mut self, status: &str, duration_s: Option<u64>) -> Option<Record> {
+        if crate::store::status_rank(status) != Some(3)
+            || self.streamed_at_ms.is_some()
+            || self.end_reason.is_some()
+        {
+            return None;
+        }
+        self.end_reason = Some(NEVER_STREAMED.to_owned());
+        let lasted = duration_s.map_or(String::new(), |s| format!(" after {s} s"));
+        Some(self.registration.unserved(
+            NEVER_STREAMED,
+            Some(format!(
+                "Twilio reported the call {status}{lasted} and its Media Stream never connected"
+            )),
+        ))
     }
 
     /// A stream that started and never ended, while no pump of this instance of the object
@@ -1010,6 +1034,51 @@ mod tests {
         stored.as_object_mut().unwrap().remove("streamed_at_ms");
         let state: CallState = serde_json::from_value(stored).unwrap();
         assert_eq!(state, CallState::new(registration()));
+    }
+
+    /// A call handed to its agent whose stream never connected (the upgrade refused, say):
+    /// Twilio's final status puts why on record, once, and a late upgrade is refused.
+    #[test]
+    fn a_call_whose_stream_never_connected_says_so_when_twilio_reports_its_end() {
+        use crate::agents::testdb;
+        let conn = testdb::open();
+        let write = |r: &Record| testdb::batch(&conn, &r.statements(1_000)).unwrap();
+        let mut state = CallState::new(registration());
+        write(&state.registration.record());
+        assert_eq!(state.never_streamed("ringing", None), None);
+        assert_eq!(state.never_streamed("in-progress", None), None);
+        let unserved = state.never_streamed("completed", Some(25)).unwrap();
+        write(&unserved);
+        write(&Record::TwilioStatus {
+            call_sid: "CA9".into(),
+            status: "completed".into(),
+            call_duration_s: Some(25),
+            at_ms: 26_000,
+        });
+        assert_eq!(state.never_streamed("completed", Some(25)), None, "once");
+        assert_eq!(
+            state.admit_stream(&state.registration.call.call_sid.clone(), false),
+            Err(StreamRefusal::Ended)
+        );
+        let rows = testdb::query(
+            &conn,
+            &crate::store::Statement::new(
+                "SELECT status, end_reason, end_detail, twilio_duration_s FROM calls",
+                vec![],
+            ),
+        );
+        assert_eq!(
+            rows,
+            vec![serde_json::json!({
+                "status": "failed", "end_reason": NEVER_STREAMED,
+                "end_detail": "Twilio reported the call completed after 25 s and its Media Stream never connected",
+                "twilio_duration_s": 25,
+            })]
+        );
+        // A call that streamed is not this.
+        let mut streamed = CallState::new(registration());
+        streamed.streamed_at_ms = Some(2_000);
+        assert_eq!(streamed.never_streamed("completed", Some(25)), None);
     }
 
     /// Twilio's final status reaches a restarted object before its watch does: finalizing

@@ -556,6 +556,52 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
     assert_eq!(detail["call"]["twilio_duration_s"], 9);
 }
 
+/// A call handed to its agent whose Media Stream never connected (here: never opened) reads
+/// as what it was once Twilio reports its end, not as a plain completed call; a late
+/// upgrade is refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_whose_stream_never_connected_is_recorded_with_why() {
+    let h = harness().await;
+    let admin = admin(h);
+    let ids = CallIds::new();
+    let (from, to) = ("+15551230302", "+81312345678");
+    let twiml = h.answer_call(&ids, from, to).await;
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(25)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the call's end", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(
+        project(
+            &detail["call"],
+            &["status", "end_reason", "end_detail", "twilio_duration_s"]
+        ),
+        json!({"status": "failed", "end_reason": "stream_never_connected",
+               "end_detail": "Twilio reported the call completed after 25 s and its Media Stream never connected",
+               "twilio_duration_s": 25}),
+        "{}",
+        pretty(&detail)
+    );
+    assert!(
+        detail["call"]["ended_at"].is_string(),
+        "{}",
+        pretty(&detail)
+    );
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &twiml.stream_url, &[]);
+    match MediaStream::connect(&twiml.stream_url, Some(&sig)).await {
+        Err(tw::ConnectError::Refused { status, .. }) => assert_eq!(status, 410),
+        Err(e) => panic!("expected 410, got {e:?}"),
+        Ok(_) => panic!("a stream for a call that is over was accepted"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backwards() {
     let h = harness().await;
@@ -630,7 +676,9 @@ async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backward
     );
     assert!(detail["call"]["started_at"].is_string());
 
-    // A call from the webhook on: ringing → in-progress → completed with its CallDuration.
+    // A call from the webhook on: ringing → in-progress → its end with its CallDuration. (Its
+    // stream never connects, so it ends as a failure: see
+    // a_call_whose_stream_never_connected_is_recorded_with_why.)
     let a = CallIds::new();
     h.answer_call(&a, from, to).await;
     let ringing = |d: &Value| d["call"]["status"] == "ringing";
@@ -659,8 +707,8 @@ async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backward
     let detail = ok(
         h,
         admin
-            .wait_call(&a.call_sid, "completed, 42 s", D1_DEADLINE, |d| {
-                d["call"]["status"] == "completed" && d["call"]["twilio_duration_s"] == 42
+            .wait_call(&a.call_sid, "ended, 42 s", D1_DEADLINE, |d| {
+                d["call"]["status"] == "failed" && d["call"]["twilio_duration_s"] == 42
             })
             .await,
     );

@@ -75,6 +75,29 @@ impl DurableObject for CallSession {
                 // call reads as the failure it was, ended when Twilio said so, rather than
                 // waiting for the watch alarm and overwriting Twilio's end with its own.
                 self.finalize_orphaned_stream().await?;
+                // Twilio's last word on a call whose stream never connected: why the agent
+                // never served it goes on record (else it would read as a plain completed call).
+                if let StoreRecord::TwilioStatus {
+                    status,
+                    call_duration_s,
+                    ..
+                } = &record
+                {
+                    let storage = self.state.storage();
+                    if let Some(mut state) = storage.get::<CallState>(CALL_KEY).await? {
+                        if let Some(unserved) = state.never_streamed(status, *call_duration_s) {
+                            log(
+                                "error",
+                                "call.never_streamed",
+                                serde_json::json!({ "call_sid": state.registration.call.call_sid, "status": status }),
+                            );
+                            if !self.outbox().push(&unserved).await {
+                                return Response::error("status not kept", 500);
+                            }
+                            storage.put(CALL_KEY, &state).await?;
+                        }
+                    }
+                }
                 if !self.outbox().push(&record).await {
                     return Response::error("status not kept", 500);
                 }
