@@ -119,7 +119,21 @@ pub enum Record {
         status: String,
         call_duration_s: Option<u64>,
         at_ms: u64,
+        /// The call's parties as the callback names them, for a row its voice webhook never
+        /// wrote (a webhook that failed, an outbound call never answered); a row that has
+        /// them keeps its own.
+        #[serde(default)]
+        parties: Parties,
     },
+}
+
+/// Who a call is between, as a Twilio callback names them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parties {
+    pub account_sid: String,
+    pub from: String,
+    pub to: String,
+    pub direction: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,6 +396,7 @@ impl Record {
                 status,
                 call_duration_s,
                 at_ms,
+                parties,
             } => {
                 let Some(rank) = status_rank(status).filter(|r| *r >= 1) else {
                     // queued/initiated say nothing the row does not already say.
@@ -394,7 +409,11 @@ impl Record {
                             "UPDATE calls SET \
                              status = CASE WHEN {RANK_SQL} < ?3 THEN ?2 ELSE status END, \
                              twilio_duration_s = COALESCE(?4, twilio_duration_s), \
-                             ended_at = CASE WHEN ?3 = 3 THEN COALESCE(ended_at, ?5) ELSE ended_at END \
+                             ended_at = CASE WHEN ?3 = 3 THEN COALESCE(ended_at, ?5) ELSE ended_at END, \
+                             account_sid = CASE WHEN account_sid = '' THEN ?6 ELSE account_sid END, \
+                             from_number = CASE WHEN from_number = '' THEN ?7 ELSE from_number END, \
+                             to_number = CASE WHEN to_number = '' THEN ?8 ELSE to_number END, \
+                             direction = CASE WHEN direction = '' THEN ?9 ELSE direction END \
                              WHERE call_sid = ?1"
                         ),
                         vec![
@@ -403,6 +422,10 @@ impl Record {
                             rank.into(),
                             call_duration_s.map(Value::from).unwrap_or(Value::Null),
                             iso_time(*at_ms).into(),
+                            parties.account_sid.as_str().into(),
+                            parties.from.as_str().into(),
+                            parties.to.as_str().into(),
+                            parties.direction.as_str().into(),
                         ],
                     ),
                 ]
@@ -469,6 +492,7 @@ mod tests {
                 status: s.into(),
                 call_duration_s: duration,
                 at_ms: 9_000,
+                parties: Default::default(),
             },
         );
     }
@@ -752,10 +776,61 @@ mod tests {
             call_sid: SID.into(),
             status: "queued".into(),
             call_duration_s: None,
-            at_ms: 0
+            at_ms: 0,
+            parties: Default::default(),
         }
         .statements(0)
         .is_empty());
+    }
+
+    #[test]
+    fn a_call_known_only_from_its_status_callback_has_its_parties() {
+        // The voice webhook never reached the Worker (it failed, or the call was never
+        // answered): the callback's parties fill the row, so a number filter finds it.
+        let with = |from: &str| Record::TwilioStatus {
+            call_sid: SID.into(),
+            status: "no-answer".into(),
+            call_duration_s: Some(0),
+            at_ms: 9_000,
+            parties: Parties {
+                account_sid: "AC1".into(),
+                from: from.into(),
+                to: "+815012345678".into(),
+                direction: "outbound-api".into(),
+            },
+        };
+        let conn = testdb::open();
+        write(&conn, &with("+819011112222"));
+        let row = call_row(&conn);
+        let got: Vec<&str> = [
+            "status",
+            "from_number",
+            "to_number",
+            "direction",
+            "account_sid",
+        ]
+        .iter()
+        .map(|k| row[*k].as_str().unwrap_or("?"))
+        .collect();
+        assert_eq!(
+            got,
+            [
+                "no-answer",
+                "+819011112222",
+                "+815012345678",
+                "outbound-api",
+                "AC1"
+            ]
+        );
+        // A row that has its parties (from the webhook) keeps them.
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        write(&conn, &with("+810000000000"));
+        let row = call_row(&conn);
+        assert_eq!(
+            (row["from_number"].as_str(), row["direction"].as_str()),
+            (Some("+819012345678"), Some("inbound"))
+        );
     }
 
     #[test]

@@ -527,11 +527,18 @@ pub fn status_callback<'a>(
                 .map_err(|_| Refusal::BadRequest(format!("CallDuration {d:?} is not a number")))?,
         ),
     };
+    let text = |name: &str| get(name).unwrap_or_default().to_owned();
     Ok(Record::TwilioStatus {
         call_sid: call_sid.0,
         status: status.to_owned(),
         call_duration_s,
         at_ms: now_ms,
+        parties: crate::store::Parties {
+            account_sid: text("AccountSid"),
+            from: text("From"),
+            to: text("To"),
+            direction: text("Direction"),
+        },
     })
 }
 
@@ -906,6 +913,10 @@ mod tests {
             ("CallStatus", "completed"),
             ("CallDuration", "42"),
             ("SequenceNumber", "3"),
+            ("AccountSid", "AC1"),
+            ("From", "+819012345678"),
+            ("To", "+81312345678"),
+            ("Direction", "inbound"),
         ]);
         let sig = signature::compute(TOKEN, url, &params);
         assert_eq!(
@@ -914,7 +925,13 @@ mod tests {
                 call_sid: "CA1".into(),
                 status: "completed".into(),
                 call_duration_s: Some(42),
-                at_ms: 7
+                at_ms: 7,
+                parties: crate::store::Parties {
+                    account_sid: "AC1".into(),
+                    from: "+819012345678".into(),
+                    to: "+81312345678".into(),
+                    direction: "inbound".into(),
+                },
             })
         );
         assert_eq!(
@@ -1054,6 +1071,7 @@ mod tests {
             status: "completed".into(),
             call_duration_s: Some(25),
             at_ms: 26_000,
+            parties: Default::default(),
         });
         assert_eq!(state.never_streamed("completed", Some(25)), None, "once");
         assert_eq!(
@@ -1097,6 +1115,7 @@ mod tests {
             status: "completed".into(),
             call_duration_s: Some(8),
             at_ms: 9_000,
+            parties: Default::default(),
         });
         let rows = testdb::query(
             &conn,

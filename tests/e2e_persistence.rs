@@ -646,9 +646,10 @@ async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backward
         None,
         "a refused callback created a row"
     );
-    // A status callback for a call whose webhook never came still creates its row. (Written
-    // after anything a refused callback might have queued: had one been, the row would say
-    // completed/999, or D1 would have refused the status and held everything behind it.)
+    // A status callback for a call whose webhook never came still creates its row, with the
+    // parties the callback names. (Written after anything a refused callback might have
+    // queued: had one been, the row would say completed/999, or D1 would have refused the
+    // status and held everything behind it.)
     let r = h
         .post_status(&tw::status_params(&lone, from, to, "in-progress", 1, None))
         .await;
@@ -670,7 +671,7 @@ async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backward
             &detail["call"],
             &["status", "twilio_duration_s", "from_number", "agent_id"]
         ),
-        json!({"status": "in-progress", "twilio_duration_s": null, "from_number": "", "agent_id": null}),
+        json!({"status": "in-progress", "twilio_duration_s": null, "from_number": from, "agent_id": null}),
         "{}",
         pretty(&detail)
     );
