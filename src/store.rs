@@ -567,42 +567,6 @@ mod tests {
     }
 
     #[test]
-    fn a_presumed_restart_never_overwrites_the_end_the_call_recorded_itself() {
-        let restarted = |at_ms: u64| Record::CallEnded {
-            call_sid: SID.into(),
-            at_ms,
-            duration_ms: Some(at_ms - 2_000),
-            end_reason: crate::webhook::INTERRUPTED.into(),
-            end_detail: Some("the bridge restarted mid-call".into()),
-            failed: true,
-            input_tokens: 0,
-            output_tokens: 0,
-            total_tokens: 0,
-            first_audio_ms: None,
-            barge_ins: 0,
-        };
-        // The call's own end reached D1 before its object presumed a restart (a status
-        // callback came while the end was still being kept): the real end stays.
-        let conn = testdb::open();
-        write(&conn, &ringing());
-        write(&conn, &ended(false));
-        write(&conn, &restarted(70_000));
-        let row = call_row(&conn);
-        assert_eq!(row["end_reason"], "twilio_stop");
-        assert_eq!(row["status"], "completed");
-        assert_eq!(row["total_tokens"], 30);
-        assert_eq!(row["duration_ms"], 59_000);
-        // With no end recorded, the restart is what ended the call.
-        let conn = testdb::open();
-        write(&conn, &ringing());
-        write(&conn, &restarted(70_000));
-        let row = call_row(&conn);
-        assert_eq!(row["end_reason"], crate::webhook::INTERRUPTED);
-        assert_eq!(row["status"], "failed");
-        assert_eq!(row["duration_ms"], 68_000);
-    }
-
-    #[test]
     fn a_batch_makes_sure_of_each_call_once_and_writes_what_the_records_would_alone() {
         let other = "CA2";
         let transcript = |call: &str, seq: u64| Record::Transcript {

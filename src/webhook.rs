@@ -1053,6 +1053,52 @@ mod tests {
         assert_eq!(state, CallState::new(registration()));
     }
 
+    /// A restart is presumed when the object finds no end kept; if the call's own end did
+    /// reach D1 (a status callback came while that end was still being kept), it stays.
+    #[test]
+    fn a_presumed_restart_never_overwrites_the_end_the_call_recorded_itself() {
+        use crate::agents::testdb;
+        let row = |conn: &rusqlite::Connection| {
+            testdb::query(
+                conn,
+                &crate::store::Statement::new(
+                    "SELECT status, end_reason, total_tokens FROM calls",
+                    vec![],
+                ),
+            )
+        };
+        let own_end = Record::CallEnded {
+            call_sid: "CA9".into(),
+            at_ms: 61_000,
+            duration_ms: Some(59_000),
+            end_reason: "twilio_stop".into(),
+            end_detail: None,
+            failed: false,
+            input_tokens: 10,
+            output_tokens: 20,
+            total_tokens: 30,
+            first_audio_ms: Some(640),
+            barge_ins: 2,
+        };
+        for own_end_kept in [true, false] {
+            let conn = testdb::open();
+            let write = |r: &Record| testdb::batch(&conn, &r.statements(1_000)).unwrap();
+            let mut state = CallState::new(registration());
+            write(&state.registration.record());
+            state.streamed_at_ms = Some(2_000);
+            if own_end_kept {
+                write(&own_end);
+            }
+            write(&state.finalize_orphaned(false, 70_000).unwrap());
+            let expected = if own_end_kept {
+                serde_json::json!({"status": "completed", "end_reason": "twilio_stop", "total_tokens": 30})
+            } else {
+                serde_json::json!({"status": "failed", "end_reason": INTERRUPTED, "total_tokens": 0})
+            };
+            assert_eq!(row(&conn), vec![expected], "own end kept: {own_end_kept}");
+        }
+    }
+
     /// A call handed to its agent whose stream never connected (the upgrade refused, say):
     /// Twilio's final status puts why on record, once, and a late upgrade is refused.
     #[test]
