@@ -1107,6 +1107,9 @@ impl Call {
 
     /// A session is ready. After a reconnect, seed it with the conversation so far.
     pub(super) fn on_session_ready(&mut self, now: Millis) {
+        // The line could not idle without a session: the silence counts from here, not
+        // from before a reconnect's gap (a check-in the moment the new one is up).
+        self.busy(now);
         let Some(r) = self.control.reconnect.take() else {
             self.say_wrap_up();
             return;

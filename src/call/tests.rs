@@ -2456,3 +2456,5 @@ fn a_refused_transfer_hands_the_caller_to_the_fallback() {
         Some("call_control_failed")
     );
 }
+
+mod reconnect;
