@@ -315,7 +315,10 @@ async function renderCall(sid) {
   const back = h('p', {}, h('a', { href: '#/calls' }, t('back')));
   if (r.status === 404) return show(back, h('p', { class: 'error' }, t('call_not_found')));
   if (!r.ok) throw new Error(r.data?.message || r.status);
-  const { call, transcript, events } = r.data;
+  const { call, events } = r.data;
+  // A turn cut before the caller heard any of it is kept empty (and interrupted): not a turn
+  // to show; its barge-in still is.
+  const transcript = r.data.transcript.filter((e) => e.text);
   const audio = h('audio', { controls: true, preload: 'auto', id: 'recording' });
   const audioBox = h('div', {}, h('p', { class: 'muted', id: 'recording-status' }, call.recording_key ? t('load_recording') : t('no_recording')));
   const total = call.recording_duration_ms || call.duration_ms || 0;

@@ -249,6 +249,11 @@ impl Call {
     }
 
     pub(super) fn remember_transcript(&mut self, seq: u64, role: Role, text: &str) {
+        if text.is_empty() {
+            // A turn cut before any of it was heard: not part of the conversation.
+            self.control.transcript.remove(&seq);
+            return;
+        }
         self.control.transcript.insert(seq, (role, text.to_owned()));
     }
 

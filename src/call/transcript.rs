@@ -35,6 +35,8 @@ struct Item {
     cut: Option<(u64, u64)>,
     /// The server's truncated transcript has been written: nothing replaces it.
     settled: bool,
+    /// Its whole text has been written (before any cut).
+    written: bool,
 }
 
 #[derive(Debug, Default)]
@@ -142,13 +144,16 @@ impl Conversation {
         match item.cut {
             Some((heard, received)) => Self::estimate(id, item, heard, received),
             None if text.trim().is_empty() => None,
-            None => Some(Self::entry(
-                id,
-                item,
-                Role::Agent,
-                text.trim().to_owned(),
-                false,
-            )),
+            None => {
+                item.written = true;
+                Some(Self::entry(
+                    id,
+                    item,
+                    Role::Agent,
+                    text.trim().to_owned(),
+                    false,
+                ))
+            }
         }
     }
 
@@ -171,8 +176,11 @@ impl Conversation {
     /// steady rate, so this is close); replaced once the server's own text arrives.
     fn estimate(id: &ItemId, item: &Item, heard_ms: u64, received_ms: u64) -> Option<Entry> {
         if heard_ms == 0 {
-            // Nothing was heard: no turn to record.
-            return None;
+            // Nothing was heard: no turn to record, but one already written whole (its
+            // transcript came before the cut) is rewritten as heard by nobody.
+            return item
+                .written
+                .then(|| Self::entry(id, item, Role::Agent, String::new(), true));
         }
         let chars: Vec<char> = item.text.chars().collect();
         let keep = (chars.len() as u64 * heard_ms.min(received_ms))
@@ -258,6 +266,18 @@ mod tests {
         assert_eq!(c.agent_cut(&id("a1"), 0, 800, 0), None);
         assert_eq!(c.retrieved(&id("a1"), Some("")), None);
         assert_eq!(c.agent_text(&id("a1"), "こんにちは", 0), None);
+    }
+
+    #[test]
+    fn a_turn_written_whole_then_cut_before_it_was_heard_is_emptied() {
+        let mut c = Conversation::default();
+        let whole = c.agent_text(&id("a1"), "こんにちは", 0).unwrap();
+        let cut = c.agent_cut(&id("a1"), 0, 800, 10).unwrap();
+        assert_eq!(
+            (cut.seq, cut.text.as_str(), cut.interrupted),
+            (whole.seq, "", true)
+        );
+        assert_eq!(c.retrieved(&id("a1"), Some("")), None);
     }
 
     #[test]

@@ -31,3 +31,38 @@ fn the_reconnect_gap_does_not_count_as_silence() {
     let out = sim.input(Input::Timeout);
     assert!(system_notes(&out).is_empty(), "{out:?}");
 }
+
+#[test]
+fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.response("resp_1");
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_a","type":"message","role":"assistant"}}"#);
+    for i in 0..10u8 {
+        sim.agent_chunk("item_a", &audio(800, i));
+    }
+    // The whole transcript comes (and is written) before Twilio has played any of it.
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_a","response_id":"resp_1","transcript":"全部の長い説明です。"}"#);
+    let whole = transcript(&sim.records);
+    assert_eq!(whole.last().unwrap().2, "全部の長い説明です。");
+    sim.at(300);
+    let out = sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":250,"item_id":"item_u"}"#,
+    );
+    assert_eq!(
+        sends_of(&out, "conversation.item.truncate")[0]["audio_end_ms"],
+        0
+    );
+    // The same entry (the upsert replaces it by seq) now says the caller heard none of it.
+    let t = transcript(&sim.records);
+    assert_eq!(t.len(), whole.len());
+    let cut = t.last().unwrap();
+    assert_eq!(cut.0, whole.last().unwrap().0);
+    assert_eq!((cut.2.as_str(), cut.4), ("", true));
+    sim.at(1_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert!(
+        sends_of(&out, "conversation.item.create").is_empty(),
+        "nothing the caller heard to seed: {out:?}"
+    );
+}
