@@ -847,12 +847,15 @@ impl Call {
         self.log(Level::Info, "twilio.dtmf", json!({ "digit": digit }));
         self.event(now, "dtmf", json!({ "digit": digit }));
         self.activity(now);
-        if self.upstream != Upstream::Ready {
-            return;
-        }
         let text = self.dtmf_note(&digit);
-        self.actions
-            .push_back(Action::SendOpenAi(openai::text_item("user", &text)));
+        // Kept in the conversation's order: a session not ready yet (the first, or one
+        // replacing a lost one) is seeded with it, and so is any later one.
+        let seq = self.conversation.place();
+        self.remember_transcript(seq, Role::Caller, &text);
+        if self.upstream == Upstream::Ready {
+            self.actions
+                .push_back(Action::SendOpenAi(openai::text_item("user", &text)));
+        }
         self.request_response();
     }
 
@@ -1110,15 +1113,34 @@ impl Call {
         }
     }
 
-    /// A session is ready. After a reconnect, seed it with the conversation so far.
+    /// A session is ready: seed it with the conversation so far (after a reconnect; for
+    /// the first session, the keys pressed before it was ready).
     pub(super) fn on_session_ready(&mut self, now: Millis) {
         // The line could not idle without a session: the silence counts from here, not
         // from before a reconnect's gap (a check-in the moment the new one is up).
         self.busy(now);
-        let Some(r) = self.control.reconnect.take() else {
-            self.say_wrap_up();
-            return;
-        };
+        let seeded = self.seed_session();
+        if let Some(r) = self.control.reconnect.take() {
+            for note in std::mem::take(&mut self.control.late_tool_notes) {
+                self.tell_model(&note);
+            }
+            self.event(
+                now,
+                "reconnected",
+                json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0, "seeded_items": seeded }),
+            );
+            self.log(
+                Level::Info,
+                "openai.reconnected",
+                json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0 }),
+            );
+        }
+        self.say_wrap_up();
+        self.flush_response();
+    }
+
+    /// Sends the conversation remembered so far to the new session; returns how many items.
+    fn seed_session(&mut self) -> usize {
         let items: Vec<String> = self
             .control
             .transcript
@@ -1135,20 +1157,6 @@ impl Call {
         for item in items {
             self.actions.push_back(Action::SendOpenAi(item));
         }
-        for note in std::mem::take(&mut self.control.late_tool_notes) {
-            self.tell_model(&note);
-        }
-        self.event(
-            now,
-            "reconnected",
-            json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0, "seeded_items": seeded }),
-        );
-        self.log(
-            Level::Info,
-            "openai.reconnected",
-            json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0 }),
-        );
-        self.say_wrap_up();
-        self.flush_response();
+        seeded
     }
 }

@@ -73,6 +73,13 @@ impl Conversation {
         })
     }
 
+    /// A place in the conversation for a message the bridge adds itself (a keypad press):
+    /// not transcribed here, but a new session is seeded with it in order.
+    pub fn place(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq - 1
+    }
+
     /// An item appeared; the first sighting fixes its place.
     pub fn added(&mut self, id: &ItemId, role: Option<&str>, now_offset_ms: u64) {
         let speech = self.speech_started.remove(id);

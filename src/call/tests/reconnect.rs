@@ -66,3 +66,74 @@ fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
         "nothing the caller heard to seed: {out:?}"
     );
 }
+
+fn dtmf(digit: &str) -> String {
+    format!(
+        r#"{{"event":"dtmf","streamSid":"{STREAM}","sequenceNumber":"5","dtmf":{{"track":"inbound_track","digit":"{digit}"}}}}"#
+    )
+}
+
+/// The text of the `conversation.item.create` messages among `out`: (role, text).
+fn messages(out: &[Action]) -> Vec<(String, String)> {
+    sends_of(out, "conversation.item.create")
+        .iter()
+        .map(|v| {
+            let item = &v["item"];
+            let text = item["content"][0]["text"].as_str().unwrap_or_default();
+            (item["role"].as_str().unwrap().to_owned(), text.to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn a_key_pressed_before_the_first_session_is_ready_reaches_it() {
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.at(300);
+    assert!(sim.twilio(&dtmf("1")).is_empty());
+    sim.openai_opened();
+    let out = ready(&mut sim);
+    assert!(is_greeting(&out[0]), "{out:?}");
+    assert_eq!(
+        messages(&out),
+        [(
+            "user".to_owned(),
+            "（お客様が電話のキーパッドで「1」を押しました）".to_owned()
+        )]
+    );
+    // Answered once the greeting is done (one response at a time).
+    sim.response("resp_g");
+    let out = sim.response_done("resp_g");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn keys_pressed_before_and_during_a_reconnect_reach_the_new_session_in_order() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.twilio(&dtmf("1"));
+    sim.response("resp_d");
+    sim.response_done("resp_d");
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"予約の件です"}"#);
+    sim.at(1_000);
+    lose(&mut sim);
+    sim.at(1_200);
+    assert!(sim.twilio(&dtmf("2")).is_empty());
+    sim.at(1_500);
+    let out = ready(&mut sim);
+    let key = |d: &str| {
+        (
+            "user".to_owned(),
+            format!("（お客様が電話のキーパッドで「{d}」を押しました）"),
+        )
+    };
+    assert_eq!(
+        messages(&out),
+        [
+            key("1"),
+            ("user".to_owned(), "予約の件です".to_owned()),
+            key("2")
+        ]
+    );
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
