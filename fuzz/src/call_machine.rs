@@ -778,7 +778,8 @@ struct Config {
 ///   side of the contract: OpenAI frames only on an open socket) nothing is sent to a
 ///   socket that is not open; everything but `session.update` waits for the session to
 ///   be ready;
-/// - the greeting is asked for once, only with both the stream and the session ready; no
+/// - the greeting is asked for once (again only in a new session after a loss before any
+///   agent audio reached Twilio), only with both the stream and the session ready; no
 ///   other `response.create` while a response is active, one is awaited, or a tool runs;
 /// - HTTP requests have unique ids; a tool's request goes to its URL with the call's
 ///   context, signed with the agent's secret over the exact body when it has one; at most
@@ -1515,6 +1516,10 @@ impl Harness {
                     self.session_update_sent = false;
                     self.response_active = false;
                     self.response_awaited = false;
+                    // A greeting lost before any of it reached the caller is asked again.
+                    if self.agent_frames == 0 {
+                        self.greeted = false;
+                    }
                     self.tools_running.clear();
                     self.held.clear();
                 }

@@ -69,6 +69,19 @@ impl Call {
         }
     }
 
+    /// What a new session is told of the reply the lost one was saying: cut off, and
+    /// what of it the caller heard (the audio already sent still plays), so it goes on
+    /// from there rather than repeat or skip it.
+    fn cut_off_note(&self, heard: &str) -> String {
+        let ja = std::ptr::eq(self.notes(), &JAPANESE);
+        match (ja, heard.is_empty()) {
+            (true, false) => format!("接続が切れたため、あなたの直前の応答は途中で途切れました。お客様に聞こえたのは「{heard}」までです。同じことは繰り返さず、その続きからお話しください。"),
+            (true, true) => "接続が切れたため、あなたの直前の応答は途中で途切れ、お客様には一部しか聞こえていません。簡潔に言い直してください。".to_owned(),
+            (false, false) => format!("The connection dropped and your last reply was cut off. The caller heard it up to: \"{heard}\". Do not repeat that; go on from there."),
+            (false, true) => "The connection dropped and your last reply was cut off; the caller heard only part of it. Say it again briefly.".to_owned(),
+        }
+    }
+
     /// A keypad press, as the model reads it.
     fn dtmf_note(&self, digit: &str) -> String {
         if std::ptr::eq(self.notes(), &JAPANESE) {
@@ -170,6 +183,13 @@ pub(super) struct State {
     /// That `response.create` was the greeting's: refused because the caller's own turn
     /// already has a response, it is not asked for again.
     awaiting_greeting: bool,
+    /// The greeting has been asked for, and no agent audio has reached the caller nor
+    /// has any response finished since: lost with its session, it is asked for again.
+    greeting_unheard: bool,
+    /// A response is owed: one was asked for or is under way, or the caller's turn has
+    /// just ended (server VAD answers it), and none has finished since. Lost with the
+    /// session, it is asked of the next one.
+    reply_owed: bool,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
@@ -188,8 +208,9 @@ pub(super) struct State {
     reconnect: Option<Reconnect>,
     /// Final transcript text by conversation position, to seed a new session.
     transcript: BTreeMap<u64, (Role, String)>,
-    /// Results of tools called in a lost session that came before the new one was ready.
-    late_tool_notes: Vec<String>,
+    /// Notes for a session being set up after a loss: results of tools called in the lost
+    /// one, what of a reply cut short the caller heard.
+    late_notes: Vec<String>,
 }
 
 impl State {
@@ -201,6 +222,8 @@ impl State {
             wanted: false,
             awaiting_created: false,
             awaiting_greeting: false,
+            greeting_unheard: false,
+            reply_owed: false,
             response: None,
             response_spoke: false,
             silenced: None,
@@ -213,7 +236,7 @@ impl State {
             call_deadline: None,
             reconnect: None,
             transcript: BTreeMap::new(),
-            late_tool_notes: Vec::new(),
+            late_notes: Vec::new(),
         }
     }
 }
@@ -244,6 +267,7 @@ impl Call {
     /// Agent audio of `bytes` was sent: the line is busy until it has played.
     pub(super) fn agent_audio_activity(&mut self, now: Millis, bytes: u64) {
         let c = &mut self.control;
+        c.greeting_unheard = false;
         let base = c.last_activity.map_or(now, |t| t.max(now));
         c.last_activity = Some(base + Millis(bytes_to_ms(bytes)));
     }
@@ -423,6 +447,7 @@ impl Call {
         self.actions
             .push_back(Action::SendOpenAi(openai::response_create()));
         self.control.awaiting_created = true;
+        self.control.reply_owed = true;
         self.control.awaiting_greeting = false;
         if let Some(Ending {
             phase: Phase::Goodbye { requested, .. },
@@ -437,10 +462,24 @@ impl Call {
     pub(super) fn greeting_sent(&mut self) {
         self.control.awaiting_created = true;
         self.control.awaiting_greeting = true;
+        self.control.greeting_unheard = true;
+        self.control.reply_owed = true;
+    }
+
+    /// The caller started speaking: the server cancels a response under way
+    /// (`interrupt_response`); what is owed now is the answer to their turn, once it ends.
+    pub(super) fn caller_turn_started(&mut self) {
+        self.control.reply_owed = false;
+    }
+
+    /// The caller stopped speaking: the server answers the turn (`create_response`).
+    pub(super) fn caller_turn_ended(&mut self) {
+        self.control.reply_owed = true;
     }
 
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
         self.control.awaiting_created = false;
+        self.control.reply_owed = true;
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
         if let (Some(id), true) = (response_id, self.goodbye_said()) {
@@ -479,6 +518,8 @@ impl Call {
         self.busy(now);
         self.control.response = None;
         self.control.response_spoke = false;
+        self.control.greeting_unheard = false;
+        self.control.reply_owed = false;
         let goodbye_done = matches!(
             &self.control.ending,
             Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
@@ -497,7 +538,9 @@ impl Call {
     /// the greeting: the response already there answers the caller).
     pub(super) fn on_response_refused(&mut self) {
         self.control.awaiting_created = false;
-        if !std::mem::take(&mut self.control.awaiting_greeting) {
+        if std::mem::take(&mut self.control.awaiting_greeting) {
+            self.control.greeting_unheard = false;
+        } else {
             self.control.wanted = true;
         }
     }
@@ -507,6 +550,8 @@ impl Call {
     /// will not be said no longer holds up the end of the call.
     pub(super) fn on_response_failed(&mut self, now: Millis) {
         self.control.awaiting_created = false;
+        self.control.greeting_unheard = false;
+        self.control.reply_owed = false;
         if let Some(e) = &mut self.control.ending {
             if matches!(
                 e.phase,
@@ -756,7 +801,7 @@ impl Call {
         if self.upstream == Upstream::Ready {
             self.tell_model(&note);
         } else {
-            self.control.late_tool_notes.push(note);
+            self.control.late_notes.push(note);
         }
         self.request_response();
     }
@@ -1009,6 +1054,8 @@ impl Call {
         let why = failure
             .detail_text()
             .unwrap_or_else(|| failure.label().to_owned());
+        // Later attempts of the same loss find nothing more under way.
+        let lost_now = self.control.reconnect.is_none();
         let r = self.control.reconnect.get_or_insert_with(|| Reconnect {
             cause: failure.clone(),
             started: now,
@@ -1040,8 +1087,13 @@ impl Call {
         }
         self.held_output.clear();
         self.held_output_bytes = 0;
+        if lost_now {
+            self.reply_lost();
+        }
         self.response_active = false;
         self.control.awaiting_created = false;
+        self.control.response = None;
+        self.control.response_spoke = false;
         // A tool still running answers into the next session (see tool_done_after_reconnect).
         for tool in self.control.pending_tools.values_mut() {
             tool.session_lost = true;
@@ -1054,6 +1106,29 @@ impl Call {
             r.connect_at = Some(now + delay);
         }
         true
+    }
+
+    /// The session was lost owing the caller a response: none will come of it, so the
+    /// new session is asked once ready. The greeting again if none of it reached the
+    /// caller; a reply cut short is taken up where the caller stopped hearing it; one
+    /// nothing was heard of is simply asked for again. (An ending has its own way on.)
+    fn reply_lost(&mut self) {
+        if !self.control.reply_owed || self.control.ending.is_some() {
+            return;
+        }
+        if self.control.greeting_unheard {
+            // `maybe_greet` asks for it once the new session is ready.
+            self.greeted = false;
+            return;
+        }
+        let spoken = self.audio_item.as_ref().filter(|id| {
+            self.response_active && self.control.response_spoke && !self.playback.is_cut(id)
+        });
+        if let Some(id) = spoken {
+            let note = self.cut_off_note(self.conversation.text(id));
+            self.control.late_notes.push(note);
+        }
+        self.control.wanted = true;
     }
 
     fn connect_again(&mut self) {
@@ -1121,7 +1196,7 @@ impl Call {
         self.busy(now);
         let seeded = self.seed_session();
         if let Some(r) = self.control.reconnect.take() {
-            for note in std::mem::take(&mut self.control.late_tool_notes) {
+            for note in std::mem::take(&mut self.control.late_notes) {
                 self.tell_model(&note);
             }
             self.event(

@@ -792,6 +792,7 @@ impl Call {
                     json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
                 );
                 self.activity(now);
+                self.caller_turn_started();
                 if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
                     let at = self.session_audio_from_ms + ms;
                     self.conversation.speech_started(&ItemId(id.clone()), at);
@@ -808,6 +809,7 @@ impl Call {
                 audio_end_ms,
             } => {
                 self.activity(now);
+                self.caller_turn_ended();
                 self.log(
                     Level::Debug,
                     "openai.speech_stopped",

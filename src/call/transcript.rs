@@ -80,6 +80,11 @@ impl Conversation {
         self.next_seq - 1
     }
 
+    /// The text of an item so far (an agent turn's transcript deltas, or its final text).
+    pub fn text(&self, id: &ItemId) -> &str {
+        self.items.get(id).map_or("", |i| i.text.trim())
+    }
+
     /// An item appeared; the first sighting fixes its place.
     pub fn added(&mut self, id: &ItemId, role: Option<&str>, now_offset_ms: u64) {
         let speech = self.speech_started.remove(id);

@@ -137,3 +137,106 @@ fn keys_pressed_before_and_during_a_reconnect_reach_the_new_session_in_order() {
     );
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
 }
+
+/// The caller has asked something (transcribed) and the server has started its answer.
+fn caller_asks(sim: &mut Sim) {
+    sim.at(1_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":900,"item_id":"item_u"}"#,
+    );
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"火曜日に予約できますか"}"#);
+    sim.response("resp_1");
+}
+
+#[test]
+fn a_reply_under_way_when_the_session_is_lost_is_asked_of_the_new_one() {
+    let mut sim = Sim::greeted(Agent::default());
+    caller_asks(&mut sim);
+    sim.at(2_000);
+    lose(&mut sim);
+    sim.at(2_500);
+    let out = ready(&mut sim);
+    // Seeded first, so the answer is to the caller's question; nothing of the lost reply
+    // was heard, so there is nothing to tell the model about it.
+    let kinds: Vec<Value> = out
+        .iter()
+        .map(|a| json_of(a)["type"].clone())
+        .filter(|t| t != "input_audio_buffer.append")
+        .collect();
+    assert_eq!(kinds, ["conversation.item.create", "response.create"]);
+    assert_eq!(
+        messages(&out),
+        [("user".to_owned(), "火曜日に予約できますか".to_owned())]
+    );
+    assert_eq!(
+        sends_of(&out, "response.create")[0]["event_id"],
+        openai::RESPONSE_EVENT_ID
+    );
+    // A response asked for and not yet started is asked again too.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.twilio(&dtmf("3"));
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_reply_cut_short_by_the_loss_is_taken_up_where_the_caller_stopped_hearing_it() {
+    let mut sim = Sim::greeted(Agent::default());
+    caller_asks(&mut sim);
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_a","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_a","delta":"はい、火曜日の"}"#);
+    for i in 0..3u8 {
+        sim.agent_chunk("item_a", &audio(800, i));
+    }
+    sim.at(1_500);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("「はい、火曜日の」"), "{notes:?}");
+    let last = json_of(
+        out.iter()
+            .rfind(|a| json_of(a)["type"] != "input_audio_buffer.append")
+            .unwrap(),
+    );
+    assert_eq!(last["type"], "response.create", "after the note: {out:?}");
+}
+
+#[test]
+fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
+    // Started, and lost before any audio.
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.at(500);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    let greeting: Vec<&Action> = out.iter().filter(|a| is_greeting(a)).collect();
+    assert_eq!(greeting.len(), 1, "{out:?}");
+    let greeting = json_of(greeting[0]);
+    assert_eq!(greeting["event_id"], openai::GREETING_EVENT_ID);
+    assert_eq!(
+        greeting["response"]["instructions"],
+        Agent::default().greeting
+    );
+    // Asked for and not yet started.
+    let mut sim = Sim::live_with(Agent::default());
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert_eq!(
+        sends_of(&out, "response.create")[0]["event_id"],
+        openai::GREETING_EVENT_ID
+    );
+    // Part of it heard: it is taken up where it stopped, not said again from the start.
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_g","delta":"お電話ありがとうございます。"}"#);
+    sim.agent_chunk("item_g", &audio(800, 1));
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    let asks = sends_of(&out, "response.create");
+    assert_eq!(asks.len(), 1, "{out:?}");
+    assert_eq!(asks[0]["event_id"], openai::RESPONSE_EVENT_ID);
+    assert!(system_notes(&out)[0].contains("お電話ありがとうございます。"));
+}
