@@ -42,6 +42,10 @@ struct Notes {
     /// The caller spoke while the agent was ending the call: it goes on.
     not_ended: &'static str,
     not_transferred: &'static str,
+    /// What `end_call` and `transfer_call` ask the model to say, told again to a new
+    /// session when the old one was lost before saying it (the tool output went with it).
+    say_goodbye: &'static str,
+    announce_transfer: &'static str,
 }
 
 const JAPANESE: Notes = Notes {
@@ -50,6 +54,8 @@ const JAPANESE: Notes = Notes {
     idle_goodbye: "お客様からの応答がないため、丁寧にお礼を述べて、お電話を終了する旨を短くお伝えしてください。",
     not_ended: "お客様が話し始めたため、通話は終了していません。お客様のお話を伺ってください。それでも通話を終える場合は、あらためて end_call を呼んでください。",
     not_transferred: "お客様が話し始めたため、転送はまだ行われていません。お客様のお話を伺ってください。それでも転送する場合は、あらためて transfer_call を呼んでください。",
+    say_goodbye: "お客様に短く丁寧にお別れのご挨拶をしてください。話し終えると通話は終了します。",
+    announce_transfer: "これから担当者に電話を転送することを、お客様に一文で短くお伝えください。",
 };
 
 const ENGLISH: Notes = Notes {
@@ -58,6 +64,8 @@ const ENGLISH: Notes = Notes {
     idle_goodbye: "The caller is not answering. Thank them politely and say briefly that you are ending the call.",
     not_ended: "The caller started speaking, so the call was not ended. Listen to the caller. If the call should still end, call end_call again.",
     not_transferred: "The caller started speaking, so the call was not transferred. Listen to the caller. If they should still be transferred, call transfer_call again.",
+    say_goodbye: "Say a brief, polite goodbye now. The call ends when you finish speaking.",
+    announce_transfer: "Tell the caller in one short sentence that you are transferring them to a staff member now.",
 };
 
 impl Call {
@@ -138,6 +146,9 @@ struct Ending {
     caller_can_stop: bool,
     /// REST requests made for it so far.
     attempts: u32,
+    /// What the model was asked to say (a note), for a new session should the old one be
+    /// lost before saying it.
+    ask: Option<&'static str>,
 }
 
 #[derive(Debug, Clone)]
@@ -376,6 +387,7 @@ impl Call {
                     },
                     Phase::Draining,
                     false,
+                    None,
                     now,
                 );
                 self.check_drained(now);
@@ -409,6 +421,7 @@ impl Call {
                         response: None,
                     },
                     true,
+                    Some(self.notes().idle_goodbye),
                     now,
                 );
                 self.tell_model(self.notes().idle_goodbye);
@@ -721,7 +734,11 @@ impl Call {
                 None
             },
         };
-        self.start_ending(finish, phase, true, now);
+        let ask = match finish {
+            Finish::Hangup { .. } => self.notes().say_goodbye,
+            Finish::Transfer { .. } => self.notes().announce_transfer,
+        };
+        self.start_ending(finish, phase, true, Some(ask), now);
         let output = if spoken {
             json!({ "ok": true, "instruction": "Done. Say nothing more: the call continues as announced once what you said has played." })
         } else {
@@ -906,7 +923,14 @@ impl Call {
 
     // ---- ending ----
 
-    fn start_ending(&mut self, finish: Finish, phase: Phase, caller_can_stop: bool, now: Millis) {
+    fn start_ending(
+        &mut self,
+        finish: Finish,
+        phase: Phase,
+        caller_can_stop: bool,
+        ask: Option<&'static str>,
+        now: Millis,
+    ) {
         if self.control.ending.is_some() {
             return;
         }
@@ -925,6 +949,7 @@ impl Call {
             deadline: Some(deadline),
             caller_can_stop,
             attempts: 0,
+            ask,
         });
     }
 
@@ -1088,6 +1113,7 @@ impl Call {
         self.held_output.clear();
         self.held_output_bytes = 0;
         if lost_now {
+            self.ending_lost(now);
             self.reply_lost();
         }
         self.response_active = false;
@@ -1106,6 +1132,34 @@ impl Call {
             r.connect_at = Some(now + delay);
         }
         true
+    }
+
+    /// The session was lost while the agent was to say its goodbye (or transfer notice).
+    /// Heard in part or in full, it stands as said: the call ends once what was sent has
+    /// played. Not started, the new session is asked for it (see `on_session_ready`).
+    fn ending_lost(&mut self, now: Millis) {
+        let spoke = self.response_active && self.control.response_spoke;
+        let current = self.control.response.clone();
+        let Some(e) = &mut self.control.ending else {
+            return;
+        };
+        let Phase::Goodbye { response, .. } = &e.phase else {
+            // Done, or with Twilio: nothing more to say.
+            return;
+        };
+        if spoke && response.is_some() && *response == current {
+            e.phase = Phase::Draining;
+            e.deadline = Some(now + DRAIN_TIMEOUT);
+            self.check_drained(now);
+            return;
+        }
+        e.phase = Phase::Goodbye {
+            requested: false,
+            response: None,
+        };
+        // The new session gets as long as the first one had.
+        e.deadline = Some(now + GOODBYE_TIMEOUT);
+        self.control.wanted = true;
     }
 
     /// The session was lost owing the caller a response: none will come of it, so the
@@ -1198,6 +1252,21 @@ impl Call {
         if let Some(r) = self.control.reconnect.take() {
             for note in std::mem::take(&mut self.control.late_notes) {
                 self.tell_model(&note);
+            }
+            let unsaid = match &self.control.ending {
+                Some(Ending {
+                    phase:
+                        Phase::Goodbye {
+                            requested: false, ..
+                        },
+                    ask,
+                    ..
+                }) => *ask,
+                _ => None,
+            };
+            if let Some(ask) = unsaid {
+                // What to say was in the lost session (a tool output, a note): told again.
+                self.tell_model(ask);
             }
             self.event(
                 now,

@@ -240,3 +240,77 @@ fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     assert_eq!(asks[0]["event_id"], openai::RESPONSE_EVENT_ID);
     assert!(system_notes(&out)[0].contains("お電話ありがとうございます。"));
 }
+
+#[test]
+fn a_goodbye_heard_in_part_when_the_session_is_lost_ends_the_call_once_it_has_played() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    sim.at(1_000);
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    let marks: Vec<String> = (0..10u8)
+        .map(|i| sim.agent_chunk("item_bye", &audio(800, i)))
+        .collect();
+    sim.at(1_200);
+    lose(&mut sim);
+    sim.at(1_700);
+    let out = ready(&mut sim);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+    // It stands as said: the caller's "はい" over it does not call the end off.
+    sim.at(1_800);
+    let out = sim.openai(&speech_started());
+    assert!(sends_of(&out, "clear").is_empty(), "{out:?}");
+    assert!(!sim
+        .info_events
+        .iter()
+        .any(|e| e == "control.ending_called_off"));
+    // The hang-up follows what was sent as soon as it has played, not GOODBYE_TIMEOUT on.
+    sim.at(2_300);
+    for m in &marks[..9] {
+        assert!(http_of(&sim.twilio(&mark(m))).is_empty());
+    }
+    let out = sim.twilio(&mark(&marks[9]));
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
+}
+
+#[test]
+fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
+    // end_call answered, the goodbye asked for and not started.
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    let out = sim.response_done("resp_1");
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    sim.at(500);
+    lose(&mut sim);
+    sim.at(900);
+    let out = ready(&mut sim);
+    // The tool's output, which said what to do, went with the old session: told again.
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("お別れ"), "{notes:?}");
+    let last = json_of(out.last().unwrap());
+    assert_eq!(last["type"], "response.create", "{out:?}");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(800, 1));
+    sim.response_done("resp_2");
+    sim.at(1_200);
+    let out = sim.twilio(&mark(&m));
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
+
+    // transfer_call answered while its response is still under way.
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    sim.function_call("transfer_call", "{}");
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("転送"), "{notes:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_2");
+    let out = sim.response_done("resp_2");
+    assert!(http_of(&out)[0].1.body.starts_with("Twiml="), "{out:?}");
+}
