@@ -197,9 +197,9 @@ pub(super) struct State {
     /// The greeting has been asked for, and no agent audio has reached the caller nor
     /// has any response finished since: lost with its session, it is asked for again.
     greeting_unheard: bool,
-    /// A response is owed: one was asked for or is under way, or the caller's turn has
-    /// just ended (server VAD answers it), and none has finished since. Lost with the
-    /// session, it is asked of the next one.
+    /// A response was asked for or is under way, and has neither finished nor been talked
+    /// over by the caller (the server cancels it then, and answers their turn instead).
+    /// Lost with the session, it is asked of the next one.
     reply_owed: bool,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
@@ -480,14 +480,9 @@ impl Call {
     }
 
     /// The caller started speaking: the server cancels a response under way
-    /// (`interrupt_response`); what is owed now is the answer to their turn, once it ends.
+    /// (`interrupt_response`) and answers their turn once it ends.
     pub(super) fn caller_turn_started(&mut self) {
         self.control.reply_owed = false;
-    }
-
-    /// The caller stopped speaking: the server answers the turn (`create_response`).
-    pub(super) fn caller_turn_ended(&mut self) {
-        self.control.reply_owed = true;
     }
 
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
@@ -1162,10 +1157,11 @@ impl Call {
         self.control.wanted = true;
     }
 
-    /// The session was lost owing the caller a response: none will come of it, so the
-    /// new session is asked once ready. The greeting again if none of it reached the
-    /// caller; a reply cut short is taken up where the caller stopped hearing it; one
-    /// nothing was heard of is simply asked for again. (An ending has its own way on.)
+    /// The session was lost owing the caller a response (`reply_owed`): none will come of
+    /// it, so the new session is asked once ready. The greeting again if none of it
+    /// reached the caller; a reply cut short is taken up where the caller stopped hearing
+    /// it; one nothing was heard of is simply asked for again. (An ending has its own way
+    /// on.)
     fn reply_lost(&mut self) {
         if !self.control.reply_owed || self.control.ending.is_some() {
             return;

@@ -809,7 +809,6 @@ impl Call {
                 audio_end_ms,
             } => {
                 self.activity(now);
-                self.caller_turn_ended();
                 self.log(
                     Level::Debug,
                     "openai.speech_stopped",

@@ -314,3 +314,19 @@ fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
     let out = sim.response_done("resp_2");
     assert!(http_of(&out)[0].1.body.starts_with("Twiml="), "{out:?}");
 }
+
+#[test]
+fn a_reply_the_caller_talked_over_before_the_loss_is_not_asked_for_again() {
+    let mut sim = Sim::greeted(Agent::default());
+    caller_asks(&mut sim);
+    sim.agent_chunk("item_a", &audio(800, 1));
+    // The caller talks over it: the server cancels it and answers their turn instead.
+    sim.at(1_300);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1200,"item_id":"item_u2"}"#,
+    );
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+}
