@@ -1612,11 +1612,24 @@ async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_n
         "no gap frame went to the expired session"
     );
 
-    // The call carries on: more audio flows both ways, and there is no second greeting.
+    // The caller's question had no answer under way when the session expired: the new
+    // session is asked for one (after the seeds), not for a second greeting.
     sync_twilio(h, twilio, &oa2, 0x44).await;
+    let creates = oa2.received_of_type("response.create");
+    assert_eq!(creates.len(), 1, "one response.create on the new session");
     assert!(
-        oa2.received_of_type("response.create").is_empty(),
-        "no second greeting on the new session"
+        creates[0].event["response"]["instructions"].is_null(),
+        "an answer to the caller, not the greeting: {}",
+        creates[0].event
+    );
+    let create_at = oa2
+        .received()
+        .iter()
+        .position(|e| e.event_type() == "response.create")
+        .unwrap();
+    assert!(
+        last_seed < create_at,
+        "seeded before it is asked: {types:?}"
     );
     oa2.send_all(oai::full_response(
         "resp_after",

@@ -46,6 +46,9 @@ struct Notes {
     /// session when the old one was lost before saying it (the tool output went with it).
     say_goodbye: &'static str,
     announce_transfer: &'static str,
+    /// The session was lost before the caller's last words were transcribed: the new one
+    /// never heard them.
+    ask_again: &'static str,
 }
 
 const JAPANESE: Notes = Notes {
@@ -56,6 +59,7 @@ const JAPANESE: Notes = Notes {
     not_transferred: "お客様が話し始めたため、転送はまだ行われていません。お客様のお話を伺ってください。それでも転送する場合は、あらためて transfer_call を呼んでください。",
     say_goodbye: "お客様に短く丁寧にお別れのご挨拶をしてください。話し終えると通話は終了します。",
     announce_transfer: "これから担当者に電話を転送することを、お客様に一文で短くお伝えください。",
+    ask_again: "接続が一時的に途切れたため、お客様の直前のお話を聞き取れていません。お待たせしたことをお詫びし、恐れ入りますがもう一度お話しいただけるよう、短くお願いしてください。",
 };
 
 const ENGLISH: Notes = Notes {
@@ -66,6 +70,7 @@ const ENGLISH: Notes = Notes {
     not_transferred: "The caller started speaking, so the call was not transferred. Listen to the caller. If they should still be transferred, call transfer_call again.",
     say_goodbye: "Say a brief, polite goodbye now. The call ends when you finish speaking.",
     announce_transfer: "Tell the caller in one short sentence that you are transferring them to a staff member now.",
+    ask_again: "The connection dropped for a moment and the caller's last words were not heard. Apologise for the wait and briefly ask them to say it again.",
 };
 
 impl Call {
@@ -199,8 +204,12 @@ pub(super) struct State {
     greeting_unheard: bool,
     /// A response was asked for or is under way, and has neither finished nor been talked
     /// over by the caller (the server cancels it then, and answers their turn instead).
-    /// Lost with the session, it is asked of the next one.
+    /// Lost with the session, it is asked of the next one. The caller's turn committed
+    /// counts as asking (server VAD answers it, `create_response`).
     reply_owed: bool,
+    /// The caller's last turn, committed and not yet transcribed: a session lost now takes
+    /// those words with it, and the next one is seeded without them.
+    untranscribed: Option<String>,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
@@ -235,6 +244,7 @@ impl State {
             awaiting_greeting: false,
             greeting_unheard: false,
             reply_owed: false,
+            untranscribed: None,
             response: None,
             response_spoke: false,
             silenced: None,
@@ -485,6 +495,21 @@ impl Call {
         self.control.reply_owed = false;
     }
 
+    /// The caller's turn is in the conversation: the server answers it (`create_response`),
+    /// and its transcript is to come.
+    pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>) {
+        self.control.reply_owed = true;
+        self.control.untranscribed = item_id.map(str::to_owned);
+    }
+
+    /// The transcription of a caller's turn came: a new session is seeded with it. (One that
+    /// failed leaves the words out of the seed all the same.)
+    pub(super) fn caller_turn_transcribed(&mut self, item_id: Option<&str>) {
+        if self.control.untranscribed.as_deref() == item_id {
+            self.control.untranscribed = None;
+        }
+    }
+
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
         self.control.awaiting_created = false;
         self.control.reply_owed = true;
@@ -528,6 +553,8 @@ impl Call {
         self.control.response_spoke = false;
         self.control.greeting_unheard = false;
         self.control.reply_owed = false;
+        // Answered: the model has its own answer to go on, even were the question lost.
+        self.control.untranscribed = None;
         let goodbye_done = matches!(
             &self.control.ending,
             Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
@@ -1177,6 +1204,12 @@ impl Call {
         if let Some(id) = spoken {
             let note = self.cut_off_note(self.conversation.text(id));
             self.control.late_notes.push(note);
+        } else if self.control.untranscribed.take().is_some() {
+            // The new session is seeded without the caller's last words: rather than answer
+            // what it never heard, the agent asks for them again.
+            self.control
+                .late_notes
+                .push(self.notes().ask_again.to_owned());
         }
         self.control.wanted = true;
     }

@@ -821,6 +821,7 @@ impl Call {
                     "openai.input_committed",
                     json!({ "item_id": item_id }),
                 );
+                self.caller_turn_committed(item_id.as_deref());
                 if let Some(id) = item_id {
                     let at = self.offset(now);
                     self.conversation.added(&ItemId(id), Some("user"), at);
@@ -905,6 +906,7 @@ impl Call {
                     "openai.caller_transcript",
                     json!({ "item_id": item_id, "chars": transcript.chars().count() }),
                 );
+                self.caller_turn_transcribed(item_id.as_deref());
                 if let Some(id) = item_id {
                     let at = self.offset(now);
                     let entry = self.conversation.caller_text(&ItemId(id), &transcript, at);

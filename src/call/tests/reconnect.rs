@@ -330,3 +330,65 @@ fn a_reply_the_caller_talked_over_before_the_loss_is_not_asked_for_again() {
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
     assert!(system_notes(&out).is_empty(), "{out:?}");
 }
+
+/// The caller's turn is over and in the conversation (server VAD answers it), but the
+/// session is lost before its response starts.
+fn caller_turn_committed(sim: &mut Sim, transcribed: bool) {
+    sim.at(1_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":900,"item_id":"item_u"}"#,
+    );
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":1800,"item_id":"item_u"}"#,
+    );
+    sim.openai(
+        r#"{"type":"input_audio_buffer.committed","item_id":"item_u","previous_item_id":"item_g"}"#,
+    );
+    sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
+    if transcribed {
+        sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"火曜日に予約できますか"}"#);
+    }
+}
+
+#[test]
+fn a_question_the_lost_session_had_not_begun_to_answer_is_answered_by_the_new_one() {
+    let mut sim = Sim::greeted(Agent::default());
+    caller_turn_committed(&mut sim, true);
+    sim.at(2_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    // Seeded with the question, then asked to answer it: not left waiting for the idle
+    // check-in.
+    assert!(
+        messages(&out)
+            .iter()
+            .any(|(role, text)| role == "user" && text == "火曜日に予約できますか"),
+        "{out:?}"
+    );
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+}
+
+#[test]
+fn words_the_lost_session_took_with_it_untranscribed_are_asked_for_again() {
+    let mut sim = Sim::greeted(Agent::default());
+    caller_turn_committed(&mut sim, false);
+    sim.at(2_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    // The new session never heard them: the agent apologises and asks the caller to say
+    // them again, rather than answer a question it does not have.
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("もう一度"), "{notes:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    // Once answered, a later loss owes nothing for those words.
+    let mut sim = Sim::greeted(Agent::default());
+    caller_turn_committed(&mut sim, false);
+    sim.response("resp_1");
+    sim.response_done("resp_1");
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
