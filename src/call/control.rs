@@ -1300,7 +1300,9 @@ impl Call {
             self.event(
                 now,
                 "reconnected",
-                json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0, "seeded_items": seeded }),
+                // The call's row keeps the first session's id; each new one is named here.
+                json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0,
+                        "seeded_items": seeded, "session_id": self.session_id }),
             );
             self.log(
                 Level::Info,

@@ -2093,7 +2093,7 @@ fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
     let out = sim.openai_opened();
     assert_eq!(json_of(&out[0])["type"], "session.update");
     sim.at(3_600_600);
-    let out = sim.openai(&session_updated("audio/pcmu"));
+    let out = sim.openai(&session_updated("audio/pcmu").replace("sess_1", "sess_2"));
     let sent: Vec<Value> = out.iter().map(json_of).collect();
     assert_eq!(sent[0]["item"]["role"], "assistant");
     assert_eq!(
@@ -2110,6 +2110,10 @@ fn an_expired_session_is_replaced_and_seeded_with_the_conversation() {
     let ev = events(&sim.records);
     let reconnected = ev.iter().find(|e| e.1 == "reconnected").unwrap();
     assert_eq!(reconnected.2["gap_ms"], 600);
+    assert_eq!(
+        reconnected.2["session_id"], "sess_2",
+        "the new session is named"
+    );
     assert!(!sim.call.is_ended());
 }
 
