@@ -210,6 +210,9 @@ pub(super) struct State {
     /// The caller's last turn, committed and not yet transcribed: a session lost now takes
     /// those words with it, and the next one is seeded without them.
     untranscribed: Option<String>,
+    /// The caller is speaking (speech started, not yet stopped): a session lost now takes
+    /// the start of their words with it.
+    caller_speaking: bool,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
@@ -245,6 +248,7 @@ impl State {
             greeting_unheard: false,
             reply_owed: false,
             untranscribed: None,
+            caller_speaking: false,
             response: None,
             response_spoke: false,
             silenced: None,
@@ -493,12 +497,19 @@ impl Call {
     /// (`interrupt_response`) and answers their turn once it ends.
     pub(super) fn caller_turn_started(&mut self) {
         self.control.reply_owed = false;
+        self.control.caller_speaking = true;
+    }
+
+    /// The server heard the caller stop.
+    pub(super) fn caller_turn_stopped(&mut self) {
+        self.control.caller_speaking = false;
     }
 
     /// The caller's turn is in the conversation: the server answers it (`create_response`),
     /// and its transcript is to come.
     pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>) {
         self.control.reply_owed = true;
+        self.control.caller_speaking = false;
         self.control.untranscribed = item_id.map(str::to_owned);
     }
 
@@ -513,6 +524,8 @@ impl Call {
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
         self.control.awaiting_created = false;
         self.control.reply_owed = true;
+        // A response follows the end of the caller's turn.
+        self.control.caller_speaking = false;
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
         if let (Some(id), true) = (response_id, self.goodbye_said()) {
@@ -1137,6 +1150,7 @@ impl Call {
         if lost_now {
             self.ending_lost(now);
             self.reply_lost();
+            self.speech_lost();
         }
         self.response_active = false;
         self.control.awaiting_created = false;
@@ -1212,6 +1226,19 @@ impl Call {
                 .push(self.notes().ask_again.to_owned());
         }
         self.control.wanted = true;
+    }
+
+    /// The session was lost while the caller was speaking: the new one hears only the rest
+    /// of their words (held, then sent), and answers that once they stop. The model is told
+    /// it missed the start, so its answer asks for it rather than guess. Not asked for a
+    /// response now: the caller is still talking.
+    fn speech_lost(&mut self) {
+        if std::mem::take(&mut self.control.caller_speaking) {
+            let ask = self.notes().ask_again.to_owned();
+            if !self.control.late_notes.contains(&ask) {
+                self.control.late_notes.push(ask);
+            }
+        }
     }
 
     fn connect_again(&mut self) {

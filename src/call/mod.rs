@@ -809,6 +809,7 @@ impl Call {
                 audio_end_ms,
             } => {
                 self.activity(now);
+                self.caller_turn_stopped();
                 self.log(
                     Level::Debug,
                     "openai.speech_stopped",

@@ -62,7 +62,7 @@ fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
     lose(&mut sim);
     let out = ready(&mut sim);
     assert!(
-        sends_of(&out, "conversation.item.create").is_empty(),
+        messages(&out).iter().all(|(role, _)| role == "system"),
         "nothing the caller heard to seed: {out:?}"
     );
 }
@@ -328,7 +328,9 @@ fn a_reply_the_caller_talked_over_before_the_loss_is_not_asked_for_again() {
     lose(&mut sim);
     let out = ready(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
-    assert!(system_notes(&out).is_empty(), "{out:?}");
+    // They were still speaking: the model is told it missed the start of their words.
+    let notes = system_notes(&out);
+    assert!(notes.len() == 1 && notes[0].contains("もう一度"), "{out:?}");
 }
 
 /// The caller's turn is over and in the conversation (server VAD answers it), but the
@@ -391,4 +393,29 @@ fn words_the_lost_session_took_with_it_untranscribed_are_asked_for_again() {
     let out = ready(&mut sim);
     assert!(system_notes(&out).is_empty(), "{out:?}");
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_session_lost_while_the_caller_speaks_has_the_agent_ask_for_the_start_of_their_words() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":900,"item_id":"item_u"}"#,
+    );
+    sim.at(1_500);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    // The new session hears only the rest of the words: the model is told, and answers
+    // once the caller stops (the server's VAD), not at once over them.
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("もう一度"), "{notes:?}");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    // A caller who had stopped and whose turn was answered leaves nothing to tell.
+    let mut sim = Sim::greeted(Agent::default());
+    caller_turn_committed(&mut sim, true);
+    sim.response("resp_1");
+    sim.response_done("resp_1");
+    lose(&mut sim);
+    assert!(system_notes(&ready(&mut sim)).is_empty());
 }
