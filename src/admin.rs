@@ -71,6 +71,19 @@ pub fn authorized(authorization_header: Option<&str>, admin_token: &str) -> bool
         .is_ok()
 }
 
+/// Why [`admit`] refuses a recording link past its time: answered as [`Error::LinkExpired`],
+/// so a player (the review page) knows to ask for a new link rather than sign in again.
+pub const LINK_EXPIRED: &str = "the recording link has expired";
+
+/// The answer to a request [`admit`] refused for `why`.
+pub fn refused(why: &str) -> Error {
+    if why == LINK_EXPIRED {
+        Error::LinkExpired
+    } else {
+        Error::Unauthorized
+    }
+}
+
 /// Whether a request to `route` may go on: with the bearer token, or, for a recording, with
 /// a valid recording link in its `query` (see [`recording_link`]). A refusal says why, for
 /// the log (never the token itself).
@@ -96,7 +109,7 @@ pub fn admit(
     match check_recording_link(sid, query, admin_token, now_ms) {
         Ok(()) => Ok(()),
         Err(LinkRefusal::NoLink) => Err("no Authorization header"),
-        Err(LinkRefusal::Expired) => Err("the recording link has expired"),
+        Err(LinkRefusal::Expired) => Err(LINK_EXPIRED),
         Err(LinkRefusal::Malformed | LinkRefusal::BadSignature) => Err("a bad recording link"),
     }
 }
@@ -108,6 +121,8 @@ pub fn admit(
 pub enum Error {
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error("the recording link has expired: ask for a new one (GET …/recording-link)")]
+    LinkExpired,
     #[error("request body is not valid JSON: {0}")]
     InvalidJson(String),
     /// The body's bytes are not UTF-8 (say, Shift_JIS): refused rather than stored with
@@ -197,7 +212,7 @@ fn invalid(field: &str, message: impl Into<String>) -> Error {
 impl Error {
     pub fn status(&self) -> u16 {
         match self {
-            Error::Unauthorized => 401,
+            Error::Unauthorized | Error::LinkExpired => 401,
             Error::InvalidJson(_)
             | Error::InvalidUtf8 { .. }
             | Error::Invalid { .. }
@@ -216,6 +231,7 @@ impl Error {
     pub fn code(&self) -> &'static str {
         match self {
             Error::Unauthorized => "unauthorized",
+            Error::LinkExpired => "link_expired",
             Error::InvalidJson(_) => "invalid_json",
             Error::InvalidUtf8 { .. } => "invalid_utf8",
             Error::Invalid { .. } | Error::BadRequest(_) => "invalid_request",
@@ -245,7 +261,9 @@ impl Error {
     /// Headers the status calls for.
     pub fn headers(&self) -> Vec<(&'static str, String)> {
         match self {
-            Error::Unauthorized => vec![("WWW-Authenticate", "Bearer".into())],
+            Error::Unauthorized | Error::LinkExpired => {
+                vec![("WWW-Authenticate", "Bearer".into())]
+            }
             Error::MethodNotAllowed { allow } => vec![("Allow", (*allow).into())],
             Error::RangeNotSatisfiable { size } => {
                 vec![("Content-Range", format!("bytes */{size}"))]
@@ -334,11 +352,12 @@ pub fn route(method: &str, path: &str) -> Result<Route, Error> {
                 .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
             _ => wrong("GET"),
         },
+        // HEAD for tools that ask the size first (answered without the body).
         ["calls", sid, "recording"] => match m.as_str() {
-            "GET" => CallSid::parse(sid)
+            "GET" | "HEAD" => CallSid::parse(sid)
                 .map(Route::GetRecording)
                 .ok_or_else(|| Error::NotFound(format!("no call {sid:?}"))),
-            _ => wrong("GET"),
+            _ => wrong("GET, HEAD"),
         },
         ["calls", sid, "recording-link"] => match m.as_str() {
             "GET" => CallSid::parse(sid)
@@ -1195,6 +1214,18 @@ mod tests {
             check(&sid, query, "admin-token", expires * 1000),
             Err(LinkRefusal::Expired)
         );
+        // Past its time, the answer says so (a player asks for a new link), not "sign in".
+        let route = Ok(Route::GetRecording(sid.clone()));
+        let why = admit(&route, query, None, "admin-token", expires * 1000).unwrap_err();
+        let e = refused(why);
+        assert_eq!(
+            (e.status(), e.body()["error"].clone()),
+            (401, json!("link_expired"))
+        );
+        assert_eq!(
+            refused(admit(&route, "", None, "admin-token", now).unwrap_err()),
+            Error::Unauthorized
+        );
         // Another call, another token, a moved expiry, a changed signature: refused.
         let other = CallSid::new("CA0123456789abcdef0123456789abcdee");
         assert_eq!(
@@ -1371,6 +1402,15 @@ mod tests {
         assert_eq!(
             r("GET", "/api/admin/calls/CA123/recording-link"),
             Ok(GetRecordingLink(CallSid::new("CA123")))
+        );
+        // HEAD, for tools that ask the size first.
+        assert_eq!(
+            r("HEAD", "/api/admin/calls/CA123/recording"),
+            Ok(GetRecording(CallSid::new("CA123")))
+        );
+        assert_eq!(
+            r("PUT", "/api/admin/calls/CA123/recording"),
+            Err(Error::MethodNotAllowed { allow: "GET, HEAD" })
         );
         assert_eq!(
             r("POST", "/api/admin/calls/CA123/recording-link"),

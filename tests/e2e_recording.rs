@@ -297,6 +297,26 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
         assert_eq!(got.status, 416, "{bad}");
         assert_eq!(got.header("content-range"), format!("bytes */{size}"));
     }
+    // HEAD: the size and type, no body (for tools that ask before they download).
+    let url = format!("{}/api/admin/calls/{sid}/recording", h.base_url());
+    let resp = reqwest::Client::new()
+        .head(&url)
+        .header("Authorization", format!("Bearer {ADMIN_TOKEN}"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("HEAD {url}: {e}"));
+    assert_eq!(resp.status().as_u16(), 200);
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    assert_eq!(header("content-type"), "audio/wav");
+    assert_eq!(header("content-length"), size.to_string());
+    assert_eq!(header("accept-ranges"), "bytes");
+    assert!(resp.bytes().await.expect("body").is_empty());
     // Behind the admin token; unknown calls are JSON 404s.
     let got = get_recording(h, &sid, None, None).await;
     assert_eq!(got.status, 401);

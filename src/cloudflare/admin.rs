@@ -94,7 +94,7 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
             "admin.refused",
             json!({ "method": method, "path": path, "status": 401, "why": why }),
         );
-        let e = Error::Unauthorized;
+        let e = admin::refused(why);
         return respond(e.status(), Some(&e.body()), &e.headers());
     }
     let outcome = match route {

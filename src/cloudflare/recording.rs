@@ -624,6 +624,7 @@ pub async fn serve(
     let size = head.size();
     let header = req.headers().get("Range").map_err(failed("range header"))?;
     let range = admin::byte_range(header.as_deref(), size)?;
+    let head_only = req.method() == worker::Method::Head;
     let get = bucket.get(key);
     let get = match range {
         Some(r) => get.range(worker::Range::OffsetWithLength {
@@ -632,16 +633,22 @@ pub async fn serve(
         }),
         None => get,
     };
-    let object = get
-        .execute()
-        .await
-        .map_err(failed("recording get"))?
-        .ok_or(Error::NotFound("the recording is gone".into()))?;
-    let body = object
-        .body()
-        .ok_or_else(|| internal("recording body", "the object has no body"))?
-        .response_body()
-        .map_err(failed("recording body"))?;
+    let body = if head_only {
+        None
+    } else {
+        let object = get
+            .execute()
+            .await
+            .map_err(failed("recording get"))?
+            .ok_or(Error::NotFound("the recording is gone".into()))?;
+        Some(
+            object
+                .body()
+                .ok_or_else(|| internal("recording body", "the object has no body"))?
+                .response_body()
+                .map_err(failed("recording body"))?,
+        )
+    };
     let (status, length) = match range {
         Some(r) => (206, r.len()),
         None => (200, size),
@@ -666,5 +673,8 @@ pub async fn serve(
             .with_header("Content-Range", &r.content_range(size))
             .map_err(failed("headers"))?;
     }
-    Ok(builder.body(body))
+    Ok(match body {
+        Some(body) => builder.body(body),
+        None => builder.empty(),
+    })
 }
