@@ -67,6 +67,48 @@ pub const CHECKPOINT_UPLOAD_TRIES: u32 = 5;
 /// Where the count of those tries is kept.
 pub const CHECKPOINT_TRIES_KEY: &str = "rec-tries";
 
+/// Written once the recording is stored in full (R2 has the file, the outbox its row), before
+/// the checkpoints are deleted, and removed last: deleting them can stop partway (a storage
+/// error, a restart), and what is left is only the recording's end, which must never be
+/// uploaded over the whole file.
+pub const CHECKPOINT_STORED_KEY: &str = "rec-stored";
+
+/// What an object that finds checkpoints and no writer at work does with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recovery {
+    /// Upload the recording from them; this is try number `attempt` (from 1).
+    Upload { attempt: u32 },
+    /// Delete them (and the marker and the count of tries) without uploading.
+    Clear(Leftover),
+}
+
+/// Why checkpoints are deleted without being uploaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Leftover {
+    /// The recording is stored; these are what a cut-off clean-up left.
+    Stored,
+    /// They do not start at the recording's start (checkpoint 0): uploading them would put
+    /// the call's end at its start, and over any file already stored.
+    Partial { first: u64 },
+    /// R2 refused [`CHECKPOINT_UPLOAD_TRIES`] times.
+    Abandoned { tries: u32 },
+}
+
+/// Decides what to do with the checkpoints an object holds: `stored` when it holds
+/// [`CHECKPOINT_STORED_KEY`], `first` the lowest checkpoint's number, `tries` the uploads
+/// tried so far ([`CHECKPOINT_TRIES_KEY`]).
+pub fn recovery(stored: bool, first: u64, tries: u32) -> Recovery {
+    if stored {
+        Recovery::Clear(Leftover::Stored)
+    } else if first != 0 {
+        Recovery::Clear(Leftover::Partial { first })
+    } else if tries >= CHECKPOINT_UPLOAD_TRIES {
+        Recovery::Clear(Leftover::Abandoned { tries })
+    } else {
+        Recovery::Upload { attempt: tries + 1 }
+    }
+}
+
 /// The key of the `seq`th checkpoint: zero-padded, so keys sort in the order they were taken.
 pub fn checkpoint_key(seq: u64) -> String {
     format!("{CHECKPOINT_PREFIX}{seq:012}")
@@ -569,6 +611,61 @@ mod tests {
         );
     }
 
+    /// The clean-up after a stored recording is cut off partway (oldest checkpoints first,
+    /// as the shell deletes them): what is left is the recording's end, and it is deleted,
+    /// never uploaded over the whole file.
+    #[test]
+    fn checkpoints_left_by_a_cut_off_clean_up_are_never_uploaded() {
+        let mut storage: std::collections::BTreeMap<String, u32> =
+            (0..40).map(|n| (checkpoint_key(n), 0)).collect();
+        assert_eq!(recovery(false, 0, 0), Recovery::Upload { attempt: 1 });
+        // Stored: the marker goes in first, then the deletion stops after one batch.
+        storage.insert(CHECKPOINT_STORED_KEY.into(), 1);
+        let batch: Vec<String> = storage
+            .keys()
+            .filter(|k| checkpoint_seq(k).is_some())
+            .take(16)
+            .cloned()
+            .collect();
+        for k in batch {
+            storage.remove(&k);
+        }
+        let first = storage.keys().find_map(|k| checkpoint_seq(k)).unwrap();
+        assert_eq!(first, 16);
+        let stored = storage.contains_key(CHECKPOINT_STORED_KEY);
+        assert_eq!(
+            recovery(stored, first, 0),
+            Recovery::Clear(Leftover::Stored)
+        );
+        // Without the marker (left by a version before it, or its write lost), a set that
+        // does not start at checkpoint 0 is still only the end: dropped, not uploaded.
+        assert_eq!(
+            recovery(false, first, 0),
+            Recovery::Clear(Leftover::Partial { first: 16 })
+        );
+        assert_eq!(
+            recovery(true, 0, 0),
+            Recovery::Clear(Leftover::Stored),
+            "stored wins even over a whole set"
+        );
+    }
+
+    #[test]
+    fn a_recording_r2_keeps_refusing_is_given_up_after_its_tries() {
+        for tries in 0..CHECKPOINT_UPLOAD_TRIES {
+            assert_eq!(
+                recovery(false, 0, tries),
+                Recovery::Upload { attempt: tries + 1 }
+            );
+        }
+        assert_eq!(
+            recovery(false, 0, CHECKPOINT_UPLOAD_TRIES),
+            Recovery::Clear(Leftover::Abandoned {
+                tries: CHECKPOINT_UPLOAD_TRIES
+            })
+        );
+    }
+
     #[test]
     fn checkpoint_keys_sort_in_the_order_taken_and_read_back() {
         let keys: Vec<String> = [0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999]
@@ -590,6 +687,7 @@ mod tests {
             "rec/12",
             "rec/00000000001x",
             "rec-tries",
+            "rec-stored",
             "rec/0000000000001",
         ] {
             assert_eq!(checkpoint_seq(other), None, "{other}");

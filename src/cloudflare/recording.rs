@@ -19,7 +19,7 @@
 
 use super::log;
 use super::outbox::Outbox;
-use crate::recording::{self, Part, Parts, BYTES_PER_MS};
+use crate::recording::{self, Leftover, Part, Parts, Recovery, BYTES_PER_MS};
 use crate::store::Record;
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
@@ -265,12 +265,27 @@ async fn read_checkpoints(
     Ok(out)
 }
 
-/// True when the object holds checkpoints of a recording not stored yet.
+/// True when the object holds checkpoints (of a recording not stored yet, or left by a
+/// clean-up that was cut off).
 pub async fn has_checkpoints(storage: &Storage) -> worker::Result<bool> {
     Ok(list_checkpoints(storage, 0, 1).await?.size() > 0)
 }
 
-/// Deletes every checkpoint and the count of upload tries.
+/// The number of the lowest checkpoint the object holds, if any.
+async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<u64>> {
+    let map = list_checkpoints(storage, 0, 1).await?;
+    let mut first = None;
+    map.for_each(&mut |_, key| {
+        first = key
+            .as_string()
+            .as_deref()
+            .and_then(recording::checkpoint_seq);
+    });
+    Ok(first)
+}
+
+/// Deletes every checkpoint, then the count of upload tries and, last, the stored marker
+/// (so a deletion cut off partway still reads as stored).
 async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
     loop {
         let map = list_checkpoints(storage, 0, DELETE_BATCH).await?;
@@ -285,31 +300,49 @@ async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
         storage.delete_multiple(keys).await?;
     }
     storage.delete(recording::CHECKPOINT_TRIES_KEY).await?;
+    storage.delete(recording::CHECKPOINT_STORED_KEY).await?;
     Ok(())
 }
 
 /// Uploads the recording kept in the object's checkpoints, when there are some and no writer
 /// of this instance is at work: the pump that recorded them is gone (the object restarted
-/// mid-call), or its upload failed. Each try is counted; after
+/// mid-call), or its upload failed. Checkpoints of a recording already stored, or that do not
+/// start at its start, are only deleted ([`recording::recovery`]). Each try is counted; after
 /// [`recording::CHECKPOINT_UPLOAD_TRIES`] the checkpoints are dropped. Returns at once: the
 /// upload goes on in a task of its own, and a failure sets the object's alarm to try again.
 pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> worker::Result<()> {
-    if keep.busy.get() || !has_checkpoints(&keep.storage).await? {
+    if keep.busy.get() {
         return Ok(());
     }
+    let Some(first) = first_checkpoint(&keep.storage).await? else {
+        return Ok(());
+    };
+    let stored = keep
+        .storage
+        .get::<bool>(recording::CHECKPOINT_STORED_KEY)
+        .await?
+        .unwrap_or(false);
     let tries = keep
         .storage
         .get::<u32>(recording::CHECKPOINT_TRIES_KEY)
         .await?
         .unwrap_or(0);
-    if tries >= recording::CHECKPOINT_UPLOAD_TRIES {
-        log(
-            "error",
-            "recording.abandoned",
-            json!({ "call_sid": call_sid, "tries": tries }),
-        );
-        return clear_checkpoints(&keep.storage).await;
-    }
+    let attempt = match recording::recovery(stored, first, tries) {
+        Recovery::Upload { attempt } => attempt,
+        Recovery::Clear(why) => {
+            let (level, event) = match why {
+                Leftover::Stored => ("info", "recording.leftover_checkpoints_cleared"),
+                Leftover::Partial { .. } => ("error", "recording.partial_checkpoints_dropped"),
+                Leftover::Abandoned { .. } => ("error", "recording.abandoned"),
+            };
+            log(
+                level,
+                event,
+                json!({ "call_sid": call_sid, "reason": format!("{why:?}") }),
+            );
+            return clear_checkpoints(&keep.storage).await;
+        }
+    };
     let Ok(bucket) = env.bucket(BINDING) else {
         log(
             "error",
@@ -319,12 +352,12 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
         return Ok(());
     };
     keep.storage
-        .put(recording::CHECKPOINT_TRIES_KEY, tries + 1)
+        .put(recording::CHECKPOINT_TRIES_KEY, attempt)
         .await?;
     log(
         "info",
         "recording.recovering",
-        json!({ "call_sid": call_sid, "try": tries + 1 }),
+        json!({ "call_sid": call_sid, "try": attempt }),
     );
     let queued = Rc::new(Cell::new(0));
     let (tx, rx) = mpsc::unbounded();
@@ -446,8 +479,20 @@ impl Writer {
                         bytes,
                     })
                     .await;
-                // Stored: the copies in the object's storage have served their purpose.
-                if let Err(e) = clear_checkpoints(&self.keep.storage).await {
+                // Stored: the copies in the object's storage have served their purpose. The
+                // marker first, so that if the deletion stops partway the checkpoints left
+                // (the recording's end) are only deleted later, never uploaded over the file.
+                // Without it they all stay: a recovery stores the same file again.
+                let cleared = match self
+                    .keep
+                    .storage
+                    .put(recording::CHECKPOINT_STORED_KEY, true)
+                    .await
+                {
+                    Ok(()) => clear_checkpoints(&self.keep.storage).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = cleared {
                     log(
                         "warn",
                         "recording.checkpoints_not_cleared",
