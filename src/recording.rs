@@ -142,6 +142,54 @@ pub fn checkpoint_seq(key: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
+// ---- the live upload -----------------------------------------------------------------------------
+
+/// Audio waiting for the live upload's writer (R2 slow or stuck) beyond this is not sent to
+/// it, so the queue stays bounded.
+pub const MAX_QUEUED_BYTES: usize = 2 * 1024 * 1024;
+
+/// What the pump does with a chunk of recorded PCM, besides checkpointing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    /// Send it to the live upload's writer.
+    Send,
+    /// The writer fell too far behind: abort the live upload now and send it nothing more.
+    /// A file with a hole is not a recording; the checkpoints have every chunk, and the
+    /// recovery of a failed upload rebuilds the file whole from them.
+    Abandon,
+    /// The live upload was abandoned: nothing more goes to it.
+    Skip,
+}
+
+/// Feeds the live upload while its writer keeps up, and gives it up for good, never
+/// completing it with a hole, once it does not.
+#[derive(Debug, Default)]
+pub struct LiveUpload {
+    abandoned: bool,
+    skipped: u64,
+}
+
+impl LiveUpload {
+    /// A chunk of `len` bytes, with `queued` bytes sent to the writer and not taken in yet.
+    pub fn offer(&mut self, queued: usize, len: usize) -> Feed {
+        if self.abandoned {
+            self.skipped += len as u64;
+            Feed::Skip
+        } else if queued + len > MAX_QUEUED_BYTES {
+            self.abandoned = true;
+            self.skipped += len as u64;
+            Feed::Abandon
+        } else {
+            Feed::Send
+        }
+    }
+
+    /// Bytes not sent to the live upload (they are in the checkpoints).
+    pub fn skipped_bytes(&self) -> u64 {
+        self.skipped
+    }
+}
+
 // ---- G.711 μ-law ---------------------------------------------------------------------------------
 
 /// G.711 μ-law to 16-bit linear PCM (the standard expansion: bias 0x84, bits inverted).
@@ -523,17 +571,6 @@ impl Parts {
         }
     }
 
-    /// `bytes` of silence (PCM zeros), for audio that had to be left out: the timeline stays
-    /// aligned without holding the audio.
-    pub fn push_silence(&mut self, mut bytes: u64) {
-        const ZEROS: [u8; 4096] = [0; 4096];
-        while bytes > 0 {
-            let n = bytes.min(ZEROS.len() as u64) as usize;
-            self.push(&ZEROS[..n]);
-            bytes -= n as u64;
-        }
-    }
-
     /// A full part (never part 1) to upload now.
     pub fn poll_part(&mut self) -> Option<Part> {
         self.ready.pop_front()
@@ -664,6 +701,31 @@ mod tests {
                 tries: CHECKPOINT_UPLOAD_TRIES
             })
         );
+    }
+
+    /// R2 stalls mid-call: once a chunk would go past the writer's queue limit, the live
+    /// upload is abandoned (to be rebuilt from the checkpoints), never filled with silence
+    /// and completed, even when the writer catches up again.
+    #[test]
+    fn a_live_upload_that_falls_behind_is_abandoned_not_completed_with_a_hole() {
+        let mut live = LiveUpload::default();
+        let chunk = 32_000;
+        let mut queued = 0;
+        let mut feeds = Vec::new();
+        for _ in 0..MAX_QUEUED_BYTES / chunk + 3 {
+            let feed = live.offer(queued, chunk);
+            if feed == Feed::Send {
+                queued += chunk; // the writer takes nothing in
+            }
+            feeds.push(feed);
+        }
+        let sent = MAX_QUEUED_BYTES / chunk;
+        assert!(feeds[..sent].iter().all(|&f| f == Feed::Send));
+        assert_eq!(feeds[sent], Feed::Abandon, "abandoned once");
+        assert!(feeds[sent + 1..].iter().all(|&f| f == Feed::Skip));
+        // The writer catches up: the live upload stays abandoned.
+        assert_eq!(live.offer(0, chunk), Feed::Skip);
+        assert_eq!(live.skipped_bytes(), 4 * chunk as u64);
     }
 
     #[test]
@@ -1007,27 +1069,6 @@ mod tests {
         assert!(file[HEADER_BYTES..]
             .chunks(second)
             .all(|c| c == &block[..c.len()]));
-    }
-
-    #[test]
-    fn silence_keeps_the_file_aligned() {
-        let mut parts = Parts::new(100);
-        parts.push(&[1; 30]);
-        parts.push_silence(9_000);
-        parts.push(&[2; 30]);
-        let mut all = Vec::new();
-        while let Some(p) = parts.poll_part() {
-            all.push(p);
-        }
-        all.extend(parts.finish());
-        all.sort_by_key(|p| p.number);
-        let file: Vec<u8> = all.iter().flat_map(Part::to_bytes).collect();
-        assert_eq!(file.len(), HEADER_BYTES + 9_060);
-        assert_eq!(file[HEADER_BYTES..HEADER_BYTES + 30], [1; 30]);
-        assert!(file[HEADER_BYTES + 30..HEADER_BYTES + 9_030]
-            .iter()
-            .all(|&b| b == 0));
-        assert_eq!(file[HEADER_BYTES + 9_030..], [2; 30]);
     }
 
     #[test]

@@ -9,7 +9,9 @@
 //! Memory per call: part 1 and the part being sent or filled (each at most 5 MiB), held in
 //! pieces of 64 KiB that are allocated once each (no buffer grows by copying). A part is
 //! streamed to R2 piece by piece (a `FixedLengthStream`), never copied whole, and can be
-//! sent again if R2 fails; audio waiting for a slow writer is capped (then left out as silence).
+//! sent again if R2 fails. Audio waiting for a slow writer is capped: past the cap the live
+//! upload is given up (aborted, never completed with a hole) and the recovery below rebuilds
+//! the file from the checkpoints.
 //!
 //! The audio is also checkpointed in the call object's storage, 5 s at a time (one write, not
 //! waited for) and its tail when the recording completes, and the checkpoints are deleted
@@ -19,7 +21,7 @@
 
 use super::log;
 use super::outbox::Outbox;
-use crate::recording::{self, Leftover, Part, Parts, Recovery, BYTES_PER_MS};
+use crate::recording::{self, Feed, Leftover, LiveUpload, Part, Parts, Recovery, BYTES_PER_MS};
 use crate::store::Record;
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
@@ -40,9 +42,7 @@ pub const CONTENT_TYPE: &str = "audio/wav";
 const PART_BYTES: usize = recording::MIN_PART_BYTES;
 /// Tries of each R2 call.
 const ATTEMPTS: u32 = 3;
-/// Audio waiting for the writer (R2 slow or stuck) beyond this is replaced by its length
-/// of silence, so the queue stays bounded and the file stays aligned.
-const MAX_QUEUED_BYTES: usize = 2 * 1024 * 1024;
+use recording::MAX_QUEUED_BYTES;
 /// When a failed upload is tried again from the checkpoints.
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Checkpoints read at once when uploading from them.
@@ -52,12 +52,11 @@ const DELETE_BATCH: usize = 128;
 
 enum Msg {
     Data(Vec<u8>),
-    /// This many bytes of PCM were left out: write silence instead.
-    Silence(u64),
     Done {
         duration_ms: u64,
     },
-    /// The audio could not be read back: the upload fails and the checkpoints stay.
+    /// The audio could not be read back, or the live upload fell behind: the upload fails
+    /// and the checkpoints stay, for a recovery to store the file whole from them.
     Abort(String),
 }
 
@@ -78,7 +77,7 @@ pub struct Recording {
     finished: bool,
     /// Bytes sent to the writer and not yet taken in (shared with it).
     queued: Rc<Cell<usize>>,
-    left_out: u64,
+    live: LiveUpload,
     keep: Keep,
     /// Number of the next checkpoint.
     checkpoints: u64,
@@ -95,7 +94,7 @@ impl Recording {
             tx: None,
             finished: false,
             queued: Rc::new(Cell::new(0)),
-            left_out: 0,
+            live: LiveUpload::default(),
             keep,
             checkpoints: 0,
             unsaved: Vec::new(),
@@ -140,20 +139,27 @@ impl Recording {
             self.save_unsaved();
         }
         let tx = self.tx.as_ref().expect("started above");
-        if self.queued.get() + pcm.len() > MAX_QUEUED_BYTES {
-            if self.left_out == 0 {
+        match self.live.offer(self.queued.get(), pcm.len()) {
+            Feed::Send => {
+                self.queued.set(self.queued.get() + pcm.len());
+                let _ = tx.unbounded_send(Msg::Data(pcm));
+            }
+            Feed::Abandon => {
+                let why = format!(
+                    "the writer fell {} bytes behind: the live upload is given up, to be \
+                     stored from the checkpoints",
+                    self.queued.get()
+                );
                 log(
                     "warn",
                     "recording.writer_behind",
-                    json!({ "call_sid": self.call_sid, "queued_bytes": self.queued.get() }),
+                    json!({ "call_sid": self.call_sid, "queued_bytes": self.queued.get(),
+                            "rebuild_from": "checkpoints" }),
                 );
+                let _ = tx.unbounded_send(Msg::Abort(why));
             }
-            self.left_out += pcm.len() as u64;
-            let _ = tx.unbounded_send(Msg::Silence(pcm.len() as u64));
-            return;
+            Feed::Skip => {}
         }
-        self.queued.set(self.queued.get() + pcm.len());
-        let _ = tx.unbounded_send(Msg::Data(pcm));
     }
 
     /// The recording is complete.
@@ -438,7 +444,6 @@ impl Writer {
                     self.queued.set(self.queued.get().saturating_sub(pcm.len()));
                     drop(pcm);
                 }
-                Msg::Silence(bytes) => parts.push_silence(bytes),
                 Msg::Done { duration_ms: d } => {
                     duration_ms = Some(d);
                     break;
