@@ -35,7 +35,9 @@ pub const EMIT_EVERY_MS: u64 = 1_000;
 /// …and at most this much per chunk.
 pub const MAX_CHUNK_MS: u64 = 4_000;
 /// Agent audio queued further ahead than this is left out of the recording (a runaway
-/// response; Twilio would be holding minutes of audio too). Bounds the agent buffer.
+/// response; Twilio would be holding minutes of audio too). Bounds the agent buffer. What
+/// is left out still takes its time on the timeline (as silence), so the audio after it
+/// sits where it played.
 pub const MAX_AGENT_AHEAD_MS: u64 = 2 * 60_000;
 /// Caller audio further ahead of the clock than this is left out (a peer flooding frames).
 pub const MAX_CALLER_AHEAD_MS: u64 = 10_000;
@@ -261,7 +263,8 @@ pub struct Recorder {
     caller_end: u64,
     /// False until the first caller frame, which lands at its own arrival.
     caller_heard: bool,
-    /// Agent μ-law from `emitted` to `agent_end`: what is queued at Twilio, as we model it.
+    /// Agent μ-law from `emitted` on: what is queued at Twilio, as we model it. It may end
+    /// before `agent_end`, which counts audio left out too (it plays, as silence here).
     agent: VecDeque<u8>,
     agent_end: u64,
     /// Samples left out (runaway or flooding peers), for the log.
@@ -276,11 +279,11 @@ impl Default for Recorder {
     }
 }
 
-/// Appends `samples` to `buf`, which covers the timeline from `emitted` to `*end`, so that
-/// they start at `start` (silence fills any gap); `*end` moves to their end.
+/// Appends `samples` to `buf`, which covers the timeline from `emitted` on, so that they
+/// start at `start`, at or after `*end` (silence fills any gap); `*end` moves to their end.
 fn place(buf: &mut VecDeque<u8>, emitted: u64, end: &mut u64, start: u64, samples: &[u8]) {
     let start = start.max(emitted);
-    let covered = (*end).max(emitted);
+    let covered = emitted + buf.len() as u64;
     debug_assert!(start >= covered, "audio is only ever appended");
     let gap = (start - covered) as usize;
     buf.extend(std::iter::repeat_n(SILENCE, gap));
@@ -330,7 +333,9 @@ impl Recorder {
         let sent = at_ms * SAMPLES_PER_MS;
         let start = sent.max(self.agent_end);
         if start + mulaw.len() as u64 > sent + MAX_AGENT_AHEAD_MS * SAMPLES_PER_MS {
+            // Not held, but Twilio plays it: what comes after starts once it has played.
             self.dropped += mulaw.len() as u64;
+            self.agent_end = start + mulaw.len() as u64;
             return;
         }
         place(
@@ -1084,6 +1089,52 @@ mod tests {
             "two minutes ahead at most"
         );
         assert!(rec.buffered_bytes() < 2 * 1024 * 1024);
+    }
+
+    /// A 200 s reply streamed at 5x real time (1 s every 200 ms): Twilio plays it from 0 to
+    /// 200 s. What goes past the lead cap is left out as silence, and every second that is
+    /// kept sits where the caller heard it, never earlier.
+    #[test]
+    fn agent_audio_past_the_lead_cap_keeps_its_place() {
+        let mut rec = Recorder::new();
+        let mut pcm = Vec::new();
+        let second = |i: u64| {
+            let mut s = vec![0x10u8; 8_000];
+            s[0] = (i % 100) as u8 + 1; // tells the seconds apart
+            s
+        };
+        for i in 0..200u64 {
+            let t = i * 200;
+            rec.agent(t, &second(i));
+            while let Some(c) = rec.poll(t) {
+                pcm.extend(c);
+            }
+        }
+        let mut t = 40_000;
+        while t < 260_000 {
+            while let Some(c) = rec.poll(t) {
+                pcm.extend(c);
+            }
+            t += 20;
+        }
+        pcm.extend(rec.finish(260_000).0);
+        let (_, r) = channels(&pcm);
+        let mut kept = 0;
+        for i in 0..200u64 {
+            let at = (i * 8_000) as usize;
+            let heard = &r[at..at + 8_000];
+            if heard.iter().all(|&s| s == 0) {
+                continue; // left out
+            }
+            assert!(heard == &decoded(&second(i))[..], "second {i} out of place");
+            kept += 1;
+        }
+        // Twilio would hold at most MAX_AGENT_AHEAD_MS: the reply is kept until it reaches
+        // that lead (second 149 would end 120.2 s ahead), and the rest is silence until it
+        // would have ended.
+        assert_eq!(kept, 149);
+        assert_eq!(rec.dropped_samples(), 51 * 8_000);
+        assert!(r[200 * 8_000..].iter().all(|&s| s == 0));
     }
 
     #[test]
