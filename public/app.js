@@ -39,6 +39,10 @@ const I18N = {
     tools_not_json: 'JSON として読めません: ', tools_not_array: 'JSON の配列にしてください。',
     numbers: '電話番号の割り当て', assign: '割り当て', unassign: '解除', assigned: '割り当て日時',
     no_numbers: '割り当てはありません。既定のエージェントが応答します。', confirm_unassign: 'この番号の割り当てを解除しますか？',
+    barge_heard: '中断までに聞こえた長さ {ms} ms', details: '詳細', tz_note: '時刻の表示',
+    bad_number: '電話番号は +81 で始まる形式 (E.164) か、090-1234-5678 のように入力してください。',
+    bad_from: '開始日が正しくありません。', bad_to: '終了日が正しくないか、開始日より前です。',
+    bad_status: '状態が正しくありません。', bad_cursor: 'ページの位置が無効です。最初のページから開き直してください。',
     ms: 'ms', sec: '秒', yes: 'はい', no: 'いいえ', created: '作成日時', updated: '更新日時',
   },
   en: {
@@ -68,15 +72,94 @@ const I18N = {
     tools_not_json: 'Not JSON: ', tools_not_array: 'Must be a JSON array.',
     numbers: 'Number assignments', assign: 'Assign', unassign: 'Unassign', assigned: 'Assigned',
     no_numbers: 'No assignments: the default agent answers every number.', confirm_unassign: 'Unassign this number?',
+    barge_heard: '{ms} ms heard before the cut', details: 'Details', tz_note: 'Times shown in',
+    bad_number: 'Enter the number as +81… (E.164), or like 090-1234-5678.',
+    bad_from: 'The from date is not valid.', bad_to: 'The to date is not valid, or is before the from date.',
+    bad_status: 'Not a known status.', bad_cursor: 'That page position is no longer valid: open the first page again.',
     ms: 'ms', sec: 's', yes: 'yes', no: 'no', created: 'Created', updated: 'Updated',
   },
 };
+
+// Labels of the codes the API returns: call statuses (Twilio's), end reasons (EndReason::label
+// in src/call/mod.rs and the constants in src/webhook.rs) and event types (`self.event(` in
+// src/call/, transfer_result in src/webhook.rs). The raw code stays as the label's tooltip so
+// it can be searched for in logs; a code not listed here is shown raw.
+const CODES = {
+  ja: {
+    status: {
+      ringing: '呼び出し中', 'in-progress': '通話中', completed: '完了', failed: '失敗', busy: '話し中',
+      'no-answer': '応答なし', canceled: 'キャンセル',
+    },
+    end: {
+      twilio_stop: '通話終了 (電話側)', twilio_socket_closed: '電話側の接続が切断', openai_closed: 'AI との接続が切断',
+      openai_connect_failed: 'AI に接続できず', openai_session_timeout: 'AI の準備がタイムアウト',
+      openai_session_rejected: 'AI がセッション設定を拒否', agent_hangup: 'エージェントが終話', transferred: '転送',
+      call_control_failed: '終話・転送の操作に失敗', bridge_restarted: 'ブリッジ再起動で中断',
+      fallback_only: 'フォールバックのみで応答', not_registered: '通話を登録できず (フォールバックが応答)',
+      stream_never_connected: '音声ストリームが接続されず',
+    },
+    event: {
+      barge_in: '割り込み', tool_call: 'ツール呼び出し', dtmf: 'プッシュ操作', hangup: '終話', transfer: '転送',
+      transfer_result: '転送の結果', reconnect: 'AI 再接続中', reconnected: 'AI 再接続完了', openai_error: 'AI エラー',
+      transcription_failed: '文字起こし失敗', fallback: 'フォールバック', fallback_redirect: 'フォールバックへ切り替え',
+      dropped_input: '破棄した入力', max_duration: '最大通話時間に到達', wrap_up: '終了の予告',
+      idle_check_in: '無音のため呼びかけ', idle_hangup: '無音のため終話', ending_called_off: '終話を取りやめ',
+    },
+    key: {
+      arguments: '引数', output: '結果', error: 'エラー', message: 'メッセージ', reason: '理由', why: '理由',
+      after_reconnect: '再接続後の結果', code: 'コード', type: '種類', param: 'パラメーター', twilio: 'Twilio の応答',
+      ok: '成功', attempt: '試行', attempts: '試行回数', delay_ms: '待ち時間 (ms)', gap_ms: '中断時間 (ms)',
+      session_id: 'セッション ID', detail: '詳細', last_failure: '直前の失敗', answered: '応答あり',
+      dial_call_status: '転送先の状態', dial_call_duration_s: '転送先の通話時間 (秒)', finish: '操作',
+      max_call_seconds: '最大通話時間 (秒)', item_id: 'アイテム ID', call_id: '呼び出し ID',
+    },
+  },
+  en: {
+    status: {
+      ringing: 'Ringing', 'in-progress': 'In progress', completed: 'Completed', failed: 'Failed', busy: 'Busy',
+      'no-answer': 'No answer', canceled: 'Canceled',
+    },
+    end: {
+      twilio_stop: 'Ended by the phone side', twilio_socket_closed: 'Phone connection closed',
+      openai_closed: 'AI connection closed', openai_connect_failed: 'Could not connect to the AI',
+      openai_session_timeout: 'AI session setup timed out', openai_session_rejected: 'AI rejected the session setup',
+      agent_hangup: 'Agent hung up', transferred: 'Transferred', call_control_failed: 'Hang-up or transfer failed',
+      bridge_restarted: 'Cut by a bridge restart', fallback_only: 'Answered by the fallback only',
+      not_registered: 'Not registered (the fallback answered)', stream_never_connected: 'Media stream never connected',
+    },
+    event: {
+      barge_in: 'Barge-in', tool_call: 'Tool call', dtmf: 'Keypad', hangup: 'Hang-up', transfer: 'Transfer',
+      transfer_result: 'Transfer result', reconnect: 'Reconnecting to the AI', reconnected: 'Reconnected to the AI',
+      openai_error: 'AI error', transcription_failed: 'Transcription failed', fallback: 'Fallback',
+      fallback_redirect: 'Switched to the fallback', dropped_input: 'Dropped input', max_duration: 'Max call length reached',
+      wrap_up: 'Wrap-up warning', idle_check_in: 'Silence check-in', idle_hangup: 'Hung up after silence',
+      ending_called_off: 'Ending called off',
+    },
+    key: {
+      arguments: 'Arguments', output: 'Output', error: 'Error', message: 'Message', reason: 'Reason', why: 'Reason',
+      after_reconnect: 'Result after a reconnect', code: 'Code', type: 'Type', param: 'Parameter', twilio: 'Twilio answer',
+      ok: 'Succeeded', attempt: 'Attempt', attempts: 'Attempts', delay_ms: 'Delay (ms)', gap_ms: 'Gap (ms)',
+      session_id: 'Session ID', detail: 'Detail', last_failure: 'Last failure', answered: 'Answered',
+      dial_call_status: 'Transfer status', dial_call_duration_s: 'Transfer duration (s)', finish: 'Action',
+      max_call_seconds: 'Max call length (s)', item_id: 'Item ID', call_id: 'Call ID',
+    },
+  },
+};
+/** The label of `code` in the table `kind` (status, end, event, key), or the code itself. */
+const codeText = (kind, code) => CODES[lang][kind][code] ?? CODES.ja[kind][code] ?? code;
+/** An element showing the label of `code`, with the raw code as its tooltip. */
+const codeLabel = (kind, code, cls) => h('span', { class: cls, title: code }, codeText(kind, code));
 
 let lang = localStorage.getItem(LANG_KEY) === 'en' ? 'en' : 'ja';
 const t = (key) => I18N[lang][key] ?? I18N.ja[key] ?? key;
 const token = () => sessionStorage.getItem(TOKEN_KEY);
 const $view = () => document.getElementById('view');
 let cleanup = []; // run before the next view renders (the recording's stream)
+// Each render gets the next number; a render whose number is no longer the latest (the user
+// went elsewhere while its requests were out) drops what it fetched instead of showing it.
+let renderSeq = 0;
+const stale = (seq) => seq !== renderSeq;
+let resume = null; // { hash, time, playing } of the recording when the language was switched
 
 // ---- DOM -----------------------------------------------------------------------------------------
 
@@ -101,13 +184,34 @@ function show(...nodes) {
   $view().replaceChildren(...nodes);
 }
 
+/** Says `message` through the page's one live region (#live): status messages only, so a
+ *  screen reader is not read the whole page each time a view is drawn. */
+function announce(message) {
+  const live = document.getElementById('live');
+  if (live) live.textContent = message || '';
+}
+
 // ---- formatting ----------------------------------------------------------------------------------
 
 const locale = () => (lang === 'ja' ? 'ja-JP' : 'en-GB');
+/** The browser's UTC offset on `d` (its time zone, daylight saving included): "UTC+9", "UTC-4:30", "UTC". */
+function zoneOf(d = new Date()) {
+  const off = -d.getTimezoneOffset();
+  if (off === 0) return 'UTC';
+  const m = Math.abs(off) % 60;
+  return `UTC${off > 0 ? '+' : '-'}${Math.floor(Math.abs(off) / 60)}${m ? `:${String(m).padStart(2, '0')}` : ''}`;
+}
+/** The browser's time zone, named: "Asia/Tokyo (UTC+9)". */
+function zoneName() {
+  const name = Intl.DateTimeFormat().resolvedOptions().timeZone;
+  return name ? `${name} (${zoneOf()})` : zoneOf();
+}
+/** A time in the browser's zone, the zone said: "2026/11/20 10:30:00 UTC+9". */
 function fmtTime(iso) {
   if (!iso) return '—';
   const d = new Date(iso);
-  return isNaN(d) ? iso : d.toLocaleString(locale(), { dateStyle: 'medium', timeStyle: 'medium' });
+  if (isNaN(d)) return iso;
+  return `${d.toLocaleString(locale(), { dateStyle: 'medium', timeStyle: 'medium' })} ${zoneOf(d)}`;
 }
 function fmtDuration(ms) {
   if (ms === null || ms === undefined) return '—';
@@ -152,8 +256,9 @@ async function agentsById(refresh = false) {
   return agentNames;
 }
 
-function failure(err, again) {
-  if (err instanceof Unauthorized) return;
+function failure(err, again, seq) {
+  if (err instanceof Unauthorized || stale(seq)) return;
+  announce(`${t('failed')}: ${err.message || err}`);
   show(h('div', { class: 'card' },
     h('p', { class: 'error' }, `${t('failed')}: ${err.message || err}`),
     h('button', { onclick: again }, t('retry'))));
@@ -168,6 +273,7 @@ function signOut(message) {
 }
 
 function renderSignIn(message) {
+  renderSeq++; // whatever was loading is not shown over the sign-in form
   chrome(false);
   const input = h('input', { type: 'password', id: 'token', name: 'token', autocomplete: 'current-password', required: true });
   const msg = h('p', { class: 'error', role: 'alert' }, message || '');
@@ -216,19 +322,32 @@ function route() {
   const params = new URLSearchParams(query || '');
   const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
   const section = parts[0] || 'calls';
+  const seq = ++renderSeq;
   chrome(true, section);
   show(h('p', { class: 'muted' }, t('loading')));
+  announce(t('loading'));
   const again = () => route();
   let view;
-  if (section === 'calls' && parts[1]) view = renderCall(parts[1]);
-  else if (section === 'agents' && parts[1]) view = renderAgentForm(parts[1] === 'new' ? null : parts[1]);
-  else if (section === 'agents') view = renderAgents();
-  else if (section === 'numbers') view = renderNumbers();
-  else view = renderCalls(params);
-  view.catch((e) => failure(e, again));
+  if (section === 'calls' && parts[1]) view = renderCall(seq, parts[1]);
+  else if (section === 'agents' && parts[1]) view = renderAgentForm(seq, parts[1] === 'new' ? null : parts[1]);
+  else if (section === 'agents') view = renderAgents(seq);
+  else if (section === 'numbers') view = renderNumbers(seq);
+  else view = renderCalls(seq, params);
+  view.catch((e) => failure(e, again, seq));
 }
 
 // ---- calls ---------------------------------------------------------------------------------------
+
+/** A phone number as typed by Japanese staff (090-1111-2222, 03 1234 5678, full-width
+ *  digits) in E.164: a 0-prefixed national number becomes +81 without the 0; an
+ *  international one loses its spaces and hyphens; anything else is left for the API to judge. */
+function normaliseNumber(value) {
+  const typed = value.normalize('NFKC').trim();
+  const compact = typed.replace(/[\s\-‐‑–—−()]/g, '');
+  if (/^0\d{9,10}$/.test(compact)) return `+81${compact.slice(1)}`;
+  if (/^\+\d+$/.test(compact)) return compact;
+  return typed;
+}
 
 /** A day picked in the browser is the viewer's own day: its start (or, with `endOfDay`, its
  *  last millisecond) as an ISO time with the browser's UTC offset on that day. */
@@ -242,17 +361,23 @@ function localDayBound(day, endOfDay) {
   return `${day}T${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}${tz}`;
 }
 
-async function renderCalls(params) {
+async function renderCalls(seq, params) {
   const q = new URLSearchParams();
   for (const k of ['status', 'number', 'cursor']) if (params.get(k)) q.set(k, params.get(k));
   if (params.get('from')) q.set('from', localDayBound(params.get('from'), false));
   if (params.get('to')) q.set('to', localDayBound(params.get('to'), true));
   q.set('limit', '25');
   const [r, agents] = await Promise.all([api(`/api/admin/calls?${q}`), agentsById()]);
-  const field = (name, el) => h('div', {}, h('label', { for: `f-${name}` }, t(name === 'from' ? 'date_from' : name === 'to' ? 'date_to' : name)), el);
+  if (stale(seq)) return;
+  // A date is a day in the browser's zone (localDayBound): the zone is said next to it. A
+  // filter the API refused has its message (in the page's language) under it.
+  const errFor = {};
+  const field = (name, el) => h('div', {},
+    h('label', { for: `f-${name}` }, name === 'from' || name === 'to' ? `${t(`date_${name}`)} (${zoneOf()})` : t(name)), el,
+    errFor[name] = h('p', { class: 'err', 'data-error-for': name }));
   const status = h('select', { id: 'f-status', name: 'status' }, h('option', { value: '' }, t('any')),
-    STATUSES.map((s) => h('option', { value: s, selected: params.get('status') === s }, s)));
-  const number = h('input', { id: 'f-number', name: 'number', type: 'text', placeholder: '+81…', value: params.get('number') || '' });
+    STATUSES.map((s) => h('option', { value: s, title: s, selected: params.get('status') === s }, codeText('status', s))));
+  const number = h('input', { id: 'f-number', name: 'number', type: 'text', placeholder: '090-1234-5678', value: params.get('number') || '' });
   const from = h('input', { id: 'f-from', name: 'from', type: 'date', value: params.get('from') || '' });
   const to = h('input', { id: 'f-to', name: 'to', type: 'date', value: params.get('to') || '' });
   const filters = h('form', {
@@ -261,28 +386,37 @@ async function renderCalls(params) {
       e.preventDefault();
       const next = new URLSearchParams();
       for (const el of [status, number, from, to]) if (el.value.trim()) next.set(el.name, el.value.trim());
+      if (next.get('number')) next.set('number', normaliseNumber(next.get('number')));
       location.hash = `#/calls?${next}`;
     },
   }, field('status', status), field('number', number), field('from', from), field('to', to),
   h('div', {}, h('button', { class: 'primary', type: 'submit' }, t('filter'))),
-  h('div', {}, h('button', { type: 'button', onclick: () => { location.hash = '#/calls'; } }, t('clear'))));
+  h('div', {}, h('button', { type: 'button', onclick: () => { location.hash = '#/calls'; } }, t('clear'))),
+  h('p', { class: 'muted tz' }, `${t('tz_note')}: ${zoneName()}`));
   if (!r.ok) {
-    const msg = r.data?.field ? `${r.data.field}: ${r.data.message}` : r.data?.message;
-    return show(h('h1', {}, t('calls')), filters, h('p', { class: 'error' }, msg || r.status));
+    const f = r.data?.field;
+    const general = h('p', { class: 'error' });
+    const box = errFor[f] || general;
+    // The API's own (English) message stays as the tooltip, for support.
+    box.textContent = I18N.ja[`bad_${f}`] ? t(`bad_${f}`) : r.data?.message || String(r.status);
+    if (r.data?.message) box.title = r.data.message;
+    show(h('h1', {}, t('calls')), filters, general);
+    announce(box.textContent);
+    return;
   }
   const rows = r.data.calls.map((c) => h('tr', {
     class: 'link',
     onclick: () => { location.hash = `#/calls/${encodeURIComponent(c.call_sid)}`; },
   },
   h('td', {}, h('a', { href: `#/calls/${encodeURIComponent(c.call_sid)}` }, fmtTime(c.started_at))),
-  h('td', {}, h('span', { class: `badge ${c.status}` }, c.status)),
+  h('td', {}, codeLabel('status', c.status, `badge ${c.status}`)),
   h('td', {}, agents.get(c.agent_id)?.name || dash(c.agent_id)),
   h('td', {}, dash(c.from_number)), h('td', {}, dash(c.to_number)),
   h('td', { class: 'num' }, fmtDuration(c.duration_ms)),
   h('td', { class: 'num' }, c.barge_ins ?? 0),
   h('td', {}, c.recording_key ? '🎧' : '')));
   const table = rows.length
-    ? h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, t('started')), h('th', {}, t('status')), h('th', {}, t('agent')),
+    ? h('table', {}, h('thead', {}, h('tr', {}, h('th', {}, `${t('started')} (${zoneOf()})`), h('th', {}, t('status')), h('th', {}, t('agent')),
       h('th', {}, t('from')), h('th', {}, t('to')), h('th', { class: 'num' }, t('duration')),
       h('th', { class: 'num' }, t('barge_ins')), h('th', {}, h('span', { title: t('recording') }, '')))), h('tbody', {}, rows))
     : h('p', { class: 'muted' }, t('no_calls'));
@@ -303,15 +437,56 @@ function eventOffset(call, ev) {
   return isNaN(base) || isNaN(at) ? null : Math.max(0, at - base);
 }
 
+/** An event's one-line label: its type's label, and what matters most of its detail. */
 function eventLabel(ev) {
   const d = ev.detail || {};
-  if (ev.type === 'barge_in') return `${t('ev_barge_in')} (${d.audio_end_ms ?? '?'} ${t('ms')})`;
-  if (ev.type === 'tool_call') return `${t('ev_tool_call')}: ${d.name ?? '?'} ${d.ok === false ? '✗' : '✓'} (${d.duration_ms ?? '?'} ${t('ms')})`;
-  return ev.type;
+  const name = codeText('event', ev.type);
+  if (ev.type === 'barge_in') return `${name} (${t('barge_heard').replace('{ms}', d.audio_end_ms ?? '?')})`;
+  if (ev.type === 'tool_call') return `${name}: ${d.name ?? '?'} ${d.ok === false ? '✗' : '✓'} (${d.duration_ms ?? '?'} ${t('ms')})`;
+  if (ev.type === 'dtmf') return `${name}: ${d.digit ?? '?'}`;
+  return name;
 }
 
-async function renderCall(sid) {
+/** Detail keys the one-line label already shows (or that say nothing to a reviewer). */
+const SHOWN_KEYS = { barge_in: ['audio_end_ms'], tool_call: ['name', 'ok', 'duration_ms'], dtmf: ['digit'] };
+
+/** A value of an event's detail as text: JSON (a tool's arguments and output) pretty-printed. */
+function detailText(v) {
+  if (typeof v === 'string') {
+    try {
+      const parsed = JSON.parse(v);
+      if (parsed && typeof parsed === 'object') return JSON.stringify(parsed, null, 2);
+    } catch { /* plain text */ }
+    return v;
+  }
+  if (typeof v === 'boolean') return v ? t('yes') : t('no');
+  return typeof v === 'object' ? JSON.stringify(v, null, 2) : String(v);
+}
+
+/** The rest of an event's detail (a tool call's arguments, output and error, a hang-up's
+ *  reason, an error's message), folded in a <details>; text nodes only. */
+function eventDetails(ev) {
+  const d = ev.detail && typeof ev.detail === 'object' ? ev.detail : {};
+  const skip = SHOWN_KEYS[ev.type] || [];
+  const rows = [];
+  for (const [k, v] of Object.entries(d)) {
+    if (skip.includes(k) || v === null || v === undefined || v === '') continue;
+    rows.push(h('dt', { title: k }, codeText('key', k)), h('dd', {}, h('pre', {}, detailText(v))));
+    // A tool's failure is in its output's `error`: named on its own.
+    if (ev.type === 'tool_call' && k === 'output') {
+      try {
+        const err = JSON.parse(v)?.error;
+        if (err) rows.push(h('dt', { title: 'error' }, codeText('key', 'error')), h('dd', { class: 'error' }, h('pre', {}, detailText(err))));
+      } catch { /* not JSON */ }
+    }
+  }
+  if (!rows.length) return null;
+  return h('details', {}, h('summary', {}, t('details')), h('dl', { class: 'ev-detail' }, rows));
+}
+
+async function renderCall(seq, sid) {
   const [r, agents] = await Promise.all([api(`/api/admin/calls/${encodeURIComponent(sid)}`), agentsById()]);
+  if (stale(seq)) return;
   const back = h('p', {}, h('a', { href: '#/calls' }, t('back')));
   if (r.status === 404) return show(back, h('p', { class: 'error' }, t('call_not_found')));
   if (!r.ok) throw new Error(r.data?.message || r.status);
@@ -342,7 +517,7 @@ async function renderCall(sid) {
     if (at === null || ev.type === 'dropped_input') continue;
     const kind = ev.type === 'barge_in' || ev.type === 'tool_call' ? ev.type : 'other';
     items.push({ at, kind: 'event', ev, cls: kind });
-    timeline.append(h('span', { class: `mark ${kind}`, style: `left:${pos(at)}`, title: `${fmtOffset(at)} ${eventLabel(ev)}` }));
+    timeline.append(h('span', { class: `mark ${kind}`, style: `left:${pos(at)}`, title: `${fmtOffset(at)} ${eventLabel(ev)} [${ev.type}]` }));
   }
   timeline.append(head);
   timeline.addEventListener('click', (e) => {
@@ -355,13 +530,20 @@ async function renderCall(sid) {
   const turns = [];
   const convo = h('div', { class: 'convo', id: 'transcript' }, items.map((it) => {
     if (it.kind === 'event') {
-      return h('div', { class: `sys ${it.cls}`, onclick: () => seek(it.at) }, `${fmtOffset(it.at)} · ${eventLabel(it.ev)}`);
+      // Clicking the line seeks; opening its details does not.
+      return h('div', { class: `sys ${it.cls} ${it.ev.type}` },
+        h('span', { class: 'at', title: it.ev.type, onclick: () => seek(it.at) }, `${fmtOffset(it.at)} · ${eventLabel(it.ev)}`),
+        eventDetails(it.ev));
     }
     const e = it.entry;
     const el = h('div', {
       class: `turn ${e.role}`, 'data-offset-ms': e.offset_ms, tabindex: 0, role: 'button',
       onclick: () => seek(e.offset_ms),
-      onkeydown: (k) => { if (k.key === 'Enter') seek(e.offset_ms); },
+      onkeydown: (k) => {
+        if (k.key !== 'Enter' && k.key !== ' ') return;
+        k.preventDefault(); // Space would scroll the page
+        seek(e.offset_ms);
+      },
     },
     h('div', { class: 'meta' }, h('span', {}, fmtOffset(e.offset_ms)), h('span', {}, e.role === 'caller' ? t('caller') : t('agent_role')),
       e.interrupted && h('span', { class: 'cut' }, t('interrupted'))),
@@ -369,12 +551,36 @@ async function renderCall(sid) {
     turns.push({ at: e.offset_ms, el });
     return el;
   }));
+  // While it plays, the current turn is scrolled into view, unless the user scrolled in the
+  // last few seconds (wheel, touch or scrolling keys): then the page stays where they put it.
+  let userScrolledAt = 0;
+  const scrolled = () => { userScrolledAt = Date.now(); };
+  const scrollKey = (k) => {
+    if (['PageUp', 'PageDown', 'Home', 'End', 'ArrowUp', 'ArrowDown', ' '].includes(k.key) && !k.target.closest?.('.turn, audio, input, select, textarea')) scrolled();
+  };
+  window.addEventListener('wheel', scrolled, { passive: true });
+  window.addEventListener('touchmove', scrolled, { passive: true });
+  window.addEventListener('keydown', scrollKey);
+  cleanup.push(() => {
+    window.removeEventListener('wheel', scrolled);
+    window.removeEventListener('touchmove', scrolled);
+    window.removeEventListener('keydown', scrollKey);
+  });
+  let shown = null; // the turn last scrolled to; a seek or a new start scrolls to it again
+  const rescroll = () => { shown = null; };
+  audio.addEventListener('seeked', rescroll);
+  audio.addEventListener('play', rescroll);
   audio.addEventListener('timeupdate', () => {
     const ms = audio.currentTime * 1000;
     head.style.left = pos(ms);
     let current = null;
     for (const turn of turns) if (turn.at <= ms) current = turn;
     for (const turn of turns) turn.el.classList.toggle('now', turn === current);
+    if (current && current !== shown && !audio.paused && Date.now() - userScrolledAt > 4000) {
+      shown = current;
+      const smooth = !matchMedia('(prefers-reduced-motion: reduce)').matches;
+      current.el.scrollIntoView({ block: 'nearest', behavior: smooth ? 'smooth' : 'auto' });
+    }
   });
 
   const fig = (label, value) => h('div', {}, h('dt', {}, label), h('dd', {}, value));
@@ -382,7 +588,7 @@ async function renderCall(sid) {
   show(
     back,
     h('h1', {}, `${dash(call.from_number)} → ${dash(call.to_number)}`),
-    h('p', { class: 'muted' }, h('span', { class: `badge ${call.status}` }, call.status), ' ', fmtTime(call.started_at), ' · ',
+    h('p', { class: 'muted' }, codeLabel('status', call.status, `badge ${call.status}`), ' ', fmtTime(call.started_at), ' · ',
       agent ? h('a', { href: `#/agents/${encodeURIComponent(agent.id)}` }, agent.name) : dash(call.agent_id), ' · ', call.call_sid),
     h('section', { class: 'card' }, h('h2', {}, t('recording')), audioBox, timeline,
       h('div', { class: 'legend' },
@@ -395,7 +601,7 @@ async function renderCall(sid) {
       fig(t('duration'), fmtDuration(call.duration_ms)),
       fig(t('first_audio'), call.first_audio_ms === null || call.first_audio_ms === undefined ? '—' : `${call.first_audio_ms} ${t('ms')}`),
       fig(t('tokens'), `${call.input_tokens ?? 0} / ${call.output_tokens ?? 0} / ${call.total_tokens ?? 0}`),
-      fig(t('end_reason'), call.end_detail ? `${dash(call.end_reason)} (${call.end_detail})` : dash(call.end_reason)),
+      fig(t('end_reason'), call.end_reason ? [codeLabel('end', call.end_reason), call.end_detail && ` (${call.end_detail})`] : dash(call.end_detail)),
       fig(t('barge_ins'), call.barge_ins ?? 0),
       fig(t('twilio_duration'), call.twilio_duration_s === null || call.twilio_duration_s === undefined ? '—' : `${call.twilio_duration_s} ${t('sec')}`),
       fig(t('recording_size'), fmtBytes(call.recording_bytes)))),
@@ -407,8 +613,9 @@ async function renderCall(sid) {
     // <audio src> cannot send the bearer token: ask for a signed link to this recording,
     // which the browser then streams with Range requests (no download of the whole WAV).
     const link = await api(`/api/admin/calls/${encodeURIComponent(sid)}/recording-link`);
+    if (stale(seq)) return; // navigated away (or switched language) meanwhile
     const status = document.getElementById('recording-status');
-    if (!status) return; // navigated away meanwhile
+    if (!status) return;
     if (!link.ok) {
       status.textContent = link.status === 404 ? t('no_recording') : `${t('failed')} (${link.status})`;
       return;
@@ -417,6 +624,14 @@ async function renderCall(sid) {
       audioBox.replaceChildren(audio, h('p', { class: 'error', id: 'recording-status' }, `${t('failed')}: ${t('reload_hint')}`));
     }, { once: true });
     audio.src = link.data.url;
+    if (resume && resume.hash === location.hash) {
+      const { time, playing } = resume;
+      audio.addEventListener('loadedmetadata', () => {
+        audio.currentTime = time;
+        if (playing) audio.play().catch(() => {});
+      }, { once: true });
+    }
+    resume = null;
     // Leaving the page stops the stream.
     cleanup.push(() => { audio.pause(); audio.removeAttribute('src'); audio.load(); });
     audioBox.replaceChildren(audio);
@@ -425,8 +640,9 @@ async function renderCall(sid) {
 
 // ---- agents --------------------------------------------------------------------------------------
 
-async function renderAgents() {
+async function renderAgents(seq) {
   const agents = [...(await agentsById(true)).values()];
+  if (stale(seq)) return;
   const rows = agents.map((a) => h('tr', { class: 'link', onclick: () => { location.hash = `#/agents/${encodeURIComponent(a.id)}`; } },
     h('td', {}, h('a', { href: `#/agents/${encodeURIComponent(a.id)}` }, a.name), a.is_default && ' ', a.is_default && h('span', { class: 'badge' }, t('default'))),
     h('td', {}, a.id), h('td', {}, a.voice), h('td', {}, a.model), h('td', {}, a.language),
@@ -447,7 +663,7 @@ function field(name, label, input, { wide = false, help } = {}) {
     h('p', { class: 'err', 'data-error-for': name, role: 'alert' }));
 }
 
-async function renderAgentForm(id) {
+async function renderAgentForm(seq, id) {
   let a = {
     name: '', instructions: '', greeting: '', voice: 'marin', model: 'gpt-realtime', language: 'ja',
     transcription_model: 'gpt-4o-transcribe',
@@ -456,6 +672,7 @@ async function renderAgentForm(id) {
   };
   if (id) {
     const r = await api(`/api/admin/agents/${encodeURIComponent(id)}`);
+    if (stale(seq)) return;
     if (!r.ok) throw new Error(r.data?.message || r.status);
     a = r.data.agent;
   }
@@ -569,8 +786,9 @@ async function renderAgentForm(id) {
 
 // ---- numbers -------------------------------------------------------------------------------------
 
-async function renderNumbers() {
+async function renderNumbers(seq) {
   const [r, agents] = await Promise.all([api('/api/admin/numbers'), agentsById(true)]);
+  if (stale(seq)) return;
   if (!r.ok) throw new Error(r.data?.message || r.status);
   const rows = r.data.numbers.map((n) => h('tr', {},
     h('td', {}, n.number),
@@ -593,11 +811,13 @@ async function renderNumbers() {
     onsubmit: async (e) => {
       e.preventDefault();
       for (const p of [...Object.values(errs), general]) p.textContent = '';
-      const value = number.value.trim();
+      const value = normaliseNumber(number.value);
       if (!value) { errs.number.textContent = '+81312345678'; return; }
       const d = await api(`/api/admin/numbers/${encodeURIComponent(value)}`, { method: 'PUT', body: { agent_id: agent.value } });
       if (d.ok) return route();
-      (errs[d.data?.field] || general).textContent = d.data?.message || d.status;
+      const box = errs[d.data?.field] || general;
+      box.textContent = d.data?.field === 'number' ? t('bad_number') : d.data?.message || d.status;
+      if (d.data?.message) box.title = d.data.message;
     },
   },
   h('div', {}, h('label', { for: 'n-number' }, t('number')), number, errs.number),
@@ -612,6 +832,9 @@ async function renderNumbers() {
 // ---- start ---------------------------------------------------------------------------------------
 
 document.getElementById('lang').addEventListener('click', () => {
+  // The page is drawn again in the other language: the recording carries on where it was.
+  const a = document.getElementById('recording');
+  resume = a && a.currentSrc ? { hash: location.hash, time: a.currentTime, playing: !a.paused } : null;
   lang = lang === 'ja' ? 'en' : 'ja';
   localStorage.setItem(LANG_KEY, lang);
   route();

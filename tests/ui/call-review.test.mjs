@@ -1,8 +1,11 @@
 // Browser test of the call-review page (public/), in headless Chromium (Debian's `chromium`
 // driven by playwright-core) against the real Worker in `wrangler dev`: sign in with the admin
-// token, find the call in the list, read its transcript, play its recording and seek by
-// clicking a transcript line, switch to English, and see an agent's validation error next to
-// its field. Saves a screenshot of the call page to target/ui/call-page.png, or to the path in
+// token, find the call in the list (statuses in words, times with their zone, a number typed
+// the Japanese way), see a late call page dropped after going back to the list, read its
+// transcript and events (labels with the raw code as tooltip, DTMF digits, details folded
+// open as text), play its recording and seek by clicking a transcript line or Space on it,
+// see the current turn scrolled into view, switch to English without losing the playback
+// position, and see an agent's validation error next to its field. Saves a screenshot of the call page to target/ui/call-page.png, or to the path in
 // CALL_PAGE_SCREENSHOT (the docs' picture is refreshed on purpose, not by every test run:
 // CALL_PAGE_SCREENSHOT=docs/call-page.png bash scripts/ui-test.sh).
 //
@@ -86,19 +89,55 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await rows.first().waitFor();
   assert.equal(await rows.count(), 2);
   const first = await rows.nth(0).innerText();
-  assert.match(first, /completed/);
+  // Statuses in the page's language, the raw code kept as the tooltip (for log searches).
+  assert.match(first, /完了/);
+  assert.doesNotMatch(first, /completed/);
+  assert.equal(await rows.nth(0).locator('.badge').getAttribute('title'), 'completed');
   assert.match(first, /\+819012345678/);
   assert.match(first, /\+815012345678/);
   assert.match(first, /0:12/, 'duration');
   assert.match(first, /標準受付/, 'the agent by name');
-  assert.match(await rows.nth(1).innerText(), /failed/);
+  assert.match(await rows.nth(1).innerText(), /失敗/);
+  // Times say which zone they are in (the browser's: Asia/Tokyo here), and so do the date filters.
+  assert.match(first, /UTC\+9/);
+  assert.match(await page.locator('form.filters').innerText(), /UTC\+9/);
   // Filters go through the API.
   await page.locator('#f-status').selectOption('failed');
   await page.getByRole('button', { name: '絞り込む' }).click();
   await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
-  assert.match(await page.locator('tbody tr').innerText(), /failed/);
+  assert.match(await page.locator('tbody tr').innerText(), /失敗/);
   await page.getByRole('button', { name: 'クリア' }).click();
   await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+  // A number typed the Japanese way is sent as E.164.
+  await page.locator('#f-number').fill('090-1234-5678');
+  await page.getByRole('button', { name: '絞り込む' }).click();
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
+  assert.match(await page.evaluate(() => location.hash), /number=%2B819012345678/);
+  assert.match(await page.locator('tbody tr').innerText(), /\+819012345678/);
+  // One the API refuses: its message next to the input, in the page's language.
+  await page.locator('#f-number').fill('abc');
+  await page.getByRole('button', { name: '絞り込む' }).click();
+  const numberErr = page.locator('[data-error-for="number"]');
+  await page.waitForFunction(() => document.querySelector('[data-error-for="number"]')?.textContent);
+  assert.match(await numberErr.innerText(), /電話番号/);
+  await page.getByRole('button', { name: 'クリア' }).click();
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+});
+
+test('a call page answered after the user went back does not replace the list', async () => {
+  let release;
+  const held = new Promise((r) => { release = r; });
+  const detail = `**/api/admin/calls/${CALL_SID}`;
+  await page.route(detail, async (route) => { await held; await route.continue(); });
+  await page.evaluate((sid) => { location.hash = `#/calls/${sid}`; }, CALL_SID);
+  await page.waitForTimeout(300);
+  await page.evaluate(() => { location.hash = '#/calls'; });
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+  release();
+  await page.waitForTimeout(1500);
+  await page.unroute(detail);
+  assert.equal(await page.locator('#transcript').count(), 0, 'the late call page was dropped');
+  assert.equal(await page.locator('tbody tr').count(), 2);
 });
 
 test('one call: transcript, marks, figures, and the recording plays and seeks', async () => {
@@ -113,14 +152,43 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
     assert.match(await line.getAttribute('class'), new RegExp(role));
   }
   assert.match(await lines.nth(2).innerText(), /割り込みで中断/);
-  assert.match(await page.locator('#transcript').innerText(), /割り込み \(800 ms\)/);
-  assert.match(await page.locator('#transcript').innerText(), /ツール呼び出し: lookup_reservation/);
+  const convo = await page.locator('#transcript').innerText();
+  assert.match(convo, /割り込み \(中断までに聞こえた長さ 800 ms\)/);
+  assert.match(convo, /ツール呼び出し: lookup_reservation/);
+  // Event codes in Japanese (the code as the tooltip), DTMF digits inline, an unknown code raw.
+  assert.match(convo, /プッシュ操作: 5/);
+  assert.match(convo, /AI エラー/);
+  assert.match(convo, /AI 再接続中/);
+  assert.match(convo, /終話/);
+  assert.match(convo, /mystery_event/);
+  assert.doesNotMatch(convo, /openai_error|reconnect\b|dtmf/);
+  assert.equal(await page.locator('#transcript .sys.dtmf [title="dtmf"]').count(), 1);
+  // Details (a tool call's arguments and output, a hang-up's reason, an error's message) fold
+  // open, as text.
+  const tool = page.locator('#transcript .sys.tool_call details');
+  await tool.locator('summary').click();
+  const toolText = await tool.innerText();
+  assert.match(toolText, /"name": "山田"/);
+  assert.match(toolText, /"time": "15:00"/);
+  const error = page.locator('#transcript .sys.openai_error details');
+  await error.locator('summary').click();
+  assert.match(await error.innerText(), /<img src=x onerror="window.__xss=1">/);
+  assert.equal(await page.evaluate(() => window.__xss), undefined);
+  const hangup = page.locator('#transcript .sys.hangup details');
+  await hangup.locator('summary').click();
+  assert.match(await hangup.innerText(), /the caller said goodbye/);
+  assert.equal(await page.evaluate(() => location.hash), `#/calls/${CALL_SID}`, 'opening details does not navigate');
   assert.equal(await page.locator('.timeline .mark.barge_in').count(), 1);
   assert.equal(await page.locator('.timeline .mark.tool_call').count(), 1);
   const figures = await page.locator('.figures').innerText();
   assert.match(figures, /640 ms/, 'time to first agent audio');
   assert.match(figures, /1234 \/ 567 \/ 1801/, 'tokens');
-  assert.match(figures, /twilio_stop/, 'end reason');
+  assert.match(figures, /通話終了 \(電話側\)/, 'end reason');
+  assert.equal(await page.locator('.figures [title="twilio_stop"]').count(), 1);
+  assert.equal(await page.locator('h1 + p .badge').getAttribute('title'), 'completed');
+  // Only status messages are announced, not the whole page.
+  assert.equal(await page.locator('main[aria-live]').count(), 0);
+  assert.equal(await page.locator('[role="status"][aria-live="polite"]#live').count(), 1);
 
   // The recording: played from its signed link, streamed by the browser with Range requests
   // that carry no token.
@@ -152,14 +220,45 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
   await page.waitForFunction(() => document.querySelector('#transcript .turn.now') !== null);
   assert.match(await page.locator('#transcript .turn.now').innerText(), /山田様/);
   await audio.evaluate((a) => a.pause());
+  // Space on a focused turn seeks and plays too.
+  await lines.nth(3).focus();
+  await page.keyboard.press('Space');
+  await page.waitForFunction((ms) => {
+    const a = document.querySelector('audio#recording');
+    return !a.paused && a.currentTime >= ms / 1000 && a.currentTime < ms / 1000 + 2;
+  }, TURNS[3][3]);
+  await audio.evaluate((a) => a.pause());
+  // While playing, the current turn is scrolled into view (unless the user just scrolled).
+  await page.setViewportSize({ width: 1280, height: 400 });
+  await page.evaluate(() => window.scrollTo(0, 0));
+  await audio.evaluate((a) => { a.currentTime = 8.4; a.play(); });
+  await page.waitForFunction(() => {
+    const now = document.querySelector('#transcript .turn.now');
+    if (!now) return false;
+    const r = now.getBoundingClientRect();
+    return /山田様/.test(now.textContent) && r.top >= 0 && r.bottom <= window.innerHeight;
+  });
+  await audio.evaluate((a) => a.pause());
+  await page.setViewportSize({ width: 1280, height: 900 });
   await page.evaluate(() => window.scrollTo(0, 0));
   mkdirSync(dirname(SCREENSHOT), { recursive: true });
   await page.screenshot({ path: SCREENSHOT, fullPage: true });
 });
 
-test('the English switch relabels the page and is remembered', async () => {
+test('the English switch relabels the page, keeps the recording playing where it was, and is remembered', async () => {
+  await page.locator('audio#recording').evaluate((a) => { a.currentTime = 6; return a.play(); });
   await page.getByRole('button', { name: 'English' }).click();
   await page.getByRole('heading', { name: 'Conversation' }).waitFor();
+  await page.waitForFunction(() => {
+    const a = document.querySelector('audio#recording');
+    return a && a.src && !a.paused && a.currentTime >= 6 && a.currentTime < 9;
+  });
+  await page.locator('audio#recording').evaluate((a) => a.pause());
+  const convo = await page.locator('#transcript').innerText();
+  assert.match(convo, /Barge-in \(800 ms heard before the cut\)/);
+  assert.match(convo, /Keypad: 5/);
+  assert.match(await page.locator('.figures').innerText(), /Ended by the phone side/);
+  assert.equal(await page.locator('h1 + p .badge').innerText(), 'Completed');
   assert.equal(await page.evaluate(() => document.documentElement.lang), 'en');
   await page.reload();
   await page.getByRole('heading', { name: 'Conversation' }).waitFor();

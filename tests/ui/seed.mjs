@@ -19,6 +19,7 @@ export const TURNS = [
 ];
 export const BARGE_IN_MS = 5_200;
 export const TOOL_CALL_MS = 7_600;
+export const DTMF_MS = 7_000;
 
 const iso = (ms) => new Date(ms).toISOString();
 const q = (s) => (s === null ? 'NULL' : typeof s === 'number' ? String(s) : `'${String(s).replace(/'/g, "''")}'`);
@@ -77,6 +78,11 @@ export function sql() {
   const events = [
     [0, BARGE_IN_MS, 'barge_in', { item_id: 'item_2', audio_end_ms: 800, received_ms: 2400 }],
     [1, TOOL_CALL_MS, 'tool_call', { name: 'lookup_reservation', call_id: 'call_1', arguments: '{"name":"山田"}', ok: true, output: '{"time":"15:00"}', duration_ms: 412 }],
+    [2, DTMF_MS, 'dtmf', { digit: '5' }],
+    [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
+    [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
+    [5, 10_000, 'mystery_event', {}],
+    [6, 11_500, 'hangup', { ok: true, twilio: 200, reason: 'the caller said goodbye', attempts: 1 }],
   ];
   for (const [seq, at, type, detail] of events) {
     lines.push(`INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES
