@@ -328,6 +328,11 @@ impl Recorder {
         self.caller_heard = true;
     }
 
+    /// When agent audio sent at `at_ms` starts to play: once what is queued has (ms).
+    pub fn agent_plays_at_ms(&self, at_ms: u64) -> u64 {
+        at_ms.max(self.agent_end / SAMPLES_PER_MS)
+    }
+
     /// Agent audio (μ-law) sent to Twilio at `at_ms`: it plays once what is queued has.
     pub fn agent(&mut self, at_ms: u64, mulaw: &[u8]) {
         let sent = at_ms * SAMPLES_PER_MS;

@@ -1082,7 +1082,10 @@ impl Call {
         }
         if self.audio_item.as_ref().is_none_or(|a| a.as_str() != item) {
             let id = ItemId::from(item);
-            self.conversation.agent_audio_started(&id, at);
+            // The turn's place on the recording: when it is heard, after any audio still
+            // queued ahead of it (a filler before a tool's answer), not when it was sent.
+            let plays_at = self.agent_plays_at(at);
+            self.conversation.agent_audio_started(&id, plays_at);
             self.audio_item = Some(id);
         }
         self.record_agent(payload, at);

@@ -23,6 +23,14 @@ impl Call {
     }
 
     /// Agent audio went to Twilio `at` ms into the stream.
+    /// When agent audio sent at `at` (ms from the stream start) starts to play, as the
+    /// recording places it: after what is still queued at Twilio. Without a recording, `at`.
+    pub(super) fn agent_plays_at(&self, at: u64) -> u64 {
+        self.recorder
+            .as_ref()
+            .map_or(at, |r| r.agent_plays_at_ms(at))
+    }
+
     pub(super) fn record_agent(&mut self, payload: &str, at: u64) {
         if let Some(r) = &mut self.recorder {
             r.agent_base64(at, payload);

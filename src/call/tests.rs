@@ -2172,6 +2172,36 @@ fn after_a_reconnect_the_old_session_s_audio_can_be_cleared_and_caller_turns_kee
     assert_eq!(offset, 9_800);
 }
 
+/// A reply sent while earlier audio (a filler before a tool's answer) still plays at Twilio
+/// is placed where the caller hears it: after that audio, as the recording has it, so the
+/// review page's click on the line plays that line.
+#[test]
+fn an_agent_turn_queued_behind_earlier_audio_is_placed_where_it_is_heard() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.response("resp_1");
+    // 1 s of filler, sent at once.
+    for i in 0..10u8 {
+        sim.agent_chunk("item_filler", &audio(800, i));
+    }
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_filler","response_id":"resp_1","transcript":"少々お待ちください。"}"#);
+    sim.response_done("resp_1");
+    // The answer, 200 ms later: it plays once the filler has, at 2 000 ms.
+    sim.at(1_200);
+    sim.response("resp_2");
+    sim.agent_chunk("item_answer", &audio(800, 20));
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_answer","response_id":"resp_2","transcript":"三時のご予約です。"}"#);
+    let at = |text: &str| {
+        transcript(&sim.records)
+            .into_iter()
+            .find(|t| t.2 == text)
+            .map(|t| t.3)
+            .expect(text)
+    };
+    assert_eq!(at("少々お待ちください。"), 1_000);
+    assert_eq!(at("三時のご予約です。"), 2_000);
+}
+
 mod recording;
 
 #[test]
