@@ -314,6 +314,14 @@ fn base_url(v: &str, schemes: &[&str]) -> Result<String, String> {
     Ok(v.trim_end_matches('/').to_owned())
 }
 
+/// Settings the shell reads itself, outside [`Bridge`]: the admin API's bearer token (a
+/// secret) and a test hook that fails a call's first D1 writes.
+pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+pub const FAULT_INJECT_D1_FAILURES: &str = "FAULT_INJECT_D1_FAILURES";
+/// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be
+/// written into `wrangler.toml`.
+pub const SECRETS: &[&str] = &["OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", ADMIN_TOKEN];
+
 /// One variable or secret as the Worker has it: text (a number or boolean written without
 /// quotes counts, as written), or something else (wrangler binds a `[vars]` table or array
 /// as JSON), given as its JSON.

@@ -68,14 +68,9 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod check {
-    use phone_agent_bridge::config::{Bridge, Setting};
+    use phone_agent_bridge::config::{Bridge, Setting, FAULT_INJECT_D1_FAILURES, SECRETS};
     use std::cell::RefCell;
     use std::collections::BTreeSet;
-
-    /// Read by the Worker outside the bridge's configuration.
-    const OTHER_SETTINGS: &[&str] = &["FAULT_INJECT_D1_FAILURES"];
-    /// Set with `wrangler secret put` (or `.dev.vars` locally), never in the committed file.
-    const SECRETS: &[&str] = &["OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", "ADMIN_TOKEN"];
 
     /// A value as the Worker reads it: text as is, a number or boolean as written, anything
     /// else (a table, an array, a date) not text (see `setting` in src/cloudflare/mod.rs).
@@ -131,7 +126,7 @@ mod check {
             .collect();
         let asked = asked.into_inner();
         for name in vars.keys() {
-            let known = OTHER_SETTINGS.contains(&name.as_str()) || SECRETS.contains(&name.as_str());
+            let known = name == FAULT_INJECT_D1_FAILURES || SECRETS.contains(&name.as_str());
             if !asked.contains(name) && !known {
                 findings.push(format!(
                     "{name}: not a setting of this Worker (misspelt?); see the README's \
@@ -139,7 +134,7 @@ mod check {
                 ));
             }
         }
-        if let Some(v) = vars.get("FAULT_INJECT_D1_FAILURES") {
+        if let Some(v) = vars.get(FAULT_INJECT_D1_FAILURES) {
             if !matches!(setting(v), Setting::Text(t) if matches!(t.trim(), "" | "0")) {
                 findings.push(
                     "FAULT_INJECT_D1_FAILURES: a test hook (the first writes of every call to \

@@ -51,7 +51,7 @@ pub(super) fn internal(during: &'static str, error: impl std::fmt::Display) -> E
 
 /// `ADMIN_TOKEN` from the secrets, or from a plain variable (local `--var`).
 fn admin_token(env: &Env) -> String {
-    super::setting_text(env, "ADMIN_TOKEN")
+    super::setting_text(env, crate::config::ADMIN_TOKEN)
         .map(|t| t.trim().to_owned())
         .unwrap_or_default()
 }

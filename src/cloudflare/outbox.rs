@@ -92,7 +92,7 @@ pub struct Outbox(Rc<Inner>);
 impl Outbox {
     pub fn new(storage: Storage, env: Env) -> Self {
         let (wake, rx) = mpsc::unbounded();
-        let injected = super::setting_text(&env, "FAULT_INJECT_D1_FAILURES")
+        let injected = super::setting_text(&env, crate::config::FAULT_INJECT_D1_FAILURES)
             .and_then(|v| v.trim().parse().ok())
             .unwrap_or(0);
         let outbox = Outbox(Rc::new(Inner {
