@@ -91,6 +91,11 @@ pub enum Record {
         total_tokens: u64,
         first_audio_ms: Option<u64>,
         barge_ins: u64,
+        /// Not the call's own account of its end but its object's presumption (the stream's
+        /// pump is gone: a restart): written only where the call has no end yet, so the
+        /// call's own end, if it reached D1, stays.
+        #[serde(default)]
+        presumed: bool,
     },
     /// The call's recording is complete in the bucket.
     Recording {
@@ -315,6 +320,7 @@ impl Record {
                 total_tokens,
                 first_audio_ms,
                 barge_ins,
+                presumed,
             } => vec![
                 ensure_call(call_sid, *at_ms),
                 Statement::new(
@@ -325,13 +331,7 @@ impl Record {
                          status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END, \
                          end_detail = ?11 \
                          WHERE call_sid = ?1{}",
-                        // A restart is only presumed when the object finds no end kept; the
-                        // call's own end, if it did reach D1, is the truth and stays.
-                        if end_reason == crate::webhook::INTERRUPTED {
-                            " AND end_reason IS NULL"
-                        } else {
-                            ""
-                        }
+                        if *presumed { " AND end_reason IS NULL" } else { "" }
                     ),
                     vec![
                         call_sid.as_str().into(),
@@ -527,6 +527,7 @@ mod tests {
             total_tokens: 30,
             first_audio_ms: Some(640),
             barge_ins: 2,
+            presumed: false,
         }
     }
 

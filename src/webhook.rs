@@ -105,6 +105,7 @@ impl Registration {
             total_tokens: 0,
             first_audio_ms: None,
             barge_ins: 0,
+            presumed: true,
         }
     }
 }
@@ -1079,6 +1080,7 @@ mod tests {
             total_tokens: 30,
             first_audio_ms: Some(640),
             barge_ins: 2,
+            presumed: false,
         };
         for own_end_kept in [true, false] {
             let conn = testdb::open();

@@ -1229,6 +1229,7 @@ impl Call {
             total_tokens: self.stats.tokens.total_tokens,
             first_audio_ms: self.stats.first_audio_ms,
             barge_ins: self.stats.barge_ins,
+            presumed: false,
         }));
         self.ended = Some(reason.clone());
         self.actions.push_back(Action::Ended(Box::new(Summary {
