@@ -252,8 +252,13 @@ impl Sim {
     }
 
     /// The call has ended, and its record says it failed, why, and the particulars.
+    /// How the call ended, by its label; `None` while it goes on.
+    fn end_label(&self) -> Option<&'static str> {
+        self.call.end_reason().map(EndReason::label)
+    }
+
     fn assert_failed(&self, reason: &str, detail: &str) {
-        assert_eq!(self.call.end_reason().map(EndReason::label), Some(reason));
+        assert_eq!(self.end_label(), Some(reason));
         let ended = self
             .records
             .iter()
@@ -1100,10 +1105,7 @@ fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
     };
     sim.input(Input::HttpDone { id, outcome: &ok });
     sim.twilio(STOP);
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("agent_hangup")
-    );
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
 
 #[test]
@@ -1544,10 +1546,7 @@ fn end_call_says_goodbye_then_hangs_up_once_twilio_played_it() {
         outcome: &ok,
     });
     sim.twilio(r#"{"event":"stop"}"#);
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("agent_hangup")
-    );
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, ["tool_call", "hangup"]);
     let tool = &events(&sim.records)[0].2;
@@ -2000,10 +1999,7 @@ fn a_close_without_stop_after_the_hang_up_is_still_the_agents_hang_up() {
         code: 1000,
         reason: "",
     });
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("agent_hangup")
-    );
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
 
 #[test]
@@ -2243,10 +2239,7 @@ fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
     let out = sim.response_done("resp_2");
     assert_eq!(http_of(&out).len(), 1);
     sim.twilio(r#"{"event":"stop"}"#);
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("agent_hangup")
-    );
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, ["tool_call", "hangup"]);
 }
@@ -2307,10 +2300,7 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     let (id, _) = http_of(&out)[0].clone();
     rest_answers(&mut sim, id, 200);
     sim.twilio(r#"{"event":"stop"}"#);
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("agent_hangup")
-    );
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
     let hangup = events(&sim.records)
         .into_iter()
         .find(|e| e.1 == "hangup")
@@ -2332,10 +2322,7 @@ fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_t
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("call_control_failed")
-    );
+    assert_eq!(sim.end_label(), Some("call_control_failed"));
 }
 
 #[test]
@@ -2485,10 +2472,7 @@ fn a_refused_transfer_hands_the_caller_to_the_fallback() {
     assert!(out
         .iter()
         .any(|a| matches!(a, Action::CloseTwilio { code: 1011, .. })));
-    assert_eq!(
-        sim.call.end_reason().map(EndReason::label),
-        Some("call_control_failed")
-    );
+    assert_eq!(sim.end_label(), Some("call_control_failed"));
 }
 
 mod reconnect;
