@@ -80,10 +80,11 @@ const I18N = {
   },
 };
 
-// Labels of the codes the API returns: call statuses (Twilio's), end reasons (EndReason::label
-// in src/call/mod.rs and the constants in src/webhook.rs) and event types (`self.event(` in
-// src/call/, transfer_result in src/webhook.rs). The raw code stays as the label's tooltip so
-// it can be searched for in logs; a code not listed here is shown raw.
+// Labels of the codes the API returns: call statuses (admin::CALL_STATUSES, Twilio's), end
+// reasons (EndReason::LABELS in src/call/mod.rs and the constants in src/webhook.rs) and event
+// types (store::EventKind); tests/review_labels.rs fails on a code missing here in either
+// language. The raw code stays as the label's tooltip so it can be searched for in logs; a
+// code not listed here is shown raw.
 const CODES = {
   ja: {
     status: {

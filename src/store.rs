@@ -36,6 +36,102 @@ pub fn status_rank(status: &str) -> Option<u8> {
 /// The SQL twin of [`status_rank`], for conditional updates.
 const RANK_SQL: &str = "CASE status WHEN 'ringing' THEN 1 WHEN 'in-progress' THEN 2 ELSE 3 END";
 
+/// What a call event (`call_events.type`) records. The review page (`public/app.js`) names
+/// each in both its languages; `tests/review_labels.rs` keeps the two in step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    BargeIn,
+    ToolCall,
+    Dtmf,
+    Hangup,
+    Transfer,
+    TransferResult,
+    Reconnect,
+    Reconnected,
+    OpenAiError,
+    TranscriptionFailed,
+    Fallback,
+    FallbackRedirect,
+    DroppedInput,
+    MaxDuration,
+    WrapUp,
+    IdleCheckIn,
+    IdleHangup,
+    EndingCalledOff,
+}
+
+impl EventKind {
+    /// Every kind (a new one goes here too: writing a kind missing from it fails the tests).
+    pub const ALL: [EventKind; 18] = [
+        EventKind::BargeIn,
+        EventKind::ToolCall,
+        EventKind::Dtmf,
+        EventKind::Hangup,
+        EventKind::Transfer,
+        EventKind::TransferResult,
+        EventKind::Reconnect,
+        EventKind::Reconnected,
+        EventKind::OpenAiError,
+        EventKind::TranscriptionFailed,
+        EventKind::Fallback,
+        EventKind::FallbackRedirect,
+        EventKind::DroppedInput,
+        EventKind::MaxDuration,
+        EventKind::WrapUp,
+        EventKind::IdleCheckIn,
+        EventKind::IdleHangup,
+        EventKind::EndingCalledOff,
+    ];
+
+    /// The kind as stored.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::BargeIn => "barge_in",
+            EventKind::ToolCall => "tool_call",
+            EventKind::Dtmf => "dtmf",
+            EventKind::Hangup => "hangup",
+            EventKind::Transfer => "transfer",
+            EventKind::TransferResult => "transfer_result",
+            EventKind::Reconnect => "reconnect",
+            EventKind::Reconnected => "reconnected",
+            EventKind::OpenAiError => "openai_error",
+            EventKind::TranscriptionFailed => "transcription_failed",
+            EventKind::Fallback => "fallback",
+            EventKind::FallbackRedirect => "fallback_redirect",
+            EventKind::DroppedInput => "dropped_input",
+            EventKind::MaxDuration => "max_duration",
+            EventKind::WrapUp => "wrap_up",
+            EventKind::IdleCheckIn => "idle_check_in",
+            EventKind::IdleHangup => "idle_hangup",
+            EventKind::EndingCalledOff => "ending_called_off",
+        }
+    }
+
+    /// An event of this kind, as a record (`seq` numbers it within its call).
+    pub fn record(self, call_sid: &str, seq: u64, at_ms: u64, detail: Value) -> Record {
+        debug_assert!(EventKind::ALL.contains(&self), "{self:?} missing from ALL");
+        Record::Event {
+            call_sid: call_sid.to_owned(),
+            seq,
+            at_ms,
+            kind: self.as_str().to_owned(),
+            detail,
+        }
+    }
+}
+
+impl std::fmt::Display for EventKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// One fact about a call, to be written to D1. Writes are idempotent (upserts keyed by the
 /// call and a sequence number), so a batch retried after a failure changes nothing twice.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -468,6 +564,25 @@ mod tests {
     use super::*;
     use crate::agents::testdb;
     use serde_json::json;
+
+    #[test]
+    fn every_event_kind_is_listed_once_and_recorded_as_its_name() {
+        let mut kinds: Vec<_> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), EventKind::ALL.len());
+        let e = EventKind::Dtmf.record("CA1", 3, 40, json!({"digit": "1"}));
+        assert_eq!(
+            e,
+            Record::Event {
+                call_sid: "CA1".into(),
+                seq: 3,
+                at_ms: 40,
+                kind: "dtmf".into(),
+                detail: json!({"digit": "1"}),
+            }
+        );
+    }
 
     const SID: &str = "CA1";
 

@@ -4,7 +4,7 @@
 
 use crate::config::{Agent, Bridge};
 use crate::ids::CallSid;
-use crate::store::{status_rank, Record};
+use crate::store::{status_rank, EventKind, Record};
 use crate::{signature, twiml};
 
 /// Path of the voice webhook.
@@ -362,18 +362,17 @@ pub fn transfer_result<'a>(
         .ok_or_else(|| Refusal::BadRequest("DialCallStatus missing".into()))?;
     let answered = matches!(status, "completed" | "answered");
     let duration_s = get("DialCallDuration").and_then(|d| d.parse::<u64>().ok());
-    let record = Record::Event {
-        call_sid: call_sid.0.clone(),
-        seq: TRANSFER_RESULT_SEQ,
-        at_ms: now_ms,
-        kind: "transfer_result".into(),
-        detail: serde_json::json!({
+    let record = EventKind::TransferResult.record(
+        &call_sid.0,
+        TRANSFER_RESULT_SEQ,
+        now_ms,
+        serde_json::json!({
             "answered": answered,
             "dial_call_status": status,
             "dial_call_duration_s": duration_s,
             "dial_call_sid": get("DialCallSid"),
         }),
-    };
+    );
     let apology = twiml::Apology {
         message: &config.transfer_failed_message,
         ..apology(config)

@@ -7,7 +7,7 @@ use crate::audio::bytes_to_ms;
 use crate::http;
 use crate::ids::Millis;
 use crate::openai;
-use crate::store::Role;
+use crate::store::{EventKind, Role};
 use crate::tools::{self, Tool};
 use crate::twilio;
 use crate::twiml;
@@ -327,10 +327,16 @@ impl Call {
         Some(reason)
     }
 
-    fn finish_reason(finish: &Finish) -> (&'static str, EndReason) {
+    fn finish_reason(finish: &Finish) -> (EventKind, EndReason) {
         match finish {
-            Finish::Hangup { why } => ("hangup", EndReason::AgentHangup { why: why.clone() }),
-            Finish::Transfer { to } => ("transfer", EndReason::Transferred { to: to.clone() }),
+            Finish::Hangup { why } => (
+                EventKind::Hangup,
+                EndReason::AgentHangup { why: why.clone() },
+            ),
+            Finish::Transfer { to } => (
+                EventKind::Transfer,
+                EndReason::Transferred { to: to.clone() },
+            ),
         }
     }
 
@@ -392,7 +398,7 @@ impl Call {
                 self.log(Level::Info, "control.max_duration", Value::Null);
                 self.event(
                     now,
-                    "max_duration",
+                    EventKind::MaxDuration,
                     json!({ "max_call_seconds": self.agent.max_call_seconds }),
                 );
                 self.start_ending(
@@ -409,7 +415,7 @@ impl Call {
             }
             if !self.control.wrap_up_sent && now >= end.saturating_sub(WRAP_UP_BEFORE) {
                 self.control.wrap_up_sent = true;
-                self.event(now, "wrap_up", Value::Null);
+                self.event(now, EventKind::WrapUp, Value::Null);
                 // Not ready yet (still connecting, or reconnecting): said once it is.
                 self.control.wrap_up_unsaid = true;
                 self.say_wrap_up();
@@ -423,11 +429,11 @@ impl Call {
             if !self.control.checked_in {
                 self.control.checked_in = true;
                 self.control.last_activity = Some(now);
-                self.event(now, "idle_check_in", Value::Null);
+                self.event(now, EventKind::IdleCheckIn, Value::Null);
                 self.tell_model(self.notes().check_in);
                 self.request_response();
             } else {
-                self.event(now, "idle_hangup", Value::Null);
+                self.event(now, EventKind::IdleHangup, Value::Null);
                 self.start_ending(
                     Finish::Hangup { why: "idle".into() },
                     Phase::Goodbye {
@@ -827,7 +833,7 @@ impl Call {
         if session_lost {
             detail["after_reconnect"] = json!(true);
         }
-        self.event(now, "tool_call", detail);
+        self.event(now, EventKind::ToolCall, detail);
     }
 
     /// A tool called in a session since lost has answered: the new session has no function
@@ -942,7 +948,7 @@ impl Call {
     pub(super) fn on_dtmf(&mut self, digit: &str, now: Millis) {
         let digit: String = digit.chars().take(4).collect();
         self.log(Level::Info, "twilio.dtmf", json!({ "digit": digit }));
-        self.event(now, "dtmf", json!({ "digit": digit }));
+        self.event(now, EventKind::Dtmf, json!({ "digit": digit }));
         self.activity(now);
         let text = self.dtmf_note(&digit);
         // Kept in the conversation's order: a session not ready yet (the first, or one
@@ -1046,7 +1052,7 @@ impl Call {
         );
         self.event(
             now,
-            "ending_called_off",
+            EventKind::EndingCalledOff,
             json!({ "finish": kind, "why": "the caller spoke" }),
         );
         self.tell_model(note);
@@ -1136,7 +1142,7 @@ impl Call {
         );
         self.event(
             now,
-            "reconnect",
+            EventKind::Reconnect,
             json!({ "attempt": attempt, "why": why, "delay_ms": delay.0 }),
         );
         self.setup_deadline = Some(window_end.min(now + super::SESSION_SETUP_TIMEOUT));
@@ -1326,7 +1332,7 @@ impl Call {
             }
             self.event(
                 now,
-                "reconnected",
+                EventKind::Reconnected,
                 // The call's row keeps the first session's id; each new one is named here.
                 json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0,
                         "seeded_items": seeded, "session_id": self.session_id }),

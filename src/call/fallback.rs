@@ -10,6 +10,7 @@
 use super::{Action, Call, EndReason, Level, Upstream};
 use crate::http;
 use crate::ids::Millis;
+use crate::store::EventKind;
 use crate::twilio;
 use serde_json::json;
 
@@ -69,7 +70,7 @@ impl Call {
             detail["last_failure"] = json!(last.detail_text());
         }
         self.log(Level::Error, "call.fallback", detail.clone());
-        self.event(now, "fallback", detail);
+        self.event(now, EventKind::Fallback, detail);
         let request = twilio::update_call(
             &self.twilio_rest,
             &self.context.account_sid,
@@ -104,7 +105,7 @@ impl Call {
         };
         self.event(
             now,
-            "fallback_redirect",
+            EventKind::FallbackRedirect,
             json!({ "ok": ok, "twilio": twilio }),
         );
         if ok {
@@ -128,7 +129,7 @@ impl Call {
             if self.fallback.as_ref().is_some_and(|f| f.request.is_some()) {
                 self.event(
                     now,
-                    "fallback_redirect",
+                    EventKind::FallbackRedirect,
                     json!({ "ok": false, "twilio": "no answer in time" }),
                 );
             }
@@ -145,7 +146,7 @@ impl Call {
             // Twilio's `stop` can overtake its answer to the redirect.
             self.event(
                 now,
-                "fallback_redirect",
+                EventKind::FallbackRedirect,
                 json!({ "ok": null, "twilio": "stream ended before the REST answer" }),
             );
         }

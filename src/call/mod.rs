@@ -19,7 +19,7 @@ use crate::audio::{base64_decoded_len, bytes_to_ms};
 use crate::config::Agent;
 use crate::ids::{CallSid, ItemId, Millis, StreamSid};
 use crate::openai::{self, ServerEvent};
-use crate::store::Record;
+use crate::store::{EventKind, Record};
 use crate::tools::CallContext;
 use crate::twilio::{self, Inbound};
 use crate::{http, twilio::RestConfig};
@@ -173,6 +173,19 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every label [`EndReason::label`] gives (the review page names each).
+    pub const LABELS: [&'static str; 9] = [
+        "twilio_stop",
+        "twilio_socket_closed",
+        "openai_closed",
+        "openai_connect_failed",
+        "openai_session_timeout",
+        "openai_session_rejected",
+        "agent_hangup",
+        "transferred",
+        "call_control_failed",
+    ];
+
     /// Short stable label, for storage and logs.
     pub fn label(&self) -> &'static str {
         match self {
@@ -762,7 +775,7 @@ impl Call {
                 );
                 self.event(
                     now,
-                    "openai_error",
+                    EventKind::OpenAiError,
                     json!({ "type": err.kind, "code": err.code, "message": err.message, "param": err.param }),
                 );
                 let asked_response = matches!(
@@ -922,7 +935,7 @@ impl Call {
                 );
                 self.event(
                     now,
-                    "transcription_failed",
+                    EventKind::TranscriptionFailed,
                     json!({ "item_id": item_id, "code": error.code, "message": error.message }),
                 );
             }
@@ -1146,7 +1159,7 @@ impl Call {
             self.write_entry(entry);
             self.event(
                 now,
-                "barge_in",
+                EventKind::BargeIn,
                 json!({ "item_id": cut.item, "audio_end_ms": cut.audio_end_ms, "received_ms": cut.received_ms }),
             );
         }
@@ -1213,7 +1226,7 @@ impl Call {
         );
         if !self.stats.dropped.is_empty() {
             let dropped = json!(self.stats.dropped);
-            self.event(now, "dropped_input", dropped);
+            self.event(now, EventKind::DroppedInput, dropped);
         }
         self.record_end(now);
         let started = self.stream.as_ref().map(|s| s.started_at);
@@ -1281,16 +1294,11 @@ impl Call {
     }
 
     /// Appends one entry to the call's event log.
-    fn event(&mut self, now: Millis, kind: &str, detail: Value) {
+    fn event(&mut self, now: Millis, kind: EventKind, detail: Value) {
         let seq = self.event_seq;
         self.event_seq += 1;
-        self.actions.push_back(Action::Persist(Record::Event {
-            call_sid: self.sid.0.clone(),
-            seq,
-            at_ms: now.0,
-            kind: kind.to_owned(),
-            detail,
-        }));
+        let record = kind.record(&self.sid.0, seq, now.0, detail);
+        self.actions.push_back(Action::Persist(record));
     }
 
     // ---- logging ----

@@ -2475,4 +2475,42 @@ fn a_refused_transfer_hands_the_caller_to_the_fallback() {
     assert_eq!(sim.end_label(), Some("call_control_failed"));
 }
 
+#[test]
+fn every_end_reason_s_label_is_listed_for_the_review_page() {
+    let s = || String::from("x");
+    let all = [
+        EndReason::TwilioStop,
+        EndReason::TwilioSocketClosed { code: 1006 },
+        EndReason::OpenAiClosed {
+            code: 1011,
+            reason: s(),
+        },
+        EndReason::OpenAiConnectFailed { reason: s() },
+        EndReason::SessionSetupTimeout,
+        EndReason::SessionRejected { reason: s() },
+        EndReason::AgentHangup { why: s() },
+        EndReason::CallControlFailed { what: s() },
+        EndReason::Transferred { to: s() },
+    ];
+    for r in &all {
+        // A new reason fails to compile here: add it to `all` above and to LABELS.
+        match r {
+            EndReason::TwilioStop
+            | EndReason::TwilioSocketClosed { .. }
+            | EndReason::OpenAiClosed { .. }
+            | EndReason::OpenAiConnectFailed { .. }
+            | EndReason::SessionSetupTimeout
+            | EndReason::SessionRejected { .. }
+            | EndReason::AgentHangup { .. }
+            | EndReason::CallControlFailed { .. }
+            | EndReason::Transferred { .. } => {}
+        }
+    }
+    let mut labels: Vec<_> = all.iter().map(EndReason::label).collect();
+    let mut listed = EndReason::LABELS.to_vec();
+    labels.sort_unstable();
+    listed.sort_unstable();
+    assert_eq!(labels, listed);
+}
+
 mod reconnect;
