@@ -422,12 +422,22 @@ pub fn session_update(agent: &Agent) -> String {
     .to_string()
 }
 
-/// Asks for the agent's first words.
+/// Asks for the agent's first words. A response's `instructions` replace the session's for
+/// that response, so the greeting comes after the agent's own instructions (who it is, the
+/// business's name), not instead of them; with no greeting, the session's are used as they are.
 pub fn greeting_response(agent: &Agent) -> String {
+    let greeting = agent.greeting.trim();
+    if greeting.is_empty() {
+        return json!({ "type": "response.create", "event_id": GREETING_EVENT_ID }).to_string();
+    }
+    let instructions = match agent.instructions.trim() {
+        "" => greeting.to_owned(),
+        own => format!("{own}\n\n{greeting}"),
+    };
     json!({
         "type": "response.create",
         "event_id": GREETING_EVENT_ID,
-        "response": { "instructions": agent.greeting },
+        "response": { "instructions": instructions },
     })
     .to_string()
 }
@@ -547,6 +557,37 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("ご用件"));
+    }
+
+    #[test]
+    fn the_greeting_keeps_the_agent_s_own_instructions() {
+        let greeting = |instructions: &str, greeting: &str| -> Value {
+            let agent = Agent {
+                instructions: instructions.into(),
+                greeting: greeting.into(),
+                ..Agent::default()
+            };
+            serde_json::from_str(&greeting_response(&agent)).unwrap()
+        };
+        // A response's instructions replace the session's: the business's name must be in them.
+        let v = greeting(
+            "あなたは山田歯科の受付です。",
+            "医院名を名乗ってご用件を伺ってください。",
+        );
+        assert_eq!(
+            v["response"]["instructions"],
+            "あなたは山田歯科の受付です。\n\n医院名を名乗ってご用件を伺ってください。"
+        );
+        assert_eq!(v["event_id"], GREETING_EVENT_ID);
+        // No instructions of its own: the greeting alone.
+        let v = greeting("  ", "Say hello.");
+        assert_eq!(v["response"]["instructions"], "Say hello.");
+        // No greeting: the session's instructions as they are, not replaced by nothing.
+        let v = greeting("You are the front desk.", " \n");
+        assert_eq!(
+            v,
+            json!({"type": "response.create", "event_id": GREETING_EVENT_ID})
+        );
     }
 
     #[test]

@@ -1068,8 +1068,11 @@ async fn the_agent_assigned_to_the_called_number_answers_and_other_numbers_get_t
         let (expected_id, expected) = if to == number {
             (
                 agent_id.as_str(),
+                // The greeting follows the agent's own instructions (a response's replace the
+                // session's).
                 json!({"instructions": instructions, "voice": "cedar", "language": "en",
-                       "threshold": 0.7, "silence_duration_ms": 800, "greeting": greeting}),
+                       "threshold": 0.7, "silence_duration_ms": 800,
+                       "greeting": format!("{instructions}\n\n{greeting}")}),
             )
         } else {
             (
@@ -1078,7 +1081,9 @@ async fn the_agent_assigned_to_the_called_number_answers_and_other_numbers_get_t
                        "language": default["language"],
                        "threshold": default["turn_detection"]["threshold"],
                        "silence_duration_ms": default["turn_detection"]["silence_duration_ms"],
-                       "greeting": default["greeting"]}),
+                       "greeting": format!("{}\n\n{}",
+                           default["instructions"].as_str().unwrap(),
+                           default["greeting"].as_str().unwrap())}),
             )
         };
         assert_eq!(

@@ -313,6 +313,12 @@ fn session_update_is_sent_when_the_socket_opens() {
     );
 }
 
+/// What the default agent's greeting asks for: its instructions, then the greeting.
+fn default_greeting_instructions() -> String {
+    let a = Agent::default();
+    format!("{}\n\n{}", a.instructions, a.greeting)
+}
+
 #[test]
 fn greeting_waits_for_both_session_ready_and_start() {
     // Session first, then start.
@@ -324,7 +330,7 @@ fn greeting_waits_for_both_session_ready_and_start() {
     assert!(is_greeting(&out[0]));
     assert_eq!(
         json_of(&out[0])["response"]["instructions"],
-        Agent::default().greeting
+        default_greeting_instructions()
     );
 
     // Start first, then session.

@@ -218,7 +218,7 @@ fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     assert_eq!(greeting["event_id"], openai::GREETING_EVENT_ID);
     assert_eq!(
         greeting["response"]["instructions"],
-        Agent::default().greeting
+        super::default_greeting_instructions()
     );
     // Asked for and not yet started.
     let mut sim = Sim::live_with(Agent::default());
