@@ -88,6 +88,41 @@ pub enum ServerEvent<'a> {
     },
 }
 
+/// Server events the bridge has no use for: per-item and per-part bookkeeping, text output,
+/// argument deltas (a call is taken whole from `.done`), transcription deltas, events of the
+/// WebRTC/SIP and MCP paths, and the beta names of those. Any other type is one this bridge
+/// does not know (a new or renamed event, which can mean a call goes silent): the call counts
+/// and logs it.
+pub const UNUSED_EVENTS: &[&str] = &[
+    "input_audio_buffer.cleared",
+    "input_audio_buffer.timeout_triggered",
+    "input_audio_buffer.dtmf_event_received",
+    "conversation.created",
+    "conversation.item.done",
+    "conversation.item.deleted",
+    "conversation.item.input_audio_transcription.delta",
+    "conversation.item.input_audio_transcription.segment",
+    "response.output_item.done",
+    "response.content_part.added",
+    "response.content_part.done",
+    "response.output_text.delta",
+    "response.output_text.done",
+    "response.text.delta",
+    "response.text.done",
+    "response.function_call_arguments.delta",
+    "output_audio_buffer.started",
+    "output_audio_buffer.stopped",
+    "output_audio_buffer.cleared",
+    "mcp_list_tools.in_progress",
+    "mcp_list_tools.completed",
+    "mcp_list_tools.failed",
+    "response.mcp_call_arguments.delta",
+    "response.mcp_call_arguments.done",
+    "response.mcp_call.in_progress",
+    "response.mcp_call.completed",
+    "response.mcp_call.failed",
+];
+
 /// The parts of a session config the bridge checks after `session.updated`.
 #[derive(Debug, PartialEq, Clone, Default)]
 pub struct SessionInfo {

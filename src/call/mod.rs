@@ -985,7 +985,11 @@ impl Call {
                 name,
                 arguments,
             } => self.on_function_call(call_id, name, arguments, now),
-            ServerEvent::Other { .. } => {}
+            ServerEvent::Other { kind } => {
+                if !openai::UNUSED_EVENTS.contains(&kind.as_str()) {
+                    self.drop_input("openai_unknown_event", json!({ "type": kind }));
+                }
+            }
         }
     }
 

@@ -2519,4 +2519,27 @@ fn every_end_reason_s_label_is_listed_for_the_review_page() {
     assert_eq!(labels, listed);
 }
 
+#[test]
+fn an_event_type_the_bridge_does_not_know_is_counted_and_logged_and_known_unused_ones_are_not() {
+    let mut sim = Sim::live();
+    // Known, and of no use to a phone call: passed over quietly.
+    for kind in openai::UNUSED_EVENTS {
+        sim.openai(&format!(r#"{{"type":"{kind}","event_id":"e1"}}"#));
+        assert!(sim.logged("bridge.dropped").is_empty(), "{kind}");
+    }
+    // A renamed audio event would leave the caller in silence: it must show.
+    sim.openai(r#"{"type":"response.output_audio.chunk","event_id":"e2","delta":"AAAA"}"#);
+    let dropped = sim.logged("bridge.dropped");
+    assert_eq!(dropped.len(), 1, "{dropped:?}");
+    assert_eq!(dropped[0]["reason"], "openai_unknown_event");
+    assert_eq!(dropped[0]["detail"]["type"], "response.output_audio.chunk");
+    sim.twilio(STOP);
+    let counted: Vec<Value> = events(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == "dropped_input")
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(counted, [json!({ "openai_unknown_event": 1 })]);
+}
+
 mod reconnect;
