@@ -3,56 +3,36 @@
 // token, find the call in the list (statuses in words, times with their zone, a number typed
 // the Japanese way), see a late call page dropped after going back to the list, read its
 // transcript and events (labels with the raw code as tooltip, DTMF digits, details folded
-// open as text), play its recording and seek by clicking a transcript line or Space on it,
-// see the current turn scrolled into view, switch to English without losing the playback
-// position, and see an agent's validation error next to its field. Saves a screenshot of the call page to target/ui/call-page.png, or to the path in
-// CALL_PAGE_SCREENSHOT (the docs' picture is refreshed on purpose, not by every test run:
-// CALL_PAGE_SCREENSHOT=docs/call-page.png bash scripts/ui-test.sh).
+// open as text, markup in a message shown as text), play its recording and seek by clicking a
+// transcript line or Space on it, see the current turn scrolled into view, switch to English
+// without losing the playback position, and see an agent's validation error next to its
+// field. The docs' picture of the call page is taken by call-page-picture.test.mjs, of a clean
+// seed.
 //
 //   node --test tests/ui/        (scripts/ui-test.sh installs Chromium first when missing)
 
 import assert from 'node:assert/strict';
-import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { dirname, join, resolve } from 'node:path';
 import { after, before, test } from 'node:test';
 
-import { chromium } from 'playwright-core';
-
-import { CALL_SID, OTHER_SID, RECORDING_KEY, TURNS, sql, wav } from './seed.mjs';
-import { ROOT, scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
+import { launch } from './browser.mjs';
+import { CALL_SID, OTHER_SID, RECORDING_KEY, TURNS, sql, testSql, wav } from './seed.mjs';
+import { scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
 
 const TOKEN = 'ui-test-admin-token-0123456789';
-const CHROMIUM = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const SCREENSHOT = process.env.CALL_PAGE_SCREENSHOT
-  ? resolve(ROOT, process.env.CALL_PAGE_SCREENSHOT)
-  : join(ROOT, 'target', 'ui', 'call-page.png');
 
 let worker;
-let context;
+let browser;
 let page;
-let profile;
 const consoleErrors = [];
 const recordingRequests = [];
 
 before(async () => {
   const dir = scratchDir('ui');
-  seedD1(dir, sql());
+  seedD1(dir, `${sql()}\n${testSql()}`);
   seedR2(dir, RECORDING_KEY, wav(), 'audio/wav');
   worker = await startWorker(dir, { ADMIN_TOKEN: TOKEN });
-  profile = mkdtempSync(join(tmpdir(), 'call-review-chromium-'));
-  context = await chromium.launchPersistentContext(profile, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync',
-      '--autoplay-policy=no-user-gesture-required'],
-    viewport: { width: 1280, height: 900 },
-    locale: 'ja-JP',
-    timezoneId: 'Asia/Tokyo',
-  });
-  page = context.pages()[0] || await context.newPage();
-  page.setDefaultTimeout(20_000);
+  browser = await launch();
+  page = browser.page;
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
   page.on('request', (r) => {
     if (r.url().includes('/recording')) {
@@ -67,9 +47,8 @@ before(async () => {
 });
 
 after(async () => {
-  await context?.close();
+  await browser?.close();
   await worker?.stop();
-  if (profile) rmSync(profile, { recursive: true, force: true });
 });
 
 test('sign in with the admin token (a wrong one is refused)', async () => {
@@ -241,8 +220,6 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
   await audio.evaluate((a) => a.pause());
   await page.setViewportSize({ width: 1280, height: 900 });
   await page.evaluate(() => window.scrollTo(0, 0));
-  mkdirSync(dirname(SCREENSHOT), { recursive: true });
-  await page.screenshot({ path: SCREENSHOT, fullPage: true });
 });
 
 test('the English switch relabels the page, keeps the recording playing where it was, and is remembered', async () => {

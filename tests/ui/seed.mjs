@@ -1,7 +1,11 @@
-// A reviewed call for the browser test: its D1 rows (as the Worker writes them) and its
-// recording, a stereo WAV in the layout the Worker records (left the caller, right the agent,
-// 8 kHz 16-bit), made of tones where each side speaks. The Worker's own recording path is
-// covered end to end by tests/e2e_recording.rs.
+// The calls of the browser tests: their D1 rows (as the Worker writes them) and recordings,
+// stereo WAVs in the layout the Worker records (left the caller, right the agent, 8 kHz
+// 16-bit), made of tones where each side speaks. The Worker's own recording path is covered
+// end to end by tests/e2e_recording.rs.
+//
+// sql() is a realistic Japanese seed: the docs' picture of the call page is taken of it alone
+// (tests/ui/call-page-picture.test.mjs). testSql() adds what only the tests want: markup in an
+// error message (escaping), and events a good call would not have or the page does not know.
 
 export const CALL_SID = 'CA5eed00000000000000000000000000a1';
 export const OTHER_SID = 'CA5eed00000000000000000000000000a2';
@@ -24,9 +28,13 @@ export const DTMF_MS = 7_000;
 const iso = (ms) => new Date(ms).toISOString();
 const q = (s) => (s === null ? 'NULL' : typeof s === 'number' ? String(s) : `'${String(s).replace(/'/g, "''")}'`);
 
-export function wav() {
+/** The recording of CALL_SID. */
+export const wav = () => wavOf(DURATION_MS, TURNS);
+
+/** A WAV of `ms` milliseconds, a tone on each side where its turns speak. */
+function wavOf(ms, turns) {
   const rate = 8000;
-  const n = (DURATION_MS / 1000) * rate;
+  const n = (ms / 1000) * rate;
   const buf = Buffer.alloc(44 + n * 4);
   buf.write('RIFF', 0);
   buf.writeUInt32LE(36 + n * 4, 4);
@@ -40,7 +48,7 @@ export function wav() {
   buf.writeUInt16LE(16, 34);
   buf.write('data', 36);
   buf.writeUInt32LE(n * 4, 40);
-  for (const [, role, , from, , until] of TURNS) {
+  for (const [, role, , from, , until] of turns) {
     const hz = role === 'caller' ? 220 : 440;
     const channel = role === 'caller' ? 0 : 2;
     for (let i = (from * rate) / 1000; i < (until * rate) / 1000; i++) {
@@ -52,21 +60,33 @@ export function wav() {
   return buf;
 }
 
-export function sql() {
-  const bytes = 44 + DURATION_MS * 32;
-  const call = (sid, o) => `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
+/** One `calls` row; `o.key` a recording of `o.duration` ms. */
+function callRow(sid, o) {
+  const bytes = 44 + o.duration * 32;
+  return `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
     stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
     output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,
     recording_bytes) VALUES (${[sid, 'AC00000000000000000000000000000001', o.from, o.to, 'default', 'inbound', o.status,
     `MZ${sid.slice(2)}`, 'sess_seed', iso(o.connected - 500), iso(o.connected), iso(o.connected + o.duration), o.duration,
     o.end_reason, o.input, o.output, o.input + o.output, o.first_audio, o.barge_ins, Math.round(o.duration / 1000),
     o.key, o.key ? o.duration : null, o.key ? bytes : null].map(q).join(', ')});`;
+}
+
+/** `call_events` rows of CALL_SID: [seq, ms from the stream start, type, detail]. */
+function eventRows(events) {
+  return events.map(([seq, at, type, detail]) => `INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES
+      (${[CALL_SID, seq, iso(CONNECTED_MS + at), type, JSON.stringify(detail)].map(q).join(', ')});`);
+}
+
+/** The realistic seed: the reviewed call (its transcript, a barge-in, a key press, a tool
+ *  call and the agent's hang-up) and a call that failed. */
+export function sql() {
   const lines = [
-    call(CALL_SID, {
+    callRow(CALL_SID, {
       from: '+819012345678', to: '+815012345678', status: 'completed', connected: CONNECTED_MS, duration: DURATION_MS,
       end_reason: 'twilio_stop', input: 1234, output: 567, first_audio: 640, barge_ins: 1, key: RECORDING_KEY,
     }),
-    call(OTHER_SID, {
+    callRow(OTHER_SID, {
       from: '+819087654321', to: '+815012345678', status: 'failed', connected: CONNECTED_MS - 3_600_000, duration: 4_000,
       end_reason: 'openai_connect_failed', input: 0, output: 0, first_audio: null, barge_ins: 0, key: null,
     }),
@@ -75,18 +95,22 @@ export function sql() {
     lines.push(`INSERT INTO transcript_entries (call_sid, seq, role, text, offset_ms, item_id, interrupted) VALUES
       (${[CALL_SID, seq, role, text, offset, `item_${seq}`, interrupted].map(q).join(', ')});`);
   }
-  const events = [
+  lines.push(...eventRows([
     [0, BARGE_IN_MS, 'barge_in', { item_id: 'item_2', audio_end_ms: 800, received_ms: 2400 }],
     [1, TOOL_CALL_MS, 'tool_call', { name: 'lookup_reservation', call_id: 'call_1', arguments: '{"name":"山田"}', ok: true, output: '{"time":"15:00"}', duration_ms: 412 }],
     [2, DTMF_MS, 'dtmf', { digit: '5' }],
+    [6, 11_500, 'hangup', { ok: true, twilio: 200, reason: 'the caller said goodbye', attempts: 1 }],
+  ]));
+  return lines.join('\n');
+}
+
+/** What the tests add to sql(): on the reviewed call an AI error whose message is markup
+ *  (shown as text, never run), a reconnect, and an event type the page does not know (shown
+ *  raw). */
+export function testSql() {
+  return eventRows([
     [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
     [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
     [5, 10_000, 'mystery_event', {}],
-    [6, 11_500, 'hangup', { ok: true, twilio: 200, reason: 'the caller said goodbye', attempts: 1 }],
-  ];
-  for (const [seq, at, type, detail] of events) {
-    lines.push(`INSERT INTO call_events (call_sid, seq, at, type, detail) VALUES
-      (${[CALL_SID, seq, iso(CONNECTED_MS + at), type, JSON.stringify(detail)].map(q).join(', ')});`);
-  }
-  return lines.join('\n');
+  ]).join('\n');
 }
