@@ -610,33 +610,93 @@ async function renderCall(seq, sid) {
       transcript.length ? convo : h('p', { class: 'muted' }, t('no_transcript'))),
   );
 
-  if (call.recording_key) {
-    // <audio src> cannot send the bearer token: ask for a signed link to this recording,
-    // which the browser then streams with Range requests (no download of the whole WAV).
-    const link = await api(`/api/admin/calls/${encodeURIComponent(sid)}/recording-link`);
-    if (stale(seq)) return; // navigated away (or switched language) meanwhile
-    const status = document.getElementById('recording-status');
-    if (!status) return;
-    if (!link.ok) {
-      status.textContent = link.status === 404 ? t('no_recording') : `${t('failed')} (${link.status})`;
-      return;
-    }
-    audio.addEventListener('error', () => {
-      audioBox.replaceChildren(audio, h('p', { class: 'error', id: 'recording-status' }, `${t('failed')}: ${t('reload_hint')}`));
-    }, { once: true });
-    audio.src = link.data.url;
-    if (resume && resume.hash === location.hash) {
-      const { time, playing } = resume;
+  if (call.recording_key) await playRecording(seq, sid, audio, audioBox);
+}
+
+// A recording's link is renewed at most this many times in a row, a renewal counting as in a
+// row when the player fails again within RENEW_WINDOW_MS of the last one.
+const RENEW_TRIES = 3;
+const RENEW_WINDOW_MS = 60_000;
+
+/** Plays the call's recording in `audio`. <audio src> cannot send the bearer token: the page
+ *  asks for a signed link to this recording (`{url, expires_at}`), which the browser then
+ *  streams with Range requests (no download of the whole WAV). The link expires (6 hours):
+ *  on a page left open longer the next Range request is refused (401 link_expired), which
+ *  the element reports only as an error. So when a link that had loaded (or is past its
+ *  `expires_at`) fails, the page asks for a new one and carries on from the same position,
+ *  playing or paused as it was, at most RENEW_TRIES times in a row. A link that never
+ *  loaded, a recording gone from storage, or anything else a new link does not cure ends
+ *  in the error message; a refused admin token signs out (api()). */
+async function playRecording(seq, sid, audio, audioBox) {
+  const path = `/api/admin/calls/${encodeURIComponent(sid)}/recording-link`;
+  const linkFailed = (r) => (r.status === 404 ? t('no_recording') : `${t('failed')} (${r.status})`);
+  const link = await api(path);
+  if (stale(seq)) return; // navigated away (or switched language) meanwhile
+  const status = document.getElementById('recording-status');
+  if (!status) return;
+  if (!link.ok) {
+    status.textContent = linkFailed(link);
+    return;
+  }
+  let failed = false; // the error message is shown: no more renewals
+  const fail = (message) => {
+    failed = true;
+    audioBox.replaceChildren(audio, h('p', { class: 'error', id: 'recording-status' }, message));
+  };
+  let expiresAt = Infinity; // of the link in use, in ms
+  let loaded = false; // whether the link in use got as far as the recording's metadata
+  let wantPlay = false; // playing, or asked to play (the element pauses on an error)
+  let renewing = false;
+  let renewals = 0;
+  let renewedAt = -Infinity;
+  /** Plays from `data` (a recording-link answer): at `time` seconds, playing if `playing`. */
+  const use = (data, time, playing) => {
+    loaded = false;
+    expiresAt = Date.parse(data.expires_at) || Infinity;
+    audio.src = data.url;
+    if (time || playing) {
       audio.addEventListener('loadedmetadata', () => {
-        audio.currentTime = time;
+        if (time) audio.currentTime = time;
         if (playing) audio.play().catch(() => {});
       }, { once: true });
     }
-    resume = null;
-    // Leaving the page stops the stream.
-    cleanup.push(() => { audio.pause(); audio.removeAttribute('src'); audio.load(); });
-    audioBox.replaceChildren(audio);
-  }
+  };
+  audio.addEventListener('loadedmetadata', () => { loaded = true; });
+  audio.addEventListener('play', () => { wantPlay = true; });
+  audio.addEventListener('pause', () => { wantPlay = false; });
+  audio.addEventListener('error', async () => {
+    if (stale(seq) || renewing || failed || !audio.getAttribute('src')) return;
+    if (Date.now() - renewedAt > RENEW_WINDOW_MS) renewals = 0;
+    if (!(loaded || Date.now() >= expiresAt) || renewals >= RENEW_TRIES) {
+      fail(`${t('failed')}: ${t('reload_hint')}`);
+      return;
+    }
+    renewals++;
+    renewedAt = Date.now();
+    const time = audio.currentTime;
+    const playing = wantPlay;
+    renewing = true;
+    let r;
+    try {
+      r = await api(path);
+    } catch (e) {
+      if (e instanceof Unauthorized) return; // api() showed the sign-in form
+      r = null; // offline
+    } finally {
+      renewing = false;
+    }
+    if (stale(seq)) return;
+    if (!r) fail(`${t('failed')}: ${t('reload_hint')}`);
+    else if (!r.ok) fail(linkFailed(r));
+    else use(r.data, time, playing);
+  });
+  // The language switch redraws the page: the recording carries on where it was.
+  const carryOn = resume && resume.hash === location.hash ? resume : null;
+  resume = null;
+  use(link.data, carryOn?.time, carryOn?.playing);
+  // Leaving the page stops the stream.
+  cleanup.push(() => { audio.pause(); audio.removeAttribute('src'); audio.load(); });
+  audioBox.replaceChildren(audio);
 }
 
 // ---- agents --------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@
 // transcript and events (labels with the raw code as tooltip, DTMF digits, details folded
 // open as text, markup in a message shown as text), play its recording and seek by clicking a
 // transcript line or Space on it, see the current turn scrolled into view, switch to English
-// without losing the playback position, and see an agent's validation error next to its
-// field. The docs' picture of the call page is taken by call-page-picture.test.mjs, of a clean
-// seed.
+// without losing the playback position, have an expired recording link renewed where the
+// recording was (and not past what a new link cures), and see an agent's validation error
+// next to its field. The docs' picture of the call page is taken by call-page-picture.test.mjs,
+// of a clean seed.
 //
 //   node --test tests/ui/        (scripts/ui-test.sh installs Chromium first when missing)
 
@@ -15,7 +16,9 @@ import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 
 import { launch } from './browser.mjs';
-import { CALL_SID, OTHER_SID, RECORDING_KEY, TURNS, sql, testSql, wav } from './seed.mjs';
+import {
+  CALL_SID, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY, TURNS, longWav, sql, testSql, wav,
+} from './seed.mjs';
 import { scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
 
 const TOKEN = 'ui-test-admin-token-0123456789';
@@ -30,6 +33,7 @@ before(async () => {
   const dir = scratchDir('ui');
   seedD1(dir, `${sql()}\n${testSql()}`);
   seedR2(dir, RECORDING_KEY, wav(), 'audio/wav');
+  seedR2(dir, LONG_RECORDING_KEY, longWav(), 'audio/wav');
   worker = await startWorker(dir, { ADMIN_TOKEN: TOKEN });
   browser = await launch();
   page = browser.page;
@@ -66,7 +70,7 @@ test('sign in with the admin token (a wrong one is refused)', async () => {
 test('the calls list shows the newest call first, with its figures', async () => {
   const rows = page.locator('tbody tr');
   await rows.first().waitFor();
-  assert.equal(await rows.count(), 2);
+  assert.equal(await rows.count(), 3);
   const first = await rows.nth(0).innerText();
   // Statuses in the page's language, the raw code kept as the tooltip (for log searches).
   assert.match(first, /完了/);
@@ -86,7 +90,7 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
   assert.match(await page.locator('tbody tr').innerText(), /失敗/);
   await page.getByRole('button', { name: 'クリア' }).click();
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
   // A number typed the Japanese way is sent as E.164.
   await page.locator('#f-number').fill('090-1234-5678');
   await page.getByRole('button', { name: '絞り込む' }).click();
@@ -100,7 +104,7 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await page.waitForFunction(() => document.querySelector('[data-error-for="number"]')?.textContent);
   assert.match(await numberErr.innerText(), /電話番号/);
   await page.getByRole('button', { name: 'クリア' }).click();
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
 });
 
 test('a call page answered after the user went back does not replace the list', async () => {
@@ -111,12 +115,12 @@ test('a call page answered after the user went back does not replace the list', 
   await page.evaluate((sid) => { location.hash = `#/calls/${sid}`; }, CALL_SID);
   await page.waitForTimeout(300);
   await page.evaluate(() => { location.hash = '#/calls'; });
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 2);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
   release();
   await page.waitForTimeout(1500);
   await page.unroute(detail);
   assert.equal(await page.locator('#transcript').count(), 0, 'the late call page was dropped');
-  assert.equal(await page.locator('tbody tr').count(), 2);
+  assert.equal(await page.locator('tbody tr').count(), 3);
 });
 
 test('one call: transcript, marks, figures, and the recording plays and seeks', async () => {
@@ -241,6 +245,140 @@ test('the English switch relabels the page, keeps the recording playing where it
   await page.getByRole('heading', { name: 'Conversation' }).waitFor();
   await page.getByRole('button', { name: '日本語' }).click();
   await page.getByRole('heading', { name: '会話' }).waitFor();
+});
+
+// ---- an expired recording link ----------------------------------------------------------------
+// A recording link lives 6 hours; a page left open longer has its next Range request refused
+// (401 link_expired). Here the browser routes such a refusal itself, on LONG_SID, whose
+// recording is too long to be buffered whole: a seek past what the browser holds needs a new
+// Range request on the page's link, as on a real page left open.
+
+const FAILED = '読み込めませんでした: ページを再読み込みしてください。';
+const isLongWav = (url) => url.pathname === `/api/admin/calls/${LONG_SID}/recording`;
+const isLongLink = (url) => url.pathname === `/api/admin/calls/${LONG_SID}/recording-link`;
+const linkRequests = () => recordingRequests.filter((r) => isLongLink(new URL(r.url))).length;
+const player = () => page.locator('audio#recording');
+const answer = (route, status, error) => route.fulfill({
+  status, contentType: 'application/json', headers: status === 401 ? { 'WWW-Authenticate': 'Bearer' } : {},
+  body: JSON.stringify({ error, message: error }),
+});
+
+/** LONG_SID's page drawn anew, once the browser has buffered what it will ahead and stopped
+ *  loading. Returns the middle (s) of the widest stretch of the recording it does not hold. */
+async function openLongCall() {
+  await page.goto(`${worker.baseUrl}/#/calls/${LONG_SID}`);
+  await page.reload();
+  await page.waitForFunction((s) => {
+    const a = document.querySelector('audio#recording');
+    return a && /\/recording\?expires=\d+&signature=/.test(a.src) && a.readyState >= 1 && Math.abs(a.duration - s) < 0.1
+      && a.networkState === HTMLMediaElement.NETWORK_IDLE;
+  }, LONG_DURATION_MS / 1000);
+  return unbuffered();
+}
+
+/** The middle (s) of the widest stretch of the recording the browser does not hold. */
+async function unbuffered() {
+  const [from, to] = await player().evaluate((a) => {
+    let best = [0, 0];
+    let from = 0;
+    for (let i = 0; i <= a.buffered.length; i++) {
+      const to = i < a.buffered.length ? a.buffered.start(i) : a.duration;
+      if (to - from > best[1] - best[0]) best = [from, to];
+      if (i < a.buffered.length) from = a.buffered.end(i);
+    }
+    return best;
+  });
+  assert.ok(to - from > 20, `the browser holds nearly all the recording (${from}–${to} s missing): no Range request to refuse`);
+  return Math.round((from + to) / 2);
+}
+
+test('a recording left open past its link\'s life gets a new link and goes on where it was, playing or paused', async () => {
+  const at = await openLongCall();
+  await page.waitForTimeout(1100); // a link asked for in the same second is the same link
+  const first = await player().evaluate((a) => a.src);
+  const links = linkRequests();
+  let refuse = 1;
+  const refused = [];
+  await page.route(isLongWav, (route) => {
+    if (refuse <= 0) return route.continue();
+    refuse--;
+    refused.push(route.request().headers().range);
+    return answer(route, 401, 'link_expired');
+  });
+  // Playing: seek past what the browser holds, and play.
+  await player().evaluate((a, t) => { a.currentTime = t; a.play().catch(() => {}); }, at);
+  await page.waitForFunction(({ first, at }) => {
+    const a = document.querySelector('audio#recording');
+    return a.src !== first && !a.paused && a.currentTime > at + 0.3;
+  }, { first, at });
+  assert.equal(refused.length, 1);
+  assert.match(refused[0], /^bytes=[1-9]\d*-/, 'the refused request was the seek\'s, not the first load\'s');
+  assert.equal(linkRequests(), links + 1, 'one new link');
+  assert.match(await player().evaluate((a) => a.src), /\/recording\?expires=\d+&signature=/);
+  const t = await player().evaluate((a) => a.currentTime);
+  assert.ok(t >= at && t < at + 5, `played on from ${at} s: ${t}`);
+  assert.equal(await page.locator('#recording-status').count(), 0, 'no error shown');
+  await player().evaluate((a) => a.pause());
+
+  // Paused: a seek while paused has its link renewed too, and stays paused there.
+  const second = await player().evaluate((a) => a.src);
+  const at2 = await unbuffered();
+  await page.waitForTimeout(1100);
+  refuse = 1;
+  await player().evaluate((a, t) => { a.currentTime = t; }, at2);
+  await page.waitForFunction(({ second, at }) => {
+    const a = document.querySelector('audio#recording');
+    return a.src !== second && a.readyState >= 1 && Math.abs(a.currentTime - at) < 0.01;
+  }, { second, at: at2 });
+  await page.waitForTimeout(500);
+  assert.equal(refused.length, 2);
+  assert.equal(linkRequests(), links + 2);
+  const [paused, t2] = await player().evaluate((a) => [a.paused, a.currentTime]);
+  assert.ok(paused, 'still paused');
+  assert.ok(Math.abs(t2 - at2) < 0.05, `at ${at2} s: ${t2}`);
+  assert.equal(await page.locator('#recording-status').count(), 0, 'no error shown');
+  await page.unroute(isLongWav);
+});
+
+test('what a new link does not cure still ends in the error message, and a refused token in the sign-in', async () => {
+  // The recording gone from storage: one new link, refused too, and the message.
+  let at = await openLongCall();
+  let links = linkRequests();
+  await page.route(isLongWav, (route) => answer(route, 404, 'not_found'));
+  await player().evaluate((a, t) => { a.currentTime = t; a.play().catch(() => {}); }, at);
+  await page.locator('#recording-status.error').getByText(FAILED).waitFor();
+  await page.waitForTimeout(500);
+  assert.equal(linkRequests(), links + 1);
+  await page.unroute(isLongWav);
+
+  // A link refused at every seek however new: renewed three times in a row, then the message.
+  at = await openLongCall();
+  links = linkRequests();
+  let refused = 0;
+  await page.route(isLongWav, (route) => {
+    if (/^bytes=0-/.test(route.request().headers().range || 'bytes=0-')) return route.continue();
+    refused++;
+    return answer(route, 401, 'link_expired');
+  });
+  await player().evaluate((a, t) => { a.currentTime = t; a.play().catch(() => {}); }, at);
+  await page.locator('#recording-status.error').getByText(FAILED).waitFor();
+  await page.waitForTimeout(500);
+  assert.equal(linkRequests(), links + 3);
+  assert.equal(refused, 4);
+  await page.unroute(isLongWav);
+
+  // The admin token no longer valid: asking for a new link signs out, as any 401 on it does.
+  at = await openLongCall();
+  await page.route(isLongWav, (route) => answer(route, 401, 'unauthorized'));
+  await page.route(isLongLink, (route) => answer(route, 401, 'unauthorized'));
+  await player().evaluate((a, t) => { a.currentTime = t; a.play().catch(() => {}); }, at);
+  await page.getByRole('heading', { name: 'サインイン' }).waitFor();
+  await page.getByText('もう一度サインインしてください。').waitFor();
+  await page.unroute(isLongWav);
+  await page.unroute(isLongLink);
+  await page.locator('#token').fill(TOKEN);
+  await page.getByRole('button', { name: 'サインイン' }).click();
+  await page.waitForFunction(() => document.querySelector('audio#recording')?.readyState >= 1);
 });
 
 test('agents: API validation messages appear next to the field they name', async () => {

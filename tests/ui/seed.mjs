@@ -5,12 +5,18 @@
 //
 // sql() is a realistic Japanese seed: the docs' picture of the call page is taken of it alone
 // (tests/ui/call-page-picture.test.mjs). testSql() adds what only the tests want: markup in an
-// error message (escaping), and events a good call would not have or the page does not know.
+// error message (escaping), events a good call would not have or the page does not know, and
+// a long recording (renewing an expired link).
 
 export const CALL_SID = 'CA5eed00000000000000000000000000a1';
 export const OTHER_SID = 'CA5eed00000000000000000000000000a2';
 export const RECORDING_KEY = `recordings/${CALL_SID}.wav`;
 export const DURATION_MS = 12_000;
+/** A call whose recording is too long for the browser to buffer whole (about 4 MB ahead):
+ *  a seek far into it needs a new Range request, on the link the page holds. */
+export const LONG_SID = 'CA5eed00000000000000000000000000a3';
+export const LONG_RECORDING_KEY = `recordings/${LONG_SID}.wav`;
+export const LONG_DURATION_MS = 300_000;
 const CONNECTED_MS = Date.parse('2026-11-20T01:30:00.500Z');
 
 /** The conversation: [seq, role, text, offset_ms, interrupted, until_ms (audio end)]. */
@@ -30,6 +36,8 @@ const q = (s) => (s === null ? 'NULL' : typeof s === 'number' ? String(s) : `'${
 
 /** The recording of CALL_SID. */
 export const wav = () => wavOf(DURATION_MS, TURNS);
+/** The recording of LONG_SID: silence. */
+export const longWav = () => wavOf(LONG_DURATION_MS, []);
 
 /** A WAV of `ms` milliseconds, a tone on each side where its turns speak. */
 function wavOf(ms, turns) {
@@ -106,11 +114,18 @@ export function sql() {
 
 /** What the tests add to sql(): on the reviewed call an AI error whose message is markup
  *  (shown as text, never run), a reconnect, and an event type the page does not know (shown
- *  raw). */
+ *  raw); and LONG_SID, an older call with a long recording. */
 export function testSql() {
-  return eventRows([
-    [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
-    [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
-    [5, 10_000, 'mystery_event', {}],
-  ]).join('\n');
+  return [
+    ...eventRows([
+      [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
+      [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
+      [5, 10_000, 'mystery_event', {}],
+    ]),
+    callRow(LONG_SID, {
+      from: '+819011112222', to: '+815012345678', status: 'completed', connected: CONNECTED_MS - 7_200_000,
+      duration: LONG_DURATION_MS, end_reason: 'agent_hangup', input: 9000, output: 4000, first_audio: 700, barge_ins: 0,
+      key: LONG_RECORDING_KEY,
+    }),
+  ].join('\n');
 }
