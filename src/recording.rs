@@ -11,8 +11,9 @@
 //! [`Recorder`] emits interleaved PCM only up to the point that can no longer change, so it
 //! holds about a second of audio plus what the agent has queued ahead, however long the
 //! call. [`Parts`] cuts that stream into multipart-upload parts (R2: every part but the last
-//! of one size, at least 5 MiB) and keeps the first one, whose WAV header needs the final
-//! length, until the end.
+//! of one size, at least 5 MiB). The first one's WAV header needs the final length: it is
+//! kept until the end, or, once every checkpoint holding its audio is written
+//! ([`FirstPart`]), dropped and rebuilt at the end from those checkpoints ([`Rebuild`]).
 
 use base64::Engine as _;
 use std::collections::VecDeque;
@@ -530,11 +531,14 @@ impl Filling {
 
 /// Cuts the WAV (header then PCM) into parts of `part_size` bytes, the last one shorter.
 /// Part 1 starts with the header, which needs the total length: it is kept until
-/// [`Parts::finish`], so at most two parts are held (the first and the one filling).
+/// [`Parts::finish`] (at most two parts are held, the first and the one filling), unless
+/// [`Parts::release_first`] drops it once it is full and its audio is safe in the
+/// checkpoints; then one part is held, and part 1 is rebuilt at the end ([`Rebuild`]).
 #[derive(Debug)]
 pub struct Parts {
     part_size: usize,
-    first: Filling,
+    /// `None` once released.
+    first: Option<Filling>,
     current: Filling,
     next_number: u16,
     data_bytes: u64,
@@ -549,7 +553,7 @@ impl Parts {
         first.extend(&[0; HEADER_BYTES], part_size);
         Self {
             part_size,
-            first,
+            first: Some(first),
             current: Filling::default(),
             next_number: 2,
             data_bytes: 0,
@@ -561,9 +565,9 @@ impl Parts {
     pub fn push(&mut self, mut data: &[u8]) {
         self.data_bytes += data.len() as u64;
         let size = self.part_size;
-        if self.first.len < size {
-            let n = (size - self.first.len).min(data.len());
-            self.first.extend(&data[..n], size);
+        if let Some(first) = self.first.as_mut().filter(|f| f.len < size) {
+            let n = (size - first.len).min(data.len());
+            first.extend(&data[..n], size);
             data = &data[n..];
         }
         while !data.is_empty() {
@@ -596,9 +600,32 @@ impl Parts {
         HEADER_BYTES as u64 + self.data_bytes
     }
 
+    /// Drops part 1 from memory if it is full and `copies` says every checkpoint holding
+    /// its audio is written (see [`FirstPart::may_release`]); [`FirstPart::rebuild`] makes it
+    /// again at the end. True once part 1 is released (now or before): [`Parts::finish`]
+    /// then leaves it out.
+    pub fn release_first(&mut self, copies: &FirstPart) -> bool {
+        let full = match &self.first {
+            None => return true,
+            Some(first) => first.len == self.part_size,
+        };
+        debug_assert_eq!(copies.pcm_bytes, (self.part_size - HEADER_BYTES) as u64);
+        if full && copies.may_release() {
+            self.first = None;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// True once part 1 was released: it is to be rebuilt from the checkpoints.
+    pub fn first_released(&self) -> bool {
+        self.first.is_none()
+    }
+
     /// Bytes held in memory (capacity, not length).
     pub fn held_bytes(&self) -> usize {
-        self.first.held_bytes()
+        self.first.as_ref().map_or(0, Filling::held_bytes)
             + self.current.held_bytes()
             + self
                 .ready
@@ -608,16 +635,18 @@ impl Parts {
                 .sum::<usize>()
     }
 
-    /// Every part not handed out yet, by number: part 1 with the real header, any full part
-    /// not polled, and the last, shorter part.
-    pub fn finish(mut self) -> Vec<Part> {
-        let header = wav_header(self.data_bytes);
-        // The first piece holds the whole header: a piece is at least HEADER_BYTES long.
-        self.first.pieces[0][..HEADER_BYTES].copy_from_slice(&header);
-        let mut parts = vec![Part {
-            number: 1,
-            pieces: self.first.pieces,
-        }];
+    /// Every part not handed out yet, by number: part 1 with the real header (unless it was
+    /// released), any full part not polled, and the last, shorter part.
+    pub fn finish(self) -> Vec<Part> {
+        let mut parts = Vec::new();
+        if let Some(mut first) = self.first {
+            // The first piece holds the whole header: a piece is at least HEADER_BYTES long.
+            first.pieces[0][..HEADER_BYTES].copy_from_slice(&wav_header(self.data_bytes));
+            parts.push(Part {
+                number: 1,
+                pieces: first.pieces,
+            });
+        }
         parts.extend(self.ready);
         if self.current.len > 0 {
             parts.push(Part {
@@ -626,6 +655,169 @@ impl Parts {
             });
         }
         parts
+    }
+}
+
+// ---- part 1 from the checkpoints -----------------------------------------------------------------
+
+/// Where part 1's audio (the first `part_size - HEADER_BYTES` bytes of PCM) is kept in the
+/// checkpoints, and whether all of it is written, so that part 1 need not stay in memory
+/// until the end. The pump says which checkpoint it took ([`FirstPart::taken`], in order,
+/// with its length) and how its write went ([`FirstPart::written`], [`FirstPart::lost`]);
+/// checkpoints need not line up with the part's end (the last one is read only in part).
+#[derive(Debug, Clone)]
+pub struct FirstPart {
+    /// PCM bytes in part 1.
+    pcm_bytes: u64,
+    /// PCM bytes checkpointed so far (written or not).
+    taken: u64,
+    /// The checkpoints that start within part 1, in order.
+    copies: Vec<Checkpoint>,
+    /// A checkpoint of part 1 was not written: part 1 stays in memory.
+    lost: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Checkpoint {
+    seq: u64,
+    len: usize,
+    written: bool,
+}
+
+impl FirstPart {
+    /// For parts of `part_size` bytes ([`Parts::new`]).
+    pub fn new(part_size: usize) -> Self {
+        assert!(part_size > HEADER_BYTES, "a part holds at least the header");
+        Self {
+            pcm_bytes: (part_size - HEADER_BYTES) as u64,
+            taken: 0,
+            copies: Vec::new(),
+            lost: false,
+        }
+    }
+
+    /// Checkpoint `seq`, holding the next `len` bytes of PCM, is being written.
+    pub fn taken(&mut self, seq: u64, len: usize) {
+        debug_assert!(self.copies.last().is_none_or(|c| c.seq < seq));
+        if self.taken < self.pcm_bytes && len > 0 {
+            self.copies.push(Checkpoint {
+                seq,
+                len,
+                written: false,
+            });
+        }
+        self.taken += len as u64;
+    }
+
+    /// Checkpoint `seq` is written.
+    pub fn written(&mut self, seq: u64) {
+        if let Some(c) = self.copies.iter_mut().find(|c| c.seq == seq) {
+            c.written = true;
+        }
+    }
+
+    /// Checkpoint `seq` could not be written. True when it held audio of part 1: part 1
+    /// cannot be rebuilt, and stays in memory until the end.
+    pub fn lost(&mut self, seq: u64) -> bool {
+        let ours = self.copies.iter().any(|c| c.seq == seq);
+        self.lost |= ours;
+        ours
+    }
+
+    /// True when every byte of part 1's audio is in checkpoints whose writes landed: part 1
+    /// may leave memory. Never once a write of part 1 failed.
+    pub fn may_release(&self) -> bool {
+        !self.lost && self.taken >= self.pcm_bytes && self.copies.iter().all(|c| c.written)
+    }
+
+    /// What to read back to make part 1 again, for a recording of `data_bytes` of PCM (its
+    /// header says so). Only once [`FirstPart::may_release`].
+    pub fn rebuild(&self, data_bytes: u64) -> Result<Rebuild, RebuildError> {
+        if !self.may_release() || data_bytes < self.pcm_bytes {
+            return Err(RebuildError::NotInCheckpoints);
+        }
+        let part_size = HEADER_BYTES + self.pcm_bytes as usize;
+        let mut filling = Filling::default();
+        filling.extend(&wav_header(data_bytes), part_size);
+        Ok(Rebuild {
+            part_size,
+            copies: self.copies.iter().rev().copied().collect(),
+            filling,
+        })
+    }
+}
+
+/// Why part 1 could not be made again from the checkpoints (the live upload is then given up:
+/// never completed with a wrong part 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RebuildError {
+    #[error("part 1 is not all in written checkpoints")]
+    NotInCheckpoints,
+    #[error("checkpoint {expected} was expected, checkpoint {got} came")]
+    OutOfOrder { expected: u64, got: u64 },
+    #[error("checkpoint {seq} holds {got} bytes; {expected} were written")]
+    WrongLength {
+        seq: u64,
+        expected: usize,
+        got: usize,
+    },
+    #[error("checkpoint {seq} is missing")]
+    Missing { seq: u64 },
+    #[error("checkpoint {seq} came after part 1 was complete")]
+    Unwanted { seq: u64 },
+}
+
+/// Part 1 being made again from the checkpoints: the final header, then the checkpoints in
+/// order, the last one only up to the part's end. The shell reads from [`Rebuild::wants`] on
+/// and pushes each checkpoint as read.
+#[derive(Debug)]
+pub struct Rebuild {
+    part_size: usize,
+    /// The checkpoints still to come, the next one last.
+    copies: Vec<Checkpoint>,
+    filling: Filling,
+}
+
+impl Rebuild {
+    /// The checkpoint to read next; `None` once part 1 is complete.
+    pub fn wants(&self) -> Option<u64> {
+        self.copies.last().map(|c| c.seq)
+    }
+
+    /// Checkpoint `seq` as read back: it must be the one wanted, at the length written.
+    pub fn push(&mut self, seq: u64, pcm: &[u8]) -> Result<(), RebuildError> {
+        let Some(&next) = self.copies.last() else {
+            return Err(RebuildError::Unwanted { seq });
+        };
+        if seq != next.seq {
+            return Err(RebuildError::OutOfOrder {
+                expected: next.seq,
+                got: seq,
+            });
+        }
+        if pcm.len() != next.len {
+            return Err(RebuildError::WrongLength {
+                seq,
+                expected: next.len,
+                got: pcm.len(),
+            });
+        }
+        let n = (self.part_size - self.filling.len).min(pcm.len());
+        self.filling.extend(&pcm[..n], self.part_size);
+        self.copies.pop();
+        Ok(())
+    }
+
+    /// Part 1, once every checkpoint wanted was pushed.
+    pub fn finish(self) -> Result<Part, RebuildError> {
+        if let Some(c) = self.copies.last() {
+            return Err(RebuildError::Missing { seq: c.seq });
+        }
+        debug_assert_eq!(self.filling.len, self.part_size);
+        Ok(Part {
+            number: 1,
+            pieces: self.filling.pieces,
+        })
     }
 }
 
@@ -975,6 +1167,10 @@ mod tests {
         let end = 2 * 3_600_000;
         let mut max_buffered = 0;
         let mut max_held = 0;
+        let mut max_held_released = 0;
+        // Each chunk is checkpointed and written at once: part 1 leaves memory once full.
+        let mut copies = FirstPart::new(MIN_PART_BYTES);
+        let mut seq = 0;
         let mut t = 0;
         while t < end {
             t += 20;
@@ -990,12 +1186,18 @@ mod tests {
             }
             while let Some(chunk) = rec.poll(t) {
                 parts.push(&chunk);
+                copies.taken(seq, chunk.len());
+                copies.written(seq);
+                seq += 1;
             }
             while let Some(p) = parts.poll_part() {
                 uploaded.push((p.number, p.len()));
             }
             max_buffered = max_buffered.max(rec.buffered_bytes());
             max_held = max_held.max(parts.held_bytes());
+            if parts.release_first(&copies) {
+                max_held_released = max_held_released.max(parts.held_bytes());
+            }
         }
         let (rest, duration) = rec.finish(end);
         parts.push(&rest);
@@ -1009,10 +1211,16 @@ mod tests {
             max_held <= 2 * MIN_PART_BYTES,
             "the parts held {max_held} bytes"
         );
+        assert!(
+            max_held_released <= MIN_PART_BYTES,
+            "the parts held {max_held_released} bytes once part 1 was released"
+        );
         let last = parts.finish();
-        assert_eq!(last[0].number, 1);
-        assert_eq!(&last[0].to_bytes()[..4], b"RIFF");
-        let total: u64 = uploaded.iter().map(|(_, n)| *n as u64).sum::<u64>()
+        assert!(last.iter().all(|p| p.number > 1));
+        let first = copies.rebuild(end * BYTES_PER_MS).unwrap();
+        assert_eq!(first.wants(), Some(0));
+        let total: u64 = MIN_PART_BYTES as u64
+            + uploaded.iter().map(|(_, n)| *n as u64).sum::<u64>()
             + last.iter().map(|p| p.len() as u64).sum::<u64>();
         assert_eq!(total, HEADER_BYTES as u64 + end * BYTES_PER_MS);
         assert!(uploaded.iter().all(|(_, n)| *n == MIN_PART_BYTES));
@@ -1079,6 +1287,300 @@ mod tests {
         assert!(file[HEADER_BYTES..]
             .chunks(second)
             .all(|c| c == &block[..c.len()]));
+    }
+
+    /// The pump and the writer of one recording, as the shell runs them: the pump checkpoints
+    /// its audio whenever [`CHECKPOINT_BYTES`] or more is unsaved (so checkpoints are not all
+    /// one size and rarely end where part 1 does) and writes land when `land` is called; the
+    /// writer's [`Parts`] releases part 1 when it may. `held` is the same audio with part 1
+    /// never released: what the writer held before part 1 could be released.
+    struct Pipe {
+        copies: FirstPart,
+        storage: std::collections::BTreeMap<u64, Vec<u8>>,
+        pending: Vec<u64>,
+        unsaved: Vec<u8>,
+        next_seq: u64,
+        live: Parts,
+        held: Parts,
+        uploaded: Vec<Part>,
+    }
+
+    impl Pipe {
+        fn new(part_size: usize) -> Self {
+            Self {
+                copies: FirstPart::new(part_size),
+                storage: Default::default(),
+                pending: Vec::new(),
+                unsaved: Vec::new(),
+                next_seq: 0,
+                live: Parts::new(part_size),
+                held: Parts::new(part_size),
+                uploaded: Vec::new(),
+            }
+        }
+
+        fn save(&mut self) {
+            if self.unsaved.is_empty() {
+                return;
+            }
+            let seq = self.next_seq;
+            self.next_seq += 1;
+            self.copies.taken(seq, self.unsaved.len());
+            self.storage.insert(seq, std::mem::take(&mut self.unsaved));
+            self.pending.push(seq);
+        }
+
+        /// A chunk of the recording: checkpointed, then to the writer.
+        fn data(&mut self, pcm: &[u8]) {
+            self.unsaved.extend_from_slice(pcm);
+            if self.unsaved.len() >= CHECKPOINT_BYTES {
+                self.save();
+            }
+            self.live.push(pcm);
+            self.held.push(pcm);
+            while let Some(p) = self.live.poll_part() {
+                self.uploaded.push(p);
+            }
+            while self.held.poll_part().is_some() {}
+            self.live.release_first(&self.copies);
+        }
+
+        /// Every write under way lands.
+        fn land(&mut self) {
+            for seq in std::mem::take(&mut self.pending) {
+                self.copies.written(seq);
+            }
+            self.live.release_first(&self.copies);
+        }
+
+        /// Part 1 as rebuilt from the checkpoints, read back in batches of 16 as the shell does.
+        fn rebuild(&self) -> Result<Part, RebuildError> {
+            let mut rebuild = self.copies.rebuild(self.live.data_bytes())?;
+            while let Some(from) = rebuild.wants() {
+                let batch: Vec<_> = self.storage.range(from..).take(16).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                for (&seq, pcm) in batch {
+                    if rebuild.wants().is_none() {
+                        break;
+                    }
+                    rebuild.push(seq, pcm)?;
+                }
+            }
+            rebuild.finish()
+        }
+    }
+
+    /// Recorder-like chunks: whole stereo frames, 1 to 4 s, not all one size.
+    fn chunks(total: usize) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut at = 0usize;
+        let mut i = 0usize;
+        while at < total {
+            let len = (32_000 + (i * 7_919 % 96_001)) / 4 * 4;
+            let len = len.min(total - at);
+            out.push(
+                (at..at + len)
+                    .map(|b| (b % 251) as u8 ^ (b >> 16) as u8)
+                    .collect(),
+            );
+            at += len;
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn part_1_rebuilt_from_the_checkpoints_is_byte_for_byte_what_was_held() {
+        let aligned = HEADER_BYTES + 3 * CHECKPOINT_BYTES;
+        for (part_size, seconds) in [
+            (MIN_PART_BYTES, 170),
+            (MIN_PART_BYTES, 400),
+            (aligned, 20),
+            (aligned + 4, 20),
+            (HEADER_BYTES + 100, 3),
+        ] {
+            let mut pipe = Pipe::new(part_size);
+            let mut chunk_sizes = Vec::new();
+            for chunk in chunks(seconds * 32_000) {
+                chunk_sizes.push(chunk.len());
+                pipe.data(&chunk);
+                pipe.land();
+            }
+            // Done: the tail is checkpointed too.
+            pipe.save();
+            pipe.land();
+            assert!(pipe.live.first_released(), "{part_size}");
+            let rebuilt = pipe.rebuild().expect("rebuilt");
+            let mut rest = pipe.live.finish();
+            assert!(rest.iter().all(|p| p.number > 1), "part 1 is not held");
+            let mut held = pipe.held.finish();
+            assert_eq!(held[0].number, 1);
+            assert_eq!(rebuilt.len(), part_size);
+            assert!(rebuilt.to_bytes() == held[0].to_bytes(), "{part_size}");
+            assert_eq!(rebuilt, held.remove(0), "the same pieces too");
+            assert_eq!(rest, held, "the other parts are untouched");
+            // The whole file reassembles to the header and the audio.
+            let mut all = pipe.uploaded;
+            all.append(&mut rest);
+            all.push(rebuilt);
+            all.sort_by_key(|p| p.number);
+            let file: Vec<u8> = all.iter().flat_map(Part::to_bytes).collect();
+            let audio: Vec<u8> = chunks(seconds * 32_000).concat();
+            assert_eq!(file[..HEADER_BYTES], wav_header(audio.len() as u64));
+            assert!(file[HEADER_BYTES..] == audio[..]);
+        }
+        // The real sizes: part 1 ends partway into a checkpoint.
+        assert_ne!((MIN_PART_BYTES - HEADER_BYTES) % CHECKPOINT_BYTES, 0);
+    }
+
+    #[test]
+    fn part_1_leaves_memory_only_once_every_checkpoint_of_it_is_written() {
+        let mut pipe = Pipe::new(MIN_PART_BYTES);
+        let chunk = vec![0x42; 32_000];
+        // 170 s with no write landing: part 1 (and the part after it) stay.
+        for _ in 0..170 {
+            pipe.data(&chunk);
+        }
+        assert!(!pipe.live.first_released());
+        assert!(pipe.live.held_bytes() > MIN_PART_BYTES);
+        // The writes land out of order: the last one of part 1 first, then all but one.
+        let pending = std::mem::take(&mut pipe.pending);
+        let last_of_part_1 = ((MIN_PART_BYTES - HEADER_BYTES) / CHECKPOINT_BYTES) as u64;
+        pipe.copies.written(last_of_part_1);
+        assert!(!pipe.live.release_first(&pipe.copies));
+        for &seq in &pending[1..] {
+            pipe.copies.written(seq);
+        }
+        assert!(
+            !pipe.live.release_first(&pipe.copies),
+            "checkpoint 0 is not written"
+        );
+        pipe.copies.written(pending[0]);
+        assert!(pipe.live.release_first(&pipe.copies));
+        assert!(
+            pipe.live.held_bytes() < MIN_PART_BYTES / 4,
+            "only part 2 so far"
+        );
+        // Checkpoints written but part 1 not yet full: it stays until it is.
+        let mut short = Pipe::new(MIN_PART_BYTES);
+        for _ in 0..100 {
+            short.data(&chunk);
+            short.land();
+        }
+        assert!(!short.live.first_released());
+        assert!(!short.copies.may_release());
+    }
+
+    #[test]
+    fn a_lost_checkpoint_of_part_1_keeps_it_in_memory_to_the_end() {
+        let mut pipe = Pipe::new(MIN_PART_BYTES);
+        let chunk = vec![0x17; 32_000];
+        for _ in 0..10 {
+            pipe.data(&chunk);
+        }
+        let lost = pipe.pending.remove(0);
+        assert!(pipe.copies.lost(lost), "it held audio of part 1");
+        for _ in 0..200 {
+            pipe.data(&chunk);
+            pipe.land();
+        }
+        assert!(!pipe.live.first_released());
+        assert!(!pipe.copies.may_release());
+        assert_eq!(
+            pipe.copies.rebuild(pipe.live.data_bytes()).unwrap_err(),
+            RebuildError::NotInCheckpoints
+        );
+        // Part 1 comes out of memory whole, as before.
+        let parts = pipe.live.finish();
+        assert_eq!(parts[0].number, 1);
+        assert_eq!(parts[0].to_bytes(), pipe.held.finish()[0].to_bytes());
+        // A checkpoint lost after part 1's audio does not hold part 1 back.
+        let mut pipe = Pipe::new(MIN_PART_BYTES);
+        for _ in 0..200 {
+            pipe.data(&chunk);
+        }
+        let after = *pipe.pending.last().unwrap();
+        assert!(!pipe.copies.lost(after), "no audio of part 1");
+        pipe.land();
+        assert!(pipe.live.first_released());
+        assert!(pipe.rebuild().is_ok());
+    }
+
+    #[test]
+    fn checkpoints_read_back_wrong_are_refused_not_used() {
+        // Checkpoints 0 to 4 of 5 s each; part 1 ends 4 bytes into checkpoint 3.
+        let mut pipe = Pipe::new(HEADER_BYTES + 3 * CHECKPOINT_BYTES + 4);
+        for i in 0..25u8 {
+            pipe.data(&[i; 32_000]);
+            pipe.land();
+        }
+        assert_eq!(pipe.storage.len(), 5);
+        assert!(pipe.live.first_released());
+        assert!(pipe.rebuild().is_ok());
+        // Shorter than written (a torn write, another recording's copy).
+        let mut bad = pipe.storage.clone();
+        bad.get_mut(&1).unwrap().pop();
+        std::mem::swap(&mut pipe.storage, &mut bad);
+        assert!(matches!(
+            pipe.rebuild(),
+            Err(RebuildError::WrongLength { seq: 1, .. })
+        ));
+        std::mem::swap(&mut pipe.storage, &mut bad);
+        // Missing: the batch skips to the next one, or the storage ends.
+        let mut bad = pipe.storage.clone();
+        bad.remove(&2);
+        std::mem::swap(&mut pipe.storage, &mut bad);
+        assert_eq!(
+            pipe.rebuild().unwrap_err(),
+            RebuildError::OutOfOrder {
+                expected: 2,
+                got: 3
+            }
+        );
+        pipe.storage.retain(|&seq, _| seq < 3);
+        assert_eq!(
+            pipe.rebuild().unwrap_err(),
+            RebuildError::Missing { seq: 2 }
+        );
+        std::mem::swap(&mut pipe.storage, &mut bad);
+        // Nothing after part 1 is taken in.
+        let mut rebuild = pipe.copies.rebuild(pipe.live.data_bytes()).unwrap();
+        while let Some(seq) = rebuild.wants() {
+            rebuild.push(seq, &pipe.storage[&seq]).unwrap();
+        }
+        assert_eq!(
+            rebuild.push(4, &pipe.storage[&4]),
+            Err(RebuildError::Unwanted { seq: 4 })
+        );
+        assert!(rebuild.finish().is_ok());
+    }
+
+    #[test]
+    fn a_recording_of_one_part_or_less_keeps_its_shape() {
+        // Shorter than a part: part 1 is never released; finish gives the one part.
+        let mut pipe = Pipe::new(MIN_PART_BYTES);
+        for chunk in chunks(60 * 32_000) {
+            pipe.data(&chunk);
+            pipe.land();
+        }
+        pipe.save();
+        pipe.land();
+        assert!(!pipe.live.first_released());
+        let parts = pipe.live.finish();
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].to_bytes(), pipe.held.finish()[0].to_bytes());
+        // Exactly one part of audio: released, nothing else to upload, rebuilt whole.
+        let part_size = HEADER_BYTES + 3 * CHECKPOINT_BYTES + 8;
+        let mut pipe = Pipe::new(part_size);
+        pipe.data(&vec![5; part_size - HEADER_BYTES]);
+        pipe.save();
+        pipe.land();
+        assert!(pipe.live.first_released());
+        let rebuilt = pipe.rebuild().unwrap();
+        assert!(pipe.live.finish().is_empty());
+        assert_eq!(rebuilt.to_bytes(), pipe.held.finish()[0].to_bytes());
     }
 
     #[test]
