@@ -508,8 +508,10 @@ const PART_BYTES: usize = 5 * 1024 * 1024;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
     let h = harness().await;
-    // 170 s of caller audio: more than one 5 MiB part of stereo PCM (163.8 s).
-    let frames = 170_000 / 20;
+    // 175 s of caller audio: more than one 5 MiB part of stereo PCM (163.8 s), and long enough
+    // past it (the checkpoint holding part 1's end is written at about 165 s) for part 1 to
+    // leave memory before the call ends.
+    let frames = 175_000 / 20;
     let caller_audio = tagged_chunks(0x71, frames, tw::FRAME_BYTES);
     let call = h
         .start_call(CallSpec {
@@ -566,4 +568,26 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
     let got = get_recording(h, &sid, Some(&range), Some(ADMIN_TOKEN)).await;
     assert_eq!(got.status, 206);
     assert_eq!(got.body, wav[PART_BYTES - 100..PART_BYTES + 100]);
+    // Part 1 was not held to the end: it left memory once its checkpoints were written and
+    // was made again from them (the header and frames checked above are its bytes).
+    let stored_line = || {
+        h.worker
+            .log()
+            .lines()
+            .find(|l| l.contains("recording.stored") && l.contains(&sid))
+            .map(str::to_owned)
+    };
+    let mut stored = stored_line();
+    for _ in 0..50 {
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stored = stored_line();
+    }
+    let stored = stored.unwrap_or_else(|| panic!("no recording.stored line for {sid}"));
+    assert!(
+        stored.contains(r#""first_part_from_checkpoints":true"#),
+        "{stored}"
+    );
 }

@@ -1,14 +1,28 @@
 //! Writes a call's recording to R2 as the call goes. The call machine hands out settled
 //! stereo PCM (`Action::RecordingData`); a task of its own cuts it into parts
 //! (`crate::recording::Parts`) and uploads each full part at once, so the relay never waits
-//! on R2. Part 1 carries the WAV header, which needs the final length: it is kept and goes up
-//! last, when `Action::RecordingDone` (or the pump stopping without one) completes the
-//! upload. A call shorter than one part is a single `put`. Then the key, duration and size go
-//! to the call's row through the outbox.
+//! on R2. Part 1 carries the WAV header, which needs the final length: it goes up last,
+//! when `Action::RecordingDone` (or the pump stopping without one) completes the upload. A
+//! call shorter than one part is a single `put`. Then the key, duration and size go to the
+//! call's row through the outbox.
 //!
-//! Memory per call: part 1 and the part being sent or filled (each at most 5 MiB), held in
-//! pieces of 64 KiB that are allocated once each (no buffer grows by copying). A part is
-//! streamed to R2 piece by piece (a `FixedLengthStream`), never copied whole, and can be
+//! Part 1 is not held until then: its audio is in the checkpoints (below). Once part 1 is
+//! full and every checkpoint of its audio is written (`crate::recording::FirstPart`, told by
+//! each checkpoint's write as it lands), it leaves memory; at the end, after the other parts
+//! are up, it is read back from the checkpoints (the final header, then its audio, the last
+//! checkpoint only in part) and uploaded before the upload is completed. If a checkpoint of
+//! its audio could not be written, part 1 stays in memory to the end instead; if it cannot be
+//! read back, the live upload is given up and the recovery below stores the file whole.
+//!
+//! Memory per call, in the writer: one part (at most 5 MiB: part 1 until its checkpoints are
+//! written, a few seconds after it fills, then the part being filled or sent) and at most
+//! [`MAX_QUEUED_BYTES`] (2 MiB) waiting for a slow writer, so about 7 MiB however long the
+//! call (it was 12), and the same at its end, where the last part goes up before part 1 is
+//! read back.
+//! Part 1 and the part after it (up to 12 MiB with the queue) are held together only while
+//! part 1's checkpoint writes have not landed, or to the end if one of them failed. Parts are
+//! held in pieces of 64 KiB that are allocated once each (no buffer grows by copying). A part
+//! is streamed to R2 piece by piece (a `FixedLengthStream`), never copied whole, and can be
 //! sent again if R2 fails. Audio waiting for a slow writer is capped: past the cap the live
 //! upload is given up (aborted, never completed with a hole) and the recovery below rebuilds
 //! the file from the checkpoints.
@@ -17,16 +31,19 @@
 //! waited for) and its tail when the recording completes, and the checkpoints are deleted
 //! once the recording is stored. An
 //! object that restarted mid-call (a deploy) or whose upload failed finds them ([`recover`]),
-//! and uploads the recording from them: the call keeps its audio up to the restart.
+//! and uploads the recording from them: the call keeps its audio up to the restart. That
+//! upload, too, lets part 1 go once it is full and reads it back at the end.
 
 use super::log;
 use super::outbox::Outbox;
-use crate::recording::{self, Feed, Leftover, LiveUpload, Part, Parts, Recovery, BYTES_PER_MS};
+use crate::recording::{
+    self, Feed, FirstPart, Leftover, LiveUpload, Part, Parts, Recovery, BYTES_PER_MS,
+};
 use crate::store::Record;
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use serde_json::json;
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 use worker::wasm_bindgen::JsCast;
@@ -47,6 +64,9 @@ use recording::MAX_QUEUED_BYTES;
 const RETRY_AFTER: Duration = Duration::from_secs(60);
 /// Checkpoints read at once when uploading from them.
 const READ_BATCH: usize = 16;
+/// Checkpoints read at once when making part 1 again (a few: each is 160 KB, read while the
+/// part being made is held).
+const REBUILD_BATCH: usize = 4;
 /// Keys deleted at once (the storage API's limit is 128).
 const DELETE_BATCH: usize = 128;
 
@@ -83,6 +103,9 @@ pub struct Recording {
     checkpoints: u64,
     /// Audio not checkpointed yet (less than [`recording::CHECKPOINT_BYTES`]).
     unsaved: Vec<u8>,
+    /// Which checkpoints hold part 1's audio and whether they are written (shared with the
+    /// writer, which drops part 1 from memory once they all are).
+    first: Rc<RefCell<FirstPart>>,
 }
 
 impl Recording {
@@ -98,28 +121,34 @@ impl Recording {
             keep,
             checkpoints: 0,
             unsaved: Vec::new(),
+            first: Rc::new(RefCell::new(FirstPart::new(PART_BYTES))),
         }
     }
 
     /// Keeps a copy of the audio not checkpointed yet in the object's storage. Not waited for,
     /// and without holding the object's outgoing messages (`allowUnconfirmed`): the audio path
-    /// never waits on it.
+    /// never waits on it. How the write went is told to [`FirstPart`]: part 1 leaves memory
+    /// only once every checkpoint of its audio is written.
     fn save_unsaved(&mut self) {
         if self.unsaved.is_empty() {
             return;
         }
-        let key = recording::checkpoint_key(self.checkpoints);
+        let seq = self.checkpoints;
+        let key = recording::checkpoint_key(seq);
         self.checkpoints += 1;
+        self.first.borrow_mut().taken(seq, self.unsaved.len());
         let value = js_sys::Uint8Array::from(&self.unsaved[..]);
         self.unsaved.clear();
         let call_sid = self.call_sid.clone();
+        let first = self.first.clone();
         match put_unconfirmed(&self.keep.storage, &key, &value) {
             Ok(done) => worker::wasm_bindgen_futures::spawn_local(async move {
-                if let Err(e) = worker::wasm_bindgen_futures::JsFuture::from(done).await {
-                    checkpoint_failed(&call_sid, &key, &format!("{e:?}"));
+                match worker::wasm_bindgen_futures::JsFuture::from(done).await {
+                    Ok(_) => first.borrow_mut().written(seq),
+                    Err(e) => checkpoint_failed(&call_sid, &first, seq, &format!("{e:?}")),
                 }
             }),
-            Err(e) => checkpoint_failed(&call_sid, &key, &format!("{e:?}")),
+            Err(e) => checkpoint_failed(&call_sid, &first, seq, &format!("{e:?}")),
         }
     }
 
@@ -206,17 +235,22 @@ impl Recording {
             bucket,
             self.queued.clone(),
             self.keep.clone(),
+            self.first.clone(),
         );
         let outbox = self.outbox.clone();
         worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
     }
 }
 
-fn checkpoint_failed(call_sid: &str, key: &str, error: &str) {
+fn checkpoint_failed(call_sid: &str, first: &RefCell<FirstPart>, seq: u64, error: &str) {
+    let key = recording::checkpoint_key(seq);
+    // Part 1 cannot be made again from the checkpoints: it stays in memory to the end.
+    let first_part_kept = first.borrow_mut().lost(seq);
     log(
         "warn",
         "recording.checkpoint_failed",
-        json!({ "call_sid": call_sid, "key": key, "error": error }),
+        json!({ "call_sid": call_sid, "key": key, "error": error,
+                "first_part_kept": first_part_kept }),
     );
 }
 
@@ -367,7 +401,16 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
     );
     let queued = Rc::new(Cell::new(0));
     let (tx, rx) = mpsc::unbounded();
-    let writer = Writer::new(call_sid, bucket, queued.clone(), keep.clone());
+    // Every checkpoint read is written: part 1 leaves memory here too once it is full, and is
+    // read again at the end.
+    let first = Rc::new(RefCell::new(FirstPart::new(PART_BYTES)));
+    let writer = Writer::new(
+        call_sid,
+        bucket,
+        queued.clone(),
+        keep.clone(),
+        first.clone(),
+    );
     worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
     // The checkpoints are read a few at a time, as fast as the writer takes them in.
     let storage = keep.storage.clone();
@@ -389,6 +432,10 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
             }
             for (seq, pcm) in batch {
                 next = seq + 1;
+                let mut first = first.borrow_mut();
+                first.taken(seq, pcm.len());
+                first.written(seq);
+                drop(first);
                 queued.set(queued.get() + pcm.len());
                 let _ = tx.unbounded_send(Msg::Data(pcm));
             }
@@ -405,6 +452,7 @@ struct Writer {
     uploaded: Vec<UploadedPart>,
     queued: Rc<Cell<usize>>,
     keep: Keep,
+    first: Rc<RefCell<FirstPart>>,
 }
 
 fn metadata() -> HttpMetadata {
@@ -415,7 +463,13 @@ fn metadata() -> HttpMetadata {
 }
 
 impl Writer {
-    fn new(call_sid: &str, bucket: Bucket, queued: Rc<Cell<usize>>, keep: Keep) -> Self {
+    fn new(
+        call_sid: &str,
+        bucket: Bucket,
+        queued: Rc<Cell<usize>>,
+        keep: Keep,
+        first: Rc<RefCell<FirstPart>>,
+    ) -> Self {
         keep.busy.set(true);
         Self {
             key: recording::key(call_sid),
@@ -425,6 +479,7 @@ impl Writer {
             uploaded: Vec::new(),
             queued,
             keep,
+            first,
         }
     }
 
@@ -443,6 +498,13 @@ impl Writer {
                     parts.push(&pcm);
                     self.queued.set(self.queued.get().saturating_sub(pcm.len()));
                     drop(pcm);
+                    if !parts.first_released() && parts.release_first(&self.first.borrow()) {
+                        log(
+                            "info",
+                            "recording.first_part_released",
+                            json!({ "call_sid": self.call_sid, "bytes": PART_BYTES }),
+                        );
+                    }
                 }
                 Msg::Done { duration_ms: d } => {
                     duration_ms = Some(d);
@@ -464,9 +526,11 @@ impl Writer {
         let abnormal = duration_ms.is_none();
         let duration_ms = duration_ms.unwrap_or(parts.data_bytes() / BYTES_PER_MS);
         let bytes = parts.file_bytes();
+        let rebuilt = parts.first_released();
+        let rebuild_from = rebuilt.then_some(parts.data_bytes());
         let result = match failure {
             Some(e) => Err(e),
-            None => self.complete(parts.finish()).await,
+            None => self.complete(parts.finish(), rebuild_from).await,
         };
         match result {
             Ok(()) => {
@@ -474,7 +538,8 @@ impl Writer {
                     "info",
                     "recording.stored",
                     json!({ "call_sid": self.call_sid, "key": self.key, "duration_ms": duration_ms,
-                            "bytes": bytes, "cut_short": abnormal }),
+                            "bytes": bytes, "cut_short": abnormal,
+                            "first_part_from_checkpoints": rebuilt }),
                 );
                 outbox
                     .push(&Record::Recording {
@@ -571,8 +636,16 @@ impl Writer {
         Err(last)
     }
 
-    async fn complete(&mut self, mut rest: Vec<Part>) -> Result<(), String> {
-        if self.upload.is_none() && rest.len() == 1 {
+    /// Uploads the parts not sent yet and completes the upload. `rebuild_first` (the
+    /// recording's PCM length) when part 1 left memory: it is read back from the checkpoints
+    /// once the other parts are up (and their memory free), then uploaded; any failure to
+    /// read it fails the upload, never completes it without a right part 1.
+    async fn complete(
+        &mut self,
+        mut rest: Vec<Part>,
+        rebuild_first: Option<u64>,
+    ) -> Result<(), String> {
+        if rebuild_first.is_none() && self.upload.is_none() && rest.len() == 1 {
             // Shorter than one part: a single put.
             let part = rest.pop().expect("one part");
             return self.put(part.pieces).await;
@@ -580,6 +653,14 @@ impl Writer {
         rest.sort_by_key(|p| p.number);
         for part in rest {
             self.upload_part(part).await?;
+        }
+        if let Some(data_bytes) = rebuild_first {
+            let first = self.read_first_part(data_bytes).await?;
+            if self.upload.is_none() {
+                // Exactly one part long: a single put, as for a shorter call.
+                return self.put(first.pieces).await;
+            }
+            self.upload_part(first).await?;
         }
         let upload = self.upload.take().ok_or("no multipart upload")?;
         let mut parts = std::mem::take(&mut self.uploaded);
@@ -589,6 +670,37 @@ impl Writer {
             .await
             .map(|_| ())
             .map_err(|e| format!("complete: {e}"))
+    }
+
+    /// Part 1 made again from the checkpoints ([`recording::Rebuild`]): the final header, then
+    /// each checkpoint of its audio, the last one only up to the part's end.
+    async fn read_first_part(&self, data_bytes: u64) -> Result<Part, String> {
+        let failed = |e: recording::RebuildError| format!("part 1 from the checkpoints: {e}");
+        let mut rebuild = self.first.borrow().rebuild(data_bytes).map_err(failed)?;
+        while let Some(from) = rebuild.wants() {
+            let map = list_checkpoints(&self.keep.storage, from, REBUILD_BATCH)
+                .await
+                .map_err(|e| format!("read checkpoints for part 1: {e}"))?;
+            if map.size() == 0 {
+                break; // finish says which one is missing
+            }
+            let mut pushed = Ok(());
+            map.for_each(&mut |value, key| {
+                if pushed.is_err() || rebuild.wants().is_none() {
+                    return;
+                }
+                if let Some(seq) = key
+                    .as_string()
+                    .as_deref()
+                    .and_then(recording::checkpoint_seq)
+                {
+                    let pcm = js_sys::Uint8Array::new(&value).to_vec();
+                    pushed = rebuild.push(seq, &pcm);
+                }
+            });
+            pushed.map_err(failed)?;
+        }
+        rebuild.finish().map_err(failed)
     }
 
     async fn put(&self, pieces: Vec<Vec<u8>>) -> Result<(), String> {
