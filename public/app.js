@@ -97,7 +97,7 @@ const CODES = {
       openai_session_rejected: 'AI がセッション設定を拒否', agent_hangup: 'エージェントが終話', transferred: '転送',
       call_control_failed: '終話・転送の操作に失敗', bridge_restarted: 'ブリッジ再起動で中断',
       fallback_only: 'フォールバックのみで応答', not_registered: '通話を登録できず (フォールバックが応答)',
-      stream_never_connected: '音声ストリームが接続されず',
+      stream_never_connected: '音声ストリームが接続されず', openai_response_failed: 'AI が応答を生成できず',
     },
     event: {
       barge_in: '割り込み', tool_call: 'ツール呼び出し', dtmf: 'プッシュ操作', hangup: '終話', transfer: '転送',
@@ -105,6 +105,7 @@ const CODES = {
       transcription_failed: '文字起こし失敗', fallback: 'フォールバック', fallback_redirect: 'フォールバックへ切り替え',
       dropped_input: '破棄した入力', max_duration: '最大通話時間に到達', wrap_up: '終了の予告',
       idle_check_in: '無音のため呼びかけ', idle_hangup: '無音のため終話', ending_called_off: '終話を取りやめ',
+      response_failed: 'AI の応答が失敗', response_incomplete: 'AI の応答が途中で終了',
     },
     key: {
       arguments: '引数', output: '結果', error: 'エラー', message: 'メッセージ', reason: '理由', why: '理由',
@@ -113,6 +114,7 @@ const CODES = {
       session_id: 'セッション ID', detail: '詳細', last_failure: '直前の失敗', answered: '応答あり',
       dial_call_status: '転送先の状態', dial_call_duration_s: '転送先の通話時間 (秒)', finish: '操作',
       max_call_seconds: '最大通話時間 (秒)', item_id: 'アイテム ID', call_id: '呼び出し ID',
+      response_id: '応答 ID', failed_in_a_row: '連続失敗回数', then: 'その後の対応',
     },
   },
   en: {
@@ -127,6 +129,7 @@ const CODES = {
       agent_hangup: 'Agent hung up', transferred: 'Transferred', call_control_failed: 'Hang-up or transfer failed',
       bridge_restarted: 'Cut by a bridge restart', fallback_only: 'Answered by the fallback only',
       not_registered: 'Not registered (the fallback answered)', stream_never_connected: 'Media stream never connected',
+      openai_response_failed: 'AI could not produce responses',
     },
     event: {
       barge_in: 'Barge-in', tool_call: 'Tool call', dtmf: 'Keypad', hangup: 'Hang-up', transfer: 'Transfer',
@@ -134,7 +137,8 @@ const CODES = {
       openai_error: 'AI error', transcription_failed: 'Transcription failed', fallback: 'Fallback',
       fallback_redirect: 'Switched to the fallback', dropped_input: 'Dropped input', max_duration: 'Max call length reached',
       wrap_up: 'Wrap-up warning', idle_check_in: 'Silence check-in', idle_hangup: 'Hung up after silence',
-      ending_called_off: 'Ending called off',
+      ending_called_off: 'Ending called off', response_failed: 'AI response failed',
+      response_incomplete: 'AI response cut short',
     },
     key: {
       arguments: 'Arguments', output: 'Output', error: 'Error', message: 'Message', reason: 'Reason', why: 'Reason',
@@ -143,6 +147,7 @@ const CODES = {
       session_id: 'Session ID', detail: 'Detail', last_failure: 'Last failure', answered: 'Answered',
       dial_call_status: 'Transfer status', dial_call_duration_s: 'Transfer duration (s)', finish: 'Action',
       max_call_seconds: 'Max call length (s)', item_id: 'Item ID', call_id: 'Call ID',
+      response_id: 'Response ID', failed_in_a_row: 'Failures in a row', then: 'Then',
     },
   },
 };
@@ -445,6 +450,8 @@ function eventLabel(ev) {
   if (ev.type === 'barge_in') return `${name} (${t('barge_heard').replace('{ms}', d.audio_end_ms ?? '?')})`;
   if (ev.type === 'tool_call') return `${name}: ${d.name ?? '?'} ${d.ok === false ? '✗' : '✓'} (${d.duration_ms ?? '?'} ${t('ms')})`;
   if (ev.type === 'dtmf') return `${name}: ${d.digit ?? '?'}`;
+  if (ev.type === 'response_failed') return `${name}: ${d.code ?? d.type ?? '?'}`;
+  if (ev.type === 'response_incomplete') return `${name}: ${d.reason ?? '?'}`;
   return name;
 }
 

@@ -152,9 +152,50 @@ pub struct ResponseInfo {
     pub id: Option<String>,
     pub status: Option<String>,
     pub status_reason: Option<String>,
-    /// `status_details.error` of a failed response, as `type: code`.
-    pub status_error: Option<String>,
+    /// `status_details.error` of a failed response.
+    pub status_error: Option<ResponseError>,
     pub usage: Usage,
+}
+
+/// Why a response failed: `response.status_details.error` (protocol.md A4).
+#[derive(Debug, PartialEq, Clone, Default, Deserialize)]
+pub struct ResponseError {
+    #[serde(default, rename = "type")]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+impl ResponseError {
+    /// `type: code` (or whichever of them there is), for logs and the call's record.
+    pub fn text(&self) -> String {
+        let kind = self.kind.as_deref().unwrap_or("");
+        let code = self.code.as_deref().unwrap_or("");
+        match (kind.is_empty(), code.is_empty()) {
+            (false, false) if kind == code => kind.to_owned(),
+            (false, false) => format!("{kind}: {code}"),
+            (false, true) => kind.to_owned(),
+            (true, false) => code.to_owned(),
+            (true, true) => self
+                .message
+                .as_deref()
+                .unwrap_or("unknown error")
+                .chars()
+                .take(200)
+                .collect(),
+        }
+    }
+
+    /// The organisation is out of quota or over its rate limit: the next response would
+    /// fail the same way, so asking again only prolongs the caller's silence.
+    pub fn is_quota_or_rate_limit(&self) -> bool {
+        [&self.kind, &self.code]
+            .into_iter()
+            .flatten()
+            .any(|c| matches!(c.as_str(), "insufficient_quota" | "rate_limit_exceeded"))
+    }
 }
 
 #[derive(Debug, PartialEq, Clone, Copy, Default, Deserialize)]
@@ -388,15 +429,10 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
                     .and_then(|d| d.get("error"))
                     .filter(|e| !e.is_null())
                     .map(|e| {
-                        let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("");
-                        let code = field("code");
-                        let kind = field("type");
-                        match (kind.is_empty(), code.is_empty()) {
-                            (false, false) => format!("{kind}: {code}"),
-                            (false, true) => kind.to_owned(),
-                            (true, false) => code.to_owned(),
-                            (true, true) => e.to_string().chars().take(200).collect(),
-                        }
+                        serde_json::from_value(e.clone()).unwrap_or_else(|_| ResponseError {
+                            message: Some(e.to_string().chars().take(200).collect()),
+                            ..ResponseError::default()
+                        })
                     }),
                 usage: r.usage.unwrap_or_default(),
             })

@@ -58,11 +58,13 @@ pub enum EventKind {
     IdleCheckIn,
     IdleHangup,
     EndingCalledOff,
+    ResponseFailed,
+    ResponseIncomplete,
 }
 
 impl EventKind {
     /// Every kind (a new one goes here too: writing a kind missing from it fails the tests).
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::BargeIn,
         EventKind::ToolCall,
         EventKind::Dtmf,
@@ -81,6 +83,8 @@ impl EventKind {
         EventKind::IdleCheckIn,
         EventKind::IdleHangup,
         EventKind::EndingCalledOff,
+        EventKind::ResponseFailed,
+        EventKind::ResponseIncomplete,
     ];
 
     /// The kind as stored.
@@ -104,6 +108,8 @@ impl EventKind {
             EventKind::IdleCheckIn => "idle_check_in",
             EventKind::IdleHangup => "idle_hangup",
             EventKind::EndingCalledOff => "ending_called_off",
+            EventKind::ResponseFailed => "response_failed",
+            EventKind::ResponseIncomplete => "response_incomplete",
         }
     }
 

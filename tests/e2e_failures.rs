@@ -376,6 +376,35 @@ async fn an_error_rejecting_the_session_update_sends_the_caller_to_the_fallback_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_greeting_failing_for_want_of_quota_sends_the_caller_to_the_fallback() {
+    let h = harness().await;
+    // The session is up, but every response fails: the organisation is out of quota.
+    let script = SessionScript::new().on("response.create", |_| {
+        oai::response_failed("resp_quota", "insufficient_quota")
+    });
+    let (ids, twilio, claim) = open_call(h, script).await;
+    let oa = ok(h, claim.session(SOON).await);
+    ok(h, oa.wait_event("response.create", SOON).await);
+    expect_redirect(h, &ids, &twilio).await;
+    let d = expect_failed(
+        h,
+        &ids,
+        "openai_response_failed",
+        Some("insufficient_quota"),
+    )
+    .await;
+    assert_eq!(reconnects(&d), 0);
+    let failed = &events_of(&d, "response_failed")[0]["detail"];
+    assert_eq!(failed["code"], "insufficient_quota", "{failed}");
+    assert_eq!(failed["then"], "fallback", "{failed}");
+    assert_eq!(
+        oa.received_of_type("response.create").len(),
+        1,
+        "not asked again: it would fail the same way"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn session_expired_that_cannot_be_renewed_sends_the_caller_to_the_fallback() {
     let h = harness().await;
     let (call, claim) = live_call_then_outage(h).await;

@@ -30,6 +30,12 @@ pub const MAX_RECONNECTS: u32 = 3;
 const RECONNECT_DELAYS: [Millis; MAX_RECONNECTS as usize] = [Millis(0), Millis(500), Millis(1_500)];
 /// The agent is told to wrap up this long before the call's time limit.
 pub const WRAP_UP_BEFORE: Millis = Millis(30_000);
+/// A response that failed for a passing reason (a server error) is asked for again after
+/// this pause…
+pub const RESPONSE_RETRY_DELAY: Millis = Millis(1_000);
+/// …once: this many failed in a row, with none completed between, and the agent is taken
+/// to be unable to speak (the caller gets the fallback).
+pub const MAX_FAILED_RESPONSES: u32 = 2;
 
 /// What the bridge tells the model on the caller's behalf, as system messages in the
 /// conversation (never as a response's `instructions`, which would replace the agent's own
@@ -234,6 +240,21 @@ pub(super) struct State {
     /// Notes for a session being set up after a loss: results of tools called in the lost
     /// one, what of a reply cut short the caller heard.
     late_notes: Vec<String>,
+    /// The response that is the greeting (asked again with the greeting's instructions,
+    /// should it fail).
+    greeting_response: Option<String>,
+    /// Responses failed in a row (`response.done` with status `failed`), none completed since.
+    failed_responses: u32,
+    /// A failed response is asked for again at this moment (unless another is asked for or
+    /// started first)…
+    retry_at: Option<Millis>,
+    /// …and it was the greeting.
+    retry_greeting: bool,
+    /// The next `response.create` asks for the greeting (its instructions).
+    greet_again: bool,
+    /// The agent's responses failed for good (why): however the call then ends, its record
+    /// says it failed.
+    agent_failure: Option<String>,
 }
 
 impl State {
@@ -262,6 +283,12 @@ impl State {
             reconnect: None,
             transcript: BTreeMap::new(),
             late_notes: Vec::new(),
+            greeting_response: None,
+            failed_responses: 0,
+            retry_at: None,
+            retry_greeting: false,
+            greet_again: false,
+            agent_failure: None,
         }
     }
 }
@@ -351,10 +378,12 @@ impl Call {
 
     pub(super) fn control_deadline(&self) -> Option<Millis> {
         let c = &self.control;
+        let mut next = Vec::with_capacity(4);
+        next.extend(c.retry_at);
         if let Some(e) = &c.ending {
-            return e.deadline;
+            next.extend(e.deadline);
+            return next.into_iter().min();
         }
-        let mut next = Vec::with_capacity(3);
         if let Some(end) = c.call_deadline {
             next.push(end);
             if !c.wrap_up_sent {
@@ -380,6 +409,16 @@ impl Call {
     }
 
     pub(super) fn on_control_timer(&mut self, now: Millis) {
+        if self.control.retry_at.is_some_and(|t| now >= t) {
+            self.control.retry_at = None;
+            self.control.greet_again = std::mem::take(&mut self.control.retry_greeting);
+            self.log(
+                Level::Warn,
+                "control.response_asked_again",
+                json!({ "greeting": self.control.greet_again }),
+            );
+            self.request_response();
+        }
         if let Some(e) = &self.control.ending {
             if e.deadline.is_some_and(|d| now >= d) {
                 if e.phase != Phase::Retrying {
@@ -477,11 +516,21 @@ impl Call {
             return;
         }
         self.control.wanted = false;
-        self.actions
-            .push_back(Action::SendOpenAi(openai::response_create()));
-        self.control.awaiting_created = true;
-        self.control.reply_owed = true;
-        self.control.awaiting_greeting = false;
+        // Whatever a failed response was to be asked again for, this one is it.
+        self.control.retry_at = None;
+        self.control.retry_greeting = false;
+        if std::mem::take(&mut self.control.greet_again) {
+            // The greeting failed: asked again as it was first asked.
+            self.greeting_sent();
+            self.actions
+                .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
+        } else {
+            self.actions
+                .push_back(Action::SendOpenAi(openai::response_create()));
+            self.control.awaiting_created = true;
+            self.control.reply_owed = true;
+            self.control.awaiting_greeting = false;
+        }
         if let Some(Ending {
             phase: Phase::Goodbye { requested, .. },
             ..
@@ -528,6 +577,12 @@ impl Call {
     }
 
     pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
+        if self.control.awaiting_created && self.control.awaiting_greeting {
+            self.control.greeting_response = response_id.map(str::to_owned);
+        }
+        // A response under way: a failed one is not asked for again besides.
+        self.control.retry_at = None;
+        self.control.retry_greeting = false;
         self.control.awaiting_created = false;
         self.control.reply_owed = true;
         // A response follows the end of the caller's turn.
@@ -566,14 +621,42 @@ impl Call {
         self.control.response_spoke = true;
     }
 
-    pub(super) fn on_response_done(&mut self, response_id: Option<&str>, now: Millis) {
+    pub(super) fn on_response_done(&mut self, r: &openai::ResponseInfo, now: Millis) {
+        let response_id = r.id.as_deref();
+        let owed = self.control.reply_owed;
+        let greeting =
+            response_id.is_some() && self.control.greeting_response.as_deref() == response_id;
+        let spoke = self.control.response_spoke;
+        let failed = r.status.as_deref() == Some("failed") && !self.silenced(response_id);
         self.busy(now);
         self.control.response = None;
         self.control.response_spoke = false;
         self.control.greeting_unheard = false;
         self.control.reply_owed = false;
-        // Answered: the model has its own answer to go on, even were the question lost.
-        self.control.untranscribed = None;
+        if greeting {
+            self.control.greeting_response = None;
+        }
+        match r.status.as_deref() {
+            Some("completed") => {
+                self.control.failed_responses = 0;
+                // Answered: the model has its own answer to go on, even were the question lost.
+                self.control.untranscribed = None;
+            }
+            Some("incomplete") => {
+                self.control.untranscribed = None;
+                // Cut short by a limit of its own (max_output_tokens, content_filter): the
+                // service works, so the call goes on; the record shows what happened.
+                self.event(
+                    now,
+                    EventKind::ResponseIncomplete,
+                    json!({ "response_id": response_id, "reason": r.status_reason }),
+                );
+            }
+            _ => {}
+        }
+        if failed && self.response_failed(r, owed, greeting, spoke, now) {
+            return;
+        }
         let goodbye_done = matches!(
             &self.control.ending,
             Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
@@ -586,6 +669,100 @@ impl Call {
             self.check_drained(now);
         }
         self.flush_response();
+    }
+
+    /// A response failed (`status: failed`). For a passing reason (a server error), one the
+    /// caller is owed (the greeting, an answer, a check-in, the goodbye) is asked for again
+    /// once, shortly. Out of quota or rate-limited, or failing again, the agent cannot
+    /// speak: rather than leave the caller in silence, the call is handed to the fallback
+    /// as when the session is lost for good; or, when it is already ending (the goodbye or
+    /// the transfer notice failed), it ends at once without those words. Either way its
+    /// record says it failed, and why. True when the call is being handed over or ended.
+    fn response_failed(
+        &mut self,
+        r: &openai::ResponseInfo,
+        owed: bool,
+        greeting: bool,
+        spoke: bool,
+        now: Millis,
+    ) -> bool {
+        let error = r.status_error.clone().unwrap_or_default();
+        self.control.failed_responses += 1;
+        let in_a_row = self.control.failed_responses;
+        let for_good = error.is_quota_or_rate_limit() || in_a_row >= MAX_FAILED_RESPONSES;
+        let is_goodbye = matches!(
+            &self.control.ending,
+            Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })
+                if r.id.as_deref() == Some(id.as_str())
+        );
+        // A goodbye heard in part stands as said, as when its session is lost.
+        let ask_again = !for_good && (owed || greeting || is_goodbye) && !(is_goodbye && spoke);
+        let then = match (for_good, self.control.ending.is_some()) {
+            (true, false) => "fallback",
+            (true, true) => "end_as_planned",
+            (false, _) if ask_again => "ask_again",
+            (false, _) => "none",
+        };
+        let detail = json!({
+            "response_id": r.id, "type": error.kind, "code": error.code, "message": error.message,
+            "failed_in_a_row": in_a_row, "then": then,
+        });
+        self.log(
+            if for_good { Level::Error } else { Level::Warn },
+            "control.response_failed",
+            detail.clone(),
+        );
+        self.event(now, EventKind::ResponseFailed, detail);
+        if !for_good {
+            if ask_again {
+                self.control.retry_at = Some(now + RESPONSE_RETRY_DELAY);
+                self.control.retry_greeting = greeting;
+                if let (true, Some(e)) = (is_goodbye, &mut self.control.ending) {
+                    // The response asked for again is the goodbye.
+                    e.phase = Phase::Goodbye {
+                        requested: false,
+                        response: None,
+                    };
+                }
+            }
+            return false;
+        }
+        self.control.agent_failure = Some(error.text());
+        self.control.retry_at = None;
+        self.control.wanted = false;
+        if let Some(e) = &mut self.control.ending {
+            if matches!(e.phase, Phase::Goodbye { .. }) {
+                // The goodbye (or the transfer notice) will not be said: the call ends without it.
+                e.phase = Phase::Draining;
+                e.deadline = Some(now + DRAIN_TIMEOUT);
+                self.check_drained(now);
+            }
+            return true;
+        }
+        self.fail(
+            EndReason::ResponseFailed {
+                error: error.text(),
+            },
+            now,
+        );
+        true
+    }
+
+    /// The end reason to record: a call that ended as planned after the agent's responses
+    /// failed for good ended for that failure.
+    pub(super) fn with_agent_failure(&self, reason: EndReason) -> EndReason {
+        match &self.control.agent_failure {
+            Some(error) if !reason.is_failure() => {
+                let then = match reason.detail_text() {
+                    Some(d) => format!("{}: {d}", reason.label()),
+                    None => reason.label().to_owned(),
+                };
+                EndReason::ResponseFailed {
+                    error: format!("{error}; then {then}"),
+                }
+            }
+            _ => reason,
+        }
     }
 
     /// Our `response.create` met an active response: ask again when it is done (but for

@@ -170,11 +170,17 @@ pub enum EndReason {
     Transferred {
         to: String,
     },
+    /// The agent's responses failed (`response.done` with status `failed`: out of quota,
+    /// rate-limited, or failing again when asked again): the caller was handed to the
+    /// fallback, or the call ended without the agent's last words.
+    ResponseFailed {
+        error: String,
+    },
 }
 
 impl EndReason {
     /// Every label [`EndReason::label`] gives (the review page names each).
-    pub const LABELS: [&'static str; 9] = [
+    pub const LABELS: [&'static str; 10] = [
         "twilio_stop",
         "twilio_socket_closed",
         "openai_closed",
@@ -184,6 +190,7 @@ impl EndReason {
         "agent_hangup",
         "transferred",
         "call_control_failed",
+        "openai_response_failed",
     ];
 
     /// Short stable label, for storage and logs.
@@ -198,6 +205,7 @@ impl EndReason {
             EndReason::AgentHangup { .. } => "agent_hangup",
             EndReason::Transferred { .. } => "transferred",
             EndReason::CallControlFailed { .. } => "call_control_failed",
+            EndReason::ResponseFailed { .. } => "openai_response_failed",
         }
     }
 
@@ -234,6 +242,7 @@ impl EndReason {
             EndReason::AgentHangup { why } => Some(why.clone()),
             EndReason::Transferred { to } => Some(to.clone()),
             EndReason::CallControlFailed { what } => Some(what.clone()),
+            EndReason::ResponseFailed { error } => Some(error.clone()),
             EndReason::TwilioStop => None,
         }
     }
@@ -248,6 +257,7 @@ impl EndReason {
             EndReason::AgentHangup { why } => json!({ "why": why }),
             EndReason::Transferred { to } => json!({ "to": to }),
             EndReason::CallControlFailed { what } => json!({ "what": what }),
+            EndReason::ResponseFailed { error } => json!({ "error": error }),
             _ => Value::Null,
         }
     }
@@ -957,17 +967,22 @@ impl Call {
                 t.total_tokens = t.total_tokens.saturating_add(u.total_tokens);
                 t.input_tokens = t.input_tokens.saturating_add(u.input_tokens);
                 t.output_tokens = t.output_tokens.saturating_add(u.output_tokens);
+                // A response that failed or stopped short is worth a look at the default level.
+                let level = match r.status.as_deref() {
+                    Some("failed" | "incomplete") => Level::Warn,
+                    _ => Level::Info,
+                };
                 self.log(
-                    Level::Info,
+                    level,
                     "openai.response.done",
                     json!({
                         "response_id": r.id, "status": r.status, "reason": r.status_reason,
-                        "error": r.status_error,
+                        "error": r.status_error.as_ref().map(openai::ResponseError::text),
                         "usage": { "total_tokens": u.total_tokens, "input_tokens": u.input_tokens,
                                    "output_tokens": u.output_tokens },
                     }),
                 );
-                self.on_response_done(r.id.as_deref(), now);
+                self.on_response_done(&r, now);
             }
             ServerEvent::RateLimitsUpdated(limits) => {
                 let limits: Vec<Value> = limits
@@ -1207,6 +1222,9 @@ impl Call {
             });
         }
         self.setup_deadline = None;
+        // Ended as planned (a hang-up, the caller's) after the agent's responses failed for
+        // good: recorded as the failure it was. (The stream closes as planned all the same.)
+        let reason = self.with_agent_failure(reason);
         // Media held for a `start` that never came is lost with the call: counted.
         for _ in std::mem::take(&mut self.early_input) {
             self.drop_input("twilio_media_before_start", Value::Null);

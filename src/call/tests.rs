@@ -2497,6 +2497,7 @@ fn every_end_reason_s_label_is_listed_for_the_review_page() {
         EndReason::AgentHangup { why: s() },
         EndReason::CallControlFailed { what: s() },
         EndReason::Transferred { to: s() },
+        EndReason::ResponseFailed { error: s() },
     ];
     for r in &all {
         // A new reason fails to compile here: add it to `all` above and to LABELS.
@@ -2509,7 +2510,8 @@ fn every_end_reason_s_label_is_listed_for_the_review_page() {
             | EndReason::SessionRejected { .. }
             | EndReason::AgentHangup { .. }
             | EndReason::CallControlFailed { .. }
-            | EndReason::Transferred { .. } => {}
+            | EndReason::Transferred { .. }
+            | EndReason::ResponseFailed { .. } => {}
         }
     }
     let mut labels: Vec<_> = all.iter().map(EndReason::label).collect();
@@ -2542,4 +2544,5 @@ fn an_event_type_the_bridge_does_not_know_is_counted_and_logged_and_known_unused
     assert_eq!(counted, [json!({ "openai_unknown_event": 1 })]);
 }
 
+mod failed_responses;
 mod reconnect;

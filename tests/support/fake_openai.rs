@@ -1324,6 +1324,38 @@ pub fn response_finish(
     ]
 }
 
+/// A response the server could not produce (protocol.md A4): `response.created`, then at
+/// once `response.done` with status `failed` and `status_details.error` `{type, code}`, as
+/// when the organisation is out of quota (`insufficient_quota`), over its rate limit
+/// (`rate_limit_exceeded`) or the server erred (`server_error`).
+pub fn response_failed(response_id: &str, error: &str) -> Vec<Value> {
+    let response = |status: &str, details: Value| {
+        json!({
+            "object": "realtime.response",
+            "id": response_id,
+            "status": status,
+            "status_details": details,
+            "output": [],
+            "conversation_id": "conv_fake",
+            "output_modalities": ["audio"],
+            "max_output_tokens": "inf",
+            "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
+            "usage": null,
+            "metadata": null
+        })
+    };
+    vec![
+        json!({"type": "response.created", "response": response("in_progress", Value::Null)}),
+        json!({
+            "type": "response.done",
+            "response": response(
+                "failed",
+                json!({"type": "failed", "error": {"type": error, "code": error}}),
+            ),
+        }),
+    ]
+}
+
 /// The body of an audio response as the real server streams it: each audio chunk followed by
 /// its piece of the transcript (`pieces[i]` after `chunks[i]`; extra pieces go at the end).
 pub fn audio_with_transcript(
