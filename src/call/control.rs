@@ -36,6 +36,17 @@ pub const RESPONSE_RETRY_DELAY: Millis = Millis(1_000);
 /// …once: this many failed in a row, with none completed between, and the agent is taken
 /// to be unable to speak (the caller gets the fallback).
 pub const MAX_FAILED_RESPONSES: u32 = 2;
+/// A response asked for while the caller speaks waits for the end of their turn, but no
+/// longer than this from the start of their speech (speech that never stops is a noisy
+/// line more than a caller).
+pub const SPEECH_HOLD_LIMIT: Millis = Millis(15_000);
+/// Once the caller stops (server VAD), the server's own response to their turn is awaited
+/// this long; when none comes (speech too short to be a turn is not committed, or the
+/// session does not answer turns by itself), the response held goes out.
+pub const TURN_RESPONSE_WAIT: Millis = Millis(1_500);
+/// The same with semantic VAD, which may wait up to 4 s (`eagerness` auto) after the
+/// caller stops before it takes the turn as ended.
+pub const SEMANTIC_TURN_RESPONSE_WAIT: Millis = Millis(5_000);
 
 /// What the bridge tells the model on the caller's behalf, as system messages in the
 /// conversation (never as a response's `instructions`, which would replace the agent's own
@@ -219,6 +230,10 @@ pub(super) struct State {
     /// The caller is speaking (speech started, not yet stopped): a session lost now takes
     /// the start of their words with it.
     caller_speaking: bool,
+    /// The caller's turn is under way, or has just ended and the server's own response to
+    /// it (`create_response`) is to come: a response asked for meanwhile is held, not sent
+    /// over their words nor beside that response, at most until this moment.
+    turn_hold: Option<Millis>,
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
@@ -270,6 +285,7 @@ impl State {
             reply_owed: false,
             untranscribed: None,
             caller_speaking: false,
+            turn_hold: None,
             response: None,
             response_spoke: false,
             silenced: None,
@@ -378,8 +394,11 @@ impl Call {
 
     pub(super) fn control_deadline(&self) -> Option<Millis> {
         let c = &self.control;
-        let mut next = Vec::with_capacity(4);
+        let mut next = Vec::with_capacity(5);
         next.extend(c.retry_at);
+        if c.wanted {
+            next.extend(c.turn_hold);
+        }
         if let Some(e) = &c.ending {
             next.extend(e.deadline);
             return next.into_iter().min();
@@ -418,6 +437,14 @@ impl Call {
                 json!({ "greeting": self.control.greet_again }),
             );
             self.request_response();
+        }
+        if self.control.turn_hold.is_some_and(|t| now >= t) {
+            self.control.turn_hold = None;
+            if self.control.wanted {
+                // No response of the server's own came of the caller's words.
+                self.log(Level::Info, "control.held_response_released", Value::Null);
+                self.flush_response();
+            }
         }
         if let Some(e) = &self.control.ending {
             if e.deadline.is_some_and(|d| now >= d) {
@@ -492,7 +519,9 @@ impl Call {
     // ---- responses ----
 
     /// Asks for a response as soon as the model is free: never while one is active or
-    /// while a tool is still running (`conversation_already_has_active_response`). What
+    /// while a tool is still running (`conversation_already_has_active_response`), nor
+    /// while the caller is speaking (it would talk over them, and their turn would get a
+    /// second answer: the server's own, once it ends, answers what was asked for too). What
     /// the model should say comes before, as a message in the conversation.
     pub(super) fn request_response(&mut self) {
         self.control.wanted = true;
@@ -505,6 +534,7 @@ impl Call {
             || self.response_active
             || c.awaiting_created
             || !c.pending_tools.is_empty()
+            || c.turn_hold.is_some()
             || self.upstream != Upstream::Ready
         {
             return;
@@ -550,22 +580,34 @@ impl Call {
 
     /// The caller started speaking: the server cancels a response under way
     /// (`interrupt_response`) and answers their turn once it ends.
-    pub(super) fn caller_turn_started(&mut self) {
+    pub(super) fn caller_turn_started(&mut self, now: Millis) {
         self.control.reply_owed = false;
         self.control.caller_speaking = true;
+        self.control.turn_hold = Some(now + SPEECH_HOLD_LIMIT);
     }
 
-    /// The server heard the caller stop.
-    pub(super) fn caller_turn_stopped(&mut self) {
+    /// The server heard the caller stop: its response to their turn is to come.
+    pub(super) fn caller_turn_stopped(&mut self, now: Millis) {
         self.control.caller_speaking = false;
+        self.control.turn_hold = Some(now + self.turn_response_wait());
     }
 
     /// The caller's turn is in the conversation: the server answers it (`create_response`),
     /// and its transcript is to come.
-    pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>) {
+    pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>, now: Millis) {
         self.control.reply_owed = true;
         self.control.caller_speaking = false;
         self.control.untranscribed = item_id.map(str::to_owned);
+        self.control.turn_hold = Some(now + self.turn_response_wait());
+    }
+
+    /// How long after the caller stops the server's own response to their turn may take.
+    fn turn_response_wait(&self) -> Millis {
+        if self.agent.turn_detection.kind == "semantic_vad" {
+            SEMANTIC_TURN_RESPONSE_WAIT
+        } else {
+            TURN_RESPONSE_WAIT
+        }
     }
 
     /// The transcription of a caller's turn came: a new session is seeded with it. (One that
@@ -580,6 +622,9 @@ impl Call {
         if self.control.awaiting_created && self.control.awaiting_greeting {
             self.control.greeting_response = response_id.map(str::to_owned);
         }
+        // The server's own answer to the caller's turn (not one we asked for).
+        let answers_turn =
+            !self.control.awaiting_created && self.control.turn_hold.take().is_some();
         // A response under way: a failed one is not asked for again besides.
         self.control.retry_at = None;
         self.control.retry_greeting = false;
@@ -600,6 +645,24 @@ impl Call {
                 .push_back(Action::SendOpenAi(openai::response_cancel(id)));
             self.control.silenced = Some(id.to_owned());
             return;
+        }
+        if answers_turn && self.control.wanted {
+            // It sees everything added to the conversation while the caller spoke (a tool's
+            // output, a note, a key pressed): it is the response that was held, not one more.
+            self.log(
+                Level::Debug,
+                "control.held_response_taken_by_server",
+                json!({ "response_id": response_id }),
+            );
+            self.control.wanted = false;
+            self.control.greet_again = false;
+            if let Some(Ending {
+                phase: Phase::Goodbye { requested, .. },
+                ..
+            }) = &mut self.control.ending
+            {
+                *requested = true;
+            }
         }
         if let Some(Ending {
             phase:
@@ -1333,6 +1396,11 @@ impl Call {
         if lost_now {
             self.ending_lost(now);
             self.reply_lost();
+            if !self.control.caller_speaking {
+                // A turn the lost session was to answer is the new one's to answer
+                // (`reply_lost`); speech under way still holds a response (see below).
+                self.control.turn_hold = None;
+            }
             self.speech_lost();
         }
         self.response_active = false;
@@ -1519,6 +1587,12 @@ impl Call {
                 "openai.reconnected",
                 json!({ "attempts": r.attempts, "gap_ms": now.saturating_sub(r.started).0 }),
             );
+        }
+        if let Some(t) = self.control.turn_hold {
+            // The caller was speaking when the last session was lost: the new one hears the
+            // rest of their words at once (held, then sent), and answers their turn; if it
+            // hears none, what was held goes out shortly.
+            self.control.turn_hold = Some(t.min(now + self.turn_response_wait()));
         }
         self.say_wrap_up();
         self.flush_response();

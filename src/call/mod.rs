@@ -815,7 +815,7 @@ impl Call {
                     json!({ "item_id": item_id, "audio_start_ms": audio_start_ms }),
                 );
                 self.activity(now);
-                self.caller_turn_started();
+                self.caller_turn_started(now);
                 if let (Some(id), Some(ms)) = (&item_id, audio_start_ms) {
                     let at = self.session_audio_from_ms + ms;
                     self.conversation.speech_started(&ItemId(id.clone()), at);
@@ -832,7 +832,7 @@ impl Call {
                 audio_end_ms,
             } => {
                 self.activity(now);
-                self.caller_turn_stopped();
+                self.caller_turn_stopped(now);
                 self.log(
                     Level::Debug,
                     "openai.speech_stopped",
@@ -845,7 +845,7 @@ impl Call {
                     "openai.input_committed",
                     json!({ "item_id": item_id }),
                 );
-                self.caller_turn_committed(item_id.as_deref());
+                self.caller_turn_committed(item_id.as_deref(), now);
                 if let Some(id) = item_id {
                     let at = self.offset(now);
                     self.conversation.added(&ItemId(id), Some("user"), at);

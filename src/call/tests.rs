@@ -1740,10 +1740,10 @@ fn the_time_limit_warns_then_hangs_up() {
         ..Agent::default()
     };
     let mut sim = Sim::greeted(agent);
-    // Keep the line busy so the idle check stays out of the way.
+    // Keep the line busy so the idle check stays out of the way: a short turn of the
+    // caller's every second, which the server answers.
     for t in (1..=59).map(|s| s * 1_000) {
         sim.at(t);
-        sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
         if t == 30_000 {
             let out = sim.input(Input::Timeout);
             let sys = &sends_of(&out, "conversation.item.create")[0]["item"];
@@ -1752,6 +1752,11 @@ fn the_time_limit_warns_then_hangs_up() {
             sim.response("resp_w");
             sim.response_done("resp_w");
         }
+        sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
+        sim.openai(r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":2}"#);
+        sim.openai(r#"{"type":"input_audio_buffer.committed","item_id":"item_u"}"#);
+        sim.response("resp_turn");
+        sim.response_done("resp_turn");
     }
     sim.at(60_000);
     let out = sim.input(Input::Timeout);
@@ -2545,4 +2550,5 @@ fn an_event_type_the_bridge_does_not_know_is_counted_and_logged_and_known_unused
 }
 
 mod failed_responses;
+mod held_responses;
 mod reconnect;

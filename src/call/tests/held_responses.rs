@@ -1,0 +1,249 @@
+//! Scenario tests of responses asked for while the caller is speaking (a tool's answer, a
+//! key pressed, the wrap-up, a reply cancelled by a barge-in): held until their turn ends,
+//! and then answered by the server's own response to that turn rather than by a second one.
+
+use super::*;
+
+const STOPPED: &str =
+    r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":1500,"item_id":"item_user"}"#;
+const COMMITTED: &str = r#"{"type":"input_audio_buffer.committed","item_id":"item_user"}"#;
+
+fn tool_answer(sim: &mut Sim, id: u64) -> Vec<Action> {
+    sim.input(Input::HttpDone {
+        id,
+        outcome: &http::Outcome::Response {
+            status: 200,
+            body: r#"{"name":"山田太郎"}"#.into(),
+        },
+    })
+}
+
+/// A greeted call whose model has called `lookup_customer` (resp_1, done); returns the
+/// webhook's request id.
+fn lookup_running() -> (Sim, u64) {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    let out = sim.function_call("lookup_customer", "{}");
+    let (id, _) = http_of(&out)[0].clone();
+    sim.response_done("resp_1");
+    (sim, id)
+}
+
+#[test]
+fn a_tool_answering_while_the_caller_speaks_is_answered_by_the_server_s_reply_to_their_turn() {
+    let (mut sim, id) = lookup_running();
+    // The caller goes on talking while the lookup runs.
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_500);
+    let out = tool_answer(&mut sim, id);
+    assert_eq!(
+        sends_of(&out, "conversation.item.create").len(),
+        1,
+        "the output goes in at once"
+    );
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "no reply over the caller: {out:?}"
+    );
+    sim.at(2_000);
+    assert!(sim.openai(STOPPED).is_empty());
+    assert!(sim.openai(COMMITTED).is_empty());
+    // Server VAD answers their turn; that answer already sees the tool's output.
+    sim.response("resp_vad");
+    sim.agent_chunk("item_answer", &audio(800, 1));
+    let out = sim.response_done("resp_vad");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "the turn is not answered twice: {out:?}"
+    );
+    sim.at(10_000);
+    let out = sim.input(Input::Timeout);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_reply_cancelled_by_a_second_barge_in_is_not_asked_for_over_the_caller() {
+    let (mut sim, id) = lookup_running();
+    // The caller asks "まだですか" during the lookup; the server answers by itself.
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    sim.agent_chunk("item_wait", &audio(1600, 1));
+    // The tool answers while that response is on.
+    sim.at(1_200);
+    let out = tool_answer(&mut sim, id);
+    assert!(sends_of(&out, "response.create").is_empty());
+    // The caller talks over "少々お待ちください": barge-in, the server cancels resp_vad.
+    sim.at(1_300);
+    let out = sim.openai(&speech_started().replace("item_user", "item_user2"));
+    assert_eq!(sends_of(&out, "clear").len(), 1);
+    let out = sim.openai(r#"{"type":"response.done","response":{"id":"resp_vad","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "response.create sent while the caller is still speaking: {out:?}"
+    );
+    // Their turn ends: the server's answer to it is the reply the tool's answer wanted.
+    sim.at(2_500);
+    sim.openai(&STOPPED.replace("item_user", "item_user2"));
+    sim.openai(&COMMITTED.replace("item_user", "item_user2"));
+    sim.response("resp_vad2");
+    let out = sim.response_done("resp_vad2");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn the_wrap_up_due_while_the_caller_speaks_is_said_in_the_answer_to_their_turn() {
+    let agent = Agent {
+        max_call_seconds: 60,
+        ..Agent::default()
+    };
+    let mut sim = Sim::greeted(agent);
+    sim.at(29_000);
+    sim.openai(&speech_started());
+    sim.at(30_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(system_notes(&out).len(), 1, "the note goes in: {out:?}");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "wrap-up reply requested mid-utterance: {out:?}"
+    );
+    sim.at(31_000);
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_key_pressed_while_the_caller_speaks_is_answered_once() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    let out = sim.twilio(
+        r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"2"}}"#,
+    );
+    assert_eq!(sends_of(&out, "conversation.item.create").len(), 1);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    sim.at(1_400);
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    let out = sim.openai(
+        r#"{"type":"response.created","response":{"id":"resp_vad","status":"in_progress"}}"#,
+    );
+    assert!(out.is_empty(), "{out:?}");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_held_response_goes_out_when_no_turn_comes_of_the_speech() {
+    // Speech too short to be a turn: stopped, never committed, no response of the server's.
+    let (mut sim, id) = lookup_running();
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_200);
+    tool_answer(&mut sim, id);
+    sim.at(1_300);
+    sim.openai(STOPPED);
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(2_800)));
+    sim.at(2_800);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+
+    // Committed, and still no response of the server's own.
+    let (mut sim, id) = lookup_running();
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    tool_answer(&mut sim, id);
+    sim.at(1_300);
+    sim.openai(STOPPED);
+    sim.at(1_400);
+    sim.openai(COMMITTED);
+    sim.at(2_899);
+    assert!(sim.input(Input::Timeout).is_empty());
+    sim.at(2_900);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+
+    // Speech that never stops (a noisy line): held no longer than 15 s from its start.
+    let (mut sim, id) = lookup_running();
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_200);
+    tool_answer(&mut sim, id);
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(16_000)));
+    sim.at(16_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn with_semantic_vad_the_end_of_the_turn_is_awaited_longer() {
+    let mut agent = agent_with_tools();
+    agent.turn_detection.kind = "semantic_vad".into();
+    let mut sim = Sim::greeted(agent);
+    sim.response("resp_1");
+    let out = sim.function_call("lookup_customer", "{}");
+    let (id, _) = http_of(&out)[0].clone();
+    sim.response_done("resp_1");
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    let out = tool_answer(&mut sim, id);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    sim.at(1_300);
+    sim.openai(STOPPED);
+    // A pause mid-thought: semantic VAD may take seconds to decide the turn is over.
+    sim.at(2_800);
+    assert!(sends_of(&sim.input(Input::Timeout), "response.create").is_empty());
+    sim.at(4_000);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session_s_turn() {
+    let lose_and_recover = |sim: &mut Sim| {
+        let out = sim.input(Input::OpenAiClosed {
+            code: 1011,
+            reason: "server_error",
+        });
+        sim.expect_reconnect(out, 1);
+        sim.openai_opened();
+        sim.openai(&session_updated("audio/pcmu"))
+    };
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"2"}}"#);
+    sim.at(1_500);
+    let out = lose_and_recover(&mut sim);
+    // The new session hears the rest of the caller's words: no reply over them.
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    sim.at(1_700);
+    sim.openai(&speech_started());
+    sim.at(2_500);
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+
+    // The new session hears no more speech: the held response goes out shortly.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"2"}}"#);
+    sim.at(1_500);
+    let out = lose_and_recover(&mut sim);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(3_000)));
+    sim.at(3_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
