@@ -77,6 +77,8 @@ pub enum ServerEvent<'a> {
     RateLimitsUpdated(Vec<RateLimit>),
     /// The model called a function: `response.function_call_arguments.done`.
     FunctionCall {
+        /// The response that called it (one cancelled unheard does not get its calls run).
+        response_id: Option<String>,
         call_id: String,
         name: String,
         /// JSON text, as the model wrote it (may be invalid JSON).
@@ -407,6 +409,7 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         "response.function_call_arguments.done" => {
             let e = "response.function_call_arguments.done";
             ServerEvent::FunctionCall {
+                response_id: owned(raw.response_id),
                 call_id: raw.call_id.ok_or(missing(e, "call_id"))?,
                 name: raw.name.ok_or(missing(e, "name"))?,
                 arguments: raw.arguments.unwrap_or_default(),
@@ -772,6 +775,7 @@ mod tests {
         assert_eq!(
             e,
             ServerEvent::FunctionCall {
+                response_id: Some("resp_002".into()),
                 call_id: "call_001".into(),
                 name: "get_weather".into(),
                 arguments: "{\"location\": \"San Francisco\"}".into()

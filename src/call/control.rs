@@ -871,11 +871,22 @@ impl Call {
 
     pub(super) fn on_function_call(
         &mut self,
+        response_id: Option<&str>,
         call_id: String,
         name: String,
         arguments: String,
         now: Millis,
     ) {
+        if self.silenced(response_id) {
+            // Called by the response cancelled over the goodbye: nothing of it was played,
+            // so nobody heard, let alone confirmed, what it would do. Not run (a webhook would
+            // act on it) and not answered (an answer asks for a response: another one over
+            // the goodbye, cancelled in turn).
+            return self.drop_input(
+                "function_call_after_goodbye",
+                json!({ "name": name, "call_id": call_id }),
+            );
+        }
         self.busy(now);
         let args: Result<Value, _> = if arguments.trim().is_empty() {
             Ok(json!({}))

@@ -996,10 +996,11 @@ impl Call {
                 );
             }
             ServerEvent::FunctionCall {
+                response_id,
                 call_id,
                 name,
                 arguments,
-            } => self.on_function_call(call_id, name, arguments, now),
+            } => self.on_function_call(response_id.as_deref(), call_id, name, arguments, now),
             ServerEvent::Other { kind } => {
                 if !openai::UNUSED_EVENTS.contains(&kind.as_str()) {
                     self.drop_input("openai_unknown_event", json!({ "type": kind }));

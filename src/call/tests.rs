@@ -1929,6 +1929,73 @@ fn words_over_a_goodbye_said_in_full_do_not_cut_it_and_the_call_ends_as_said() {
         .any(|e| e == "control.ending_called_off"));
 }
 
+/// end_call, then the goodbye (resp_2) said in full and still playing when the caller
+/// speaks over it and the server starts a response to their words (resp_vad, cancelled).
+/// Returns the goodbye's mark.
+fn caller_over_a_goodbye_said_in_full(sim: &mut Sim) -> String {
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    sim.response_done("resp_2");
+    sim.at(50);
+    sim.openai(&speech_started());
+    let out = sim.openai(
+        r#"{"type":"response.created","response":{"id":"resp_vad","status":"in_progress"}}"#,
+    );
+    assert_eq!(sends_of(&out, "response.cancel").len(), 1);
+    m
+}
+
+fn call_of(resp: &str, name: &str) -> String {
+    json!({"type":"response.function_call_arguments.done","response_id":resp,
+           "item_id":"fc_9","output_index":0,"call_id":"call_9","name":name,
+           "arguments":r#"{"date":"2026-11-02"}"#})
+    .to_string()
+}
+
+#[test]
+fn a_tool_called_by_a_response_cancelled_over_the_goodbye_is_not_run() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let m = caller_over_a_goodbye_said_in_full(&mut sim);
+    // The cancelled response had already called a tool (a booking change, say) that
+    // nobody heard of, let alone confirmed.
+    let out = sim.openai(&call_of("resp_vad", "lookup_customer"));
+    assert!(
+        out.is_empty(),
+        "webhook run for a silenced response: {out:?}"
+    );
+    assert_eq!(sim.call.stats().dropped["function_call_after_goodbye"], 1);
+    let out = sim.openai(r#"{"type":"response.done","response":{"id":"resp_vad","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}"#);
+    assert!(out.is_empty(), "{out:?}");
+    sim.at(1_000);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    sim.redirect_answered(reqs[0].0, 200);
+    sim.twilio(STOP);
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(
+        kinds,
+        ["tool_call", "hangup", "dropped_input"],
+        "only end_call ran"
+    );
+}
+
+#[test]
+fn an_end_call_in_a_response_cancelled_over_the_goodbye_asks_for_nothing_more() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    caller_over_a_goodbye_said_in_full(&mut sim);
+    let out = sim.openai(&call_of("resp_vad", "end_call"));
+    assert!(out.is_empty(), "{out:?}");
+    let out = sim.openai(r#"{"type":"response.done","response":{"id":"resp_vad","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}"#);
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "another response over the goodbye: {out:?}"
+    );
+}
+
 #[test]
 fn a_caller_who_speaks_before_the_goodbye_is_said_in_full_keeps_the_call() {
     let mut sim = Sim::greeted(agent_with_tools());
