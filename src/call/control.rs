@@ -1076,6 +1076,11 @@ impl Call {
     }
 
     fn tool_event(&mut self, r: &ToolResult<'_>, session_lost: bool, now: Millis) {
+        let detail = Self::tool_detail(r, session_lost);
+        self.event(now, EventKind::ToolCall, detail);
+    }
+
+    fn tool_detail(r: &ToolResult<'_>, session_lost: bool) -> Value {
         let shown: String = r.output.chars().take(2000).collect();
         let mut detail = json!({
             "name": r.name, "call_id": r.call_id, "arguments": r.arguments, "ok": r.ok,
@@ -1084,7 +1089,33 @@ impl Call {
         if session_lost {
             detail["after_reconnect"] = json!(true);
         }
-        self.event(now, EventKind::ToolCall, detail);
+        detail
+    }
+
+    /// The call is ending with webhook tools still running: their answers will find no
+    /// call. Each is recorded now, with what it was asked, since the webhook may well have
+    /// acted (a booking made) although nobody heard the outcome.
+    pub(super) fn tools_unanswered(&mut self, now: Millis) {
+        let output = json!({ "error": "the call ended before the tool answered" }).to_string();
+        for tool in std::mem::take(&mut self.control.pending_tools).into_values() {
+            let took = now.saturating_sub(tool.started);
+            self.log(
+                Level::Warn,
+                "tool.unanswered",
+                json!({ "name": tool.name, "call_id": tool.call_id, "waited_ms": took.0 }),
+            );
+            let r = ToolResult {
+                call_id: &tool.call_id,
+                name: &tool.name,
+                arguments: tool.arguments.clone(),
+                ok: false,
+                output: &output,
+                took,
+            };
+            let mut detail = Self::tool_detail(&r, tool.session_lost);
+            detail["answered"] = json!(false);
+            self.event(now, EventKind::ToolCall, detail);
+        }
     }
 
     /// A tool called in a session since lost has answered: the new session has no function

@@ -1226,6 +1226,8 @@ impl Call {
         // Ended as planned (a hang-up, the caller's) after the agent's responses failed for
         // good: recorded as the failure it was. (The stream closes as planned all the same.)
         let reason = self.with_agent_failure(reason);
+        // Webhook tools still running: recorded now, as their answers will find no call.
+        self.tools_unanswered(now);
         // Media held for a `start` that never came is lost with the call: counted.
         for _ in std::mem::take(&mut self.early_input) {
             self.drop_input("twilio_media_before_start", Value::Null);

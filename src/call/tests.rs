@@ -1696,6 +1696,43 @@ fn a_failed_or_slow_webhook_tool_becomes_an_error_output() {
 }
 
 #[test]
+fn a_tool_still_running_when_the_call_ends_is_recorded_with_what_it_was_asked() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    let out = sim.function_call("lookup_customer", r#"{"phone":"+8190"}"#);
+    let (id, _) = http_of(&out)[0].clone();
+    // The caller hangs up while the webhook is at work (it may well act all the same).
+    sim.at(500);
+    sim.twilio(STOP);
+    let tool: Vec<Value> = events(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == "tool_call")
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(tool.len(), 1, "{:?}", events(&sim.records));
+    let t = &tool[0];
+    assert_eq!(t["name"], "lookup_customer");
+    assert_eq!(t["arguments"]["phone"], "+8190");
+    assert_eq!(t["ok"], false);
+    assert_eq!(t["answered"], false);
+    assert_eq!(t["duration_ms"], 500);
+    let output: Value = serde_json::from_str(t["output"].as_str().unwrap()).unwrap();
+    assert_eq!(output["error"], "the call ended before the tool answered");
+    assert_eq!(sim.logged("tool.unanswered").len(), 1);
+    // Its answer, when it comes, finds no call.
+    let records = sim.records.len();
+    sim.at(900);
+    sim.input(Input::HttpDone {
+        id,
+        outcome: &http::Outcome::Response {
+            status: 200,
+            body: "{\"booked\":true}".into(),
+        },
+    });
+    assert_eq!(sim.records.len(), records);
+}
+
+#[test]
 fn a_refused_response_create_is_asked_again_after_the_active_one() {
     let mut sim = Sim::greeted(agent_with_tools());
     // A tool result asks for a response; server VAD started one at the same moment.
