@@ -16,7 +16,10 @@ pub const DEFAULT_MODEL: &str = "gpt-realtime";
 pub const DEFAULT_VOICE: &str = "marin";
 pub const DEFAULT_LANGUAGE: &str = "ja";
 pub const DEFAULT_TRANSCRIPTION_MODEL: &str = "gpt-4o-transcribe";
-pub const DEFAULT_INSTRUCTIONS: &str = "あなたは会社の電話受付担当です。丁寧な敬語で、電話に適した短く分かりやすい文で話してください。相手の話を最後まで聞き、分からないことは推測せず確認してください。";
+/// Said to the model of the agent used when D1 cannot be read (and when `AGENT_INSTRUCTIONS`
+/// is empty). A webhook tool can take seconds: the caller is told to wait rather than hear
+/// silence.
+pub const DEFAULT_INSTRUCTIONS: &str = "あなたは会社の電話受付担当です。丁寧な敬語で、電話に適した短く分かりやすい文で話してください。相手の話を最後まで聞き、分からないことは推測せず確認してください。情報の確認や予約の操作など、時間のかかるツールを呼び出すときは、呼び出す前に「少々お待ちください」と一言お伝えしてください。";
 pub const DEFAULT_GREETING: &str =
     "お電話ありがとうございます、と丁寧にあいさつし、ご用件を伺ってください。";
 pub const DEFAULT_FALLBACK_MESSAGE: &str =
@@ -917,6 +920,17 @@ mod tests {
         assert!(!is_e164("81312345678"));
         assert!(!is_e164("+8131234567890123"));
         assert!(!is_e164("+81-3-1234"));
+    }
+
+    #[test]
+    fn the_default_instructions_ask_for_a_word_before_a_slow_tool() {
+        // A webhook tool can take seconds: without a word first, the caller hears silence.
+        assert!(DEFAULT_INSTRUCTIONS.contains("少々お待ちください"));
+        let shipped = include_str!("../wrangler.toml");
+        let head = "AGENT_INSTRUCTIONS = \"\"\"";
+        let rest = &shipped[shipped.find(head).expect("AGENT_INSTRUCTIONS") + head.len()..];
+        let text = &rest[..rest.find("\"\"\"").expect("its end")];
+        assert!(text.contains("少々お待ちください"), "{text}");
     }
 
     #[test]
