@@ -57,7 +57,7 @@ fn a_greeting_failing_for_a_server_error_is_asked_for_again_once() {
     assert_eq!(asks[0]["event_id"], openai::GREETING_EVENT_ID);
     assert_eq!(
         asks[0]["response"]["instructions"],
-        Agent::default().greeting,
+        super::default_greeting_instructions(),
         "asked as it was first asked"
     );
     sim.response("resp_g2");
