@@ -1,19 +1,30 @@
 //! Call recordings: a stereo WAV (left the caller, right the agent; 8 kHz 16-bit PCM) laid
 //! out on the call's timeline, in milliseconds from the stream start, with no I/O.
 //!
-//! - The caller's audio is placed where it arrived: Twilio sends 20 ms frames in real time,
-//!   so a frame goes right after the previous one unless it came later than that (by more
-//!   than [`CALLER_SLACK_MS`] of jitter), and then the gap is silence.
+//! - The caller's audio is placed by Twilio's own clock: every `media` frame carries its
+//!   `timestamp` (ms from Twilio's stream start), and the first stamped frame ties that
+//!   clock to ours (it lands at its arrival; the offset is kept). A frame then sits at its
+//!   stamp however late the network brought it: after a stall, TCP delivers the held frames
+//!   in a burst, and they, and everything after them, still sit where they were spoken,
+//!   against the agent's audio and against OpenAI's input timeline (`audio_start_ms`), which
+//!   counts the same frames. Gaps in Twilio's stamps are silence. What is handed out waits
+//!   up to [`CALLER_STALL_MS`] for a stalled caller; a frame later than that, or stamped
+//!   behind audio already placed (a replay), goes right after what is placed: kept, and
+//!   counted as late. One stamped too far ahead of the clock is left out and counted
+//!   ([`MAX_CALLER_AHEAD_MS`]). A frame with no stamp is placed where it arrived: right
+//!   after the previous one unless it came later than that by more than
+//!   [`CALLER_SLACK_MS`] of jitter, and then the gap is silence.
 //! - The agent's audio follows Twilio's playback buffer: a chunk sent at `t` starts at
 //!   `max(t, end of what is queued)` and plays at 8 samples per millisecond; a `clear` at `t`
 //!   drops everything queued after `t`. The right channel is what the caller heard.
 //!
 //! [`Recorder`] emits interleaved PCM only up to the point that can no longer change, so it
-//! holds about a second of audio plus what the agent has queued ahead, however long the
-//! call. [`Parts`] cuts that stream into multipart-upload parts (R2: every part but the last
-//! of one size, at least 5 MiB). The first one's WAV header needs the final length: it is
-//! kept until the end, or, once every checkpoint holding its audio is written
-//! ([`FirstPart`]), dropped and rebuilt at the end from those checkpoints ([`Rebuild`]).
+//! holds about a second of audio (up to [`MAX_BEHIND_MS`] while the caller's audio is
+//! stalled) plus what the agent has queued ahead, however long the call. [`Parts`] cuts
+//! that stream into multipart-upload parts (R2: every part but the last of one size, at
+//! least 5 MiB). The first one's WAV header needs the final length: it is kept until the
+//! end, or, once every checkpoint holding its audio is written ([`FirstPart`]), dropped and
+//! rebuilt at the end from those checkpoints ([`Rebuild`]).
 
 use base64::Engine as _;
 use std::collections::VecDeque;
@@ -28,19 +39,31 @@ pub const SAMPLES_PER_MS: u64 = 8;
 /// Stereo PCM bytes per millisecond.
 pub const BYTES_PER_MS: u64 = SAMPLES_PER_MS * FRAME_BYTES;
 pub const HEADER_BYTES: usize = 44;
-/// Caller frames this much later than the previous frame's end still follow it directly:
-/// network jitter, not a gap in the audio.
+/// Caller frames with no timestamp this much later than the previous frame's end still
+/// follow it directly: network jitter, not a gap in the audio.
 pub const CALLER_SLACK_MS: u64 = 100;
+/// How long the recording waits for a stalled caller: while no caller audio comes, what is
+/// handed out stays this far behind the clock, so frames that TCP held up to this long still
+/// land where Twilio's timestamps put them (retransmissions after a lost packet back off to
+/// a second or two). Costs only memory while the caller is stalled (this much of each
+/// channel, 8 bytes per ms), and bounds how far behind the call the recording is handed out
+/// ([`MAX_BEHIND_MS`]).
+pub const CALLER_STALL_MS: u64 = 3_000;
 /// Audio is handed out in chunks of at least this much (fewer, larger writes)…
 pub const EMIT_EVERY_MS: u64 = 1_000;
 /// …and at most this much per chunk.
 pub const MAX_CHUNK_MS: u64 = 4_000;
+/// What the recorder has handed out is never further behind the clock than this, when it is
+/// polled as the call goes: it waits [`CALLER_STALL_MS`] at most, then hands out whole
+/// chunks of at least [`EMIT_EVERY_MS`].
+pub const MAX_BEHIND_MS: u64 = CALLER_STALL_MS + EMIT_EVERY_MS;
 /// Agent audio queued further ahead than this is left out of the recording (a runaway
 /// response; Twilio would be holding minutes of audio too). Bounds the agent buffer. What
 /// is left out still takes its time on the timeline (as silence), so the audio after it
 /// sits where it played.
 pub const MAX_AGENT_AHEAD_MS: u64 = 2 * 60_000;
-/// Caller audio further ahead of the clock than this is left out (a peer flooding frames).
+/// Caller audio further ahead of the clock than this is left out (a peer flooding frames,
+/// or stamping them far in the future).
 pub const MAX_CALLER_AHEAD_MS: u64 = 10_000;
 /// R2's smallest part (every part but the last).
 pub const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
@@ -60,7 +83,8 @@ pub fn key(call_sid: &str) -> String {
 /// loses what it held in memory, and its next instance uploads the recording from them.
 pub const CHECKPOINT_PREFIX: &str = "rec/";
 /// Recorded audio is checkpointed this much at a time (one storage write per 5 s of a call;
-/// a restart loses at most this much and the second the recorder holds back).
+/// a restart loses at most this much and what the recorder holds back: about a second, at
+/// most [`MAX_BEHIND_MS`]).
 pub const CHECKPOINT_EVERY_MS: u64 = 5_000;
 /// The same in bytes of stereo PCM.
 pub const CHECKPOINT_BYTES: usize = (CHECKPOINT_EVERY_MS * BYTES_PER_MS) as usize;
@@ -120,7 +144,7 @@ pub fn checkpoint_key(seq: u64) -> String {
 /// When a call whose pump was lost (the object restarted) ended at the latest, from its
 /// recording's checkpoints: the pump was gone before it could write the one after the last
 /// (`last_checkpoint`; `None` when it wrote none), and the recorder is at most
-/// [`MAX_CHUNK_MS`] behind the call. Never before the stream started nor after `now_ms`.
+/// [`MAX_BEHIND_MS`] behind the call. Never before the stream started nor after `now_ms`.
 /// A call not recorded leaves nothing to go by: `now_ms`.
 pub fn lost_pump_ended_by_ms(
     streamed_at_ms: u64,
@@ -132,7 +156,7 @@ pub fn lost_pump_ended_by_ms(
         return now_ms.max(streamed_at_ms);
     }
     let next = last_checkpoint.map_or(1, |seq| seq + 2);
-    let by = streamed_at_ms + next * CHECKPOINT_EVERY_MS + MAX_CHUNK_MS;
+    let by = streamed_at_ms + next * CHECKPOINT_EVERY_MS + MAX_BEHIND_MS;
     by.min(now_ms).max(streamed_at_ms)
 }
 
@@ -264,6 +288,11 @@ pub struct Recorder {
     caller_end: u64,
     /// False until the first caller frame, which lands at its own arrival.
     caller_heard: bool,
+    /// Where Twilio's clock reads 0 on our timeline (samples; negative when it had run longer
+    /// than ours at its first stamped frame): set by that frame, then kept.
+    origin: Option<i128>,
+    /// Caller samples placed later than their timestamp said (see [`Recorder::caller`]).
+    late: u64,
     /// Agent μ-law from `emitted` on: what is queued at Twilio, as we model it. It may end
     /// before `agent_end`, which counts audio left out too (it plays, as silence here).
     agent: VecDeque<u8>,
@@ -299,6 +328,8 @@ impl Recorder {
             caller: VecDeque::new(),
             caller_end: 0,
             caller_heard: false,
+            origin: None,
+            late: 0,
             agent: VecDeque::new(),
             agent_end: 0,
             dropped: 0,
@@ -306,18 +337,48 @@ impl Recorder {
         }
     }
 
-    /// A caller frame (μ-law) that arrived at `at_ms`.
-    pub fn caller(&mut self, at_ms: u64, mulaw: &[u8]) {
+    /// A caller frame (μ-law) that arrived at `at_ms`, stamped by Twilio `stamp_ms` into its
+    /// stream when it was.
+    ///
+    /// A stamped frame goes where its stamp says on Twilio's clock, tied to ours by the first
+    /// stamped frame (which lands at its arrival): silence fills a gap in the stamps. When
+    /// that place is already behind what is recorded (the frame came more than
+    /// [`CALLER_STALL_MS`] late, or its stamp went back: a replay), the frame goes right
+    /// after it, as early as it still can, and is counted as late. A frame with no stamp goes
+    /// where it arrived (see [`CALLER_SLACK_MS`]). Either is left out, and counted, when
+    /// that is more than [`MAX_CALLER_AHEAD_MS`] ahead of its arrival.
+    pub fn caller(&mut self, at_ms: u64, stamp_ms: Option<u64>, mulaw: &[u8]) {
         let arrived = at_ms * SAMPLES_PER_MS;
-        let late = arrived > self.caller_end + CALLER_SLACK_MS * SAMPLES_PER_MS;
-        let start = if late || !self.caller_heard {
-            arrived
-        } else {
-            self.caller_end
+        // Audio is only ever appended: nothing goes before this.
+        let next = self.caller_end.max(self.emitted);
+        let (start, late) = match stamp_ms {
+            Some(ts) => {
+                // i128: no stamp, however absurd, overflows.
+                let stamp = i128::from(ts) * i128::from(SAMPLES_PER_MS);
+                let origin = *self.origin.get_or_insert(i128::from(arrived) - stamp);
+                let due = origin + stamp;
+                if due >= i128::from(next) {
+                    // Far ahead (or past u64) is left out just below.
+                    (u64::try_from(due).unwrap_or(u64::MAX), false)
+                } else {
+                    (next, true)
+                }
+            }
+            None => {
+                let gap = arrived > self.caller_end + CALLER_SLACK_MS * SAMPLES_PER_MS;
+                if gap || !self.caller_heard {
+                    (arrived, false)
+                } else {
+                    (self.caller_end, false)
+                }
+            }
         };
         if start > arrived + MAX_CALLER_AHEAD_MS * SAMPLES_PER_MS {
             self.dropped += mulaw.len() as u64;
             return;
+        }
+        if late {
+            self.late += mulaw.len() as u64;
         }
         place(
             &mut self.caller,
@@ -355,11 +416,11 @@ impl Recorder {
 
     /// [`Recorder::caller`] for a base64 payload; false (and nothing recorded) when it is
     /// not base64.
-    pub fn caller_base64(&mut self, at_ms: u64, payload: &str) -> bool {
+    pub fn caller_base64(&mut self, at_ms: u64, stamp_ms: Option<u64>, payload: &str) -> bool {
         let mut buf = std::mem::take(&mut self.scratch);
         let ok = decode_into(payload, &mut buf);
         if ok {
-            self.caller(at_ms, &buf);
+            self.caller(at_ms, stamp_ms, &buf);
         }
         self.scratch = buf;
         ok
@@ -386,14 +447,15 @@ impl Recorder {
     }
 
     /// The timeline up to here can no longer change at `now_ms`: agent audio before now
-    /// has played (a later `clear` only cuts after its own time), and a caller frame that
-    /// arrives from now on lands at the caller's end or, if that is further back than the
-    /// jitter allowance, at its own arrival.
+    /// has played (a later `clear` only cuts after its own time), and caller audio is only
+    /// appended, at `caller_end` or later: a stamped frame at its stamp, which is still
+    /// free unless the frame comes more than [`CALLER_STALL_MS`] after it; an unstamped one
+    /// at `caller_end` or at its arrival, which is now.
     fn horizon(&self, now_ms: u64) -> u64 {
         let now = now_ms * SAMPLES_PER_MS;
         let caller_settled = self
             .caller_end
-            .max(now.saturating_sub(CALLER_SLACK_MS * SAMPLES_PER_MS));
+            .max(now.saturating_sub(CALLER_STALL_MS * SAMPLES_PER_MS));
         caller_settled.min(now)
     }
 
@@ -439,6 +501,12 @@ impl Recorder {
     /// Samples left out of the recording (see [`MAX_AGENT_AHEAD_MS`], [`MAX_CALLER_AHEAD_MS`]).
     pub fn dropped_samples(&self) -> u64 {
         self.dropped
+    }
+
+    /// Caller samples kept but placed later than their timestamp said: they came too late
+    /// for their place, or were stamped behind audio already placed.
+    pub fn late_samples(&self) -> u64 {
+        self.late
     }
 
     /// Bytes the recorder holds: the measure of "bounded".
@@ -831,12 +899,12 @@ mod tests {
         // Two checkpoints (0 and 1): gone before the third, 15 s of audio, was written.
         assert_eq!(
             lost_pump_ended_by_ms(at, true, Some(1), at + 60_000),
-            at + 15_000 + MAX_CHUNK_MS
+            at + 15_000 + MAX_BEHIND_MS
         );
         // None: gone within the first 5 s of audio.
         assert_eq!(
             lost_pump_ended_by_ms(at, true, None, at + 60_000),
-            at + 5_000 + MAX_CHUNK_MS
+            at + 5_000 + MAX_BEHIND_MS
         );
         // Never after now, never before the stream started, and nothing to go by unrecorded.
         assert_eq!(
@@ -1042,9 +1110,9 @@ mod tests {
     fn caller_frames_land_where_they_arrived_and_gaps_are_silence() {
         let mut rec = Recorder::new();
         let (a, b, c) = (tone(160, 1), tone(160, 50), tone(160, 100));
-        rec.caller(20, &a); // 20..40 ms
-        rec.caller(45, &b); // 5 ms late: jitter, so right after a, 40..60 ms
-        rec.caller(500, &c); // far later: a gap of silence, 500..520 ms
+        rec.caller(20, None, &a); // 20..40 ms
+        rec.caller(45, None, &b); // 5 ms late: jitter, so right after a, 40..60 ms
+        rec.caller(500, None, &c); // far later: a gap of silence, 500..520 ms
         let (l, r) = channels(&run(&mut rec, 600));
         assert_eq!(l.len(), 600 * 8);
         assert!(l[..160].iter().all(|&s| s == 0));
@@ -1081,7 +1149,7 @@ mod tests {
         // The caller talks from 600 ms on; the clear goes out at 700 ms.
         let mut t = 600;
         while t < 1_000 {
-            rec.caller(t, &tone(160, t as u8));
+            rec.caller(t, None, &tone(160, t as u8));
             t += 20;
         }
         // Polling before the clear hands out only what has already played.
@@ -1128,28 +1196,338 @@ mod tests {
     #[test]
     fn nothing_is_handed_out_that_could_still_change() {
         let mut rec = Recorder::new();
-        rec.agent(0, &tone(8 * 3_000, 9)); // 3 s queued
+        rec.agent(0, &tone(8 * 6_000, 9)); // 6 s queued
         assert_eq!(rec.poll(500), None, "less than a chunk settled");
-        let first = rec.poll(1_200).expect("1.1 s settled");
-        // The caller has sent nothing: the last CALLER_SLACK_MS may still fill in.
-        assert_eq!(first.len() as u64, (1_200 - CALLER_SLACK_MS) * BYTES_PER_MS);
-        assert_eq!(rec.poll(1_200), None);
-        // A caller frame arriving now lands at its arrival, after what was handed out.
+        // The caller has sent nothing: a frame the network holds may still come and land
+        // up to CALLER_STALL_MS back, so only what lies further back is settled.
+        assert_eq!(rec.poll(CALLER_STALL_MS + 900), None);
+        let first = rec.poll(CALLER_STALL_MS + 1_100).expect("1.1 s settled");
+        assert_eq!(first.len() as u64, 1_100 * BYTES_PER_MS);
+        assert_eq!(rec.poll(CALLER_STALL_MS + 1_100), None);
         assert_eq!(rec.emitted_ms(), 1_100);
-        rec.caller(1_150, &tone(160, 4));
-        let (rest, duration) = rec.finish(1_300);
-        assert_eq!(duration, 1_300);
+        // A caller frame arriving now lands at its arrival, after what was handed out.
+        let at = CALLER_STALL_MS + 1_150;
+        rec.caller(at, Some(0), &tone(160, 4));
+        let (rest, duration) = rec.finish(at + 100);
+        assert_eq!(duration, at + 100);
         let (l, _) = channels(&rest);
-        assert_eq!(l[400..560], decoded(&tone(160, 4))[..]);
+        let from = ms(at - 1_100);
+        assert!(l[..from].iter().all(|&s| s == 0));
+        assert_eq!(l[from..from + 160], decoded(&tone(160, 4))[..]);
+    }
+
+    fn ms(t: u64) -> usize {
+        (t * SAMPLES_PER_MS) as usize
+    }
+
+    /// Feeds `frames` (stamp, arrival, audio), in order, polling at every 20 ms of the clock
+    /// from `from_ms` on, as the call machine does on its other inputs; what is handed out,
+    /// and the rest once the call ends at `end_ms`.
+    fn play(
+        rec: &mut Recorder,
+        frames: &[(u64, u64, Vec<u8>)],
+        from_ms: u64,
+        end_ms: u64,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut next = 0;
+        let mut t = from_ms;
+        while t <= end_ms {
+            while next < frames.len() && frames[next].1 <= t {
+                let (stamp, arrives, audio) = &frames[next];
+                rec.caller(*arrives, Some(*stamp), audio);
+                next += 1;
+            }
+            while let Some(chunk) = rec.poll(t) {
+                out.extend(chunk);
+            }
+            t += 20;
+        }
+        assert_eq!(next, frames.len(), "every frame fed");
+        out.extend(rec.finish(end_ms).0);
+        out
+    }
+
+    /// Twilio's 20 ms frames for `0..until_ms` of its stream, each arriving `latency_ms`
+    /// after its stamp unless `held` says when it comes instead.
+    fn twilio_frames(
+        until_ms: u64,
+        latency_ms: u64,
+        held: impl Fn(u64) -> Option<u64>,
+    ) -> Vec<(u64, u64, Vec<u8>)> {
+        (0..until_ms)
+            .step_by(20)
+            .map(|ts| {
+                let arrives = held(ts + latency_ms).unwrap_or(ts + latency_ms);
+                (ts, arrives, tone(160, (ts / 20) as u8))
+            })
+            .collect()
+    }
+
+    /// A stall of less than CALLER_STALL_MS: the frames TCP held come in a burst, and each
+    /// still lands where its stamp says, against the agent's audio as it played; nothing
+    /// after the stall moves.
+    #[test]
+    fn frames_held_up_by_the_network_land_at_their_stamps() {
+        let stall = 1_000..1_000 + CALLER_STALL_MS - 100;
+        let frames = twilio_frames(8_000, 30, |due| stall.contains(&due).then_some(stall.end));
+        let mut rec = Recorder::new();
+        let reply = tone(8 * 1_000, 77);
+        rec.agent(1_500, &reply); // the agent talks during the stall
+        let (l, r) = channels(&play(&mut rec, &frames, 0, 8_100));
+        assert_eq!(l.len(), ms(8_100));
+        assert!(l[..ms(30)].iter().all(|&s| s == 0));
+        for (ts, _, audio) in &frames {
+            let at = ms(30 + ts); // the first frame came 30 ms after its stamp
+            assert_eq!(l[at..at + 160], decoded(audio)[..], "frame stamped {ts}");
+        }
+        assert_eq!(r[ms(1_500)..ms(2_500)], decoded(&reply)[..]);
+        assert_eq!(rec.late_samples(), 0);
+        assert_eq!(rec.dropped_samples(), 0);
+    }
+
+    /// Frames that come later than the recording waits: their place was handed out as
+    /// silence, so they go right after it, as early as they still can, in order and whole;
+    /// they and what follows sit later than their stamps by what the wait did not cover (not
+    /// by the whole stall), and are counted as late.
+    #[test]
+    fn frames_later_than_the_wait_are_kept_as_early_as_they_can_go() {
+        let stall = 1_000..6_000;
+        let frames = twilio_frames(9_000, 0, |due| stall.contains(&due).then_some(stall.end));
+        let mut rec = Recorder::new();
+        let mut out = Vec::new();
+        // Up to the burst: what was handed out by then cannot change.
+        for t in (0..stall.end).step_by(20) {
+            for (ts, _, audio) in frames.iter().filter(|f| f.1 == t) {
+                rec.caller(t, Some(*ts), audio);
+            }
+            while let Some(chunk) = rec.poll(t) {
+                out.extend(chunk);
+            }
+        }
+        let handed_out = out.clone();
+        let waited_to = rec.emitted_ms();
+        assert!(waited_to > stall.start, "the stall outlasted the wait");
+        assert!(waited_to + CALLER_STALL_MS <= stall.end);
+        let rest: Vec<_> = frames
+            .iter()
+            .filter(|f| f.1 >= stall.end)
+            .cloned()
+            .collect();
+        out.extend(play(&mut rec, &rest, stall.end, 9_500));
+        assert_eq!(
+            out[..handed_out.len()],
+            handed_out[..],
+            "only ever appended"
+        );
+        let (l, _) = channels(&out);
+        let lag = waited_to - stall.start;
+        assert!(lag < stall.end - stall.start - CALLER_STALL_MS + EMIT_EVERY_MS);
+        for (ts, _, audio) in &frames {
+            let at = if *ts < stall.start {
+                ms(*ts)
+            } else {
+                ms(ts + lag)
+            };
+            assert_eq!(l[at..at + 160], decoded(audio)[..], "frame stamped {ts}");
+        }
+        let late = frames.iter().filter(|f| f.0 >= stall.start).count() as u64;
+        assert_eq!(rec.late_samples(), late * 160);
+        assert_eq!(rec.dropped_samples(), 0);
+        assert_eq!(
+            l.len(),
+            ms(9_000 + lag),
+            "the recording runs on to the last frame"
+        );
+    }
+
+    /// Frames Twilio never sent (its stamps jump): silence in their place, and what follows
+    /// keeps its own.
+    #[test]
+    fn gaps_in_twilios_stamps_are_silence() {
+        let frames: Vec<_> = twilio_frames(3_000, 20, |_| None)
+            .into_iter()
+            .filter(|(ts, _, _)| *ts != 400 && !(1_000..1_500).contains(ts))
+            .collect();
+        let mut rec = Recorder::new();
+        let (l, _) = channels(&play(&mut rec, &frames, 0, 3_100));
+        for (ts, _, audio) in &frames {
+            let at = ms(20 + ts);
+            assert_eq!(l[at..at + 160], decoded(audio)[..], "frame stamped {ts}");
+        }
+        assert!(l[ms(420)..ms(440)].iter().all(|&s| s == 0), "one frame");
+        assert!(
+            l[ms(1_020)..ms(1_520)].iter().all(|&s| s == 0),
+            "half a second"
+        );
+        assert_eq!(rec.late_samples(), 0);
+    }
+
+    /// A stamp that goes back (a replayed chunk, a clock that restarts) has no place left
+    /// on the timeline: the frame goes right after the previous one, never over audio
+    /// already placed or handed out, and is counted as late.
+    #[test]
+    fn a_stamp_that_goes_back_follows_the_previous_frame() {
+        let mut rec = Recorder::new();
+        let mut out = Vec::new();
+        let (a, b, replay, c) = (tone(160, 1), tone(160, 60), tone(160, 120), tone(160, 180));
+        rec.caller(20, Some(0), &a); // 20..40 ms
+        rec.caller(40, Some(20), &b); // 40..60 ms
+        rec.caller(45, Some(20), &replay); // the same stamp again: 60..80 ms
+        rec.caller(60, Some(40), &c); // its place (60) is taken: 80..100 ms
+        assert_eq!(rec.late_samples(), 320);
+        // Handed out up to 1.5 s; then a frame stamped back at the start.
+        while let Some(chunk) = rec.poll(CALLER_STALL_MS + 1_500) {
+            out.extend(chunk);
+        }
+        let emitted = rec.emitted_ms();
+        assert_eq!(emitted, 1_500);
+        let d = tone(160, 240);
+        rec.caller(CALLER_STALL_MS + 1_500, Some(0), &d);
+        out.extend(rec.finish(CALLER_STALL_MS + 1_600).0);
+        let (l, _) = channels(&out);
+        assert_eq!(l[ms(20)..ms(40)], decoded(&a)[..]);
+        assert_eq!(l[ms(40)..ms(60)], decoded(&b)[..]);
+        assert_eq!(l[ms(60)..ms(80)], decoded(&replay)[..]);
+        assert_eq!(l[ms(80)..ms(100)], decoded(&c)[..]);
+        assert!(l[ms(100)..ms(emitted)].iter().all(|&s| s == 0));
+        assert_eq!(
+            l[ms(emitted)..ms(emitted + 20)],
+            decoded(&d)[..],
+            "after what was handed out"
+        );
+        assert_eq!(rec.late_samples(), 480);
+        assert_eq!(rec.dropped_samples(), 0);
+    }
+
+    /// Frames with no stamp among stamped ones are placed where they arrived.
+    #[test]
+    fn a_frame_with_no_stamp_goes_where_it_arrived() {
+        let mut rec = Recorder::new();
+        let (a, b, c, d) = (tone(160, 1), tone(160, 60), tone(160, 120), tone(160, 180));
+        rec.caller(20, Some(0), &a); // 20..40 ms
+        rec.caller(45, None, &b); // jitter: right after a, 40..60 ms
+        rec.caller(300, None, &c); // later than the slack: at its arrival
+        rec.caller(320, Some(300), &d); // stamped again: where its stamp says
+        let (l, _) = channels(&run(&mut rec, 400));
+        assert_eq!(l[ms(20)..ms(40)], decoded(&a)[..]);
+        assert_eq!(l[ms(40)..ms(60)], decoded(&b)[..]);
+        assert!(l[ms(60)..ms(300)].iter().all(|&s| s == 0));
+        assert_eq!(l[ms(300)..ms(320)], decoded(&c)[..]);
+        assert_eq!(l[ms(320)..ms(340)], decoded(&d)[..]);
+        assert_eq!(rec.late_samples(), 0);
+    }
+
+    /// A stamp far ahead of the clock (a lying or flooding peer) is left out and counted, as
+    /// unstamped flooding is; no stamp, however large, panics or loses the frames after it.
+    #[test]
+    fn stamps_far_ahead_of_the_clock_are_left_out_and_counted() {
+        let mut rec = Recorder::new();
+        let (a, b, c) = (tone(160, 1), tone(160, 60), tone(160, 120));
+        rec.caller(20, Some(0), &a);
+        rec.caller(40, Some(MAX_CALLER_AHEAD_MS + 1_000), &tone(160, 9));
+        rec.caller(40, Some(u64::MAX), &tone(160, 9));
+        assert_eq!(rec.dropped_samples(), 320);
+        rec.caller(40, Some(20), &b); // the next honest frame keeps its place
+                                      // Ahead of the clock but within the bound: kept, at its stamp.
+        rec.caller(60, Some(MAX_CALLER_AHEAD_MS - 1_000), &c);
+        assert_eq!(rec.dropped_samples(), 320);
+        let (pcm, duration) = rec.finish(100);
+        assert_eq!(duration, MAX_CALLER_AHEAD_MS - 1_000 + 40);
+        let (l, _) = channels(&pcm);
+        assert_eq!(l[ms(20)..ms(40)], decoded(&a)[..]);
+        assert_eq!(l[ms(40)..ms(60)], decoded(&b)[..]);
+        let at = ms(MAX_CALLER_AHEAD_MS - 1_000 + 20);
+        assert_eq!(l[at..at + 160], decoded(&c)[..]);
+
+        // Twenty seconds of frames at once, honestly stamped: ten are kept.
+        let mut rec = Recorder::new();
+        for ts in (0..20_000).step_by(20) {
+            rec.caller(0, Some(ts), &tone(160, 3));
+        }
+        assert_eq!(
+            rec.dropped_samples(),
+            ms(20_000 - MAX_CALLER_AHEAD_MS - 20) as u64
+        );
+
+        // A first frame stamped absurdly far ahead ties the clocks there: the honest stamps
+        // after it have no place, so each follows the previous frame; nothing is lost.
+        let mut rec = Recorder::new();
+        rec.caller(20, Some(u64::MAX), &a);
+        rec.caller(40, Some(20), &b);
+        rec.caller(60, Some(40), &c);
+        let (pcm, duration) = rec.finish(100);
+        assert_eq!(duration, 100);
+        let (l, _) = channels(&pcm);
+        assert_eq!(l[ms(20)..ms(40)], decoded(&a)[..]);
+        assert_eq!(l[ms(40)..ms(60)], decoded(&b)[..]);
+        assert_eq!(l[ms(60)..ms(80)], decoded(&c)[..]);
+        assert_eq!(rec.dropped_samples(), 0);
+    }
+
+    /// The first stamped frame lands at its arrival whatever its stamp (Twilio's clock may
+    /// have started before ours); the recording ends at the call's end, or at the caller's
+    /// last audio when Twilio's stamps put that later.
+    #[test]
+    fn the_first_stamp_ties_the_clocks_and_the_end_covers_the_last_frame() {
+        let mut rec = Recorder::new();
+        let (a, b) = (tone(160, 1), tone(160, 60));
+        rec.caller(50, Some(5_000), &a); // lands at 50 ms
+        rec.caller(60, Some(5_100), &b); // 100 ms on Twilio's clock later: 150 ms
+        let (pcm, duration) = rec.finish(120);
+        assert_eq!(duration, 170, "the last frame's end");
+        let (l, _) = channels(&pcm);
+        assert!(l[..ms(50)].iter().all(|&s| s == 0));
+        assert_eq!(l[ms(50)..ms(70)], decoded(&a)[..]);
+        assert!(l[ms(70)..ms(150)].iter().all(|&s| s == 0));
+        assert_eq!(l[ms(150)..ms(170)], decoded(&b)[..]);
+
+        let mut rec = Recorder::new();
+        rec.caller(50, Some(0), &a);
+        let (_, duration) = rec.finish(2_000);
+        assert_eq!(duration, 2_000);
+    }
+
+    /// Polled as the call goes, the recorder never hands out less than all but the last
+    /// MAX_BEHIND_MS (which `lost_pump_ended_by_ms` counts on), stalls or not.
+    #[test]
+    fn what_is_handed_out_is_never_more_than_max_behind_the_clock() {
+        let stalls = [
+            (2_000, 2_500),
+            (5_000, 9_000),
+            (12_000, 12_020),
+            (15_000, 20_000),
+        ];
+        let frames = twilio_frames(30_000, 40, |due| {
+            stalls
+                .iter()
+                .find(|(from, to)| (*from..*to).contains(&due))
+                .map(|&(_, to)| to)
+        });
+        let mut rec = Recorder::new();
+        rec.agent(0, &tone(8 * 3_000, 5));
+        let mut next = 0;
+        let mut worst = 0;
+        for t in (0..=30_000).step_by(20) {
+            while next < frames.len() && frames[next].1 <= t {
+                let (stamp, arrives, audio) = &frames[next];
+                rec.caller(*arrives, Some(*stamp), audio);
+                next += 1;
+            }
+            while rec.poll(t).is_some() {}
+            worst = worst.max(t - rec.emitted_ms());
+        }
+        assert!(worst <= MAX_BEHIND_MS, "{worst} ms behind");
+        assert!(worst > CALLER_STALL_MS, "the long stalls were waited on");
     }
 
     #[test]
     fn base64_payloads_are_decoded_and_bad_ones_refused() {
         let engine = base64::engine::general_purpose::STANDARD;
         let mut rec = Recorder::new();
-        assert!(rec.caller_base64(0, &engine.encode(tone(160, 2))));
+        assert!(rec.caller_base64(0, None, &engine.encode(tone(160, 2))));
         assert!(rec.agent_base64(0, &engine.encode(tone(160, 5))));
-        assert!(!rec.caller_base64(20, "not base64!"));
+        assert!(!rec.caller_base64(20, None, "not base64!"));
         let (pcm, duration) = rec.finish(20);
         assert_eq!(duration, 20);
         let (l, r) = channels(&pcm);
@@ -1171,12 +1549,21 @@ mod tests {
         // Each chunk is checkpointed and written at once: part 1 leaves memory once full.
         let mut copies = FirstPart::new(MIN_PART_BYTES);
         let mut seq = 0;
+        let mut held = Vec::new();
         let mut t = 0;
         while t < end {
             t += 20;
-            // Now and then a frame is lost.
-            if t % 60_000 != 0 {
-                rec.caller(t, &frame);
+            // Frames are stamped 20 ms before they arrive. Now and then one is lost, and
+            // every ten minutes the network holds them for two seconds.
+            if t > 2_000 && t % 600_000 < 2_000 {
+                held.push(t - 20);
+            } else {
+                for stamp in held.drain(..) {
+                    rec.caller(t, Some(stamp), &frame);
+                }
+                if t % 60_000 != 0 {
+                    rec.caller(t, Some(t - 20), &frame);
+                }
             }
             if t % 30_000 == 0 {
                 rec.agent(t, &reply);
@@ -1225,6 +1612,7 @@ mod tests {
         assert_eq!(total, HEADER_BYTES as u64 + end * BYTES_PER_MS);
         assert!(uploaded.iter().all(|(_, n)| *n == MIN_PART_BYTES));
         assert_eq!(rec.dropped_samples(), 0);
+        assert_eq!(rec.late_samples(), 0);
     }
 
     #[test]

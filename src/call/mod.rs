@@ -340,8 +340,9 @@ pub struct Call {
     /// begins: its `audio_start_ms` count from there (a reconnected session's from where it
     /// took over, not from the stream start).
     session_audio_from_ms: u64,
-    /// Caller media payloads that came before Twilio's `start`, replayed when it comes.
-    early_input: VecDeque<String>,
+    /// Caller media payloads (and their timestamps) that came before Twilio's `start`,
+    /// replayed when it comes.
+    early_input: VecDeque<(String, Option<u64>)>,
     early_input_bytes: u64,
     /// Agent audio waiting for Twilio's `start`.
     held_output: VecDeque<(ItemId, String, u64)>,
@@ -590,7 +591,7 @@ impl Call {
         match frame {
             Inbound::Connected => self.log(Level::Debug, "twilio.connected", Value::Null),
             Inbound::Start(start) => self.on_start(start, now),
-            Inbound::Media(media) => self.on_caller_audio(&media.payload, now),
+            Inbound::Media(media) => self.on_caller_audio(&media.payload, media.timestamp, now),
             Inbound::Mark { name } => match self.playback.echoed(&name) {
                 Echo::Played { .. } => self.on_played(now),
                 Echo::Flushed => {}
@@ -660,30 +661,31 @@ impl Call {
         // Caller audio that came before the stream's `start`, in the order it came.
         let early = std::mem::take(&mut self.early_input);
         self.early_input_bytes = 0;
-        for payload in early {
-            self.on_caller_audio(&payload, now);
+        for (payload, timestamp) in early {
+            self.on_caller_audio(&payload, timestamp, now);
         }
         self.maybe_greet();
     }
 
     /// Media before `start` (protocol.md: buffer frames until `start`): held, at most
     /// [`MAX_EARLY_INPUT_BYTES`], the oldest dropped and counted past that.
-    fn hold_early_input(&mut self, payload: &str) {
+    fn hold_early_input(&mut self, payload: &str, timestamp: Option<u64>) {
         let Some(bytes) = base64_decoded_len(payload) else {
             return self.drop_input("twilio_invalid_base64", json!({ "len": payload.len() }));
         };
-        self.early_input.push_back(payload.to_owned());
+        self.early_input.push_back((payload.to_owned(), timestamp));
         self.early_input_bytes += bytes as u64;
         while self.early_input_bytes > MAX_EARLY_INPUT_BYTES {
-            let dropped = self.early_input.pop_front().expect("bytes imply frames");
+            let (dropped, _) = self.early_input.pop_front().expect("bytes imply frames");
             self.early_input_bytes -= base64_decoded_len(&dropped).unwrap_or(0) as u64;
             self.drop_input("twilio_media_before_start", Value::Null);
         }
     }
 
-    fn on_caller_audio(&mut self, payload: &str, now: Millis) {
+    /// A caller frame, stamped by Twilio `timestamp` ms into its stream when it was.
+    fn on_caller_audio(&mut self, payload: &str, timestamp: Option<u64>, now: Millis) {
         if self.stream.is_none() {
-            return self.hold_early_input(payload);
+            return self.hold_early_input(payload, timestamp);
         }
         let Some(bytes) = base64_decoded_len(payload) else {
             return self.drop_input("twilio_invalid_base64", json!({ "len": payload.len() }));
@@ -691,7 +693,7 @@ impl Call {
         let bytes = bytes as u64;
         self.stats.caller_frames += 1;
         self.stats.caller_bytes += bytes;
-        self.record_caller(payload, now);
+        self.record_caller(payload, timestamp, now);
         if self.failing() {
             // No session will hear it; the recording keeps it.
             return;

@@ -1,6 +1,7 @@
 //! The call's recording, fed from the points where audio moves (see `crate::recording`):
-//! caller frames as they arrive, agent audio as it is sent to Twilio, the `clear` of a
-//! barge-in, and the end. Only when the agent records calls; the relay never waits on it.
+//! caller frames as they arrive (with Twilio's timestamps), agent audio as it is sent to
+//! Twilio, the `clear` of a barge-in, and the end. Only when the agent records calls; the
+//! relay never waits on it.
 
 use super::{Action, Call};
 use crate::ids::Millis;
@@ -14,11 +15,12 @@ impl Call {
         }
     }
 
-    /// A caller frame (base64 μ-law, already checked for shape) arrived.
-    pub(super) fn record_caller(&mut self, payload: &str, now: Millis) {
+    /// A caller frame (base64 μ-law, already checked for shape) arrived, stamped by Twilio
+    /// `timestamp` ms into its stream when it was: the recording places it by that stamp.
+    pub(super) fn record_caller(&mut self, payload: &str, timestamp: Option<u64>, now: Millis) {
         let at = self.offset(now);
         if let Some(r) = &mut self.recorder {
-            r.caller_base64(at, payload);
+            r.caller_base64(at, timestamp, payload);
         }
     }
 

@@ -1,5 +1,6 @@
 //! Scenario tests of the call's recording, as the call machine feeds it: caller frames where
-//! they arrive, agent audio as Twilio plays it, a barge-in's cut, and the end.
+//! Twilio's timestamps put them, agent audio as Twilio plays it, a barge-in's cut, and the
+//! end.
 
 use super::*;
 use crate::recording::{ulaw_to_linear, BYTES_PER_MS};
@@ -36,6 +37,15 @@ fn ms(t: u64) -> usize {
     (t * 8) as usize
 }
 
+/// A caller frame stamped by Twilio `ts` ms into its stream.
+fn media_at(ts: u64, payload: &str) -> String {
+    format!(
+        r#"{{"event":"media","sequenceNumber":"{}","media":{{"track":"inbound","chunk":"{}","timestamp":"{ts}","payload":"{payload}"}},"streamSid":"{STREAM}"}}"#,
+        ts / 20 + 2,
+        ts / 20 + 1,
+    )
+}
+
 #[test]
 fn a_call_with_a_barge_in_records_what_each_side_heard() {
     let mut sim = Sim::live(); // the stream started at 0
@@ -57,8 +67,9 @@ fn a_call_with_a_barge_in_records_what_each_side_heard() {
             let out = sim.openai(&speech_started());
             assert_eq!(json_of(&out[0])["event"], "clear");
         }
+        // Twilio stamps each frame 20 ms before it arrives here.
         let frame = loud(160, t as u8);
-        sim.twilio(&media(&b64(&frame)));
+        sim.twilio(&media_at(t - 20, &b64(&frame)));
         caller_frames.push((t, frame));
     }
     // Audio is handed out while the call goes on, never more than a few seconds behind.
@@ -158,4 +169,108 @@ fn a_call_whose_stream_never_started_has_no_recording() {
     });
     assert!(sim.call.is_ended());
     assert_eq!(sim.recording_done, None);
+}
+
+/// The network stalls for 1.5 s while the agent is talking: Twilio's frames come late, in a
+/// burst, and then in real time again. The caller's audio sits where Twilio's timestamps put
+/// it, the stalled frames included, and the audio after the stall has not moved against the
+/// agent's: no drift.
+#[test]
+fn caller_audio_after_a_stall_keeps_its_place_against_the_agents() {
+    let mut sim = Sim::live(); // the stream started at 0
+    let reply = loud(8_000, 7); // 1 s
+    let mut frames = Vec::new();
+    let mut held = Vec::new();
+    // Frame `ts` would arrive at ts + 20; those due from 1 s to 2.5 s are held by TCP and
+    // come at once at 2.5 s.
+    for ts in (0..4_000).step_by(20) {
+        let due = ts + 20;
+        let frame = loud(160, (ts / 20) as u8);
+        frames.push((ts, frame.clone()));
+        if (1_000..2_500).contains(&due) {
+            held.push((ts, frame));
+            if due == 1_200 {
+                // Meanwhile the agent speaks (the recording is polled then).
+                sim.at(1_200);
+                sim.agent_chunk("item_reply", &b64(&reply));
+            }
+            continue;
+        }
+        sim.at(due);
+        for (ts, frame) in held.drain(..) {
+            sim.twilio(&media_at(ts, &b64(&frame)));
+        }
+        sim.twilio(&media_at(ts, &b64(&frame)));
+    }
+    sim.at(4_500);
+    sim.twilio(STOP);
+    assert_eq!(sim.recording_done, Some(4_500));
+    let (left, right) = split(&sim.recording);
+    assert_eq!(right[ms(1_200)..ms(2_200)], pcm(&reply)[..]);
+    for (ts, frame) in &frames {
+        let at = ms(ts + 20);
+        assert_eq!(left[at..at + 160], pcm(frame)[..], "frame stamped {ts}");
+    }
+}
+
+/// A stall longer than the recording waits: the frames that came too late for their place
+/// follow what was handed out, all of them.
+#[test]
+fn a_stall_longer_than_the_wait_keeps_the_audio() {
+    let mut sim = Sim::live();
+    let mut held = Vec::new();
+    let mut frames = Vec::new();
+    for ts in (0..8_000).step_by(20) {
+        let due = ts + 20;
+        let frame = loud(160, (ts / 20) as u8);
+        frames.push(frame.clone());
+        if (1_000..6_000).contains(&due) {
+            held.push((ts, frame));
+            // Meanwhile OpenAI's events come (the recording is polled then).
+            sim.at(due);
+            sim.openai(r#"{"type":"rate_limits.updated","event_id":"e","rate_limits":[]}"#);
+            continue;
+        }
+        sim.at(due);
+        for (ts, frame) in held.drain(..) {
+            sim.twilio(&media_at(ts, &b64(&frame)));
+        }
+        sim.twilio(&media_at(ts, &b64(&frame)));
+    }
+    sim.at(8_100);
+    sim.twilio(STOP);
+    let (left, _) = split(&sim.recording);
+    let mut from = 0;
+    for (i, frame) in frames.iter().enumerate() {
+        let want = pcm(frame);
+        let at = (from..=left.len() - 160)
+            .find(|&at| left[at..at + 160] == want[..])
+            .unwrap_or_else(|| panic!("frame {i} is missing"));
+        from = at + 160;
+    }
+}
+
+/// Caller frames that came before Twilio's `start` keep their stamps: replayed when it
+/// comes, they sit where Twilio's clock puts them, a gap included, and so do the frames
+/// after them.
+#[test]
+fn frames_before_the_start_keep_their_stamps() {
+    let mut sim = Sim::new();
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    let (a, b, c) = (loud(160, 1), loud(160, 80), loud(160, 160));
+    sim.at(10);
+    sim.twilio(&media_at(0, &b64(&a)));
+    sim.twilio(&media_at(60, &b64(&b))); // two frames missing before it
+    sim.at(50);
+    sim.twilio(&start()); // the timeline starts here
+    sim.at(70);
+    sim.twilio(&media_at(80, &b64(&c)));
+    sim.at(1_000);
+    sim.twilio(STOP);
+    let (left, _) = split(&sim.recording);
+    assert_eq!(left[..ms(20)], pcm(&a)[..]);
+    assert!(left[ms(20)..ms(60)].iter().all(|&s| s == 0));
+    assert_eq!(left[ms(60)..ms(80)], pcm(&b)[..]);
+    assert_eq!(left[ms(80)..ms(100)], pcm(&c)[..]);
 }
