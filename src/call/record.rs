@@ -3,9 +3,10 @@
 //! Twilio, the `clear` of a barge-in, and the end. Only when the agent records calls; the
 //! relay never waits on it.
 
-use super::{Action, Call};
+use super::{Action, Call, Level};
 use crate::ids::Millis;
-use crate::recording::Recorder;
+use crate::recording::{Recorder, SAMPLES_PER_MS};
+use serde_json::json;
 
 impl Call {
     /// The stream started: the recording's timeline starts here.
@@ -68,5 +69,17 @@ impl Call {
         }
         self.actions
             .push_back(Action::RecordingDone { duration_ms });
+        // Audio left out, or caller audio that came too late for its place: said once.
+        let (left_out, late) = (r.dropped_samples(), r.late_samples());
+        if left_out > 0 || late > 0 {
+            self.log(
+                Level::Warn,
+                "recording.adjusted",
+                json!({
+                    "left_out_ms": left_out / SAMPLES_PER_MS,
+                    "caller_late_ms": late / SAMPLES_PER_MS,
+                }),
+            );
+        }
     }
 }

@@ -97,6 +97,7 @@ fn a_call_with_a_barge_in_records_what_each_side_heard() {
             "frame at {at}"
         );
     }
+    assert!(sim.logged("recording.adjusted").is_empty());
 }
 
 #[test]
@@ -214,9 +215,10 @@ fn caller_audio_after_a_stall_keeps_its_place_against_the_agents() {
 }
 
 /// A stall longer than the recording waits: the frames that came too late for their place
-/// follow what was handed out, all of them.
+/// follow what was handed out, all of them, and the end of the call says how much audio was
+/// placed late.
 #[test]
-fn a_stall_longer_than_the_wait_keeps_the_audio() {
+fn a_stall_longer_than_the_wait_keeps_the_audio_and_says_so() {
     let mut sim = Sim::live();
     let mut held = Vec::new();
     let mut frames = Vec::new();
@@ -248,6 +250,10 @@ fn a_stall_longer_than_the_wait_keeps_the_audio() {
             .unwrap_or_else(|| panic!("frame {i} is missing"));
         from = at + 160;
     }
+    let logged = sim.logged("recording.adjusted");
+    assert_eq!(logged.len(), 1, "{:?}", sim.logs);
+    assert_eq!(logged[0]["left_out_ms"], 0);
+    assert!(logged[0]["caller_late_ms"].as_u64().unwrap() >= 2_000);
 }
 
 /// Caller frames that came before Twilio's `start` keep their stamps: replayed when it
@@ -273,4 +279,5 @@ fn frames_before_the_start_keep_their_stamps() {
     assert!(left[ms(20)..ms(60)].iter().all(|&s| s == 0));
     assert_eq!(left[ms(60)..ms(80)], pcm(&b)[..]);
     assert_eq!(left[ms(80)..ms(100)], pcm(&c)[..]);
+    assert!(sim.logged("recording.adjusted").is_empty());
 }
