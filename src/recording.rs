@@ -7,10 +7,11 @@
 //!   stamp however late the network brought it: after a stall, TCP delivers the held frames
 //!   in a burst, and they, and everything after them, still sit where they were spoken,
 //!   against the agent's audio and against OpenAI's input timeline (`audio_start_ms`), which
-//!   counts the same frames. Gaps in Twilio's stamps are silence. What is handed out waits
-//!   up to [`CALLER_STALL_MS`] for a stalled caller; a frame later than that, or stamped
-//!   behind audio already placed (a replay), goes right after what is placed: kept, and
-//!   counted as late. One stamped too far ahead of the clock is left out and counted
+//!   counts the same frames. Gaps in Twilio's stamps are silence (from half a frame up,
+//!   [`STAMP_JITTER_MS`]; less is jitter in the stamps). What is handed out waits up to
+//!   [`CALLER_STALL_MS`] for a stalled caller; a frame later than that, or stamped behind
+//!   audio already placed (a replay), goes right after what is placed: kept, and counted
+//!   as late. One stamped too far ahead of the clock is left out and counted
 //!   ([`MAX_CALLER_AHEAD_MS`]). A frame with no stamp is placed where it arrived: right
 //!   after the previous one unless it came later than that by more than
 //!   [`CALLER_SLACK_MS`] of jitter, and then the gap is silence.
@@ -42,6 +43,10 @@ pub const HEADER_BYTES: usize = 44;
 /// Caller frames with no timestamp this much later than the previous frame's end still
 /// follow it directly: network jitter, not a gap in the audio.
 pub const CALLER_SLACK_MS: u64 = 100;
+/// A stamp less than this off the end of the previous caller frame is taken as that end:
+/// rounding or jitter in the stamps (half a 20 ms frame), not a frame missing, so speech
+/// gets no clicks of silence inside it and nothing is counted as late.
+pub const STAMP_JITTER_MS: u64 = 10;
 /// How long the recording waits for a stalled caller: while no caller audio comes, what is
 /// handed out stays this far behind the clock, so frames that TCP held up to this long still
 /// land where Twilio's timestamps put them (retransmissions after a lost packet back off to
@@ -341,27 +346,32 @@ impl Recorder {
     /// stream when it was.
     ///
     /// A stamped frame goes where its stamp says on Twilio's clock, tied to ours by the first
-    /// stamped frame (which lands at its arrival): silence fills a gap in the stamps. When
-    /// that place is already behind what is recorded (the frame came more than
-    /// [`CALLER_STALL_MS`] late, or its stamp went back: a replay), the frame goes right
-    /// after it, as early as it still can, and is counted as late. A frame with no stamp goes
-    /// where it arrived (see [`CALLER_SLACK_MS`]). Either is left out, and counted, when
-    /// that is more than [`MAX_CALLER_AHEAD_MS`] ahead of its arrival.
+    /// stamped frame (which lands at its arrival): silence fills a gap in the stamps of
+    /// [`STAMP_JITTER_MS`] or more, and a frame stamped less than that off the previous
+    /// one's end follows it directly. When its place is further back than that, behind what
+    /// is recorded (the frame came more than [`CALLER_STALL_MS`] late, or its stamp went
+    /// back: a replay), the frame goes right after it, as early as it still can, and is
+    /// counted as late. A frame with no stamp goes where it arrived (see
+    /// [`CALLER_SLACK_MS`]). Either is left out, and counted, when that is more than
+    /// [`MAX_CALLER_AHEAD_MS`] ahead of its arrival.
     pub fn caller(&mut self, at_ms: u64, stamp_ms: Option<u64>, mulaw: &[u8]) {
         let arrived = at_ms * SAMPLES_PER_MS;
         // Audio is only ever appended: nothing goes before this.
-        let next = self.caller_end.max(self.emitted);
+        let free = self.caller_end.max(self.emitted);
         let (start, late) = match stamp_ms {
             Some(ts) => {
                 // i128: no stamp, however absurd, overflows.
                 let stamp = i128::from(ts) * i128::from(SAMPLES_PER_MS);
                 let origin = *self.origin.get_or_insert(i128::from(arrived) - stamp);
                 let due = origin + stamp;
-                if due >= i128::from(next) {
+                let jitter = i128::from(STAMP_JITTER_MS * SAMPLES_PER_MS);
+                // The first frame has no previous one to follow.
+                let snap = if self.caller_heard { jitter } else { 0 };
+                if due >= i128::from(free) + snap {
                     // Far ahead (or past u64) is left out just below.
                     (u64::try_from(due).unwrap_or(u64::MAX), false)
                 } else {
-                    (next, true)
+                    (free, due < i128::from(free) - jitter)
                 }
             }
             None => {
@@ -1360,6 +1370,36 @@ mod tests {
             l[ms(1_020)..ms(1_520)].iter().all(|&s| s == 0),
             "half a second"
         );
+        assert_eq!(rec.late_samples(), 0);
+    }
+
+    /// Stamps a few milliseconds off the 20 ms beat (rounding, jitter) are not gaps: the
+    /// frames follow each other with no silence between them, and none is late; a frame
+    /// missing is a gap.
+    #[test]
+    fn stamps_a_little_off_the_beat_are_jitter_not_gaps() {
+        let offsets = [0i64, 3, -2, 9, -9, 1, 0, -4, 7, 2];
+        let mut rec = Recorder::new();
+        let mut frames = Vec::new();
+        for (i, off) in offsets.iter().enumerate() {
+            let ts = (20 * i as i64 + 100 + off) as u64;
+            let audio = tone(160, 20 * i as u8);
+            rec.caller(ts + 30, Some(ts), &audio);
+            frames.push(audio);
+        }
+        // The next one is missing: the one after it is 20 ms further on.
+        let last = tone(160, 222);
+        rec.caller(350, Some(320), &last);
+        let (l, _) = channels(&run(&mut rec, 500));
+        let first = ms(130);
+        let speech: Vec<i16> = frames.iter().flat_map(|f| decoded(f)).collect();
+        assert_eq!(l[first..first + speech.len()], speech[..], "back to back");
+        let end = first + speech.len();
+        assert!(
+            l[end..end + ms(20)].iter().all(|&s| s == 0),
+            "the missing frame"
+        );
+        assert_eq!(l[end + ms(20)..end + ms(40)], decoded(&last)[..]);
         assert_eq!(rec.late_samples(), 0);
     }
 
