@@ -3,8 +3,9 @@
 //! buffer) and the fake OpenAI. A call with a barge-in is recorded to R2 and read back through
 //! the admin API (`GET /api/admin/calls/{sid}/recording`): the WAV header, its length against
 //! the call's, the caller on the left channel, the agent on the right up to the cut and silence
-//! after it, and byte ranges. Then: an agent with recording off leaves none, and a call whose
-//! Twilio socket is lost still leaves a playable file.
+//! after it, and byte ranges. Then: an agent with recording off leaves none, a call whose
+//! Twilio socket is lost still leaves a playable file, a long call is uploaded in parts, and
+//! caller audio the network held up keeps its place.
 //!
 //! One Worker (with `ADMIN_TOKEN`) is shared by the tests of this binary; each test uses its own
 //! CallSids and numbers.
@@ -590,4 +591,65 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
         stored.contains(r#""first_part_from_checkpoints":true"#),
         "{stored}"
     );
+}
+
+// ---- 5. a stall between Twilio and the Worker -------------------------------------------------------
+
+/// The network between Twilio and the Worker stalls for 1.5 s while the caller talks: the
+/// frames come late, in a burst, stamped when they were spoken. In the recording every frame
+/// sits where its stamp puts it, exactly 20 ms after the one before, the held ones and those
+/// after the stall included, and the recording is no longer than the call.
+#[tokio::test(flavor = "multi_thread")]
+async fn caller_audio_held_up_by_the_network_keeps_its_place() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230605".into(),
+            to: "+81312345678".into(),
+            script: SessionScript::new(),
+            caller_audio: None,
+        })
+        .await;
+    let sid = call.ids.call_sid.clone();
+    let frames = tagged_chunks(0x75, 150, tw::FRAME_BYTES); // 3 s
+    let held = Duration::from_millis(1_000)..Duration::from_millis(2_500);
+    let sent = call
+        .twilio
+        .play_caller_audio_held(frames.concat(), held)
+        .await
+        .expect("caller audio");
+    let last = sent.last().expect("frames sent").clone();
+    ok(
+        h,
+        call.openai
+            .wait_until("the last caller frame to be relayed", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| {
+                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
+                    })
+                    .then_some(())
+            })
+            .await,
+    );
+    call.twilio.send_stop(&call.ids);
+    let c = wait_recording(h, &sid).await;
+    let duration = c["duration_ms"].as_i64().expect("duration_ms");
+    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
+    assert!(
+        (duration..=duration + 200).contains(&rec_ms),
+        "the recording ({rec_ms} ms) spans the call ({duration} ms), no more"
+    );
+    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200);
+    let (left, _) = channels(&full.body);
+    let first = find(&left, &decoded(&frames[0]), 0).expect("the first caller frame");
+    for (i, frame) in frames.iter().enumerate().skip(1) {
+        let want = first + i * frame.len();
+        assert_eq!(
+            find(&left, &decoded(frame), want.saturating_sub(8 * 2_000)),
+            Some(want),
+            "caller frame {i} is not 20 ms after the one before"
+        );
+    }
 }

@@ -3,7 +3,8 @@
 //! - The voice webhook: builds the form Twilio posts, signs it (`X-Twilio-Signature`), posts it
 //!   and parses the TwiML answer ([`Twiml`]).
 //! - The media stream: opens the `<Stream url>` WebSocket with the signature header and speaks
-//!   the Media Streams protocol (`connected`, `start`, real-time paced `media`, `stop`).
+//!   the Media Streams protocol (`connected`, `start`, real-time paced `media`, `stop`). Each
+//!   `media` frame is stamped on Twilio's media clock ([`MediaClock`]).
 //! - Twilio's playback buffer: outbound `media` is queued and "played" in real time at
 //!   8 bytes/ms (μ-law 8 kHz); a `mark` is echoed once everything queued before it has played;
 //!   `clear` empties the queue and echoes every pending mark at once.
@@ -469,8 +470,39 @@ struct StreamShared {
     stream_sid: Mutex<Option<String>>,
     /// Next media `chunk` number (starts at 1).
     next_chunk: AtomicU64,
+    clock: Mutex<MediaClock>,
     /// The socket's reader and writer tasks (aborting both drops the TCP connection).
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+}
+
+/// Twilio's media clock, which stamps each `media` frame (`timestamp`, ms from the stream's
+/// start). Twilio's audio runs on whether or not a test sends frames: frames sent back to back
+/// (paced in real time, or in a burst) continue the clock, and a frame sent after a pause is
+/// stamped at its time, as if the frames of the pause had been lost.
+#[derive(Default)]
+struct MediaClock {
+    /// The `start` (or, without one, the first `media`).
+    started: Option<Instant>,
+    /// The stamp of the next frame if it comes on time.
+    next_ms: u64,
+}
+
+impl MediaClock {
+    /// A frame sent later than this after the previous one's end marks a pause.
+    const PAUSE: Duration = Duration::from_millis(100);
+
+    /// The stamp for a frame of `len` bytes sent at `at`; `stamp` when the sender gives one.
+    fn stamp(&mut self, at: Instant, len: usize, stamp: Option<u64>) -> u64 {
+        let started = *self.started.get_or_insert(at);
+        let now = at.saturating_duration_since(started).as_millis() as u64;
+        let stamp = stamp.unwrap_or(if now > self.next_ms + Self::PAUSE.as_millis() as u64 {
+            now
+        } else {
+            self.next_ms
+        });
+        self.next_ms = self.next_ms.max(stamp + len as u64 / BYTES_PER_MS);
+        stamp
+    }
 }
 
 impl StreamShared {
@@ -522,6 +554,7 @@ impl MediaStream {
             changed: watch::channel(0).0,
             stream_sid: Mutex::new(None),
             next_chunk: AtomicU64::new(1),
+            clock: Mutex::new(MediaClock::default()),
             tasks: Mutex::new(Vec::new()),
         });
         let (out_tx, out_rx) = mpsc::unbounded_channel();
@@ -546,6 +579,12 @@ impl MediaStream {
     /// `start` with the given ids and `<Parameter>`s (as `customParameters`).
     pub fn send_start(&self, ids: &CallIds, custom_parameters: &[(String, String)]) {
         *self.shared.stream_sid.lock().unwrap() = Some(ids.stream_sid.clone());
+        self.shared
+            .clock
+            .lock()
+            .unwrap()
+            .started
+            .get_or_insert_with(Instant::now);
         let custom: serde_json::Map<String, Value> = custom_parameters
             .iter()
             .map(|(k, v)| (k.clone(), json!(v)))
@@ -573,33 +612,65 @@ impl MediaStream {
             .unwrap_or_default()
     }
 
-    /// One inbound `media` frame; returns the base64 payload sent.
+    /// One inbound `media` frame, stamped by the media clock; returns the base64 payload sent.
     pub fn send_media(&self, audio: &[u8]) -> String {
+        self.send_frame(audio, None).0
+    }
+
+    /// One inbound `media` frame stamped `stamp` ms into the stream (by the media clock when
+    /// `None`); returns the base64 payload sent and its stamp.
+    fn send_frame(&self, audio: &[u8], stamp: Option<u64>) -> (String, u64) {
         let chunk = self.shared.next_chunk.fetch_add(1, Ordering::SeqCst);
+        let stamp = self
+            .shared
+            .clock
+            .lock()
+            .unwrap()
+            .stamp(Instant::now(), audio.len(), stamp);
         let payload = b64(audio);
         self.send_raw(json!({
             "event": "media",
             "media": {
                 "track": "inbound",
                 "chunk": chunk.to_string(),
-                "timestamp": ((chunk - 1) * 20).to_string(),
+                "timestamp": stamp.to_string(),
                 "payload": payload,
             },
             "streamSid": self.stream_sid(),
         }));
-        payload
+        (payload, stamp)
     }
 
     /// Send `audio` as 20 ms frames (160 bytes; the last may be shorter) paced in real time,
     /// the first at once. The task returns the payloads sent, in order.
     pub fn play_caller_audio(&self, audio: Vec<u8>) -> JoinHandle<Vec<String>> {
+        self.play_caller_audio_held(audio, Duration::ZERO..Duration::ZERO)
+    }
+
+    /// [`MediaStream::play_caller_audio`] through a network that stalls: the frames due in
+    /// `held` (from the first frame) are held back and sent at once at its end, stamped as
+    /// when they were spoken, as TCP delivers them after a stall. The task returns the
+    /// payloads sent, in order.
+    pub fn play_caller_audio_held(
+        &self,
+        audio: Vec<u8>,
+        held: std::ops::Range<Duration>,
+    ) -> JoinHandle<Vec<String>> {
         let me = self.clone();
         tokio::spawn(async move {
             let t0 = tokio::time::Instant::now();
             let mut sent = Vec::new();
+            let mut first_stamp = None;
             for (i, frame) in audio.chunks(FRAME_BYTES).enumerate() {
-                tokio::time::sleep_until(t0 + Duration::from_millis(20 * i as u64)).await;
-                sent.push(me.send_media(frame));
+                let mut due = Duration::from_millis(20 * i as u64);
+                if held.contains(&due) {
+                    due = held.end;
+                }
+                tokio::time::sleep_until(t0 + due).await;
+                let stamp = first_stamp.map(|s: u64| s + 20 * i as u64);
+                let (payload, stamp) = me.send_frame(frame, stamp);
+                first_stamp.get_or_insert(stamp);
+                sent.push(payload);
             }
             sent
         })
@@ -979,6 +1050,28 @@ mod tests {
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
+    }
+
+    #[test]
+    fn fake_twilio_stamps_frames_on_its_media_clock() {
+        let t0 = Instant::now();
+        let mut clock = MediaClock {
+            started: Some(t0),
+            ..MediaClock::default()
+        };
+        // Paced (a little late, as timers are) or in a burst: the clock runs on.
+        assert_eq!(clock.stamp(t0 + ms(3), 160, None), 0);
+        assert_eq!(clock.stamp(t0 + ms(25), 160, None), 20);
+        assert_eq!(clock.stamp(t0 + ms(25), 160, None), 40);
+        assert_eq!(clock.stamp(t0 + ms(26), 80, None), 60);
+        // After a pause, the frame is stamped at its time.
+        assert_eq!(clock.stamp(t0 + ms(500), 160, None), 500);
+        assert_eq!(clock.stamp(t0 + ms(521), 160, None), 520);
+        // A stamp given is used, and the clock goes on from the latest.
+        assert_eq!(clock.stamp(t0 + ms(900), 160, Some(540)), 540);
+        assert_eq!(clock.stamp(t0 + ms(900), 160, Some(400)), 400);
+        assert_eq!(clock.stamp(t0 + ms(905), 160, None), 905);
+        assert_eq!(clock.stamp(t0 + ms(906), 160, None), 925);
     }
 
     #[test]
