@@ -318,9 +318,24 @@ fn base_url(v: &str, schemes: &[&str]) -> Result<String, String> {
 }
 
 /// Settings the shell reads itself, outside [`Bridge`]: the admin API's bearer token (a
-/// secret) and a test hook that fails a call's first D1 writes.
+/// secret) and the test hooks (see [`FAULT_HOOKS`]).
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
+/// Test hook: the first N D1 writes of each call fail.
 pub const FAULT_INJECT_D1_FAILURES: &str = "FAULT_INJECT_D1_FAILURES";
+/// Test hook: the voice webhook's D1 agent lookup takes N ms longer (a slow D1).
+pub const FAULT_INJECT_D1_LOOKUP_DELAY_MS: &str = "FAULT_INJECT_D1_LOOKUP_DELAY_MS";
+/// The test hooks, with what each does: unset in production (`check-config` refuses a
+/// deploy that sets one to anything but 0).
+pub const FAULT_HOOKS: &[(&str, &str)] = &[
+    (
+        FAULT_INJECT_D1_FAILURES,
+        "the first writes of every call to D1 fail",
+    ),
+    (
+        FAULT_INJECT_D1_LOOKUP_DELAY_MS,
+        "every call's agent lookup in D1 is slowed down",
+    ),
+];
 /// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be
 /// written into `wrangler.toml`.
 pub const SECRETS: &[&str] = &["OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", ADMIN_TOKEN];

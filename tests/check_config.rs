@@ -147,3 +147,36 @@ fn deploy_time_vars_secrets_in_any_environment_and_the_test_hook_are_checked() {
     assert_eq!(out.status.code(), Some(1), "{}", said(&out));
     assert!(said(&out).contains("a test hook"), "{}", said(&out));
 }
+
+#[test]
+fn the_slow_d1_lookup_hook_is_refused_like_the_failure_hook() {
+    // It slows down every call's agent lookup: never to be deployed, in the file or by --var.
+    for (toml, args) in [
+        (
+            "[vars]\nFAULT_INJECT_D1_LOOKUP_DELAY_MS = \"20000\"\n",
+            &[][..],
+        ),
+        ("[vars]\nFAULT_INJECT_D1_LOOKUP_DELAY_MS = 500\n", &[][..]),
+        (
+            "[vars]\nAGENT_VOICE = \"marin\"\n",
+            &["--var", "FAULT_INJECT_D1_LOOKUP_DELAY_MS:20000"][..],
+        ),
+    ] {
+        let out = check(toml, args);
+        let text = said(&out);
+        assert_eq!(out.status.code(), Some(1), "{toml} {args:?}: {text}");
+        assert!(
+            text.contains("FAULT_INJECT_D1_LOOKUP_DELAY_MS: a test hook"),
+            "{text}"
+        );
+        assert!(!text.contains("not a setting of this Worker"), "{text}");
+    }
+    // Left at 0 or empty it does nothing, and is no finding.
+    for value in ["\"0\"", "\"\"", "0"] {
+        let out = check(
+            &format!("[vars]\nFAULT_INJECT_D1_LOOKUP_DELAY_MS = {value}\n"),
+            &[],
+        );
+        assert!(out.status.success(), "{value}: {}", said(&out));
+    }
+}

@@ -1108,3 +1108,80 @@ async fn the_agent_assigned_to_the_called_number_answers_and_other_numbers_get_t
     }
     assert_eq!(default["voice"], "marin", "the seeded default agent");
 }
+
+/// D1 that answers the agent lookup too slowly (here: 20 s, longer than Twilio waits for the
+/// voice webhook) must not cost the call: the webhook answers with the Stream well inside
+/// Twilio's 15 s, the agent from configuration takes the call, and its row says so.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_agent_lookup_gives_the_call_to_the_configured_agent_in_time() {
+    const INSTRUCTIONS: &str = "You are the configured agent of the slow D1 test. Be brief.";
+    let h = Harness::start(
+        "e2e-persistence-slow-lookup",
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("FAULT_INJECT_D1_LOOKUP_DELAY_MS".into(), "20000".into()),
+            ("AGENT_INSTRUCTIONS".into(), INSTRUCTIONS.into()),
+            ("AGENT_VOICE".into(), "cedar".into()),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the slow-lookup Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = admin(h);
+    let (from, to) = ("+15551230501", "+81312345678");
+    let ids = CallIds::new();
+    let sent = Instant::now();
+    let twiml = h.answer_call(&ids, from, to).await;
+    let took = sent.elapsed();
+    assert_eq!(twiml.stream_url, h.expected_stream_url(&ids.call_sid));
+    assert!(
+        took < Duration::from_secs(10),
+        "the voice webhook took {took:?}: Twilio gives up after 15 s\n{}",
+        h.worker.log_tail(20)
+    );
+    // It did wait for D1 (the hook works), up to the bound.
+    assert!(took >= Duration::from_millis(2_900), "took {took:?}");
+
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let twilio = h.open_stream(&twiml).await;
+    twilio.send_connected();
+    twilio.send_start(&ids, &twiml.parameters);
+    let oa = ok(h, claim.session(SOON).await);
+    let update = ok(h, oa.wait_event("session.update", SOON).await);
+    let s = &update.event["session"];
+    assert_eq!(
+        (
+            s["instructions"].as_str(),
+            s["audio"]["output"]["voice"].as_str()
+        ),
+        (Some(INSTRUCTIONS), Some("cedar")),
+        "the agent from configuration answers: {}",
+        update.event
+    );
+    twilio.send_stop(&ids);
+    ok(h, oa.wait_closed(SOON).await);
+
+    // The row names the agent that answered.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the call's end", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(
+        project(&detail["call"], &["agent_id", "to_number", "status"]),
+        json!({"agent_id": "env", "to_number": to, "status": "completed"}),
+        "{}",
+        pretty(&detail)
+    );
+    assert!(
+        h.worker
+            .log()
+            .lines()
+            .any(|l| l.contains("agent.lookup_timeout") && l.contains(&to[1..])),
+        "{}",
+        h.worker.log_tail(30)
+    );
+}

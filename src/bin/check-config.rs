@@ -8,7 +8,7 @@
 //! the setting silently does nothing; here it stops the deploy instead. Also refused: a
 //! variable the Worker does not read (a misspelt name would do nothing), a secret written
 //! into any `[vars]` of the file (it would be committed with it), and the D1 fault-injection
-//! test hook.
+//! test hooks.
 //!
 //! Exit status: 0 when every setting is used as written, 1 on a finding, 2 when the file
 //! cannot be read.
@@ -68,7 +68,7 @@ fn main() {
 
 #[cfg(not(target_arch = "wasm32"))]
 mod check {
-    use phone_agent_bridge::config::{Bridge, Setting, FAULT_INJECT_D1_FAILURES, SECRETS};
+    use phone_agent_bridge::config::{Bridge, Setting, FAULT_HOOKS, SECRETS};
     use std::cell::RefCell;
     use std::collections::BTreeSet;
 
@@ -126,7 +126,8 @@ mod check {
             .collect();
         let asked = asked.into_inner();
         for name in vars.keys() {
-            let known = name == FAULT_INJECT_D1_FAILURES || SECRETS.contains(&name.as_str());
+            let known = FAULT_HOOKS.iter().any(|(hook, _)| hook == name)
+                || SECRETS.contains(&name.as_str());
             if !asked.contains(name) && !known {
                 findings.push(format!(
                     "{name}: not a setting of this Worker (misspelt?); see the README's \
@@ -134,13 +135,11 @@ mod check {
                 ));
             }
         }
-        if let Some(v) = vars.get(FAULT_INJECT_D1_FAILURES) {
-            if !matches!(setting(v), Setting::Text(t) if matches!(t.trim(), "" | "0")) {
-                findings.push(
-                    "FAULT_INJECT_D1_FAILURES: a test hook (the first writes of every call to \
-                     D1 fail); leave it unset"
-                        .to_owned(),
-                );
+        for (hook, what) in FAULT_HOOKS {
+            if let Some(v) = vars.get(*hook) {
+                if !matches!(setting(v), Setting::Text(t) if matches!(t.trim(), "" | "0")) {
+                    findings.push(format!("{hook}: a test hook ({what}); leave it unset"));
+                }
             }
         }
         // A secret in any [vars] of the file is committed with it, and even empty it takes

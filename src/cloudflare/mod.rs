@@ -182,7 +182,10 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             "streams": answer.streams(),
         }),
     );
-    let agent = agent_for(&env, &config, &answer.call.to).await;
+    let slowed = setting_text(&env, crate::config::FAULT_INJECT_D1_LOOKUP_DELAY_MS)
+        .and_then(|v| v.trim().parse().ok())
+        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+    let agent = agent_for(&env, &config, &answer.call.to, slowed).await;
     let twiml = answer.twiml(&config, &agent);
     let streams = answer.streams();
     let registration = webhook::Registration {
@@ -284,15 +287,55 @@ fn internal_post(url: &str, body: &str) -> Result<Request> {
     Request::new_with_init(url, &init)
 }
 
+/// How long Twilio waits for the voice webhook's answer; past it the caller hears "an
+/// application error has occurred" and the call is never handed to the bridge.
+const TWILIO_WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+/// How long the voice webhook waits for D1 to name the call's agent before the agent from
+/// configuration takes the call. A D1 read takes milliseconds; one that takes seconds is an
+/// outage. After the lookup the webhook hands the call to its object, which may wait up to
+/// [`outbox::DURABLE_WAIT`] (8 s) on a D1 write already on its way: 3 s + 8 s leaves 4 s of
+/// Twilio's 15 for the signature check, the object's storage and the network.
+const AGENT_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+const _: () = assert!(
+    AGENT_LOOKUP_LIMIT.as_secs() + outbox::DURABLE_WAIT.as_secs() + 4
+        <= TWILIO_WEBHOOK_TIMEOUT.as_secs(),
+    "the voice webhook's waits must stay well inside Twilio's timeout"
+);
+
 /// The agent that answers calls to `number`: its assignment, else the default agent in
-/// D1. If D1 cannot answer, the call is still taken, by the agent from configuration.
-async fn agent_for(env: &Env, config: &Bridge, number: &str) -> crate::config::Agent {
-    let found = async {
+/// D1. If D1 cannot answer, or does not within [`AGENT_LOOKUP_LIMIT`], the call is still
+/// taken, by the agent from configuration (whose id, `env`, the call's row then names).
+/// `slowed` delays the lookup (the test hook `FAULT_INJECT_D1_LOOKUP_DELAY_MS`).
+async fn agent_for(
+    env: &Env,
+    config: &Bridge,
+    number: &str,
+    slowed: std::time::Duration,
+) -> crate::config::Agent {
+    let lookup = async {
+        if !slowed.is_zero() {
+            Delay::from(slowed).await;
+        }
         let database = db::database(env)?;
         let rows = db::query(&database, &crate::agents::select_for_number(number)).await?;
         Ok::<_, Error>(rows.into_iter().next())
-    }
-    .await;
+    };
+    let limit = Delay::from(AGENT_LOOKUP_LIMIT);
+    futures::pin_mut!(lookup, limit);
+    let found = match futures::future::select(lookup, limit).await {
+        futures::future::Either::Left((found, _)) => found,
+        futures::future::Either::Right(_) => {
+            log(
+                "error",
+                "agent.lookup_timeout",
+                serde_json::json!({
+                    "number": number, "limit_ms": AGENT_LOOKUP_LIMIT.as_millis() as u64,
+                    "agent_id": config.agent.id,
+                }),
+            );
+            return config.agent.clone();
+        }
+    };
     let why = match found {
         Ok(Some(row)) => match crate::agents::from_row(&row) {
             Ok(agent) => return agent,

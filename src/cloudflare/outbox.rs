@@ -24,7 +24,7 @@ const BATCH: usize = 50;
 /// How long [`Outbox::durable`] waits for a direct D1 write already on its way: well
 /// inside Twilio's 15 s webhook timeout, since the voice webhook and the status callback
 /// wait on it (a webhook Twilio gave up on plays its "application error" to the caller).
-const DURABLE_WAIT: Duration = Duration::from_secs(8);
+pub(crate) const DURABLE_WAIT: Duration = Duration::from_secs(8);
 
 /// What [`Outbox::store`] did.
 #[derive(Default)]
