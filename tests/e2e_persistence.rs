@@ -556,6 +556,85 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
     assert_eq!(detail["call"]["twilio_duration_s"], 9);
 }
 
+/// `FALLBACK_ONLY` is switched on during incidents, when D1 may well be failing too: the row
+/// of a call answered with the fallback is kept by the call's object until D1 takes it, and
+/// the answer to Twilio does not wait for it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fallback_only_call_is_recorded_once_failing_d1_recovers() {
+    // A Worker of its own: the first 3 D1 writes of each call fail.
+    let h = Harness::start(
+        "e2e-persistence-fallback-only-d1-faults",
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("FALLBACK_ONLY".into(), "true".into()),
+            ("FAULT_INJECT_D1_FAILURES".into(), "3".into()),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the faulty fallback-only Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = admin(h);
+    let ids = CallIds::new();
+    let (from, to) = ("+15551230303", "+81312345678");
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
+    let sent = Instant::now();
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    let took = sent.elapsed();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(!reply.body.contains("<Stream"), "{}", reply.body);
+    assert!(reply.body.contains("<Say "), "{}", reply.body);
+    assert!(took < Duration::from_secs(5), "the fallback took {took:?}");
+    // The first write failed and the retries come after 0.5 s, 1 s and 2 s of backoff:
+    // within 1.5 s of the webhook D1 cannot have the row yet.
+    let early = admin.call(&ids.call_sid).await.unwrap();
+    if sent.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            early, None,
+            "the row was in D1 despite the injected failures"
+        );
+    }
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the fallback call's row", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(
+        project(
+            &detail["call"],
+            &[
+                "end_reason",
+                "from_number",
+                "to_number",
+                "agent_id",
+                "status"
+            ]
+        ),
+        json!({"end_reason": "fallback_only", "from_number": from, "to_number": to,
+               "agent_id": "default", "status": "ringing"}),
+        "{}",
+        pretty(&detail)
+    );
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(7)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the final status", D1_DEADLINE, |d| {
+                d["call"]["status"] == "completed"
+            })
+            .await,
+    );
+    assert_eq!(detail["call"]["end_reason"], "fallback_only");
+    assert_eq!(detail["call"]["twilio_duration_s"], 7);
+}
+
 /// A call handed to its agent whose Media Stream never connected (here: never opened) reads
 /// as what it was once Twilio reports its end, not as a plain completed call; a late
 /// upgrade is refused.

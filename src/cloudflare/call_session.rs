@@ -23,6 +23,9 @@ use worker::*;
 pub const REGISTER_URL: &str = "https://call-session/register";
 /// Internal URL for a verified Twilio status callback of this call.
 pub const STATUS_URL: &str = "https://call-session/status";
+/// Internal URL for the records of a call the agent never took (the voice webhook answered
+/// with the fallback): the object keeps them, as it keeps status callbacks.
+pub const UNSERVED_URL: &str = "https://call-session/unserved";
 const CALL_KEY: &str = "call";
 
 /// How often the object checks that a running stream is still served by a live pump.
@@ -65,6 +68,19 @@ impl DurableObject for CallSession {
                         return Response::error("call record not kept", 500);
                     }
                     storage.put(CALL_KEY, CallState::new(registration)).await?;
+                }
+                Response::empty().map(|r| r.with_status(204))
+            }
+            "/unserved" if post => {
+                // No stream will follow: the records only go through the outbox, which
+                // keeps them until D1 takes them.
+                let records: Vec<StoreRecord> = req.json().await?;
+                let outbox = self.outbox();
+                for record in &records {
+                    outbox.enqueue(record);
+                }
+                if !outbox.durable().await {
+                    return Response::error("records not kept", 500);
                 }
                 Response::empty().map(|r| r.with_status(204))
             }

@@ -13,6 +13,7 @@ use crate::call::Level;
 use crate::config::{Bridge, Setting};
 use crate::webhook::{self, Refusal};
 use std::cell::Cell;
+use std::time::Duration;
 use worker::*;
 
 thread_local! {
@@ -70,12 +71,8 @@ pub(crate) fn bridge_config(env: &Env) -> Bridge {
 /// Waits up to `limit` for `done` to hold, checking every `step`; false if it never did. True
 /// comes back in the same turn as the check, so what the caller does next, before awaiting
 /// anything, comes before anything else can change.
-pub(crate) async fn wait_until(
-    limit: std::time::Duration,
-    step: std::time::Duration,
-    done: impl Fn() -> bool,
-) -> bool {
-    let mut waited = std::time::Duration::ZERO;
+pub(crate) async fn wait_until(limit: Duration, step: Duration, done: impl Fn() -> bool) -> bool {
+    let mut waited = Duration::ZERO;
     while !done() {
         if waited >= limit {
             return false;
@@ -184,7 +181,7 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     );
     let slowed = setting_text(&env, crate::config::FAULT_INJECT_D1_LOOKUP_DELAY_MS)
         .and_then(|v| v.trim().parse().ok())
-        .map_or(std::time::Duration::ZERO, std::time::Duration::from_millis);
+        .map_or(Duration::ZERO, Duration::from_millis);
     let agent = agent_for(&env, &config, &answer.call.to, slowed).await;
     let twiml = answer.twiml(&config, &agent);
     let streams = answer.streams();
@@ -218,9 +215,34 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     twiml_response(twiml)
 }
 
-/// The row of a call the agent did not take (numbers, agent, why), written straight to D1
-/// after the answer has gone: there is no call object to keep it. Should D1 fail too, the
-/// log keeps what it would have said.
+/// How long a Worker may go on after its answer (`waitUntil`): what [`record_unserved`] does
+/// must fit in it.
+const AFTER_ANSWER: Duration = Duration::from_secs(30);
+/// The longest [`record_unserved`] waits for the call's object, and for each direct write.
+const UNSERVED_WAIT: Duration = Duration::from_secs(3);
+/// Pauses before the direct write of an unserved call's records is tried again.
+const UNSERVED_RETRY_PAUSES: [Duration; 3] = [
+    Duration::from_secs(1),
+    Duration::from_secs(2),
+    Duration::from_secs(4),
+];
+// The object, 4 writes and the pauses: 3 + 4 × 3 + 7 = 22 s, inside the 30.
+const _: () = assert!(
+    UNSERVED_WAIT.as_secs() * (2 + UNSERVED_RETRY_PAUSES.len() as u64)
+        + UNSERVED_RETRY_PAUSES[0].as_secs()
+        + UNSERVED_RETRY_PAUSES[1].as_secs()
+        + UNSERVED_RETRY_PAUSES[2].as_secs()
+        + 5
+        <= AFTER_ANSWER.as_secs()
+);
+
+/// The row of a call the agent did not take (numbers, agent, why), kept once the answer has
+/// gone (the fallback's TwiML waits on nothing): through the call's object, whose outbox
+/// keeps the records in its storage and retries D1 until it takes them, as for status
+/// callbacks. Should the object not take them (a call it could not register may find it
+/// failing still), they are written straight to D1, tried again after each of
+/// [`UNSERVED_RETRY_PAUSES`] within the time the Worker may go on after its answer; should
+/// every try fail, the log keeps what they would have said (`call.record_failed`).
 fn record_unserved(
     env: &Env,
     ctx: &Context,
@@ -228,7 +250,7 @@ fn record_unserved(
     reason: &str,
     detail: Option<String>,
 ) {
-    let records = [registration.record(), registration.unserved(reason, detail)];
+    let records = vec![registration.record(), registration.unserved(reason, detail)];
     let statements = crate::store::coalesce(
         records
             .iter()
@@ -237,16 +259,71 @@ fn record_unserved(
     let call_sid = registration.call.call_sid.clone();
     let reason = reason.to_owned();
     let env = env.clone();
+    // The test hook fails this path's first direct writes as it does a call object's.
+    let mut injected: u64 = setting_text(&env, crate::config::FAULT_INJECT_D1_FAILURES)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     ctx.wait_until(async move {
-        let written = async { db::batch(&db::database(&env)?, &statements).await }.await;
-        if let Err(e) = written {
-            log(
-                "error",
-                "call.record_failed",
-                serde_json::json!({ "call_sid": call_sid, "error": e.to_string(), "unserved": reason }),
-            );
+        let kept = within(
+            UNSERVED_WAIT,
+            keep_through_call_object(&env, &call_sid, call_session::UNSERVED_URL, &records),
+        )
+        .await;
+        let why = match kept {
+            Some(Ok(true)) => return,
+            Some(Ok(false)) => "the call object refused them".to_owned(),
+            Some(Err(e)) => e.to_string(),
+            None => format!("no answer from the call object within {UNSERVED_WAIT:?}"),
+        };
+        log(
+            "warn",
+            "call.record_not_kept",
+            serde_json::json!({ "call_sid": call_sid, "error": why, "unserved": reason, "then": "written to D1 directly" }),
+        );
+        let mut error = String::new();
+        let pauses = std::iter::once(Duration::ZERO).chain(UNSERVED_RETRY_PAUSES);
+        for (tries, pause) in pauses.enumerate() {
+            Delay::from(pause).await;
+            let written = if injected > 0 {
+                injected -= 1;
+                Some(Err(Error::RustError(
+                    "injected D1 failure (FAULT_INJECT_D1_FAILURES)".into(),
+                )))
+            } else {
+                within(UNSERVED_WAIT, async {
+                    db::batch(&db::database(&env)?, &statements).await
+                })
+                .await
+            };
+            match written {
+                Some(Ok(())) => {
+                    log(
+                        "info",
+                        "call.record_written",
+                        serde_json::json!({ "call_sid": call_sid, "unserved": reason, "tries": tries + 1 }),
+                    );
+                    return;
+                }
+                Some(Err(e)) => error = e.to_string(),
+                None => error = format!("no answer from D1 within {UNSERVED_WAIT:?}"),
+            }
         }
+        log(
+            "error",
+            "call.record_failed",
+            serde_json::json!({ "call_sid": call_sid, "error": error, "unserved": reason }),
+        );
     });
+}
+
+/// `fut`'s output, or `None` when it has not come within `limit` (`fut` is then dropped).
+async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let limit = Delay::from(limit);
+    futures::pin_mut!(fut, limit);
+    match futures::future::select(fut, limit).await {
+        futures::future::Either::Left((out, _)) => Some(out),
+        futures::future::Either::Right(_) => None,
+    }
 }
 
 /// Hands a verified call to its Durable Object; what went wrong when it was not taken.
@@ -289,13 +366,13 @@ fn internal_post(url: &str, body: &str) -> Result<Request> {
 
 /// How long Twilio waits for the voice webhook's answer; past it the caller hears "an
 /// application error has occurred" and the call is never handed to the bridge.
-const TWILIO_WEBHOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+const TWILIO_WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the voice webhook waits for D1 to name the call's agent before the agent from
 /// configuration takes the call. A D1 read takes milliseconds; one that takes seconds is an
 /// outage. After the lookup the webhook hands the call to its object, which may wait up to
 /// [`outbox::DURABLE_WAIT`] (8 s) on a D1 write already on its way: 3 s + 8 s leaves 4 s of
 /// Twilio's 15 for the signature check, the object's storage and the network.
-const AGENT_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(3);
+const AGENT_LOOKUP_LIMIT: Duration = Duration::from_secs(3);
 const _: () = assert!(
     AGENT_LOOKUP_LIMIT.as_secs() + outbox::DURABLE_WAIT.as_secs() + 4
         <= TWILIO_WEBHOOK_TIMEOUT.as_secs(),
@@ -310,7 +387,7 @@ async fn agent_for(
     env: &Env,
     config: &Bridge,
     number: &str,
-    slowed: std::time::Duration,
+    slowed: Duration,
 ) -> crate::config::Agent {
     let lookup = async {
         if !slowed.is_zero() {
@@ -320,11 +397,9 @@ async fn agent_for(
         let rows = db::query(&database, &crate::agents::select_for_number(number)).await?;
         Ok::<_, Error>(rows.into_iter().next())
     };
-    let limit = Delay::from(AGENT_LOOKUP_LIMIT);
-    futures::pin_mut!(lookup, limit);
-    let found = match futures::future::select(lookup, limit).await {
-        futures::future::Either::Left((found, _)) => found,
-        futures::future::Either::Right(_) => {
+    let found = match within(AGENT_LOOKUP_LIMIT, lookup).await {
+        Some(found) => found,
+        None => {
             log(
                 "error",
                 "agent.lookup_timeout",
@@ -363,24 +438,23 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
             Err(r) => return refuse(&r, "status"),
         };
     let call_sid = crate::ids::CallSid::new(record.call_sid());
-    if !keep_through_call_object(&env, &call_sid, &record).await? {
+    if !keep_through_call_object(&env, &call_sid, call_session::STATUS_URL, &record).await? {
         return Response::error("Status not recorded", 500);
     }
     Response::empty().map(|r| r.with_status(204))
 }
 
-/// Hands a record of a Twilio webhook to the call's object, which keeps it (in D1, or in its
-/// storage until D1 takes it); false when the object did not.
+/// Hands what a Twilio webhook said about a call (`records`, for the object's `url`) to the
+/// call's object, which keeps it (in D1, or in its storage until D1 takes it); false when the
+/// object did not.
 async fn keep_through_call_object(
     env: &Env,
     call_sid: &crate::ids::CallSid,
-    record: &crate::store::Record,
+    url: &str,
+    records: &impl serde::Serialize,
 ) -> Result<bool> {
     let resp = call_object(env, call_sid)?
-        .fetch_with_request(internal_post(
-            call_session::STATUS_URL,
-            &serde_json::to_string(record)?,
-        )?)
+        .fetch_with_request(internal_post(url, &serde_json::to_string(records)?)?)
         .await?;
     Ok(resp.status_code() == 204)
 }
@@ -401,7 +475,13 @@ async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
         "transfer.result",
         serde_json::json!({ "call_sid": result.call_sid, "answered": result.answered }),
     );
-    let kept = keep_through_call_object(&env, &result.call_sid, &result.record).await;
+    let kept = keep_through_call_object(
+        &env,
+        &result.call_sid,
+        call_session::STATUS_URL,
+        &result.record,
+    )
+    .await;
     if !matches!(kept, Ok(true)) {
         log(
             "error",
