@@ -22,7 +22,12 @@ impl Statement {
 }
 
 /// Twilio's call statuses, in the order a call moves through them. A status never moves
-/// backwards: every terminal status ranks the same, so the first one recorded stays.
+/// backwards: every terminal status ranks the same. Which terminal status a call ends with
+/// does not depend on the order its records arrive in (Twilio's status callback and the
+/// stream's end come over different connections): Twilio's `busy`, `no-answer`, `canceled`
+/// and `failed` stand whatever the bridge says; Twilio's `completed` only says the line was
+/// up, and gives way to a failure of the agent side (the call's failed end, a call the
+/// bridge could not take), which it does not overwrite either.
 pub fn status_rank(status: &str) -> Option<u8> {
     match status {
         "queued" | "initiated" => Some(0),
@@ -430,7 +435,9 @@ impl Record {
                         "UPDATE calls SET ended_at = ?2, duration_ms = ?3, end_reason = ?4, \
                          input_tokens = ?5, output_tokens = ?6, total_tokens = ?7, \
                          first_audio_ms = ?8, barge_ins = ?9, \
-                         status = CASE WHEN {RANK_SQL} < 3 THEN ?10 ELSE status END, \
+                         status = CASE WHEN {RANK_SQL} < 3 THEN ?10 \
+                                  WHEN ?10 = 'failed' AND status = 'completed' THEN 'failed' \
+                                  ELSE status END, \
                          end_detail = ?11 \
                          WHERE call_sid = ?1{}",
                         if *presumed { " AND end_reason IS NULL" } else { "" }
@@ -481,7 +488,8 @@ impl Record {
                         "UPDATE calls SET \
                          end_detail = CASE WHEN end_reason IS NULL THEN ?3 ELSE end_detail END, \
                          end_reason = COALESCE(end_reason, ?2), \
-                         status = CASE WHEN ?4 AND end_reason IS NULL AND {RANK_SQL} < 3 \
+                         status = CASE WHEN ?4 AND end_reason IS NULL \
+                                  AND ({RANK_SQL} < 3 OR status = 'completed') \
                                   THEN 'failed' ELSE status END \
                          WHERE call_sid = ?1"
                     ),
@@ -509,7 +517,10 @@ impl Record {
                     Statement::new(
                         format!(
                             "UPDATE calls SET \
-                             status = CASE WHEN {RANK_SQL} < ?3 THEN ?2 ELSE status END, \
+                             status = CASE WHEN {RANK_SQL} < ?3 THEN ?2 \
+                                      WHEN ?3 = 3 AND ?2 <> 'completed' \
+                                      AND status IN ('completed', 'failed') THEN ?2 \
+                                      ELSE status END, \
                              twilio_duration_s = COALESCE(?4, twilio_duration_s), \
                              ended_at = CASE WHEN ?3 = 3 THEN COALESCE(ended_at, ?5) ELSE ended_at END, \
                              account_sid = CASE WHEN account_sid = '' THEN ?6 ELSE account_sid END, \
@@ -603,6 +614,14 @@ mod tests {
         );
         assert_eq!(rows.len(), 1);
         rows[0].clone()
+    }
+
+    fn project(row: &Value, keys: &[&str]) -> Value {
+        Value::Object(
+            keys.iter()
+                .map(|k| ((*k).to_owned(), row[*k].clone()))
+                .collect(),
+        )
     }
 
     fn status(conn: &rusqlite::Connection, s: &str, duration: Option<u64>) {
@@ -781,10 +800,11 @@ mod tests {
         assert_eq!(row["twilio_duration_s"], 61);
         status(&conn, "in-progress", None);
         assert_eq!(call_row(&conn)["status"], "completed");
-        // Our own end after Twilio's final status does not override it either.
-        write(&conn, &ended(true));
+        // Our own end after Twilio's final status does not move it either (a failed end
+        // does make it failed: see the order tests below).
+        write(&conn, &ended(false));
         assert_eq!(call_row(&conn)["status"], "completed");
-        assert_eq!(call_row(&conn)["end_reason"], "openai_closed");
+        assert_eq!(call_row(&conn)["end_reason"], "twilio_stop");
     }
 
     #[test]
@@ -838,6 +858,137 @@ mod tests {
         assert_eq!(row["status"], "completed");
         assert_eq!(row["end_reason"], "fallback_only");
         assert_eq!(row["end_detail"], Value::Null);
+    }
+
+    fn unserved(reason: &str) -> Record {
+        Record::CallUnserved {
+            call_sid: SID.into(),
+            at_ms: 1_000,
+            end_reason: reason.into(),
+            end_detail: Some(format!("{reason} detail")),
+            failed: reason != "fallback_only",
+        }
+    }
+
+    /// The row after the webhook's record, then `first` and `second`.
+    fn after(
+        first: &dyn Fn(&rusqlite::Connection),
+        second: &dyn Fn(&rusqlite::Connection),
+    ) -> Value {
+        let conn = testdb::open();
+        write(&conn, &ringing());
+        first(&conn);
+        second(&conn);
+        call_row(&conn)
+    }
+
+    #[test]
+    fn twilios_completed_before_the_calls_own_failed_end_leaves_it_failed() {
+        // The status callback and the stream's end come over two connections, in no set
+        // order: the call reads the same either way.
+        let end = |c: &rusqlite::Connection| write(c, &ended(true));
+        let completed = |c: &rusqlite::Connection| status(c, "completed", Some(5));
+        for row in [after(&end, &completed), after(&completed, &end)] {
+            assert_eq!(
+                project(&row, &["status", "end_reason", "twilio_duration_s"]),
+                json!({"status": "failed", "end_reason": "openai_closed", "twilio_duration_s": 5}),
+            );
+        }
+    }
+
+    #[test]
+    fn twilios_completed_before_a_call_the_bridge_could_not_take_leaves_it_failed() {
+        for reason in ["not_registered", "stream_never_connected"] {
+            let unserved = |c: &rusqlite::Connection| write(c, &unserved(reason));
+            let completed = |c: &rusqlite::Connection| status(c, "completed", Some(5));
+            for row in [after(&unserved, &completed), after(&completed, &unserved)] {
+                assert_eq!(
+                    project(&row, &["status", "end_reason", "end_detail"]),
+                    json!({"status": "failed", "end_reason": reason,
+                           "end_detail": format!("{reason} detail")}),
+                );
+            }
+        }
+        // Switched off on purpose is no failure, in either order.
+        let off = |c: &rusqlite::Connection| write(c, &unserved("fallback_only"));
+        let completed = |c: &rusqlite::Connection| status(c, "completed", Some(5));
+        for row in [after(&off, &completed), after(&completed, &off)] {
+            assert_eq!(
+                project(&row, &["status", "end_reason"]),
+                json!({"status": "completed", "end_reason": "fallback_only"}),
+            );
+        }
+    }
+
+    #[test]
+    fn twilios_other_final_statuses_stand_against_the_bridges_end_in_either_order() {
+        // Busy, no answer, canceled (and Twilio's own failed) say what became of the call on
+        // the phone network: the bridge's end, failed or not, does not change them.
+        for twilio in ["busy", "no-answer", "canceled", "failed"] {
+            for (ours, reason) in [
+                (ended(true), "openai_closed"),
+                (ended(false), "twilio_stop"),
+                (unserved("not_registered"), "not_registered"),
+                (unserved("fallback_only"), "fallback_only"),
+            ] {
+                let ours = |c: &rusqlite::Connection| write(c, &ours);
+                let theirs = |c: &rusqlite::Connection| status(c, twilio, Some(0));
+                for row in [after(&ours, &theirs), after(&theirs, &ours)] {
+                    assert_eq!(
+                        project(&row, &["status", "end_reason"]),
+                        json!({"status": twilio, "end_reason": reason}),
+                        "{twilio} with {reason}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_presumed_end_lands_only_where_the_call_has_none_and_then_fails_it() {
+        let presumed = Record::CallEnded {
+            call_sid: SID.into(),
+            at_ms: 70_000,
+            duration_ms: Some(68_000),
+            end_reason: "bridge_restarted".into(),
+            end_detail: None,
+            failed: true,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            first_audio_ms: None,
+            barge_ins: 0,
+            presumed: true,
+        };
+        let presume = |c: &rusqlite::Connection| write(c, &presumed);
+        // After the call's own end: nothing changes, Twilio's completed before it or not.
+        let own = |c: &rusqlite::Connection| write(c, &ended(false));
+        let row = after(&own, &presume);
+        assert_eq!(
+            project(&row, &["status", "end_reason", "duration_ms"]),
+            json!({"status": "completed", "end_reason": "twilio_stop", "duration_ms": 59_000}),
+        );
+        let own_then_completed = |c: &rusqlite::Connection| {
+            write(c, &ended(false));
+            status(c, "completed", Some(60));
+        };
+        let row = after(&own_then_completed, &presume);
+        assert_eq!(
+            project(&row, &["status", "end_reason"]),
+            json!({"status": "completed", "end_reason": "twilio_stop"}),
+        );
+        // Where the call has no end, it is the end, and a failure whichever came first.
+        let completed = |c: &rusqlite::Connection| status(c, "completed", Some(60));
+        for row in [after(&presume, &completed), after(&completed, &presume)] {
+            assert_eq!(
+                project(&row, &["status", "end_reason"]),
+                json!({"status": "failed", "end_reason": "bridge_restarted"}),
+            );
+        }
+        let canceled = |c: &rusqlite::Connection| status(c, "canceled", Some(0));
+        for row in [after(&presume, &canceled), after(&canceled, &presume)] {
+            assert_eq!(row["status"], "canceled");
+        }
     }
 
     #[test]
