@@ -141,9 +141,47 @@ pub fn recovery(stored: bool, first: u64, tries: u32) -> Recovery {
     }
 }
 
-/// The key of the `seq`th checkpoint: zero-padded, so keys sort in the order they were taken.
-pub fn checkpoint_key(seq: u64) -> String {
+/// The key of the `seq`th checkpoint, whose audio starts `offset` bytes into the recording's
+/// PCM: zero-padded, so keys sort in the order they were taken. Checkpoints are not all one
+/// length (each holds whole chunks of the recorder, 5 s or a little more, the last one less),
+/// so where one starts cannot be told from its number: the offset tells where the audio after
+/// a checkpoint whose write failed belongs.
+pub fn checkpoint_key(seq: u64, offset: u64) -> String {
+    format!("{CHECKPOINT_PREFIX}{seq:012}-{offset:012}")
+}
+
+/// Where a listing of the checkpoints from the `seq`th on starts: just before its key, with
+/// or without an offset.
+pub fn checkpoint_from(seq: u64) -> String {
     format!("{CHECKPOINT_PREFIX}{seq:012}")
+}
+
+/// What a checkpoint's key says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointId {
+    pub seq: u64,
+    /// Where its audio starts (bytes of PCM); `None` in keys written before they said so
+    /// (`rec/NNNNNNNNNNNN`).
+    pub offset: Option<u64>,
+}
+
+/// The number and offset of a checkpoint's key, in either form; `None` for any other key.
+pub fn checkpoint_id(key: &str) -> Option<CheckpointId> {
+    fn digits(s: &str) -> Option<u64> {
+        if s.len() != 12 || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        s.parse().ok()
+    }
+    let rest = key.strip_prefix(CHECKPOINT_PREFIX)?;
+    let (seq, offset) = match rest.split_once('-') {
+        Some((seq, offset)) => (seq, Some(digits(offset)?)),
+        None => (rest, None),
+    };
+    Some(CheckpointId {
+        seq: digits(seq)?,
+        offset,
+    })
 }
 
 /// When a call whose pump was lost (the object restarted) ended at the latest, from its
@@ -165,13 +203,9 @@ pub fn lost_pump_ended_by_ms(
     by.min(now_ms).max(streamed_at_ms)
 }
 
-/// The number of a checkpoint's key; `None` for any other key.
+/// The number of a checkpoint's key, in either form; `None` for any other key.
 pub fn checkpoint_seq(key: &str) -> Option<u64> {
-    let digits = key.strip_prefix(CHECKPOINT_PREFIX)?;
-    if digits.len() != 12 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    checkpoint_id(key).map(|id| id.seq)
 }
 
 // ---- the live upload -----------------------------------------------------------------------------
@@ -933,8 +967,9 @@ mod tests {
     /// never uploaded over the whole file.
     #[test]
     fn checkpoints_left_by_a_cut_off_clean_up_are_never_uploaded() {
-        let mut storage: std::collections::BTreeMap<String, u32> =
-            (0..40).map(|n| (checkpoint_key(n), 0)).collect();
+        let mut storage: std::collections::BTreeMap<String, u32> = (0..40)
+            .map(|n| (checkpoint_key(n, n * 160_000), 0))
+            .collect();
         assert_eq!(recovery(false, 0, 0), Recovery::Upload { attempt: 1 });
         // Stored: the marker goes in first, then the deletion stops after one batch.
         storage.insert(CHECKPOINT_STORED_KEY.into(), 1);
@@ -1010,20 +1045,38 @@ mod tests {
 
     #[test]
     fn checkpoint_keys_sort_in_the_order_taken_and_read_back() {
-        let keys: Vec<String> = [0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999]
+        let numbers = [0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999];
+        // Offsets that grow with the numbers, at different rates: the number sorts first.
+        let keys: Vec<String> = numbers
             .iter()
-            .map(|&n| checkpoint_key(n))
+            .map(|&n| checkpoint_key(n, n * 170_000 % 1_000_000_000_000))
             .collect();
+        assert_eq!(keys[2], "rec/000000000009-000001530000");
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(sorted, keys, "lexical order is the order taken");
-        for (k, n) in keys
-            .iter()
-            .zip([0, 1, 9, 10, 99, 100, 12_345, 999_999_999_999])
-        {
+        for (k, n) in keys.iter().zip(numbers) {
             assert!(k.starts_with(CHECKPOINT_PREFIX));
             assert_eq!(checkpoint_seq(k), Some(n));
+            let id = checkpoint_id(k).unwrap();
+            assert_eq!(id.offset, Some(n * 170_000 % 1_000_000_000_000));
+            // A listing from the number starts at its key, and after the one before, in
+            // either form.
+            assert!(checkpoint_from(n) <= *k);
+            assert!(checkpoint_from(n) <= format!("{CHECKPOINT_PREFIX}{n:012}"));
+            if n > 0 {
+                assert!(checkpoint_from(n) > checkpoint_key(n - 1, 999_999_999_999));
+                assert!(checkpoint_from(n) > format!("{CHECKPOINT_PREFIX}{:012}", n - 1));
+            }
         }
+        // Keys written before they carried the offset are read as before.
+        assert_eq!(
+            checkpoint_id("rec/000000000007"),
+            Some(CheckpointId {
+                seq: 7,
+                offset: None
+            })
+        );
         for other in [
             "call",
             "rec/12",
@@ -1031,6 +1084,12 @@ mod tests {
             "rec-tries",
             "rec-stored",
             "rec/0000000000001",
+            "rec/000000000001-",
+            "rec/000000000001-12",
+            "rec/000000000001-00000000001x",
+            "rec/000000000001-0000000000001",
+            "rec/000000000001-000000000001-000000000001",
+            "rec/-000000000001",
         ] {
             assert_eq!(checkpoint_seq(other), None, "{other}");
         }

@@ -101,6 +101,8 @@ pub struct Recording {
     keep: Keep,
     /// Number of the next checkpoint.
     checkpoints: u64,
+    /// Bytes of PCM checkpointed so far (written or not): where the next checkpoint starts.
+    checkpointed: u64,
     /// Audio not checkpointed yet (less than [`recording::CHECKPOINT_BYTES`]).
     unsaved: Vec<u8>,
     /// Which checkpoints hold part 1's audio and whether they are written (shared with the
@@ -120,6 +122,7 @@ impl Recording {
             live: LiveUpload::default(),
             keep,
             checkpoints: 0,
+            checkpointed: 0,
             unsaved: Vec::new(),
             first: Rc::new(RefCell::new(FirstPart::new(PART_BYTES))),
         }
@@ -134,8 +137,9 @@ impl Recording {
             return;
         }
         let seq = self.checkpoints;
-        let key = recording::checkpoint_key(seq);
+        let key = recording::checkpoint_key(seq, self.checkpointed);
         self.checkpoints += 1;
+        self.checkpointed += self.unsaved.len() as u64;
         self.first.borrow_mut().taken(seq, self.unsaved.len());
         let value = js_sys::Uint8Array::from(&self.unsaved[..]);
         self.unsaved.clear();
@@ -145,10 +149,10 @@ impl Recording {
             Ok(done) => worker::wasm_bindgen_futures::spawn_local(async move {
                 match worker::wasm_bindgen_futures::JsFuture::from(done).await {
                     Ok(_) => first.borrow_mut().written(seq),
-                    Err(e) => checkpoint_failed(&call_sid, &first, seq, &format!("{e:?}")),
+                    Err(e) => checkpoint_failed(&call_sid, &first, seq, &key, &format!("{e:?}")),
                 }
             }),
-            Err(e) => checkpoint_failed(&call_sid, &first, seq, &format!("{e:?}")),
+            Err(e) => checkpoint_failed(&call_sid, &first, seq, &key, &format!("{e:?}")),
         }
     }
 
@@ -242,8 +246,7 @@ impl Recording {
     }
 }
 
-fn checkpoint_failed(call_sid: &str, first: &RefCell<FirstPart>, seq: u64, error: &str) {
-    let key = recording::checkpoint_key(seq);
+fn checkpoint_failed(call_sid: &str, first: &RefCell<FirstPart>, seq: u64, key: &str, error: &str) {
     // Part 1 cannot be made again from the checkpoints: it stays in memory to the end.
     let first_part_kept = first.borrow_mut().lost(seq);
     log(
@@ -273,7 +276,7 @@ async fn list_checkpoints(
     from: u64,
     limit: usize,
 ) -> worker::Result<js_sys::Map> {
-    let start = recording::checkpoint_key(from);
+    let start = recording::checkpoint_from(from);
     storage
         .list_with_options(
             ListOptions::new()
