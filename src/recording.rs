@@ -85,7 +85,8 @@ pub fn key(call_sid: &str) -> String {
 
 /// A copy of each piece of recorded PCM is kept in the call object's own storage under these
 /// keys, in order, until the recording is stored: an object that restarts mid-call (a deploy)
-/// loses what it held in memory, and its next instance uploads the recording from them.
+/// loses what it held in memory, and its next instance uploads the recording from them
+/// ([`Refill`]: with silence where one is missing).
 pub const CHECKPOINT_PREFIX: &str = "rec/";
 /// Recorded audio is checkpointed this much at a time (one storage write per 5 s of a call;
 /// a restart loses at most this much and what the recorder holds back: about a second, at
@@ -144,8 +145,8 @@ pub fn recovery(stored: bool, first: u64, tries: u32) -> Recovery {
 /// The key of the `seq`th checkpoint, whose audio starts `offset` bytes into the recording's
 /// PCM: zero-padded, so keys sort in the order they were taken. Checkpoints are not all one
 /// length (each holds whole chunks of the recorder, 5 s or a little more, the last one less),
-/// so where one starts cannot be told from its number: the offset tells where the audio after
-/// a checkpoint whose write failed belongs.
+/// so where one starts cannot be told from its number: the offset lets the recovery put
+/// silence of exactly the right length where a checkpoint's write failed ([`Refill`]).
 pub fn checkpoint_key(seq: u64, offset: u64) -> String {
     format!("{CHECKPOINT_PREFIX}{seq:012}-{offset:012}")
 }
@@ -791,7 +792,9 @@ pub struct FirstPart {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Checkpoint {
-    seq: u64,
+    /// `None` for silence that stands in for checkpoints that are missing (the recovery
+    /// fills a gap, [`FirstPart::silence`]): made again without reading anything.
+    seq: Option<u64>,
     len: usize,
     written: bool,
 }
@@ -810,10 +813,15 @@ impl FirstPart {
 
     /// Checkpoint `seq`, holding the next `len` bytes of PCM, is being written.
     pub fn taken(&mut self, seq: u64, len: usize) {
-        debug_assert!(self.copies.last().is_none_or(|c| c.seq < seq));
+        debug_assert!(self
+            .copies
+            .iter()
+            .rev()
+            .find_map(|c| c.seq)
+            .is_none_or(|last| last < seq));
         if self.taken < self.pcm_bytes && len > 0 {
             self.copies.push(Checkpoint {
-                seq,
+                seq: Some(seq),
                 len,
                 written: false,
             });
@@ -821,9 +829,23 @@ impl FirstPart {
         self.taken += len as u64;
     }
 
+    /// The next `len` bytes of PCM are silence in no checkpoint: the recovery puts it where
+    /// checkpoints are missing ([`Refill`]). Part 1 is made again with the same silence there.
+    pub fn silence(&mut self, len: u64) {
+        if self.taken < self.pcm_bytes && len > 0 {
+            self.copies.push(Checkpoint {
+                seq: None,
+                // Only what lies in part 1 (a gap may be longer than a part).
+                len: (self.pcm_bytes - self.taken).min(len) as usize,
+                written: true,
+            });
+        }
+        self.taken += len;
+    }
+
     /// Checkpoint `seq` is written.
     pub fn written(&mut self, seq: u64) {
-        if let Some(c) = self.copies.iter_mut().find(|c| c.seq == seq) {
+        if let Some(c) = self.copies.iter_mut().find(|c| c.seq == Some(seq)) {
             c.written = true;
         }
     }
@@ -831,7 +853,7 @@ impl FirstPart {
     /// Checkpoint `seq` could not be written. True when it held audio of part 1: part 1
     /// cannot be rebuilt, and stays in memory until the end.
     pub fn lost(&mut self, seq: u64) -> bool {
-        let ours = self.copies.iter().any(|c| c.seq == seq);
+        let ours = self.copies.iter().any(|c| c.seq == Some(seq));
         self.lost |= ours;
         ours
     }
@@ -851,11 +873,13 @@ impl FirstPart {
         let part_size = HEADER_BYTES + self.pcm_bytes as usize;
         let mut filling = Filling::default();
         filling.extend(&wav_header(data_bytes), part_size);
-        Ok(Rebuild {
+        let mut rebuild = Rebuild {
             part_size,
             copies: self.copies.iter().rev().copied().collect(),
             filling,
-        })
+        };
+        rebuild.fill_silence();
+        Ok(rebuild)
     }
 }
 
@@ -880,8 +904,9 @@ pub enum RebuildError {
 }
 
 /// Part 1 being made again from the checkpoints: the final header, then the checkpoints in
-/// order, the last one only up to the part's end. The shell reads from [`Rebuild::wants`] on
-/// and pushes each checkpoint as read.
+/// order, the last one only up to the part's end, with silence where the recovery put silence
+/// for missing checkpoints. The shell reads from [`Rebuild::wants`] on and pushes each
+/// checkpoint as read.
 #[derive(Debug)]
 pub struct Rebuild {
     part_size: usize,
@@ -893,7 +918,21 @@ pub struct Rebuild {
 impl Rebuild {
     /// The checkpoint to read next; `None` once part 1 is complete.
     pub fn wants(&self) -> Option<u64> {
-        self.copies.last().map(|c| c.seq)
+        self.copies.last().and_then(|c| c.seq)
+    }
+
+    /// Puts in the silence that comes next, if any: it is not read.
+    fn fill_silence(&mut self) {
+        const ZEROS: [u8; 4096] = [0; 4096];
+        while let Some(&Checkpoint { seq: None, len, .. }) = self.copies.last() {
+            let mut left = (self.part_size - self.filling.len).min(len);
+            while left > 0 {
+                let n = left.min(ZEROS.len());
+                self.filling.extend(&ZEROS[..n], self.part_size);
+                left -= n;
+            }
+            self.copies.pop();
+        }
     }
 
     /// Checkpoint `seq` as read back: it must be the one wanted, at the length written.
@@ -901,11 +940,11 @@ impl Rebuild {
         let Some(&next) = self.copies.last() else {
             return Err(RebuildError::Unwanted { seq });
         };
-        if seq != next.seq {
-            return Err(RebuildError::OutOfOrder {
-                expected: next.seq,
-                got: seq,
-            });
+        let expected = next
+            .seq
+            .expect("silence is filled in as soon as it comes next");
+        if seq != expected {
+            return Err(RebuildError::OutOfOrder { expected, got: seq });
         }
         if pcm.len() != next.len {
             return Err(RebuildError::WrongLength {
@@ -917,19 +956,139 @@ impl Rebuild {
         let n = (self.part_size - self.filling.len).min(pcm.len());
         self.filling.extend(&pcm[..n], self.part_size);
         self.copies.pop();
+        self.fill_silence();
         Ok(())
     }
 
     /// Part 1, once every checkpoint wanted was pushed.
     pub fn finish(self) -> Result<Part, RebuildError> {
-        if let Some(c) = self.copies.last() {
-            return Err(RebuildError::Missing { seq: c.seq });
+        if let Some(seq) = self.wants() {
+            return Err(RebuildError::Missing { seq });
         }
         debug_assert_eq!(self.filling.len, self.part_size);
         Ok(Part {
             number: 1,
             pieces: self.filling.pieces,
         })
+    }
+}
+
+// ---- the recording from its checkpoints -----------------------------------------------------------
+
+/// Where audio is missing from the checkpoints, inside the recording: their writes failed
+/// (a write is not waited for, and a failure is only logged). The recovery puts silence of
+/// the same length there, so the audio after it stays where it was on the call's timeline
+/// (and lines up with the transcript and the events).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    /// The checkpoints missing. Empty when the numbers follow on but the audio does not (the
+    /// one before came back shorter than its successor's offset says).
+    pub missing: std::ops::Range<u64>,
+    /// Where the gap starts, in bytes of PCM from the recording's start.
+    pub at: u64,
+    /// Its length in bytes of PCM (whole stereo frames).
+    pub bytes: u64,
+    /// The length came from the numbers alone, in checkpoints whose keys do not say where
+    /// they start (written before keys said so): [`CHECKPOINT_BYTES`] per missing checkpoint,
+    /// the least each held, so the audio after it is at most a few seconds early, never late.
+    pub estimated: bool,
+}
+
+/// Where a checkpoint read back goes in the recording.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Place {
+    /// Right after the one before it.
+    Next,
+    /// After silence for the gap before it.
+    AfterGap(Gap),
+    /// Its key says it starts `by` bytes before the audio read so far ends: the checkpoints
+    /// disagree with their keys (a copy longer than written). It goes right after, that much
+    /// later than it was.
+    Late { by: u64 },
+    /// Its number was read already: it is left out.
+    Repeat,
+}
+
+/// The recording put back together from its checkpoints, as the recovery reads them: in
+/// order of number, in batches from [`Refill::from`] on. A number missing inside the sequence
+/// becomes silence of exactly the audio missing (from the offsets in the keys), so everything
+/// after it keeps its place. Checkpoints missing at the end leave nothing to fill: the
+/// recording ends with the last one written. (A set missing checkpoint 0 is not read at all:
+/// [`recovery`].) Part 1's bookkeeping ([`FirstPart`]) learns the same, so that part 1 made
+/// again at the end has the same silence in the same place.
+#[derive(Debug, Default)]
+pub struct Refill {
+    next_seq: u64,
+    /// PCM placed so far, silence included.
+    bytes: u64,
+    gaps: Vec<Gap>,
+}
+
+impl Refill {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The number to list the checkpoints from ([`checkpoint_from`]): the one after the last
+    /// read.
+    pub fn from(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Checkpoint `id`, holding `len` bytes, read next: where it goes. For
+    /// [`Place::AfterGap`], silence of the gap's length goes first, then the checkpoint's
+    /// audio; for [`Place::Repeat`], nothing. `first` is told the same.
+    pub fn push(&mut self, id: CheckpointId, len: usize, first: &mut FirstPart) -> Place {
+        if id.seq < self.next_seq {
+            return Place::Repeat;
+        }
+        let missing = self.next_seq..id.seq;
+        let (gap_bytes, estimated) = match id.offset {
+            Some(offset) if offset < self.bytes => {
+                let by = self.bytes - offset;
+                self.take(id.seq, len, first);
+                return Place::Late { by };
+            }
+            Some(offset) => (offset - self.bytes, false),
+            None => (
+                (missing.end - missing.start) * CHECKPOINT_BYTES as u64,
+                !missing.is_empty(),
+            ),
+        };
+        let place = if missing.is_empty() && gap_bytes == 0 {
+            Place::Next
+        } else {
+            let gap = Gap {
+                missing,
+                at: self.bytes,
+                bytes: gap_bytes,
+                estimated,
+            };
+            first.silence(gap_bytes);
+            self.bytes += gap_bytes;
+            self.gaps.push(gap.clone());
+            Place::AfterGap(gap)
+        };
+        self.take(id.seq, len, first);
+        place
+    }
+
+    fn take(&mut self, seq: u64, len: usize, first: &mut FirstPart) {
+        // Every checkpoint read back was written.
+        first.taken(seq, len);
+        first.written(seq);
+        self.bytes += len as u64;
+        self.next_seq = seq + 1;
+    }
+
+    /// The gaps filled so far, in order.
+    pub fn gaps(&self) -> &[Gap] {
+        &self.gaps
+    }
+
+    /// Bytes of PCM placed so far, silence included.
+    pub fn data_bytes(&self) -> u64 {
+        self.bytes
     }
 }
 
@@ -2068,6 +2227,337 @@ mod tests {
         let rebuilt = pipe.rebuild().unwrap();
         assert!(pipe.live.finish().is_empty());
         assert_eq!(rebuilt.to_bytes(), pipe.held.finish()[0].to_bytes());
+    }
+
+    // ---- the recording from its checkpoints ----
+
+    type Storage = std::collections::BTreeMap<String, Vec<u8>>;
+
+    /// The checkpoints of a recording of `total` bytes as the pump writes them: whenever
+    /// [`CHECKPOINT_BYTES`] or more is unsaved (5 s or a little more each), then the tail,
+    /// under keys that say where each starts. And the audio they hold.
+    fn checkpointed(total: usize) -> (Storage, Vec<u8>) {
+        let mut storage = Storage::new();
+        let mut unsaved = Vec::new();
+        let mut offset = 0;
+        let mut save = |unsaved: &mut Vec<u8>| {
+            if !unsaved.is_empty() {
+                let key = checkpoint_key(storage.len() as u64, offset);
+                offset += unsaved.len() as u64;
+                storage.insert(key, std::mem::take(unsaved));
+            }
+        };
+        for chunk in chunks(total) {
+            unsaved.extend(chunk);
+            if unsaved.len() >= CHECKPOINT_BYTES {
+                save(&mut unsaved);
+            }
+        }
+        save(&mut unsaved);
+        (storage, chunks(total).concat())
+    }
+
+    /// The same checkpoints under keys that do not say where they start (as written before
+    /// keys said so).
+    fn without_offsets(storage: &Storage) -> Storage {
+        storage
+            .iter()
+            .map(|(k, v)| (checkpoint_from(checkpoint_seq(k).unwrap()), v.clone()))
+            .collect()
+    }
+
+    fn without(storage: &Storage, missing: &[u64]) -> Storage {
+        let mut s = storage.clone();
+        s.retain(|k, _| !missing.contains(&checkpoint_seq(k).unwrap()));
+        s
+    }
+
+    /// Where checkpoint `seq` starts and how long it is.
+    fn span(storage: &Storage, seq: u64) -> std::ops::Range<usize> {
+        let (k, v) = storage
+            .iter()
+            .find(|(k, _)| checkpoint_seq(k) == Some(seq))
+            .unwrap();
+        let at = checkpoint_id(k).unwrap().offset.unwrap() as usize;
+        at..at + v.len()
+    }
+
+    /// What the recovery stores from `storage`, as the shell and its writer run it: the
+    /// checkpoints read `batch` at a time from [`Refill::from`] on, silence sent a checkpoint at
+    /// a time for each gap, the parts cut as it goes with part 1 released once it may, and
+    /// part 1 made again from the checkpoints at the end. The file, the gaps, and whether part
+    /// 1 was made again.
+    fn recovered(storage: &Storage, part_size: usize, batch: usize) -> (Vec<u8>, Vec<Gap>, bool) {
+        let mut refill = Refill::new();
+        let mut first = FirstPart::new(part_size);
+        let mut parts = Parts::new(part_size);
+        let mut all = Vec::new();
+        let mut feed = |pcm: &[u8], parts: &mut Parts, first: &FirstPart| {
+            parts.push(pcm);
+            all.extend(std::iter::from_fn(|| parts.poll_part()));
+            parts.release_first(first);
+        };
+        loop {
+            let read: Vec<(CheckpointId, Vec<u8>)> = storage
+                .range(checkpoint_from(refill.from())..)
+                .take(batch)
+                .map(|(k, v)| (checkpoint_id(k).unwrap(), v.clone()))
+                .collect();
+            if read.is_empty() {
+                break;
+            }
+            for (id, pcm) in read {
+                match refill.push(id, pcm.len(), &mut first) {
+                    Place::AfterGap(gap) => {
+                        let mut left = gap.bytes;
+                        while left > 0 {
+                            let n = left.min(CHECKPOINT_BYTES as u64);
+                            feed(&vec![0; n as usize], &mut parts, &first);
+                            left -= n;
+                        }
+                    }
+                    Place::Repeat => continue,
+                    Place::Next | Place::Late { .. } => {}
+                }
+                feed(&pcm, &mut parts, &first);
+            }
+        }
+        assert_eq!(refill.data_bytes(), parts.data_bytes());
+        let data_bytes = parts.data_bytes();
+        let released = parts.first_released();
+        all.extend(parts.finish());
+        if released {
+            let mut rebuild = first
+                .rebuild(data_bytes)
+                .expect("part 1 from the checkpoints");
+            while let Some(from) = rebuild.wants() {
+                let read: Vec<_> = storage.range(checkpoint_from(from)..).take(4).collect();
+                assert!(!read.is_empty());
+                for (k, pcm) in read {
+                    if rebuild.wants().is_none() {
+                        break;
+                    }
+                    rebuild.push(checkpoint_seq(k).unwrap(), pcm).unwrap();
+                }
+            }
+            all.push(rebuild.finish().unwrap());
+        }
+        all.sort_by_key(|p| p.number);
+        let numbers: Vec<u16> = all.iter().map(|p| p.number).collect();
+        assert_eq!(numbers, (1..=all.len() as u16).collect::<Vec<_>>());
+        assert!(all.iter().rev().skip(1).all(|p| p.len() == part_size));
+        let file = all.iter().flat_map(Part::to_bytes).collect();
+        (file, refill.gaps().to_vec(), released)
+    }
+
+    /// The recording as it was, with silence where `missing` were.
+    fn with_silence(storage: &Storage, audio: &[u8], missing: &[u64]) -> Vec<u8> {
+        let mut file = wav_header(audio.len() as u64).to_vec();
+        let mut pcm = audio.to_vec();
+        for &seq in missing {
+            pcm[span(storage, seq)].fill(0);
+        }
+        file.extend(pcm);
+        file
+    }
+
+    fn gap(storage: &Storage, missing: std::ops::Range<u64>) -> Gap {
+        let at = span(storage, missing.start).start as u64;
+        let end = span(storage, missing.end - 1).end as u64;
+        Gap {
+            missing,
+            at,
+            bytes: end - at,
+            estimated: false,
+        }
+    }
+
+    #[test]
+    fn checkpoints_with_none_missing_are_stored_as_before_byte_for_byte() {
+        for (part_size, seconds) in [
+            (MIN_PART_BYTES, 60),
+            (MIN_PART_BYTES, 200),
+            (HEADER_BYTES + 3 * CHECKPOINT_BYTES + 4, 30),
+        ] {
+            let (storage, audio) = checkpointed(seconds * 32_000);
+            let mut whole = wav_header(audio.len() as u64).to_vec();
+            whole.extend(&audio);
+            for batch in [1, 3, 16] {
+                for keys in [storage.clone(), without_offsets(&storage)] {
+                    let (file, gaps, _) = recovered(&keys, part_size, batch);
+                    assert!(file == whole, "{part_size} {seconds} {batch}");
+                    assert_eq!(gaps, []);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_missing_checkpoint_becomes_silence_and_the_audio_after_it_keeps_its_place() {
+        let (storage, audio) = checkpointed(80 * 32_000);
+        // Checkpoints are not all one length: a number alone does not say where one starts.
+        let lengths: Vec<usize> = storage.values().map(Vec::len).collect();
+        assert!(lengths.iter().any(|&n| n > CHECKPOINT_BYTES));
+        let longest = CHECKPOINT_BYTES + (MAX_CHUNK_MS * BYTES_PER_MS) as usize;
+        assert!(lengths[..lengths.len() - 1]
+            .iter()
+            .all(|n| (CHECKPOINT_BYTES..longest).contains(n)));
+        let lost = (0..storage.len() as u64)
+            .find(|&seq| seq > 2 && span(&storage, seq).len() > CHECKPOINT_BYTES)
+            .unwrap();
+        let holed = without(&storage, &[lost]);
+        let want = with_silence(&storage, &audio, &[lost]);
+        for batch in [1, 2, 3, 16] {
+            let (file, gaps, _) = recovered(&holed, MIN_PART_BYTES, batch);
+            assert_eq!(file.len(), want.len(), "as long as the call");
+            assert!(file == want, "batch {batch}");
+            assert_eq!(gaps, [gap(&storage, lost..lost + 1)]);
+        }
+        // The audio after the gap is where it was, not closed up.
+        let after = span(&storage, lost + 1);
+        let (file, _, _) = recovered(&holed, MIN_PART_BYTES, 16);
+        assert!(file[HEADER_BYTES + after.start..HEADER_BYTES + after.end] == audio[after]);
+    }
+
+    #[test]
+    fn several_gaps_each_keep_what_follows_in_place() {
+        let (storage, audio) = checkpointed(120 * 32_000);
+        // One alone, two together, one more; and one each side of a batch's end.
+        let missing = [2, 5, 6, 9, 15, 17];
+        let holed = without(&storage, &missing);
+        let want = with_silence(&storage, &audio, &missing);
+        for batch in [1, 2, 3, 4, 16] {
+            let (file, gaps, _) = recovered(&holed, MIN_PART_BYTES, batch);
+            assert!(file == want, "batch {batch}");
+            assert_eq!(
+                gaps,
+                [
+                    gap(&storage, 2..3),
+                    gap(&storage, 5..7),
+                    gap(&storage, 9..10),
+                    gap(&storage, 15..16),
+                    gap(&storage, 17..18),
+                ]
+            );
+        }
+    }
+
+    #[test]
+    fn a_gap_across_the_end_of_a_part_is_silence_in_both_and_part_1_is_still_made_again() {
+        // Small parts (3 checkpoints and a bit): gaps across the ends of parts 1, 2 and 3.
+        let part_size = HEADER_BYTES + 3 * CHECKPOINT_BYTES + 4;
+        let (storage, audio) = checkpointed(90 * 32_000);
+        let pcm_per_part = (part_size - HEADER_BYTES) as u64;
+        let holding = |at: u64| {
+            (0..storage.len() as u64)
+                .find(|&seq| span(&storage, seq).contains(&(at as usize)))
+                .unwrap()
+        };
+        let end_1 = holding(pcm_per_part);
+        let end_2 = holding(2 * pcm_per_part);
+        assert!(end_2 > end_1 + 1);
+        for missing in [
+            vec![end_1],
+            vec![end_1 - 1, end_1, end_1 + 1],
+            // Longer than a part: from within part 1 to beyond part 2.
+            (end_1..=end_2 + 1).collect(),
+            vec![end_1, end_2],
+        ] {
+            let holed = without(&storage, &missing);
+            let want = with_silence(&storage, &audio, &missing);
+            for batch in [1, 16] {
+                let (file, _, part_1_made_again) = recovered(&holed, part_size, batch);
+                assert!(part_1_made_again, "{missing:?}");
+                assert!(file == want, "{missing:?} batch {batch}");
+            }
+        }
+        // The real part size: the gap holds part 1's end.
+        let (storage, audio) = checkpointed(200 * 32_000);
+        let end_1 = (0..storage.len() as u64)
+            .find(|&seq| span(&storage, seq).end > MIN_PART_BYTES - HEADER_BYTES)
+            .unwrap();
+        let missing = [end_1 - 1, end_1];
+        let (file, gaps, part_1_made_again) =
+            recovered(&without(&storage, &missing), MIN_PART_BYTES, 16);
+        assert!(part_1_made_again);
+        assert!(file == with_silence(&storage, &audio, &missing));
+        assert_eq!(gaps, [gap(&storage, end_1 - 1..end_1 + 1)]);
+    }
+
+    #[test]
+    fn checkpoints_missing_at_the_end_only_make_the_recording_shorter() {
+        let (storage, audio) = checkpointed(60 * 32_000);
+        let last = storage.len() as u64 - 1;
+        let holed = without(&storage, &[last - 1, last]);
+        let (file, gaps, _) = recovered(&holed, MIN_PART_BYTES, 16);
+        let end = span(&storage, last - 2).end;
+        let mut want = wav_header(end as u64).to_vec();
+        want.extend(&audio[..end]);
+        assert!(file == want);
+        assert_eq!(gaps, [], "nothing comes after them: nothing to fill");
+    }
+
+    /// Checkpoints written before keys said where they start: a gap's length can only be
+    /// told from the numbers, [`CHECKPOINT_BYTES`] for each, the least a checkpoint held. The
+    /// audio after it is at most the difference early, never late, and the gap says so.
+    #[test]
+    fn a_gap_in_checkpoints_without_offsets_is_estimated_from_their_numbers() {
+        let (storage, audio) = checkpointed(60 * 32_000);
+        let lost = (1..storage.len() as u64)
+            .find(|&seq| span(&storage, seq).len() > CHECKPOINT_BYTES)
+            .unwrap();
+        let real = span(&storage, lost);
+        let holed = without(&without_offsets(&storage), &[lost]);
+        let (file, gaps, _) = recovered(&holed, MIN_PART_BYTES, 16);
+        assert_eq!(
+            gaps,
+            [Gap {
+                missing: lost..lost + 1,
+                at: real.start as u64,
+                bytes: CHECKPOINT_BYTES as u64,
+                estimated: true,
+            }]
+        );
+        let early = real.len() - CHECKPOINT_BYTES;
+        assert_eq!(file.len(), HEADER_BYTES + audio.len() - early);
+        let pcm = &file[HEADER_BYTES..];
+        assert!(pcm[..real.start] == audio[..real.start]);
+        assert!(pcm[real.start..real.start + CHECKPOINT_BYTES]
+            .iter()
+            .all(|&b| b == 0));
+        assert!(pcm[real.start + CHECKPOINT_BYTES..] == audio[real.end..]);
+    }
+
+    #[test]
+    fn checkpoints_that_disagree_with_their_keys_are_placed_never_overlapped() {
+        let mut first = FirstPart::new(MIN_PART_BYTES);
+        let mut refill = Refill::new();
+        let id = |seq, offset| CheckpointId {
+            seq,
+            offset: Some(offset),
+        };
+        assert_eq!(refill.push(id(0, 0), 1_000, &mut first), Place::Next);
+        // Its key says it starts 200 bytes before the one before ends: right after it.
+        assert_eq!(
+            refill.push(id(1, 800), 1_000, &mut first),
+            Place::Late { by: 200 }
+        );
+        assert_eq!(refill.data_bytes(), 2_000);
+        // The numbers follow on but the audio does not (the one before came back short).
+        assert_eq!(
+            refill.push(id(2, 2_400), 1_000, &mut first),
+            Place::AfterGap(Gap {
+                missing: 2..2,
+                at: 2_000,
+                bytes: 400,
+                estimated: false
+            })
+        );
+        // A number already read is left out.
+        assert_eq!(refill.push(id(2, 2_400), 1_000, &mut first), Place::Repeat);
+        assert_eq!(refill.push(id(1, 1_000), 1_000, &mut first), Place::Repeat);
+        assert_eq!(refill.data_bytes(), 3_400);
+        assert_eq!(refill.from(), 3);
     }
 
     #[test]
