@@ -32,12 +32,14 @@
 //! once the recording is stored. An
 //! object that restarted mid-call (a deploy) or whose upload failed finds them ([`recover`]),
 //! and uploads the recording from them: the call keeps its audio up to the restart. That
-//! upload, too, lets part 1 go once it is full and reads it back at the end.
+//! upload, too, lets part 1 go once it is full and reads it back at the end. Each checkpoint's
+//! key says where its audio starts; where one is missing (its write failed) the upload puts
+//! silence of its length (`crate::recording::Refill`), so the audio after it keeps its place.
 
 use super::log;
 use super::outbox::Outbox;
 use crate::recording::{
-    self, Feed, FirstPart, Leftover, LiveUpload, Part, Parts, Recovery, BYTES_PER_MS,
+    self, Feed, FirstPart, Leftover, LiveUpload, Part, Parts, Place, Recovery, Refill, BYTES_PER_MS,
 };
 use crate::store::Record;
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -287,24 +289,24 @@ async fn list_checkpoints(
         .await
 }
 
-/// Up to `limit` checkpoints from number `from` on, in order: (number, PCM).
+/// Up to `limit` checkpoints from number `from` on, in order: (key, PCM).
 async fn read_checkpoints(
     storage: &Storage,
     from: u64,
     limit: usize,
-) -> worker::Result<Vec<(u64, Vec<u8>)>> {
+) -> worker::Result<Vec<(recording::CheckpointId, Vec<u8>)>> {
     let map = list_checkpoints(storage, from, limit).await?;
     let mut out = Vec::new();
     map.for_each(&mut |value, key| {
-        if let Some(seq) = key
+        if let Some(id) = key
             .as_string()
             .as_deref()
-            .and_then(recording::checkpoint_seq)
+            .and_then(recording::checkpoint_id)
         {
-            out.push((seq, js_sys::Uint8Array::new(&value).to_vec()));
+            out.push((id, js_sys::Uint8Array::new(&value).to_vec()));
         }
     });
-    out.sort_by_key(|(seq, _)| *seq);
+    out.sort_by_key(|(id, _)| id.seq);
     Ok(out)
 }
 
@@ -350,7 +352,8 @@ async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
 /// Uploads the recording kept in the object's checkpoints, when there are some and no writer
 /// of this instance is at work: the pump that recorded them is gone (the object restarted
 /// mid-call), or its upload failed. Checkpoints of a recording already stored, or that do not
-/// start at its start, are only deleted ([`recording::recovery`]). Each try is counted; after
+/// start at its start, are only deleted ([`recording::recovery`]). A checkpoint missing
+/// inside is silence of its length ([`recording::Refill`]). Each try is counted; after
 /// [`recording::CHECKPOINT_UPLOAD_TRIES`] the checkpoints are dropped. Returns at once: the
 /// upload goes on in a task of its own, and a failure sets the object's alarm to try again.
 pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> worker::Result<()> {
@@ -407,23 +410,30 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
     // Every checkpoint read is written: part 1 leaves memory here too once it is full, and is
     // read again at the end.
     let first = Rc::new(RefCell::new(FirstPart::new(PART_BYTES)));
-    let writer = Writer::new(
+    // Where each checkpoint goes, silence for any missing (shared with the writer, whose
+    // log line says what was filled).
+    let refill = Rc::new(RefCell::new(Refill::new()));
+    let mut writer = Writer::new(
         call_sid,
         bucket,
         queued.clone(),
         keep.clone(),
         first.clone(),
     );
+    writer.refill = Some(refill.clone());
     worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
     // The checkpoints are read a few at a time, as fast as the writer takes them in.
     let storage = keep.storage.clone();
+    let call_sid = call_sid.to_owned();
     worker::wasm_bindgen_futures::spawn_local(async move {
-        let mut next = 0;
+        let send = |pcm: Vec<u8>| {
+            queued.set(queued.get() + pcm.len());
+            let _ = tx.unbounded_send(Msg::Data(pcm));
+        };
         loop {
-            while queued.get() > MAX_QUEUED_BYTES {
-                Delay::from(Duration::from_millis(20)).await;
-            }
-            let batch = match read_checkpoints(&storage, next, READ_BATCH).await {
+            writer_caught_up(&queued).await;
+            let from = refill.borrow().from();
+            let batch = match read_checkpoints(&storage, from, READ_BATCH).await {
                 Ok(b) => b,
                 Err(e) => {
                     let _ = tx.unbounded_send(Msg::Abort(format!("read checkpoints: {e}")));
@@ -433,18 +443,55 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
             if batch.is_empty() {
                 return; // the end of the audio: dropping the sender completes the upload
             }
-            for (seq, pcm) in batch {
-                next = seq + 1;
-                let mut first = first.borrow_mut();
-                first.taken(seq, pcm.len());
-                first.written(seq);
-                drop(first);
-                queued.set(queued.get() + pcm.len());
-                let _ = tx.unbounded_send(Msg::Data(pcm));
+            for (id, pcm) in batch {
+                let place = refill
+                    .borrow_mut()
+                    .push(id, pcm.len(), &mut first.borrow_mut());
+                match place {
+                    Place::Next => {}
+                    Place::AfterGap(gap) => {
+                        let mut fields = gap_json(&gap);
+                        fields["call_sid"] = json!(call_sid);
+                        log("warn", "recording.checkpoint_gap", fields);
+                        // Silence a checkpoint at a time, at the writer's pace.
+                        let mut left = gap.bytes;
+                        while left > 0 {
+                            writer_caught_up(&queued).await;
+                            let n = left.min(recording::CHECKPOINT_BYTES as u64);
+                            send(vec![0; n as usize]);
+                            left -= n;
+                        }
+                    }
+                    Place::Late { by } => log(
+                        "warn",
+                        "recording.checkpoint_misplaced",
+                        json!({ "call_sid": call_sid, "seq": id.seq, "late_bytes": by }),
+                    ),
+                    Place::Repeat => continue,
+                }
+                send(pcm);
             }
         }
     });
     Ok(())
+}
+
+/// Waits until the writer has taken in all but [`MAX_QUEUED_BYTES`] of what it was sent.
+async fn writer_caught_up(queued: &Cell<usize>) {
+    while queued.get() > MAX_QUEUED_BYTES {
+        Delay::from(Duration::from_millis(20)).await;
+    }
+}
+
+/// A gap the recovery filled with silence, for the logs.
+fn gap_json(gap: &recording::Gap) -> serde_json::Value {
+    json!({
+        "missing": gap.missing.clone().collect::<Vec<_>>(),
+        "at_ms": gap.at / BYTES_PER_MS,
+        "silence_ms": gap.bytes / BYTES_PER_MS,
+        "silence_bytes": gap.bytes,
+        "length": if gap.estimated { "estimated" } else { "exact" },
+    })
 }
 
 struct Writer {
@@ -456,6 +503,8 @@ struct Writer {
     queued: Rc<Cell<usize>>,
     keep: Keep,
     first: Rc<RefCell<FirstPart>>,
+    /// A recovery's reading of the checkpoints: the gaps it filled with silence.
+    refill: Option<Rc<RefCell<Refill>>>,
 }
 
 fn metadata() -> HttpMetadata {
@@ -483,7 +532,18 @@ impl Writer {
             queued,
             keep,
             first,
+            refill: None,
         }
+    }
+
+    /// The gaps in the checkpoints filled with silence, for the stored recording's log line
+    /// (none in a live upload: it has all the audio).
+    fn checkpoint_gaps(&self) -> serde_json::Value {
+        let Some(refill) = &self.refill else {
+            return json!([]);
+        };
+        let gaps = refill.borrow();
+        gaps.gaps().iter().map(gap_json).collect()
     }
 
     async fn run(mut self, rx: UnboundedReceiver<Msg>, outbox: Outbox) {
@@ -542,7 +602,8 @@ impl Writer {
                     "recording.stored",
                     json!({ "call_sid": self.call_sid, "key": self.key, "duration_ms": duration_ms,
                             "bytes": bytes, "cut_short": abnormal,
-                            "first_part_from_checkpoints": rebuilt }),
+                            "first_part_from_checkpoints": rebuilt,
+                            "checkpoint_gaps": self.checkpoint_gaps() }),
                 );
                 outbox
                     .push(&Record::Recording {
