@@ -185,22 +185,45 @@ pub fn checkpoint_id(key: &str) -> Option<CheckpointId> {
     })
 }
 
+/// The last checkpoint an object holds: its key and how many bytes of PCM it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LastCheckpoint {
+    pub id: CheckpointId,
+    pub bytes: u64,
+}
+
 /// When a call whose pump was lost (the object restarted) ended at the latest, from its
-/// recording's checkpoints: the pump was gone before it could write the one after the last
-/// (`last_checkpoint`; `None` when it wrote none), and the recorder is at most
-/// [`MAX_BEHIND_MS`] behind the call. Never before the stream started nor after `now_ms`.
-/// A call not recorded leaves nothing to go by: `now_ms`.
+/// recording's checkpoints: the audio they hold ends where the last one (`None` when it
+/// wrote none) ends, the pump was gone before [`CHECKPOINT_EVERY_MS`] more was recorded (it
+/// would have written the next one), and the recorder is at most [`MAX_BEHIND_MS`] behind
+/// the call. Never before the stream started nor after `now_ms`. A call not recorded leaves
+/// nothing to go by: `now_ms`.
 pub fn lost_pump_ended_by_ms(
     streamed_at_ms: u64,
     recorded: bool,
-    last_checkpoint: Option<u64>,
+    last: Option<LastCheckpoint>,
     now_ms: u64,
 ) -> u64 {
     if !recorded {
         return now_ms.max(streamed_at_ms);
     }
-    let next = last_checkpoint.map_or(1, |seq| seq + 2);
-    let by = streamed_at_ms + next * CHECKPOINT_EVERY_MS + MAX_BEHIND_MS;
+    let saved_ms = match last {
+        None => 0,
+        Some(LastCheckpoint {
+            id:
+                CheckpointId {
+                    offset: Some(offset),
+                    ..
+                },
+            bytes,
+        }) => (offset + bytes).div_ceil(BYTES_PER_MS),
+        // A key from before keys said where their audio starts: a checkpoint is written once
+        // CHECKPOINT_EVERY_MS is unsaved, by chunks of at most MAX_CHUNK_MS, so each holds
+        // less than the two together (checkpoints hold a little over 5 s each, not 5 s: going
+        // by their number alone put an hour's call half a minute early).
+        Some(LastCheckpoint { id, .. }) => (id.seq + 1) * (CHECKPOINT_EVERY_MS + MAX_CHUNK_MS),
+    };
+    let by = streamed_at_ms + saved_ms + CHECKPOINT_EVERY_MS + MAX_BEHIND_MS;
     by.min(now_ms).max(streamed_at_ms)
 }
 
@@ -1099,10 +1122,39 @@ mod tests {
     #[test]
     fn a_lost_pump_s_call_ends_by_the_checkpoint_it_did_not_write() {
         let at = 1_000_000;
-        // Two checkpoints (0 and 1): gone before the third, 15 s of audio, was written.
+        let hour = 3_600_000;
+        let last = |seq, offset: Option<u64>, bytes| {
+            Some(LastCheckpoint {
+                id: CheckpointId { seq, offset },
+                bytes,
+            })
+        };
+        // Checkpoint 1 holds 5.2 s of audio from 5.1 s on: gone before the next 5 s was.
         assert_eq!(
-            lost_pump_ended_by_ms(at, true, Some(1), at + 60_000),
-            at + 15_000 + MAX_BEHIND_MS
+            lost_pump_ended_by_ms(
+                at,
+                true,
+                last(1, Some(5_100 * BYTES_PER_MS), 5_200 * BYTES_PER_MS),
+                at + 60_000
+            ),
+            at + 10_300 + CHECKPOINT_EVERY_MS + MAX_BEHIND_MS
+        );
+        // An hour in, checkpoints of a little over 5 s each: where the audio ends, not
+        // 5 s per checkpoint (which would be 700 × 5 s = 58 min 20 s, 100 s early).
+        let offset = (hour - 5_140) * BYTES_PER_MS;
+        assert_eq!(
+            lost_pump_ended_by_ms(
+                at,
+                true,
+                last(699, Some(offset), 5_140 * BYTES_PER_MS),
+                at + 2 * hour
+            ),
+            at + hour + CHECKPOINT_EVERY_MS + MAX_BEHIND_MS
+        );
+        // A key that does not say where it starts: at the latest, each holds under 9 s.
+        assert_eq!(
+            lost_pump_ended_by_ms(at, true, last(1, None, 1), at + 60_000),
+            at + 2 * (CHECKPOINT_EVERY_MS + MAX_CHUNK_MS) + CHECKPOINT_EVERY_MS + MAX_BEHIND_MS
         );
         // None: gone within the first 5 s of audio.
         assert_eq!(
@@ -1111,7 +1163,7 @@ mod tests {
         );
         // Never after now, never before the stream started, and nothing to go by unrecorded.
         assert_eq!(
-            lost_pump_ended_by_ms(at, true, Some(9), at + 7_000),
+            lost_pump_ended_by_ms(at, true, last(9, Some(0), 1), at + 7_000),
             at + 7_000
         );
         assert_eq!(lost_pump_ended_by_ms(at, true, None, at - 5), at);

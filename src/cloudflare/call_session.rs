@@ -148,8 +148,8 @@ fn now() -> Millis {
     Millis(js_sys::Date::now() as u64)
 }
 
-/// The number of the last recording checkpoint in the object's storage, if any.
-async fn last_checkpoint(storage: &Storage) -> Result<Option<u64>> {
+/// The last recording checkpoint in the object's storage, if any: its key and its length.
+async fn last_checkpoint(storage: &Storage) -> Result<Option<crate::recording::LastCheckpoint>> {
     let map = storage
         .list_with_options(
             ListOptions::new()
@@ -159,11 +159,17 @@ async fn last_checkpoint(storage: &Storage) -> Result<Option<u64>> {
         )
         .await?;
     let mut last = None;
-    map.for_each(&mut |_, key| {
-        last = key
+    map.for_each(&mut |value, key| {
+        let id = key
             .as_string()
             .as_deref()
-            .and_then(crate::recording::checkpoint_seq);
+            .and_then(crate::recording::checkpoint_id);
+        // A Uint8Array or an ArrayBuffer: either says its length without a copy.
+        let bytes = js_sys::Reflect::get(&value, &"byteLength".into())
+            .ok()
+            .and_then(|n| n.as_f64())
+            .unwrap_or(0.0) as u64;
+        last = id.map(|id| crate::recording::LastCheckpoint { id, bytes });
     });
     Ok(last)
 }
