@@ -324,6 +324,9 @@ pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
 pub const FAULT_INJECT_D1_FAILURES: &str = "FAULT_INJECT_D1_FAILURES";
 /// Test hook: the voice webhook's D1 agent lookup takes N ms longer (a slow D1).
 pub const FAULT_INJECT_D1_LOOKUP_DELAY_MS: &str = "FAULT_INJECT_D1_LOOKUP_DELAY_MS";
+/// Test hook: each D1 write of a call waits N ms before it is sent (a write on its way
+/// when the object restarts).
+pub const FAULT_INJECT_D1_STALL_MS: &str = "FAULT_INJECT_D1_STALL_MS";
 /// The test hooks, with what each does: unset in production (`check-config` refuses a
 /// deploy that sets one to anything but 0).
 pub const FAULT_HOOKS: &[(&str, &str)] = &[
@@ -334,6 +337,10 @@ pub const FAULT_HOOKS: &[(&str, &str)] = &[
     (
         FAULT_INJECT_D1_LOOKUP_DELAY_MS,
         "every call's agent lookup in D1 is slowed down",
+    ),
+    (
+        FAULT_INJECT_D1_STALL_MS,
+        "every write of a call to D1 waits that many milliseconds",
     ),
 ];
 /// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be

@@ -142,10 +142,16 @@ fn deploy_time_vars_secrets_in_any_environment_and_the_test_hook_are_checked() {
         "{}",
         said(&out)
     );
-    // The fault-injection hook makes every call's first D1 writes fail.
-    let out = check("[vars]\nFAULT_INJECT_D1_FAILURES = 5\n", &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
-    assert!(said(&out).contains("a test hook"), "{}", said(&out));
+    // The fault-injection hooks make every call's first D1 writes fail, or hold every one.
+    for hook in ["FAULT_INJECT_D1_FAILURES", "FAULT_INJECT_D1_STALL_MS"] {
+        let out = check(&format!("[vars]\n{hook} = 5\n"), &[]);
+        assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+        assert!(
+            said(&out).contains(&format!("{hook}: a test hook")),
+            "{}",
+            said(&out)
+        );
+    }
 }
 
 #[test]

@@ -81,6 +81,9 @@ struct Inner {
     /// Test hook: fail this many D1 writes (FAULT_INJECT_D1_FAILURES), to prove nothing
     /// is lost when D1 errors.
     injected_failures: Cell<u64>,
+    /// Test hook: hold each D1 write this long (FAULT_INJECT_D1_STALL_MS), so that a restart
+    /// can land while one is on its way.
+    injected_stall: Duration,
     running: Cell<bool>,
     flushing: Lock,
 }
@@ -92,9 +95,13 @@ pub struct Outbox(Rc<Inner>);
 impl Outbox {
     pub fn new(storage: Storage, env: Env) -> Self {
         let (wake, rx) = mpsc::unbounded();
-        let injected = super::setting_text(&env, crate::config::FAULT_INJECT_D1_FAILURES)
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
+        let hook = |name| {
+            super::setting_text(&env, name)
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let injected = hook(crate::config::FAULT_INJECT_D1_FAILURES);
+        let injected_stall = Duration::from_millis(hook(crate::config::FAULT_INJECT_D1_STALL_MS));
         let outbox = Outbox(Rc::new(Inner {
             storage,
             env,
@@ -105,6 +112,7 @@ impl Outbox {
             stored: Cell::new(0),
             wake,
             injected_failures: Cell::new(injected),
+            injected_stall,
             running: Cell::new(false),
             flushing: Lock::default(),
         }));
@@ -233,6 +241,9 @@ impl Outbox {
     }
 
     async fn write_d1(&self, statements: &[Statement]) -> worker::Result<()> {
+        if !self.0.injected_stall.is_zero() {
+            Delay::from(self.0.injected_stall).await;
+        }
         if self.0.injected_failures.get() > 0 {
             self.0
                 .injected_failures
