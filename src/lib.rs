@@ -14,6 +14,7 @@ pub mod config;
 pub mod http;
 pub mod ids;
 pub mod openai;
+pub mod outbox;
 pub mod recording;
 pub mod signature;
 pub mod store;

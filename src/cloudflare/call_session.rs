@@ -127,7 +127,8 @@ impl DurableObject for CallSession {
         if self.finalize_orphaned_stream().await? == Stream::Live {
             self.state.storage().set_alarm(WATCH).await?;
         }
-        if let Err(e) = self.outbox().flush().await {
+        // What waits in storage, and what is still in memory (storage refused it).
+        if let Err(e) = self.outbox().catch_up().await {
             log(
                 "warn",
                 "outbox.alarm_flush_failed",

@@ -4,16 +4,18 @@
 //! Whatever D1 does not accept at once (and what the Worker hands over with `push`) is
 //! first written to the object's storage, copied to D1 from there in order and deleted only
 //! once D1 has accepted it; a failed D1 write is retried with backoff, and an alarm brings
-//! the object back to finish if it is evicted first. (Storage writes cost the whole object:
-//! under load, one per record stalled every call's audio in `wrangler dev`.)
+//! the object back to finish if it is evicted first. A record storage refuses stays in memory
+//! and is tried again, the same way. (Storage writes cost the whole object: under load, one
+//! per record stalled every call's audio in `wrangler dev`.) What is where, and what is owed,
+//! is `crate::outbox::Ledger`'s bookkeeping.
 
 use super::db;
 use super::log;
+use crate::outbox::{backoff_after, Held, Ledger};
 use crate::store::{self, Record, Statement};
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use futures::StreamExt;
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 use worker::{Date, Delay, Env, ListOptions, Storage};
@@ -33,7 +35,6 @@ struct Stored {
     /// Storage refused a write: that record is back at the head of the queue.
     failed: bool,
 }
-const MAX_BACKOFF_MS: u64 = 30_000;
 
 fn key(seq: u64) -> String {
     format!("{PREFIX}{seq:016}")
@@ -67,16 +68,11 @@ struct Inner {
     storage: Storage,
     env: Env,
     next_seq: Cell<Option<u64>>,
-    /// Records handed over with `enqueue`, in neither D1 nor storage yet, oldest first:
-    /// their statements and call.
-    unstored: RefCell<VecDeque<(Vec<Statement>, String)>>,
-    /// Held while records leave `unstored` (to D1 or to storage), so they leave in order.
+    /// The records handed over (their statements and call) and what storage holds.
+    ledger: RefCell<Ledger<(Vec<Statement>, String)>>,
+    /// Held while records leave the ledger's memory (to D1 or to storage), so they leave in
+    /// order.
     storing: Lock,
-    /// Records may be waiting in storage: new ones must queue behind them. True at first
-    /// (an earlier instance may have left some) until a flush finds storage empty.
-    backlog: Cell<bool>,
-    /// Records written to storage so far, to tell whether one came during a flush.
-    stored: Cell<u64>,
     wake: UnboundedSender<()>,
     /// Test hook: fail this many D1 writes (FAULT_INJECT_D1_FAILURES), to prove nothing
     /// is lost when D1 errors.
@@ -106,10 +102,8 @@ impl Outbox {
             storage,
             env,
             next_seq: Cell::new(None),
-            unstored: RefCell::new(VecDeque::new()),
+            ledger: RefCell::new(Ledger::new()),
             storing: Lock::default(),
-            backlog: Cell::new(true),
-            stored: Cell::new(0),
             wake,
             injected_failures: Cell::new(injected),
             injected_stall,
@@ -178,12 +172,13 @@ impl Outbox {
                 Delay::from(Duration::from_millis(10)).await;
                 continue;
             }
-            if self.0.unstored.borrow().is_empty() {
+            if self.0.ledger.borrow().unstored() == 0 {
                 return true;
             }
             let stored = self.store().await;
-            if stored.moved > 0 {
-                // The writer may have looked before these were stored.
+            if stored.moved > 0 || stored.failed {
+                // The writer may have looked before these were stored (or refused): it copies
+                // them to D1, or tries them again.
                 let _ = self.0.wake.unbounded_send(());
             }
             if stored.failed {
@@ -202,39 +197,41 @@ impl Outbox {
             return;
         }
         self.0
-            .unstored
+            .ledger
             .borrow_mut()
-            .push_back((statements, record.call_sid().to_owned()));
+            .push((statements, record.call_sid().to_owned()));
         let _ = self.0.wake.unbounded_send(());
     }
 
     /// Sends what was handed over straight to D1 when nothing waits in storage. Returns
     /// false when the records must go through storage instead (a backlog, another mover, or
-    /// D1 refused them: then they are back in `unstored`, in order).
+    /// D1 refused them: then they are back in the queue, in order).
     async fn send_direct(&self) -> bool {
-        if self.0.backlog.get() {
+        if self.0.ledger.borrow().held() != Held::Empty {
             return false;
         }
         let Some(_guard) = self.0.storing.try_take() else {
             return false;
         };
-        let batch: Vec<(Vec<Statement>, String)> = self.0.unstored.borrow_mut().drain(..).collect();
+        let Some(batch) = self.0.ledger.borrow_mut().take_direct() else {
+            return false;
+        };
         if batch.is_empty() {
             return true;
         }
         let statements = store::coalesce(batch.iter().flat_map(|(s, _)| s.iter().cloned()));
         match self.write_d1(&statements).await {
-            Ok(()) => true,
+            Ok(()) => {
+                self.0.ledger.borrow_mut().direct_done();
+                true
+            }
             Err(e) => {
                 log(
                     "warn",
                     "outbox.d1_write_failed",
                     serde_json::json!({ "error": e.to_string(), "then": "kept in storage, retried" }),
                 );
-                let mut unstored = self.0.unstored.borrow_mut();
-                for entry in batch.into_iter().rev() {
-                    unstored.push_front(entry);
-                }
+                self.0.ledger.borrow_mut().direct_failed(batch);
                 false
             }
         }
@@ -257,18 +254,17 @@ impl Outbox {
     }
 
     /// Moves enqueued records into local storage, in order (one mover at a time). A write
-    /// storage refuses puts its record back at the head of the queue and stops there: the
-    /// writer tries again with its backoff.
+    /// storage refuses puts its record back at the head of the queue, uncounted, and stops
+    /// there: the writer tries again with its backoff.
     async fn store(&self) -> Stored {
         let mut done = Stored::default();
         let Some(_guard) = self.0.storing.try_take() else {
             return done;
         };
         loop {
-            let Some((statements, call_sid)) = self.0.unstored.borrow_mut().pop_front() else {
+            let Some((statements, call_sid)) = self.0.ledger.borrow_mut().next_to_store() else {
                 return done;
             };
-            self.0.backlog.set(true);
             let text = serde_json::to_string(&statements).expect("statements serialize");
             let result = async {
                 let seq = self.next_seq().await?;
@@ -277,7 +273,6 @@ impl Outbox {
                 Ok::<_, worker::Error>(())
             }
             .await;
-            self.0.stored.set(self.0.stored.get() + 1);
             if let Err(e) = result {
                 // Local storage failing is as bad as it gets: say so loudly, and keep the
                 // record in memory for the next try rather than drop it.
@@ -287,48 +282,62 @@ impl Outbox {
                     serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
                 );
                 self.0
-                    .unstored
+                    .ledger
                     .borrow_mut()
-                    .push_front((statements, call_sid));
+                    .store_refused((statements, call_sid));
                 done.failed = true;
                 return done;
             }
+            self.0.ledger.borrow_mut().stored();
             done.moved += 1;
         }
+    }
+
+    /// One round of getting what was handed over to D1: straight there when nothing waits in
+    /// storage, else into storage and from there to D1. An error when D1 or storage failed,
+    /// or when storage refused a record, which then waits in memory for the next round.
+    pub async fn catch_up(&self) -> worker::Result<()> {
+        if !self.send_direct().await {
+            self.store().await;
+            self.flush().await?;
+        }
+        if self.0.ledger.borrow().refused() {
+            return Err(worker::Error::RustError(
+                "storage refused a record: it waits in memory".into(),
+            ));
+        }
+        Ok(())
     }
 
     async fn writer(self, mut rx: UnboundedReceiver<()>) {
         let mut backoff = 0u64;
         while rx.next().await.is_some() {
-            // Coalesce wake-ups that came while we were writing.
-            while rx.try_recv().is_ok() {}
-            if self.send_direct().await {
-                continue;
-            }
             loop {
-                self.store().await;
-                match self.flush().await {
-                    Ok(()) => {
-                        backoff = 0;
-                        break;
-                    }
-                    Err(e) => {
-                        backoff = (backoff * 2).clamp(500, MAX_BACKOFF_MS);
-                        log(
-                            "warn",
-                            "outbox.d1_write_failed",
-                            serde_json::json!({ "error": e.to_string(), "retry_in_ms": backoff }),
-                        );
-                        // If the object is evicted before the retry, the alarm resumes it.
-                        let _ = self
-                            .0
-                            .storage
-                            .set_alarm(Duration::from_millis(backoff + 1000))
-                            .await;
-                        self.wait_storing(&mut rx, Duration::from_millis(backoff))
-                            .await;
-                    }
-                }
+                // Coalesce wake-ups that came while we were writing.
+                while rx.try_recv().is_ok() {}
+                let Err(e) = self.catch_up().await else {
+                    backoff = 0;
+                    break;
+                };
+                backoff = backoff_after(backoff);
+                let event = if self.0.ledger.borrow().refused() {
+                    "outbox.store_retry"
+                } else {
+                    "outbox.d1_write_failed"
+                };
+                log(
+                    "warn",
+                    event,
+                    serde_json::json!({ "error": e.to_string(), "retry_in_ms": backoff }),
+                );
+                // If the object is evicted before the retry, the alarm resumes it.
+                let _ = self
+                    .0
+                    .storage
+                    .set_alarm(Duration::from_millis(backoff + 1000))
+                    .await;
+                self.wait_storing(&mut rx, Duration::from_millis(backoff))
+                    .await;
             }
         }
     }
@@ -354,8 +363,7 @@ impl Outbox {
 
     /// Nothing waits to reach D1 and nothing is on its way there: no retry needs the alarm.
     fn is_idle(&self) -> bool {
-        !self.0.backlog.get()
-            && self.0.unstored.borrow().is_empty()
+        self.0.ledger.borrow().is_idle()
             && !self.0.storing.is_taken()
             && !self.0.flushing.is_taken()
     }
@@ -368,13 +376,13 @@ impl Outbox {
     }
 
     /// Copies everything queued to D1, oldest first, deleting what D1 accepted.
-    pub async fn flush(&self) -> worker::Result<()> {
+    async fn flush(&self) -> worker::Result<()> {
         // One flush at a time (the alarm and the writer may both call this).
         let Some(_guard) = self.0.flushing.try_take() else {
             return Ok(());
         };
         loop {
-            let stored_before = self.0.stored.get();
+            let mark = self.0.ledger.borrow().flush_mark();
             let entries = self
                 .0
                 .storage
@@ -397,12 +405,12 @@ impl Outbox {
                 }
                 keys.push(k);
             }
+            self.0.ledger.borrow_mut().flush_listed(keys.len());
             // Storage is drained once a listing was short, nothing was stored since and
             // nothing is being stored now.
             let drained = |me: &Self| {
-                if me.0.stored.get() == stored_before && !me.0.storing.is_taken() {
-                    me.0.backlog.set(false);
-                }
+                let storing = me.0.storing.is_taken();
+                me.0.ledger.borrow_mut().flush_drained(mark, storing);
             };
             if keys.is_empty() {
                 drained(self);
