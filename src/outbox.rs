@@ -5,7 +5,10 @@
 //! - records go straight to D1 only while storage is known to hold none (they would
 //!   overtake those);
 //! - a record storage refused stays at the head of the memory queue, is not counted as
-//!   stored, and is owed a retry until storage or D1 takes it.
+//!   stored, and is owed a retry until storage or D1 takes it;
+//! - while storage may hold records, or memory holds ones storage refused, the object owes
+//!   itself an alarm, so that a restart (a deploy) cannot strand them: set once, before the
+//!   first record is written, not per record, and owed again once it fired or was deleted.
 
 use std::collections::VecDeque;
 
@@ -34,6 +37,8 @@ pub struct Ledger<T> {
     stored: u64,
     /// Storage refused the write of the record now at the head of `unstored`.
     refused: bool,
+    /// An alarm of the object is pending: set since it last fired or was deleted.
+    alarm: bool,
 }
 
 impl<T> Default for Ledger<T> {
@@ -43,6 +48,7 @@ impl<T> Default for Ledger<T> {
             held: Held::Unknown,
             stored: 0,
             refused: false,
+            alarm: false,
         }
     }
 }
@@ -127,6 +133,23 @@ impl<T> Ledger<T> {
         if self.stored == mark.0 && !storing {
             self.held = Held::Empty;
         }
+    }
+
+    /// An alarm must be set before anything else is done: storage may hold records (or is
+    /// about to, see [`Ledger::next_to_store`]), or memory holds some it refused, and no alarm
+    /// is known to be pending.
+    pub fn alarm_owed(&self) -> bool {
+        !self.alarm && (self.held != Held::Empty || self.refused)
+    }
+
+    /// The object's alarm is set (or being set).
+    pub fn alarm_set(&mut self) {
+        self.alarm = true;
+    }
+
+    /// The object's alarm fired (its handler is running) or is being deleted: none is pending.
+    pub fn alarm_gone(&mut self) {
+        self.alarm = false;
     }
 
     /// Nothing waits in memory or in storage (the shell adds that nothing is on its way).
@@ -250,6 +273,61 @@ mod tests {
         l.direct_done();
         assert!(!l.refused());
         assert!(l.is_idle());
+    }
+
+    #[test]
+    fn records_put_in_storage_owe_one_alarm_not_one_per_record() {
+        let mut l = Ledger::new();
+        l.flush_drained(l.flush_mark(), false);
+        l.push(1);
+        l.push(2);
+        assert!(
+            !l.alarm_owed(),
+            "in memory on their way to D1: nothing to strand"
+        );
+        l.next_to_store();
+        assert!(l.alarm_owed(), "before the first write lands");
+        l.alarm_set();
+        l.stored();
+        l.next_to_store();
+        assert!(!l.alarm_owed(), "one is pending");
+        l.stored();
+        // It fired (the object may have restarted since): records still held owe another.
+        l.alarm_gone();
+        assert!(l.alarm_owed());
+        // Once they reached D1, nothing is owed.
+        let mark = l.flush_mark();
+        l.flush_listed(2);
+        l.flush_drained(mark, false);
+        assert!(!l.alarm_owed());
+        // A record stored after the alarm was deleted (the call had settled) owes a new one.
+        l.push(3);
+        l.next_to_store();
+        assert!(l.alarm_owed());
+    }
+
+    #[test]
+    fn records_storage_refused_owe_an_alarm_as_they_wait_in_memory() {
+        let mut l = Ledger::new();
+        l.flush_drained(l.flush_mark(), false);
+        l.push(1);
+        let first = l.next_to_store().unwrap();
+        l.store_refused(first);
+        l.flush_drained(l.flush_mark(), false);
+        assert_eq!(l.held(), Held::Empty);
+        assert!(l.alarm_owed());
+        assert_eq!(l.take_direct(), Some(vec![1]));
+        l.direct_done();
+        assert!(!l.alarm_owed());
+    }
+
+    #[test]
+    fn a_new_instance_owes_an_alarm_until_a_flush_finds_storage_empty() {
+        // What an earlier instance left, should this one's flush not get to finish.
+        let mut l: Ledger<u8> = Ledger::new();
+        assert!(l.alarm_owed());
+        l.flush_drained(l.flush_mark(), false);
+        assert!(!l.alarm_owed());
     }
 
     #[test]

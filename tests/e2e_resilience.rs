@@ -15,6 +15,10 @@
 //!   still queued in the object's outbox because D1 was locked at the restart. All end as
 //!   `bridge_restarted` and failed, keeping every row written before the restart, and each
 //!   call's recording up to its last checkpoint is uploaded from its object's storage.
+//! - The Worker restarts while records are on their way from a call object's storage to D1 (each
+//!   D1 write is held by the test hook `FAULT_INJECT_D1_STALL_MS`, so the restart finds one
+//!   in flight): an alarm was set when they were stored, and brings the object back to copy
+//!   them, though nothing else would wake it (a call whose stream never connected).
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -751,4 +755,97 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
     relays_both_ways(h, &fresh, 0x7b, "a call after the restart").await;
     fresh.twilio.send_stop(&fresh.ids);
     ok(h, fresh.openai.wait_closed(SOON).await);
+}
+
+// ---- 3. a restart while records are on their way to D1 ---------------------------------------------
+
+/// How long the stalled Worker holds each D1 write of a call object's outbox.
+const STALL: Duration = Duration::from_secs(15);
+
+/// Records a call object moved to its storage and was copying to D1 when the Worker restarted
+/// reach D1 all the same: an alarm was set as they were stored.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
+    let scratch = support::scratch_dir("e2e-resilience-stalled");
+    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h = Harness::start_from(
+        scratch.clone(),
+        deployment.dir.clone(),
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            (
+                "FAULT_INJECT_D1_STALL_MS".into(),
+                STALL.as_millis().to_string(),
+            ),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the stalled Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
+
+    // P: a call whose stream never connected. Its object keeps the registration, then Twilio's
+    // final status, in its storage, and is copying them to D1 (held) when the Worker restarts.
+    // Nothing else will ever wake that object: no stream, no watch.
+    let p = CallIds::new();
+    let (p_from, p_to) = ("+15551230631", "+81312345678");
+    let registered_at = Instant::now();
+    h.answer_call(&p, p_from, p_to).await;
+    let r = h
+        .post_status(&tw::status_params(
+            &p,
+            p_from,
+            p_to,
+            "completed",
+            2,
+            Some(7),
+        ))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    // The deploy, within the first write's hold.
+    let reloads = count_in_log(h, "Local server updated and ready");
+    let redeployed_at = Instant::now();
+    deployment.redeploy().unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, "Local server updated and ready") <= reloads {
+        assert!(
+            Instant::now() < deadline,
+            "wrangler did not reload:\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        registered_at.elapsed() < STALL,
+        "the reload came {:?} after the call's first record, later than its D1 write was \
+         held: nothing was in flight",
+        registered_at.elapsed()
+    );
+
+    // P's records reach D1: its row, and why the agent never served it.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(
+                &p.call_sid,
+                "P's records, after the restart",
+                D1_DEADLINE,
+                |d| d["call"]["end_reason"] == "stream_never_connected",
+            )
+            .await,
+    );
+    eprintln!(
+        "P in D1 {:.1}s after the restart",
+        redeployed_at.elapsed().as_secs_f64()
+    );
+    assert_eq!(detail["call"]["status"], "failed", "{}", pretty(&detail));
+    assert_eq!(
+        detail["call"]["twilio_duration_s"],
+        7,
+        "{}",
+        pretty(&detail)
+    );
+    assert_eq!(detail["call"]["from_number"], p_from, "{}", pretty(&detail));
 }

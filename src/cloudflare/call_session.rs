@@ -124,22 +124,24 @@ impl DurableObject for CallSession {
     }
 
     async fn alarm(&self) -> Result<Response> {
+        let outbox = self.outbox();
+        // This alarm is spent: records stored from now on need a new one.
+        outbox.alarm_gone();
         if self.finalize_orphaned_stream().await? == Stream::Live {
             self.state.storage().set_alarm(WATCH).await?;
         }
         // What waits in storage, and what is still in memory (storage refused it).
-        if let Err(e) = self.outbox().catch_up().await {
+        if let Err(e) = outbox.catch_up().await {
             log(
                 "warn",
                 "outbox.alarm_flush_failed",
                 serde_json::json!({ "error": e.to_string() }),
             );
-            self.state
-                .storage()
-                .set_alarm(Duration::from_secs(5))
-                .await?;
         }
         self.recover_recording().await;
+        // Records still waiting (D1 failed, or the writer is still at them) bring the object
+        // back; once they are all in D1 nothing is owed and the alarm is not set again.
+        outbox.arm_if_owed().await;
         Response::ok("")
     }
 }
@@ -668,6 +670,9 @@ impl Pump {
                             .await
                                 && matches!(recording::has_checkpoints(&storage).await, Ok(false));
                         if recorded && outbox.settled(SETTLE).await {
+                            // In the turn the outbox was found settled: a record stored from
+                            // now on sets the alarm again, after this deletion.
+                            outbox.alarm_gone();
                             if let Err(e) = storage.delete_alarm().await {
                                 log(
                                     "warn",

@@ -3,8 +3,10 @@
 //! in memory; while nothing is waiting in the object's own storage they go straight to D1.
 //! Whatever D1 does not accept at once (and what the Worker hands over with `push`) is
 //! first written to the object's storage, copied to D1 from there in order and deleted only
-//! once D1 has accepted it; a failed D1 write is retried with backoff, and an alarm brings
-//! the object back to finish if it is evicted first. A record storage refuses stays in memory
+//! once D1 has accepted it; a failed D1 write is retried with backoff. Records in storage
+//! always have an alarm behind them, set (once, not per record) before the first is written:
+//! a restart (a deploy) while they are on their way to D1 would otherwise strand them in an
+//! object nothing wakes again; the alarm copies them. A record storage refuses stays in memory
 //! and is tried again, the same way. (Storage writes cost the whole object: under load, one
 //! per record stalled every call's audio in `wrangler dev`.) What is where, and what is owed,
 //! is `crate::outbox::Ledger`'s bookkeeping.
@@ -27,6 +29,9 @@ const BATCH: usize = 50;
 /// inside Twilio's 15 s webhook timeout, since the voice webhook and the status callback
 /// wait on it (a webhook Twilio gave up on plays its "application error" to the caller).
 pub(crate) const DURABLE_WAIT: Duration = Duration::from_secs(8);
+/// When the alarm set behind records put in storage fires: if the object is still up, the
+/// writer has long copied them, and the alarm finds nothing to do.
+const ALARM_AFTER: Duration = Duration::from_secs(10);
 
 /// What [`Outbox::store`] did.
 #[derive(Default)]
@@ -265,6 +270,7 @@ impl Outbox {
             let Some((statements, call_sid)) = self.0.ledger.borrow_mut().next_to_store() else {
                 return done;
             };
+            self.arm_if_owed().await;
             let text = serde_json::to_string(&statements).expect("statements serialize");
             let result = async {
                 let seq = self.next_seq().await?;
@@ -331,11 +337,7 @@ impl Outbox {
                     serde_json::json!({ "error": e.to_string(), "retry_in_ms": backoff }),
                 );
                 // If the object is evicted before the retry, the alarm resumes it.
-                let _ = self
-                    .0
-                    .storage
-                    .set_alarm(Duration::from_millis(backoff + 1000))
-                    .await;
+                self.arm_if_owed().await;
                 self.wait_storing(&mut rx, Duration::from_millis(backoff))
                     .await;
             }
@@ -359,6 +361,30 @@ impl Outbox {
                 }
             }
         }
+    }
+
+    /// Sets the object's alarm when records may wait in storage (or in memory, refused by it)
+    /// and none is known to be pending. Marked set before it is, so that a deletion issued
+    /// after this call (see [`Outbox::alarm_gone`]) comes after it too.
+    pub async fn arm_if_owed(&self) {
+        if !self.0.ledger.borrow().alarm_owed() {
+            return;
+        }
+        self.0.ledger.borrow_mut().alarm_set();
+        if let Err(e) = self.0.storage.set_alarm(ALARM_AFTER).await {
+            self.0.ledger.borrow_mut().alarm_gone();
+            log(
+                "error",
+                "outbox.alarm_not_set",
+                serde_json::json!({ "error": e.to_string() }),
+            );
+        }
+    }
+
+    /// The object's alarm fired (call first thing in its handler) or is about to be deleted
+    /// (call in the same turn as the deletion): the next record stored sets a new one.
+    pub fn alarm_gone(&self) {
+        self.0.ledger.borrow_mut().alarm_gone();
     }
 
     /// Nothing waits to reach D1 and nothing is on its way there: no retry needs the alarm.
