@@ -18,7 +18,10 @@
 //! - The Worker restarts while records are on their way from a call object's storage to D1 (each
 //!   D1 write is held by the test hook `FAULT_INJECT_D1_STALL_MS`, so the restart finds one
 //!   in flight): an alarm was set when they were stored, and brings the object back to copy
-//!   them, though nothing else would wake it (a call whose stream never connected).
+//!   them, though nothing else would wake it (a call whose stream never connected). A call
+//!   that ends while a write of its records is held is not marked ended until its last
+//!   records are kept: the restart then finds it unfinished and finalizes it, or finds its end
+//!   in storage; either way its row ends.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -763,7 +766,9 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
 const STALL: Duration = Duration::from_secs(15);
 
 /// Records a call object moved to its storage and was copying to D1 when the Worker restarted
-/// reach D1 all the same: an alarm was set as they were stored.
+/// reach D1 all the same: an alarm was set as they were stored. A call whose end could not be
+/// kept at once (a write of its records held longer than the outbox waits) is not marked
+/// ended before it is, so the restart does not leave its row in progress.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
     let scratch = support::scratch_dir("e2e-resilience-stalled");
@@ -784,6 +789,38 @@ async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
     .unwrap_or_else(|e| panic!("the stalled Worker did not start:\n{e}"));
     let h = &h;
     let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
+
+    // Q: a call that ends while its records are on their way to D1. Its object's first write
+    // (the registration, from storage) is held; its row appears once that is through, and the
+    // records of the stream's start, handed over meanwhile, then go straight to D1, held too.
+    let q = h
+        .start_call(CallSpec {
+            from: "+15551230632".into(),
+            script: greeting_script(0xa1),
+            ..CallSpec::default()
+        })
+        .await;
+    let q_sid = q.ids.call_sid.as_str();
+    ok(
+        h,
+        admin
+            .wait_call(q_sid, "Q's registration", D1_DEADLINE, |_| true)
+            .await,
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The caller hangs up during that write: the call's end waits for it longer than the
+    // outbox waits for a D1 write (8 s), and is not kept at once.
+    let not_durable = count_in_log(h, "outbox.not_durable");
+    q.twilio.send_stop(&q.ids);
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, "outbox.not_durable") == not_durable {
+        assert!(
+            Instant::now() < deadline,
+            "Q's end was kept at once: no D1 write was held at the end of the call\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // P: a call whose stream never connected. Its object keeps the registration, then Twilio's
     // final status, in its storage, and is copying them to D1 (held) when the Worker restarts.
@@ -824,6 +861,19 @@ async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
         registered_at.elapsed()
     );
 
+    // Twilio's final status callback for Q, as it comes after the stream dropped.
+    let r = h
+        .post_status(&tw::status_params(
+            &q.ids,
+            &q.from,
+            &q.to,
+            "completed",
+            2,
+            Some(30),
+        ))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
     // P's records reach D1: its row, and why the agent never served it.
     let detail = ok(
         h,
@@ -848,4 +898,28 @@ async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
         pretty(&detail)
     );
     assert_eq!(detail["call"]["from_number"], p_from, "{}", pretty(&detail));
+
+    // Q's row ends: with its own end if that was kept before the restart, else as a call the
+    // restart cut (its object still counted it as streaming). Not left in progress.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(q_sid, "Q's end, after the restart", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+                    && d["call"]["ended_at"].is_string()
+                    && d["call"]["twilio_duration_s"] == 30
+            })
+            .await,
+    );
+    eprintln!(
+        "Q ended in D1 {:.1}s after the restart: {}",
+        redeployed_at.elapsed().as_secs_f64(),
+        detail["call"]["end_reason"]
+    );
+    let end = detail["call"]["end_reason"].as_str().unwrap();
+    assert!(
+        ["bridge_restarted", "twilio_stop"].contains(&end),
+        "{}",
+        pretty(&detail)
+    );
 }

@@ -646,8 +646,12 @@ impl Pump {
                     wasm_bindgen_futures::spawn_local(async move {
                         // The call's last records (its end among them) are kept first:
                         // once the call reads as ended, a restart no longer finalizes it,
-                        // so they must not be lost with this instance.
-                        outbox.durable().await;
+                        // so they must not be lost with this instance. Until they are, the
+                        // stream counts as live; should the object restart meanwhile, the
+                        // call is finalized as interrupted.
+                        outbox
+                            .until_durable(summary.call_sid.as_str(), "the call's end")
+                            .await;
                         let stored = storage.put(CALL_KEY, &record).await;
                         live.set(false);
                         if let Err(e) = stored {

@@ -192,6 +192,31 @@ impl Outbox {
         }
     }
 
+    /// Waits until every record handed over so far is durable (see [`Outbox::durable`]),
+    /// however long that takes: each refusal is logged and tried again after a pause that
+    /// grows to [`crate::outbox::MAX_BACKOFF_MS`]. For background work that must not go on
+    /// before its records are kept (marking a call ended, a recording stored); `what` names
+    /// it in the log.
+    pub async fn until_durable(&self, call_sid: &str, what: &str) {
+        let mut pause = 0;
+        while !self.durable().await {
+            pause = backoff_after(pause);
+            log(
+                "error",
+                "outbox.not_kept_yet",
+                serde_json::json!({ "call_sid": call_sid, "what": what, "retry_in_ms": pause }),
+            );
+            Delay::from(Duration::from_millis(pause)).await;
+        }
+    }
+
+    /// Queues a record and returns once it is durable, however long that takes (see
+    /// [`Outbox::until_durable`]).
+    pub async fn keep(&self, record: &Record, what: &str) {
+        self.enqueue(record);
+        self.until_durable(record.call_sid(), what).await;
+    }
+
     /// Queues a record without waiting: the call's pump hands records over here so the
     /// audio path never waits on storage. They are stored in the order given, by `push`
     /// or by the background writer, whichever runs first.

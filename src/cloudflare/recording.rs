@@ -605,14 +605,15 @@ impl Writer {
                             "first_part_from_checkpoints": rebuilt,
                             "checkpoint_gaps": self.checkpoint_gaps() }),
                 );
-                outbox
-                    .push(&Record::Recording {
-                        call_sid: self.call_sid.clone(),
-                        key: self.key.clone(),
-                        duration_ms,
-                        bytes,
-                    })
-                    .await;
+                // Kept (tried until it is) before the checkpoints go: a restart until then
+                // stores the file again from them.
+                let link = Record::Recording {
+                    call_sid: self.call_sid.clone(),
+                    key: self.key.clone(),
+                    duration_ms,
+                    bytes,
+                };
+                outbox.keep(&link, "the recording's link").await;
                 // Stored: the copies in the object's storage have served their purpose. The
                 // marker first, so that if the deletion stops partway the checkpoints left
                 // (the recording's end) are only deleted later, never uploaded over the file.
