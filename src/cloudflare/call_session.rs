@@ -33,6 +33,9 @@ const WATCH: Duration = Duration::from_secs(60);
 /// How long an ended call waits for its records to reach D1 before it stops the watch's
 /// alarm; past that, the alarm stays (and flushes what is left when it fires).
 const SETTLE: Duration = Duration::from_secs(30);
+/// When the alarm tries again what a status callback could not finish (the end of a stream
+/// a restart cut).
+const CLEANUP_RETRY: Duration = Duration::from_secs(10);
 
 #[durable_object]
 pub struct CallSession {
@@ -86,32 +89,22 @@ impl DurableObject for CallSession {
             }
             "/status" if post => {
                 let record: StoreRecord = req.json().await?;
-                // Twilio reports on a call this object streamed before it restarted (Twilio
-                // played the fallback and the call is over): end the stream first, so the
-                // call reads as the failure it was, ended when Twilio said so, rather than
-                // waiting for the watch alarm and overwriting Twilio's end with its own.
-                self.finalize_orphaned_stream().await?;
-                // Twilio's last word on a call whose stream never connected: why the agent
-                // never served it goes on record (else it would read as a plain completed call).
-                if let StoreRecord::TwilioStatus {
-                    status,
-                    call_duration_s,
-                    ..
-                } = &record
-                {
-                    let storage = self.state.storage();
-                    if let Some(mut state) = storage.get::<CallState>(CALL_KEY).await? {
-                        if let Some(unserved) = state.never_streamed(status, *call_duration_s) {
-                            log(
-                                "error",
-                                "call.never_streamed",
-                                serde_json::json!({ "call_sid": state.registration.call.call_sid, "status": status }),
-                            );
-                            if !self.outbox().push(&unserved).await {
-                                return Response::error("status not kept", 500);
-                            }
-                            storage.put(CALL_KEY, &state).await?;
-                        }
+                // Twilio does not send a status callback again: whatever fails before its
+                // status is kept is logged and left to the alarm, and the status is kept all
+                // the same. The answer is about the status alone.
+                if let Err(e) = self.before_status(&record).await {
+                    log(
+                        "error",
+                        "call.status_cleanup_failed",
+                        serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string(),
+                                            "then": "status kept anyway; the alarm finalizes the stream" }),
+                    );
+                    if let Err(e) = self.state.storage().set_alarm(CLEANUP_RETRY).await {
+                        log(
+                            "error",
+                            "storage.set_alarm_failed",
+                            serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string() }),
+                        );
                     }
                 }
                 if !self.outbox().push(&record).await {
@@ -189,6 +182,43 @@ enum Stream {
 }
 
 impl CallSession {
+    /// What a status callback does before Twilio's status is kept. Twilio reports on a call
+    /// this object streamed before it restarted (Twilio played the fallback and the call is
+    /// over): the stream is ended first, so the call reads as the failure it was, ended when
+    /// Twilio said so, rather than waiting for the watch alarm and overwriting Twilio's end
+    /// with its own. Twilio's last word on a call whose stream never connected: why the agent
+    /// never served it goes on record (else it would read as a plain completed call).
+    async fn before_status(&self, record: &StoreRecord) -> Result<()> {
+        self.finalize_orphaned_stream().await?;
+        let StoreRecord::TwilioStatus {
+            status,
+            call_duration_s,
+            ..
+        } = record
+        else {
+            return Ok(());
+        };
+        let storage = self.state.storage();
+        let Some(mut state) = storage.get::<CallState>(CALL_KEY).await? else {
+            return Ok(());
+        };
+        if let Some(unserved) = state.never_streamed(status, *call_duration_s) {
+            log(
+                "error",
+                "call.never_streamed",
+                serde_json::json!({ "call_sid": state.registration.call.call_sid, "status": status }),
+            );
+            if !self.outbox().push(&unserved).await {
+                // Not marked ended then: the record is queued and tried again.
+                return Err(Error::RustError(
+                    "the unserved call's end was not kept".into(),
+                ));
+            }
+            storage.put(CALL_KEY, &state).await?;
+        }
+        Ok(())
+    }
+
     /// A stream that started but whose pump is gone (this object was restarted, e.g. by a
     /// deploy) is finalized as interrupted, so the call's row does not stay in progress.
     async fn finalize_orphaned_stream(&self) -> Result<Stream> {
