@@ -159,18 +159,11 @@ pub struct ResponseInfo {
     pub usage: Usage,
 }
 
-/// Why a response failed: `response.status_details.error` (protocol.md A4).
-#[derive(Debug, PartialEq, Clone, Default, Deserialize)]
-pub struct ResponseError {
-    #[serde(default, rename = "type")]
-    pub kind: Option<String>,
-    #[serde(default)]
-    pub code: Option<String>,
-    #[serde(default)]
-    pub message: Option<String>,
-}
+/// Why a response failed: `response.status_details.error` (protocol.md A4), which has the
+/// shape of an `error` event's error (without its `param` and `event_id`).
+pub type ResponseError = ErrorInfo;
 
-impl ResponseError {
+impl ErrorInfo {
     /// `type: code` (or whichever of them there is), for logs and the call's record.
     pub fn text(&self) -> String {
         let kind = self.kind.as_deref().unwrap_or("");
