@@ -183,13 +183,14 @@ impl ErrorInfo {
         }
     }
 
-    /// The organisation is out of quota or over its rate limit: the next response would
-    /// fail the same way, so asking again only prolongs the caller's silence.
-    pub fn is_quota_or_rate_limit(&self) -> bool {
+    /// The organisation is out of quota: the next response would fail the same way, so
+    /// asking again only prolongs the caller's silence. (A rate limit can clear within
+    /// seconds: that failure is asked again once, as a server error is.)
+    pub fn is_out_of_quota(&self) -> bool {
         [&self.kind, &self.code]
             .into_iter()
             .flatten()
-            .any(|c| matches!(c.as_str(), "insufficient_quota" | "rate_limit_exceeded"))
+            .any(|c| c == "insufficient_quota")
     }
 }
 

@@ -752,7 +752,7 @@ impl Call {
         let error = r.status_error.clone().unwrap_or_default();
         self.control.failed_responses += 1;
         let in_a_row = self.control.failed_responses;
-        let for_good = error.is_quota_or_rate_limit() || in_a_row >= MAX_FAILED_RESPONSES;
+        let for_good = error.is_out_of_quota() || in_a_row >= MAX_FAILED_RESPONSES;
         let is_goodbye = matches!(
             &self.control.ending,
             Some(Ending { phase: Phase::Goodbye { response: Some(id), .. }, .. })

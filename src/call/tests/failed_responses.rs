@@ -184,7 +184,7 @@ fn a_goodbye_failing_for_want_of_quota_still_ends_the_call_recorded_as_failed() 
     sim.function_call("transfer_call", "{}");
     sim.response_done("resp_1");
     sim.response("resp_2");
-    let out = failed(&mut sim, "resp_2", "rate_limit_exceeded");
+    let out = failed(&mut sim, "resp_2", "insufficient_quota");
     let reqs = http_of(&out);
     assert_eq!(reqs.len(), 1, "{out:?}");
     let form: Vec<(String, String)> = form_urlencoded::parse(reqs[0].1.body.as_bytes())
@@ -244,4 +244,29 @@ fn an_incomplete_response_is_recorded_and_the_call_goes_on() {
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("twilio_stop"));
     assert_eq!(failed_flag(&sim), Some(false));
+}
+
+#[test]
+fn a_rate_limit_is_asked_again_once_and_hands_the_caller_over_when_it_holds() {
+    let mut sim = Sim::live_with(Agent::default());
+    sim.response("resp_g");
+    sim.at(300);
+    // A rate limit can clear within seconds: asked again a second on, not the fallback.
+    let out = failed(&mut sim, "resp_g", "rate_limit_exceeded");
+    assert!(http_of(&out).is_empty(), "no fallback yet: {out:?}");
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(1_300)));
+    sim.at(1_300);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    // Still limited: the caller is not left in silence.
+    sim.response("resp_g2");
+    let out = failed(&mut sim, "resp_g2", "rate_limit_exceeded");
+    let id = expect_redirect(&out);
+    assert_eq!(
+        kinds(&sim),
+        ["response_failed", "response_failed", "fallback"]
+    );
+    sim.redirect_answered(id, 200);
+    sim.twilio(STOP);
+    sim.assert_failed("openai_response_failed", "rate_limit_exceeded");
 }
