@@ -340,8 +340,17 @@ pub fn list_json(rows: &[Value]) -> (Value, Vec<(Option<String>, ConfigError)>) 
 
 /// The agent of one `agents` row, validated: what a call may be run with. An error names the
 /// column (for a malformed row) or the agent field (for a value the Realtime API would refuse).
+///
+/// A stored language written as a slip (`jp`, `ja-JP`, `JA`: a row from before languages
+/// were checked, or written by hand) is read as meant, as the configured agent's is, rather
+/// than costing the number its agent: the call would otherwise go to the configured agent.
 pub fn from_row(row: &Value) -> Result<Agent, ConfigError> {
-    let agent = record_from_row(row)?.agent;
+    let mut agent = record_from_row(row)?.agent;
+    if !crate::config::ISO_639_1.contains(&agent.language.as_str()) {
+        if let Some(meant) = crate::config::suggest_language(&agent.language) {
+            agent.language = meant.to_owned();
+        }
+    }
     agent.validate()?;
     Ok(agent)
 }
@@ -1180,6 +1189,15 @@ mod tests {
         assert_eq!(from_row(&row).unwrap_err().field, "voice");
         // record_from_row does not judge, so the admin API can still show the row.
         assert_eq!(record_from_row(&row).unwrap().agent.voice, "robot");
+        row["voice"] = json!("ash");
+        // A language slip in a stored row is read as meant; a code that means nothing is not.
+        for (stored, meant) in [("jp", "ja"), ("ja-JP", "ja"), ("JA", "ja"), ("en-US", "en")] {
+            row["language"] = json!(stored);
+            assert_eq!(from_row(&row).unwrap().language, meant, "{stored}");
+        }
+        row["language"] = json!("xx");
+        assert_eq!(from_row(&row).unwrap_err().field, "language");
+        row["language"] = json!("ja");
         row.as_object_mut().unwrap().remove("name");
         assert_eq!(from_row(&row).unwrap_err().field, "name");
     }
