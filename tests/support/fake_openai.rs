@@ -1192,25 +1192,37 @@ fn assistant_item(item_id: &str, status: &str, transcript: Option<&str>) -> Valu
     })
 }
 
+/// A `realtime.response` object (protocol.md A4) with this status, `status_details`, output
+/// items and usage.
+fn response_object(
+    response_id: &str,
+    status: &str,
+    status_details: Value,
+    output: Vec<Value>,
+    usage: Value,
+) -> Value {
+    json!({
+        "object": "realtime.response",
+        "id": response_id,
+        "status": status,
+        "status_details": status_details,
+        "output": output,
+        "conversation_id": "conv_fake",
+        "output_modalities": ["audio"],
+        "max_output_tokens": "inf",
+        "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
+        "usage": usage,
+        "metadata": null
+    })
+}
+
 /// The events that open an audio response: `response.created`, `response.output_item.added`,
 /// `conversation.item.added`, `response.content_part.added`.
 pub fn response_start(response_id: &str, item_id: &str) -> Vec<Value> {
     vec![
         json!({
             "type": "response.created",
-            "response": {
-                "object": "realtime.response",
-                "id": response_id,
-                "status": "in_progress",
-                "status_details": null,
-                "output": [],
-                "conversation_id": "conv_fake",
-                "output_modalities": ["audio"],
-                "max_output_tokens": "inf",
-                "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
-                "usage": null,
-                "metadata": null
-            }
+            "response": response_object(response_id, "in_progress", Value::Null, vec![], Value::Null),
         }),
         json!({
             "type": "response.output_item.added",
@@ -1298,17 +1310,12 @@ pub fn response_finish(
         }),
         json!({
             "type": "response.done",
-            "response": {
-                "object": "realtime.response",
-                "id": response_id,
-                "status": status,
-                "status_details": status_details,
-                "output": [assistant_item(item_id, item_status, Some(transcript))],
-                "conversation_id": "conv_fake",
-                "output_modalities": ["audio"],
-                "max_output_tokens": "inf",
-                "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
-                "usage": {
+            "response": response_object(
+                response_id,
+                status,
+                status_details,
+                vec![assistant_item(item_id, item_status, Some(transcript))],
+                json!({
                     "total_tokens": 253,
                     "input_tokens": 132,
                     "output_tokens": 121,
@@ -1317,9 +1324,8 @@ pub fn response_finish(
                         "cached_tokens_details": {"text_tokens": 64, "audio_tokens": 0, "image_tokens": 0}
                     },
                     "output_token_details": {"text_tokens": 30, "audio_tokens": 91}
-                },
-                "metadata": null
-            }
+                }),
+            ),
         }),
     ]
 }
@@ -1330,19 +1336,7 @@ pub fn response_finish(
 /// (`rate_limit_exceeded`) or the server erred (`server_error`).
 pub fn response_failed(response_id: &str, error: &str) -> Vec<Value> {
     let response = |status: &str, details: Value| {
-        json!({
-            "object": "realtime.response",
-            "id": response_id,
-            "status": status,
-            "status_details": details,
-            "output": [],
-            "conversation_id": "conv_fake",
-            "output_modalities": ["audio"],
-            "max_output_tokens": "inf",
-            "audio": {"output": {"format": {"type": "audio/pcmu"}, "voice": "marin"}},
-            "usage": null,
-            "metadata": null
-        })
+        response_object(response_id, status, details, vec![], Value::Null)
     };
     vec![
         json!({"type": "response.created", "response": response("in_progress", Value::Null)}),
