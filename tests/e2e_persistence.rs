@@ -72,6 +72,47 @@ async fn caller_talks(h: &Harness, twilio: &MediaStream, oa: &Session, tag: u8, 
 }
 
 /// Milliseconds since the Unix epoch of a stored time (`YYYY-MM-DDTHH:MM:SS.mmmZ`).
+/// The row of a call answered with the fallback, once it says why.
+async fn fallback_row(h: &Harness, admin: &Admin, ids: &CallIds) -> Value {
+    ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the fallback call's row", D1_DEADLINE, |d| {
+                d["call"]["end_reason"].is_string()
+            })
+            .await,
+    )
+}
+
+/// Twilio's final status (`completed`, `duration_s` billed) posted, and the row once it has it.
+async fn completed(
+    h: &Harness,
+    admin: &Admin,
+    ids: &CallIds,
+    (from, to): (&str, &str),
+    duration_s: u64,
+) -> Value {
+    let r = h
+        .post_status(&tw::status_params(
+            ids,
+            from,
+            to,
+            "completed",
+            2,
+            Some(duration_s),
+        ))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the final status", D1_DEADLINE, |d| {
+                d["call"]["status"] == "completed"
+            })
+            .await,
+    )
+}
+
 fn iso_ms(v: &Value) -> i64 {
     let s = v
         .as_str()
@@ -511,14 +552,7 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
         reply.body
     );
     // The call is in D1 with its numbers and why the agent did not take it…
-    let detail = ok(
-        h,
-        admin
-            .wait_call(&ids.call_sid, "the fallback call's row", D1_DEADLINE, |d| {
-                d["call"]["end_reason"].is_string()
-            })
-            .await,
-    );
+    let detail = fallback_row(h, &admin, &ids).await;
     assert_eq!(
         project(
             &detail["call"],
@@ -536,18 +570,7 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
         pretty(&detail)
     );
     // …and Twilio's final status dates its end.
-    let r = h
-        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(9)))
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
-    let detail = ok(
-        h,
-        admin
-            .wait_call(&ids.call_sid, "the final status", D1_DEADLINE, |d| {
-                d["call"]["status"] == "completed"
-            })
-            .await,
-    );
+    let detail = completed(h, &admin, &ids, (from, to), 9).await;
     assert!(
         detail["call"]["ended_at"].is_string(),
         "{}",
@@ -595,14 +618,7 @@ async fn a_fallback_only_call_is_recorded_once_failing_d1_recovers() {
             "the row was in D1 despite the injected failures"
         );
     }
-    let detail = ok(
-        h,
-        admin
-            .wait_call(&ids.call_sid, "the fallback call's row", D1_DEADLINE, |d| {
-                d["call"]["end_reason"].is_string()
-            })
-            .await,
-    );
+    let detail = fallback_row(h, &admin, &ids).await;
     assert_eq!(
         project(
             &detail["call"],
@@ -619,18 +635,7 @@ async fn a_fallback_only_call_is_recorded_once_failing_d1_recovers() {
         "{}",
         pretty(&detail)
     );
-    let r = h
-        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(7)))
-        .await;
-    assert_eq!(r.status, 204, "{}", r.body);
-    let detail = ok(
-        h,
-        admin
-            .wait_call(&ids.call_sid, "the final status", D1_DEADLINE, |d| {
-                d["call"]["status"] == "completed"
-            })
-            .await,
-    );
+    let detail = completed(h, &admin, &ids, (from, to), 7).await;
     assert_eq!(detail["call"]["end_reason"], "fallback_only");
     assert_eq!(detail["call"]["twilio_duration_s"], 7);
 }
