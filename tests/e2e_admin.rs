@@ -164,25 +164,39 @@ fn expect_field(r: &Reply, field: &str, what: &str) {
     );
 }
 
-/// Runs SQL on the Worker's local D1 state, as an operator would.
+/// Runs SQL on the Worker's local D1 state, as an operator would. The running Worker writes
+/// to the same SQLite file (a call object's records, its alarm's retries): a write of its
+/// that holds the lock makes this one fail with SQLITE_BUSY, and, as an operator would, it
+/// is run again (other failures are not).
 fn d1_execute(persist_dir: &Path, sql: &str) {
-    let out = Command::new("npx")
-        .current_dir(support::repo_root())
-        .env("CI", "true")
-        .env("WRANGLER_SEND_METRICS", "false")
-        .env("NO_COLOR", "1")
-        .args(["wrangler", "d1", "execute", "DB", "--local", "--persist-to"])
-        .arg(persist_dir)
-        .args(["--command", sql])
-        .stdin(Stdio::null())
-        .output()
-        .expect("spawn wrangler d1 execute");
-    assert!(
-        out.status.success(),
-        "wrangler d1 execute failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let out = Command::new("npx")
+            .current_dir(support::repo_root())
+            .env("CI", "true")
+            .env("WRANGLER_SEND_METRICS", "false")
+            .env("NO_COLOR", "1")
+            .args(["wrangler", "d1", "execute", "DB", "--local", "--persist-to"])
+            .arg(persist_dir)
+            .args(["--command", sql])
+            .stdin(Stdio::null())
+            .output()
+            .expect("spawn wrangler d1 execute");
+        if out.status.success() {
+            return;
+        }
+        let said = format!(
+            "{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            said.contains("SQLITE_BUSY") && tries < 10,
+            "wrangler d1 execute failed (try {tries}):\n{said}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 fn tool(name: &str) -> Value {
