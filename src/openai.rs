@@ -35,6 +35,10 @@ pub enum ServerEvent<'a> {
         item_id: String,
         /// `user`, `assistant` or `system`, for message items.
         role: Option<String>,
+        /// The server confirming an item of ours (`conversation.item.create`): a function
+        /// call's output, a system message, or a user message of text. The server makes
+        /// none of those itself (the caller's words are `input_audio`).
+        ours: bool,
     },
     AudioTranscriptDelta {
         item_id: Option<String>,
@@ -268,14 +272,33 @@ struct RawEvent<'a> {
 struct RawItem {
     #[serde(default)]
     id: Option<String>,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
     #[serde(default)]
     role: Option<String>,
     #[serde(default)]
     content: Vec<RawContent>,
 }
 
+impl RawItem {
+    /// An item only a client creates (see `ServerEvent::ItemAdded::ours`).
+    fn is_ours(&self) -> bool {
+        match (self.kind.as_deref(), self.role.as_deref()) {
+            (Some("function_call_output"), _) => true,
+            (Some("message"), Some("system")) => true,
+            (Some("message"), Some("user")) => self
+                .content
+                .iter()
+                .any(|c| c.kind.as_deref() == Some("input_text")),
+            _ => false,
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct RawContent {
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
     #[serde(default)]
     transcript: Option<String>,
 }
@@ -335,11 +358,13 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
         },
         "conversation.item.added" | "conversation.item.created" | "response.output_item.added" => {
             let item = raw.item.ok_or(missing("conversation.item.added", "item"))?;
+            let ours = raw.kind != "response.output_item.added" && item.is_ours();
             ServerEvent::ItemAdded {
                 item_id: item
                     .id
                     .ok_or(missing("conversation.item.added", "item.id"))?,
                 role: item.role,
+                ours,
             }
         }
         "conversation.item.retrieved" => {
@@ -724,6 +749,41 @@ mod tests {
     }
 
     #[test]
+    fn tells_the_confirmation_of_our_items_from_the_servers_own() {
+        let ours = |text: &str| match parse(text).unwrap() {
+            ServerEvent::ItemAdded { ours, .. } => ours,
+            e => panic!("{e:?}"),
+        };
+        // What `function_call_output` and `text_item` create, confirmed (GA and beta names).
+        assert!(ours(
+            r#"{"type":"conversation.item.added","previous_item_id":"item_1","item":{"id":"item_2","type":"function_call_output","call_id":"call_1","output":"{}"}}"#
+        ));
+        assert!(ours(
+            r#"{"type":"conversation.item.created","item":{"id":"item_2","type":"message","role":"system","content":[{"type":"input_text","text":"note"}]}}"#
+        ));
+        assert!(ours(
+            r#"{"type":"conversation.item.added","item":{"id":"item_2","type":"message","role":"user","status":"completed","content":[{"type":"input_text","text":"(pressed 1)"}]}}"#
+        ));
+        // The caller's committed audio, the model's own items, and an assistant message.
+        assert!(!ours(
+            r#"{"type":"conversation.item.added","item":{"id":"item_3","type":"message","role":"user","status":"completed","content":[{"type":"input_audio","transcript":null}]}}"#
+        ));
+        assert!(!ours(
+            r#"{"type":"conversation.item.added","item":{"id":"item_3","type":"message","role":"user","content":[]}}"#
+        ));
+        assert!(!ours(
+            r#"{"type":"conversation.item.added","item":{"id":"item_4","type":"function_call","call_id":"call_2","name":"lookup","arguments":""}}"#
+        ));
+        assert!(!ours(
+            r#"{"type":"conversation.item.added","item":{"id":"item_4","type":"message","role":"assistant","status":"in_progress","content":[]}}"#
+        ));
+        // The same kinds of item, as a response's output, are not a confirmation.
+        assert!(!ours(
+            r#"{"type":"response.output_item.added","response_id":"r","output_index":0,"item":{"id":"item_5","type":"message","role":"system","content":[{"type":"input_text","text":"x"}]}}"#
+        ));
+    }
+
+    #[test]
     fn parses_items_and_transcripts() {
         for text in [
             r#"{"type":"conversation.item.added","previous_item_id":null,"item":{"id":"item_1","type":"message","role":"user","status":"completed","content":[]}}"#,
@@ -733,7 +793,8 @@ mod tests {
                 parse(text).unwrap(),
                 ServerEvent::ItemAdded {
                     item_id: "item_1".into(),
-                    role: Some("user".into())
+                    role: Some("user".into()),
+                    ours: false,
                 }
             );
         }
@@ -742,7 +803,8 @@ mod tests {
             e,
             ServerEvent::ItemAdded {
                 item_id: "item_2".into(),
-                role: Some("assistant".into())
+                role: Some("assistant".into()),
+                ours: false,
             }
         );
         let e = parse(r#"{"type":"conversation.item.retrieved","item":{"id":"item_2","type":"message","role":"assistant","content":[{"type":"output_audio","transcript":"こんにちは","audio":"AAAA"}]}}"#).unwrap();

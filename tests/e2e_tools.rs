@@ -91,27 +91,10 @@ async fn agent_on_number(h: &Harness, id: &str, number: &str, extra: Value) {
 
 // ---- OpenAI-side helpers ----------------------------------------------------------------------------
 
-/// Like the real server, acknowledge every item the Worker creates with
-/// `conversation.item.added` and `conversation.item.done`.
-fn acknowledging_items(script: SessionScript) -> SessionScript {
-    let mut n = 0;
-    script.on("conversation.item.create", move |ev| {
-        n += 1;
-        let mut item = ev["item"].clone();
-        item["id"] = json!(format!("item_srv_{n}"));
-        item["object"] = json!("realtime.item");
-        item["status"] = json!("completed");
-        vec![
-            json!({"type": "conversation.item.added", "previous_item_id": null, "item": item}),
-            json!({"type": "conversation.item.done", "previous_item_id": null, "item": item}),
-        ]
-    })
-}
-
 /// A session that answers the greeting's `response.create` with a 200 ms greeting
-/// (two 100 ms chunks) and acknowledges created items.
+/// (two 100 ms chunks). Created items are confirmed by the fake itself, as by the real API.
 fn greeting_script() -> SessionScript {
-    acknowledging_items(SessionScript::new().once(
+    SessionScript::new().once(
         "response.create",
         oai::full_response(
             "resp_greet",
@@ -119,7 +102,7 @@ fn greeting_script() -> SessionScript {
             &tagged_chunks(0x31, 2, 800),
             GREETING,
         ),
-    ))
+    )
 }
 
 fn function_call_item(item_id: &str, call_id: &str, name: &str, args: &str, status: &str) -> Value {
@@ -1536,9 +1519,7 @@ async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_n
     // so that caller audio sent meanwhile falls in the gap for sure.
     let claim = h
         .openai
-        .claim(acknowledging_items(
-            SessionScript::new().without_session_updated(),
-        ))
+        .claim(SessionScript::new().without_session_updated())
         .await;
     oa1.send(json!({"type": "error", "error": {
         "type": "invalid_request_error", "code": "session_expired",

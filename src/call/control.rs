@@ -12,7 +12,7 @@ use crate::tools::{self, Tool};
 use crate::twilio;
 use crate::twiml;
 use serde_json::{json, Value};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 /// How long the goodbye (or transfer notice) may take before the call is ended anyway.
 pub const GOODBYE_TIMEOUT: Millis = Millis(20_000);
@@ -47,6 +47,9 @@ pub const TURN_RESPONSE_WAIT: Millis = Millis(1_500);
 /// The same with semantic VAD, which may wait up to 4 s (`eagerness` auto) after the
 /// caller stops before it takes the turn as ended.
 pub const SEMANTIC_TURN_RESPONSE_WAIT: Millis = Millis(5_000);
+/// An item of ours the server has not confirmed this long after it was sent will not be
+/// (the server refused it with an `error`): it no longer holds back a response.
+pub const ITEM_CONFIRM_WAIT: Millis = Millis(5_000);
 
 /// What the bridge tells the model on the caller's behalf, as system messages in the
 /// conversation (never as a response's `instructions`, which would replace the agent's own
@@ -124,9 +127,38 @@ impl Call {
     /// Adds a system message to the conversation, when a session is there to take it.
     fn tell_model(&mut self, text: &str) {
         if self.upstream == Upstream::Ready {
-            self.actions
-                .push_back(Action::SendOpenAi(openai::text_item("system", text)));
+            self.add_item(openai::text_item("system", text));
         }
+    }
+
+    /// Sends a `conversation.item.create` of an item the server confirms as ours
+    /// (`ServerEvent::ItemAdded::ours`), and counts it unconfirmed until it does.
+    fn add_item(&mut self, item: String) {
+        self.actions.push_back(Action::SendOpenAi(item));
+        self.control.unconfirmed.push_back(self.now);
+    }
+
+    /// The server confirmed the oldest item of ours (it handles them in the order sent).
+    pub(super) fn item_confirmed(&mut self) {
+        self.control.unconfirmed.pop_front();
+    }
+
+    /// How many items of ours the server has not confirmed yet, forgetting those it will
+    /// not confirm.
+    fn unconfirmed_items(&mut self, now: Millis) -> usize {
+        let c = &mut self.control;
+        let before = c.unconfirmed.len();
+        c.unconfirmed
+            .retain(|sent| now.saturating_sub(*sent) < ITEM_CONFIRM_WAIT);
+        if c.unconfirmed.len() < before {
+            let forgotten = before - c.unconfirmed.len();
+            self.log(
+                Level::Warn,
+                "openai.items_unconfirmed",
+                json!({ "items": forgotten }),
+            );
+        }
+        self.control.unconfirmed.len()
     }
 }
 
@@ -211,6 +243,9 @@ pub(super) struct State {
     next_http: u64,
     /// A response to ask for as soon as none is active.
     wanted: bool,
+    /// When each item of ours not yet confirmed by the server was sent, oldest first: a
+    /// response the server creates before confirming one has not seen it.
+    unconfirmed: VecDeque<Millis>,
     /// We sent `response.create` and have not seen `response.created` yet.
     awaiting_created: bool,
     /// That `response.create` was the greeting's: refused because the caller's own turn
@@ -279,6 +314,7 @@ impl State {
             pending_tools: BTreeMap::new(),
             next_http: 0,
             wanted: false,
+            unconfirmed: VecDeque::new(),
             awaiting_created: false,
             awaiting_greeting: false,
             greeting_unheard: false,
@@ -618,13 +654,14 @@ impl Call {
         }
     }
 
-    pub(super) fn on_response_created(&mut self, response_id: Option<&str>) {
+    pub(super) fn on_response_created(&mut self, response_id: Option<&str>, now: Millis) {
         if self.control.awaiting_created && self.control.awaiting_greeting {
             self.control.greeting_response = response_id.map(str::to_owned);
         }
         // The server's own answer to the caller's turn (not one we asked for).
         let answers_turn =
             !self.control.awaiting_created && self.control.turn_hold.take().is_some();
+        let unseen = self.unconfirmed_items(now);
         // A response under way: a failed one is not asked for again besides.
         self.control.retry_at = None;
         self.control.retry_greeting = false;
@@ -646,7 +683,15 @@ impl Call {
             self.control.silenced = Some(id.to_owned());
             return;
         }
-        if answers_turn && self.control.wanted {
+        if answers_turn && self.control.wanted && unseen > 0 {
+            // Created before the server had what the held response is for (a tool's output
+            // sent as the caller's turn ended): that goes out once this one is done.
+            self.log(
+                Level::Info,
+                "control.held_response_follows",
+                json!({ "response_id": response_id, "unseen_items": unseen }),
+            );
+        } else if answers_turn && self.control.wanted {
             // It sees everything added to the conversation while the caller spoke (a tool's
             // output, a note, a key pressed): it is the response that was held, not one more.
             self.log(
@@ -1067,10 +1112,7 @@ impl Call {
     /// Gives the model a tool's result and records it.
     fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
         if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
-            self.actions
-                .push_back(Action::SendOpenAi(openai::function_call_output(
-                    r.call_id, r.output,
-                )));
+            self.add_item(openai::function_call_output(r.call_id, r.output));
         }
         self.tool_event(&r, false, now);
     }
@@ -1238,8 +1280,7 @@ impl Call {
         let seq = self.conversation.place();
         self.remember_transcript(seq, Role::Caller, &text);
         if self.upstream == Upstream::Ready {
-            self.actions
-                .push_back(Action::SendOpenAi(openai::text_item("user", &text)));
+            self.add_item(openai::text_item("user", &text));
         }
         self.request_response();
     }
@@ -1536,6 +1577,8 @@ impl Call {
 
     fn connect_again(&mut self) {
         self.upstream = Upstream::Connecting;
+        // What the lost session had not confirmed, the new one will not.
+        self.control.unconfirmed.clear();
         self.actions.push_back(Action::ConnectOpenAi {
             model: self.agent.model.clone(),
         });
@@ -1642,21 +1685,25 @@ impl Call {
 
     /// Sends the conversation remembered so far to the new session; returns how many items.
     fn seed_session(&mut self) -> usize {
-        let items: Vec<String> = self
+        let items: Vec<(Role, String)> = self
             .control
             .transcript
             .values()
             .map(|(role, text)| {
-                let role = match role {
-                    Role::Caller => "user",
-                    Role::Agent => "assistant",
+                let item = match role {
+                    Role::Caller => openai::text_item("user", text),
+                    Role::Agent => openai::text_item("assistant", text),
                 };
-                openai::text_item(role, text)
+                (*role, item)
             })
             .collect();
         let seeded = items.len();
-        for item in items {
-            self.actions.push_back(Action::SendOpenAi(item));
+        for (role, item) in items {
+            match role {
+                Role::Caller => self.add_item(item),
+                // Not told from the model's own items when confirmed: not waited for.
+                Role::Agent => self.actions.push_back(Action::SendOpenAi(item)),
+            }
         }
         seeded
     }

@@ -365,6 +365,8 @@ pub struct Call {
     twilio_gone: bool,
     /// The item whose audio was last sent: its later deltas need no transcript lookup.
     audio_item: Option<ItemId>,
+    /// The time of the input being handled.
+    now: Millis,
 }
 
 impl Call {
@@ -410,6 +412,7 @@ impl Call {
             fallback: None,
             twilio_gone: false,
             audio_item: None,
+            now,
             agent,
         };
         call.actions.push_back(Action::ConnectOpenAi {
@@ -463,6 +466,7 @@ impl Call {
     }
 
     pub fn handle(&mut self, input: Input<'_>, now: Millis) {
+        self.now = now;
         self.dispatch(input, now);
         // Agent audio left unmarked too long (its stream paused) is marked now, so what
         // played is confirmed; caller frames come every 20 ms, so this runs often enough.
@@ -853,10 +857,19 @@ impl Call {
                     self.conversation.added(&ItemId(id), Some("user"), at);
                 }
             }
-            ServerEvent::ItemAdded { item_id, role } => {
-                let at = self.offset(now);
-                self.conversation
-                    .added(&ItemId(item_id), role.as_deref(), at);
+            ServerEvent::ItemAdded {
+                item_id,
+                role,
+                ours,
+            } => {
+                if ours {
+                    // Not the caller's words nor the agent's: no part of the transcript.
+                    self.item_confirmed();
+                } else {
+                    let at = self.offset(now);
+                    self.conversation
+                        .added(&ItemId(item_id), role.as_deref(), at);
+                }
             }
             ServerEvent::AudioTranscriptDelta { item_id, delta } => {
                 if let Some(id) = item_id {
@@ -875,7 +888,7 @@ impl Call {
             }
             ServerEvent::ResponseCreated { response_id } => {
                 self.response_active = true;
-                self.on_response_created(response_id.as_deref());
+                self.on_response_created(response_id.as_deref(), now);
                 self.log(
                     Level::Debug,
                     "openai.response.created",

@@ -90,19 +90,30 @@ struct Sim {
     recording_done: Option<u64>,
     /// The events logged at `Info` or above, in order.
     info_events: Vec<String>,
+    /// The server confirms each item of ours at once (`conversation.item.added`), as it
+    /// does when nothing else is under way; off, the test confirms them itself.
+    confirm_items: bool,
+    confirmed: u64,
 }
 
 impl Sim {
-    fn new() -> Self {
-        let mut sim = Sim {
-            call: Call::new(setup(Agent::default()), Millis(0)),
+    /// A call of `agent` at time 0, its first actions not yet taken.
+    fn of(agent: Agent) -> Self {
+        Sim {
+            call: Call::new(setup(agent), Millis(0)),
             now: Millis(0),
             logs: vec![],
             records: vec![],
             recording: vec![],
             recording_done: None,
             info_events: vec![],
-        };
+            confirm_items: true,
+            confirmed: 0,
+        }
+    }
+
+    fn new() -> Self {
+        let mut sim = Sim::of(Agent::default());
         let first = sim.drain();
         assert_eq!(
             first,
@@ -159,7 +170,38 @@ impl Sim {
 
     fn input(&mut self, input: Input<'_>) -> Vec<Action> {
         self.call.handle(input, self.now);
-        self.drain()
+        let mut out = self.drain();
+        if self.confirm_items {
+            for added in self.confirmations(&out) {
+                self.call.handle(Input::OpenAiText(&added), self.now);
+                out.extend(self.drain());
+            }
+        }
+        out
+    }
+
+    /// The server's `conversation.item.added` for each item of ours among `out`, in order.
+    fn confirmations(&mut self, out: &[Action]) -> Vec<String> {
+        let mut added = vec![];
+        for a in out {
+            let Action::SendOpenAi(text) = a else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(text).unwrap();
+            if v["type"] != "conversation.item.create" {
+                continue;
+            }
+            let mut item = v["item"].clone();
+            let ours = item["type"] == "function_call_output"
+                || item["role"] == "system"
+                || (item["role"] == "user" && item["content"][0]["type"] == "input_text");
+            if ours {
+                self.confirmed += 1;
+                item["id"] = json!(format!("item_ours_{}", self.confirmed));
+                added.push(json!({ "type": "conversation.item.added", "item": item }).to_string());
+            }
+        }
+        added
     }
 
     fn twilio(&mut self, text: &str) -> Vec<Action> {
@@ -1452,15 +1494,7 @@ fn agent_with_tools() -> Agent {
 
 impl Sim {
     fn live_with(agent: Agent) -> Self {
-        let mut sim = Sim {
-            call: Call::new(setup(agent), Millis(0)),
-            now: Millis(0),
-            logs: vec![],
-            records: vec![],
-            recording: vec![],
-            recording_done: None,
-            info_events: vec![],
-        };
+        let mut sim = Sim::of(agent);
         sim.drain();
         sim.openai_opened();
         sim.openai(&session_updated("audio/pcmu"));
@@ -2321,15 +2355,7 @@ fn a_wrap_up_due_before_the_session_is_ready_is_said_once_it_is() {
         max_call_seconds: 30,
         ..Agent::default()
     };
-    let mut sim = Sim {
-        call: Call::new(setup(agent), Millis(0)),
-        now: Millis(0),
-        logs: vec![],
-        records: vec![],
-        recording: vec![],
-        recording_done: None,
-        info_events: vec![],
-    };
+    let mut sim = Sim::of(agent);
     sim.drain();
     sim.twilio(&start());
     // With a 30 s limit the wrap-up is due at once, before the session is up.

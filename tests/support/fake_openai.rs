@@ -791,6 +791,21 @@ fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Va
                 ));
             }
         }
+        "conversation.item.create" => {
+            // Confirmed as the real API does, with an id of the server's when it has none.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+            let mut item = event["item"].clone();
+            if item.get("id").is_none() {
+                let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                item["id"] = json!(format!("item_client_{n}"));
+            }
+            if item["type"] == "message" {
+                item["status"] = json!("completed");
+            }
+            for ty in ["conversation.item.added", "conversation.item.done"] {
+                replies.push(json!({ "type": ty, "previous_item_id": null, "item": item }));
+            }
+        }
         "conversation.item.truncate" => {
             let item = event["item_id"].as_str().unwrap_or("");
             let end = event["audio_end_ms"].as_u64();

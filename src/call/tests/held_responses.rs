@@ -62,6 +62,69 @@ fn a_tool_answering_while_the_caller_speaks_is_answered_by_the_server_s_reply_to
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
 }
 
+/// The server's confirmation of the tool's output (`function_call_output`).
+const OUTPUT_ADDED: &str = r#"{"type":"conversation.item.added","previous_item_id":"item_user","item":{"id":"item_out","type":"function_call_output","call_id":"call_1","output":"{}"}}"#;
+
+#[test]
+fn a_tool_answering_as_the_turn_ends_is_answered_after_a_server_reply_that_did_not_see_it() {
+    let (mut sim, id) = lookup_running();
+    sim.confirm_items = false;
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.openai(STOPPED);
+    // The server has committed the turn and created its answer; the tool answers before
+    // either reaches us, so the output reaches the server after that answer was made.
+    sim.at(1_050);
+    let out = tool_answer(&mut sim, id);
+    assert_eq!(sends_of(&out, "conversation.item.create").len(), 1);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    // Only now is the output confirmed: resp_vad was made without it.
+    assert!(sim.openai(OUTPUT_ADDED).is_empty());
+    sim.agent_chunk("item_answer", &audio(800, 1));
+    let out = sim.response_done("resp_vad");
+    assert_eq!(
+        sends_of(&out, "response.create").len(),
+        1,
+        "the tool's answer is asked for once the server's reply is done: {out:?}"
+    );
+    assert_eq!(sim.logged("control.held_response_follows").len(), 1);
+}
+
+#[test]
+fn an_output_confirmed_before_the_server_s_reply_is_answered_by_that_reply() {
+    let (mut sim, id) = lookup_running();
+    sim.confirm_items = false;
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_500);
+    tool_answer(&mut sim, id);
+    assert!(sim.openai(OUTPUT_ADDED).is_empty());
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn an_output_the_server_never_confirms_holds_back_no_reply() {
+    let (mut sim, id) = lookup_running();
+    sim.confirm_items = false;
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    tool_answer(&mut sim, id);
+    // The server refused the item (an `error`, no confirmation); the caller talks on.
+    sim.at(7_000);
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    let out = sim.response_done("resp_vad");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert_eq!(sim.logged("openai.items_unconfirmed").len(), 1);
+}
+
 #[test]
 fn a_reply_cancelled_by_a_second_barge_in_is_not_asked_for_over_the_caller() {
     let (mut sim, id) = lookup_running();
