@@ -50,6 +50,8 @@ pub const SEMANTIC_TURN_RESPONSE_WAIT: Millis = Millis(5_000);
 /// An item of ours the server has not confirmed this long after it was sent will not be
 /// (the server refused it with an `error`): it no longer holds back a response.
 pub const ITEM_CONFIRM_WAIT: Millis = Millis(5_000);
+/// A new session is told the results of at most this many of the call's latest tools.
+pub const MAX_SEEDED_TOOL_RESULTS: usize = 20;
 
 /// What the bridge tells the model on the caller's behalf, as system messages in the
 /// conversation (never as a response's `instructions`, which would replace the agent's own
@@ -287,6 +289,9 @@ pub(super) struct State {
     reconnect: Option<Reconnect>,
     /// Final transcript text by conversation position, to seed a new session.
     transcript: BTreeMap<u64, (Role, String)>,
+    /// The results of the call's tools by conversation position, as notes to seed a new
+    /// session with: a lost session takes its function call outputs with it.
+    tool_results: BTreeMap<u64, String>,
     /// Notes for a session being set up after a loss: results of tools called in the lost
     /// one, what of a reply cut short the caller heard.
     late_notes: Vec<String>,
@@ -334,6 +339,7 @@ impl State {
             call_deadline: None,
             reconnect: None,
             transcript: BTreeMap::new(),
+            tool_results: BTreeMap::new(),
             late_notes: Vec::new(),
             greeting_response: None,
             failed_responses: 0,
@@ -1113,8 +1119,39 @@ impl Call {
     fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
         if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
             self.add_item(openai::function_call_output(r.call_id, r.output));
+            if self.control.ending.is_none() {
+                // (An ending's own tools: what they ask is told again by the ending.)
+                let note = self.tool_result_note(&r);
+                self.remember_tool_result(note);
+            }
         }
         self.tool_event(&r, false, now);
+    }
+
+    /// A tool's result as a note: for a session that has no function call to give it to.
+    fn tool_result_note(&self, r: &ToolResult<'_>) -> String {
+        let shown: String = r.output.chars().take(4000).collect();
+        if std::ptr::eq(self.notes(), &JAPANESE) {
+            format!(
+                "この通話で先に呼び出したツール「{}」の結果です: {shown}",
+                r.name
+            )
+        } else {
+            format!(
+                "The result of the tool \"{}\", called earlier in this call: {shown}",
+                r.name
+            )
+        }
+    }
+
+    /// Keeps a tool's result, in the conversation's order, for any later session.
+    fn remember_tool_result(&mut self, note: String) {
+        let seq = self.conversation.place();
+        let kept = &mut self.control.tool_results;
+        kept.insert(seq, note);
+        while kept.len() > MAX_SEEDED_TOOL_RESULTS {
+            kept.pop_first();
+        }
     }
 
     fn tool_event(&mut self, r: &ToolResult<'_>, session_lost: bool, now: Millis) {
@@ -1161,30 +1198,19 @@ impl Call {
     }
 
     /// A tool called in a session since lost has answered: the new session has no function
-    /// call to give the output to, so the result goes in as a note (once that session is
-    /// ready), and the model answers the caller with it instead of leaving them waiting.
+    /// call to give the output to, so the result goes in as a note (at once, or in the seed
+    /// of the session being set up), and the model answers the caller with it instead of
+    /// leaving them waiting.
     fn tool_done_after_reconnect(&mut self, r: ToolResult<'_>, now: Millis) {
         self.tool_event(&r, true, now);
         if self.control_asked_twilio() {
             return;
         }
-        let shown: String = r.output.chars().take(4000).collect();
-        let note = if std::ptr::eq(self.notes(), &JAPANESE) {
-            format!(
-                "接続が切れる前に呼び出したツール「{}」の結果です: {shown}",
-                r.name
-            )
-        } else {
-            format!(
-                "The result of the tool \"{}\", called before the connection was lost: {shown}",
-                r.name
-            )
-        };
+        let note = self.tool_result_note(&r);
         if self.upstream == Upstream::Ready {
             self.tell_model(&note);
-        } else {
-            self.control.late_notes.push(note);
         }
+        self.remember_tool_result(note);
         self.request_response();
     }
 
@@ -1683,26 +1709,31 @@ impl Call {
         self.flush_response();
     }
 
-    /// Sends the conversation remembered so far to the new session; returns how many items.
+    /// Sends the conversation remembered so far to the new session, the results of its
+    /// tools among them; returns how many items.
     fn seed_session(&mut self) -> usize {
-        let items: Vec<(Role, String)> = self
-            .control
-            .transcript
-            .values()
-            .map(|(role, text)| {
-                let item = match role {
-                    Role::Caller => openai::text_item("user", text),
-                    Role::Agent => openai::text_item("assistant", text),
-                };
-                (*role, item)
-            })
+        let c = &self.control;
+        let said = c.transcript.iter().map(|(seq, (role, text))| {
+            let role = match role {
+                Role::Caller => "user",
+                Role::Agent => "assistant",
+            };
+            (*seq, role, text)
+        });
+        let results = c.tool_results.iter().map(|(seq, n)| (*seq, "system", n));
+        let mut items: Vec<(u64, &str, &String)> = said.chain(results).collect();
+        items.sort_by_key(|(seq, ..)| *seq);
+        let items: Vec<(bool, String)> = items
+            .into_iter()
+            .map(|(_, role, text)| (role != "assistant", openai::text_item(role, text)))
             .collect();
         let seeded = items.len();
-        for (role, item) in items {
-            match role {
-                Role::Caller => self.add_item(item),
+        for (confirmable, item) in items {
+            if confirmable {
+                self.add_item(item);
+            } else {
                 // Not told from the model's own items when confirmed: not waited for.
-                Role::Agent => self.actions.push_back(Action::SendOpenAi(item)),
+                self.actions.push_back(Action::SendOpenAi(item));
             }
         }
         seeded

@@ -419,3 +419,120 @@ fn a_session_lost_while_the_caller_speaks_has_the_agent_ask_for_the_start_of_the
     lose(&mut sim);
     assert!(system_notes(&ready(&mut sim)).is_empty());
 }
+
+#[test]
+fn a_tool_s_result_given_to_the_lost_session_is_told_to_the_new_one_in_its_place() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    caller_asks(&mut sim);
+    let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
+    let (id, _) = http_of(&out)[0].clone();
+    sim.response_done("resp_1");
+    sim.at(1_500);
+    let out = sim.input(Input::HttpDone {
+        id,
+        outcome: &http::Outcome::Response {
+            status: 200,
+            body: r#"{"name":"山田太郎","plan":"ゴールド"}"#.into(),
+        },
+    });
+    assert_eq!(sends_of(&out, "response.create").len(), 1);
+    // The session is lost before the model answered with the result.
+    sim.at(1_600);
+    lose(&mut sim);
+    sim.at(2_000);
+    let out = ready(&mut sim);
+    let seeded = messages(&out);
+    assert_eq!(seeded.len(), 2, "{out:?}");
+    assert_eq!(seeded[0], ("user".into(), "火曜日に予約できますか".into()));
+    let (role, note) = &seeded[1];
+    assert_eq!(role, "system");
+    assert!(
+        note.contains("lookup_customer") && note.contains("山田太郎") && note.contains("ゴールド"),
+        "{note}"
+    );
+    assert_eq!(
+        sends_of(&out, "response.create").len(),
+        1,
+        "the owed answer is asked of the new session: {out:?}"
+    );
+    // And of any session after it.
+    sim.response("resp_2");
+    sim.response_done("resp_2");
+    sim.at(3_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert!(
+        messages(&out).iter().any(|(_, t)| t.contains("山田太郎")),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn a_tool_answering_during_a_reconnect_is_told_to_every_later_session_once() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    let out = sim.function_call("lookup_customer", "{}");
+    let (id, _) = http_of(&out)[0].clone();
+    sim.at(1_000);
+    lose(&mut sim);
+    // The webhook answers while the new session is being set up.
+    sim.at(1_200);
+    sim.input(Input::HttpDone {
+        id,
+        outcome: &http::Outcome::Response {
+            status: 200,
+            body: r#"{"name":"山田太郎"}"#.into(),
+        },
+    });
+    let out = ready(&mut sim);
+    let told = |out: &[Action]| {
+        messages(out)
+            .iter()
+            .filter(|(role, t)| role == "system" && t.contains("山田太郎"))
+            .count()
+    };
+    assert_eq!(
+        told(&out),
+        1,
+        "once, not as a seed and a late note: {out:?}"
+    );
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_2");
+    sim.response_done("resp_2");
+    sim.at(2_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert_eq!(told(&out), 1, "{out:?}");
+}
+
+#[test]
+fn a_new_session_is_told_the_results_of_the_latest_tools_only() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let total = control::MAX_SEEDED_TOOL_RESULTS + 5;
+    for n in 0..total {
+        let response = format!("resp_{n}");
+        sim.response(&response);
+        let out = sim.function_call("lookup_customer", "{}");
+        let (id, _) = http_of(&out)[0].clone();
+        sim.response_done(&response);
+        sim.input(Input::HttpDone {
+            id,
+            outcome: &http::Outcome::Response {
+                status: 200,
+                body: format!(r#"{{"n":"result-{n}"}}"#),
+            },
+        });
+        let answer = format!("resp_a{n}");
+        sim.response(&answer);
+        sim.response_done(&answer);
+    }
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), control::MAX_SEEDED_TOOL_RESULTS, "{notes:?}");
+    assert!(notes[0].contains("result-5\""), "{notes:?}");
+    assert!(notes
+        .last()
+        .unwrap()
+        .contains(&format!("result-{}\"", total - 1)));
+}
