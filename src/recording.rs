@@ -9,9 +9,12 @@
 //!   against the agent's audio and against OpenAI's input timeline (`audio_start_ms`), which
 //!   counts the same frames. Gaps in Twilio's stamps are silence (from half a frame up,
 //!   [`STAMP_JITTER_MS`]; less is jitter in the stamps). What is handed out waits up to
-//!   [`CALLER_STALL_MS`] for a stalled caller; a frame later than that, or stamped behind
-//!   audio already placed (a replay), goes right after what is placed: kept, and counted
-//!   as late. One stamped too far ahead of the clock is left out and counted
+//!   [`CALLER_STALL_MS`] for a stalled caller; a frame later than that goes right after
+//!   what is placed: kept, and counted as late. A frame whose stamps were placed already
+//!   (the same frame delivered again) is left out and counted: kept, it would push all the
+//!   caller's audio after it later by its length ([`MAX_REPLAY_BACK_MS`]). (The relay still
+//!   passes it to OpenAI, whose input timeline then runs that much ahead of the recording.)
+//!   One stamped too far ahead of the clock is left out and counted
 //!   ([`MAX_CALLER_AHEAD_MS`]). A frame with no stamp is placed where it arrived: right
 //!   after the previous one unless it came later than that by more than
 //!   [`CALLER_SLACK_MS`] of jitter, and then the gap is silence.
@@ -70,6 +73,13 @@ pub const MAX_AGENT_AHEAD_MS: u64 = 2 * 60_000;
 /// Caller audio further ahead of the clock than this is left out (a peer flooding frames,
 /// or stamping them far in the future).
 pub const MAX_CALLER_AHEAD_MS: u64 = 10_000;
+/// A caller frame whose stamps lie within those of the stamped frame placed last is one
+/// delivered again, and left out, when it goes back no further than this. Twilio's clock
+/// only goes forward within a stream; a stamp further back is taken as that clock started
+/// again, not as a replay: the frame is kept (after what is placed, counted as late), and so
+/// are the frames after it, rather than leaving out the caller's audio until the new clock
+/// catches up with the old one.
+pub const MAX_REPLAY_BACK_MS: u64 = 10_000;
 /// R2's smallest part (every part but the last).
 pub const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
 
@@ -356,6 +366,12 @@ pub struct Recorder {
     origin: Option<i128>,
     /// Caller samples placed later than their timestamp said (see [`Recorder::caller`]).
     late: u64,
+    /// Where the stamped caller frame placed last ends on Twilio's clock (samples): a frame
+    /// stamped within it was placed already.
+    stamped_end: Option<i128>,
+    /// Caller frames (and their samples) left out as delivered again.
+    replayed_frames: u64,
+    replayed: u64,
     /// Agent μ-law from `emitted` on: what is queued at Twilio, as we model it. It may end
     /// before `agent_end`, which counts audio left out too (it plays, as silence here).
     agent: VecDeque<u8>,
@@ -393,6 +409,9 @@ impl Recorder {
             caller_heard: false,
             origin: None,
             late: 0,
+            stamped_end: None,
+            replayed_frames: 0,
+            replayed: 0,
             agent: VecDeque::new(),
             agent_end: 0,
             dropped: 0,
@@ -406,20 +425,31 @@ impl Recorder {
     /// A stamped frame goes where its stamp says on Twilio's clock, tied to ours by the first
     /// stamped frame (which lands at its arrival): silence fills a gap in the stamps of
     /// [`STAMP_JITTER_MS`] or more, and a frame stamped less than that off the previous
-    /// one's end follows it directly. When its place is further back than that, behind what
-    /// is recorded (the frame came more than [`CALLER_STALL_MS`] late, or its stamp went
-    /// back: a replay), the frame goes right after it, as early as it still can, and is
-    /// counted as late. A frame with no stamp goes where it arrived (see
-    /// [`CALLER_SLACK_MS`]). Either is left out, and counted, when that is more than
-    /// [`MAX_CALLER_AHEAD_MS`] ahead of its arrival.
+    /// one's end follows it directly. A frame whose stamps all lie within those of the
+    /// stamped frame placed last (at most [`MAX_REPLAY_BACK_MS`] back) was placed already:
+    /// delivered again, it is left out and counted ([`Recorder::replayed_frames`]). When
+    /// its place is further back than that, behind what is recorded (the frame came more
+    /// than [`CALLER_STALL_MS`] late, or Twilio's clock went back further), the frame goes
+    /// right after it, as early as it still can, and is counted as late. A frame with no
+    /// stamp goes where it arrived (see [`CALLER_SLACK_MS`]). Either is left out, and
+    /// counted, when that is more than [`MAX_CALLER_AHEAD_MS`] ahead of its arrival.
     pub fn caller(&mut self, at_ms: u64, stamp_ms: Option<u64>, mulaw: &[u8]) {
         let arrived = at_ms * SAMPLES_PER_MS;
         // Audio is only ever appended: nothing goes before this.
         let free = self.caller_end.max(self.emitted);
-        let (start, late) = match stamp_ms {
-            Some(ts) => {
-                // i128: no stamp, however absurd, overflows.
-                let stamp = i128::from(ts) * i128::from(SAMPLES_PER_MS);
+        // i128: no stamp, however absurd, overflows.
+        let stamp = stamp_ms.map(|ts| i128::from(ts) * i128::from(SAMPLES_PER_MS));
+        let len = mulaw.len() as u64;
+        if let (Some(stamp), Some(end)) = (stamp, self.stamped_end) {
+            let back = i128::from(MAX_REPLAY_BACK_MS * SAMPLES_PER_MS);
+            if stamp + i128::from(len) <= end && stamp >= end - back {
+                self.replayed_frames += 1;
+                self.replayed += len;
+                return;
+            }
+        }
+        let (start, late) = match stamp {
+            Some(stamp) => {
                 let origin = *self.origin.get_or_insert(i128::from(arrived) - stamp);
                 let due = origin + stamp;
                 let jitter = i128::from(STAMP_JITTER_MS * SAMPLES_PER_MS);
@@ -442,11 +472,11 @@ impl Recorder {
             }
         };
         if start > arrived + MAX_CALLER_AHEAD_MS * SAMPLES_PER_MS {
-            self.dropped += mulaw.len() as u64;
+            self.dropped += len;
             return;
         }
         if late {
-            self.late += mulaw.len() as u64;
+            self.late += len;
         }
         place(
             &mut self.caller,
@@ -456,6 +486,9 @@ impl Recorder {
             mulaw,
         );
         self.caller_heard = true;
+        if let Some(stamp) = stamp {
+            self.stamped_end = Some(stamp + i128::from(len));
+        }
     }
 
     /// When agent audio sent at `at_ms` starts to play: once what is queued has (ms).
@@ -572,9 +605,20 @@ impl Recorder {
     }
 
     /// Caller samples kept but placed later than their timestamp said: they came too late
-    /// for their place, or were stamped behind audio already placed.
+    /// for their place, or Twilio's clock went back further than a replay does.
     pub fn late_samples(&self) -> u64 {
         self.late
+    }
+
+    /// Caller frames left out because their stamps were placed already (see
+    /// [`MAX_REPLAY_BACK_MS`]).
+    pub fn replayed_frames(&self) -> u64 {
+        self.replayed_frames
+    }
+
+    /// The samples of those frames.
+    pub fn replayed_samples(&self) -> u64 {
+        self.replayed
     }
 
     /// Bytes the recorder holds: the measure of "bounded".
@@ -1509,10 +1553,22 @@ mod tests {
         from_ms: u64,
         end_ms: u64,
     ) -> Vec<u8> {
+        let mut out = play_on(rec, frames, from_ms, end_ms);
+        out.extend(rec.finish(end_ms).0);
+        out
+    }
+
+    /// [`play`] up to `until_ms`, with the call still going: what was handed out by then.
+    fn play_on(
+        rec: &mut Recorder,
+        frames: &[(u64, u64, Vec<u8>)],
+        from_ms: u64,
+        until_ms: u64,
+    ) -> Vec<u8> {
         let mut out = Vec::new();
         let mut next = 0;
         let mut t = from_ms;
-        while t <= end_ms {
+        while t <= until_ms {
             while next < frames.len() && frames[next].1 <= t {
                 let (stamp, arrives, audio) = &frames[next];
                 rec.caller(*arrives, Some(*stamp), audio);
@@ -1524,7 +1580,6 @@ mod tests {
             t += 20;
         }
         assert_eq!(next, frames.len(), "every frame fed");
-        out.extend(rec.finish(end_ms).0);
         out
     }
 
@@ -1673,41 +1728,73 @@ mod tests {
         assert_eq!(rec.late_samples(), 0);
     }
 
-    /// A stamp that goes back (a replayed chunk, a clock that restarts) has no place left
-    /// on the timeline: the frame goes right after the previous one, never over audio
-    /// already placed or handed out, and is counted as late.
+    /// Frames Twilio's stamps say were placed already (the same frame delivered again: the
+    /// last one, a run of earlier ones, one whose original was handed out) are left out and
+    /// counted: every frame Twilio sent once sits at its stamp, nothing after a replay is
+    /// pushed later, and nothing is late.
     #[test]
-    fn a_stamp_that_goes_back_follows_the_previous_frame() {
-        let mut rec = Recorder::new();
-        let mut out = Vec::new();
-        let (a, b, replay, c) = (tone(160, 1), tone(160, 60), tone(160, 120), tone(160, 180));
-        rec.caller(20, Some(0), &a); // 20..40 ms
-        rec.caller(40, Some(20), &b); // 40..60 ms
-        rec.caller(45, Some(20), &replay); // the same stamp again: 60..80 ms
-        rec.caller(60, Some(40), &c); // its place (60) is taken: 80..100 ms
-        assert_eq!(rec.late_samples(), 320);
-        // Handed out up to 1.5 s; then a frame stamped back at the start.
-        while let Some(chunk) = rec.poll(CALLER_STALL_MS + 1_500) {
-            out.extend(chunk);
+    fn a_frame_delivered_again_is_left_out_and_what_follows_keeps_its_place() {
+        let frames = twilio_frames(8_000, 20, |_| None);
+        // (after the frame stamped, the stamps sent again, when they come)
+        let again: [(u64, &[u64], u64); 3] = [
+            (1_000, &[1_000], 1_020),               // the last frame again, at once
+            (2_000, &[1_960, 1_980, 2_000], 2_025), // the last three again
+            // Further back than the recording waits: its original was handed out.
+            (6_000, &[2_500], 6_020),
+        ];
+        let mut sent = Vec::new();
+        for frame in &frames {
+            sent.push(frame.clone());
+            for (_, stamps, at) in again.iter().filter(|a| a.0 == frame.0) {
+                for &ts in *stamps {
+                    sent.push((ts, *at, frames[(ts / 20) as usize].2.clone()));
+                }
+            }
         }
-        let emitted = rec.emitted_ms();
-        assert_eq!(emitted, 1_500);
-        let d = tone(160, 240);
-        rec.caller(CALLER_STALL_MS + 1_500, Some(0), &d);
-        out.extend(rec.finish(CALLER_STALL_MS + 1_600).0);
-        let (l, _) = channels(&out);
-        assert_eq!(l[ms(20)..ms(40)], decoded(&a)[..]);
-        assert_eq!(l[ms(40)..ms(60)], decoded(&b)[..]);
-        assert_eq!(l[ms(60)..ms(80)], decoded(&replay)[..]);
-        assert_eq!(l[ms(80)..ms(100)], decoded(&c)[..]);
-        assert!(l[ms(100)..ms(emitted)].iter().all(|&s| s == 0));
-        assert_eq!(
-            l[ms(emitted)..ms(emitted + 20)],
-            decoded(&d)[..],
-            "after what was handed out"
-        );
-        assert_eq!(rec.late_samples(), 480);
+        let mut rec = Recorder::new();
+        let (l, _) = channels(&play(&mut rec, &sent, 0, 8_100));
+        assert_eq!(l.len(), ms(8_100), "no longer than the call");
+        for (ts, _, audio) in &frames {
+            let at = ms(20 + ts);
+            assert_eq!(l[at..at + 160], decoded(audio)[..], "frame stamped {ts}");
+        }
+        assert_eq!(rec.replayed_frames(), 5);
+        assert_eq!(rec.replayed_samples(), 5 * 160);
+        assert_eq!(rec.late_samples(), 0);
         assert_eq!(rec.dropped_samples(), 0);
+    }
+
+    /// A stamp further back than a replay goes ([`MAX_REPLAY_BACK_MS`]) is Twilio's clock
+    /// started again, not a replay: the frame has no place left on the timeline, so it goes
+    /// right after what is placed, never over audio already placed or handed out, counted as
+    /// late, and so do the frames of the new clock after it; one of those delivered again is
+    /// a replay on the new clock, and left out.
+    #[test]
+    fn a_clock_that_goes_back_further_than_a_replay_keeps_the_audio_after_it() {
+        let first = twilio_frames(MAX_REPLAY_BACK_MS + 2_000, 20, |_| None);
+        let mut rec = Recorder::new();
+        let mut out = play_on(&mut rec, &first, 0, MAX_REPLAY_BACK_MS + 2_020);
+        let placed = ms(MAX_REPLAY_BACK_MS + 2_020);
+        let restarted = MAX_REPLAY_BACK_MS + 2_030;
+        let (a, b) = (tone(160, 200), tone(160, 220));
+        rec.caller(restarted, Some(0), &a);
+        rec.caller(restarted + 20, Some(20), &b);
+        rec.caller(restarted + 25, Some(20), &b); // a replay on the new clock
+        out.extend(rec.finish(restarted + 100).0);
+        let (l, _) = channels(&out);
+        for (ts, _, audio) in &first {
+            let at = ms(20 + ts);
+            assert_eq!(l[at..at + 160], decoded(audio)[..], "frame stamped {ts}");
+        }
+        assert_eq!(
+            l[placed..placed + 160],
+            decoded(&a)[..],
+            "after what was placed"
+        );
+        assert_eq!(l[placed + 160..placed + 320], decoded(&b)[..]);
+        assert!(l[placed + 320..].iter().all(|&s| s == 0), "b once");
+        assert_eq!(rec.late_samples(), 320);
+        assert_eq!(rec.replayed_frames(), 1);
     }
 
     /// Frames with no stamp among stamped ones are placed where they arrived.

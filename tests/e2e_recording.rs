@@ -4,8 +4,9 @@
 //! the admin API (`GET /api/admin/calls/{sid}/recording`): the WAV header, its length against
 //! the call's, the caller on the left channel, the agent on the right up to the cut and silence
 //! after it, and byte ranges. Then: an agent with recording off leaves none, a call whose
-//! Twilio socket is lost still leaves a playable file, a long call is uploaded in parts, and
-//! caller audio the network held up keeps its place.
+//! Twilio socket is lost still leaves a playable file, a long call is uploaded in parts,
+//! caller audio the network held up keeps its place, and caller frames delivered twice are
+//! recorded once.
 //!
 //! One Worker (with `ADMIN_TOKEN`) is shared by the tests of this binary; each test uses its own
 //! CallSids and numbers.
@@ -652,4 +653,89 @@ async fn caller_audio_held_up_by_the_network_keeps_its_place() {
             "caller frame {i} is not 20 ms after the one before"
         );
     }
+}
+
+// ---- 6. caller frames delivered twice ---------------------------------------------------------------
+
+/// Some of the caller's frames reach the Worker twice, exactly as they were sent (the same
+/// `sequenceNumber`, `chunk`, `timestamp` and audio). Each goes to OpenAI as it comes, the
+/// second copy too, but the recording has every frame once, exactly 20 ms after the one
+/// before: the copies push nothing later, and the call's log says once how many there were.
+#[tokio::test(flavor = "multi_thread")]
+async fn caller_frames_delivered_twice_are_recorded_once() {
+    let h = harness().await;
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230606".into(),
+            to: "+81312345678".into(),
+            script: SessionScript::new(),
+            caller_audio: None,
+        })
+        .await;
+    let sid = call.ids.call_sid.clone();
+    let frames = tagged_chunks(0x76, 150, tw::FRAME_BYTES); // 3 s
+                                                            // After frame 50 the three up to it again; after 100 that one; after 120, three from
+                                                            // more than a second before.
+    let replays = vec![(50, 48..=50), (100, 100..=100), (120, 60..=62)];
+    let sent = call
+        .twilio
+        .play_caller_audio_again(frames.concat(), replays)
+        .await
+        .expect("caller audio");
+    let last = sent.last().expect("frames sent").clone();
+    ok(
+        h,
+        call.openai
+            .wait_until("the last caller frame to be relayed", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| {
+                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
+                    })
+                    .then_some(())
+            })
+            .await,
+    );
+    let appends = call.openai.received_of_type("input_audio_buffer.append");
+    let appended = |payload: &str| {
+        appends
+            .iter()
+            .filter(|e| e.event["audio"] == payload)
+            .count()
+    };
+    assert_eq!(appended(&sent[49]), 2, "the relay passes on both copies");
+    assert_eq!(appended(&sent[51]), 1);
+    call.twilio.send_stop(&call.ids);
+    let c = wait_recording(h, &sid).await;
+    let duration = c["duration_ms"].as_i64().expect("duration_ms");
+    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
+    assert!(
+        (duration..=duration + 200).contains(&rec_ms),
+        "the recording ({rec_ms} ms) spans the call ({duration} ms), no more"
+    );
+    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200);
+    let (left, _) = channels(&full.body);
+    let first = find(&left, &decoded(&frames[0]), 0).expect("the first caller frame");
+    for (i, frame) in frames.iter().enumerate().skip(1) {
+        let want = first + i * frame.len();
+        assert_eq!(
+            find(&left, &decoded(frame), want.saturating_sub(8 * 2_000)),
+            Some(want),
+            "caller frame {i} is not 20 ms after the one before"
+        );
+    }
+    let adjusted: Vec<String> = h
+        .worker
+        .log()
+        .lines()
+        .filter(|l| l.contains("recording.adjusted") && l.contains(&sid))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(adjusted.len(), 1, "said once for the call: {adjusted:?}");
+    assert!(
+        adjusted[0].contains(r#""caller_replayed_frames":7"#),
+        "{}",
+        adjusted[0]
+    );
 }

@@ -69,15 +69,19 @@ impl Call {
         }
         self.actions
             .push_back(Action::RecordingDone { duration_ms });
-        // Audio left out, or caller audio that came too late for its place: said once.
+        // Audio left out, caller audio that came too late for its place, or caller frames
+        // delivered again (left out): said once for the call, not per frame.
         let (left_out, late) = (r.dropped_samples(), r.late_samples());
-        if left_out > 0 || late > 0 {
+        let replayed = r.replayed_frames();
+        if left_out > 0 || late > 0 || replayed > 0 {
             self.log(
                 Level::Warn,
                 "recording.adjusted",
                 json!({
                     "left_out_ms": left_out / SAMPLES_PER_MS,
                     "caller_late_ms": late / SAMPLES_PER_MS,
+                    "caller_replayed_frames": replayed,
+                    "caller_replayed_ms": r.replayed_samples() / SAMPLES_PER_MS,
                 }),
             );
         }

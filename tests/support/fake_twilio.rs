@@ -618,8 +618,8 @@ impl MediaStream {
     }
 
     /// One inbound `media` frame stamped `stamp` ms into the stream (by the media clock when
-    /// `None`); returns the base64 payload sent and its stamp.
-    fn send_frame(&self, audio: &[u8], stamp: Option<u64>) -> (String, u64) {
+    /// `None`); returns the base64 payload sent, its stamp and its `chunk` number.
+    fn send_frame(&self, audio: &[u8], stamp: Option<u64>) -> (String, u64, u64) {
         let chunk = self.shared.next_chunk.fetch_add(1, Ordering::SeqCst);
         let stamp = self
             .shared
@@ -638,7 +638,7 @@ impl MediaStream {
             },
             "streamSid": self.stream_sid(),
         }));
-        (payload, stamp)
+        (payload, stamp, chunk)
     }
 
     /// Send `audio` as 20 ms frames (160 bytes; the last may be shorter) paced in real time,
@@ -668,12 +668,65 @@ impl MediaStream {
                 }
                 tokio::time::sleep_until(t0 + due).await;
                 let stamp = first_stamp.map(|s: u64| s + 20 * i as u64);
-                let (payload, stamp) = me.send_frame(frame, stamp);
+                let (payload, stamp, _) = me.send_frame(frame, stamp);
                 first_stamp.get_or_insert(stamp);
                 sent.push(payload);
             }
             sent
         })
+    }
+
+    /// [`MediaStream::play_caller_audio`], with some frames delivered twice: after frame
+    /// `i` (by index, from 0) of each `(i, again)`, the frames `again` (sent already) go
+    /// once more exactly as they went (the same `sequenceNumber`, `chunk`, `timestamp` and
+    /// payload). The task returns the payloads of the frames sent once, in order.
+    pub fn play_caller_audio_again(
+        &self,
+        audio: Vec<u8>,
+        replays: Vec<(usize, std::ops::RangeInclusive<usize>)>,
+    ) -> JoinHandle<Vec<String>> {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let t0 = tokio::time::Instant::now();
+            let mut sent = Vec::new();
+            let mut chunks = Vec::new();
+            let mut first_stamp = None;
+            for (i, frame) in audio.chunks(FRAME_BYTES).enumerate() {
+                tokio::time::sleep_until(t0 + Duration::from_millis(20 * i as u64)).await;
+                let stamp = first_stamp.map(|s: u64| s + 20 * i as u64);
+                let (payload, stamp, chunk) = me.send_frame(frame, stamp);
+                first_stamp.get_or_insert(stamp);
+                sent.push(payload);
+                chunks.push(chunk.to_string());
+                for (_, again) in replays.iter().filter(|(after, _)| *after == i) {
+                    for j in again.clone() {
+                        let frame = me.sent_media(&chunks[j]).await;
+                        me.send_raw(frame);
+                    }
+                }
+            }
+            sent
+        })
+    }
+
+    /// The `media` frame with this `chunk` as it went out (waits for the writer to send it).
+    async fn sent_media(&self, chunk: &str) -> Value {
+        loop {
+            let found = self
+                .shared
+                .log
+                .lock()
+                .unwrap()
+                .sent
+                .iter()
+                .find_map(|(_, f)| {
+                    (f["event"] == "media" && f["media"]["chunk"] == chunk).then(|| f.clone())
+                });
+            if let Some(frame) = found {
+                return frame;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     pub fn send_stop(&self, ids: &CallIds) {

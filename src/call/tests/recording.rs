@@ -281,3 +281,51 @@ fn frames_before_the_start_keep_their_stamps() {
     assert_eq!(left[ms(80)..ms(100)], pcm(&c)[..]);
     assert!(sim.logged("recording.adjusted").is_empty());
 }
+
+/// Twilio delivers some caller frames again (the same stamps, the same audio). The recording
+/// leaves them out, so the caller's audio after them does not move, and says how many once,
+/// at the end; the relay to OpenAI is as before: every frame that came is appended.
+#[test]
+fn caller_frames_delivered_again_are_left_out_of_the_recording_once_said() {
+    let mut sim = Sim::live();
+    let mut frames = Vec::new();
+    let mut appended = 0;
+    for ts in (0..3_000).step_by(20) {
+        sim.at(ts + 20);
+        let frame = loud(160, (ts / 20) as u8);
+        let mut sends = vec![ts];
+        if ts == 1_000 || ts == 2_000 {
+            // The frame, and the two before it, come again.
+            sends.extend([ts - 40, ts - 20, ts]);
+        }
+        for sent in sends {
+            let payload = if sent == ts {
+                frame.clone()
+            } else {
+                loud(160, (sent / 20) as u8)
+            };
+            let out = sim.twilio(&media_at(sent, &b64(&payload)));
+            appended += out
+                .iter()
+                .filter(|a| matches!(a, Action::SendOpenAi(e) if e.contains("input_audio_buffer.append")))
+                .count();
+        }
+        frames.push((ts, frame));
+    }
+    assert_eq!(appended, frames.len() + 6, "the relay is unchanged");
+    sim.at(3_500);
+    sim.twilio(STOP);
+    assert_eq!(sim.recording_done, Some(3_500));
+    let (left, _) = split(&sim.recording);
+    for (ts, frame) in &frames {
+        let at = ms(ts + 20);
+        assert_eq!(left[at..at + 160], pcm(frame)[..], "frame stamped {ts}");
+    }
+    assert!(left[ms(3_020)..].iter().all(|&s| s == 0));
+    let logged = sim.logged("recording.adjusted");
+    assert_eq!(logged.len(), 1, "once for the call: {:?}", sim.logs);
+    assert_eq!(logged[0]["caller_replayed_frames"], 6);
+    assert_eq!(logged[0]["caller_replayed_ms"], 120);
+    assert_eq!(logged[0]["caller_late_ms"], 0);
+    assert_eq!(logged[0]["left_out_ms"], 0);
+}
