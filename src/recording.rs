@@ -130,21 +130,33 @@ pub enum Recovery {
 pub enum Leftover {
     /// The recording is stored; these are what a cut-off clean-up left.
     Stored,
-    /// They do not start at the recording's start (checkpoint 0): uploading them would put
-    /// the call's end at its start, and over any file already stored.
+    /// They do not start at the recording's start (checkpoint 0), and their keys do not say
+    /// where their audio starts: written before keys said so, they may be what a clean-up
+    /// from before [`CHECKPOINT_STORED_KEY`] left of a stored recording, and uploading them
+    /// would put the call's end at its start, over the file.
     Partial { first: u64 },
     /// R2 refused [`CHECKPOINT_UPLOAD_TRIES`] times.
     Abandoned { tries: u32 },
 }
 
 /// Decides what to do with the checkpoints an object holds: `stored` when it holds
-/// [`CHECKPOINT_STORED_KEY`], `first` the lowest checkpoint's number, `tries` the uploads
+/// [`CHECKPOINT_STORED_KEY`], `first` the lowest checkpoint's key, `tries` the uploads
 /// tried so far ([`CHECKPOINT_TRIES_KEY`]).
-pub fn recovery(stored: bool, first: u64, tries: u32) -> Recovery {
+///
+/// Checkpoints that do not start at checkpoint 0 but whose keys say where their audio starts
+/// are uploaded: checkpoint 0's write failed (it is only logged), and [`Refill`] puts silence
+/// of its length first, so the audio after it keeps its place. They cannot be what a
+/// clean-up left: keys have said where their audio starts only since the marker is written
+/// before any checkpoint of a stored recording is deleted (and is deleted last), and a
+/// clean-up after giving up deletes the count of tries only after the checkpoints. (If the
+/// marker's own write fails once the file is stored, `recording.checkpoints_not_cleared`, all
+/// the checkpoints stay and the file is stored again from them, as it is from a whole set;
+/// with checkpoint 0 lost too, that copy has its silence where the live upload had audio.)
+pub fn recovery(stored: bool, first: CheckpointId, tries: u32) -> Recovery {
     if stored {
         Recovery::Clear(Leftover::Stored)
-    } else if first != 0 {
-        Recovery::Clear(Leftover::Partial { first })
+    } else if first.seq != 0 && first.offset.is_none() {
+        Recovery::Clear(Leftover::Partial { first: first.seq })
     } else if tries >= CHECKPOINT_UPLOAD_TRIES {
         Recovery::Clear(Leftover::Abandoned { tries })
     } else {
@@ -1079,10 +1091,11 @@ pub enum Place {
 /// The recording put back together from its checkpoints, as the recovery reads them: in
 /// order of number, in batches from [`Refill::from`] on. A number missing inside the sequence
 /// becomes silence of exactly the audio missing (from the offsets in the keys), so everything
-/// after it keeps its place. Checkpoints missing at the end leave nothing to fill: the
-/// recording ends with the last one written. (A set missing checkpoint 0 is not read at all:
-/// [`recovery`].) Part 1's bookkeeping ([`FirstPart`]) learns the same, so that part 1 made
-/// again at the end has the same silence in the same place.
+/// after it keeps its place; so do numbers missing at the start (checkpoint 0 and on), when
+/// the first key read says where its audio starts ([`recovery`]). Checkpoints missing at the
+/// end leave nothing to fill: the recording ends with the last one written. Part 1's
+/// bookkeeping ([`FirstPart`]) learns the same, so that part 1 made again at the end has the
+/// same silence in the same place.
 #[derive(Debug, Default)]
 pub struct Refill {
     next_seq: u64,
@@ -1217,6 +1230,11 @@ mod tests {
         );
     }
 
+    /// The lowest checkpoint's key in `storage`, as the shell reads it.
+    fn first_key<V>(storage: &std::collections::BTreeMap<String, V>) -> CheckpointId {
+        storage.keys().find_map(|k| checkpoint_id(k)).unwrap()
+    }
+
     /// The clean-up after a stored recording is cut off partway (oldest checkpoints first,
     /// as the shell deletes them): what is left is the recording's end, and it is deleted,
     /// never uploaded over the whole file.
@@ -1225,7 +1243,10 @@ mod tests {
         let mut storage: std::collections::BTreeMap<String, u32> = (0..40)
             .map(|n| (checkpoint_key(n, n * 160_000), 0))
             .collect();
-        assert_eq!(recovery(false, 0, 0), Recovery::Upload { attempt: 1 });
+        assert_eq!(
+            recovery(false, first_key(&storage), 0),
+            Recovery::Upload { attempt: 1 }
+        );
         // Stored: the marker goes in first, then the deletion stops after one batch.
         storage.insert(CHECKPOINT_STORED_KEY.into(), 1);
         let batch: Vec<String> = storage
@@ -1237,36 +1258,58 @@ mod tests {
         for k in batch {
             storage.remove(&k);
         }
-        let first = storage.keys().find_map(|k| checkpoint_seq(k)).unwrap();
-        assert_eq!(first, 16);
+        let first = first_key(&storage);
+        assert_eq!(first.seq, 16);
         let stored = storage.contains_key(CHECKPOINT_STORED_KEY);
         assert_eq!(
             recovery(stored, first, 0),
             Recovery::Clear(Leftover::Stored)
         );
-        // Without the marker (left by a version before it, or its write lost), a set that
-        // does not start at checkpoint 0 is still only the end: dropped, not uploaded.
+        // Without the marker, left by a version before it: those wrote keys that do not say
+        // where their audio starts, and a set of them that does not start at checkpoint 0 is
+        // still only the end: dropped, not uploaded.
+        let old = CheckpointId {
+            seq: 16,
+            offset: None,
+        };
         assert_eq!(
-            recovery(false, first, 0),
+            recovery(false, old, 0),
             Recovery::Clear(Leftover::Partial { first: 16 })
         );
+        let whole = CheckpointId {
+            seq: 0,
+            offset: Some(0),
+        };
         assert_eq!(
-            recovery(true, 0, 0),
+            recovery(true, whole, 0),
             Recovery::Clear(Leftover::Stored),
             "stored wins even over a whole set"
+        );
+        // Given up after its tries: the count of tries is deleted after the checkpoints, so
+        // a deletion cut off partway is finished, never uploaded, whatever is left.
+        storage.remove(CHECKPOINT_STORED_KEY);
+        assert_eq!(
+            recovery(false, first_key(&storage), CHECKPOINT_UPLOAD_TRIES),
+            Recovery::Clear(Leftover::Abandoned {
+                tries: CHECKPOINT_UPLOAD_TRIES
+            })
         );
     }
 
     #[test]
     fn a_recording_r2_keeps_refusing_is_given_up_after_its_tries() {
+        let first = CheckpointId {
+            seq: 0,
+            offset: Some(0),
+        };
         for tries in 0..CHECKPOINT_UPLOAD_TRIES {
             assert_eq!(
-                recovery(false, 0, tries),
+                recovery(false, first, tries),
                 Recovery::Upload { attempt: tries + 1 }
             );
         }
         assert_eq!(
-            recovery(false, 0, CHECKPOINT_UPLOAD_TRIES),
+            recovery(false, first, CHECKPOINT_UPLOAD_TRIES),
             Recovery::Clear(Leftover::Abandoned {
                 tries: CHECKPOINT_UPLOAD_TRIES
             })
@@ -2621,6 +2664,52 @@ mod tests {
         assert!(part_1_made_again);
         assert!(file == with_silence(&storage, &audio, &missing));
         assert_eq!(gaps, [gap(&storage, end_1 - 1..end_1 + 1)]);
+    }
+
+    /// Checkpoint 0's write failed (a write is only logged) and the object restarted: the
+    /// recovery still uploads the recording, with silence of checkpoint 0's length first (the
+    /// next key says where its audio starts), so everything after it keeps its place; the
+    /// file's header, which no checkpoint holds, is made for the whole length. The same for
+    /// the first few missing, in a recording of one part or several. Checkpoints whose keys
+    /// do not say where they start are not: they could be the end of a stored recording.
+    #[test]
+    fn a_missing_first_checkpoint_becomes_silence_and_the_rest_is_recovered() {
+        for (seconds, missing, holes) in [
+            (200, vec![0], vec![(0, 1)]),
+            (200, vec![0, 1, 2], vec![(0, 3)]),
+            (30, vec![0], vec![(0, 1)]),
+            (30, vec![0, 2], vec![(0, 1), (2, 3)]),
+        ] {
+            let (storage, audio) = checkpointed(seconds * 32_000);
+            let holed = without(&storage, &missing);
+            assert_eq!(
+                recovery(false, first_key(&holed), 0),
+                Recovery::Upload { attempt: 1 },
+                "{missing:?}"
+            );
+            let want = with_silence(&storage, &audio, &missing);
+            // Each (first, end) of the checkpoints missing together.
+            let holes: Vec<Gap> = holes
+                .into_iter()
+                .map(|(a, b)| gap(&storage, a..b))
+                .collect();
+            for batch in [1, 16] {
+                let (file, gaps, part_1_made_again) = recovered(&holed, MIN_PART_BYTES, batch);
+                // Over a part (about 164 s): part 1 left memory and was made again, its
+                // silence included.
+                assert_eq!(part_1_made_again, seconds > 170, "{seconds} s");
+                assert_eq!(file.len(), want.len(), "as long as the call");
+                assert_eq!(file[..HEADER_BYTES], wav_header(audio.len() as u64));
+                assert!(file == want, "{missing:?} batch {batch}");
+                assert_eq!(gaps, holes);
+            }
+        }
+        let (storage, _) = checkpointed(30 * 32_000);
+        let old = without_offsets(&without(&storage, &[0]));
+        assert_eq!(
+            recovery(false, first_key(&old), 0),
+            Recovery::Clear(Leftover::Partial { first: 1 })
+        );
     }
 
     #[test]

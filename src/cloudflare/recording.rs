@@ -33,8 +33,9 @@
 //! object that restarted mid-call (a deploy) or whose upload failed finds them ([`recover`]),
 //! and uploads the recording from them: the call keeps its audio up to the restart. That
 //! upload, too, lets part 1 go once it is full and reads it back at the end. Each checkpoint's
-//! key says where its audio starts; where one is missing (its write failed) the upload puts
-//! silence of its length (`crate::recording::Refill`), so the audio after it keeps its place.
+//! key says where its audio starts; where one is missing (its write failed), checkpoint 0
+//! included, the upload puts silence of its length (`crate::recording::Refill`), so the audio
+//! after it keeps its place.
 
 use super::log;
 use super::outbox::Outbox;
@@ -316,15 +317,15 @@ pub async fn has_checkpoints(storage: &Storage) -> worker::Result<bool> {
     Ok(list_checkpoints(storage, 0, 1).await?.size() > 0)
 }
 
-/// The number of the lowest checkpoint the object holds, if any.
-async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<u64>> {
+/// The number and offset of the lowest checkpoint the object holds, if any.
+async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<recording::CheckpointId>> {
     let map = list_checkpoints(storage, 0, 1).await?;
     let mut first = None;
     map.for_each(&mut |_, key| {
         first = key
             .as_string()
             .as_deref()
-            .and_then(recording::checkpoint_seq);
+            .and_then(recording::checkpoint_id);
     });
     Ok(first)
 }
@@ -352,8 +353,9 @@ async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
 /// Uploads the recording kept in the object's checkpoints, when there are some and no writer
 /// of this instance is at work: the pump that recorded them is gone (the object restarted
 /// mid-call), or its upload failed. Checkpoints of a recording already stored, or that do not
-/// start at its start, are only deleted ([`recording::recovery`]). A checkpoint missing
-/// inside is silence of its length ([`recording::Refill`]). Each try is counted; after
+/// start at its start and whose keys do not say where they start, are only deleted
+/// ([`recording::recovery`]). A checkpoint missing, the first one included, is silence of its
+/// length ([`recording::Refill`]). Each try is counted; after
 /// [`recording::CHECKPOINT_UPLOAD_TRIES`] the checkpoints are dropped. Returns at once: the
 /// upload goes on in a task of its own, and a failure sets the object's alarm to try again.
 pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> worker::Result<()> {
