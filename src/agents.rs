@@ -344,12 +344,23 @@ pub fn list_json(rows: &[Value]) -> (Value, Vec<(Option<String>, ConfigError)>) 
 /// A stored language written as a slip (`jp`, `ja-JP`, `JA`: a row from before languages
 /// were checked, or written by hand) is read as meant, as the configured agent's is, rather
 /// than costing the number its agent: the call would otherwise go to the configured agent.
+/// So is a model or transcription model with stray spaces or capitals
+/// (`"gpt-4o-transcribe "`, `GPT-Realtime`). Any other value the Realtime API would refuse
+/// (a model such as `gpt-realtme`) is an error like an unknown voice: the configured agent
+/// takes the call, where the stored one would have had every call refused by the server and
+/// end in the fallback.
 pub fn from_row(row: &Value) -> Result<Agent, ConfigError> {
     let mut agent = record_from_row(row)?.agent;
-    if !crate::config::ISO_639_1.contains(&agent.language.as_str()) {
-        if let Some(meant) = crate::config::suggest_language(&agent.language) {
+    if !config::ISO_639_1.contains(&agent.language.as_str()) {
+        if let Some(meant) = config::suggest_language(&agent.language) {
             agent.language = meant.to_owned();
         }
+    }
+    if let Some(meant) = config::suggest_realtime_model(&agent.model) {
+        agent.model = meant;
+    }
+    if let Some(meant) = config::suggest_transcription_model(&agent.transcription_model) {
+        agent.transcription_model = meant;
     }
     agent.validate()?;
     Ok(agent)
@@ -1172,7 +1183,7 @@ mod tests {
     fn rows_as_d1_returns_them_map_whole_floats_and_missing_optionals() {
         let mut row = json!({
             "id": "x", "name": "n", "instructions": "i", "greeting": "g", "voice": "ash",
-            "model": "m", "language": "ja", "transcription_model": "t",
+            "model": "gpt-realtime", "language": "ja", "transcription_model": "whisper-1",
             "turn_detection_type": "server_vad", "vad_threshold": 1, "vad_silence_ms": 500.0,
             "vad_prefix_padding_ms": 300, "tools": "[]", "transfer_number": null,
             "max_call_seconds": 1800, "is_default": 0,
@@ -1198,6 +1209,42 @@ mod tests {
         row["language"] = json!("xx");
         assert_eq!(from_row(&row).unwrap_err().field, "language");
         row["language"] = json!("ja");
+        // So is a model with a stray space or capitals.
+        for (col, stored, meant) in [
+            ("model", "gpt-realtime ", "gpt-realtime"),
+            ("model", "GPT-Realtime-Mini", "gpt-realtime-mini"),
+            (
+                "transcription_model",
+                "gpt-4o-transcribe ",
+                "gpt-4o-transcribe",
+            ),
+            ("transcription_model", " Whisper-1", "whisper-1"),
+        ] {
+            let mut slip = row.clone();
+            slip[col] = json!(stored);
+            let a = from_row(&slip).unwrap();
+            let read = if col == "model" {
+                a.model
+            } else {
+                a.transcription_model
+            };
+            assert_eq!(read, meant, "{stored:?}");
+        }
+        // A model the API does not have is an invalid agent (the configured one takes the
+        // call), still shown as stored so that it can be fixed.
+        for (col, stored) in [
+            ("model", json!("gpt-realtme")),
+            ("model", json!("gpt-4o")),
+            ("transcription_model", json!("gpt-4o-transcibe")),
+        ] {
+            let mut bad = row.clone();
+            bad[col] = stored.clone();
+            assert_eq!(from_row(&bad).unwrap_err().field, col, "{stored}");
+            let View::Agent(shown) = view(&bad) else {
+                panic!("{col} {stored}: not shown");
+            };
+            assert_eq!(shown[col], stored);
+        }
         row.as_object_mut().unwrap().remove("name");
         assert_eq!(from_row(&row).unwrap_err().field, "name");
     }
@@ -1255,6 +1302,18 @@ mod tests {
         assert_eq!(with("max_call_seconds", json!(-1)), "max_call_seconds");
         assert_eq!(with("max_call_seconds", json!(60.5)), "max_call_seconds");
         assert_eq!(with("language", json!("japanese")), "language");
+        assert_eq!(with("model", json!("gpt-realtme")), "model");
+        assert_eq!(with("model", json!("gpt-realtime ")), "model");
+        assert_eq!(with("model", json!("gpt-4o-transcribe")), "model");
+        assert_eq!(with("model", json!(5)), "model");
+        assert_eq!(
+            with("transcription_model", json!("gpt-4o-transcribe ")),
+            "transcription_model"
+        );
+        assert_eq!(
+            with("transcription_model", json!("gpt-realtime")),
+            "transcription_model"
+        );
         assert_eq!(with("is_default", json!(1)), "is_default");
         assert_eq!(with("record_calls", json!(0)), "record_calls");
         assert_eq!(with("id", json!("has space")), "id");
@@ -1530,6 +1589,56 @@ mod tests {
             )),
             "model"
         );
+    }
+
+    #[test]
+    fn a_model_slip_is_refused_with_a_suggestion_and_a_stored_bad_model_can_be_fixed() {
+        let (field, message) = refusal_of(parse_create(
+            &obj(json!({"name": "A", "instructions": "I",
+                        "transcription_model": "gpt-4o-transcribe "})),
+            "x",
+        ));
+        assert_eq!(field, "transcription_model");
+        assert!(
+            message.contains("did you mean \"gpt-4o-transcribe\""),
+            "{message}"
+        );
+        let (field, message) = refusal_of(parse_create(
+            &obj(json!({"name": "A", "instructions": "I", "model": "gpt-realtme"})),
+            "x",
+        ));
+        assert_eq!(field, "model");
+        assert!(message.contains("\"realtime\""), "{message}");
+        let ok = parse_create(
+            &obj(
+                json!({"name": "A", "instructions": "I", "model": "gpt-realtime-mini",
+                        "transcription_model": "gpt-4o-mini-transcribe"}),
+            ),
+            "x",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+
+        // A row stored with a bad model: a PUT of another field names it, one giving a
+        // model repairs the row.
+        let db = testdb::open();
+        create(&db, json!({"id": "typo", "name": "T", "instructions": "I"}));
+        testdb::execute(
+            &db,
+            &Statement::new(
+                "UPDATE agents SET model = 'gpt-realtme' WHERE id = 'typo'",
+                vec![],
+            ),
+        )
+        .unwrap();
+        let current = load(&db, "typo");
+        assert_eq!(current.agent.model, "gpt-realtme");
+        let body = obj(json!({"voice": "sage"}));
+        assert_eq!(field_of(parse_update(&body, &current)), "model");
+        let body = obj(json!({"model": "gpt-realtime"}));
+        let change = parse_update(&body, &current).unwrap();
+        assert_eq!(apply_update(&db, &change), 1);
+        let row = testdb::query(&db, &select_by_id("typo")).remove(0);
+        assert_eq!(from_row(&row).unwrap().model, "gpt-realtime");
     }
 
     #[test]

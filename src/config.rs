@@ -181,6 +181,88 @@ pub fn suggest_language(s: &str) -> Option<&'static str> {
         .map(|(_, c)| *c)
 }
 
+/// The input transcription models of the GA Realtime API (protocol.md A2,
+/// `audio.input.transcription.model`, the 2026 SDK's two newest included). The server
+/// refuses a whole `session.update` naming any other, so it is checked against this list.
+pub const TRANSCRIPTION_MODELS: &[&str] = &[
+    "whisper-1",
+    "gpt-4o-transcribe",
+    "gpt-4o-mini-transcribe",
+    "gpt-4o-mini-transcribe-2025-12-15",
+    "gpt-4o-transcribe-diarize",
+    "gpt-realtime-whisper",
+    "gpt-transcribe",
+    "gpt-live-transcribe",
+];
+
+/// Why `model` cannot be the Realtime model of a session (the `?model=` of the upgrade
+/// and `session.model`), if it cannot.
+///
+/// Not a list: Realtime models keep coming (protocol.md names `gpt-realtime`,
+/// `gpt-realtime-2025-08-28`, `gpt-realtime-1.5`, `gpt-realtime-2`, `gpt-realtime-2.1`,
+/// `gpt-4o-mini-realtime`; `gpt-realtime-mini` and the `gpt-4o-realtime-preview` line are
+/// others), and a list would refuse the next one. What they all share is `realtime` in the
+/// name, while what else gets written there does not: a chat model (`gpt-4o`), a typo
+/// (`gpt-realtme`), a name with a stray space. The one Realtime-looking name that is not a
+/// session model, `gpt-realtime-whisper`, is a transcription model and is refused as such.
+pub fn realtime_model_problem(model: &str) -> Option<String> {
+    if model.trim().is_empty() {
+        return Some("must not be empty".into());
+    }
+    if model.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(format!("{model:?} has spaces or control characters in it"));
+    }
+    if TRANSCRIPTION_MODELS.contains(&model) {
+        return Some(format!(
+            "{model:?} is a transcription model (give it as transcription_model), not a \
+             Realtime model such as \"gpt-realtime\""
+        ));
+    }
+    if !model.contains("realtime") {
+        return Some(format!(
+            "{model:?} is not a Realtime model: their names contain \"realtime\" \
+             (gpt-realtime, gpt-realtime-mini, gpt-4o-realtime-preview, …)"
+        ));
+    }
+    None
+}
+
+/// The model name someone writing `s` most likely meant, when `s` is not valid but the
+/// same name without surrounding spaces and in lower case (`"gpt-4o-transcribe "`,
+/// `"GPT-Realtime"`) is.
+pub fn suggest_model(s: &str, valid: impl Fn(&str) -> bool) -> Option<String> {
+    if valid(s) {
+        return None;
+    }
+    let meant = s.trim().to_lowercase();
+    valid(&meant).then_some(meant)
+}
+
+fn is_transcription_model(s: &str) -> bool {
+    TRANSCRIPTION_MODELS.contains(&s)
+}
+
+fn is_realtime_model(s: &str) -> bool {
+    realtime_model_problem(s).is_none()
+}
+
+/// The Realtime model someone writing `s` most likely meant ([`suggest_model`]).
+pub fn suggest_realtime_model(s: &str) -> Option<String> {
+    suggest_model(s, is_realtime_model)
+}
+
+/// The transcription model someone writing `s` most likely meant ([`suggest_model`]).
+pub fn suggest_transcription_model(s: &str) -> Option<String> {
+    suggest_model(s, is_transcription_model)
+}
+
+/// `; did you mean "x"?` for a suggestion, nothing without one.
+fn did_you_mean(suggestion: Option<impl fmt::Debug>) -> String {
+    suggestion
+        .map(|s| format!("; did you mean {s:?}?"))
+        .unwrap_or_default()
+}
+
 /// True for an E.164 number: `+`, a non-zero digit, at most 15 digits in all.
 pub fn is_e164(s: &str) -> bool {
     let Some(digits) = s.strip_prefix('+') else {
@@ -225,15 +307,13 @@ impl Agent {
                 ),
             ));
         }
-        if self.model.trim().is_empty() {
-            return Err(invalid("model", "must not be empty"));
+        if let Some(problem) = realtime_model_problem(&self.model) {
+            let hint = did_you_mean(suggest_realtime_model(&self.model));
+            return Err(invalid("model", format!("{problem}{hint}")));
         }
         let lang = &self.language;
         if !ISO_639_1.contains(&lang.as_str()) {
-            let hint = match suggest_language(lang) {
-                Some(code) => format!("; did you mean {code:?}?"),
-                None => String::new(),
-            };
+            let hint = did_you_mean(suggest_language(lang));
             return Err(invalid(
                 "language",
                 format!(
@@ -242,8 +322,17 @@ impl Agent {
                 ),
             ));
         }
-        if self.transcription_model.trim().is_empty() {
-            return Err(invalid("transcription_model", "must not be empty"));
+        let transcription = &self.transcription_model;
+        if !is_transcription_model(transcription) {
+            let hint = did_you_mean(suggest_transcription_model(transcription));
+            return Err(invalid(
+                "transcription_model",
+                format!(
+                    "{transcription:?} is not a transcription model of the Realtime API; one \
+                     of {}{hint}",
+                    TRANSCRIPTION_MODELS.join(", ")
+                ),
+            ));
         }
         let td = &self.turn_detection;
         if !TURN_DETECTION_TYPES.contains(&td.kind.as_str()) {
@@ -563,6 +652,23 @@ impl Bridge {
                     set_aside("AGENT_LANGUAGE", format!("{}: {meant:?} is used", e.reason));
                     agent.language = meant.to_owned();
                 }
+                // `GPT-Realtime`: what was meant is clear enough to use, as for languages;
+                // any other name goes back to the default.
+                "model" => {
+                    let meant = suggest_realtime_model(&agent.model)
+                        .unwrap_or_else(|| defaults.model.clone());
+                    set_aside("OPENAI_MODEL", format!("{}: {meant:?} is used", e.reason));
+                    agent.model = meant;
+                }
+                "transcription_model" => {
+                    let meant = suggest_transcription_model(&agent.transcription_model)
+                        .unwrap_or_else(|| defaults.transcription_model.clone());
+                    set_aside(
+                        "AGENT_TRANSCRIPTION_MODEL",
+                        format!("{}: {meant:?} is used", e.reason),
+                    );
+                    agent.transcription_model = meant;
+                }
                 // The rest cannot fail from variables (empty is unset, the numbers are
                 // checked above); were one to, the whole default agent is used.
                 _ => {
@@ -760,6 +866,19 @@ mod tests {
             c.idle_timeout_ms == 30_000
         });
         check("LOG_LEVEL", "verbose", &|c| c.log_level == d.log_level);
+        // A model the Realtime API does not have would fail every call: the default is
+        // used, or the name meant when only its case is off (spaces are trimmed already).
+        check("OPENAI_MODEL", "gpt-realtme", &|c| c.agent == d.agent);
+        check("OPENAI_MODEL", "gpt-4o", &|c| c.agent == d.agent);
+        check("OPENAI_MODEL", "GPT-Realtime-Mini", &|c| {
+            c.agent.model == "gpt-realtime-mini"
+        });
+        check("AGENT_TRANSCRIPTION_MODEL", "gpt-4o-transcibe", &|c| {
+            c.agent == d.agent
+        });
+        check("AGENT_TRANSCRIPTION_MODEL", "Whisper-1", &|c| {
+            c.agent.transcription_model == "whisper-1"
+        });
         // Several at once are each named, and what is valid is kept.
         let c = from(&[
             ("AGENT_VOICE", "nova"),
@@ -823,6 +942,11 @@ mod tests {
             a.validate().unwrap_err().field
         };
         assert_eq!(check(&|a| a.voice = "nova".into()), "voice");
+        assert_eq!(check(&|a| a.model = "gpt-realtme".into()), "model");
+        assert_eq!(
+            check(&|a| a.transcription_model = "gpt-4o-transcribe ".into()),
+            "transcription_model"
+        );
         assert_eq!(check(&|a| a.name = " ".into()), "name");
         assert_eq!(
             check(&|a| a.turn_detection.kind = "push".into()),
@@ -891,25 +1015,104 @@ mod tests {
         let e = &from(&[("AGENT_LANGUAGE", "jp")]).ignored[0];
         assert_eq!(e.field, "AGENT_LANGUAGE");
         assert!(e.reason.contains("did you mean \"ja\""), "{}", e.reason);
-        // `model` stays free (new models appear) but not empty.
-        assert_eq!(
+    }
+
+    #[test]
+    fn model_must_name_a_realtime_model_and_new_ones_pass() {
+        let model = |m: &str| {
             Agent {
-                model: "gpt-realtime-2030".into(),
-                ..Agent::default()
-            }
-            .validate(),
-            Ok(())
-        );
-        assert_eq!(
-            Agent {
-                model: " ".into(),
+                model: m.into(),
                 ..Agent::default()
             }
             .validate()
+        };
+        // The names protocol.md gives, others of the family, and ones not out yet.
+        for ok in [
+            "gpt-realtime",
+            "gpt-realtime-2025-08-28",
+            "gpt-realtime-mini",
+            "gpt-realtime-1.5",
+            "gpt-realtime-2",
+            "gpt-realtime-2.1",
+            "gpt-4o-realtime-preview",
+            "gpt-4o-mini-realtime-preview-2024-12-17",
+            "gpt-realtime-2030",
+        ] {
+            assert_eq!(model(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            " ",
+            "gpt-realtme",
+            "gpt-4o",
+            "gpt realtime",
+            "gpt-realtime\n",
+            "gpt-realtime\u{7}",
+            "gpt-realtime-whisper",
+            "gpt-4o-transcribe",
+            "GPT-REALTIME",
+        ] {
+            let e = model(bad).unwrap_err();
+            assert_eq!(e.field, "model", "{bad:?}");
+        }
+        assert!(model("gpt-realtime-whisper")
             .unwrap_err()
-            .field,
-            "model"
-        );
+            .reason
+            .contains("transcription model"));
+        // A stray space or capitals: the message says what was meant.
+        for (slip, meant) in [
+            ("gpt-realtime ", "gpt-realtime"),
+            (" gpt-realtime-mini", "gpt-realtime-mini"),
+            ("GPT-Realtime", "gpt-realtime"),
+        ] {
+            let e = model(slip).unwrap_err();
+            assert!(
+                e.reason.contains(&format!("did you mean {meant:?}")),
+                "{slip:?}: {}",
+                e.reason
+            );
+        }
+        assert!(!model("gpt-realtme")
+            .unwrap_err()
+            .reason
+            .contains("did you mean"));
+    }
+
+    #[test]
+    fn transcription_model_must_be_one_the_api_lists() {
+        let transcription = |m: &str| {
+            Agent {
+                transcription_model: m.into(),
+                ..Agent::default()
+            }
+            .validate()
+        };
+        for ok in TRANSCRIPTION_MODELS {
+            assert_eq!(transcription(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            "gpt-4o-transcribe ",
+            "gpt-4o-transcibe",
+            "whisper",
+            "gpt-realtime",
+            "Whisper-1",
+        ] {
+            let e = transcription(bad).unwrap_err();
+            assert_eq!(e.field, "transcription_model", "{bad:?}");
+            assert!(e.reason.contains("gpt-4o-mini-transcribe"), "{}", e.reason);
+        }
+        for (slip, meant) in [
+            ("gpt-4o-transcribe ", "gpt-4o-transcribe"),
+            ("Whisper-1", "whisper-1"),
+        ] {
+            let e = transcription(slip).unwrap_err();
+            assert!(
+                e.reason.contains(&format!("did you mean {meant:?}")),
+                "{slip:?}: {}",
+                e.reason
+            );
+        }
     }
 
     #[test]

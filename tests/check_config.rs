@@ -83,6 +83,30 @@ OPENAI_MODEL = "gpt-realtime"
 }
 
 #[test]
+fn a_model_the_realtime_api_does_not_have_is_refused_before_the_deploy() {
+    // Each would have the server refuse every call of the configured agent.
+    let out = check(
+        "[vars]\nOPENAI_MODEL = \"gpt-realtme\"\nAGENT_TRANSCRIPTION_MODEL = \"gpt-4o-transcibe\"\n",
+        &[],
+    );
+    let text = said(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for finding in [
+        "OPENAI_MODEL: \"gpt-realtme\" is not a Realtime model",
+        "\"gpt-realtime\" is used",
+        "AGENT_TRANSCRIPTION_MODEL: \"gpt-4o-transcibe\" is not a transcription model",
+        "\"gpt-4o-transcribe\" is used",
+    ] {
+        assert!(text.contains(finding), "{finding:?} missing from:\n{text}");
+    }
+    let out = check(
+        "[vars]\nOPENAI_MODEL = \"gpt-realtime-mini\"\nAGENT_TRANSCRIPTION_MODEL = \"whisper-1\"\n",
+        &[],
+    );
+    assert!(out.status.success(), "{}", said(&out));
+}
+
+#[test]
 fn values_written_without_quotes_are_read_as_the_worker_reads_them() {
     // wrangler binds these as a number and a boolean; the Worker reads them as written.
     let out = check(

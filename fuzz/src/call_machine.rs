@@ -11,7 +11,7 @@ use arbitrary::Arbitrary;
 use base64::Engine;
 use phone_agent_bridge::audio::{base64_decoded_len, bytes_to_ms};
 use phone_agent_bridge::call::{Action, Call, EndReason, Input, Setup, Summary, MAX_FRAME_BYTES};
-use phone_agent_bridge::config::{is_e164, Agent, Secret};
+use phone_agent_bridge::config::{is_e164, realtime_model_problem, Agent, Secret};
 use phone_agent_bridge::http::{Outcome, Request};
 use phone_agent_bridge::ids::Millis;
 use phone_agent_bridge::recording;
@@ -956,9 +956,13 @@ impl Harness {
         } = &s.agent
         {
             // Agents are validated before a call uses them (`Agent::validate`): keep to
-            // what passes, with the fuzzed value wherever it does.
-            if !model.trim().is_empty() {
-                agent.model = model.0.clone();
+            // what passes, with the fuzzed value wherever it does (a model must name a
+            // Realtime model: fuzzed text that does not is tried as the suffix of one).
+            for fuzzed in [model.0.clone(), format!("gpt-realtime-{}", model.0)] {
+                if realtime_model_problem(&fuzzed).is_none() {
+                    agent.model = fuzzed;
+                    break;
+                }
             }
             agent.greeting = greeting.0.clone();
             if *semantic_vad {
