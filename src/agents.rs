@@ -346,9 +346,9 @@ pub fn list_json(rows: &[Value]) -> (Value, Vec<(Option<String>, ConfigError)>) 
 /// than costing the number its agent: the call would otherwise go to the configured agent.
 /// So is a model or transcription model with stray spaces or capitals
 /// (`"gpt-4o-transcribe "`, `GPT-Realtime`). Any other value the Realtime API would refuse
-/// (a model such as `gpt-realtme`) is an error like an unknown voice: the configured agent
-/// takes the call, where the stored one would have had every call refused by the server and
-/// end in the fallback.
+/// (a model such as `gpt-realtme`, a tool whose `parameters` is not an object schema) is an
+/// error like an unknown voice: the configured agent takes the call, where the stored one
+/// would have had every call refused by the server and end in the fallback.
 pub fn from_row(row: &Value) -> Result<Agent, ConfigError> {
     let mut agent = record_from_row(row)?.agent;
     if !config::ISO_639_1.contains(&agent.language.as_str()) {
@@ -1230,12 +1230,15 @@ mod tests {
             };
             assert_eq!(read, meant, "{stored:?}");
         }
-        // A model the API does not have is an invalid agent (the configured one takes the
-        // call), still shown as stored so that it can be fixed.
+        // A model the API does not have, or a tool schema it refuses, is an invalid agent (the
+        // configured one takes the call), still shown as stored so that it can be fixed.
+        let bad_tool = json!([{"type": "function", "name": "lookup", "url": "https://a/b",
+                               "parameters": {"properties": {"q": {"type": "string"}}}}]);
         for (col, stored) in [
             ("model", json!("gpt-realtme")),
             ("model", json!("gpt-4o")),
             ("transcription_model", json!("gpt-4o-transcibe")),
+            ("tools", json!(bad_tool.to_string())),
         ] {
             let mut bad = row.clone();
             bad[col] = stored.clone();
@@ -1243,7 +1246,12 @@ mod tests {
             let View::Agent(shown) = view(&bad) else {
                 panic!("{col} {stored}: not shown");
             };
-            assert_eq!(shown[col], stored);
+            let shown = if col == "tools" {
+                json!(shown[col].to_string())
+            } else {
+                shown[col].clone()
+            };
+            assert_eq!(shown, stored);
         }
         row.as_object_mut().unwrap().remove("name");
         assert_eq!(from_row(&row).unwrap_err().field, "name");
@@ -1314,6 +1322,12 @@ mod tests {
             with("transcription_model", json!("gpt-realtime")),
             "transcription_model"
         );
+        let mut not_an_object = tool("a");
+        not_an_object["parameters"] = json!({"type": "string"});
+        assert_eq!(with("tools", json!([not_an_object])), "tools");
+        let mut required_unknown = tool("a");
+        required_unknown["parameters"]["required"] = json!(["nope"]);
+        assert_eq!(with("tools", json!([required_unknown])), "tools");
         assert_eq!(with("is_default", json!(1)), "is_default");
         assert_eq!(with("record_calls", json!(0)), "record_calls");
         assert_eq!(with("id", json!("has space")), "id");

@@ -947,6 +947,13 @@ mod tests {
             check(&|a| a.transcription_model = "gpt-4o-transcribe ".into()),
             "transcription_model"
         );
+        assert_eq!(
+            check(
+                &|a| a.tools = vec![serde_json::json!({"type":"function","name":"x",
+                "url":"https://crm.example.jp/t","parameters":{"type":"string"}})]
+            ),
+            "tools"
+        );
         assert_eq!(check(&|a| a.name = " ".into()), "name");
         assert_eq!(
             check(&|a| a.turn_detection.kind = "push".into()),

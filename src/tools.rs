@@ -63,10 +63,8 @@ pub fn parse(entry: &Value) -> Result<Tool, String> {
             if name == END_CALL || name == TRANSFER_CALL {
                 return Err(format!("{name} is built in: use {{\"type\": \"{name}\"}}"));
             }
-            match obj.get("parameters") {
-                None => {}
-                Some(p) if p.is_object() => {}
-                Some(_) => return Err("parameters must be a JSON Schema object".into()),
+            if let Some(p) = obj.get("parameters") {
+                check_parameters(p)?;
             }
             let url = str_field(obj, "url").ok_or("url is required (the webhook to call)")?;
             if !url_allowed(url) {
@@ -87,6 +85,53 @@ pub fn parse(entry: &Value) -> Result<Tool, String> {
         }
         _ => Err("type must be \"function\", \"end_call\" or \"transfer_call\"".into()),
     }
+}
+
+/// A function's `parameters` as the Realtime API takes them: the JSON Schema of an object
+/// (`{"type": "object", "properties": {name: schema}, "required": [names]}`). The server
+/// refuses the whole `session.update` for anything else, and with it every call.
+fn check_parameters(p: &Value) -> Result<(), String> {
+    let schema = p
+        .as_object()
+        .ok_or("parameters must be a JSON Schema object")?;
+    if str_field(schema, "type") != Some("object") {
+        return Err(
+            "parameters must be the JSON Schema of an object: {\"type\": \"object\", \
+             \"properties\": {...}}"
+                .into(),
+        );
+    }
+    let properties = match schema.get("properties") {
+        None => None,
+        Some(Value::Object(props)) => Some(props),
+        Some(_) => {
+            return Err("parameters.properties must be an object: a schema per argument".into())
+        }
+    };
+    for (name, property) in properties.into_iter().flatten() {
+        if !property.is_object() {
+            return Err(format!(
+                "parameters.properties.{name} must be a schema such as {{\"type\": \"string\"}}"
+            ));
+        }
+    }
+    let Some(required) = schema.get("required") else {
+        return Ok(());
+    };
+    let names = required
+        .as_array()
+        .ok_or("parameters.required must be an array of property names")?;
+    for name in names {
+        let name = name
+            .as_str()
+            .ok_or("parameters.required must be an array of property names")?;
+        if !properties.is_some_and(|props| props.contains_key(name)) {
+            return Err(format!(
+                "parameters.required names {name:?}, which is not in parameters.properties"
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn url_allowed(url: &str) -> bool {
@@ -292,6 +337,73 @@ mod tests {
             json!({"type":"end_call","description":5}),
         ] {
             assert!(parse(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parameters_must_be_an_object_schema() {
+        let with = |parameters: Value| {
+            parse(&json!({"type":"function","name":"x","url":"https://a","parameters":parameters}))
+        };
+        for ok in [
+            json!({"type":"object"}),
+            json!({"type":"object","properties":{}}),
+            json!({"type":"object","properties":{"phone":{"type":"string"}},"required":["phone"]}),
+            json!({"type":"object","properties":{"q":{"type":"string"}},"required":[],
+                   "additionalProperties":false}),
+        ] {
+            assert!(with(ok.clone()).is_ok(), "{ok}");
+        }
+        for (bad, says) in [
+            (json!([]), "JSON Schema object"),
+            (json!({}), "\"type\": \"object\""),
+            (json!({"type":"string"}), "\"type\": \"object\""),
+            (
+                json!({"properties":{"q":{"type":"string"}}}),
+                "\"type\": \"object\"",
+            ),
+            (
+                json!({"type":"object","properties":[]}),
+                "properties must be an object",
+            ),
+            (
+                json!({"type":"object","properties":{"q":"string"}}),
+                "properties.q",
+            ),
+            (
+                json!({"type":"object","required":"q","properties":{"q":{}}}),
+                "array",
+            ),
+            (
+                json!({"type":"object","required":[1],"properties":{"q":{}}}),
+                "array",
+            ),
+            (json!({"type":"object","required":["q"]}), "\"q\""),
+            (
+                json!({"type":"object","properties":{"phone":{}},"required":["phone","name"]}),
+                "\"name\", which is not",
+            ),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn function_names_are_what_the_api_accepts() {
+        let named = |name: &str| parse(&json!({"type":"function","name":name,"url":"https://a"}));
+        for ok in ["a", "lookup_customer", "Find-Slot-2", &"x".repeat(64)] {
+            assert!(named(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "bad name",
+            "lookup.customer",
+            "予約",
+            &"x".repeat(65),
+            "transfer_call",
+        ] {
+            assert!(named(bad).is_err(), "{bad}");
         }
     }
 
