@@ -610,6 +610,155 @@ async fn agents_and_numbers_lifecycle() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_model_or_tool_schema_the_realtime_api_would_refuse_is_not_saved() {
+    // Saved, each would have the server refuse every call of the agent (its session.update,
+    // or the model on the upgrade): every caller would hear the fallback.
+    let lookup_with = |parameters: Value| {
+        let mut t = tool("lookup_order");
+        t["parameters"] = parameters;
+        json!([t])
+    };
+    let base = json!({"id": "e2e-models", "name": "M", "instructions": "I",
+                      "tool_secret": "e2e-tool-secret-0123456789"});
+    let with = |k: &str, v: Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    let bad_tools = lookup_with(json!({"properties": {"q": {"type": "string"}}}));
+    for (body, field, what) in [
+        (
+            with("model", json!("gpt-realtme")),
+            "model",
+            "a misspelt model",
+        ),
+        (
+            with("model", json!("gpt-realtime ")),
+            "model",
+            "a model with a trailing space",
+        ),
+        (
+            with("model", json!("gpt-4o")),
+            "model",
+            "not a Realtime model",
+        ),
+        (
+            with("transcription_model", json!("gpt-4o-transcribe ")),
+            "transcription_model",
+            "a transcription model with a trailing space",
+        ),
+        (
+            with("transcription_model", json!("gpt-realtime")),
+            "transcription_model",
+            "a Realtime model as the transcription model",
+        ),
+        (
+            with("tools", bad_tools.clone()),
+            "tools",
+            "parameters that are not an object schema",
+        ),
+        (
+            with(
+                "tools",
+                lookup_with(json!({"type": "object", "properties": {"q": "string"}})),
+            ),
+            "tools",
+            "a property that is not a schema",
+        ),
+        (
+            with(
+                "tools",
+                lookup_with(
+                    json!({"type": "object", "properties": {"q": {"type": "string"}},
+                                   "required": ["order_id"]}),
+                ),
+            ),
+            "tools",
+            "a required argument that is not a property",
+        ),
+    ] {
+        let r = api("POST", "/api/admin/agents", Some(body)).await;
+        expect_field(&r, field, what);
+    }
+    let r = api("GET", "/api/admin/agents/e2e-models", None).await;
+    expect(&r, 404, "nothing was created");
+    let r = api(
+        "POST",
+        "/api/admin/agents",
+        Some(with("transcription_model", json!("gpt-4o-transcribe "))),
+    )
+    .await;
+    assert!(
+        r.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("did you mean \"gpt-4o-transcribe\""),
+        "{}",
+        r.text
+    );
+
+    // Newer Realtime models than gpt-realtime are taken; bad values in a PUT change nothing.
+    let mut good = with("model", json!("gpt-realtime-mini"));
+    good["transcription_model"] = json!("gpt-4o-mini-transcribe");
+    good["tools"] = json!([tool("lookup_order")]);
+    let r = api("POST", "/api/admin/agents", Some(good)).await;
+    expect(&r, 201, "create with gpt-realtime-mini");
+    let created = r.body["agent"].clone();
+    assert_eq!(created["model"], "gpt-realtime-mini");
+    for (body, field) in [
+        (json!({"model": "gpt-realtme"}), "model"),
+        (json!({"model": "gpt-realtime\n"}), "model"),
+        (
+            json!({"transcription_model": "gpt-4o-transcribe "}),
+            "transcription_model",
+        ),
+        (json!({"tools": bad_tools}), "tools"),
+    ] {
+        let r = api("PUT", "/api/admin/agents/e2e-models", Some(body.clone())).await;
+        expect_field(&r, field, &format!("PUT {body}"));
+    }
+    let r = api("GET", "/api/admin/agents/e2e-models", None).await;
+    expect(&r, 200, "get after refused PUTs");
+    assert_eq!(r.body["agent"], created);
+    let r = api(
+        "PUT",
+        "/api/admin/agents/e2e-models",
+        Some(json!({"model": "gpt-realtime-2025-08-28", "transcription_model": "whisper-1"})),
+    )
+    .await;
+    expect(&r, 200, "a dated Realtime model");
+    assert_eq!(r.body["agent"]["model"], "gpt-realtime-2025-08-28");
+
+    // A row stored with a bad model before the check is still shown as stored; a PUT of
+    // another field names the model, one giving a model repairs the row.
+    let w = worker().await;
+    d1_execute(
+        &w.persist_dir,
+        "UPDATE agents SET model = 'gpt-realtme' WHERE id = 'e2e-models'",
+    );
+    let r = api("GET", "/api/admin/agents/e2e-models", None).await;
+    expect(&r, 200, "get a stored bad model");
+    assert_eq!(r.body["agent"]["model"], "gpt-realtme");
+    let r = api(
+        "PUT",
+        "/api/admin/agents/e2e-models",
+        Some(json!({"voice": "sage"})),
+    )
+    .await;
+    expect_field(&r, "model", "a PUT that leaves the stored bad model");
+    let r = api(
+        "PUT",
+        "/api/admin/agents/e2e-models",
+        Some(json!({"model": "gpt-realtime"})),
+    )
+    .await;
+    expect(&r, 200, "a PUT that repairs the model");
+    assert_eq!(r.body["agent"]["model"], "gpt-realtime");
+    let r = api("DELETE", "/api/admin/agents/e2e-models", None).await;
+    expect(&r, 204, "delete");
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_unreadable_agent_row_is_listed_as_such_and_can_be_fixed_or_deleted() {
     let w = worker().await;
     // A row written by hand with tools that are not JSON.
