@@ -200,7 +200,9 @@ pub enum Record {
         barge_ins: u64,
         /// Not the call's own account of its end but its object's presumption (the stream's
         /// pump is gone: a restart): written only where the call has no end yet, so the
-        /// call's own end, if it reached D1, stays.
+        /// call's own end, if it reached D1, stays. Its time gives way to Twilio's: the
+        /// call was over when Twilio's final status said so, whichever of the two lands
+        /// first (`duration_ms` stays the stream's presumed length).
         #[serde(default)]
         presumed: bool,
     },
@@ -225,7 +227,8 @@ pub enum Record {
         /// switched off on purpose.
         failed: bool,
     },
-    /// Twilio's status callback.
+    /// Twilio's status callback. A final status dates the call's end where the bridge has
+    /// not, or has only presumed it.
     TwilioStatus {
         call_sid: String,
         status: String,
@@ -432,7 +435,7 @@ impl Record {
                 ensure_call(call_sid, *at_ms),
                 Statement::new(
                     format!(
-                        "UPDATE calls SET ended_at = ?2, duration_ms = ?3, end_reason = ?4, \
+                        "UPDATE calls SET ended_at = {}, duration_ms = ?3, end_reason = ?4, \
                          input_tokens = ?5, output_tokens = ?6, total_tokens = ?7, \
                          first_audio_ms = ?8, barge_ins = ?9, \
                          status = CASE WHEN {RANK_SQL} < 3 THEN ?10 \
@@ -440,6 +443,9 @@ impl Record {
                                   ELSE status END, \
                          end_detail = ?11 \
                          WHERE call_sid = ?1{}",
+                        // A call with no end yet has an end time only from Twilio's final
+                        // status: when the call was over, which a presumption does not move.
+                        if *presumed { "COALESCE(ended_at, ?2)" } else { "?2" },
                         if *presumed { " AND end_reason IS NULL" } else { "" }
                     ),
                     vec![
@@ -522,7 +528,9 @@ impl Record {
                                       AND status IN ('completed', 'failed') THEN ?2 \
                                       ELSE status END, \
                              twilio_duration_s = COALESCE(?4, twilio_duration_s), \
-                             ended_at = CASE WHEN ?3 = 3 THEN COALESCE(ended_at, ?5) ELSE ended_at END, \
+                             ended_at = CASE WHEN ?3 <> 3 THEN ended_at \
+                                        WHEN end_reason = ?10 THEN ?5 \
+                                        ELSE COALESCE(ended_at, ?5) END, \
                              account_sid = CASE WHEN account_sid = '' THEN ?6 ELSE account_sid END, \
                              from_number = CASE WHEN from_number = '' THEN ?7 ELSE from_number END, \
                              to_number = CASE WHEN to_number = '' THEN ?8 ELSE to_number END, \
@@ -539,6 +547,9 @@ impl Record {
                             parties.from.as_str().into(),
                             parties.to.as_str().into(),
                             parties.direction.as_str().into(),
+                            // Only a presumed end bears this reason (see
+                            // `Registration::interrupted`): Twilio's end replaces its time.
+                            crate::webhook::INTERRUPTED.into(),
                         ],
                     ),
                 ]
@@ -988,6 +999,52 @@ mod tests {
         let canceled = |c: &rusqlite::Connection| status(c, "canceled", Some(0));
         for row in [after(&presume, &canceled), after(&canceled, &presume)] {
             assert_eq!(row["status"], "canceled");
+        }
+    }
+
+    #[test]
+    fn twilios_end_time_stands_against_a_presumed_end_in_either_order() {
+        // The object presumes a restart cut the stream, at 70 s (when it noticed, or as late
+        // as the recording's checkpoints allow); Twilio's final status says the call was over
+        // at 9 s. Its status may land first (the status callback could not end the stream
+        // then, and the alarm did later) or second.
+        let presumed = Record::CallEnded {
+            call_sid: SID.into(),
+            at_ms: 70_000,
+            duration_ms: Some(68_000),
+            end_reason: "bridge_restarted".into(),
+            end_detail: None,
+            failed: true,
+            input_tokens: 0,
+            output_tokens: 0,
+            total_tokens: 0,
+            first_audio_ms: None,
+            barge_ins: 0,
+            presumed: true,
+        };
+        let presume = |c: &rusqlite::Connection| write(c, &presumed);
+        for twilio in ["completed", "no-answer"] {
+            let theirs = |c: &rusqlite::Connection| status(c, twilio, Some(8));
+            for (order, row) in [
+                ("status first", after(&theirs, &presume)),
+                ("presumed first", after(&presume, &theirs)),
+            ] {
+                assert_eq!(
+                    project(&row, &["ended_at", "duration_ms", "end_reason"]),
+                    json!({"ended_at": iso_time(9_000), "duration_ms": 68_000,
+                           "end_reason": "bridge_restarted"}),
+                    "{twilio}, {order}"
+                );
+            }
+        }
+        // A presumed end with no final status yet dates the call itself.
+        let row = after(&presume, &|c| status(c, "in-progress", None));
+        assert_eq!(row["ended_at"], iso_time(70_000));
+        // The call's own end is no presumption: its time stands, before Twilio's or after.
+        let own = |c: &rusqlite::Connection| write(c, &ended(false));
+        let completed = |c: &rusqlite::Connection| status(c, "completed", Some(60));
+        for row in [after(&own, &completed), after(&completed, &own)] {
+            assert_eq!(row["ended_at"], iso_time(61_000));
         }
     }
 

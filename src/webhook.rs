@@ -1147,7 +1147,7 @@ mod tests {
     }
 
     /// Twilio's final status reaches a restarted object before its watch does: finalizing
-    /// first keeps the call a failure, ended when the bridge noticed, with Twilio's duration.
+    /// first keeps the call a failure, ended when Twilio said, with Twilio's duration.
     #[test]
     fn a_restarted_call_finalized_before_twilios_final_status_reads_failed() {
         use crate::agents::testdb;
