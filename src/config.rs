@@ -416,6 +416,9 @@ pub const FAULT_INJECT_D1_LOOKUP_DELAY_MS: &str = "FAULT_INJECT_D1_LOOKUP_DELAY_
 /// Test hook: each D1 write of a call waits N ms before it is sent (a write on its way
 /// when the object restarts).
 pub const FAULT_INJECT_D1_STALL_MS: &str = "FAULT_INJECT_D1_STALL_MS";
+/// Test hook: the first N writes of a call object's records to its own storage fail (the
+/// object's storage refusing them), counted from the object's start (and restart).
+pub const FAULT_INJECT_STORAGE_FAILURES: &str = "FAULT_INJECT_STORAGE_FAILURES";
 /// The test hooks, with what each does: unset in production (`check-config` refuses a
 /// deploy that sets one to anything but 0).
 pub const FAULT_HOOKS: &[(&str, &str)] = &[
@@ -430,6 +433,10 @@ pub const FAULT_HOOKS: &[(&str, &str)] = &[
     (
         FAULT_INJECT_D1_STALL_MS,
         "every write of a call to D1 waits that many milliseconds",
+    ),
+    (
+        FAULT_INJECT_STORAGE_FAILURES,
+        "the first writes of every call object to its own storage fail",
     ),
 ];
 /// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be

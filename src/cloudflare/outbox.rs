@@ -85,6 +85,10 @@ struct Inner {
     /// Test hook: hold each D1 write this long (FAULT_INJECT_D1_STALL_MS), so that a restart
     /// can land while one is on its way.
     injected_stall: Duration,
+    /// Test hook: fail this many writes to the object's storage
+    /// (FAULT_INJECT_STORAGE_FAILURES), to prove what the object decided is not lost when
+    /// storage refuses its records.
+    injected_storage_failures: Cell<u64>,
     running: Cell<bool>,
     flushing: Lock,
 }
@@ -103,6 +107,7 @@ impl Outbox {
         };
         let injected = hook(crate::config::FAULT_INJECT_D1_FAILURES);
         let injected_stall = Duration::from_millis(hook(crate::config::FAULT_INJECT_D1_STALL_MS));
+        let injected_storage = hook(crate::config::FAULT_INJECT_STORAGE_FAILURES);
         let outbox = Outbox(Rc::new(Inner {
             storage,
             env,
@@ -112,6 +117,7 @@ impl Outbox {
             wake,
             injected_failures: Cell::new(injected),
             injected_stall,
+            injected_storage_failures: Cell::new(injected_storage),
             running: Cell::new(false),
             flushing: Lock::default(),
         }));
@@ -298,6 +304,13 @@ impl Outbox {
             self.arm_if_owed().await;
             let text = serde_json::to_string(&statements).expect("statements serialize");
             let result = async {
+                let injected = self.0.injected_storage_failures.get();
+                if injected > 0 {
+                    self.0.injected_storage_failures.set(injected - 1);
+                    return Err(worker::Error::RustError(
+                        "injected storage failure (FAULT_INJECT_STORAGE_FAILURES)".into(),
+                    ));
+                }
                 let seq = self.next_seq().await?;
                 self.0.storage.put(&key(seq), text).await?;
                 self.0.next_seq.set(Some(seq + 1));
