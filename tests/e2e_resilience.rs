@@ -22,6 +22,10 @@
 //!   that ends while a write of its records is held is not marked ended until its last
 //!   records are kept: the restart then finds it unfinished and finalizes it, or finds its end
 //!   in storage; either way its row ends.
+//! - A deploy after which the call objects' storage refuses their records (the test hook
+//!   `FAULT_INJECT_STORAGE_FAILURES`) until another deploy: a replayed stream of a call the
+//!   first deploy cut is refused as gone (410), though its end cannot be kept then, and the
+//!   call is finalized once storage takes records again.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -922,4 +926,114 @@ async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
         "{}",
         pretty(&detail)
     );
+}
+
+// ---- 4. a call object whose storage refuses its records ----------------------------------------
+
+/// Writes of a call object's records to its own storage that fail after the deploy below: all
+/// of them, for as long as the test needs.
+const REFUSED_WRITES: &str = "1000000";
+
+/// Deploys `deployment` again with the test hook `FAULT_INJECT_STORAGE_FAILURES` set (`on`) or
+/// not, and waits for wrangler to restart the Worker with it.
+async fn redeploy_refusing_storage(h: &Harness, deployment: &Deployment, on: bool) {
+    let line = format!("FAULT_INJECT_STORAGE_FAILURES = \"{REFUSED_WRITES}\"\n");
+    let reloads = count_in_log(h, "Local server updated and ready");
+    deployment
+        .edit_config(|t| {
+            if on {
+                assert!(t.contains("\n[vars]\n"), "wrangler.toml has no [vars]");
+                t.replacen("\n[vars]\n", &format!("\n[vars]\n{line}"), 1)
+            } else {
+                assert!(t.contains(&line), "the hook is not in wrangler.toml");
+                t.replacen(&line, "", 1)
+            }
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, "Local server updated and ready") <= reloads {
+        assert!(
+            Instant::now() < deadline,
+            "wrangler did not reload:\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// After a deploy, the call objects' storage refuses their records for a while (the test hook
+/// `FAULT_INJECT_STORAGE_FAILURES`, set by that deploy); another deploy ends it. What a call
+/// object decides meanwhile is not lost, and its answers do not change: the replayed stream of
+/// a call the deploy cut is refused as gone (410), as for any ended call, although its end
+/// cannot be kept yet; once storage takes records again, the call reads `bridge_restarted`.
+#[tokio::test(flavor = "multi_thread")]
+async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_lost() {
+    let scratch = support::scratch_dir("e2e-resilience-refusing");
+    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let h = Harness::start_from(
+        scratch.clone(),
+        deployment.dir.clone(),
+        vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the redeployable Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
+
+    // S: a call streaming when the deploy comes.
+    let s = h
+        .start_call(CallSpec {
+            from: "+15551230641".into(),
+            script: greeting_script(0xb1),
+            ..CallSpec::default()
+        })
+        .await;
+    greeting_played(h, &s).await;
+    let s_sid = s.ids.call_sid.as_str();
+    ok(
+        h,
+        admin
+            .wait_call(s_sid, "S connected", D1_DEADLINE, |d| {
+                d["call"]["connected_at"].is_string()
+            })
+            .await,
+    );
+
+    redeploy_refusing_storage(h, &deployment, true).await;
+    ok(
+        h,
+        s.twilio
+            .wait_until("the deploy to drop S's socket", SOON, |l| l.closed.clone())
+            .await,
+    );
+
+    // S's stream again: the call is over, and the answer says so, although its object could
+    // not keep the call's end.
+    let cleanup_failures = count_in_log(h, "call.stream_cleanup_failed");
+    let claim = h.openai.claim(greeting_script(0xb2)).await;
+    let (status, body) = refused_status(
+        "a stream again for a call the deploy cut",
+        connect_again(&s.twiml).await,
+    );
+    assert_eq!(status, 410, "{body}\n{}", h.worker.log_tail(40));
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
+    assert!(
+        count_in_log(h, "call.stream_cleanup_failed") > cleanup_failures,
+        "S's end was kept: its object's storage did not refuse it\n{}",
+        h.worker.log_tail(40)
+    );
+
+    // Storage takes records again: S's end is kept, by its object's alarm.
+    redeploy_refusing_storage(h, &deployment, false).await;
+    let detail = ok(
+        h,
+        admin
+            .wait_call(s_sid, "S finalized", WATCH_DEADLINE, |d| {
+                d["call"]["end_reason"] == "bridge_restarted" && d["call"]["ended_at"].is_string()
+            })
+            .await,
+    );
+    assert_eq!(detail["call"]["status"], "failed", "{}", pretty(&detail));
 }

@@ -33,8 +33,8 @@ const WATCH: Duration = Duration::from_secs(60);
 /// How long an ended call waits for its records to reach D1 before it stops the watch's
 /// alarm; past that, the alarm stays (and flushes what is left when it fires).
 const SETTLE: Duration = Duration::from_secs(30);
-/// When the alarm tries again what a status callback could not finish (the end of a stream
-/// a restart cut).
+/// When the alarm tries again what a status callback or a refused stream could not finish
+/// (the end of a stream a restart cut).
 const CLEANUP_RETRY: Duration = Duration::from_secs(10);
 
 #[durable_object]
@@ -99,13 +99,7 @@ impl DurableObject for CallSession {
                         serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string(),
                                             "then": "status kept anyway; the alarm finalizes the stream" }),
                     );
-                    if let Err(e) = self.state.storage().set_alarm(CLEANUP_RETRY).await {
-                        log(
-                            "error",
-                            "storage.set_alarm_failed",
-                            serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string() }),
-                        );
-                    }
+                    self.retry_cleanup(record.call_sid()).await;
                 }
                 if !self.outbox().push(&record).await {
                     return Response::error("status not kept", 500);
@@ -267,6 +261,18 @@ impl CallSession {
         Ok(Stream::Finalized)
     }
 
+    /// Brings the object back by its alarm to finish what a request could not (the end of
+    /// a stream a restart cut).
+    async fn retry_cleanup(&self, call_sid: &str) {
+        if let Err(e) = self.state.storage().set_alarm(CLEANUP_RETRY).await {
+            log(
+                "error",
+                "storage.set_alarm_failed",
+                serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
+            );
+        }
+    }
+
     fn keep(&self) -> Keep {
         Keep {
             storage: Rc::new(self.state.storage()),
@@ -322,8 +328,18 @@ impl CallSession {
             return refuse(StreamRefusal::NoWebhook);
         };
         if let Err(refusal) = record.admit_stream(&call_sid, self.live.get()) {
+            // The call is over whether or not its end can be kept now: the upgrade gets the
+            // ended call's answer, and an end not kept is left to the alarm.
             if refusal == StreamRefusal::Interrupted {
-                self.finalize_orphaned_stream().await?;
+                if let Err(e) = self.finalize_orphaned_stream().await {
+                    log(
+                        "error",
+                        "call.stream_cleanup_failed",
+                        serde_json::json!({ "call_sid": call_sid, "error": e.to_string(),
+                                            "then": "stream refused anyway; the alarm finalizes the stream" }),
+                    );
+                    self.retry_cleanup(call_sid.as_str()).await;
+                }
             }
             return refuse(refusal);
         }
