@@ -130,6 +130,12 @@ pub struct CallState {
     /// When the stream was accepted; with no end reason, a stream is (or was) running.
     #[serde(default)]
     pub streamed_at_ms: Option<u64>,
+    /// An end the object decided for the call from what it was told (see
+    /// [`CallState::never_streamed`]) and the outbox has not kept yet: stored with the call, so
+    /// that it is handed over again (by the alarm, after a restart too) until it is kept, as
+    /// an end found from the call's state alone ([`CallState::finalize_orphaned`]) is.
+    #[serde(default)]
+    pub end_owed: Option<Record>,
 }
 
 /// Why a call's object refuses a Media Stream.
@@ -162,6 +168,7 @@ impl CallState {
             registration,
             end_reason: None,
             streamed_at_ms: None,
+            end_owed: None,
         }
     }
 
@@ -186,7 +193,9 @@ impl CallState {
 
     /// Twilio's final `status` for a call handed to its agent whose stream never started:
     /// marks it ended (a late upgrade is refused) and returns the end to record, with
-    /// Twilio's status and duration as its particulars; `None` for any other call or status.
+    /// Twilio's status and duration as its particulars, also kept as owed
+    /// ([`CallState::end_owed`]): Twilio says this once, and nothing else could rebuild it;
+    /// `None` for any other call or status.
     pub fn never_streamed(&mut self, status: &str, duration_s: Option<u64>) -> Option<Record> {
         if crate::store::status_rank(status) != Some(3)
             || self.streamed_at_ms.is_some()
@@ -196,12 +205,14 @@ impl CallState {
         }
         self.end_reason = Some(NEVER_STREAMED.to_owned());
         let lasted = duration_s.map_or(String::new(), |s| format!(" after {s} s"));
-        Some(self.registration.unserved(
+        let end = self.registration.unserved(
             NEVER_STREAMED,
             Some(format!(
                 "Twilio reported the call {status}{lasted} and its Media Stream never connected"
             )),
-        ))
+        );
+        self.end_owed = Some(end.clone());
+        Some(end)
     }
 
     /// A stream that started and never ended, while no pump of this instance of the object
@@ -1144,6 +1155,33 @@ mod tests {
         let mut streamed = CallState::new(registration());
         streamed.streamed_at_ms = Some(2_000);
         assert_eq!(streamed.never_streamed("completed", Some(25)), None);
+    }
+
+    /// Twilio reports the end of a call whose stream never connected once, and the object
+    /// cannot rebuild that end from anything else: it stays with the call's stored state, owed,
+    /// until the outbox has kept it (a failure or a restart before then hands it over again).
+    #[test]
+    fn the_end_of_a_call_that_never_streamed_stays_owed_with_the_call() {
+        let mut state = CallState::new(registration());
+        assert_eq!(state.never_streamed("in-progress", None), None);
+        assert_eq!(state.end_owed, None, "nothing decided yet");
+        let end = state.never_streamed("no-answer", Some(0)).unwrap();
+        // What the object stores, read back by its next instance.
+        let stored: CallState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        assert_eq!(stored.end_owed, Some(end));
+        assert_eq!(stored.end_reason.as_deref(), Some(NEVER_STREAMED));
+        // A state stored before anything could be owed owes nothing.
+        let earlier = serde_json::json!({
+            "registration": registration(), "end_reason": null, "streamed_at_ms": null,
+        });
+        let earlier: CallState = serde_json::from_value(earlier).unwrap();
+        assert_eq!(earlier, CallState::new(registration()));
+        // A call whose end the object finds from its state alone owes nothing either.
+        let mut cut = CallState::new(registration());
+        cut.streamed_at_ms = Some(2_000);
+        assert!(cut.finalize_orphaned(false, 9_000).is_some());
+        assert_eq!(cut.end_owed, None);
     }
 
     /// Twilio's final status reaches a restarted object before its watch does: finalizing

@@ -25,7 +25,8 @@
 //! - A deploy after which the call objects' storage refuses their records (the test hook
 //!   `FAULT_INJECT_STORAGE_FAILURES`) until another deploy: a replayed stream of a call the
 //!   first deploy cut is refused as gone (410), though its end cannot be kept then, and the
-//!   call is finalized once storage takes records again.
+//!   call is finalized once storage takes records again; so is a call whose stream never
+//!   connected, whose final status Twilio sent meanwhile.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -961,11 +962,28 @@ async fn redeploy_refusing_storage(h: &Harness, deployment: &Deployment, on: boo
     }
 }
 
+/// Waits for `needle` to be logged more than `since` times: the object could not keep `what`
+/// (wrangler prints a request's log lines after its answer).
+async fn logged_again(h: &Harness, needle: &str, since: usize, what: &str) {
+    let deadline = Instant::now() + SOON;
+    while count_in_log(h, needle) <= since {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle}: {what} was kept, the object's storage did not refuse it\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// After a deploy, the call objects' storage refuses their records for a while (the test hook
 /// `FAULT_INJECT_STORAGE_FAILURES`, set by that deploy); another deploy ends it. What a call
 /// object decides meanwhile is not lost, and its answers do not change: the replayed stream of
 /// a call the deploy cut is refused as gone (410), as for any ended call, although its end
 /// cannot be kept yet; once storage takes records again, the call reads `bridge_restarted`.
+/// Twilio's final status for a call whose stream never connected, which Twilio sends once,
+/// comes meanwhile, while D1 fails too: that call reads `stream_never_connected` all the same
+/// once storage and D1 take records again, and refuses a late stream.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_lost() {
     let scratch = support::scratch_dir("e2e-resilience-refusing");
@@ -1000,6 +1018,20 @@ async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_los
             .await,
     );
 
+    // P: a call handed to its agent whose stream never connects.
+    let p = CallIds::new();
+    let (p_from, p_to) = ("+15551230642", "+81312345678");
+    let p_twiml = h.answer_call(&p, p_from, p_to).await;
+    ok(
+        h,
+        admin
+            .wait_call(&p.call_sid, "P's registration", D1_DEADLINE, |_| true)
+            .await,
+    );
+
+    // D1 fails too, until storage takes records again: what the objects could not keep then
+    // is held only in their memory, which the second deploy wipes.
+    let lock = D1Lock::take(h);
     redeploy_refusing_storage(h, &deployment, true).await;
     ok(
         h,
@@ -1007,6 +1039,22 @@ async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_los
             .wait_until("the deploy to drop S's socket", SOON, |l| l.closed.clone())
             .await,
     );
+
+    // Twilio's final status for P, which it sends once: P's object puts why the agent never
+    // served the call on record, but can keep that neither in D1 nor in its outbox now.
+    let cleanup_failures = count_in_log(h, "call.status_cleanup_failed");
+    let r = h
+        .post_status(&tw::status_params(
+            &p,
+            p_from,
+            p_to,
+            "completed",
+            2,
+            Some(7),
+        ))
+        .await;
+    eprintln!("P's final status answered {}", r.status);
+    logged_again(h, "call.status_cleanup_failed", cleanup_failures, "P's end").await;
 
     // S's stream again: the call is over, and the answer says so, although its object could
     // not keep the call's end.
@@ -1019,14 +1067,36 @@ async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_los
     assert_eq!(status, 410, "{body}\n{}", h.worker.log_tail(40));
     ok(h, claim.expect_no_connection(QUIET).await);
     drop(claim);
-    assert!(
-        count_in_log(h, "call.stream_cleanup_failed") > cleanup_failures,
-        "S's end was kept: its object's storage did not refuse it\n{}",
-        h.worker.log_tail(40)
-    );
+    logged_again(h, "call.stream_cleanup_failed", cleanup_failures, "S's end").await;
 
-    // Storage takes records again: S's end is kept, by its object's alarm.
+    // Storage takes records again, and D1 too: P's and S's ends are kept, by their objects'
+    // alarms.
     redeploy_refusing_storage(h, &deployment, false).await;
+    lock.release();
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&p.call_sid, "P's end", D1_DEADLINE, |d| {
+                d["call"]["end_reason"] == "stream_never_connected"
+            })
+            .await,
+    );
+    assert_eq!(detail["call"]["status"], "failed", "{}", pretty(&detail));
+    assert_eq!(
+        detail["call"]["end_detail"],
+        "Twilio reported the call completed after 7 s and its Media Stream never connected",
+        "{}",
+        pretty(&detail)
+    );
+    // And P's object took it for over from Twilio's word on: a late stream is refused.
+    let claim = h.openai.claim(greeting_script(0xb3)).await;
+    let (status, body) = refused_status(
+        "a late stream for a call Twilio reported over",
+        connect_again(&p_twiml).await,
+    );
+    assert_eq!(status, 410, "{body}");
+    ok(h, claim.expect_no_connection(QUIET).await);
+    drop(claim);
     let detail = ok(
         h,
         admin

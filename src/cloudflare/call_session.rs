@@ -34,7 +34,7 @@ const WATCH: Duration = Duration::from_secs(60);
 /// alarm; past that, the alarm stays (and flushes what is left when it fires).
 const SETTLE: Duration = Duration::from_secs(30);
 /// When the alarm tries again what a status callback or a refused stream could not finish
-/// (the end of a stream a restart cut).
+/// (the end of a stream a restart cut, the end of a call whose stream never connected).
 const CLEANUP_RETRY: Duration = Duration::from_secs(10);
 
 #[durable_object]
@@ -97,7 +97,7 @@ impl DurableObject for CallSession {
                         "error",
                         "call.status_cleanup_failed",
                         serde_json::json!({ "call_sid": record.call_sid(), "error": e.to_string(),
-                                            "then": "status kept anyway; the alarm finalizes the stream" }),
+                                            "then": "status kept anyway; the alarm keeps the call's end" }),
                     );
                     self.retry_cleanup(record.call_sid()).await;
                 }
@@ -114,6 +114,14 @@ impl DurableObject for CallSession {
         let outbox = self.outbox();
         // This alarm is spent: records stored from now on need a new one.
         outbox.alarm_gone();
+        if let Err(e) = self.keep_owed_end().await {
+            log(
+                "error",
+                "call.end_not_kept",
+                serde_json::json!({ "error": e.to_string(), "then": "the alarm tries again" }),
+            );
+            self.state.storage().set_alarm(CLEANUP_RETRY).await?;
+        }
         if self.finalize_orphaned_stream().await? == Stream::Live {
             self.state.storage().set_alarm(WATCH).await?;
         }
@@ -202,15 +210,32 @@ impl CallSession {
                 "call.never_streamed",
                 serde_json::json!({ "call_sid": state.registration.call.call_sid, "status": status }),
             );
-            if !self.outbox().push(&unserved).await {
-                // Not marked ended then: the record is queued and tried again.
-                return Err(Error::RustError(
-                    "the unserved call's end was not kept".into(),
-                ));
+            // Marked ended with its end owed before the outbox is asked: Twilio says this
+            // once, so an end the outbox does not keep now is handed over again by the alarm.
+            if let Err(e) = storage.put(CALL_KEY, &state).await {
+                // Not even that: the outbox holds the end in memory and tries it again.
+                self.outbox().enqueue(&unserved);
+                return Err(e);
             }
-            storage.put(CALL_KEY, &state).await?;
         }
-        Ok(())
+        self.keep_owed_end().await
+    }
+
+    /// Hands the outbox the end the object decided for the call and stored with it
+    /// ([`CallState::end_owed`]), if one is owed, and clears it once the outbox kept it.
+    /// Until then the alarm tries again: an error says to set it.
+    async fn keep_owed_end(&self) -> Result<()> {
+        let storage = self.state.storage();
+        let Some(mut state) = storage.get::<CallState>(CALL_KEY).await? else {
+            return Ok(());
+        };
+        let Some(end) = state.end_owed.take() else {
+            return Ok(());
+        };
+        if !self.outbox().push(&end).await {
+            return Err(Error::RustError("the call's end was not kept".into()));
+        }
+        storage.put(CALL_KEY, &state).await
     }
 
     /// A stream that started but whose pump is gone (this object was restarted, e.g. by a
