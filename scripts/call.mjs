@@ -276,12 +276,15 @@ async function placeCall(opt, ctx) {
   info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
   const hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
   if (hook.status !== 200) {
-    const hint = hook.status === 403 ? ' (is TWILIO_AUTH_TOKEN the one the Worker uses? the simulator reads the environment, then .dev.vars)' : '';
-    throw new CallFailed(`voice webhook answered HTTP ${hook.status}: ${hook.body.trim().slice(0, 300)}${hint}`);
+    throw new CallFailed(`voice webhook answered HTTP ${hook.status}: ${hook.body.trim().slice(0, 300)}`);
   }
   const twiml = parseTwiml(hook.body);
   if (!twiml.streamUrl) {
-    info('the Worker answered without a media stream (FALLBACK_ONLY on?). Twilio would now:');
+    info(
+      'the Worker answered without a media stream: FALLBACK_ONLY is on, or the signature did not verify ' +
+        '(twilio.voice_unverified in its log: is TWILIO_AUTH_TOKEN the one the Worker uses? the simulator ' +
+        'reads the environment, then .dev.vars). Twilio would now:',
+    );
     for (const s of twiml.says) info(`  <Say> ${s}`);
     for (const d of twiml.dials) info(`  <Dial> ${d}`);
     throw new CallFailed('no <Connect><Stream> in the TwiML answer');

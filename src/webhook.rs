@@ -40,6 +40,12 @@ impl Refusal {
             _ => 403,
         }
     }
+
+    /// True when the request could not be verified as Twilio's (no signature, one that does
+    /// not match, or no auth token to check it with), rather than being malformed.
+    pub fn unverified(&self) -> bool {
+        !matches!(self, Refusal::BadRequest(_))
+    }
 }
 
 /// The call a verified voice webhook announced.
@@ -459,6 +465,53 @@ pub fn fallback_twiml(config: &Bridge, agent: &Agent) -> String {
     twiml::fallback(&apology(config), fallback_dial(config, agent))
 }
 
+/// A voice webhook whose signature did not verify: none, one that does not match, or no
+/// auth token to check it with. Refused (403), Twilio would play "an application error has
+/// occurred" and hang up, and when the cause is the configuration (a rotated
+/// `TWILIO_AUTH_TOKEN`, a `PUBLIC_BASE_URL` other than the URL Twilio calls) it would do so
+/// to every caller. It is answered with the fallback instead: the apology, then
+/// `FALLBACK_DIAL_NUMBER`. Nothing the request says is acted on: no agent is looked up, no
+/// stream is offered, nothing is recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unverified {
+    pub why: Refusal,
+    /// The CallSid the request names, when it is well-formed: not verified, for the log only.
+    pub claimed_call_sid: Option<CallSid>,
+    /// The URL the signature was checked against, without its query: the URL Twilio must
+    /// be calling for its signature to verify.
+    pub checked_url: Option<String>,
+    pub twiml: String,
+}
+
+/// How a voice webhook that [`answer_voice`] refused with `why` is answered: `Some` when it
+/// could not be verified (see [`Unverified`]); `None` for a malformed request, whose
+/// refusal stands.
+pub fn unverified_voice<'a>(
+    config: &Bridge,
+    request_url: &str,
+    params: impl Into<Params<'a>>,
+    why: Refusal,
+) -> Option<Unverified> {
+    if !why.unverified() {
+        return None;
+    }
+    let (_, claimed) = read_params(request_url, params.into());
+    let claimed_call_sid = claimed
+        .iter()
+        .find(|(name, _)| name == "CallSid")
+        .and_then(|(_, sid)| CallSid::parse(sid));
+    let checked_url = signed_url(config, request_url).ok().map(|u| {
+        let end = u.find(['?', '#']).unwrap_or(u.len());
+        u[..end].to_owned()
+    });
+    Some(Unverified {
+        why,
+        claimed_call_sid,
+        checked_url,
+        twiml: twiml::fallback(&apology(config), config.fallback_dial_number.as_deref()),
+    })
+}
+
 /// The parameters of a signed webhook from Twilio, once its signature checks out.
 fn verified_params(
     config: &Bridge,
@@ -471,7 +524,17 @@ fn verified_params(
         .filter(|s| !s.is_empty())
         .ok_or(Refusal::Unsigned)?;
     let url = signed_url(config, request_url)?;
-    let (signed, params): (Vec<(String, String)>, _) = match params {
+    let (signed, params) = read_params(&url, params);
+    if !signature::validate_webhook(token, &url, &signed, signature) {
+        return Err(Refusal::BadSignature);
+    }
+    Ok(Verified(params))
+}
+
+/// A webhook's parameters as signed (appended to the URL: a form's; none for a GET) and
+/// all of them (a GET's are in the query of `url`).
+fn read_params(url: &str, params: Params<'_>) -> (Pairs, Pairs) {
+    match params {
         Params::Form(body) => {
             let form: Vec<_> = form_urlencoded::parse(body.as_bytes())
                 .into_owned()
@@ -486,15 +549,14 @@ fn verified_params(
                 .collect();
             (Vec::new(), query)
         }
-    };
-    if !signature::validate_webhook(token, &url, &signed, signature) {
-        return Err(Refusal::BadSignature);
     }
-    Ok(Verified(params))
 }
 
+/// A webhook's parameters: names and values, in the order sent.
+type Pairs = Vec<(String, String)>;
+
 /// The parameters of a webhook whose signature checked out.
-struct Verified(Vec<(String, String)>);
+struct Verified(Pairs);
 
 impl Verified {
     /// The first value given for `name`, unless it is empty.
@@ -684,6 +746,79 @@ mod tests {
             Err(Refusal::BadSignature)
         );
         assert_eq!(Refusal::BadSignature.status(), 403);
+    }
+
+    /// A wrong `TWILIO_AUTH_TOKEN` (or `PUBLIC_BASE_URL`) must not turn every call into
+    /// Twilio's "application error": the caller hears the apology and is put through to the
+    /// fallback number, and nothing the request says is acted on.
+    #[test]
+    fn an_unverified_voice_webhook_gets_the_fallback_and_nothing_else() {
+        let mut c = config();
+        c.fallback_dial_number = Some("+81311112222".into());
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let expected = "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial>+81311112222</Dial></Response>";
+        let rotated = signature::compute("rotated-token", url, &params);
+        let cases = [
+            (c.clone(), Some(rotated.as_str()), Refusal::BadSignature),
+            (c.clone(), None, Refusal::Unsigned),
+            (
+                Bridge {
+                    twilio_auth_token: Secret::default(),
+                    ..c.clone()
+                },
+                Some(rotated.as_str()),
+                Refusal::NoAuthToken,
+            ),
+        ];
+        for (config, sig, refusal) in cases {
+            let why = answer_voice(&config, url, sig, &body).unwrap_err();
+            assert_eq!(why, refusal);
+            let u = unverified_voice(&config, url, &body, why).expect("answered");
+            assert_eq!(u.why, refusal);
+            assert_eq!(u.twiml, expected, "{refusal:?}");
+            assert_eq!(
+                u.claimed_call_sid,
+                CallSid::parse("CA0123456789abcdef0123456789abcdef")
+            );
+            assert_eq!(u.checked_url.as_deref(), Some(url));
+        }
+        // Only the fallback number is dialled: not a number an agent would have named.
+        c.fallback_dial_number = None;
+        let why = answer_voice(&c, url, Some(&rotated), &body).unwrap_err();
+        let u = unverified_voice(&c, url, &body, why).unwrap();
+        assert!(
+            !u.twiml.contains("<Dial") && !u.twiml.contains("<Stream"),
+            "{}",
+            u.twiml
+        );
+        // Behind a proxy, the log names the URL the signature was checked against; a GET's
+        // parameters are left out of it.
+        c.public_base_url = Some("https://phone.example.jp".into());
+        let (query, _) = form(&[("CallSid", "CA77"), ("From", "+81")]);
+        let get = format!("http://internal:8787/api/twilio/voice?{query}");
+        let why = answer_voice(&c, &get, Some("bm90LWEtc2lnbmF0dXJl"), Params::Query).unwrap_err();
+        let u = unverified_voice(&c, &get, Params::Query, why).unwrap();
+        assert_eq!(
+            u.checked_url.as_deref(),
+            Some("https://phone.example.jp/api/twilio/voice")
+        );
+        assert_eq!(u.claimed_call_sid, CallSid::parse("CA77"));
+        // A CallSid that could smuggle anything into the log is not repeated.
+        let (odd, _) = form(&[("CallSid", "CA1\"}{")]);
+        let u = unverified_voice(&c, url, &odd, Refusal::Unsigned).unwrap();
+        assert_eq!(u.claimed_call_sid, None);
+    }
+
+    #[test]
+    fn a_verified_but_malformed_voice_webhook_stays_a_bad_request() {
+        let c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(&[("CallSid", "CA1/../x"), ("From", "+81")]);
+        let sig = signature::compute(TOKEN, url, &params);
+        let why = answer_voice(&c, url, Some(&sig), &body).unwrap_err();
+        assert!(!why.unverified());
+        assert_eq!(unverified_voice(&c, url, &body, why), None);
     }
 
     #[test]

@@ -40,13 +40,23 @@ fn expect_refused(what: &str, r: Result<MediaStream, ConnectError>) -> u16 {
 
 // ---- voice webhook ------------------------------------------------------------------------------
 
-/// Posts a voice webhook with a signature that is not Twilio's; returns the HTTP status.
-async fn post_badly_signed_voice_webhook(h: &support::Harness, from: &str) -> u16 {
+/// Posts a voice webhook with a signature that is not Twilio's; returns the answer.
+async fn post_badly_signed_voice_webhook(h: &support::Harness, from: &str) -> tw::HttpReply {
     let params = tw::voice_params(&CallIds::new(), from, "+81312345678");
     tw::post_form(&h.voice_url(), &params, Some("bm90LWEtc2lnbmF0dXJl"))
         .await
         .unwrap()
-        .status
+}
+
+/// The answer to a voice webhook that could not be verified: the fallback, with no stream
+/// (a refusal would be Twilio's "application error" to the caller).
+fn assert_fallback_without_stream(what: &str, reply: &tw::HttpReply) {
+    assert_eq!(reply.status, 200, "{what}: {}", reply.body);
+    assert!(
+        reply.body.starts_with("<Response><Say ") && !reply.body.contains("<Stream"),
+        "{what}: {}",
+        reply.body
+    );
 }
 
 /// The `event` of every line of the Worker's log that names `call_sid`, in order.
@@ -136,32 +146,26 @@ async fn a_number_whose_webhook_is_set_to_get_is_answered_the_same() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status().as_u16(), 403);
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains("<Stream"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn voice_webhook_with_missing_or_wrong_signature_is_forbidden() {
+async fn voice_webhook_with_missing_or_wrong_signature_gets_the_fallback_and_no_stream() {
     let h = harness().await;
     let ids = CallIds::new();
     let params = tw::voice_params(&ids, "+15551230002", "+81312345678");
     let url = h.voice_url();
 
     let unsigned = tw::post_form(&url, &params, None).await.unwrap();
-    assert_eq!(
-        unsigned.status, 403,
-        "unsigned webhook; body: {}",
-        unsigned.body
-    );
+    assert_fallback_without_stream("unsigned webhook", &unsigned);
 
     let wrong_token = tw::sign("not-the-auth-token", &url, &params);
     let wrong = tw::post_form(&url, &params, Some(&wrong_token))
         .await
         .unwrap();
-    assert_eq!(
-        wrong.status, 403,
-        "signature with another token; body: {}",
-        wrong.body
-    );
+    assert_fallback_without_stream("signature with another token", &wrong);
 
     // A valid signature of other parameters (a tampered From) must not pass either.
     let mut tampered = params.clone();
@@ -177,13 +181,9 @@ async fn voice_webhook_with_missing_or_wrong_signature_is_forbidden() {
     )
     .await
     .unwrap();
-    assert_eq!(
-        tampered_reply.status, 403,
-        "tampered form; body: {}",
-        tampered_reply.body
-    );
+    assert_fallback_without_stream("tampered form", &tampered_reply);
 
-    // And a refused call gets no media stream later.
+    // And an unverified call gets no media stream later.
     let stream_url = h.expected_stream_url(&ids.call_sid);
     let claim = h.openai.claim(SessionScript::new()).await;
     let r = MediaStream::connect(
@@ -267,12 +267,12 @@ async fn behind_a_proxy_signatures_are_checked_against_public_base_url_and_twiml
     let ids = CallIds::new();
     let params = tw::voice_params(&ids, "+15551230021", "+81312345678");
     let public_voice = format!("{PUBLIC}/api/twilio/voice");
-    // Signed for the address the Worker itself sees: not what Twilio signs, refused.
+    // Signed for the address the Worker itself sees: not what Twilio signs, not verified.
     let local_sig = tw::sign(TWILIO_AUTH_TOKEN, &h.voice_url(), &params);
     let reply = tw::post_form(&h.voice_url(), &params, Some(&local_sig))
         .await
         .unwrap();
-    assert_eq!(reply.status, 403, "{}", reply.body);
+    assert_fallback_without_stream("signed for the local address", &reply);
     let sig = tw::sign(TWILIO_AUTH_TOKEN, &public_voice, &params);
     let reply = tw::post_form(&h.voice_url(), &params, Some(&sig))
         .await
@@ -1022,11 +1022,11 @@ async fn twilio_connection_lost_without_close_frame_closes_the_openai_socket() {
 #[tokio::test(flavor = "multi_thread")]
 async fn secrets_never_appear_in_the_worker_log() {
     let h = harness().await;
-    // Exercise every path that touches a secret: signed and refused webhooks, a refused and an
-    // accepted upgrade, the OpenAI handshake, audio both ways, barge-in, stop.
-    assert_eq!(
-        post_badly_signed_voice_webhook(h, "+15551230009").await,
-        403
+    // Exercise every path that touches a secret: signed and unverified webhooks, a refused
+    // and an accepted upgrade, the OpenAI handshake, audio both ways, barge-in, stop.
+    assert_fallback_without_stream(
+        "badly signed",
+        &post_badly_signed_voice_webhook(h, "+15551230009").await,
     );
     let ids = CallIds::new();
     {
@@ -1115,10 +1115,10 @@ async fn warn_level_harness() -> &'static support::Harness {
 #[tokio::test(flavor = "multi_thread")]
 async fn at_log_level_warn_neither_the_worker_nor_the_call_prints_info_lines() {
     let h = warn_level_harness().await;
-    // A refused webhook is a warning: it is still printed.
-    assert_eq!(
-        post_badly_signed_voice_webhook(h, "+15551230010").await,
-        403
+    // An unverified webhook is an error: it is still printed.
+    assert_fallback_without_stream(
+        "badly signed",
+        &post_badly_signed_voice_webhook(h, "+15551230010").await,
     );
 
     let call = h.start_call(CallSpec::default()).await;
@@ -1130,8 +1130,10 @@ async fn at_log_level_warn_neither_the_worker_nor_the_call_prints_info_lines() {
     let log = h.worker.log();
     let ours: Vec<&str> = log.lines().filter(|l| l.contains(r#""event":""#)).collect();
     assert!(
-        ours.iter().any(|l| l.contains(r#""event":"http.refused""#)),
-        "the refused webhook's warning is missing:\n{}",
+        ours.iter()
+            .any(|l| l.contains(r#""event":"twilio.voice_unverified""#)
+                && l.contains(r#""level":"error""#)),
+        "the unverified webhook's error is missing:\n{}",
         h.worker.log_tail(40)
     );
     // The call ran and printed none of its info lines:

@@ -603,3 +603,101 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
         h.worker.log_tail(30)
     );
 }
+
+/// The auth token the Worker below was given: not the one Twilio signs with (the token was
+/// rotated in the Twilio console, or the secret was taken from another account).
+const STALE_TOKEN: &str = "twilio-e2e-stale-SECRET-321";
+
+/// A Worker whose `TWILIO_AUTH_TOKEN` does not verify Twilio's signatures.
+async fn stale_token_harness() -> &'static Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    shared_harness(&HARNESS, "e2e-failures-stale-token", || {
+        let mut v = vars();
+        v.push(("TWILIO_AUTH_TOKEN".into(), STALE_TOKEN.into()));
+        v
+    })
+    .await
+}
+
+/// Waits until a line of the Worker's log satisfies `found` (wrangler prints the Worker's
+/// console after the response has gone); returns it.
+async fn logged(h: &Harness, what: &str, found: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + SOON;
+    loop {
+        if let Some(line) = h.worker.log().lines().find(|l| found(l)) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} not logged:\n{}",
+            h.worker.log_tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A voice webhook whose signature does not verify is answered with the fallback, not
+/// refused: a refusal is Twilio's "an application error has occurred" and a hang-up, for
+/// every caller while the token is wrong. Nothing it says is acted on: no stream, no row.
+/// Status callbacks and transfer results, which change records, are still refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_recorded() {
+    use support::fake_twilio as tw;
+    let h = stale_token_harness().await;
+    let ids = CallIds::new();
+    let (from, to) = ("+819012340020", "+81501234020");
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let ct = reply.content_type.clone().unwrap_or_default();
+    assert!(ct.starts_with("text/xml"), "{ct:?}");
+    assert_eq!(reply.body, fallback_twiml(), "the apology, then the number");
+
+    let status = tw::status_params(&ids, from, to, "completed", 1, Some(3));
+    assert_eq!(h.post_status(&status).await.status, 403, "status callback");
+    let mut result = params.clone();
+    result.push(("DialCallStatus".into(), "completed".into()));
+    assert_eq!(
+        h.post_transfer_result(&result).await.status,
+        403,
+        "transfer result"
+    );
+
+    let line = logged(h, "twilio.voice_unverified", |l| {
+        l.contains("twilio.voice_unverified") && l.contains(&ids.call_sid)
+    })
+    .await;
+    assert!(line.contains(r#""level":"error""#), "{line}");
+    assert!(
+        line.contains(&format!(r#""checked_url":"{url}""#)),
+        "{line}"
+    );
+
+    // No call was registered: a stream the Worker can verify finds no call.
+    let stream = h.expected_stream_url(&ids.call_sid);
+    match MediaStream::connect(&stream, Some(&tw::sign(STALE_TOKEN, &stream, &[]))).await {
+        Err(tw::ConnectError::Refused { status, .. }) => assert_eq!(status, 404),
+        other => panic!("expected 404, got {:?}", other.map(|_| "a stream")),
+    }
+    // And no row: a webhook the Worker can verify gets its row, the unverified one none.
+    let verified = CallIds::new();
+    let params = tw::voice_params(&verified, from, to);
+    let sig = tw::sign(STALE_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert!(reply.body.contains("<Stream "), "{}", reply.body);
+    ok(
+        h,
+        admin(h)
+            .wait_call(
+                &verified.call_sid,
+                "the verified call's row",
+                D1_DEADLINE,
+                |_| true,
+            )
+            .await,
+    );
+    assert_eq!(admin(h).call(&ids.call_sid).await.unwrap(), None);
+}

@@ -248,6 +248,20 @@ pub fn run(w: &WebhookInput) {
     }
     let r = webhook::answer_voice(&config, &request_url, sig.as_deref(), &body);
     check_refusal(&r, w, forged, plain);
+    if let Err(why) = &r {
+        // Not verified: the fallback alone, never a stream; only a malformed request is refused.
+        match webhook::unverified_voice(&config, &request_url, &body, why.clone()) {
+            Some(u) => assert_eq!(
+                check_xml(&u.twiml),
+                None,
+                "invariant violated: an unverified webhook was offered a stream"
+            ),
+            None => assert!(
+                matches!(why, Refusal::BadRequest(_)),
+                "invariant violated: {why:?} refused rather than answered with the fallback"
+            ),
+        }
+    }
     let Ok(answer) = r else { return };
     // An agent whose transfer number is anything at all.
     let agent = phone_agent_bridge::config::Agent {

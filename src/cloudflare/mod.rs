@@ -169,7 +169,26 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let answer = match webhook::answer_voice(&config, &url, signature.as_deref(), params(&body)) {
         Ok(a) => a,
-        Err(r) => return refuse(&r, "voice"),
+        Err(r) => {
+            let Some(unverified) =
+                webhook::unverified_voice(&config, &url, params(&body), r.clone())
+            else {
+                return refuse(&r, "voice");
+            };
+            // Not refused: Twilio would play "an application error" to the caller. The caller
+            // hears the fallback; nothing is registered or recorded for an unverified request.
+            log(
+                "error",
+                "twilio.voice_unverified",
+                serde_json::json!({
+                    "call_sid": unverified.claimed_call_sid,
+                    "why": unverified.why.to_string(),
+                    "checked_url": unverified.checked_url,
+                    "then": "fallback",
+                }),
+            );
+            return twiml_response(unverified.twiml);
+        }
     };
     log(
         "info",

@@ -125,8 +125,9 @@ impl Default for CallSpec {
 
 impl Harness {
     /// Start a fake OpenAI and a Worker wired to it (the fake secrets, the fake's URL, the
-    /// model), plus `extra_vars` (e.g. `ADMIN_TOKEN`, `FAULT_INJECT_D1_FAILURES`), with its
-    /// own scratch directory (log and local D1 state) named after `label`.
+    /// model), plus `extra_vars` (e.g. `ADMIN_TOKEN`, `FAULT_INJECT_D1_FAILURES`; one that
+    /// names a variable already set replaces it), with its own scratch directory (log and
+    /// local D1 state) named after `label`.
     pub async fn start(label: &str, extra_vars: Vec<(String, String)>) -> Result<Harness, String> {
         Harness::start_from(scratch_dir(label), repo_root(), extra_vars).await
     }
@@ -145,6 +146,7 @@ impl Harness {
             ("OPENAI_REALTIME_URL".into(), openai.realtime_url()),
             ("OPENAI_MODEL".into(), OPENAI_MODEL.into()),
         ];
+        vars.retain(|(name, _)| !extra_vars.iter().any(|(extra, _)| extra == name));
         vars.extend(extra_vars);
         let cfg = WorkerConfig {
             root,
