@@ -441,7 +441,12 @@ pub const FAULT_HOOKS: &[(&str, &str)] = &[
 ];
 /// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be
 /// written into `wrangler.toml`.
-pub const SECRETS: &[&str] = &["OPENAI_API_KEY", "TWILIO_AUTH_TOKEN", ADMIN_TOKEN];
+pub const SECRETS: &[&str] = &[
+    "OPENAI_API_KEY",
+    "TWILIO_AUTH_TOKEN",
+    "TWILIO_AUTH_TOKEN_SECONDARY",
+    ADMIN_TOKEN,
+];
 
 /// One variable or secret as the Worker has it: text (a number or boolean written without
 /// quotes counts, as written), or something else (wrangler binds a `[vars]` table or array
@@ -459,6 +464,10 @@ pub struct Bridge {
     pub openai_realtime_url: String,
     pub openai_api_key: Secret,
     pub twilio_auth_token: Secret,
+    /// Also verifies Twilio's signatures, never used for REST calls: the account's secondary
+    /// token while a rotation is under way, so that requests signed with it are accepted
+    /// from the moment Twilio promotes it until `TWILIO_AUTH_TOKEN` is set to it.
+    pub twilio_auth_token_secondary: Secret,
     /// Username of Twilio REST calls (hang up, transfer); the auth token is the password.
     pub twilio_account_sid: String,
     /// Base of Twilio's REST API, `https://api.twilio.com` unless a test points it elsewhere.
@@ -688,6 +697,9 @@ impl Bridge {
             openai_realtime_url: realtime,
             openai_api_key: Secret::new(get("OPENAI_API_KEY").unwrap_or_default()),
             twilio_auth_token: Secret::new(get("TWILIO_AUTH_TOKEN").unwrap_or_default()),
+            twilio_auth_token_secondary: Secret::new(
+                get("TWILIO_AUTH_TOKEN_SECONDARY").unwrap_or_default(),
+            ),
             twilio_account_sid: get("TWILIO_ACCOUNT_SID").unwrap_or_default(),
             twilio_api_base_url,
             public_base_url,
@@ -1174,8 +1186,18 @@ mod tests {
 
     #[test]
     fn secrets_do_not_print() {
-        let c = from(&[("OPENAI_API_KEY", "sk-very-secret")]);
-        assert!(!format!("{c:?}").contains("sk-very-secret"));
+        let c = from(&[
+            ("OPENAI_API_KEY", "sk-very-secret"),
+            ("TWILIO_AUTH_TOKEN", "primary-secret"),
+            ("TWILIO_AUTH_TOKEN_SECONDARY", "secondary-secret"),
+        ]);
+        let printed = format!("{c:?}");
+        for secret in ["sk-very-secret", "primary-secret", "secondary-secret"] {
+            assert!(!printed.contains(secret), "{secret}");
+        }
         assert_eq!(c.openai_api_key.expose(), "sk-very-secret");
+        assert_eq!(c.twilio_auth_token_secondary.expose(), "secondary-secret");
+        assert!(from(&[]).twilio_auth_token_secondary.is_empty());
+        assert!(SECRETS.contains(&"TWILIO_AUTH_TOKEN_SECONDARY"));
     }
 }

@@ -26,7 +26,7 @@ pub enum Refusal {
     Unsigned,
     #[error("X-Twilio-Signature does not match")]
     BadSignature,
-    #[error("TWILIO_AUTH_TOKEN is not set, so no Twilio request can be verified")]
+    #[error("neither TWILIO_AUTH_TOKEN nor TWILIO_AUTH_TOKEN_SECONDARY is set, so no Twilio request can be verified")]
     NoAuthToken,
     #[error("bad request: {0}")]
     BadRequest(String),
@@ -241,6 +241,8 @@ pub struct VoiceAnswer {
     pub call: VoiceCall,
     /// `None` when the call gets the fallback only (`FALLBACK_ONLY`).
     pub stream_url: Option<String>,
+    /// The auth token the webhook was signed with.
+    pub key: Key,
 }
 
 impl VoiceAnswer {
@@ -402,13 +404,41 @@ pub fn transfer_result<'a>(
     })
 }
 
-fn token(config: &Bridge) -> Result<&str, Refusal> {
-    let t = config.twilio_auth_token.expose();
-    if t.is_empty() {
+/// Which auth token a request was signed with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// `TWILIO_AUTH_TOKEN`.
+    Primary,
+    /// `TWILIO_AUTH_TOKEN_SECONDARY`: Twilio signs with it once it is promoted, while REST
+    /// calls still use `TWILIO_AUTH_TOKEN`.
+    Secondary,
+}
+
+/// The auth tokens Twilio's signatures are checked with, each with the key it is; an unset
+/// one is left out.
+fn tokens(config: &Bridge) -> Result<Vec<(Key, &str)>, Refusal> {
+    let tokens: Vec<_> = [
+        (Key::Primary, &config.twilio_auth_token),
+        (Key::Secondary, &config.twilio_auth_token_secondary),
+    ]
+    .into_iter()
+    .filter(|(_, token)| !token.is_empty())
+    .map(|(key, token)| (key, token.expose()))
+    .collect();
+    if tokens.is_empty() {
         Err(Refusal::NoAuthToken)
     } else {
-        Ok(t)
+        Ok(tokens)
     }
+}
+
+/// The first of `tokens` that `signed` says the request was signed with.
+fn signed_with(tokens: &[(Key, &str)], signed: impl Fn(&str) -> bool) -> Result<Key, Refusal> {
+    tokens
+        .iter()
+        .find(|(_, token)| signed(token))
+        .map(|(key, _)| *key)
+        .ok_or(Refusal::BadSignature)
 }
 
 /// Where a Twilio webhook's parameters are: the body of a form POST, or the query string
@@ -455,7 +485,11 @@ pub fn answer_voice<'a>(
     } else {
         Some(stream_url(config, request_url, &call.call_sid)?)
     };
-    Ok(VoiceAnswer { call, stream_url })
+    Ok(VoiceAnswer {
+        call,
+        stream_url,
+        key: params.key,
+    })
 }
 
 /// The TwiML of a caller the agent cannot serve (the agent failed mid-call, the call could
@@ -519,16 +553,16 @@ fn verified_params(
     signature: Option<&str>,
     params: Params<'_>,
 ) -> Result<Verified, Refusal> {
-    let token = token(config)?;
+    let tokens = tokens(config)?;
     let signature = signature
         .filter(|s| !s.is_empty())
         .ok_or(Refusal::Unsigned)?;
     let url = signed_url(config, request_url)?;
     let (signed, params) = read_params(&url, params);
-    if !signature::validate_webhook(token, &url, &signed, signature) {
-        return Err(Refusal::BadSignature);
-    }
-    Ok(Verified(params))
+    let key = signed_with(&tokens, |token| {
+        signature::validate_webhook(token, &url, &signed, signature)
+    })?;
+    Ok(Verified { params, key })
 }
 
 /// A webhook's parameters as signed (appended to the URL: a form's; none for a GET) and
@@ -555,13 +589,16 @@ fn read_params(url: &str, params: Params<'_>) -> (Pairs, Pairs) {
 /// A webhook's parameters: names and values, in the order sent.
 type Pairs = Vec<(String, String)>;
 
-/// The parameters of a webhook whose signature checked out.
-struct Verified(Pairs);
+/// The parameters of a webhook whose signature checked out, and the key it was signed with.
+struct Verified {
+    params: Pairs,
+    key: Key,
+}
 
 impl Verified {
     /// The first value given for `name`, unless it is empty.
     fn get(&self, name: &str) -> Option<&str> {
-        self.0
+        self.params
             .iter()
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.as_str())
@@ -628,16 +665,15 @@ pub fn verify_stream_upgrade(
     signature: Option<&str>,
     call_sid: &CallSid,
 ) -> Result<(), Refusal> {
-    let token = token(config)?;
+    let tokens = tokens(config)?;
     let signature = signature
         .filter(|s| !s.is_empty())
         .ok_or(Refusal::Unsigned)?;
     let url = stream_url(config, request_url, call_sid)?;
-    if signature::validate_stream_upgrade(token, &url, signature) {
-        Ok(())
-    } else {
-        Err(Refusal::BadSignature)
-    }
+    signed_with(&tokens, |token| {
+        signature::validate_stream_upgrade(token, &url, signature)
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -808,6 +844,69 @@ mod tests {
         let (odd, _) = form(&[("CallSid", "CA1\"}{")]);
         let u = unverified_voice(&c, url, &odd, Refusal::Unsigned).unwrap();
         assert_eq!(u.claimed_call_sid, None);
+    }
+
+    /// Twilio signs with the secondary token from the moment it is promoted: accepted on
+    /// every route, and the answer says which token it was.
+    #[test]
+    fn a_signature_made_with_the_secondary_token_is_accepted_on_every_route() {
+        let mut c = config();
+        let url = "https://bridge.example.com/api/twilio/voice";
+        let (body, params) = form(CALL);
+        let promoted = signature::compute("promoted-token", url, &params);
+        assert_eq!(
+            answer_voice(&c, url, Some(&promoted), &body),
+            Err(Refusal::BadSignature),
+            "no secondary token set"
+        );
+        c.twilio_auth_token_secondary = Secret::new("promoted-token");
+        let a = answer_voice(&c, url, Some(&promoted), &body).unwrap();
+        assert_eq!(a.key, Key::Secondary);
+        assert!(a.streams());
+        let primary = signature::compute(TOKEN, url, &params);
+        assert_eq!(
+            answer_voice(&c, url, Some(&primary), &body).unwrap().key,
+            Key::Primary
+        );
+        let neither = signature::compute("other-token", url, &params);
+        assert_eq!(
+            answer_voice(&c, url, Some(&neither), &body),
+            Err(Refusal::BadSignature)
+        );
+
+        let stream = a.stream_url.clone().unwrap();
+        let upgrade = "https://bridge.example.com/api/twilio/media-stream/x";
+        let sig = signature::compute("promoted-token", &stream, &[]);
+        assert_eq!(
+            verify_stream_upgrade(&c, upgrade, Some(&sig), &a.call.call_sid),
+            Ok(())
+        );
+        let sig = signature::compute("other-token", &stream, &[]);
+        assert_eq!(
+            verify_stream_upgrade(&c, upgrade, Some(&sig), &a.call.call_sid),
+            Err(Refusal::BadSignature)
+        );
+        let status = "https://bridge.example.com/api/twilio/status";
+        let (body, params) = form(&[("CallSid", "CA1"), ("CallStatus", "completed")]);
+        let sig = signature::compute("promoted-token", status, &params);
+        assert!(status_callback(&c, status, Some(&sig), &body, 7).is_ok());
+        let action = "https://bridge.example.com/api/twilio/transfer-result";
+        let (body, params) = form(&[("CallSid", "CA1"), ("DialCallStatus", "busy")]);
+        let sig = signature::compute("promoted-token", action, &params);
+        assert!(transfer_result(&c, action, Some(&sig), &body, 7).is_ok());
+
+        // The secondary alone verifies too; neither set, nothing does.
+        c.twilio_auth_token = Secret::default();
+        let (body, _) = form(CALL);
+        assert_eq!(
+            answer_voice(&c, url, Some(&promoted), &body).unwrap().key,
+            Key::Secondary
+        );
+        c.twilio_auth_token_secondary = Secret::default();
+        assert_eq!(
+            answer_voice(&c, url, Some(&promoted), &body),
+            Err(Refusal::NoAuthToken)
+        );
     }
 
     #[test]

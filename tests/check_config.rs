@@ -54,6 +54,7 @@ LOG_LEVEL = "verbose"
 IDLE_TIMEOUT_SECOND = "45"
 OPENAI_API_KEY = "sk-in-the-repo"
 TWILIO_AUTH_TOKEN = ""
+TWILIO_AUTH_TOKEN_SECONDARY = "rotating"
 FAULT_INJECT_D1_FAILURES = "0"
 OPENAI_MODEL = "gpt-realtime"
 "#,
@@ -72,7 +73,8 @@ OPENAI_MODEL = "gpt-realtime"
         "OPENAI_API_KEY in [vars]: a secret",
         // Even empty: it takes the name `wrangler secret put` needs.
         "TWILIO_AUTH_TOKEN in [vars]: a secret",
-        "8 setting(s)",
+        "TWILIO_AUTH_TOKEN_SECONDARY in [vars]: a secret",
+        "9 setting(s)",
     ] {
         assert!(text.contains(finding), "{finding:?} missing from:\n{text}");
     }

@@ -604,17 +604,21 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
     );
 }
 
-/// The auth token the Worker below was given: not the one Twilio signs with (the token was
-/// rotated in the Twilio console, or the secret was taken from another account).
+/// The `TWILIO_AUTH_TOKEN` of the Worker below: the account's token before a rotation.
 const STALE_TOKEN: &str = "twilio-e2e-stale-SECRET-321";
+/// Its `TWILIO_AUTH_TOKEN_SECONDARY`: the token Twilio signs with once it is promoted.
+const PROMOTED_TOKEN: &str = "twilio-e2e-promoted-SECRET-654";
 
-/// A Worker whose `TWILIO_AUTH_TOKEN` does not verify Twilio's signatures.
+/// A Worker in the middle of a token rotation: neither of its tokens is
+/// `support::TWILIO_AUTH_TOKEN`, what the harness's requests are signed with (as if the
+/// secret had been taken from another account).
 async fn stale_token_harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
     shared_harness(&HARNESS, "e2e-failures-stale-token", || {
         let mut v = vars();
         v.push(("TWILIO_AUTH_TOKEN".into(), STALE_TOKEN.into()));
+        v.push(("TWILIO_AUTH_TOKEN_SECONDARY".into(), PROMOTED_TOKEN.into()));
         v
     })
     .await
@@ -700,4 +704,56 @@ async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_record
             .await,
     );
     assert_eq!(admin(h).call(&ids.call_sid).await.unwrap(), None);
+}
+
+/// Once Twilio signs with the promoted token, set as `TWILIO_AUTH_TOKEN_SECONDARY`, calls
+/// reach their agent: the webhook, the stream's upgrade and the status callback all verify,
+/// and the log says to make it `TWILIO_AUTH_TOKEN` (REST calls use that one).
+#[tokio::test(flavor = "multi_thread")]
+async fn with_the_promoted_token_as_the_secondary_calls_reach_their_agent() {
+    use support::fake_twilio as tw;
+    let h = stale_token_harness().await;
+    let ids = CallIds::new();
+    let (from, to) = ("+819012340021", "+81501234021");
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(PROMOTED_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
+    assert_eq!(twiml.stream_url, h.expected_stream_url(&ids.call_sid));
+
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let sig = tw::sign(PROMOTED_TOKEN, &twiml.stream_url, &[]);
+    let stream = MediaStream::connect(&twiml.stream_url, Some(&sig))
+        .await
+        .unwrap_or_else(|e| panic!("the upgrade signed with the secondary: {e:?}"));
+    stream.send_connected();
+    stream.send_start(&ids, &twiml.parameters);
+    let session = ok(h, claim.session(SOON).await);
+    stream.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+
+    let status = tw::status_params(&ids, from, to, "completed", 2, Some(4));
+    let sig = tw::sign(PROMOTED_TOKEN, &h.status_url(), &status);
+    let r = tw::post_form(&h.status_url(), &status, Some(&sig))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 204, "{}", r.body);
+    let d = ok(
+        h,
+        admin(h)
+            .wait_call(&ids.call_sid, "Twilio's final status", D1_DEADLINE, |d| {
+                d["call"]["twilio_duration_s"] == 4
+            })
+            .await,
+    );
+    assert_eq!(d["call"]["end_reason"], "twilio_stop", "{d}");
+
+    let line = logged(h, "twilio.secondary_token", |l| {
+        l.contains("twilio.secondary_token") && l.contains(&ids.call_sid)
+    })
+    .await;
+    assert!(line.contains(r#""level":"warn""#), "{line}");
+    h.assert_log_clean(&[STALE_TOKEN, PROMOTED_TOKEN]);
 }

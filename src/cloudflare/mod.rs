@@ -198,6 +198,18 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             "streams": answer.streams(),
         }),
     );
+    if answer.key == webhook::Key::Secondary {
+        // Twilio signs with the token it promoted; REST calls (hang-up, transfer, the
+        // fallback's redirect) still authenticate with TWILIO_AUTH_TOKEN.
+        log(
+            "warn",
+            "twilio.secondary_token",
+            serde_json::json!({
+                "call_sid": answer.call.call_sid,
+                "why": "signed with TWILIO_AUTH_TOKEN_SECONDARY: set TWILIO_AUTH_TOKEN to it",
+            }),
+        );
+    }
     let slowed = setting_text(&env, crate::config::FAULT_INJECT_D1_LOOKUP_DELAY_MS)
         .and_then(|v| v.trim().parse().ok())
         .map_or(Duration::ZERO, Duration::from_millis);
