@@ -472,7 +472,8 @@ pub struct Bridge {
     pub twilio_account_sid: String,
     /// Base of Twilio's REST API, `https://api.twilio.com` unless a test points it elsewhere.
     pub twilio_api_base_url: String,
-    /// Public `https://host` the Worker is reached at, when it differs from the request's.
+    /// Public `https://host[/path]` the Worker is reached at, when it differs from the
+    /// request's: the path is the one a proxy serves the Worker under (without a trailing `/`).
     pub public_base_url: Option<String>,
     /// Answer every call with the fallback TwiML, without an agent (a maintenance switch).
     pub fallback_only: bool,
@@ -928,6 +929,22 @@ mod tests {
             let c = from(&[("FALLBACK_ONLY", off)]);
             assert!(!c.fallback_only && c.ignored.is_empty(), "{off}");
         }
+    }
+
+    #[test]
+    fn a_public_base_url_may_carry_the_path_a_proxy_serves_the_worker_under() {
+        for (written, read) in [
+            ("https://phone.example.jp", "https://phone.example.jp"),
+            ("https://example.jp/phone", "https://example.jp/phone"),
+            ("https://example.jp/a/b/", "https://example.jp/a/b"),
+        ] {
+            let c = from(&[("PUBLIC_BASE_URL", written)]);
+            assert_eq!(c.public_base_url.as_deref(), Some(read), "{written}");
+            assert!(c.ignored.is_empty(), "{written}: {:?}", c.ignored);
+        }
+        let c = from(&[("PUBLIC_BASE_URL", "https://example.jp/phone?x=1")]);
+        assert_eq!(c.public_base_url, None);
+        assert_eq!(c.ignored[0].field, "PUBLIC_BASE_URL");
     }
 
     #[test]

@@ -299,57 +299,71 @@ fn split_origin(url: &str) -> Option<(&str, &str, &str)> {
     (!authority.is_empty()).then_some((scheme, authority, tail))
 }
 
-/// The `scheme://host[:port]` Twilio reaches us at: `PUBLIC_BASE_URL` when set (behind a
-/// proxy or custom domain), else the request's own.
-fn public_origin(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
-    let source = config.public_base_url.as_deref().unwrap_or(request_url);
-    let (scheme, authority, _) = split_origin(source)
-        .ok_or_else(|| Refusal::BadRequest(format!("not an absolute URL: {source}")))?;
-    Ok((scheme.to_ascii_lowercase(), authority.to_owned()))
+/// Where Twilio reaches us: the scheme, and `host[:port]` followed by the path the Worker is
+/// served under, to which the paths of its routes (`/api/twilio/...`) are appended. That is
+/// `PUBLIC_BASE_URL` when set (behind a proxy or custom domain; a proxy may serve the Worker
+/// under a path, `https://example.jp/phone`, and pass its requests on without it), else the
+/// request's own origin.
+fn public_base(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
+    let not_absolute = |url: &str| Refusal::BadRequest(format!("not an absolute URL: {url}"));
+    let (scheme, base) = match config.public_base_url.as_deref() {
+        Some(public) => {
+            let (scheme, authority, path) =
+                split_origin(public).ok_or_else(|| not_absolute(public))?;
+            (scheme, format!("{authority}{}", path.trim_end_matches('/')))
+        }
+        None => {
+            let (scheme, authority, _) =
+                split_origin(request_url).ok_or_else(|| not_absolute(request_url))?;
+            (scheme, authority.to_owned())
+        }
+    };
+    Ok((scheme.to_ascii_lowercase(), base))
 }
 
-/// [`public_origin`] for a URL that goes into TwiML: without the characters no XML document
+/// [`public_base`] for a URL that goes into TwiML: without the characters no XML document
 /// can carry, which the TwiML drops. Twilio signs what it read there, so the URL a
 /// signature is checked against must be the one the TwiML holds.
-fn twiml_origin(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
-    let (scheme, authority) = public_origin(config, request_url)?;
-    Ok((scheme, twiml::xml_chars(&authority)))
+fn twiml_base(config: &Bridge, request_url: &str) -> Result<(String, String), Refusal> {
+    let (scheme, base) = public_base(config, request_url)?;
+    Ok((scheme, twiml::xml_chars(&base)))
 }
 
-/// The URL Twilio signed: the public origin with the request's path and query.
+/// The URL Twilio signed: the public base with the request's path and query.
 fn signed_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
     let (_, _, tail) = split_origin(request_url)
         .ok_or_else(|| Refusal::BadRequest(format!("not an absolute URL: {request_url}")))?;
-    let (scheme, authority) = public_origin(config, request_url)?;
-    Ok(format!("{scheme}://{authority}{tail}"))
+    let (scheme, base) = public_base(config, request_url)?;
+    Ok(format!("{scheme}://{base}{tail}"))
 }
 
-/// The Media Stream URL for a call, exactly as written into the TwiML: `wss` when we are
+/// The Media Stream URL for a call, exactly as written into the TwiML, on the public base:
+/// `wss` when we are
 /// reached over https, `ws` for plain http (local development).
 pub fn stream_url(
     config: &Bridge,
     request_url: &str,
     call_sid: &CallSid,
 ) -> Result<String, Refusal> {
-    let (scheme, authority) = twiml_origin(config, request_url)?;
+    let (scheme, base) = twiml_base(config, request_url)?;
     let ws = if scheme == "https" || scheme == "wss" {
         "wss"
     } else {
         "ws"
     };
-    Ok(format!("{ws}://{authority}{STREAM_PATH_PREFIX}{call_sid}"))
+    Ok(format!("{ws}://{base}{STREAM_PATH_PREFIX}{call_sid}"))
 }
 
-/// The `<Dial action>` URL of a transfer, on the origin Twilio reaches us at (`https` when
-/// the stream is `wss`). `request_url` is any request Twilio made to us: the stream's.
+/// The `<Dial action>` URL of a transfer, on the public base Twilio reaches us at (`https`
+/// when the stream is `wss`). `request_url` is any request Twilio made to us: the stream's.
 pub fn transfer_result_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
-    let (scheme, authority) = twiml_origin(config, request_url)?;
+    let (scheme, base) = twiml_base(config, request_url)?;
     let http = if scheme == "https" || scheme == "wss" {
         "https"
     } else {
         "http"
     };
-    Ok(format!("{http}://{authority}{TRANSFER_RESULT_PATH}"))
+    Ok(format!("{http}://{base}{TRANSFER_RESULT_PATH}"))
 }
 
 /// What a verified transfer result is answered with, and kept as.
@@ -757,6 +771,54 @@ mod tests {
         .unwrap();
         let twiml = a.twiml(&c, &Agent::default());
         assert!(twiml.contains(r#"url="wss://phone.example.jp/api/twilio/media-stream/"#));
+    }
+
+    /// A proxy may serve the Worker under a path (`https://example.jp/phone`) and pass its
+    /// requests on without it: Twilio signs the URL with the path, and the stream and the
+    /// transfer's action must carry it too, or Twilio asks the proxy for a path it has not.
+    #[test]
+    fn a_public_base_url_with_a_path_keeps_it_in_what_was_signed_and_in_the_twiml() {
+        let mut c = config();
+        c.public_base_url = Some("https://example.jp/phone".into());
+        let (body, params) = form(CALL);
+        let seen = "https://bridge.example.workers.dev/api/twilio/voice";
+        let sig = signature::compute(TOKEN, "https://example.jp/phone/api/twilio/voice", &params);
+        let a = answer_voice(&c, seen, Some(&sig), &body).unwrap();
+        let stream = a.stream_url.clone().unwrap();
+        assert_eq!(
+            stream,
+            "wss://example.jp/phone/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef"
+        );
+        assert!(a
+            .twiml(&c, &c.agent)
+            .contains(&format!("<Stream url=\"{stream}\">")));
+        let without_path =
+            signature::compute(TOKEN, "https://example.jp/api/twilio/voice", &params);
+        assert_eq!(
+            answer_voice(&c, seen, Some(&without_path), &body),
+            Err(Refusal::BadSignature)
+        );
+
+        let upgrade = "https://bridge.example.workers.dev/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef";
+        let sig = signature::compute(TOKEN, &stream, &[]);
+        assert_eq!(
+            verify_stream_upgrade(&c, upgrade, Some(&sig), &a.call.call_sid),
+            Ok(())
+        );
+        assert_eq!(
+            transfer_result_url(&c, upgrade).unwrap(),
+            "https://example.jp/phone/api/twilio/transfer-result"
+        );
+        let status = "https://bridge.example.workers.dev/api/twilio/status";
+        let (body, params) = form(&[("CallSid", "CA1"), ("CallStatus", "completed")]);
+        let sig = signature::compute(TOKEN, "https://example.jp/phone/api/twilio/status", &params);
+        assert!(status_callback(&c, status, Some(&sig), &body, 7).is_ok());
+        // However the path was written, one `/` between it and the route.
+        c.public_base_url = Some("https://example.jp/phone/".into());
+        assert_eq!(
+            transfer_result_url(&c, upgrade).unwrap(),
+            "https://example.jp/phone/api/twilio/transfer-result"
+        );
     }
 
     #[test]

@@ -247,7 +247,8 @@ async fn unsigned_or_wrongly_signed_stream_upgrade_is_refused_but_signed_one_acc
     ok(h, session.wait_closed(SOON).await);
 }
 
-/// A Worker reached through a proxy or custom domain (`PUBLIC_BASE_URL`), with its own Worker.
+/// A Worker reached through a proxy (`PUBLIC_BASE_URL`) that serves it under a path and
+/// passes requests on without it, with its own Worker.
 async fn proxied_harness() -> &'static support::Harness {
     static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
         tokio::sync::OnceCell::const_new();
@@ -257,10 +258,11 @@ async fn proxied_harness() -> &'static support::Harness {
     .await
 }
 
-const PUBLIC: &str = "https://phone.example.jp";
+const PUBLIC: &str = "https://phone.example.jp/line";
 
-/// Twilio signs the URL it called, the public one: every check is against that, and the URLs
-/// the TwiML gives Twilio (the stream, the transfer's Dial action) are on it too.
+/// Twilio signs the URL it called, the public one with the proxy's path: every check is
+/// against that, and the URLs the TwiML gives Twilio (the stream, the transfer's Dial action)
+/// are on it too.
 #[tokio::test(flavor = "multi_thread")]
 async fn behind_a_proxy_signatures_are_checked_against_public_base_url_and_twiml_points_there() {
     let h = proxied_harness().await;
@@ -280,14 +282,14 @@ async fn behind_a_proxy_signatures_are_checked_against_public_base_url_and_twiml
     assert_eq!(reply.status, 200, "{}", reply.body);
     let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
     let public_stream = format!(
-        "wss://phone.example.jp/api/twilio/media-stream/{}",
+        "wss://phone.example.jp/line/api/twilio/media-stream/{}",
         ids.call_sid
     );
     assert_eq!(twiml.stream_url, public_stream);
 
     // Twilio opens the stream at the public URL, signed for it; the proxy passes it on.
     let local_stream = public_stream.replace(
-        "wss://phone.example.jp",
+        "wss://phone.example.jp/line",
         &h.base_url().replacen("http", "ws", 1),
     );
     let local_sig = tw::sign(TWILIO_AUTH_TOKEN, &local_stream, &[]);
