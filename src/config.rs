@@ -406,6 +406,21 @@ fn base_url(v: &str, schemes: &[&str]) -> Result<String, String> {
     Ok(v.trim_end_matches('/').to_owned())
 }
 
+/// Whether `authority` (`[user@]host[:port]`) names this machine: `localhost`, `127.0.0.0/8`
+/// or `[::1]`. Twilio never reaches such a host, so it only serves local development
+/// (`wrangler dev`, the call simulator), which has no TLS: plain `http` and `ws` are all there is.
+pub fn is_loopback(authority: &str) -> bool {
+    let host_port = authority.rsplit('@').next().unwrap_or(authority);
+    let host = match host_port.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or_default(),
+        None => host_port.split(':').next().unwrap_or_default(),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Settings the shell reads itself, outside [`Bridge`]: the admin API's bearer token (a
 /// secret) and the test hooks (see [`FAULT_HOOKS`]).
 pub const ADMIN_TOKEN: &str = "ADMIN_TOKEN";
@@ -578,14 +593,30 @@ impl Bridge {
             }
         };
         let public_base_url = get("PUBLIC_BASE_URL").and_then(|u| {
-            base_url(&u, &["https://", "http://"])
+            let url = base_url(&u, &["https://", "http://"])
                 .map_err(|why| {
                     set_aside(
                         "PUBLIC_BASE_URL",
                         format!("{why}: the request's own origin is used"),
                     )
                 })
-                .ok()
+                .ok()?;
+            // Twilio opens Media Streams over wss:// only: a Worker it reaches serves https,
+            // whatever was written (plain http stays for a local one).
+            match url.strip_prefix("http://") {
+                Some(rest) if !is_loopback(rest.split('/').next().unwrap_or_default()) => {
+                    let https = format!("https://{rest}");
+                    set_aside(
+                        "PUBLIC_BASE_URL",
+                        format!(
+                            "{u:?} is plain http, and Twilio opens Media Streams over wss:// \
+                             only: {https:?} is used"
+                        ),
+                    );
+                    Some(https)
+                }
+                _ => Some(url),
+            }
         });
         // Where the caller's audio and the API key go. A value that is not a URL is not
         // replaced by OpenAI's own endpoint (it may name a gateway or a regional endpoint the
@@ -945,6 +976,48 @@ mod tests {
         let c = from(&[("PUBLIC_BASE_URL", "https://example.jp/phone?x=1")]);
         assert_eq!(c.public_base_url, None);
         assert_eq!(c.ignored[0].field, "PUBLIC_BASE_URL");
+    }
+
+    /// Twilio opens Media Streams over wss:// only: a public base URL written with http://
+    /// is read as https:// (and named), except for this machine, which has no TLS.
+    #[test]
+    fn a_public_base_url_is_https_unless_it_names_this_machine() {
+        let c = from(&[("PUBLIC_BASE_URL", "http://example.jp/phone")]);
+        assert_eq!(
+            c.public_base_url.as_deref(),
+            Some("https://example.jp/phone")
+        );
+        let e = &c.ignored[0];
+        assert_eq!(e.field, "PUBLIC_BASE_URL");
+        assert!(
+            e.reason
+                .contains("\"http://example.jp/phone\" is plain http"),
+            "{}",
+            e.reason
+        );
+        assert!(e.reason.contains("wss://"), "{}", e.reason);
+        for local in [
+            "http://127.0.0.1:8787",
+            "http://localhost:8787/phone",
+            "http://[::1]:8787",
+            "http://127.1.2.3",
+        ] {
+            let c = from(&[("PUBLIC_BASE_URL", local)]);
+            assert_eq!(c.public_base_url.as_deref(), Some(local));
+            assert!(c.ignored.is_empty(), "{local}: {:?}", c.ignored);
+        }
+        for (authority, local) in [
+            ("localhost", true),
+            ("LOCALHOST:80", true),
+            ("user:pw@127.0.0.1:8787", true),
+            ("[::1]", true),
+            ("128.0.0.1", false),
+            ("localhost.example.jp", false),
+            ("[::2]:8787", false),
+            ("example.jp", false),
+        ] {
+            assert_eq!(is_loopback(authority), local, "{authority}");
+        }
     }
 
     #[test]

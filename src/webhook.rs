@@ -337,20 +337,23 @@ fn signed_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
     Ok(format!("{scheme}://{base}{tail}"))
 }
 
+/// Whether the stream on `base` is `wss` (and a transfer's action `https`): always, since
+/// Twilio opens Media Streams over `wss` only, but for this machine reached over plain http
+/// (local development, where `ws` is all there is).
+fn secure(scheme: &str, base: &str) -> bool {
+    let authority = base.split(['/', '?', '#']).next().unwrap_or_default();
+    matches!(scheme, "https" | "wss") || !crate::config::is_loopback(authority)
+}
+
 /// The Media Stream URL for a call, exactly as written into the TwiML, on the public base:
-/// `wss` when we are
-/// reached over https, `ws` for plain http (local development).
+/// `wss`, or `ws` for this machine reached over plain http (local development).
 pub fn stream_url(
     config: &Bridge,
     request_url: &str,
     call_sid: &CallSid,
 ) -> Result<String, Refusal> {
     let (scheme, base) = twiml_base(config, request_url)?;
-    let ws = if scheme == "https" || scheme == "wss" {
-        "wss"
-    } else {
-        "ws"
-    };
+    let ws = if secure(&scheme, &base) { "wss" } else { "ws" };
     Ok(format!("{ws}://{base}{STREAM_PATH_PREFIX}{call_sid}"))
 }
 
@@ -358,7 +361,7 @@ pub fn stream_url(
 /// when the stream is `wss`). `request_url` is any request Twilio made to us: the stream's.
 pub fn transfer_result_url(config: &Bridge, request_url: &str) -> Result<String, Refusal> {
     let (scheme, base) = twiml_base(config, request_url)?;
-    let http = if scheme == "https" || scheme == "wss" {
+    let http = if secure(&scheme, &base) {
         "https"
     } else {
         "http"
@@ -753,6 +756,58 @@ mod tests {
         let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
         let twiml = a.twiml(&c, &Agent::default());
         assert!(twiml.contains(r#"url="ws://127.0.0.1:8787/api/twilio/media-stream/CA"#));
+    }
+
+    /// Twilio opens Media Streams over wss:// only: a request that came over plain http
+    /// still gets a `wss` stream (and an `https` transfer action) on its host, while what
+    /// was signed is the URL Twilio called; only this machine (local development) gets `ws`.
+    #[test]
+    fn plain_http_gets_wss_unless_the_host_is_this_machine() {
+        let mut c = config();
+        let (body, params) = form(CALL);
+        let sid = "CA0123456789abcdef0123456789abcdef";
+        for (url, stream, action) in [
+            (
+                "http://bridge.example.com/api/twilio/voice",
+                "wss://bridge.example.com/api/twilio/media-stream/",
+                "https://bridge.example.com/api/twilio/transfer-result",
+            ),
+            (
+                "http://localhost:8787/api/twilio/voice",
+                "ws://localhost:8787/api/twilio/media-stream/",
+                "http://localhost:8787/api/twilio/transfer-result",
+            ),
+            (
+                "http://[::1]:8787/api/twilio/voice",
+                "ws://[::1]:8787/api/twilio/media-stream/",
+                "http://[::1]:8787/api/twilio/transfer-result",
+            ),
+        ] {
+            let sig = signature::compute(TOKEN, url, &params);
+            let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+            assert_eq!(a.stream_url, Some(format!("{stream}{sid}")), "{url}");
+            assert_eq!(transfer_result_url(&c, url).unwrap(), action, "{url}");
+            let upgrade = signature::compute(TOKEN, &format!("{stream}{sid}"), &[]);
+            assert_eq!(
+                verify_stream_upgrade(&c, url, Some(&upgrade), &a.call.call_sid),
+                Ok(())
+            );
+        }
+        // Whatever PUBLIC_BASE_URL holds (the configuration reads http:// as https://).
+        c.public_base_url = Some("http://phone.example.jp/line".into());
+        let url = "http://internal:8787/api/twilio/voice";
+        let sig = signature::compute(
+            TOKEN,
+            "http://phone.example.jp/line/api/twilio/voice",
+            &params,
+        );
+        let a = answer_voice(&c, url, Some(&sig), &body).unwrap();
+        assert_eq!(
+            a.stream_url,
+            Some(format!(
+                "wss://phone.example.jp/line/api/twilio/media-stream/{sid}"
+            ))
+        );
     }
 
     #[test]

@@ -55,6 +55,7 @@ IDLE_TIMEOUT_SECOND = "45"
 OPENAI_API_KEY = "sk-in-the-repo"
 TWILIO_AUTH_TOKEN = ""
 TWILIO_AUTH_TOKEN_SECONDARY = "rotating"
+PUBLIC_BASE_URL = "http://phone.example.jp/line"
 FAULT_INJECT_D1_FAILURES = "0"
 OPENAI_MODEL = "gpt-realtime"
 "#,
@@ -74,7 +75,9 @@ OPENAI_MODEL = "gpt-realtime"
         // Even empty: it takes the name `wrangler secret put` needs.
         "TWILIO_AUTH_TOKEN in [vars]: a secret",
         "TWILIO_AUTH_TOKEN_SECONDARY in [vars]: a secret",
-        "9 setting(s)",
+        // Twilio opens Media Streams over wss:// only.
+        "PUBLIC_BASE_URL: \"http://phone.example.jp/line\" is plain http",
+        "10 setting(s)",
     ] {
         assert!(text.contains(finding), "{finding:?} missing from:\n{text}");
     }
