@@ -107,6 +107,47 @@ async fn get(h: &Harness, path: &str, range: Option<&str>, token: Option<&str>) 
 }
 
 /// Waits for the call's row to name its recording; returns the call row.
+/// Waits until the Worker has relayed `last` (a caller frame's payload) to OpenAI.
+async fn wait_relayed(h: &Harness, openai: &oai::Session, last: &str) {
+    ok(
+        h,
+        openai
+            .wait_until("the last caller frame to be relayed", SOON, |v| {
+                v.received
+                    .iter()
+                    .any(|e| {
+                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
+                    })
+                    .then_some(())
+            })
+            .await,
+    );
+}
+
+/// Once the call has ended: its recording spans the call, no more, and has the caller's
+/// `frames` each exactly 20 ms after the one before.
+async fn recorded_in_step(h: &Harness, sid: &str, frames: &[Vec<u8>]) {
+    let c = wait_recording(h, sid).await;
+    let duration = c["duration_ms"].as_i64().expect("duration_ms");
+    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
+    assert!(
+        (duration..=duration + 200).contains(&rec_ms),
+        "the recording ({rec_ms} ms) spans the call ({duration} ms), no more"
+    );
+    let full = get_recording(h, sid, None, Some(ADMIN_TOKEN)).await;
+    assert_eq!(full.status, 200);
+    let (left, _) = channels(&full.body);
+    let first = find(&left, &decoded(&frames[0]), 0).expect("the first caller frame");
+    for (i, frame) in frames.iter().enumerate().skip(1) {
+        let want = first + i * frame.len();
+        assert_eq!(
+            find(&left, &decoded(frame), want.saturating_sub(8 * 2_000)),
+            Some(want),
+            "caller frame {i} is not 20 ms after the one before"
+        );
+    }
+}
+
 async fn wait_recording(h: &Harness, sid: &str) -> Value {
     let detail = ok(
         h,
@@ -461,19 +502,7 @@ async fn a_call_cut_off_by_a_lost_socket_still_leaves_a_playable_file() {
     let sent = call.caller_audio.unwrap().await.expect("caller audio");
     // Once the Worker has relayed the last frame, the connection drops: no stop, no close.
     let last = sent.last().expect("frames sent").clone();
-    ok(
-        h,
-        call.openai
-            .wait_until("the last caller frame to be relayed", SOON, |v| {
-                v.received
-                    .iter()
-                    .any(|e| {
-                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
-                    })
-                    .then_some(())
-            })
-            .await,
-    );
+    wait_relayed(h, &call.openai, &last).await;
     call.twilio.abort();
     let c = wait_recording(h, &sid).await;
     assert_eq!(c["end_reason"], "twilio_socket_closed");
@@ -526,19 +555,7 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
     let sid = call.ids.call_sid.clone();
     let sent = call.caller_audio.unwrap().await.expect("caller audio");
     let last = sent.last().expect("frames sent").clone();
-    ok(
-        h,
-        call.openai
-            .wait_until("the last caller frame to be relayed", SOON, |v| {
-                v.received
-                    .iter()
-                    .any(|e| {
-                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
-                    })
-                    .then_some(())
-            })
-            .await,
-    );
+    wait_relayed(h, &call.openai, &last).await;
     call.twilio.send_stop(&call.ids);
     let c = wait_recording(h, &sid).await;
     let rec_ms = c["recording_duration_ms"].as_i64().unwrap();
@@ -620,39 +637,9 @@ async fn caller_audio_held_up_by_the_network_keeps_its_place() {
         .await
         .expect("caller audio");
     let last = sent.last().expect("frames sent").clone();
-    ok(
-        h,
-        call.openai
-            .wait_until("the last caller frame to be relayed", SOON, |v| {
-                v.received
-                    .iter()
-                    .any(|e| {
-                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
-                    })
-                    .then_some(())
-            })
-            .await,
-    );
+    wait_relayed(h, &call.openai, &last).await;
     call.twilio.send_stop(&call.ids);
-    let c = wait_recording(h, &sid).await;
-    let duration = c["duration_ms"].as_i64().expect("duration_ms");
-    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
-    assert!(
-        (duration..=duration + 200).contains(&rec_ms),
-        "the recording ({rec_ms} ms) spans the call ({duration} ms), no more"
-    );
-    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
-    assert_eq!(full.status, 200);
-    let (left, _) = channels(&full.body);
-    let first = find(&left, &decoded(&frames[0]), 0).expect("the first caller frame");
-    for (i, frame) in frames.iter().enumerate().skip(1) {
-        let want = first + i * frame.len();
-        assert_eq!(
-            find(&left, &decoded(frame), want.saturating_sub(8 * 2_000)),
-            Some(want),
-            "caller frame {i} is not 20 ms after the one before"
-        );
-    }
+    recorded_in_step(h, &sid, &frames).await;
 }
 
 // ---- 6. caller frames delivered twice ---------------------------------------------------------------
@@ -674,8 +661,8 @@ async fn caller_frames_delivered_twice_are_recorded_once() {
         .await;
     let sid = call.ids.call_sid.clone();
     let frames = tagged_chunks(0x76, 150, tw::FRAME_BYTES); // 3 s
-                                                            // After frame 50 the three up to it again; after 100 that one; after 120, three from
-                                                            // more than a second before.
+                                                            // After frame 50 the three up to it again; after 100 that one; after 120, three from more
+                                                            // than a second before.
     let replays = vec![(50, 48..=50), (100, 100..=100), (120, 60..=62)];
     let sent = call
         .twilio
@@ -683,19 +670,7 @@ async fn caller_frames_delivered_twice_are_recorded_once() {
         .await
         .expect("caller audio");
     let last = sent.last().expect("frames sent").clone();
-    ok(
-        h,
-        call.openai
-            .wait_until("the last caller frame to be relayed", SOON, |v| {
-                v.received
-                    .iter()
-                    .any(|e| {
-                        e.event_type() == "input_audio_buffer.append" && e.event["audio"] == last
-                    })
-                    .then_some(())
-            })
-            .await,
-    );
+    wait_relayed(h, &call.openai, &last).await;
     let appends = call.openai.received_of_type("input_audio_buffer.append");
     let appended = |payload: &str| {
         appends
@@ -706,25 +681,7 @@ async fn caller_frames_delivered_twice_are_recorded_once() {
     assert_eq!(appended(&sent[49]), 2, "the relay passes on both copies");
     assert_eq!(appended(&sent[51]), 1);
     call.twilio.send_stop(&call.ids);
-    let c = wait_recording(h, &sid).await;
-    let duration = c["duration_ms"].as_i64().expect("duration_ms");
-    let rec_ms = c["recording_duration_ms"].as_i64().expect("recording ms");
-    assert!(
-        (duration..=duration + 200).contains(&rec_ms),
-        "the recording ({rec_ms} ms) spans the call ({duration} ms), no more"
-    );
-    let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
-    assert_eq!(full.status, 200);
-    let (left, _) = channels(&full.body);
-    let first = find(&left, &decoded(&frames[0]), 0).expect("the first caller frame");
-    for (i, frame) in frames.iter().enumerate().skip(1) {
-        let want = first + i * frame.len();
-        assert_eq!(
-            find(&left, &decoded(frame), want.saturating_sub(8 * 2_000)),
-            Some(want),
-            "caller frame {i} is not 20 ms after the one before"
-        );
-    }
+    recorded_in_step(h, &sid, &frames).await;
     let adjusted: Vec<String> = h
         .worker
         .log()
