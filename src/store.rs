@@ -955,9 +955,9 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_presumed_end_lands_only_where_the_call_has_none_and_then_fails_it() {
-        let presumed = Record::CallEnded {
+    /// The end the object presumes at 70 s when a restart cut the stream.
+    fn presumed_end() -> Record {
+        Record::CallEnded {
             call_sid: SID.into(),
             at_ms: 70_000,
             duration_ms: Some(68_000),
@@ -970,7 +970,12 @@ mod tests {
             first_audio_ms: None,
             barge_ins: 0,
             presumed: true,
-        };
+        }
+    }
+
+    #[test]
+    fn a_presumed_end_lands_only_where_the_call_has_none_and_then_fails_it() {
+        let presumed = presumed_end();
         let presume = |c: &rusqlite::Connection| write(c, &presumed);
         // After the call's own end: nothing changes, Twilio's completed before it or not.
         let own = |c: &rusqlite::Connection| write(c, &ended(false));
@@ -1008,20 +1013,7 @@ mod tests {
         // as the recording's checkpoints allow); Twilio's final status says the call was over
         // at 9 s. Its status may land first (the status callback could not end the stream
         // then, and the alarm did later) or second.
-        let presumed = Record::CallEnded {
-            call_sid: SID.into(),
-            at_ms: 70_000,
-            duration_ms: Some(68_000),
-            end_reason: "bridge_restarted".into(),
-            end_detail: None,
-            failed: true,
-            input_tokens: 0,
-            output_tokens: 0,
-            total_tokens: 0,
-            first_audio_ms: None,
-            barge_ins: 0,
-            presumed: true,
-        };
+        let presumed = presumed_end();
         let presume = |c: &rusqlite::Connection| write(c, &presumed);
         for twilio in ["completed", "no-answer"] {
             let theirs = |c: &rusqlite::Connection| status(c, twilio, Some(8));
