@@ -427,20 +427,25 @@ fn count_in_log(h: &Harness, needle: &str) -> usize {
     h.worker.log().matches(needle).count()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_every_row() {
-    // A Worker of its own, served from a copy that can be redeployed without touching the
-    // Worker the other tests use.
-    let scratch = support::scratch_dir("e2e-resilience-restart");
+/// A Worker of its own with `vars`, served from a copy of the project that can be
+/// redeployed without touching the Worker the other tests use.
+async fn redeployable(label: &str, vars: Vec<(String, String)>) -> (Deployment, Harness) {
+    let scratch = support::scratch_dir(label);
     let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
         .unwrap_or_else(|e| panic!("{e}"));
-    let h = Harness::start_from(
-        scratch.clone(),
-        deployment.dir.clone(),
+    let h = Harness::start_from(scratch, deployment.dir.clone(), vars)
+        .await
+        .unwrap_or_else(|e| panic!("the {label} Worker did not start:\n{e}"));
+    (deployment, h)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_every_row() {
+    let (deployment, h) = redeployable(
+        "e2e-resilience-restart",
         vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the redeployable Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
 
@@ -776,12 +781,8 @@ const STALL: Duration = Duration::from_secs(15);
 /// ended before it is, so the restart does not leave its row in progress.
 #[tokio::test(flavor = "multi_thread")]
 async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
-    let scratch = support::scratch_dir("e2e-resilience-stalled");
-    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let h = Harness::start_from(
-        scratch.clone(),
-        deployment.dir.clone(),
+    let (deployment, h) = redeployable(
+        "e2e-resilience-stalled",
         vec![
             ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
             (
@@ -790,8 +791,7 @@ async fn records_on_their_way_to_d1_at_a_restart_still_reach_it() {
             ),
         ],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the stalled Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
 
@@ -986,16 +986,11 @@ async fn logged_again(h: &Harness, needle: &str, since: usize, what: &str) {
 /// once storage and D1 take records again, and refuses a late stream.
 #[tokio::test(flavor = "multi_thread")]
 async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_lost() {
-    let scratch = support::scratch_dir("e2e-resilience-refusing");
-    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let h = Harness::start_from(
-        scratch.clone(),
-        deployment.dir.clone(),
+    let (deployment, h) = redeployable(
+        "e2e-resilience-refusing",
         vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the redeployable Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
 
