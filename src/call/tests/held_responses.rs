@@ -18,6 +18,15 @@ fn tool_answer(sim: &mut Sim, id: u64) -> Vec<Action> {
     })
 }
 
+/// The caller's turn ends and the server answers it by itself (resp_vad, done): what the
+/// call sent at the end of that answer.
+fn server_answers_turn(sim: &mut Sim) -> Vec<Action> {
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.response("resp_vad");
+    sim.response_done("resp_vad")
+}
+
 /// A greeted call whose model has called `lookup_customer` (resp_1, done); returns the
 /// webhook's request id.
 fn lookup_running() -> (Sim, u64) {
@@ -101,10 +110,7 @@ fn an_output_confirmed_before_the_server_s_reply_is_answered_by_that_reply() {
     sim.at(1_500);
     tool_answer(&mut sim, id);
     assert!(sim.openai(OUTPUT_ADDED).is_empty());
-    sim.openai(STOPPED);
-    sim.openai(COMMITTED);
-    sim.response("resp_vad");
-    let out = sim.response_done("resp_vad");
+    let out = server_answers_turn(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
 }
 
@@ -117,10 +123,7 @@ fn an_output_the_server_never_confirms_holds_back_no_reply() {
     tool_answer(&mut sim, id);
     // The server refused the item (an `error`, no confirmation); the caller talks on.
     sim.at(7_000);
-    sim.openai(STOPPED);
-    sim.openai(COMMITTED);
-    sim.response("resp_vad");
-    let out = sim.response_done("resp_vad");
+    let out = server_answers_turn(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
     assert_eq!(sim.logged("openai.items_unconfirmed").len(), 1);
 }
@@ -174,10 +177,7 @@ fn the_wrap_up_due_while_the_caller_speaks_is_said_in_the_answer_to_their_turn()
         "wrap-up reply requested mid-utterance: {out:?}"
     );
     sim.at(31_000);
-    sim.openai(STOPPED);
-    sim.openai(COMMITTED);
-    sim.response("resp_vad");
-    let out = sim.response_done("resp_vad");
+    let out = server_answers_turn(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
 }
 
@@ -291,10 +291,7 @@ fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session
     sim.at(1_700);
     sim.openai(&speech_started());
     sim.at(2_500);
-    sim.openai(STOPPED);
-    sim.openai(COMMITTED);
-    sim.response("resp_vad");
-    let out = sim.response_done("resp_vad");
+    let out = server_answers_turn(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
 
     // The new session hears no more speech: the held response goes out shortly.
