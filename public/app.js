@@ -280,6 +280,7 @@ function signOut(message) {
 
 function renderSignIn(message) {
   renderSeq++; // whatever was loading is not shown over the sign-in form
+  leaveView(); // signing out (or the session expiring) lets go of the recording too
   chrome(false);
   const input = h('input', { type: 'password', id: 'token', name: 'token', autocomplete: 'current-password', required: true });
   const msg = h('p', { class: 'error', role: 'alert' }, message || '');
@@ -321,8 +322,13 @@ function chrome(signedIn, section) {
 
 // ---- router --------------------------------------------------------------------------------------
 
-function route() {
+/** Runs what the view on screen set up to undo when it goes (the recording's stream). */
+function leaveView() {
   for (const f of cleanup.splice(0)) f();
+}
+
+function route() {
+  leaveView();
   if (!token()) return renderSignIn();
   const [path, query] = location.hash.replace(/^#/, '').split('?');
   const params = new URLSearchParams(query || '');

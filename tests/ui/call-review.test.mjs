@@ -6,8 +6,8 @@
 // open as text, markup in a message shown as text), play its recording and seek by clicking a
 // transcript line or Space on it, see the current turn scrolled into view, switch to English
 // without losing the playback position, have an expired recording link renewed where the
-// recording was (and not past what a new link cures), and see an agent's validation error
-// next to its field. The docs' picture of the call page is taken by call-page-picture.test.mjs,
+// recording was (and not past what a new link cures), see an agent's validation error next
+// to its field, and sign out, which lets go of the recording. The docs' picture of the call page is taken by call-page-picture.test.mjs,
 // of a clean seed.
 //
 //   node --test tests/ui/        (scripts/ui-test.sh installs Chromium first when missing)
@@ -424,5 +424,19 @@ test('number assignments: assign and list', async () => {
 test('no errors in the page, and the other call has no recording', async () => {
   await page.goto(`${worker.baseUrl}/#/calls/${OTHER_SID}`);
   await page.getByText('この通話の録音はありません。').waitFor();
+  assert.deepEqual(consoleErrors, []);
+});
+
+test('signing out lets go of the recording the call page was streaming', async () => {
+  await page.goto(`${worker.baseUrl}/#/calls/${CALL_SID}`);
+  await page.waitForFunction(() => {
+    const a = document.querySelector('audio#recording');
+    return a && /\/recording\?expires=/.test(a.src) && a.readyState >= 1;
+  });
+  await page.evaluate(() => { window.__recording = document.querySelector('audio#recording'); });
+  await page.locator('#signout').click();
+  await page.locator('form.signin').waitFor();
+  assert.equal(await page.evaluate(() => window.__recording.getAttribute('src')), null, 'the stream is let go');
+  assert.equal(await page.evaluate(() => window.__recording.paused), true);
   assert.deepEqual(consoleErrors, []);
 });
