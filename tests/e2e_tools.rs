@@ -868,6 +868,90 @@ async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
     );
 }
 
+/// A transfer's result is answered at once, even while the call's object is waiting on a
+/// D1 write (here held 6 s by `FAULT_INJECT_D1_STALL_MS`): the caller whose transfer nobody
+/// answered hears the apology, not silence, and the result reaches D1 all the same.
+///
+/// No clock decides it: the answer must come while the write of a keypress event the object
+/// sent to D1 just before is still under way (not yet in D1), which a Worker that waits on
+/// the object (whose hand-over waits for that write) cannot do. The margin is the whole
+/// stall: the answer and one admin read would have to take 6 s on a loaded machine to pass
+/// that point.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_transfer_result_is_answered_without_waiting_for_a_d1_write_under_way() {
+    let mut vars = vars(600);
+    vars.push(("FAULT_INJECT_D1_STALL_MS".into(), "6000".into()));
+    let h = Harness::start("e2e-tools-d1-stall", vars)
+        .await
+        .unwrap_or_else(|e| panic!("the Worker with stalled D1 writes did not start:\n{e}"));
+    let h = &h;
+    let (from, to) = ("+819011110112", "+815000000112");
+    let call = h
+        .start_call(CallSpec {
+            from: from.into(),
+            to: to.into(),
+            script: greeting_script(),
+            caller_audio: None,
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let sid = ids.call_sid.as_str();
+    greeting_played(h, &call).await;
+    let key = |digit: &str| {
+        twilio.send_raw(json!({
+            "event": "dtmf",
+            "streamSid": ids.stream_sid,
+            "dtmf": {"track": "inbound_track", "digit": digit},
+        }));
+    };
+    let dtmf = |d: &Value, digit: &str| {
+        events_of(d, "dtmf")
+            .iter()
+            .any(|e| e["detail"]["digit"] == digit)
+    };
+    // Once a first keypress is in D1, what the call's object was given before it has gone
+    // there too: the next record goes straight to D1, a write the object is then waiting on.
+    key("1");
+    wait_call(h, sid, "the first keypress", |d| dtmf(d, "1")).await;
+    key("2");
+    // The Worker has handled the keypress (and its object has started its write) before
+    // this frame comes out at OpenAI.
+    sync_twilio(h, twilio, oa, 0x63).await;
+
+    let mut params = tw::voice_params(ids, from, to);
+    params.extend(
+        [
+            ("DialCallStatus", "no-answer"),
+            ("DialCallSid", "CAeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee"),
+            ("DialCallDuration", "0"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned())),
+    );
+    let sent = Instant::now();
+    let reply = h.post_transfer_result(&params).await;
+    let took = sent.elapsed();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(
+        reply.body.ends_with("</Say><Hangup/></Response>"),
+        "{}",
+        reply.body
+    );
+    let detail = ok(h, admin(h).call(sid).await).expect("the call");
+    assert!(
+        !dtmf(&detail, "2"),
+        "the answer (after {took:?}) waited for the D1 write under way: {}",
+        pretty(&detail)
+    );
+
+    let detail = wait_call(h, sid, "the transfer's result", |d| {
+        has_event(d, "transfer_result") && dtmf(d, "2")
+    })
+    .await;
+    let result = &events_of(&detail, "transfer_result")[0]["detail"];
+    assert_eq!(result["dial_call_status"], "no-answer", "{result}");
+    twilio.send_stop(ids);
+}
+
 // ---- 3. webhook tools ---------------------------------------------------------------------------
 
 const TOOL_SECRET: &str = "tool-secret-e2e-0123456789abcdef";

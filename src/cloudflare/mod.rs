@@ -12,6 +12,7 @@ mod socket;
 use crate::call::Level;
 use crate::config::{Bridge, Setting};
 use crate::webhook::{self, Refusal};
+use futures::channel::oneshot;
 use std::cell::Cell;
 use std::time::Duration;
 use worker::*;
@@ -133,7 +134,7 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env, ctx).await,
         (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env).await,
         (Method::Post | Method::Get, webhook::TRANSFER_RESULT_PATH) => {
-            transfer_result(req, env).await
+            transfer_result(req, env, ctx).await
         }
         (Method::Get, p) if p.starts_with(webhook::STREAM_PATH_PREFIX) => {
             media_stream(req, env).await
@@ -246,34 +247,35 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     twiml_response(twiml)
 }
 
-/// How long a Worker may go on after its answer (`waitUntil`): what [`record_unserved`] does
-/// must fit in it.
+/// How long a Worker may go on after its answer (`waitUntil`): what [`keep`] does must fit in it.
 const AFTER_ANSWER: Duration = Duration::from_secs(30);
-/// The longest [`record_unserved`] waits for the call's object, and for each direct write.
-const UNSERVED_WAIT: Duration = Duration::from_secs(3);
-/// Pauses before the direct write of an unserved call's records is tried again.
-const UNSERVED_RETRY_PAUSES: [Duration; 3] = [
+/// The longest [`record_unserved`] waits for the call's object (which may well be failing
+/// still, having just failed to take the call).
+const UNSERVED_OBJECT_WAIT: Duration = Duration::from_secs(3);
+/// The longest a transfer's result waits for the call's object: the
+/// object's own wait on a D1 write already on its way, plus its storage and the network.
+const OBJECT_WAIT: Duration = Duration::from_secs(outbox::DURABLE_WAIT.as_secs() + 2);
+/// The longest [`keep`] waits for each direct write to D1.
+const DIRECT_WAIT: Duration = Duration::from_secs(3);
+/// Pauses before a direct write of records the call's object did not keep is tried again.
+const DIRECT_RETRY_PAUSES: [Duration; 3] = [
     Duration::from_secs(1),
     Duration::from_secs(2),
     Duration::from_secs(4),
 ];
-// The object, 4 writes and the pauses: 3 + 4 × 3 + 7 = 22 s, inside the 30.
+// The object, 4 writes and the pauses: 10 + 4 × 3 + 7 = 29 s, inside the 30.
 const _: () = assert!(
-    UNSERVED_WAIT.as_secs() * (2 + UNSERVED_RETRY_PAUSES.len() as u64)
-        + UNSERVED_RETRY_PAUSES[0].as_secs()
-        + UNSERVED_RETRY_PAUSES[1].as_secs()
-        + UNSERVED_RETRY_PAUSES[2].as_secs()
-        + 5
+    OBJECT_WAIT.as_secs()
+        + DIRECT_WAIT.as_secs() * (1 + DIRECT_RETRY_PAUSES.len() as u64)
+        + DIRECT_RETRY_PAUSES[0].as_secs()
+        + DIRECT_RETRY_PAUSES[1].as_secs()
+        + DIRECT_RETRY_PAUSES[2].as_secs()
         <= AFTER_ANSWER.as_secs()
+        && UNSERVED_OBJECT_WAIT.as_secs() <= OBJECT_WAIT.as_secs()
 );
 
 /// The row of a call the agent did not take (numbers, agent, why), kept once the answer has
-/// gone (the fallback's TwiML waits on nothing): through the call's object, whose outbox
-/// keeps the records in its storage and retries D1 until it takes them, as for status
-/// callbacks. Should the object not take them (a call it could not register may find it
-/// failing still), they are written straight to D1, tried again after each of
-/// [`UNSERVED_RETRY_PAUSES`] within the time the Worker may go on after its answer; should
-/// every try fail, the log keeps what they would have said (`call.record_failed`).
+/// gone (the fallback's TwiML waits on nothing), by [`keep`].
 fn record_unserved(
     env: &Env,
     ctx: &Context,
@@ -282,37 +284,100 @@ fn record_unserved(
     detail: Option<String>,
 ) {
     let records = vec![registration.record(), registration.unserved(reason, detail)];
-    let statements = crate::store::coalesce(
-        records
-            .iter()
-            .flat_map(|r| r.statements(registration.at_ms)),
+    keep(
+        env,
+        ctx,
+        Keep {
+            call_sid: registration.call.call_sid.clone(),
+            url: call_session::UNSERVED_URL,
+            body: serde_json::to_string(&records).expect("records serialize"),
+            statements: crate::store::coalesce(
+                records
+                    .iter()
+                    .flat_map(|r| r.statements(registration.at_ms)),
+            ),
+            object_wait: UNSERVED_OBJECT_WAIT,
+            not_kept: "call.record_not_kept",
+            what: serde_json::json!({ "unserved": reason }),
+        },
+        None,
     );
-    let call_sid = registration.call.call_sid.clone();
-    let reason = reason.to_owned();
+}
+
+/// What a Twilio webhook said about a call, for [`keep`].
+struct Keep {
+    call_sid: crate::ids::CallSid,
+    /// The call object's internal URL for it, and what it is sent there.
+    url: &'static str,
+    body: String,
+    /// What writes it to D1, should the object not keep it.
+    statements: Vec<crate::store::Statement>,
+    object_wait: Duration,
+    /// The event logged when the object did not keep it.
+    not_kept: &'static str,
+    /// Fields that name it in the log.
+    what: serde_json::Value,
+}
+
+/// Keeps what a Twilio webhook said about a call: through the call's object, whose outbox
+/// keeps it in its storage and retries D1 until it takes it. Should the object not take it
+/// within `object_wait` (it failed, refused, or could not be reached: logged as `not_kept`
+/// says, with the CallSid), it is written straight to D1, tried again after each of
+/// [`DIRECT_RETRY_PAUSES`]; should every try fail, the log keeps what it would have said
+/// (`call.record_failed`). This goes on under `waitUntil`, so it is finished even once the
+/// answer has gone, or Twilio stopped waiting for it; whether it was kept, one way or the
+/// other, is sent on `done`, if given.
+fn keep(env: &Env, ctx: &Context, keep: Keep, done: Option<oneshot::Sender<bool>>) {
+    let done = |kept| {
+        if let Some(done) = done {
+            let _ = done.send(kept);
+        }
+    };
     let env = env.clone();
     // The test hook fails this path's first direct writes as it does a call object's.
     let mut injected: u64 = setting_text(&env, crate::config::FAULT_INJECT_D1_FAILURES)
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
     ctx.wait_until(async move {
-        let kept = within(
-            UNSERVED_WAIT,
-            keep_through_call_object(&env, &call_sid, call_session::UNSERVED_URL, &records),
+        let Keep {
+            call_sid,
+            url,
+            body,
+            statements,
+            object_wait,
+            not_kept,
+            what,
+        } = keep;
+        let fields = |extra: serde_json::Value| {
+            let mut line = serde_json::json!({ "call_sid": call_sid });
+            for fields in [&what, &extra] {
+                if let (Some(line), Some(fields)) = (line.as_object_mut(), fields.as_object()) {
+                    line.extend(fields.clone());
+                }
+            }
+            line
+        };
+        let reached = within(
+            object_wait,
+            keep_through_call_object(&env, &call_sid, url, body),
         )
         .await;
-        let why = match kept {
-            Some(Ok(true)) => return,
-            Some(Ok(false)) => "the call object refused them".to_owned(),
+        let why = match reached {
+            Some(Ok(true)) => {
+                done(true);
+                return;
+            }
+            Some(Ok(false)) => "the call object refused it".to_owned(),
             Some(Err(e)) => e.to_string(),
-            None => format!("no answer from the call object within {UNSERVED_WAIT:?}"),
+            None => format!("no answer from the call object within {object_wait:?}"),
         };
         log(
             "warn",
-            "call.record_not_kept",
-            serde_json::json!({ "call_sid": call_sid, "error": why, "unserved": reason, "then": "written to D1 directly" }),
+            not_kept,
+            fields(serde_json::json!({ "error": why, "then": "written to D1 directly" })),
         );
         let mut error = String::new();
-        let pauses = std::iter::once(Duration::ZERO).chain(UNSERVED_RETRY_PAUSES);
+        let pauses = std::iter::once(Duration::ZERO).chain(DIRECT_RETRY_PAUSES);
         for (tries, pause) in pauses.enumerate() {
             Delay::from(pause).await;
             let written = if injected > 0 {
@@ -320,8 +385,10 @@ fn record_unserved(
                 Some(Err(Error::RustError(
                     "injected D1 failure (FAULT_INJECT_D1_FAILURES)".into(),
                 )))
+            } else if statements.is_empty() {
+                Some(Ok(()))
             } else {
-                within(UNSERVED_WAIT, async {
+                within(DIRECT_WAIT, async {
                     db::batch(&db::database(&env)?, &statements).await
                 })
                 .await
@@ -331,19 +398,21 @@ fn record_unserved(
                     log(
                         "info",
                         "call.record_written",
-                        serde_json::json!({ "call_sid": call_sid, "unserved": reason, "tries": tries + 1 }),
+                        fields(serde_json::json!({ "tries": tries + 1 })),
                     );
+                    done(true);
                     return;
                 }
                 Some(Err(e)) => error = e.to_string(),
-                None => error = format!("no answer from D1 within {UNSERVED_WAIT:?}"),
+                None => error = format!("no answer from D1 within {DIRECT_WAIT:?}"),
             }
         }
         log(
             "error",
             "call.record_failed",
-            serde_json::json!({ "call_sid": call_sid, "error": error, "unserved": reason }),
+            fields(serde_json::json!({ "error": error })),
         );
+        done(false);
     });
 }
 
@@ -469,31 +538,32 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
             Err(r) => return refuse(&r, "status"),
         };
     let call_sid = crate::ids::CallSid::new(record.call_sid());
-    if !keep_through_call_object(&env, &call_sid, call_session::STATUS_URL, &record).await? {
+    let body = serde_json::to_string(&record)?;
+    if !keep_through_call_object(&env, &call_sid, call_session::STATUS_URL, body).await? {
         return Response::error("Status not recorded", 500);
     }
     Response::empty().map(|r| r.with_status(204))
 }
 
-/// Hands what a Twilio webhook said about a call (`records`, for the object's `url`) to the
+/// Hands what a Twilio webhook said about a call (`body`, for the object's `url`) to the
 /// call's object, which keeps it (in D1, or in its storage until D1 takes it); false when the
 /// object did not.
 async fn keep_through_call_object(
     env: &Env,
     call_sid: &crate::ids::CallSid,
     url: &str,
-    records: &impl serde::Serialize,
+    body: String,
 ) -> Result<bool> {
     let resp = call_object(env, call_sid)?
-        .fetch_with_request(internal_post(url, &serde_json::to_string(records)?)?)
+        .fetch_with_request(internal_post(url, &body)?)
         .await?;
     Ok(resp.status_code() == 204)
 }
 
 /// Twilio asks, once a transfer's `<Dial>` has ended, what to do with the caller: answered
-/// at once; the result is kept among the call's events through its object (a failure to keep
-/// it is logged, and does not keep the caller waiting).
-async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
+/// at once, while the result is kept among the call's events by [`keep`] (the caller does
+/// not wait on the call's object, nor on a D1 write it may be waiting for).
+async fn transfer_result(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let now = Date::now().as_millis();
     let result =
@@ -506,20 +576,20 @@ async fn transfer_result(mut req: Request, env: Env) -> Result<Response> {
         "transfer.result",
         serde_json::json!({ "call_sid": result.call_sid, "answered": result.answered }),
     );
-    let kept = keep_through_call_object(
+    keep(
         &env,
-        &result.call_sid,
-        call_session::STATUS_URL,
-        &result.record,
-    )
-    .await;
-    if !matches!(kept, Ok(true)) {
-        log(
-            "error",
-            "transfer.result_not_kept",
-            serde_json::json!({ "call_sid": result.call_sid, "error": format!("{kept:?}") }),
-        );
-    }
+        &ctx,
+        Keep {
+            call_sid: result.call_sid.clone(),
+            url: call_session::STATUS_URL,
+            body: serde_json::to_string(&result.record)?,
+            statements: result.record.statements(now),
+            object_wait: OBJECT_WAIT,
+            not_kept: "transfer.result_not_kept",
+            what: serde_json::json!({ "record": "transfer_result" }),
+        },
+        None,
+    );
     twiml_response(result.twiml)
 }
 
