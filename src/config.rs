@@ -434,6 +434,10 @@ pub const FAULT_INJECT_D1_STALL_MS: &str = "FAULT_INJECT_D1_STALL_MS";
 /// Test hook: the first N writes of a call object's records to its own storage fail (the
 /// object's storage refusing them), counted from the object's start (and restart).
 pub const FAULT_INJECT_STORAGE_FAILURES: &str = "FAULT_INJECT_STORAGE_FAILURES";
+/// Test hook: the Worker's first N hand-overs of a webhook's records (a status callback, a
+/// transfer's result, an unserved call's row) to the call's object fail, as when the object
+/// cannot be reached.
+pub const FAULT_INJECT_CALL_OBJECT_FAILURES: &str = "FAULT_INJECT_CALL_OBJECT_FAILURES";
 /// The test hooks, with what each does: unset in production (`check-config` refuses a
 /// deploy that sets one to anything but 0).
 pub const FAULT_HOOKS: &[(&str, &str)] = &[
@@ -452,6 +456,10 @@ pub const FAULT_HOOKS: &[(&str, &str)] = &[
     (
         FAULT_INJECT_STORAGE_FAILURES,
         "the first writes of every call object to its own storage fail",
+    ),
+    (
+        FAULT_INJECT_CALL_OBJECT_FAILURES,
+        "the first status callbacks and other records the Worker hands to call objects are lost",
     ),
 ];
 /// The settings that are secrets (`wrangler secret put`, `.dev.vars` locally): never to be

@@ -171,8 +171,15 @@ fn deploy_time_vars_secrets_in_any_environment_and_the_test_hook_are_checked() {
         "{}",
         said(&out)
     );
-    // The fault-injection hooks make every call's first D1 writes fail, or hold every one.
-    for hook in ["FAULT_INJECT_D1_FAILURES", "FAULT_INJECT_D1_STALL_MS"] {
+    // The fault-injection hooks make every call's first D1 writes fail, or hold every one, or
+    // its object's first writes to its storage, or lose the first records handed to call
+    // objects.
+    for hook in [
+        "FAULT_INJECT_D1_FAILURES",
+        "FAULT_INJECT_D1_STALL_MS",
+        "FAULT_INJECT_STORAGE_FAILURES",
+        "FAULT_INJECT_CALL_OBJECT_FAILURES",
+    ] {
         let out = check(&format!("[vars]\n{hook} = 5\n"), &[]);
         assert_eq!(out.status.code(), Some(1), "{}", said(&out));
         assert!(

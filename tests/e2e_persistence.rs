@@ -686,6 +686,70 @@ async fn a_call_whose_stream_never_connected_is_recorded_with_why() {
     }
 }
 
+/// Twilio does not send a status callback again: one the call's object could not take
+/// (`FAULT_INJECT_CALL_OBJECT_FAILURES`: the Worker's first hand-over to an object fails) is
+/// written straight to D1, here on the second try (`FAULT_INJECT_D1_FAILURES` fails the
+/// first), and acknowledged. The call, whose stream never connected, no longer reads
+/// `ringing`: it is completed, with Twilio's duration. (Why its stream never connected only
+/// its object knows, so the row does not say.)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_callback_the_call_object_does_not_take_is_written_to_d1() {
+    let h = Harness::start(
+        "e2e-persistence-call-object-faults",
+        vec![
+            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+            ("FAULT_INJECT_CALL_OBJECT_FAILURES".into(), "1".into()),
+            ("FAULT_INJECT_D1_FAILURES".into(), "1".into()),
+        ],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the Worker with failing call objects did not start:\n{e}"));
+    let h = &h;
+    let admin = admin(h);
+    let ids = CallIds::new();
+    let (from, to) = ("+15551230304", "+81312345678");
+    h.answer_call(&ids, from, to).await;
+    ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "the ringing row", D1_DEADLINE, |d| {
+                d["call"]["status"] == "ringing"
+            })
+            .await,
+    );
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(31)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // Acknowledged once it is in D1: no waiting needed.
+    let detail = ok(h, admin.call(&ids.call_sid).await).expect("the call's row");
+    assert_eq!(
+        project(
+            &detail["call"],
+            &["status", "twilio_duration_s", "from_number", "agent_id"]
+        ),
+        json!({"status": "completed", "twilio_duration_s": 31, "from_number": from,
+               "agent_id": "default"}),
+        "{}",
+        pretty(&detail)
+    );
+    assert!(
+        detail["call"]["ended_at"].is_string(),
+        "{}",
+        pretty(&detail)
+    );
+    let log = h.worker.log();
+    let said = |event: &str| {
+        log.lines()
+            .any(|l| l.contains(event) && l.contains(&ids.call_sid))
+    };
+    assert!(
+        said("\"call.status_not_kept\"") && said("\"call.record_written\""),
+        "{}",
+        h.worker.log_tail(40)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backwards() {
     let h = harness().await;

@@ -132,7 +132,7 @@ async fn fetch(req: Request, env: Env, ctx: Context) -> Result<Response> {
         (Method::Get, "/healthz") => Response::ok("ok"),
         // A number's webhooks may be set to POST (the default) or GET.
         (Method::Post | Method::Get, webhook::VOICE_PATH) => voice(req, env, ctx).await,
-        (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env).await,
+        (Method::Post | Method::Get, webhook::STATUS_PATH) => status(req, env, ctx).await,
         (Method::Post | Method::Get, webhook::TRANSFER_RESULT_PATH) => {
             transfer_result(req, env, ctx).await
         }
@@ -252,7 +252,7 @@ const AFTER_ANSWER: Duration = Duration::from_secs(30);
 /// The longest [`record_unserved`] waits for the call's object (which may well be failing
 /// still, having just failed to take the call).
 const UNSERVED_OBJECT_WAIT: Duration = Duration::from_secs(3);
-/// The longest a transfer's result waits for the call's object: the
+/// The longest a status callback or a transfer's result waits for the call's object: the
 /// object's own wait on a D1 write already on its way, plus its storage and the network.
 const OBJECT_WAIT: Duration = Duration::from_secs(outbox::DURABLE_WAIT.as_secs() + 2);
 /// The longest [`keep`] waits for each direct write to D1.
@@ -338,6 +338,7 @@ fn keep(env: &Env, ctx: &Context, keep: Keep, done: Option<oneshot::Sender<bool>
     let mut injected: u64 = setting_text(&env, crate::config::FAULT_INJECT_D1_FAILURES)
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
+    let object_fails = injected_object_failure(&env);
     ctx.wait_until(async move {
         let Keep {
             call_sid,
@@ -357,11 +358,17 @@ fn keep(env: &Env, ctx: &Context, keep: Keep, done: Option<oneshot::Sender<bool>
             }
             line
         };
-        let reached = within(
-            object_wait,
-            keep_through_call_object(&env, &call_sid, url, body),
-        )
-        .await;
+        let reached = if object_fails {
+            Some(Err(Error::RustError(
+                "injected call object failure (FAULT_INJECT_CALL_OBJECT_FAILURES)".into(),
+            )))
+        } else {
+            within(
+                object_wait,
+                keep_through_call_object(&env, &call_sid, url, body),
+            )
+            .await
+        };
         let why = match reached {
             Some(Ok(true)) => {
                 done(true);
@@ -414,6 +421,25 @@ fn keep(env: &Env, ctx: &Context, keep: Keep, done: Option<oneshot::Sender<bool>
         );
         done(false);
     });
+}
+
+thread_local! {
+    /// What is left of the test hook `FAULT_INJECT_CALL_OBJECT_FAILURES` in this isolate:
+    /// read when first needed.
+    static OBJECT_FAILURES_LEFT: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Whether the test hook fails this hand-over to a call's object: the first N of the isolate.
+fn injected_object_failure(env: &Env) -> bool {
+    OBJECT_FAILURES_LEFT.with(|left| {
+        let n = left.get().unwrap_or_else(|| {
+            setting_text(env, crate::config::FAULT_INJECT_CALL_OBJECT_FAILURES)
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        });
+        left.set(Some(n.saturating_sub(1)));
+        n > 0
+    })
 }
 
 /// `fut`'s output, or `None` when it has not come within `limit` (`fut` is then dropped).
@@ -528,8 +554,10 @@ async fn agent_for(
 }
 
 /// Twilio's status callback, applied through the call's object so it is kept even when
-/// D1 is failing.
-async fn status(mut req: Request, env: Env) -> Result<Response> {
+/// D1 is failing; written straight to D1 when the object does not keep it (Twilio does not
+/// send a status callback again). Answered 204 once it is kept one way or the other, 500 when
+/// it was not.
+async fn status(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let now = Date::now().as_millis();
     let record =
@@ -537,9 +565,22 @@ async fn status(mut req: Request, env: Env) -> Result<Response> {
             Ok(r) => r,
             Err(r) => return refuse(&r, "status"),
         };
-    let call_sid = crate::ids::CallSid::new(record.call_sid());
-    let body = serde_json::to_string(&record)?;
-    if !keep_through_call_object(&env, &call_sid, call_session::STATUS_URL, body).await? {
+    let (done, kept) = oneshot::channel();
+    keep(
+        &env,
+        &ctx,
+        Keep {
+            call_sid: crate::ids::CallSid::new(record.call_sid()),
+            url: call_session::STATUS_URL,
+            body: serde_json::to_string(&record)?,
+            statements: record.statements(now),
+            object_wait: OBJECT_WAIT,
+            not_kept: "call.status_not_kept",
+            what: serde_json::json!({ "record": "twilio_status" }),
+        },
+        Some(done),
+    );
+    if !kept.await.unwrap_or(false) {
         return Response::error("Status not recorded", 500);
     }
     Response::empty().map(|r| r.with_status(204))
