@@ -546,29 +546,40 @@ pub fn response_create() -> String {
     json!({ "type": "response.create", "event_id": RESPONSE_EVENT_ID }).to_string()
 }
 
+/// The `event_id`s of our `conversation.item.create`s start so, then count: an `error` the
+/// server answers one with names it.
+pub const ITEM_EVENT_ID: &str = "evt_bridge_item_";
+
+/// `conversation.item.create` of `item`, with our `event_id` when it has one.
+fn item_create(item: Value, event_id: Option<&str>) -> String {
+    let mut event = json!({ "type": "conversation.item.create", "item": item });
+    if let Some(id) = event_id {
+        event["event_id"] = json!(id);
+    }
+    event.to_string()
+}
+
 /// The result of a function call, for the model to read.
-pub fn function_call_output(call_id: &str, output: &str) -> String {
-    json!({
-        "type": "conversation.item.create",
-        "item": { "type": "function_call_output", "call_id": call_id, "output": output },
-    })
-    .to_string()
+pub fn function_call_output(call_id: &str, output: &str, event_id: Option<&str>) -> String {
+    item_create(
+        json!({ "type": "function_call_output", "call_id": call_id, "output": output }),
+        event_id,
+    )
 }
 
 /// A text message added to the conversation. `role` is `user`, `system` or `assistant`
 /// (assistant text uses the `output_text` content type; audio cannot be created).
-pub fn text_item(role: &str, text: &str) -> String {
+pub fn text_item(role: &str, text: &str, event_id: Option<&str>) -> String {
     let content_type = if role == "assistant" {
         "output_text"
     } else {
         "input_text"
     };
-    json!({
-        "type": "conversation.item.create",
-        "item": { "type": "message", "role": role,
-                  "content": [{ "type": content_type, "text": text }] },
-    })
-    .to_string()
+    item_create(
+        json!({ "type": "message", "role": role,
+                "content": [{ "type": content_type, "text": text }] }),
+        event_id,
+    )
 }
 
 /// `audio` must already be checked base64, so it is copied without escaping.
@@ -838,18 +849,26 @@ mod tests {
             }
         );
         let v: Value =
-            serde_json::from_str(&function_call_output("call_001", "{\"ok\":true}")).unwrap();
+            serde_json::from_str(&function_call_output("call_001", "{\"ok\":true}", None)).unwrap();
         assert_eq!(
             v,
             json!({"type":"conversation.item.create","item":{"type":"function_call_output","call_id":"call_001","output":"{\"ok\":true}"}})
         );
-        let v: Value = serde_json::from_str(&text_item("assistant", "はい")).unwrap();
+        let v: Value = serde_json::from_str(&function_call_output(
+            "call_1",
+            "{}",
+            Some("evt_bridge_item_3"),
+        ))
+        .unwrap();
+        assert_eq!(v["event_id"], "evt_bridge_item_3");
+        let v: Value = serde_json::from_str(&text_item("assistant", "はい", None)).unwrap();
         assert_eq!(
             v["item"]["content"][0],
             json!({"type":"output_text","text":"はい"})
         );
-        let v: Value = serde_json::from_str(&text_item("user", "5")).unwrap();
+        let v: Value = serde_json::from_str(&text_item("user", "5", Some("e"))).unwrap();
         assert_eq!(v["item"]["content"][0]["type"], "input_text");
+        assert_eq!(v["event_id"], "e");
         let v: Value = serde_json::from_str(&response_create()).unwrap();
         assert_eq!(
             v,

@@ -50,6 +50,9 @@ pub const SEMANTIC_TURN_RESPONSE_WAIT: Millis = Millis(5_000);
 /// An item of ours the server has not confirmed this long after it was sent will not be
 /// (the server refused it with an `error`): it no longer holds back a response.
 pub const ITEM_CONFIRM_WAIT: Millis = Millis(5_000);
+/// How many of the items of ours it confirmed last are remembered, to tell a second
+/// confirmation of one from that of the next.
+const RECENT_CONFIRMED: usize = 8;
 /// A new session is told the results of at most this many of the call's latest tools.
 pub const MAX_SEEDED_TOOL_RESULTS: usize = 20;
 
@@ -129,20 +132,46 @@ impl Call {
     /// Adds a system message to the conversation, when a session is there to take it.
     fn tell_model(&mut self, text: &str) {
         if self.upstream == Upstream::Ready {
-            self.add_item(openai::text_item("system", text));
+            self.add_item(|id| openai::text_item("system", text, Some(id)));
         }
     }
 
-    /// Sends a `conversation.item.create` of an item the server confirms as ours
-    /// (`ServerEvent::ItemAdded::ours`), and counts it unconfirmed until it does.
-    fn add_item(&mut self, item: String) {
-        self.actions.push_back(Action::SendOpenAi(item));
-        self.control.unconfirmed.push_back(self.now);
+    /// Sends a `conversation.item.create` (made by `make` with its `event_id`) of an item the
+    /// server confirms as ours (`ServerEvent::ItemAdded::ours`), and counts it unconfirmed
+    /// until it does, or refuses it.
+    fn add_item(&mut self, make: impl FnOnce(&str) -> String) {
+        let c = &mut self.control;
+        let n = c.next_item;
+        c.next_item += 1;
+        let event = make(&format!("{}{n}", openai::ITEM_EVENT_ID));
+        c.unconfirmed.push_back((n, self.now));
+        self.actions.push_back(Action::SendOpenAi(event));
     }
 
-    /// The server confirmed the oldest item of ours (it handles them in the order sent).
-    pub(super) fn item_confirmed(&mut self) {
-        self.control.unconfirmed.pop_front();
+    /// The server confirmed an item of ours: the oldest sent (it handles them in the order
+    /// sent). A second confirmation of the same item (`conversation.item.created` beside
+    /// `.added`) is not another.
+    pub(super) fn item_confirmed(&mut self, item_id: &str) {
+        let c = &mut self.control;
+        if c.confirmed.iter().any(|id| id == item_id) {
+            return;
+        }
+        if c.confirmed.len() == RECENT_CONFIRMED {
+            c.confirmed.pop_front();
+        }
+        c.confirmed.push_back(item_id.to_owned());
+        c.unconfirmed.pop_front();
+    }
+
+    /// The server refused the item sent with `event_id` (an `error` naming it): it will not
+    /// be confirmed.
+    pub(super) fn item_refused(&mut self, event_id: &str) {
+        let n = event_id
+            .strip_prefix(openai::ITEM_EVENT_ID)
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = n {
+            self.control.unconfirmed.retain(|(sent, _)| *sent != n);
+        }
     }
 
     /// How many items of ours the server has not confirmed yet, forgetting those it will
@@ -151,7 +180,7 @@ impl Call {
         let c = &mut self.control;
         let before = c.unconfirmed.len();
         c.unconfirmed
-            .retain(|sent| now.saturating_sub(*sent) < ITEM_CONFIRM_WAIT);
+            .retain(|(_, sent)| now.saturating_sub(*sent) < ITEM_CONFIRM_WAIT);
         if c.unconfirmed.len() < before {
             let forgotten = before - c.unconfirmed.len();
             self.log(
@@ -245,9 +274,14 @@ pub(super) struct State {
     next_http: u64,
     /// A response to ask for as soon as none is active.
     wanted: bool,
-    /// When each item of ours not yet confirmed by the server was sent, oldest first: a
-    /// response the server creates before confirming one has not seen it.
-    unconfirmed: VecDeque<Millis>,
+    /// Each item of ours not yet confirmed by the server (its number, and when it was
+    /// sent), oldest first: a response the server creates before confirming one has not
+    /// seen it.
+    unconfirmed: VecDeque<(u64, Millis)>,
+    /// The number of our next item (its `event_id`).
+    next_item: u64,
+    /// The server's ids of the items of ours it confirmed last.
+    confirmed: VecDeque<String>,
     /// We sent `response.create` and have not seen `response.created` yet.
     awaiting_created: bool,
     /// That `response.create` was the greeting's: refused because the caller's own turn
@@ -320,6 +354,8 @@ impl State {
             next_http: 0,
             wanted: false,
             unconfirmed: VecDeque::new(),
+            next_item: 0,
+            confirmed: VecDeque::new(),
             awaiting_created: false,
             awaiting_greeting: false,
             greeting_unheard: false,
@@ -1118,7 +1154,7 @@ impl Call {
     /// Gives the model a tool's result and records it.
     fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
         if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
-            self.add_item(openai::function_call_output(r.call_id, r.output));
+            self.add_item(|id| openai::function_call_output(r.call_id, r.output, Some(id)));
             if self.control.ending.is_none() {
                 // (An ending's own tools: what they ask is told again by the ending.)
                 let note = self.tool_result_note(&r);
@@ -1306,7 +1342,7 @@ impl Call {
         let seq = self.conversation.place();
         self.remember_transcript(seq, Role::Caller, &text);
         if self.upstream == Upstream::Ready {
-            self.add_item(openai::text_item("user", &text));
+            self.add_item(|id| openai::text_item("user", &text, Some(id)));
         }
         self.request_response();
     }
@@ -1721,19 +1757,20 @@ impl Call {
             (*seq, role, text)
         });
         let results = c.tool_results.iter().map(|(seq, n)| (*seq, "system", n));
-        let mut items: Vec<(u64, &str, &String)> = said.chain(results).collect();
+        let mut items: Vec<(u64, &'static str, &String)> = said.chain(results).collect();
         items.sort_by_key(|(seq, ..)| *seq);
-        let items: Vec<(bool, String)> = items
+        let items: Vec<(&'static str, String)> = items
             .into_iter()
-            .map(|(_, role, text)| (role != "assistant", openai::text_item(role, text)))
+            .map(|(_, role, text)| (role, text.clone()))
             .collect();
         let seeded = items.len();
-        for (confirmable, item) in items {
-            if confirmable {
-                self.add_item(item);
-            } else {
+        for (role, text) in items {
+            if role == "assistant" {
                 // Not told from the model's own items when confirmed: not waited for.
+                let item = openai::text_item(role, &text, None);
                 self.actions.push_back(Action::SendOpenAi(item));
+            } else {
+                self.add_item(|id| openai::text_item(role, &text, Some(id)));
             }
         }
         seeded

@@ -798,6 +798,9 @@ impl Call {
                     err.event_id.as_deref(),
                     Some(openai::RESPONSE_EVENT_ID | openai::GREETING_EVENT_ID)
                 );
+                if let Some(id) = err.event_id.as_deref() {
+                    self.item_refused(id);
+                }
                 match err.code.as_deref() {
                     Some("session_expired") => return self.on_session_expired(now),
                     Some("conversation_already_has_active_response") => self.on_response_refused(),
@@ -864,7 +867,7 @@ impl Call {
             } => {
                 if ours {
                     // Not the caller's words nor the agent's: no part of the transcript.
-                    self.item_confirmed();
+                    self.item_confirmed(&item_id);
                 } else {
                     let at = self.offset(now);
                     self.conversation

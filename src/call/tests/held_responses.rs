@@ -128,6 +128,61 @@ fn an_output_the_server_never_confirms_holds_back_no_reply() {
     assert_eq!(sim.logged("openai.items_unconfirmed").len(), 1);
 }
 
+const KEY_2: &str =
+    r#"{"event":"dtmf","streamSid":"MZ","dtmf":{"track":"inbound_track","digit":"2"}}"#;
+
+/// The server's confirmation of the note of a key pressed.
+const KEY_ADDED: &str = r#"{"type":"conversation.item.added","item":{"id":"item_key","type":"message","role":"user","status":"completed","content":[{"type":"input_text","text":"2"}]}}"#;
+
+#[test]
+fn an_output_the_server_refused_does_not_hold_back_the_next_item_s_reply() {
+    let (mut sim, id) = lookup_running();
+    sim.confirm_items = false;
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    let out = tool_answer(&mut sim, id);
+    let sent = sends_of(&out, "conversation.item.create");
+    let event_id = sent[0]["event_id"]
+        .as_str()
+        .expect("an event_id")
+        .to_owned();
+    // The server refuses the output, naming it; then a key is pressed and its note confirmed.
+    sim.openai(&format!(
+        r#"{{"type":"error","error":{{"type":"invalid_request_error","code":"invalid_value","message":"No tool call found with call_id 'call_1'.","param":"item.call_id","event_id":"{event_id}"}}}}"#
+    ));
+    sim.at(1_200);
+    sim.twilio(KEY_2);
+    assert!(sim.openai(KEY_ADDED).is_empty());
+    sim.at(1_500);
+    let out = server_answers_turn(&mut sim);
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "the turn is not answered twice: {out:?}"
+    );
+}
+
+#[test]
+fn an_item_confirmed_twice_is_not_taken_for_the_next_one() {
+    let (mut sim, id) = lookup_running();
+    sim.confirm_items = false;
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    tool_answer(&mut sim, id);
+    sim.twilio(KEY_2);
+    // The output is confirmed under both names; the key's note is not yet.
+    assert!(sim
+        .openai(&OUTPUT_ADDED.replace("item.added", "item.created"))
+        .is_empty());
+    assert!(sim.openai(OUTPUT_ADDED).is_empty());
+    sim.at(1_500);
+    let out = server_answers_turn(&mut sim);
+    assert_eq!(
+        sends_of(&out, "response.create").len(),
+        1,
+        "the key is answered once the server's reply, made without it, is done: {out:?}"
+    );
+}
+
 #[test]
 fn a_reply_cancelled_by_a_second_barge_in_is_not_asked_for_over_the_caller() {
     let (mut sim, id) = lookup_running();
