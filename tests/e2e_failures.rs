@@ -604,21 +604,22 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
     );
 }
 
-/// The `TWILIO_AUTH_TOKEN` of the Worker below: the account's token before a rotation.
-const STALE_TOKEN: &str = "twilio-e2e-stale-SECRET-321";
-/// Its `TWILIO_AUTH_TOKEN_SECONDARY`: the token Twilio signs with once it is promoted.
-const PROMOTED_TOKEN: &str = "twilio-e2e-promoted-SECRET-654";
+/// The `TWILIO_AUTH_TOKEN` of the Worker below: a rotation's new token, not yet promoted.
+const NEW_TOKEN: &str = "twilio-e2e-new-SECRET-321";
+/// Its `TWILIO_AUTH_TOKEN_SECONDARY`: the token being replaced, which Twilio signs with until
+/// the new one is promoted.
+const OLD_TOKEN: &str = "twilio-e2e-old-SECRET-654";
 
 /// A Worker in the middle of a token rotation: neither of its tokens is
 /// `support::TWILIO_AUTH_TOKEN`, what the harness's requests are signed with (as if the
 /// secret had been taken from another account).
-async fn stale_token_harness() -> &'static Harness {
+async fn rotating_harness() -> &'static Harness {
     static HARNESS: tokio::sync::OnceCell<Result<Harness, String>> =
         tokio::sync::OnceCell::const_new();
-    shared_harness(&HARNESS, "e2e-failures-stale-token", || {
+    shared_harness(&HARNESS, "e2e-failures-rotating", || {
         let mut v = vars();
-        v.push(("TWILIO_AUTH_TOKEN".into(), STALE_TOKEN.into()));
-        v.push(("TWILIO_AUTH_TOKEN_SECONDARY".into(), PROMOTED_TOKEN.into()));
+        v.push(("TWILIO_AUTH_TOKEN".into(), NEW_TOKEN.into()));
+        v.push(("TWILIO_AUTH_TOKEN_SECONDARY".into(), OLD_TOKEN.into()));
         v
     })
     .await
@@ -648,7 +649,7 @@ async fn logged(h: &Harness, what: &str, found: impl Fn(&str) -> bool) -> String
 #[tokio::test(flavor = "multi_thread")]
 async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_recorded() {
     use support::fake_twilio as tw;
-    let h = stale_token_harness().await;
+    let h = rotating_harness().await;
     let ids = CallIds::new();
     let (from, to) = ("+819012340020", "+81501234020");
     let params = tw::voice_params(&ids, from, to);
@@ -682,14 +683,14 @@ async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_record
 
     // No call was registered: a stream the Worker can verify finds no call.
     let stream = h.expected_stream_url(&ids.call_sid);
-    match MediaStream::connect(&stream, Some(&tw::sign(STALE_TOKEN, &stream, &[]))).await {
+    match MediaStream::connect(&stream, Some(&tw::sign(NEW_TOKEN, &stream, &[]))).await {
         Err(tw::ConnectError::Refused { status, .. }) => assert_eq!(status, 404),
         other => panic!("expected 404, got {:?}", other.map(|_| "a stream")),
     }
     // And no row: a webhook the Worker can verify gets its row, the unverified one none.
     let verified = CallIds::new();
     let params = tw::voice_params(&verified, from, to);
-    let sig = tw::sign(STALE_TOKEN, &url, &params);
+    let sig = tw::sign(NEW_TOKEN, &url, &params);
     let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
     assert!(reply.body.contains("<Stream "), "{}", reply.body);
     ok(
@@ -706,25 +707,26 @@ async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_record
     assert_eq!(admin(h).call(&ids.call_sid).await.unwrap(), None);
 }
 
-/// Once Twilio signs with the promoted token, set as `TWILIO_AUTH_TOKEN_SECONDARY`, calls
-/// reach their agent: the webhook, the stream's upgrade and the status callback all verify,
-/// and the log says to make it `TWILIO_AUTH_TOKEN` (REST calls use that one).
+/// While a rotation is under way (the new token in `TWILIO_AUTH_TOKEN`, the one Twilio still
+/// signs with in `TWILIO_AUTH_TOKEN_SECONDARY`), calls reach their agent: the webhook, the
+/// stream's upgrade and the status callback all verify, and the log says the rotation is
+/// not finished.
 #[tokio::test(flavor = "multi_thread")]
-async fn with_the_promoted_token_as_the_secondary_calls_reach_their_agent() {
+async fn while_a_rotation_is_under_way_calls_signed_with_the_secondary_reach_their_agent() {
     use support::fake_twilio as tw;
-    let h = stale_token_harness().await;
+    let h = rotating_harness().await;
     let ids = CallIds::new();
     let (from, to) = ("+819012340021", "+81501234021");
     let params = tw::voice_params(&ids, from, to);
     let url = h.voice_url();
-    let sig = tw::sign(PROMOTED_TOKEN, &url, &params);
+    let sig = tw::sign(OLD_TOKEN, &url, &params);
     let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.body);
     let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
     assert_eq!(twiml.stream_url, h.expected_stream_url(&ids.call_sid));
 
     let claim = h.openai.claim(SessionScript::new()).await;
-    let sig = tw::sign(PROMOTED_TOKEN, &twiml.stream_url, &[]);
+    let sig = tw::sign(OLD_TOKEN, &twiml.stream_url, &[]);
     let stream = MediaStream::connect(&twiml.stream_url, Some(&sig))
         .await
         .unwrap_or_else(|e| panic!("the upgrade signed with the secondary: {e:?}"));
@@ -735,7 +737,7 @@ async fn with_the_promoted_token_as_the_secondary_calls_reach_their_agent() {
     ok(h, session.wait_closed(SOON).await);
 
     let status = tw::status_params(&ids, from, to, "completed", 2, Some(4));
-    let sig = tw::sign(PROMOTED_TOKEN, &h.status_url(), &status);
+    let sig = tw::sign(OLD_TOKEN, &h.status_url(), &status);
     let r = tw::post_form(&h.status_url(), &status, Some(&sig))
         .await
         .unwrap();
@@ -755,5 +757,5 @@ async fn with_the_promoted_token_as_the_secondary_calls_reach_their_agent() {
     })
     .await;
     assert!(line.contains(r#""level":"warn""#), "{line}");
-    h.assert_log_clean(&[STALE_TOKEN, PROMOTED_TOKEN]);
+    h.assert_log_clean(&[NEW_TOKEN, OLD_TOKEN]);
 }

@@ -200,14 +200,16 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         }),
     );
     if answer.key == webhook::Key::Secondary {
-        // Twilio signs with the token it promoted; REST calls (hang-up, transfer, the
-        // fallback's redirect) still authenticate with TWILIO_AUTH_TOKEN.
+        // A rotation under way: Twilio still signs with the token being replaced, and REST
+        // calls (hang-up, transfer, the fallback's redirect) authenticate with the new one
+        // in TWILIO_AUTH_TOKEN, which Twilio takes as its secondary until it is promoted.
         log(
             "warn",
             "twilio.secondary_token",
             serde_json::json!({
                 "call_sid": answer.call.call_sid,
-                "why": "signed with TWILIO_AUTH_TOKEN_SECONDARY: set TWILIO_AUTH_TOKEN to it",
+                "why": "signed with TWILIO_AUTH_TOKEN_SECONDARY's token: promote the one in \
+                        TWILIO_AUTH_TOKEN in the Twilio console, then delete the secondary",
             }),
         );
     }
