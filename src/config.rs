@@ -514,6 +514,10 @@ pub struct Bridge {
     /// Settings of the fallback that were invalid and set aside for their defaults (the
     /// shell logs each as `config.ignored`).
     pub ignored: Vec<ConfigError>,
+    /// The test hooks set (to anything but 0), with what each does: the shell logs each as
+    /// `config.test_hook_active`, since a hook set as a secret or in the dashboard escapes
+    /// `check-config`.
+    pub test_hooks: Vec<(&'static str, &'static str)>,
     pub agent: Agent,
 }
 
@@ -543,6 +547,11 @@ impl Bridge {
         };
         let or =
             |name: &'static str, default: &str| get(name).unwrap_or_else(|| default.to_owned());
+        let test_hooks = FAULT_HOOKS
+            .iter()
+            .copied()
+            .filter(|(hook, _)| get(hook).is_some_and(|v| v != "0"))
+            .collect();
         // A `<Say>` language or voice name (`ja-JP`, `Polly.Mizuki`, `Google.ja-JP-Wavenet-A`).
         let tts_name = |name: &'static str, default: &str| -> String {
             let v = or(name, default);
@@ -772,6 +781,7 @@ impl Bridge {
                 }),
             },
             agent,
+            test_hooks,
             ignored: ignored.into_inner(),
         }
     }
@@ -828,6 +838,28 @@ mod tests {
         assert!(
             Level::Debug < Level::Info && Level::Info < Level::Warn && Level::Warn < Level::Error
         );
+    }
+
+    #[test]
+    fn a_test_hook_set_to_anything_but_0_is_named_with_what_it_does() {
+        assert!(from(&[]).test_hooks.is_empty());
+        assert!(from(&[
+            (FAULT_INJECT_D1_FAILURES, "0"),
+            (FAULT_INJECT_D1_STALL_MS, " ")
+        ])
+        .test_hooks
+        .is_empty());
+        let c = from(&[
+            (FAULT_INJECT_D1_FAILURES, "3"),
+            (FAULT_INJECT_CALL_OBJECT_FAILURES, "yes"),
+        ]);
+        let named: Vec<&str> = c.test_hooks.iter().map(|(hook, _)| *hook).collect();
+        assert_eq!(
+            named,
+            [FAULT_INJECT_D1_FAILURES, FAULT_INJECT_CALL_OBJECT_FAILURES]
+        );
+        assert!(c.test_hooks.iter().all(|(_, what)| !what.is_empty()));
+        assert!(c.ignored.is_empty(), "{:?}", c.ignored);
     }
 
     #[test]

@@ -748,6 +748,15 @@ async fn a_status_callback_the_call_object_does_not_take_is_written_to_d1() {
         "{}",
         h.worker.log_tail(40)
     );
+    // A Worker with test hooks set says so, at error level, whatever check-config saw.
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"config.test_hook_active\"")
+                && l.contains("FAULT_INJECT_CALL_OBJECT_FAILURES")
+                && l.contains(r#""level":"error""#)),
+        "{}",
+        h.worker.log_tail(40)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -66,6 +66,13 @@ pub(crate) fn bridge_config(env: &Env) -> Bridge {
             serde_json::json!({ "field": e.field, "reason": e.reason }),
         );
     }
+    for (hook, what) in &config.test_hooks {
+        log(
+            "error",
+            "config.test_hook_active",
+            serde_json::json!({ "field": hook, "what": what }),
+        );
+    }
     config
 }
 
