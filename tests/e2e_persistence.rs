@@ -579,22 +579,28 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
     assert_eq!(detail["call"]["twilio_duration_s"], 9);
 }
 
+/// A Worker of its own (`what`, for the message should it not start), with the admin token
+/// and `settings`.
+async fn own_worker(label: &str, what: &str, settings: &[(&str, &str)]) -> Harness {
+    let mut vars = vec![("ADMIN_TOKEN".to_owned(), ADMIN_TOKEN.to_owned())];
+    vars.extend(settings.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    Harness::start(label, vars)
+        .await
+        .unwrap_or_else(|e| panic!("{what} did not start:\n{e}"))
+}
+
 /// `FALLBACK_ONLY` is switched on during incidents, when D1 may well be failing too: the row
 /// of a call answered with the fallback is kept by the call's object until D1 takes it, and
 /// the answer to Twilio does not wait for it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_fallback_only_call_is_recorded_once_failing_d1_recovers() {
     // A Worker of its own: the first 3 D1 writes of each call fail.
-    let h = Harness::start(
+    let h = own_worker(
         "e2e-persistence-fallback-only-d1-faults",
-        vec![
-            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-            ("FALLBACK_ONLY".into(), "true".into()),
-            ("FAULT_INJECT_D1_FAILURES".into(), "3".into()),
-        ],
+        "the faulty fallback-only Worker",
+        &[("FALLBACK_ONLY", "true"), ("FAULT_INJECT_D1_FAILURES", "3")],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the faulty fallback-only Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = admin(h);
     let ids = CallIds::new();
@@ -694,16 +700,15 @@ async fn a_call_whose_stream_never_connected_is_recorded_with_why() {
 /// its object knows, so the row does not say.)
 #[tokio::test(flavor = "multi_thread")]
 async fn a_status_callback_the_call_object_does_not_take_is_written_to_d1() {
-    let h = Harness::start(
+    let h = own_worker(
         "e2e-persistence-call-object-faults",
-        vec![
-            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-            ("FAULT_INJECT_CALL_OBJECT_FAILURES".into(), "1".into()),
-            ("FAULT_INJECT_D1_FAILURES".into(), "1".into()),
+        "the Worker with failing call objects",
+        &[
+            ("FAULT_INJECT_CALL_OBJECT_FAILURES", "1"),
+            ("FAULT_INJECT_D1_FAILURES", "1"),
         ],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the Worker with failing call objects did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = admin(h);
     let ids = CallIds::new();
@@ -944,15 +949,12 @@ async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backward
 #[tokio::test(flavor = "multi_thread")]
 async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
     // A Worker of its own: the first 3 D1 batch writes of each call object fail.
-    let h = Harness::start(
+    let h = own_worker(
         "e2e-persistence-d1-faults",
-        vec![
-            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-            ("FAULT_INJECT_D1_FAILURES".into(), "3".into()),
-        ],
+        "the faulty Worker",
+        &[("FAULT_INJECT_D1_FAILURES", "3")],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the faulty Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = admin(h);
     let (from, to) = ("+15551230301", "+81312345678");
@@ -1272,17 +1274,16 @@ async fn the_agent_assigned_to_the_called_number_answers_and_other_numbers_get_t
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_agent_lookup_gives_the_call_to_the_configured_agent_in_time() {
     const INSTRUCTIONS: &str = "You are the configured agent of the slow D1 test. Be brief.";
-    let h = Harness::start(
+    let h = own_worker(
         "e2e-persistence-slow-lookup",
-        vec![
-            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-            ("FAULT_INJECT_D1_LOOKUP_DELAY_MS".into(), "20000".into()),
-            ("AGENT_INSTRUCTIONS".into(), INSTRUCTIONS.into()),
-            ("AGENT_VOICE".into(), "cedar".into()),
+        "the slow-lookup Worker",
+        &[
+            ("FAULT_INJECT_D1_LOOKUP_DELAY_MS", "20000"),
+            ("AGENT_INSTRUCTIONS", INSTRUCTIONS),
+            ("AGENT_VOICE", "cedar"),
         ],
     )
-    .await
-    .unwrap_or_else(|e| panic!("the slow-lookup Worker did not start:\n{e}"));
+    .await;
     let h = &h;
     let admin = admin(h);
     let (from, to) = ("+15551230501", "+81312345678");
