@@ -1325,9 +1325,9 @@ mod tests {
         let mut not_an_object = tool("a");
         not_an_object["parameters"] = json!({"type": "string"});
         assert_eq!(with("tools", json!([not_an_object])), "tools");
-        let mut required_unknown = tool("a");
-        required_unknown["parameters"]["required"] = json!(["nope"]);
-        assert_eq!(with("tools", json!([required_unknown])), "tools");
+        let mut required_not_names = tool("a");
+        required_not_names["parameters"]["required"] = json!([1]);
+        assert_eq!(with("tools", json!([required_not_names])), "tools");
         assert_eq!(with("is_default", json!(1)), "is_default");
         assert_eq!(with("record_calls", json!(0)), "record_calls");
         assert_eq!(with("id", json!("has space")), "id");

@@ -121,15 +121,11 @@ fn check_parameters(p: &Value) -> Result<(), String> {
     let names = required
         .as_array()
         .ok_or("parameters.required must be an array of property names")?;
-    for name in names {
-        let name = name
-            .as_str()
-            .ok_or("parameters.required must be an array of property names")?;
-        if !properties.is_some_and(|props| props.contains_key(name)) {
-            return Err(format!(
-                "parameters.required names {name:?}, which is not in parameters.properties"
-            ));
-        }
+    // A name not among the properties is valid JSON Schema (nothing can satisfy it but an
+    // argument the model adds), and not refused by the server: an agent stored with one
+    // keeps its calls.
+    if names.iter().any(|name| !name.is_string()) {
+        return Err("parameters.required must be an array of property names".into());
     }
     Ok(())
 }
@@ -351,6 +347,8 @@ mod tests {
             json!({"type":"object","properties":{"phone":{"type":"string"}},"required":["phone"]}),
             json!({"type":"object","properties":{"q":{"type":"string"}},"required":[],
                    "additionalProperties":false}),
+            // Valid JSON Schema, which the server takes: not worth an agent's calls.
+            json!({"type":"object","properties":{"phone":{}},"required":["phone","name"]}),
         ] {
             assert!(with(ok.clone()).is_ok(), "{ok}");
         }
@@ -377,11 +375,6 @@ mod tests {
             (
                 json!({"type":"object","required":[1],"properties":{"q":{}}}),
                 "array",
-            ),
-            (json!({"type":"object","required":["q"]}), "\"q\""),
-            (
-                json!({"type":"object","properties":{"phone":{}},"required":["phone","name"]}),
-                "\"name\", which is not",
             ),
         ] {
             let e = with(bad.clone()).unwrap_err();
