@@ -670,11 +670,11 @@ async fn a_model_or_tool_schema_the_realtime_api_would_refuse_is_not_saved() {
                 "tools",
                 lookup_with(
                     json!({"type": "object", "properties": {"q": {"type": "string"}},
-                                   "required": ["order_id"]}),
+                                   "required": "q"}),
                 ),
             ),
             "tools",
-            "a required argument that is not a property",
+            "required that is not a list of names",
         ),
     ] {
         let r = api("POST", "/api/admin/agents", Some(body)).await;
