@@ -88,31 +88,9 @@ async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&[u8]>) -> 
             .header("Content-Type", "application/json")
             .body(b.to_vec());
     }
-    let again = req.try_clone().expect("a request with a plain body");
-    let mut resp = req
-        .send()
+    let resp = support::send(req)
         .await
         .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    let from_wrangler = |resp: &reqwest::Response| {
-        resp.status() == 503
-            && !resp
-                .headers()
-                .get("content-type")
-                .and_then(|t| t.to_str().ok())
-                .is_some_and(|t| t.starts_with("application/json"))
-    };
-    if from_wrangler(&resp) {
-        // wrangler dev's own answer ("Your worker restarted mid-request. Please try sending
-        // the request again"), not the Worker's: its runtime was restarted under the
-        // request. Sent once more, as it asks. Any 503 of the Worker's own is JSON, and
-        // fails below.
-        eprintln!("[e2e] {method} {path}: 503 from wrangler dev itself; sent again");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        resp = again
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
-    }
     let header = |name: &str| {
         resp.headers()
             .get(name)

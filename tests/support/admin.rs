@@ -57,8 +57,7 @@ impl Admin {
                 .header("Content-Type", "application/json")
                 .body(b.to_string());
         }
-        let resp = req
-            .send()
+        let resp = super::send(req)
             .await
             .map_err(|e| format!("{method} {path}: {e}"))?;
         let status = resp.status().as_u16();

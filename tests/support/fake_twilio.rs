@@ -218,8 +218,7 @@ async fn send_webhook(
         req = req.header("X-Twilio-Signature", sig);
     }
     let method = if form.is_some() { "POST" } else { "GET" };
-    let resp = req
-        .send()
+    let resp = super::send(req)
         .await
         .map_err(|e| format!("{method} {url}: {e}"))?;
     let status = resp.status().as_u16();

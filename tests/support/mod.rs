@@ -291,6 +291,32 @@ impl Harness {
 
 /// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
 /// with `tag`, the chunk number (big-endian u16), and then a pattern that depends on both.
+/// Sends `req` to the Worker, and once more should `wrangler dev` itself answer it with its
+/// 503 ("Your worker restarted mid-request. Please try sending the request again"): its
+/// runtime was restarted under the request. That answer is plain text; every 503 of the
+/// Worker's own is JSON, and is returned as it came.
+pub async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Response> {
+    let again = req.try_clone();
+    let resp = req.send().await?;
+    let from_wrangler = resp.status() == 503
+        && !resp
+            .headers()
+            .get("content-type")
+            .and_then(|t| t.to_str().ok())
+            .is_some_and(|t| t.starts_with("application/json"));
+    match again {
+        Some(again) if from_wrangler => {
+            eprintln!(
+                "[e2e] {}: 503 from wrangler dev itself; sent again",
+                resp.url()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            again.send().await
+        }
+        _ => Ok(resp),
+    }
+}
+
 pub fn tagged_chunks(tag: u8, n: usize, len: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
