@@ -9,6 +9,7 @@
 //     --target bridge=http://127.0.0.1:8802 --pid bridge=<wrangler pid> \
 //     [--calls 20] [--seconds 30] [--rounds 2] [--together] [--auth-token T]
 //     [--clk-tck 100] [--json out.json] [--profile NAME=INSPECTOR_PORT] [--profile-out DIR]
+//     [--also-against NAME]   (CPU ratios to that target too, e.g. the Rust floor)
 //
 // Each round runs the targets one after the other (A B B A order over rounds), or with
 // --together all at once, --calls each, in the same seconds: the shared machine's changes
@@ -54,7 +55,7 @@ import { attach as attachProfiler } from './profile.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
 
 function parseArgs(argv) {
-  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true, together: false, profile: {}, profileOut: null };
+  const o = { targets: [], pids: {}, calls: 20, seconds: 30, authToken: 'bench-twilio-token', clkTck: 100, json: null, standin: null, rampMs: 1000, rounds: 2, standinPid: null, to: {}, admin: {}, check: false, warmup: true, together: false, profile: {}, profileOut: null, alsoAgainst: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const v = () => argv[++i];
@@ -97,6 +98,7 @@ function parseArgs(argv) {
         break;
       }
       case '--profile-out': o.profileOut = v(); break;
+      case '--also-against': o.alsoAgainst = v(); break;
       default: throw new Error(`unknown option ${a}`);
     }
   }
@@ -546,7 +548,9 @@ const median = (sorted) => (sorted.length % 2 ? sorted[(sorted.length - 1) / 2] 
 const f2 = (x) => (Number.isFinite(x) ? x.toFixed(2) : '-');
 const f3 = (x) => (Number.isFinite(x) ? x.toFixed(3) : '-');
 
-export function table(results) {
+/** The figures side by side, with ratios to the first target; with `alsoAgainst` (a target's
+ * name, e.g. the Rust floor) the CPU's ratios to that target too, round by round. */
+export function table(results, alsoAgainst = null) {
   const base = results[0];
   const others = results.slice(1);
   const rows = [];
@@ -597,6 +601,15 @@ export function table(results) {
     });
     row('  the same while all calls stream, each round', (r) => ratiosTo(r, 'steadyPerRound').map((x) => (Number.isFinite(x) ? `${x.toFixed(2)}×` : '-')).join(' '));
     row('  CPU s per call-minute, median of rounds', (r) => f3(median([...r.cpu.perRound].sort((a, b) => a - b))));
+    const second = results.find((r) => r.target === alsoAgainst);
+    if (second) {
+      const against = (r, key) => {
+        const ratios = r.cpu[key].map((x, i) => x / second.cpu[key][i]).filter(Number.isFinite);
+        return ratios.length ? ratios.map((x) => `${x.toFixed(2)}×`).join(' ') : '-';
+      };
+      row(`  ratio to ${second.target}, each round`, (r) => against(r, 'perRound'));
+      row(`  the same while all calls stream, each round`, (r) => against(r, 'steadyPerRound'));
+    }
   }
   const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];
   const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => String(r[i]).length)));
@@ -667,7 +680,7 @@ async function main() {
   const rounds = opt.rounds > 1 ? `, ${opt.rounds} rounds each (pooled)` : '';
   const together = opt.together ? ` per target, all targets at once (${opt.calls * opt.targets.length} calls in all)` : '';
   console.log(`load: ${opt.calls} simultaneous calls × ${opt.seconds} s${together}${rounds}; real-time 20 ms μ-law frames both ways, stand-in echoing (loopback)`);
-  console.log(table(results));
+  console.log(table(results, opt.alsoAgainst));
   const profiled = Object.values(profilers).filter((p) => p.text);
   if (profiled.length) {
     console.log(`\nCPU profiles of the first round, while every call streamed (V8 samples of each Worker's isolate; shares of its busy samples)${opt.profileOut ? `; .cpuprofile files in ${opt.profileOut}` : ''}:`);

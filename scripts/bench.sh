@@ -6,7 +6,7 @@
 # (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
 # 3 rounds, each round running N calls against every target at once, so a change in the
 # shared machine's load moves them all alike; --one-at-a-time runs the targets one after
-# the other in A B C C B A order instead, for N large enough that three targets at once
+# the other in A B C D D C B A order instead, for N large enough that four targets at once
 # would be more than the machine can carry; about 8 minutes in all)
 #
 # 1. native: the call core's cost per relayed frame each way and per barge-in, with heap
@@ -15,11 +15,13 @@
 #    (bench/wasi.mjs): what the core costs per frame as wasm;
 # 2. the wasm build's size, raw and gzipped (build/index_bg.wasm, freshly built);
 # 3. load in wrangler dev: N simultaneous simulated calls with real-time audio both ways,
-#    against the pass-through floor Worker (bench/floor), the bridge (default agent, call
-#    recording on) and the bridge with an agent that does not record (bridge-norec), all
-#    behind the stand-in Realtime server in echo mode; call set-up, latency p50/p99 each
-#    way, frames lost, and workerd CPU seconds per call-minute, as ratios to the floor
-#    (bench/load.mjs); for the bridge, how many calls left transcript rows in D1;
+#    against the pass-through floor Worker (bench/floor), the same floor written in Rust
+#    and built to wasm like the bridge (floor-rs, bench/floor-rs: what being a Rust/wasm
+#    Worker costs by itself), the bridge (default agent, call recording on) and the bridge
+#    with an agent that does not record (bridge-norec), all behind the stand-in Realtime
+#    server in echo mode; call set-up, latency p50/p99 each way, frames lost, and workerd CPU
+#    seconds per call-minute, as ratios to the floor and to floor-rs (bench/load.mjs); for
+#    the bridge, how many calls left transcript rows in D1;
 # 4. with --profile, a V8 CPU profile of each Worker while every call of the first round
 #    streams: where its time goes, by kind (JavaScript, wasm, workerd built-ins such as
 #    WebSocket.send, GC) and by function (bench/profile.mjs; the .cpuprofile files are kept
@@ -103,14 +105,27 @@ if [[ "$load" == 1 ]]; then
     --var "OPENAI_REALTIME_URL:$realtime"
   floor_pid=$started
 
+  log "building the Rust floor (bench/floor-rs)"
+  (cd bench/floor-rs && export_build_env && worker-build --release) >"$work/floor-rs-build.log" 2>&1 ||
+    { tail -40 "$work/floor-rs-build.log" >&2; die "building bench/floor-rs failed"; }
+  floor_rs_port=$(free_port)
+  floor_rs_inspector=$(free_port)
+  mkdir -p "$work/floor-rs-state"
+  start_bg floor-rs bash -c 'cd bench/floor-rs && exec env CI=true NO_COLOR=1 npx wrangler dev --ip 127.0.0.1 \
+    --show-interactive-dev-session=false --port "$1" --inspector-port "$2" --persist-to "$3" \
+    --var "OPENAI_REALTIME_URL:$4"' floor-rs "$floor_rs_port" "$floor_rs_inspector" "$work/floor-rs-state" "$realtime"
+  floor_rs_pid=$started
+
   log "applying D1 migrations to the bridge's bench state, starting the bridge"
   start_bridge "$bridge_port" "$work/bridge-state" "$realtime" "$token" "$admin"
   bridge_pid=$started
-  profiles=(--profile "floor=$floor_inspector" --profile "bridge=$inspector" --profile-out "$work/profiles")
+  profiles=(--profile "floor=$floor_inspector" --profile "floor-rs=$floor_rs_inspector" --profile "bridge=$inspector"
+    --profile-out "$work/profiles")
   [[ "$profile" == 1 ]] || profiles=()
 
   wait_http "http://127.0.0.1:$standin_port/healthz" "$work/standin.log" 20 "$standin_pid"
   wait_http "http://127.0.0.1:$floor_port/healthz" "$work/floor.log" 120 "$floor_pid"
+  wait_http "http://127.0.0.1:$floor_rs_port/healthz" "$work/floor-rs.log" 120 "$floor_rs_pid"
   wait_http "http://127.0.0.1:$bridge_port/healthz" "$work/bridge.log" 300 "$bridge_pid"
   sleep 2
 
@@ -150,9 +165,10 @@ if [[ "$load" == 1 ]]; then
   fi
   # --foreground: node stays in this script's process group, so Ctrl-C reaches it at once
   # (see scripts/load-test.sh).
-  timeout --foreground $((3 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
+  timeout --foreground $((4 * rounds * (seconds + 60) + 180)) node bench/load.mjs \
     --standin "http://127.0.0.1:$standin_port" --standin-pid "$standin_pid" \
     --target "floor=http://127.0.0.1:$floor_port" --pid "floor=$floor_pid" \
+    --target "floor-rs=http://127.0.0.1:$floor_rs_port" --pid "floor-rs=$floor_rs_pid" --also-against floor-rs \
     --target "bridge=$bridge" --pid "bridge=$bridge_pid" --admin "bridge=$admin" "${norec[@]}" \
     --calls "$calls" --seconds "$seconds" --rounds "$rounds" --auth-token "$token" --clk-tck "$(getconf CLK_TCK)" \
     "${how[@]}" "${profiles[@]}" --json "$work/load.json" | tee "$load_out"

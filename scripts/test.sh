@@ -10,7 +10,7 @@ exec </dev/null
 
 bash scripts/setup.sh
 
-log "formatting: cargo fmt --check (the crate, and the fuzz and wasm-bench crates, which have workspaces of their own)"
+log "formatting: cargo fmt --check (the crate, and the fuzz, wasm-bench and Rust-floor crates, which have workspaces of their own)"
 if ! rustup component list --installed 2>/dev/null | grep -q '^rustfmt'; then
   log "adding the rustfmt component"
   rustup component add rustfmt
@@ -18,9 +18,14 @@ fi
 cargo fmt --all -- --check
 (cd fuzz && cargo fmt -- --check)
 (cd benches/wasm && cargo fmt -- --check)
+(cd bench/floor-rs && cargo fmt -- --check)
 
 log "building the Worker"
 bash scripts/build.sh
+# The benchmark's Rust floor is built only by scripts/bench.sh: checked here so it keeps
+# compiling against the worker crate the bridge uses.
+log "checking the benchmark's Rust floor (bench/floor-rs)"
+(cd bench/floor-rs && cargo check --release --target "$WASM_TARGET" --quiet)
 
 # For tests that run `wrangler dev` on the default local state.
 apply_local_migrations
