@@ -669,6 +669,49 @@ pub fn status_callback<'a>(
     })
 }
 
+/// How a status callback is answered, by whether its record was kept by the time the
+/// answer is due. Twilio does not send a status callback again and stops waiting for any
+/// webhook's answer after 15 s, so the answer does not wait for the keeping to end: the
+/// shell bounds the wait, and the keeping goes on after the answer either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusAnswer {
+    /// Kept, by the call's object or written to D1 directly.
+    Kept,
+    /// Neither the object nor D1 took it.
+    NotKept,
+    /// Still being kept when the answer was due; the log says how it ends.
+    Keeping,
+}
+
+impl StatusAnswer {
+    /// `kept`: whether it was kept, `None` when that was not yet known.
+    pub fn new(kept: Option<bool>) -> Self {
+        match kept {
+            Some(true) => StatusAnswer::Kept,
+            Some(false) => StatusAnswer::NotKept,
+            None => StatusAnswer::Keeping,
+        }
+    }
+
+    /// The HTTP status the shell answers with. Twilio takes any 2xx as delivered.
+    pub fn status(self) -> u16 {
+        match self {
+            StatusAnswer::Kept => 204,
+            StatusAnswer::NotKept => 500,
+            StatusAnswer::Keeping => 202,
+        }
+    }
+
+    /// The answer's body (none for 204).
+    pub fn body(self) -> &'static str {
+        match self {
+            StatusAnswer::Kept => "",
+            StatusAnswer::NotKept => "Status not recorded",
+            StatusAnswer::Keeping => "Status accepted; still being recorded",
+        }
+    }
+}
+
 /// The CallSid named by a Media Stream path, if the path is one.
 pub fn stream_call_sid(path: &str) -> Option<CallSid> {
     CallSid::parse(path.strip_prefix(STREAM_PATH_PREFIX)?)
@@ -1264,6 +1307,18 @@ mod tests {
             verify_stream_upgrade(&c, req, Some(&other), &sid),
             Err(Refusal::BadSignature)
         );
+    }
+
+    #[test]
+    fn a_status_callback_is_answered_by_whether_its_record_was_kept_in_time() {
+        assert_eq!(StatusAnswer::new(Some(true)).status(), 204);
+        assert_eq!(StatusAnswer::new(Some(true)).body(), "");
+        assert_eq!(StatusAnswer::new(Some(false)).status(), 500);
+        // Not decided yet: accepted all the same, a 2xx, so Twilio logs no error for it.
+        let keeping = StatusAnswer::new(None);
+        assert_eq!(keeping, StatusAnswer::Keeping);
+        assert_eq!(keeping.status(), 202);
+        assert!(!keeping.body().is_empty());
     }
 
     #[test]

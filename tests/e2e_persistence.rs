@@ -764,6 +764,135 @@ async fn a_status_callback_the_call_object_does_not_take_is_written_to_d1() {
     );
 }
 
+/// The first line of the Worker's log with `event` for the call, and its place in the log,
+/// waiting a little for it (the log comes through a pipe).
+async fn log_line(h: &Harness, call_sid: &str, event: &str) -> (usize, String) {
+    let needle = format!("\"{event}\"");
+    let deadline = Instant::now() + SOON;
+    loop {
+        let log = h.worker.log();
+        if let Some(found) = log
+            .lines()
+            .enumerate()
+            .find(|(_, l)| l.contains(&needle) && l.contains(call_sid))
+        {
+            return (found.0, found.1.to_owned());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {event} for {call_sid}\n{}",
+            h.worker.log_tail(40)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Twilio stops waiting for a webhook's answer after 15 s, and keeping a status callback may
+/// take longer: here its call's object waits on a D1 write under way (each held 12 s by
+/// `FAULT_INJECT_D1_STALL_MS`) until it gives up after 8 s, then the direct write to D1 fails
+/// three times (`FAULT_INJECT_D1_FAILURES`) and lands on the fourth, after 7 s of pauses: some
+/// 15 s in all. The callback is answered 202 before that, within Twilio's 15 s, and the status
+/// lands all the same.
+///
+/// The 202 itself is the proof that the answer did not wait for the record (a 204 or 500 is
+/// what comes once it is decided); the one timing asserted is Twilio's own limit, which an
+/// answer due after 12 s keeps with a margin of 3 s. Slow: the object's own first three D1
+/// writes fail too, each after its 12 s hold, before the test can start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_status_callback_still_being_kept_is_answered_within_twilios_timeout() {
+    let h = own_worker(
+        "e2e-persistence-slow-status",
+        "the Worker with held and failing D1 writes",
+        &[
+            ("FAULT_INJECT_D1_STALL_MS", "12000"),
+            ("FAULT_INJECT_D1_FAILURES", "3"),
+            ("IDLE_TIMEOUT_SECONDS", "600"),
+        ],
+    )
+    .await;
+    let h = &h;
+    let admin = admin(h);
+    let (from, to) = ("+15551230305", "+81312345678");
+    let call = h
+        .start_call(CallSpec {
+            from: from.into(),
+            to: to.into(),
+            ..CallSpec::default()
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let key = |digit: &str| {
+        twilio.send_raw(json!({
+            "event": "dtmf",
+            "streamSid": ids.stream_sid,
+            "dtmf": {"track": "inbound_track", "digit": digit},
+        }));
+    };
+    let pressed = |d: &Value, digit: &str| {
+        events(d)
+            .iter()
+            .any(|e| e["type"] == "dtmf" && e["detail"]["digit"] == digit)
+    };
+    // Once a first keypress is in D1 (after the object's failed writes, about a minute), the
+    // object's storage is drained: the next record goes straight to D1, a write held 12 s.
+    key("1");
+    ok(
+        h,
+        admin
+            .wait_call(
+                &ids.call_sid,
+                "the first keypress",
+                Duration::from_secs(150),
+                |d| pressed(d, "1"),
+            )
+            .await,
+    );
+    key("2");
+    // The Worker has handled the keypress (and its object has started that write) before
+    // this frame comes out at OpenAI.
+    sync_twilio(h, twilio, oa, 0x66).await;
+
+    let sent = Instant::now();
+    let r = h
+        .post_status(&tw::status_params(ids, from, to, "completed", 2, Some(33)))
+        .await;
+    let took = sent.elapsed();
+    assert_eq!(
+        r.status,
+        202,
+        "answered after {took:?}: {}\n{}",
+        r.body,
+        h.worker.log_tail(40)
+    );
+    assert!(
+        took < Duration::from_secs(15),
+        "answered after {took:?}, past Twilio's 15 s"
+    );
+
+    // Kept all the same: written to D1 directly, on the fourth try.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(&ids.call_sid, "Twilio's duration", D1_DEADLINE, |d| {
+                d["call"]["twilio_duration_s"] == 33
+            })
+            .await,
+    );
+    assert_eq!(detail["call"]["status"], "completed", "{}", pretty(&detail));
+    // The log tells the story in order: not kept by the object, answered, then written.
+    let sid = ids.call_sid.as_str();
+    let (not_kept, _) = log_line(h, sid, "call.status_not_kept").await;
+    let (answered, _) = log_line(h, sid, "call.status_answered_before_kept").await;
+    let (written, line) = log_line(h, sid, "call.record_written").await;
+    assert!(
+        not_kept < answered && answered < written,
+        "{}",
+        h.worker.log_tail(40)
+    );
+    assert!(line.contains("\"tries\":4"), "{line}");
+    twilio.send_stop(ids);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn status_callbacks_are_verified_idempotent_and_never_move_a_call_backwards() {
     let h = harness().await;

@@ -562,10 +562,25 @@ async fn agent_for(
     config.agent.clone()
 }
 
+/// How long a status callback's answer waits for its record to be kept. [`keep`] may take
+/// up to 29 s (the object, then four direct writes), but Twilio stops waiting after 15 s (and
+/// logs an error in its debugger) and never sends the callback again, so a later answer buys
+/// nothing: the keeping goes on under `waitUntil` whether or not the answer waited for it.
+const STATUS_ANSWER_WAIT: Duration = Duration::from_secs(12);
+// The object has answered (or been given up on) by then, so what is not known yet is up to
+// the direct writes, whose end is always logged: `call.record_written` or `call.record_failed`.
+const _: () = assert!(
+    STATUS_ANSWER_WAIT.as_secs() + 3 <= TWILIO_WEBHOOK_TIMEOUT.as_secs()
+        && OBJECT_WAIT.as_secs() < STATUS_ANSWER_WAIT.as_secs(),
+    "the status callback must be answered inside Twilio's timeout, after the object's wait"
+);
+
 /// Twilio's status callback, applied through the call's object so it is kept even when
 /// D1 is failing; written straight to D1 when the object does not keep it (Twilio does not
-/// send a status callback again). Answered 204 once it is kept one way or the other, 500 when
-/// it was not.
+/// send a status callback again). Answered as [`webhook::StatusAnswer`] says: 204 once it is
+/// kept one way or the other, 500 when it was not, 202 when that is not known within
+/// [`STATUS_ANSWER_WAIT`] (logged as `call.status_answered_before_kept`; the keeping goes
+/// on, and `call.record_written` or `call.record_failed` tells how it ended).
 async fn status(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let (config, url, signature, body) = twilio_form(&mut req, &env).await?;
     let now = Date::now().as_millis();
@@ -574,12 +589,13 @@ async fn status(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             Ok(r) => r,
             Err(r) => return refuse(&r, "status"),
         };
+    let call_sid = crate::ids::CallSid::new(record.call_sid());
     let (done, kept) = oneshot::channel();
     keep(
         &env,
         &ctx,
         Keep {
-            call_sid: crate::ids::CallSid::new(record.call_sid()),
+            call_sid: call_sid.clone(),
             url: call_session::STATUS_URL,
             body: serde_json::to_string(&record)?,
             statements: record.statements(now),
@@ -589,10 +605,28 @@ async fn status(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         },
         Some(done),
     );
-    if !kept.await.unwrap_or(false) {
-        return Response::error("Status not recorded", 500);
+    // A dropped sender (the keeping itself was dropped) counts as not kept.
+    let kept = within(STATUS_ANSWER_WAIT, kept)
+        .await
+        .map(|kept| kept.unwrap_or(false));
+    let answer = webhook::StatusAnswer::new(kept);
+    match answer {
+        webhook::StatusAnswer::Kept => Response::empty().map(|r| r.with_status(204)),
+        webhook::StatusAnswer::NotKept => Response::error(answer.body(), answer.status()),
+        webhook::StatusAnswer::Keeping => {
+            log(
+                "warn",
+                "call.status_answered_before_kept",
+                serde_json::json!({
+                    "call_sid": call_sid,
+                    "waited_ms": STATUS_ANSWER_WAIT.as_millis() as u64,
+                    "status": answer.status(),
+                    "then": "still being kept: call.record_written or call.record_failed follows",
+                }),
+            );
+            Ok(Response::ok(answer.body())?.with_status(answer.status()))
+        }
     }
-    Response::empty().map(|r| r.with_status(204))
 }
 
 /// Hands what a Twilio webhook said about a call (`body`, for the object's `url`) to the
