@@ -79,9 +79,13 @@ pub enum ServerEvent<'a> {
     },
     ResponseDone(ResponseInfo),
     RateLimitsUpdated(Vec<RateLimit>),
-    /// The model called a function: `response.function_call_arguments.done`.
+    /// The model called a function: `response.function_call_arguments.done`. Also sent for
+    /// a response that is interrupted, incomplete or cancelled (openai-python
+    /// `response_function_call_arguments_done_event.py`), with the arguments as far as they
+    /// got, possibly none: a call is not necessarily one the model finished.
     FunctionCall {
-        /// The response that called it (one cancelled unheard does not get its calls run).
+        /// The response that called it (one cancelled unheard, or talked over by the
+        /// caller, does not get its calls run).
         response_id: Option<String>,
         call_id: String,
         name: String,

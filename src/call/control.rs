@@ -311,6 +311,11 @@ pub(super) struct State {
     /// A response the server started after the goodbye was said (to the caller's "はい" over
     /// it): cancelled, and none of its audio is played.
     silenced: Option<String>,
+    /// The response the caller talked over (speech started while it was under way): the
+    /// server cancels it (`interrupt_response`) but still reports the function calls it had
+    /// begun (`response.function_call_arguments.done` comes for interrupted and cancelled
+    /// responses too), and those are not run.
+    interrupted: Option<String>,
     ending: Option<Ending>,
     /// Set once the REST request that ends the call succeeded.
     finished: Option<EndReason>,
@@ -366,6 +371,7 @@ impl State {
             response: None,
             response_spoke: false,
             silenced: None,
+            interrupted: None,
             ending: None,
             finished: None,
             last_activity: None,
@@ -659,6 +665,9 @@ impl Call {
     /// The caller started speaking: the server cancels a response under way
     /// (`interrupt_response`) and answers their turn once it ends.
     pub(super) fn caller_turn_started(&mut self, now: Millis) {
+        if self.response_active && self.control.response.is_some() {
+            self.control.interrupted = self.control.response.clone();
+        }
         self.control.reply_owed = false;
         self.control.caller_speaking = true;
         self.control.turn_hold = Some(now + SPEECH_HOLD_LIMIT);
@@ -781,6 +790,10 @@ impl Call {
         self.busy(now);
         self.control.response = None;
         self.control.response_spoke = false;
+        if response_id.is_some() && self.control.interrupted.as_deref() == response_id {
+            // Its calls have all been reported (they come before its `response.done`).
+            self.control.interrupted = None;
+        }
         self.control.greeting_unheard = false;
         self.control.reply_owed = false;
         if greeting {
@@ -974,6 +987,9 @@ impl Call {
                 json!({ "name": name, "call_id": call_id }),
             );
         }
+        if response_id.is_some() && self.control.interrupted.as_deref() == response_id {
+            return self.tool_not_run(call_id, name, arguments, now);
+        }
         self.busy(now);
         let args: Result<Value, _> = if arguments.trim().is_empty() {
             Ok(json!({}))
@@ -1087,6 +1103,43 @@ impl Call {
                 self.actions.push_back(Action::Http { id, request });
             }
         }
+    }
+
+    /// A function call of a response the caller talked over, reported after they started
+    /// speaking, with its arguments as far as they got (often none). The caller did not let
+    /// the agent finish, so what it was about to do is not done: no hang-up or transfer on
+    /// a caller mid-sentence, no webhook acting on it. The call is answered all the same,
+    /// so that the conversation holds no call without an output, but no response is asked
+    /// for: the caller's turn brings the next one, and the model can call the tool again.
+    fn tool_not_run(&mut self, call_id: String, name: String, arguments: String, now: Millis) {
+        *self
+            .stats
+            .dropped
+            .entry("function_call_interrupted")
+            .or_default() += 1;
+        self.log(
+            Level::Info,
+            "tool.not_run",
+            json!({ "name": name, "call_id": call_id, "why": "caller_interrupted" }),
+        );
+        let output = json!({
+            "ok": false,
+            "error": "Not run: the caller started speaking before this call was complete. Listen to the caller; call the tool again if it is still wanted.",
+        })
+        .to_string();
+        if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
+            self.add_item(|id| openai::function_call_output(&call_id, &output, Some(id)));
+        }
+        let arguments = serde_json::from_str(&arguments).unwrap_or(Value::String(arguments));
+        let r = ToolResult {
+            call_id: &call_id,
+            name: &name,
+            arguments,
+            ok: false,
+            output: &output,
+            took: Millis(0),
+        };
+        self.tool_event(&r, false, now);
     }
 
     /// A built-in tool that ends the call: the agent says its piece (goodbye, or the
@@ -1552,6 +1605,7 @@ impl Call {
         self.control.awaiting_created = false;
         self.control.response = None;
         self.control.response_spoke = false;
+        self.control.interrupted = None;
         // A tool still running answers into the next session (see tool_done_after_reconnect).
         for tool in self.control.pending_tools.values_mut() {
             tool.session_lost = true;

@@ -2681,4 +2681,5 @@ fn an_event_type_the_bridge_does_not_know_is_counted_and_logged_and_known_unused
 
 mod failed_responses;
 mod held_responses;
+mod interrupted_calls;
 mod reconnect;
