@@ -4,7 +4,8 @@
 //! after the agent has started answering. Each item gets its place (`seq`) when it is
 //! created, and its text, whenever that arrives, is written at that place. An agent turn
 //! cut by a barge-in is written with what was heard: first estimated from the share of its
-//! audio that played, then replaced by the server's own truncated transcript.
+//! audio that played, then replaced by the server's own truncated transcript (when it has
+//! one left: an empty one leaves the estimate).
 
 use crate::ids::ItemId;
 use crate::store::Role;
@@ -208,14 +209,19 @@ impl Conversation {
         ))
     }
 
-    /// The server's item after a truncate: its transcript is what the caller heard.
+    /// The server's item after a truncate: its transcript is what the caller heard. The
+    /// truncate deletes the server's transcript of what was not heard, and can leave none
+    /// at all (`""`) of a turn the caller heard part of: the estimate stands then.
     pub fn retrieved(&mut self, id: &ItemId, transcript: Option<&str>) -> Option<Entry> {
         let item = self.items.get_mut(id)?;
         let (heard, _) = item.cut?;
         if heard == 0 {
             return None;
         }
-        let text = transcript?.trim().to_owned();
+        let text = transcript
+            .map(str::trim)
+            .filter(|t| !t.is_empty())?
+            .to_owned();
         item.settled = true;
         item.text = text.clone();
         let item = &self.items[id];
@@ -269,6 +275,21 @@ mod tests {
         assert_eq!((exact.seq, exact.text.as_str()), (est.seq, "0123"));
         assert!(exact.interrupted);
         assert_eq!(c.agent_text(&id("a1"), "0123456789", 60), None, "settled");
+    }
+
+    #[test]
+    fn an_empty_server_text_after_a_cut_leaves_the_estimate() {
+        let mut c = Conversation::default();
+        c.added(&id("a1"), Some("assistant"), 0);
+        c.agent_delta(&id("a1"), "0123456789", 0);
+        let est = c.agent_cut(&id("a1"), 300, 1000, 0).unwrap();
+        assert_eq!(est.text, "012");
+        assert_eq!(c.retrieved(&id("a1"), Some("")), None);
+        assert_eq!(c.retrieved(&id("a1"), Some("  ")), None);
+        assert_eq!(c.text(&id("a1")), "0123456789", "not settled on nothing");
+        // The full transcript, should it come later, is still cut to the estimate.
+        let again = c.agent_text(&id("a1"), "0123456789", 50).unwrap();
+        assert_eq!((again.seq, again.text.as_str()), (est.seq, "012"));
     }
 
     #[test]

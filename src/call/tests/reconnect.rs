@@ -67,6 +67,50 @@ fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
     );
 }
 
+#[test]
+fn a_cut_turn_whose_server_transcript_comes_back_empty_keeps_its_estimate() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.response("resp_1");
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_a","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_a","delta":"一二三四五六七八九十"}"#);
+    // 1000 ms of audio, of which Twilio confirms 300 ms played.
+    let marks: Vec<String> = (0..10u8)
+        .map(|i| sim.agent_chunk("item_a", &audio(800, i)))
+        .collect();
+    sim.at(300);
+    sim.twilio(&mark(&marks[2]));
+    let out = sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":250,"item_id":"item_u"}"#,
+    );
+    assert_eq!(
+        sends_of(&out, "conversation.item.truncate")[0]["audio_end_ms"],
+        300
+    );
+    assert_eq!(sends_of(&out, "conversation.item.retrieve").len(), 1);
+    let estimated = transcript(&sim.records);
+    let cut = estimated.last().unwrap().clone();
+    assert_eq!(
+        (cut.1, cut.2.as_str(), cut.4),
+        (Role::Agent, "一二三", true)
+    );
+    // The truncate deleted the server's transcript: the item comes back with none.
+    let out = sim.openai(r#"{"type":"conversation.item.retrieved","item":{"id":"item_a","type":"message","role":"assistant","content":[{"type":"output_audio","transcript":""}]}}"#);
+    assert!(out.is_empty(), "{out:?}");
+    assert_eq!(
+        transcript(&sim.records),
+        estimated,
+        "the row is not rewritten"
+    );
+    sim.openai(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
+    sim.at(1_000);
+    lose(&mut sim);
+    let out = ready(&mut sim);
+    assert!(
+        messages(&out).contains(&("assistant".to_owned(), "一二三".to_owned())),
+        "the estimate is seeded: {out:?}"
+    );
+}
+
 fn dtmf(digit: &str) -> String {
     format!(
         r#"{{"event":"dtmf","streamSid":"{STREAM}","sequenceNumber":"5","dtmf":{{"track":"inbound_track","digit":"{digit}"}}}}"#
