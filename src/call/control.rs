@@ -40,6 +40,14 @@ pub const MAX_FAILED_RESPONSES: u32 = 2;
 /// longer than this from the start of their speech (speech that never stops is a noisy
 /// line more than a caller).
 pub const SPEECH_HOLD_LIMIT: Millis = Millis(15_000);
+/// A caller who is speaking keeps the line from going idle (no check-in, no idle goodbye
+/// over their words), but no longer than this from the start of their speech: a real turn
+/// ends well within it (server VAD ends it at the first pause; semantic VAD decides within
+/// 8 s of one), so speech that has not stopped by then is a noisy line or a lost
+/// `speech_stopped`, and the idle clock runs from here. Longer than [`SPEECH_HOLD_LIMIT`]
+/// (after which a held response may go out over such speech): a check-in asks whether
+/// anyone is there, which a long turn answers.
+pub const SPEECH_IDLE_LIMIT: Millis = Millis(60_000);
 /// Once the caller stops (server VAD), the server's own response to their turn is awaited
 /// this long; when none comes (speech too short to be a turn is not committed, or the
 /// session does not answer turns by itself), the response held goes out.
@@ -298,9 +306,10 @@ pub(super) struct State {
     /// The caller's last turn, committed and not yet transcribed: a session lost now takes
     /// those words with it, and the next one is seeded without them.
     untranscribed: Option<String>,
-    /// The caller is speaking (speech started, not yet stopped): a session lost now takes
-    /// the start of their words with it.
-    caller_speaking: bool,
+    /// The caller is speaking (speech started, not yet stopped), since this moment: a
+    /// session lost now takes the start of their words with it, and the line is not idle
+    /// (see [`SPEECH_IDLE_LIMIT`]).
+    caller_speaking: Option<Millis>,
     /// The caller's turn is under way, or has just ended and the server's own response to
     /// it (`create_response`) is to come: a response asked for meanwhile is held, not sent
     /// over their words nor beside that response, at most until this moment.
@@ -366,7 +375,7 @@ impl State {
             greeting_unheard: false,
             reply_owed: false,
             untranscribed: None,
-            caller_speaking: false,
+            caller_speaking: None,
             turn_hold: None,
             response: None,
             response_spoke: false,
@@ -494,14 +503,27 @@ impl Call {
             }
         }
         if self.line_can_idle() {
-            if let Some(t) = c.last_activity {
+            if let Some(t) = self.idle_since() {
                 next.push(t + c.idle_timeout);
             }
         }
         next.into_iter().min()
     }
 
-    /// Idle time counts only while nobody (caller, agent or a tool) has the floor.
+    /// Where the line's silence counts from: the last activity, or while the caller is
+    /// speaking, no earlier than [`SPEECH_IDLE_LIMIT`] after their speech started (their
+    /// speech is activity, up to that bound).
+    fn idle_since(&self) -> Option<Millis> {
+        let c = &self.control;
+        let last = c.last_activity?;
+        Some(match c.caller_speaking {
+            Some(since) => last.max(since + SPEECH_IDLE_LIMIT),
+            None => last,
+        })
+    }
+
+    /// Idle time counts only while nobody (agent or a tool) has the floor; a caller who is
+    /// speaking holds it off too (see `idle_since`).
     fn line_can_idle(&self) -> bool {
         self.upstream == Upstream::Ready
             && self.stream.is_some()
@@ -572,8 +594,7 @@ impl Call {
             }
         }
         let idle_due = self
-            .control
-            .last_activity
+            .idle_since()
             .is_some_and(|t| now >= t + self.control.idle_timeout);
         if self.line_can_idle() && idle_due {
             if !self.control.checked_in {
@@ -669,13 +690,13 @@ impl Call {
             self.control.interrupted = self.control.response.clone();
         }
         self.control.reply_owed = false;
-        self.control.caller_speaking = true;
+        self.control.caller_speaking = Some(now);
         self.control.turn_hold = Some(now + SPEECH_HOLD_LIMIT);
     }
 
     /// The server heard the caller stop: its response to their turn is to come.
     pub(super) fn caller_turn_stopped(&mut self, now: Millis) {
-        self.control.caller_speaking = false;
+        self.control.caller_speaking = None;
         self.control.turn_hold = Some(now + self.turn_response_wait());
     }
 
@@ -683,7 +704,7 @@ impl Call {
     /// and its transcript is to come.
     pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>, now: Millis) {
         self.control.reply_owed = true;
-        self.control.caller_speaking = false;
+        self.control.caller_speaking = None;
         self.control.untranscribed = item_id.map(str::to_owned);
         self.control.turn_hold = Some(now + self.turn_response_wait());
     }
@@ -719,7 +740,7 @@ impl Call {
         self.control.awaiting_created = false;
         self.control.reply_owed = true;
         // A response follows the end of the caller's turn.
-        self.control.caller_speaking = false;
+        self.control.caller_speaking = None;
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
         if let (Some(id), true) = (response_id, self.goodbye_said()) {
@@ -1594,7 +1615,7 @@ impl Call {
         if lost_now {
             self.ending_lost(now);
             self.reply_lost();
-            if !self.control.caller_speaking {
+            if self.control.caller_speaking.is_none() {
                 // A turn the lost session was to answer is the new one's to answer
                 // (`reply_lost`); speech under way still holds a response (see below).
                 self.control.turn_hold = None;
@@ -1683,7 +1704,7 @@ impl Call {
     /// it missed the start, so its answer asks for it rather than guess. Not asked for a
     /// response now: the caller is still talking.
     fn speech_lost(&mut self) {
-        if std::mem::take(&mut self.control.caller_speaking) {
+        if self.control.caller_speaking.take().is_some() {
             let ask = self.notes().ask_again.to_owned();
             if !self.control.late_notes.contains(&ask) {
                 self.control.late_notes.push(ask);

@@ -2211,9 +2211,86 @@ fn a_failed_response_is_logged_with_its_error() {
 #[test]
 fn speech_resets_the_idle_check() {
     let mut sim = Sim::greeted(Agent::default());
-    sim.at(IDLE.0 - 1);
+    sim.at(IDLE.0 - 2_001);
     sim.openai(r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1}"#);
+    sim.at(IDLE.0 - 1);
+    sim.openai(r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":2001}"#);
     assert_eq!(sim.call.poll_timeout(), Some(Millis(2 * IDLE.0 - 1)));
+}
+
+impl Sim {
+    /// Lets the clock run to `until`, handling every timeout that falls due on the way;
+    /// returns what the machine did.
+    fn run_until(&mut self, until: u64) -> Vec<Action> {
+        let mut out = vec![];
+        for _ in 0..1_000 {
+            match self.call.poll_timeout() {
+                Some(t) if t.0 <= until => {
+                    let t = t.0.max(self.now.0);
+                    self.at(t);
+                    out.extend(self.input(Input::Timeout));
+                }
+                _ => break,
+            }
+        }
+        self.at(until);
+        out.extend(self.input(Input::Timeout));
+        out
+    }
+}
+
+#[test]
+fn a_caller_still_speaking_is_not_checked_in_on_nor_hung_up_on() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    // A long turn, or a line whose `speech_stopped` is slow to come: no "are you still
+    // there?" over the caller's words, and no idle goodbye after it.
+    let out = sim.run_until(1_000 + 2 * IDLE.0 + 1);
+    assert!(
+        sends_of(&out, "conversation.item.create").is_empty(),
+        "{out:?}"
+    );
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    assert!(events(&sim.records).is_empty(), "{:?}", sim.records);
+    // Their turn ends: the silence counts from then.
+    sim.at(1_000 + 2 * IDLE.0 + 500);
+    sim.openai(r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":61000}"#);
+    sim.response("resp_answer");
+    sim.response_done("resp_answer");
+    let done = sim.now;
+    assert_eq!(sim.call.poll_timeout(), Some(done + IDLE));
+}
+
+#[test]
+fn speech_that_never_stops_lets_the_line_go_idle_after_the_bound() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    // A noisy line, or a lost `speech_stopped`: the speech counts as activity only up to
+    // SPEECH_IDLE_LIMIT from its start, then the line idles as any silent one.
+    let due = Millis(1_000) + control::SPEECH_IDLE_LIMIT + IDLE;
+    assert_eq!(sim.call.poll_timeout(), Some(due));
+    let out = sim.run_until(due.0 - 1);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    sim.at(due.0);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(system_notes(&out).len(), 1, "the check-in: {out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_c");
+    sim.response_done("resp_c");
+    let out = sim.run_until(due.0 + IDLE.0);
+    assert_eq!(
+        sends_of(&out, "response.create").len(),
+        1,
+        "the goodbye: {out:?}"
+    );
+    sim.response("resp_bye");
+    let out = sim.response_done("resp_bye");
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed");
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["idle_check_in", "idle_hangup"]);
 }
 
 #[test]
