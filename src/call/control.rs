@@ -1571,9 +1571,19 @@ impl Call {
 
     // ---- a lost or expired session ----
 
-    /// Opens a new Realtime session after losing one; false when the window has passed.
+    /// Opens a new Realtime session after losing one; false when the window has passed, or
+    /// when the call's ending needs no session (see `ending_needs_no_agent`).
     pub(super) fn try_reconnect(&mut self, now: Millis, failure: &EndReason) -> bool {
-        if self.ended.is_some() || self.failing() || self.control_asked_twilio() {
+        if self.ended.is_some() || self.failing() {
+            return false;
+        }
+        if self.control.reconnect.is_none() {
+            // A goodbye heard in part stands as said: the ending may need no session now.
+            self.ending_lost(now);
+        }
+        if self.ending_needs_no_agent() {
+            // Its words are said: a new session would cost one and serve nothing, and its
+            // failure must not hand the caller to the fallback (see `fail`).
             return false;
         }
         let why = failure
@@ -1613,7 +1623,6 @@ impl Call {
         self.held_output.clear();
         self.held_output_bytes = 0;
         if lost_now {
-            self.ending_lost(now);
             self.reply_lost();
             if self.control.caller_speaking.is_none() {
                 // A turn the lost session was to answer is the new one's to answer
@@ -1643,7 +1652,8 @@ impl Call {
 
     /// The session was lost while the agent was to say its goodbye (or transfer notice).
     /// Heard in part or in full, it stands as said: the call ends once what was sent has
-    /// played. Not started, the new session is asked for it (see `on_session_ready`).
+    /// played, and no new session is wanted. Not started, the new session is asked for it
+    /// (see `on_session_ready`).
     fn ending_lost(&mut self, now: Millis) {
         let spoke = self.response_active && self.control.response_spoke;
         let current = self.control.response.clone();
@@ -1727,11 +1737,18 @@ impl Call {
     }
 
     pub(super) fn on_reconnect_timer(&mut self, now: Millis) {
+        let settled = self.ending_needs_no_agent();
         let Some(r) = &mut self.control.reconnect else {
             return;
         };
         if r.connect_at.is_some_and(|t| now >= t) {
             r.connect_at = None;
+            if settled {
+                // The ending's words were said while this attempt waited (the time limit's
+                // end, say): the session is given up on, and the ending goes ahead.
+                let cause = r.cause.clone();
+                return self.fail(cause, now);
+            }
             self.connect_again();
         }
     }
@@ -1739,6 +1756,20 @@ impl Call {
     /// Gives up on replacing the session; returns what lost it in the first place.
     pub(super) fn cancel_reconnect(&mut self) -> Option<EndReason> {
         self.control.reconnect.take().map(|r| r.cause)
+    }
+
+    /// The call's ending needs nothing more of the agent: its words have been said (or will
+    /// not be) and what was sent is playing out before the hang-up or transfer (`Draining`),
+    /// or Twilio has already been asked for it.
+    pub(super) fn ending_needs_no_agent(&self) -> bool {
+        self.control_asked_twilio()
+            || matches!(
+                self.control.ending,
+                Some(Ending {
+                    phase: Phase::Draining,
+                    ..
+                })
+            )
     }
 
     /// A hang-up or transfer request has gone to Twilio (or already succeeded).

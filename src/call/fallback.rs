@@ -1,6 +1,8 @@
 //! The caller is never left in silence: when the agent side fails for good (its session
 //! cannot start, or is lost and cannot be replaced in time), the call is redirected through
-//! Twilio REST to the fallback TwiML (the apology, and a transfer when a number is set).
+//! Twilio REST to the fallback TwiML (the apology, and a transfer when a number is set);
+//! unless the call is already ending and its goodbye (or transfer notice) has been said,
+//! when the hang-up or transfer goes ahead as planned.
 //!
 //! The stream stays open while the redirect is on its way. Twilio ends it (`stop`) once
 //! the redirect takes hold; the call is then recorded as failed with the original reason.
@@ -54,13 +56,17 @@ impl Call {
         // The call failed for what lost its session, not for the last attempt to replace it.
         let last = reason;
         let reason = self.cancel_reconnect().unwrap_or_else(|| last.clone());
-        if self.control_asked_twilio() {
-            // A hang-up or transfer is already with Twilio: its `stop` ends the call.
-            self.log(
-                Level::Warn,
-                "call.agent_lost_while_finishing",
-                json!({ "reason": reason.label(), "detail": reason.detail() }),
-            );
+        if self.ending_needs_no_agent() {
+            // The goodbye (or transfer notice) has been said and is playing out, or the
+            // hang-up or transfer is already with Twilio: nothing more is wanted of the
+            // agent. The ending goes ahead as planned (its `stop` ends the call, recorded as
+            // the hang-up or transfer it is: the caller got what was planned), and the loss
+            // is logged; the apology and the fallback number would contradict the goodbye.
+            let mut detail = json!({ "reason": reason.label(), "detail": reason.detail() });
+            if last != reason {
+                detail["last_failure"] = json!(last.detail_text());
+            }
+            self.log(Level::Warn, "call.agent_lost_while_finishing", detail);
             return;
         }
         let mut detail = json!({

@@ -1156,6 +1156,153 @@ fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
     assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
 
+/// The agent calls `tool` and says its piece (audio, not yet played); returns the mark
+/// that confirms it played.
+fn ending_said_not_played(sim: &mut Sim, tool: &str) -> String {
+    sim.response("resp_1");
+    sim.function_call(tool, "{}");
+    sim.response_done("resp_1");
+    sim.response("resp_2");
+    let m = sim.agent_chunk("item_bye", &audio(1600, 9));
+    let out = sim.response_done("resp_2");
+    assert!(http_of(&out).is_empty(), "not played yet: {out:?}");
+    m
+}
+
+#[test]
+fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_planned() {
+    for tool in ["end_call", "transfer_call"] {
+        let mut sim = Sim::greeted(agent_with_tools());
+        let m = ending_said_not_played(&mut sim, tool);
+        sim.at(500);
+        let out = sim.input(Input::OpenAiClosed {
+            code: 1011,
+            reason: "server_error",
+        });
+        // Nothing more is wanted of the agent: no new session, no apology over the goodbye.
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+            "{tool}: {out:?}"
+        );
+        assert!(http_of(&out).is_empty(), "{tool}: no redirect: {out:?}");
+        assert!(
+            !out.iter().any(|a| matches!(a, Action::CloseTwilio { .. })),
+            "{tool}: {out:?}"
+        );
+        let lost = sim.logged("call.agent_lost_while_finishing");
+        assert_eq!(lost.len(), 1, "{tool}");
+        assert_eq!(lost[0]["reason"], "openai_closed");
+        // Once it has played, the ending goes out as planned.
+        sim.at(1_000);
+        let out = sim.twilio(&mark(&m));
+        let reqs = http_of(&out);
+        assert_eq!(reqs.len(), 1, "{tool}: {out:?}");
+        let body = &reqs[0].1.body;
+        if tool == "end_call" {
+            assert_eq!(body, "Status=completed");
+        } else {
+            assert!(body.starts_with("Twiml="), "{body}");
+            assert!(body.contains("81312345678"), "the transfer number: {body}");
+        }
+        rest_answers(&mut sim, reqs[0].0, 200);
+        sim.twilio(STOP);
+        let want = if tool == "end_call" {
+            "agent_hangup"
+        } else {
+            "transferred"
+        };
+        assert_eq!(sim.end_label(), Some(want), "{tool}");
+        let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+        assert!(
+            !kinds.iter().any(|k| k.starts_with("fallback")),
+            "{tool}: {kinds:?}"
+        );
+    }
+}
+
+#[test]
+fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_redirect() {
+    let agent = Agent {
+        max_call_seconds: 35,
+        ..agent_with_tools()
+    };
+    let mut sim = Sim::greeted(agent);
+    // The wrap-up, said and not yet played.
+    sim.at(5_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_w");
+    let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    sim.response_done("resp_w");
+    // The session is lost, and a new one is on its way when the time limit's end comes.
+    sim.at(34_000);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    sim.at(35_000);
+    let out = sim.input(Input::Timeout);
+    assert!(http_of(&out).is_empty(), "the wrap-up still plays: {out:?}");
+    // The key is refused on the reconnect: the end goes ahead all the same.
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "401 Unauthorized",
+        status: Some(401),
+    });
+    assert!(http_of(&out).is_empty(), "no redirect: {out:?}");
+    assert!(sim.call.poll_timeout().is_some());
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    rest_answers(&mut sim, reqs[0].0, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
+    let lost = sim.logged("call.agent_lost_while_finishing");
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0]["reason"], "openai_closed", "what lost it first");
+}
+
+#[test]
+fn a_delayed_reconnect_attempt_due_once_the_ending_is_draining_is_not_made() {
+    let agent = Agent {
+        max_call_seconds: 35,
+        ..agent_with_tools()
+    };
+    let mut sim = Sim::greeted(agent);
+    sim.at(5_000);
+    sim.input(Input::Timeout);
+    sim.response("resp_w");
+    let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    sim.response_done("resp_w");
+    sim.at(34_800);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    // The first attempt is refused for a passing reason: the next waits 0.5 s, past the
+    // time limit's end.
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "503",
+        status: Some(503),
+    });
+    assert!(!out
+        .iter()
+        .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    let out = sim.run_until(35_500);
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+        "{out:?}"
+    );
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    assert_eq!(sim.logged("call.agent_lost_while_finishing").len(), 1);
+    let out = sim.twilio(&mark(&m));
+    assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
+}
+
 #[test]
 fn usage_is_summed_over_responses() {
     let mut sim = Sim::live();

@@ -297,19 +297,17 @@ fn a_goodbye_heard_in_part_when_the_session_is_lost_ends_the_call_once_it_has_pl
         .map(|i| sim.agent_chunk("item_bye", &audio(800, i)))
         .collect();
     sim.at(1_200);
-    lose(&mut sim);
-    sim.at(1_700);
-    let out = ready(&mut sim);
-    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
-    assert!(system_notes(&out).is_empty(), "{out:?}");
-    // It stands as said: the caller's "はい" over it does not call the end off.
-    sim.at(1_800);
-    let out = sim.openai(&speech_started());
-    assert!(sends_of(&out, "clear").is_empty(), "{out:?}");
-    assert!(!sim
-        .info_events
-        .iter()
-        .any(|e| e == "control.ending_called_off"));
+    // It stands as said: nothing more is wanted of the agent, so no new session.
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+        "{out:?}"
+    );
+    assert!(http_of(&out).is_empty(), "no fallback: {out:?}");
     // The hang-up follows what was sent as soon as it has played, not GOODBYE_TIMEOUT on.
     sim.at(2_300);
     for m in &marks[..9] {
