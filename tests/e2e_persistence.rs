@@ -764,6 +764,100 @@ async fn a_status_callback_the_call_object_does_not_take_is_written_to_d1() {
     );
 }
 
+/// A call its Durable Object cannot take: the object keeps the call's row before it takes
+/// the call, and here cannot, its first D1 write and its first write to its own storage
+/// failing (`FAULT_INJECT_D1_FAILURES`, `FAULT_INJECT_STORAGE_FAILURES`: whichever of the
+/// two it tries first fails), so `/register` answers 500 (`call.register_failed`). The caller
+/// hears the fallback (the apology, then the fallback number) rather than Twilio's
+/// "application error"; the call's row, handed to the object once the answer has gone, says
+/// why the agent never took it; and a Media Stream for the call is refused, the object never
+/// having registered it. Some 15 s, most of them the Worker's start.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_its_object_cannot_register_gets_the_fallback_and_is_recorded_with_why() {
+    const APOLOGY: &str = "ただいま担当者におつなぎします。";
+    const FALLBACK_NUMBER: &str = "+81300002222";
+    let h = own_worker(
+        "e2e-persistence-not-registered",
+        "the Worker whose call objects cannot keep a registration",
+        &[
+            ("FAULT_INJECT_D1_FAILURES", "1"),
+            ("FAULT_INJECT_STORAGE_FAILURES", "1"),
+            ("FALLBACK_MESSAGE", APOLOGY),
+            ("FALLBACK_DIAL_NUMBER", FALLBACK_NUMBER),
+        ],
+    )
+    .await;
+    let h = &h;
+    let admin = admin(h);
+    let ids = CallIds::new();
+    let (from, to) = ("+15551230306", "+81312345678");
+    let params = tw::voice_params(&ids, from, to);
+    let url = h.voice_url();
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert_eq!(
+        (reply.status, reply.body.as_str()),
+        (
+            200,
+            format!(
+                "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">{APOLOGY}</Say>\
+                 <Dial>{FALLBACK_NUMBER}</Dial></Response>"
+            )
+            .as_str()
+        ),
+        "the answer is the fallback, with no <Connect><Stream>\n{}",
+        h.worker.log_tail(40)
+    );
+
+    // The row says the agent did not serve the call, and why.
+    let detail = fallback_row(h, &admin, &ids).await;
+    assert_eq!(
+        project(
+            &detail["call"],
+            &[
+                "status",
+                "end_reason",
+                "end_detail",
+                "from_number",
+                "to_number",
+                "agent_id",
+                "stream_sid",
+                "ended_at"
+            ]
+        ),
+        json!({"status": "failed", "end_reason": "not_registered", "end_detail": "HTTP 500",
+               "from_number": from, "to_number": to, "agent_id": "default",
+               "stream_sid": null, "ended_at": null}),
+        "{}",
+        pretty(&detail)
+    );
+
+    // The log says what happened, with the CallSid: the object's storage refused the
+    // registration's row, and the Worker could not register the call.
+    let sid = ids.call_sid.as_str();
+    let (_, line) = log_line(h, sid, "outbox.store_failed").await;
+    assert!(line.contains("FAULT_INJECT_STORAGE_FAILURES"), "{line}");
+    let (_, line) = log_line(h, sid, "call.register_failed").await;
+    assert!(
+        line.contains(r#""level":"error""#) && line.contains("HTTP 500"),
+        "{line}"
+    );
+
+    // Twilio never gets a Stream URL for this call; one tried all the same is refused, as
+    // for any call the object has no voice webhook for.
+    let stream_url = h.expected_stream_url(sid);
+    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &stream_url, &[]);
+    match MediaStream::connect(&stream_url, Some(&sig)).await {
+        Err(tw::ConnectError::Refused { status, body }) => {
+            assert_eq!(status, 404, "{body}");
+        }
+        Err(e) => panic!("expected 404, got {e:?}"),
+        Ok(_) => panic!("a stream for a call its object never registered was accepted"),
+    }
+    let (_, line) = log_line(h, sid, "stream.refused").await;
+    assert!(line.contains("no signed voice webhook"), "{line}");
+}
+
 /// The first line of the Worker's log with `event` for the call, and its place in the log,
 /// waiting a little for it (the log comes through a pipe).
 async fn log_line(h: &Harness, call_sid: &str, event: &str) -> (usize, String) {
