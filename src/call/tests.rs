@@ -264,6 +264,17 @@ fn expect_redirect(out: &[Action]) -> u64 {
 impl Sim {
     /// After a lost session: a new connect, at once or (for later attempts) when the
     /// machine's timer says.
+    /// The session was lost while the call was ending and nothing more is wanted of the
+    /// agent: no new session is asked for, and no redirect to the fallback goes to Twilio.
+    fn expect_no_new_session(out: &[Action], what: &str) {
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+            "{what}: no new session: {out:?}"
+        );
+        assert!(http_of(out).is_empty(), "{what}: no redirect: {out:?}");
+    }
+
     fn expect_reconnect(&mut self, out: Vec<Action>, attempt: u32) {
         let connects = |out: &[Action]| {
             out.iter()
@@ -1143,10 +1154,7 @@ fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
         code: 1000,
         reason: "",
     });
-    assert!(http_of(&out).is_empty(), "no redirect: {out:?}");
-    assert!(!out
-        .iter()
-        .any(|a| matches!(a, Action::ConnectOpenAi { .. })));
+    Sim::expect_no_new_session(&out, "the hang-up is with Twilio");
     let ok = http::Outcome::Response {
         status: 200,
         body: "{}".into(),
@@ -1180,12 +1188,7 @@ fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_p
             reason: "server_error",
         });
         // Nothing more is wanted of the agent: no new session, no apology over the goodbye.
-        assert!(
-            !out.iter()
-                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
-            "{tool}: {out:?}"
-        );
-        assert!(http_of(&out).is_empty(), "{tool}: no redirect: {out:?}");
+        Sim::expect_no_new_session(&out, tool);
         assert!(
             !out.iter().any(|a| matches!(a, Action::CloseTwilio { .. })),
             "{tool}: {out:?}"
