@@ -608,7 +608,7 @@ export function table(results, alsoAgainst = null) {
         return ratios.length ? ratios.map((x) => `${x.toFixed(2)}×`).join(' ') : '-';
       };
       row(`  ratio to ${second.target}, each round`, (r) => against(r, 'perRound'));
-      row(`  the same while all calls stream, each round`, (r) => against(r, 'steadyPerRound'));
+      row(`  the same while all calls stream, ratio to ${second.target}`, (r) => against(r, 'steadyPerRound'));
     }
   }
   const header = ['', ...results.map((r) => r.target), ...others.map((r) => `${r.target} / ${base.target}`)];

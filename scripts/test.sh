@@ -25,6 +25,9 @@ bash scripts/build.sh
 # The benchmark's Rust floor is built only by scripts/bench.sh: checked here so it keeps
 # compiling against the worker crate the bridge uses.
 log "checking the benchmark's Rust floor (bench/floor-rs)"
+lock_wasm_bindgen() { grep -A1 '^name = "wasm-bindgen"$' "$1" | sed -n 's/^version = "\(.*\)"/\1/p'; }
+[[ "$(lock_wasm_bindgen bench/floor-rs/Cargo.lock)" == "$(lock_wasm_bindgen Cargo.lock)" ]] ||
+  die "bench/floor-rs/Cargo.lock's wasm-bindgen is not Cargo.lock's: worker-build would build it with another wasm-bindgen-cli (run cargo update -p wasm-bindgen --precise $(lock_wasm_bindgen Cargo.lock) in bench/floor-rs)"
 (cd bench/floor-rs && cargo check --release --target "$WASM_TARGET" --quiet)
 
 # For tests that run `wrangler dev` on the default local state.

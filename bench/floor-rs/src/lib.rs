@@ -216,6 +216,11 @@ async fn connect(call: &Shared, url: &str, key: &str) -> Result<()> {
         .websocket()
         .ok_or_else(|| Error::RustError("no websocket".into()))?;
     ws.accept()?;
+    if call.borrow().ended {
+        // The caller's side ended while this connected: nothing to relay, no listeners.
+        let _ = ws.close(Some(1000), Some("done"));
+        return Ok(());
+    }
     let c = call.clone();
     listen(call, &ws, "message", move |e| {
         let Some(text) = text(&e) else { return };
@@ -240,10 +245,6 @@ async fn connect(call: &Shared, url: &str, key: &str) -> Result<()> {
         r#"{"type":"session.update","session":{"type":"realtime","output_modalities":["audio"],"audio":{"input":{"format":{"type":"audio/pcmu"},"turn_detection":{"type":"server_vad"}},"output":{"format":{"type":"audio/pcmu"}}}}}"#,
     )?;
     let mut c = call.borrow_mut();
-    if c.ended {
-        let _ = ws.close(Some(1000), Some("done"));
-        return Ok(());
-    }
     for msg in std::mem::take(&mut c.pending) {
         ws.send_with_str(&msg)?;
     }
