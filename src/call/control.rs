@@ -1802,6 +1802,34 @@ impl Call {
         }
     }
 
+    /// A session has come up (its `session.updated`) when the call's ending needs nothing
+    /// more of the agent (see `ending_needs_no_agent`): a reconnect already on its way when
+    /// the time limit's end came, say. It is not used: no seed, no response (the agent
+    /// would talk past the end, and the hang-up would wait for it), but closed, and the loss
+    /// it was to make up for is logged as one while the call ends. True when so.
+    pub(super) fn session_unwanted(&mut self, now: Millis) -> bool {
+        if !self.ending_needs_no_agent() {
+            return false;
+        }
+        self.log(
+            Level::Info,
+            "openai.session_not_used",
+            json!({ "why": "the call is ending" }),
+        );
+        self.upstream = Upstream::Closed;
+        self.setup_deadline = None;
+        self.actions.push_back(Action::CloseOpenAi {
+            code: 1000,
+            reason: "the call is ending".into(),
+        });
+        if let Some(r) = &self.control.reconnect {
+            let cause = r.cause.clone();
+            // The ending goes ahead as planned (see `fail`).
+            self.fail(cause, now);
+        }
+        true
+    }
+
     /// A session is ready: seed it with the conversation so far (after a reconnect; for
     /// the first session, the keys pressed before it was ready).
     pub(super) fn on_session_ready(&mut self, now: Millis) {

@@ -1056,7 +1056,7 @@ impl Call {
             }
             return self.fail(EndReason::SessionRejected { reason }, now);
         }
-        if self.upstream == Upstream::Ready {
+        if self.upstream == Upstream::Ready || self.session_unwanted(now) {
             return;
         }
         self.upstream = Upstream::Ready;

@@ -1307,6 +1307,57 @@ fn a_delayed_reconnect_attempt_due_once_the_ending_is_draining_is_not_made() {
 }
 
 #[test]
+fn a_reconnect_that_comes_up_once_the_time_limit_s_end_is_draining_is_not_used() {
+    let agent = Agent {
+        max_call_seconds: 35,
+        ..agent_with_tools()
+    };
+    let mut sim = Sim::greeted(agent);
+    sim.at(5_000);
+    sim.input(Input::Timeout);
+    sim.response("resp_w");
+    let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    // Lost mid-reply (a reply the new session would be asked to go on with), a second
+    // before the time limit's end; the first attempt goes out at once.
+    sim.at(34_000);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    sim.at(35_000);
+    let out = sim.input(Input::Timeout);
+    assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
+    // The new session comes up: nothing is wanted of it, so it is neither seeded nor
+    // asked to speak (the agent would talk past the limit), but closed.
+    sim.at(35_100);
+    sim.openai_opened();
+    let out = sim.openai(&session_updated("audio/pcmu"));
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(
+        sends_of(&out, "conversation.item.create").is_empty(),
+        "{out:?}"
+    );
+    assert!(
+        out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "{out:?}"
+    );
+    assert!(http_of(&out).is_empty(), "no redirect: {out:?}");
+    let lost = sim.logged("call.agent_lost_while_finishing");
+    assert_eq!(lost.len(), 1);
+    assert_eq!(lost[0]["reason"], "openai_closed", "what lost it first");
+    // The hang-up follows the old reply's last mark.
+    sim.at(35_200);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    rest_answers(&mut sim, reqs[0].0, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
+}
+
+#[test]
 fn usage_is_summed_over_responses() {
     let mut sim = Sim::live();
     for _ in 0..2 {
