@@ -739,8 +739,12 @@ impl Call {
         self.control.retry_greeting = false;
         self.control.awaiting_created = false;
         self.control.reply_owed = true;
-        // A response follows the end of the caller's turn.
-        self.control.caller_speaking = None;
+        if answers_turn {
+            // Their turn has ended. One of ours (a held response let out over speech that
+            // goes on past SPEECH_HOLD_LIMIT) says nothing of that: the caller may still be
+            // speaking, which keeps the line from going idle.
+            self.control.caller_speaking = None;
+        }
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
         if let (Some(id), true) = (response_id, self.goodbye_said()) {

@@ -300,6 +300,29 @@ fn a_held_response_goes_out_when_no_turn_comes_of_the_speech() {
 }
 
 #[test]
+fn a_held_response_released_over_speech_does_not_end_the_speech_s_hold_on_the_idle_clock() {
+    let (mut sim, id) = lookup_running();
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_200);
+    tool_answer(&mut sim, id);
+    // Held no longer than 15 s, it goes out over speech that goes on (no `speech_stopped`).
+    sim.at(16_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_held");
+    sim.at(16_500);
+    sim.response_done("resp_held");
+    // Not an answer to the caller's turn, which is still under way: their speech still
+    // counts as activity up to SPEECH_IDLE_LIMIT from its start, not the response's end.
+    let due = Millis(1_000) + control::SPEECH_IDLE_LIMIT + IDLE;
+    assert_eq!(sim.call.poll_timeout(), Some(due));
+    let out = sim.run_until(due.0 - 1);
+    assert!(system_notes(&out).is_empty(), "no check-in yet: {out:?}");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
 fn with_semantic_vad_the_end_of_the_turn_is_awaited_longer() {
     let mut agent = agent_with_tools();
     agent.turn_detection.kind = "semantic_vad".into();
