@@ -1134,8 +1134,11 @@ impl Call {
     /// speaking, with its arguments as far as they got (often none). The caller did not let
     /// the agent finish, so what it was about to do is not done: no hang-up or transfer on
     /// a caller mid-sentence, no webhook acting on it. The call is answered all the same,
-    /// so that the conversation holds no call without an output, but no response is asked
-    /// for: the caller's turn brings the next one, and the model can call the tool again.
+    /// so that the conversation holds no call without an output, and a response is asked
+    /// for as for any tool's result: held while the caller speaks, it is the server's own
+    /// answer to their turn; when none comes (noise the server never commits or answers),
+    /// it goes out once the wait for one is over, rather than leave the line silent. The
+    /// model can call the tool again.
     fn tool_not_run(&mut self, call_id: String, name: String, arguments: String, now: Millis) {
         *self
             .stats
@@ -1165,6 +1168,7 @@ impl Call {
             took: Millis(0),
         };
         self.tool_event(&r, false, now);
+        self.request_response();
     }
 
     /// A built-in tool that ends the call: the agent says its piece (goodbye, or the

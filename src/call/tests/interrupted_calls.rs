@@ -1,7 +1,8 @@
 //! Scenario tests of function calls of a response the caller talked over: the server
 //! cancels that response (`interrupt_response`) and still reports the calls it had begun
 //! (`response.function_call_arguments.done`, arguments as far as they got). Reported after
-//! the caller started speaking, they are answered "not run" and not run.
+//! the caller started speaking, they are answered "not run" and not run; the response that
+//! answer asks for waits for the caller's turn, whose answer by the server is that response.
 
 use super::*;
 
@@ -40,7 +41,8 @@ fn talked_over_call(sim: &mut Sim, name: &str, args: &str) -> (Vec<Action>, Vec<
 }
 
 /// The call's answer to the function call among `out`: one `function_call_output` saying
-/// it was not run, and nothing else asked of the model or of anyone.
+/// it was not run, and nothing else sent to the model or anyone (the response it asks for
+/// is held: the caller is speaking).
 fn assert_answered_not_run(out: &[Action]) {
     let created = sends_of(out, "conversation.item.create");
     assert_eq!(created.len(), 1, "{out:?}");
@@ -57,13 +59,19 @@ fn assert_answered_not_run(out: &[Action]) {
     assert!(http_of(out).is_empty(), "{out:?}");
 }
 
-/// The call goes on: the server answers the caller's turn, no hang-up or transfer follows
-/// (not even past the goodbye's time limit), and no response of ours is asked for.
+/// The call goes on: the server answers the caller's turn, and that answer is the response
+/// the output asked for (no second one of ours); no hang-up or transfer follows (not even
+/// past the goodbye's time limit).
 fn assert_call_goes_on(sim: &mut Sim) {
     sim.at(1_500);
     sim.openai(STOPPED);
     sim.openai(COMMITTED);
     sim.response("resp_vad");
+    assert_eq!(
+        sim.logged("control.held_response_taken_by_server").len(),
+        1,
+        "the server's answer to the turn is the response asked for"
+    );
     let m = sim.agent_chunk("item_answer", &audio(800, 1));
     let mut out = sim.response_done("resp_vad");
     out.extend(sim.twilio(&mark(&m)));
@@ -122,6 +130,36 @@ fn a_webhook_tool_reported_after_the_caller_talked_over_its_response_is_not_post
     assert_eq!(tool["name"], "lookup_customer");
     assert_eq!(tool["arguments"]["phone"], "+8190");
     assert_eq!(tool["ok"], false);
+}
+
+#[test]
+fn a_call_not_run_asks_for_a_response_once_no_answer_to_the_speech_comes() {
+    // Noise the server never commits: speech stopped, no turn, no answer of its own. The
+    // agent speaks once the wait for one is over, rather than leave the line silent.
+    let mut sim = caller_talks_over_resp_1();
+    let (call, done) = talked_over_call(&mut sim, "end_call", "");
+    assert_answered_not_run(&call);
+    assert!(sends_of(&done, "response.create").is_empty(), "{done:?}");
+    sim.at(1_500);
+    assert!(sends_of(&sim.openai(STOPPED), "response.create").is_empty());
+    sim.at(1_500 + control::TURN_RESPONSE_WAIT.0 - 1);
+    assert!(sends_of(&sim.input(Input::Timeout), "response.create").is_empty());
+    sim.at(1_500 + control::TURN_RESPONSE_WAIT.0);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    assert!(http_of(&out).is_empty(), "no hang-up: {out:?}");
+
+    // Speech that never stops: held no longer than 15 s from its start.
+    let mut sim = caller_talks_over_resp_1();
+    let (_, done) = talked_over_call(&mut sim, "lookup_customer", "{}");
+    assert!(sends_of(&done, "response.create").is_empty(), "{done:?}");
+    let held_until = 300 + control::SPEECH_HOLD_LIMIT.0;
+    sim.at(held_until - 1);
+    assert!(sends_of(&sim.input(Input::Timeout), "response.create").is_empty());
+    sim.at(held_until);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    assert!(http_of(&out).is_empty(), "no webhook: {out:?}");
 }
 
 #[test]
