@@ -581,6 +581,42 @@ async fn greeting_follows_start_and_its_audio_reaches_twilio_byte_exact_with_a_m
     ok(h, session.wait_closed(SOON).await);
 }
 
+/// A caller who hangs up while the Realtime session is still being opened: the session that
+/// opens after the call ended is closed at once, with nothing sent on it, rather than left
+/// open at OpenAI with nothing to end it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_that_opens_after_the_caller_hung_up_is_closed_unused() {
+    let h = harness().await;
+    let ids = CallIds::new();
+    let params = tw::voice_params(&ids, "+819012340031", "+81501234031");
+    let url = h.voice_url();
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &url, &params);
+    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
+
+    // The Realtime handshake is answered 1.5 s after the Worker asked for it…
+    let claim = h
+        .openai
+        .claim(SessionScript::new().handshake_delay(Duration::from_millis(1500)))
+        .await;
+    let sig = tw::sign(TWILIO_AUTH_TOKEN, &twiml.stream_url, &[]);
+    let stream = MediaStream::connect(&twiml.stream_url, Some(&sig))
+        .await
+        .unwrap_or_else(|e| panic!("upgrade: {e:?}"));
+    stream.send_connected();
+    stream.send_start(&ids, &twiml.parameters);
+    // …and the caller is gone before that.
+    stream.send_stop(&ids);
+    let session = ok(h, claim.session(SOON).await);
+    ok(h, session.wait_closed(SOON).await);
+    assert_eq!(
+        session.received_types(),
+        Vec::<String>::new(),
+        "nothing is sent on a session opened for a call that has ended"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn caller_audio_reaches_openai_unchanged_complete_in_order_even_before_openai_is_up() {
     let h = harness().await;

@@ -462,7 +462,16 @@ impl Driver {
             return; // the pump is running further up the stack; it takes the queue next
         };
         let Some(pump) = slot.as_mut() else {
-            self.queue.borrow_mut().clear(); // late events of a finished call
+            // Late events of a finished call. A Realtime socket whose connect was on its way
+            // when the call ended (the caller hung up while the session was set up) is closed
+            // here: dropped unclosed, it would stay open at OpenAI with nothing to end it.
+            let late: Vec<Event> = self.queue.borrow_mut().drain(..).collect();
+            for event in late {
+                if let Event::OpenAiConnected(_, ws, listeners) = event {
+                    listeners.retire();
+                    let _ = ws.close(Some(1000), Some("call ended"));
+                }
+            }
             return;
         };
         loop {
