@@ -317,8 +317,10 @@ pub(super) struct State {
     /// The response in progress, and whether it has produced audio yet.
     response: Option<String>,
     response_spoke: bool,
-    /// A response the server started after the goodbye was said (to the caller's "はい" over
-    /// it): cancelled, and none of its audio is played.
+    /// A response started once nothing more was wanted of the agent (see
+    /// `ending_needs_no_agent`): the server's answer to the caller's "はい" over a goodbye
+    /// said in full, or one asked for just before the time limit's end came. Cancelled, and
+    /// none of its audio is played.
     silenced: Option<String>,
     /// The response the caller talked over (speech started while it was under way): the
     /// server cancels it (`interrupt_response`) but still reports the function calls it had
@@ -644,9 +646,10 @@ impl Call {
         {
             return;
         }
-        if self.control_asked_twilio() {
-            // The call is being hung up or put through: the agent says nothing more (a
-            // tool's late answer, say, would have it talk over the transfer).
+        if self.ending_needs_no_agent() {
+            // The goodbye has been said, the time limit's end has come, or the call is
+            // being hung up or put through: the agent says nothing more (a tool's late
+            // answer, say, would have it talk past the limit or over the transfer).
             self.control.wanted = false;
             return;
         }
@@ -747,8 +750,9 @@ impl Call {
         }
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
-        if let (Some(id), true) = (response_id, self.goodbye_said()) {
-            // The server answering the caller's words over the goodbye: the call ends as said.
+        if let (Some(id), true) = (response_id, self.ending_needs_no_agent()) {
+            // The server answering the caller's words over the goodbye, or a response asked
+            // for just before the time limit's end: the call ends as planned.
             self.log(
                 Level::Info,
                 "control.response_after_goodbye_cancelled",
@@ -1003,10 +1007,10 @@ impl Call {
         now: Millis,
     ) {
         if self.silenced(response_id) {
-            // Called by the response cancelled over the goodbye: nothing of it was played,
-            // so nobody heard, let alone confirmed, what it would do. Not run (a webhook would
-            // act on it) and not answered (an answer asks for a response: another one over
-            // the goodbye, cancelled in turn).
+            // Called by the response cancelled over the goodbye (or past the time limit's
+            // end): nothing of it was played, so nobody heard, let alone confirmed, what it
+            // would do. Not run (a webhook would act on it) and not answered (nothing more
+            // is asked of the agent now).
             return self.drop_input(
                 "function_call_after_goodbye",
                 json!({ "name": name, "call_id": call_id }),
@@ -1155,7 +1159,7 @@ impl Call {
             "error": "Not run: the caller started speaking before this call was complete. Listen to the caller; call the tool again if it is still wanted.",
         })
         .to_string();
-        if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
+        if self.upstream == Upstream::Ready && !self.ending_needs_no_agent() {
             self.add_item(|id| openai::function_call_output(&call_id, &output, Some(id)));
         }
         let arguments = serde_json::from_str(&arguments).unwrap_or(Value::String(arguments));
@@ -1235,7 +1239,8 @@ impl Call {
 
     /// Gives the model a tool's result and records it.
     fn tool_output(&mut self, r: ToolResult<'_>, now: Millis) {
-        if self.upstream == Upstream::Ready && !self.control_asked_twilio() {
+        if self.upstream == Upstream::Ready && !self.ending_needs_no_agent() {
+            // (Once nothing more is wanted of the agent, the result is only recorded.)
             self.add_item(|id| openai::function_call_output(r.call_id, r.output, Some(id)));
             if self.control.ending.is_none() {
                 // (An ending's own tools: what they ask is told again by the ending.)
@@ -1321,7 +1326,7 @@ impl Call {
     /// leaving them waiting.
     fn tool_done_after_reconnect(&mut self, r: ToolResult<'_>, now: Millis) {
         self.tool_event(&r, true, now);
-        if self.control_asked_twilio() {
+        if self.ending_needs_no_agent() {
             return;
         }
         let note = self.tool_result_note(&r);
@@ -1470,7 +1475,8 @@ impl Call {
             .is_some_and(|e| e.phase.asked() || (e.caller_can_stop && e.phase == Phase::Draining))
     }
 
-    /// Audio of a response cancelled because the goodbye had been said: not played.
+    /// Audio of a response cancelled because nothing more was wanted of the agent (the
+    /// goodbye said, the time limit's end come): not played.
     pub(super) fn silenced(&self, response_id: Option<&str>) -> bool {
         self.control.silenced.is_some() && self.control.silenced.as_deref() == response_id
     }

@@ -2338,6 +2338,115 @@ fn the_time_limit_s_end_is_not_called_off_by_speech() {
     assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
 }
 
+/// A call of 35 s whose wrap-up (at 5 s) has been said and heard, and whose last reply
+/// (`resp_1`, started at 34 s) is still playing when the time limit's end comes: the
+/// ending drains, the hang-up waiting for that reply's mark, which is returned.
+fn time_limit_draining(sim: &mut Sim, also: impl FnOnce(&mut Sim)) -> String {
+    sim.at(5_000);
+    sim.input(Input::Timeout);
+    sim.response("resp_w");
+    let w = sim.agent_chunk("item_w", &audio(800, 3));
+    sim.response_done("resp_w");
+    sim.twilio(&mark(&w));
+    sim.at(34_000);
+    sim.response("resp_1");
+    let m = sim.agent_chunk("item_1", &audio(1600, 4));
+    also(sim);
+    sim.response_done("resp_1");
+    m
+}
+
+#[test]
+fn a_tool_answering_once_the_time_limit_s_end_has_come_makes_the_agent_say_nothing() {
+    let agent = Agent {
+        max_call_seconds: 35,
+        ..agent_with_tools()
+    };
+    let mut sim = Sim::greeted(agent);
+    let mut lookup = None;
+    let m = time_limit_draining(&mut sim, |sim| {
+        let out = sim.function_call("lookup_customer", r#"{"phone":"+819012345678"}"#);
+        lookup = Some(http_of(&out)[0].0);
+    });
+    sim.at(35_000);
+    let out = sim.input(Input::Timeout);
+    assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
+    // The lookup answers while the reply plays out: the agent is not asked to speak past
+    // the limit, nor told the answer; the answer is kept.
+    sim.at(35_300);
+    let out = sim.input(Input::HttpDone {
+        id: lookup.expect("the lookup ran"),
+        outcome: &tool_answer(),
+    });
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(
+        sends_of(&out, "conversation.item.create").is_empty(),
+        "{out:?}"
+    );
+    let kept: Vec<Value> = events(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == "tool_call")
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0]["name"], "lookup_customer");
+    assert_eq!(kept[0]["output"], r#"{"name":"山田太郎"}"#);
+    // The hang-up follows the reply's mark.
+    sim.at(35_400);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+}
+
+#[test]
+fn a_response_starting_once_the_time_limit_s_end_has_come_is_cancelled_unheard() {
+    let agent = Agent {
+        max_call_seconds: 35,
+        ..Agent::default()
+    };
+    let mut sim = Sim::greeted(agent);
+    let m = time_limit_draining(&mut sim, |_| {});
+    // A key pressed just before the end asks for a response, which the server starts just
+    // after it.
+    sim.at(34_900);
+    let out = sim.twilio(r#"{"event":"dtmf","streamSid":"MZ","sequenceNumber":"5","dtmf":{"track":"inbound_track","digit":"1"}}"#);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.at(35_000);
+    let out = sim.input(Input::Timeout);
+    assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
+    sim.at(35_050);
+    let out = sim
+        .openai(r#"{"type":"response.created","response":{"id":"resp_k","status":"in_progress"}}"#);
+    let cancel = sends_of(&out, "response.cancel");
+    assert_eq!(cancel.len(), 1, "{out:?}");
+    assert_eq!(cancel[0]["response_id"], "resp_k");
+    // What it says before the cancel lands is not played, nor taken for what was said.
+    let late = delta("item_k", &audio(800, 5)).replace("resp_1", "resp_k");
+    assert!(sim.openai(&late).is_empty());
+    assert_eq!(sim.call.stats().dropped["agent_audio_after_goodbye"], 1);
+    let said_before = transcript(&sim.records);
+    sim.openai(
+        r#"{"type":"response.output_audio_transcript.done","event_id":"e","response_id":"resp_k","item_id":"item_k","output_index":0,"content_index":0,"transcript":"1番ですね。"}"#,
+    );
+    assert_eq!(transcript(&sim.records), said_before);
+    let out = sim.openai(
+        r#"{"type":"response.done","response":{"id":"resp_k","status":"cancelled","status_details":{"type":"cancelled","reason":"client_cancelled"}}}"#,
+    );
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
+    // The hang-up follows the reply's mark, as planned.
+    sim.at(35_400);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    rest_answers(&mut sim, reqs[0].0, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
+}
+
 #[test]
 fn a_close_without_stop_after_the_hang_up_is_still_the_agents_hang_up() {
     let mut sim = Sim::greeted(agent_with_tools());
