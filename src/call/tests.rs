@@ -1224,19 +1224,25 @@ fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_p
     }
 }
 
-#[test]
-fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_redirect() {
-    let agent = Agent {
+/// A call with a 35 s time limit whose reply `resp_w` (asked for at 5 s) is under way: 200 ms
+/// of its audio sent and not yet played. The sim, and the mark that follows that audio.
+fn reply_under_way_before_the_time_limit() -> (Sim, String) {
+    let mut sim = Sim::greeted(Agent {
         max_call_seconds: 35,
         ..agent_with_tools()
-    };
-    let mut sim = Sim::greeted(agent);
-    // The wrap-up, said and not yet played.
+    });
     sim.at(5_000);
     let out = sim.input(Input::Timeout);
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
     sim.response("resp_w");
     let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    (sim, m)
+}
+
+#[test]
+fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_redirect() {
+    // The wrap-up, said and not yet played.
+    let (mut sim, m) = reply_under_way_before_the_time_limit();
     sim.response_done("resp_w");
     // The session is lost, and a new one is on its way when the time limit's end comes.
     sim.at(34_000);
@@ -1269,15 +1275,7 @@ fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_r
 
 #[test]
 fn a_delayed_reconnect_attempt_due_once_the_ending_is_draining_is_not_made() {
-    let agent = Agent {
-        max_call_seconds: 35,
-        ..agent_with_tools()
-    };
-    let mut sim = Sim::greeted(agent);
-    sim.at(5_000);
-    sim.input(Input::Timeout);
-    sim.response("resp_w");
-    let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    let (mut sim, m) = reply_under_way_before_the_time_limit();
     sim.response_done("resp_w");
     sim.at(34_800);
     let out = sim.input(Input::OpenAiClosed {
@@ -1308,15 +1306,7 @@ fn a_delayed_reconnect_attempt_due_once_the_ending_is_draining_is_not_made() {
 
 #[test]
 fn a_reconnect_that_comes_up_once_the_time_limit_s_end_is_draining_is_not_used() {
-    let agent = Agent {
-        max_call_seconds: 35,
-        ..agent_with_tools()
-    };
-    let mut sim = Sim::greeted(agent);
-    sim.at(5_000);
-    sim.input(Input::Timeout);
-    sim.response("resp_w");
-    let m = sim.agent_chunk("item_w", &audio(1600, 3));
+    let (mut sim, m) = reply_under_way_before_the_time_limit();
     // Lost mid-reply (a reply the new session would be asked to go on with), a second
     // before the time limit's end; the first attempt goes out at once.
     sim.at(34_000);
