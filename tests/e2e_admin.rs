@@ -67,7 +67,34 @@ enum Auth<'a> {
     Raw(&'a str),
 }
 
+/// Sends one admin request. A 503 `unavailable` (D1 answered "database is locked") is sent
+/// again, as its message asks: the tests here seed D1 with `wrangler d1 execute` (see
+/// [`d1_execute`]), another process writing the same local database while other tests in
+/// this binary read it, and the Worker's read can meet that process's write lock.
 async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&[u8]>) -> Reply {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let reply = send_once(method, path, &auth, body).await;
+        if reply.status != 503 || reply.body["error"] != "unavailable" || tries == 10 {
+            if reply.status >= 500 {
+                panic!(
+                    "{method} {path} -> {} (try {tries}): {}\nWorker log tail:\n{}",
+                    reply.status,
+                    reply.text,
+                    worker().await.log_tail(40)
+                );
+            }
+            return reply;
+        }
+        eprintln!(
+            "[e2e] {method} {path}: 503 unavailable (D1 locked by a seeding write); sent again"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+async fn send_once(method: &str, path: &str, auth: &Auth<'_>, body: Option<&[u8]>) -> Reply {
     let w = worker().await;
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
@@ -78,7 +105,7 @@ async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&[u8]>) -> 
         reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
         &url,
     );
-    match auth {
+    match *auth {
         Auth::None => {}
         Auth::Bearer(t) => req = req.header("Authorization", format!("Bearer {t}")),
         Auth::Raw(h) => req = req.header("Authorization", h),
@@ -114,12 +141,6 @@ async fn send(method: &str, path: &str, auth: Auth<'_>, body: Option<&[u8]>) -> 
             )
         })
     };
-    if status >= 500 {
-        panic!(
-            "{method} {path} -> {status}: {text}\nWorker log tail:\n{}",
-            w.log_tail(40)
-        );
-    }
     Reply {
         status,
         content_type,
