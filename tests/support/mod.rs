@@ -289,8 +289,6 @@ impl Harness {
     }
 }
 
-/// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
-/// with `tag`, the chunk number (big-endian u16), and then a pattern that depends on both.
 /// Sends `req` to the Worker, and once more should `wrangler dev` itself answer it with its
 /// 503 ("Your worker restarted mid-request. Please try sending the request again"): its
 /// runtime was restarted under the request. That answer is plain text; every 503 of the
@@ -317,6 +315,8 @@ pub async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Resp
     }
 }
 
+/// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
+/// with `tag`, the chunk number (big-endian u16), and then a pattern that depends on both.
 pub fn tagged_chunks(tag: u8, n: usize, len: usize) -> Vec<Vec<u8>> {
     (0..n)
         .map(|i| {
