@@ -357,9 +357,9 @@ pub(super) struct State {
     retry_greeting: bool,
     /// The next `response.create` asks for the greeting (its instructions).
     greet_again: bool,
-    /// The agent's responses failed for good (why): however the call then ends, its record
-    /// says it failed.
-    agent_failure: Option<String>,
+    /// The agent failed for good while the call was ending (its responses, or its session
+    /// with no new one): however the call then ends, its record says it failed, and why.
+    agent_failure: Option<EndReason>,
 }
 
 impl State {
@@ -919,7 +919,9 @@ impl Call {
             }
             return false;
         }
-        self.control.agent_failure = Some(error.text());
+        self.control.agent_failure = Some(EndReason::ResponseFailed {
+            error: error.text(),
+        });
         self.control.retry_at = None;
         self.control.wanted = false;
         if let Some(e) = &mut self.control.ending {
@@ -944,13 +946,19 @@ impl Call {
     /// failed for good ended for that failure.
     pub(super) fn with_agent_failure(&self, reason: EndReason) -> EndReason {
         match &self.control.agent_failure {
-            Some(error) if !reason.is_failure() => {
+            Some(failure) if !reason.is_failure() => {
                 let then = match reason.detail_text() {
                     Some(d) => format!("{}: {d}", reason.label()),
                     None => reason.label().to_owned(),
                 };
-                EndReason::ResponseFailed {
-                    error: format!("{error}; then {then}"),
+                match failure {
+                    EndReason::ResponseFailed { error } => EndReason::ResponseFailed {
+                        error: format!("{error}; then {then}"),
+                    },
+                    cause => EndReason::LostWhileEnding {
+                        cause: Box::new(cause.clone()),
+                        then,
+                    },
                 }
             }
             _ => reason,
@@ -1691,6 +1699,28 @@ impl Call {
         // The new session gets as long as the first one had.
         e.deadline = Some(now + GOODBYE_TIMEOUT);
         self.control.wanted = true;
+    }
+
+    /// The session is lost for good while the goodbye or transfer notice is still to be
+    /// said (asked for, or started and nothing of it heard): the hang-up or transfer goes
+    /// ahead without it once what was sent has played, as when the words do not come in
+    /// time (`GOODBYE_TIMEOUT`); the call's record is the failure (`cause`), then that
+    /// ending. True when so.
+    pub(super) fn ending_goes_ahead_unsaid(&mut self, cause: &EndReason, now: Millis) -> bool {
+        let Some(e) = &mut self.control.ending else {
+            return false;
+        };
+        if !matches!(e.phase, Phase::Goodbye { .. }) {
+            return false;
+        }
+        e.phase = Phase::Draining;
+        e.deadline = Some(now + DRAIN_TIMEOUT);
+        self.control.wanted = false;
+        // The caller missed the agent's last words: the call's record says what lost it.
+        self.control
+            .agent_failure
+            .get_or_insert_with(|| cause.clone());
+        true
     }
 
     /// The session was lost owing the caller a response (`reply_owed`): none will come of

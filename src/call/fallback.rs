@@ -56,17 +56,27 @@ impl Call {
         // The call failed for what lost its session, not for the last attempt to replace it.
         let last = reason;
         let reason = self.cancel_reconnect().unwrap_or_else(|| last.clone());
+        // A goodbye or transfer notice still to be said will not be: the ending goes ahead
+        // without it, as when its words do not come in time, and is recorded as the failure
+        // it followed. The caller asked for a person is put through; the apology and the
+        // fallback number would answer a call whose end was already decided.
+        let unsaid = self.ending_goes_ahead_unsaid(&reason, now);
         if self.ending_needs_no_agent() {
-            // The goodbye (or transfer notice) has been said and is playing out, or the
-            // hang-up or transfer is already with Twilio: nothing more is wanted of the
-            // agent. The ending goes ahead as planned (its `stop` ends the call, recorded as
-            // the hang-up or transfer it is: the caller got what was planned), and the loss
-            // is logged; the apology and the fallback number would contradict the goodbye.
+            // The goodbye (or transfer notice) has been said and is playing out (or will
+            // not be said, above), or the hang-up or transfer is already with Twilio:
+            // nothing more is wanted of the agent. The ending goes ahead as planned (its
+            // `stop` ends the call, recorded as the hang-up or transfer it is when its words
+            // were said: the caller got what was planned), and the loss is logged; the
+            // apology and the fallback number would contradict the goodbye.
             let mut detail = json!({ "reason": reason.label(), "detail": reason.detail() });
             if last != reason {
                 detail["last_failure"] = json!(last.detail_text());
             }
+            if unsaid {
+                detail["words"] = json!("unsaid");
+            }
             self.log(Level::Warn, "call.agent_lost_while_finishing", detail);
+            self.check_drained(now);
             return;
         }
         let mut detail = json!({

@@ -176,6 +176,13 @@ pub enum EndReason {
     ResponseFailed {
         error: String,
     },
+    /// The agent was lost for good (`cause`: its session, and no new one) while the call
+    /// was ending, before its goodbye or transfer notice was said: the call ended as planned
+    /// (`then`, the label and particulars of that ending) without those words.
+    LostWhileEnding {
+        cause: Box<EndReason>,
+        then: String,
+    },
 }
 
 impl EndReason {
@@ -206,6 +213,7 @@ impl EndReason {
             EndReason::Transferred { .. } => "transferred",
             EndReason::CallControlFailed { .. } => "call_control_failed",
             EndReason::ResponseFailed { .. } => "openai_response_failed",
+            EndReason::LostWhileEnding { cause, .. } => cause.label(),
         }
     }
 
@@ -243,6 +251,12 @@ impl EndReason {
             EndReason::Transferred { to } => Some(to.clone()),
             EndReason::CallControlFailed { what } => Some(what.clone()),
             EndReason::ResponseFailed { error } => Some(error.clone()),
+            EndReason::LostWhileEnding { cause, then } => Some(format!(
+                "{}; then {then}",
+                cause
+                    .detail_text()
+                    .unwrap_or_else(|| cause.label().to_owned())
+            )),
             EndReason::TwilioStop => None,
         }
     }
@@ -258,6 +272,14 @@ impl EndReason {
             EndReason::Transferred { to } => json!({ "to": to }),
             EndReason::CallControlFailed { what } => json!({ "what": what }),
             EndReason::ResponseFailed { error } => json!({ "error": error }),
+            EndReason::LostWhileEnding { cause, then } => {
+                let mut detail = match cause.detail() {
+                    Value::Object(fields) => Value::Object(fields),
+                    _ => json!({}),
+                };
+                detail["then"] = json!(then);
+                detail
+            }
             _ => Value::Null,
         }
     }

@@ -262,8 +262,6 @@ fn expect_redirect(out: &[Action]) -> u64 {
 }
 
 impl Sim {
-    /// After a lost session: a new connect, at once or (for later attempts) when the
-    /// machine's timer says.
     /// The session was lost while the call was ending and nothing more is wanted of the
     /// agent: no new session is asked for, and no redirect to the fallback goes to Twilio.
     fn expect_no_new_session(out: &[Action], what: &str) {
@@ -275,6 +273,8 @@ impl Sim {
         assert!(http_of(out).is_empty(), "{what}: no redirect: {out:?}");
     }
 
+    /// After a lost session: a new connect, at once or (for later attempts) when the
+    /// machine's timer says.
     fn expect_reconnect(&mut self, out: Vec<Action>, attempt: u32) {
         let connects = |out: &[Action]| {
             out.iter()
@@ -3024,8 +3024,16 @@ fn every_end_reason_s_label_is_listed_for_the_review_page() {
             | EndReason::CallControlFailed { .. }
             | EndReason::Transferred { .. }
             | EndReason::ResponseFailed { .. } => {}
+            // Labelled as its cause, one of the above.
+            EndReason::LostWhileEnding { .. } => {}
         }
     }
+    let lost = EndReason::LostWhileEnding {
+        cause: Box::new(all[2].clone()),
+        then: s(),
+    };
+    assert_eq!(lost.label(), "openai_closed");
+    assert!(lost.is_failure());
     let mut labels: Vec<_> = all.iter().map(EndReason::label).collect();
     let mut listed = EndReason::LABELS.to_vec();
     labels.sort_unstable();

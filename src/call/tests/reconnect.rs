@@ -352,6 +352,99 @@ fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
     assert!(http_of(&out)[0].1.body.starts_with("Twiml="), "{out:?}");
 }
 
+/// The session is lost, and every new one is refused for good (the key revoked, say).
+fn lose_for_good(sim: &mut Sim) -> Vec<Action> {
+    lose(sim);
+    let out = sim.input(Input::OpenAiConnectFailed {
+        reason: "HTTP 401 on upgrade",
+        status: Some(401),
+    });
+    assert!(
+        !out.iter()
+            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+        "{out:?}"
+    );
+    out
+}
+
+#[test]
+fn an_ending_whose_words_no_session_will_say_goes_ahead_without_them() {
+    for tool in ["end_call", "transfer_call"] {
+        // The tool answered, its goodbye or transfer notice asked for and not started.
+        let mut sim = Sim::greeted(agent_with_tools());
+        sim.response("resp_1");
+        sim.function_call(tool, "{}");
+        let out = sim.response_done("resp_1");
+        assert_eq!(
+            sends_of(&out, "response.create").len(),
+            1,
+            "{tool}: {out:?}"
+        );
+        sim.at(500);
+        let out = lose_for_good(&mut sim);
+        let lost = sim.logged("call.agent_lost_while_finishing");
+        assert_eq!(lost.len(), 1, "{tool}");
+        assert_eq!(
+            lost[0]["reason"], "openai_closed",
+            "{tool}: what lost it first"
+        );
+        assert_eq!(lost[0]["words"], "unsaid", "{tool}");
+        // Nothing of the agent is still playing: the ending goes out at once.
+        let reqs = http_of(&out);
+        assert_eq!(reqs.len(), 1, "{tool}: {out:?}");
+        let body = &reqs[0].1.body;
+        if tool == "end_call" {
+            assert_eq!(body, "Status=completed");
+        } else {
+            // The caller asked for a person gets one, not the apology.
+            assert!(body.starts_with("Twiml="), "{body}");
+            assert!(body.contains("81312345678"), "the transfer number: {body}");
+        }
+        rest_answers(&mut sim, reqs[0].0, 200);
+        sim.twilio(STOP);
+        // The caller missed the agent's last words: the record is the loss, then the ending.
+        let then = if tool == "end_call" {
+            "agent_hangup: end_call"
+        } else {
+            "transferred: +81312345678"
+        };
+        sim.assert_failed(
+            "openai_closed",
+            &format!("closed with code 1011: server_error; then {then}"),
+        );
+        let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+        assert!(
+            !kinds.iter().any(|k| k.starts_with("fallback")),
+            "{tool}: {kinds:?}"
+        );
+    }
+}
+
+#[test]
+fn an_ending_whose_words_no_session_will_say_waits_for_what_is_still_playing() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    // A reply still playing when the agent, in its next response, calls end_call.
+    sim.response("resp_0");
+    let m = sim.agent_chunk("item_0", &audio(1600, 2));
+    sim.response_done("resp_0");
+    sim.response("resp_1");
+    sim.function_call("end_call", "{}");
+    sim.response_done("resp_1");
+    sim.at(100);
+    let out = lose_for_good(&mut sim);
+    assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
+    assert_eq!(
+        sim.logged("call.agent_lost_while_finishing")[0]["words"],
+        "unsaid"
+    );
+    sim.at(250);
+    let out = sim.twilio(&mark(&m));
+    let reqs = http_of(&out);
+    assert_eq!(reqs.len(), 1, "{out:?}");
+    assert_eq!(reqs[0].1.body, "Status=completed");
+    assert!(sim.logged("call.fallback").is_empty());
+}
+
 #[test]
 fn a_reply_the_caller_talked_over_before_the_loss_is_not_asked_for_again() {
     let mut sim = Sim::greeted(Agent::default());
