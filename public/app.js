@@ -96,7 +96,7 @@ const CODES = {
       openai_connect_failed: 'AI に接続できず', openai_session_timeout: 'AI の準備がタイムアウト',
       openai_session_rejected: 'AI がセッション設定を拒否', agent_hangup: 'エージェントが終話', transferred: '転送',
       call_control_failed: '終話・転送の操作に失敗', bridge_restarted: 'ブリッジ再起動で中断',
-      fallback_only: 'フォールバックのみで応答', not_registered: '通話を登録できず (フォールバックが応答)',
+      fallback_only: 'フォールバックのみで応答', openai_url_invalid: 'AI の接続先 URL が不正 (フォールバックが応答)', not_registered: '通話を登録できず (フォールバックが応答)',
       stream_never_connected: '音声ストリームが接続されず', openai_response_failed: 'AI が応答を生成できず',
     },
     event: {
@@ -128,6 +128,7 @@ const CODES = {
       openai_session_timeout: 'AI session setup timed out', openai_session_rejected: 'AI rejected the session setup',
       agent_hangup: 'Agent hung up', transferred: 'Transferred', call_control_failed: 'Hang-up or transfer failed',
       bridge_restarted: 'Cut by a bridge restart', fallback_only: 'Answered by the fallback only',
+      openai_url_invalid: 'AI endpoint URL invalid (the fallback answered)',
       not_registered: 'Not registered (the fallback answered)', stream_never_connected: 'Media stream never connected',
       openai_response_failed: 'AI could not produce responses',
     },

@@ -498,8 +498,12 @@ pub struct Bridge {
     /// Public `https://host[/path]` the Worker is reached at, when it differs from the
     /// request's: the path is the one a proxy serves the Worker under (without a trailing `/`).
     pub public_base_url: Option<String>,
-    /// Answer every call with the fallback TwiML, without an agent (a maintenance switch).
+    /// Answer every call with the fallback TwiML, without an agent (a maintenance switch,
+    /// or forced on by an `OPENAI_REALTIME_URL` that is not a URL).
     pub fallback_only: bool,
+    /// Why `OPENAI_REALTIME_URL` was not taken, when that (and not the switch) is what has
+    /// the fallback answer every call: those calls are recorded as failed, for this.
+    pub openai_url_invalid: Option<String>,
     pub fallback_message: String,
     /// Said (with the fallback's voice) when a transfer to a person is not answered.
     pub transfer_failed_message: String,
@@ -650,6 +654,7 @@ impl Bridge {
             );
             realtime.truncate(at);
         }
+        let mut openai_url_invalid = None;
         let realtime = match base_url(&realtime, &["wss://", "ws://", "https://", "http://"]) {
             Ok(url) => url,
             Err(why) => {
@@ -657,6 +662,9 @@ impl Bridge {
                     "OPENAI_REALTIME_URL",
                     format!("{why}: every call is answered with the fallback"),
                 );
+                if !fallback_only {
+                    openai_url_invalid = Some(format!("OPENAI_REALTIME_URL {why}"));
+                }
                 fallback_only = true;
                 DEFAULT_REALTIME_URL.to_owned()
             }
@@ -753,6 +761,7 @@ impl Bridge {
             twilio_api_base_url,
             public_base_url,
             fallback_only,
+            openai_url_invalid,
             fallback_message: or("FALLBACK_MESSAGE", DEFAULT_FALLBACK_MESSAGE),
             transfer_failed_message: or("TRANSFER_FAILED_MESSAGE", DEFAULT_TRANSFER_FAILED_MESSAGE),
             fallback_language: tts_name("FALLBACK_LANGUAGE", DEFAULT_FALLBACK_LANGUAGE),

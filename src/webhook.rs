@@ -83,7 +83,8 @@ impl Registration {
     }
 
     /// The call got the fallback TwiML instead of its agent: `reason` (one of
-    /// [`FALLBACK_ONLY`], [`NOT_REGISTERED`], [`NEVER_STREAMED`]) and its particulars.
+    /// [`FALLBACK_ONLY`], [`OPENAI_URL_INVALID`], [`NOT_REGISTERED`], [`NEVER_STREAMED`])
+    /// and its particulars.
     pub fn unserved(&self, reason: &str, detail: Option<String>) -> Record {
         Record::CallUnserved {
             call_sid: self.call.call_sid.0.clone(),
@@ -120,6 +121,18 @@ impl Registration {
 pub const INTERRUPTED: &str = "bridge_restarted";
 /// `end_reason` of a call answered with the fallback because `FALLBACK_ONLY` is on.
 pub const FALLBACK_ONLY: &str = "fallback_only";
+/// `end_reason` of a call answered with the fallback because `OPENAI_REALTIME_URL` is not a
+/// URL: a failure, where `FALLBACK_ONLY` is a choice.
+pub const OPENAI_URL_INVALID: &str = "openai_url_invalid";
+
+/// Why a call gets the fallback only ([`VoiceAnswer::streams`] false): the maintenance
+/// switch, or a Realtime URL that is not one; with its particulars.
+pub fn fallback_only_reason(config: &Bridge) -> (&'static str, Option<String>) {
+    match &config.openai_url_invalid {
+        Some(why) => (OPENAI_URL_INVALID, Some(why.clone())),
+        None => (FALLBACK_ONLY, None),
+    }
+}
 /// `end_reason` of a call whose call object could not take it (the fallback answered it).
 pub const NOT_REGISTERED: &str = "not_registered";
 /// `end_reason` of a call handed to its agent whose Media Stream never connected (an
@@ -1241,6 +1254,61 @@ mod tests {
         assert!(!twiml.contains("<Stream"));
         assert!(twiml.contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">申し訳ございません"#));
         assert!(twiml.contains("<Dial>+81312345678</Dial>"));
+    }
+
+    #[test]
+    fn calls_a_broken_realtime_url_sends_to_the_fallback_are_recorded_as_failed() {
+        let registration = |c: &Bridge| {
+            let url = "https://bridge.example.com/api/twilio/voice";
+            let (body, params) = form(CALL);
+            let sig = signature::compute(TOKEN, url, &params);
+            let a = answer_voice(c, url, Some(&sig), &body).unwrap();
+            assert!(!a.streams(), "the fallback only");
+            Registration {
+                agent: Agent::default(),
+                call: a.call,
+                at_ms: 1,
+            }
+        };
+        let from = |pairs: &[(&str, &str)]| {
+            let mut pairs = pairs.to_vec();
+            pairs.push(("TWILIO_AUTH_TOKEN", TOKEN));
+            Bridge::from_lookup(|k| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| crate::config::Setting::Text(v.to_string()))
+            })
+        };
+        // No scheme: not a URL. The calls it costs are failures, with the reason.
+        let broken = from(&[("OPENAI_REALTIME_URL", "api.openai.com/v1/realtime")]);
+        let (reason, detail) = fallback_only_reason(&broken);
+        assert_eq!(reason, OPENAI_URL_INVALID);
+        let detail = detail.expect("why");
+        assert!(detail.contains("OPENAI_REALTIME_URL"), "{detail}");
+        let Record::CallUnserved {
+            end_reason, failed, ..
+        } = registration(&broken).unserved(reason, Some(detail))
+        else {
+            panic!("an unserved record")
+        };
+        assert_eq!((end_reason.as_str(), failed), (OPENAI_URL_INVALID, true));
+        // The maintenance switch is a choice, whatever else is wrong.
+        for c in [
+            from(&[("FALLBACK_ONLY", "true")]),
+            from(&[
+                ("FALLBACK_ONLY", "true"),
+                ("OPENAI_REALTIME_URL", "api.openai.com/v1/realtime"),
+            ]),
+        ] {
+            let (reason, detail) = fallback_only_reason(&c);
+            assert_eq!((reason, detail.as_deref()), (FALLBACK_ONLY, None));
+            let Record::CallUnserved { failed, .. } = registration(&c).unserved(reason, detail)
+            else {
+                panic!("an unserved record")
+            };
+            assert!(!failed);
+        }
     }
 
     #[test]

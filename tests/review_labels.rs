@@ -52,6 +52,7 @@ fn every_end_reason_has_a_label_in_both_languages() {
     reasons.extend([
         webhook::INTERRUPTED,
         webhook::FALLBACK_ONLY,
+        webhook::OPENAI_URL_INVALID,
         webhook::NOT_REGISTERED,
         webhook::NEVER_STREAMED,
     ]);

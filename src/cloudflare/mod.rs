@@ -232,7 +232,8 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
         at_ms: Date::now().as_millis(),
     };
     if !streams {
-        record_unserved(&env, &ctx, &registration, webhook::FALLBACK_ONLY, None);
+        let (reason, detail) = webhook::fallback_only_reason(&config);
+        record_unserved(&env, &ctx, &registration, reason, detail);
         return twiml_response(twiml);
     }
     // Tell the call's Durable Object first, so the stream that follows is accepted.
