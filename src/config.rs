@@ -631,7 +631,8 @@ impl Bridge {
                         "PUBLIC_BASE_URL",
                         format!(
                             "{u:?} is plain http, and Twilio opens Media Streams over wss:// \
-                             only: {https:?} is used"
+                             only: {https:?} is used (webhooks signed over http:// are still \
+                             verified)"
                         ),
                     );
                     Some(https)

@@ -589,10 +589,25 @@ fn verified_params(
         .ok_or(Refusal::Unsigned)?;
     let url = signed_url(config, request_url)?;
     let (signed, params) = read_params(&url, params);
+    let urls = signed_urls(config, url);
     let key = signed_with(&tokens, |token| {
-        signature::validate_webhook(token, &url, &signed, signature)
+        urls.iter()
+            .any(|url| signature::validate_webhook(token, url, &signed, signature))
     })?;
     Ok(Verified { params, key })
+}
+
+/// The URLs a webhook to `url` may have been signed over. A `PUBLIC_BASE_URL` written
+/// `http://` is read as `https://` (see `config`), which is what the URLs the Worker gives
+/// Twilio are on; a number's voice URL set in Twilio's console as written, `http://`, is
+/// signed over that: both are the Worker's own.
+fn signed_urls(config: &Bridge, url: String) -> Vec<String> {
+    let plain = config
+        .public_base_url
+        .as_ref()
+        .and(url.strip_prefix("https://"))
+        .map(|rest| format!("http://{rest}"));
+    std::iter::once(url).chain(plain).collect()
 }
 
 /// A webhook's parameters as signed (appended to the URL: a form's; none for a GET) and
@@ -1254,6 +1269,39 @@ mod tests {
         assert!(!twiml.contains("<Stream"));
         assert!(twiml.contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">申し訳ございません"#));
         assert!(twiml.contains("<Dial>+81312345678</Dial>"));
+    }
+
+    #[test]
+    fn a_public_base_url_written_http_verifies_what_twilio_signed_either_way() {
+        let c = {
+            let mut c = Bridge::from_lookup(|k| {
+                (k == "PUBLIC_BASE_URL")
+                    .then(|| crate::config::Setting::Text("http://phone.example.jp".into()))
+            });
+            c.twilio_auth_token = Secret::new(TOKEN);
+            c
+        };
+        let (body, params) = form(CALL);
+        // The Worker reached as written in Twilio's console: http, signed so.
+        let voice = "http://phone.example.jp/api/twilio/voice";
+        let sig = signature::compute(TOKEN, voice, &params);
+        let a = answer_voice(&c, voice, Some(&sig), &body).expect("signed over http");
+        assert_eq!(
+            a.stream_url.as_deref(),
+            Some(
+                "wss://phone.example.jp/api/twilio/media-stream/CA0123456789abcdef0123456789abcdef"
+            )
+        );
+        // The URLs the Worker gives Twilio are https, and signed so.
+        let https = "https://phone.example.jp/api/twilio/voice";
+        let sig = signature::compute(TOKEN, https, &params);
+        assert!(answer_voice(&c, voice, Some(&sig), &body).is_ok());
+        // Anything else is still refused.
+        let sig = signature::compute("another-token", voice, &params);
+        assert_eq!(
+            answer_voice(&c, voice, Some(&sig), &body).unwrap_err(),
+            Refusal::BadSignature
+        );
     }
 
     #[test]
