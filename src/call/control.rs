@@ -310,6 +310,9 @@ pub(super) struct State {
     /// session lost now takes the start of their words with it, and the line is not idle
     /// (see [`SPEECH_IDLE_LIMIT`]).
     caller_speaking: Option<Millis>,
+    /// The caller's speech started and is not yet a committed turn (still under way, or
+    /// stopped with the commit to come): a session lost now takes those words with it.
+    turn_uncommitted: bool,
     /// The caller's turn is under way, or has just ended and the server's own response to
     /// it (`create_response`) is to come: a response asked for meanwhile is held, not sent
     /// over their words nor beside that response, at most until this moment.
@@ -378,6 +381,7 @@ impl State {
             reply_owed: false,
             untranscribed: None,
             caller_speaking: None,
+            turn_uncommitted: false,
             turn_hold: None,
             response: None,
             response_spoke: false,
@@ -692,8 +696,16 @@ impl Call {
         if self.response_active && self.control.response.is_some() {
             self.control.interrupted = self.control.response.clone();
         }
+        if self.control.reply_owed {
+            // The server cancels what was to answer the caller, or under way. Their words
+            // are answered by the server's own response once their turn ends; a response
+            // is held over it in case none comes (a cough, a noise too short to be a turn):
+            // the agent is not left silent, and goes on from where it was cut.
+            self.control.wanted = true;
+        }
         self.control.reply_owed = false;
         self.control.caller_speaking = Some(now);
+        self.control.turn_uncommitted = true;
         self.control.turn_hold = Some(now + SPEECH_HOLD_LIMIT);
     }
 
@@ -708,6 +720,7 @@ impl Call {
     pub(super) fn caller_turn_committed(&mut self, item_id: Option<&str>, now: Millis) {
         self.control.reply_owed = true;
         self.control.caller_speaking = None;
+        self.control.turn_uncommitted = false;
         self.control.untranscribed = item_id.map(str::to_owned);
         self.control.turn_hold = Some(now + self.turn_response_wait());
     }
@@ -747,6 +760,7 @@ impl Call {
             // goes on past SPEECH_HOLD_LIMIT) says nothing of that: the caller may still be
             // speaking, which keeps the line from going idle.
             self.control.caller_speaking = None;
+            self.control.turn_uncommitted = false;
         }
         self.control.response = response_id.map(str::to_owned);
         self.control.response_spoke = false;
@@ -1753,16 +1767,22 @@ impl Call {
         self.control.wanted = true;
     }
 
-    /// The session was lost while the caller was speaking: the new one hears only the rest
-    /// of their words (held, then sent), and answers that once they stop. The model is told
-    /// it missed the start, so its answer asks for it rather than guess. Not asked for a
-    /// response now: the caller is still talking.
+    /// The session was lost while the caller was speaking, or once they had stopped and
+    /// before their turn was committed: the new one hears only the rest of their words
+    /// (held, then sent), if any. The model is told it missed them, so its answer asks for
+    /// them rather than guess. A response is held, not sent over the caller: the new
+    /// session's answer to the rest of their turn takes it; if it hears no more (they had
+    /// finished), it goes out after the turn wait, or at once when they had stopped.
     fn speech_lost(&mut self) {
-        if self.control.caller_speaking.take().is_some() {
+        let speaking = self.control.caller_speaking.take().is_some();
+        if std::mem::take(&mut self.control.turn_uncommitted) || speaking {
             let ask = self.notes().ask_again.to_owned();
             if !self.control.late_notes.contains(&ask) {
                 self.control.late_notes.push(ask);
             }
+            // Held over the rest of their turn, which the new session answers; should it
+            // hear none (they had finished), this goes out, rather than leave them waiting.
+            self.control.wanted = true;
         }
     }
 

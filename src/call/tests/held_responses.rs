@@ -349,15 +349,6 @@ fn with_semantic_vad_the_end_of_the_turn_is_awaited_longer() {
 
 #[test]
 fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session_s_turn() {
-    let lose_and_recover = |sim: &mut Sim| {
-        let out = sim.input(Input::OpenAiClosed {
-            code: 1011,
-            reason: "server_error",
-        });
-        sim.expect_reconnect(out, 1);
-        sim.openai_opened();
-        sim.openai(&session_updated("audio/pcmu"))
-    };
     let mut sim = Sim::greeted(Agent::default());
     sim.at(1_000);
     sim.openai(&speech_started());
@@ -384,4 +375,107 @@ fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session
     sim.at(3_000);
     let out = sim.input(Input::Timeout);
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+/// The session is lost; a new one opens and is ready. What the call sent it then.
+fn lose_and_recover(sim: &mut Sim) -> Vec<Action> {
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1011,
+        reason: "server_error",
+    });
+    sim.expect_reconnect(out, 1);
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"))
+}
+
+#[test]
+fn words_a_lost_session_took_before_their_turn_was_committed_are_asked_for_again() {
+    // Lost while the caller speaks (in the silence before speech_stopped, say), and the new
+    // session hears no more of them: nothing was held, and yet they are not left waiting.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(2_000);
+    let out = lose_and_recover(&mut sim);
+    assert!(system_notes(&out)[0].contains("もう一度"), "{out:?}");
+    assert!(
+        sends_of(&out, "response.create").is_empty(),
+        "not over the caller"
+    );
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(3_500)));
+    sim.at(3_500);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+
+    // Lost once they stopped, before the commit (semantic VAD takes its time): the model is
+    // told it missed them, and asked at once.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(2_000);
+    sim.openai(STOPPED);
+    sim.at(2_400);
+    let out = lose_and_recover(&mut sim);
+    let notes = system_notes(&out);
+    assert!(notes.len() == 1 && notes[0].contains("もう一度"), "{out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+
+    // Committed before the loss: the words are in the conversation, and the new session,
+    // seeded with them, answers them (see reconnect.rs); nothing is asked again.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.openai(STOPPED);
+    sim.openai(COMMITTED);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_user","transcript":"予約したいです"}"#);
+    sim.at(1_500);
+    let out = lose_and_recover(&mut sim);
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_reply_cut_by_a_noise_that_makes_no_turn_is_asked_for_again() {
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.response("resp_1");
+    sim.agent_chunk("item_a", &audio(1600, 1));
+    // A cough: barge-in, and the server cancels the reply.
+    sim.at(1_100);
+    let out = sim.openai(&speech_started());
+    assert_eq!(sends_of(&out, "clear").len(), 1);
+    let out = sim.openai(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    // Too short to be a turn: stopped, never committed.
+    sim.at(1_300);
+    sim.openai(STOPPED);
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(2_800)));
+    sim.at(2_800);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+
+    // Real words: the server's answer to their turn is the only response.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.response("resp_1");
+    sim.agent_chunk("item_a", &audio(1600, 1));
+    sim.at(1_100);
+    sim.openai(&speech_started());
+    sim.openai(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
+    sim.at(2_000);
+    let out = server_answers_turn(&mut sim);
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    let out = sim.run_until(40_000);
+    assert_eq!(
+        sends_of(&out, "response.create").len(),
+        1,
+        "only the idle check-in, 30 s on: {out:?}"
+    );
+    // A noise while nothing is owed the caller asks for nothing.
+    let mut sim = Sim::greeted(Agent::default());
+    sim.at(1_000);
+    sim.openai(&speech_started());
+    sim.at(1_300);
+    sim.openai(STOPPED);
+    assert!(sends_of(&sim.run_until(20_000), "response.create").is_empty());
 }
