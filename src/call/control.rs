@@ -1652,7 +1652,9 @@ impl Call {
         );
         self.setup_deadline = Some(window_end.min(now + super::SESSION_SETUP_TIMEOUT));
         // The old session's items, responses and tool calls are gone with it; what it said
-        // and Twilio still plays can still be cleared by a barge-in.
+        // and Twilio still plays can still be cleared by a barge-in. A reply under way will
+        // not get its transcript: what was sent of it is written (it plays out).
+        self.write_unfinished_agent_turns(|_, sent| sent, now);
         if let Some(mark) = self.playback.orphan_items() {
             self.send_mark(&mark);
         }

@@ -1268,6 +1268,8 @@ impl Call {
         let reason = self.with_agent_failure(reason);
         // Webhook tools still running: recorded now, as their answers will find no call.
         self.tools_unanswered(now);
+        // A reply the caller hung up on (or the call otherwise ended in): what played.
+        self.write_unfinished_agent_turns(|played, _| played, now);
         // Media held for a `start` that never came is lost with the call: counted.
         for _ in std::mem::take(&mut self.early_input) {
             self.drop_input("twilio_media_before_start", Value::Null);
@@ -1341,6 +1343,20 @@ impl Call {
                 call_sid: self.sid.0.clone(),
                 session_id: id.clone(),
             }));
+        }
+    }
+
+    /// Agent turns the caller heard some of whose full transcript will not come (their
+    /// session was lost, or the call ended, before it did): written with the share of their
+    /// text that matches `heard` (of the ms played, sent) of the audio received, as cut.
+    fn write_unfinished_agent_turns(&mut self, heard: impl Fn(u64, u64) -> u64, now: Millis) {
+        let at = self.offset(now);
+        for (id, played, sent, received) in self.playback.sent_items() {
+            if self.conversation.agent_unwritten(&id) {
+                let heard = heard(played, sent);
+                let entry = self.conversation.agent_cut(&id, heard, received, at);
+                self.write_entry(entry);
+            }
         }
     }
 

@@ -255,6 +255,19 @@ impl Playback {
         mark
     }
 
+    /// The items some of whose audio went to Twilio, and how much of it: their id, then the
+    /// ms confirmed played, sent and received.
+    pub fn sent_items(&self) -> Vec<(ItemId, u64, u64, u64)> {
+        self.items
+            .iter()
+            .filter(|it| it.sent > 0)
+            .map(|it| {
+                let ms = bytes_to_ms;
+                (it.id.clone(), ms(it.played), ms(it.sent), ms(it.received))
+            })
+            .collect()
+    }
+
     /// Milliseconds of audio sent to Twilio and not yet confirmed played.
     pub fn unconfirmed_ms(&self) -> u64 {
         self.items

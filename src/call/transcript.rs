@@ -170,6 +170,18 @@ impl Conversation {
         }
     }
 
+    /// An agent turn with text whose row is not written yet (no full transcript came, no
+    /// cut): one its session or the call ended before it was done.
+    pub fn agent_unwritten(&self, id: &ItemId) -> bool {
+        self.items.get(id).is_some_and(|item| {
+            item.role != Some(Role::Caller)
+                && !item.written
+                && !item.settled
+                && item.cut.is_none()
+                && !item.text.trim().is_empty()
+        })
+    }
+
     /// A barge-in cut the item after `heard_ms` of the `received_ms` it had.
     pub fn agent_cut(
         &mut self,

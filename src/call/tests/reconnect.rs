@@ -248,6 +248,86 @@ fn a_reply_cut_short_by_the_loss_is_taken_up_where_the_caller_stopped_hearing_it
     assert_eq!(last["type"], "response.create", "after the note: {out:?}");
 }
 
+/// The caller asks; the agent's reply "はい、火曜日の…" is under way, 300 ms of it sent
+/// (three chunks, whose marks are returned) and none confirmed played.
+fn reply_under_way(sim: &mut Sim) -> Vec<String> {
+    caller_asks(sim);
+    sim.openai(r#"{"type":"response.output_item.added","item":{"id":"item_a","type":"message","role":"assistant"}}"#);
+    sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_a","delta":"はい、火曜日の"}"#);
+    (0..3u8)
+        .map(|i| sim.agent_chunk("item_a", &audio(800, i)))
+        .collect()
+}
+
+fn agent_rows(sim: &Sim) -> Vec<(String, bool)> {
+    transcript(&sim.records)
+        .into_iter()
+        .filter(|r| r.1 == Role::Agent)
+        .map(|r| (r.2, r.4))
+        .collect()
+}
+
+#[test]
+fn a_reply_the_session_was_lost_in_is_in_the_transcript_as_far_as_it_was_sent() {
+    let mut sim = Sim::greeted(Agent::default());
+    let marks = reply_under_way(&mut sim);
+    sim.at(1_500);
+    lose(&mut sim);
+    // Its transcript will never come; what was sent plays out, and is its row.
+    assert_eq!(agent_rows(&sim), [("はい、火曜日の".to_owned(), true)]);
+    ready(&mut sim);
+    for m in &marks {
+        sim.twilio(&mark(m));
+    }
+    sim.at(5_000);
+    sim.twilio(STOP);
+    assert_eq!(agent_rows(&sim), [("はい、火曜日の".to_owned(), true)]);
+
+    // A barge-in over what still plays of it: the row is what was heard.
+    let mut sim = Sim::greeted(Agent::default());
+    let marks = reply_under_way(&mut sim);
+    sim.at(1_500);
+    lose(&mut sim);
+    sim.twilio(&mark(&marks[0]));
+    sim.openai_opened();
+    sim.openai(&session_updated("audio/pcmu"));
+    sim.openai(&speech_started());
+    let rows = agent_rows(&sim);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(
+        rows[0].1 && rows[0].0.chars().count() < "はい、火曜日の".chars().count(),
+        "{rows:?}"
+    );
+}
+
+#[test]
+fn a_reply_the_caller_hung_up_on_is_in_the_transcript_as_far_as_it_played() {
+    let mut sim = Sim::greeted(Agent::default());
+    let marks = reply_under_way(&mut sim);
+    // The first 100 ms played, then the caller hung up: no transcript of the reply came.
+    sim.at(1_200);
+    sim.twilio(&mark(&marks[0]));
+    sim.twilio(STOP);
+    let rows = agent_rows(&sim);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].1, "cut: {rows:?}");
+    assert_eq!(rows[0].0, "はい", "a third of it: {rows:?}");
+
+    // Whose full transcript came: written once, as it came.
+    let mut sim = Sim::greeted(Agent::default());
+    let marks = reply_under_way(&mut sim);
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_a","response_id":"resp_1","transcript":"はい、火曜日の十時でしたら空いております。"}"#);
+    sim.twilio(&mark(&marks[0]));
+    sim.twilio(STOP);
+    assert_eq!(
+        agent_rows(&sim),
+        [(
+            "はい、火曜日の十時でしたら空いております。".to_owned(),
+            false
+        )]
+    );
+}
+
 #[test]
 fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     // Started, and lost before any audio.
