@@ -1038,7 +1038,7 @@ impl Call {
                 json!({ "name": name, "call_id": call_id }),
             );
         }
-        if response_id.is_some() && self.control.interrupted.as_deref() == response_id {
+        if self.talked_over(response_id) {
             return self.tool_not_run(call_id, name, arguments, now);
         }
         self.busy(now);
@@ -1495,6 +1495,12 @@ impl Call {
             .ending
             .as_ref()
             .is_some_and(|e| e.phase.asked() || (e.caller_can_stop && e.phase == Phase::Draining))
+    }
+
+    /// The response the caller started speaking over while it was under way: the server
+    /// cancels it (`interrupt_response`), and nothing more of it is for the caller.
+    pub(super) fn talked_over(&self, response_id: Option<&str>) -> bool {
+        response_id.is_some() && self.control.interrupted.as_deref() == response_id
     }
 
     /// Audio of a response cancelled because nothing more was wanted of the agent (the

@@ -928,6 +928,11 @@ impl Call {
                 if self.silenced(response_id.as_deref()) {
                     return self.drop_input("agent_audio_after_goodbye", Value::Null);
                 }
+                if self.talked_over(response_id.as_deref()) {
+                    // Still on its way when the caller began to speak (none of it had come,
+                    // so no barge-in cut it): not played over them.
+                    return self.drop_input("openai_audio_after_barge_in", Value::Null);
+                }
                 self.on_agent_audio(&item_id, &delta, now)
             }
             ServerEvent::AudioDone { item_id } => {
@@ -956,8 +961,19 @@ impl Call {
                     json!({ "item_id": item_id, "chars": transcript.chars().count() }),
                 );
                 if let Some(id) = item_id {
+                    let id = ItemId(id);
+                    if self.talked_over(response_id.as_deref())
+                        && !self.conversation.agent_audio_sent(&id)
+                    {
+                        // Words of a response the caller spoke over before any of its
+                        // audio went out: never heard, so not what the agent said.
+                        return self.drop_input(
+                            "agent_transcript_after_barge_in",
+                            json!({ "chars": transcript.chars().count() }),
+                        );
+                    }
                     let at = self.offset(now);
-                    let entry = self.conversation.agent_text(&ItemId(id), &transcript, at);
+                    let entry = self.conversation.agent_text(&id, &transcript, at);
                     self.write_entry(entry);
                 }
             }

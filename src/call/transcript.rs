@@ -118,6 +118,13 @@ impl Conversation {
         }
     }
 
+    /// Some of the agent's audio of this item went to the caller.
+    pub fn agent_audio_sent(&self, id: &ItemId) -> bool {
+        self.items
+            .get(id)
+            .is_some_and(|item| item.role == Some(Role::Agent) && item.offset_ms.is_some())
+    }
+
     fn entry(id: &ItemId, item: &Item, role: Role, text: String, interrupted: bool) -> Entry {
         Entry {
             seq: item.seq,

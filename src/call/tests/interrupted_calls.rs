@@ -223,3 +223,46 @@ fn a_call_of_the_caller_s_own_turn_response_runs() {
     let out = sim.openai(&call.to_string());
     assert_eq!(http_of(&out).len(), 1, "{out:?}");
 }
+
+#[test]
+fn a_response_the_caller_spoke_over_before_its_audio_came_is_not_played_nor_transcribed() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    sim.at(300);
+    let out = sim.openai(&speech_started());
+    assert!(sends_of(&out, "clear").is_empty(), "nothing was playing");
+    // Its first audio was on its way: not played over the caller.
+    let out = sim.openai(&delta("item_a", &audio(800, 1)));
+    assert!(sends_of(&out, "media").is_empty(), "{out:?}");
+    let out = sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_a","response_id":"resp_1","transcript":"かしこまりました。"}"#);
+    assert!(out
+        .iter()
+        .all(|a| !matches!(a, Action::Persist(Record::Transcript { .. }))));
+    sim.openai(CANCELLED);
+    sim.twilio(STOP);
+    let dropped = &sim.call.stats().dropped;
+    assert_eq!(dropped["openai_audio_after_barge_in"], 1);
+    assert_eq!(dropped["agent_transcript_after_barge_in"], 1);
+    assert!(
+        transcript(&sim.records).iter().all(|r| r.1 != Role::Agent),
+        "{:?}",
+        transcript(&sim.records)
+    );
+
+    // A reply heard in full before the caller spoke, its response still under way (a tool
+    // call to come): its words stand.
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.response("resp_1");
+    let m = sim.agent_chunk("item_a", &audio(800, 1));
+    sim.at(200);
+    sim.twilio(&mark(&m));
+    sim.at(300);
+    sim.openai(&speech_started());
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_a","response_id":"resp_1","transcript":"かしこまりました。"}"#);
+    let agent: Vec<_> = transcript(&sim.records)
+        .into_iter()
+        .filter(|r| r.1 == Role::Agent)
+        .map(|r| r.2)
+        .collect();
+    assert_eq!(agent, ["かしこまりました。"]);
+}
