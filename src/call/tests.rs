@@ -273,6 +273,21 @@ impl Sim {
         assert!(http_of(out).is_empty(), "{what}: no redirect: {out:?}");
     }
 
+    /// The connect under way is refused for good (HTTP 401: the key revoked, say), and no
+    /// other is tried. What the call did then.
+    fn connect_refused_for_good(&mut self) -> Vec<Action> {
+        let out = self.input(Input::OpenAiConnectFailed {
+            reason: "HTTP 401 on upgrade",
+            status: Some(401),
+        });
+        assert!(
+            !out.iter()
+                .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
+            "{out:?}"
+        );
+        out
+    }
+
     /// After a lost session: a new connect, at once or (for later attempts) when the
     /// machine's timer says.
     fn expect_reconnect(&mut self, out: Vec<Action>, attempt: u32) {
@@ -980,15 +995,7 @@ fn openai_close_mid_call_is_logged_with_code_and_hands_the_caller_to_the_fallbac
 fn a_refused_key_is_not_tried_again_and_the_caller_gets_the_fallback_at_once() {
     let mut sim = Sim::new();
     sim.twilio(&start());
-    let out = sim.input(Input::OpenAiConnectFailed {
-        reason: "HTTP 401 on upgrade",
-        status: Some(401),
-    });
-    assert!(
-        !out.iter()
-            .any(|a| matches!(a, Action::ConnectOpenAi { .. })),
-        "{out:?}"
-    );
+    let out = sim.connect_refused_for_good();
     let id = expect_redirect(&out);
     assert!(!sim.call.is_ended(), "the stream stays up for the redirect");
     sim.redirect_answered(id, 200);
@@ -1164,6 +1171,21 @@ fn losing_the_session_while_a_hang_up_is_with_twilio_is_no_failure() {
     assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
 
+/// The one request among `out` that carries out `tool` (`end_call` or `transfer_call`) at
+/// Twilio: the hang-up, or the transfer to the agent's number. Returns its id.
+fn ending_request(out: &[Action], tool: &str) -> u64 {
+    let reqs = http_of(out);
+    assert_eq!(reqs.len(), 1, "{tool}: {out:?}");
+    let body = &reqs[0].1.body;
+    if tool == "end_call" {
+        assert_eq!(body, "Status=completed");
+    } else {
+        assert!(body.starts_with("Twiml="), "{body}");
+        assert!(body.contains("81312345678"), "the transfer number: {body}");
+    }
+    reqs[0].0
+}
+
 /// The agent calls `tool` and says its piece (audio, not yet played); returns the mark
 /// that confirms it played.
 fn ending_said_not_played(sim: &mut Sim, tool: &str) -> String {
@@ -1199,16 +1221,8 @@ fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_p
         // Once it has played, the ending goes out as planned.
         sim.at(1_000);
         let out = sim.twilio(&mark(&m));
-        let reqs = http_of(&out);
-        assert_eq!(reqs.len(), 1, "{tool}: {out:?}");
-        let body = &reqs[0].1.body;
-        if tool == "end_call" {
-            assert_eq!(body, "Status=completed");
-        } else {
-            assert!(body.starts_with("Twiml="), "{body}");
-            assert!(body.contains("81312345678"), "the transfer number: {body}");
-        }
-        rest_answers(&mut sim, reqs[0].0, 200);
+        let id = ending_request(&out, tool);
+        rest_answers(&mut sim, id, 200);
         sim.twilio(STOP);
         let want = if tool == "end_call" {
             "agent_hangup"

@@ -8,6 +8,14 @@ const STOPPED: &str =
     r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":1500,"item_id":"item_user"}"#;
 const COMMITTED: &str = r#"{"type":"input_audio_buffer.committed","item_id":"item_user"}"#;
 
+/// The next timer is due at `ms`, and what it releases is the held response.
+fn held_response_goes_out_at(sim: &mut Sim, ms: u64) {
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(ms)));
+    sim.at(ms);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
 fn tool_answer(sim: &mut Sim, id: u64) -> Vec<Action> {
     sim.input(Input::HttpDone {
         id,
@@ -267,10 +275,7 @@ fn a_held_response_goes_out_when_no_turn_comes_of_the_speech() {
     tool_answer(&mut sim, id);
     sim.at(1_300);
     sim.openai(STOPPED);
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(2_800)));
-    sim.at(2_800);
-    let out = sim.input(Input::Timeout);
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    held_response_goes_out_at(&mut sim, 2_800);
 
     // Committed, and still no response of the server's own.
     let (mut sim, id) = lookup_running();
@@ -293,10 +298,7 @@ fn a_held_response_goes_out_when_no_turn_comes_of_the_speech() {
     sim.openai(&speech_started());
     sim.at(1_200);
     tool_answer(&mut sim, id);
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(16_000)));
-    sim.at(16_000);
-    let out = sim.input(Input::Timeout);
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    held_response_goes_out_at(&mut sim, 16_000);
 }
 
 #[test]
@@ -371,10 +373,7 @@ fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session
     sim.at(1_500);
     let out = lose_and_recover(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(3_000)));
-    sim.at(3_000);
-    let out = sim.input(Input::Timeout);
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    held_response_goes_out_at(&mut sim, 3_000);
 }
 
 /// The session is lost; a new one opens and is ready. What the call sent it then.
@@ -402,10 +401,7 @@ fn words_a_lost_session_took_before_their_turn_was_committed_are_asked_for_again
         sends_of(&out, "response.create").is_empty(),
         "not over the caller"
     );
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(3_500)));
-    sim.at(3_500);
-    let out = sim.input(Input::Timeout);
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    held_response_goes_out_at(&mut sim, 3_500);
 
     // Lost once they stopped, before the commit (semantic VAD takes its time): the model is
     // told it missed them, and asked at once.
@@ -449,10 +445,7 @@ fn a_reply_cut_by_a_noise_that_makes_no_turn_is_asked_for_again() {
     // Too short to be a turn: stopped, never committed.
     sim.at(1_300);
     sim.openai(STOPPED);
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(2_800)));
-    sim.at(2_800);
-    let out = sim.input(Input::Timeout);
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    held_response_goes_out_at(&mut sim, 2_800);
 
     // Real words: the server's answer to their turn is the only response.
     let mut sim = Sim::greeted(Agent::default());
