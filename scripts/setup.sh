@@ -8,6 +8,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v cargo >/dev/null || die "cargo not found: install Rust from https://rustup.rs"
 command -v npm >/dev/null || die "npm not found: install Node.js 20 or newer"
 
+# A C toolchain (every native build links with it) and OpenSSL's headers found through
+# pkg-config (worker-build's TLS): Debian packages, installed when missing.
+sys=()
+command -v cc >/dev/null || sys+=(build-essential)
+command -v pkg-config >/dev/null || sys+=(pkg-config)
+pkg-config --exists openssl 2>/dev/null || sys+=(libssl-dev)
+[[ ${#sys[@]} -eq 0 ]] || apt_install "${sys[@]}"
+
 if ! rustup target list --installed | grep -qx "$WASM_TARGET"; then
   log "adding rust target $WASM_TARGET"
   rustup target add "$WASM_TARGET"

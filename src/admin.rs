@@ -411,7 +411,7 @@ pub fn parse_body(bytes: &[u8]) -> Result<Map<String, Value>, Error> {
     })?;
     match serde_json::from_str::<Value>(text) {
         Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(Error::BadRequest("the body must be a JSON object".into())),
+        Ok(_) => Err(Error::InvalidJson("the body must be a JSON object".into())),
         Err(e) => Err(Error::InvalidJson(e.to_string())),
     }
 }
@@ -1169,7 +1169,11 @@ mod tests {
         assert_eq!(e.status(), 400);
         assert_eq!(e.body()["error"], "invalid_json");
         assert!(e.body().get("field").is_none());
-        assert_eq!(parse_body(b"[1]").unwrap_err().status(), 400);
+        // JSON, and not an object: `invalid_json` too, with no field to name.
+        let e = parse_body(b"[1]").unwrap_err();
+        assert_eq!(e.status(), 400);
+        assert_eq!(e.body()["error"], "invalid_json");
+        assert!(e.body().get("field").is_none(), "{:?}", e.body());
         assert_eq!(
             parse_body(" ".repeat(MAX_BODY_BYTES + 1).as_bytes())
                 .unwrap_err()

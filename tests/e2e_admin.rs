@@ -310,6 +310,7 @@ async fn malformed_requests_get_json_errors() {
     )
     .await;
     expect(&r, 400, "array body");
+    assert_eq!(r.body["error"], "invalid_json");
 
     let r = api("DELETE", "/api/admin/calls", None).await;
     expect(&r, 405, "DELETE calls");
