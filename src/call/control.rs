@@ -491,29 +491,33 @@ impl Call {
         self.request_response();
     }
 
+    /// The next moment the control timers want (`on_control_timer`). The shell asks after
+    /// every event, so this allocates nothing.
     pub(super) fn control_deadline(&self) -> Option<Millis> {
         let c = &self.control;
-        let mut next = Vec::with_capacity(5);
-        next.extend(c.retry_at);
+        let earliest = |a: Option<Millis>, b: Option<Millis>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut next = c.retry_at;
         if c.wanted {
-            next.extend(c.turn_hold);
+            next = earliest(next, c.turn_hold);
         }
         if let Some(e) = &c.ending {
-            next.extend(e.deadline);
-            return next.into_iter().min();
+            return earliest(next, e.deadline);
         }
         if let Some(end) = c.call_deadline {
-            next.push(end);
+            next = earliest(next, Some(end));
             if !c.wrap_up_sent {
-                next.push(end.saturating_sub(WRAP_UP_BEFORE));
+                next = earliest(next, Some(end.saturating_sub(WRAP_UP_BEFORE)));
             }
         }
         if self.line_can_idle() {
             if let Some(t) = self.idle_since() {
-                next.push(t + c.idle_timeout);
+                next = earliest(next, Some(t + c.idle_timeout));
             }
         }
-        next.into_iter().min()
+        next
     }
 
     /// Where the line's silence counts from: the last activity, or while the caller is
