@@ -46,6 +46,11 @@ pub const HEADER_BYTES: usize = 44;
 /// Caller frames with no timestamp this much later than the previous frame's end still
 /// follow it directly: network jitter, not a gap in the audio.
 pub const CALLER_SLACK_MS: u64 = 100;
+/// The most after its stamp (on the stream's clock, which starts at Twilio's `start`) the
+/// first stamped caller frame is taken to have arrived: one that came later was held up
+/// (a retransmit on the new connection, say), and anchoring Twilio's clock to its arrival
+/// would place the whole caller channel that much late.
+pub const MAX_FIRST_FRAME_DELAY_MS: u64 = 100;
 /// A stamp less than this off the end of the previous caller frame is taken as that end:
 /// rounding or jitter in the stamps (half a 20 ms frame), not a frame missing, so speech
 /// gets no clicks of silence inside it and nothing is counted as late.
@@ -435,7 +440,9 @@ impl Recorder {
     /// stream when it was.
     ///
     /// A stamped frame goes where its stamp says on Twilio's clock, tied to ours by the first
-    /// stamped frame (which lands at its arrival): silence fills a gap in the stamps of
+    /// stamped frame (which lands at its arrival, or [`MAX_FIRST_FRAME_DELAY_MS`] after its
+    /// stamp when it came later than that: held up, it does not shift the whole channel):
+    /// silence fills a gap in the stamps of
     /// [`STAMP_JITTER_MS`] or more, and a frame stamped less than that off the previous
     /// one's end follows it directly. A frame whose stamps all lie within those of the
     /// stamped frame placed last (at most [`MAX_REPLAY_BACK_MS`] back) was placed already:
@@ -462,7 +469,10 @@ impl Recorder {
         }
         let (start, late) = match stamp {
             Some(stamp) => {
-                let origin = *self.origin.get_or_insert(i128::from(arrived) - stamp);
+                let first_delay = i128::from(MAX_FIRST_FRAME_DELAY_MS * SAMPLES_PER_MS);
+                let origin = *self
+                    .origin
+                    .get_or_insert((i128::from(arrived) - stamp).min(first_delay));
                 let due = origin + stamp;
                 let jitter = i128::from(STAMP_JITTER_MS * SAMPLES_PER_MS);
                 // The first frame has no previous one to follow.
@@ -1572,9 +1582,10 @@ mod tests {
         assert_eq!(first.len() as u64, 1_100 * BYTES_PER_MS);
         assert_eq!(rec.poll(CALLER_STALL_MS + 1_100), None);
         assert_eq!(rec.emitted_ms(), 1_100);
-        // A caller frame arriving now lands at its arrival, after what was handed out.
+        // A caller frame arriving now (30 ms after Twilio stamped it) lands at its arrival,
+        // after what was handed out.
         let at = CALLER_STALL_MS + 1_150;
-        rec.caller(at, Some(0), &tone(160, 4));
+        rec.caller(at, Some(at - 30), &tone(160, 4));
         let (rest, duration) = rec.finish(at + 100);
         assert_eq!(duration, at + 100);
         let (l, _) = channels(&rest);
@@ -1664,7 +1675,36 @@ mod tests {
         assert_eq!(rec.dropped_samples(), 0);
     }
 
-    /// Frames that come later than the recording waits: their place was handed out as
+    /// The first frames held up together (a retransmit as the stream starts): they, and
+    /// every frame after them, go by their stamps, not a second late for the whole call.
+    #[test]
+    fn a_first_frame_held_up_does_not_shift_the_caller_channel() {
+        for stall_ms in [1_030, 2_500] {
+            let frames = twilio_frames(10_000, 30, |due| (due < stall_ms).then_some(stall_ms));
+            let mut rec = Recorder::new();
+            let (l, _) = channels(&play(&mut rec, &frames, 0, 10_100));
+            for (ts, _, audio) in frames.iter().filter(|f| f.0 % 1_000 == 0) {
+                // At its stamp plus MAX_FIRST_FRAME_DELAY_MS: within 100 ms of when it was
+                // said, though it arrived up to 2.5 s later.
+                let at = ms(ts + MAX_FIRST_FRAME_DELAY_MS);
+                assert_eq!(
+                    l[at..at + 160],
+                    decoded(audio)[..],
+                    "frame stamped {ts}, stall {stall_ms}"
+                );
+            }
+            assert_eq!(rec.late_samples(), 0);
+            assert_eq!(rec.dropped_samples(), 0);
+        }
+        // On time, the first frame anchors the clock at its arrival as before.
+        let frames = twilio_frames(3_000, 30, |_| None);
+        let mut rec = Recorder::new();
+        let (l, _) = channels(&play(&mut rec, &frames, 0, 3_100));
+        let (_, arrived, audio) = &frames[100];
+        assert_eq!(l[ms(*arrived)..ms(*arrived) + 160], decoded(audio)[..]);
+    }
+
+    /// Frames that come later than the recording waits: their place was handed out as    /// Frames that come later than the recording waits: their place was handed out as
     /// silence, so they go right after it, as early as they still can, in order and whole;
     /// they and what follows sit later than their stamps by what the wait did not cover (not
     /// by the whole stall), and are counted as late.
