@@ -402,6 +402,12 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
     keep.storage
         .put(recording::CHECKPOINT_TRIES_KEY, attempt)
         .await?;
+    // Should the object be restarted while this upload runs (a deploy, an eviction), an
+    // alarm brings it back to try again (the tries above bound that): with none pending,
+    // nothing else would, and the checkpoints would stay unstored for good.
+    if keep.storage.get_alarm().await?.is_none() {
+        keep.storage.set_alarm(RETRY_AFTER).await?;
+    }
     log(
         "info",
         "recording.recovering",
@@ -730,13 +736,18 @@ impl Writer {
             self.upload_part(first).await?;
         }
         let upload = self.upload.take().ok_or("no multipart upload")?;
+        let upload_id = upload.upload_id().await;
         let mut parts = std::mem::take(&mut self.uploaded);
         parts.sort_by_key(|p| p.part_number());
-        upload
-            .complete(parts)
-            .await
-            .map(|_| ())
-            .map_err(|e| format!("complete: {e}"))
+        let Err(e) = upload.complete(parts).await else {
+            return Ok(());
+        };
+        // `complete` took the upload: it is aborted by its id, as any failed one is (the
+        // retry from the checkpoints opens another), rather than left open for days.
+        if let Ok(open) = self.bucket.resume_multipart_upload(&self.key, upload_id) {
+            let _ = open.abort().await;
+        }
+        Err(format!("complete: {e}"))
     }
 
     /// Part 1 made again from the checkpoints ([`recording::Rebuild`]): the final header, then
