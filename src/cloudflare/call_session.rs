@@ -379,11 +379,28 @@ impl CallSession {
         storage.put(CALL_KEY, &record).await?;
         storage.set_alarm(WATCH).await?;
 
-        let pair = WebSocketPair::new()?;
-        pair.server.accept()?;
         let driver = Driver::default();
         // No await between accept and listen: see socket.rs.
-        let twilio_listeners = socket::listen(&pair.server, Side::Twilio, driver.sink())?;
+        let opened = WebSocketPair::new().and_then(|pair| {
+            pair.server.accept()?;
+            let listeners = socket::listen(&pair.server, Side::Twilio, driver.sink())?;
+            Ok((pair, listeners))
+        });
+        let (pair, twilio_listeners) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                // No stream after all: the call must not read as one a restart cut.
+                record.streamed_at_ms = None;
+                if let Err(e) = storage.put(CALL_KEY, &record).await {
+                    log(
+                        "error",
+                        "storage.write_failed",
+                        serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
+                    );
+                }
+                return Err(e);
+            }
+        };
         self.live.set(true);
         let reg = &record.registration;
         let setup = Setup {
