@@ -219,13 +219,23 @@ enum Phase {
     /// The REST request is out.
     Requested { id: u64 },
     /// The last request failed for a passing reason; the next goes at the deadline.
-    Retrying,
+    /// `refused`: Twilio answered it (429, 5xx), so it did nothing; else no answer came,
+    /// and it may have acted.
+    Retrying { refused: bool },
 }
 
 impl Phase {
     /// Twilio has been asked (it may have acted even when its answer did not arrive).
     fn asked(&self) -> bool {
-        matches!(self, Phase::Requested { .. } | Phase::Retrying)
+        matches!(self, Phase::Requested { .. } | Phase::Retrying { .. })
+    }
+
+    /// Twilio may have carried the request out: one is on its way, or went unanswered.
+    fn may_have_acted(&self) -> bool {
+        matches!(
+            self,
+            Phase::Requested { .. } | Phase::Retrying { refused: false }
+        )
     }
 }
 
@@ -456,10 +466,22 @@ impl Call {
             return Some(done.clone());
         }
         let ending = self.control.ending.clone()?;
-        if !ending.phase.asked() {
+        let (kind, reason) = Self::finish_reason(&ending.finish);
+        if ending.phase == (Phase::Retrying { refused: true }) {
+            // Twilio refused the last request and the call ended before the next: not
+            // carried out (the caller hung up while waiting to be put through, say).
+            self.event(
+                now,
+                kind,
+                json!({ "ok": false, "twilio": "refused; the call ended before it was asked again",
+                        "reason": reason.detail(), "attempts": ending.attempts }),
+            );
+            self.control.ending = None;
             return None;
         }
-        let (kind, reason) = Self::finish_reason(&ending.finish);
+        if !ending.phase.may_have_acted() {
+            return None;
+        }
         self.event(
             now,
             kind,
@@ -564,7 +586,7 @@ impl Call {
         }
         if let Some(e) = &self.control.ending {
             if e.deadline.is_some_and(|d| now >= d) {
-                if e.phase != Phase::Retrying {
+                if !matches!(e.phase, Phase::Retrying { .. }) {
                     self.log(
                         Level::Warn,
                         "control.ending_timeout",
@@ -1413,7 +1435,9 @@ impl Call {
                 json!({ "kind": kind, "outcome": status, "attempt": ending.attempts, "delay_ms": delay.0 }),
             );
             let e = self.control.ending.as_mut().expect("matched");
-            e.phase = Phase::Retrying;
+            e.phase = Phase::Retrying {
+                refused: matches!(outcome, http::Outcome::Response { .. }),
+            };
             e.deadline = Some(now + delay);
             return;
         }

@@ -2842,6 +2842,44 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
 }
 
 #[test]
+fn a_transfer_twilio_refused_is_not_recorded_as_made_when_the_caller_hangs_up_before_the_retry() {
+    // The notice said (no audio: the request goes at once), then Twilio answers 503.
+    let transfer_asked = |sim: &mut Sim| {
+        sim.response("resp_1");
+        sim.function_call("transfer_call", "{}");
+        sim.response_done("resp_1");
+        sim.response("resp_2");
+        ending_request(&sim.response_done("resp_2"), "transfer_call")
+    };
+    let mut sim = Sim::greeted(agent_with_tools());
+    let id = transfer_asked(&mut sim);
+    rest_answers(&mut sim, id, 503);
+    // The caller hangs up while the retry waits: Twilio put no one through.
+    sim.at(500);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let transfer = events(&sim.records)
+        .into_iter()
+        .find(|e| e.1 == "transfer")
+        .expect("the transfer event");
+    assert_eq!(transfer.2["ok"], false, "{:?}", transfer.2);
+
+    // No answer at all (a timeout): Twilio may have put them through.
+    let mut sim = Sim::greeted(agent_with_tools());
+    let id = transfer_asked(&mut sim);
+    let timed_out = http::Outcome::Failed {
+        reason: "timed out".into(),
+    };
+    sim.input(Input::HttpDone {
+        id,
+        outcome: &timed_out,
+    });
+    sim.at(500);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("transferred"));
+}
+
+#[test]
 fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_tries() {
     let mut sim = Sim::greeted(agent_with_tools());
     let (mut id, _) = goodbye_played(&mut sim);
