@@ -1239,6 +1239,19 @@ impl Call {
         now: Millis,
     ) {
         let spoken = self.response_active && self.control.response_spoke;
+        if let Some(e) = &mut self.control.ending {
+            // Already ending (the idle goodbye, say), and the response meant to say its words
+            // calls the tool instead, saying nothing: asked for them below, the words are
+            // the next response's, not left unsaid when this one is done.
+            let meant = matches!(&e.phase, Phase::Goodbye { response, .. }
+                if response.is_none() || *response == self.control.response);
+            if !spoken && meant {
+                e.phase = Phase::Goodbye {
+                    requested: false,
+                    response: None,
+                };
+            }
+        }
         let phase = Phase::Goodbye {
             requested: spoken,
             response: if spoken {

@@ -3120,3 +3120,30 @@ mod failed_responses;
 mod held_responses;
 mod interrupted_calls;
 mod reconnect;
+
+#[test]
+fn an_idle_goodbye_whose_response_calls_end_call_first_is_still_said() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.at(IDLE.0);
+    sim.input(Input::Timeout);
+    sim.response("resp_c");
+    sim.response_done("resp_c");
+    sim.at(2 * IDLE.0);
+    sim.input(Input::Timeout);
+    // Asked to say goodbye, the model calls end_call before any words.
+    sim.response("resp_bye");
+    let out = sim.function_call("end_call", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    let out = sim.response_done("resp_bye");
+    assert!(http_of(&out).is_empty(), "not hung up in silence: {out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    // The next response says it; once it has played, the call is hung up.
+    sim.response("resp_bye2");
+    let m = sim.agent_chunk("item_bye", &audio(800, 1));
+    sim.response_done("resp_bye2");
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
+    rest_answers(&mut sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
+}
