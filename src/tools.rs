@@ -262,15 +262,37 @@ pub fn webhook_request(
     }
 }
 
+/// An answer over [`MAX_OUTPUT_BYTES`], as the model is given it: valid JSON that says it
+/// was cut and how long it was, with as much of its start as fits, so the model neither
+/// reads broken JSON nor takes the start for the whole.
+fn cut_output(body: &str) -> String {
+    let mut keep = MAX_OUTPUT_BYTES;
+    loop {
+        while !body.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let out = json!({
+            "truncated": true,
+            "note": format!("the tool answered {} bytes; only the start fits here: do not guess the rest", body.len()),
+            "partial": &body[..keep],
+        })
+        .to_string();
+        if out.len() <= MAX_OUTPUT_BYTES || keep == 0 {
+            return out;
+        }
+        // Escaping made it longer: keep less, in proportion.
+        keep = keep * MAX_OUTPUT_BYTES / out.len() - 1;
+    }
+}
+
 /// What the model is told a webhook tool returned.
 pub fn webhook_output(outcome: &http::Outcome, timeout_ms: u64) -> (bool, String) {
     match outcome {
         http::Outcome::Response { status, body } if (200..300).contains(status) => {
-            let mut end = body.len().min(MAX_OUTPUT_BYTES);
-            while !body.is_char_boundary(end) {
-                end -= 1;
+            if body.len() <= MAX_OUTPUT_BYTES {
+                return (true, body.clone());
             }
-            (true, body[..end].to_owned())
+            (true, cut_output(body))
         }
         http::Outcome::Response { status, .. } => (
             false,
@@ -464,6 +486,32 @@ mod tests {
             5000,
         );
         assert!(ok && out.len() <= MAX_OUTPUT_BYTES);
+        // Cut, it is still JSON, and says so.
+        let slots: Vec<Value> = (0..400)
+            .map(|i| json!({"id": i, "start": "2026-11-01T10:00:00+09:00", "room": "A"}))
+            .collect();
+        let body = json!({ "slots": slots }).to_string();
+        let (ok, out) = webhook_output(
+            &http::Outcome::Response {
+                status: 200,
+                body: body.clone(),
+            },
+            5000,
+        );
+        assert!(ok && out.len() <= MAX_OUTPUT_BYTES, "{}", out.len());
+        let v: Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(v["truncated"], true);
+        let partial = v["partial"].as_str().unwrap();
+        assert!(partial.len() > MAX_OUTPUT_BYTES / 2 && body.starts_with(partial));
+        // An answer that fits is given as it is.
+        let (_, out) = webhook_output(
+            &http::Outcome::Response {
+                status: 200,
+                body: r#"{"name":"山田"}"#.into(),
+            },
+            5000,
+        );
+        assert_eq!(out, r#"{"name":"山田"}"#);
         let (ok, out) = webhook_output(
             &http::Outcome::Failed {
                 reason: "timeout".into(),
