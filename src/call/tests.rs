@@ -2111,15 +2111,22 @@ fn a_transfer_announced_before_the_call_is_not_announced_again() {
     assert!(http_of(&out)[0].1.body.starts_with("Twiml="));
 }
 
-#[test]
-fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
-    let mut sim = Sim::greeted(Agent::default());
+/// A greeted call whose line stayed silent: checked in on, then (another idle timeout on)
+/// the idle goodbye asked for.
+fn idle_goodbye_asked(agent: Agent) -> Sim {
+    let mut sim = Sim::greeted(agent);
     sim.at(IDLE.0);
     sim.input(Input::Timeout);
     sim.response("resp_c");
     sim.response_done("resp_c");
     sim.at(2 * IDLE.0);
     sim.input(Input::Timeout);
+    sim
+}
+
+#[test]
+fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
+    let mut sim = idle_goodbye_asked(Agent::default());
     sim.response("resp_bye");
     sim.agent_chunk("item_bye", &audio(1600, 9));
     // "Hello? I'm still here": the server cancels the goodbye (interrupt_response).
@@ -2151,6 +2158,27 @@ fn a_caller_who_speaks_during_the_idle_goodbye_is_not_hung_up_on() {
     assert_eq!(events(&sim.records)[2].2["finish"], "hangup");
     // A silent line is still looked after: check-in, then goodbye, again.
     assert!(sim.call.poll_timeout().is_some());
+}
+
+#[test]
+fn an_idle_goodbye_whose_response_calls_end_call_first_is_still_said() {
+    let mut sim = idle_goodbye_asked(agent_with_tools());
+    // Asked to say goodbye, the model calls end_call before any words.
+    sim.response("resp_bye");
+    let out = sim.function_call("end_call", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    let out = sim.response_done("resp_bye");
+    assert!(http_of(&out).is_empty(), "not hung up in silence: {out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    // The next response says it; once it has played, the call is hung up.
+    sim.response("resp_bye2");
+    let m = sim.agent_chunk("item_bye", &audio(800, 1));
+    sim.response_done("resp_bye2");
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
+    rest_answers(&mut sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
 
 #[test]
@@ -3120,30 +3148,3 @@ mod failed_responses;
 mod held_responses;
 mod interrupted_calls;
 mod reconnect;
-
-#[test]
-fn an_idle_goodbye_whose_response_calls_end_call_first_is_still_said() {
-    let mut sim = Sim::greeted(agent_with_tools());
-    sim.at(IDLE.0);
-    sim.input(Input::Timeout);
-    sim.response("resp_c");
-    sim.response_done("resp_c");
-    sim.at(2 * IDLE.0);
-    sim.input(Input::Timeout);
-    // Asked to say goodbye, the model calls end_call before any words.
-    sim.response("resp_bye");
-    let out = sim.function_call("end_call", "{}");
-    assert!(http_of(&out).is_empty(), "{out:?}");
-    let out = sim.response_done("resp_bye");
-    assert!(http_of(&out).is_empty(), "not hung up in silence: {out:?}");
-    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
-    // The next response says it; once it has played, the call is hung up.
-    sim.response("resp_bye2");
-    let m = sim.agent_chunk("item_bye", &audio(800, 1));
-    sim.response_done("resp_bye2");
-    sim.at(2 * IDLE.0 + 500);
-    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
-    rest_answers(&mut sim, id, 200);
-    sim.twilio(STOP);
-    assert_eq!(sim.end_label(), Some("agent_hangup"));
-}
