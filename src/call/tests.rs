@@ -288,6 +288,20 @@ impl Sim {
         out
     }
 
+    /// The Realtime session closes under the call (1011 `server_error`). What the call did.
+    fn lose_session(&mut self) -> Vec<Action> {
+        self.input(Input::OpenAiClosed {
+            code: 1011,
+            reason: "server_error",
+        })
+    }
+
+    /// [`Sim::lose_session`], and the first new connect goes out at once.
+    fn lose_session_and_reconnect(&mut self) {
+        let out = self.lose_session();
+        self.expect_reconnect(out, 1);
+    }
+
     /// After a lost session: a new connect, at once or (for later attempts) when the
     /// machine's timer says.
     fn expect_reconnect(&mut self, out: Vec<Action>, attempt: u32) {
@@ -1205,10 +1219,7 @@ fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_p
         let mut sim = Sim::greeted(agent_with_tools());
         let m = ending_said_not_played(&mut sim, tool);
         sim.at(500);
-        let out = sim.input(Input::OpenAiClosed {
-            code: 1011,
-            reason: "server_error",
-        });
+        let out = sim.lose_session();
         // Nothing more is wanted of the agent: no new session, no apology over the goodbye.
         Sim::expect_no_new_session(&out, tool);
         assert!(
@@ -1260,11 +1271,7 @@ fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_r
     sim.response_done("resp_w");
     // The session is lost, and a new one is on its way when the time limit's end comes.
     sim.at(34_000);
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     sim.at(35_000);
     let out = sim.input(Input::Timeout);
     assert!(http_of(&out).is_empty(), "the wrap-up still plays: {out:?}");
@@ -1276,10 +1283,8 @@ fn a_reconnect_failing_for_good_once_the_time_limit_s_end_is_draining_does_not_r
     assert!(http_of(&out).is_empty(), "no redirect: {out:?}");
     assert!(sim.call.poll_timeout().is_some());
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
-    rest_answers(&mut sim, reqs[0].0, 200);
+    let id = ending_request(&out, "end_call");
+    rest_answers(&mut sim, id, 200);
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("agent_hangup"));
     let lost = sim.logged("call.agent_lost_while_finishing");
@@ -1292,11 +1297,7 @@ fn a_delayed_reconnect_attempt_due_once_the_ending_is_draining_is_not_made() {
     let (mut sim, m) = reply_under_way_before_the_time_limit();
     sim.response_done("resp_w");
     sim.at(34_800);
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     // The first attempt is refused for a passing reason: the next waits 0.5 s, past the
     // time limit's end.
     let out = sim.input(Input::OpenAiConnectFailed {
@@ -1324,11 +1325,7 @@ fn a_reconnect_that_comes_up_once_the_time_limit_s_end_is_draining_is_not_used()
     // Lost mid-reply (a reply the new session would be asked to go on with), a second
     // before the time limit's end; the first attempt goes out at once.
     sim.at(34_000);
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     sim.at(35_000);
     let out = sim.input(Input::Timeout);
     assert!(http_of(&out).is_empty(), "the reply still plays: {out:?}");
@@ -1353,10 +1350,8 @@ fn a_reconnect_that_comes_up_once_the_time_limit_s_end_is_draining_is_not_used()
     // The hang-up follows the old reply's last mark.
     sim.at(35_200);
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
-    rest_answers(&mut sim, reqs[0].0, 200);
+    let id = ending_request(&out, "end_call");
+    rest_answers(&mut sim, id, 200);
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
@@ -2036,9 +2031,7 @@ fn the_time_limit_warns_then_hangs_up() {
     }
     sim.at(60_000);
     let out = sim.input(Input::Timeout);
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
+    ending_request(&out, "end_call");
     let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
     assert_eq!(kinds, ["wrap_up", "max_duration"]);
 }
@@ -2426,9 +2419,7 @@ fn a_tool_answering_once_the_time_limit_s_end_has_come_makes_the_agent_say_nothi
     // The hang-up follows the reply's mark.
     sim.at(35_400);
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
+    ending_request(&out, "end_call");
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
 }
 
@@ -2471,10 +2462,8 @@ fn a_response_starting_once_the_time_limit_s_end_has_come_is_cancelled_unheard()
     // The hang-up follows the reply's mark, as planned.
     sim.at(35_400);
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
-    rest_answers(&mut sim, reqs[0].0, 200);
+    let id = ending_request(&out, "end_call");
+    rest_answers(&mut sim, id, 200);
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("agent_hangup"));
 }
@@ -2702,11 +2691,7 @@ fn after_a_reconnect_the_old_session_s_audio_can_be_cleared_and_caller_turns_kee
     }
     caller_until(&mut sim, 9_500);
     sim.at(9_500);
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     // The caller talks on while the new session comes up: held, then heard first.
     caller_until(&mut sim, 10_100);
     sim.openai_opened();
@@ -2806,17 +2791,14 @@ fn a_stop_that_overtakes_the_rest_answer_still_ends_as_the_agents_hang_up() {
 
 /// The agent says goodbye and calls `end_call`; returns the hang-up request once the
 /// goodbye has played.
-fn goodbye_played(sim: &mut Sim) -> (u64, http::Request) {
+fn goodbye_played(sim: &mut Sim) -> u64 {
     sim.function_call("end_call", "{}");
     sim.response("resp_2");
     let m = sim.agent_chunk("item_bye", &audio(1600, 9));
     sim.response_done("resp_2");
     sim.at(1_000);
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
-    reqs[0].clone()
+    ending_request(&out, "end_call")
 }
 
 /// Twilio's REST API answers request `id` with `status`.
@@ -2834,7 +2816,7 @@ fn rest_answers(sim: &mut Sim, id: u64, status: u16) -> Vec<Action> {
 #[test]
 fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     let mut sim = Sim::greeted(agent_with_tools());
-    let (id, _) = goodbye_played(&mut sim);
+    let id = goodbye_played(&mut sim);
     let out = rest_answers(&mut sim, id, 503);
     assert!(out.is_empty(), "no fallback yet: {out:?}");
     assert_eq!(sim.call.poll_timeout(), Some(Millis(2_000)));
@@ -2844,14 +2826,12 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     );
     sim.at(2_000);
     let out = sim.input(Input::Timeout);
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
+    let id = ending_request(&out, "end_call");
     let timed_out = http::Outcome::Failed {
         reason: "timed out".into(),
     };
     sim.input(Input::HttpDone {
-        id: reqs[0].0,
+        id,
         outcome: &timed_out,
     });
     assert_eq!(sim.call.poll_timeout(), Some(Millis(5_000)));
@@ -2910,7 +2890,7 @@ fn a_transfer_twilio_refused_is_not_recorded_as_made_when_the_caller_hangs_up_be
 #[test]
 fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_tries() {
     let mut sim = Sim::greeted(agent_with_tools());
-    let (mut id, _) = goodbye_played(&mut sim);
+    let mut id = goodbye_played(&mut sim);
     for at in [2_000, 5_000] {
         rest_answers(&mut sim, id, 500);
         sim.at(at);
@@ -2926,7 +2906,7 @@ fn a_hang_up_twilio_keeps_failing_hands_the_caller_to_the_fallback_after_three_t
 #[test]
 fn a_hang_up_refused_for_good_is_not_asked_again() {
     let mut sim = Sim::greeted(agent_with_tools());
-    let (id, _) = goodbye_played(&mut sim);
+    let id = goodbye_played(&mut sim);
     let out = rest_answers(&mut sim, id, 401);
     assert!(out
         .iter()
@@ -2984,11 +2964,7 @@ fn lookup_then_session_lost(sim: &mut Sim) -> u64 {
     let (id, _) = http_of(&out)[0].clone();
     sim.response_done("resp_1");
     sim.at(1_500);
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     id
 }
 

@@ -158,14 +158,12 @@ fn a_goodbye_failing_for_want_of_quota_still_ends_the_call_recorded_as_failed() 
     let out = failed(&mut sim, "resp_bye", "insufficient_quota");
     // Not left hanging until the goodbye's timeout, nor handed to the fallback (nobody is
     // there to hear it): hung up at once, as planned.
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
+    let id = ending_request(&out, "end_call");
     assert_eq!(
         events(&sim.records).last().unwrap().2["then"],
         "end_as_planned"
     );
-    sim.redirect_answered(reqs[0].0, 200);
+    sim.redirect_answered(id, 200);
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("openai_response_failed"));
     assert_eq!(failed_flag(&sim), Some(true));

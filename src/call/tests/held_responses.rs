@@ -378,11 +378,7 @@ fn a_response_held_when_the_session_is_lost_mid_speech_waits_for_the_new_session
 
 /// The session is lost; a new one opens and is ready. What the call sent it then.
 fn lose_and_recover(sim: &mut Sim) -> Vec<Action> {
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
+    sim.lose_session_and_reconnect();
     sim.openai_opened();
     sim.openai(&session_updated("audio/pcmu"))
 }

@@ -3,15 +3,6 @@
 
 use super::*;
 
-/// The session closes under the call; the first new connect goes out at once.
-fn lose(sim: &mut Sim) {
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
-    sim.expect_reconnect(out, 1);
-}
-
 /// The new session opens and is ready; returns what the call sent it then.
 fn ready(sim: &mut Sim) -> Vec<Action> {
     sim.openai_opened();
@@ -22,7 +13,7 @@ fn ready(sim: &mut Sim) -> Vec<Action> {
 fn the_reconnect_gap_does_not_count_as_silence() {
     let mut sim = Sim::greeted(Agent::default());
     sim.at(IDLE.0 - 2_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.at(IDLE.0 + 500);
     ready(&mut sim);
     // The idle clock starts again once the new session is there, rather than a check-in
@@ -59,7 +50,7 @@ fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
     assert_eq!(cut.0, whole.last().unwrap().0);
     assert_eq!((cut.2.as_str(), cut.4), ("", true));
     sim.at(1_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert!(
         messages(&out).iter().all(|(role, _)| role == "system"),
@@ -103,7 +94,7 @@ fn a_cut_turn_whose_server_transcript_comes_back_empty_keeps_its_estimate() {
     );
     sim.openai(r#"{"type":"response.done","response":{"id":"resp_1","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"}}}"#);
     sim.at(1_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert!(
         messages(&out).contains(&("assistant".to_owned(), "一二三".to_owned())),
@@ -160,7 +151,7 @@ fn keys_pressed_before_and_during_a_reconnect_reach_the_new_session_in_order() {
     sim.openai(r#"{"type":"conversation.item.added","item":{"id":"item_u","type":"message","role":"user"}}"#);
     sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"予約の件です"}"#);
     sim.at(1_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.at(1_200);
     assert!(sim.twilio(&dtmf("2")).is_empty());
     sim.at(1_500);
@@ -198,7 +189,7 @@ fn a_reply_under_way_when_the_session_is_lost_is_asked_of_the_new_one() {
     let mut sim = Sim::greeted(Agent::default());
     caller_asks(&mut sim);
     sim.at(2_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.at(2_500);
     let out = ready(&mut sim);
     // Seeded first, so the answer is to the caller's question; nothing of the lost reply
@@ -220,7 +211,7 @@ fn a_reply_under_way_when_the_session_is_lost_is_asked_of_the_new_one() {
     // A response asked for and not yet started is asked again too.
     let mut sim = Sim::greeted(Agent::default());
     sim.twilio(&dtmf("3"));
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
 }
@@ -235,7 +226,7 @@ fn a_reply_cut_short_by_the_loss_is_taken_up_where_the_caller_stopped_hearing_it
         sim.agent_chunk("item_a", &audio(800, i));
     }
     sim.at(1_500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     let notes = system_notes(&out);
     assert_eq!(notes.len(), 1, "{out:?}");
@@ -272,7 +263,7 @@ fn a_reply_the_session_was_lost_in_is_in_the_transcript_as_far_as_it_was_sent() 
     let mut sim = Sim::greeted(Agent::default());
     let marks = reply_under_way(&mut sim);
     sim.at(1_500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     // Its transcript will never come; what was sent plays out, and is its row.
     assert_eq!(agent_rows(&sim), [("はい、火曜日の".to_owned(), true)]);
     ready(&mut sim);
@@ -287,7 +278,7 @@ fn a_reply_the_session_was_lost_in_is_in_the_transcript_as_far_as_it_was_sent() 
     let mut sim = Sim::greeted(Agent::default());
     let marks = reply_under_way(&mut sim);
     sim.at(1_500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.twilio(&mark(&marks[0]));
     sim.openai_opened();
     sim.openai(&session_updated("audio/pcmu"));
@@ -334,7 +325,7 @@ fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     let mut sim = Sim::live_with(Agent::default());
     sim.response("resp_g");
     sim.at(500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     let greeting: Vec<&Action> = out.iter().filter(|a| is_greeting(a)).collect();
     assert_eq!(greeting.len(), 1, "{out:?}");
@@ -346,7 +337,7 @@ fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     );
     // Asked for and not yet started.
     let mut sim = Sim::live_with(Agent::default());
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert_eq!(
         sends_of(&out, "response.create")[0]["event_id"],
@@ -357,7 +348,7 @@ fn a_greeting_lost_before_any_of_it_was_heard_is_asked_for_again() {
     sim.response("resp_g");
     sim.openai(r#"{"type":"response.output_audio_transcript.delta","item_id":"item_g","delta":"お電話ありがとうございます。"}"#);
     sim.agent_chunk("item_g", &audio(800, 1));
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     let asks = sends_of(&out, "response.create");
     assert_eq!(asks.len(), 1, "{out:?}");
@@ -378,10 +369,7 @@ fn a_goodbye_heard_in_part_when_the_session_is_lost_ends_the_call_once_it_has_pl
         .collect();
     sim.at(1_200);
     // It stands as said: nothing more is wanted of the agent, so no new session.
-    let out = sim.input(Input::OpenAiClosed {
-        code: 1011,
-        reason: "server_error",
-    });
+    let out = sim.lose_session();
     Sim::expect_no_new_session(&out, "a goodbye heard in part");
     // The hang-up follows what was sent as soon as it has played, not GOODBYE_TIMEOUT on.
     sim.at(2_300);
@@ -401,7 +389,7 @@ fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
     let out = sim.response_done("resp_1");
     assert_eq!(sends_of(&out, "response.create").len(), 1);
     sim.at(500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.at(900);
     let out = ready(&mut sim);
     // The tool's output, which said what to do, went with the old session: told again.
@@ -421,7 +409,7 @@ fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
     let mut sim = Sim::greeted(agent_with_tools());
     sim.response("resp_1");
     sim.function_call("transfer_call", "{}");
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     let notes = system_notes(&out);
     assert_eq!(notes.len(), 1, "{out:?}");
@@ -434,7 +422,7 @@ fn a_goodbye_not_yet_said_when_the_session_is_lost_is_asked_of_the_new_one() {
 
 /// The session is lost, and every new one is refused for good (the key revoked, say).
 fn lose_for_good(sim: &mut Sim) -> Vec<Action> {
-    lose(sim);
+    sim.lose_session_and_reconnect();
     sim.connect_refused_for_good()
 }
 
@@ -502,9 +490,7 @@ fn an_ending_whose_words_no_session_will_say_waits_for_what_is_still_playing() {
     );
     sim.at(250);
     let out = sim.twilio(&mark(&m));
-    let reqs = http_of(&out);
-    assert_eq!(reqs.len(), 1, "{out:?}");
-    assert_eq!(reqs[0].1.body, "Status=completed");
+    ending_request(&out, "end_call");
     assert!(sim.logged("call.fallback").is_empty());
 }
 
@@ -518,7 +504,7 @@ fn a_reply_the_caller_talked_over_before_the_loss_is_not_asked_for_again() {
     sim.openai(
         r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":1200,"item_id":"item_u2"}"#,
     );
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
     // They were still speaking: the model is told it missed the start of their words.
@@ -550,7 +536,7 @@ fn a_question_the_lost_session_had_not_begun_to_answer_is_answered_by_the_new_on
     let mut sim = Sim::greeted(Agent::default());
     caller_turn_committed(&mut sim, true);
     sim.at(2_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     // Seeded with the question, then asked to answer it: not left waiting for the idle
     // check-in.
@@ -569,7 +555,7 @@ fn words_the_lost_session_took_with_it_untranscribed_are_asked_for_again() {
     let mut sim = Sim::greeted(Agent::default());
     caller_turn_committed(&mut sim, false);
     sim.at(2_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     // The new session never heard them: the agent apologises and asks the caller to say
     // them again, rather than answer a question it does not have.
@@ -582,7 +568,7 @@ fn words_the_lost_session_took_with_it_untranscribed_are_asked_for_again() {
     caller_turn_committed(&mut sim, false);
     sim.response("resp_1");
     sim.response_done("resp_1");
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert!(system_notes(&out).is_empty(), "{out:?}");
     assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
@@ -596,7 +582,7 @@ fn a_session_lost_while_the_caller_speaks_has_the_agent_ask_for_the_start_of_the
         r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":900,"item_id":"item_u"}"#,
     );
     sim.at(1_500);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     // The new session hears only the rest of the words: the model is told, and answers
     // once the caller stops (the server's VAD), not at once over them.
@@ -609,7 +595,7 @@ fn a_session_lost_while_the_caller_speaks_has_the_agent_ask_for_the_start_of_the
     caller_turn_committed(&mut sim, true);
     sim.response("resp_1");
     sim.response_done("resp_1");
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     assert!(system_notes(&ready(&mut sim)).is_empty());
 }
 
@@ -631,7 +617,7 @@ fn a_tool_s_result_given_to_the_lost_session_is_told_to_the_new_one_in_its_place
     assert_eq!(sends_of(&out, "response.create").len(), 1);
     // The session is lost before the model answered with the result.
     sim.at(1_600);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     sim.at(2_000);
     let out = ready(&mut sim);
     let seeded = messages(&out);
@@ -652,7 +638,7 @@ fn a_tool_s_result_given_to_the_lost_session_is_told_to_the_new_one_in_its_place
     sim.response("resp_2");
     sim.response_done("resp_2");
     sim.at(3_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert!(
         messages(&out).iter().any(|(_, t)| t.contains("山田太郎")),
@@ -667,7 +653,7 @@ fn a_tool_answering_during_a_reconnect_is_told_to_every_later_session_once() {
     let out = sim.function_call("lookup_customer", "{}");
     let (id, _) = http_of(&out)[0].clone();
     sim.at(1_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     // The webhook answers while the new session is being set up.
     sim.at(1_200);
     sim.input(Input::HttpDone {
@@ -693,7 +679,7 @@ fn a_tool_answering_during_a_reconnect_is_told_to_every_later_session_once() {
     sim.response("resp_2");
     sim.response_done("resp_2");
     sim.at(2_000);
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     assert_eq!(told(&out), 1, "{out:?}");
 }
@@ -719,7 +705,7 @@ fn a_new_session_is_told_the_results_of_the_latest_tools_only() {
         sim.response(&answer);
         sim.response_done(&answer);
     }
-    lose(&mut sim);
+    sim.lose_session_and_reconnect();
     let out = ready(&mut sim);
     let notes = system_notes(&out);
     assert_eq!(notes.len(), control::MAX_SEEDED_TOOL_RESULTS, "{notes:?}");
