@@ -625,23 +625,6 @@ async fn rotating_harness() -> &'static Harness {
     .await
 }
 
-/// Waits until a line of the Worker's log satisfies `found` (wrangler prints the Worker's
-/// console after the response has gone); returns it.
-async fn logged(h: &Harness, what: &str, found: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + SOON;
-    loop {
-        if let Some(line) = h.worker.log().lines().find(|l| found(l)) {
-            return line.to_owned();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what} not logged:\n{}",
-            h.worker.log_tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// A voice webhook whose signature does not verify is answered with the fallback, not
 /// refused: a refusal is Twilio's "an application error has occurred" and a hang-up, for
 /// every caller while the token is wrong. Nothing it says is acted on: no stream, no row.
@@ -671,10 +654,12 @@ async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_record
         "transfer result"
     );
 
-    let line = logged(h, "twilio.voice_unverified", |l| {
-        l.contains("twilio.voice_unverified") && l.contains(&ids.call_sid)
-    })
-    .await;
+    let (_, line) = h
+        .worker
+        .wait_for_line("twilio.voice_unverified", |l| {
+            l.contains("twilio.voice_unverified") && l.contains(&ids.call_sid)
+        })
+        .await;
     assert!(line.contains(r#""level":"error""#), "{line}");
     assert!(
         line.contains(&format!(r#""checked_url":"{url}""#)),
@@ -752,10 +737,12 @@ async fn while_a_rotation_is_under_way_calls_signed_with_the_secondary_reach_the
     );
     assert_eq!(d["call"]["end_reason"], "twilio_stop", "{d}");
 
-    let line = logged(h, "twilio.secondary_token", |l| {
-        l.contains("twilio.secondary_token") && l.contains(&ids.call_sid)
-    })
-    .await;
+    let (_, line) = h
+        .worker
+        .wait_for_line("twilio.secondary_token", |l| {
+            l.contains("twilio.secondary_token") && l.contains(&ids.call_sid)
+        })
+        .await;
     assert!(line.contains(r#""level":"warn""#), "{line}");
     h.assert_log_clean(&[NEW_TOKEN, OLD_TOKEN]);
 }

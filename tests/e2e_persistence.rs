@@ -538,10 +538,7 @@ async fn a_call_answered_with_the_fallback_only_is_recorded_with_why() {
     let admin = admin(h);
     let ids = CallIds::new();
     let (from, to) = ("+15551230301", "+81312345678");
-    let params = tw::voice_params(&ids, from, to);
-    let url = h.voice_url();
-    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
-    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    let reply = h.post_voice(&ids, from, to).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert!(!reply.body.contains("<Stream"), "{}", reply.body);
     assert!(
@@ -605,11 +602,8 @@ async fn a_fallback_only_call_is_recorded_once_failing_d1_recovers() {
     let admin = admin(h);
     let ids = CallIds::new();
     let (from, to) = ("+15551230303", "+81312345678");
-    let params = tw::voice_params(&ids, from, to);
-    let url = h.voice_url();
-    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
     let sent = Instant::now();
-    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    let reply = h.post_voice(&ids, from, to).await;
     let took = sent.elapsed();
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert!(!reply.body.contains("<Stream"), "{}", reply.body);
@@ -791,10 +785,7 @@ async fn a_call_its_object_cannot_register_gets_the_fallback_and_is_recorded_wit
     let admin = admin(h);
     let ids = CallIds::new();
     let (from, to) = ("+15551230306", "+81312345678");
-    let params = tw::voice_params(&ids, from, to);
-    let url = h.voice_url();
-    let sig = tw::sign(support::TWILIO_AUTH_TOKEN, &url, &params);
-    let reply = tw::post_form(&url, &params, Some(&sig)).await.unwrap();
+    let reply = h.post_voice(&ids, from, to).await;
     assert_eq!(
         (reply.status, reply.body.as_str()),
         (
@@ -858,27 +849,14 @@ async fn a_call_its_object_cannot_register_gets_the_fallback_and_is_recorded_wit
     assert!(line.contains("no signed voice webhook"), "{line}");
 }
 
-/// The first line of the Worker's log with `event` for the call, and its place in the log,
-/// waiting a little for it (the log comes through a pipe).
+/// The first line of the Worker's log with `event` for the call, and its place in the log.
 async fn log_line(h: &Harness, call_sid: &str, event: &str) -> (usize, String) {
     let needle = format!("\"{event}\"");
-    let deadline = Instant::now() + SOON;
-    loop {
-        let log = h.worker.log();
-        if let Some(found) = log
-            .lines()
-            .enumerate()
-            .find(|(_, l)| l.contains(&needle) && l.contains(call_sid))
-        {
-            return (found.0, found.1.to_owned());
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no {event} for {call_sid}\n{}",
-            h.worker.log_tail(40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    h.worker
+        .wait_for_line(&format!("{event} for {call_sid}"), |l| {
+            l.contains(&needle) && l.contains(call_sid)
+        })
+        .await
 }
 
 /// Twilio stops waiting for a webhook's answer after 15 s, and keeping a status callback may

@@ -223,14 +223,19 @@ impl Harness {
         )
     }
 
-    /// Post the signed voice webhook for a new call and parse the TwiML (asserting 200).
-    pub async fn answer_call(&self, ids: &CallIds, from: &str, to: &str) -> Twiml {
+    /// Post the signed voice webhook for a new call, as Twilio does; the Worker's answer.
+    pub async fn post_voice(&self, ids: &CallIds, from: &str, to: &str) -> fake_twilio::HttpReply {
         let params = fake_twilio::voice_params(ids, from, to);
         let url = self.voice_url();
         let sig = fake_twilio::sign(TWILIO_AUTH_TOKEN, &url, &params);
-        let reply = fake_twilio::post_form(&url, &params, Some(&sig))
+        fake_twilio::post_form(&url, &params, Some(&sig))
             .await
-            .unwrap_or_else(|e| panic!("voice webhook: {e}"));
+            .unwrap_or_else(|e| panic!("voice webhook: {e}"))
+    }
+
+    /// Post the signed voice webhook for a new call and parse the TwiML (asserting 200).
+    pub async fn answer_call(&self, ids: &CallIds, from: &str, to: &str) -> Twiml {
+        let reply = self.post_voice(ids, from, to).await;
         assert_eq!(
             reply.status,
             200,

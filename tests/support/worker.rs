@@ -214,6 +214,23 @@ kill -KILL -- -$$ 2>/dev/null
         strip_ansi(&raw)
     }
 
+    /// The first line of the log `found` accepts, and its place in the log, waiting up to
+    /// [`super::SOON`] for it (the log comes through a pipe); panics naming `what`.
+    pub async fn wait_for_line(&self, what: &str, found: impl Fn(&str) -> bool) -> (usize, String) {
+        let deadline = Instant::now() + super::SOON;
+        loop {
+            if let Some((at, line)) = self.log().lines().enumerate().find(|(_, l)| found(l)) {
+                return (at, line.to_owned());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not logged:\n{}",
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The last `n` lines of the log (for failure messages), with a warning when wrangler
     /// restarted the Worker during the run (it watches `src/`: editing the sources while the
     /// tests run reloads the Worker and breaks calls in flight).
