@@ -991,14 +991,9 @@ impl Call {
                     Some(d) => format!("{}: {d}", reason.label()),
                     None => reason.label().to_owned(),
                 };
-                match failure {
-                    EndReason::ResponseFailed { error } => EndReason::ResponseFailed {
-                        error: format!("{error}; then {then}"),
-                    },
-                    cause => EndReason::LostWhileEnding {
-                        cause: Box::new(cause.clone()),
-                        then,
-                    },
+                EndReason::FailedWhileEnding {
+                    cause: Box::new(failure.clone()),
+                    then,
                 }
             }
             _ => reason,

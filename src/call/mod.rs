@@ -176,10 +176,11 @@ pub enum EndReason {
     ResponseFailed {
         error: String,
     },
-    /// The agent was lost for good (`cause`: its session, and no new one) while the call
-    /// was ending, before its goodbye or transfer notice was said: the call ended as planned
-    /// (`then`, the label and particulars of that ending) without those words.
-    LostWhileEnding {
+    /// The agent failed for good (`cause`: its responses, or its session with no new one)
+    /// while the call was ending, before its goodbye or transfer notice was said: the call
+    /// ended as planned (`then`, the label and particulars of that ending) without those
+    /// words. Labelled as its cause.
+    FailedWhileEnding {
         cause: Box<EndReason>,
         then: String,
     },
@@ -213,7 +214,7 @@ impl EndReason {
             EndReason::Transferred { .. } => "transferred",
             EndReason::CallControlFailed { .. } => "call_control_failed",
             EndReason::ResponseFailed { .. } => "openai_response_failed",
-            EndReason::LostWhileEnding { cause, .. } => cause.label(),
+            EndReason::FailedWhileEnding { cause, .. } => cause.label(),
         }
     }
 
@@ -251,7 +252,7 @@ impl EndReason {
             EndReason::Transferred { to } => Some(to.clone()),
             EndReason::CallControlFailed { what } => Some(what.clone()),
             EndReason::ResponseFailed { error } => Some(error.clone()),
-            EndReason::LostWhileEnding { cause, then } => Some(format!(
+            EndReason::FailedWhileEnding { cause, then } => Some(format!(
                 "{}; then {then}",
                 cause
                     .detail_text()
@@ -272,7 +273,7 @@ impl EndReason {
             EndReason::Transferred { to } => json!({ "to": to }),
             EndReason::CallControlFailed { what } => json!({ "what": what }),
             EndReason::ResponseFailed { error } => json!({ "error": error }),
-            EndReason::LostWhileEnding { cause, then } => {
+            EndReason::FailedWhileEnding { cause, then } => {
                 let mut detail = match cause.detail() {
                     Value::Object(fields) => Value::Object(fields),
                     _ => json!({}),

@@ -3081,10 +3081,10 @@ fn every_end_reason_s_label_is_listed_for_the_review_page() {
             | EndReason::Transferred { .. }
             | EndReason::ResponseFailed { .. } => {}
             // Labelled as its cause, one of the above.
-            EndReason::LostWhileEnding { .. } => {}
+            EndReason::FailedWhileEnding { .. } => {}
         }
     }
-    let lost = EndReason::LostWhileEnding {
+    let lost = EndReason::FailedWhileEnding {
         cause: Box::new(all[2].clone()),
         then: s(),
     };
