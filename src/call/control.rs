@@ -959,26 +959,21 @@ impl Call {
             }
             return false;
         }
-        self.control.agent_failure = Some(EndReason::ResponseFailed {
+        let failure = EndReason::ResponseFailed {
             error: error.text(),
-        });
+        };
+        self.control.agent_failure = Some(failure.clone());
         self.control.retry_at = None;
         self.control.wanted = false;
-        if let Some(e) = &mut self.control.ending {
-            if matches!(e.phase, Phase::Goodbye { .. }) {
-                // The goodbye (or the transfer notice) will not be said: the call ends without it.
-                e.phase = Phase::Draining;
-                e.deadline = Some(now + DRAIN_TIMEOUT);
+        if self.control.ending.is_some() {
+            // The goodbye (or the transfer notice), if still to be said, will not be: the
+            // call ends without it.
+            if self.ending_goes_ahead_unsaid(&failure, now) {
                 self.check_drained(now);
             }
             return true;
         }
-        self.fail(
-            EndReason::ResponseFailed {
-                error: error.text(),
-            },
-            now,
-        );
+        self.fail(failure, now);
         true
     }
 
@@ -1759,11 +1754,11 @@ impl Call {
         self.control.wanted = true;
     }
 
-    /// The session is lost for good while the goodbye or transfer notice is still to be
-    /// said (asked for, or started and nothing of it heard): the hang-up or transfer goes
-    /// ahead without it once what was sent has played, as when the words do not come in
-    /// time (`GOODBYE_TIMEOUT`); the call's record is the failure (`cause`), then that
-    /// ending. True when so.
+    /// The agent failed for good (`cause`: its session lost with no new one, its responses
+    /// failing) while the goodbye or transfer notice is still to be said (asked for, or
+    /// started and nothing of it heard): the hang-up or transfer goes ahead without it once
+    /// what was sent has played (see `check_drained`), as when the words do not come in time
+    /// (`GOODBYE_TIMEOUT`); the call's record is the failure, then that ending. True when so.
     pub(super) fn ending_goes_ahead_unsaid(&mut self, cause: &EndReason, now: Millis) -> bool {
         let Some(e) = &mut self.control.ending else {
             return false;
