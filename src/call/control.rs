@@ -1229,6 +1229,30 @@ impl Call {
         now: Millis,
     ) {
         let spoken = self.response_active && self.control.response_spoke;
+        if let Some(e) = &self.control.ending {
+            let other_kind = std::mem::discriminant(&e.finish) != std::mem::discriminant(&finish);
+            if other_kind && !matches!(e.phase, Phase::Goodbye { .. }) {
+                // Its words said (or Twilio asked): the call goes as it was going.
+                let what = match &e.finish {
+                    Finish::Hangup { .. } => "hung up",
+                    Finish::Transfer { .. } => "transferred",
+                };
+                let output = json!({
+                    "ok": false,
+                    "error": format!("Not done: the call is already being {what}."),
+                })
+                .to_string();
+                let result = ToolResult {
+                    call_id,
+                    name,
+                    arguments: args,
+                    ok: false,
+                    output: &output,
+                    took: Millis(0),
+                };
+                return self.tool_output(result, now);
+            }
+        }
         if let Some(e) = &mut self.control.ending {
             // Already ending (the idle goodbye, say), and the response meant to say its words
             // calls the tool instead, saying nothing: asked for them below, the words are
@@ -1254,7 +1278,27 @@ impl Call {
             Finish::Hangup { .. } => self.notes().say_goodbye,
             Finish::Transfer { .. } => self.notes().announce_transfer,
         };
-        self.start_ending(finish, phase, true, Some(ask), now);
+        match &mut self.control.ending {
+            // The other way of ending, asked for before its words were said (a transfer
+            // the caller asks for as the idle goodbye starts, say): the agent's latest
+            // word is what happens, and its words are the ones to say.
+            Some(e) if std::mem::discriminant(&e.finish) != std::mem::discriminant(&finish) => {
+                let from = format!("{:?}", e.finish);
+                e.finish = finish;
+                e.phase = phase;
+                e.ask = Some(ask);
+                if e.caller_can_stop {
+                    e.deadline = Some(now + GOODBYE_TIMEOUT);
+                }
+                let to = format!("{:?}", e.finish);
+                self.log(
+                    Level::Info,
+                    "control.ending_changed",
+                    json!({ "from": from, "to": to }),
+                );
+            }
+            _ => self.start_ending(finish, phase, true, Some(ask), now),
+        }
         let output = if spoken {
             json!({ "ok": true, "instruction": "Done. Say nothing more: the call continues as announced once what you said has played." })
         } else {

@@ -3124,3 +3124,86 @@ mod failed_responses;
 mod held_responses;
 mod interrupted_calls;
 mod reconnect;
+
+#[test]
+fn a_transfer_asked_for_as_the_idle_goodbye_starts_is_made() {
+    let mut sim = idle_goodbye_asked(agent_with_tools());
+    // The caller comes back with "担当者と話したい" just as the goodbye is asked for, and the
+    // model transfers instead of saying goodbye: the transfer is what happens.
+    sim.response("resp_bye");
+    let out = sim.function_call("transfer_call", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    let outputs = sends_of(&out, "conversation.item.create");
+    assert_eq!(outputs.len(), 1, "{out:?}");
+    assert!(
+        outputs[0]["item"]["output"]
+            .as_str()
+            .unwrap()
+            .contains(r#""ok":true"#),
+        "{outputs:?}"
+    );
+    let out = sim.response_done("resp_bye");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+    sim.response("resp_notice");
+    let m = sim.agent_chunk("item_notice", &audio(800, 1));
+    sim.response_done("resp_notice");
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(&m)), "transfer_call");
+    rest_answers(&mut sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("transferred"));
+}
+
+#[test]
+fn a_response_that_calls_end_call_then_transfer_call_transfers() {
+    let mut sim = idle_goodbye_asked(agent_with_tools());
+    // The same response says goodbye, calls end_call, then transfer_call: the last word is
+    // what happens (the words were said).
+    sim.response("resp_bye");
+    let m = sim.agent_chunk("item_bye", &audio(800, 1));
+    let out = sim.function_call("end_call", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    let out = sim.function_call("transfer_call", "{}");
+    let outputs = sends_of(&out, "conversation.item.create");
+    assert_eq!(outputs.len(), 1, "{out:?}");
+    assert!(
+        outputs[0]["item"]["output"]
+            .as_str()
+            .unwrap()
+            .contains(r#""ok":true"#),
+        "{outputs:?}"
+    );
+    sim.response_done("resp_bye");
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(&m)), "transfer_call");
+    rest_answers(&mut sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("transferred"));
+}
+
+#[test]
+fn a_transfer_asked_for_once_the_goodbye_is_said_is_recorded_as_not_done() {
+    let mut sim = idle_goodbye_asked(agent_with_tools());
+    sim.response("resp_bye");
+    let m = sim.agent_chunk("item_bye", &audio(800, 1));
+    sim.response_done("resp_bye");
+    // The goodbye is said in full and plays; a late transfer_call does not change the ending.
+    let out = sim.function_call("transfer_call", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    let tool: Vec<Value> = events(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == "tool_call")
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(tool.len(), 1, "{tool:?}");
+    assert_eq!(tool[0]["ok"], false, "{tool:?}");
+    assert!(
+        tool[0]["output"].as_str().unwrap().contains("hung up"),
+        "{tool:?}"
+    );
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
+    rest_answers(&mut sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("agent_hangup"));
+}
