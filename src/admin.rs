@@ -394,7 +394,7 @@ pub fn route(method: &str, path: &str) -> Result<Route, Error> {
                 "DELETE" => Route::UnassignNumber,
                 _ => return wrong("GET, PUT, DELETE"),
             };
-            agents::check_number(n)?;
+            agents::check_number(n, m == "PUT")?;
             Ok(route((*n).to_owned()))
         }
         _ => Err(not_found()),
@@ -1468,6 +1468,21 @@ mod tests {
         assert_eq!(
             field(r("PUT", "/api/admin/numbers/%2081312345678").unwrap_err()),
             "number"
+        );
+        // A number with the domestic 0 after +81 never answers a call: not assigned, but
+        // one stored that way can be read and unassigned.
+        assert_eq!(
+            field(r("PUT", "/api/admin/numbers/%2B810312345678").unwrap_err()),
+            "number"
+        );
+        let zero = || "+810312345678".to_string();
+        assert_eq!(
+            r("DELETE", "/api/admin/numbers/%2B810312345678"),
+            Ok(UnassignNumber(zero()))
+        );
+        assert_eq!(
+            r("GET", "/api/admin/numbers/%2B810312345678"),
+            Ok(GetNumber(zero()))
         );
         let status = |m: &str, p: &str| r(m, p).unwrap_err().status();
         assert_eq!(status("POST", "/api/admin/calls"), 405);

@@ -460,6 +460,10 @@ pub enum Condition {
     NoWebhookTool,
     /// Not the default agent (the update says `is_default: false`, which may not unset it).
     NotDefault,
+    /// A transfer number is set (the update adds `transfer_call` and leaves the number).
+    TransferNumberSet,
+    /// No `transfer_call` tool is configured (the update removes the number, leaves the tools).
+    NoTransferTool,
 }
 
 impl Condition {
@@ -474,6 +478,13 @@ impl Condition {
                  WHERE json_extract(t.value, '$.type') = 'function')"
             ),
             Condition::NotDefault => format!("{table}.is_default = 0"),
+            Condition::TransferNumberSet => {
+                format!("{table}.transfer_number IS NOT NULL AND {table}.transfer_number <> ''")
+            }
+            Condition::NoTransferTool => format!(
+                "NOT EXISTS (SELECT 1 FROM json_each({table}.tools) AS t \
+                 WHERE json_extract(t.value, '$.type') = 'transfer_call')"
+            ),
         }
     }
 }
@@ -490,6 +501,31 @@ fn has_webhook_tool(tools: &[Value]) -> bool {
 
 /// Webhook tool requests are signed with the tool secret, so an agent with one needs it.
 /// Checked on API input only: a stored agent without one still loads and answers calls.
+/// What a stored agent may have but a write may not give it, as it would fail the callers:
+/// a transfer number Twilio cannot dial (`+810…`), or a `transfer_call` tool with no number
+/// to transfer to (the model would offer transfers that never happen).
+fn check_transfer(agent: &Agent) -> Result<(), Refusal> {
+    match &agent.transfer_number {
+        Some(n) => match config::number_problem(n) {
+            Some(problem) => Err(invalid("transfer_number", problem)),
+            None => Ok(()),
+        },
+        None if has_transfer_tool(&agent.tools) => Err(invalid(
+            "transfer_number",
+            "is required while the agent has a transfer_call tool: give the E.164 number \
+             to transfer to (such as +81312345678), or remove the tool",
+        )),
+        None => Ok(()),
+    }
+}
+
+/// True when `tools` has the built-in `transfer_call`.
+fn has_transfer_tool(tools: &[Value]) -> bool {
+    tools
+        .iter()
+        .any(|t| matches!(crate::tools::parse(t), Ok(crate::tools::Tool::TransferCall)))
+}
+
 fn check_tool_secret(agent: &Agent) -> Result<(), Refusal> {
     if agent.tool_secret.is_none() && has_webhook_tool(&agent.tools) {
         return Err(invalid(
@@ -595,6 +631,8 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
             "transfer_number" => {
                 a.transfer_number = match v {
                     Value::Null => None,
+                    // A form's emptied field: no number, as a stored '' reads.
+                    Value::String(s) if s.trim().is_empty() => None,
                     Value::String(s) => Some(s.clone()),
                     _ => return Err(invalid(field, "must be an E.164 string or null")),
                 }
@@ -665,6 +703,7 @@ pub fn parse_create(body: &Map<String, Value>, generated_id: &str) -> Result<Cha
     apply(body, &mut change)?;
     change.agent.validate()?;
     check_tool_secret(&change.agent)?;
+    check_transfer(&change.agent)?;
     change.columns = COLUMNS.to_vec();
     Ok(change)
 }
@@ -695,6 +734,7 @@ pub fn parse_update(body: &Map<String, Value>, current: &Record) -> Result<Chang
         )));
     }
     check_tool_secret(&change.agent)?;
+    check_transfer(&change.agent)?;
     // What the checks above took from the stored row for fields this update leaves alone
     // must still hold when it is written (another update may have come in between).
     let gives = |c: &str| change.columns.contains(&c);
@@ -703,6 +743,12 @@ pub fn parse_update(body: &Map<String, Value>, current: &Record) -> Result<Chang
     }
     if gives("tool_secret") && !gives("tools") && change.agent.tool_secret.is_none() {
         change.conditions.push(Condition::NoWebhookTool);
+    }
+    if gives("tools") && !gives("transfer_number") && has_transfer_tool(&change.agent.tools) {
+        change.conditions.push(Condition::TransferNumberSet);
+    }
+    if gives("transfer_number") && !gives("tools") && change.agent.transfer_number.is_none() {
+        change.conditions.push(Condition::NoTransferTool);
     }
     if gives("is_default") && !change.is_default {
         change.conditions.push(Condition::NotDefault);
@@ -970,14 +1016,18 @@ pub fn parse_assignment(body: &Map<String, Value>) -> Result<String, Refusal> {
 }
 
 /// Checks a phone number for the API (path segments are percent-decoded by the caller).
-pub fn check_number(number: &str) -> Result<(), Refusal> {
-    if config::is_e164(number) {
-        Ok(())
+/// Any E.164 number can be read or unassigned; only one a call can come in on (not
+/// `+810…`) can be assigned.
+pub fn check_number(number: &str, assigning: bool) -> Result<(), Refusal> {
+    let problem = if assigning {
+        config::number_problem(number)
     } else {
-        Err(invalid(
-            "number",
-            format!("{number:?} is not an E.164 number such as +81312345678"),
-        ))
+        (!config::is_e164(number))
+            .then(|| format!("{number:?} is not an E.164 number such as +81312345678"))
+    };
+    match problem {
+        Some(problem) => Err(invalid("number", problem)),
+        None => Ok(()),
     }
 }
 
@@ -1549,9 +1599,17 @@ mod tests {
         assert_eq!(field(json!({"agent_id": 5})), "agent_id");
         assert_eq!(field(json!({"agent_id": "a/b"})), "agent_id");
         assert_eq!(field(json!({"agent_id": "a", "note": "x"})), "note");
-        assert!(check_number("+81312345678").is_ok());
-        assert!(check_number("81312345678").is_err());
-        assert!(check_number(" 81312345678").is_err());
+        for assigning in [false, true] {
+            assert!(check_number("+81312345678", assigning).is_ok());
+            assert!(check_number("81312345678", assigning).is_err());
+            assert!(check_number(" 81312345678", assigning).is_err());
+        }
+        // A +81 number with its domestic 0 can be read and unassigned, not assigned.
+        assert!(check_number("+810312345678", false).is_ok());
+        let Err(Refusal::Invalid { message, .. }) = check_number("+810312345678", true) else {
+            panic!("assigned");
+        };
+        assert!(message.contains("+81312345678"), "{message}");
     }
 
     fn refusal_of(r: Result<Change, Refusal>) -> (String, String) {
@@ -1820,6 +1878,97 @@ mod tests {
         assert_eq!(apply_update(&db, &unset), 1);
         assert_eq!(apply_update(&db, &hook_default), 0);
         assert_eq!(defaults(&db), vec![json!({"id": "d"})]);
+    }
+
+    #[test]
+    fn a_transfer_that_could_never_happen_is_refused_on_write_but_a_stored_one_still_reads() {
+        let db = testdb::open();
+        let transfer = json!([{"type": "transfer_call"}]);
+        // The domestic 0 kept after +81 (03-1234-5678 as +810312345678): Twilio cannot dial it.
+        let r = parse_create(
+            &obj(json!({"name": "A", "instructions": "I",
+                                          "transfer_number": "+810312345678"})),
+            "agt_1",
+        );
+        let Err(Refusal::Invalid { field, message }) = r else {
+            panic!("created");
+        };
+        assert_eq!(field, "transfer_number");
+        assert!(message.contains("+81312345678"), "{message}");
+        // A transfer_call tool with no number to transfer to.
+        assert_eq!(
+            field_of(parse_create(
+                &obj(json!({"name": "A", "instructions": "I",
+                                                "tools": transfer})),
+                "agt_1"
+            )),
+            "transfer_number"
+        );
+        create(
+            &db,
+            json!({"id": "t", "name": "T", "instructions": "I", "tools": transfer,
+                   "transfer_number": "+81312345678"}),
+        );
+        let t = load(&db, "t");
+        for body in [
+            json!({"transfer_number": null}),
+            json!({"transfer_number": " "}),
+        ] {
+            assert_eq!(field_of(parse_update(&obj(body), &t)), "transfer_number");
+        }
+        // Both at once, or the tool first, is fine; an emptied field is no number.
+        let both = parse_update(&obj(json!({"tools": [], "transfer_number": ""})), &t).unwrap();
+        assert_eq!(both.agent.transfer_number, None);
+        // Raced: the number removed (with the tool) meanwhile, adding the tool back, checked
+        // against a read that had the number, does not go through.
+        let stale = load(&db, "t");
+        let drop =
+            parse_update(&obj(json!({"tools": [], "transfer_number": null})), &stale).unwrap();
+        let readd = parse_update(&obj(json!({"tools": transfer})), &stale).unwrap();
+        assert_eq!(apply_update(&db, &drop), 1);
+        assert_eq!(apply_update(&db, &readd), 0);
+        let after = load(&db, "t");
+        assert!(after.agent.tools.is_empty() && after.agent.transfer_number.is_none());
+        // And the other way: the tool added back meanwhile, the number's removal does not go.
+        apply_update(
+            &db,
+            &parse_update(
+                &obj(json!({"tools": transfer, "transfer_number": "+81312345678"})),
+                &after,
+            )
+            .unwrap(),
+        );
+        let stale = load(&db, "t");
+        let tool_again = parse_update(&obj(json!({"tools": transfer})), &stale).unwrap();
+        apply_update(
+            &db,
+            &parse_update(&obj(json!({"tools": []})), &stale).unwrap(),
+        );
+        let no_number =
+            parse_update(&obj(json!({"transfer_number": null})), &load(&db, "t")).unwrap();
+        assert_eq!(apply_update(&db, &tool_again), 1);
+        assert_eq!(apply_update(&db, &no_number), 0);
+        assert_eq!(
+            load(&db, "t").agent.transfer_number.as_deref(),
+            Some("+81312345678")
+        );
+        // A row stored that way (before the check, or by hand) still answers its calls.
+        testdb::execute(
+            &db,
+            &Statement::new(
+                "UPDATE agents SET transfer_number = '+810312345678' WHERE id = 't'",
+                vec![],
+            ),
+        )
+        .unwrap();
+        let row = testdb::query(&db, &select_all())
+            .into_iter()
+            .find(|r| r["id"] == "t")
+            .unwrap();
+        assert_eq!(
+            from_row(&row).unwrap().transfer_number.as_deref(),
+            Some("+810312345678")
+        );
     }
 
     #[test]

@@ -273,6 +273,18 @@ pub fn is_e164(s: &str) -> bool {
         && !digits.starts_with('0')
 }
 
+/// Why `s` is no number to dial or to answer calls on, if it is not: not E.164, or a
+/// Japanese number written with its domestic 0 after +81 (`+810312345678` for 03-1234-5678),
+/// which Twilio cannot dial and which no call's `To` ever matches.
+pub fn number_problem(s: &str) -> Option<String> {
+    if !is_e164(s) {
+        return Some(format!("{s:?} is not an E.164 number such as +81312345678"));
+    }
+    s.strip_prefix("+810").map(|rest| {
+        format!("{s:?} keeps the domestic 0 after +81: write +81{rest} (E.164 leaves it out)")
+    })
+}
+
 #[derive(Clone, Debug, thiserror::Error, PartialEq)]
 #[error("invalid configuration `{field}`: {reason}")]
 pub struct ConfigError {
@@ -770,14 +782,11 @@ impl Bridge {
             // It goes into `<Dial>` as it is: a number Twilio cannot dial would fail after the
             // apology. Not dialled then (the agent's own transfer number is, if it has one).
             fallback_dial_number: get("FALLBACK_DIAL_NUMBER").filter(|n| {
-                let ok = is_e164(n);
-                if !ok {
-                    set_aside(
-                        "FALLBACK_DIAL_NUMBER",
-                        format!("{n:?} is not an E.164 number such as +81312345678: not dialled"),
-                    );
+                let problem = number_problem(n);
+                if let Some(problem) = &problem {
+                    set_aside("FALLBACK_DIAL_NUMBER", format!("{problem}: not dialled"));
                 }
-                ok
+                problem.is_none()
             }),
             idle_timeout_ms: (number("IDLE_TIMEOUT_SECONDS", 30.0, 5.0..=600.0) * 1000.0) as u64,
             log_level: match get("LOG_LEVEL") {
@@ -1302,6 +1311,10 @@ mod tests {
             assert_eq!(e.field, "FALLBACK_DIAL_NUMBER", "{bad}");
             assert!(e.reason.contains("E.164"), "{}", e.reason);
         }
+        // The domestic 0 kept after +81: E.164 in form, and no number Twilio can dial.
+        let c = from(&[("FALLBACK_DIAL_NUMBER", "+810312345678")]);
+        assert_eq!(c.fallback_dial_number, None);
+        assert!(c.ignored[0].reason.contains("write +81312345678"), "{:?}", c.ignored);
     }
 
     #[test]
