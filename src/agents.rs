@@ -982,11 +982,15 @@ pub fn select_numbers_of(agent_id: &str) -> Statement {
     )
 }
 
-/// Assigns `number` to `agent_id`, replacing an earlier assignment (keeps its `created_at`).
+/// Assigns `number` to `agent_id`, replacing an earlier assignment. `created_at` is when the
+/// number was given to its agent (what the review page shows as 割り当て日時): a number
+/// moved to another agent takes the new time, one assigned again to the same agent keeps it.
 pub fn assign_number(number: &str, agent_id: &str, now: &str) -> Statement {
     Statement::new(
         "INSERT INTO phone_numbers (number, agent_id, created_at) VALUES (?1, ?2, ?3) \
-         ON CONFLICT (number) DO UPDATE SET agent_id = excluded.agent_id",
+         ON CONFLICT (number) DO UPDATE SET agent_id = excluded.agent_id, \
+         created_at = CASE WHEN phone_numbers.agent_id = excluded.agent_id \
+         THEN phone_numbers.created_at ELSE excluded.created_at END",
         vec![json!(number), json!(agent_id), json!(now)],
     )
 }
@@ -1564,12 +1568,14 @@ mod tests {
         );
         testdb::execute(&db, &assign_number("+81312345678", "default", NOW)).unwrap();
         testdb::execute(&db, &assign_number("+15551234567", "s", NOW)).unwrap();
+        // Moved to another agent: assigned now. Assigned again to the same one: unchanged.
         testdb::execute(&db, &assign_number("+81312345678", "s", LATER)).unwrap();
+        testdb::execute(&db, &assign_number("+15551234567", "s", LATER)).unwrap();
         assert_eq!(
             testdb::query(&db, &select_numbers()),
             vec![
                 json!({"number": "+15551234567", "agent_id": "s", "agent_name": "Sales", "created_at": NOW}),
-                json!({"number": "+81312345678", "agent_id": "s", "agent_name": "Sales", "created_at": NOW}),
+                json!({"number": "+81312345678", "agent_id": "s", "agent_name": "Sales", "created_at": LATER}),
             ]
         );
         assert_eq!(testdb::query(&db, &select_number("+15551234567")).len(), 1);
