@@ -12,7 +12,7 @@ use crate::store::Statement;
 use serde_json::{json, Map, Value};
 
 /// The `agents` columns, in the order the statements here select them.
-pub const COLUMNS: [&str; 20] = [
+pub const COLUMNS: [&str; 21] = [
     "id",
     "name",
     "instructions",
@@ -33,6 +33,7 @@ pub const COLUMNS: [&str; 20] = [
     "updated_at",
     "tool_secret",
     "record_calls",
+    "noise_reduction",
 ];
 
 /// Prefix of the ids the API generates (`agt_` and 16 hex digits).
@@ -166,6 +167,11 @@ fn read_row(row: &Value, on_unreadable: &mut OnUnreadable<'_>) -> Result<Record,
     let instructions = text_or_empty("instructions")?;
     let greeting = text_or_empty("greeting")?;
     let voice = text_or_empty("voice")?;
+    // A row from before the column existed: the column's default.
+    let noise_reduction = match row.get("noise_reduction") {
+        None | Some(Value::Null) => config::DEFAULT_NOISE_REDUCTION.to_owned(),
+        Some(_) => text_or_empty("noise_reduction")?,
+    };
     let model = text_or_empty("model")?;
     let language = text_or_empty("language")?;
     let transcription_model = text_or_empty("transcription_model")?;
@@ -202,6 +208,7 @@ fn read_row(row: &Value, on_unreadable: &mut OnUnreadable<'_>) -> Result<Record,
         instructions,
         greeting,
         voice,
+        noise_reduction,
         model,
         language,
         transcription_model,
@@ -377,6 +384,7 @@ pub fn to_json(record: &Record) -> Value {
         "instructions": a.instructions,
         "greeting": a.greeting,
         "voice": a.voice,
+        "noise_reduction": a.noise_reduction,
         "model": a.model,
         "language": a.language,
         "transcription_model": a.transcription_model,
@@ -593,6 +601,7 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
             | "max_call_seconds"
             | "tool_secret"
             | "record_calls"
+            | "noise_reduction"
             | "is_default" => {
                 let column = COLUMNS.iter().find(|c| **c == field).expect("a column");
                 columns.push(*column);
@@ -618,6 +627,7 @@ fn apply(body: &Map<String, Value>, change: &mut Change) -> Result<(), Refusal> 
             "instructions" => a.instructions = string(field, v)?,
             "greeting" => a.greeting = string(field, v)?,
             "voice" => a.voice = string(field, v)?,
+            "noise_reduction" => a.noise_reduction = string(field, v)?,
             "model" => a.model = string(field, v)?,
             "language" => a.language = string(field, v)?,
             "transcription_model" => a.transcription_model = string(field, v)?,
@@ -834,6 +844,7 @@ fn row_params(change: &Change, now: &str) -> Vec<Value> {
         json!(now),
         json!(a.tool_secret.as_ref().map(|s| s.expose())),
         json!(i32::from(a.record_calls)),
+        json!(a.noise_reduction),
     ]
 }
 
@@ -855,7 +866,7 @@ pub fn insert(change: &Change, now: &str) -> Vec<Statement> {
     out.push(Statement::new(
         format!(
             "INSERT INTO agents ({}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, \
-             ?13, ?14, ?15, ?16, ?17, ?17, ?18, ?19)",
+             ?13, ?14, ?15, ?16, ?17, ?17, ?18, ?19, ?20)",
             COLUMNS.join(", ")
         ),
         row_params(change, now),
@@ -883,6 +894,7 @@ fn column_value(change: &Change, column: &str) -> Value {
         "max_call_seconds" => json!(a.max_call_seconds),
         "tool_secret" => json!(a.tool_secret.as_ref().map(|s| s.expose())),
         "record_calls" => json!(i32::from(a.record_calls)),
+        "noise_reduction" => json!(a.noise_reduction),
         other => unreachable!("column {other} is not written by an update"),
     }
 }
@@ -1205,7 +1217,7 @@ mod tests {
         let body = json!({
             "id": "sales", "name": "Sales", "instructions": "Sell.", "greeting": "Hello",
             "voice": "cedar", "model": "gpt-realtime-mini", "language": "en",
-            "transcription_model": "whisper-1",
+            "transcription_model": "whisper-1", "noise_reduction": "far_field",
             "turn_detection": {"type": "semantic_vad", "threshold": 0.7,
                                "silence_duration_ms": 800, "prefix_padding_ms": 200},
             "tools": [tool("lookup_order"), tool("transfer")],
@@ -1231,6 +1243,33 @@ mod tests {
         // And the API view parses back to the same agent.
         let again = parse_update(&obj(to_json(&record)), &record).unwrap();
         assert_eq!(again.agent, change.agent);
+    }
+
+    #[test]
+    fn noise_reduction_defaults_to_near_field_and_takes_the_three_settings() {
+        let db = testdb::open();
+        // The seeded default agent (migrated) and a new one: near_field.
+        assert_eq!(load(&db, "default").agent.noise_reduction, "near_field");
+        create(&db, json!({"id": "n", "name": "N", "instructions": "I"}));
+        let n = load(&db, "n");
+        assert_eq!(n.agent.noise_reduction, "near_field");
+        assert_eq!(to_json(&n)["noise_reduction"], "near_field");
+        for setting in ["far_field", "off", "near_field"] {
+            let change =
+                parse_update(&obj(json!({"noise_reduction": setting})), &load(&db, "n")).unwrap();
+            assert_eq!(apply_update(&db, &change), 1);
+            assert_eq!(load(&db, "n").agent.noise_reduction, setting);
+        }
+        for bad in [json!("near"), json!(null), json!(1)] {
+            assert_eq!(
+                field_of(parse_update(&obj(json!({"noise_reduction": bad})), &n)),
+                "noise_reduction"
+            );
+        }
+        // A row read without the column (from before it existed): the default.
+        let mut row = testdb::query(&db, &select_by_id("n")).remove(0);
+        row.as_object_mut().unwrap().remove("noise_reduction");
+        assert_eq!(from_row(&row).unwrap().noise_reduction, "near_field");
     }
 
     #[test]

@@ -16,6 +16,10 @@ pub const DEFAULT_MODEL: &str = "gpt-realtime";
 pub const DEFAULT_VOICE: &str = "marin";
 pub const DEFAULT_LANGUAGE: &str = "ja";
 pub const DEFAULT_TRANSCRIPTION_MODEL: &str = "gpt-4o-transcribe";
+/// The Realtime API's input noise reduction: `near_field` for a handset held to the ear
+/// (what a phone caller uses), `far_field` for a speakerphone or a room; `off` sends none.
+pub const NOISE_REDUCTIONS: &[&str] = &["near_field", "far_field", "off"];
+pub const DEFAULT_NOISE_REDUCTION: &str = "near_field";
 /// Said to the model of the agent used when D1 cannot be read (and when `AGENT_INSTRUCTIONS`
 /// is empty). A webhook tool can take seconds: the caller is told to wait rather than hear
 /// silence.
@@ -105,6 +109,13 @@ pub struct Agent {
     /// Whether calls are recorded (a stereo WAV in R2). Absent from older stored agents: on.
     #[serde(default = "recording_on")]
     pub record_calls: bool,
+    /// One of [`NOISE_REDUCTIONS`]. Absent from older stored agents: the default.
+    #[serde(default = "default_noise_reduction")]
+    pub noise_reduction: String,
+}
+
+fn default_noise_reduction() -> String {
+    DEFAULT_NOISE_REDUCTION.into()
 }
 
 fn recording_on() -> bool {
@@ -128,6 +139,7 @@ impl Default for Agent {
             max_call_seconds: DEFAULT_MAX_CALL_SECONDS,
             tool_secret: None,
             record_calls: true,
+            noise_reduction: DEFAULT_NOISE_REDUCTION.into(),
         }
     }
 }
@@ -308,6 +320,16 @@ impl Agent {
         }
         if self.instructions.trim().is_empty() {
             return Err(invalid("instructions", "must not be empty"));
+        }
+        if !NOISE_REDUCTIONS.contains(&self.noise_reduction.as_str()) {
+            return Err(invalid(
+                "noise_reduction",
+                format!(
+                    "{:?} is not one of {}",
+                    self.noise_reduction,
+                    NOISE_REDUCTIONS.join(", ")
+                ),
+            ));
         }
         if !VOICES.contains(&self.voice.as_str()) {
             return Err(invalid(
@@ -703,6 +725,7 @@ impl Bridge {
             instructions: or("AGENT_INSTRUCTIONS", DEFAULT_INSTRUCTIONS),
             greeting: or("AGENT_GREETING", DEFAULT_GREETING),
             voice: or("AGENT_VOICE", DEFAULT_VOICE),
+            noise_reduction: or("AGENT_NOISE_REDUCTION", DEFAULT_NOISE_REDUCTION),
             model: or("OPENAI_MODEL", DEFAULT_MODEL),
             language: or("AGENT_LANGUAGE", DEFAULT_LANGUAGE),
             transcription_model: or("AGENT_TRANSCRIPTION_MODEL", DEFAULT_TRANSCRIPTION_MODEL),
@@ -731,6 +754,10 @@ impl Bridge {
                 "voice" => {
                     set_aside("AGENT_VOICE", reason);
                     agent.voice = defaults.voice.clone();
+                }
+                "noise_reduction" => {
+                    set_aside("AGENT_NOISE_REDUCTION", reason);
+                    agent.noise_reduction = defaults.noise_reduction.clone();
                 }
                 "language" => {
                     // `EN`, `en-US`, `jp`: what was meant is clear enough to use.
@@ -931,6 +958,15 @@ mod tests {
             assert!(same(&c), "{var}={value} gives the default");
         };
         check("AGENT_VOICE", "robot", &|c| c.agent.voice == d.agent.voice);
+        check("AGENT_NOISE_REDUCTION", "loud", &|c| {
+            c.agent.noise_reduction == "near_field"
+        });
+        assert_eq!(
+            from(&[("AGENT_NOISE_REDUCTION", "off")])
+                .agent
+                .noise_reduction,
+            "off"
+        );
         check("AGENT_LANGUAGE", "jp", &|c| c.agent.language == "ja");
         // A language written another way is read as the code it means, not replaced.
         check("AGENT_LANGUAGE", "EN", &|c| c.agent.language == "en");
@@ -1314,7 +1350,11 @@ mod tests {
         // The domestic 0 kept after +81: E.164 in form, and no number Twilio can dial.
         let c = from(&[("FALLBACK_DIAL_NUMBER", "+810312345678")]);
         assert_eq!(c.fallback_dial_number, None);
-        assert!(c.ignored[0].reason.contains("write +81312345678"), "{:?}", c.ignored);
+        assert!(
+            c.ignored[0].reason.contains("write +81312345678"),
+            "{:?}",
+            c.ignored
+        );
     }
 
     #[test]

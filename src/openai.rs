@@ -490,6 +490,10 @@ pub fn session_update(agent: &Agent) -> String {
     };
     // Only the fields the Realtime API knows: it rejects a whole update for one unknown key.
     let tools = crate::tools::realtime_definitions(&agent.tools);
+    let noise_reduction = match agent.noise_reduction.as_str() {
+        "off" => Value::Null,
+        kind => json!({ "type": kind }),
+    };
     json!({
         "type": "session.update",
         "event_id": "evt_bridge_session_update",
@@ -505,6 +509,7 @@ pub fn session_update(agent: &Agent) -> String {
                         "model": agent.transcription_model,
                         "language": agent.language,
                     },
+                    "noise_reduction": noise_reduction,
                     "turn_detection": turn_detection,
                 },
                 "output": {
@@ -634,6 +639,22 @@ mod tests {
         assert_eq!(s["audio"]["input"]["turn_detection"]["type"], "server_vad");
         assert_eq!(s["audio"]["input"]["transcription"]["language"], "ja");
         assert_eq!(s["audio"]["output"]["voice"], "marin");
+        // A phone held to the ear: near-field noise reduction, unless the agent says otherwise.
+        assert_eq!(
+            s["audio"]["input"]["noise_reduction"],
+            json!({"type":"near_field"})
+        );
+        for (setting, sent) in [
+            ("far_field", json!({"type":"far_field"})),
+            ("off", Value::Null),
+        ] {
+            let agent = Agent {
+                noise_reduction: setting.into(),
+                ..Agent::default()
+            };
+            let v: Value = serde_json::from_str(&session_update(&agent)).unwrap();
+            assert_eq!(v["session"]["audio"]["input"]["noise_reduction"], sent);
+        }
         for beta in [
             "modalities",
             "voice",
