@@ -331,22 +331,33 @@ function leaveView() {
 function route() {
   leaveView();
   if (!token()) return renderSignIn();
+  const seq = ++renderSeq;
+  const again = () => route();
+  // A link that cannot be read (`#/calls/%E0` throws in decodeURIComponent) fails here, before
+  // any view's promise: shown as a failure like the view's own, not left on "loading".
+  let view;
+  try {
+    view = draw(seq);
+  } catch (e) {
+    view = Promise.reject(e);
+  }
+  view.catch((e) => failure(e, again, seq));
+}
+
+/** Draws the view the hash names; returns its promise. Throws on a hash it cannot decode. */
+function draw(seq) {
   const [path, query] = location.hash.replace(/^#/, '').split('?');
   const params = new URLSearchParams(query || '');
-  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
-  const section = parts[0] || 'calls';
-  const seq = ++renderSeq;
+  const section = path.split('/').filter(Boolean)[0] || 'calls';
   chrome(true, section);
   show(h('p', { class: 'muted' }, t('loading')));
   announce(t('loading'));
-  const again = () => route();
-  let view;
-  if (section === 'calls' && parts[1]) view = renderCall(seq, parts[1]);
-  else if (section === 'agents' && parts[1]) view = renderAgentForm(seq, parts[1] === 'new' ? null : parts[1]);
-  else if (section === 'agents') view = renderAgents(seq);
-  else if (section === 'numbers') view = renderNumbers(seq);
-  else view = renderCalls(seq, params);
-  view.catch((e) => failure(e, again, seq));
+  const parts = path.split('/').filter(Boolean).map(decodeURIComponent);
+  if (section === 'calls' && parts[1]) return renderCall(seq, parts[1]);
+  if (section === 'agents' && parts[1]) return renderAgentForm(seq, parts[1] === 'new' ? null : parts[1]);
+  if (section === 'agents') return renderAgents(seq);
+  if (section === 'numbers') return renderNumbers(seq);
+  return renderCalls(seq, params);
 }
 
 // ---- calls ---------------------------------------------------------------------------------------

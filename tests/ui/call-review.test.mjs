@@ -421,6 +421,14 @@ test('number assignments: assign and list', async () => {
   await page.getByRole('cell', { name: '+81312345678' }).waitFor();
 });
 
+test('a link that cannot be decoded shows the failure and its reload button, not "loading" for ever', async () => {
+  await page.goto(`${worker.baseUrl}/#/calls/%E0`);
+  await page.locator('#view .card .error').getByText(/^読み込めませんでした: /).waitFor();
+  assert.equal(await page.locator('#view').getByRole('button', { name: '再読み込み' }).count(), 1);
+  await page.evaluate(() => { location.hash = '#/calls'; });
+  await page.locator('tbody tr').first().waitFor();
+});
+
 test('no errors in the page, and the other call has no recording', async () => {
   await page.goto(`${worker.baseUrl}/#/calls/${OTHER_SID}`);
   await page.getByText('この通話の録音はありません。').waitFor();
