@@ -255,9 +255,12 @@ async function api(path, { method = 'GET', body } = {}) {
 }
 
 let agentNames = null;
+/** The agents by id, kept once read (`refresh` reads them again). A failed read throws (the
+ *  view shows failure() and its reload button) and keeps nothing, so the next view asks again. */
 async function agentsById(refresh = false) {
   if (!agentNames || refresh) {
     const r = await api('/api/admin/agents');
+    if (!r.ok) throw new Error(r.data?.message || r.status);
     agentNames = new Map((r.data?.agents || []).map((a) => [a.id, a]));
   }
   return agentNames;

@@ -421,6 +421,19 @@ test('number assignments: assign and list', async () => {
   await page.getByRole('cell', { name: '+81312345678' }).waitFor();
 });
 
+test('agents that cannot be read fail the page with its reload button, and are asked for again', async () => {
+  const isAgents = (url) => url.pathname === '/api/admin/agents';
+  await page.route(isAgents, (route) => answer(route, 503, 'database unavailable'));
+  // Drawn anew, so the page holds no agents from before.
+  await page.goto(`${worker.baseUrl}/#/calls`);
+  await page.reload();
+  await page.locator('#view .card .error').getByText('読み込めませんでした: database unavailable').waitFor();
+  await page.unroute(isAgents);
+  await page.locator('#view').getByRole('button', { name: '再読み込み' }).click();
+  await page.locator('tbody tr').first().waitFor();
+  assert.match(await page.locator('tbody tr').first().innerText(), /標準受付/, 'the agent by name: the failed read was not kept');
+});
+
 test('a link that cannot be decoded shows the failure and its reload button, not "loading" for ever', async () => {
   await page.goto(`${worker.baseUrl}/#/calls/%E0`);
   await page.locator('#view .card .error').getByText(/^読み込めませんでした: /).waitFor();
