@@ -266,12 +266,17 @@ async function agentsById(refresh = false) {
   return agentNames;
 }
 
-function failure(err, again, seq) {
+/** Shows `err` and a reload button that runs `again`: as the view, or in `where` (the part
+ *  of the view that failed, the rest staying). */
+function failure(err, again, seq, where) {
   if (err instanceof Unauthorized || stale(seq)) return;
-  announce(`${t('failed')}: ${err.message || err}`);
-  show(h('div', { class: 'card' },
-    h('p', { class: 'error' }, `${t('failed')}: ${err.message || err}`),
-    h('button', { onclick: again }, t('retry'))));
+  const message = `${t('failed')}: ${err.message || err}`;
+  announce(message);
+  const box = h('div', { class: where ? 'failed' : 'card' },
+    h('p', { class: 'error' }, message),
+    h('button', { type: 'button', onclick: again }, t('retry')));
+  if (where) where.replaceChildren(box);
+  else show(box);
 }
 
 // ---- session -------------------------------------------------------------------------------------
@@ -420,6 +425,8 @@ async function renderCalls(seq, params) {
   h('div', {}, h('button', { class: 'primary', type: 'submit' }, t('filter'))),
   h('div', {}, h('button', { type: 'button', onclick: () => { location.hash = '#/calls'; } }, t('clear'))),
   h('p', { class: 'muted tz' }, `${t('tz_note')}: ${zoneName()}`));
+  // A refusal naming no filter (a 5xx) is the view's failure, with its reload button.
+  if (!r.ok && !r.data?.field) throw new Error(r.data?.message || r.status);
   if (!r.ok) {
     const f = r.data?.field;
     const general = h('p', { class: 'error' });
@@ -657,20 +664,30 @@ const RENEW_WINDOW_MS = 60_000;
  *  in the error message; a refused admin token signs out (api()). */
 async function playRecording(seq, sid, audio, audioBox) {
   const path = `/api/admin/calls/${encodeURIComponent(sid)}/recording-link`;
-  const linkFailed = (r) => (r.status === 404 ? t('no_recording') : `${t('failed')} (${r.status})`);
   const link = await api(path);
   if (stale(seq)) return; // navigated away (or switched language) meanwhile
   const status = document.getElementById('recording-status');
   if (!status) return;
-  if (!link.ok) {
-    status.textContent = linkFailed(link);
-    return;
-  }
   let failed = false; // the error message is shown: no more renewals
   const fail = (message) => {
     failed = true;
     audioBox.replaceChildren(audio, h('p', { class: 'error', id: 'recording-status' }, message));
   };
+  /** A link refused: none to be had (404) is said; anything else (a 5xx) is shown with a
+   *  reload button, which draws the page again and carries on from `at` ({time, playing}). */
+  const refused = (r, at) => {
+    if (r.status === 404) {
+      if (at) fail(t('no_recording'));
+      else status.textContent = t('no_recording');
+      return;
+    }
+    failed = true;
+    failure(new Error(r.data?.message || r.status), () => {
+      resume = at ? { hash: location.hash, ...at } : null;
+      route();
+    }, seq, audioBox);
+  };
+  if (!link.ok) return refused(link);
   let expiresAt = Infinity; // of the link in use, in ms
   let loaded = false; // whether the link in use got as far as the recording's metadata
   let wantPlay = false; // playing, or asked to play (the element pauses on an error)
@@ -715,7 +732,7 @@ async function playRecording(seq, sid, audio, audioBox) {
     }
     if (stale(seq)) return;
     if (!r) fail(`${t('failed')}: ${t('reload_hint')}`);
-    else if (!r.ok) fail(linkFailed(r));
+    else if (!r.ok) refused(r, { time, playing });
     else use(r.data, time, playing);
   });
   // The language switch redraws the page: the recording carries on where it was.

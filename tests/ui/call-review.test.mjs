@@ -421,6 +421,27 @@ test('number assignments: assign and list', async () => {
   await page.getByRole('cell', { name: '+81312345678' }).waitFor();
 });
 
+test('a calls list or recording link the server cannot give shows the failure with its reload button', async () => {
+  const isCalls = (url) => url.pathname === '/api/admin/calls';
+  await page.route(isCalls, (route) => answer(route, 503, 'database unavailable'));
+  await page.goto(`${worker.baseUrl}/#/calls`);
+  await page.reload();
+  await page.locator('#view .card .error').getByText('読み込めませんでした: database unavailable').waitFor();
+  await page.unroute(isCalls);
+  await page.locator('#view').getByRole('button', { name: '再読み込み' }).click();
+  await page.locator('tbody tr').first().waitFor();
+  // The recording's link: the failure and its button where the player goes, the rest of the call page kept.
+  const isLink = (url) => url.pathname === `/api/admin/calls/${CALL_SID}/recording-link`;
+  await page.route(isLink, (route) => answer(route, 503, 'storage unavailable'));
+  await page.evaluate((sid) => { location.hash = `#/calls/${sid}`; }, CALL_SID);
+  await page.locator('#view .failed .error').getByText('読み込めませんでした: storage unavailable').waitFor();
+  assert.equal(await page.locator('#transcript .turn').count(), TURNS.length);
+  await page.unroute(isLink);
+  await page.locator('#view .failed').getByRole('button', { name: '再読み込み' }).click();
+  await page.waitForFunction(() => document.querySelector('audio#recording')?.readyState >= 1);
+  assert.equal(await page.locator('#view .failed').count(), 0);
+});
+
 test('agents that cannot be read fail the page with its reload button, and are asked for again', async () => {
   const isAgents = (url) => url.pathname === '/api/admin/agents';
   await page.route(isAgents, (route) => answer(route, 503, 'database unavailable'));
