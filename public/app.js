@@ -370,12 +370,17 @@ function draw(seq) {
 
 // ---- calls ---------------------------------------------------------------------------------------
 
-/** A phone number as typed by Japanese staff (090-1111-2222, 03 1234 5678, full-width
- *  digits) in E.164: a 0-prefixed national number becomes +81 without the 0; an
- *  international one loses its spaces and hyphens; anything else is left for the API to judge. */
+/** What is typed between a number's digits: spaces, parentheses, and hyphens and dashes of
+ *  every kind, the long-vowel mark a Japanese IME often gives for "-" (ー, ｰ) included
+ *  (‐‑‒–—―, −, ⁃, －, ﹣, ﹘; NFKC already turns some of them into others). */
+const NUMBER_SEPARATORS = /[\s()\-\u2010-\u2015\u2043\u2212\u30FC\uFE58\uFE63\uFF0D\uFF70]/g;
+
+/** A phone number as typed by Japanese staff (090-1111-2222, 090ー1111ー2222, 03 1234 5678,
+ *  full-width digits) in E.164: a 0-prefixed national number becomes +81 without the 0; an
+ *  international one loses its spaces and dashes; anything else is left for the API to judge. */
 function normaliseNumber(value) {
   const typed = value.normalize('NFKC').trim();
-  const compact = typed.replace(/[\s\-‐‑–—−()]/g, '');
+  const compact = typed.replace(NUMBER_SEPARATORS, '');
   if (/^0\d{9,10}$/.test(compact)) return `+81${compact.slice(1)}`;
   if (/^\+\d+$/.test(compact)) return compact;
   return typed;

@@ -97,6 +97,18 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
   assert.match(await page.evaluate(() => location.hash), /number=%2B819012345678/);
   assert.match(await page.locator('tbody tr').innerText(), /\+819012345678/);
+  // So is one typed with a Japanese IME, whose "-" is often the long-vowel mark ー.
+  await page.getByRole('button', { name: 'クリア' }).click();
+  await page.waitForFunction(() => location.hash === '#/calls' && document.querySelectorAll('tbody tr').length === 3);
+  await page.locator('#f-number').fill('０９０ー１２３４ー５６７８');
+  await page.getByRole('button', { name: '絞り込む' }).click();
+  await page.waitForFunction(() => /number=%2B819012345678/.test(location.hash));
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
+  // Every dash such input gives.
+  const typed = ['090ー1234ー5678', '090－1234－5678', '090‑1234‑5678', '090‐1234‐5678', '090–1234–5678',
+    '090—1234—5678', '090―1234―5678', '090‒1234‒5678', '090−1234−5678', '090ｰ1234ｰ5678', '090﹣1234﹣5678',
+    '(090) 1234 5678', '+81 90ー1234ー5678'];
+  assert.deepEqual(await page.evaluate((xs) => xs.map(normaliseNumber), typed), typed.map(() => '+819012345678'));
   // One the API refuses: its message next to the input, in the page's language.
   await page.locator('#f-number').fill('abc');
   await page.getByRole('button', { name: '絞り込む' }).click();
