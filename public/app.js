@@ -35,7 +35,7 @@ const I18N = {
     td_type: '種類', td_threshold: 'しきい値 (0–1)', td_silence: '無音判定 (ms)', td_prefix: '前置き (ms)',
     tools: 'ツール (JSON 配列)', transfer_number: '転送先番号 (E.164)', max_call_seconds: '最大通話時間 (秒)',
     tool_secret: 'ツール署名キー (16 文字以上、書き込み専用)', tool_secret_set: '設定済み。空欄なら変更しません。',
-    is_default: '標準エージェントにする', save: '保存', saved: '保存しました。', cancel: '戻る',
+    is_default: '標準エージェントにする', save: '保存', saved: '保存しました。', no_changes: '変更はありません。', cancel: '戻る',
     tools_not_json: 'JSON として読めません: ', tools_not_array: 'JSON の配列にしてください。',
     numbers: '電話番号の割り当て', assign: '割り当て', unassign: '解除', assigned: '割り当て日時',
     no_numbers: '割り当てはありません。既定のエージェントが応答します。', confirm_unassign: 'この番号の割り当てを解除しますか？',
@@ -68,7 +68,7 @@ const I18N = {
     td_type: 'Type', td_threshold: 'Threshold (0–1)', td_silence: 'Silence (ms)', td_prefix: 'Prefix padding (ms)',
     tools: 'Tools (JSON array)', transfer_number: 'Transfer number (E.164)', max_call_seconds: 'Max call length (s)',
     tool_secret: 'Tool signing key (16+ characters, write-only)', tool_secret_set: 'Set. Leave empty to keep it.',
-    is_default: 'Default agent', save: 'Save', saved: 'Saved.', cancel: 'Back',
+    is_default: 'Default agent', save: 'Save', saved: 'Saved.', no_changes: 'Nothing has changed.', cancel: 'Back',
     tools_not_json: 'Not JSON: ', tools_not_array: 'Must be a JSON array.',
     numbers: 'Number assignments', assign: 'Assign', unassign: 'Unassign', assigned: 'Assigned',
     no_numbers: 'No assignments: the default agent answers every number.', confirm_unassign: 'Unassign this number?',
@@ -789,7 +789,10 @@ async function renderAgentForm(seq, id) {
   }
   const text = (v) => h('input', { type: 'text', value: v ?? '' });
   const num = (v, step) => h('input', { type: 'number', value: v ?? '', step: step || '1' });
-  const select = (options, v) => h('select', {}, options.map((o) => h('option', { value: o, selected: o === v }, o)));
+  // A stored value not among the options (a voice newer than this page's list, or one
+  // written by hand) is kept as one, so that saving other fields does not change it.
+  const select = (options, v) => h('select', {},
+    (v && !options.includes(v) ? [...options, v] : options).map((o) => h('option', { value: o, selected: o === v }, o)));
   const inputs = {
     name: text(a.name),
     voice: select(VOICES, a.voice),
@@ -856,18 +859,24 @@ async function renderAgentForm(seq, id) {
   }
   const number = (el) => (el.value.trim() === '' ? el.value : Number(el.value));
 
-  async function save() {
-    clearErrors();
+  /** The form's values in the API's shape (the write-only tool_secret aside), or null once
+   *  an error is shown (tools that are not a JSON array). */
+  function values() {
     let tools;
     try {
       tools = JSON.parse(inputs.tools.value || '[]');
     } catch (e) {
-      return showError('tools', t('tools_not_json') + e.message);
+      showError('tools', t('tools_not_json') + e.message);
+      return null;
     }
-    if (!Array.isArray(tools)) return showError('tools', t('tools_not_array'));
-    const body = {
-      name: inputs.name.value, instructions: inputs.instructions.value, voice: inputs.voice.value,
-      model: inputs.model.value, language: inputs.language.value, transcription_model: inputs.transcription_model.value,
+    if (!Array.isArray(tools)) {
+      showError('tools', t('tools_not_array'));
+      return null;
+    }
+    return {
+      name: inputs.name.value, instructions: inputs.instructions.value, greeting: inputs.greeting.value,
+      voice: inputs.voice.value, model: inputs.model.value, language: inputs.language.value,
+      transcription_model: inputs.transcription_model.value,
       turn_detection: {
         type: inputs['turn_detection.type'].value, threshold: number(inputs['turn_detection.threshold']),
         silence_duration_ms: number(inputs['turn_detection.silence_duration_ms']),
@@ -877,8 +886,36 @@ async function renderAgentForm(seq, id) {
       max_call_seconds: number(inputs.max_call_seconds),
       record_calls: inputs.record_calls.checked, is_default: inputs.is_default.checked,
     };
-    if (inputs.greeting.value.trim() || id) body.greeting = inputs.greeting.value;
+  }
+  // What the form showed when drawn (then what it last saved). An edit sends only the fields
+  // that differ from it (inside turn_detection too): the API changes only the fields given,
+  // so another person's change to other fields meanwhile is not undone.
+  let shown = null;
+  const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
+  function changes(now) {
+    const body = {};
+    for (const [k, v] of Object.entries(now)) {
+      if (k !== 'turn_detection') {
+        if (!same(v, shown[k])) body[k] = v;
+        continue;
+      }
+      const td = Object.fromEntries(Object.entries(v).filter(([f, x]) => !same(x, shown.turn_detection[f])));
+      if (Object.keys(td).length) body.turn_detection = td;
+    }
+    return body;
+  }
+
+  async function save() {
+    clearErrors();
+    const now = values();
+    if (!now) return;
+    const body = id ? changes(now) : { ...now };
+    if (!id && !now.greeting.trim()) delete body.greeting;
     if (inputs.tool_secret.value) body.tool_secret = inputs.tool_secret.value;
+    if (id && !Object.keys(body).length) {
+      done.textContent = t('no_changes');
+      return;
+    }
     const r = id
       ? await api(`/api/admin/agents/${encodeURIComponent(id)}`, { method: 'PUT', body })
       : await api('/api/admin/agents', { method: 'POST', body });
@@ -889,8 +926,10 @@ async function renderAgentForm(seq, id) {
     }
     agentNames = null;
     if (!id) { location.hash = `#/agents/${encodeURIComponent(r.data.agent.id)}`; return; }
+    shown = now;
     done.textContent = t('saved');
   }
+  shown = values();
 
   show(h('p', {}, h('a', { href: '#/agents' }, `← ${t('agents')}`)), h('h1', {}, id ? `${t('edit_agent')}: ${a.name}` : t('new_agent')), form);
 }

@@ -17,7 +17,8 @@ import { after, before, test } from 'node:test';
 
 import { launch } from './browser.mjs';
 import {
-  CALL_SID, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY, TURNS, longWav, sql, testSql, wav,
+  CALL_SID, HAND_VOICE, HAND_VOICE_AGENT, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY,
+  SECOND_AGENT, TURNS, longWav, sql, testSql, wav,
 } from './seed.mjs';
 import { scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
 
@@ -49,6 +50,14 @@ before(async () => {
     if (m.type() === 'error' && !m.text().startsWith('Failed to load resource')) consoleErrors.push(m.text());
   });
 });
+
+/** A request to the admin API from outside the page (another person, or the test reading back). */
+const adminApi = (method, path, body) => fetch(`${worker.baseUrl}${path}`, {
+  method,
+  headers: { Authorization: `Bearer ${TOKEN}`, ...(body ? { 'Content-Type': 'application/json' } : {}) },
+  body: body ? JSON.stringify(body) : undefined,
+});
+const agentOf = async (id) => (await (await adminApi('GET', `/api/admin/agents/${id}`)).json()).agent;
 
 after(async () => {
   await browser?.close();
@@ -421,6 +430,51 @@ test('agents: API validation messages appear next to the field they name', async
   const { agent } = await r.json();
   assert.equal(agent.turn_detection.threshold, 0.6);
   assert.equal(agent.record_calls, false);
+});
+
+test('agents: a save sends only the fields changed, so someone else\'s change to other fields stays', async () => {
+  const puts = [];
+  const onRequest = (r) => { if (r.method() === 'PUT' && r.url().includes('/api/admin/agents/')) puts.push(r.postDataJSON()); };
+  page.on('request', onRequest);
+  await page.goto(`${worker.baseUrl}/#/agents/${SECOND_AGENT}`);
+  const name = page.locator('[data-field="name"]');
+  await name.waitFor();
+  // Someone else changes other fields while the form is open.
+  const other = await adminApi('PUT', `/api/admin/agents/${SECOND_AGENT}`,
+    { instructions: '別の人が書いた指示', turn_detection: { silence_duration_ms: 900 } });
+  assert.equal(other.status, 200);
+  await name.fill('予約受付 (改)');
+  await page.locator('[data-field="turn_detection.threshold"]').fill('0.7');
+  await page.getByRole('button', { name: '保存' }).click();
+  await page.getByText('保存しました。').waitFor();
+  assert.deepEqual(puts, [{ name: '予約受付 (改)', turn_detection: { threshold: 0.7 } }]);
+  let agent = await agentOf(SECOND_AGENT);
+  assert.equal(agent.name, '予約受付 (改)');
+  assert.equal(agent.turn_detection.threshold, 0.7);
+  assert.equal(agent.instructions, '別の人が書いた指示', 'the other change stays');
+  assert.equal(agent.turn_detection.silence_duration_ms, 900, 'the other change stays');
+  assert.equal(agent.voice, 'cedar');
+  // Saved again unchanged: nothing is sent.
+  await page.getByRole('button', { name: '保存' }).click();
+  await page.getByText('変更はありません。').waitFor();
+  assert.equal(puts.length, 1);
+
+  // A stored voice the page does not list is shown, not replaced by the first voice listed,
+  // and not sent with a change of other fields (the API, which does not know it either,
+  // says so next to the voice).
+  puts.length = 0;
+  await page.goto(`${worker.baseUrl}/#/agents/${HAND_VOICE_AGENT}`);
+  const voice = page.locator('[data-field="voice"]');
+  await voice.waitFor();
+  assert.equal(await voice.inputValue(), HAND_VOICE);
+  await name.fill('手書きの声 (改)');
+  await page.getByRole('button', { name: '保存' }).click();
+  await page.waitForFunction(() => document.querySelector('[data-error-for="voice"]').textContent !== '');
+  assert.deepEqual(puts, [{ name: '手書きの声 (改)' }]);
+  agent = await agentOf(HAND_VOICE_AGENT);
+  assert.equal(agent.voice, HAND_VOICE);
+  assert.equal(agent.name, '手書きの声');
+  page.off('request', onRequest);
 });
 
 test('number assignments: assign and list', async () => {

@@ -112,11 +112,25 @@ export function sql() {
   return lines.join('\n');
 }
 
+/** Agents only the tests have: one edited in the page while someone else edits it through
+ *  the API, and one whose stored voice the page does not list (written by hand, or a voice
+ *  newer than the page). */
+export const SECOND_AGENT = 'agt_second';
+export const HAND_VOICE_AGENT = 'agt_hand_voice';
+export const HAND_VOICE = 'juniper';
+
+function agentRow(id, name, voice) {
+  return `INSERT INTO agents (id, name, instructions, greeting, voice) VALUES
+    (${[id, name, `${name}の指示`, `${name}の挨拶`, voice].map(q).join(', ')});`;
+}
+
 /** What the tests add to sql(): on the reviewed call an AI error whose message is markup
  *  (shown as text, never run), a reconnect, and an event type the page does not know (shown
- *  raw); and LONG_SID, an older call with a long recording. */
+ *  raw); LONG_SID, an older call with a long recording; and the agents above. */
 export function testSql() {
   return [
+    agentRow(SECOND_AGENT, '予約受付', 'cedar'),
+    agentRow(HAND_VOICE_AGENT, '手書きの声', HAND_VOICE),
     ...eventRows([
       [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
       [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
