@@ -44,6 +44,8 @@ const I18N = {
     bad_from: '開始日が正しくありません。', bad_to: '終了日が正しくないか、開始日より前です。',
     bad_status: '状態が正しくありません。', bad_cursor: 'ページの位置が無効です。最初のページから開き直してください。',
     ms: 'ms', sec: '秒', yes: 'はい', no: 'いいえ', created: '作成日時', updated: '更新日時',
+    unreadable: '保存されている値を読み込めません',
+    unreadable_form: '保存されている「{field}」が読み込めません ({message})。各項目は既定値で表示しています。この項目の値を保存すると直ります。変更しない項目は保存されている値のままです。',
   },
   en: {
     brand: 'Call review', nav_calls: 'Calls', nav_agents: 'Agents', nav_numbers: 'Numbers',
@@ -77,6 +79,8 @@ const I18N = {
     bad_from: 'The from date is not valid.', bad_to: 'The to date is not valid, or is before the from date.',
     bad_status: 'Not a known status.', bad_cursor: 'That page position is no longer valid: open the first page again.',
     ms: 'ms', sec: 's', yes: 'yes', no: 'no', created: 'Created', updated: 'Updated',
+    unreadable: 'The stored value cannot be read',
+    unreadable_form: 'The stored "{field}" cannot be read ({message}). The form shows the defaults: saving a value for that field repairs it; the fields left as they are keep what is stored.',
   },
 };
 
@@ -630,7 +634,7 @@ async function renderCall(seq, sid) {
     back,
     h('h1', {}, `${dash(call.from_number)} → ${dash(call.to_number)}`),
     h('p', { class: 'muted' }, codeLabel('status', call.status, `badge ${call.status}`), ' ', fmtTime(call.started_at), ' · ',
-      agent ? h('a', { href: `#/agents/${encodeURIComponent(agent.id)}` }, agent.name) : dash(call.agent_id), ' · ', call.call_sid),
+      agent ? h('a', { href: `#/agents/${encodeURIComponent(agent.id)}` }, agent.name || agent.id) : dash(call.agent_id), ' · ', call.call_sid),
     h('section', { class: 'card' }, h('h2', {}, t('recording')), audioBox, timeline,
       h('div', { class: 'legend' },
         h('span', {}, h('i', { style: 'background:#79a7f0' }), t('caller')),
@@ -754,10 +758,15 @@ async function playRecording(seq, sid, audio, audioBox) {
 async function renderAgents(seq) {
   const agents = [...(await agentsById(true)).values()];
   if (stale(seq)) return;
+  // A stored row the API cannot read comes as {id, name, is_default, unreadable: {field,
+  // message}}: it says so, naming the field, in place of the settings it does not have.
   const rows = agents.map((a) => h('tr', { class: 'link', onclick: () => { location.hash = `#/agents/${encodeURIComponent(a.id)}`; } },
-    h('td', {}, h('a', { href: `#/agents/${encodeURIComponent(a.id)}` }, a.name), a.is_default && ' ', a.is_default && h('span', { class: 'badge' }, t('default'))),
-    h('td', {}, a.id), h('td', {}, a.voice), h('td', {}, a.model), h('td', {}, a.language),
-    h('td', {}, a.record_calls ? t('recording_on') : t('recording_off')), h('td', {}, fmtTime(a.updated_at))));
+    h('td', {}, h('a', { href: `#/agents/${encodeURIComponent(a.id)}` }, a.name || a.id), a.is_default && ' ', a.is_default && h('span', { class: 'badge' }, t('default'))),
+    h('td', {}, a.id),
+    a.unreadable
+      ? h('td', { colspan: 5, class: 'error unreadable' }, `${t('unreadable')}: ${a.unreadable.field} (${a.unreadable.message})`)
+      : [h('td', {}, a.voice), h('td', {}, a.model), h('td', {}, a.language),
+        h('td', {}, a.record_calls ? t('recording_on') : t('recording_off')), h('td', {}, fmtTime(a.updated_at))]));
   show(h('h1', {}, t('agents')),
     h('p', {}, h('button', { class: 'primary', onclick: () => { location.hash = '#/agents/new'; } }, t('new_agent'))),
     h('table', {}, h('thead', {}, h('tr', {}, [t('name'), 'ID', t('voice'), t('model'), t('language'), t('recording'), t('updated')].map((x) => h('th', {}, x)))),
@@ -774,7 +783,11 @@ function field(name, label, input, { wide = false, help } = {}) {
     h('p', { class: 'err', 'data-error-for': name, role: 'alert' }));
 }
 
+// Set when a save repaired an unreadable agent, which is then drawn anew from what is stored.
+let repairedAgent = false;
+
 async function renderAgentForm(seq, id) {
+  let unreadable = null;
   let a = {
     name: '', instructions: '', greeting: '', voice: 'marin', model: 'gpt-realtime', language: 'ja',
     transcription_model: 'gpt-4o-transcribe',
@@ -785,7 +798,11 @@ async function renderAgentForm(seq, id) {
     const r = await api(`/api/admin/agents/${encodeURIComponent(id)}`);
     if (stale(seq)) return;
     if (!r.ok) throw new Error(r.data?.message || r.status);
-    a = r.data.agent;
+    // A row the API cannot read comes as {id, name, is_default, unreadable: {field, message}}:
+    // the form opens on the defaults, the field at fault named, so that saving a value for
+    // it repairs the row (the fields left as they are keep what is stored).
+    a = { ...a, ...r.data.agent };
+    unreadable = r.data.agent.unreadable || null;
   }
   const text = (v) => h('input', { type: 'text', value: v ?? '' });
   const num = (v, step) => h('input', { type: 'number', value: v ?? '', step: step || '1' });
@@ -814,7 +831,8 @@ async function renderAgentForm(seq, id) {
   };
   if (id) inputs.id = h('input', { type: 'text', value: a.id, disabled: true });
   const general = h('p', { class: 'error', role: 'alert' });
-  const done = h('span', { class: 'muted', role: 'status' });
+  const done = h('span', { class: 'muted', role: 'status' }, repairedAgent && t('saved'));
+  repairedAgent = false;
   const form = h('form', { class: 'card', novalidate: true, onsubmit: (e) => { e.preventDefault(); save(); } },
     h('div', { class: 'grid2' },
       field('name', t('name'), inputs.name),
@@ -891,15 +909,19 @@ async function renderAgentForm(seq, id) {
   // that differ from it (inside turn_detection too): the API changes only the fields given,
   // so another person's change to other fields meanwhile is not undone.
   let shown = null;
+  // Sent whatever they hold: an unreadable row's field at fault (the API refuses a PUT that
+  // does not give it), and any field a refusal named since (a row may have more than one).
+  const mustSend = new Set(unreadable ? [unreadable.field] : []);
   const same = (x, y) => JSON.stringify(x) === JSON.stringify(y);
   function changes(now) {
     const body = {};
     for (const [k, v] of Object.entries(now)) {
       if (k !== 'turn_detection') {
-        if (!same(v, shown[k])) body[k] = v;
+        if (mustSend.has(k) || !same(v, shown[k])) body[k] = v;
         continue;
       }
-      const td = Object.fromEntries(Object.entries(v).filter(([f, x]) => !same(x, shown.turn_detection[f])));
+      const td = Object.fromEntries(Object.entries(v)
+        .filter(([f, x]) => mustSend.has(`turn_detection.${f}`) || !same(x, shown.turn_detection[f])));
       if (Object.keys(td).length) body.turn_detection = td;
     }
     return body;
@@ -920,18 +942,30 @@ async function renderAgentForm(seq, id) {
       ? await api(`/api/admin/agents/${encodeURIComponent(id)}`, { method: 'PUT', body })
       : await api('/api/admin/agents', { method: 'POST', body });
     if (!r.ok) {
-      if (r.data?.field) return showError(r.data.field, r.data.message);
+      if (r.data?.field) {
+        mustSend.add(r.data.field);
+        return showError(r.data.field, r.data.message);
+      }
       general.textContent = r.data?.message || String(r.status);
       return;
     }
     agentNames = null;
     if (!id) { location.hash = `#/agents/${encodeURIComponent(r.data.agent.id)}`; return; }
+    if (unreadable) {
+      repairedAgent = true;
+      route();
+      return;
+    }
     shown = now;
     done.textContent = t('saved');
   }
   shown = values();
 
-  show(h('p', {}, h('a', { href: '#/agents' }, `← ${t('agents')}`)), h('h1', {}, id ? `${t('edit_agent')}: ${a.name}` : t('new_agent')), form);
+  show(h('p', {}, h('a', { href: '#/agents' }, `← ${t('agents')}`)), h('h1', {}, id ? `${t('edit_agent')}: ${a.name || a.id}` : t('new_agent')),
+    h('div', {}, unreadable && h('p', { class: 'error unreadable' },
+      t('unreadable_form').replace('{field}', unreadable.field).replace('{message}', unreadable.message))),
+    form);
+  if (unreadable) showError(unreadable.field, `${t('unreadable')}: ${unreadable.message}`);
 }
 
 // ---- numbers -------------------------------------------------------------------------------------
@@ -953,7 +987,7 @@ async function renderNumbers(seq) {
     }, t('unassign')))));
   const number = h('input', { type: 'text', id: 'n-number', placeholder: '+81312345678', 'data-field': 'number' });
   const agent = h('select', { id: 'n-agent', 'data-field': 'agent_id' },
-    [...agents.values()].map((a) => h('option', { value: a.id }, `${a.name} (${a.id})`)));
+    [...agents.values()].map((a) => h('option', { value: a.id }, a.name ? `${a.name} (${a.id})` : a.id)));
   const errs = { number: h('p', { class: 'error' }), agent_id: h('p', { class: 'error' }) };
   const general = h('p', { class: 'error' });
   const form = h('form', {

@@ -17,7 +17,7 @@ import { after, before, test } from 'node:test';
 
 import { launch } from './browser.mjs';
 import {
-  CALL_SID, HAND_VOICE, HAND_VOICE_AGENT, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY,
+  BROKEN_AGENT, CALL_SID, HAND_VOICE, HAND_VOICE_AGENT, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY,
   SECOND_AGENT, TURNS, longWav, sql, testSql, wav,
 } from './seed.mjs';
 import { scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
@@ -475,6 +475,41 @@ test('agents: a save sends only the fields changed, so someone else\'s change to
   assert.equal(agent.voice, HAND_VOICE);
   assert.equal(agent.name, '手書きの声');
   page.off('request', onRequest);
+});
+
+test('agents: a row the API cannot read is listed as such, and its form opens to repair it', async () => {
+  await page.goto(`${worker.baseUrl}/#/agents`);
+  const row = page.locator('tbody tr', { hasText: BROKEN_AGENT });
+  await row.waitFor();
+  const listed = await row.innerText();
+  assert.match(listed, /壊れた行/);
+  assert.match(listed, /保存されている値を読み込めません: tools \(not JSON/, 'which field, and why');
+  assert.doesNotMatch(listed, /録音/, 'no settings it does not have');
+  await row.getByRole('link').click();
+  await page.waitForURL(`**/#/agents/${BROKEN_AGENT}`);
+  // The form, on the defaults, the field at fault named next to it.
+  const toolsErr = page.locator('[data-error-for="tools"]');
+  await toolsErr.waitFor();
+  assert.match(await toolsErr.innerText(), /not JSON/);
+  assert.match(await page.locator('p.unreadable').innerText(), /「tools」/);
+  assert.match(await page.locator('h1').innerText(), /壊れた行/);
+  assert.equal(await page.locator('[data-field="voice"]').inputValue(), 'marin');
+  assert.equal(await page.locator('[data-field="tools"]').inputValue(), '[]');
+  // Saved as it is, the field at fault is sent (with the default shown) and repairs the row;
+  // the fields left alone keep what is stored, not the form's defaults.
+  const put = page.waitForRequest((r) => r.method() === 'PUT' && r.url().endsWith(`/api/admin/agents/${BROKEN_AGENT}`));
+  await page.getByRole('button', { name: '保存' }).click();
+  assert.deepEqual((await put).postDataJSON(), { tools: [] });
+  await page.getByText('保存しました。').waitFor();
+  const agent = await agentOf(BROKEN_AGENT);
+  assert.equal(agent.unreadable, undefined);
+  assert.deepEqual(agent.tools, []);
+  assert.equal(agent.voice, 'sage');
+  assert.equal(agent.instructions, '壊れた行の指示');
+  // Drawn again from what is stored.
+  assert.equal(await page.locator('[data-field="voice"]').inputValue(), 'sage');
+  assert.equal(await page.locator('[data-field="instructions"]').inputValue(), '壊れた行の指示');
+  assert.equal(await page.locator('p.unreadable').count(), 0);
 });
 
 test('number assignments: assign and list', async () => {

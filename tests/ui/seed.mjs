@@ -113,15 +113,16 @@ export function sql() {
 }
 
 /** Agents only the tests have: one edited in the page while someone else edits it through
- *  the API, and one whose stored voice the page does not list (written by hand, or a voice
- *  newer than the page). */
+ *  the API, one whose stored voice the page does not list (written by hand, or a voice
+ *  newer than the page), and a row the API cannot read (written by hand with `tools = ''`). */
 export const SECOND_AGENT = 'agt_second';
 export const HAND_VOICE_AGENT = 'agt_hand_voice';
 export const HAND_VOICE = 'juniper';
+export const BROKEN_AGENT = 'agt_broken';
 
-function agentRow(id, name, voice) {
-  return `INSERT INTO agents (id, name, instructions, greeting, voice) VALUES
-    (${[id, name, `${name}の指示`, `${name}の挨拶`, voice].map(q).join(', ')});`;
+function agentRow(id, name, voice, tools = '[]') {
+  return `INSERT INTO agents (id, name, instructions, greeting, voice, tools) VALUES
+    (${[id, name, `${name}の指示`, `${name}の挨拶`, voice, tools].map(q).join(', ')});`;
 }
 
 /** What the tests add to sql(): on the reviewed call an AI error whose message is markup
@@ -131,6 +132,7 @@ export function testSql() {
   return [
     agentRow(SECOND_AGENT, '予約受付', 'cedar'),
     agentRow(HAND_VOICE_AGENT, '手書きの声', HAND_VOICE),
+    agentRow(BROKEN_AGENT, '壊れた行', 'sage', ''),
     ...eventRows([
       [3, 9_000, 'openai_error', { type: 'invalid_request_error', code: 'bad_thing', message: '<img src=x onerror="window.__xss=1">', param: null }],
       [4, 9_500, 'reconnect', { attempt: 1, why: 'openai closed 1006', delay_ms: 250 }],
