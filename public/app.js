@@ -174,13 +174,16 @@ let resume = null; // { hash, time, playing } of the recording when the language
 
 // ---- DOM -----------------------------------------------------------------------------------------
 
-/** An element: attributes (on* are listeners) and children (strings become text, never HTML). */
+/** An element: attributes (on* are listeners) and children (strings become text, never HTML).
+ *  `style` is set through the CSSOM: the page's Content-Security-Policy (public/_headers)
+ *  refuses inline style attributes. */
 function h(tag, attrs, ...kids) {
   const el = document.createElement(tag);
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else if (k === 'class') el.className = v;
+    else if (k === 'style') el.style.cssText = v;
     else if (k in el && typeof v !== 'string') el[k] = v;
     else el.setAttribute(k, v === true ? '' : v);
   }

@@ -39,6 +39,11 @@ before(async () => {
   browser = await launch();
   page = browser.page;
   page.on('pageerror', (e) => consoleErrors.push(String(e)));
+  // What the page's Content-Security-Policy refused, in each document loaded.
+  await page.addInitScript(() => {
+    window.__csp = [];
+    document.addEventListener('securitypolicyviolation', (e) => window.__csp.push(`${e.violatedDirective} ${e.blockedURI}`));
+  });
   page.on('request', (r) => {
     if (r.url().includes('/recording')) {
       const headers = r.headers();
@@ -562,6 +567,27 @@ test('a link that cannot be decoded shows the failure and its reload button, not
   assert.equal(await page.locator('#view').getByRole('button', { name: '再読み込み' }).count(), 1);
   await page.evaluate(() => { location.hash = '#/calls'; });
   await page.locator('tbody tr').first().waitFor();
+});
+
+test('the page is served with its security headers, and works under its Content-Security-Policy', async () => {
+  for (const path of ['/', '/app.js', '/app.css']) {
+    const r = await fetch(`${worker.baseUrl}${path}`);
+    assert.equal(r.status, 200, path);
+    assert.equal(r.headers.get('content-security-policy'), "default-src 'self'; frame-ancestors 'none'", path);
+    assert.equal(r.headers.get('x-content-type-options'), 'nosniff', path);
+    assert.equal(r.headers.get('referrer-policy'), 'no-referrer', path);
+  }
+  assert.equal((await fetch(`${worker.baseUrl}/_headers`)).status, 404, 'the rules themselves are not served');
+  await page.goto(`${worker.baseUrl}/#/calls/${CALL_SID}`);
+  await page.reload();
+  await page.locator('#transcript .turn').first().waitFor();
+  await page.waitForFunction(() => document.querySelector('audio#recording')?.readyState >= 1);
+  // The timeline's marks and the legend's colours are styled, though inline styles are refused.
+  const mark = page.locator('.timeline .mark.barge_in');
+  assert.match(await mark.evaluate((el) => el.style.left), /^[\d.]+%$/);
+  assert.ok(await mark.evaluate((el) => el.getBoundingClientRect().left > el.parentElement.getBoundingClientRect().left + 10));
+  assert.equal(await page.locator('.legend i').first().evaluate((el) => getComputedStyle(el).backgroundColor), 'rgb(121, 167, 240)');
+  assert.deepEqual(await page.evaluate(() => window.__csp), []);
 });
 
 test('no errors in the page, and the other call has no recording', async () => {
