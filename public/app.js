@@ -239,7 +239,8 @@ function fmtOffset(ms) {
 }
 function fmtBytes(n) {
   if (n === null || n === undefined) return '—';
-  return n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${Math.max(1, Math.round(n / 1024))} KiB`;
+  if (n < 1024) return `${n} B`;
+  return n >= 1048576 ? `${(n / 1048576).toFixed(1)} MiB` : `${Math.round(n / 1024)} KiB`;
 }
 const dash = (v) => (v === null || v === undefined || v === '' ? '—' : v);
 
@@ -458,7 +459,8 @@ async function renderCalls(seq, params) {
   h('td', {}, codeLabel('status', c.status, `badge ${c.status}`)),
   h('td', {}, agents.get(c.agent_id)?.name || dash(c.agent_id)),
   h('td', {}, dash(c.from_number)), h('td', {}, dash(c.to_number)),
-  h('td', { class: 'num' }, fmtDuration(c.duration_ms)),
+  // A call never streamed (the fallback answered, say) has no stream duration: Twilio's.
+  h('td', { class: 'num' }, fmtDuration(c.duration_ms ?? (typeof c.twilio_duration_s === 'number' ? c.twilio_duration_s * 1000 : null))),
   h('td', { class: 'num' }, c.barge_ins ?? 0),
   h('td', {}, c.recording_key ? '🎧' : '')));
   const table = rows.length

@@ -18,7 +18,7 @@ import { after, before, test } from 'node:test';
 import { launch } from './browser.mjs';
 import {
   BROKEN_AGENT, CALL_SID, HAND_VOICE, HAND_VOICE_AGENT, LONG_DURATION_MS, LONG_RECORDING_KEY, LONG_SID, OTHER_SID, RECORDING_KEY,
-  SECOND_AGENT, TURNS, longWav, sql, testSql, wav,
+  SECOND_AGENT, TURNS, UNSTREAMED_TWILIO_S, longWav, sql, testSql, wav,
 } from './seed.mjs';
 import { scratchDir, seedD1, seedR2, startWorker } from './worker.mjs';
 
@@ -84,7 +84,7 @@ test('sign in with the admin token (a wrong one is refused)', async () => {
 test('the calls list shows the newest call first, with its figures', async () => {
   const rows = page.locator('tbody tr');
   await rows.first().waitFor();
-  assert.equal(await rows.count(), 3);
+  assert.equal(await rows.count(), 4);
   const first = await rows.nth(0).innerText();
   // Statuses in the page's language, the raw code kept as the tooltip (for log searches).
   assert.match(first, /完了/);
@@ -95,6 +95,10 @@ test('the calls list shows the newest call first, with its figures', async () =>
   assert.match(first, /0:12/, 'duration');
   assert.match(first, /標準受付/, 'the agent by name');
   assert.match(await rows.nth(1).innerText(), /失敗/);
+  // A call never streamed: Twilio's duration, not "—".
+  assert.match(await rows.nth(3).innerText(), new RegExp(`0:${UNSTREAMED_TWILIO_S}`));
+  // Sizes: none is 0 B, not 1 KiB.
+  assert.deepEqual(await page.evaluate(() => [0, 512, 2048, 3 * 1048576].map(fmtBytes)), ['0 B', '512 B', '2 KiB', '3.0 MiB']);
   // Times say which zone they are in (the browser's: Asia/Tokyo here), and so do the date filters.
   assert.match(first, /UTC\+9/);
   assert.match(await page.locator('form.filters').innerText(), /UTC\+9/);
@@ -104,7 +108,7 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 1);
   assert.match(await page.locator('tbody tr').innerText(), /失敗/);
   await page.getByRole('button', { name: 'クリア' }).click();
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 4);
   // A number typed the Japanese way is sent as E.164.
   await page.locator('#f-number').fill('090-1234-5678');
   await page.getByRole('button', { name: '絞り込む' }).click();
@@ -113,7 +117,7 @@ test('the calls list shows the newest call first, with its figures', async () =>
   assert.match(await page.locator('tbody tr').innerText(), /\+819012345678/);
   // So is one typed with a Japanese IME, whose "-" is often the long-vowel mark ー.
   await page.getByRole('button', { name: 'クリア' }).click();
-  await page.waitForFunction(() => location.hash === '#/calls' && document.querySelectorAll('tbody tr').length === 3);
+  await page.waitForFunction(() => location.hash === '#/calls' && document.querySelectorAll('tbody tr').length === 4);
   await page.locator('#f-number').fill('０９０ー１２３４ー５６７８');
   await page.getByRole('button', { name: '絞り込む' }).click();
   await page.waitForFunction(() => /number=%2B819012345678/.test(location.hash));
@@ -130,7 +134,7 @@ test('the calls list shows the newest call first, with its figures', async () =>
   await page.waitForFunction(() => document.querySelector('[data-error-for="number"]')?.textContent);
   assert.match(await numberErr.innerText(), /電話番号/);
   await page.getByRole('button', { name: 'クリア' }).click();
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 4);
 });
 
 test('a call page answered after the user went back does not replace the list', async () => {
@@ -141,12 +145,12 @@ test('a call page answered after the user went back does not replace the list', 
   await page.evaluate((sid) => { location.hash = `#/calls/${sid}`; }, CALL_SID);
   await page.waitForTimeout(300);
   await page.evaluate(() => { location.hash = '#/calls'; });
-  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 3);
+  await page.waitForFunction(() => document.querySelectorAll('tbody tr').length === 4);
   release();
   await page.waitForTimeout(1500);
   await page.unroute(detail);
   assert.equal(await page.locator('#transcript').count(), 0, 'the late call page was dropped');
-  assert.equal(await page.locator('tbody tr').count(), 3);
+  assert.equal(await page.locator('tbody tr').count(), 4);
 });
 
 test('one call: transcript, marks, figures, and the recording plays and seeks', async () => {

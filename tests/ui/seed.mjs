@@ -17,6 +17,9 @@ export const DURATION_MS = 12_000;
 export const LONG_SID = 'CA5eed00000000000000000000000000a3';
 export const LONG_RECORDING_KEY = `recordings/${LONG_SID}.wav`;
 export const LONG_DURATION_MS = 300_000;
+/** A call the fallback answered: never streamed (no stream duration), Twilio's duration only. */
+export const UNSTREAMED_SID = 'CA5eed00000000000000000000000000a4';
+export const UNSTREAMED_TWILIO_S = 42;
 const CONNECTED_MS = Date.parse('2026-11-20T01:30:00.500Z');
 
 /** The conversation: [seq, role, text, offset_ms, interrupted, until_ms (audio end)]. */
@@ -127,9 +130,14 @@ function agentRow(id, name, voice, tools = '[]') {
 
 /** What the tests add to sql(): on the reviewed call an AI error whose message is markup
  *  (shown as text, never run), a reconnect, and an event type the page does not know (shown
- *  raw); LONG_SID, an older call with a long recording; and the agents above. */
+ *  raw); LONG_SID, an older call with a long recording; UNSTREAMED_SID, older still; and the
+ *  agents above. */
 export function testSql() {
   return [
+    `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status, started_at, ended_at,
+      end_reason, twilio_duration_s) VALUES (${[UNSTREAMED_SID, 'AC00000000000000000000000000000001', '+819055556666',
+      '+815012345678', 'default', 'inbound', 'completed', iso(CONNECTED_MS - 10_800_000),
+      iso(CONNECTED_MS - 10_800_000 + UNSTREAMED_TWILIO_S * 1000), 'fallback_only', UNSTREAMED_TWILIO_S].map(q).join(', ')});`,
     agentRow(SECOND_AGENT, '予約受付', 'cedar'),
     agentRow(HAND_VOICE_AGENT, '手書きの声', HAND_VOICE),
     agentRow(BROKEN_AGENT, '壊れた行', 'sage', ''),
