@@ -8,6 +8,8 @@ const TOKEN_KEY = 'phone-agent-bridge.admin-token';
 const LANG_KEY = 'phone-agent-bridge.lang';
 // The GA Realtime voices and turn-detection types (config.rs VOICES, TURN_DETECTION_TYPES).
 const VOICES = ['alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse', 'marin', 'cedar'];
+// Input noise reduction (config.rs NOISE_REDUCTIONS): near_field for a handset at the ear.
+const NOISE_REDUCTIONS = ['near_field', 'far_field', 'off'];
 const TURN_TYPES = ['server_vad', 'semantic_vad'];
 const STATUSES = ['ringing', 'in-progress', 'completed', 'failed', 'busy', 'no-answer', 'canceled'];
 
@@ -30,6 +32,7 @@ const I18N = {
     ev_other: 'その他のイベント', back: '← 通話一覧', call_not_found: '通話が見つかりません。',
     agents: 'エージェント', new_agent: '新しいエージェント', edit_agent: 'エージェントの編集', name: '名前',
     default: '標準', voice: '声', model: 'モデル', language: '言語', record_calls: '通話を録音する',
+    noise_reduction: 'ノイズ抑制 (near_field: 受話器, far_field: スピーカー, off: なし)',
     recording_on: '録音する', recording_off: '録音しない', instructions: '指示 (instructions)',
     greeting: '最初の挨拶の指示', transcription_model: '文字起こしモデル', turn_detection: 'ターン検出',
     td_type: '種類', td_threshold: 'しきい値 (0–1)', td_silence: '無音判定 (ms)', td_prefix: '前置き (ms)',
@@ -65,6 +68,7 @@ const I18N = {
     ev_other: 'Other event', back: '← Calls', call_not_found: 'No such call.',
     agents: 'Agents', new_agent: 'New agent', edit_agent: 'Edit agent', name: 'Name',
     default: 'Default', voice: 'Voice', model: 'Model', language: 'Language', record_calls: 'Record calls',
+    noise_reduction: 'Noise reduction (near_field: handset, far_field: speakerphone, off: none)',
     recording_on: 'Recorded', recording_off: 'Not recorded', instructions: 'Instructions',
     greeting: 'Greeting instructions', transcription_model: 'Transcription model', turn_detection: 'Turn detection',
     td_type: 'Type', td_threshold: 'Threshold (0–1)', td_silence: 'Silence (ms)', td_prefix: 'Prefix padding (ms)',
@@ -798,6 +802,7 @@ async function renderAgentForm(seq, id) {
     transcription_model: 'gpt-4o-transcribe',
     turn_detection: { type: 'server_vad', threshold: 0.5, silence_duration_ms: 500, prefix_padding_ms: 300 },
     tools: [], transfer_number: null, max_call_seconds: 1800, is_default: false, record_calls: true, tool_secret_set: false,
+    noise_reduction: 'near_field',
   };
   if (id) {
     const r = await api(`/api/admin/agents/${encodeURIComponent(id)}`);
@@ -818,6 +823,7 @@ async function renderAgentForm(seq, id) {
   const inputs = {
     name: text(a.name),
     voice: select(VOICES, a.voice),
+    noise_reduction: select(NOISE_REDUCTIONS, a.noise_reduction),
     model: text(a.model),
     language: text(a.language),
     transcription_model: text(a.transcription_model),
@@ -846,6 +852,8 @@ async function renderAgentForm(seq, id) {
       field('model', t('model'), inputs.model),
       field('language', t('language'), inputs.language),
       field('transcription_model', t('transcription_model'), inputs.transcription_model),
+      field('noise_reduction', t('noise_reduction'), inputs.noise_reduction),
+      h('div'),
       field('instructions', t('instructions'), inputs.instructions, { wide: true }),
       field('greeting', t('greeting'), inputs.greeting, { wide: true }),
       h('h2', { class: 'wide' }, t('turn_detection')),
@@ -899,7 +907,7 @@ async function renderAgentForm(seq, id) {
     return {
       name: inputs.name.value, instructions: inputs.instructions.value, greeting: inputs.greeting.value,
       voice: inputs.voice.value, model: inputs.model.value, language: inputs.language.value,
-      transcription_model: inputs.transcription_model.value,
+      transcription_model: inputs.transcription_model.value, noise_reduction: inputs.noise_reduction.value,
       turn_detection: {
         type: inputs['turn_detection.type'].value, threshold: number(inputs['turn_detection.threshold']),
         silence_duration_ms: number(inputs['turn_detection.silence_duration_ms']),

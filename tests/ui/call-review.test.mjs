@@ -419,6 +419,9 @@ test('agents: API validation messages appear next to the field they name', async
   await threshold.waitFor();
   const voices = await page.locator('[data-field="voice"] option').allInnerTexts();
   assert.deepEqual(voices, ['alloy', 'ash', 'ballad', 'coral', 'echo', 'sage', 'shimmer', 'verse', 'marin', 'cedar']);
+  const noise = page.locator('[data-field="noise_reduction"]');
+  assert.deepEqual(await noise.locator('option').allInnerTexts(), ['near_field', 'far_field', 'off']);
+  assert.equal(await noise.inputValue(), 'near_field');
   await threshold.fill('1.5');
   await page.getByRole('button', { name: '保存' }).click();
   const err = page.locator('[data-error-for="turn_detection.threshold"]');
@@ -433,12 +436,14 @@ test('agents: API validation messages appear next to the field they name', async
   // A fixed form saves, recording off included.
   await page.locator('[data-field="tools"]').fill('[]');
   await page.locator('[data-field="record_calls"]').uncheck();
+  await noise.selectOption('far_field');
   await page.getByRole('button', { name: '保存' }).click();
   await page.getByText('保存しました。').waitFor();
   const r = await fetch(`${worker.baseUrl}/api/admin/agents/default`, { headers: { Authorization: `Bearer ${TOKEN}` } });
   const { agent } = await r.json();
   assert.equal(agent.turn_detection.threshold, 0.6);
   assert.equal(agent.record_calls, false);
+  assert.equal(agent.noise_reduction, 'far_field');
 });
 
 test('agents: a save sends only the fields changed, so someone else\'s change to other fields stays', async () => {
