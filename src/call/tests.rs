@@ -2167,11 +2167,7 @@ fn an_idle_goodbye_whose_response_calls_end_call_first_is_still_said() {
     sim.response("resp_bye2");
     let m = sim.agent_chunk("item_bye", &audio(800, 1));
     sim.response_done("resp_bye2");
-    sim.at(2 * IDLE.0 + 500);
-    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
-    rest_answers(&mut sim, id, 200);
-    sim.twilio(STOP);
-    assert_eq!(sim.end_label(), Some("agent_hangup"));
+    ends_once_played(&mut sim, &m, "end_call", "agent_hangup");
 }
 
 #[test]
@@ -3125,6 +3121,24 @@ mod held_responses;
 mod interrupted_calls;
 mod reconnect;
 
+/// The tool call was answered, once, with `ok: true`.
+fn answered_ok(out: &[Action]) {
+    let outputs = sends_of(out, "conversation.item.create");
+    assert_eq!(outputs.len(), 1, "{out:?}");
+    let output = outputs[0]["item"]["output"].as_str().unwrap();
+    assert!(output.contains(r#""ok":true"#), "{output}");
+}
+
+/// Just after the idle goodbye's deadline, the mark `m` of the ending's words echoes: the
+/// `tool`'s request goes to Twilio, which carries it out, and the call ends as `label`.
+fn ends_once_played(sim: &mut Sim, m: &str, tool: &str, label: &str) {
+    sim.at(2 * IDLE.0 + 500);
+    let id = ending_request(&sim.twilio(&mark(m)), tool);
+    rest_answers(sim, id, 200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some(label));
+}
+
 #[test]
 fn a_transfer_asked_for_as_the_idle_goodbye_starts_is_made() {
     let mut sim = idle_goodbye_asked(agent_with_tools());
@@ -3133,25 +3147,13 @@ fn a_transfer_asked_for_as_the_idle_goodbye_starts_is_made() {
     sim.response("resp_bye");
     let out = sim.function_call("transfer_call", "{}");
     assert!(http_of(&out).is_empty(), "{out:?}");
-    let outputs = sends_of(&out, "conversation.item.create");
-    assert_eq!(outputs.len(), 1, "{out:?}");
-    assert!(
-        outputs[0]["item"]["output"]
-            .as_str()
-            .unwrap()
-            .contains(r#""ok":true"#),
-        "{outputs:?}"
-    );
+    answered_ok(&out);
     let out = sim.response_done("resp_bye");
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
     sim.response("resp_notice");
     let m = sim.agent_chunk("item_notice", &audio(800, 1));
     sim.response_done("resp_notice");
-    sim.at(2 * IDLE.0 + 500);
-    let id = ending_request(&sim.twilio(&mark(&m)), "transfer_call");
-    rest_answers(&mut sim, id, 200);
-    sim.twilio(STOP);
-    assert_eq!(sim.end_label(), Some("transferred"));
+    ends_once_played(&mut sim, &m, "transfer_call", "transferred");
 }
 
 #[test]
@@ -3164,21 +3166,9 @@ fn a_response_that_calls_end_call_then_transfer_call_transfers() {
     let out = sim.function_call("end_call", "{}");
     assert!(http_of(&out).is_empty(), "{out:?}");
     let out = sim.function_call("transfer_call", "{}");
-    let outputs = sends_of(&out, "conversation.item.create");
-    assert_eq!(outputs.len(), 1, "{out:?}");
-    assert!(
-        outputs[0]["item"]["output"]
-            .as_str()
-            .unwrap()
-            .contains(r#""ok":true"#),
-        "{outputs:?}"
-    );
+    answered_ok(&out);
     sim.response_done("resp_bye");
-    sim.at(2 * IDLE.0 + 500);
-    let id = ending_request(&sim.twilio(&mark(&m)), "transfer_call");
-    rest_answers(&mut sim, id, 200);
-    sim.twilio(STOP);
-    assert_eq!(sim.end_label(), Some("transferred"));
+    ends_once_played(&mut sim, &m, "transfer_call", "transferred");
 }
 
 #[test]
@@ -3201,9 +3191,5 @@ fn a_transfer_asked_for_once_the_goodbye_is_said_is_recorded_as_not_done() {
         tool[0]["output"].as_str().unwrap().contains("hung up"),
         "{tool:?}"
     );
-    sim.at(2 * IDLE.0 + 500);
-    let id = ending_request(&sim.twilio(&mark(&m)), "end_call");
-    rest_answers(&mut sim, id, 200);
-    sim.twilio(STOP);
-    assert_eq!(sim.end_label(), Some("agent_hangup"));
+    ends_once_played(&mut sim, &m, "end_call", "agent_hangup");
 }
