@@ -43,9 +43,10 @@ pub fn connect_stream_then_fallback(
     parameters: &[(&str, &str)],
     apology: &Apology<'_>,
     dial_number: Option<&str>,
+    dial_action: Option<&str>,
 ) -> String {
     let mut out = connect_stream_open(stream_url, parameters);
-    fallback_verbs(&mut out, apology, dial_number);
+    fallback_verbs(&mut out, apology, dial_number, dial_action);
     out.push_str("</Response>");
     out
 }
@@ -89,10 +90,16 @@ pub struct Apology<'a> {
 ///
 /// `<Dial>` is emitted only for a non-blank number; without one the call ends after the
 /// message. A blank message emits no `<Say>` (an empty one says nothing and risks a TwiML
-/// error); a blank language or voice omits that attribute.
-pub fn fallback(apology: &Apology<'_>, dial_number: Option<&str>) -> String {
+/// error); a blank language or voice omits that attribute. With `dial_action` (the
+/// transfer-result URL), Twilio asks it what to do once the person's line ends, as for a
+/// transfer: the caller hears why when nobody answered, instead of being cut off.
+pub fn fallback(
+    apology: &Apology<'_>,
+    dial_number: Option<&str>,
+    dial_action: Option<&str>,
+) -> String {
     let mut out = String::from("<Response>");
-    fallback_verbs(&mut out, apology, dial_number);
+    fallback_verbs(&mut out, apology, dial_number, dial_action);
     out.push_str("</Response>");
     out
 }
@@ -102,11 +109,9 @@ pub fn fallback(apology: &Apology<'_>, dial_number: Option<&str>) -> String {
 /// Twilio asks `action` what to do with the caller (see [`transfer_result`]); without it, a
 /// transfer nobody answers would simply hang up on the caller.
 pub fn transfer(number: &str, action: &str) -> String {
-    let mut out = String::from("<Response><Dial action=\"");
-    out.push_str(&attribute(action));
-    out.push_str("\" method=\"POST\">");
-    out.push_str(&text(number.trim()));
-    out.push_str("</Dial></Response>");
+    let mut out = String::from("<Response>");
+    dial_verb(&mut out, Some(number), Some(action));
+    out.push_str("</Response>");
     out
 }
 
@@ -122,9 +127,14 @@ pub fn transfer_result(answered: bool, apology: &Apology<'_>) -> String {
     out
 }
 
-fn fallback_verbs(out: &mut String, apology: &Apology<'_>, dial_number: Option<&str>) {
+fn fallback_verbs(
+    out: &mut String,
+    apology: &Apology<'_>,
+    dial_number: Option<&str>,
+    dial_action: Option<&str>,
+) {
     say_verb(out, apology);
-    dial_verb(out, dial_number);
+    dial_verb(out, dial_number, dial_action);
 }
 
 fn say_verb(out: &mut String, apology: &Apology<'_>) {
@@ -146,9 +156,16 @@ fn say_verb(out: &mut String, apology: &Apology<'_>) {
     }
 }
 
-fn dial_verb(out: &mut String, dial_number: Option<&str>) {
+/// `<Dial>number</Dial>`, with `action=… method="POST"` when there is an action.
+fn dial_verb(out: &mut String, dial_number: Option<&str>, action: Option<&str>) {
     if let Some(number) = dial_number.map(str::trim).filter(|n| !n.is_empty()) {
-        out.push_str("<Dial>");
+        out.push_str("<Dial");
+        if let Some(action) = action {
+            out.push_str(" action=\"");
+            out.push_str(&attribute(action));
+            out.push_str("\" method=\"POST\"");
+        }
+        out.push('>');
         out.push_str(&text(number));
         out.push_str("</Dial>");
     }
@@ -384,7 +401,7 @@ mod tests {
     #[test]
     fn japanese_text_survives_unchanged() {
         let message = "ただいま電話が大変混み合っております。担当者におつなぎします。";
-        let xml = fallback(&say(message, "ja-JP", ""), Some("+81312345678"));
+        let xml = fallback(&say(message, "ja-JP", ""), Some("+81312345678"), None);
         // Written as is (UTF-8), not as character references.
         assert!(xml.contains(message));
         let (declaration, nodes) = parse(&xml);
@@ -416,10 +433,22 @@ mod tests {
         assert_eq!(
             fallback(
                 &say("申し訳ありません。", "ja-JP", "Polly.Mizuki"),
-                Some("+815012345678")
+                Some("+815012345678"),
+                None
             ),
             "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ありません。</Say>\
              <Dial>+815012345678</Dial></Response>"
+        );
+        // With the transfer-result URL, Twilio asks it what to do once the line ends.
+        assert_eq!(
+            fallback(
+                &say("申し訳ありません。", "ja-JP", "Polly.Mizuki"),
+                Some("+815012345678"),
+                Some("https://bridge.example.com/api/twilio/transfer-result?a=1&b=2")
+            ),
+            "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ありません。</Say>\
+             <Dial action=\"https://bridge.example.com/api/twilio/transfer-result?a=1&amp;b=2\" \
+             method=\"POST\">+815012345678</Dial></Response>"
         );
     }
 
@@ -487,7 +516,7 @@ mod tests {
         let number = r#"+1<Play>&"'</Dial>"#;
         let language = r#"ja-JP" loop="9"#;
         let voice = r#"Polly.Mizuki"><Hangup/><Say voice="x"#;
-        let xml = fallback(&say(message, language, voice), Some(number));
+        let xml = fallback(&say(message, language, voice), Some(number), None);
         assert!(!xml.contains("<Hangup") && !xml.contains("<Play") && !xml.contains("loop=\""));
         let (_, nodes) = parse(&xml);
         assert_eq!(
@@ -508,7 +537,7 @@ mod tests {
     #[test]
     fn fallback_without_dial() {
         for dial in [None, Some(""), Some("   ")] {
-            let xml = fallback(&say("さようなら", "ja-JP", ""), dial);
+            let xml = fallback(&say("さようなら", "ja-JP", ""), dial, None);
             assert!(!xml.contains("Dial"), "{dial:?}: {xml}");
             let (_, nodes) = parse(&xml);
             assert_eq!(
@@ -527,15 +556,15 @@ mod tests {
     #[test]
     fn fallback_blank_message_language_or_voice() {
         assert_eq!(
-            fallback(&say("", "ja-JP", "Polly.Mizuki"), Some("+81")),
+            fallback(&say("", "ja-JP", "Polly.Mizuki"), Some("+81"), None),
             "<Response><Dial>+81</Dial></Response>"
         );
         assert_eq!(
-            fallback(&say(" ", "ja-JP", "x"), None),
+            fallback(&say(" ", "ja-JP", "x"), None, None),
             "<Response></Response>"
         );
         assert_eq!(
-            fallback(&say("hi", "", " "), None),
+            fallback(&say("hi", "", " "), None, None),
             "<Response><Say>hi</Say></Response>"
         );
     }
@@ -627,8 +656,13 @@ mod tests {
             language: "ja-JP",
             voice: "Polly.Mizuki",
         };
-        let xml =
-            connect_stream_then_fallback(URL, &[("From", "+81")], &apology, Some("+815012345678"));
+        let xml = connect_stream_then_fallback(
+            URL,
+            &[("From", "+81")],
+            &apology,
+            Some("+815012345678"),
+            None,
+        );
         let (_, nodes) = parse(&xml);
         let names: Vec<String> = nodes
             .iter()

@@ -254,6 +254,9 @@ pub struct VoiceAnswer {
     pub call: VoiceCall,
     /// `None` when the call gets the fallback only (`FALLBACK_ONLY`).
     pub stream_url: Option<String>,
+    /// Where Twilio asks what to do once the fallback's `<Dial>` ends (the transfer-result
+    /// URL); `None` when it cannot be made from the request's URL.
+    pub dial_action: Option<String>,
     /// The auth token the webhook was signed with.
     pub key: Key,
 }
@@ -270,8 +273,9 @@ impl VoiceAnswer {
     /// transfer to the fallback number or else the agent's own. With `FALLBACK_ONLY`, that
     /// fallback alone.
     pub fn twiml(&self, config: &Bridge, agent: &Agent) -> String {
+        let action = self.dial_action.as_deref();
         let Some(url) = &self.stream_url else {
-            return fallback_twiml(config, agent);
+            return fallback_twiml(config, agent, action);
         };
         let call = &self.call;
         twiml::connect_stream_then_fallback(
@@ -283,6 +287,7 @@ impl VoiceAnswer {
             ],
             &apology(config),
             fallback_dial(config, agent),
+            action,
         )
     }
 }
@@ -518,15 +523,18 @@ pub fn answer_voice<'a>(
     Ok(VoiceAnswer {
         call,
         stream_url,
+        dial_action: transfer_result_url(config, request_url).ok(),
         key: params.key,
     })
 }
 
 /// The TwiML of a caller the agent cannot serve (the agent failed mid-call, the call could
 /// not be handed to its call object, `FALLBACK_ONLY`): the apology, then the fallback
-/// number, or else the agent's own transfer number, when either is set.
-pub fn fallback_twiml(config: &Bridge, agent: &Agent) -> String {
-    twiml::fallback(&apology(config), fallback_dial(config, agent))
+/// number, or else the agent's own transfer number, when either is set. With `dial_action`
+/// (the transfer-result URL), a person who does not answer is handled as in a transfer: the
+/// caller hears `TRANSFER_FAILED_MESSAGE`, and the call's events get a `transfer_result`.
+pub fn fallback_twiml(config: &Bridge, agent: &Agent, dial_action: Option<&str>) -> String {
+    twiml::fallback(&apology(config), fallback_dial(config, agent), dial_action)
 }
 
 /// A voice webhook whose signature did not verify: none, one that does not match, or no
@@ -572,7 +580,12 @@ pub fn unverified_voice<'a>(
         why,
         claimed_call_sid,
         checked_url,
-        twiml: twiml::fallback(&apology(config), config.fallback_dial_number.as_deref()),
+        // No `<Dial action>`: its request would not verify either, and be refused.
+        twiml: twiml::fallback(
+            &apology(config),
+            config.fallback_dial_number.as_deref(),
+            None,
+        ),
     })
 }
 
@@ -1268,7 +1281,13 @@ mod tests {
         assert!(!a.streams());
         assert!(!twiml.contains("<Stream"));
         assert!(twiml.contains(r#"<Say language="ja-JP" voice="Polly.Mizuki">申し訳ございません"#));
-        assert!(twiml.contains("<Dial>+81312345678</Dial>"));
+        // A person who does not answer: Twilio asks the transfer-result URL, as after a transfer.
+        assert!(
+            twiml.contains(
+                r#"<Dial action="https://bridge.example.com/api/twilio/transfer-result" method="POST">+81312345678</Dial>"#
+            ),
+            "{twiml}"
+        );
     }
 
     #[test]
@@ -1372,14 +1391,16 @@ mod tests {
         };
         let twiml = a.twiml(&c, &agent);
         assert!(
-            twiml.ends_with("</Connect><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial>+81355550000</Dial></Response>"),
+            twiml.ends_with("</Connect><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial action=\"https://bridge.example.com/api/twilio/transfer-result\" method=\"POST\">+81355550000</Dial></Response>"),
             "{twiml}"
         );
-        assert!(!a.twiml(&c, &Agent::default()).contains("<Dial>"));
+        assert!(!a.twiml(&c, &Agent::default()).contains("<Dial"));
         c.fallback_dial_number = Some("+81311112222".into());
-        assert!(a.twiml(&c, &agent).contains("<Dial>+81311112222</Dial>"));
+        assert!(a
+            .twiml(&c, &agent)
+            .contains("method=\"POST\">+81311112222</Dial>"));
         assert_eq!(
-            fallback_twiml(&c, &agent),
+            fallback_twiml(&c, &agent, None),
             "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">申し訳ございません。ただいま電話に出ることができません。後ほどおかけ直しください。</Say><Dial>+81311112222</Dial></Response>"
         );
     }

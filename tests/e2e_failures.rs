@@ -32,10 +32,20 @@ const FALLBACK_NUMBER: &str = "+81300001111";
 /// D1 writes are asynchronous (the call object's outbox): be generous.
 const D1_DEADLINE: Duration = Duration::from_secs(90);
 
-fn fallback_twiml() -> String {
+/// The apology, then the fallback number: with `<Dial action>` (the transfer-result URL
+/// on `h`'s Worker) when the request was verified, so that a person who does not answer is
+/// handled as in a transfer; without it for one that was not (its result would be refused).
+fn fallback_twiml(h: Option<&Harness>) -> String {
+    let dial = match h {
+        Some(h) => format!(
+            "<Dial action=\"{}/api/twilio/transfer-result\" method=\"POST\">",
+            h.worker.base_url()
+        ),
+        None => "<Dial>".to_owned(),
+    };
     format!(
         "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">{FALLBACK_MESSAGE}</Say>\
-         <Dial>{FALLBACK_NUMBER}</Dial></Response>"
+         {dial}{FALLBACK_NUMBER}</Dial></Response>"
     )
 }
 
@@ -114,7 +124,7 @@ async fn expect_redirect(h: &Harness, ids: &CallIds, twilio: &MediaStream) -> Re
             support::TWILIO_AUTH_TOKEN.to_owned()
         ))
     );
-    assert_eq!(req.form, [("Twiml".to_owned(), fallback_twiml())]);
+    assert_eq!(req.form, [("Twiml".to_owned(), fallback_twiml(Some(h)))]);
     assert!(
         twilio.log().closed.is_none(),
         "the stream stays up until the redirect takes hold"
@@ -586,7 +596,7 @@ async fn a_setting_written_without_quotes_is_read_as_written() {
         reply.body.contains("<Say ")
             && reply
                 .body
-                .contains(&format!("<Dial>{FALLBACK_NUMBER}</Dial>")),
+                .contains(&format!("method=\"POST\">{FALLBACK_NUMBER}</Dial>")),
         "the fallback message, then the number: {}",
         reply.body
     );
@@ -642,7 +652,11 @@ async fn with_a_stale_auth_token_callers_hear_the_fallback_and_nothing_is_record
     assert_eq!(reply.status, 200, "{}", reply.body);
     let ct = reply.content_type.clone().unwrap_or_default();
     assert!(ct.starts_with("text/xml"), "{ct:?}");
-    assert_eq!(reply.body, fallback_twiml(), "the apology, then the number");
+    assert_eq!(
+        reply.body,
+        fallback_twiml(None),
+        "the apology, then the number"
+    );
 
     let status = tw::status_params(&ids, from, to, "completed", 1, Some(3));
     assert_eq!(h.post_status(&status).await.status, 403, "status callback");

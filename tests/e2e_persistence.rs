@@ -792,7 +792,9 @@ async fn a_call_its_object_cannot_register_gets_the_fallback_and_is_recorded_wit
             200,
             format!(
                 "<Response><Say language=\"ja-JP\" voice=\"Polly.Mizuki\">{APOLOGY}</Say>\
-                 <Dial>{FALLBACK_NUMBER}</Dial></Response>"
+                 <Dial action=\"{}/api/twilio/transfer-result\" method=\"POST\">\
+                 {FALLBACK_NUMBER}</Dial></Response>",
+                h.worker.base_url()
             )
             .as_str()
         ),

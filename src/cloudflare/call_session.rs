@@ -418,7 +418,7 @@ impl CallSession {
                 auth_token: config.twilio_auth_token.clone(),
             },
             idle_timeout: Millis(config.idle_timeout_ms),
-            fallback_twiml: webhook::fallback_twiml(&config, &reg.agent),
+            fallback_twiml: webhook::fallback_twiml(&config, &reg.agent, Some(&transfer_action)),
             transfer_action,
         };
         let call = Call::new(setup, now());

@@ -226,6 +226,7 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let agent = agent_for(&env, &config, &answer.call.to, slowed).await;
     let twiml = answer.twiml(&config, &agent);
     let streams = answer.streams();
+    let dial_action = answer.dial_action.clone();
     let registration = webhook::Registration {
         agent,
         call: answer.call,
@@ -252,7 +253,11 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             webhook::NOT_REGISTERED,
             Some(why),
         );
-        return twiml_response(webhook::fallback_twiml(&config, &registration.agent));
+        return twiml_response(webhook::fallback_twiml(
+            &config,
+            &registration.agent,
+            dial_action.as_deref(),
+        ));
     }
     twiml_response(twiml)
 }
