@@ -19,12 +19,14 @@
 //    polled during the call and printed in full at the end.
 
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
 import { setTimeout as delay } from 'node:timers/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } from './sim/audio.mjs';
 import { openMicrophone, openSpeaker } from './sim/devices.mjs';
+import { REST_PREFIX, TwilioRest } from './sim/rest.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
 
@@ -166,6 +168,7 @@ async function main() {
   // ---- settings and audio ----
   const authToken = setting('TWILIO_AUTH_TOKEN', opt.devVars);
   const adminToken = setting('ADMIN_TOKEN', opt.devVars);
+  const accountSid = setting('TWILIO_ACCOUNT_SID', opt.devVars);
   if (!authToken) {
     console.error(`call: TWILIO_AUTH_TOKEN is not set (environment or ${opt.devVars}); the Worker refuses unsigned webhooks.`);
     return 1;
@@ -191,13 +194,13 @@ async function main() {
     info(`caller audio: ${opt.audio} (${src.sampleRate} Hz, ${src.channels} ch, ${src.bitsPerSample}-bit) → ${caller.seconds.toFixed(2)} s of 8 kHz μ-law`);
   }
   try {
-    return await run(opt, { authToken, adminToken, caller, mic, info });
+    return await run(opt, { authToken, adminToken, accountSid, caller, mic, info });
   } finally {
     mic?.close();
   }
 }
 
-async function run(opt, { authToken, adminToken, caller, mic, info }) {
+async function run(opt, { authToken, adminToken, accountSid, caller, mic, info }) {
 
   // Is the Worker there?
   try {
@@ -215,8 +218,12 @@ async function run(opt, { authToken, adminToken, caller, mic, info }) {
   const stamp = () => (t0 === null ? '  --- ' : `${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s`);
   const say = (who, text) => console.log(`[${stamp()}] ${who.padEnd(6)} ${text}`);
   const state = { standinSessions: 0, agentAudioBytes: 0, responsesPending: 0, standinSpeaking: false };
+  // Twilio's REST API (hang-up, transfer), served on the stand-in's port under /twilio.
+  const rest = new TwilioRest({ authToken, accountSid });
+  const restUrl = `http://127.0.0.1:${opt.standinPort}${REST_PREFIX}`;
+  let restServer = null;
   if (opt.offline) {
-    standin = new StandIn({ port: opt.standinPort, mode: 'conversation' });
+    standin = new StandIn({ port: opt.standinPort, mode: 'conversation', rest });
     try {
       await standin.listen();
     } catch (e) {
@@ -225,6 +232,7 @@ async function run(opt, { authToken, adminToken, caller, mic, info }) {
       return 1;
     }
     info(`stand-in Realtime server (offline, NOT OpenAI) listening on ${standin.url}`);
+    info(`Twilio's REST API (the agent's hang-up and transfer) played at ${restUrl}`);
     standin.on('session', () => {
       state.standinSessions++;
       info(`[${stamp()}] the Worker connected to the stand-in`);
@@ -249,12 +257,34 @@ async function run(opt, { authToken, adminToken, caller, mic, info }) {
     });
     standin.on('truncated', ({ audioEndMs, text }) => say('agent', `(cut by the caller after ${audioEndMs} ms; heard: "${text}")`));
     standin.on('error_sent', ({ code, message }) => info(`[${stamp()}] stand-in sent an error: ${code}: ${message}`));
+  } else {
+    // With the real API the REST part is served alone, when the port is free; the Worker
+    // uses it when started with TWILIO_API_BASE_URL set to it.
+    restServer = createServer((req, res) => {
+      if (!rest.handle(req, res)) {
+        res.writeHead(404, { 'content-type': 'text/plain' });
+        res.end(`the call simulator serves Twilio's REST API under ${REST_PREFIX} only\n`);
+      }
+    });
+    try {
+      await new Promise((resolve, reject) => {
+        restServer.once('error', reject);
+        restServer.listen(opt.standinPort, '127.0.0.1', resolve);
+      });
+      info(`Twilio's REST API (the agent's hang-up and transfer) played at ${restUrl} (used when the Worker has TWILIO_API_BASE_URL=${restUrl})`);
+    } catch (e) {
+      restServer = null;
+      info(`Twilio's REST API is not played (127.0.0.1:${opt.standinPort}: ${e.code ?? e.message}): the agent's hang-up or transfer goes wherever the Worker's TWILIO_API_BASE_URL says`);
+    }
   }
+  rest.on('refused', ({ status, code, message }) =>
+    console.log(`[${stamp()}] Twilio REST: refused the Worker's call update: HTTP ${status} (${code}) ${message}`),
+  );
 
   const ids = { callSid: sid('CA'), accountSid: sid('AC'), streamSid: sid('MZ') };
   let exit = 0;
   try {
-    exit = await placeCall(opt, { authToken, adminToken, caller, mic, ids, standin, state, info, say, setT0: (t) => (t0 = t) });
+    exit = await placeCall(opt, { authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say, setT0: (t) => (t0 = t) });
   } catch (e) {
     if (e instanceof CallFailed) {
       console.error(`call failed: ${e.message}`);
@@ -264,16 +294,18 @@ async function run(opt, { authToken, adminToken, caller, mic, info }) {
     }
   } finally {
     if (standin) await standin.close();
+    if (restServer) await new Promise((r) => restServer.close(() => r()));
   }
   return exit;
 }
 
 async function placeCall(opt, ctx) {
-  const { authToken, adminToken, caller, mic, ids, standin, state, info, say } = ctx;
+  const { authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say } = ctx;
 
   // ---- the voice webhook ----
   const voiceUrl = `${opt.url}/api/twilio/voice`;
   info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
+  rest.expect(ids);
   const hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
   if (hook.status !== 200) {
     throw new CallFailed(`voice webhook answered HTTP ${hook.status}: ${hook.body.trim().slice(0, 300)}`);
@@ -394,6 +426,31 @@ async function placeCall(opt, ctx) {
   };
   process.on('SIGINT', onSigint);
 
+  // The agent ends the call through Twilio's REST API: Twilio stops the stream as it does
+  // when the caller hangs up (a hang-up), or after it (a transfer: the new TwiML's <Dial>).
+  let agentEnded = null;
+  rest.on('update', (u) => {
+    if (u.callSid !== ids.callSid || agentEnded) return;
+    const at = `[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s]`;
+    if (u.status === 'completed') {
+      agentEnded = { what: 'the agent hung up' };
+      info(`${at} Twilio REST: Status=completed — the agent hung up`);
+    } else if (u.twiml !== undefined) {
+      const t = parseTwiml(u.twiml);
+      agentEnded = t.dials.length
+        ? { what: `the agent transferred the call to ${t.dials.join(', ')}`, says: t.says, dials: t.dials }
+        : { what: 'the agent redirected the call to new TwiML', says: t.says, dials: [] };
+      info(`${at} Twilio REST: new TwiML — ${agentEnded.what}`);
+      for (const x of t.says) info(`  <Say> ${x}`);
+      for (const d of t.dials) info(`  <Dial> ${d} (Twilio would dial this number now)`);
+    } else {
+      agentEnded = { what: `the agent redirected the call to ${u.url}` };
+      info(`${at} Twilio REST: Url=${u.url} — ${agentEnded.what}`);
+    }
+    hangingUp.abort();
+    mic?.stopWaiting();
+  });
+
   send(frames.connected());
   send(frames.start(twiml.parameters));
 
@@ -421,7 +478,7 @@ async function placeCall(opt, ctx) {
   let i = 0;
   const sendFrame = async (frame) => {
     await sleepUnless(t0 + 20 * i - nowMs(), hangingUp.signal);
-    if (closed || hungUpByCaller) return false;
+    if (closed || hungUpByCaller || agentEnded) return false;
     send(frames.media(frame.toString('base64')));
     stats.sent++;
     i++;
@@ -431,7 +488,7 @@ async function placeCall(opt, ctx) {
   const agentQuiet = (ms) =>
     !player.busy() && state.responsesPending === 0 && (player.lastAudioAt === null || nowMs() - player.lastAudioAt >= ms);
 
-  const speaking = () => !closed && !hungUpByCaller;
+  const speaking = () => !closed && !hungUpByCaller && !agentEnded;
   if (mic) {
     // The microphone, live from the answer on (a phone line carries the greeting's silence
     // too): what it captured while the call was being set up is not sent.
@@ -442,7 +499,7 @@ async function placeCall(opt, ctx) {
       if (!frame || !(await sendFrame(frame))) break;
       callerTimeline.push(frame);
     }
-    if (mic.ended && !closed) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] ${mic.ended}: the caller hangs up`);
+    if (mic.ended && !closed && !agentEnded) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] ${mic.ended}: the caller hangs up`);
   }
 
   // Lead-in: silence while the greeting plays (auto), or a fixed time.
@@ -481,7 +538,7 @@ async function placeCall(opt, ctx) {
   if (!closed) {
     send(frames.stop());
     stopped = true;
-    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] Twilio: stop (the caller hung up)`);
+    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] Twilio: stop (${agentEnded ? agentEnded.what : 'the caller hung up'})`);
     await Promise.race([closedPromise, sleep(5000)]);
     if (!closed) ws.close(1000, 'call ended');
   }
@@ -517,8 +574,10 @@ async function placeCall(opt, ctx) {
   if (stats.problems.length) info(`protocol problems: ${[...new Set(stats.problems)].join('; ')}`);
 
   // The stored transcript.
+  let stored = null;
   if (adminToken) {
     const detail = await waitForEnded(opt.url, adminToken, ids.callSid);
+    stored = detail?.call ?? null;
     if (detail) {
       const c = detail.call ?? {};
       console.log(`\nstored call record: status=${c.status} end_reason=${c.end_reason} duration_ms=${c.duration_ms} first_audio_ms=${c.first_audio_ms} barge_ins=${c.barge_ins}`);
@@ -539,7 +598,11 @@ async function placeCall(opt, ctx) {
     const then = [...twiml.says.map((s) => `<Say> ${s}`), ...twiml.dials.map((d) => `<Dial> ${d}`)];
     console.log(`\nthe Worker ended the stream before the caller hung up (${why}); Twilio would now run the TwiML after <Connect>:`);
     for (const t of then) console.log(`  ${t}`);
-    if (!standin) {
+    if (stored?.end_reason === 'call_control_failed') {
+      console.log(`  (the agent's hang-up or transfer through Twilio's REST API failed: ${stored.end_detail ?? 'see the Worker log'}.`);
+      console.log(`   In a simulated call that API is the simulator's: start the Worker with --var TWILIO_API_BASE_URL:${restUrl}`);
+      console.log('   (`npm run dev:offline` does), or the request goes to api.twilio.com with the made-up sids of this call)');
+    } else if (!standin) {
       console.log('  (the Worker could not use OpenAI. With the dummy OPENAI_API_KEY of .dev.vars.example this is expected:');
       console.log('   put a real key in .dev.vars, or run offline: `npm run dev:offline` and `npm run call -- --offline`)');
     }
@@ -552,6 +615,9 @@ async function placeCall(opt, ctx) {
       : '';
     console.log(`\nno agent audio was received${hint}`);
     return 2;
+  }
+  if (agentEnded) {
+    console.log(`\n${agentEnded.what} (Twilio's REST API, played by the simulator); the call is over`);
   }
   return 0;
 }

@@ -108,19 +108,36 @@ fn checked_root() -> PathBuf {
     root
 }
 
-/// The Worker in `wrangler dev`, pointed at a stand-in on `standin_port`.
+/// The Worker in `wrangler dev`, pointed at a stand-in on `standin_port` for OpenAI and
+/// Twilio's REST API alike (as `npm run dev:offline` starts it).
 async fn start_worker(root: &Path, standin_port: u16, scratch: &Path) -> WorkerProcess {
+    start_worker_with(root, standin_port, scratch, &[]).await
+}
+
+/// The same, with `extra` vars besides.
+async fn start_worker_with(
+    root: &Path,
+    standin_port: u16,
+    scratch: &Path,
+    extra: &[(&str, &str)],
+) -> WorkerProcess {
+    let mut vars: Vec<(String, String)> = vec![
+        ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
+        ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
+        ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
+        (
+            "OPENAI_REALTIME_URL".into(),
+            format!("ws://127.0.0.1:{standin_port}/v1/realtime"),
+        ),
+        (
+            "TWILIO_API_BASE_URL".into(),
+            format!("http://127.0.0.1:{standin_port}/twilio"),
+        ),
+    ];
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     WorkerProcess::start(WorkerConfig {
         root: root.to_path_buf(),
-        vars: vec![
-            ("OPENAI_API_KEY".into(), OPENAI_API_KEY.into()),
-            ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
-            ("ADMIN_TOKEN".into(), ADMIN_TOKEN.into()),
-            (
-                "OPENAI_REALTIME_URL".into(),
-                format!("ws://127.0.0.1:{standin_port}/v1/realtime"),
-            ),
-        ],
+        vars,
         scratch_dir: scratch.to_path_buf(),
     })
     .await
@@ -354,6 +371,126 @@ async fn a_caller_who_talks_over_the_greeting_interrupts_it() {
         "the cut greeting should be stored as interrupted:\n{}",
         context()
     );
+}
+
+/// `seconds` of silence as an 8 kHz 16-bit mono WAV at `path`.
+fn write_silence(path: &Path, seconds: u32) {
+    let data_len = seconds * 8000 * 2;
+    let mut b = Vec::with_capacity(44 + data_len as usize);
+    b.extend_from_slice(b"RIFF");
+    b.extend_from_slice(&(36 + data_len).to_le_bytes());
+    b.extend_from_slice(b"WAVEfmt ");
+    b.extend_from_slice(&16u32.to_le_bytes());
+    b.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    b.extend_from_slice(&1u16.to_le_bytes()); // mono
+    b.extend_from_slice(&8000u32.to_le_bytes());
+    b.extend_from_slice(&16000u32.to_le_bytes());
+    b.extend_from_slice(&2u16.to_le_bytes());
+    b.extend_from_slice(&16u16.to_le_bytes());
+    b.extend_from_slice(b"data");
+    b.extend_from_slice(&data_len.to_le_bytes());
+    b.resize(44 + data_len as usize, 0);
+    std::fs::write(path, b).unwrap();
+}
+
+/// The CallSid the simulator printed (`call CA…: from → to`).
+fn printed_call_sid(stdout: &str) -> Option<String> {
+    stdout.lines().find_map(|l| {
+        let sid = l.strip_prefix("call ")?.split(':').next()?;
+        sid.starts_with("CA").then(|| sid.to_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-agent-hangup");
+    // The shortest idle time: 5 s of silence makes the agent check in, 5 s more say goodbye
+    // and hang up through Twilio's REST API (the simulator's, on the stand-in's port).
+    let worker = start_worker_with(
+        &root,
+        standin_port,
+        &scratch,
+        &[("IDLE_TIMEOUT_SECONDS", "5")],
+    )
+    .await;
+    let silence = scratch.join("silence.wav");
+    write_silence(&silence, 1);
+    let port = standin_port.to_string();
+    let url = worker.base_url();
+    let out = scratch.join("agent.wav");
+    // A caller who says nothing and would stay on the line for a minute.
+    let run = simulator(
+        &root,
+        &[
+            "--offline",
+            "--audio",
+            silence.to_str().unwrap(),
+            "--standin-port",
+            &port,
+            "--url",
+            &url,
+            "--tail",
+            "60",
+            "--max-tail",
+            "60",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the simulator did not finish within 120 s")
+        .expect("run node scripts/call.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || context(&output, Some(&worker));
+    assert_eq!(output.status.code(), Some(0), "{}", context());
+    for expected in [
+        "Twilio REST: Status=completed — the agent hung up",
+        "Twilio: stop (the agent hung up)",
+        "the agent hung up (Twilio's REST API, played by the simulator)",
+        "stored call record: status=completed end_reason=agent_hangup",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{}",
+            context()
+        );
+    }
+    assert!(
+        !stdout.contains("refused the Worker's call update"),
+        "{}",
+        context()
+    );
+    // The stream ended well before the caller's minute of silence.
+    let sent_s = stdout
+        .lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("call summary: ")?;
+            l.split(" media frames sent").next()?.parse::<f64>().ok()
+        })
+        .map(|frames| frames * 0.02)
+        .unwrap_or_else(|| panic!("no call summary:\n{}", context()));
+    assert!(
+        sent_s < 45.0,
+        "the call went on for {sent_s} s\n{}",
+        context()
+    );
+
+    // Read back through the admin API: completed, ended by the agent's hang-up.
+    let call_sid =
+        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", context()));
+    let admin = support::admin::Admin::new(&url, ADMIN_TOKEN);
+    let detail = admin
+        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
+            !d["call"]["ended_at"].is_null()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    assert_eq!(detail["call"]["status"], "completed", "{detail:#}");
+    assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
 }
 
 /// Processes whose command line holds `tag` (from /proc).

@@ -21,6 +21,8 @@
 // Run alone:  node scripts/sim/standin.mjs [--port 8788] [--mode conversation|echo]
 // The Worker must then be started with
 //   --var OPENAI_REALTIME_URL:ws://127.0.0.1:8788/v1/realtime   (npm run dev:offline)
+// The same port serves Twilio's REST call updates under /twilio (rest.mjs), for the Worker's
+// TWILIO_API_BASE_URL=http://127.0.0.1:8788/twilio (npm run dev:offline sets it too).
 
 import { EventEmitter } from 'node:events';
 import { createServer } from 'node:http';
@@ -28,7 +30,8 @@ import { fileURLToPath } from 'node:url';
 import { WebSocketServer } from 'ws';
 
 import { BYTES_PER_MS, MULAW_DECODE, toneSequence } from './audio.mjs';
-import { nowMs } from './twilio.mjs';
+import { REST_PREFIX, TwilioRest } from './rest.mjs';
+import { nowMs, setting } from './twilio.mjs';
 
 export const DEFAULT_PORT = 8788;
 
@@ -587,8 +590,9 @@ class Session {
  * said, truncated, error_sent, closed.
  */
 export class StandIn extends EventEmitter {
-  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation' } = {}) {
+  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null } = {}) {
     super();
+    this.rest = rest; // a TwilioRest (rest.mjs) served under /twilio, or null
     this.port = port;
     this.host = host;
     this.mode = mode;
@@ -643,6 +647,7 @@ export class StandIn extends EventEmitter {
   }
 
   onHttp(req, res) {
+    if (this.rest?.handle(req, res)) return;
     if (req.url === '/healthz') {
       res.writeHead(200, { 'content-type': 'text/plain' });
       return res.end(`stand-in (${this.mode}) ok\n`);
@@ -683,10 +688,17 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   const mode = opt('--mode', 'conversation');
   const port = Number(opt('--port', DEFAULT_PORT));
   const quiet = args.includes('--quiet');
-  const s = new StandIn({ port, mode });
+  // Twilio's REST part too (rest.mjs), for any call, when the Worker's auth token is known.
+  const devVars = fileURLToPath(new URL('../../.dev.vars', import.meta.url));
+  const authToken = setting('TWILIO_AUTH_TOKEN', devVars);
+  const rest = authToken ? new TwilioRest({ authToken, accountSid: setting('TWILIO_ACCOUNT_SID', devVars), anyCall: true }) : null;
+  const s = new StandIn({ port, mode, rest });
   s.listen().then(
     () => {
       console.log(`stand-in Realtime server (${mode}) on ${s.url} — not OpenAI`);
+      if (rest) console.log(`Twilio REST (call updates) on http://127.0.0.1:${s.port}${REST_PREFIX}`);
+      rest?.on('update', ({ callSid, status, twiml }) => console.log(`Twilio REST: call ${callSid} updated: ${status ? `Status=${status}` : `Twiml=${twiml}`}`));
+      rest?.on('refused', ({ status, message }) => console.log(`Twilio REST: refused ${status}: ${message}`));
       if (!quiet) {
         s.on('session', ({ session }) => console.log(`session ${session.index} opened (${session.handshake.path})`));
         s.on('heard', ({ text }) => console.log(`  caller: ${text}`));
