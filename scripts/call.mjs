@@ -28,7 +28,7 @@ import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } f
 import { openMicrophone, openSpeaker } from './sim/devices.mjs';
 import { REST_PREFIX, TwilioRest } from './sim/rest.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
-import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
+import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -75,7 +75,8 @@ usage: npm run call -- --audio FILE.wav [options]
 
 Ctrl-C hangs up (Twilio's stop); a second Ctrl-C quits at once.
 Exit status: 0 call completed; 1 usage or setup error (no microphone, no Worker); 2 the call
-failed (webhook refused, stream refused or ended by the Worker, no agent audio).`;
+failed (webhook refused or unanswered within 15 s as Twilio waits, stream refused or ended by
+the Worker, no agent audio).`;
 
 function parseArgs(argv) {
   const o = {
@@ -306,7 +307,22 @@ async function placeCall(opt, ctx) {
   const voiceUrl = `${opt.url}/api/twilio/voice`;
   info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
   rest.expect(ids);
-  const hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
+  let hook;
+  try {
+    hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
+  } catch (e) {
+    if (e?.name === 'TimeoutError') {
+      throw new CallFailed(
+        `the voice webhook did not answer within ${VOICE_WEBHOOK_TIMEOUT_MS / 1000} s: Twilio gives up then and ` +
+          'the caller hears "an application error has occurred" (is the Worker stuck? see its log)',
+      );
+    }
+    const why = e?.cause?.code ?? e?.cause?.message ?? e?.message ?? String(e);
+    throw new CallFailed(
+      `the voice webhook got no answer (${why}): the Worker at ${opt.url} answered /healthz, then stopped answering ` +
+        '(did it crash or restart? see its log)',
+    );
+  }
   if (hook.status !== 200) {
     throw new CallFailed(`voice webhook answered HTTP ${hook.status}: ${hook.body.trim().slice(0, 300)}`);
   }

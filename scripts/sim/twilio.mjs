@@ -96,8 +96,11 @@ export function voiceParams({ callSid, accountSid, from, to }) {
   ];
 }
 
+/** How long Twilio waits for the voice webhook's answer before it gives up on the call. */
+export const VOICE_WEBHOOK_TIMEOUT_MS = 15_000;
+
 /** POSTs the signed voice webhook; resolves to `{ status, body }`. */
-export async function postVoiceWebhook(url, authToken, params, timeoutMs = 30_000) {
+export async function postVoiceWebhook(url, authToken, params, timeoutMs = VOICE_WEBHOOK_TIMEOUT_MS) {
   const body = new URLSearchParams(params).toString();
   const res = await fetch(url, {
     method: 'POST',

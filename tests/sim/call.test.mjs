@@ -1,0 +1,95 @@
+// Tests of the call simulator (scripts/call.mjs) run as a program against small stand-ins
+// for the Worker: how it ends when the Worker does not behave.
+//
+//   node --test tests/sim/
+
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createServer } from 'node:http';
+import { tmpdir } from 'node:os';
+import { dirname, join, resolve } from 'node:path';
+import { test } from 'node:test';
+import { fileURLToPath } from 'node:url';
+
+import { encodeWav16 } from '../../scripts/sim/audio.mjs';
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '../..');
+
+/** A port nobody listens on right now. */
+async function freePort() {
+  const s = createServer();
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  const { port } = s.address();
+  await new Promise((r) => s.close(r));
+  return port;
+}
+
+/** Serves `handler` on 127.0.0.1; resolves to `{ url, close }`. */
+async function serve(handler) {
+  const s = createServer(handler);
+  await new Promise((r) => s.listen(0, '127.0.0.1', r));
+  return {
+    url: `http://127.0.0.1:${s.address().port}`,
+    close: () => {
+      s.closeAllConnections();
+      return new Promise((r) => s.close(r));
+    },
+  };
+}
+
+/** Runs `node scripts/call.mjs ARGS` with a scratch directory; `{ code, stdout, stderr, ms }`. */
+async function call(args, env = {}) {
+  const dir = mkdtempSync(join(tmpdir(), 'sim-call-test-'));
+  try {
+    const audio = join(dir, 'caller.wav');
+    writeFileSync(audio, encodeWav16([new Int16Array(8000)], 8000));
+    const started = Date.now();
+    const child = spawn(
+      process.execPath,
+      ['scripts/call.mjs', '--audio', audio, '--out', join(dir, 'agent.wav'), '--dev-vars', join(dir, 'none'),
+        '--standin-port', String(await freePort()), ...args],
+      { cwd: ROOT, env: { ...process.env, INIT_CWD: '', TWILIO_AUTH_TOKEN: 'tok-call-test', ADMIN_TOKEN: '', ...env } },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (c) => (stdout += c));
+    child.stderr.on('data', (c) => (stderr += c));
+    const code = await new Promise((r) => child.on('close', r));
+    return { code, stdout, stderr, ms: Date.now() - started };
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+test('a voice webhook that never answers fails the call after Twilio\'s 15 s, exit 2', async () => {
+  const worker = await serve((req, res) => {
+    if (req.url === '/healthz') return res.end('ok');
+    // The voice webhook: never answered.
+  });
+  try {
+    const r = await call(['--url', worker.url]);
+    assert.equal(r.code, 2, r.stdout + r.stderr);
+    assert.match(r.stderr, /call failed: the voice webhook did not answer within 15 s/);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+    assert.ok(r.ms >= 14_500 && r.ms < 25_000, `took ${r.ms} ms`);
+  } finally {
+    await worker.close();
+  }
+});
+
+test('a Worker that dies after /healthz fails the call clearly, exit 2', async () => {
+  let worker;
+  worker = await serve((req, res) => {
+    if (req.url === '/healthz') return res.end('ok');
+    req.socket.destroy(); // the Worker went away mid-request
+  });
+  try {
+    const r = await call(['--url', worker.url]);
+    assert.equal(r.code, 2, r.stdout + r.stderr);
+    assert.match(r.stderr, /call failed: the voice webhook got no answer .*answered \/healthz, then stopped answering/);
+    assert.doesNotMatch(r.stderr, /\n\s+at /, 'no stack trace');
+  } finally {
+    await worker.close();
+  }
+});
