@@ -10,22 +10,28 @@ import { BYTES_PER_MS } from './audio.mjs';
 
 // ---- settings ------------------------------------------------------------------------------
 
-/** KEY=value pairs of a .dev.vars / .env file (quotes stripped, # comments ignored). */
+/**
+ * One assignment of a .dev.vars / .env file, as wrangler reads .dev.vars (the `dotenv` 16
+ * parser, no variable expansion): `[export ]KEY=value` or `KEY: value`, keys of letters,
+ * digits, `_`, `.`, `-`. A value in '…', "…" or `…` runs to the closing quote (across lines
+ * too) and may be followed by `# comment`; only "…" turns \n and \r into line breaks, and
+ * nothing else is unescaped. A value without quotes ends at the first `#` (a comment) and is
+ * trimmed. A line that is none of these (a comment, a stray word) is skipped; a later
+ * assignment of a key wins.
+ */
+const DOTENV_ASSIGNMENT =
+  /^\s*(?:export\s+)?([\w.-]+)(?:\s*=\s*?|:\s+?)(\s*'(?:\\'|[^'])*'|\s*"(?:\\"|[^"])*"|\s*`(?:\\`|[^`])*`|[^#\r\n]+)?\s*(?:#.*)?$/gm;
+
+/** KEY=value pairs of a .dev.vars / .env file, as wrangler reads them (see above). */
 export function parseDotenv(text) {
   const out = {};
-  for (const raw of text.split(/\r?\n/)) {
-    const line = raw.trim();
-    if (!line || line.startsWith('#')) continue;
-    const m = /^(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.*)$/.exec(line);
-    if (!m) continue;
-    let v = m[2].trim();
-    if ((v.startsWith('"') && v.endsWith('"')) || (v.startsWith("'") && v.endsWith("'"))) {
-      const quote = v[0];
-      v = v.slice(1, -1);
-      if (quote === '"') v = v.replace(/\\n/g, '\n').replace(/\\"/g, '"').replace(/\\\\/g, '\\');
-    } else {
-      v = v.replace(/\s+#.*$/, '');
-    }
+  const src = text.replace(/\r\n?/g, '\n');
+  for (const m of src.matchAll(DOTENV_ASSIGNMENT)) {
+    let v = (m[2] ?? '').trim();
+    const quote = v[0];
+    const unquoted = /^(['"`])([\s\S]*)\1$/.exec(v);
+    if (unquoted) v = unquoted[2];
+    if (quote === '"') v = v.replace(/\\n/g, '\n').replace(/\\r/g, '\r');
     out[m[1]] = v;
   }
   return out;
