@@ -625,6 +625,18 @@ async function placeCall(opt, ctx) {
     else if (ctx.state.standinSessions === 0) console.log('  (the Worker never reached the stand-in: start it with `npm run dev:offline`)');
     return 2;
   }
+  if (standin && state.standinSessions === 0 && state.agentAudioBytes > 0) {
+    // --offline, yet the call went on without the stand-in: the Worker talks to another
+    // Realtime server, most likely the real OpenAI API, on the key in its .dev.vars.
+    const bar = '!'.repeat(78);
+    console.log(`\n${bar}`);
+    console.log('!! --offline, but the Worker NEVER connected to the stand-in at ' + standin.url);
+    console.log(`!! The agent's ${secs(state.agentAudioBytes)} s of audio came from elsewhere: most likely the REAL OpenAI Realtime API`);
+    console.log('!! (the Worker was started with `npm run dev`, and with a real OPENAI_API_KEY this call was billed).');
+    console.log('!! For an offline call start it with `npm run dev:offline` (OPENAI_REALTIME_URL=' + standin.url + ').');
+    console.log(bar);
+    return 2;
+  }
   if (state.agentAudioBytes === 0) {
     const hint = standin && state.standinSessions === 0
       ? ' — the Worker never connected to the stand-in: it must be started with `npm run dev:offline` (OPENAI_REALTIME_URL=' + standin.url + ')'

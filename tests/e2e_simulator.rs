@@ -493,6 +493,85 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_call_to_a_worker_that_uses_another_realtime_server_fails_loudly() {
+    let root = checked_root();
+    // The Worker talks to a Realtime server of its own (as `npm run dev` with a real key
+    // talks to OpenAI): here a second stand-in, run alone, which answers with audio too.
+    let other_port = free_port();
+    let mut other = tokio::process::Command::new("node")
+        .current_dir(&root)
+        .args([
+            "scripts/sim/standin.mjs",
+            "--quiet",
+            "--port",
+            &other_port.to_string(),
+        ])
+        .env("TWILIO_AUTH_TOKEN", TWILIO_AUTH_TOKEN)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run the other stand-in");
+    let mut other_out = BufReader::new(other.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(30), other_out.next_line())
+        .await
+        .ok()
+        .and_then(|l| l.ok().flatten())
+        .unwrap_or_default();
+    assert!(
+        listening.contains("stand-in Realtime server"),
+        "{listening:?}"
+    );
+    let scratch = support::scratch_dir("e2e-simulator-not-offline");
+    let worker = start_worker(&root, other_port, &scratch).await;
+
+    // The simulator's own stand-in, which the Worker never reaches.
+    let standin_port = free_port();
+    let sample = root.join("samples/caller-ja.wav");
+    let out = scratch.join("agent.wav");
+    let run = simulator(
+        &root,
+        &[
+            "--offline",
+            "--audio",
+            sample.to_str().unwrap(),
+            "--standin-port",
+            &standin_port.to_string(),
+            "--url",
+            &worker.base_url(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    )
+    .output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the simulator did not finish within 120 s")
+        .expect("run node scripts/call.mjs");
+    let _ = other.start_kill();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || context(&output, Some(&worker));
+    assert_eq!(output.status.code(), Some(2), "{}", context());
+    for expected in [
+        "--offline, but the Worker NEVER connected to the stand-in",
+        "most likely the REAL OpenAI Realtime API",
+        "npm run dev:offline",
+    ] {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{}",
+            context()
+        );
+    }
+    assert!(
+        !stdout.contains("the Worker connected to the stand-in"),
+        "{}",
+        context()
+    );
+}
+
 /// Processes whose command line holds `tag` (from /proc).
 fn processes_tagged(tag: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
