@@ -28,7 +28,7 @@ import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } f
 import { openMicrophone, openSpeaker } from './sim/devices.mjs';
 import { REST_PREFIX, TwilioRest } from './sim/rest.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
-import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, voiceParams } from './sim/twilio.mjs';
+import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, statusParams, voiceParams } from './sim/twilio.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -283,12 +283,37 @@ async function run(opt, { authToken, adminToken, accountSid, caller, mic, info }
   );
 
   const ids = { callSid: sid('CA'), accountSid: sid('AC'), streamSid: sid('MZ') };
+  // Twilio's status callback once the call is over (its stream ended, or it failed),
+  // signed as the voice webhook is, to the path the Worker serves for it.
+  let calledAt = null; // Date.now() when the voice webhook went out
+  let statusSent = false;
+  const statusCallback = async () => {
+    if (statusSent || calledAt === null) return;
+    statusSent = true;
+    const durationS = Math.max(0, Math.round((Date.now() - calledAt) / 1000));
+    const url = `${opt.url}/api/twilio/status`;
+    const params = statusParams({ ...ids, from: opt.from, to: opt.to }, { durationS });
+    try {
+      // Twilio would wait 15 s; the call's outcome does not hang on it, so 5 s here.
+      const r = await postVoiceWebhook(url, authToken, params, 5000);
+      const ok = r.status >= 200 && r.status < 300;
+      const line = `Twilio: status callback (CallStatus=completed, CallDuration=${durationS}) answered HTTP ${r.status}${ok ? '' : `: ${r.body.trim().slice(0, 200)}`}`;
+      ok ? info(line) : console.log(line);
+    } catch (e) {
+      console.log(`Twilio: status callback to ${url} got no answer (${e?.name === 'TimeoutError' ? 'timed out' : e?.cause?.code ?? e?.message})`);
+    }
+  };
   let exit = 0;
   try {
-    exit = await placeCall(opt, { authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say, setT0: (t) => (t0 = t) });
+    exit = await placeCall(opt, {
+      authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say, statusCallback,
+      setT0: (t) => (t0 = t),
+      called: () => (calledAt = Date.now()),
+    });
   } catch (e) {
     if (e instanceof CallFailed) {
       console.error(`call failed: ${e.message}`);
+      await statusCallback();
       exit = 2;
     } else {
       throw e;
@@ -301,13 +326,14 @@ async function run(opt, { authToken, adminToken, accountSid, caller, mic, info }
 }
 
 async function placeCall(opt, ctx) {
-  const { authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say } = ctx;
+  const { authToken, adminToken, caller, mic, ids, standin, rest, restUrl, state, info, say, statusCallback } = ctx;
 
   // ---- the voice webhook ----
   const voiceUrl = `${opt.url}/api/twilio/voice`;
   info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
   rest.expect(ids);
   let hook;
+  ctx.called();
   try {
     hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
   } catch (e) {
@@ -562,6 +588,7 @@ async function placeCall(opt, ctx) {
   process.off('SIGINT', onSigint);
   if (polling) clearInterval(polling);
   speaker?.close();
+  await statusCallback();
 
   // ---- results ----
   const played = agentTimeline.buf.subarray(0, agentTimeline.end);

@@ -491,6 +491,26 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
         .unwrap_or_else(|e| panic!("{e}\n{}", context()));
     assert_eq!(detail["call"]["status"], "completed", "{detail:#}");
     assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
+    // Twilio's status callback, posted by the simulator once the stream ended, was taken.
+    assert!(
+        stdout.contains("Twilio: status callback (CallStatus=completed, CallDuration="),
+        "{}",
+        context()
+    );
+    let detail = admin
+        .wait_call(
+            &call_sid,
+            "Twilio's duration",
+            Duration::from_secs(30),
+            |d| d["call"]["twilio_duration_s"].is_u64(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let twilio_s = detail["call"]["twilio_duration_s"].as_u64().unwrap() as f64;
+    assert!(
+        (twilio_s - sent_s).abs() <= 5.0,
+        "Twilio's duration {twilio_s} s for a call of {sent_s} s\n{detail:#}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

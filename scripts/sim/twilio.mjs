@@ -105,7 +105,24 @@ export function voiceParams({ callSid, accountSid, from, to }) {
 /** How long Twilio waits for the voice webhook's answer before it gives up on the call. */
 export const VOICE_WEBHOOK_TIMEOUT_MS = 15_000;
 
-/** POSTs the signed voice webhook; resolves to `{ status, body }`. */
+/**
+ * The form of Twilio's status callback at the end of a call (protocol.md C2): the call's
+ * parameters with `CallStatus` (completed), `CallDuration` (seconds), `Duration` (billed
+ * minutes), `Timestamp`, `CallbackSource` and `SequenceNumber`.
+ */
+export function statusParams(call, { status = 'completed', durationS }) {
+  return [
+    ...voiceParams(call).filter(([k]) => k !== 'CallStatus'),
+    ['CallStatus', status],
+    ['CallDuration', String(durationS)],
+    ['Duration', String(Math.max(1, Math.ceil(durationS / 60)))],
+    ['Timestamp', new Date().toUTCString().replace('GMT', '+0000')],
+    ['CallbackSource', 'call-progress-events'],
+    ['SequenceNumber', '0'],
+  ];
+}
+
+/** POSTs a signed webhook (the voice webhook, the status callback); resolves to `{ status, body }`. */
 export async function postVoiceWebhook(url, authToken, params, timeoutMs = VOICE_WEBHOOK_TIMEOUT_MS) {
   const body = new URLSearchParams(params).toString();
   const res = await fetch(url, {

@@ -93,3 +93,43 @@ test('a Worker that dies after /healthz fails the call clearly, exit 2', async (
     await worker.close();
   }
 });
+
+/** Reads a form body. */
+const formOf = (req) =>
+  new Promise((resolve) => {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => resolve([...new URLSearchParams(body)]));
+  });
+
+test('a failed call still gets Twilio\'s signed status callback, CallStatus=completed', async () => {
+  const seen = [];
+  const worker = await serve(async (req, res) => {
+    if (req.url === '/healthz') return res.end('ok');
+    const form = await formOf(req);
+    seen.push({ path: req.url, form, sig: req.headers['x-twilio-signature'] });
+    if (req.url === '/api/twilio/voice') {
+      res.writeHead(503);
+      return res.end('busy');
+    }
+    res.writeHead(204);
+    res.end();
+  });
+  try {
+    const r = await call(['--url', worker.url]);
+    assert.equal(r.code, 2, r.stdout + r.stderr);
+    assert.match(r.stderr, /call failed: voice webhook answered HTTP 503/);
+    assert.deepEqual(seen.map((s) => s.path), ['/api/twilio/voice', '/api/twilio/status']);
+    const [voice, status] = seen;
+    const get = (f, k) => f.find(([n]) => n === k)?.[1];
+    assert.equal(get(status.form, 'CallStatus'), 'completed');
+    assert.match(get(status.form, 'CallDuration'), /^\d+$/);
+    for (const k of ['CallSid', 'AccountSid', 'From', 'To', 'Direction']) assert.equal(get(status.form, k), get(voice.form, k), k);
+    // Signed as Twilio signs it, with the same token as the voice webhook.
+    const { signature } = await import('../../scripts/sim/twilio.mjs');
+    assert.equal(status.sig, signature('tok-call-test', `${worker.url}/api/twilio/status`, status.form));
+    assert.match(r.stdout, /status callback \(CallStatus=completed, CallDuration=\d+\) answered HTTP 204/);
+  } finally {
+    await worker.close();
+  }
+});
