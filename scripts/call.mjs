@@ -575,7 +575,8 @@ async function placeCall(opt, ctx) {
   }
 
   let endedByWorker = closed;
-  player.advance(nowMs());
+  // The call is over: what played of the piece playing now goes to the WAV too.
+  player.hangUp(nowMs());
   clearInterval(ticker);
   if (!closed) {
     send(frames.stop());
@@ -609,7 +610,7 @@ async function placeCall(opt, ctx) {
   }
   const secs = (b) => (b / 8000).toFixed(2);
   info('');
-  info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s`);
+  info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s${player.unplayedBytes ? `, unplayed at the end of the call ${secs(player.unplayedBytes)} s` : ''}`);
   info(`              marks: ${stats.marks} received, ${stats.echoedPlayed} echoed as played, ${stats.echoedFlushed} flushed by ${stats.clears} clear(s)`);
   if (mic) info(`              microphone: ${secs(mic.captured * FRAME_BYTES)} s captured (from before the answer on)`);
   if (speaker) info(`              speaker: ${secs(speaker.written)} s played${speaker.broken ? ` until it failed (${speaker.broken})` : ''}`);

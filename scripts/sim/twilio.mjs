@@ -205,6 +205,8 @@ export class Player {
     this.playedBytes = 0;
     this.discardedBytes = 0;
     this.queuedBytes = 0;
+    this.unplayedBytes = 0;
+    this.ended = false;
     this.lastAudioAt = null;
   }
 
@@ -214,6 +216,10 @@ export class Player {
   }
 
   media(bytes, now) {
+    if (this.ended) {
+      this.unplayedBytes += bytes.length;
+      return;
+    }
     this.advance(now);
     this.queue.push({ audio: bytes, offset: 0, heard: 0 });
     this.queuedBytes += bytes.length;
@@ -222,6 +228,7 @@ export class Player {
   }
 
   mark(name, now) {
+    if (this.ended) return;
     this.advance(now);
     this.queue.push({ mark: name });
     this.advance(now);
@@ -234,7 +241,28 @@ export class Player {
     for (const q of this.queue) {
       if (q.mark !== undefined) flushed.push(q.mark);
     }
-    // The partly played head: keep what played.
+    this.#keepPlayedHead(now);
+    for (const q of this.queue) if (q.audio) this.discardedBytes += q.audio.length - q.offset;
+    this.#empty();
+    for (const m of flushed) this.onMark(m, false);
+    return flushed;
+  }
+
+  /**
+   * The call ended (Twilio's `stop`): what played of the piece playing now is kept, as a
+   * `clear` keeps it; the rest is never played (`unplayedBytes`) and no mark is echoed.
+   * Audio that comes later is not played either.
+   */
+  hangUp(now) {
+    this.advance(now);
+    this.#keepPlayedHead(now);
+    for (const q of this.queue) if (q.audio) this.unplayedBytes += q.audio.length - q.offset;
+    this.#empty();
+    this.ended = true;
+  }
+
+  /** The partly played head: hands on what of it has played by `now`. */
+  #keepPlayedHead(now) {
     const head = this.queue.find((q) => q.audio);
     if (head && this.headStarted !== null && head === this.queue[0]) {
       const played = Math.min(head.audio.length - head.offset, Math.floor((now - this.headStarted) * BYTES_PER_MS));
@@ -245,12 +273,12 @@ export class Player {
         head.offset += played;
       }
     }
-    for (const q of this.queue) if (q.audio) this.discardedBytes += q.audio.length - q.offset;
+  }
+
+  #empty() {
     this.queue = [];
     this.queuedBytes = 0;
     this.headStarted = null;
-    for (const m of flushed) this.onMark(m, false);
-    return flushed;
   }
 
   /** Plays everything due by `now` (ms). */

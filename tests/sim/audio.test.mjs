@@ -149,3 +149,28 @@ test("Twilio's playback: marks are echoed once the audio before them has played,
   assert.equal(p.discardedBytes, 400);
   assert.ok(!p.busy());
 });
+
+test("Twilio's playback: the piece playing when the call ends is kept as far as it played", () => {
+  const echoed = [];
+  const played = [];
+  const p = new Player({ onMark: (name) => echoed.push(name), onPlayed: (b, at) => played.push([b.length, at]) });
+  p.media(Buffer.alloc(800), 0); // 100 ms
+  p.mark('m0', 0);
+  p.media(Buffer.alloc(1600), 0); // 200 ms, from 100 ms on
+  p.mark('m1', 0);
+  // The caller hangs up 50 ms into the second piece.
+  p.hangUp(150);
+  assert.deepEqual(played, [[800, 0], [400, 100]], 'the played 50 ms of the second piece is kept');
+  assert.equal(p.playedBytes, 1200);
+  assert.equal(p.unplayedBytes, 1200);
+  assert.equal(p.discardedBytes, 0, 'not a clear');
+  assert.deepEqual(echoed, ['m0'], 'no mark is echoed after the stop');
+  assert.ok(!p.busy());
+  // Nothing more plays after the stop.
+  p.media(Buffer.alloc(800), 200);
+  p.mark('m2', 200);
+  p.advance(1000);
+  assert.deepEqual(played, [[800, 0], [400, 100]]);
+  assert.equal(p.unplayedBytes, 2000);
+  assert.deepEqual(echoed, ['m0']);
+});
