@@ -28,7 +28,7 @@ import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } f
 import { openMicrophone, openSpeaker } from './sim/devices.mjs';
 import { REST_PREFIX, TwilioRest } from './sim/rest.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
-import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, setting, sid, statusParams, voiceParams } from './sim/twilio.mjs';
+import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, publicBaseUrl, setting, sid, statusParams, voiceParams } from './sim/twilio.mjs';
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -170,6 +170,10 @@ async function main() {
   const authToken = setting('TWILIO_AUTH_TOKEN', opt.devVars);
   const adminToken = setting('ADMIN_TOKEN', opt.devVars);
   const accountSid = setting('TWILIO_ACCOUNT_SID', opt.devVars);
+  // Twilio signs over the URLs it was given: on PUBLIC_BASE_URL when the Worker has one.
+  const pub = publicBaseUrl(opt.devVars, join(ROOT, 'wrangler.toml'));
+  if (pub.invalid) info(`PUBLIC_BASE_URL ${pub.invalid}: the Worker sets it aside, so the simulator signs over --url`);
+  opt.publicBase = pub.url;
   if (!authToken) {
     console.error(`call: TWILIO_AUTH_TOKEN is not set (environment or ${opt.devVars}); the Worker refuses unsigned webhooks.`);
     return 1;
@@ -295,7 +299,7 @@ async function run(opt, { authToken, adminToken, accountSid, caller, mic, info }
     const params = statusParams({ ...ids, from: opt.from, to: opt.to }, { durationS });
     try {
       // Twilio would wait 15 s; the call's outcome does not hang on it, so 5 s here.
-      const r = await postVoiceWebhook(url, authToken, params, 5000);
+      const r = await postVoiceWebhook(url, authToken, params, 5000, `${opt.publicBase ?? opt.url}/api/twilio/status`);
       const ok = r.status >= 200 && r.status < 300;
       const line = `Twilio: status callback (CallStatus=completed, CallDuration=${durationS}) answered HTTP ${r.status}${ok ? '' : `: ${r.body.trim().slice(0, 200)}`}`;
       ok ? info(line) : console.log(line);
@@ -332,10 +336,13 @@ async function placeCall(opt, ctx) {
   const voiceUrl = `${opt.url}/api/twilio/voice`;
   info(`call ${ids.callSid}: ${opt.from} → ${opt.to}`);
   rest.expect(ids);
+  // Twilio posts to the public URL and signs over it; the simulator posts to --url.
+  const signedBase = opt.publicBase ?? opt.url;
+  if (opt.publicBase) info(`PUBLIC_BASE_URL=${opt.publicBase}: webhooks and the stream are signed over it, and sent to ${opt.url}`);
   let hook;
   ctx.called();
   try {
-    hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }));
+    hook = await postVoiceWebhook(voiceUrl, authToken, voiceParams({ ...ids, from: opt.from, to: opt.to }), undefined, `${signedBase}/api/twilio/voice`);
   } catch (e) {
     if (e?.name === 'TimeoutError') {
       throw new CallFailed(
@@ -357,7 +364,9 @@ async function placeCall(opt, ctx) {
     info(
       'the Worker answered without a media stream: FALLBACK_ONLY is on, or the signature did not verify ' +
         '(twilio.voice_unverified in its log: is TWILIO_AUTH_TOKEN the one the Worker uses? the simulator ' +
-        'reads the environment, then .dev.vars). Twilio would now:',
+        'reads the environment, then .dev.vars. And is PUBLIC_BASE_URL the same for both? it signs over ' +
+        `${signedBase}/api/twilio/voice, reading PUBLIC_BASE_URL from the environment, .dev.vars, then ` +
+        "wrangler.toml's [vars]; a --var given to wrangler dev it cannot see). Twilio would now:",
     );
     for (const s of twiml.says) info(`  <Say> ${s}`);
     for (const d of twiml.dials) info(`  <Dial> ${d}`);
@@ -366,9 +375,16 @@ async function placeCall(opt, ctx) {
   info(`TwiML: <Stream url="${twiml.streamUrl}"> with ${twiml.parameters.map(([k, v]) => `${k}=${v}`).join(', ') || 'no parameters'}`);
 
   // ---- the media stream ----
+  // On PUBLIC_BASE_URL the <Stream url> is the public one: signed over as written, opened
+  // on --url at the same path under it.
+  let connectUrl = twiml.streamUrl;
+  if (opt.publicBase) {
+    const wsBase = opt.publicBase.replace(/^http/, 'ws');
+    if (twiml.streamUrl.startsWith(`${wsBase}/`)) connectUrl = opt.url.replace(/^http/, 'ws') + twiml.streamUrl.slice(wsBase.length);
+  }
   let ws;
   try {
-    ws = await openMediaStream(twiml.streamUrl, authToken);
+    ws = await openMediaStream(connectUrl, authToken, undefined, twiml.streamUrl);
   } catch (e) {
     throw new CallFailed(e.message);
   }

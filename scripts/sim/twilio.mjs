@@ -37,6 +37,34 @@ export function parseDotenv(text) {
   return out;
 }
 
+/**
+ * The Worker's PUBLIC_BASE_URL as it reads it (src/config.rs): from the environment, else
+ * .dev.vars, else wrangler.toml's [vars]; without a trailing `/`, and `https` for plain
+ * `http` on a host that is not this machine. `{ url }`, `{ url: null }` when unset, or
+ * `{ url: null, invalid }` when the Worker would set it aside.
+ */
+export function publicBaseUrl(devVarsPath, wranglerTomlPath) {
+  let v = setting('PUBLIC_BASE_URL', devVarsPath);
+  if (v === undefined) {
+    try {
+      const toml = readFileSync(wranglerTomlPath, 'utf8');
+      const vars = /^\[vars\][^\S\n]*$([\s\S]*?)(?=^\s*\[|(?![\s\S]))/m.exec(toml)?.[1] ?? '';
+      const m = /^\s*PUBLIC_BASE_URL\s*=\s*(?:"([^"]*)"|'([^']*)')/m.exec(vars);
+      if (m) v = m[1] ?? m[2];
+    } catch {
+      // no wrangler.toml: unset
+    }
+  }
+  v = (v ?? '').trim();
+  if (!v) return { url: null };
+  const m = /^(https?):\/\/([^/?#\s]+)([^?#\s]*)$/.exec(v);
+  if (!m) return { url: null, invalid: `${JSON.stringify(v)} is not an http(s) base URL without a query` };
+  const host = m[2].replace(/^.*@/, '').replace(/:\d+$/, '').replace(/^\[(.*)\]$/, '$1');
+  const loopback = /^(localhost|127(\.\d+){3}|::1)$/i.test(host);
+  const scheme = m[1] === 'http' && !loopback ? 'https' : m[1];
+  return { url: `${scheme}://${m[2]}${m[3]}`.replace(/\/+$/, '') };
+}
+
 /** A setting from the environment, else from .dev.vars (the Worker's local secrets). */
 export function setting(name, devVarsPath) {
   if (process.env[name] !== undefined && process.env[name] !== '') return process.env[name];
@@ -122,14 +150,18 @@ export function statusParams(call, { status = 'completed', durationS }) {
   ];
 }
 
-/** POSTs a signed webhook (the voice webhook, the status callback); resolves to `{ status, body }`. */
-export async function postVoiceWebhook(url, authToken, params, timeoutMs = VOICE_WEBHOOK_TIMEOUT_MS) {
+/**
+ * POSTs a signed webhook (the voice webhook, the status callback) to `url`, signed over
+ * `signedUrl` (the URL Twilio was given, on PUBLIC_BASE_URL; `url` itself by default);
+ * resolves to `{ status, body }`.
+ */
+export async function postVoiceWebhook(url, authToken, params, timeoutMs = VOICE_WEBHOOK_TIMEOUT_MS, signedUrl = url) {
   const body = new URLSearchParams(params).toString();
   const res = await fetch(url, {
     method: 'POST',
     headers: {
       'Content-Type': 'application/x-www-form-urlencoded',
-      'X-Twilio-Signature': signature(authToken, url, params),
+      'X-Twilio-Signature': signature(authToken, signedUrl, params),
       'User-Agent': 'TwilioProxy/1.1 (phone-agent-bridge call simulator)',
     },
     body,
@@ -323,10 +355,10 @@ export class Player {
  * parameters, protocol.md B5). Resolves to the open socket; rejects with the HTTP status
  * when the upgrade is refused.
  */
-export function openMediaStream(url, authToken, timeoutMs = 30_000) {
+export function openMediaStream(url, authToken, timeoutMs = 30_000, signedUrl = url) {
   return new Promise((resolve, reject) => {
     const ws = new WebSocket(url, {
-      headers: { 'X-Twilio-Signature': signature(authToken, url, []) },
+      headers: { 'X-Twilio-Signature': signature(authToken, signedUrl, []) },
       handshakeTimeout: timeoutMs,
       perMessageDeflate: false,
     });

@@ -31,6 +31,7 @@ async function serve(handler) {
   await new Promise((r) => s.listen(0, '127.0.0.1', r));
   return {
     url: `http://127.0.0.1:${s.address().port}`,
+    server: s,
     close: () => {
       s.closeAllConnections();
       return new Promise((r) => s.close(r));
@@ -49,7 +50,7 @@ async function call(args, env = {}) {
       process.execPath,
       ['scripts/call.mjs', '--audio', audio, '--out', join(dir, 'agent.wav'), '--dev-vars', join(dir, 'none'),
         '--standin-port', String(await freePort()), ...args],
-      { cwd: ROOT, env: { ...process.env, INIT_CWD: '', TWILIO_AUTH_TOKEN: 'tok-call-test', ADMIN_TOKEN: '', ...env } },
+      { cwd: ROOT, env: { ...process.env, INIT_CWD: '', TWILIO_AUTH_TOKEN: 'tok-call-test', ADMIN_TOKEN: '', PUBLIC_BASE_URL: '', ...env } },
     );
     let stdout = '';
     let stderr = '';
@@ -131,5 +132,70 @@ test('a failed call still gets Twilio\'s signed status callback, CallStatus=comp
     assert.match(r.stdout, /status callback \(CallStatus=completed, CallDuration=\d+\) answered HTTP 204/);
   } finally {
     await worker.close();
+  }
+});
+
+test('with PUBLIC_BASE_URL, webhooks and the stream are signed over it and sent to --url', async () => {
+  const { signature } = await import('../../scripts/sim/twilio.mjs');
+  const { WebSocketServer } = await import('ws');
+  const PUBLIC = 'https://bridge.example.jp/phone';
+  const seen = [];
+  const worker = await serve(async (req, res) => {
+    if (req.url === '/healthz') return res.end('ok');
+    const form = await formOf(req);
+    seen.push({ path: req.url, sig: req.headers['x-twilio-signature'], ok: req.headers['x-twilio-signature'] === signature('tok-call-test', `${PUBLIC}${req.url}`, form) });
+    if (req.url === '/api/twilio/voice') {
+      const sid = form.find(([k]) => k === 'CallSid')[1];
+      res.writeHead(200, { 'content-type': 'text/xml' });
+      return res.end(`<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="wss://bridge.example.jp/phone/media-stream/${sid}"/></Connect><Say>Sorry.</Say></Response>`);
+    }
+    res.writeHead(204);
+    res.end();
+  });
+  // The stream: verified as the Worker verifies it, then ended at once by the "Worker".
+  const wss = new WebSocketServer({ noServer: true });
+  const server = worker.server;
+  server.on('upgrade', (req, socket, head) => {
+    const signedOver = `wss://bridge.example.jp/phone${req.url}`;
+    seen.push({ path: req.url, ok: req.headers['x-twilio-signature'] === signature('tok-call-test', signedOver, []) });
+    wss.handleUpgrade(req, socket, head, (ws) => ws.close(1011, 'agent unavailable'));
+  });
+  try {
+    // The environment's PUBLIC_BASE_URL, written http:// with a trailing /: read as the
+    // Worker reads it (https for a host that is not this machine).
+    const r = await call(['--url', worker.url], { PUBLIC_BASE_URL: 'http://bridge.example.jp/phone/' });
+    assert.equal(r.code, 2, r.stdout + r.stderr);
+    assert.match(r.stdout, /PUBLIC_BASE_URL=https:\/\/bridge\.example\.jp\/phone: webhooks and the stream are signed over it/);
+    assert.deepEqual(seen.map((s) => s.path.replace(/CA[0-9a-f]{32}/, 'CA…')), ['/api/twilio/voice', '/media-stream/CA…', '/api/twilio/status']);
+    assert.ok(seen.every((s) => s.ok), JSON.stringify(seen));
+  } finally {
+    wss.close();
+    await worker.close();
+  }
+});
+
+test("PUBLIC_BASE_URL is read from the environment, .dev.vars, then wrangler.toml's [vars]", async () => {
+  const { publicBaseUrl } = await import('../../scripts/sim/twilio.mjs');
+  const dir = mkdtempSync(join(tmpdir(), 'sim-public-test-'));
+  const saved = process.env.PUBLIC_BASE_URL;
+  delete process.env.PUBLIC_BASE_URL;
+  try {
+    const toml = join(dir, 'wrangler.toml');
+    const devVars = join(dir, '.dev.vars');
+    writeFileSync(toml, 'name = "x"\n[vars]\nOTHER = "1"\nPUBLIC_BASE_URL = "https://toml.example.jp/"\n\n[assets]\ndirectory = "public"\n');
+    assert.deepEqual(publicBaseUrl(devVars, toml), { url: 'https://toml.example.jp' });
+    writeFileSync(devVars, 'PUBLIC_BASE_URL="http://127.0.0.1:8787" # local\n');
+    assert.deepEqual(publicBaseUrl(devVars, toml), { url: 'http://127.0.0.1:8787' });
+    process.env.PUBLIC_BASE_URL = 'https://env.example.jp/a?b';
+    assert.equal(publicBaseUrl(devVars, toml).url, null);
+    assert.match(publicBaseUrl(devVars, toml).invalid, /without a query/);
+    writeFileSync(toml, '[vars]\nPUBLIC_BASE_URL = ""\n');
+    writeFileSync(devVars, '');
+    delete process.env.PUBLIC_BASE_URL;
+    assert.deepEqual(publicBaseUrl(devVars, toml), { url: null });
+  } finally {
+    if (saved === undefined) delete process.env.PUBLIC_BASE_URL;
+    else process.env.PUBLIC_BASE_URL = saved;
+    rmSync(dir, { recursive: true, force: true });
   }
 });
