@@ -14,7 +14,10 @@
 //    echoed when played, `clear` flushes and echoes pending marks. What was played is
 //    written to --out (16-bit PCM WAV, 8 kHz) and, with --mic or --speaker, played on the
 //    speaker as it plays (a `clear` cuts it off there too).
-// 4. Prints the transcript: with --offline, what the local stand-in Realtime server heard and
+// 4. Plays Twilio's REST API for the Worker's call updates (scripts/sim/rest.mjs): the
+//    agent's hang-up or transfer stops the stream as Twilio does. At the end it posts the
+//    signed status callback (CallStatus=completed, CallDuration).
+// 5. Prints the transcript: with --offline, what the local stand-in Realtime server heard and
 //    said as it happens; otherwise the Worker's stored transcript (admin API, ADMIN_TOKEN),
 //    polled during the call and printed in full at the end.
 
@@ -57,7 +60,10 @@ usage: npm run call -- --audio FILE.wav [options]
                       stdin, in real time
   --offline           start the local stand-in Realtime server (not OpenAI) on 127.0.0.1:PORT;
                       the Worker must point at it: start it with \`npm run dev:offline\`
-  --standin-port N    port of the stand-in (default ${DEFAULT_PORT})
+  --standin-port N    port of the stand-in (default ${DEFAULT_PORT}); it also plays Twilio's REST
+                      API (the agent's hang-up, transfer) under /twilio, for a Worker started
+                      with TWILIO_API_BASE_URL=http://127.0.0.1:N/twilio (npm run dev:offline);
+                      without --offline that REST part alone, when the port is free
   --out FILE          the agent's audio as the caller heard it (default agent.wav)
   --recording FILE    also write both sides as a stereo WAV (left caller, right agent)
   --url URL           the Worker (default http://127.0.0.1:8787)
