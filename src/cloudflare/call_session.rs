@@ -114,16 +114,28 @@ impl DurableObject for CallSession {
         let outbox = self.outbox();
         // This alarm is spent: records stored from now on need a new one.
         outbox.alarm_gone();
+        // A step that fails is logged and the rest still runs: the records waiting in
+        // storage must not wait on the watch's own trouble (an unreadable call state, a
+        // storage error), and an error returned would skip them for this alarm.
         if let Err(e) = self.keep_owed_end().await {
             log(
                 "error",
                 "call.end_not_kept",
                 serde_json::json!({ "error": e.to_string(), "then": "the alarm tries again" }),
             );
-            self.state.storage().set_alarm(CLEANUP_RETRY).await?;
+            self.set_alarm_or_log(CLEANUP_RETRY, None).await;
         }
-        if self.finalize_orphaned_stream().await? == Stream::Live {
-            self.state.storage().set_alarm(WATCH).await?;
+        match self.finalize_orphaned_stream().await {
+            Ok(Stream::Live) => self.set_alarm_or_log(WATCH, None).await,
+            Ok(_) => {}
+            Err(e) => {
+                log(
+                    "error",
+                    "call.watch_failed",
+                    serde_json::json!({ "error": e.to_string(), "then": "the alarm tries again" }),
+                );
+                self.set_alarm_or_log(CLEANUP_RETRY, None).await;
+            }
         }
         // What waits in storage, and what is still in memory (storage refused it).
         if let Err(e) = outbox.catch_up().await {
@@ -289,7 +301,12 @@ impl CallSession {
     /// Brings the object back by its alarm to finish what a request could not (the end of
     /// a stream a restart cut).
     async fn retry_cleanup(&self, call_sid: &str) {
-        if let Err(e) = self.state.storage().set_alarm(CLEANUP_RETRY).await {
+        self.set_alarm_or_log(CLEANUP_RETRY, Some(call_sid)).await;
+    }
+
+    /// Sets the alarm `after` from now; a failure is logged (there is nothing else to do).
+    async fn set_alarm_or_log(&self, after: Duration, call_sid: Option<&str>) {
+        if let Err(e) = self.state.storage().set_alarm(after).await {
             log(
                 "error",
                 "storage.set_alarm_failed",
