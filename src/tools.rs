@@ -130,7 +130,17 @@ fn check_parameters(p: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// `https://` to any host, `http://` only to this machine. A backslash, whitespace or a
+/// control character is refused outright: `fetch` reads `\` as `/` and drops tabs and
+/// newlines, so `http://evil.example\@localhost/` would pass a check of its host as
+/// `localhost` and go to `evil.example` in clear text.
 fn url_allowed(url: &str) -> bool {
+    if url
+        .chars()
+        .any(|c| c == '\\' || c.is_whitespace() || c.is_control())
+    {
+        return false;
+    }
     let host_of = |rest: &str| {
         let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
         let host = authority.rsplit('@').next().unwrap_or("");
@@ -232,20 +242,34 @@ pub fn signature(secret: &str, body: &str) -> String {
     format!("sha256={hex}")
 }
 
-/// The POST to a webhook tool: `{"tool", "arguments", "call"}` as JSON.
+/// The POST to a webhook tool: `{"tool", "arguments", "call", "request"}` as JSON.
+/// `request` is this tool call's id (`{call_sid}/{call_id}`, unique to it) and when it was
+/// sent (`sent_at_ms`, Unix ms), both under the signature: a webhook that acts (a booking)
+/// can refuse a request seen before, or one sent long ago, that someone replays.
+pub struct WebhookCall<'a> {
+    pub url: &'a str,
+    pub timeout_ms: u64,
+    pub tool: &'a str,
+    pub arguments: &'a Value,
+    /// The model's id of the call (`call_id`).
+    pub call_id: &'a str,
+    pub sent_at_ms: u64,
+}
+
 pub fn webhook_request(
-    url: &str,
-    timeout_ms: u64,
-    tool: &str,
-    arguments: &Value,
+    call: &WebhookCall<'_>,
     ctx: &CallContext,
     secret: Option<&str>,
 ) -> http::Request {
     let body = json!({
-        "tool": tool,
-        "arguments": arguments,
+        "tool": call.tool,
+        "arguments": call.arguments,
         "call": {
             "call_sid": ctx.call_sid, "from": ctx.from, "to": ctx.to, "agent_id": ctx.agent_id,
+        },
+        "request": {
+            "id": format!("{}/{}", ctx.call_sid, call.call_id),
+            "sent_at_ms": call.sent_at_ms,
         },
     })
     .to_string();
@@ -255,10 +279,10 @@ pub fn webhook_request(
     }
     http::Request {
         method: "POST".into(),
-        url: url.to_owned(),
+        url: call.url.to_owned(),
         headers,
         body,
-        timeout_ms,
+        timeout_ms: call.timeout_ms,
     }
 }
 
@@ -347,6 +371,10 @@ mod tests {
             json!({"type":"mcp"}),
             json!({"type":"function","name":"x"}),
             json!({"type":"function","name":"x","url":"http://crm.example.jp"}),
+            // fetch reads the backslash as a slash, and drops tabs: the host is not localhost.
+            json!({"type":"function","name":"x","url":"http://crm.example.jp\\@localhost/t"}),
+            json!({"type":"function","name":"x","url":"http://crm.example.jp\t@localhost/t"}),
+            json!({"type":"function","name":"x","url":"https://crm.example.jp/a b"}),
             json!({"type":"function","name":"x","url":"ftp://a"}),
             json!({"type":"function","name":"bad name","url":"https://a"}),
             json!({"type":"function","name":"end_call","url":"https://a"}),
@@ -458,16 +486,26 @@ mod tests {
             ..Default::default()
         };
         let r = webhook_request(
-            "https://a/b",
-            5000,
-            "lookup",
-            &json!({"q":"山田"}),
+            &WebhookCall {
+                url: "https://a/b",
+                timeout_ms: 5000,
+                tool: "lookup",
+                arguments: &json!({"q":"山田"}),
+                call_id: "call_7",
+                sent_at_ms: 1_796_000_000_000,
+            },
             &ctx,
             Some("s3cret"),
         );
         let body: Value = serde_json::from_str(&r.body).unwrap();
         assert_eq!(body["arguments"]["q"], "山田");
         assert_eq!(body["call"]["call_sid"], "CA1");
+        // Its id and time are signed with it: a replay is recognisable.
+        assert_eq!(
+            body["request"],
+            json!({"id": "CA1/call_7", "sent_at_ms": 1_796_000_000_000u64})
+        );
+        assert_eq!((r.url.as_str(), r.timeout_ms), ("https://a/b", 5000));
         assert_eq!(
             r.header(SIGNATURE_HEADER).unwrap(),
             signature("s3cret", &r.body)

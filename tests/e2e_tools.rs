@@ -1047,12 +1047,23 @@ async fn a_webhook_tool_gets_signed_context_and_its_answer_goes_back_without_sta
         "{:?}",
         req.header("content-type")
     );
+    // When it was sent (Unix ms, under the signature): within the last minute.
+    let sent_at = req.json["request"]["sent_at_ms"].as_u64().unwrap_or(0);
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(
+        sent_at <= now_ms && now_ms - sent_at < 60_000,
+        "sent_at_ms {sent_at}, now {now_ms}"
+    );
     assert_eq!(
         req.json,
         json!({
             "tool": "lookup_customer",
             "arguments": {"phone": "+819011110103"},
             "call": {"call_sid": sid, "from": from, "to": number, "agent_id": "e2e-webhook-ok"},
+            "request": {"id": format!("{sid}/call_lookup_1"), "sent_at_ms": sent_at},
         }),
         "raw body {}",
         req.body

@@ -1148,10 +1148,14 @@ impl Call {
             }) => {
                 let secret = self.agent.tool_secret.as_ref().map(|s| s.expose());
                 let request = tools::webhook_request(
-                    &url,
-                    timeout_ms,
-                    &tool_name,
-                    &args,
+                    &tools::WebhookCall {
+                        url: &url,
+                        timeout_ms,
+                        tool: &tool_name,
+                        arguments: &args,
+                        call_id: &call_id,
+                        sent_at_ms: now.0,
+                    },
                     &self.context,
                     secret,
                 );

@@ -3,7 +3,7 @@
 use crate::http::{Outcome, Request};
 use futures::FutureExt;
 use std::time::Duration;
-use worker::{Delay, Fetch, Headers, Method, RequestInit};
+use worker::{Delay, Fetch, Headers, Method, RequestInit, RequestRedirect};
 
 pub async fn send(request: &Request) -> Outcome {
     let attempt = async {
@@ -12,8 +12,11 @@ pub async fn send(request: &Request) -> Outcome {
             headers.set(k, v)?;
         }
         let mut init = RequestInit::new();
+        // A redirect is answered as it is, not followed: a webhook tool's https URL that
+        // redirects to http (or elsewhere) would otherwise get the caller's details there.
         init.with_method(Method::from(request.method.clone()))
             .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual)
             .with_body(Some(request.body.clone().into()));
         let req = worker::Request::new_with_init(&request.url, &init)?;
         let mut resp = Fetch::Request(req).send().await?;
