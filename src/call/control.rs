@@ -760,6 +760,11 @@ impl Call {
         }
     }
 
+    /// The caller's last turn, committed and its transcription still to come.
+    pub(super) fn control_untranscribed(&self) -> Option<&str> {
+        self.control.untranscribed.as_deref()
+    }
+
     /// The transcription of a caller's turn came: a new session is seeded with it. (One that
     /// failed leaves the words out of the seed all the same.)
     pub(super) fn caller_turn_transcribed(&mut self, item_id: Option<&str>) {

@@ -38,6 +38,10 @@ pub const MAX_HELD_OUTPUT_BYTES: u64 = 30_000 * crate::audio::BYTES_PER_MS;
 /// Largest frame accepted from either peer; Twilio frames are ~250 bytes and Realtime
 /// deltas a few KiB, so anything this large is a fault.
 pub const MAX_FRAME_BYTES: usize = 1 << 20;
+/// How long the end of a call the caller left (Twilio's `stop`) is put off while the
+/// transcription of their last turn is still to come: it usually comes within a second of
+/// the turn, and without it the call's record would end on the agent answering nothing.
+pub const TRANSCRIPT_TAIL: Millis = Millis(3_000);
 
 /// Something that arrived for the call.
 #[derive(Debug, Clone, Copy)]
@@ -386,6 +390,9 @@ pub struct Call {
     fallback: Option<fallback::Failing>,
     /// Twilio's socket has closed.
     twilio_gone: bool,
+    /// The call's end, put off for the caller's last transcript ([`TRANSCRIPT_TAIL`]): why
+    /// and when it ended, and how long the transcript is waited for.
+    tail: Option<(EndReason, Millis, Millis)>,
     /// The item whose audio was last sent: its later deltas need no transcript lookup.
     audio_item: Option<ItemId>,
     /// The time of the input being handled.
@@ -434,6 +441,7 @@ impl Call {
             transfer_action,
             fallback: None,
             twilio_gone: false,
+            tail: None,
             audio_item: None,
             now,
             agent,
@@ -475,6 +483,9 @@ impl Call {
         if self.ended.is_some() {
             return None;
         }
+        if let Some((_, _, deadline)) = &self.tail {
+            return Some(*deadline);
+        }
         if let Some(d) = self.fallback_deadline() {
             return Some(d);
         }
@@ -493,7 +504,7 @@ impl Call {
         self.dispatch(input, now);
         // Agent audio left unmarked too long (its stream paused) is marked now, so what
         // played is confirmed; caller frames come every 20 ms, so this runs often enough.
-        if self.ended.is_none() {
+        if self.ended.is_none() && self.tail.is_none() {
             if let Some(mark) = self.playback.stale_mark(now) {
                 self.send_mark(&mark);
             }
@@ -505,6 +516,9 @@ impl Call {
         if self.ended.is_some() {
             // Late frames after the end (the other socket is closing) are expected.
             return;
+        }
+        if self.tail.is_some() {
+            return self.dispatch_in_tail(input, now);
         }
         match input {
             Input::TwilioText(text) => self.on_twilio_text(text, now),
@@ -523,7 +537,7 @@ impl Call {
                     .failed_reason(now)
                     .or_else(|| self.control_end_reason(now))
                     .unwrap_or(EndReason::TwilioSocketClosed { code });
-                self.end(reason, now);
+                self.end_after_transcript(reason, now);
             }
             Input::OpenAiOpened => self.on_openai_opened(),
             Input::OpenAiConnectFailed { reason, status } => {
@@ -631,7 +645,7 @@ impl Call {
                     .failed_reason(now)
                     .or_else(|| self.control_end_reason(now))
                     .unwrap_or(EndReason::TwilioStop);
-                self.end(reason, now);
+                self.end_after_transcript(reason, now);
             }
             Inbound::Unknown { event } => {
                 self.drop_input("twilio_unknown_event", json!({ "event": event }))
@@ -1252,6 +1266,65 @@ impl Call {
     }
 
     // ---- the end ----
+
+    /// Twilio's side is over (`stop`, or its socket closed): the call ends, once the
+    /// transcription of the caller's last turn has come, when one is still to come from a
+    /// session that is up, or [`TRANSCRIPT_TAIL`] has passed. Meanwhile nothing but that
+    /// transcription is heard (see `dispatch_in_tail`). The call ends as of `now`.
+    fn end_after_transcript(&mut self, reason: EndReason, now: Millis) {
+        if reason.is_failure()
+            || self.upstream != Upstream::Ready
+            || self.control_untranscribed().is_none()
+        {
+            return self.end(reason, now);
+        }
+        self.log(
+            Level::Debug,
+            "call.awaiting_caller_transcript",
+            json!({ "item_id": self.control_untranscribed() }),
+        );
+        self.tail = Some((reason, now, now + TRANSCRIPT_TAIL));
+    }
+
+    /// The call is over but for the caller's last transcript: that transcription (or its
+    /// failure) is taken and ends the call; so do the session's close and the deadline.
+    /// Everything else is over with the call: a response the server starts to answer the
+    /// turn is not heard, nor a tool it calls run.
+    fn dispatch_in_tail(&mut self, input: Input<'_>, now: Millis) {
+        let done = match input {
+            Input::OpenAiText(text) => {
+                if matches!(
+                    openai::parse(text),
+                    Ok(ServerEvent::InputTranscriptionCompleted { .. }
+                        | ServerEvent::InputTranscriptionFailed { .. })
+                ) {
+                    self.on_openai_text(text, now);
+                }
+                self.control_untranscribed().is_none()
+            }
+            Input::OpenAiClosed { .. } => {
+                self.upstream = Upstream::Closed;
+                true
+            }
+            Input::TwilioClosed { .. } => {
+                self.twilio_gone = true;
+                false
+            }
+            Input::Timeout => self.tail.as_ref().is_some_and(|(_, _, d)| now >= *d),
+            _ => false,
+        };
+        if done {
+            let (reason, at, _) = self.tail.take().expect("in the tail");
+            if self.control_untranscribed().is_some() {
+                self.log(
+                    Level::Warn,
+                    "call.caller_transcript_missing",
+                    json!({ "item_id": self.control_untranscribed(), "waited_ms": now.saturating_sub(at).0 }),
+                );
+            }
+            self.end(reason, at);
+        }
+    }
 
     fn end(&mut self, reason: EndReason, now: Millis) {
         if self.ended.is_some() {

@@ -3193,3 +3193,116 @@ fn a_transfer_asked_for_once_the_goodbye_is_said_is_recorded_as_not_done() {
     );
     ends_once_played(&mut sim, &m, "end_call", "agent_hangup");
 }
+
+/// The caller's turn `item_u` is committed at 5 s; its transcription has not come yet.
+fn caller_turn_committed_untranscribed() -> Sim {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.at(4_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":3900,"item_id":"item_u"}"#,
+    );
+    sim.at(5_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_stopped","audio_end_ms":4900,"item_id":"item_u"}"#,
+    );
+    sim.openai(r#"{"type":"input_audio_buffer.committed","item_id":"item_u"}"#);
+    sim
+}
+
+fn call_ended(records: &[Record]) -> Option<(u64, Option<u64>, String)> {
+    records.iter().find_map(|r| match r {
+        Record::CallEnded {
+            at_ms,
+            duration_ms,
+            end_reason,
+            ..
+        } => Some((*at_ms, *duration_ms, end_reason.clone())),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_caller_who_hangs_up_right_after_speaking_keeps_their_last_words_in_the_record() {
+    let mut sim = caller_turn_committed_untranscribed();
+    // 「では失礼します」, and the caller hangs up before its transcription comes.
+    sim.at(5_200);
+    let out = sim.twilio(STOP);
+    assert_eq!(sim.end_label(), None, "the transcription is waited for");
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "{out:?}"
+    );
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(5_200 + 3_000)));
+    // The server answers the turn meanwhile: nothing of it goes anywhere, no tool runs.
+    sim.at(5_400);
+    let out = sim.openai(&delta("item_a", &audio(800, 1)));
+    assert!(sends_of(&out, "media").is_empty(), "{out:?}");
+    let out = sim.function_call("lookup_customer", "{}");
+    assert!(http_of(&out).is_empty(), "{out:?}");
+    // The transcription comes: it is kept, and the call ends as of Twilio's stop.
+    sim.at(5_900);
+    let out = sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"では失礼します"}"#);
+    assert!(
+        out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "{out:?}"
+    );
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let words: Vec<String> = transcript(&sim.records)
+        .into_iter()
+        .filter(|t| t.1 == Role::Caller)
+        .map(|t| t.2)
+        .collect();
+    assert_eq!(words, ["では失礼します"]);
+    let (at_ms, _, reason) = call_ended(&sim.records).expect("the call's end");
+    assert_eq!((at_ms, reason.as_str()), (5_200, "twilio_stop"));
+}
+
+#[test]
+fn a_last_transcription_that_never_comes_ends_the_call_after_the_tail() {
+    let mut sim = caller_turn_committed_untranscribed();
+    sim.at(5_200);
+    sim.twilio(STOP);
+    sim.input(Input::TwilioClosed {
+        code: 1000,
+        reason: "",
+    });
+    assert_eq!(sim.end_label(), None);
+    sim.at(8_199);
+    sim.input(Input::Timeout);
+    assert_eq!(sim.end_label(), None);
+    sim.at(8_200);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::CloseTwilio { .. })),
+        "Twilio's socket is gone: {out:?}"
+    );
+    assert_eq!(sim.logged("call.caller_transcript_missing").len(), 1);
+    assert_eq!(call_ended(&sim.records).map(|e| e.0), Some(5_200));
+}
+
+#[test]
+fn a_session_that_closes_in_the_tail_ends_the_call_at_once() {
+    let mut sim = caller_turn_committed_untranscribed();
+    sim.at(5_200);
+    sim.twilio(STOP);
+    sim.at(5_300);
+    let out = sim.input(Input::OpenAiClosed {
+        code: 1000,
+        reason: "",
+    });
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    assert!(
+        !out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "already closed: {out:?}"
+    );
+}
+
+#[test]
+fn a_caller_whose_words_are_transcribed_ends_the_call_at_once() {
+    let mut sim = caller_turn_committed_untranscribed();
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","transcript":"はい"}"#);
+    sim.at(5_200);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+}
