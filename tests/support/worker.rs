@@ -412,11 +412,12 @@ impl Deployment {
         })
     }
 
-    /// Rewrite the deployment's `wrangler.toml` through `edit`, before its Worker starts.
+    /// Rewrite the deployment's `wrangler.toml` through `edit` (before its Worker starts, or
+    /// while it runs: wrangler then reloads it).
     pub fn edit_config(&self, edit: impl FnOnce(String) -> String) -> Result<(), String> {
         let path = self.dir.join("wrangler.toml");
         let toml = fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-        fs::write(&path, edit(toml)).map_err(|e| format!("{}: {e}", path.display()))
+        replace_file(&path, &edit(toml))
     }
 
     /// Rewrite the bundle's entry (same code, one comment more) so wrangler reloads it.
@@ -426,8 +427,16 @@ impl Deployment {
         let entry = self.dir.join("build/index.js");
         let mut js = fs::read_to_string(&entry).map_err(|e| format!("{}: {e}", entry.display()))?;
         js.push_str(&format!("\n// e2e redeploy {n}\n"));
-        fs::write(&entry, js).map_err(|e| format!("{}: {e}", entry.display()))
+        replace_file(&entry, &js)
     }
+}
+
+/// Writes `path` whole, as one change: a file written in place is empty for a moment, and
+/// wrangler's watcher, reading it then, fails the reload ("Missing entry-point").
+fn replace_file(path: &Path, contents: &str) -> Result<(), String> {
+    let tmp = path.with_extension("e2e-tmp");
+    fs::write(&tmp, contents).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    fs::rename(&tmp, path).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
