@@ -82,6 +82,9 @@ struct Notes {
     /// The session was lost before the caller's last words were transcribed: the new one
     /// never heard them.
     ask_again: &'static str,
+    /// Written in the record for a caller's turn whose transcription failed: they said
+    /// something there, and the reviewer can play it from the recording.
+    untranscribed_turn: &'static str,
 }
 
 const JAPANESE: Notes = Notes {
@@ -93,6 +96,7 @@ const JAPANESE: Notes = Notes {
     say_goodbye: "お客様に短く丁寧にお別れのご挨拶をしてください。話し終えると通話は終了します。",
     announce_transfer: "これから担当者に電話を転送することを、お客様に一文で短くお伝えください。",
     ask_again: "接続が一時的に途切れたため、お客様の直前のお話を聞き取れていません。お待たせしたことをお詫びし、恐れ入りますがもう一度お話しいただけるよう、短くお願いしてください。",
+    untranscribed_turn: "（文字起こしできませんでした）",
 };
 
 const ENGLISH: Notes = Notes {
@@ -104,6 +108,7 @@ const ENGLISH: Notes = Notes {
     say_goodbye: "Say a brief, polite goodbye now. The call ends when you finish speaking.",
     announce_transfer: "Tell the caller in one short sentence that you are transferring them to a staff member now.",
     ask_again: "The connection dropped for a moment and the caller's last words were not heard. Apologise for the wait and briefly ask them to say it again.",
+    untranscribed_turn: "(could not be transcribed)",
 };
 
 impl Call {
@@ -758,6 +763,11 @@ impl Call {
         } else {
             TURN_RESPONSE_WAIT
         }
+    }
+
+    /// What the record says for a caller's turn whose transcription failed.
+    pub(super) fn untranscribed_turn_text(&self) -> &'static str {
+        self.notes().untranscribed_turn
     }
 
     /// The caller's last turn, committed and its transcription still to come.

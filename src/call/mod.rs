@@ -1019,6 +1019,15 @@ impl Call {
                     EventKind::TranscriptionFailed,
                     json!({ "item_id": item_id, "code": error.code, "message": error.message }),
                 );
+                self.caller_turn_transcribed(item_id.as_deref());
+                // The turn keeps its place in the record, saying it could not be
+                // transcribed: else the agent's reply would follow nothing.
+                if let Some(id) = item_id {
+                    let at = self.offset(now);
+                    let text = self.untranscribed_turn_text();
+                    let entry = self.conversation.caller_text(&ItemId(id), text, at);
+                    self.write_entry(entry);
+                }
             }
             ServerEvent::ItemTruncated {
                 item_id,

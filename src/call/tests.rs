@@ -3306,3 +3306,29 @@ fn a_caller_whose_words_are_transcribed_ends_the_call_at_once() {
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("twilio_stop"));
 }
+
+#[test]
+fn a_caller_turn_whose_transcription_failed_keeps_its_place_in_the_record() {
+    let mut sim = caller_turn_committed_untranscribed();
+    // The server answers the turn; its transcription then fails.
+    sim.response("resp_a");
+    sim.agent_chunk("item_a", &audio(800, 1));
+    sim.openai(r#"{"type":"response.output_audio_transcript.done","response_id":"resp_a","item_id":"item_a","content_index":0,"transcript":"少々お待ちください。"}"#);
+    sim.response_done("resp_a");
+    sim.at(6_000);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.failed","item_id":"item_u","content_index":0,"error":{"type":"transcription_error","code":"audio_unintelligible","message":"x"}}"#);
+    let turns: Vec<(Role, String)> = transcript(&sim.records)
+        .into_iter()
+        .map(|t| (t.1, t.2))
+        .collect();
+    assert_eq!(
+        turns,
+        [
+            (Role::Caller, "（文字起こしできませんでした）".to_owned()),
+            (Role::Agent, "少々お待ちください。".to_owned()),
+        ]
+    );
+    // Nothing is owed any more: a hang-up now ends the call at once.
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+}
