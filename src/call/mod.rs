@@ -42,6 +42,12 @@ pub const MAX_FRAME_BYTES: usize = 1 << 20;
 /// transcription of their last turn is still to come: it usually comes within a second of
 /// the turn, and without it the call's record would end on the agent answering nothing.
 pub const TRANSCRIPT_TAIL: Millis = Millis(3_000);
+/// An agent turn with more than this (ms) of its audio unconfirmed when the call ends was
+/// not heard to its end (see `cut_turns_heard_in_part`).
+pub const UNHEARD_TAIL_MS: u64 = 1_000;
+/// How far playback may have gone past the last mark echoed when the call ends (ms): a mark
+/// goes every 100 ms of audio, and its echo takes a round trip.
+pub const MARK_SLACK_MS: u64 = 300;
 
 /// Something that arrived for the call.
 #[derive(Debug, Clone, Copy)]
@@ -1369,6 +1375,7 @@ impl Call {
         self.tools_unanswered(now);
         // A reply the caller hung up on (or the call otherwise ended in): what played.
         self.write_unfinished_agent_turns(|played, _| played, now);
+        self.cut_turns_heard_in_part(now);
         // Media held for a `start` that never came is lost with the call: counted.
         for _ in std::mem::take(&mut self.early_input) {
             self.drop_input("twilio_media_before_start", Value::Null);
@@ -1453,6 +1460,26 @@ impl Call {
         for (id, played, sent, received) in self.playback.sent_items() {
             if self.conversation.agent_unwritten(&id) {
                 let heard = heard(played, sent);
+                let entry = self.conversation.agent_cut(&id, heard, received, at);
+                self.write_entry(entry);
+            }
+        }
+    }
+
+    /// At the call's end, an agent turn already written whole whose audio had more than
+    /// [`UNHEARD_TAIL_MS`] still to play (the caller hung up on it, or it was queued behind
+    /// one they did) is rewritten as heard: what Twilio confirmed played, give or take the
+    /// last mark's round trip ([`MARK_SLACK_MS`]), marked cut. A turn that had all but
+    /// finished stays whole: its last mark may simply not have come back before the stop.
+    fn cut_turns_heard_in_part(&mut self, now: Millis) {
+        let at = self.offset(now);
+        for (id, played, _, received) in self.playback.sent_items() {
+            if received > played + UNHEARD_TAIL_MS && self.conversation.agent_written_whole(&id) {
+                let heard = if played == 0 {
+                    0
+                } else {
+                    (played + MARK_SLACK_MS).min(received)
+                };
                 let entry = self.conversation.agent_cut(&id, heard, received, at);
                 self.write_entry(entry);
             }

@@ -3332,3 +3332,53 @@ fn a_caller_turn_whose_transcription_failed_keeps_its_place_in_the_record() {
     sim.twilio(STOP);
     assert_eq!(sim.end_label(), Some("twilio_stop"));
 }
+
+#[test]
+fn an_agent_turn_the_caller_hung_up_on_is_kept_as_heard() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.at(1_000);
+    sim.response("resp_a");
+    // 3 s of audio, all sent at once, and its transcript, written whole.
+    let m1 = sim.agent_chunk("item_a", &audio(8_000, 1));
+    sim.agent_chunk("item_a", &audio(16_000, 2));
+    let text = "本日はご予約ありがとうございます。当日はお気をつけてお越しください。";
+    sim.openai(&format!(r#"{{"type":"response.output_audio_transcript.done","response_id":"resp_a","item_id":"item_a","content_index":0,"transcript":"{text}"}}"#));
+    sim.response_done("resp_a");
+    assert_eq!(
+        transcript(&sim.records).last().map(|t| t.2.as_str()),
+        Some(text)
+    );
+    // The first second played; the caller hangs up.
+    sim.at(2_000);
+    sim.twilio(&mark(&m1));
+    sim.at(2_100);
+    sim.twilio(STOP);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let (_, role, kept, _, cut) = transcript(&sim.records).pop().unwrap();
+    assert_eq!(role, Role::Agent);
+    assert!(cut, "marked cut");
+    // 1.3 s of 3 s heard: the start of the text, about that share of it.
+    let chars = text.chars().count();
+    assert_eq!(
+        kept,
+        text.chars().take(chars * 1_300 / 3_000).collect::<String>()
+    );
+}
+
+#[test]
+fn an_agent_turn_all_but_played_at_the_hang_up_stays_whole() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    sim.at(1_000);
+    sim.response("resp_a");
+    let m1 = sim.agent_chunk("item_a", &audio(8_000, 1));
+    sim.agent_chunk("item_a", &audio(800, 2));
+    let text = "失礼いたします。";
+    sim.openai(&format!(r#"{{"type":"response.output_audio_transcript.done","response_id":"resp_a","item_id":"item_a","content_index":0,"transcript":"{text}"}}"#));
+    sim.response_done("resp_a");
+    // The last 100 ms's mark has not come back when the caller hangs up.
+    sim.at(2_100);
+    sim.twilio(&mark(&m1));
+    sim.twilio(STOP);
+    let (_, _, kept, _, cut) = transcript(&sim.records).pop().unwrap();
+    assert_eq!((kept.as_str(), cut), (text, false));
+}

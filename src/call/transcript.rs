@@ -189,6 +189,13 @@ impl Conversation {
         })
     }
 
+    /// An agent turn written whole from its transcript, not cut since.
+    pub fn agent_written_whole(&self, id: &ItemId) -> bool {
+        self.items.get(id).is_some_and(|item| {
+            item.role == Some(Role::Agent) && item.written && !item.settled && item.cut.is_none()
+        })
+    }
+
     /// A barge-in cut the item after `heard_ms` of the `received_ms` it had.
     pub fn agent_cut(
         &mut self,
