@@ -1337,7 +1337,7 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
     );
     check_call_times(c);
 
-    // Every turn exactly once, in order; the failed utterance has no turn.
+    // Every turn exactly once, in order; the failed utterance keeps its place, saying so.
     let t = entries(&detail);
     let seqs: Vec<i64> = t.iter().map(|e| e["seq"].as_i64().unwrap()).collect();
     assert!(
@@ -1350,6 +1350,7 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
         got,
         vec![
             json!({"role": "agent", "text": GREETING, "item_id": greet_item, "interrupted": false}),
+            json!({"role": "caller", "text": "（文字起こしできませんでした）", "item_id": c1, "interrupted": false}),
             json!({"role": "caller", "text": CALLER_SAID, "item_id": c2, "interrupted": false}),
             json!({"role": "agent", "text": REPLY, "item_id": reply_item, "interrupted": false}),
         ],
@@ -1357,7 +1358,7 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
         pretty(&detail["transcript"])
     );
     assert_eq!(t[0]["offset_ms"], c["first_audio_ms"]);
-    assert_eq!(t[1]["offset_ms"], c2_ms);
+    assert_eq!(t[2]["offset_ms"], c2_ms);
 
     // The event exactly once.
     let ev = events(&detail);
