@@ -440,6 +440,22 @@ fn base_url(v: &str, schemes: &[&str]) -> Result<String, String> {
     Ok(v.trim_end_matches('/').to_owned())
 }
 
+/// Why `url` may not carry a credential, if it may not: plain `http://` or `ws://` to a host
+/// other than this machine would send it (the Twilio auth token, the OpenAI key) and the
+/// callers' audio unencrypted.
+fn cleartext_to_remote(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("ws://"))?;
+    if is_loopback(rest.split('/').next().unwrap_or_default()) {
+        return None;
+    }
+    Some(format!(
+        "{url:?} is unencrypted: use https:// or wss:// (plain http:// and ws:// only to this \
+         machine, for local tests)"
+    ))
+}
+
 /// Whether `authority` (`[user@]host[:port]`) names this machine: `localhost`, `127.0.0.0/8`
 /// or `[::1]`. Twilio never reaches such a host, so it only serves local development
 /// (`wrangler dev`, the call simulator), which has no TLS: plain `http` and `ws` are all there is.
@@ -690,7 +706,9 @@ impl Bridge {
             realtime.truncate(at);
         }
         let mut openai_url_invalid = None;
-        let realtime = match base_url(&realtime, &["wss://", "ws://", "https://", "http://"]) {
+        let realtime = match base_url(&realtime, &["wss://", "ws://", "https://", "http://"])
+            .and_then(|url| cleartext_to_remote(&url).map_or(Ok(url), Err))
+        {
             Ok(url) => url,
             Err(why) => {
                 set_aside(
@@ -707,7 +725,9 @@ impl Bridge {
         let twilio_api_base_url = match base_url(
             &or("TWILIO_API_BASE_URL", DEFAULT_TWILIO_API_BASE_URL),
             &["https://", "http://"],
-        ) {
+        )
+        .and_then(|url| cleartext_to_remote(&url).map_or(Ok(url), Err))
+        {
             Ok(url) => url,
             Err(why) => {
                 set_aside(
@@ -1005,6 +1025,28 @@ mod tests {
         check("TWILIO_API_BASE_URL", "api.twilio.com", &|c| {
             c.twilio_api_base_url == DEFAULT_TWILIO_API_BASE_URL
         });
+        // The auth token would go to another machine in clear text: not used. To this
+        // machine (the simulator's REST stand-in, tests' fakes), plain http is all there is.
+        check(
+            "TWILIO_API_BASE_URL",
+            "http://twilio-proxy.example.jp",
+            &|c| c.twilio_api_base_url == DEFAULT_TWILIO_API_BASE_URL,
+        );
+        assert_eq!(
+            from(&[("TWILIO_API_BASE_URL", "http://127.0.0.1:8788/twilio")]).twilio_api_base_url,
+            "http://127.0.0.1:8788/twilio"
+        );
+        // The OpenAI key and the callers' audio likewise: calls get the fallback instead.
+        check(
+            "OPENAI_REALTIME_URL",
+            "ws://gw.example.jp/v1/realtime",
+            &|c| {
+                c.fallback_only
+                    && c.openai_url_invalid
+                        .as_deref()
+                        .is_some_and(|w| w.contains("unencrypted"))
+            },
+        );
         check("IDLE_TIMEOUT_SECONDS", "1", &|c| {
             c.idle_timeout_ms == 30_000
         });
