@@ -50,10 +50,15 @@ fn token_mac(token: &[u8]) -> HmacSha1 {
     mac
 }
 
+/// The shortest `ADMIN_TOKEN` the API accepts: one short enough to guess (the API answers
+/// anyone who asks) would open every call's transcript and recording.
+pub const MIN_ADMIN_TOKEN_CHARS: usize = 16;
+
 /// True when `authorization_header` is `Bearer <admin_token>` (scheme case-insensitive).
-/// The comparison is constant-time; an empty configured token authorizes nothing.
+/// The comparison is constant-time; an empty configured token, or one shorter than
+/// [`MIN_ADMIN_TOKEN_CHARS`], authorizes nothing.
 pub fn authorized(authorization_header: Option<&str>, admin_token: &str) -> bool {
-    if admin_token.is_empty() {
+    if admin_token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
         return false;
     }
     let Some((scheme, given)) = authorization_header
@@ -99,6 +104,9 @@ pub fn admit(
     }
     if admin_token.is_empty() {
         return Err("ADMIN_TOKEN is not configured");
+    }
+    if admin_token.chars().count() < MIN_ADMIN_TOKEN_CHARS {
+        return Err("ADMIN_TOKEN is shorter than 16 characters: set a longer one");
     }
     if authorization_header.is_some() {
         return Err("wrong credentials");
@@ -1124,7 +1132,7 @@ mod tests {
     use super::*;
     use crate::agents::testdb;
 
-    const KEY: &str = "admin-token";
+    const KEY: &str = "admin-token-0123456789";
 
     fn field(e: Error) -> String {
         match e {
@@ -1139,22 +1147,70 @@ mod tests {
 
     #[test]
     fn bearer_token_check() {
-        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
-        assert!(authorized(Some("bearer s3cret"), "s3cret"));
-        assert!(authorized(Some("  Bearer   s3cret "), "s3cret"));
-        assert!(!authorized(Some("Bearer s3cre"), "s3cret"));
-        assert!(!authorized(Some("Bearer s3cret2"), "s3cret"));
-        assert!(!authorized(Some("Bearer S3CRET"), "s3cret"));
-        assert!(!authorized(None, "s3cret"));
-        assert!(!authorized(Some(""), "s3cret"));
-        assert!(!authorized(Some("Bearer"), "s3cret"));
-        assert!(!authorized(Some("s3cret"), "s3cret"));
-        assert!(!authorized(Some("Basic s3cret"), "s3cret"));
-        assert!(!authorized(Some("Token s3cret"), "s3cret"));
+        assert!(authorized(
+            Some("Bearer s3cret-s3cret-s3cret"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(authorized(
+            Some("bearer s3cret-s3cret-s3cret"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(authorized(
+            Some("  Bearer   s3cret-s3cret-s3cret "),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(
+            Some("Bearer s3cret-s3cret-s3cre"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(
+            Some("Bearer s3cret-s3cret-s3cret2"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(
+            Some("Bearer S3CRET-S3CRET-S3CRET"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(None, "s3cret-s3cret-s3cret"));
+        assert!(!authorized(Some(""), "s3cret-s3cret-s3cret"));
+        assert!(!authorized(Some("Bearer"), "s3cret-s3cret-s3cret"));
+        assert!(!authorized(
+            Some("s3cret-s3cret-s3cret"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(
+            Some("Basic s3cret-s3cret-s3cret"),
+            "s3cret-s3cret-s3cret"
+        ));
+        assert!(!authorized(
+            Some("Token s3cret-s3cret-s3cret"),
+            "s3cret-s3cret-s3cret"
+        ));
         // Nothing is authorized when no token is configured, not even an empty bearer.
         assert!(!authorized(Some("Bearer "), ""));
         assert!(!authorized(Some("Bearer x"), ""));
         assert!(!authorized(None, ""));
+        // Nor with a token short enough to guess: even the right one is refused.
+        assert!(!authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(!authorized(
+            Some("Bearer 123456789012345"),
+            "123456789012345"
+        ));
+        assert!(authorized(
+            Some("Bearer 1234567890123456"),
+            "1234567890123456"
+        ));
+        let why = admit(
+            &Ok(Route::ListCalls),
+            "",
+            Some("Bearer s3cret"),
+            "s3cret",
+            0,
+        );
+        assert_eq!(
+            why,
+            Err("ADMIN_TOKEN is shorter than 16 characters: set a longer one")
+        );
     }
 
     #[test]
@@ -1196,7 +1252,7 @@ mod tests {
     fn a_recording_link_plays_that_one_recording_until_it_expires() {
         let sid = CallSid::new("CA0123456789abcdef0123456789abcdef");
         let now = 1_795_000_000_000;
-        let link = recording_link(&sid, "admin-token", now);
+        let link = recording_link(&sid, "admin-token-0123456789", now);
         let url = link["url"].as_str().unwrap();
         let (path, query) = url.split_once('?').unwrap();
         assert_eq!(route("GET", path), Ok(Route::GetRecording(sid.clone())));
@@ -1209,31 +1265,38 @@ mod tests {
 
         let check =
             |sid: &CallSid, q: &str, token: &str, at: u64| check_recording_link(sid, q, token, at);
-        assert_eq!(check(&sid, query, "admin-token", now), Ok(()));
+        assert_eq!(check(&sid, query, "admin-token-0123456789", now), Ok(()));
         assert_eq!(
-            check(&sid, query, "admin-token", expires * 1000 - 1),
+            check(&sid, query, "admin-token-0123456789", expires * 1000 - 1),
             Ok(())
         );
         assert_eq!(
-            check(&sid, query, "admin-token", expires * 1000),
+            check(&sid, query, "admin-token-0123456789", expires * 1000),
             Err(LinkRefusal::Expired)
         );
         // Past its time, the answer says so (a player asks for a new link), not "sign in".
         let route = Ok(Route::GetRecording(sid.clone()));
-        let why = admit(&route, query, None, "admin-token", expires * 1000).unwrap_err();
+        let why = admit(
+            &route,
+            query,
+            None,
+            "admin-token-0123456789",
+            expires * 1000,
+        )
+        .unwrap_err();
         let e = refused(why);
         assert_eq!(
             (e.status(), e.body()["error"].clone()),
             (401, json!("link_expired"))
         );
         assert_eq!(
-            refused(admit(&route, "", None, "admin-token", now).unwrap_err()),
+            refused(admit(&route, "", None, "admin-token-0123456789", now).unwrap_err()),
             Error::Unauthorized
         );
         // Another call, another token, a moved expiry, a changed signature: refused.
         let other = CallSid::new("CA0123456789abcdef0123456789abcdee");
         assert_eq!(
-            check(&other, query, "admin-token", now),
+            check(&other, query, "admin-token-0123456789", now),
             Err(LinkRefusal::BadSignature)
         );
         assert_eq!(
@@ -1243,7 +1306,7 @@ mod tests {
         assert_eq!(check(&sid, query, "", now), Err(LinkRefusal::BadSignature));
         let later = query.replace(&expires.to_string(), &(expires + 3600).to_string());
         assert_eq!(
-            check(&sid, &later, "admin-token", now),
+            check(&sid, &later, "admin-token-0123456789", now),
             Err(LinkRefusal::BadSignature)
         );
         let sig = query.split_once("signature=").unwrap().1;
@@ -1253,25 +1316,25 @@ mod tests {
             &sig[1..]
         );
         assert_eq!(
-            check(&sid, &flipped, "admin-token", now),
+            check(&sid, &flipped, "admin-token-0123456789", now),
             Err(LinkRefusal::BadSignature)
         );
         assert_eq!(
             check(
                 &sid,
                 &format!("expires={expires}&signature={}", &sig[..8]),
-                "admin-token",
+                "admin-token-0123456789",
                 now
             ),
             Err(LinkRefusal::BadSignature)
         );
         // No link at all, or not one.
         assert_eq!(
-            check(&sid, "", "admin-token", now),
+            check(&sid, "", "admin-token-0123456789", now),
             Err(LinkRefusal::NoLink)
         );
         assert_eq!(
-            check(&sid, "expires=1", "admin-token", now),
+            check(&sid, "expires=1", "admin-token-0123456789", now),
             Err(LinkRefusal::NoLink)
         );
         for bad in [
@@ -1280,7 +1343,7 @@ mod tests {
             &format!("expires={expires}&signature=not*base64"),
         ] {
             assert_eq!(
-                check(&sid, bad, "admin-token", now),
+                check(&sid, bad, "admin-token-0123456789", now),
                 Err(LinkRefusal::Malformed),
                 "{bad}"
             );
@@ -1309,20 +1372,29 @@ mod tests {
     fn a_request_is_admitted_with_the_token_or_for_a_recording_with_its_link() {
         let sid = CallSid::new("CA0123456789abcdef0123456789abcdef");
         let now = 1_795_000_000_000;
-        let url = recording_link(&sid, "admin-token", now)["url"]
+        let url = recording_link(&sid, "admin-token-0123456789", now)["url"]
             .as_str()
             .unwrap()
             .to_owned();
         let (path, query) = url.split_once('?').unwrap();
         let recording = route("GET", path);
         let call = route("GET", "/api/admin/calls/CA0123456789abcdef0123456789abcdef");
-        let bearer = Some("Bearer admin-token");
-        assert_eq!(admit(&call, "", bearer, "admin-token", now), Ok(()));
-        assert_eq!(admit(&recording, "", bearer, "admin-token", now), Ok(()));
-        assert_eq!(admit(&recording, query, None, "admin-token", now), Ok(()));
+        let bearer = Some("Bearer admin-token-0123456789");
+        assert_eq!(
+            admit(&call, "", bearer, "admin-token-0123456789", now),
+            Ok(())
+        );
+        assert_eq!(
+            admit(&recording, "", bearer, "admin-token-0123456789", now),
+            Ok(())
+        );
+        assert_eq!(
+            admit(&recording, query, None, "admin-token-0123456789", now),
+            Ok(())
+        );
         // The link opens the recording only, and not once expired.
         assert_eq!(
-            admit(&call, query, None, "admin-token", now),
+            admit(&call, query, None, "admin-token-0123456789", now),
             Err("no Authorization header")
         );
         assert_eq!(
@@ -1330,21 +1402,27 @@ mod tests {
                 &recording,
                 query,
                 None,
-                "admin-token",
+                "admin-token-0123456789",
                 now + RECORDING_LINK_TTL_MS
             ),
             Err("the recording link has expired")
         );
         assert_eq!(
-            admit(&recording, query, None, "other-token", now),
+            admit(&recording, query, None, "other-token-0123456789", now),
             Err("a bad recording link")
         );
         assert_eq!(
-            admit(&recording, "", None, "admin-token", now),
+            admit(&recording, "", None, "admin-token-0123456789", now),
             Err("no Authorization header")
         );
         assert_eq!(
-            admit(&recording, query, Some("Bearer wrong"), "admin-token", now),
+            admit(
+                &recording,
+                query,
+                Some("Bearer wrong"),
+                "admin-token-0123456789",
+                now
+            ),
             Err("wrong credentials")
         );
         assert_eq!(
@@ -1356,7 +1434,7 @@ mod tests {
                 &route("GET", "/api/admin/nowhere"),
                 "",
                 None,
-                "admin-token",
+                "admin-token-0123456789",
                 now
             ),
             Err("no Authorization header")

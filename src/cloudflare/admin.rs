@@ -90,7 +90,11 @@ pub async fn handle(mut req: Request, env: Env) -> worker::Result<Response> {
     let now_ms = Date::now().as_millis();
     if let Err(why) = admin::admit(&route, &query, header.as_deref(), &token, now_ms) {
         log(
-            if token.is_empty() { "error" } else { "warn" },
+            if token.chars().count() < admin::MIN_ADMIN_TOKEN_CHARS {
+                "error"
+            } else {
+                "warn"
+            },
             "admin.refused",
             json!({ "method": method, "path": path, "status": 401, "why": why }),
         );
