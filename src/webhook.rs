@@ -589,6 +589,23 @@ pub fn unverified_voice<'a>(
     })
 }
 
+/// Unverified voice webhooks logged at `error`, per isolate and minute; the rest at
+/// `debug`. A wrong token makes every call one, and anyone can send them: the first few say
+/// what is wrong, and a flood does not bury everything else in the log.
+pub const UNVERIFIED_ERRORS_PER_MINUTE: u32 = 5;
+
+/// Counts one more unverified voice webhook at `now_ms`, given the minute (since the epoch)
+/// and count so far: the new state, and whether to log it at `error`.
+pub fn unverified_log(state: (u64, u32), now_ms: u64) -> ((u64, u32), bool) {
+    let minute = now_ms / 60_000;
+    let n = if state.0 == minute {
+        state.1.saturating_add(1)
+    } else {
+        1
+    };
+    ((minute, n), n <= UNVERIFIED_ERRORS_PER_MINUTE)
+}
+
 /// The parameters of a signed webhook from Twilio, once its signature checks out.
 fn verified_params(
     config: &Bridge,
@@ -983,6 +1000,20 @@ mod tests {
             Err(Refusal::BadSignature)
         );
         assert_eq!(Refusal::BadSignature.status(), 403);
+    }
+
+    #[test]
+    fn unverified_webhooks_are_logged_loudly_a_few_times_a_minute() {
+        let mut state = (0, 0);
+        let mut loud = Vec::new();
+        for t in [
+            60_000, 60_001, 60_002, 60_003, 60_004, 60_005, 119_999, 120_000,
+        ] {
+            let (next, l) = unverified_log(state, t);
+            state = next;
+            loud.push(l);
+        }
+        assert_eq!(loud, [true, true, true, true, true, false, false, true]);
     }
 
     /// A wrong `TWILIO_AUTH_TOKEN` (or `PUBLIC_BASE_URL`) must not turn every call into

@@ -108,6 +108,26 @@ pub(crate) fn log(level: &str, event: &str, fields: serde_json::Value) {
     }
 }
 
+thread_local! {
+    /// The minute (since the epoch) and how many unverified voice webhooks this isolate has
+    /// logged in it.
+    static UNVERIFIED: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
+}
+
+/// The level of an unverified voice webhook's log line (see [`webhook::unverified_log`]).
+fn unverified_log_level(now_ms: u64) -> &'static str {
+    let loud = UNVERIFIED.with(|c| {
+        let (state, loud) = webhook::unverified_log(c.get(), now_ms);
+        c.set(state);
+        loud
+    });
+    if loud {
+        "error"
+    } else {
+        "debug"
+    }
+}
+
 fn refuse(refusal: &Refusal, route: &str) -> Result<Response> {
     let level = if matches!(refusal, Refusal::NoAuthToken) {
         "error"
@@ -186,7 +206,7 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
             // Not refused: Twilio would play "an application error" to the caller. The caller
             // hears the fallback; nothing is registered or recorded for an unverified request.
             log(
-                "error",
+                unverified_log_level(Date::now().as_millis()),
                 "twilio.voice_unverified",
                 serde_json::json!({
                     "call_sid": unverified.claimed_call_sid,
