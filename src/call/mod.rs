@@ -396,6 +396,9 @@ pub struct Call {
     fallback: Option<fallback::Failing>,
     /// Twilio's socket has closed.
     twilio_gone: bool,
+    /// Until when (in samples, 8 per ms, from the stream start) the agent audio sent so far
+    /// keeps Twilio playing: when the next piece will start to be heard.
+    agent_queued_until: u64,
     /// The call's end, put off for the caller's last transcript ([`TRANSCRIPT_TAIL`]): why
     /// and when it ended, and how long the transcript is waited for.
     tail: Option<(EndReason, Millis, Millis)>,
@@ -447,6 +450,7 @@ impl Call {
             transfer_action,
             fallback: None,
             twilio_gone: false,
+            agent_queued_until: 0,
             tail: None,
             audio_item: None,
             now,
@@ -1207,7 +1211,7 @@ impl Call {
             self.conversation.agent_audio_started(&id, plays_at);
             self.audio_item = Some(id);
         }
-        self.record_agent(payload, at);
+        self.record_agent(payload, bytes, at);
         if let Some(mark) = self.playback.before_send(item) {
             self.send_mark(&mark);
         }

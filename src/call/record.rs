@@ -25,16 +25,20 @@ impl Call {
         }
     }
 
-    /// Agent audio went to Twilio `at` ms into the stream.
-    /// When agent audio sent at `at` (ms from the stream start) starts to play, as the
-    /// recording places it: after what is still queued at Twilio. Without a recording, `at`.
+    /// When agent audio sent at `at` (ms from the stream start) starts to play: after what
+    /// is still queued at Twilio, as the recording places it (or, without one, as the same
+    /// clock counts it: audio plays at 8 bytes per ms, one piece after the other).
     pub(super) fn agent_plays_at(&self, at: u64) -> u64 {
-        self.recorder
-            .as_ref()
-            .map_or(at, |r| r.agent_plays_at_ms(at))
+        match &self.recorder {
+            Some(r) => r.agent_plays_at_ms(at),
+            None => at.max(self.agent_queued_until / crate::recording::SAMPLES_PER_MS),
+        }
     }
 
-    pub(super) fn record_agent(&mut self, payload: &str, at: u64) {
+    /// `bytes` of agent audio went to Twilio `at` ms into the stream.
+    pub(super) fn record_agent(&mut self, payload: &str, bytes: u64, at: u64) {
+        let sent = at * crate::recording::SAMPLES_PER_MS;
+        self.agent_queued_until = sent.max(self.agent_queued_until) + bytes;
         if let Some(r) = &mut self.recorder {
             r.agent_base64(at, payload);
         }
@@ -43,6 +47,9 @@ impl Call {
     /// Twilio was told to `clear` its playback buffer.
     pub(super) fn record_clear(&mut self, now: Millis) {
         let at = self.offset(now);
+        self.agent_queued_until = self
+            .agent_queued_until
+            .min(at * crate::recording::SAMPLES_PER_MS);
         if let Some(r) = &mut self.recorder {
             r.clear(at);
         }

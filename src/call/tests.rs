@@ -3382,3 +3382,32 @@ fn an_agent_turn_all_but_played_at_the_hang_up_stays_whole() {
     let (_, _, kept, _, cut) = transcript(&sim.records).pop().unwrap();
     assert_eq!((kept.as_str(), cut), (text, false));
 }
+
+#[test]
+fn without_a_recording_an_agent_turn_is_placed_when_it_starts_to_play() {
+    let mut sim = Sim::greeted(Agent {
+        record_calls: false,
+        ..agent_with_tools()
+    });
+    let said = |sim: &mut Sim, item: &str, text: &str| {
+        sim.openai(&format!(r#"{{"type":"response.output_audio_transcript.done","response_id":"r","item_id":"{item}","content_index":0,"transcript":"{text}"}}"#));
+    };
+    // A filler: 6 s of audio, all sent at once, while a tool runs.
+    sim.at(1_000);
+    sim.response("resp_1");
+    sim.agent_chunk("item_wait", &audio(48_000, 1));
+    said(&mut sim, "item_wait", "少々お待ちください。");
+    sim.response_done("resp_1");
+    // The answer's audio goes out a second later, and plays once the filler has.
+    sim.at(2_000);
+    sim.response("resp_2");
+    sim.agent_chunk("item_answer", &audio(8_000, 2));
+    said(&mut sim, "item_answer", "ご予約を承りました。");
+    let at: Vec<(String, u64)> = transcript(&sim.records)
+        .into_iter()
+        .map(|t| (t.2, t.3))
+        .collect();
+    let wait = at.iter().find(|t| t.0 == "少々お待ちください。").unwrap().1;
+    let answer = at.iter().find(|t| t.0 == "ご予約を承りました。").unwrap().1;
+    assert_eq!(answer - wait, 6_000, "{at:?}");
+}
