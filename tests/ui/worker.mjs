@@ -83,6 +83,27 @@ export function seedR2(dir, key, bytes, contentType) {
 }
 
 /**
+ * The repository's wrangler.toml for a Worker served from `dir`: without its [build] table,
+ * so that wrangler neither rebuilds nor restarts the Worker when it sees src/ change (it has
+ * restarted one mid-test for no change at all, and a page reloading then never loads), and
+ * with its paths made absolute, since wrangler reads them from where the file is.
+ */
+function configFor(dir) {
+  const out = [];
+  let skipping = false;
+  for (const line of readFileSync(join(ROOT, 'wrangler.toml'), 'utf8').split('\n')) {
+    const t = line.trim();
+    if (t.startsWith('[')) skipping = t === '[build]';
+    if (skipping) continue;
+    const path = /^(main|directory|migrations_dir)\s*=\s*"([^"]+)"\s*$/.exec(t);
+    out.push(path ? `${path[1]} = ${JSON.stringify(join(ROOT, path[2]))}` : line);
+  }
+  const file = join(dir, 'wrangler.toml');
+  writeFileSync(file, out.join('\n'));
+  return file;
+}
+
+/**
  * `wrangler dev` on `dir`'s state with `vars`; resolves once GET /healthz answers 200.
  * Returns { baseUrl, logPath, log(), stop() }.
  */
@@ -92,7 +113,7 @@ export async function startWorker(dir, vars) {
   while (inspector === port) inspector = await freePort();
   const logPath = join(dir, 'wrangler.log');
   const out = openSync(logPath, 'a');
-  const args = ['wrangler', 'dev', '--ip', '127.0.0.1', '--port', String(port), '--inspector-port', String(inspector),
+  const args = ['wrangler', 'dev', '-c', configFor(dir), '--ip', '127.0.0.1', '--port', String(port), '--inspector-port', String(inspector),
     '--persist-to', join(dir, 'state'), '--show-interactive-dev-session=false'];
   for (const [k, v] of Object.entries(vars)) args.push('--var', `${k}:${v}`);
   guardGroups();
