@@ -304,8 +304,9 @@ pub fn run(w: &WebhookInput) {
             voice: any,
         },
         w.dial.as_deref(),
+        Some(&w.fallback_message),
     ));
-    check_xml(&webhook::fallback_twiml(&config, &agent));
+    check_xml(&webhook::fallback_twiml(&config, &agent, Some(any)));
     let params: Vec<(&str, &str)> = params
         .iter()
         .map(|(k, v)| (k.as_str(), v.as_str()))
