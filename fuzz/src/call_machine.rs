@@ -10,7 +10,9 @@ use crate::text::Text;
 use arbitrary::Arbitrary;
 use base64::Engine;
 use phone_agent_bridge::audio::{base64_decoded_len, bytes_to_ms};
-use phone_agent_bridge::call::{Action, Call, EndReason, Input, Setup, Summary, MAX_FRAME_BYTES};
+use phone_agent_bridge::call::{
+    Action, Call, EndReason, Input, Setup, Summary, MAX_FRAME_BYTES, TRANSCRIPT_TAIL,
+};
 use phone_agent_bridge::config::{is_e164, realtime_model_problem, Agent, Secret};
 use phone_agent_bridge::http::{Outcome, Request};
 use phone_agent_bridge::ids::Millis;
@@ -851,6 +853,11 @@ pub struct Harness {
     unmarked: Option<(String, u64, Millis)>,
     /// The core has closed its OpenAI socket and asked for no other since.
     core_closed_openai: bool,
+    /// Twilio's side ended (`stop`, or its socket closed) at this time, and the call waits
+    /// for the caller's last transcript before it ends (the core's transcript tail).
+    tail_at: Option<Millis>,
+    /// Twilio's socket has closed (the input said so): nothing is left to close.
+    twilio_gone: bool,
 }
 
 /// A `mark` sent to Twilio.
@@ -1055,6 +1062,8 @@ impl Harness {
             failing: None,
             core_closed_openai: false,
             unmarked: None,
+            tail_at: None,
+            twilio_gone: false,
         };
         let rest = h.drain();
         let step = Step {
@@ -1076,6 +1085,11 @@ impl Harness {
             code: 1000,
             reason: "",
         });
+        // Waiting for the caller's last transcript: it ends by the tail's deadline.
+        if let Some(at) = h.tail_at.filter(|_| !h.ended) {
+            h.now = at + TRANSCRIPT_TAIL;
+            h.feed(Input::Timeout);
+        }
         check!(h.ended, "a call whose Twilio socket closed has ended");
     }
 
@@ -1250,6 +1264,9 @@ impl Harness {
         let dropped_before = self.call.stats().dropped.clone();
         let due = self.call.poll_timeout();
         let was_ended = self.ended;
+        if matches!(input, Input::TwilioClosed { .. }) {
+            self.twilio_gone = true;
+        }
 
         self.call.handle(input, self.now);
         let actions = self.drain();
@@ -1265,6 +1282,33 @@ impl Harness {
                 "an ended call has no timeout"
             );
             return;
+        }
+        if let Some(at) = self.tail_at {
+            if !actions.iter().any(|a| matches!(a, Action::Ended(_))) {
+                // Over but for the caller's last transcript: nothing happens but its record
+                // (a transcript row, or a failed transcription's event and row).
+                for a in &actions {
+                    match a {
+                        Action::Persist(Record::Event { seq, .. }) => {
+                            check!(*seq == self.event_seq, "event seq in the tail");
+                            self.event_seq += 1;
+                        }
+                        Action::Persist(Record::Transcript { .. }) | Action::Log { .. } => {}
+                        other => fail(format!(
+                            "in the transcript tail, {input:?} did {}",
+                            brief(std::slice::from_ref(other))
+                        )),
+                    }
+                }
+                check!(
+                    self.call.poll_timeout() == Some(at + TRANSCRIPT_TAIL),
+                    "the tail's deadline"
+                );
+                if allowed {
+                    self.openai = next;
+                }
+                return;
+            }
         }
         if self.openai != Socket::Open
             && matches!(input, Input::OpenAiText(_) | Input::OpenAiBinary { .. })
@@ -1333,8 +1377,18 @@ impl Harness {
             read,
             changes,
         };
+        let twilio_end = step.read.is("stop") || matches!(input, Input::TwilioClosed { .. });
         self.before_actions(&step);
         self.check_actions(&actions, &step);
+        if twilio_end && !self.ended && self.tail_at.is_none() {
+            // Twilio's side is over and the call did not end: the core waits for the
+            // caller's last transcript, and says when it stops waiting.
+            check!(
+                self.call.poll_timeout() == Some(self.now + TRANSCRIPT_TAIL),
+                "a call waiting for its last transcript after {input:?} wakes at the tail's end"
+            );
+            self.tail_at = Some(self.now);
+        }
         if self.ended {
             check!(
                 self.call.poll_timeout().is_none(),
@@ -2094,8 +2148,8 @@ impl Harness {
         check!(self.call.end_reason() == Some(&s.reason), "end_reason()");
         check!(s.call_sid.as_str() == CALL_SID, "summary call sid");
         check!(
-            s.ended_at == self.now,
-            "ended_at is the time of the last input"
+            s.ended_at == self.tail_at.unwrap_or(self.now),
+            "ended_at is the time of the last input (or of Twilio's end, after the tail)"
         );
         check!(
             s.stream_sid.as_ref().map(|x| x.0.as_str()) == self.stream_sid.as_deref(),
@@ -2116,10 +2170,15 @@ impl Harness {
             "first_audio_ms"
         );
         // What ended it: only these inputs may.
-        let rest_end = matches!(
-            s.reason,
-            EndReason::AgentHangup { .. } | EndReason::Transferred { .. }
-        );
+        let rest_end = match &s.reason {
+            EndReason::AgentHangup { .. } | EndReason::Transferred { .. } => true,
+            // Ended as planned after the agent side failed (its words unsaid): the hang-up
+            // or transfer still went to Twilio, and ends the call the same way.
+            EndReason::FailedWhileEnding { then, .. } => {
+                then.starts_with("agent_hangup") || then.starts_with("transferred")
+            }
+            _ => false,
+        };
         let agent_failure = matches!(
             s.reason,
             EndReason::OpenAiClosed { .. }
@@ -2130,6 +2189,18 @@ impl Harness {
         // An agent-side failure first redirects the caller to the fallback; the call ends
         // when Twilio stops the stream, or the redirect fails or takes too long.
         let ok = match (&s.reason, input) {
+            // After the transcript tail: its transcription, the session's close, or its
+            // deadline ends the call as Twilio's end would have.
+            _ if self.tail_at.is_some() => {
+                !s.reason.is_failure()
+                    && match input {
+                        Input::OpenAiText(_) | Input::OpenAiClosed { .. } => true,
+                        Input::Timeout => self
+                            .tail_at
+                            .is_some_and(|at| self.now >= at + TRANSCRIPT_TAIL),
+                        _ => false,
+                    }
+            }
             _ if agent_failure => {
                 check!(
                     self.failing.as_deref() == Some(s.reason.label()),
@@ -2164,7 +2235,9 @@ impl Harness {
             "OpenAI socket closed {closed_openai} times at the end on {input:?}"
         );
         let want = match s.reason {
-            _ if matches!(input, Input::TwilioClosed { .. }) => None,
+            _ if matches!(input, Input::TwilioClosed { .. }) || self.twilio_gone => None,
+            // Ended as planned after the agent side failed: the stream closes as planned.
+            EndReason::FailedWhileEnding { .. } if rest_end => Some(1000),
             ref r if r.is_failure() => Some(1011),
             _ => Some(1000),
         };
