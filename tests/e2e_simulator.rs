@@ -161,6 +161,28 @@ fn simulator(root: &Path, args: &[&str]) -> tokio::process::Command {
 }
 
 /// What the simulator printed, and the Worker's log, for a failure message.
+/// Seconds of caller audio the simulator sent, from its call summary.
+fn caller_seconds_sent(stdout: &str) -> Option<f64> {
+    stdout
+        .lines()
+        .find_map(|l| {
+            let l = l.strip_prefix("call summary: ")?;
+            l.split(" media frames sent").next()?.parse::<f64>().ok()
+        })
+        .map(|frames| frames * 0.02)
+}
+
+/// Each of `lines` is somewhere in what the simulator printed.
+fn assert_said(stdout: &str, lines: &[&str], context: impl Fn() -> String) {
+    for expected in lines {
+        assert!(
+            stdout.contains(expected),
+            "no {expected:?} in:\n{}",
+            context()
+        );
+    }
+}
+
 fn context(output: &Output, worker: Option<&WorkerProcess>) -> String {
     format!(
         "--- simulator stdout ---\n{}\n--- stderr ---\n{}\n--- Worker log tail ---\n{}",
@@ -204,6 +226,35 @@ fn assert_stored_call(stdout: &str, context: &dyn Fn() -> String) {
     );
 }
 
+/// One offline call from `audio` through the Worker at `url` (the simulator's stand-in on
+/// `standin_port`), with `args` besides, however it ends; what the simulator printed.
+async fn offline_run(
+    root: &Path,
+    url: &str,
+    standin_port: u16,
+    audio: &Path,
+    args: &[&str],
+) -> (Output, String) {
+    let port = standin_port.to_string();
+    let mut all = vec![
+        "--offline",
+        "--audio",
+        audio.to_str().unwrap(),
+        "--standin-port",
+        &port,
+        "--url",
+        url,
+    ];
+    all.extend_from_slice(args);
+    let run = simulator(root, &all).output();
+    let output = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the simulator did not finish within 120 s")
+        .expect("run node scripts/call.mjs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    (output, stdout)
+}
+
 /// One offline call from the sample through `worker` (the stand-in on `standin_port`), with
 /// `args` besides; what the simulator printed. It must have succeeded.
 async fn offline_call(
@@ -213,24 +264,7 @@ async fn offline_call(
     args: &[&str],
 ) -> (Output, String) {
     let sample = root.join("samples/caller-ja.wav");
-    let port = standin_port.to_string();
-    let url = worker.base_url();
-    let mut all = vec![
-        "--offline",
-        "--audio",
-        sample.to_str().unwrap(),
-        "--standin-port",
-        &port,
-        "--url",
-        &url,
-    ];
-    all.extend_from_slice(args);
-    let run = simulator(root, &all).output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the simulator did not finish within 120 s")
-        .expect("run node scripts/call.mjs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (output, stdout) = offline_run(root, &worker.base_url(), standin_port, &sample, args).await;
     assert!(
         output.status.success(),
         "the simulator failed ({}):\n{}",
@@ -264,19 +298,17 @@ async fn simulator_places_an_offline_call_through_the_worker() {
     let context = || context(&output, Some(&worker));
 
     // The call went the way a Twilio call goes, to its end.
-    for expected in [
-        "TwiML: <Stream url=\"ws://127.0.0.1:",
-        "the Worker connected to the stand-in",
-        "in=audio/pcmu out=audio/pcmu",
-        "caller starts speaking",
-        "Twilio: stop (the caller hung up)",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "no {expected:?} in:\n{}",
-            context()
-        );
-    }
+    assert_said(
+        &stdout,
+        &[
+            "TwiML: <Stream url=\"ws://127.0.0.1:",
+            "the Worker connected to the stand-in",
+            "in=audio/pcmu out=audio/pcmu",
+            "caller starts speaking",
+            "Twilio: stop (the caller hung up)",
+        ],
+        context,
+    );
 
     // The live transcript: the stand-in's greeting and answer, and what it "heard".
     let agent_lines = live_standin_lines(&stdout, "agent");
@@ -417,20 +449,14 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     .await;
     let silence = scratch.join("silence.wav");
     write_silence(&silence, 1);
-    let port = standin_port.to_string();
-    let url = worker.base_url();
     let out = scratch.join("agent.wav");
     // A caller who says nothing and would stay on the line for a minute.
-    let run = simulator(
+    let (output, stdout) = offline_run(
         &root,
+        &worker.base_url(),
+        standin_port,
+        &silence,
         &[
-            "--offline",
-            "--audio",
-            silence.to_str().unwrap(),
-            "--standin-port",
-            &port,
-            "--url",
-            &url,
             "--tail",
             "60",
             "--max-tail",
@@ -439,40 +465,27 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
             out.to_str().unwrap(),
         ],
     )
-    .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the simulator did not finish within 120 s")
-        .expect("run node scripts/call.mjs");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    .await;
     let context = || context(&output, Some(&worker));
     assert_eq!(output.status.code(), Some(0), "{}", context());
-    for expected in [
-        "Twilio REST: Status=completed — the agent hung up",
-        "Twilio: stop (the agent hung up)",
-        "the agent hung up (Twilio's REST API, played by the simulator)",
-        "stored call record: status=completed end_reason=agent_hangup",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "no {expected:?} in:\n{}",
-            context()
-        );
-    }
+    assert_said(
+        &stdout,
+        &[
+            "Twilio REST: Status=completed — the agent hung up",
+            "Twilio: stop (the agent hung up)",
+            "the agent hung up (Twilio's REST API, played by the simulator)",
+            "stored call record: status=completed end_reason=agent_hangup",
+        ],
+        context,
+    );
     assert!(
         !stdout.contains("refused the Worker's call update"),
         "{}",
         context()
     );
     // The stream ended well before the caller's minute of silence.
-    let sent_s = stdout
-        .lines()
-        .find_map(|l| {
-            let l = l.strip_prefix("call summary: ")?;
-            l.split(" media frames sent").next()?.parse::<f64>().ok()
-        })
-        .map(|frames| frames * 0.02)
-        .unwrap_or_else(|| panic!("no call summary:\n{}", context()));
+    let sent_s =
+        caller_seconds_sent(&stdout).unwrap_or_else(|| panic!("no call summary:\n{}", context()));
     assert!(
         sent_s < 45.0,
         "the call went on for {sent_s} s\n{}",
@@ -482,7 +495,7 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     // Read back through the admin API: completed, ended by the agent's hang-up.
     let call_sid =
         printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", context()));
-    let admin = support::admin::Admin::new(&url, ADMIN_TOKEN);
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
     let detail = admin
         .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
             !d["call"]["ended_at"].is_null()
@@ -551,40 +564,26 @@ async fn offline_call_to_a_worker_that_uses_another_realtime_server_fails_loudly
     let standin_port = free_port();
     let sample = root.join("samples/caller-ja.wav");
     let out = scratch.join("agent.wav");
-    let run = simulator(
+    let (output, stdout) = offline_run(
         &root,
-        &[
-            "--offline",
-            "--audio",
-            sample.to_str().unwrap(),
-            "--standin-port",
-            &standin_port.to_string(),
-            "--url",
-            &worker.base_url(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &worker.base_url(),
+        standin_port,
+        &sample,
+        &["--out", out.to_str().unwrap()],
     )
-    .output();
-    let output = tokio::time::timeout(Duration::from_secs(120), run)
-        .await
-        .expect("the simulator did not finish within 120 s")
-        .expect("run node scripts/call.mjs");
+    .await;
     let _ = other.start_kill();
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let context = || context(&output, Some(&worker));
     assert_eq!(output.status.code(), Some(2), "{}", context());
-    for expected in [
-        "--offline, but the Worker NEVER connected to the stand-in",
-        "most likely the REAL OpenAI Realtime API",
-        "npm run dev:offline",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "no {expected:?} in:\n{}",
-            context()
-        );
-    }
+    assert_said(
+        &stdout,
+        &[
+            "--offline, but the Worker NEVER connected to the stand-in",
+            "most likely the REAL OpenAI Realtime API",
+            "npm run dev:offline",
+        ],
+        context,
+    );
     assert!(
         !stdout.contains("the Worker connected to the stand-in"),
         "{}",
@@ -701,18 +700,16 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
         output.status,
         context()
     );
-    for expected in [
-        "caller audio: the microphone (`node tests/support/fake_mic.mjs",
-        "the microphone is live",
-        "speaker: `cat > ",
-        "Twilio: stop (the caller hung up)",
-    ] {
-        assert!(
-            stdout.contains(expected),
-            "no {expected:?} in:\n{}",
-            context()
-        );
-    }
+    assert_said(
+        &stdout,
+        &[
+            "caller audio: the microphone (`node tests/support/fake_mic.mjs",
+            "the microphone is live",
+            "speaker: `cat > ",
+            "Twilio: stop (the caller hung up)",
+        ],
+        context,
+    );
     assert!(
         stderr.contains("Ctrl-C: the caller hangs up"),
         "the Ctrl-C should be acknowledged:\n{}",
@@ -744,14 +741,8 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
         "the speaker got {} bytes for {streamed_s} s played",
         speaker.len()
     );
-    let sent_s = stdout
-        .lines()
-        .find_map(|l| {
-            let l = l.strip_prefix("call summary: ")?;
-            l.split(" media frames sent").next()?.parse::<f64>().ok()
-        })
-        .map(|frames| frames * 0.02)
-        .unwrap_or_else(|| panic!("no call summary:\n{}", context()));
+    let sent_s =
+        caller_seconds_sent(&stdout).unwrap_or_else(|| panic!("no call summary:\n{}", context()));
     assert!(
         (streamed_s - sent_s).abs() < 1.0,
         "the speaker played {streamed_s} s in a call of {sent_s} s of caller audio"
