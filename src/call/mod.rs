@@ -804,18 +804,31 @@ impl Call {
     }
 
     fn on_openai_text(&mut self, text: &str, now: Millis) {
+        if let Some(event) = self.read_openai(text) {
+            self.on_openai_event(event, now);
+        }
+    }
+
+    /// A frame of the session, parsed; `None` when there is no session to read it for, or it
+    /// is too large or malformed (dropped and counted).
+    fn read_openai<'a>(&mut self, text: &'a str) -> Option<ServerEvent<'a>> {
         if !self.session_open() {
-            return;
+            return None;
         }
         if text.len() > MAX_FRAME_BYTES {
-            return self.drop_input("openai_oversized_frame", json!({ "len": text.len() }));
+            self.drop_input("openai_oversized_frame", json!({ "len": text.len() }));
+            return None;
         }
-        let event = match openai::parse(text) {
-            Ok(e) => e,
+        match openai::parse(text) {
+            Ok(e) => Some(e),
             Err(e) => {
-                return self.drop_input("openai_malformed_event", json!({ "error": e.to_string() }))
+                self.drop_input("openai_malformed_event", json!({ "error": e.to_string() }));
+                None
             }
-        };
+        }
+    }
+
+    fn on_openai_event(&mut self, event: ServerEvent<'_>, now: Millis) {
         match event {
             ServerEvent::SessionCreated(s) => {
                 self.session_id = s.id.clone();
@@ -1312,12 +1325,13 @@ impl Call {
     fn dispatch_in_tail(&mut self, input: Input<'_>, now: Millis) {
         let done = match input {
             Input::OpenAiText(text) => {
-                if matches!(
-                    openai::parse(text),
-                    Ok(ServerEvent::InputTranscriptionCompleted { .. }
-                        | ServerEvent::InputTranscriptionFailed { .. })
-                ) {
-                    self.on_openai_text(text, now);
+                match self.read_openai(text) {
+                    Some(
+                        event @ (ServerEvent::InputTranscriptionCompleted { .. }
+                        | ServerEvent::InputTranscriptionFailed { .. }),
+                    ) => self.on_openai_event(event, now),
+                    // The rest is over with the call (a response to the turn, its audio).
+                    _ => {}
                 }
                 self.control_untranscribed().is_none()
             }
