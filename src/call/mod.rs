@@ -519,7 +519,11 @@ impl Call {
                 self.send_mark(&mark);
             }
         }
-        self.record_settled(now);
+        // The recording's clock stops with Twilio's end: in the transcript tail nothing more
+        // is handed out, and the call's end completes it as of then.
+        if self.tail.is_none() {
+            self.record_settled(now);
+        }
     }
 
     fn dispatch(&mut self, input: Input<'_>, now: Millis) {

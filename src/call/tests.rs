@@ -3411,3 +3411,32 @@ fn without_a_recording_an_agent_turn_is_placed_when_it_starts_to_play() {
     let answer = at.iter().find(|t| t.0 == "ご予約を承りました。").unwrap().1;
     assert_eq!(answer - wait, 6_000, "{at:?}");
 }
+
+#[test]
+fn the_recording_ends_with_twilio_s_end_not_with_the_transcript_tail() {
+    let mut sim = caller_turn_committed_untranscribed();
+    sim.at(5_200);
+    sim.twilio(STOP);
+    let before = sim.recording.len();
+    // The tail runs its course: nothing more of the recording is handed out meanwhile.
+    for t in [6_000, 7_000, 8_000] {
+        sim.at(t);
+        sim.input(Input::Timeout);
+        assert_eq!(sim.recording.len(), before, "at {t}");
+    }
+    sim.at(8_200);
+    sim.input(Input::Timeout);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let duration = sim.recording_done.expect("the recording is complete");
+    assert_eq!(
+        sim.recording.len() as u64,
+        duration * crate::recording::BYTES_PER_MS,
+        "its audio is as long as it says"
+    );
+    let (_, call_ms, _) = call_ended(&sim.records).unwrap();
+    assert_eq!(
+        Some(duration),
+        call_ms,
+        "as long as the call, to Twilio's end"
+    );
+}
