@@ -11,7 +11,8 @@ use arbitrary::Arbitrary;
 use base64::Engine;
 use phone_agent_bridge::audio::{base64_decoded_len, bytes_to_ms};
 use phone_agent_bridge::call::{
-    Action, Call, EndReason, Input, Setup, Summary, MAX_FRAME_BYTES, TRANSCRIPT_TAIL,
+    Action, Call, EndReason, Input, Setup, Summary, MARK_EVERY_BYTES, MARK_EVERY_MS,
+    MAX_FRAME_BYTES, TRANSCRIPT_TAIL,
 };
 use phone_agent_bridge::config::{is_e164, realtime_model_problem, Agent, Secret};
 use phone_agent_bridge::http::{Outcome, Request};
@@ -31,10 +32,6 @@ pub const ACCOUNT_SID: &str = "AC00000000000000000000000000000001";
 const REST_BASE: &str = "https://api.twilio.test";
 const REST_TOKEN: &str = "rest-token";
 const TOOL_URL: &str = "https://tools.example.jp/lookup";
-/// The core's mark batching (`call::playback`), mirrored: a mark after this much audio of
-/// an item, or this long after its first unmarked byte.
-const MARK_EVERY_BYTES: u64 = 800;
-const MARK_EVERY_MS: Millis = Millis(100);
 const FALLBACK_TWIML: &str = "<Response><Say>sorry</Say></Response>";
 /// How many cut items the core remembers, to drop their late audio (a private constant of
 /// the core's playback clock, mirrored here).
@@ -773,7 +770,8 @@ struct Config {
 /// - caller audio reaches OpenAI exactly as Twilio sent it, in order, less the oldest
 ///   frames dropped by the bound, and only into a ready session;
 /// - a truncate's `audio_end_ms` never exceeds what of that item was sent to Twilio, nor
-///   what Twilio confirmed played by echoing a mark; a `clear` precedes it when the stream
+///   what Twilio confirmed played by echoing a mark plus the time since playback was last
+///   known (an echo or a clear); a `clear` precedes it when the stream
 ///   is live; a retrieve of the same item follows it exactly when `audio_end_ms > 0`;
 /// - one OpenAI socket at a time: `ConnectOpenAi` only when none is open or being opened;
 ///   the first event on each socket is `session.update`, and (while the shell keeps its
@@ -822,6 +820,9 @@ pub struct Harness {
     next_echo: usize,
     sent: HashMap<String, u64>,
     confirmed: HashMap<String, u64>,
+    /// When playback was last known for certain (a mark's echo, or a clear): between
+    /// echoes the core reckons it on the clock, never faster than 1 ms a ms since then.
+    known_at: Millis,
     /// Item -> the number of cuts before its latest cut.
     cut_at: HashMap<String, u64>,
     cuts: u64,
@@ -1041,6 +1042,7 @@ impl Harness {
             next_echo: 0,
             sent: HashMap::new(),
             confirmed: HashMap::new(),
+            known_at: Millis::ZERO,
             cut_at: HashMap::new(),
             cuts: 0,
             barge_ins: 0,
@@ -1429,6 +1431,7 @@ impl Harness {
                             *c = (*c).max(m.sent_after);
                         }
                         self.next_echo = self.next_echo.max(pos + 1);
+                        self.known_at = self.now;
                         milestone("mark echoed");
                     }
                 }
@@ -1802,8 +1805,8 @@ impl Harness {
                 }
             }
         }
-        // Marks are batched, but bounded: under 100 ms of audio waits for one, and after any
-        // input (caller frames come every 20 ms) none has waited 100 ms.
+        // Marks are batched, but bounded: under 500 ms of audio waits for one, and after any
+        // input (caller frames come every 20 ms) none has waited 500 ms.
         if let (Some((item, bytes, since)), false) = (&self.unmarked, self.call.is_ended()) {
             check!(
                 *bytes < MARK_EVERY_BYTES,
@@ -1859,6 +1862,7 @@ impl Harness {
         }
         if cleared {
             self.orphans.clear();
+            self.known_at = self.now;
         }
         let stats = self.call.stats();
         check!(
@@ -1991,13 +1995,15 @@ impl Harness {
                 check!(v["content_index"] == 0, "{s}");
                 let sent_ms = bytes_to_ms(self.sent.get(&item).copied().unwrap_or(0));
                 let heard_ms = bytes_to_ms(self.confirmed.get(&item).copied().unwrap_or(0));
+                let since = self.now.saturating_sub(self.known_at).0;
                 check!(
                     end <= sent_ms,
                     "truncate of {item:?} at {end} ms, past the {sent_ms} ms sent"
                 );
                 check!(
-                    end <= heard_ms,
-                    "truncate of {item:?} at {end} ms, past the {heard_ms} ms confirmed played"
+                    end <= heard_ms + since,
+                    "truncate of {item:?} at {end} ms, past the {heard_ms} ms confirmed played \
+                     {since} ms ago"
                 );
                 check!(
                     st.cleared || self.stream_sid.is_none(),
@@ -2200,6 +2206,19 @@ impl Harness {
                             .is_some_and(|at| self.now >= at + TRANSCRIPT_TAIL),
                         _ => false,
                     }
+            }
+            // Twilio's end while the call was ending after the agent side failed (its
+            // words unsaid, and what it had said still playing): recorded as that failure,
+            // then Twilio's end.
+            (EndReason::FailedWhileEnding { then, .. }, Input::TwilioText(_))
+                if then.starts_with("twilio_stop") =>
+            {
+                step.read.is("stop")
+            }
+            (EndReason::FailedWhileEnding { then, .. }, Input::TwilioClosed { code, .. })
+                if then.starts_with("twilio_socket_closed") =>
+            {
+                then.ends_with(&format!("({code})"))
             }
             _ if agent_failure => {
                 check!(

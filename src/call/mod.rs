@@ -12,7 +12,7 @@ mod playback;
 mod record;
 mod transcript;
 
-pub use playback::{Cut, Echo, Playback};
+pub use playback::{Cut, Echo, Playback, MARK_EVERY_BYTES, MARK_EVERY_MS};
 pub use transcript::{Conversation, Entry};
 
 use crate::audio::{base64_decoded_len, bytes_to_ms};
@@ -45,9 +45,6 @@ pub const TRANSCRIPT_TAIL: Millis = Millis(3_000);
 /// An agent turn with more than this (ms) of its audio unconfirmed when the call ends was
 /// not heard to its end (see `cut_turns_heard_in_part`).
 pub const UNHEARD_TAIL_MS: u64 = 1_000;
-/// How far playback may have gone past the last mark echoed when the call ends (ms): a mark
-/// goes every 100 ms of audio, and its echo takes a round trip.
-pub const MARK_SLACK_MS: u64 = 300;
 
 /// Something that arrived for the call.
 #[derive(Debug, Clone, Copy)]
@@ -647,7 +644,7 @@ impl Call {
             Inbound::Connected => self.log(Level::Debug, "twilio.connected", Value::Null),
             Inbound::Start(start) => self.on_start(start, now),
             Inbound::Media(media) => self.on_caller_audio(&media.payload, media.timestamp, now),
-            Inbound::Mark { name } => match self.playback.echoed(&name) {
+            Inbound::Mark { name } => match self.playback.echoed(&name, now) {
                 Echo::Played { .. } => self.on_played(now),
                 Echo::Flushed => {}
                 Echo::Unknown => self.drop_input("twilio_unknown_mark", json!({ "name": name })),
@@ -1253,7 +1250,9 @@ impl Call {
     /// The caller started talking. If agent audio is still unheard, stop it at Twilio
     /// first (what the caller notices), then tell OpenAI how much was really heard.
     fn barge_in(&mut self, now: Millis) {
-        if !self.playback.outstanding() {
+        // Audio whose mark has not come back but which has played by the reckoning (it
+        // ended long enough ago) is not cut: nothing is left to clear.
+        if !self.playback.unheard(now) {
             return;
         }
         let unconfirmed_ms = self.playback.unconfirmed_ms();
@@ -1262,7 +1261,7 @@ impl Call {
                 .push_back(Action::SendTwilio(stream.writer.clear()));
             self.record_clear(now);
         }
-        let cuts = self.playback.barge_in();
+        let cuts = self.playback.barge_in(now);
         // Audio held for a stream that has not started belongs to the cut items.
         self.held_output.clear();
         self.held_output_bytes = 0;
@@ -1329,13 +1328,13 @@ impl Call {
     fn dispatch_in_tail(&mut self, input: Input<'_>, now: Millis) {
         let done = match input {
             Input::OpenAiText(text) => {
-                match self.read_openai(text) {
-                    Some(
-                        event @ (ServerEvent::InputTranscriptionCompleted { .. }
-                        | ServerEvent::InputTranscriptionFailed { .. }),
-                    ) => self.on_openai_event(event, now),
-                    // The rest is over with the call (a response to the turn, its audio).
-                    _ => {}
+                // The rest is over with the call (a response to the turn, its audio).
+                if let Some(
+                    event @ (ServerEvent::InputTranscriptionCompleted { .. }
+                    | ServerEvent::InputTranscriptionFailed { .. }),
+                ) = self.read_openai(text)
+                {
+                    self.on_openai_event(event, now)
                 }
                 self.control_untranscribed().is_none()
             }
@@ -1479,7 +1478,7 @@ impl Call {
     /// text that matches `heard` (of the ms played, sent) of the audio received, as cut.
     fn write_unfinished_agent_turns(&mut self, heard: impl Fn(u64, u64) -> u64, now: Millis) {
         let at = self.offset(now);
-        for (id, played, sent, received) in self.playback.sent_items() {
+        for (id, played, sent, received) in self.playback.sent_items(now) {
             if self.conversation.agent_unwritten(&id) {
                 let heard = heard(played, sent);
                 let entry = self.conversation.agent_cut(&id, heard, received, at);
@@ -1490,19 +1489,14 @@ impl Call {
 
     /// At the call's end, an agent turn already written whole whose audio had more than
     /// [`UNHEARD_TAIL_MS`] still to play (the caller hung up on it, or it was queued behind
-    /// one they did) is rewritten as heard: what Twilio confirmed played, give or take the
-    /// last mark's round trip ([`MARK_SLACK_MS`]), marked cut. A turn that had all but
-    /// finished stays whole: its last mark may simply not have come back before the stop.
+    /// one they did) is rewritten as heard: what had played by the end (confirmed, or
+    /// reckoned since the last echo), marked cut. A turn that had all but finished stays
+    /// whole: the reckoning runs behind the truth by an echo's way back.
     fn cut_turns_heard_in_part(&mut self, now: Millis) {
         let at = self.offset(now);
-        for (id, played, _, received) in self.playback.sent_items() {
+        for (id, played, _, received) in self.playback.sent_items(now) {
             if received > played + UNHEARD_TAIL_MS && self.conversation.agent_written_whole(&id) {
-                let heard = if played == 0 {
-                    0
-                } else {
-                    (played + MARK_SLACK_MS).min(received)
-                };
-                let entry = self.conversation.agent_cut(&id, heard, received, at);
+                let entry = self.conversation.agent_cut(&id, played, received, at);
                 self.write_entry(entry);
             }
         }

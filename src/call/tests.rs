@@ -79,6 +79,11 @@ fn setup(agent: Agent) -> Setup {
     }
 }
 
+/// The scenarios' mark cadence: one mark per 100 ms of audio, so that each chunk of their
+/// scripts (100 ms or more) is followed by its own mark. The production cadence
+/// (`playback::MARK_EVERY_BYTES`) has its own tests (`Sim::production_marks`).
+const SCENARIO_MARK_BYTES: u64 = 800;
+
 /// The call machine plus a clock; every step returns the non-log actions it produced.
 struct Sim {
     call: Call,
@@ -97,10 +102,13 @@ struct Sim {
 }
 
 impl Sim {
-    /// A call of `agent` at time 0, its first actions not yet taken.
+    /// A call of `agent` at time 0, its first actions not yet taken. Its marks go every
+    /// 100 ms of audio (see `Sim::production_marks`).
     fn of(agent: Agent) -> Self {
+        let mut call = Call::new(setup(agent), Millis(0));
+        call.playback = Playback::with_marks_every(SCENARIO_MARK_BYTES, Millis(100));
         Sim {
-            call: Call::new(setup(agent), Millis(0)),
+            call,
             now: Millis(0),
             logs: vec![],
             records: vec![],
@@ -122,6 +130,12 @@ impl Sim {
             }]
         );
         sim
+    }
+
+    /// Marks go as in production, from now on.
+    fn production_marks(&mut self) -> &mut Self {
+        self.call.playback = Playback::default();
+        self
     }
 
     /// A call whose session is ready and whose stream has started; returns after the
@@ -682,7 +696,7 @@ fn playing(chunks: usize, played: usize) -> (Sim, Vec<String>) {
 }
 
 #[test]
-fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
+fn barge_in_clears_twilio_then_truncates_at_the_ms_played() {
     let (mut sim, _) = playing(10, 3);
     sim.at(650);
     let out = sim.openai(&speech_started());
@@ -691,14 +705,10 @@ fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
         json_of(&out[0]),
         json!({"event":"clear","streamSid":STREAM})
     );
+    // 600 ms confirmed by the echo at 600, and 50 ms played since.
     assert_eq!(
         json_of(&out[1]),
-        json!({"type":"conversation.item.truncate","item_id":"item_a","content_index":0,"audio_end_ms":600})
-    );
-    // Then the item as the server now holds it, for the transcript of what was heard.
-    assert_eq!(
-        json_of(&out[2]),
-        json!({"type":"conversation.item.retrieve","item_id":"item_a"})
+        json!({"type":"conversation.item.truncate","item_id":"item_a","content_index":0,"audio_end_ms":650})
     );
     // Then the item as the server now holds it, for the transcript of what was heard.
     assert_eq!(
@@ -706,6 +716,33 @@ fn barge_in_clears_twilio_then_truncates_at_the_ms_confirmed_played() {
         json!({"type":"conversation.item.retrieve","item_id":"item_a"})
     );
     assert_eq!(sim.call.stats().barge_ins, 1);
+}
+
+#[test]
+fn with_marks_every_500_ms_a_barge_in_between_echoes_cuts_where_playback_stands() {
+    let mut sim = Sim::live();
+    sim.production_marks();
+    // The agent's audio comes at twice real time, 20 ms a delta every 10 ms, from 1 000:
+    // a mark goes after each 500 ms of it, not after each delta.
+    let mut marks = vec![];
+    for i in 0..60u64 {
+        sim.at(1_000 + 10 * i);
+        let out = sim.openai(&delta("item_a", &audio(160, i as u8)));
+        let names: Vec<String> = out.iter().skip(1).map(mark_name).collect();
+        marks.extend(names);
+    }
+    assert_eq!(marks.len(), 2, "{marks:?}");
+    // The first 500 ms played from 1 200 (its way to Twilio reckoned at 200 ms); its echo
+    // comes back at 1 750.
+    sim.at(1_750);
+    assert!(sim.twilio(&mark(&marks[0])).is_empty());
+    // The caller talks 330 ms later, before the next echo: cut at 500 + 330 ms.
+    sim.at(2_080);
+    let out = sim.openai(&speech_started());
+    assert_eq!(
+        sends_of(&out, "conversation.item.truncate")[0]["audio_end_ms"],
+        830
+    );
 }
 
 #[test]
@@ -738,6 +775,15 @@ fn speech_when_nothing_is_playing_sends_no_clear_and_no_truncate() {
     assert!(sim.openai(&speech_started()).is_empty());
     // All audio played: still nothing to cut.
     let (mut sim, _) = playing(3, 3);
+    assert!(sim.openai(&speech_started()).is_empty());
+    assert_eq!(sim.call.stats().barge_ins, 0);
+}
+
+#[test]
+fn speech_long_after_the_agent_s_audio_played_out_sends_no_clear_though_its_mark_is_still_out() {
+    let (mut sim, _) = playing(3, 2);
+    // The third chunk's echo never came, but 600 ms of audio sent at 0 has played by 10 s.
+    sim.at(10_000);
     assert!(sim.openai(&speech_started()).is_empty());
     assert_eq!(sim.call.stats().barge_ins, 0);
 }
@@ -1561,7 +1607,7 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
     sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"予約をお願いしたいです"}"#);
     sim.at(2800);
     sim.twilio(&mark(&r1));
-    // The caller talks over the reply after 200 of its 800 ms.
+    // The caller talks over the reply after 300 of its 800 ms (200 confirmed, 100 since).
     sim.at(2900);
     sim.openai(
         r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":2750,"item_id":"item_u2"}"#,
@@ -1595,7 +1641,7 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0].1, "barge_in");
     assert_eq!(ev[0].2["item_id"], "item_r");
-    assert_eq!(ev[0].2["audio_end_ms"], 200);
+    assert_eq!(ev[0].2["audio_end_ms"], 300);
 
     assert!(sim.records.contains(&Record::SessionId {
         call_sid: SID.into(),
@@ -2346,14 +2392,16 @@ fn the_time_limit_s_end_is_not_called_off_by_speech() {
         ..Agent::default()
     };
     let mut sim = Sim::live_with(agent);
-    sim.response("resp_g");
-    sim.agent_chunk("item_g", &audio(800, 1));
-    sim.response_done("resp_g");
     sim.at(30_000);
     sim.input(Input::Timeout);
+    // A reply starts to play just before the time limit's end.
+    sim.at(59_900);
+    sim.response("resp_r");
+    sim.agent_chunk("item_r", &audio(1600, 1));
+    sim.response_done("resp_r");
     sim.at(60_000);
     let out = sim.input(Input::Timeout);
-    assert!(http_of(&out).is_empty(), "the greeting is still playing");
+    assert!(http_of(&out).is_empty(), "the reply is still playing");
     let out = sim.openai(&speech_started());
     assert!(system_notes(&out).is_empty());
     assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
@@ -3357,11 +3405,12 @@ fn an_agent_turn_the_caller_hung_up_on_is_kept_as_heard() {
     let (_, role, kept, _, cut) = transcript(&sim.records).pop().unwrap();
     assert_eq!(role, Role::Agent);
     assert!(cut, "marked cut");
-    // 1.3 s of 3 s heard: the start of the text, about that share of it.
+    // 1.1 s of 3 s heard (1 s confirmed, 100 ms since): the start of the text, about that
+    // share of it.
     let chars = text.chars().count();
     assert_eq!(
         kept,
-        text.chars().take(chars * 1_300 / 3_000).collect::<String>()
+        text.chars().take(chars * 1_100 / 3_000).collect::<String>()
     );
 }
 

@@ -35,9 +35,10 @@ fn a_turn_cut_before_any_of_it_was_heard_is_rewritten_empty_and_not_seeded() {
     sim.openai(r#"{"type":"response.output_audio_transcript.done","item_id":"item_a","response_id":"resp_1","transcript":"全部の長い説明です。"}"#);
     let whole = transcript(&sim.records);
     assert_eq!(whole.last().unwrap().2, "全部の長い説明です。");
-    sim.at(300);
+    // The caller speaks before the audio can have reached Twilio (`PLAY_LEAD`).
+    sim.at(150);
     let out = sim.openai(
-        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":250,"item_id":"item_u"}"#,
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":100,"item_id":"item_u"}"#,
     );
     assert_eq!(
         sends_of(&out, "conversation.item.truncate")[0]["audio_end_ms"],
