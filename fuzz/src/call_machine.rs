@@ -764,7 +764,8 @@ struct Config {
 ///   call, and everything sent there names that stream;
 /// - agent audio reaches Twilio only after a `session.updated` with `audio/pcmu` both ways
 ///   in the current session, exactly as OpenAI sent it (same payload, same item, in order,
-///   each chunk followed by a new mark); audio accepted before `start` is flushed in order
+///   marks after it at least every `MARK_EVERY_BYTES` of audio and `MARK_EVERY_MS` of
+///   time); audio accepted before `start` is flushed in order
 ///   when it comes, less what the bound, a barge-in or a reconnect dropped; audio of an item
 ///   cut by a barge-in is not played while the core still remembers the cut;
 /// - caller audio reaches OpenAI exactly as Twilio sent it, in order, less the oldest
