@@ -560,16 +560,22 @@ mod tests {
         assert_eq!(p.barge_in(Millis(4_500))[0].audio_end_ms, 300);
     }
 
-    #[test]
-    fn an_echo_from_before_a_dry_spell_does_not_date_the_audio_after_it() {
-        let mut p = Playback::default();
+    /// a (500 ms) sent at 0, then b (500 ms) at 1 000, once the reckoned queue had run dry
+    /// (at 700 ms); a's echo comes at `echo_at`. Returns b's id.
+    fn b_after_a_dry_spell_and_a_s_echo_at(p: &mut Playback, echo_at: u64) -> ItemId {
         let (a, b) = (id("a"), id("b"));
         p.received(&a, MARK);
         let ma = p.sent(&a, MARK, T0).unwrap();
-        // b is sent once the reckoned queue has run dry (at 700 ms), before a's echo.
         p.received(&b, MARK);
         p.sent(&b, MARK, Millis(1_000)).unwrap();
-        p.echoed(&ma, Millis(1_050));
+        p.echoed(&ma, Millis(echo_at));
+        b
+    }
+
+    #[test]
+    fn an_echo_from_before_a_dry_spell_does_not_date_the_audio_after_it() {
+        let mut p = Playback::default();
+        let b = b_after_a_dry_spell_and_a_s_echo_at(&mut p, 1_050);
         // From a's echo b would have played 50 ms by 1 100; from its sending, none yet.
         assert_eq!(p.sent_items(Millis(1_100))[1], (b.clone(), 0, 500, 500));
         assert_eq!(p.sent_items(Millis(1_300))[1].1, 100);
@@ -578,14 +584,8 @@ mod tests {
     #[test]
     fn a_late_echo_holds_back_the_audio_queued_after_it() {
         let mut p = Playback::default();
-        let (a, b) = (id("a"), id("b"));
-        p.received(&a, MARK);
-        let ma = p.sent(&a, MARK, T0).unwrap();
-        // b is sent once the reckoned queue has run dry (at 700 ms)…
-        p.received(&b, MARK);
-        p.sent(&b, MARK, Millis(1_000)).unwrap();
-        // …but a's echo comes only at 1 490: Twilio played a late, and b after it.
-        p.echoed(&ma, Millis(1_490));
+        // a's echo comes only at 1 490: Twilio played a late, and b after it.
+        let b = b_after_a_dry_spell_and_a_s_echo_at(&mut p, 1_490);
         assert_eq!(p.sent_items(Millis(1_500))[1], (b.clone(), 10, 500, 500));
         assert_eq!(p.barge_in(Millis(1_500))[0].audio_end_ms, 10);
     }
