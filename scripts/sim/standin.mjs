@@ -396,7 +396,11 @@ class Session {
   onCommit(ev) {
     if (this.bufferMs <= 0) return this.error('input_audio_buffer_commit_empty', 'Error committing input audio buffer: buffer too small. Expected at least 100ms of audio, but buffer only has 0.00ms of audio.', null, ev);
     const heard = this.bufferMs;
-    this.commitUserItem(this.newItemId(), heard);
+    // Committed mid-speech (the caller hung up, say): the turn is the item its
+    // speech_started named, and the speech is over.
+    const itemId = this.speaking ? this.pendingUserItem : this.newItemId();
+    this.speaking = false;
+    this.commitUserItem(itemId, heard);
   }
 
   // ---- responses ----

@@ -1,0 +1,83 @@
+// Unit tests of the offline stand-in Realtime server (scripts/sim/standin.mjs) over a real
+// WebSocket: a commit of the caller's words while they are still speaking, as the Worker
+// sends when the caller hangs up mid-sentence, and a commit of nothing.
+//
+//   node --test tests/sim/
+
+import assert from 'node:assert/strict';
+import { test } from 'node:test';
+import WebSocket from 'ws';
+
+import { StandIn } from '../../scripts/sim/standin.mjs';
+
+/** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
+async function session(t) {
+  const server = new StandIn({ port: 0 });
+  await server.listen();
+  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
+  t.after(async () => {
+    ws.terminate();
+    await server.close();
+  });
+  const events = [];
+  const waiters = [];
+  ws.on('message', (data) => {
+    const ev = JSON.parse(data.toString());
+    events.push(ev);
+    for (const w of [...waiters]) if (w.match(ev)) { waiters.splice(waiters.indexOf(w), 1); w.resolve(ev); }
+  });
+  const next = (type, ms = 5000) => {
+    const seen = events.find((e) => e.type === type && !e.taken);
+    if (seen) { seen.taken = true; return Promise.resolve(seen); }
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no ${type} within ${ms} ms; got ${events.map((e) => e.type)}`)), ms);
+      waiters.push({ match: (e) => e.type === type && (e.taken = true), resolve: (e) => { clearTimeout(timer); resolve(e); } });
+    });
+  };
+  await new Promise((resolve) => ws.once('open', resolve));
+  const send = (ev) => ws.send(JSON.stringify(ev));
+  send({
+    type: 'session.update',
+    session: {
+      type: 'realtime',
+      audio: {
+        input: {
+          format: { type: 'audio/pcmu' },
+          transcription: { model: 'gpt-4o-transcribe', language: 'ja' },
+          turn_detection: { type: 'server_vad', silence_duration_ms: 500, create_response: false },
+        },
+        output: { format: { type: 'audio/pcmu' } },
+      },
+    },
+  });
+  await next('session.updated');
+  return { send, next, events };
+}
+
+/** `ms` of loud μ-law (a full-scale square wave), as 20 ms appends. */
+function speak(send, ms) {
+  const frame = Buffer.alloc(160);
+  for (let i = 0; i < frame.length; i++) frame[i] = i % 2 ? 0x00 : 0x80;
+  for (let t = 0; t < ms; t += 20) send({ type: 'input_audio_buffer.append', audio: frame.toString('base64') });
+}
+
+test('a commit while the caller speaks makes their turn the item speech_started named, and transcribes it', async (t) => {
+  const { send, next, events } = await session(t);
+  speak(send, 400);
+  const started = await next('input_audio_buffer.speech_started');
+  send({ type: 'input_audio_buffer.commit', event_id: 'evt_bridge_final_commit' });
+  const committed = await next('input_audio_buffer.committed');
+  assert.equal(committed.item_id, started.item_id);
+  const done = await next('conversation.item.input_audio_transcription.completed');
+  assert.equal(done.item_id, started.item_id);
+  assert.match(done.transcript, /stand-in/);
+  assert.ok(!events.some((e) => e.type === 'error'), JSON.stringify(events.filter((e) => e.type === 'error')));
+});
+
+test('a commit of nothing is refused, naming the event it refuses', async (t) => {
+  const { send, next } = await session(t);
+  send({ type: 'input_audio_buffer.commit', event_id: 'evt_bridge_final_commit' });
+  const err = await next('error');
+  assert.equal(err.error.code, 'input_audio_buffer_commit_empty');
+  assert.equal(err.error.event_id, 'evt_bridge_final_commit');
+});
