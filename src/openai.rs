@@ -601,6 +601,17 @@ pub fn input_audio_append(audio: &str) -> String {
     s
 }
 
+/// The `event_id` of the commit sent when the caller hangs up mid-turn: an error about it
+/// (`input_audio_buffer_commit_empty`: the server had just committed the turn itself) is
+/// told from others by it.
+pub const FINAL_COMMIT_EVENT_ID: &str = "evt_bridge_final_commit";
+
+/// Makes the caller's audio so far a turn, answered by `input_audio_buffer.committed` (and,
+/// as any turn, its transcription).
+pub fn input_audio_commit() -> String {
+    json!({ "type": "input_audio_buffer.commit", "event_id": FINAL_COMMIT_EVENT_ID }).to_string()
+}
+
 /// Asks for an item as the server holds it, answered by `conversation.item.retrieved`.
 pub fn retrieve(item_id: &str) -> String {
     json!({ "type": "conversation.item.retrieve", "item_id": item_id }).to_string()

@@ -290,6 +290,8 @@ pub enum ErrorCode {
     SessionExpired,
     ActiveResponse,
     Other(Option<Text>),
+    /// The refusal of the commit the core asks for when the caller hangs up mid-turn.
+    CommitEmpty,
 }
 
 #[derive(Arbitrary, Debug, Clone, Serialize)]
@@ -501,13 +503,18 @@ fn openai_text(e: &OpenAiEvent) -> String {
             message,
             ours,
         } => json!({"type":"error","event_id":"e","error":obj(vec![
-            ("type", json!("invalid_request_error")), ("code", match code {
-                ErrorCode::SessionExpired => json!("session_expired"),
-                ErrorCode::ActiveResponse => json!("conversation_already_has_active_response"),
-                ErrorCode::Other(c) => json!(c),
-            }),
-            ("message", json!(message)),
-            ("event_id", if *ours { json!("evt_bridge_session_update") } else { Value::Null })])}),
+        ("type", json!("invalid_request_error")), ("code", match code {
+            ErrorCode::SessionExpired => json!("session_expired"),
+            ErrorCode::ActiveResponse => json!("conversation_already_has_active_response"),
+            ErrorCode::Other(c) => json!(c),
+            ErrorCode::CommitEmpty => json!("input_audio_buffer_commit_empty"),
+        }),
+        ("message", json!(message)),
+        ("event_id", match (code, ours) {
+            (ErrorCode::CommitEmpty, _) => json!("evt_bridge_final_commit"),
+            (_, true) => json!("evt_bridge_session_update"),
+            (_, false) => Value::Null,
+        })])}),
         OpenAiEvent::SpeechStarted {
             item: i,
             audio_start_ms,
@@ -860,6 +867,8 @@ pub struct Harness {
     tail_at: Option<Millis>,
     /// Twilio's socket has closed (the input said so): nothing is left to close.
     twilio_gone: bool,
+    /// The core asked for the caller's words so far to be committed at Twilio's end.
+    final_commit: bool,
 }
 
 /// A `mark` sent to Twilio.
@@ -1066,6 +1075,7 @@ impl Harness {
             core_closed_openai: false,
             unmarked: None,
             tail_at: None,
+            final_commit: false,
             twilio_gone: false,
         };
         let rest = h.drain();
@@ -1807,8 +1817,15 @@ impl Harness {
             }
         }
         // Marks are batched, but bounded: under 500 ms of audio waits for one, and after any
-        // input (caller frames come every 20 ms) none has waited 500 ms.
-        if let (Some((item, bytes, since)), false) = (&self.unmarked, self.call.is_ended()) {
+        // input (caller frames come every 20 ms) none has waited 500 ms, while the call is
+        // live (once Twilio's side is over, waiting for the caller's last transcript, no
+        // mark could come back).
+        let twilio_over = self.tail_at.is_some()
+            || step.read.is("stop")
+            || matches!(step.input, Input::TwilioClosed { .. });
+        if let (Some((item, bytes, since)), false) =
+            (&self.unmarked, self.call.is_ended() || twilio_over)
+        {
             check!(
                 *bytes < MARK_EVERY_BYTES,
                 "{bytes} bytes of {item:?} sent without a mark"
@@ -2040,6 +2057,21 @@ impl Harness {
             }
             "conversation.item.retrieve" => {
                 fail(format!("a retrieve not right after its truncate: {s}"))
+            }
+            "input_audio_buffer.commit" => {
+                // The caller's words so far, when they hang up mid-turn: once, as Twilio's
+                // side ends, into a ready session.
+                check!(
+                    step.read.is("stop") || matches!(step.input, Input::TwilioClosed { .. }),
+                    "a commit other than at Twilio's end: {s}"
+                );
+                check!(
+                    v["event_id"] == "evt_bridge_final_commit",
+                    "the final commit names itself: {s}"
+                );
+                check!(!self.final_commit, "one final commit per call");
+                self.final_commit = true;
+                milestone("caller's words committed at the hang-up");
             }
             "response.cancel" => {
                 // Only a response the server started after the goodbye was said.

@@ -27,7 +27,7 @@ pub const VARIANTS: &[(&str, u64)] = &[
     ("Format", 5),
     ("Role", 5),
     ("OpenAiEvent", 20),
-    ("ErrorCode", 3),
+    ("ErrorCode", 4),
     ("ToolName", 5),
     ("Arguments", 3),
 ];

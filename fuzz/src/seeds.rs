@@ -594,5 +594,35 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     ]);
     out.push(("transcript_events", scenario(d(), false, ops)));
 
+    // The caller hangs up mid-sentence: their words so far are committed and transcribed,
+    // or the commit is refused.
+    for refused in [false, true] {
+        let mut ops = live();
+        ops.extend([speech(1), caller(160), caller(160), stop()]);
+        if refused {
+            ops.push(Op::OpenAi(OpenAiEvent::Error {
+                code: ErrorCode::CommitEmpty,
+                message: None,
+                ours: false,
+            }));
+        } else {
+            ops.extend([
+                Op::OpenAi(OpenAiEvent::Committed {
+                    item: Some(Item::Pool(1)),
+                }),
+                Op::OpenAi(OpenAiEvent::InputTranscription {
+                    item: Some(Item::Pool(1)),
+                    transcript: t("それでお願いしま"),
+                }),
+            ]);
+        }
+        let name = if refused {
+            "hang_up_mid_sentence_commit_refused"
+        } else {
+            "hang_up_mid_sentence"
+        };
+        out.push((name, scenario(d(), false, ops)));
+    }
+
     out
 }

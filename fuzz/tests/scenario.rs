@@ -26,6 +26,7 @@ fn seeds_round_trip_and_pass() {
         "mark echoed",
         "truncate after audio heard",
         "truncate at 0",
+        "caller's words committed at the hang-up",
         "caller audio relayed",
         "greeting",
         "reconnect",

@@ -775,6 +775,17 @@ impl Call {
         self.control.untranscribed.as_deref()
     }
 
+    /// The caller's speech started and is not yet a committed turn.
+    pub(super) fn control_turn_uncommitted(&self) -> bool {
+        self.control.turn_uncommitted
+    }
+
+    /// The commit asked for at the hang-up was refused (the buffer was empty: the server
+    /// had committed the turn itself): no turn is to come of it.
+    pub(super) fn final_commit_refused(&mut self) {
+        self.control.turn_uncommitted = false;
+    }
+
     /// The transcription of a caller's turn came: a new session is seeded with it. (One that
     /// failed leaves the words out of the seed all the same.)
     pub(super) fn caller_turn_transcribed(&mut self, item_id: Option<&str>) {

@@ -1304,39 +1304,58 @@ impl Call {
 
     /// Twilio's side is over (`stop`, or its socket closed): the call ends, once the
     /// transcription of the caller's last turn has come, when one is still to come from a
-    /// session that is up, or [`TRANSCRIPT_TAIL`] has passed. Meanwhile nothing but that
+    /// session that is up, or [`TRANSCRIPT_TAIL`] has passed. A caller who hung up while
+    /// speaking (or before the server committed their turn) has their words so far
+    /// committed, so that they are transcribed too. Meanwhile nothing but that turn and its
     /// transcription is heard (see `dispatch_in_tail`). The call ends as of `now`.
     fn end_after_transcript(&mut self, reason: EndReason, now: Millis) {
+        let uncommitted = self.control_turn_uncommitted();
         if reason.is_failure()
             || self.upstream != Upstream::Ready
-            || self.control_untranscribed().is_none()
+            || (self.control_untranscribed().is_none() && !uncommitted)
         {
             return self.end(reason, now);
+        }
+        if uncommitted {
+            self.actions
+                .push_back(Action::SendOpenAi(openai::input_audio_commit()));
         }
         self.log(
             Level::Debug,
             "call.awaiting_caller_transcript",
-            json!({ "item_id": self.control_untranscribed() }),
+            json!({ "item_id": self.control_untranscribed(), "committing": uncommitted }),
         );
         self.tail = Some((reason, now, now + TRANSCRIPT_TAIL));
     }
 
     /// The call is over but for the caller's last transcript: that transcription (or its
-    /// failure) is taken and ends the call; so do the session's close and the deadline.
+    /// failure) is taken and ends the call, once the turn asked to be committed at the
+    /// hang-up is (or its commit was refused); so do the session's close and the deadline.
     /// Everything else is over with the call: a response the server starts to answer the
     /// turn is not heard, nor a tool it calls run.
     fn dispatch_in_tail(&mut self, input: Input<'_>, now: Millis) {
         let done = match input {
             Input::OpenAiText(text) => {
                 // The rest is over with the call (a response to the turn, its audio).
-                if let Some(
-                    event @ (ServerEvent::InputTranscriptionCompleted { .. }
-                    | ServerEvent::InputTranscriptionFailed { .. }),
-                ) = self.read_openai(text)
-                {
-                    self.on_openai_event(event, now)
+                match self.read_openai(text) {
+                    Some(
+                        event @ (ServerEvent::InputTranscriptionCompleted { .. }
+                        | ServerEvent::InputTranscriptionFailed { .. }
+                        | ServerEvent::Committed { .. }),
+                    ) => self.on_openai_event(event, now),
+                    Some(ServerEvent::Error(err))
+                        if err.event_id.as_deref() == Some(openai::FINAL_COMMIT_EVENT_ID) =>
+                    {
+                        self.log(
+                            Level::Debug,
+                            "openai.final_commit_refused",
+                            json!({ "code": err.code, "message": err.message }),
+                        );
+                        self.final_commit_refused();
+                    }
+                    _ => {}
                 }
-                self.control_untranscribed().is_none()
+                self.control_untranscribed().is_none() && !self.control_turn_uncommitted()
             }
             Input::OpenAiClosed { .. } => {
                 self.upstream = Upstream::Closed;
@@ -1351,11 +1370,13 @@ impl Call {
         };
         if done {
             let (reason, at, _) = self.tail.take().expect("in the tail");
-            if self.control_untranscribed().is_some() {
+            if self.control_untranscribed().is_some() || self.control_turn_uncommitted() {
                 self.log(
                     Level::Warn,
                     "call.caller_transcript_missing",
-                    json!({ "item_id": self.control_untranscribed(), "waited_ms": now.saturating_sub(at).0 }),
+                    json!({ "item_id": self.control_untranscribed(),
+                            "uncommitted": self.control_turn_uncommitted(),
+                            "waited_ms": now.saturating_sub(at).0 }),
                 );
             }
             self.end(reason, at);

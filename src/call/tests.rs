@@ -1616,6 +1616,9 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
     sim.openai(r#"{"type":"response.done","response":{"id":"resp_2","status":"cancelled","status_details":{"type":"cancelled","reason":"turn_detected"},"usage":{"total_tokens":100,"input_tokens":60,"output_tokens":40}}}"#);
     sim.at(9100);
     sim.twilio(r#"{"event":"stop"}"#);
+    // The caller was still talking: their words so far are asked to be committed, and the
+    // server has nothing more.
+    sim.openai(FINAL_COMMIT_REFUSED);
 
     assert_eq!(
         transcript(&sim.records),
@@ -2884,6 +2887,7 @@ fn a_hang_up_twilio_could_not_take_for_a_passing_reason_is_asked_again() {
     let (id, _) = http_of(&out)[0].clone();
     rest_answers(&mut sim, id, 200);
     sim.twilio(r#"{"event":"stop"}"#);
+    sim.openai(FINAL_COMMIT_REFUSED);
     assert_eq!(sim.end_label(), Some("agent_hangup"));
     let hangup = events(&sim.records)
         .into_iter()
@@ -3303,6 +3307,90 @@ fn a_caller_who_hangs_up_right_after_speaking_keeps_their_last_words_in_the_reco
     assert_eq!(words, ["では失礼します"]);
     let (at_ms, _, reason) = call_ended(&sim.records).expect("the call's end");
     assert_eq!((at_ms, reason.as_str()), (5_200, "twilio_stop"));
+}
+
+/// The server's refusal of the commit asked for when the caller hung up mid-turn: it had
+/// nothing to commit (it had just committed the turn itself, or heard only a noise).
+const FINAL_COMMIT_REFUSED: &str = r#"{"type":"error","error":{"type":"invalid_request_error","code":"input_audio_buffer_commit_empty","message":"buffer too small","event_id":"evt_bridge_final_commit"}}"#;
+
+/// The caller starts speaking (`item_u`) at 4 s and hangs up mid-sentence at 5 s, before
+/// the server heard them stop: returns what the stop produced.
+fn caller_hangs_up_mid_sentence(sim: &mut Sim) -> Vec<Action> {
+    sim.at(4_000);
+    sim.openai(
+        r#"{"type":"input_audio_buffer.speech_started","audio_start_ms":3900,"item_id":"item_u"}"#,
+    );
+    sim.at(5_000);
+    sim.twilio(STOP)
+}
+
+#[test]
+fn a_caller_who_hangs_up_mid_sentence_keeps_the_words_they_said() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    let out = caller_hangs_up_mid_sentence(&mut sim);
+    // Their words so far are made a turn, so that they are transcribed.
+    assert_eq!(
+        sends_of(&out, "input_audio_buffer.commit"),
+        [json!({"type":"input_audio_buffer.commit","event_id":"evt_bridge_final_commit"})]
+    );
+    assert_eq!(sim.end_label(), None, "the turn is waited for");
+    sim.at(5_100);
+    sim.openai(r#"{"type":"input_audio_buffer.committed","item_id":"item_u"}"#);
+    assert_eq!(sim.end_label(), None, "and then its transcription");
+    sim.at(5_700);
+    let out = sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"それでお願いしま"}"#);
+    assert!(
+        out.iter().any(|a| matches!(a, Action::CloseOpenAi { .. })),
+        "{out:?}"
+    );
+    let words: Vec<(String, u64)> = transcript(&sim.records)
+        .into_iter()
+        .filter(|t| t.1 == Role::Caller)
+        .map(|t| (t.2, t.3))
+        .collect();
+    assert_eq!(words, [("それでお願いしま".to_owned(), 3_900)]);
+    let (at_ms, _, reason) = call_ended(&sim.records).expect("the call's end");
+    assert_eq!((at_ms, reason.as_str()), (5_000, "twilio_stop"));
+    assert!(sim.logged("call.caller_transcript_missing").is_empty());
+}
+
+#[test]
+fn a_final_commit_the_server_refuses_ends_the_call_at_once() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    caller_hangs_up_mid_sentence(&mut sim);
+    // The server had just committed the turn itself: its transcription is what is waited
+    // for, and the empty commit is refused.
+    sim.at(5_050);
+    sim.openai(r#"{"type":"input_audio_buffer.committed","item_id":"item_u"}"#);
+    sim.openai(FINAL_COMMIT_REFUSED);
+    assert_eq!(sim.end_label(), None);
+    sim.at(5_300);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"はい"}"#);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    // Refused with nothing committed (the caller's speech was a noise): the end is not held.
+    let mut sim = Sim::greeted(agent_with_tools());
+    caller_hangs_up_mid_sentence(&mut sim);
+    sim.at(5_050);
+    sim.openai(FINAL_COMMIT_REFUSED);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let (at_ms, ..) = call_ended(&sim.records).expect("the call's end");
+    assert_eq!(at_ms, 5_000);
+    assert!(sim.logged("call.caller_transcript_missing").is_empty());
+}
+
+#[test]
+fn a_final_commit_never_answered_ends_the_call_after_the_tail_and_says_so() {
+    let mut sim = Sim::greeted(agent_with_tools());
+    caller_hangs_up_mid_sentence(&mut sim);
+    sim.at(7_999);
+    sim.input(Input::Timeout);
+    assert_eq!(sim.end_label(), None);
+    sim.at(8_000);
+    sim.input(Input::Timeout);
+    assert_eq!(sim.end_label(), Some("twilio_stop"));
+    let missing = sim.logged("call.caller_transcript_missing");
+    assert_eq!(missing.len(), 1);
+    assert_eq!(missing[0]["uncommitted"], true);
 }
 
 #[test]

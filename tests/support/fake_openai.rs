@@ -182,6 +182,11 @@ struct SessionLog {
     /// μ-law bytes sent in `response.output_audio.delta`, per item id (for truncate checks).
     audio_bytes_by_item: Vec<(String, usize)>,
     next_event: u64,
+    /// μ-law bytes appended since the input buffer was last committed (by the script's
+    /// `input_audio_buffer.committed` or by a commit of the Worker's).
+    uncommitted_audio: usize,
+    /// User items made by the Worker's commits so far.
+    commits: usize,
 }
 
 enum Out {
@@ -381,6 +386,9 @@ impl Session {
                     json!(format!("event_s{}_{}", self.index, log.next_event)),
                 );
             }
+        }
+        if event["type"] == "input_audio_buffer.committed" {
+            log.uncommitted_audio = 0;
         }
         if event["type"] == "response.output_audio.delta" {
             let item = event["item_id"].as_str().unwrap_or("").to_string();
@@ -806,6 +814,38 @@ fn react(session: &Session, script: &mut SessionScript, event: &Value) -> Vec<Va
                 replies.push(json!({ "type": ty, "previous_item_id": null, "item": item }));
             }
         }
+        "input_audio_buffer.append" => {
+            let n = event["audio"]
+                .as_str()
+                .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a).ok())
+                .map_or(0, |b| b.len());
+            session.log.lock().unwrap().uncommitted_audio += n;
+        }
+        "input_audio_buffer.commit" => {
+            // As the real API: a turn of the audio appended since the last commit, then its
+            // transcription; under 100 ms of it, an error.
+            let made = {
+                let mut log = session.log.lock().unwrap();
+                (log.uncommitted_audio >= 800).then(|| {
+                    log.commits += 1;
+                    format!("item_commit_s{}_{}", session.index, log.commits)
+                })
+            };
+            match made {
+                Some(item) => {
+                    replies.push(input_committed(&item, None));
+                    replies.push(user_item_added(&item, None));
+                    replies.push(caller_transcription_completed(&item, COMMITTED_WORDS));
+                }
+                None => replies.push(error_event(
+                    "input_audio_buffer_commit_empty",
+                    "Error committing input audio buffer: buffer too small. Expected at least \
+                     100ms of audio.",
+                    None,
+                    event,
+                )),
+            }
+        }
         "conversation.item.truncate" => {
             let item = event["item_id"].as_str().unwrap_or("");
             let end = event["audio_end_ms"].as_u64();
@@ -1090,6 +1130,10 @@ pub fn user_item_added(user_item_id: &str, previous_item_id: Option<&str>) -> Va
         },
     })
 }
+
+/// What the fake transcribes a turn the Worker commits itself to (its caller's words at a
+/// hang-up mid-sentence).
+pub const COMMITTED_WORDS: &str = "それでお願いしま";
 
 /// The end of a caller's turn as the server VAD reports it: `speech_stopped`,
 /// `input_audio_buffer.committed`, `conversation.item.added` (the user item).

@@ -76,6 +76,8 @@ fn a_call_with_a_barge_in_records_what_each_side_heard() {
     assert!(sim.recording.len() as u64 >= 900 * BYTES_PER_MS);
     sim.at(2_500);
     sim.twilio(STOP);
+    // The caller was still talking: the commit of their words finds nothing more.
+    sim.openai(FINAL_COMMIT_REFUSED);
     assert_eq!(sim.recording_done, Some(2_500));
     assert_eq!(sim.recording.len() as u64, 2_500 * BYTES_PER_MS);
     let (left, right) = split(&sim.recording);
