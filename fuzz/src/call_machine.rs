@@ -950,6 +950,13 @@ struct Step<'a> {
     changes: Changes,
 }
 
+impl Step<'_> {
+    /// Twilio's side ends with this step: its `stop`, or its socket closing.
+    fn twilio_end(&self) -> bool {
+        self.read.is("stop") || matches!(self.input, Input::TwilioClosed { .. })
+    }
+}
+
 impl Harness {
     pub fn new(s: &Scenario) -> Self {
         let now = Millis(s.start_ms & ((1 << 53) - 1));
@@ -1390,7 +1397,7 @@ impl Harness {
             read,
             changes,
         };
-        let twilio_end = step.read.is("stop") || matches!(input, Input::TwilioClosed { .. });
+        let twilio_end = step.twilio_end();
         self.before_actions(&step);
         self.check_actions(&actions, &step);
         if twilio_end && !self.ended && self.tail_at.is_none() {
@@ -1820,9 +1827,7 @@ impl Harness {
         // input (caller frames come every 20 ms) none has waited 500 ms, while the call is
         // live (once Twilio's side is over, waiting for the caller's last transcript, no
         // mark could come back).
-        let twilio_over = self.tail_at.is_some()
-            || step.read.is("stop")
-            || matches!(step.input, Input::TwilioClosed { .. });
+        let twilio_over = self.tail_at.is_some() || step.twilio_end();
         if let (Some((item, bytes, since)), false) =
             (&self.unmarked, self.call.is_ended() || twilio_over)
         {
@@ -2062,7 +2067,7 @@ impl Harness {
                 // The caller's words so far, when they hang up mid-turn: once, as Twilio's
                 // side ends, into a ready session.
                 check!(
-                    step.read.is("stop") || matches!(step.input, Input::TwilioClosed { .. }),
+                    step.twilio_end(),
                     "a commit other than at Twilio's end: {s}"
                 );
                 check!(
