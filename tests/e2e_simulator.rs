@@ -160,7 +160,6 @@ fn simulator(root: &Path, args: &[&str]) -> tokio::process::Command {
     cmd
 }
 
-/// What the simulator printed, and the Worker's log, for a failure message.
 /// Seconds of caller audio the simulator sent, from its call summary.
 fn caller_seconds_sent(stdout: &str) -> Option<f64> {
     stdout
@@ -183,6 +182,7 @@ fn assert_said(stdout: &str, lines: &[&str], context: impl Fn() -> String) {
     }
 }
 
+/// What the simulator printed, and the Worker's log, for a failure message.
 fn context(output: &Output, worker: Option<&WorkerProcess>) -> String {
     format!(
         "--- simulator stdout ---\n{}\n--- stderr ---\n{}\n--- Worker log tail ---\n{}",
