@@ -787,7 +787,7 @@ struct Config {
 ///   socket that is not open; everything but `session.update` waits for the session to
 ///   be ready;
 /// - the greeting is asked for once (again only in a new session after a loss before any
-///   agent audio reached Twilio), only with both the stream and the session ready; no
+///   agent audio reached Twilio since it was asked), only with both the stream and the session ready; no
 ///   other `response.create` while a response is active, one is awaited, or a tool runs;
 /// - HTTP requests have unique ids; a tool's request goes to its URL with the call's
 ///   context, signed with the agent's secret over the exact body when it has one; at most
@@ -839,6 +839,9 @@ pub struct Harness {
     /// still be playing at Twilio, so a barge-in clears it (with nothing to truncate).
     orphans: Vec<String>,
     agent_frames: u64,
+    /// `agent_frames` when the greeting was asked for: none of it was heard while no agent
+    /// audio has gone to Twilio since (audio held from before `start` goes before it).
+    agent_frames_at_greeting: u64,
     agent_bytes: u64,
     event_seq: u64,
     session_recorded: bool,
@@ -1065,6 +1068,7 @@ impl Harness {
             barge_ins: 0,
             orphans: Vec::new(),
             agent_frames: 0,
+            agent_frames_at_greeting: 0,
             agent_bytes: 0,
             event_seq: 0,
             session_recorded: false,
@@ -1596,7 +1600,7 @@ impl Harness {
                     self.response_active = false;
                     self.response_awaited = false;
                     // A greeting lost before any of it reached the caller is asked again.
-                    if self.agent_frames == 0 {
+                    if self.agent_frames == self.agent_frames_at_greeting {
                         self.greeted = false;
                     }
                     self.tools_running.clear();
@@ -1976,6 +1980,7 @@ impl Harness {
                         "greeting before the stream started"
                     );
                     self.greeted = true;
+                    self.agent_frames_at_greeting = self.agent_frames;
                     milestone("greeting");
                 } else {
                     milestone("response.create (control)");
