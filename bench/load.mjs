@@ -18,9 +18,11 @@
 //
 // Each call: the signed voice webhook, the <Stream> socket with the signed upgrade,
 // `connected`, `start`, then one 20 ms μ-law frame every 20 ms for --seconds, paced on the
-// monotonic clock. Every frame is tagged in its first 9 bytes (0xA5, call u16, seq u32,
-// 0x5A, 0xFF) and the rest is a tone. The stand-in stamps each tagged append when it
-// arrives and sends it straight back as an audio delta; the driver stamps the frame when it
+// monotonic clock, and silence after those until their echoes are back (then `stop`).
+// Every frame is tagged in its first 9 bytes (0xA5, call u16, seq u32, 0x5A, 0xFF) and the
+// rest is a tone. The stand-in stamps each tagged append when it
+// arrives and sends it straight back as an audio delta (one per frame, however many frames
+// an append held); the driver stamps the frame when it
 // sends it and when its echo comes back as Twilio media. All stamps are CLOCK_MONOTONIC
 // (process.hrtime), shared by the processes of the machine. Twilio's playback is played as
 // in the simulator: media queued at 8 bytes/ms, marks echoed when played.
@@ -50,7 +52,7 @@
 
 import { readFileSync, readdirSync, writeFileSync } from 'node:fs';
 
-import { FRAME_BYTES, toneSequence } from '../scripts/sim/audio.mjs';
+import { FRAME_BYTES, MULAW_SILENCE, toneSequence } from '../scripts/sim/audio.mjs';
 import { attach as attachProfiler } from './profile.mjs';
 import { Player, TwilioFrames, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, sid, voiceParams } from '../scripts/sim/twilio.mjs';
 
@@ -162,6 +164,9 @@ function cpuTicks(rootPid) {
 
 const TONE = toneSequence([{ hz: 697, ms: 20 }], 0.2); // 160 bytes
 
+/** A 20 ms frame of silence, untagged: what the line carries once the tagged audio is done. */
+const SILENT_FRAME = Buffer.alloc(FRAME_BYTES, MULAW_SILENCE).toString('base64');
+
 function taggedFrame(callIdx, seq) {
   const b = Buffer.from(TONE);
   b[0] = 0xa5;
@@ -187,6 +192,7 @@ class BenchCall {
     this.sentAt = new Float64Array(this.total).fill(NaN);
     this.echoAt = new Float64Array(this.total).fill(NaN);
     this.nextSeq = 0;
+    this.silentFrames = 0;
     this.received = 0;
     this.foreign = 0;
     this.marks = 0;
@@ -274,6 +280,13 @@ class BenchCall {
       this.sentAt[this.nextSeq] = nowMs();
       this.send(this.frames.media(payload));
       this.nextSeq++;
+    }
+    // Twilio goes on sending the caller's line until the call ends, so the last frames are
+    // followed by silence (untagged) while their echoes are awaited: a bridge that sends
+    // caller audio a chunk at a time completes the chunk then, as on a real call.
+    while (this.nextSeq >= this.total && this.t0 + 20 * (this.nextSeq + this.silentFrames) <= now) {
+      this.send(this.frames.media(SILENT_FRAME));
+      this.silentFrames++;
     }
     this.player.advance(now);
     if (this.nextSeq >= this.total && this.lastFrameAt === undefined) this.lastFrameAt = now;

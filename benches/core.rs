@@ -85,6 +85,7 @@ fn new_call(record: bool) -> Call {
                 auth_token: Secret::new("bench"),
             },
             idle_timeout: Millis(3_600_000),
+            caller_chunk: Millis(phone_agent_bridge::call::CALLER_CHUNK_DEFAULT_MS),
             fallback_twiml: "<Response><Say>sorry</Say></Response>".into(),
             transfer_action: "https://bridge.example/api/twilio/transfer-result".into(),
         },
@@ -352,7 +353,8 @@ fn main() {
     };
     let mut figures = Vec::new();
 
-    // Caller → agent: a Twilio media frame becomes input_audio_buffer.append.
+    // Caller → agent: Twilio media frames become input_audio_buffer.append events, two
+    // frames to one at the default `CALLER_AUDIO_CHUNK_MS` (the figure is per frame).
     {
         let mut call = live_call();
         let payloads: Vec<String> = (0..50u8).map(frame_payload).collect();

@@ -36,6 +36,25 @@ pub fn base64_decoded_len(s: &str) -> Option<usize> {
     Some(b.len() / 4 * 3 - pad)
 }
 
+/// Standard base64 as [`base64_decoded_len`] accepts it: padded, with whatever the unused
+/// bits of the last character hold.
+const LENIENT: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new().with_decode_allow_trailing_bits(true),
+);
+
+/// Appends to `buf` the bytes the base64 `s` holds; false, and `buf` as it was, when `s` is
+/// not base64.
+pub fn base64_decode_into(s: &str, buf: &mut Vec<u8>) -> bool {
+    use base64::Engine as _;
+    let len = buf.len();
+    let ok = LENIENT.decode_vec(s, buf).is_ok();
+    if !ok {
+        buf.truncate(len);
+    }
+    ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -58,6 +77,22 @@ mod tests {
         ] {
             assert_eq!(base64_decoded_len(bad), None, "{bad}");
         }
+    }
+
+    #[test]
+    fn decoding_appends_and_leaves_the_buffer_as_it_was_on_failure() {
+        let mut buf = vec![1, 2];
+        assert!(base64_decode_into("AwQ=", &mut buf));
+        assert_eq!(buf, [1, 2, 3, 4]);
+        for bad in ["abc", "ab=c", "a\"bc", "=abc"] {
+            assert!(!base64_decode_into(bad, &mut buf), "{bad}");
+            assert_eq!(buf, [1, 2, 3, 4], "{bad}");
+        }
+        // Every payload the check accepts decodes, unused bits and all ("AR==" holds 0x01
+        // with one bit set past it).
+        assert_eq!(base64_decoded_len("AR=="), Some(1));
+        assert!(base64_decode_into("AR==", &mut buf));
+        assert_eq!(buf, [1, 2, 3, 4, 1]);
     }
 
     #[test]

@@ -563,6 +563,9 @@ pub struct Bridge {
     pub fallback_dial_number: Option<String>,
     /// Silence this long makes the agent check in; as long again ends the call.
     pub idle_timeout_ms: u64,
+    /// Caller audio goes to OpenAI this much at a time (`CALLER_AUDIO_CHUNK_MS`; see
+    /// `call::CALLER_CHUNK_DEFAULT_MS`): 20 sends every Twilio frame as it comes.
+    pub caller_audio_chunk_ms: u64,
     /// The least important call log lines printed (`LOG_LEVEL`; `info` unless set).
     pub log_level: crate::call::Level,
     /// Settings of the fallback that were invalid and set aside for their defaults (the
@@ -836,6 +839,13 @@ impl Bridge {
                 problem.is_none()
             }),
             idle_timeout_ms: (number("IDLE_TIMEOUT_SECONDS", 30.0, 5.0..=600.0) * 1000.0) as u64,
+            caller_audio_chunk_ms: number(
+                "CALLER_AUDIO_CHUNK_MS",
+                crate::call::CALLER_CHUNK_DEFAULT_MS as f64,
+                crate::call::CALLER_CHUNK_MS_RANGE.0 as f64
+                    ..=crate::call::CALLER_CHUNK_MS_RANGE.1 as f64,
+            )
+            .round() as u64,
             log_level: match get("LOG_LEVEL") {
                 None => crate::call::Level::Info,
                 Some(v) => v.parse().unwrap_or_else(|()| {
@@ -1053,6 +1063,12 @@ mod tests {
         check("IDLE_TIMEOUT_SECONDS", "30s", &|c| {
             c.idle_timeout_ms == 30_000
         });
+        check("CALLER_AUDIO_CHUNK_MS", "10", &|c| {
+            c.caller_audio_chunk_ms == 40
+        });
+        check("CALLER_AUDIO_CHUNK_MS", "1000", &|c| {
+            c.caller_audio_chunk_ms == 40
+        });
         check("LOG_LEVEL", "verbose", &|c| c.log_level == d.log_level);
         // A model the Realtime API does not have would fail every call: the default is
         // used, or the name meant when only its case is off (spaces are trimmed already).
@@ -1073,11 +1089,13 @@ mod tests {
             ("AGENT_LANGUAGE", "japanese"),
             ("AGENT_VAD_SILENCE_MS", "800"),
             ("IDLE_TIMEOUT_SECONDS", "45"),
+            ("CALLER_AUDIO_CHUNK_MS", "20"),
         ]);
         let fields: Vec<&str> = c.ignored.iter().map(|e| e.field).collect();
         assert_eq!(fields, ["AGENT_VOICE", "AGENT_LANGUAGE"]);
         assert_eq!(c.agent.turn_detection.silence_duration_ms, 800);
         assert_eq!(c.idle_timeout_ms, 45_000);
+        assert_eq!(c.caller_audio_chunk_ms, 20);
         assert_eq!(c.agent.validate(), Ok(()));
         // A table or list where text belongs is not read as its JSON.
         let c = Bridge::from_lookup(|k| match k {

@@ -601,6 +601,17 @@ pub fn input_audio_append(audio: &str) -> String {
     s
 }
 
+/// [`input_audio_append`] of μ-law bytes (several frames gathered into one append).
+pub fn input_audio_append_bytes(audio: &[u8]) -> String {
+    use base64::Engine as _;
+    const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+    let mut s = String::with_capacity(HEAD.len() + audio.len().div_ceil(3) * 4 + 2);
+    s.push_str(HEAD);
+    base64::engine::general_purpose::STANDARD.encode_string(audio, &mut s);
+    s.push_str("\"}");
+    s
+}
+
 /// The `event_id` of the commit sent when the caller hangs up mid-turn: an error about it
 /// (`input_audio_buffer_commit_empty`: the server had just committed the turn itself) is
 /// told from others by it.

@@ -247,6 +247,80 @@ async fn unsigned_or_wrongly_signed_stream_upgrade_is_refused_but_signed_one_acc
     ok(h, session.wait_closed(SOON).await);
 }
 
+/// A Worker at the default `CALLER_AUDIO_CHUNK_MS` (40 ms: the harness's 20 set aside).
+async fn chunked_harness() -> &'static support::Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    support::shared_harness(&HARNESS, "e2e-bridge-caller-chunks", || {
+        vec![("CALLER_AUDIO_CHUNK_MS".into(), String::new())]
+    })
+    .await
+}
+
+/// As shipped, the caller's 20 ms frames go to OpenAI two to an append (half the messages
+/// for the Worker to send), whole and in order; the frame waiting for its pair when the
+/// caller hangs up is sent before the session closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn by_default_caller_audio_reaches_openai_two_frames_to_an_append_complete_in_order() {
+    let h = chunked_harness().await;
+    let frames = 101; // odd: the last frame is still waiting for its pair at the hang-up
+    let audio: Vec<u8> = tagged_chunks(0x52, frames, tw::FRAME_BYTES).concat();
+    let call = h
+        .start_call(CallSpec {
+            caller_audio: Some(audio.clone()),
+            ..CallSpec::default()
+        })
+        .await;
+    let sent = call.caller_audio.unwrap().await.unwrap();
+    assert_eq!(sent.len(), frames);
+    let appended = |events: &[oai::ClientEvent]| -> Vec<Vec<u8>> {
+        events
+            .iter()
+            .filter(|e| e.event_type() == "input_audio_buffer.append")
+            .map(|e| unb64(e.event["audio"].as_str().unwrap_or_default()))
+            .collect()
+    };
+    let before_end = (frames - 1) * tw::FRAME_BYTES;
+    let chunks = ok(
+        h,
+        call.openai
+            .wait_until("all but the last frame appended", SOON, |v| {
+                let chunks = appended(v.received);
+                (chunks.iter().map(Vec::len).sum::<usize>() >= before_end).then_some(chunks)
+            })
+            .await,
+    );
+    assert_eq!(
+        chunks.concat(),
+        audio[..before_end],
+        "whole frames, in order"
+    );
+    // Frames held while the session was set up go one to an append; once it is ready, two.
+    let pairs = chunks
+        .iter()
+        .filter(|c| c.len() == 2 * tw::FRAME_BYTES)
+        .count();
+    assert!(
+        chunks.iter().all(
+            |c| [1, 2].contains(&(c.len() / tw::FRAME_BYTES)) && c.len() % tw::FRAME_BYTES == 0
+        ),
+        "{:?}",
+        chunks.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    assert!(
+        pairs >= 20,
+        "{pairs} appends of two frames for {frames} frames"
+    );
+
+    call.twilio.send_stop(&call.ids);
+    ok(h, call.openai.wait_closed(SOON).await);
+    assert_eq!(
+        appended(&call.openai.received()).concat(),
+        audio,
+        "the last frame too, before the session closed"
+    );
+}
+
 /// A Worker reached through a proxy (`PUBLIC_BASE_URL`) that serves it under a path and
 /// passes requests on without it, with its own Worker.
 async fn proxied_harness() -> &'static support::Harness {

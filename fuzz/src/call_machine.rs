@@ -55,7 +55,8 @@ pub struct Scenario {
     /// Whether the agent records calls (one value in four). A recording costs work per
     /// millisecond of call, so a recorded call's clock is kept within [`RECORDED_CLOCK_MS`]
     /// (past the recorder's chunk, jitter and look-ahead bounds) to keep inputs fast; an
-    /// unrecorded one may run for days.
+    /// unrecorded one may run for days. Bits 2 and 3 pick how much caller audio goes to
+    /// OpenAI at a time (`CALLER_AUDIO_CHUNK_MS`): 20, 40, 60 or 100 ms.
     pub record: u8,
     pub ops: Vec<Op>,
 }
@@ -821,8 +822,8 @@ pub struct Harness {
     response_awaited: bool,
     /// Agent audio accepted before `start`: (item, payload).
     held: VecDeque<(String, String)>,
-    /// Caller audio accepted and not yet sent to OpenAI.
-    caller: VecDeque<String>,
+    /// Caller audio accepted and not yet sent to OpenAI, a frame (μ-law) at a time.
+    caller: VecDeque<Vec<u8>>,
     marks: Vec<SentMark>,
     /// Index of the first mark not yet echoed.
     next_echo: usize,
@@ -1033,6 +1034,7 @@ impl Harness {
                 auth_token: Secret::new(REST_TOKEN),
             },
             idle_timeout: Millis(5_000 + u64::from(s.idle_s) * 1000),
+            caller_chunk: Millis([20, 40, 60, 100][usize::from(s.record >> 2) & 3]),
             fallback_twiml: FALLBACK_TWIML.into(),
             transfer_action: "https://bridge.example/api/twilio/transfer-result".into(),
         };
@@ -1434,7 +1436,12 @@ impl Harness {
         match &step.read {
             Read::Twilio(v) if accepted && v["event"] == "media" => {
                 if let Some(p) = str_at(v, "/media/payload") {
-                    self.caller.push_back(p.to_owned());
+                    let mut frame = Vec::new();
+                    check!(
+                        phone_agent_bridge::audio::base64_decode_into(p, &mut frame),
+                        "caller audio accepted that is not base64"
+                    );
+                    self.caller.push_back(frame);
                 }
             }
             Read::Twilio(v) if v["event"] == "mark" => {
@@ -2006,11 +2013,26 @@ impl Harness {
                     base64_decoded_len(audio).is_some(),
                     "append not base64: {s}"
                 );
-                let Some(front) = self.caller.pop_front() else {
-                    fail(format!("caller audio sent that Twilio never sent: {s}"))
-                };
-                check!(front == audio, "caller audio out of order or changed");
-                milestone("caller audio relayed");
+                // Whole frames, in the order they came: one or several in an append.
+                let mut sent = Vec::new();
+                check!(
+                    phone_agent_bridge::audio::base64_decode_into(audio, &mut sent),
+                    "append not base64: {s}"
+                );
+                let (mut frames, mut count) = (Vec::new(), 0);
+                while frames.len() < sent.len() {
+                    let Some(front) = self.caller.pop_front() else {
+                        fail(format!("caller audio sent that Twilio never sent: {s}"))
+                    };
+                    frames.extend(front);
+                    count += 1;
+                }
+                check!(frames == sent, "caller audio out of order, changed or cut mid-frame");
+                milestone(if count > 1 {
+                    "caller audio relayed, frames gathered"
+                } else {
+                    "caller audio relayed"
+                });
             }
             "conversation.item.truncate" => {
                 let item = v["item_id"]

@@ -164,6 +164,14 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     ]);
     out.push(("live_call_barge_in", scenario(d(), false, ops)));
 
+    // Caller audio gathered 40 ms at a time: pairs of frames in one append, the last frame
+    // sent at the hang-up, before the commit of the caller's words.
+    let mut ops = live();
+    ops.extend([speech(1), caller(160), caller(160), caller(160), stop()]);
+    let mut gathered = scenario(d(), false, ops);
+    gathered.record = 0b0101;
+    out.push(("caller_audio_gathered", gathered));
+
     // Twilio's start before the session: caller audio waits, then flows in order.
     let mut ops = vec![start(), caller(160), caller(160), opened()];
     ops.extend([

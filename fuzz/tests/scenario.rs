@@ -28,6 +28,7 @@ fn seeds_round_trip_and_pass() {
         "truncate at 0",
         "caller's words committed at the hang-up",
         "caller audio relayed",
+        "caller audio relayed, frames gathered",
         "greeting",
         "reconnect",
         "tool webhook request",

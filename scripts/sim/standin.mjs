@@ -12,7 +12,8 @@
 //     the usual mistakes (missing session.type, beta field names, a second active
 //     response, truncating past the audio sent).
 //   echo — for the load benchmark: every input_audio_buffer.append comes straight back as
-//     a response.output_audio.delta with the same payload, and tagged frames (see
+//     response.output_audio.delta events, one per 20 ms frame it holds (the payload itself
+//     when it holds one), and tagged frames (see
 //     bench/load.mjs) are time-stamped for the latency figures, served at GET /bench/stats.
 //     So that a call leaves a transcript, the greeting's response.create is answered with
 //     a text-only turn ("[stand-in] echo …" transcript, no audio), and every 5 s of appended
@@ -52,6 +53,17 @@ export const STANDIN_TONES_HZ = [440, 523, 659, 784, 880];
 
 const DELTA_BYTES = 800; // 100 ms of μ-law per audio delta
 const DELTA_INTERVAL_MS = 50; // sent at twice real time, as the real API streams ahead
+
+/** A 20 ms μ-law frame (160 bytes) in base64. */
+const FRAME_B64 = 216;
+
+/** The 20 ms frames (160 bytes each, the last maybe shorter) of base64 audio, in base64. */
+export function splitFrames(payload) {
+  const audio = Buffer.from(payload, 'base64');
+  const frames = [];
+  for (let i = 0; i < audio.length; i += 160) frames.push(audio.subarray(i, i + 160).toString('base64'));
+  return frames;
+}
 
 function b64(buf) {
   return Buffer.from(buf).toString('base64');
@@ -292,11 +304,17 @@ class Session {
         item: { id: this.echoItem, object: 'realtime.item', type: 'message', status: 'in_progress', role: 'assistant', content: [] },
       });
     }
-    this.ws.send(
-      `{"type":"response.output_audio.delta","event_id":"e${++this.eventSeq}","response_id":"resp_standin_echo","item_id":"${this.echoItem}","output_index":0,"content_index":0,"delta":"${payload}"}`,
-    );
-    this.server.recordEcho(payload);
-    this.echoTranscribe();
+    // A delta per 20 ms frame, however many frames the append carried (the bridge sends
+    // several at a time, CALLER_AUDIO_CHUNK_MS): what comes back, and what the bench counts,
+    // does not change with how the caller's side was sent.
+    const frames = payload.length > FRAME_B64 ? splitFrames(payload) : [payload];
+    for (const frame of frames) {
+      this.ws.send(
+        `{"type":"response.output_audio.delta","event_id":"e${++this.eventSeq}","response_id":"resp_standin_echo","item_id":"${this.echoItem}","output_index":0,"content_index":0,"delta":"${frame}"}`,
+      );
+      this.server.recordEcho(frame);
+      this.echoTranscribe();
+    }
   }
 
   // ---- input audio and the VAD ----

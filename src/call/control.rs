@@ -158,7 +158,7 @@ impl Call {
         c.next_item += 1;
         let event = make(&format!("{}{n}", openai::ITEM_EVENT_ID));
         c.unconfirmed.push_back((n, self.now));
-        self.actions.push_back(Action::SendOpenAi(event));
+        self.send_openai(event);
     }
 
     /// The server confirmed an item of ours: the oldest sent (it handles them in the order
@@ -695,11 +695,9 @@ impl Call {
         if std::mem::take(&mut self.control.greet_again) {
             // The greeting failed: asked again as it was first asked.
             self.greeting_sent();
-            self.actions
-                .push_back(Action::SendOpenAi(openai::greeting_response(&self.agent)));
+            self.send_openai(openai::greeting_response(&self.agent));
         } else {
-            self.actions
-                .push_back(Action::SendOpenAi(openai::response_create()));
+            self.send_openai(openai::response_create());
             self.control.awaiting_created = true;
             self.control.reply_owed = true;
             self.control.awaiting_greeting = false;
@@ -824,8 +822,7 @@ impl Call {
                 "control.response_after_goodbye_cancelled",
                 json!({ "response_id": id }),
             );
-            self.actions
-                .push_back(Action::SendOpenAi(openai::response_cancel(id)));
+            self.send_openai(openai::response_cancel(id));
             self.control.silenced = Some(id.to_owned());
             return;
         }
@@ -2079,7 +2076,7 @@ impl Call {
             if role == "assistant" {
                 // Not told from the model's own items when confirmed: not waited for.
                 let item = openai::text_item(role, &text, None);
-                self.actions.push_back(Action::SendOpenAi(item));
+                self.send_openai(item);
             } else {
                 self.add_item(|id| openai::text_item(role, &text, Some(id)));
             }

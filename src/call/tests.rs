@@ -74,6 +74,9 @@ fn setup(agent: Agent) -> Setup {
             auth_token: crate::config::Secret::new("tok"),
         },
         idle_timeout: IDLE,
+        // Each frame goes on as it comes (`CALLER_AUDIO_CHUNK_MS` = 20), so that the scripts
+        // see one append per frame; gathering frames has tests of its own (relay).
+        caller_chunk: Millis(20),
         fallback_twiml: FALLBACK_TWIML.into(),
         transfer_action: TRANSFER_ACTION.into(),
     }
@@ -3168,6 +3171,7 @@ fn an_event_type_the_bridge_does_not_know_is_counted_and_logged_and_known_unused
     assert_eq!(counted, [json!({ "openai_unknown_event": 1 })]);
 }
 
+mod caller_chunks;
 mod failed_responses;
 mod held_responses;
 mod interrupted_calls;

@@ -435,6 +435,7 @@ impl CallSession {
                 auth_token: config.twilio_auth_token.clone(),
             },
             idle_timeout: Millis(config.idle_timeout_ms),
+            caller_chunk: Millis(config.caller_audio_chunk_ms),
             fallback_twiml: webhook::fallback_twiml(&config, &reg.agent, Some(&transfer_action)),
             transfer_action,
         };

@@ -1,6 +1,7 @@
 // Unit tests of the offline stand-in Realtime server (scripts/sim/standin.mjs) over a real
 // WebSocket: a commit of the caller's words while they are still speaking, as the Worker
-// sends when the caller hangs up mid-sentence, and a commit of nothing.
+// sends when the caller hangs up mid-sentence, a commit of nothing, and the benchmark's echo
+// of appends holding several frames.
 //
 //   node --test tests/sim/
 
@@ -8,7 +9,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import WebSocket from 'ws';
 
-import { StandIn } from '../../scripts/sim/standin.mjs';
+import { StandIn, splitFrames } from '../../scripts/sim/standin.mjs';
 
 /** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
 async function session(t) {
@@ -80,4 +81,34 @@ test('a commit of nothing is refused, naming the event it refuses', async (t) =>
   const err = await next('error');
   assert.equal(err.error.code, 'input_audio_buffer_commit_empty');
   assert.equal(err.error.event_id, 'evt_bridge_final_commit');
+});
+
+test('echo mode sends an append of several frames back a delta per 20 ms frame, each as it was', async (t) => {
+  const server = new StandIn({ port: 0, mode: 'echo' });
+  await server.listen();
+  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
+  t.after(async () => {
+    ws.terminate();
+    await server.close();
+  });
+  const deltas = [];
+  ws.on('message', (data) => {
+    const ev = JSON.parse(data.toString());
+    if (ev.type === 'response.output_audio.delta') deltas.push(ev.delta);
+  });
+  await new Promise((resolve) => ws.once('open', resolve));
+  const frame = (seed) => Buffer.alloc(160, seed).toString('base64');
+  // One frame alone, then two in one append (the bridge's default, 40 ms at a time).
+  ws.send(JSON.stringify({ type: 'input_audio_buffer.append', audio: frame(1) }));
+  const pair = Buffer.concat([Buffer.alloc(160, 2), Buffer.alloc(160, 3)]).toString('base64');
+  ws.send(JSON.stringify({ type: 'input_audio_buffer.append', audio: pair }));
+  for (let i = 0; i < 100 && deltas.length < 3; i++) await new Promise((r) => setTimeout(r, 20));
+  assert.deepEqual(deltas, [frame(1), frame(2), frame(3)]);
+});
+
+test('splitFrames cuts base64 audio into 20 ms frames', () => {
+  const audio = Buffer.alloc(400, 9);
+  const frames = splitFrames(audio.toString('base64'));
+  assert.deepEqual(frames.map((f) => Buffer.from(f, 'base64').length), [160, 160, 80]);
+  assert.deepEqual(Buffer.concat(frames.map((f) => Buffer.from(f, 'base64'))), audio);
 });

@@ -145,6 +145,11 @@ impl Harness {
             ("TWILIO_AUTH_TOKEN".into(), TWILIO_AUTH_TOKEN.into()),
             ("OPENAI_REALTIME_URL".into(), openai.realtime_url()),
             ("OPENAI_MODEL".into(), OPENAI_MODEL.into()),
+            // Each caller frame goes on as it comes, so that a test can wait for the append
+            // of the frame it sent (see `e2e_persistence::sync_twilio`). The default, 40 ms
+            // at a time, has its own test (`e2e_bridge`, `chunked_harness`): give this an
+            // empty value for it.
+            ("CALLER_AUDIO_CHUNK_MS".into(), "20".into()),
         ];
         vars.retain(|(name, _)| !extra_vars.iter().any(|(extra, _)| extra == name));
         vars.extend(extra_vars);
