@@ -2027,7 +2027,10 @@ impl Harness {
                     frames.extend(front);
                     count += 1;
                 }
-                check!(frames == sent, "caller audio out of order, changed or cut mid-frame");
+                check!(
+                    frames == sent,
+                    "caller audio out of order, changed or cut mid-frame"
+                );
                 milestone(if count > 1 {
                     "caller audio relayed, frames gathered"
                 } else {
