@@ -1058,14 +1058,27 @@ pub(crate) mod testdb {
 
     /// A fresh database with every migration applied, foreign keys on (as on D1).
     pub fn open() -> Connection {
+        open_before("~")
+    }
+
+    /// A fresh database with the migrations whose file names sort before `name` applied
+    /// (`"0006"`: 0001 to 0005), as a database deployed before that one was.
+    pub fn open_before(name: &str) -> Connection {
         let conn = Connection::open_in_memory().expect("open sqlite");
         conn.execute_batch("PRAGMA foreign_keys = ON;").unwrap();
+        migrate(&conn, |file| file < name);
+        conn
+    }
+
+    /// Applies the migrations whose file names `pick` takes, in order.
+    pub fn migrate(conn: &Connection, pick: impl Fn(&str) -> bool) {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
         let mut files: Vec<_> = std::fs::read_dir(&dir)
             .expect("migrations/")
             .filter_map(Result::ok)
             .map(|e| e.path())
             .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(&pick))
             .collect();
         files.sort();
         for f in files {
@@ -1073,7 +1086,6 @@ pub(crate) mod testdb {
             conn.execute_batch(&sql)
                 .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
         }
-        conn
     }
 
     /// The binding db.rs gives each JSON parameter on D1.
@@ -1205,10 +1217,36 @@ mod tests {
         assert_eq!(agent.language, "ja");
         assert_eq!(agent.voice, "marin");
         assert_eq!(agent.turn_detection, TurnDetection::default());
-        assert!(agent.tools.is_empty());
+        // It can end a call (migration 0006).
+        assert_eq!(agent.tools, [json!({"type": "end_call"})]);
         let record = record_from_row(&rows[0]).unwrap();
         assert!(record.is_default);
         assert!(record.created_at.ends_with('Z'), "{}", record.created_at);
+    }
+
+    #[test]
+    fn the_seed_gets_end_call_only_when_nobody_has_edited_it() {
+        let tools_after_0006 = |edit: &str| {
+            let db = testdb::open_before("0006");
+            if !edit.is_empty() {
+                db.execute_batch(edit).unwrap();
+            }
+            testdb::migrate(&db, |file| file >= "0006");
+            from_row(&testdb::query(&db, &select_by_id("default"))[0])
+                .unwrap()
+                .tools
+        };
+        assert_eq!(tools_after_0006(""), [json!({"type": "end_call"})]);
+        // Edited through the admin API (which moves updated_at), even to no tools: kept.
+        let edited = "UPDATE agents SET instructions = '受付です', \
+                      updated_at = '2026-12-01T00:00:00.000Z' WHERE id = 'default'";
+        assert!(tools_after_0006(edited).is_empty());
+        let with_tools =
+            r#"UPDATE agents SET tools = '[{"type":"transfer_call"}]' WHERE id = 'default'"#;
+        assert_eq!(
+            tools_after_0006(with_tools),
+            [json!({"type": "transfer_call"})]
+        );
     }
 
     #[test]
