@@ -591,11 +591,13 @@ pub fn text_item(role: &str, text: &str, event_id: Option<&str>) -> String {
     )
 }
 
+/// An append up to its audio (built by hand: it goes once per caller frame or chunk).
+const APPEND_HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
+
 /// `audio` must already be checked base64, so it is copied without escaping.
 pub fn input_audio_append(audio: &str) -> String {
-    const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
-    let mut s = String::with_capacity(HEAD.len() + audio.len() + 2);
-    s.push_str(HEAD);
+    let mut s = String::with_capacity(APPEND_HEAD.len() + audio.len() + 2);
+    s.push_str(APPEND_HEAD);
     s.push_str(audio);
     s.push_str("\"}");
     s
@@ -604,9 +606,8 @@ pub fn input_audio_append(audio: &str) -> String {
 /// [`input_audio_append`] of μ-law bytes (several frames gathered into one append).
 pub fn input_audio_append_bytes(audio: &[u8]) -> String {
     use base64::Engine as _;
-    const HEAD: &str = r#"{"type":"input_audio_buffer.append","audio":""#;
-    let mut s = String::with_capacity(HEAD.len() + audio.len().div_ceil(3) * 4 + 2);
-    s.push_str(HEAD);
+    let mut s = String::with_capacity(APPEND_HEAD.len() + audio.len().div_ceil(3) * 4 + 2);
+    s.push_str(APPEND_HEAD);
     base64::engine::general_purpose::STANDARD.encode_string(audio, &mut s);
     s.push_str("\"}");
     s
@@ -647,6 +648,18 @@ pub fn truncate(item_id: &str, audio_end_ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_append_of_bytes_is_the_append_of_their_base64() {
+        use base64::Engine as _;
+        let audio: Vec<u8> = (0..=255).collect();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&audio);
+        assert_eq!(input_audio_append_bytes(&audio), input_audio_append(&b64));
+        assert_eq!(
+            input_audio_append_bytes(&[]),
+            r#"{"type":"input_audio_buffer.append","audio":""}"#
+        );
+    }
 
     #[test]
     fn session_update_has_the_ga_shape_and_no_beta_fields() {
