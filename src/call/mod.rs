@@ -822,30 +822,33 @@ impl Call {
     /// Sends the caller audio gathered so far to the session when it is ready, else holds it
     /// for the next one ([`Call::hold_caller_chunk`]).
     fn release_caller_chunk(&mut self) {
-        if self.caller_chunk.is_empty() {
-            return;
-        }
         if self.upstream != Upstream::Ready {
             return self.hold_caller_chunk();
         }
-        let event = openai::input_audio_append_bytes(&self.caller_chunk);
-        self.caller_chunk.clear();
-        self.caller_chunk_frames = 0;
-        self.actions.push_back(Action::SendOpenAi(event));
+        if let Some((event, _, _)) = self.take_caller_chunk() {
+            self.actions.push_back(Action::SendOpenAi(event));
+        }
     }
 
     /// The caller audio gathered for a session that went away, ahead of the audio held for
     /// the next one: it is older, and never reached the one it was gathered for.
     fn hold_caller_chunk(&mut self) {
+        if let Some((event, bytes, frames)) = self.take_caller_chunk() {
+            self.pending_input.push_front((event, bytes, frames));
+            self.pending_input_bytes += bytes;
+        }
+    }
+
+    /// The append of the caller audio gathered so far, with its bytes and frames; the
+    /// gathering starts again.
+    fn take_caller_chunk(&mut self) -> Option<(String, u64, u64)> {
         if self.caller_chunk.is_empty() {
-            return;
+            return None;
         }
         let event = openai::input_audio_append_bytes(&self.caller_chunk);
         let bytes = self.caller_chunk.len() as u64;
-        let frames = std::mem::take(&mut self.caller_chunk_frames);
         self.caller_chunk.clear();
-        self.pending_input.push_front((event, bytes, frames));
-        self.pending_input_bytes += bytes;
+        Some((event, bytes, std::mem::take(&mut self.caller_chunk_frames)))
     }
 
     /// Every other event for OpenAI goes after the caller audio that came before it, as it
