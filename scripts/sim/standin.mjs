@@ -30,7 +30,7 @@ import { createServer } from 'node:http';
 import { fileURLToPath } from 'node:url';
 import { WebSocketServer } from 'ws';
 
-import { BYTES_PER_MS, MULAW_DECODE, toneSequence } from './audio.mjs';
+import { BYTES_PER_MS, FRAME_BYTES, MULAW_DECODE, toneSequence } from './audio.mjs';
 import { REST_PREFIX, TwilioRest } from './rest.mjs';
 import { nowMs, setting } from './twilio.mjs';
 
@@ -54,14 +54,14 @@ export const STANDIN_TONES_HZ = [440, 523, 659, 784, 880];
 const DELTA_BYTES = 800; // 100 ms of μ-law per audio delta
 const DELTA_INTERVAL_MS = 50; // sent at twice real time, as the real API streams ahead
 
-/** A 20 ms μ-law frame (160 bytes) in base64. */
-const FRAME_B64 = 216;
+/** The length of a 20 ms μ-law frame in base64. */
+const FRAME_B64 = Math.ceil(FRAME_BYTES / 3) * 4;
 
-/** The 20 ms frames (160 bytes each, the last maybe shorter) of base64 audio, in base64. */
+/** The 20 ms frames (the last maybe shorter) of base64 audio, in base64. */
 export function splitFrames(payload) {
   const audio = Buffer.from(payload, 'base64');
   const frames = [];
-  for (let i = 0; i < audio.length; i += 160) frames.push(audio.subarray(i, i + 160).toString('base64'));
+  for (let i = 0; i < audio.length; i += FRAME_BYTES) frames.push(audio.subarray(i, i + FRAME_BYTES).toString('base64'));
   return frames;
 }
 
