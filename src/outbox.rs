@@ -8,9 +8,21 @@
 //!   stored, and is owed a retry until storage or D1 takes it;
 //! - while storage may hold records, or memory holds ones storage refused, the object owes
 //!   itself an alarm, so that a restart (a deploy) cannot strand them: set once, before the
-//!   first record is written, not per record, and owed again once it fired or was deleted.
+//!   first record is written, not per record, and owed again once it fired or was deleted;
+//! - records on their way straight to D1 are gathered for [`GATHER_MS`] first, so that those
+//!   handed over together (a call's set-up, a turn's transcripts) reach D1 in one write.
 
 use std::collections::VecDeque;
+
+/// How long records are gathered before they go straight to D1, from the first one seen.
+/// A call's set-up hands over three records within some 30 ms, the end of a turn two or
+/// three: gathered, each such group is one D1 request and one transaction instead of one
+/// per record (D1 bills and works per request). They wait in memory this much longer, as
+/// records do while a direct write is on its way; what must outlive a restart is made
+/// durable by the shell's `durable`, which does not wait for this.
+pub const GATHER_MS: u64 = 200;
+/// This many records waiting go at once, however recently the first came.
+pub const GATHER_MAX: usize = 50;
 
 /// What the object's storage holds of the outbox, as far as this instance knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +51,8 @@ pub struct Ledger<T> {
     refused: bool,
     /// An alarm of the object is pending: set since it last fired or was deleted.
     alarm: bool,
+    /// When the writer first saw the records now waiting to go straight to D1.
+    gathering_since: Option<u64>,
 }
 
 impl<T> Default for Ledger<T> {
@@ -49,6 +63,7 @@ impl<T> Default for Ledger<T> {
             stored: 0,
             refused: false,
             alarm: false,
+            gathering_since: None,
         }
     }
 }
@@ -80,7 +95,23 @@ impl<T> Ledger<T> {
     /// Everything waiting, to go straight to D1; `None` while storage may hold records, which
     /// must reach D1 first.
     pub fn take_direct(&mut self) -> Option<Vec<T>> {
-        (self.held == Held::Empty).then(|| self.unstored.drain(..).collect())
+        if self.held != Held::Empty {
+            return None;
+        }
+        self.gathering_since = None;
+        Some(self.unstored.drain(..).collect())
+    }
+
+    /// How long the writer waits, at `now_ms`, before it takes the records waiting for D1:
+    /// until [`GATHER_MS`] after it first saw them. 0 when they go now: [`GATHER_MAX`] are
+    /// waiting, or they go through storage, whose copies to D1 are batched already.
+    pub fn direct_wait_ms(&mut self, now_ms: u64) -> u64 {
+        if self.unstored.is_empty() || self.held != Held::Empty || self.unstored.len() >= GATHER_MAX
+        {
+            return 0;
+        }
+        let since = *self.gathering_since.get_or_insert(now_ms);
+        GATHER_MS.saturating_sub(now_ms.saturating_sub(since))
     }
 
     /// D1 took what [`Ledger::take_direct`] gave.
@@ -100,6 +131,9 @@ impl<T> Ledger<T> {
     pub fn next_to_store(&mut self) -> Option<T> {
         let record = self.unstored.pop_front()?;
         self.held = Held::Records;
+        if self.unstored.is_empty() {
+            self.gathering_since = None;
+        }
         Some(record)
     }
 
@@ -328,6 +362,63 @@ mod tests {
         assert!(l.alarm_owed());
         l.flush_drained(l.flush_mark(), false);
         assert!(!l.alarm_owed());
+    }
+
+    /// A drained ledger, as after a flush found storage empty.
+    fn drained<T>() -> Ledger<T> {
+        let mut l = Ledger::new();
+        l.flush_drained(l.flush_mark(), false);
+        l
+    }
+
+    #[test]
+    fn records_going_straight_to_d1_are_gathered_from_the_first_one_seen() {
+        let mut l = drained();
+        assert_eq!(l.direct_wait_ms(1_000), 0, "nothing waits");
+        l.push(1);
+        assert_eq!(l.direct_wait_ms(1_000), GATHER_MS);
+        // Those handed over meanwhile go with it, at the same deadline.
+        l.push(2);
+        assert_eq!(l.direct_wait_ms(1_030), GATHER_MS - 30);
+        l.push(3);
+        assert_eq!(l.direct_wait_ms(1_000 + GATHER_MS), 0);
+        assert_eq!(l.direct_wait_ms(5_000), 0, "late, not later");
+        assert_eq!(l.take_direct(), Some(vec![1, 2, 3]));
+        // The next group is timed from its own first record.
+        l.push(4);
+        assert_eq!(l.direct_wait_ms(9_000), GATHER_MS);
+        assert_eq!(
+            l.direct_wait_ms(8_000),
+            GATHER_MS,
+            "a clock that stepped back"
+        );
+    }
+
+    #[test]
+    fn enough_records_or_records_bound_for_storage_are_not_held_back() {
+        let mut l = drained();
+        for n in 0..GATHER_MAX {
+            l.push(n);
+        }
+        assert_eq!(l.direct_wait_ms(0), 0);
+        // Storage may hold records (a new instance, or one just stored): these go behind
+        // them through storage, whose copies to D1 are batched; nothing is gathered.
+        let mut l = Ledger::new();
+        l.push(1);
+        assert_eq!(l.direct_wait_ms(0), 0);
+        let mut l = drained();
+        l.push(1);
+        assert_eq!(l.direct_wait_ms(0), GATHER_MS);
+        l.push(2);
+        l.next_to_store();
+        assert_eq!(l.direct_wait_ms(10), 0, "storage holds 1 now");
+        // Stored in full, then drained: a new group starts its own wait.
+        l.next_to_store();
+        l.stored();
+        l.stored();
+        l.flush_drained(l.flush_mark(), false);
+        l.push(3);
+        assert_eq!(l.direct_wait_ms(500), GATHER_MS);
     }
 
     #[test]

@@ -933,9 +933,14 @@ async fn a_status_callback_still_being_kept_is_answered_within_twilios_timeout()
             .await,
     );
     key("2");
-    // The Worker has handled the keypress (and its object has started that write) before
-    // this frame comes out at OpenAI.
+    // The Worker has handled the keypress before this frame comes out at OpenAI; its object
+    // starts that write once it has gathered what comes with it (GATHER_MS), so the
+    // status comes after that.
     sync_twilio(h, twilio, oa, 0x66).await;
+    tokio::time::sleep(Duration::from_millis(
+        phone_agent_bridge::outbox::GATHER_MS + 800,
+    ))
+    .await;
 
     let sent = Instant::now();
     let r = h

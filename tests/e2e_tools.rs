@@ -916,9 +916,14 @@ async fn a_transfer_result_is_answered_without_waiting_for_a_d1_write_under_way(
     key("1");
     wait_call(h, sid, "the first keypress", |d| dtmf(d, "1")).await;
     key("2");
-    // The Worker has handled the keypress (and its object has started its write) before
-    // this frame comes out at OpenAI.
+    // The Worker has handled the keypress before this frame comes out at OpenAI; its object
+    // starts that write once it has gathered what comes with it (GATHER_MS), so the
+    // result comes after that.
     sync_twilio(h, twilio, oa, 0x63).await;
+    tokio::time::sleep(Duration::from_millis(
+        phone_agent_bridge::outbox::GATHER_MS + 800,
+    ))
+    .await;
 
     let mut params = tw::voice_params(ids, from, to);
     params.extend(

@@ -1,6 +1,7 @@
 //! The call's durable outbox: records the core asks to keep reach D1 in the background, in
 //! order, and nothing on the audio path waits for them. The call's pump hands records over
-//! in memory; while nothing is waiting in the object's own storage they go straight to D1.
+//! in memory; while nothing is waiting in the object's own storage they go straight to D1,
+//! those handed over within `crate::outbox::GATHER_MS` of each other in one write.
 //! Whatever D1 does not accept at once (and what the Worker hands over with `push`) is
 //! first written to the object's storage, copied to D1 from there in order and deleted only
 //! once D1 has accepted it; a failed D1 write is retried with backoff. Records in storage
@@ -359,6 +360,16 @@ impl Outbox {
             loop {
                 // Coalesce wake-ups that came while we were writing.
                 while rx.try_recv().is_ok() {}
+                // Records bound straight for D1 wait for those that come with them.
+                let wait = self
+                    .0
+                    .ledger
+                    .borrow_mut()
+                    .direct_wait_ms(Date::now().as_millis());
+                if wait > 0 {
+                    Delay::from(Duration::from_millis(wait)).await;
+                    continue;
+                }
                 let Err(e) = self.catch_up().await else {
                     backoff = 0;
                     break;
