@@ -116,10 +116,38 @@ pub const CHECKPOINT_UPLOAD_TRIES: u32 = 5;
 pub const CHECKPOINT_TRIES_KEY: &str = "rec-tries";
 
 /// Written once the recording is stored in full (R2 has the file, the outbox its row), before
-/// the checkpoints are deleted, and removed last: deleting them can stop partway (a storage
-/// error, a restart), and what is left is only the recording's end, which must never be
-/// uploaded over the whole file.
+/// the checkpoints are deleted in more than one step, and removed last: deleting them can
+/// stop partway (a storage error, a restart), and what is left is only the recording's end,
+/// which must never be uploaded over the whole file. Checkpoints that fit in one deletion
+/// with it go in one, atomic, with no marker written ([`clearing`]).
 pub const CHECKPOINT_STORED_KEY: &str = "rec-stored";
+/// Keys the object's storage deletes in one call (its API's limit).
+pub const DELETE_LIMIT: usize = 128;
+/// Checkpoints listed to clear a stored recording's: one more than fit in one deletion with
+/// [`CHECKPOINT_TRIES_KEY`] and [`CHECKPOINT_STORED_KEY`], so that a full listing says they
+/// do not.
+pub const CLEAR_LISTING: usize = DELETE_LIMIT - 1;
+
+/// How a stored recording's checkpoints are deleted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clearing {
+    /// All of them, with the count of tries and the marker, in one deletion: one write, and
+    /// nothing is ever left half-deleted (calls up to some ten minutes, at one checkpoint
+    /// per [`CHECKPOINT_EVERY_MS`]).
+    AtOnce,
+    /// The marker first, then the checkpoints in batches, then the count and the marker.
+    MarkerFirst,
+}
+
+/// How to delete a stored recording's checkpoints, given how many a listing of at most
+/// [`CLEAR_LISTING`] of them found.
+pub fn clearing(listed: usize) -> Clearing {
+    if listed < CLEAR_LISTING {
+        Clearing::AtOnce
+    } else {
+        Clearing::MarkerFirst
+    }
+}
 
 /// What an object that finds checkpoints and no writer at work does with them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -152,7 +180,8 @@ pub enum Leftover {
 /// are uploaded: checkpoint 0's write failed (it is only logged), and [`Refill`] puts silence
 /// of its length first, so the audio after it keeps its place. They cannot be what a
 /// clean-up left: keys have said where their audio starts only since the marker is written
-/// before any checkpoint of a stored recording is deleted (and is deleted last), and a
+/// before any checkpoint of a stored recording is deleted (and is deleted last), or all of
+/// them are deleted in one atomic deletion ([`clearing`]), and a
 /// clean-up after giving up deletes the count of tries only after the checkpoints. (If the
 /// marker's own write fails once the file is stored, `recording.checkpoints_not_cleared`, all
 /// the checkpoints stay and the file is stored again from them, as it is from a whole set;
@@ -1304,6 +1333,26 @@ mod tests {
                 tries: CHECKPOINT_UPLOAD_TRIES
             })
         );
+    }
+
+    /// Deleting a stored recording's checkpoints: in one call of the storage API when all of
+    /// them fit in it with the two keys beside them, else the marker first.
+    #[test]
+    fn checkpoints_that_fit_in_one_deletion_are_cleared_at_once() {
+        assert_eq!(clearing(0), Clearing::AtOnce);
+        assert_eq!(clearing(7), Clearing::AtOnce, "a 30 s call");
+        let most = DELETE_LIMIT - 2;
+        assert_eq!(clearing(most), Clearing::AtOnce);
+        assert_eq!(
+            most + 2,
+            DELETE_LIMIT,
+            "the count and the marker fit beside them"
+        );
+        // A listing of CLEAR_LISTING that came back full may not be all of them.
+        assert_eq!(clearing(CLEAR_LISTING), Clearing::MarkerFirst);
+        assert!(most < CLEAR_LISTING);
+        // What one deletion holds, at a checkpoint per 5 s: over ten minutes of call.
+        assert!(most as u64 * CHECKPOINT_EVERY_MS >= 10 * 60_000);
     }
 
     #[test]

@@ -40,7 +40,8 @@
 use super::log;
 use super::outbox::Outbox;
 use crate::recording::{
-    self, Feed, FirstPart, Leftover, LiveUpload, Part, Parts, Place, Recovery, Refill, BYTES_PER_MS,
+    self, Clearing, Feed, FirstPart, Leftover, LiveUpload, Part, Parts, Place, Recovery, Refill,
+    BYTES_PER_MS,
 };
 use crate::store::Record;
 use futures::channel::mpsc::{self, UnboundedReceiver, UnboundedSender};
@@ -70,8 +71,8 @@ const READ_BATCH: usize = 16;
 /// Checkpoints read at once when making part 1 again (a few: each is 160 KB, read while the
 /// part being made is held).
 const REBUILD_BATCH: usize = 4;
-/// Keys deleted at once (the storage API's limit is 128).
-const DELETE_BATCH: usize = 128;
+/// Keys deleted at once (the storage API's limit).
+const DELETE_BATCH: usize = recording::DELETE_LIMIT;
 
 enum Msg {
     Data(Vec<u8>),
@@ -328,6 +329,31 @@ async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<recording:
             .and_then(recording::checkpoint_id);
     });
     Ok(first)
+}
+
+/// Deletes a stored recording's checkpoints with the count of upload tries (and the marker, if
+/// an earlier clean-up wrote it): in one deletion, which lands whole or not at all, when they
+/// fit in one ([`recording::clearing`]); else the marker goes first and they go in batches
+/// ([`clear_checkpoints`]).
+async fn clear_stored(storage: &Storage) -> worker::Result<()> {
+    let map = list_checkpoints(storage, 0, recording::CLEAR_LISTING).await?;
+    let mut keys: Vec<String> = map
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.ok()?.as_string())
+        .collect();
+    match recording::clearing(keys.len()) {
+        Clearing::AtOnce => {
+            keys.push(recording::CHECKPOINT_TRIES_KEY.into());
+            keys.push(recording::CHECKPOINT_STORED_KEY.into());
+            storage.delete_multiple(keys).await?;
+            Ok(())
+        }
+        Clearing::MarkerFirst => {
+            storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
+            clear_checkpoints(storage).await
+        }
+    }
 }
 
 /// Deletes every checkpoint, then the count of upload tries and, last, the stored marker
@@ -622,20 +648,12 @@ impl Writer {
                     bytes,
                 };
                 outbox.keep(&link, "the recording's link").await;
-                // Stored: the copies in the object's storage have served their purpose. The
-                // marker first, so that if the deletion stops partway the checkpoints left
-                // (the recording's end) are only deleted later, never uploaded over the file.
-                // Without it they all stay: a recovery stores the same file again.
-                let cleared = match self
-                    .keep
-                    .storage
-                    .put(recording::CHECKPOINT_STORED_KEY, true)
-                    .await
-                {
-                    Ok(()) => clear_checkpoints(&self.keep.storage).await,
-                    Err(e) => Err(e),
-                };
-                if let Err(e) = cleared {
+                // Stored: the copies in the object's storage have served their purpose. In
+                // one deletion, or else the marker first, so that if the deletion stops
+                // partway the checkpoints left (the recording's end) are only deleted later,
+                // never uploaded over the file. Without it they all stay: a recovery stores
+                // the same file again.
+                if let Err(e) = clear_stored(&self.keep.storage).await {
                     log(
                         "warn",
                         "recording.checkpoints_not_cleared",
