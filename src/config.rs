@@ -813,6 +813,9 @@ impl Bridge {
                 }
             }
         }
+        // It can hang up, as the seeded default agent in D1 can: without it a call the agent
+        // has finished stays open until the caller hangs up or goes silent.
+        agent.tools = vec![serde_json::json!({ "type": crate::tools::END_CALL })];
         Self {
             openai_realtime_url: realtime,
             openai_api_key: Secret::new(get("OPENAI_API_KEY").unwrap_or_default()),
@@ -944,6 +947,8 @@ mod tests {
         assert_eq!(c.agent.language, "ja");
         assert_eq!(c.agent.voice, "marin");
         assert_eq!(c.agent.model, "gpt-realtime");
+        // It can hang up, as the seeded default agent can (migration 0006).
+        assert_eq!(c.agent.tools, [serde_json::json!({"type": "end_call"})]);
         assert!(!c.fallback_only);
         assert_eq!(c.openai_realtime_url, DEFAULT_REALTIME_URL);
         assert!(c.fallback_message.contains("申し訳"));
@@ -1107,6 +1112,7 @@ mod tests {
         assert_eq!(fields, ["AGENT_INSTRUCTIONS", "FALLBACK_MESSAGE"]);
         assert_eq!(c.agent.instructions, DEFAULT_INSTRUCTIONS);
         assert_eq!(c.fallback_message, DEFAULT_FALLBACK_MESSAGE);
+        assert_eq!(c.agent.tools.len(), 1, "set-aside settings keep end_call");
         // The switch reads the usual spellings.
         for on in ["true", "TRUE", "1", "yes", "on"] {
             assert!(from(&[("FALLBACK_ONLY", on)]).fallback_only, "{on}");
