@@ -20,6 +20,7 @@ const I18N = {
     sign_in_help: 'トークンはこのタブを閉じると消去されます。',
     bad_token: 'トークンが正しくありません。', session_expired: 'もう一度サインインしてください。',
     loading: '読み込み中…', failed: '読み込めませんでした', retry: '再読み込み', reload_hint: 'ページを再読み込みしてください。',
+    no_answer: 'サーバーから応答がありません',
     calls: '通話', status: '状態', agent: 'エージェント', from: '発信元', to: '着信先',
     started: '開始時刻', duration: '通話時間', barge_ins: '割り込み', any: 'すべて',
     number: '電話番号', date_from: '開始日', date_to: '終了日', filter: '絞り込む', clear: 'クリア',
@@ -56,6 +57,7 @@ const I18N = {
     sign_in_help: 'The token is forgotten when this tab closes.',
     bad_token: 'That token is not valid.', session_expired: 'Please sign in again.',
     loading: 'Loading…', failed: 'Could not load', retry: 'Reload', reload_hint: 'reload the page.',
+    no_answer: 'the server did not answer',
     calls: 'Calls', status: 'Status', agent: 'Agent', from: 'From', to: 'To',
     started: 'Started', duration: 'Duration', barge_ins: 'Barge-ins', any: 'Any',
     number: 'Number', date_from: 'From date', date_to: 'To date', filter: 'Filter', clear: 'Clear',
@@ -252,18 +254,35 @@ const dash = (v) => (v === null || v === undefined || v === '' ? '—' : v);
 
 class Unauthorized extends Error {}
 
+/** A read with no whole answer after this long (a stalled connection) is given up and asked
+ *  again, once: reading twice is harmless. A second stall fails the view with its reload
+ *  button rather than leave it "loading" for ever. Writes wait as long as they take. */
+const STALLED_READ_MS = 10000;
+
 async function api(path, { method = 'GET', body } = {}) {
   const headers = { Authorization: `Bearer ${token()}` };
   if (body !== undefined) headers['Content-Type'] = 'application/json';
-  const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
-  if (res.status === 401) {
-    signOut(t('session_expired'));
-    throw new Unauthorized();
+  const read = method === 'GET';
+  for (let attempt = 1; ; attempt++) {
+    const stall = new AbortController();
+    const timer = read ? setTimeout(() => stall.abort(), STALLED_READ_MS) : undefined;
+    try {
+      const res = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body), signal: stall.signal });
+      if (res.status === 401) {
+        signOut(t('session_expired'));
+        throw new Unauthorized();
+      }
+      const text = await res.text();
+      let data = null;
+      try { data = text ? JSON.parse(text) : null; } catch { data = { message: text }; }
+      return { status: res.status, ok: res.ok, data };
+    } catch (e) {
+      if (!stall.signal.aborted || e instanceof Unauthorized) throw e;
+      if (attempt >= 2) throw new Error(t('no_answer'));
+    } finally {
+      clearTimeout(timer);
+    }
   }
-  const text = await res.text();
-  let data = null;
-  try { data = text ? JSON.parse(text) : null; } catch { data = { message: text }; }
-  return { status: res.status, ok: res.ok, data };
 }
 
 let agentNames = null;

@@ -570,6 +570,29 @@ test('agents that cannot be read fail the page with its reload button, and are a
   assert.match(await page.locator('tbody tr').first().innerText(), /標準受付/, 'the agent by name: the failed read was not kept');
 });
 
+test('a read that stalls is asked again, and one that stalls twice fails the page with its reload button', async () => {
+  const isAgents = (url) => url.pathname === '/api/admin/agents';
+  await page.goto(`${worker.baseUrl}/#/calls`);
+  await page.locator('tbody tr').first().waitFor();
+  // The first read of the agents never answers (a stalled connection); the second does.
+  let asked = 0;
+  await page.route(isAgents, (route) => { asked += 1; if (asked > 1) return route.continue(); });
+  await page.reload();
+  await page.locator('tbody tr').first().waitFor({ timeout: 30_000 });
+  assert.equal(asked, 2);
+  assert.match(await page.locator('tbody tr').first().innerText(), /標準受付/);
+  await page.unroute(isAgents);
+  // Neither answers: the failure, and its button asks again.
+  asked = 0;
+  await page.route(isAgents, () => { asked += 1; });
+  await page.reload();
+  await page.locator('#view .card .error').getByText('読み込めませんでした: サーバーから応答がありません').waitFor({ timeout: 40_000 });
+  assert.equal(asked, 2);
+  await page.unroute(isAgents);
+  await page.locator('#view').getByRole('button', { name: '再読み込み' }).click();
+  await page.locator('tbody tr').first().waitFor();
+});
+
 test('a link that cannot be decoded shows the failure and its reload button, not "loading" for ever', async () => {
   await page.goto(`${worker.baseUrl}/#/calls/%E0`);
   await page.locator('#view .card .error').getByText(/^読み込めませんでした: /).waitFor();
