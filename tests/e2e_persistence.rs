@@ -892,6 +892,8 @@ async fn a_status_callback_still_being_kept_is_answered_within_twilios_timeout()
             ("FAULT_INJECT_D1_STALL_MS", "12000"),
             ("FAULT_INJECT_D1_FAILURES", "3"),
             ("IDLE_TIMEOUT_SECONDS", "600"),
+            // Its outbox logs each D1 write as it starts.
+            ("LOG_LEVEL", "debug"),
         ],
     )
     .await;
@@ -932,15 +934,19 @@ async fn a_status_callback_still_being_kept_is_answered_within_twilios_timeout()
             )
             .await,
     );
+    let writes = h.worker.count_lines(support::direct_d1_write);
     key("2");
     // The Worker has handled the keypress before this frame comes out at OpenAI; its object
-    // starts that write once it has gathered what comes with it (GATHER_MS), so the
-    // status comes after that.
+    // starts that write once it has gathered what comes with it (GATHER_MS), and the status
+    // comes after that.
     sync_twilio(h, twilio, oa, 0x66).await;
-    tokio::time::sleep(Duration::from_millis(
-        phone_agent_bridge::outbox::GATHER_MS + 800,
-    ))
-    .await;
+    h.worker
+        .wait_for_more_lines(
+            "the keypress's write to D1",
+            writes,
+            support::direct_d1_write,
+        )
+        .await;
 
     let sent = Instant::now();
     let r = h

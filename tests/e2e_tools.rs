@@ -883,6 +883,8 @@ async fn transfer_call_announces_then_redirects_the_call_with_dial_twiml() {
 async fn a_transfer_result_is_answered_without_waiting_for_a_d1_write_under_way() {
     let mut vars = vars(600);
     vars.push(("FAULT_INJECT_D1_STALL_MS".into(), "6000".into()));
+    // Its outbox logs each D1 write as it starts.
+    vars.push(("LOG_LEVEL".into(), "debug".into()));
     let h = Harness::start("e2e-tools-d1-stall", vars)
         .await
         .unwrap_or_else(|e| panic!("the Worker with stalled D1 writes did not start:\n{e}"));
@@ -915,15 +917,19 @@ async fn a_transfer_result_is_answered_without_waiting_for_a_d1_write_under_way(
     // there too: the next record goes straight to D1, a write the object is then waiting on.
     key("1");
     wait_call(h, sid, "the first keypress", |d| dtmf(d, "1")).await;
+    let writes = h.worker.count_lines(support::direct_d1_write);
     key("2");
     // The Worker has handled the keypress before this frame comes out at OpenAI; its object
-    // starts that write once it has gathered what comes with it (GATHER_MS), so the
+    // starts that write once it has gathered what comes with it (GATHER_MS), and the
     // result comes after that.
     sync_twilio(h, twilio, oa, 0x63).await;
-    tokio::time::sleep(Duration::from_millis(
-        phone_agent_bridge::outbox::GATHER_MS + 800,
-    ))
-    .await;
+    h.worker
+        .wait_for_more_lines(
+            "the keypress's write to D1",
+            writes,
+            support::direct_d1_write,
+        )
+        .await;
 
     let mut params = tw::voice_params(ids, from, to);
     params.extend(

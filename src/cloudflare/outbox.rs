@@ -257,7 +257,7 @@ impl Outbox {
             return true;
         }
         let statements = store::coalesce(batch.iter().flat_map(|(s, _)| s.iter().cloned()));
-        match self.write_d1(&statements).await {
+        match self.write_d1(&statements, "memory", batch.len()).await {
             Ok(()) => {
                 self.0.ledger.borrow_mut().direct_done();
                 true
@@ -274,7 +274,20 @@ impl Outbox {
         }
     }
 
-    async fn write_d1(&self, statements: &[Statement]) -> worker::Result<()> {
+    /// Writes `statements` (of `records` records, from `from`: memory or storage) to D1 in one
+    /// batch. Each write is logged at debug level as it starts: how records group into D1
+    /// requests, and a write under way, can be seen (and are, by the tests).
+    async fn write_d1(
+        &self,
+        statements: &[Statement],
+        from: &str,
+        records: usize,
+    ) -> worker::Result<()> {
+        log(
+            "debug",
+            "outbox.d1_write",
+            serde_json::json!({ "from": from, "records": records, "statements": statements.len() }),
+        );
         if !self.0.injected_stall.is_zero() {
             Delay::from(self.0.injected_stall).await;
         }
@@ -491,7 +504,8 @@ impl Outbox {
                 drained(self);
                 return Ok(());
             }
-            self.write_d1(&store::coalesce(statements)).await?;
+            self.write_d1(&store::coalesce(statements), "storage", keys.len())
+                .await?;
             let full = keys.len() >= BATCH;
             self.0.storage.delete_multiple(keys).await?;
             if !full {

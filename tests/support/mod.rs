@@ -325,6 +325,12 @@ pub async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Resp
     }
 }
 
+/// A log line (at `LOG_LEVEL=debug`) of a call object's outbox starting a write straight to
+/// D1 of records it holds in memory.
+pub fn direct_d1_write(line: &str) -> bool {
+    line.contains(r#""outbox.d1_write""#) && line.contains(r#""from":"memory""#)
+}
+
 /// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
 /// with `tag`, the chunk number (big-endian u16), and then a pattern that depends on both.
 pub fn tagged_chunks(tag: u8, n: usize, len: usize) -> Vec<Vec<u8>> {

@@ -231,6 +231,25 @@ kill -KILL -- -$$ 2>/dev/null
         }
     }
 
+    /// How many lines of the log `found` accepts.
+    pub fn count_lines(&self, found: impl Fn(&str) -> bool) -> usize {
+        self.log().lines().filter(|l| found(l)).count()
+    }
+
+    /// Waits up to [`super::SOON`] until more than `than` lines of the log are ones `found`
+    /// accepts; panics naming `what`.
+    pub async fn wait_for_more_lines(&self, what: &str, than: usize, found: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + super::SOON;
+        while self.count_lines(&found) <= than {
+            assert!(
+                Instant::now() < deadline,
+                "{what} not logged:\n{}",
+                self.log_tail(40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The last `n` lines of the log (for failure messages), with a warning when wrangler
     /// restarted the Worker during the run (it watches `src/`: editing the sources while the
     /// tests run reloads the Worker and breaks calls in flight).
