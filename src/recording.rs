@@ -123,29 +123,30 @@ pub const CHECKPOINT_TRIES_KEY: &str = "rec-tries";
 pub const CHECKPOINT_STORED_KEY: &str = "rec-stored";
 /// Keys the object's storage deletes in one call (its API's limit).
 pub const DELETE_LIMIT: usize = 128;
-/// Checkpoints listed to clear a stored recording's: one more than fit in one deletion with
+/// Checkpoints listed to clear them: one more than fit in one deletion with
 /// [`CHECKPOINT_TRIES_KEY`] and [`CHECKPOINT_STORED_KEY`], so that a full listing says they
 /// do not.
 pub const CLEAR_LISTING: usize = DELETE_LIMIT - 1;
 
-/// How a stored recording's checkpoints are deleted.
+/// How an object's checkpoints are deleted (a stored recording's, or ones given up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Clearing {
     /// All of them, with the count of tries and the marker, in one deletion: one write, and
     /// nothing is ever left half-deleted (calls up to some ten minutes, at one checkpoint
     /// per [`CHECKPOINT_EVERY_MS`]).
     AtOnce,
-    /// The marker first, then the checkpoints in batches, then the count and the marker.
-    MarkerFirst,
+    /// The checkpoints in batches, then the count and, last, the marker (a stored recording's
+    /// clean-up writes the marker first).
+    InBatches,
 }
 
-/// How to delete a stored recording's checkpoints, given how many a listing of at most
+/// How to delete an object's checkpoints, given how many a listing of at most
 /// [`CLEAR_LISTING`] of them found.
 pub fn clearing(listed: usize) -> Clearing {
     if listed < CLEAR_LISTING {
         Clearing::AtOnce
     } else {
-        Clearing::MarkerFirst
+        Clearing::InBatches
     }
 }
 
@@ -1336,7 +1337,7 @@ mod tests {
     }
 
     /// Deleting a stored recording's checkpoints: in one call of the storage API when all of
-    /// them fit in it with the two keys beside them, else the marker first.
+    /// them fit in it with the two keys beside them, else in batches.
     #[test]
     fn checkpoints_that_fit_in_one_deletion_are_cleared_at_once() {
         assert_eq!(clearing(0), Clearing::AtOnce);
@@ -1349,7 +1350,7 @@ mod tests {
             "the count and the marker fit beside them"
         );
         // A listing of CLEAR_LISTING that came back full may not be all of them.
-        assert_eq!(clearing(CLEAR_LISTING), Clearing::MarkerFirst);
+        assert_eq!(clearing(CLEAR_LISTING), Clearing::InBatches);
         assert!(most < CLEAR_LISTING);
         // What one deletion holds, at a checkpoint per 5 s: over ten minutes of call.
         assert!(most as u64 * CHECKPOINT_EVERY_MS >= 10 * 60_000);

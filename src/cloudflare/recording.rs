@@ -331,41 +331,24 @@ async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<recording:
     Ok(first)
 }
 
-/// Deletes a stored recording's checkpoints with the count of upload tries (and the marker, if
-/// an earlier clean-up wrote it): in one deletion, which lands whole or not at all, when they
-/// fit in one ([`recording::clearing`]); else the marker goes first and they go in batches
-/// ([`clear_checkpoints`]).
-async fn clear_stored(storage: &Storage) -> worker::Result<()> {
-    let map = list_checkpoints(storage, 0, recording::CLEAR_LISTING).await?;
-    let mut keys: Vec<String> = map
-        .keys()
-        .into_iter()
-        .filter_map(|k| k.ok()?.as_string())
-        .collect();
-    match recording::clearing(keys.len()) {
-        Clearing::AtOnce => {
-            keys.push(recording::CHECKPOINT_TRIES_KEY.into());
-            keys.push(recording::CHECKPOINT_STORED_KEY.into());
-            storage.delete_multiple(keys).await?;
-            Ok(())
-        }
-        Clearing::MarkerFirst => {
-            storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
-            clear_checkpoints(storage).await
-        }
+/// Deletes every checkpoint with the count of upload tries and the stored marker: in one
+/// deletion, which lands whole or not at all, when they fit in one ([`recording::clearing`]);
+/// else the checkpoints in batches, then the count and, last, the marker, so a deletion cut
+/// off partway still reads as stored (or given up). `stored`: the recording is stored, and
+/// the marker goes first when the deletion takes more than one step.
+async fn clear_checkpoints(storage: &Storage, stored: bool) -> worker::Result<()> {
+    let mut keys = checkpoint_keys(storage, recording::CLEAR_LISTING).await?;
+    if recording::clearing(keys.len()) == Clearing::AtOnce {
+        keys.push(recording::CHECKPOINT_TRIES_KEY.into());
+        keys.push(recording::CHECKPOINT_STORED_KEY.into());
+        storage.delete_multiple(keys).await?;
+        return Ok(());
     }
-}
-
-/// Deletes every checkpoint, then the count of upload tries and, last, the stored marker
-/// (so a deletion cut off partway still reads as stored).
-async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
+    if stored {
+        storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
+    }
     loop {
-        let map = list_checkpoints(storage, 0, DELETE_BATCH).await?;
-        let keys: Vec<String> = map
-            .keys()
-            .into_iter()
-            .filter_map(|k| k.ok()?.as_string())
-            .collect();
+        let keys = checkpoint_keys(storage, DELETE_BATCH).await?;
         if keys.is_empty() {
             break;
         }
@@ -374,6 +357,16 @@ async fn clear_checkpoints(storage: &Storage) -> worker::Result<()> {
     storage.delete(recording::CHECKPOINT_TRIES_KEY).await?;
     storage.delete(recording::CHECKPOINT_STORED_KEY).await?;
     Ok(())
+}
+
+/// The keys of the first `limit` checkpoints.
+async fn checkpoint_keys(storage: &Storage, limit: usize) -> worker::Result<Vec<String>> {
+    let map = list_checkpoints(storage, 0, limit).await?;
+    Ok(map
+        .keys()
+        .into_iter()
+        .filter_map(|k| k.ok()?.as_string())
+        .collect())
 }
 
 /// Uploads the recording kept in the object's checkpoints, when there are some and no writer
@@ -414,7 +407,7 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
                 event,
                 json!({ "call_sid": call_sid, "reason": format!("{why:?}") }),
             );
-            return clear_checkpoints(&keep.storage).await;
+            return clear_checkpoints(&keep.storage, false).await;
         }
     };
     let Ok(bucket) = env.bucket(BINDING) else {
@@ -653,7 +646,7 @@ impl Writer {
                 // partway the checkpoints left (the recording's end) are only deleted later,
                 // never uploaded over the file. Without it they all stay: a recovery stores
                 // the same file again.
-                if let Err(e) = clear_stored(&self.keep.storage).await {
+                if let Err(e) = clear_checkpoints(&self.keep.storage, true).await {
                     log(
                         "warn",
                         "recording.checkpoints_not_cleared",
