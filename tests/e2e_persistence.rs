@@ -934,18 +934,13 @@ async fn a_status_callback_still_being_kept_is_answered_within_twilios_timeout()
             )
             .await,
     );
-    let writes = h.worker.count_lines(support::direct_d1_write);
+    let writes = h.direct_d1_writes();
     key("2");
     // The Worker has handled the keypress before this frame comes out at OpenAI; its object
     // starts that write once it has gathered what comes with it (GATHER_MS), and the status
     // comes after that.
     sync_twilio(h, twilio, oa, 0x66).await;
-    h.worker
-        .wait_for_more_lines(
-            "the keypress's write to D1",
-            writes,
-            support::direct_d1_write,
-        )
+    h.direct_d1_write_started("the keypress's write to D1", writes)
         .await;
 
     let sent = Instant::now();

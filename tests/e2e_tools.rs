@@ -917,18 +917,13 @@ async fn a_transfer_result_is_answered_without_waiting_for_a_d1_write_under_way(
     // there too: the next record goes straight to D1, a write the object is then waiting on.
     key("1");
     wait_call(h, sid, "the first keypress", |d| dtmf(d, "1")).await;
-    let writes = h.worker.count_lines(support::direct_d1_write);
+    let writes = h.direct_d1_writes();
     key("2");
     // The Worker has handled the keypress before this frame comes out at OpenAI; its object
     // starts that write once it has gathered what comes with it (GATHER_MS), and the
     // result comes after that.
     sync_twilio(h, twilio, oa, 0x63).await;
-    h.worker
-        .wait_for_more_lines(
-            "the keypress's write to D1",
-            writes,
-            support::direct_d1_write,
-        )
+    h.direct_d1_write_started("the keypress's write to D1", writes)
         .await;
 
     let mut params = tw::voice_params(ids, from, to);

@@ -327,8 +327,23 @@ pub async fn send(req: reqwest::RequestBuilder) -> reqwest::Result<reqwest::Resp
 
 /// A log line (at `LOG_LEVEL=debug`) of a call object's outbox starting a write straight to
 /// D1 of records it holds in memory.
-pub fn direct_d1_write(line: &str) -> bool {
+fn direct_d1_write(line: &str) -> bool {
     line.contains(r#""outbox.d1_write""#) && line.contains(r#""from":"memory""#)
+}
+
+impl Harness {
+    /// The writes straight to D1 the Worker's call objects have started so far (its
+    /// `LOG_LEVEL` must be `debug`).
+    pub fn direct_d1_writes(&self) -> usize {
+        self.worker.count_lines(direct_d1_write)
+    }
+
+    /// Waits until more than `than` writes straight to D1 have started: `what` is under way.
+    pub async fn direct_d1_write_started(&self, what: &str, than: usize) {
+        self.worker
+            .wait_for_more_lines(what, than, direct_d1_write)
+            .await;
+    }
 }
 
 /// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
