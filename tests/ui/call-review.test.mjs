@@ -256,7 +256,13 @@ test('one call: transcript, marks, figures, and the recording plays and seeks', 
   await page.evaluate(() => window.scrollTo(0, 0));
 });
 
-test('the English switch relabels the page, keeps the recording playing where it was, and is remembered', async () => {
+test('the English switch relabels the page, keeps the recording playing where it was, and is remembered', async (t) => {
+  // Whatever happens here, the tests after this one read the page in Japanese.
+  t.after(async () => {
+    if (await page.evaluate(() => document.documentElement.lang) === 'ja') return;
+    await page.evaluate(() => localStorage.removeItem('phone-agent-bridge.lang'));
+    await page.reload();
+  });
   await page.locator('audio#recording').evaluate((a) => { a.currentTime = 6; return a.play(); });
   await page.getByRole('button', { name: 'English' }).click();
   await page.getByRole('heading', { name: 'Conversation' }).waitFor();
