@@ -69,6 +69,12 @@ usage: npm run call -- --audio FILE.wav [options]
   --url URL           the Worker (default http://127.0.0.1:8787)
   --from NUMBER       caller number (default +819012345678)
   --to NUMBER         called number; picks the agent (default +815012345678)
+  --press KEYS[@S]    the caller presses these keys (0-9, *, #) on the phone's keypad, one
+                      every 0.5 s (Twilio's dtmf messages): S seconds after they start
+                      speaking, or once their audio has ended when no @S is given; may be
+                      given more than once. With --mic, @S is needed (seconds after the
+                      microphone goes live). The offline stand-in cannot understand words:
+                      0 makes it call the agent's transfer_call, # its end_call
   --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
                       agent's greeting has played (at most 10 s). 1 makes the caller talk
                       over the greeting as it plays (a barge-in). Default auto
@@ -104,6 +110,7 @@ function parseArgs(argv) {
     duration: null,
     speaker: null, // null: on with --mic, off otherwise
     speakerCommand: null,
+    presses: [], // { keys, atS: seconds after the caller starts speaking, or null: after their audio }
   };
   const need = (i, name) => {
     if (i + 1 >= argv.length) throw new Error(`${name} needs a value`);
@@ -134,6 +141,13 @@ function parseArgs(argv) {
       case '--speaker': o.speaker = true; break;
       case '--no-speaker': o.speaker = false; break;
       case '--speaker-command': o.speaker = true; o.speakerCommand = val(); break;
+      case '--press': {
+        const v = val();
+        const m = /^([0-9*#]+)(?:@(\d+(?:\.\d+)?))?$/.exec(v);
+        if (!m) throw new Error(`--press takes keys (0-9, *, #), optionally @seconds, e.g. --press 0 or --press 12#@4; got ${v}`);
+        o.presses.push({ keys: m[1], atS: m[2] === undefined ? null : Number(m[2]) });
+        break;
+      }
       default: throw new Error(`unknown option ${a} (see --help)`);
     }
   }
@@ -142,6 +156,7 @@ function parseArgs(argv) {
   if (!(o.standinPort > 0 && o.standinPort < 65536)) throw new Error('--standin-port must be a port number');
   if (o.duration !== null && !(o.duration > 0)) throw new Error('--duration takes seconds');
   if (o.duration !== null && !o.mic) throw new Error('--duration is for --mic (a WAV file ends by itself)');
+  if (o.mic && o.presses.some((p) => p.atS === null)) throw new Error('--press with --mic needs @S (seconds after the microphone goes live)');
   if (o.audioGiven && o.mic) throw new Error('give --audio or --mic, not both');
   if (o.speaker === null) o.speaker = o.mic;
   return o;
@@ -266,6 +281,7 @@ async function run(opt, { authToken, adminToken, accountSid, caller, mic, info }
       state.responsesPending = Math.max(0, state.responsesPending - 1);
       if (status !== 'completed') say('agent', `(response ${status}${reason ? `: ${reason}` : ''}; generated so far: "${text}")`);
     });
+    standin.on('tool_called', ({ name, arguments: args }) => say('agent', `(calls the tool ${name} ${args})`));
     standin.on('truncated', ({ audioEndMs, text }) => say('agent', `(cut by the caller after ${audioEndMs} ms; heard: "${text}")`));
     standin.on('error_sent', ({ code, message }) => info(`[${stamp()}] stand-in sent an error: ${code}: ${message}`));
   } else {
@@ -409,7 +425,7 @@ async function placeCall(opt, ctx) {
     bytes.copy(agentTimeline.buf, pos);
     agentTimeline.end = Math.max(agentTimeline.end, need);
   };
-  const stats = { sent: 0, media: 0, marks: 0, echoedPlayed: 0, echoedFlushed: 0, clears: 0, problems: [] };
+  const stats = { sent: 0, media: 0, marks: 0, echoedPlayed: 0, echoedFlushed: 0, clears: 0, presses: 0, problems: [] };
   // Twilio sends nothing after its `stop`: no marks echoed, no more audio played.
   let stopped = false;
   const send = (text) => {
@@ -540,9 +556,29 @@ async function placeCall(opt, ctx) {
   // ---- the caller's audio, paced in real time ----
   const silence = Buffer.alloc(FRAME_BYTES, MULAW_SILENCE);
   let i = 0;
+  // Keypad presses (--press), on the frames' clock: each key is a dtmf message between two
+  // media frames, as Twilio sends them, one key every 500 ms (25 frames).
+  const presses = []; // { at: frames sent before it, key }, in order
+  let lastPressAt = null;
+  const schedulePresses = (afterAudio) => {
+    for (const p of opt.presses) {
+      if ((p.atS === null) !== afterAudio) continue;
+      const base = i + (p.atS === null ? 0 : Math.round(p.atS * 50));
+      [...p.keys].forEach((key, k) => presses.push({ at: base + k * 25, key }));
+    }
+    presses.sort((a, b) => a.at - b.at);
+  };
   const sendFrame = async (frame) => {
     await sleepUnless(t0 + 20 * i - nowMs(), hangingUp.signal);
     if (closed || hungUpByCaller || agentEnded) return false;
+    // The keys due once `i` frames have gone, before the next.
+    while (presses.length && presses[0].at <= i) {
+      const { key } = presses.shift();
+      send(frames.dtmf(key));
+      stats.presses++;
+      lastPressAt = nowMs();
+      info(`[${((lastPressAt - t0) / 1000).toFixed(1).padStart(5)}s] caller presses ${key} on the keypad (Twilio: dtmf)`);
+    }
     send(frames.media(frame.toString('base64')));
     stats.sent++;
     i++;
@@ -558,6 +594,7 @@ async function placeCall(opt, ctx) {
     // too): what it captured while the call was being set up is not sent.
     mic.discard();
     info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] the microphone is live${opt.duration ? ` for ${opt.duration} s` : ''}; Ctrl-C hangs up`);
+    schedulePresses(false);
     while (speaking() && !(opt.duration && i * 20 >= opt.duration * 1000)) {
       const frame = await mic.next();
       if (!frame || !(await sendFrame(frame))) break;
@@ -575,6 +612,7 @@ async function placeCall(opt, ctx) {
     callerTimeline.push(silence);
   }
   if (caller && speaking()) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] caller starts speaking (${caller.seconds.toFixed(1)} s)`);
+  if (caller) schedulePresses(false);
   for (let off = 0; caller && off < caller.mulaw.length && speaking(); off += FRAME_BYTES) {
     let frame = caller.mulaw.subarray(off, off + FRAME_BYTES);
     if (frame.length < FRAME_BYTES) frame = Buffer.concat([frame, silence.subarray(frame.length)]);
@@ -587,11 +625,14 @@ async function placeCall(opt, ctx) {
   // hangs up, or --max-tail pass.
   const tailStart = i;
   const callerDoneAt = nowMs();
+  if (caller) schedulePresses(true);
   const answered = () => standin || (player.lastAudioAt ?? -Infinity) > callerDoneAt;
+  // The agent's answer to the last key press has had time to start.
+  const pressesDone = () => presses.length === 0 && (lastPressAt === null || nowMs() - lastPressAt >= 1500);
   while (caller && speaking()) {
     const tailMs = (i - tailStart) * 20;
     if (tailMs >= opt.maxTail * 1000) break;
-    if (tailMs >= opt.tail * 1000 && agentQuiet(1500) && answered()) break;
+    if (tailMs >= opt.tail * 1000 && agentQuiet(1500) && answered() && pressesDone()) break;
     if (!(await sendFrame(silence))) break;
     callerTimeline.push(silence);
   }
@@ -634,6 +675,7 @@ async function placeCall(opt, ctx) {
   info('');
   info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s${player.unplayedBytes ? `, unplayed at the end of the call ${secs(player.unplayedBytes)} s` : ''}`);
   info(`              marks: ${stats.marks} received, ${stats.echoedPlayed} echoed as played, ${stats.echoedFlushed} flushed by ${stats.clears} clear(s)`);
+  if (opt.presses.length) info(`              keypad: ${stats.presses} key(s) pressed${presses.length ? `, ${presses.length} not pressed (the call ended first)` : ''}`);
   if (mic) info(`              microphone: ${secs(mic.captured * FRAME_BYTES)} s captured (from before the answer on)`);
   if (speaker) info(`              speaker: ${secs(speaker.written)} s played${speaker.broken ? ` until it failed (${speaker.broken})` : ''}`);
   info(`agent audio written to ${outPath} (8 kHz 16-bit PCM, ${secs(played.length)} s, silence where the agent was not speaking)`);

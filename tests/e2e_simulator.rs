@@ -5,7 +5,9 @@
 //! printed — live from the stand-in and as stored by the Worker — has the stand-in's lines.
 //! The same with the caller on a microphone (`--mic`, here a stand-in capture command that
 //! speaks the sample in real time) who hangs up with Ctrl-C, the agent heard on a speaker
-//! command; and the clear refusal when there is no microphone.
+//! command; the clear refusal when there is no microphone; and keypad presses (`--press`)
+//! that make the stand-in call the agent's end_call and transfer_call, which the Worker
+//! carries out through the simulator's Twilio REST API.
 
 mod support;
 
@@ -524,6 +526,126 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
         (twilio_s - sent_s).abs() <= 5.0,
         "Twilio's duration {twilio_s} s for a call of {sent_s} s\n{detail:#}"
     );
+}
+
+/// The events of `kind` in a call's detail from the admin API.
+fn events_of(detail: &serde_json::Value, kind: &str) -> Vec<serde_json::Value> {
+    detail["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_simulated_twilio_rest_api(
+) {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-keypad-tools");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
+    let out = scratch.join("agent.wav");
+    let out = out.to_str().unwrap();
+    // A caller who would stay on the line for a minute after speaking; the call must end
+    // long before that, by the agent's tool.
+    let stay = ["--tail", "60", "--max-tail", "60", "--out", out];
+
+    // #: the stand-in calls end_call, which the seeded default agent has.
+    let (output, stdout) = offline_call(
+        &root,
+        &worker,
+        standin_port,
+        &[&["--press", "#"][..], &stay].concat(),
+    )
+    .await;
+    let hangup = || context(&output, Some(&worker));
+    assert_said(
+        &stdout,
+        &[
+            "caller presses # on the keypad (Twilio: dtmf)",
+            "agent  (calls the tool end_call ",
+            "agent  [stand-in] お電話ありがとうございました。",
+            "Twilio REST: Status=completed — the agent hung up",
+            "stored call record: status=completed end_reason=agent_hangup",
+        ],
+        hangup,
+    );
+    let sent_s =
+        caller_seconds_sent(&stdout).unwrap_or_else(|| panic!("no call summary:\n{}", hangup()));
+    assert!(
+        sent_s < 30.0,
+        "the call went on for {sent_s} s\n{}",
+        hangup()
+    );
+    let call_sid =
+        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", hangup()));
+    let detail = admin
+        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
+            !d["call"]["ended_at"].is_null()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", hangup()));
+    assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
+    assert_eq!(
+        events_of(&detail, "dtmf")[0]["detail"]["digit"],
+        "#",
+        "{detail:#}"
+    );
+    assert_eq!(
+        events_of(&detail, "tool_call")[0]["detail"]["name"],
+        "end_call",
+        "{detail:#}"
+    );
+
+    // 0: transfer_call, once the agent has it and a number to transfer to.
+    let staff = "+81312340099";
+    let put = admin
+        .put(
+            "/api/admin/agents/default",
+            &serde_json::json!({
+                "tools": [{"type": "end_call"}, {"type": "transfer_call"}],
+                "transfer_number": staff,
+            }),
+        )
+        .await
+        .expect("PUT the default agent");
+    assert_eq!(put.status, 200, "{}", put.text);
+    let (output, stdout) = offline_call(
+        &root,
+        &worker,
+        standin_port,
+        &[&["--press", "0"][..], &stay].concat(),
+    )
+    .await;
+    let transfer = || context(&output, Some(&worker));
+    assert_said(
+        &stdout,
+        &[
+            "caller presses 0 on the keypad (Twilio: dtmf)",
+            "agent  (calls the tool transfer_call ",
+            "agent  [stand-in] 担当者におつなぎします。",
+            &format!("Twilio REST: new TwiML — the agent transferred the call to {staff}"),
+            &format!("<Dial> {staff} (Twilio would dial this number now)"),
+            "stored call record: status=completed end_reason=transferred",
+            &format!("the agent transferred the call to {staff} (Twilio's REST API, played by the simulator)"),
+        ],
+        transfer,
+    );
+    let call_sid =
+        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", transfer()));
+    let detail = admin
+        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
+            !d["call"]["ended_at"].is_null()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", transfer()));
+    assert_eq!(detail["call"]["end_reason"], "transferred", "{detail:#}");
+    let event = &events_of(&detail, "transfer")[0];
+    assert_eq!(event["detail"]["ok"], true, "{event}");
+    assert_eq!(event["detail"]["reason"]["to"], staff, "{event}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

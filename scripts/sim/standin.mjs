@@ -10,7 +10,11 @@
 //     (the greeting), conversation.item.truncate and conversation.item.retrieve, cancels a
 //     response when the caller talks over it, and sends the errors the real API sends for
 //     the usual mistakes (missing session.type, beta field names, a second active
-//     response, truncating past the audio sent).
+//     response, truncating past the audio sent). It cannot understand words, so keypad
+//     presses (the Worker passes Twilio's DTMF on as a user message) ask it for the agent's
+//     tools: 0 calls transfer_call and # calls end_call, when the session has them (a
+//     function call, as the real API makes one); then it says a stand-in transfer notice or
+//     goodbye for the Worker's response.create that follows the tool's output.
 //   echo — for the load benchmark: every input_audio_buffer.append comes straight back as
 //     response.output_audio.delta events, one per 20 ms frame it holds (the payload itself
 //     when it holds one), and tagged frames (see
@@ -63,6 +67,18 @@ export function splitFrames(payload) {
   const frames = [];
   for (let i = 0; i < audio.length; i += FRAME_BYTES) frames.push(audio.subarray(i, i + FRAME_BYTES).toString('base64'));
   return frames;
+}
+
+/** What the stand-in does for a keypad press: the tool it calls for that key. */
+export const KEYPAD_TOOLS = { '0': 'transfer_call', '#': 'end_call' };
+
+/**
+ * The key of a keypad press as the Worker tells the model of it (a user message, in
+ * Japanese or English: src/call/control.rs `dtmf_note`), or null for any other text.
+ */
+export function keypadPress(text) {
+  const m = /キーパッドで「([0-9*#A-D])」|pressed "([0-9*#A-D])" on the phone's keypad/.exec(text ?? '');
+  return m ? (m[1] ?? m[2]) : null;
 }
 
 function b64(buf) {
@@ -435,15 +451,83 @@ class Session {
     if (this.mode === 'echo') return this.echoTurn(ev);
     const first = ![...this.items.values()].some((i) => i.role === 'assistant');
     const instructions = ev.response?.instructions ?? this.config.instructions ?? '';
-    const text = first
-      ? '[stand-in] お電話ありがとうございます。こちらはオフラインの代役サーバーで、OpenAI ではありません。 (offline stand-in greeting, not OpenAI)'
-      : '[stand-in] ご用件を承りました。こちらはオフラインの代役サーバーです。 (offline stand-in reply, not OpenAI)';
+    if (this.answerKeypad()) return;
+    const last = this.items.get(this.lastItemId);
+    let text;
+    if (last?.role === 'function_call_output') {
+      const called = [...this.items.values()].find((i) => i.role === 'function_call' && i.callId === last.callId);
+      text = {
+        transfer_call: '[stand-in] 担当者におつなぎします。 (offline stand-in, not OpenAI: the transfer notice)',
+        end_call: '[stand-in] お電話ありがとうございました。失礼いたします。 (offline stand-in, not OpenAI: the goodbye)',
+      }[called?.name] ?? `[stand-in] ${called?.name ?? 'ツール'} の結果を受け取りました。 (offline stand-in, not OpenAI: a tool's output)`;
+    } else {
+      text = first
+        ? '[stand-in] お電話ありがとうございます。こちらはオフラインの代役サーバーで、OpenAI ではありません。 (offline stand-in greeting, not OpenAI)'
+        : '[stand-in] ご用件を承りました。こちらはオフラインの代役サーバーです。 (offline stand-in reply, not OpenAI)';
+    }
     this.startResponse(text, toneSequence(first ? GREETING_NOTES : answerNotes(1000)), { instructions });
+  }
+
+  /**
+   * Answers a keypad press made since the stand-in's last turn, if there is one (the last
+   * key, whether the press came before or after the caller's words): with a call of the
+   * agent's tool for that key, or else a reply that says which key came. True when it did.
+   */
+  answerKeypad() {
+    let key = null;
+    for (const item of this.items.values()) {
+      if (item.role === 'assistant' || item.role === 'function_call') key = null;
+      else if (item.role === 'user') key = keypadPress(item.transcript) ?? key;
+    }
+    if (key === null) return false;
+    const tool = KEYPAD_TOOLS[key];
+    if (tool && this.hasTool(tool)) {
+      this.callFunction(tool, { reason: `[stand-in] the caller pressed ${key}` });
+      return true;
+    }
+    const text = tool
+      ? `[stand-in] キー「${key}」を受け取りましたが、この担当者には ${tool} がありません。 (offline stand-in, not OpenAI: key ${key} asks for ${tool}, which this agent does not have)`
+      : `[stand-in] キー「${key}」を受け取りました。 (offline stand-in, not OpenAI: key ${key}; 0 asks for transfer_call, # for end_call)`;
+    this.startResponse(text, toneSequence(answerNotes(1000)), {});
+    return true;
+  }
+
+  /** True when the session's tools include a function of that name. */
+  hasTool(name) {
+    return (this.config.tools ?? []).some((t) => t?.type === 'function' && t.name === name);
+  }
+
+  /**
+   * A response that calls a function, with the events the real API sends for one (protocol.md
+   * A4): the item added, its arguments, the item done, response.done. The Worker answers
+   * with the function's output and a response.create.
+   */
+  callFunction(name, args) {
+    const id = `resp_standin_${this.index}_${++this.itemSeq}`;
+    const itemId = this.newItemId();
+    const callId = `call_standin_${this.index}_${this.itemSeq}`;
+    const previous = this.lastItemId;
+    this.lastItemId = itemId;
+    const argText = JSON.stringify(args);
+    this.items.set(itemId, { role: 'function_call', name, callId, transcript: '', audioBytes: 0, status: 'completed' });
+    const added = { id: itemId, object: 'realtime.item', type: 'function_call', status: 'in_progress', name, call_id: callId, arguments: '' };
+    const done = { ...added, status: 'completed', arguments: argText };
+    const ids = { response_id: id, item_id: itemId, output_index: 0, call_id: callId };
+    this.send({ type: 'response.created', response: this.responseBody(id, 'in_progress', null, []) });
+    this.send({ type: 'response.output_item.added', response_id: id, output_index: 0, item: added });
+    this.send({ type: 'conversation.item.added', previous_item_id: previous, item: added });
+    this.send({ type: 'response.function_call_arguments.delta', ...ids, delta: argText });
+    this.send({ type: 'response.function_call_arguments.done', ...ids, name, arguments: argText });
+    this.send({ type: 'response.output_item.done', response_id: id, output_index: 0, item: done });
+    this.send({ type: 'conversation.item.done', previous_item_id: previous, item: done });
+    this.send({ type: 'response.done', response: this.responseBody(id, 'completed', null, [done]) });
+    this.server.emit('tool_called', { session: this, name, callId, arguments: argText });
   }
 
   startAnswer(heardMs) {
     if (this.speaking) return; // the caller started again: wait for the next turn
     if (this.response) this.finishResponse('cancelled', 'turn_detected');
+    if (this.answerKeypad()) return;
     const secs = (heardMs / 1000).toFixed(1);
     const text = `[stand-in] ${secs}秒のお話を受け取りました。こちらはオフラインの代役サーバーです。 (offline stand-in, not OpenAI: heard ${secs} s of speech)`;
     this.startResponse(text, toneSequence(answerNotes(heardMs)), {});
@@ -498,15 +582,21 @@ class Session {
 
   responseObject(r, status, reason) {
     const item = this.items.get(r.itemId);
+    const output = status !== 'in_progress'
+      ? [{ id: r.itemId, object: 'realtime.item', type: 'message', status: item.status, role: 'assistant', content: [{ type: 'output_audio', transcript: item.transcript }] }]
+      : [];
+    return this.responseBody(r.id, status, reason, output);
+  }
+
+  /** The `response` object of response.created / response.done (protocol.md A4). */
+  responseBody(id, status, reason, output) {
     const done = status !== 'in_progress';
     return {
       object: 'realtime.response',
-      id: r.id,
+      id,
       status,
       status_details: reason ? { type: status, reason } : null,
-      output: done
-        ? [{ id: r.itemId, object: 'realtime.item', type: 'message', status: item.status, role: 'assistant', content: [{ type: 'output_audio', transcript: item.transcript }] }]
-        : [],
+      output,
       conversation_id: `conv_standin_${this.index}`,
       output_modalities: ['audio'],
       max_output_tokens: 'inf',
@@ -559,7 +649,7 @@ class Session {
     }
     const id = item.id ?? this.newItemId();
     const text = (item.content ?? []).map((c) => c.text ?? c.transcript ?? '').join('');
-    this.items.set(id, { role: item.role ?? item.type, transcript: text, audioBytes: 0, status: 'completed' });
+    this.items.set(id, { role: item.role ?? item.type, callId: item.call_id, transcript: text, audioBytes: 0, status: 'completed' });
     const previous = this.lastItemId;
     this.lastItemId = id;
     const full = { ...item, id, object: 'realtime.item', status: 'completed' };
@@ -609,7 +699,7 @@ class Session {
 /**
  * The stand-in server. `listen()` resolves once it accepts connections on 127.0.0.1:port.
  * Events: session, session_updated, speech_started, speech_stopped, heard, response_started,
- * said, truncated, error_sent, closed.
+ * said, tool_called, truncated, error_sent, closed.
  */
 export class StandIn extends EventEmitter {
   constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null } = {}) {

@@ -415,6 +415,11 @@ export class TwilioFrames {
     return JSON.stringify({ event: 'mark', sequenceNumber: String(++this.seq), streamSid: this.streamSid, mark: { name } });
   }
 
+  /** A keypad press on the caller's phone (bidirectional streams only, protocol.md B1). */
+  dtmf(digit) {
+    return JSON.stringify({ event: 'dtmf', streamSid: this.streamSid, sequenceNumber: String(++this.seq), dtmf: { track: 'inbound_track', digit } });
+  }
+
   stop() {
     return JSON.stringify({
       event: 'stop',

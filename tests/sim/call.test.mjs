@@ -199,3 +199,64 @@ test("PUBLIC_BASE_URL is read from the environment, .dev.vars, then wrangler.tom
     rmSync(dir, { recursive: true, force: true });
   }
 });
+
+test('--press sends each key as a dtmf message between media frames, at its time on the frames\' clock', async () => {
+  const { WebSocketServer } = await import('ws');
+  const worker = await serve(async (req, res) => {
+    if (req.url === '/healthz') return res.end('ok');
+    const form = await formOf(req);
+    if (req.url === '/api/twilio/voice') {
+      const sid = form.find(([k]) => k === 'CallSid')[1];
+      res.writeHead(200, { 'content-type': 'text/xml' });
+      return res.end(`<?xml version="1.0" encoding="UTF-8"?><Response><Connect><Stream url="ws://127.0.0.1:${worker.server.address().port}/api/twilio/media-stream/${sid}"/></Connect></Response>`);
+    }
+    res.writeHead(204);
+    res.end();
+  });
+  // The stream: every message Twilio sent, in order, until its stop.
+  const messages = [];
+  const wss = new WebSocketServer({ noServer: true });
+  worker.server.on('upgrade', (req, socket, head) =>
+    wss.handleUpgrade(req, socket, head, (ws) =>
+      ws.on('message', (data) => {
+        const m = JSON.parse(data.toString());
+        messages.push(m);
+        // A word from the agent, so the call is not one without agent audio.
+        if (m.event === 'start') ws.send(JSON.stringify({ event: 'media', streamSid: m.streamSid, media: { payload: Buffer.alloc(160, 0x7f).toString('base64') } }));
+        if (m.event === 'stop') ws.close(1000);
+      }),
+    ),
+  );
+  try {
+    // 1 s of caller audio from the first frame on: 1 and 2 from 0.2 s, 500 ms apart; # once
+    // the audio has ended (50 frames).
+    const r = await call(['--url', worker.url, '--lead-in', '0', '--tail', '1', '--max-tail', '2', '--press', '12@0.2', '--press', '#']);
+    assert.equal(r.code, 0, r.stdout + r.stderr);
+    const streamSid = messages.find((m) => m.event === 'start').streamSid;
+    const dtmf = messages.filter((m) => m.event === 'dtmf');
+    assert.deepEqual(dtmf.map((m) => m.dtmf), ['1', '2', '#'].map((digit) => ({ track: 'inbound_track', digit })));
+    for (const m of dtmf) assert.equal(m.streamSid, streamSid);
+    const framesBefore = dtmf.map((m) => messages.slice(0, messages.indexOf(m)).filter((x) => x.event === 'media').length);
+    assert.deepEqual(framesBefore, [10, 35, 50]);
+    // Numbered in one sequence with the media.
+    const seqs = messages.filter((m) => m.sequenceNumber !== undefined).map((m) => Number(m.sequenceNumber));
+    assert.deepEqual(seqs, seqs.map((_, k) => seqs[0] + k));
+    assert.match(r.stdout, /caller presses # on the keypad \(Twilio: dtmf\)/);
+    assert.match(r.stdout, /keypad: 3 key\(s\) pressed\n/);
+  } finally {
+    wss.close();
+    await worker.close();
+  }
+});
+
+test('--press refuses what is not keys, and a press with --mic needs its time', async () => {
+  for (const [args, said] of [
+    [['--press', '0x'], /--press takes keys \(0-9, \*, #\), optionally @seconds/],
+    [['--press', '0@soon'], /--press takes keys/],
+    [['--mic', '--press', '0'], /--press with --mic needs @S/],
+  ]) {
+    const r = await call(args);
+    assert.equal(r.code, 1, r.stdout + r.stderr);
+    assert.match(r.stderr, said);
+  }
+});

@@ -1,7 +1,7 @@
 // Unit tests of the offline stand-in Realtime server (scripts/sim/standin.mjs) over a real
 // WebSocket: a commit of the caller's words while they are still speaking, as the Worker
-// sends when the caller hangs up mid-sentence, a commit of nothing, and the benchmark's echo
-// of appends holding several frames.
+// sends when the caller hangs up mid-sentence, a commit of nothing, keypad presses that call
+// the agent's tools, and the benchmark's echo of appends holding several frames.
 //
 //   node --test tests/sim/
 
@@ -9,10 +9,10 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import WebSocket from 'ws';
 
-import { StandIn, splitFrames } from '../../scripts/sim/standin.mjs';
+import { StandIn, keypadPress, splitFrames } from '../../scripts/sim/standin.mjs';
 
 /** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
-async function session(t) {
+async function session(t, extra = {}) {
   const server = new StandIn({ port: 0 });
   await server.listen();
   const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
@@ -49,6 +49,7 @@ async function session(t) {
         },
         output: { format: { type: 'audio/pcmu' } },
       },
+      ...extra,
     },
   });
   await next('session.updated');
@@ -111,4 +112,58 @@ test('splitFrames cuts base64 audio into 20 ms frames', () => {
   const frames = splitFrames(audio.toString('base64'));
   assert.deepEqual(frames.map((f) => Buffer.from(f, 'base64').length), [160, 160, 80]);
   assert.deepEqual(Buffer.concat(frames.map((f) => Buffer.from(f, 'base64'))), audio);
+});
+
+/** The function tools as the Worker lists them in session.update (src/tools.rs). */
+const TOOLS = ['transfer_call', 'end_call'].map((name) => ({ type: 'function', name, description: name, parameters: { type: 'object', properties: {} } }));
+
+/** A keypad press as the Worker tells the model of it (src/call/control.rs dtmf_note). */
+const press = (send, text) => {
+  send({ type: 'conversation.item.create', item: { type: 'message', role: 'user', content: [{ type: 'input_text', text }] } });
+  send({ type: 'response.create' });
+};
+
+test('keypad presses are read in the Worker\'s Japanese and English wording', () => {
+  assert.equal(keypadPress('（お客様が電話のキーパッドで「0」を押しました）'), '0');
+  assert.equal(keypadPress('(The caller pressed "#" on the phone\'s keypad.)'), '#');
+  assert.equal(keypadPress('0を押しました'), null);
+  assert.equal(keypadPress(null), null);
+});
+
+test('0 on the keypad calls transfer_call as the real API calls a function; its output gets the transfer notice', async (t) => {
+  const { send, next, events } = await session(t, { tools: TOOLS });
+  press(send, '（お客様が電話のキーパッドで「0」を押しました）');
+  const created = await next('response.created');
+  const done = await next('response.function_call_arguments.done');
+  assert.equal(done.name, 'transfer_call');
+  assert.equal(done.response_id, created.response.id);
+  assert.deepEqual(JSON.parse(done.arguments), { reason: '[stand-in] the caller pressed 0' });
+  const responseDone = await next('response.done');
+  assert.equal(responseDone.response.status, 'completed');
+  assert.deepEqual(responseDone.response.output.map((o) => [o.type, o.name, o.call_id, o.arguments]), [['function_call', 'transfer_call', done.call_id, done.arguments]]);
+  // In the order of the real API's events for a function call.
+  const order = events.filter((e) => e.response_id === created.response.id || e.response?.id === created.response.id || e.item?.type === 'function_call').map((e) => e.type);
+  assert.deepEqual(order, [
+    'response.created', 'response.output_item.added', 'conversation.item.added', 'response.function_call_arguments.delta',
+    'response.function_call_arguments.done', 'response.output_item.done', 'conversation.item.done', 'response.done',
+  ]);
+  // The Worker's answer: the tool's output, then a response for the notice.
+  send({ type: 'conversation.item.create', item: { type: 'function_call_output', call_id: done.call_id, output: '{"ok":true}' } });
+  send({ type: 'response.create', response: { instructions: 'Tell the caller you are transferring them.' } });
+  const notice = await next('response.output_audio_transcript.done');
+  assert.match(notice.transcript, /^\[stand-in\] 担当者におつなぎします。/);
+  assert.ok(!events.some((e) => e.type === 'error'), JSON.stringify(events.filter((e) => e.type === 'error')));
+});
+
+test('# calls end_call; a key whose tool the agent lacks, or no tool\'s key, gets a reply that says so', async (t) => {
+  const { send, next, events } = await session(t, { tools: TOOLS.filter((x) => x.name === 'end_call') });
+  press(send, '(The caller pressed "#" on the phone\'s keypad.)');
+  assert.equal((await next('response.function_call_arguments.done')).name, 'end_call');
+  await next('response.done');
+  press(send, '（お客様が電話のキーパッドで「0」を押しました）');
+  assert.match((await next('response.output_audio_transcript.done', 10_000)).transcript, /キー「0」.*transfer_call がありません/);
+  await next('response.done');
+  press(send, '（お客様が電話のキーパッドで「5」を押しました）');
+  assert.match((await next('response.output_audio_transcript.done', 10_000)).transcript, /キー「5」を受け取りました/);
+  assert.equal(events.filter((e) => e.type === 'response.function_call_arguments.done').length, 1);
 });
