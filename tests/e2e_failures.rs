@@ -18,7 +18,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::admin::Admin;
+use support::admin::{events_of, Admin};
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
@@ -136,16 +136,6 @@ async fn expect_redirect(h: &Harness, ids: &CallIds, twilio: &MediaStream) -> Re
 
 fn admin(h: &Harness) -> Admin {
     Admin::new(&h.base_url(), ADMIN_TOKEN)
-}
-
-fn events_of(detail: &Value, kind: &str) -> Vec<Value> {
-    detail["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["type"] == kind)
-        .cloned()
-        .collect()
 }
 
 /// Waits for the call's row to be finalized, then checks it failed with `reason` and

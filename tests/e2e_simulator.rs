@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use support::admin::events_of;
 use support::wav;
 use support::worker::{free_port, WorkerConfig, WorkerProcess};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -435,6 +436,40 @@ fn printed_call_sid(stdout: &str) -> Option<String> {
     })
 }
 
+/// The call the simulator printed the sid of, read back through the admin API once D1 has
+/// it ended: its sid and detail.
+async fn stored_ended_call(
+    admin: &support::admin::Admin,
+    stdout: &str,
+    context: &dyn Fn() -> String,
+) -> (String, serde_json::Value) {
+    let call_sid =
+        printed_call_sid(stdout).unwrap_or_else(|| panic!("no call sid:\n{}", context()));
+    let detail = admin
+        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
+            !d["call"]["ended_at"].is_null()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    (call_sid, detail)
+}
+
+/// Simulator options for a caller who stays on the line for a minute after their audio.
+const STAYS_A_MINUTE: [&str; 4] = ["--tail", "60", "--max-tail", "60"];
+
+/// The caller's side of the call (what the simulator sent) ended before `limit_s` seconds:
+/// the call was ended for them. Returns how long it was.
+fn assert_ended_before(stdout: &str, limit_s: f64, context: &dyn Fn() -> String) -> f64 {
+    let sent_s =
+        caller_seconds_sent(stdout).unwrap_or_else(|| panic!("no call summary:\n{}", context()));
+    assert!(
+        sent_s < limit_s,
+        "the call went on for {sent_s} s\n{}",
+        context()
+    );
+    sent_s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api() {
     let root = checked_root();
@@ -458,14 +493,7 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
         &worker.base_url(),
         standin_port,
         &silence,
-        &[
-            "--tail",
-            "60",
-            "--max-tail",
-            "60",
-            "--out",
-            out.to_str().unwrap(),
-        ],
+        &[&STAYS_A_MINUTE[..], &["--out", out.to_str().unwrap()]].concat(),
     )
     .await;
     let context = || context(&output, Some(&worker));
@@ -486,24 +514,11 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
         context()
     );
     // The stream ended well before the caller's minute of silence.
-    let sent_s =
-        caller_seconds_sent(&stdout).unwrap_or_else(|| panic!("no call summary:\n{}", context()));
-    assert!(
-        sent_s < 45.0,
-        "the call went on for {sent_s} s\n{}",
-        context()
-    );
+    let sent_s = assert_ended_before(&stdout, 45.0, &context);
 
     // Read back through the admin API: completed, ended by the agent's hang-up.
-    let call_sid =
-        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", context()));
     let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
-    let detail = admin
-        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
-            !d["call"]["ended_at"].is_null()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", context()));
+    let (call_sid, detail) = stored_ended_call(&admin, &stdout, &context).await;
     assert_eq!(detail["call"]["status"], "completed", "{detail:#}");
     assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
     // Twilio's status callback, posted by the simulator once the stream ended, was taken.
@@ -528,15 +543,28 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     );
 }
 
-/// The events of `kind` in a call's detail from the admin API.
-fn events_of(detail: &serde_json::Value, kind: &str) -> Vec<serde_json::Value> {
-    detail["events"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["type"] == kind)
-        .cloned()
-        .collect()
+/// One offline call through `worker` in which the caller presses `key` once their audio has
+/// ended, then would stay on the line for a minute: the agent's tool must end it long before.
+/// Checks that the simulator printed `said`; returns the stored call once it has ended.
+async fn keypad_call(
+    root: &Path,
+    worker: &WorkerProcess,
+    standin_port: u16,
+    out: &Path,
+    key: &str,
+    said: &[&str],
+) -> serde_json::Value {
+    let args = [
+        &STAYS_A_MINUTE[..],
+        &["--press", key, "--out", out.to_str().unwrap()],
+    ]
+    .concat();
+    let (output, stdout) = offline_call(root, worker, standin_port, &args).await;
+    let context = || context(&output, Some(worker));
+    assert_said(&stdout, said, context);
+    assert_ended_before(&stdout, 30.0, &context);
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
+    stored_ended_call(&admin, &stdout, &context).await.1
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -546,24 +574,15 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
     let standin_port = free_port();
     let scratch = support::scratch_dir("e2e-simulator-keypad-tools");
     let worker = start_worker(&root, standin_port, &scratch).await;
-    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
     let out = scratch.join("agent.wav");
-    let out = out.to_str().unwrap();
-    // A caller who would stay on the line for a minute after speaking; the call must end
-    // long before that, by the agent's tool.
-    let stay = ["--tail", "60", "--max-tail", "60", "--out", out];
 
     // #: the stand-in calls end_call, which the seeded default agent has.
-    let (output, stdout) = offline_call(
+    let detail = keypad_call(
         &root,
         &worker,
         standin_port,
-        &[&["--press", "#"][..], &stay].concat(),
-    )
-    .await;
-    let hangup = || context(&output, Some(&worker));
-    assert_said(
-        &stdout,
+        &out,
+        "#",
         &[
             "caller presses # on the keypad (Twilio: dtmf)",
             "agent  (calls the tool end_call ",
@@ -571,23 +590,8 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
             "Twilio REST: Status=completed — the agent hung up",
             "stored call record: status=completed end_reason=agent_hangup",
         ],
-        hangup,
-    );
-    let sent_s =
-        caller_seconds_sent(&stdout).unwrap_or_else(|| panic!("no call summary:\n{}", hangup()));
-    assert!(
-        sent_s < 30.0,
-        "the call went on for {sent_s} s\n{}",
-        hangup()
-    );
-    let call_sid =
-        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", hangup()));
-    let detail = admin
-        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
-            !d["call"]["ended_at"].is_null()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", hangup()));
+    )
+    .await;
     assert_eq!(detail["call"]["end_reason"], "agent_hangup", "{detail:#}");
     assert_eq!(
         events_of(&detail, "dtmf")[0]["detail"]["digit"],
@@ -602,6 +606,7 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
 
     // 0: transfer_call, once the agent has it and a number to transfer to.
     let staff = "+81312340099";
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
     let put = admin
         .put(
             "/api/admin/agents/default",
@@ -613,16 +618,12 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
         .await
         .expect("PUT the default agent");
     assert_eq!(put.status, 200, "{}", put.text);
-    let (output, stdout) = offline_call(
+    let detail = keypad_call(
         &root,
         &worker,
         standin_port,
-        &[&["--press", "0"][..], &stay].concat(),
-    )
-    .await;
-    let transfer = || context(&output, Some(&worker));
-    assert_said(
-        &stdout,
+        &out,
+        "0",
         &[
             "caller presses 0 on the keypad (Twilio: dtmf)",
             "agent  (calls the tool transfer_call ",
@@ -632,16 +633,8 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
             "stored call record: status=completed end_reason=transferred",
             &format!("the agent transferred the call to {staff} (Twilio's REST API, played by the simulator)"),
         ],
-        transfer,
-    );
-    let call_sid =
-        printed_call_sid(&stdout).unwrap_or_else(|| panic!("no call sid:\n{}", transfer()));
-    let detail = admin
-        .wait_call(&call_sid, "the call ended", Duration::from_secs(30), |d| {
-            !d["call"]["ended_at"].is_null()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", transfer()));
+    )
+    .await;
     assert_eq!(detail["call"]["end_reason"], "transferred", "{detail:#}");
     let event = &events_of(&detail, "transfer")[0];
     assert_eq!(event["detail"]["ok"], true, "{event}");

@@ -20,7 +20,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use support::admin::Admin;
+use support::admin::{events_of, Admin};
 use support::fake_openai::{self as oai, ClientEvent, Session, SessionScript};
 use support::fake_twilio::{self as tw, CallIds, MediaStream};
 use support::fake_twilio_rest::{Answer, FakeTwilioRest, RestRequest};
@@ -400,13 +400,6 @@ fn assert_call_update(r: &RestRequest, ids: &CallIds) {
 
 fn events(detail: &Value) -> Vec<Value> {
     detail["events"].as_array().cloned().unwrap_or_default()
-}
-
-fn events_of(detail: &Value, kind: &str) -> Vec<Value> {
-    events(detail)
-        .into_iter()
-        .filter(|e| e["type"] == kind)
-        .collect()
 }
 
 fn has_event(detail: &Value, kind: &str) -> bool {

@@ -136,3 +136,14 @@ impl Admin {
         }
     }
 }
+
+/// The events of `kind` in a call's detail (`GET /api/admin/calls/{call_sid}`), in order.
+pub fn events_of(detail: &Value, kind: &str) -> Vec<Value> {
+    detail["events"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == kind)
+        .cloned()
+        .collect()
+}
