@@ -1,5 +1,6 @@
-//! Call recordings: a stereo WAV (left the caller, right the agent; 8 kHz 16-bit PCM) laid
-//! out on the call's timeline, in milliseconds from the stream start, with no I/O.
+//! Call recordings: a stereo WAV (left the caller, right the agent; 8 kHz G.711 μ-law, the
+//! bytes both sides carried, not re-encoded) laid out on the call's timeline, in milliseconds
+//! from the stream start, with no I/O.
 //!
 //! - The caller's audio is placed by Twilio's own clock: every `media` frame carries its
 //!   `timestamp` (ms from Twilio's stream start), and the first stamped frame ties that
@@ -22,7 +23,7 @@
 //!   `max(t, end of what is queued)` and plays at 8 samples per millisecond; a `clear` at `t`
 //!   drops everything queued after `t`. The right channel is what the caller heard.
 //!
-//! [`Recorder`] emits interleaved PCM only up to the point that can no longer change, so it
+//! [`Recorder`] emits interleaved μ-law only up to the point that can no longer change, so it
 //! holds about a second of audio (up to [`MAX_BEHIND_MS`] while the caller's audio is
 //! stalled) plus what the agent has queued ahead, however long the call. [`Parts`] cuts
 //! that stream into multipart-upload parts (R2: every part but the last of one size, at
@@ -35,14 +36,18 @@ use std::collections::VecDeque;
 
 pub const SAMPLE_RATE: u32 = 8000;
 pub const CHANNELS: u16 = 2;
-pub const BITS_PER_SAMPLE: u16 = 16;
-/// One stereo sample frame: two 16-bit samples.
-pub const FRAME_BYTES: u64 = 4;
-/// 8 kHz: 8 samples (and so 8 μ-law bytes, or 32 bytes of stereo PCM) per millisecond.
+pub const BITS_PER_SAMPLE: u16 = 8;
+/// One stereo sample frame: two μ-law bytes. (Recordings were 16-bit PCM, four bytes a frame,
+/// before the change to μ-law: checkpoints of that form are still read, see
+/// [`CheckpointId::pcm16`].)
+pub const FRAME_BYTES: u64 = 2;
+/// 8 kHz: 8 samples (and so 8 μ-law bytes a channel) per millisecond.
 pub const SAMPLES_PER_MS: u64 = 8;
-/// Stereo PCM bytes per millisecond.
+/// Stereo μ-law bytes per millisecond: what the recording's data holds of each millisecond.
 pub const BYTES_PER_MS: u64 = SAMPLES_PER_MS * FRAME_BYTES;
 pub const HEADER_BYTES: usize = 44;
+/// The WAV format tag of G.711 μ-law (`WAVE_FORMAT_MULAW`).
+pub const WAVE_FORMAT_MULAW: u16 = 7;
 /// Caller frames with no timestamp this much later than the previous frame's end still
 /// follow it directly: network jitter, not a gap in the audio.
 pub const CALLER_SLACK_MS: u64 = 100;
@@ -88,8 +93,9 @@ pub const MAX_REPLAY_BACK_MS: u64 = 10_000;
 /// R2's smallest part (every part but the last).
 pub const MIN_PART_BYTES: usize = 5 * 1024 * 1024;
 
-/// μ-law silence (decodes to 0).
-const SILENCE: u8 = 0xFF;
+/// μ-law silence (decodes to 0): what the recording holds where nobody spoke, or audio is
+/// missing.
+pub const SILENCE: u8 = 0xFF;
 
 /// Where a call's recording is kept in the bucket.
 pub fn key(call_sid: &str) -> String {
@@ -205,8 +211,13 @@ pub fn recovery(stored: bool, first: CheckpointId, tries: u32) -> Recovery {
 /// so where one starts cannot be told from its number: the offset lets the recovery put
 /// silence of exactly the right length where a checkpoint's write failed ([`Refill`]).
 pub fn checkpoint_key(seq: u64, offset: u64) -> String {
-    format!("{CHECKPOINT_PREFIX}{seq:012}-{offset:012}")
+    format!("{CHECKPOINT_PREFIX}{seq:012}-{offset:012}{MULAW_MARK}")
 }
+
+/// Ends the key of a checkpoint of μ-law audio. Keys without it hold 16-bit PCM, as every
+/// recording did before: such checkpoints, left by an object that restarted mid-call into
+/// this version, are read as μ-law ([`checkpoint_audio`]).
+pub const MULAW_MARK: &str = "u";
 
 /// Where a listing of the checkpoints from the `seq`th on starts: just before its key, with
 /// or without an offset.
@@ -218,9 +229,12 @@ pub fn checkpoint_from(seq: u64) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CheckpointId {
     pub seq: u64,
-    /// Where its audio starts (bytes of PCM); `None` in keys written before they said so
-    /// (`rec/NNNNNNNNNNNN`).
+    /// Where its audio starts (bytes of the recording's data); `None` in keys written before
+    /// they said so (`rec/NNNNNNNNNNNN`).
     pub offset: Option<u64>,
+    /// It holds 16-bit PCM (four bytes a stereo frame, offset in those bytes): written before
+    /// recordings kept the μ-law ([`MULAW_MARK`]).
+    pub pcm16: bool,
 }
 
 /// The number and offset of a checkpoint's key, in either form; `None` for any other key.
@@ -232,17 +246,44 @@ pub fn checkpoint_id(key: &str) -> Option<CheckpointId> {
         s.parse().ok()
     }
     let rest = key.strip_prefix(CHECKPOINT_PREFIX)?;
+    let (rest, pcm16) = match rest.strip_suffix(MULAW_MARK) {
+        Some(rest) => (rest, false),
+        None => (rest, true),
+    };
     let (seq, offset) = match rest.split_once('-') {
         Some((seq, offset)) => (seq, Some(digits(offset)?)),
-        None => (rest, None),
+        None if pcm16 => (rest, None),
+        None => return None,
     };
     Some(CheckpointId {
         seq: digits(seq)?,
         offset,
+        pcm16,
     })
 }
 
-/// The last checkpoint an object holds: its key and how many bytes of PCM it holds.
+/// A checkpoint as the recording's data: its key's id and its bytes, those of a 16-bit PCM
+/// checkpoint ([`CheckpointId::pcm16`]) turned back into the μ-law they were expanded from
+/// (exactly: each PCM sample is a μ-law byte's value), with the offset to match. `None` for
+/// a key that is not a checkpoint's.
+pub fn checkpoint_audio(key: &str, bytes: Vec<u8>) -> Option<(CheckpointId, Vec<u8>)> {
+    let id = checkpoint_id(key)?;
+    if !id.pcm16 {
+        return Some((id, bytes));
+    }
+    let mulaw = bytes
+        .chunks_exact(2)
+        .map(|s| linear_to_ulaw(i16::from_le_bytes([s[0], s[1]])))
+        .collect();
+    let id = CheckpointId {
+        offset: id.offset.map(|o| o / 2),
+        pcm16: false,
+        ..id
+    };
+    Some((id, mulaw))
+}
+
+/// The last checkpoint an object holds: its key and how many bytes it holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LastCheckpoint {
     pub id: CheckpointId,
@@ -270,10 +311,15 @@ pub fn lost_pump_ended_by_ms(
             id:
                 CheckpointId {
                     offset: Some(offset),
+                    pcm16,
                     ..
                 },
             bytes,
-        }) => (offset + bytes).div_ceil(BYTES_PER_MS),
+        }) => (offset + bytes).div_ceil(if pcm16 {
+            2 * BYTES_PER_MS
+        } else {
+            BYTES_PER_MS
+        }),
         // A key from before keys said where their audio starts: a checkpoint is written once
         // CHECKPOINT_EVERY_MS is unsaved, by chunks of at most MAX_CHUNK_MS, so each holds
         // less than the two together (checkpoints hold a little over 5 s each, not 5 s: going
@@ -369,10 +415,24 @@ pub fn ulaw_to_linear(byte: u8) -> i16 {
     ULAW[byte as usize]
 }
 
+/// Encodes a 16-bit linear sample as μ-law (G.711: clipped, biased by 0x84, the segment and
+/// four bits of it, bits inverted). `linear_to_ulaw(ulaw_to_linear(b)) == b` for every byte
+/// but 0x7F, "negative zero", which comes back as 0xFF.
+pub fn linear_to_ulaw(sample: i16) -> u8 {
+    let x = i32::from(sample);
+    let sign = if x < 0 { 0x80 } else { 0 };
+    let magnitude = x.abs().min(32_635) + 0x84;
+    // The segment: where the highest set bit is, from bit 7 (segment 0) to bit 14 (7).
+    let exponent = (31 - magnitude.leading_zeros()).saturating_sub(7).min(7);
+    let mantissa = (magnitude >> (exponent + 3)) & 0x0F;
+    !(sign | (exponent << 4) as u8 | mantissa as u8)
+}
+
 // ---- WAV -----------------------------------------------------------------------------------------
 
-/// The 44-byte header of a PCM WAV (2 channels, 8000 Hz, 16-bit) holding `data_bytes` of
-/// samples. Sizes past what RIFF can say (4 GiB) are clamped.
+/// The 44-byte header of a μ-law WAV (`WAVE_FORMAT_MULAW`, 2 channels, 8000 Hz, 8 bits a
+/// sample) holding `data_bytes` of samples. Sizes past what RIFF can say (4 GiB) are
+/// clamped. (The `fmt ` chunk is the 16 bytes of PCM's: what players read for μ-law too.)
 pub fn wav_header(data_bytes: u64) -> [u8; HEADER_BYTES] {
     let data = u32::try_from(data_bytes)
         .unwrap_or(u32::MAX)
@@ -385,7 +445,7 @@ pub fn wav_header(data_bytes: u64) -> [u8; HEADER_BYTES] {
     h[8..12].copy_from_slice(b"WAVE");
     h[12..16].copy_from_slice(b"fmt ");
     h[16..20].copy_from_slice(&16u32.to_le_bytes());
-    h[20..22].copy_from_slice(&1u16.to_le_bytes()); // PCM
+    h[20..22].copy_from_slice(&WAVE_FORMAT_MULAW.to_le_bytes());
     h[22..24].copy_from_slice(&CHANNELS.to_le_bytes());
     h[24..28].copy_from_slice(&SAMPLE_RATE.to_le_bytes());
     h[28..32].copy_from_slice(&byte_rate.to_le_bytes());
@@ -638,10 +698,10 @@ impl Recorder {
     /// Interleaves the next `samples` of both channels (silence where a channel has none).
     fn emit(&mut self, samples: u64) -> Vec<u8> {
         let n = samples as usize;
-        // Zeroed: μ-law silence decodes to 0, so a channel with no audio needs no writes.
-        let mut out = vec![0u8; n * FRAME_BYTES as usize];
-        expand_into(&mut out, 0, &mut self.caller, n);
-        expand_into(&mut out, 2, &mut self.agent, n);
+        // Silence first, so a channel with no audio needs no writes.
+        let mut out = vec![SILENCE; n * FRAME_BYTES as usize];
+        interleave_into(&mut out, 0, &mut self.caller, n);
+        interleave_into(&mut out, 1, &mut self.agent, n);
         self.emitted += samples;
         out
     }
@@ -679,15 +739,15 @@ impl Recorder {
     }
 }
 
-/// Writes the first `n` samples of `buf` (fewer if it holds fewer) as 16-bit PCM at byte
-/// `offset` of each 4-byte stereo frame of `out`, and removes them from `buf`.
-fn expand_into(out: &mut [u8], offset: usize, buf: &mut VecDeque<u8>, n: usize) {
+/// Writes the first `n` samples of `buf` (fewer if it holds fewer) as byte `channel` of each
+/// stereo frame of `out`, and removes them from `buf`.
+fn interleave_into(out: &mut [u8], channel: usize, buf: &mut VecDeque<u8>, n: usize) {
     const { assert!(ULAW[SILENCE as usize] == 0) };
     let take = n.min(buf.len());
     let (a, b) = buf.as_slices();
     let frames = out.chunks_exact_mut(FRAME_BYTES as usize);
     for (&byte, frame) in a.iter().chain(b).take(take).zip(frames) {
-        frame[offset..offset + 2].copy_from_slice(&ULAW[byte as usize].to_le_bytes());
+        frame[channel] = byte;
     }
     buf.drain(..take);
 }
@@ -1042,12 +1102,12 @@ impl Rebuild {
 
     /// Puts in the silence that comes next, if any: it is not read.
     fn fill_silence(&mut self) {
-        const ZEROS: [u8; 4096] = [0; 4096];
+        const QUIET: [u8; 4096] = [SILENCE; 4096];
         while let Some(&Checkpoint { seq: None, len, .. }) = self.copies.last() {
             let mut left = (self.part_size - self.filling.len).min(len);
             while left > 0 {
-                let n = left.min(ZEROS.len());
-                self.filling.extend(&ZEROS[..n], self.part_size);
+                let n = left.min(QUIET.len());
+                self.filling.extend(&QUIET[..n], self.part_size);
                 left -= n;
             }
             self.copies.pop();
@@ -1222,7 +1282,11 @@ mod tests {
         let hour = 3_600_000;
         let last = |seq, offset: Option<u64>, bytes| {
             Some(LastCheckpoint {
-                id: CheckpointId { seq, offset },
+                id: CheckpointId {
+                    seq,
+                    offset,
+                    pcm16: false,
+                },
                 bytes,
             })
         };
@@ -1311,6 +1375,7 @@ mod tests {
         let old = CheckpointId {
             seq: 16,
             offset: None,
+            pcm16: true,
         };
         assert_eq!(
             recovery(false, old, 0),
@@ -1319,6 +1384,7 @@ mod tests {
         let whole = CheckpointId {
             seq: 0,
             offset: Some(0),
+            pcm16: false,
         };
         assert_eq!(
             recovery(true, whole, 0),
@@ -1361,6 +1427,7 @@ mod tests {
         let first = CheckpointId {
             seq: 0,
             offset: Some(0),
+            pcm16: false,
         };
         for tries in 0..CHECKPOINT_UPLOAD_TRIES {
             assert_eq!(
@@ -1409,7 +1476,7 @@ mod tests {
             .iter()
             .map(|&n| checkpoint_key(n, n * 170_000 % 1_000_000_000_000))
             .collect();
-        assert_eq!(keys[2], "rec/000000000009-000001530000");
+        assert_eq!(keys[2], "rec/000000000009-000001530000u");
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(sorted, keys, "lexical order is the order taken");
@@ -1418,6 +1485,7 @@ mod tests {
             assert_eq!(checkpoint_seq(k), Some(n));
             let id = checkpoint_id(k).unwrap();
             assert_eq!(id.offset, Some(n * 170_000 % 1_000_000_000_000));
+            assert!(!id.pcm16, "{k}");
             // A listing from the number starts at its key, and after the one before, in
             // either form.
             assert!(checkpoint_from(n) <= *k);
@@ -1432,7 +1500,8 @@ mod tests {
             checkpoint_id("rec/000000000007"),
             Some(CheckpointId {
                 seq: 7,
-                offset: None
+                offset: None,
+                pcm16: true,
             })
         );
         for other in [
@@ -1448,21 +1517,19 @@ mod tests {
             "rec/000000000001-0000000000001",
             "rec/000000000001-000000000001-000000000001",
             "rec/-000000000001",
+            "rec/000000000001u",
+            "rec/000000000001-000000000001uu",
         ] {
             assert_eq!(checkpoint_seq(other), None, "{other}");
         }
     }
 
-    /// Left and right channels of interleaved PCM.
-    fn channels(pcm: &[u8]) -> (Vec<i16>, Vec<i16>) {
-        assert_eq!(pcm.len() % 4, 0, "whole stereo frames");
-        pcm.chunks(4)
-            .map(|f| {
-                (
-                    i16::from_le_bytes([f[0], f[1]]),
-                    i16::from_le_bytes([f[2], f[3]]),
-                )
-            })
+    /// Left and right channels of interleaved μ-law, decoded.
+    fn channels(audio: &[u8]) -> (Vec<i16>, Vec<i16>) {
+        assert_eq!(audio.len() % 2, 0, "whole stereo frames");
+        audio
+            .chunks(2)
+            .map(|f| (ulaw_to_linear(f[0]), ulaw_to_linear(f[1])))
             .unzip()
     }
 
@@ -1514,18 +1581,105 @@ mod tests {
     }
 
     #[test]
+    fn mulaw_encodes_back_to_the_byte_it_was_decoded_from() {
+        for b in 0..=255u8 {
+            let back = linear_to_ulaw(ulaw_to_linear(b));
+            // 0x7F is "negative zero": zero comes back as 0xFF, the same silence.
+            assert_eq!(back, if b == 0x7F { 0xFF } else { b }, "{b:#04x}");
+        }
+        // The ends of the 16-bit range clip to the loudest codes; values between codes go to
+        // a neighbour.
+        assert_eq!(linear_to_ulaw(i16::MAX), 0x80);
+        assert_eq!(linear_to_ulaw(i16::MIN), 0x00);
+        assert_eq!(linear_to_ulaw(0), 0xFF);
+        for x in [1i16, 7, 100, 1_000, 12_345, -1, -100, -12_345] {
+            let b = linear_to_ulaw(x);
+            let step = (i32::from(ulaw_to_linear(b)) - i32::from(x)).abs();
+            assert!(step <= i32::from(x).abs() / 16 + 8, "{x} -> {b:#04x}");
+        }
+    }
+
+    #[test]
+    fn the_recording_holds_the_mulaw_bytes_as_carried() {
+        let mut rec = Recorder::new();
+        let (caller, agent) = (tone(160, 3), tone(160, 90));
+        rec.caller(0, Some(0), &caller);
+        rec.agent(0, &agent);
+        let (audio, duration) = rec.finish(20);
+        assert_eq!(duration, 20);
+        assert_eq!(audio.len() as u64, 20 * BYTES_PER_MS);
+        let left: Vec<u8> = audio.iter().step_by(2).copied().collect();
+        let right: Vec<u8> = audio.iter().skip(1).step_by(2).copied().collect();
+        assert_eq!(left, caller, "the caller's bytes, not re-encoded");
+        assert_eq!(right, agent, "the agent's bytes, not re-encoded");
+        // Where nobody spoke, μ-law silence.
+        let mut rec = Recorder::new();
+        rec.agent(0, &agent);
+        let (audio, _) = rec.finish(20);
+        assert!(audio.iter().step_by(2).all(|&b| b == SILENCE));
+    }
+
+    #[test]
+    fn checkpoints_of_16_bit_pcm_from_before_are_read_as_the_mulaw_they_were() {
+        // Written by a version that kept 16-bit PCM (no mark on the key): each sample is a
+        // μ-law byte's value, four bytes a stereo frame, the offset in those bytes.
+        let mulaw = tone(1_000, 5);
+        let pcm16: Vec<u8> = mulaw
+            .iter()
+            .flat_map(|&b| ulaw_to_linear(b).to_le_bytes())
+            .collect();
+        let old = "rec/000000000003-000000960000";
+        assert!(checkpoint_id(old).unwrap().pcm16);
+        let (id, audio) = checkpoint_audio(old, pcm16).unwrap();
+        assert_eq!(
+            id,
+            CheckpointId {
+                seq: 3,
+                offset: Some(480_000),
+                pcm16: false
+            }
+        );
+        assert_eq!(audio, mulaw);
+        // The oldest keys, with no offset, hold PCM too.
+        let (id, audio) = checkpoint_audio("rec/000000000002", vec![0, 0, 0, 0]).unwrap();
+        assert_eq!((id.seq, id.offset, id.pcm16), (2, None, false));
+        assert_eq!(audio, [SILENCE, SILENCE]);
+        // Ours are taken as they are.
+        let key = checkpoint_key(3, 480_000);
+        assert_eq!(
+            checkpoint_audio(&key, mulaw.clone()),
+            Some((checkpoint_id(&key).unwrap(), mulaw))
+        );
+        assert_eq!(checkpoint_audio("rec-tries", vec![1]), None);
+        // A lost pump's end, from the last checkpoint: the same in either form.
+        let last = |key: &str, bytes: u64| {
+            Some(LastCheckpoint {
+                id: checkpoint_id(key).unwrap(),
+                bytes,
+            })
+        };
+        let seconds = 5 * BYTES_PER_MS * 1_000;
+        assert_eq!(
+            lost_pump_ended_by_ms(1_000, true, last(old, 2 * seconds), 10_000_000),
+            lost_pump_ended_by_ms(1_000, true, last(&key, seconds), 10_000_000),
+        );
+    }
+
+    #[test]
     fn wav_header_is_byte_exact() {
-        let h = wav_header(32_000);
+        // A second of stereo μ-law: format 7, 2 channels, 8000 Hz, 16 000 bytes a second,
+        // 2 bytes a frame, 8 bits a sample.
+        let h = wav_header(16_000);
         let mut want = Vec::new();
         want.extend_from_slice(b"RIFF");
-        want.extend_from_slice(&(36u32 + 32_000).to_le_bytes());
+        want.extend_from_slice(&(36u32 + 16_000).to_le_bytes());
         want.extend_from_slice(b"WAVEfmt ");
-        want.extend_from_slice(&[16, 0, 0, 0, 1, 0, 2, 0]);
+        want.extend_from_slice(&[16, 0, 0, 0, 7, 0, 2, 0]);
         want.extend_from_slice(&8000u32.to_le_bytes());
-        want.extend_from_slice(&32_000u32.to_le_bytes());
-        want.extend_from_slice(&[4, 0, 16, 0]);
+        want.extend_from_slice(&16_000u32.to_le_bytes());
+        want.extend_from_slice(&[2, 0, 8, 0]);
         want.extend_from_slice(b"data");
-        want.extend_from_slice(&32_000u32.to_le_bytes());
+        want.extend_from_slice(&16_000u32.to_le_bytes());
         assert_eq!(h.to_vec(), want);
         // Too long for RIFF: clamped, never wrapped.
         let h = wav_header(u64::MAX);
@@ -2296,7 +2450,9 @@ mod tests {
         let mut at = 0usize;
         let mut i = 0usize;
         while at < total {
-            let len = (32_000 + (i * 7_919 % 96_001)) / 4 * 4;
+            let second = (1_000 * BYTES_PER_MS) as usize;
+            let frame = FRAME_BYTES as usize;
+            let len = (second + (i * 7_919 % (3 * second + 1))) / frame * frame;
             let len = len.min(total - at);
             out.push(
                 (at..at + len)
@@ -2431,7 +2587,7 @@ mod tests {
         // Checkpoints 0 to 4 of 5 s each; part 1 ends 4 bytes into checkpoint 3.
         let mut pipe = Pipe::new(HEADER_BYTES + 3 * CHECKPOINT_BYTES + 4);
         for i in 0..25u8 {
-            pipe.data(&[i; 32_000]);
+            pipe.data(&[i; (1_000 * BYTES_PER_MS) as usize]);
             pipe.land();
         }
         assert_eq!(pipe.storage.len(), 5);
@@ -2584,7 +2740,7 @@ mod tests {
                         let mut left = gap.bytes;
                         while left > 0 {
                             let n = left.min(CHECKPOINT_BYTES as u64);
-                            feed(&vec![0; n as usize], &mut parts, &first);
+                            feed(&vec![SILENCE; n as usize], &mut parts, &first);
                             left -= n;
                         }
                     }
@@ -2627,7 +2783,7 @@ mod tests {
         let mut file = wav_header(audio.len() as u64).to_vec();
         let mut pcm = audio.to_vec();
         for &seq in missing {
-            pcm[span(storage, seq)].fill(0);
+            pcm[span(storage, seq)].fill(SILENCE);
         }
         file.extend(pcm);
         file
@@ -2842,7 +2998,7 @@ mod tests {
         assert!(pcm[..real.start] == audio[..real.start]);
         assert!(pcm[real.start..real.start + CHECKPOINT_BYTES]
             .iter()
-            .all(|&b| b == 0));
+            .all(|&b| b == SILENCE));
         assert!(pcm[real.start + CHECKPOINT_BYTES..] == audio[real.end..]);
     }
 
@@ -2853,6 +3009,7 @@ mod tests {
         let id = |seq, offset| CheckpointId {
             seq,
             offset: Some(offset),
+            pcm16: false,
         };
         assert_eq!(refill.push(id(0, 0), 1_000, &mut first), Place::Next);
         // Its key says it starts 200 bytes before the one before ends: right after it.

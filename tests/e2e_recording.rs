@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{self as tw};
-use support::wav::{channels, decoded, find, parse_header, HEADER};
+use support::wav::{channels, decoded, find, format_tag, parse_header, HEADER, MULAW};
 use support::{ok, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-recording-SECRET-654";
@@ -252,12 +252,13 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
         "recording_bytes is the file size"
     );
     let (channels_n, rate, byte_rate, align, bits, data) = parse_header(&wav);
+    assert_eq!(format_tag(&wav), MULAW, "the μ-law as carried");
     assert_eq!(
         (channels_n, rate, byte_rate, align, bits),
-        (2, 8000, 32_000, 4, 16)
+        (2, 8000, 16_000, 2, 8)
     );
     assert_eq!(data as usize, wav.len() - HEADER);
-    assert_eq!(data as i64, rec_ms * 32, "32 bytes per millisecond");
+    assert_eq!(data as i64, rec_ms * 16, "16 bytes per millisecond");
     let (left, right) = channels(&wav);
 
     // Right: silence, then the greeting from its first audio, up to the cut, then silence.
@@ -509,11 +510,14 @@ async fn a_call_cut_off_by_a_lost_socket_still_leaves_a_playable_file() {
     let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
     assert_eq!(full.status, 200);
     let (ch, rate, _, _, bits, data) = parse_header(&full.body);
-    assert_eq!((ch, rate, bits), (2, 8000, 16));
+    assert_eq!(
+        (format_tag(&full.body), ch, rate, bits),
+        (MULAW, 2, 8000, 8)
+    );
     assert_eq!(data as usize, full.body.len() - HEADER);
     assert_eq!(
         data as i64,
-        c["recording_duration_ms"].as_i64().unwrap() * 32
+        c["recording_duration_ms"].as_i64().unwrap() * 16
     );
     let (left, right) = channels(&full.body);
     assert!(
@@ -539,10 +543,10 @@ const PART_BYTES: usize = 5 * 1024 * 1024;
 #[tokio::test(flavor = "multi_thread")]
 async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
     let h = harness().await;
-    // 175 s of caller audio: more than one 5 MiB part of stereo PCM (163.8 s), and long enough
-    // past it (the checkpoint holding part 1's end is written at about 165 s) for part 1 to
-    // leave memory before the call ends.
-    let frames = 175_000 / 20;
+    // 345 s of caller audio: more than one 5 MiB part of stereo μ-law (327.7 s), and long
+    // enough past it (the checkpoint holding part 1's end is written at about 330 s) for part
+    // 1 to leave memory before the call ends.
+    let frames = 345_000 / 20;
     let caller_audio = tagged_chunks(0x71, frames, tw::FRAME_BYTES);
     let call = h
         .start_call(CallSpec {
@@ -559,14 +563,14 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
     call.twilio.send_stop(&call.ids);
     let c = wait_recording(h, &sid).await;
     let rec_ms = c["recording_duration_ms"].as_i64().unwrap();
-    assert!(rec_ms > 164_000, "{rec_ms} ms");
+    assert!(rec_ms > 328_000, "{rec_ms} ms");
     let full = get_recording(h, &sid, None, Some(ADMIN_TOKEN)).await;
     assert_eq!(full.status, 200);
     let wav = &full.body;
     assert!(wav.len() > PART_BYTES, "{} bytes", wav.len());
     assert_eq!(wav.len() as i64, c["recording_bytes"].as_i64().unwrap());
     let (_, _, _, _, _, data) = parse_header(wav);
-    assert_eq!(data as i64, rec_ms * 32);
+    assert_eq!(data as i64, rec_ms * 16);
     // A multipart object's ETag counts its parts: the first 5 MiB (with the header) and the rest.
     let etag = full.header("etag").to_owned();
     assert!(etag.trim_matches('"').ends_with("-2"), "ETag {etag}");
@@ -579,7 +583,7 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
         from = at + frame.len();
     }
     assert!(
-        from * 4 + HEADER > PART_BYTES,
+        from * 2 + HEADER > PART_BYTES,
         "the frames cross into part 2"
     );
     // A range across the boundary between the parts.

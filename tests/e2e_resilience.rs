@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, Session, SessionScript};
 use support::fake_twilio::{self as tw, CallIds, ConnectError, MediaStream};
-use support::wav::{channels, decoded, find, parse_header, HEADER};
+use support::wav::{channels, decoded, find, format_tag, parse_header, HEADER, MULAW};
 use support::worker::Deployment;
 use support::{ok, tagged_chunks, Call, CallSpec, Harness, SOON, TWILIO_AUTH_TOKEN};
 
@@ -720,13 +720,17 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         assert_eq!(wav.status().as_u16(), 200, "{sid}: recording");
         let wav = wav.bytes().await.unwrap();
         let (channels_n, rate, _, _, bits, data) = parse_header(&wav);
-        assert_eq!((channels_n, rate, bits), (2, 8000, 16), "{sid}");
+        assert_eq!(
+            (format_tag(&wav), channels_n, rate, bits),
+            (MULAW, 2, 8000, 8),
+            "{sid}"
+        );
         assert_eq!(
             data as usize,
             wav.len() - HEADER,
             "{sid}: the header's length"
         );
-        assert_eq!(data as i64, rec_ms * 32, "{sid}: 32 bytes per millisecond");
+        assert_eq!(data as i64, rec_ms * 16, "{sid}: 16 bytes per millisecond");
         assert_eq!(
             Some(wav.len() as i64),
             row["recording_bytes"].as_i64(),

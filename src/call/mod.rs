@@ -147,7 +147,7 @@ pub enum Action {
     },
     /// The call is over; what it leaves for the record.
     Ended(Box<Summary>),
-    /// The next stereo PCM of the call's recording (see `crate::recording`), in order.
+    /// The next stereo μ-law of the call's recording (see `crate::recording`), in order.
     RecordingData(Vec<u8>),
     /// The recording is complete: `duration_ms` long. Comes before the call's end record.
     RecordingDone {

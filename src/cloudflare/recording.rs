@@ -1,5 +1,5 @@
 //! Writes a call's recording to R2 as the call goes. The call machine hands out settled
-//! stereo PCM (`Action::RecordingData`); a task of its own cuts it into parts
+//! stereo μ-law (`Action::RecordingData`); a task of its own cuts it into parts
 //! (`crate::recording::Parts`) and uploads each full part at once, so the relay never waits
 //! on R2. Part 1 carries the WAV header, which needs the final length: it goes up last,
 //! when `Action::RecordingDone` (or the pump stopping without one) completes the upload. A
@@ -105,7 +105,7 @@ pub struct Recording {
     keep: Keep,
     /// Number of the next checkpoint.
     checkpoints: u64,
-    /// Bytes of PCM checkpointed so far (written or not): where the next checkpoint starts.
+    /// Bytes of audio checkpointed so far (written or not): where the next checkpoint starts.
     checkpointed: u64,
     /// Audio not checkpointed yet (less than [`recording::CHECKPOINT_BYTES`]).
     unsaved: Vec<u8>,
@@ -291,7 +291,8 @@ async fn list_checkpoints(
         .await
 }
 
-/// Up to `limit` checkpoints from number `from` on, in order: (key, PCM).
+/// Up to `limit` checkpoints from number `from` on, in order: (key, audio, as μ-law whatever
+/// form it was kept in: [`recording::checkpoint_audio`]).
 async fn read_checkpoints(
     storage: &Storage,
     from: u64,
@@ -300,12 +301,12 @@ async fn read_checkpoints(
     let map = list_checkpoints(storage, from, limit).await?;
     let mut out = Vec::new();
     map.for_each(&mut |value, key| {
-        if let Some(id) = key
+        let bytes = || js_sys::Uint8Array::new(&value).to_vec();
+        if let Some(checkpoint) = key
             .as_string()
-            .as_deref()
-            .and_then(recording::checkpoint_id)
+            .and_then(|key| recording::checkpoint_audio(&key, bytes()))
         {
-            out.push((id, js_sys::Uint8Array::new(&value).to_vec()));
+            out.push(checkpoint);
         }
     });
     out.sort_by_key(|(id, _)| id.seq);
@@ -485,7 +486,7 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
                         while left > 0 {
                             writer_caught_up(&queued).await;
                             let n = left.min(recording::CHECKPOINT_BYTES as u64);
-                            send(vec![0; n as usize]);
+                            send(vec![recording::SILENCE; n as usize]);
                             left -= n;
                         }
                     }
@@ -721,7 +722,7 @@ impl Writer {
     }
 
     /// Uploads the parts not sent yet and completes the upload. `rebuild_first` (the
-    /// recording's PCM length) when part 1 left memory: it is read back from the checkpoints
+    /// recording's data length) when part 1 left memory: it is read back from the checkpoints
     /// once the other parts are up (and their memory free), then uploaded; any failure to
     /// read it fails the upload, never completes it without a right part 1.
     async fn complete(
@@ -778,13 +779,12 @@ impl Writer {
                 if pushed.is_err() || rebuild.wants().is_none() {
                     return;
                 }
-                if let Some(seq) = key
+                let bytes = || js_sys::Uint8Array::new(&value).to_vec();
+                if let Some((id, audio)) = key
                     .as_string()
-                    .as_deref()
-                    .and_then(recording::checkpoint_seq)
+                    .and_then(|key| recording::checkpoint_audio(&key, bytes()))
                 {
-                    let pcm = js_sys::Uint8Array::new(&value).to_vec();
-                    pushed = rebuild.push(seq, &pcm);
+                    pushed = rebuild.push(id.seq, &audio);
                 }
             });
             pushed.map_err(failed)?;

@@ -1,6 +1,6 @@
 // The calls of the browser tests: their D1 rows (as the Worker writes them) and recordings,
 // stereo WAVs in the layout the Worker records (left the caller, right the agent, 8 kHz
-// 16-bit), made of tones where each side speaks. The Worker's own recording path is covered
+// μ-law), made of tones where each side speaks. The Worker's own recording path is covered
 // end to end by tests/e2e_recording.rs.
 //
 // sql() is a realistic Japanese seed: the docs' picture of the call page is taken of it alone
@@ -8,15 +8,18 @@
 // error message (escaping), events a good call would not have or the page does not know, and
 // a long recording (renewing an expired link).
 
+import { MULAW_SILENCE, mulawEncode } from '../../scripts/sim/audio.mjs';
+
 export const CALL_SID = 'CA5eed00000000000000000000000000a1';
 export const OTHER_SID = 'CA5eed00000000000000000000000000a2';
 export const RECORDING_KEY = `recordings/${CALL_SID}.wav`;
 export const DURATION_MS = 12_000;
-/** A call whose recording is too long for the browser to buffer whole (about 4 MB ahead):
- *  a seek far into it needs a new Range request, on the link the page holds. */
+/** A call whose recording is too long for the browser to buffer whole (about 4 MB ahead;
+ *  this one is 9.6 MB): a seek far into it needs a new Range request, on the link the page
+ *  holds. */
 export const LONG_SID = 'CA5eed00000000000000000000000000a3';
 export const LONG_RECORDING_KEY = `recordings/${LONG_SID}.wav`;
-export const LONG_DURATION_MS = 300_000;
+export const LONG_DURATION_MS = 600_000;
 /** A call the fallback answered: never streamed (no stream duration), Twilio's duration only. */
 export const UNSTREAMED_SID = 'CA5eed00000000000000000000000000a4';
 export const UNSTREAMED_TWILIO_S = 42;
@@ -42,30 +45,31 @@ export const wav = () => wavOf(DURATION_MS, TURNS);
 /** The recording of LONG_SID: silence. */
 export const longWav = () => wavOf(LONG_DURATION_MS, []);
 
-/** A WAV of `ms` milliseconds, a tone on each side where its turns speak. */
+/** A WAV of `ms` milliseconds (μ-law, `WAVE_FORMAT_MULAW`, as src/recording.rs writes
+ *  it), a tone on each side where its turns speak. */
 function wavOf(ms, turns) {
   const rate = 8000;
   const n = (ms / 1000) * rate;
-  const buf = Buffer.alloc(44 + n * 4);
+  const buf = Buffer.alloc(44 + n * 2, MULAW_SILENCE);
   buf.write('RIFF', 0);
-  buf.writeUInt32LE(36 + n * 4, 4);
+  buf.writeUInt32LE(36 + n * 2, 4);
   buf.write('WAVEfmt ', 8);
   buf.writeUInt32LE(16, 16);
-  buf.writeUInt16LE(1, 20);
+  buf.writeUInt16LE(7, 20);
   buf.writeUInt16LE(2, 22);
   buf.writeUInt32LE(rate, 24);
-  buf.writeUInt32LE(rate * 4, 28);
-  buf.writeUInt16LE(4, 32);
-  buf.writeUInt16LE(16, 34);
+  buf.writeUInt32LE(rate * 2, 28);
+  buf.writeUInt16LE(2, 32);
+  buf.writeUInt16LE(8, 34);
   buf.write('data', 36);
-  buf.writeUInt32LE(n * 4, 40);
+  buf.writeUInt32LE(n * 2, 40);
   for (const [, role, , from, , until] of turns) {
     const hz = role === 'caller' ? 220 : 440;
-    const channel = role === 'caller' ? 0 : 2;
+    const channel = role === 'caller' ? 0 : 1;
     for (let i = (from * rate) / 1000; i < (until * rate) / 1000; i++) {
       const env = Math.min(1, (i - (from * rate) / 1000) / 400, ((until * rate) / 1000 - i) / 400);
       const v = Math.round(9000 * env * Math.sin((2 * Math.PI * hz * i) / rate) * (0.6 + 0.4 * Math.sin((2 * Math.PI * 3 * i) / rate)));
-      buf.writeInt16LE(v, 44 + i * 4 + channel);
+      buf[44 + i * 2 + channel] = mulawEncode(v);
     }
   }
   return buf;
@@ -73,7 +77,7 @@ function wavOf(ms, turns) {
 
 /** One `calls` row; `o.key` a recording of `o.duration` ms. */
 function callRow(sid, o) {
-  const bytes = 44 + o.duration * 32;
+  const bytes = 44 + o.duration * 16;
   return `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
     stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
     output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,

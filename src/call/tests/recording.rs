@@ -21,15 +21,11 @@ fn pcm(bytes: &[u8]) -> Vec<i16> {
     bytes.iter().map(|&b| ulaw_to_linear(b)).collect()
 }
 
-/// (left, right) of interleaved 16-bit stereo.
-fn split(pcm: &[u8]) -> (Vec<i16>, Vec<i16>) {
-    pcm.chunks(4)
-        .map(|f| {
-            (
-                i16::from_le_bytes([f[0], f[1]]),
-                i16::from_le_bytes([f[2], f[3]]),
-            )
-        })
+/// (left, right) of interleaved μ-law stereo, decoded.
+fn split(audio: &[u8]) -> (Vec<i16>, Vec<i16>) {
+    audio
+        .chunks(2)
+        .map(|f| (ulaw_to_linear(f[0]), ulaw_to_linear(f[1])))
         .unzip()
 }
 
