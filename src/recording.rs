@@ -409,6 +409,7 @@ const fn table() -> [i16; 256] {
 }
 
 static ULAW: [i16; 256] = table();
+const _: () = assert!(table()[SILENCE as usize] == 0, "SILENCE is μ-law's zero");
 
 /// Decodes one μ-law byte.
 pub fn ulaw_to_linear(byte: u8) -> i16 {
@@ -742,7 +743,6 @@ impl Recorder {
 /// Writes the first `n` samples of `buf` (fewer if it holds fewer) as byte `channel` of each
 /// stereo frame of `out`, and removes them from `buf`.
 fn interleave_into(out: &mut [u8], channel: usize, buf: &mut VecDeque<u8>, n: usize) {
-    const { assert!(ULAW[SILENCE as usize] == 0) };
     let take = n.min(buf.len());
     let (a, b) = buf.as_slices();
     let frames = out.chunks_exact_mut(FRAME_BYTES as usize);

@@ -291,8 +291,13 @@ async fn list_checkpoints(
         .await
 }
 
-/// Up to `limit` checkpoints from number `from` on, in order: (key, audio, as μ-law whatever
-/// form it was kept in: [`recording::checkpoint_audio`]).
+/// One entry of a listing of checkpoints as its id and its audio, μ-law whatever form it was
+/// kept in ([`recording::checkpoint_audio`]); `None` for a key that is not a checkpoint's.
+fn checkpoint_entry(value: &JsValue, key: &JsValue) -> Option<(recording::CheckpointId, Vec<u8>)> {
+    recording::checkpoint_audio(&key.as_string()?, js_sys::Uint8Array::new(value).to_vec())
+}
+
+/// Up to `limit` checkpoints from number `from` on, in order: (id, audio).
 async fn read_checkpoints(
     storage: &Storage,
     from: u64,
@@ -300,15 +305,7 @@ async fn read_checkpoints(
 ) -> worker::Result<Vec<(recording::CheckpointId, Vec<u8>)>> {
     let map = list_checkpoints(storage, from, limit).await?;
     let mut out = Vec::new();
-    map.for_each(&mut |value, key| {
-        let bytes = || js_sys::Uint8Array::new(&value).to_vec();
-        if let Some(checkpoint) = key
-            .as_string()
-            .and_then(|key| recording::checkpoint_audio(&key, bytes()))
-        {
-            out.push(checkpoint);
-        }
-    });
+    map.for_each(&mut |value, key| out.extend(checkpoint_entry(&value, &key)));
     out.sort_by_key(|(id, _)| id.seq);
     Ok(out)
 }
@@ -779,11 +776,7 @@ impl Writer {
                 if pushed.is_err() || rebuild.wants().is_none() {
                     return;
                 }
-                let bytes = || js_sys::Uint8Array::new(&value).to_vec();
-                if let Some((id, audio)) = key
-                    .as_string()
-                    .and_then(|key| recording::checkpoint_audio(&key, bytes()))
-                {
+                if let Some((id, audio)) = checkpoint_entry(&value, &key) {
                     pushed = rebuild.push(id.seq, &audio);
                 }
             });
