@@ -481,6 +481,9 @@ pub const FAULT_INJECT_D1_LOOKUP_DELAY_MS: &str = "FAULT_INJECT_D1_LOOKUP_DELAY_
 /// Test hook: each D1 write of a call waits N ms before it is sent (a write on its way
 /// when the object restarts).
 pub const FAULT_INJECT_D1_STALL_MS: &str = "FAULT_INJECT_D1_STALL_MS";
+/// Test hook: the first N D1 writes of a call get no answer (D1 hung): each is given up
+/// after the outbox's limit and its records are tried again.
+pub const FAULT_INJECT_D1_HANGS: &str = "FAULT_INJECT_D1_HANGS";
 /// Test hook: the first N writes of a call object's records to its own storage fail (the
 /// object's storage refusing them), counted from the object's start (and restart).
 pub const FAULT_INJECT_STORAGE_FAILURES: &str = "FAULT_INJECT_STORAGE_FAILURES";
@@ -502,6 +505,10 @@ pub const FAULT_HOOKS: &[(&str, &str)] = &[
     (
         FAULT_INJECT_D1_STALL_MS,
         "every write of a call to D1 waits that many milliseconds",
+    ),
+    (
+        FAULT_INJECT_D1_HANGS,
+        "the first writes of every call to D1 get no answer",
     ),
     (
         FAULT_INJECT_STORAGE_FAILURES,

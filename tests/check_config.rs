@@ -177,6 +177,7 @@ fn deploy_time_vars_secrets_in_any_environment_and_the_test_hook_are_checked() {
     for hook in [
         "FAULT_INJECT_D1_FAILURES",
         "FAULT_INJECT_D1_STALL_MS",
+        "FAULT_INJECT_D1_HANGS",
         "FAULT_INJECT_STORAGE_FAILURES",
         "FAULT_INJECT_CALL_OBJECT_FAILURES",
     ] {

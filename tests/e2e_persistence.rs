@@ -1385,6 +1385,124 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
     assert_eq!(ev[0]["detail"]["code"], "audio_unintelligible", "{}", ev[0]);
 }
 
+/// A D1 write that never answers (`FAULT_INJECT_D1_HANGS`: the call object's first two) is
+/// given up after the outbox's limit (10 s) and its records are tried again: nothing queued
+/// behind it waits for good. (Without the limit, the first one, the registration's copy from
+/// the object's storage, held the outbox for as long as the object lived: no row of the call
+/// ever reached D1.) Every row lands, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_d1_write_that_never_answers_is_given_up_and_every_row_still_lands_once() {
+    let h = own_worker(
+        "e2e-persistence-d1-hangs",
+        "the Worker whose first D1 writes hang",
+        &[("FAULT_INJECT_D1_HANGS", "2"), ("LOG_LEVEL", "debug")],
+    )
+    .await;
+    let h = &h;
+    let admin = admin(h);
+    const GREETING: &str = "お電話ありがとうございます。";
+    const CALLER_SAID: &str = "予約を変更したいのですが。";
+    let (greet_item, caller_item) = ("item_greet", "item_c1");
+    let call = h
+        .start_call(CallSpec {
+            from: "+15551230306".into(),
+            script: SessionScript::new().once(
+                "response.create",
+                oai::full_response(
+                    "resp_greet",
+                    greet_item,
+                    &tagged_chunks(0x71, 1, 800),
+                    GREETING,
+                ),
+            ),
+            ..CallSpec::default()
+        })
+        .await;
+    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    ok(
+        h,
+        twilio
+            .wait_until("the greeting to play", SOON, |l| {
+                (l.played_echoes() >= 1).then_some(())
+            })
+            .await,
+    );
+    sync_twilio(h, twilio, oa, 0x74).await;
+    let said_at = call.start_sent_at.elapsed().as_millis() as u64;
+    oa.send(oai::speech_started(said_at, caller_item));
+    caller_talks(h, twilio, oa, 0x72, 10).await;
+    oa.send_all(oai::caller_turn_end(
+        caller_item,
+        Some(greet_item),
+        said_at + 200,
+    ));
+    oa.send(oai::caller_transcription_completed(
+        caller_item,
+        CALLER_SAID,
+    ));
+    // The transcript's record handed over before the caller hangs up.
+    sync_twilio(h, twilio, oa, 0x73).await;
+    twilio.send_stop(ids);
+    ok(h, oa.wait_closed(SOON).await);
+    let detail = completed(h, &admin, ids, (&call.from, &call.to), 5).await;
+    let detail = if entries(&detail).len() >= 2 && detail["call"]["end_reason"].is_string() {
+        detail
+    } else {
+        ok(
+            h,
+            admin
+                .wait_call(&ids.call_sid, "the end and both turns", D1_DEADLINE, |d| {
+                    d["call"]["end_reason"].is_string() && entries(d).len() >= 2
+                })
+                .await,
+        )
+    };
+
+    let given_up: Vec<String> = h
+        .worker
+        .log()
+        .lines()
+        .filter(|l| l.contains("no answer from D1 within 10s (FAULT_INJECT_D1_HANGS)"))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        given_up.len(),
+        2,
+        "expected the 2 hung writes given up, each once:\n{}\n{}",
+        given_up.join("\n"),
+        h.worker.log_tail(40)
+    );
+    let keys = [
+        "from_number",
+        "to_number",
+        "status",
+        "stream_sid",
+        "end_reason",
+        "twilio_duration_s",
+    ];
+    assert_eq!(
+        project(&detail["call"], &keys),
+        json!({"from_number": call.from, "to_number": call.to, "status": "completed",
+               "stream_sid": ids.stream_sid, "end_reason": "twilio_stop", "twilio_duration_s": 5}),
+        "{}",
+        pretty(&detail)
+    );
+    check_call_times(&detail["call"]);
+    let got: Vec<Value> = entries(&detail)
+        .iter()
+        .map(|e| project(e, &["role", "text", "item_id"]))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            json!({"role": "agent", "text": GREETING, "item_id": greet_item}),
+            json!({"role": "caller", "text": CALLER_SAID, "item_id": caller_item}),
+        ],
+        "transcript: {}",
+        pretty(&detail["transcript"])
+    );
+}
+
 // ---- 4. the agent assigned to the number answers -------------------------------------------------
 
 #[tokio::test(flavor = "multi_thread")]

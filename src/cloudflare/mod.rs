@@ -478,7 +478,12 @@ fn injected_object_failure(env: &Env) -> bool {
 }
 
 /// `fut`'s output, or `None` when it has not come within `limit` (`fut` is then dropped).
-async fn within<T>(limit: Duration, fut: impl std::future::Future<Output = T>) -> Option<T> {
+/// `fut`'s output, or `None` when it has none within `limit` (it is dropped then: a request it
+/// sent may still land).
+pub(crate) async fn within<T>(
+    limit: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Option<T> {
     let limit = Delay::from(limit);
     futures::pin_mut!(fut, limit);
     match futures::future::select(fut, limit).await {

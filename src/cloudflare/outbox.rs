@@ -30,6 +30,13 @@ const BATCH: usize = 50;
 /// inside Twilio's 15 s webhook timeout, since the voice webhook and the status callback
 /// wait on it (a webhook Twilio gave up on plays its "application error" to the caller).
 pub(crate) const DURABLE_WAIT: Duration = Duration::from_secs(8);
+/// The longest a write of the outbox is waited for once it is sent to D1. D1 answers in
+/// milliseconds; a write with no answer by then is taken as failed and its records are tried
+/// again through storage, as after an error. Without a limit, one write that never answered
+/// would hold the outbox (only one write is under way at a time) and every record after it
+/// in memory for as long as the object lived. Its statements may still land: each record's
+/// statements can be applied twice and in any order (`store::Record::statements`).
+pub(crate) const D1_WRITE_LIMIT: Duration = Duration::from_secs(10);
 /// When the alarm set behind records put in storage fires: if the object is still up, the
 /// writer has long copied them, and the alarm finds nothing to do.
 const ALARM_AFTER: Duration = Duration::from_secs(10);
@@ -86,6 +93,9 @@ struct Inner {
     /// Test hook: hold each D1 write this long (FAULT_INJECT_D1_STALL_MS), so that a restart
     /// can land while one is on its way.
     injected_stall: Duration,
+    /// Test hook: this many D1 writes get no answer (FAULT_INJECT_D1_HANGS), to prove a
+    /// write D1 never answers does not hold the call's records.
+    injected_hangs: Cell<u64>,
     /// Test hook: fail this many writes to the object's storage
     /// (FAULT_INJECT_STORAGE_FAILURES), to prove what the object decided is not lost when
     /// storage refuses its records.
@@ -109,6 +119,7 @@ impl Outbox {
         let injected = hook(crate::config::FAULT_INJECT_D1_FAILURES);
         let injected_stall = Duration::from_millis(hook(crate::config::FAULT_INJECT_D1_STALL_MS));
         let injected_storage = hook(crate::config::FAULT_INJECT_STORAGE_FAILURES);
+        let injected_hangs = hook(crate::config::FAULT_INJECT_D1_HANGS);
         let outbox = Outbox(Rc::new(Inner {
             storage,
             env,
@@ -118,6 +129,7 @@ impl Outbox {
             wake,
             injected_failures: Cell::new(injected),
             injected_stall,
+            injected_hangs: Cell::new(injected_hangs),
             injected_storage_failures: Cell::new(injected_storage),
             running: Cell::new(false),
             flushing: Lock::default(),
@@ -299,8 +311,27 @@ impl Outbox {
                 "injected D1 failure (FAULT_INJECT_D1_FAILURES)".into(),
             ));
         }
+        let hangs = self.0.injected_hangs.get();
+        self.0.injected_hangs.set(hangs.saturating_sub(1));
         let database = db::database(&self.0.env)?;
-        db::batch(&database, statements).await
+        let write = async {
+            if hangs > 0 {
+                futures::future::pending::<()>().await;
+            }
+            db::batch(&database, statements).await
+        };
+        super::within(D1_WRITE_LIMIT, write)
+            .await
+            .unwrap_or_else(|| {
+                Err(worker::Error::RustError(format!(
+                    "no answer from D1 within {D1_WRITE_LIMIT:?}{}",
+                    if hangs > 0 {
+                        " (FAULT_INJECT_D1_HANGS)"
+                    } else {
+                        ""
+                    }
+                )))
+            })
     }
 
     /// Moves enqueued records into local storage, in order (one mover at a time). A write
