@@ -45,7 +45,10 @@ pub const FRAME_BYTES: u64 = 2;
 pub const SAMPLES_PER_MS: u64 = 8;
 /// Stereo μ-law bytes per millisecond: what the recording's data holds of each millisecond.
 pub const BYTES_PER_MS: u64 = SAMPLES_PER_MS * FRAME_BYTES;
-pub const HEADER_BYTES: usize = 44;
+/// The WAV header: `RIFF`, an 18-byte `fmt ` chunk (a `WAVEFORMATEX`, whose `cbSize` the WAV
+/// spec asks of every format but PCM), the `fact` chunk it asks of them too (the length in
+/// sample frames), and the `data` chunk's own header. The layout sox and libsndfile write.
+pub const HEADER_BYTES: usize = 58;
 /// The WAV format tag of G.711 μ-law (`WAVE_FORMAT_MULAW`).
 pub const WAVE_FORMAT_MULAW: u16 = 7;
 /// Caller frames with no timestamp this much later than the previous frame's end still
@@ -431,29 +434,35 @@ pub fn linear_to_ulaw(sample: i16) -> u8 {
 
 // ---- WAV -----------------------------------------------------------------------------------------
 
-/// The 44-byte header of a μ-law WAV (`WAVE_FORMAT_MULAW`, 2 channels, 8000 Hz, 8 bits a
-/// sample) holding `data_bytes` of samples. Sizes past what RIFF can say (4 GiB) are
-/// clamped. (The `fmt ` chunk is the 16 bytes of PCM's: what players read for μ-law too.)
+/// The header of a μ-law WAV (`WAVE_FORMAT_MULAW`, 2 channels, 8000 Hz, 8 bits a sample)
+/// holding `data_bytes` of samples (see [`HEADER_BYTES`]). Sizes past what RIFF can say
+/// (4 GiB) are clamped.
 pub fn wav_header(data_bytes: u64) -> [u8; HEADER_BYTES] {
+    // What the RIFF chunk holds besides the samples: "WAVE" and the three chunks' headers.
+    const RIFF_OVERHEAD: u32 = (HEADER_BYTES - 8) as u32;
     let data = u32::try_from(data_bytes)
         .unwrap_or(u32::MAX)
-        .min(u32::MAX - 36);
+        .min(u32::MAX - RIFF_OVERHEAD);
     let block_align = CHANNELS * BITS_PER_SAMPLE / 8;
     let byte_rate = SAMPLE_RATE * u32::from(block_align);
     let mut h = [0u8; HEADER_BYTES];
     h[0..4].copy_from_slice(b"RIFF");
-    h[4..8].copy_from_slice(&(36 + data).to_le_bytes());
+    h[4..8].copy_from_slice(&(RIFF_OVERHEAD + data).to_le_bytes());
     h[8..12].copy_from_slice(b"WAVE");
     h[12..16].copy_from_slice(b"fmt ");
-    h[16..20].copy_from_slice(&16u32.to_le_bytes());
+    h[16..20].copy_from_slice(&18u32.to_le_bytes());
     h[20..22].copy_from_slice(&WAVE_FORMAT_MULAW.to_le_bytes());
     h[22..24].copy_from_slice(&CHANNELS.to_le_bytes());
     h[24..28].copy_from_slice(&SAMPLE_RATE.to_le_bytes());
     h[28..32].copy_from_slice(&byte_rate.to_le_bytes());
     h[32..34].copy_from_slice(&block_align.to_le_bytes());
     h[34..36].copy_from_slice(&BITS_PER_SAMPLE.to_le_bytes());
-    h[36..40].copy_from_slice(b"data");
-    h[40..44].copy_from_slice(&data.to_le_bytes());
+    // cbSize: no extra format bytes (h[36..38] stays 0).
+    h[38..42].copy_from_slice(b"fact");
+    h[42..46].copy_from_slice(&4u32.to_le_bytes());
+    h[46..50].copy_from_slice(&(data / u32::from(block_align)).to_le_bytes());
+    h[50..54].copy_from_slice(b"data");
+    h[54..58].copy_from_slice(&data.to_le_bytes());
     h
 }
 
@@ -1668,23 +1677,29 @@ mod tests {
     #[test]
     fn wav_header_is_byte_exact() {
         // A second of stereo μ-law: format 7, 2 channels, 8000 Hz, 16 000 bytes a second,
-        // 2 bytes a frame, 8 bits a sample.
+        // 2 bytes a frame, 8 bits a sample, no extra format bytes; 8000 sample frames.
+        // Byte for byte what `sox -n -r 8000 -c 2 -e u-law -b 8 x.wav synth 1 sine 440`
+        // writes before its samples.
         let h = wav_header(16_000);
         let mut want = Vec::new();
         want.extend_from_slice(b"RIFF");
-        want.extend_from_slice(&(36u32 + 16_000).to_le_bytes());
+        want.extend_from_slice(&(50u32 + 16_000).to_le_bytes());
         want.extend_from_slice(b"WAVEfmt ");
-        want.extend_from_slice(&[16, 0, 0, 0, 7, 0, 2, 0]);
+        want.extend_from_slice(&[18, 0, 0, 0, 7, 0, 2, 0]);
         want.extend_from_slice(&8000u32.to_le_bytes());
         want.extend_from_slice(&16_000u32.to_le_bytes());
-        want.extend_from_slice(&[2, 0, 8, 0]);
+        want.extend_from_slice(&[2, 0, 8, 0, 0, 0]);
+        want.extend_from_slice(b"fact");
+        want.extend_from_slice(&4u32.to_le_bytes());
+        want.extend_from_slice(&8000u32.to_le_bytes());
         want.extend_from_slice(b"data");
         want.extend_from_slice(&16_000u32.to_le_bytes());
         assert_eq!(h.to_vec(), want);
         // Too long for RIFF: clamped, never wrapped.
         let h = wav_header(u64::MAX);
         assert_eq!(&h[4..8], &u32::MAX.to_le_bytes());
-        assert_eq!(&h[40..44], &(u32::MAX - 36).to_le_bytes());
+        assert_eq!(&h[54..58], &(u32::MAX - 50).to_le_bytes());
+        assert_eq!(&h[46..50], &((u32::MAX - 50) / 2).to_le_bytes());
     }
 
     #[test]

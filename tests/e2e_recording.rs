@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, SessionScript};
 use support::fake_twilio::{self as tw};
-use support::wav::{channels, decoded, find, format_tag, parse_header, HEADER, MULAW};
+use support::wav::{channels, data_offset, decoded, find, format_tag, parse_header, MULAW};
 use support::{ok, tagged_chunks, CallSpec, Harness, SOON};
 
 const ADMIN_TOKEN: &str = "admin-e2e-recording-SECRET-654";
@@ -257,7 +257,7 @@ async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
         (channels_n, rate, byte_rate, align, bits),
         (2, 8000, 16_000, 2, 8)
     );
-    assert_eq!(data as usize, wav.len() - HEADER);
+    assert_eq!(data as usize, wav.len() - data_offset(&wav));
     assert_eq!(data as i64, rec_ms * 16, "16 bytes per millisecond");
     let (left, right) = channels(&wav);
 
@@ -514,7 +514,7 @@ async fn a_call_cut_off_by_a_lost_socket_still_leaves_a_playable_file() {
         (format_tag(&full.body), ch, rate, bits),
         (MULAW, 2, 8000, 8)
     );
-    assert_eq!(data as usize, full.body.len() - HEADER);
+    assert_eq!(data as usize, full.body.len() - data_offset(&full.body));
     assert_eq!(
         data as i64,
         c["recording_duration_ms"].as_i64().unwrap() * 16
@@ -583,7 +583,7 @@ async fn a_call_longer_than_one_part_is_uploaded_in_parts() {
         from = at + frame.len();
     }
     assert!(
-        from * 2 + HEADER > PART_BYTES,
+        from * 2 + data_offset(wav) > PART_BYTES,
         "the frames cross into part 2"
     );
     // A range across the boundary between the parts.

@@ -40,7 +40,7 @@ use serde_json::{json, Value};
 use support::admin::Admin;
 use support::fake_openai::{self as oai, Session, SessionScript};
 use support::fake_twilio::{self as tw, CallIds, ConnectError, MediaStream};
-use support::wav::{channels, decoded, find, format_tag, parse_header, HEADER, MULAW};
+use support::wav::{channels, data_offset, decoded, find, format_tag, parse_header, MULAW};
 use support::worker::Deployment;
 use support::{ok, tagged_chunks, Call, CallSpec, Harness, SOON, TWILIO_AUTH_TOKEN};
 
@@ -727,7 +727,7 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         );
         assert_eq!(
             data as usize,
-            wav.len() - HEADER,
+            wav.len() - data_offset(&wav),
             "{sid}: the header's length"
         );
         assert_eq!(data as i64, rec_ms * 16, "{sid}: 16 bytes per millisecond");

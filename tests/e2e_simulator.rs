@@ -89,7 +89,7 @@ fn mono_8k(path: &Path) -> Vec<i16> {
     let b = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     let (channels, rate, _, _, bits, _) = wav::parse_header(&b);
     assert_eq!((rate, channels, bits), (8000, 1, 16), "{}", path.display());
-    b[wav::HEADER..]
+    wav::data(&b)
         .chunks_exact(2)
         .map(|c| i16::from_le_bytes([c[0], c[1]]))
         .collect()

@@ -2,9 +2,6 @@
 //! as it was carried), and μ-law audio decoded independently of the crate's table, to find
 //! what was sent in what was recorded.
 
-/// Bytes of the WAV header.
-pub const HEADER: usize = 44;
-
 /// G.711 μ-law expansion, written out independently of the crate's table.
 pub fn ulaw(b: u8) -> i16 {
     let u = !b;
@@ -26,34 +23,79 @@ pub fn format_tag(wav: &[u8]) -> u16 {
     u16::from_le_bytes([wav[20], wav[21]])
 }
 
-/// The parsed 44-byte header: (channels, rate, byte rate, block align, bits, data size).
-pub fn parse_header(wav: &[u8]) -> (u16, u32, u32, u16, u16, u32) {
-    assert!(wav.len() >= HEADER, "{} bytes", wav.len());
+/// Where the `data` chunk's samples start, after checking the chunks before it: `RIFF` with
+/// the file's size, `WAVE`, then `fmt ` (PCM's 16 bytes; for μ-law the 18 of a
+/// `WAVEFORMATEX` with no extra bytes, and a `fact` chunk giving the length in sample frames,
+/// as the WAV spec asks of every format but PCM), then `data`, to the end of the file.
+pub fn data_offset(wav: &[u8]) -> usize {
     let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
     let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
+    assert!(wav.len() >= 44, "{} bytes", wav.len());
     assert_eq!(&wav[0..4], b"RIFF");
     assert_eq!(u32_at(4) as usize, wav.len() - 8, "RIFF size");
     assert_eq!(&wav[8..16], b"WAVEfmt ");
-    assert_eq!(u32_at(16), 16, "fmt chunk size");
-    assert!(
-        matches!(format_tag(wav), PCM | MULAW),
-        "format {}",
-        format_tag(wav)
+    let fmt_size = u32_at(16) as usize;
+    let fact_at = 20 + fmt_size;
+    let data_at = match format_tag(wav) {
+        PCM => {
+            assert_eq!(fmt_size, 16, "PCM's fmt chunk size");
+            fact_at
+        }
+        MULAW => {
+            assert_eq!(fmt_size, 18, "μ-law's fmt chunk size (a WAVEFORMATEX)");
+            assert_eq!(u16_at(36), 0, "cbSize: no extra format bytes");
+            assert_eq!(
+                &wav[fact_at..fact_at + 4],
+                b"fact",
+                "a fact chunk after fmt"
+            );
+            assert_eq!(u32_at(fact_at + 4), 4, "fact chunk size");
+            fact_at + 12
+        }
+        other => panic!("format {other}"),
+    };
+    assert_eq!(&wav[data_at..data_at + 4], b"data");
+    let data_bytes = u32_at(data_at + 4) as usize;
+    assert_eq!(
+        data_bytes,
+        wav.len() - data_at - 8,
+        "the data chunk runs to the end"
     );
-    assert_eq!(&wav[36..40], b"data");
+    if format_tag(wav) == MULAW {
+        let block_align = u16_at(32) as usize;
+        assert_eq!(
+            u32_at(fact_at + 8) as usize,
+            data_bytes / block_align,
+            "fact: the length in sample frames"
+        );
+    }
+    data_at + 8
+}
+
+/// The samples: the `data` chunk's contents (see [`data_offset`]).
+pub fn data(wav: &[u8]) -> &[u8] {
+    &wav[data_offset(wav)..]
+}
+
+/// The header's fields, checked (see [`data_offset`]): (channels, rate, byte rate, block
+/// align, bits, data size).
+pub fn parse_header(wav: &[u8]) -> (u16, u32, u32, u16, u16, u32) {
+    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
+    let data_at = data_offset(wav);
     (
         u16_at(22),
         u32_at(24),
         u32_at(28),
         u16_at(32),
         u16_at(34),
-        u32_at(40),
+        u32_at(data_at - 4),
     )
 }
 
 /// (left, right) samples of a stereo WAV's data: μ-law decoded, or 16-bit PCM.
 pub fn channels(wav: &[u8]) -> (Vec<i16>, Vec<i16>) {
-    let data = &wav[HEADER..];
+    let data = data(wav);
     match format_tag(wav) {
         MULAW => {
             assert_eq!(data.len() % 2, 0, "whole stereo frames");

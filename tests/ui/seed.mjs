@@ -45,31 +45,38 @@ export const wav = () => wavOf(DURATION_MS, TURNS);
 /** The recording of LONG_SID: silence. */
 export const longWav = () => wavOf(LONG_DURATION_MS, []);
 
-/** A WAV of `ms` milliseconds (μ-law, `WAVE_FORMAT_MULAW`, as src/recording.rs writes
- *  it), a tone on each side where its turns speak. */
+/** Bytes of the recordings' WAV header (src/recording.rs HEADER_BYTES). */
+const HEADER = 58;
+
+/** A WAV of `ms` milliseconds (μ-law, `WAVE_FORMAT_MULAW`, with the 18-byte `fmt ` and the
+ *  `fact` chunk, as src/recording.rs writes it), a tone on each side where its turns speak. */
 function wavOf(ms, turns) {
   const rate = 8000;
   const n = (ms / 1000) * rate;
-  const buf = Buffer.alloc(44 + n * 2, MULAW_SILENCE);
+  const buf = Buffer.alloc(HEADER + n * 2, MULAW_SILENCE);
   buf.write('RIFF', 0);
-  buf.writeUInt32LE(36 + n * 2, 4);
+  buf.writeUInt32LE(HEADER - 8 + n * 2, 4);
   buf.write('WAVEfmt ', 8);
-  buf.writeUInt32LE(16, 16);
+  buf.writeUInt32LE(18, 16);
   buf.writeUInt16LE(7, 20);
   buf.writeUInt16LE(2, 22);
   buf.writeUInt32LE(rate, 24);
   buf.writeUInt32LE(rate * 2, 28);
   buf.writeUInt16LE(2, 32);
   buf.writeUInt16LE(8, 34);
-  buf.write('data', 36);
-  buf.writeUInt32LE(n * 2, 40);
+  buf.writeUInt16LE(0, 36);
+  buf.write('fact', 38);
+  buf.writeUInt32LE(4, 42);
+  buf.writeUInt32LE(n, 46);
+  buf.write('data', 50);
+  buf.writeUInt32LE(n * 2, 54);
   for (const [, role, , from, , until] of turns) {
     const hz = role === 'caller' ? 220 : 440;
     const channel = role === 'caller' ? 0 : 1;
     for (let i = (from * rate) / 1000; i < (until * rate) / 1000; i++) {
       const env = Math.min(1, (i - (from * rate) / 1000) / 400, ((until * rate) / 1000 - i) / 400);
       const v = Math.round(9000 * env * Math.sin((2 * Math.PI * hz * i) / rate) * (0.6 + 0.4 * Math.sin((2 * Math.PI * 3 * i) / rate)));
-      buf[44 + i * 2 + channel] = mulawEncode(v);
+      buf[HEADER + i * 2 + channel] = mulawEncode(v);
     }
   }
   return buf;
@@ -77,7 +84,7 @@ function wavOf(ms, turns) {
 
 /** One `calls` row; `o.key` a recording of `o.duration` ms. */
 function callRow(sid, o) {
-  const bytes = 44 + o.duration * 16;
+  const bytes = HEADER + o.duration * 16;
   return `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
     stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
     output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,
