@@ -28,7 +28,7 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { FRAME_BYTES, MULAW_SILENCE, encodeWav16, mulawToInt16, wavToMulaw8k } from './sim/audio.mjs';
-import { openMicrophone, openSpeaker } from './sim/devices.mjs';
+import { openMicrophone, openSpeaker, readKeypad } from './sim/devices.mjs';
 import { REST_PREFIX, TwilioRest } from './sim/rest.mjs';
 import { DEFAULT_PORT, StandIn } from './sim/standin.mjs';
 import { Player, TwilioFrames, VOICE_WEBHOOK_TIMEOUT_MS, nowMs, openMediaStream, parseTwiml, postVoiceWebhook, publicBaseUrl, setting, sid, statusParams, voiceParams } from './sim/twilio.mjs';
@@ -48,7 +48,8 @@ usage: npm run call -- --audio FILE.wav [options]
                       --duration); the agent is heard on the speaker. Captured with sox,
                       arecord or ffmpeg, whichever is on PATH (the default input device).
                       Wear headphones: the agent's voice picked up by the microphone would
-                      interrupt it (a barge-in)
+                      interrupt it (a barge-in). Keys 0-9, * and # typed during the call
+                      (or piped in) are pressed on the phone's keypad (Twilio's dtmf)
   --mic-command CMD   capture with this shell command instead: it must print raw 8 kHz
                       mono signed 16-bit little-endian PCM on stdout, e.g.
                       "sox -q -d -t raw -r 8000 -c 1 -b 16 -e signed-integer -L -"
@@ -73,7 +74,8 @@ usage: npm run call -- --audio FILE.wav [options]
                       every 0.5 s (Twilio's dtmf messages): S seconds after they start
                       speaking, or once their audio has ended when no @S is given; may be
                       given more than once. With --mic, @S is needed (seconds after the
-                      microphone goes live). The offline stand-in cannot understand words:
+                      microphone goes live), or type the keys during the call. The offline
+                      stand-in cannot understand words:
                       0 makes it call the agent's transfer_call, # its end_call
   --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
                       agent's greeting has played (at most 10 s). 1 makes the caller talk
@@ -593,12 +595,23 @@ async function placeCall(opt, ctx) {
     // The microphone, live from the answer on (a phone line carries the greeting's silence
     // too): what it captured while the call was being set up is not sent.
     mic.discard();
-    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] the microphone is live${opt.duration ? ` for ${opt.duration} s` : ''}; Ctrl-C hangs up`);
+    info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] the microphone is live${opt.duration ? ` for ${opt.duration} s` : ''}; keys 0-9, * and # are pressed on the keypad; Ctrl-C hangs up`);
     schedulePresses(false);
-    while (speaking() && !(opt.duration && i * 20 >= opt.duration * 1000)) {
-      const frame = await mic.next();
-      if (!frame || !(await sendFrame(frame))) break;
-      callerTimeline.push(frame);
+    // A key typed goes before the next frame; keys typed together, 100 ms (5 frames) apart.
+    let typedAt = -Infinity;
+    const stopKeys = readKeypad((key) => {
+      typedAt = Math.max(i, typedAt + 5);
+      presses.push({ at: typedAt, key });
+      presses.sort((a, b) => a.at - b.at);
+    }, onSigint);
+    try {
+      while (speaking() && !(opt.duration && i * 20 >= opt.duration * 1000)) {
+        const frame = await mic.next();
+        if (!frame || !(await sendFrame(frame))) break;
+        callerTimeline.push(frame);
+      }
+    } finally {
+      stopKeys();
     }
     if (mic.ended && !closed && !agentEnded) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] ${mic.ended}: the caller hangs up`);
   }
@@ -675,7 +688,7 @@ async function placeCall(opt, ctx) {
   info('');
   info(`call summary: ${stats.sent} media frames sent (${secs(stats.sent * FRAME_BYTES)} s); agent audio received ${secs(state.agentAudioBytes)} s in ${stats.media} frames, played ${secs(player.playedBytes)} s, dropped by clear ${secs(player.discardedBytes)} s${player.unplayedBytes ? `, unplayed at the end of the call ${secs(player.unplayedBytes)} s` : ''}`);
   info(`              marks: ${stats.marks} received, ${stats.echoedPlayed} echoed as played, ${stats.echoedFlushed} flushed by ${stats.clears} clear(s)`);
-  if (opt.presses.length) info(`              keypad: ${stats.presses} key(s) pressed${presses.length ? `, ${presses.length} not pressed (the call ended first)` : ''}`);
+  if (opt.presses.length || stats.presses) info(`              keypad: ${stats.presses} key(s) pressed${presses.length ? `, ${presses.length} not pressed (the call ended first)` : ''}`);
   if (mic) info(`              microphone: ${secs(mic.captured * FRAME_BYTES)} s captured (from before the answer on)`);
   if (speaker) info(`              speaker: ${secs(speaker.written)} s played${speaker.broken ? ` until it failed (${speaker.broken})` : ''}`);
   info(`agent audio written to ${outPath} (8 kHz 16-bit PCM, ${secs(played.length)} s, silence where the agent was not speaking)`);

@@ -5,9 +5,9 @@
 //! printed — live from the stand-in and as stored by the Worker — has the stand-in's lines.
 //! The same with the caller on a microphone (`--mic`, here a stand-in capture command that
 //! speaks the sample in real time) who hangs up with Ctrl-C, the agent heard on a speaker
-//! command; the clear refusal when there is no microphone; and keypad presses (`--press`)
-//! that make the stand-in call the agent's end_call and transfer_call, which the Worker
-//! carries out through the simulator's Twilio REST API.
+//! command; the clear refusal when there is no microphone; and keypad presses (`--press`,
+//! or keys typed during a microphone call) that make the stand-in call the agent's end_call
+//! and transfer_call, which the Worker carries out through the simulator's Twilio REST API.
 
 mod support;
 
@@ -719,43 +719,39 @@ fn processes_tagged(tag: &str) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
-    let root = checked_root();
-    let standin_port = free_port();
-    let scratch = support::scratch_dir("e2e-simulator-mic");
-    let worker = start_worker(&root, standin_port, &scratch).await;
-
-    let out = scratch.join("agent.wav");
-    let speaker_out = scratch.join("speaker.ulaw");
-    // The microphone: the sample spoken after 2 s of a quiet room, then the quiet room, for
-    // as long as it is listened to. The tag finds it (and its shell) afterwards.
-    let tag = format!("mic-tag-{}", std::process::id());
+/// A simulator on the microphone (`--mic`, the test's capture command: the sample spoken
+/// after 2 s of a quiet room, then the quiet room for as long as it is listened to; `tag`
+/// finds it and its shell afterwards), against `worker` and its stand-in, its stdin a pipe.
+/// Once the stand-in has answered what it heard and that answer has had time to play,
+/// `then` is done to it (Ctrl-C, or keys typed); then what it printed is read to its end.
+/// Returns its output and whether the stand-in answered.
+async fn mic_call(
+    root: &Path,
+    worker: &WorkerProcess,
+    standin_port: u16,
+    tag: &str,
+    args: &[&str],
+    then: impl FnOnce(&mut tokio::process::Child) -> futures::future::BoxFuture<'_, ()>,
+) -> (Output, bool) {
     let mic = format!("node tests/support/fake_mic.mjs samples/caller-ja.wav 2 {tag}");
-    let speaker = format!("cat > '{}'", speaker_out.display());
+    let port = standin_port.to_string();
+    let base_url = worker.base_url();
     let mut child = simulator(
-        &root,
+        root,
         &[
-            "--offline",
-            "--mic-command",
-            &mic,
-            "--speaker-command",
-            &speaker,
-            "--standin-port",
-            &standin_port.to_string(),
-            "--url",
-            &worker.base_url(),
-            "--out",
-            out.to_str().unwrap(),
-        ],
+            &["--offline", "--mic-command", &mic][..],
+            &["--standin-port", &port, "--url", &base_url],
+            args,
+        ]
+        .concat(),
     )
+    .stdin(Stdio::piped())
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
     .spawn()
     .expect("run node scripts/call.mjs");
 
-    // Read what it prints as it comes; once the stand-in has answered what it heard and its
-    // answer has had time to play, the caller hangs up with Ctrl-C (SIGINT).
+    // Read what it prints as it comes.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut stderr = child.stderr.take().unwrap();
     let stderr_task = tokio::spawn(async move {
@@ -778,16 +774,11 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
     .unwrap_or(false);
     if answered {
         tokio::time::sleep(Duration::from_secs(4)).await;
-        let pid = child.id().expect("the simulator is running").to_string();
-        let kill = std::process::Command::new("kill")
-            .args(["-INT", &pid])
-            .status()
-            .expect("kill -INT");
-        assert!(kill.success(), "kill -INT {pid}");
+        then(&mut child).await;
     } else {
         let _ = child.start_kill();
     }
-    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+    let status = tokio::time::timeout(Duration::from_secs(60), async {
         while let Ok(Some(line)) = lines.next_line().await {
             stdout.push_str(&line);
             stdout.push('\n');
@@ -795,14 +786,54 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
         child.wait().await
     })
     .await
-    .expect("the simulator did not end within 60 s of Ctrl-C")
+    .expect("the simulator did not end within 60 s of what was done to it")
     .expect("wait for the simulator");
     let stderr = stderr_task.await.unwrap();
     let output = Output {
-        status: rest,
-        stdout: stdout.clone().into_bytes(),
-        stderr: stderr.clone().into_bytes(),
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.into_bytes(),
     };
+    (output, answered)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-mic");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+
+    let out = scratch.join("agent.wav");
+    let speaker_out = scratch.join("speaker.ulaw");
+    let tag = format!("mic-tag-{}", std::process::id());
+    let speaker = format!("cat > '{}'", speaker_out.display());
+    // The caller hangs up with Ctrl-C (SIGINT).
+    let (output, answered) = mic_call(
+        &root,
+        &worker,
+        standin_port,
+        &tag,
+        &[
+            "--speaker-command",
+            &speaker,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        |child| {
+            Box::pin(async move {
+                let pid = child.id().expect("the simulator is running").to_string();
+                let kill = std::process::Command::new("kill")
+                    .args(["-INT", &pid])
+                    .status()
+                    .expect("kill -INT");
+                assert!(kill.success(), "kill -INT {pid}");
+            })
+        },
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let context = || context(&output, Some(&worker));
     assert!(
         answered,
@@ -882,6 +913,70 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
     );
 
     // The microphone's program (and the shell around it) is stopped with the call.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let left = processes_tagged(&tag);
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+/// On the microphone, keys typed during the call (here piped into the simulator's stdin)
+/// are pressed on the keypad: `#` makes the stand-in call the agent's end_call, and the call
+/// ends with the agent's hang-up, no Ctrl-C needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_typed_during_a_microphone_call_are_pressed_on_the_keypad() {
+    use tokio::io::AsyncWriteExt;
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-mic-keys");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+    let out = scratch.join("agent.wav");
+    let tag = format!("mic-keys-tag-{}", std::process::id());
+    let (output, answered) = mic_call(
+        &root,
+        &worker,
+        standin_port,
+        &tag,
+        &["--no-speaker", "--out", out.to_str().unwrap()],
+        |child| {
+            Box::pin(async move {
+                let stdin = child.stdin.as_mut().expect("the simulator's stdin");
+                stdin.write_all(b"#\n").await.expect("type #");
+                stdin.flush().await.expect("flush");
+            })
+        },
+    )
+    .await;
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let context = || context(&output, Some(&worker));
+    assert!(
+        answered,
+        "the stand-in never answered the caller:\n{}",
+        context()
+    );
+    assert!(
+        output.status.success(),
+        "the simulator failed ({}):\n{}",
+        output.status,
+        context()
+    );
+    assert_said(
+        &stdout,
+        &[
+            "keys 0-9, * and # are pressed on the keypad; Ctrl-C hangs up",
+            "caller presses # on the keypad (Twilio: dtmf)",
+            "agent  (calls the tool end_call ",
+            "Twilio REST: Status=completed — the agent hung up",
+            "keypad: 1 key(s) pressed",
+            "stored call record: status=completed end_reason=agent_hangup",
+        ],
+        context,
+    );
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
+    let detail = stored_ended_call(&admin, &stdout, &context).await.1;
+    assert_eq!(
+        events_of(&detail, "dtmf")[0]["detail"]["digit"],
+        "#",
+        "{detail:#}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let left = processes_tagged(&tag);
     assert!(left.is_empty(), "left running: {left:?}");

@@ -294,3 +294,30 @@ export function openSpeaker({ command = null, nowMs, path } = {}) {
   const child = start(dev, ['pipe', 'ignore', 'pipe']);
   return { speaker: new Speaker(child, dev, nowMs), dev };
 }
+
+/**
+ * The keys typed during a call (--mic): each of 0-9, * and # goes to `onKey`, anything else
+ * is ignored. On a terminal they are read one at a time, unechoed (raw mode, where Ctrl-C
+ * comes as a byte: it goes to `onCtrlC`, as the signal would); piped in, as they come.
+ * Returns what stops the reading (and gives the terminal back as it was).
+ */
+export function readKeypad(onKey, onCtrlC, stdin = process.stdin) {
+  const raw = Boolean(stdin.isTTY) && typeof stdin.setRawMode === 'function';
+  if (raw) stdin.setRawMode(true);
+  const onData = (chunk) => {
+    for (const ch of chunk.toString('latin1')) {
+      if (ch === '\x03') onCtrlC();
+      else if (/^[0-9*#]$/.test(ch)) onKey(ch);
+    }
+  };
+  const ignore = () => {};
+  stdin.on('data', onData);
+  stdin.on('error', ignore);
+  stdin.resume();
+  return () => {
+    stdin.off('data', onData);
+    stdin.off('error', ignore);
+    if (raw) stdin.setRawMode(false);
+    stdin.pause();
+  };
+}
