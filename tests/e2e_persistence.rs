@@ -47,6 +47,18 @@ async fn sync_twilio(h: &Harness, twilio: &MediaStream, oa: &Session, tag: u8) {
     wait_appended(h, oa, &payload).await;
 }
 
+/// Waits until the greeting has played: its mark echoed by the fake Twilio.
+async fn greeting_played(h: &Harness, twilio: &MediaStream) {
+    ok(
+        h,
+        twilio
+            .wait_until("the greeting to play", SOON, |l| {
+                (l.played_echoes() >= 1).then_some(())
+            })
+            .await,
+    );
+}
+
 /// Wait until the caller audio `payload` has been appended at OpenAI.
 async fn wait_appended(h: &Harness, oa: &Session, payload: &str) {
     ok(
@@ -1223,14 +1235,7 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
     );
     let session_id = created["session"]["id"].as_str().unwrap().to_owned();
 
-    ok(
-        h,
-        twilio
-            .wait_until("the greeting to play", SOON, |l| {
-                (l.played_echoes() >= 1).then_some(())
-            })
-            .await,
-    );
+    greeting_played(h, &twilio).await;
     sync_twilio(h, &twilio, oa, 0x62).await;
 
     // First utterance: transcription fails (an event). Second: transcribed. Then the reply.
@@ -1419,14 +1424,7 @@ async fn a_d1_write_that_never_answers_is_given_up_and_every_row_still_lands_onc
         })
         .await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
-    ok(
-        h,
-        twilio
-            .wait_until("the greeting to play", SOON, |l| {
-                (l.played_echoes() >= 1).then_some(())
-            })
-            .await,
-    );
+    greeting_played(h, twilio).await;
     sync_twilio(h, twilio, oa, 0x74).await;
     let said_at = call.start_sent_at.elapsed().as_millis() as u64;
     oa.send(oai::speech_started(said_at, caller_item));
@@ -1707,14 +1705,7 @@ async fn a_caller_who_hangs_up_mid_sentence_keeps_their_words_in_the_record() {
         })
         .await;
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
-    ok(
-        h,
-        twilio
-            .wait_until("the greeting to play", SOON, |l| {
-                (l.played_echoes() >= 1).then_some(())
-            })
-            .await,
-    );
+    greeting_played(h, twilio).await;
     oa.send(oai::speech_started(1_000, "item_u"));
     // Half a second of their words reaches the server, then they hang up.
     caller_talks(h, twilio, oa, 0x82, 25).await;

@@ -724,7 +724,7 @@ fn processes_tagged(tag: &str) -> Vec<String> {
 /// finds it and its shell afterwards), against `worker` and its stand-in, its stdin a pipe.
 /// Once the stand-in has answered what it heard and that answer has had time to play,
 /// `then` is done to it (Ctrl-C, or keys typed); then what it printed is read to its end.
-/// Returns its output and whether the stand-in answered.
+/// Returns its output, once the stand-in answered and the simulator exited 0.
 async fn mic_call(
     root: &Path,
     worker: &WorkerProcess,
@@ -732,7 +732,7 @@ async fn mic_call(
     tag: &str,
     args: &[&str],
     then: impl FnOnce(&mut tokio::process::Child) -> futures::future::BoxFuture<'_, ()>,
-) -> (Output, bool) {
+) -> Output {
     let mic = format!("node tests/support/fake_mic.mjs samples/caller-ja.wav 2 {tag}");
     let port = standin_port.to_string();
     let base_url = worker.base_url();
@@ -794,7 +794,19 @@ async fn mic_call(
         stdout: stdout.into_bytes(),
         stderr: stderr.into_bytes(),
     };
-    (output, answered)
+    let context = || context(&output, Some(worker));
+    assert!(
+        answered,
+        "the stand-in never answered the caller:\n{}",
+        context()
+    );
+    assert!(
+        output.status.success(),
+        "the simulator failed ({}):\n{}",
+        output.status,
+        context()
+    );
+    output
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -809,7 +821,7 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
     let tag = format!("mic-tag-{}", std::process::id());
     let speaker = format!("cat > '{}'", speaker_out.display());
     // The caller hangs up with Ctrl-C (SIGINT).
-    let (output, answered) = mic_call(
+    let output = mic_call(
         &root,
         &worker,
         standin_port,
@@ -835,17 +847,6 @@ async fn simulator_talks_from_a_microphone_and_hangs_up_at_ctrl_c() {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     let context = || context(&output, Some(&worker));
-    assert!(
-        answered,
-        "the stand-in never answered the caller:\n{}",
-        context()
-    );
-    assert!(
-        output.status.success(),
-        "the simulator failed ({}):\n{}",
-        output.status,
-        context()
-    );
     assert_said(
         &stdout,
         &[
@@ -930,7 +931,7 @@ async fn keys_typed_during_a_microphone_call_are_pressed_on_the_keypad() {
     let worker = start_worker(&root, standin_port, &scratch).await;
     let out = scratch.join("agent.wav");
     let tag = format!("mic-keys-tag-{}", std::process::id());
-    let (output, answered) = mic_call(
+    let output = mic_call(
         &root,
         &worker,
         standin_port,
@@ -947,17 +948,6 @@ async fn keys_typed_during_a_microphone_call_are_pressed_on_the_keypad() {
     .await;
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     let context = || context(&output, Some(&worker));
-    assert!(
-        answered,
-        "the stand-in never answered the caller:\n{}",
-        context()
-    );
-    assert!(
-        output.status.success(),
-        "the simulator failed ({}):\n{}",
-        output.status,
-        context()
-    );
     assert_said(
         &stdout,
         &[
