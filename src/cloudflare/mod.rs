@@ -477,9 +477,8 @@ fn injected_object_failure(env: &Env) -> bool {
     })
 }
 
-/// `fut`'s output, or `None` when it has not come within `limit` (`fut` is then dropped).
-/// `fut`'s output, or `None` when it has none within `limit` (it is dropped then: a request it
-/// sent may still land).
+/// `fut`'s output, or `None` when it has not come within `limit` (`fut` is then dropped: a
+/// request it sent may still land).
 pub(crate) async fn within<T>(
     limit: Duration,
     fut: impl std::future::Future<Output = T>,
