@@ -18,9 +18,19 @@ pub const PCM: u16 = 1;
 /// The format tag of G.711 μ-law (the Worker's recordings).
 pub const MULAW: u16 = 7;
 
+/// The little-endian `u16` at byte `i`.
+fn u16_at(wav: &[u8], i: usize) -> u16 {
+    u16::from_le_bytes([wav[i], wav[i + 1]])
+}
+
+/// The little-endian `u32` at byte `i`.
+fn u32_at(wav: &[u8], i: usize) -> u32 {
+    u32::from_le_bytes(wav[i..i + 4].try_into().unwrap())
+}
+
 /// The WAV's format tag.
 pub fn format_tag(wav: &[u8]) -> u16 {
-    u16::from_le_bytes([wav[20], wav[21]])
+    u16_at(wav, 20)
 }
 
 /// Where the `data` chunk's samples start, after checking the chunks before it: `RIFF` with
@@ -28,13 +38,11 @@ pub fn format_tag(wav: &[u8]) -> u16 {
 /// `WAVEFORMATEX` with no extra bytes, and a `fact` chunk giving the length in sample frames,
 /// as the WAV spec asks of every format but PCM), then `data`, to the end of the file.
 pub fn data_offset(wav: &[u8]) -> usize {
-    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
-    let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
     assert!(wav.len() >= 44, "{} bytes", wav.len());
     assert_eq!(&wav[0..4], b"RIFF");
-    assert_eq!(u32_at(4) as usize, wav.len() - 8, "RIFF size");
+    assert_eq!(u32_at(wav, 4) as usize, wav.len() - 8, "RIFF size");
     assert_eq!(&wav[8..16], b"WAVEfmt ");
-    let fmt_size = u32_at(16) as usize;
+    let fmt_size = u32_at(wav, 16) as usize;
     let fact_at = 20 + fmt_size;
     let data_at = match format_tag(wav) {
         PCM => {
@@ -43,28 +51,28 @@ pub fn data_offset(wav: &[u8]) -> usize {
         }
         MULAW => {
             assert_eq!(fmt_size, 18, "μ-law's fmt chunk size (a WAVEFORMATEX)");
-            assert_eq!(u16_at(36), 0, "cbSize: no extra format bytes");
+            assert_eq!(u16_at(wav, 36), 0, "cbSize: no extra format bytes");
             assert_eq!(
                 &wav[fact_at..fact_at + 4],
                 b"fact",
                 "a fact chunk after fmt"
             );
-            assert_eq!(u32_at(fact_at + 4), 4, "fact chunk size");
+            assert_eq!(u32_at(wav, fact_at + 4), 4, "fact chunk size");
             fact_at + 12
         }
         other => panic!("format {other}"),
     };
     assert_eq!(&wav[data_at..data_at + 4], b"data");
-    let data_bytes = u32_at(data_at + 4) as usize;
+    let data_bytes = u32_at(wav, data_at + 4) as usize;
     assert_eq!(
         data_bytes,
         wav.len() - data_at - 8,
         "the data chunk runs to the end"
     );
     if format_tag(wav) == MULAW {
-        let block_align = u16_at(32) as usize;
+        let block_align = u16_at(wav, 32) as usize;
         assert_eq!(
-            u32_at(fact_at + 8) as usize,
+            u32_at(wav, fact_at + 8) as usize,
             data_bytes / block_align,
             "fact: the length in sample frames"
         );
@@ -80,16 +88,14 @@ pub fn data(wav: &[u8]) -> &[u8] {
 /// The header's fields, checked (see [`data_offset`]): (channels, rate, byte rate, block
 /// align, bits, data size).
 pub fn parse_header(wav: &[u8]) -> (u16, u32, u32, u16, u16, u32) {
-    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
-    let u32_at = |i: usize| u32::from_le_bytes(wav[i..i + 4].try_into().unwrap());
     let data_at = data_offset(wav);
     (
-        u16_at(22),
-        u32_at(24),
-        u32_at(28),
-        u16_at(32),
-        u16_at(34),
-        u32_at(data_at - 4),
+        u16_at(wav, 22),
+        u32_at(wav, 24),
+        u32_at(wav, 28),
+        u16_at(wav, 32),
+        u16_at(wav, 34),
+        u32_at(wav, data_at - 4),
     )
 }
 
