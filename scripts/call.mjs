@@ -76,7 +76,8 @@ usage: npm run call -- --audio FILE.wav [options]
                       given more than once. With --mic, @S is needed (seconds after the
                       microphone goes live), or type the keys during the call. The offline
                       stand-in cannot understand words:
-                      0 makes it call the agent's transfer_call, # its end_call
+                      0 makes it call the agent's transfer_call, # its end_call,
+                      1-9 the agent's own (webhook) tools, in the order listed
   --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
                       agent's greeting has played (at most 10 s). 1 makes the caller talk
                       over the greeting as it plays (a barge-in). Default auto

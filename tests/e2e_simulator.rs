@@ -16,6 +16,7 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use support::admin::events_of;
+use support::tool_server::{ToolAnswer, ToolServer};
 use support::wav;
 use support::worker::{free_port, WorkerConfig, WorkerProcess};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
@@ -543,22 +544,23 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     );
 }
 
-/// One offline call through `worker` in which the caller presses `key` once their audio has
-/// ended, then would stay on the line for a minute: the agent's tool must end it long before.
-/// Checks that the simulator printed `said`; returns the stored call once it has ended.
+/// One offline call through `worker` in which the caller makes the `presses` (`--press`
+/// values: keys once their audio has ended, or `KEYS@S`), then would stay on the line for a
+/// minute: the agent's tool must end it long before. Checks that the simulator printed
+/// `said`; returns the stored call once it has ended.
 async fn keypad_call(
     root: &Path,
     worker: &WorkerProcess,
     standin_port: u16,
     out: &Path,
-    key: &str,
+    presses: &[&str],
     said: &[&str],
 ) -> serde_json::Value {
-    let args = [
-        &STAYS_A_MINUTE[..],
-        &["--press", key, "--out", out.to_str().unwrap()],
-    ]
-    .concat();
+    let mut args = STAYS_A_MINUTE.to_vec();
+    for press in presses {
+        args.extend(["--press", press]);
+    }
+    args.extend(["--out", out.to_str().unwrap()]);
     let (output, stdout) = offline_call(root, worker, standin_port, &args).await;
     let context = || context(&output, Some(worker));
     assert_said(&stdout, said, context);
@@ -582,7 +584,7 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
         &worker,
         standin_port,
         &out,
-        "#",
+        &["#"],
         &[
             "caller presses # on the keypad (Twilio: dtmf)",
             "agent  (calls the tool end_call ",
@@ -623,7 +625,7 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
         &worker,
         standin_port,
         &out,
-        "0",
+        &["0"],
         &[
             "caller presses 0 on the keypad (Twilio: dtmf)",
             "agent  (calls the tool transfer_call ",
@@ -639,6 +641,71 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
     let event = &events_of(&detail, "transfer")[0];
     assert_eq!(event["detail"]["ok"], true, "{event}");
     assert_eq!(event["detail"]["reason"]["to"], staff, "{event}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keypad_press_calls_the_agents_webhook_tool_and_the_offline_agent_says_its_answer() {
+    let root = checked_root();
+    let standin_port = free_port();
+    let scratch = support::scratch_dir("e2e-simulator-keypad-webhook");
+    let worker = start_worker(&root, standin_port, &scratch).await;
+    let out = scratch.join("agent.wav");
+    let secret = "tool-secret-e2e-simulator-0123456789";
+    let tools = ToolServer::start(support::background_runtime(), secret);
+    let answer = r#"{"name":"山田太郎","vip":true}"#;
+    tools.answer("/tools/lookup", ToolAnswer::ok(answer));
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
+    let put = admin
+        .put(
+            "/api/admin/agents/default",
+            &serde_json::json!({
+                "tools": [
+                    {"type": "end_call"},
+                    {"type": "function", "name": "lookup_customer",
+                     "description": "顧客情報を電話番号で検索します。",
+                     "parameters": {"type": "object", "properties": {"phone": {"type": "string"}},
+                                    "required": ["phone"]},
+                     "url": tools.url("/tools/lookup")},
+                ],
+                "tool_secret": secret,
+            }),
+        )
+        .await
+        .expect("PUT the default agent");
+    assert_eq!(put.status, 200, "{}", put.text);
+
+    // 1 once the caller's audio has ended: the agent's first own tool, the webhook; # well
+    // after, to hang up.
+    let detail = keypad_call(
+        &root,
+        &worker,
+        standin_port,
+        &out,
+        &["1", "#@15"],
+        &[
+            "caller presses 1 on the keypad (Twilio: dtmf)",
+            r#"agent  (calls the tool lookup_customer {"phone":"[stand-in]"})"#,
+            &format!("agent  [stand-in] lookup_customer の結果を受け取りました: {answer} "),
+            "caller presses # on the keypad (Twilio: dtmf)",
+            "agent  (calls the tool end_call ",
+            "stored call record: status=completed end_reason=agent_hangup",
+        ],
+    )
+    .await;
+    let sid = detail["call"]["call_sid"].as_str().expect("call_sid").to_owned();
+    let requests = tools.requests();
+    assert_eq!(requests.len(), 1, "one webhook request: {requests:#?}");
+    let req = &requests[0];
+    assert!(req.signature_ok, "signed with the agent's secret: {req:#?}");
+    assert_eq!(req.json["tool"], "lookup_customer", "{}", req.body);
+    assert_eq!(req.json["arguments"], serde_json::json!({"phone": "[stand-in]"}), "{}", req.body);
+    assert_eq!(req.json["call"]["call_sid"], sid.as_str(), "{}", req.body);
+    assert_eq!(req.json["call"]["agent_id"], "default", "{}", req.body);
+    let called: Vec<_> = events_of(&detail, "tool_call")
+        .iter()
+        .map(|e| e["detail"]["name"].clone())
+        .collect();
+    assert_eq!(called, ["lookup_customer", "end_call"], "{detail:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

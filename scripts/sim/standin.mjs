@@ -12,9 +12,11 @@
 //     the usual mistakes (missing session.type, beta field names, a second active
 //     response, truncating past the audio sent). It cannot understand words, so keypad
 //     presses (the Worker passes Twilio's DTMF on as a user message) ask it for the agent's
-//     tools: 0 calls transfer_call and # calls end_call, when the session has them (a
-//     function call, as the real API makes one); then it says a stand-in transfer notice or
-//     goodbye for the Worker's response.create that follows the tool's output.
+//     tools: 0 calls transfer_call and # calls end_call, and 1-9 the agent's own (webhook)
+//     tools in the order the session lists them, with arguments made from each tool's
+//     parameter schema, when the session has them (a function call, as the real API makes
+//     one); then, for the Worker's response.create that follows the tool's output, it says a
+//     stand-in transfer notice or goodbye, or what the tool answered.
 //   echo — for the load benchmark: every input_audio_buffer.append comes straight back as
 //     response.output_audio.delta events, one per 20 ms frame it holds (the payload itself
 //     when it holds one), and tagged frames (see
@@ -69,8 +71,39 @@ export function splitFrames(payload) {
   return frames;
 }
 
-/** What the stand-in does for a keypad press: the tool it calls for that key. */
+/** What the stand-in does for a keypad press: the built-in tool it calls for that key. */
 export const KEYPAD_TOOLS = { '0': 'transfer_call', '#': 'end_call' };
+
+/** The longest part of a tool's output the stand-in repeats in its reply. */
+const OUTPUT_SHOWN = 200;
+
+/**
+ * Arguments for a function tool, made from its parameter schema (JSON Schema, as the agent
+ * gives it): every required property, by its type: the schema's `default`, else its first
+ * `enum` value or first `examples` entry, else "stand-in" for a string, its `minimum` or 0
+ * for a number, false, [] or an object made the same way. A real model fills them from
+ * the conversation; the stand-in cannot, and says so in the string.
+ */
+export function argumentsFor(schema) {
+  if (!schema || typeof schema !== 'object') return {};
+  if ('default' in schema) return schema.default;
+  if (Array.isArray(schema.enum) && schema.enum.length) return schema.enum[0];
+  if (Array.isArray(schema.examples) && schema.examples.length) return schema.examples[0];
+  const type = Array.isArray(schema.type) ? schema.type.find((t) => t !== 'null') : schema.type;
+  switch (type) {
+    case 'string': return '[stand-in]';
+    case 'integer': case 'number': return typeof schema.minimum === 'number' ? schema.minimum : 0;
+    case 'boolean': return false;
+    case 'array': return [];
+    case 'null': return null;
+    default: {
+      const out = {};
+      const props = schema.properties ?? {};
+      for (const name of schema.required ?? []) out[name] = argumentsFor(props[name]);
+      return out;
+    }
+  }
+}
 
 /**
  * The key of a keypad press as the Worker tells the model of it (a user message, in
@@ -456,10 +489,12 @@ class Session {
     let text;
     if (last?.role === 'function_call_output') {
       const called = [...this.items.values()].find((i) => i.role === 'function_call' && i.callId === last.callId);
+      const output = String(last.output ?? '');
+      const shown = output.length > OUTPUT_SHOWN ? `${output.slice(0, OUTPUT_SHOWN)}…` : output;
       text = {
         transfer_call: '[stand-in] 担当者におつなぎします。 (offline stand-in, not OpenAI: the transfer notice)',
         end_call: '[stand-in] お電話ありがとうございました。失礼いたします。 (offline stand-in, not OpenAI: the goodbye)',
-      }[called?.name] ?? `[stand-in] ${called?.name ?? 'ツール'} の結果を受け取りました。 (offline stand-in, not OpenAI: a tool's output)`;
+      }[called?.name] ?? `[stand-in] ${called?.name ?? 'ツール'} の結果を受け取りました: ${shown} (offline stand-in, not OpenAI: the tool's output)`;
     } else {
       text = first
         ? '[stand-in] お電話ありがとうございます。こちらはオフラインの代役サーバーで、OpenAI ではありません。 (offline stand-in greeting, not OpenAI)'
@@ -485,11 +520,22 @@ class Session {
       this.callFunction(tool, { reason: `[stand-in] the caller pressed ${key}` });
       return true;
     }
+    const own = /^[1-9]$/.test(key) ? this.ownTools()[Number(key) - 1] : undefined;
+    if (own) {
+      this.callFunction(own.name, argumentsFor(own.parameters));
+      return true;
+    }
     const text = tool
       ? `[stand-in] キー「${key}」を受け取りましたが、この担当者には ${tool} がありません。 (offline stand-in, not OpenAI: key ${key} asks for ${tool}, which this agent does not have)`
-      : `[stand-in] キー「${key}」を受け取りました。 (offline stand-in, not OpenAI: key ${key}; 0 asks for transfer_call, # for end_call)`;
+      : `[stand-in] キー「${key}」を受け取りました。 (offline stand-in, not OpenAI: key ${key}; 0 asks for transfer_call, # for end_call, 1-9 for the agent's own tools, of which it has ${this.ownTools().length})`;
     this.startResponse(text, toneSequence(answerNotes(1000)), {});
     return true;
+  }
+
+  /** The session's function tools other than the built-in ones of KEYPAD_TOOLS, in order. */
+  ownTools() {
+    const builtIn = new Set(Object.values(KEYPAD_TOOLS));
+    return (this.config.tools ?? []).filter((t) => t?.type === 'function' && typeof t.name === 'string' && !builtIn.has(t.name));
   }
 
   /** True when the session's tools include a function of that name. */
@@ -649,7 +695,7 @@ class Session {
     }
     const id = item.id ?? this.newItemId();
     const text = (item.content ?? []).map((c) => c.text ?? c.transcript ?? '').join('');
-    this.items.set(id, { role: item.role ?? item.type, callId: item.call_id, transcript: text, audioBytes: 0, status: 'completed' });
+    this.items.set(id, { role: item.role ?? item.type, callId: item.call_id, output: item.output, transcript: text, audioBytes: 0, status: 'completed' });
     const previous = this.lastItemId;
     this.lastItemId = id;
     const full = { ...item, id, object: 'realtime.item', status: 'completed' };

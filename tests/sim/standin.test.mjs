@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import WebSocket from 'ws';
 
-import { StandIn, keypadPress, splitFrames } from '../../scripts/sim/standin.mjs';
+import { StandIn, argumentsFor, keypadPress, splitFrames } from '../../scripts/sim/standin.mjs';
 
 /** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
 async function session(t, extra = {}) {
@@ -166,4 +166,59 @@ test('# calls end_call; a key whose tool the agent lacks, or no tool\'s key, get
   press(send, '（お客様が電話のキーパッドで「5」を押しました）');
   assert.match((await next('response.output_audio_transcript.done', 10_000)).transcript, /キー「5」を受け取りました/);
   assert.equal(events.filter((e) => e.type === 'response.function_call_arguments.done').length, 1);
+});
+
+test('argumentsFor fills every required property of a tool\'s schema, and only those', () => {
+  const schema = {
+    type: 'object',
+    properties: {
+      phone: { type: 'string' },
+      plan: { type: 'string', enum: ['basic', 'premium'] },
+      party: { type: 'integer', minimum: 1 },
+      note: { type: 'string' },
+      when: { type: 'object', properties: { date: { type: 'string', examples: ['2026-12-24'] }, flexible: { type: 'boolean' } }, required: ['date', 'flexible'] },
+      tags: { type: 'array', items: { type: 'string' } },
+      lang: { type: ['string', 'null'], default: 'ja' },
+    },
+    required: ['phone', 'plan', 'party', 'when', 'tags', 'lang'],
+  };
+  assert.deepEqual(argumentsFor(schema), {
+    phone: '[stand-in]', plan: 'basic', party: 1, when: { date: '2026-12-24', flexible: false }, tags: [], lang: 'ja',
+  });
+  assert.deepEqual(argumentsFor({ type: 'object', properties: {} }), {});
+  assert.deepEqual(argumentsFor(undefined), {});
+  assert.deepEqual(argumentsFor({ type: 'object', properties: { n: { type: 'number' } }, required: ['n', 'missing'] }), { n: 0, missing: {} });
+});
+
+test('1-9 call the agent\'s own tools in the order listed, and the reply repeats what the tool answered', async (t) => {
+  const own = [
+    { type: 'function', name: 'lookup_customer', description: 'lookup', parameters: { type: 'object', properties: { phone: { type: 'string' } }, required: ['phone'] } },
+    { type: 'function', name: 'book_table', description: 'book', parameters: { type: 'object', properties: { party: { type: 'integer', minimum: 1 } }, required: ['party'] } },
+  ];
+  const { send, next, events } = await session(t, { tools: [TOOLS[1], own[0], TOOLS[0], own[1]] });
+  press(send, '（お客様が電話のキーパッドで「1」を押しました）');
+  const first = await next('response.function_call_arguments.done');
+  assert.equal(first.name, 'lookup_customer');
+  assert.deepEqual(JSON.parse(first.arguments), { phone: '[stand-in]' });
+  await next('response.done');
+  const answer = '{"name":"山田太郎","vip":true}';
+  send({ type: 'conversation.item.create', item: { type: 'function_call_output', call_id: first.call_id, output: answer } });
+  send({ type: 'response.create' });
+  const said = await next('response.output_audio_transcript.done', 10_000);
+  assert.equal(said.transcript, `[stand-in] lookup_customer の結果を受け取りました: ${answer} (offline stand-in, not OpenAI: the tool's output)`);
+  await next('response.done');
+  press(send, '(The caller pressed "2" on the phone\'s keypad.)');
+  const second = await next('response.function_call_arguments.done');
+  assert.equal(second.name, 'book_table');
+  assert.deepEqual(JSON.parse(second.arguments), { party: 1 });
+  await next('response.done');
+  // A long answer is cut to its first 200 characters.
+  send({ type: 'conversation.item.create', item: { type: 'function_call_output', call_id: second.call_id, output: 'x'.repeat(300) } });
+  send({ type: 'response.create' });
+  assert.match((await next('response.output_audio_transcript.done', 10_000)).transcript, new RegExp(`: ${'x'.repeat(200)}… \\(`));
+  await next('response.done');
+  press(send, '（お客様が電話のキーパッドで「3」を押しました）');
+  assert.match((await next('response.output_audio_transcript.done', 10_000)).transcript, /キー「3」を受け取りました.*own tools, of which it has 2/);
+  assert.equal(events.filter((e) => e.type === 'response.function_call_arguments.done').length, 2);
+  assert.ok(!events.some((e) => e.type === 'error'), JSON.stringify(events.filter((e) => e.type === 'error')));
 });
