@@ -79,16 +79,20 @@ const OUTPUT_SHOWN = 200;
 
 /**
  * Arguments for a function tool, made from its parameter schema (JSON Schema, as the agent
- * gives it): every required property, by its type: the schema's `default`, else its first
- * `enum` value or first `examples` entry, else "stand-in" for a string, its `minimum` or 0
- * for a number, false, [] or an object made the same way. A real model fills them from
- * the conversation; the stand-in cannot, and says so in the string.
+ * gives it): every required property, by its type: the schema's `default` or `const`, else
+ * its first `enum` value or first `examples` entry, else the first of `anyOf`/`oneOf`, else
+ * "[stand-in]" for a string, its `minimum` or 0 for a number, false, [] or an object made
+ * the same way. A real model fills them from the conversation; the stand-in cannot, and
+ * its strings say so.
  */
 export function argumentsFor(schema) {
   if (!schema || typeof schema !== 'object') return {};
   if ('default' in schema) return schema.default;
+  if ('const' in schema) return schema.const;
   if (Array.isArray(schema.enum) && schema.enum.length) return schema.enum[0];
   if (Array.isArray(schema.examples) && schema.examples.length) return schema.examples[0];
+  const either = schema.anyOf ?? schema.oneOf;
+  if (Array.isArray(either) && either.length) return argumentsFor(either[0]);
   const type = Array.isArray(schema.type) ? schema.type.find((t) => t !== 'null') : schema.type;
   switch (type) {
     case 'string': return '[stand-in]';

@@ -188,6 +188,11 @@ test('argumentsFor fills every required property of a tool\'s schema, and only t
   assert.deepEqual(argumentsFor({ type: 'object', properties: {} }), {});
   assert.deepEqual(argumentsFor(undefined), {});
   assert.deepEqual(argumentsFor({ type: 'object', properties: { n: { type: 'number' } }, required: ['n', 'missing'] }), { n: 0, missing: {} });
+  assert.deepEqual(argumentsFor({
+    type: 'object',
+    properties: { kind: { const: 'reservation' }, contact: { anyOf: [{ type: 'string', examples: ['+81312345678'] }, { type: 'null' }] } },
+    required: ['kind', 'contact'],
+  }), { kind: 'reservation', contact: '+81312345678' });
 });
 
 test('1-9 call the agent\'s own tools in the order listed, and the reply repeats what the tool answered', async (t) => {
