@@ -544,6 +544,16 @@ async fn the_agent_hangs_up_a_silent_call_through_the_simulated_twilio_rest_api(
     );
 }
 
+/// Changes the seeded default agent through the admin API: `fields`, as a PUT takes them.
+async fn update_default_agent(worker: &WorkerProcess, fields: serde_json::Value) {
+    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
+    let put = admin
+        .put("/api/admin/agents/default", &fields)
+        .await
+        .expect("PUT the default agent");
+    assert_eq!(put.status, 200, "{}", put.text);
+}
+
 /// One offline call through `worker` in which the caller makes the `presses` (`--press`
 /// values: keys once their audio has ended, or `KEYS@S`), then would stay on the line for a
 /// minute: the agent's tool must end it long before. Checks that the simulator printed
@@ -608,18 +618,14 @@ async fn keypad_presses_make_the_offline_agent_hang_up_or_transfer_through_the_s
 
     // 0: transfer_call, once the agent has it and a number to transfer to.
     let staff = "+81312340099";
-    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
-    let put = admin
-        .put(
-            "/api/admin/agents/default",
-            &serde_json::json!({
-                "tools": [{"type": "end_call"}, {"type": "transfer_call"}],
-                "transfer_number": staff,
-            }),
-        )
-        .await
-        .expect("PUT the default agent");
-    assert_eq!(put.status, 200, "{}", put.text);
+    update_default_agent(
+        &worker,
+        serde_json::json!({
+            "tools": [{"type": "end_call"}, {"type": "transfer_call"}],
+            "transfer_number": staff,
+        }),
+    )
+    .await;
     let detail = keypad_call(
         &root,
         &worker,
@@ -654,25 +660,21 @@ async fn a_keypad_press_calls_the_agents_webhook_tool_and_the_offline_agent_says
     let tools = ToolServer::start(support::background_runtime(), secret);
     let answer = r#"{"name":"山田太郎","vip":true}"#;
     tools.answer("/tools/lookup", ToolAnswer::ok(answer));
-    let admin = support::admin::Admin::new(&worker.base_url(), ADMIN_TOKEN);
-    let put = admin
-        .put(
-            "/api/admin/agents/default",
-            &serde_json::json!({
-                "tools": [
-                    {"type": "end_call"},
-                    {"type": "function", "name": "lookup_customer",
-                     "description": "顧客情報を電話番号で検索します。",
-                     "parameters": {"type": "object", "properties": {"phone": {"type": "string"}},
-                                    "required": ["phone"]},
-                     "url": tools.url("/tools/lookup")},
-                ],
-                "tool_secret": secret,
-            }),
-        )
-        .await
-        .expect("PUT the default agent");
-    assert_eq!(put.status, 200, "{}", put.text);
+    update_default_agent(
+        &worker,
+        serde_json::json!({
+            "tools": [
+                {"type": "end_call"},
+                {"type": "function", "name": "lookup_customer",
+                 "description": "顧客情報を電話番号で検索します。",
+                 "parameters": {"type": "object", "properties": {"phone": {"type": "string"}},
+                                "required": ["phone"]},
+                 "url": tools.url("/tools/lookup")},
+            ],
+            "tool_secret": secret,
+        }),
+    )
+    .await;
 
     // 1 once the caller's audio has ended: the agent's first own tool, the webhook; # well
     // after, to hang up.
