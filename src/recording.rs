@@ -127,8 +127,9 @@ pub const CHECKPOINT_TRIES_KEY: &str = "rec-tries";
 /// Written once the recording is stored in full (R2 has the file, the outbox its row), before
 /// the checkpoints are deleted in more than one step, and removed last: deleting them can
 /// stop partway (a storage error, a restart), and what is left is only the recording's end,
-/// which must never be uploaded over the whole file. Checkpoints that fit in one deletion
-/// with it go in one, atomic, with no marker written ([`clearing`]).
+/// which must never be uploaded over the whole file. A live upload's checkpoints are deleted
+/// by their keys, after the marker, however few; a recovery's that fit in one deletion with
+/// it go in one, atomic, with no marker written ([`clearing`]).
 pub const CHECKPOINT_STORED_KEY: &str = "rec-stored";
 /// Keys the object's storage deletes in one call (its API's limit).
 pub const DELETE_LIMIT: usize = 128;

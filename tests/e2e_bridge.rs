@@ -1042,38 +1042,15 @@ async fn speech_started_without_outstanding_agent_audio_sends_neither_clear_nor_
 // ---- end of call ----------------------------------------------------------------------------------
 
 /// The alarm the call's Durable Object has set (ms since the epoch), or None, read from its
-/// local storage as `wrangler dev` keeps it: one SQLite file per object, named in
-/// `__miniflare_do_name`, the alarm in `_cf_METADATA` row 1 (in nanoseconds).
+/// local storage (`_cf_METADATA` row 1, in nanoseconds).
 fn call_object_alarm(h: &support::Harness, call_sid: &str) -> Option<i64> {
-    let dir = h
-        .worker
-        .persist_dir
-        .join("v3/do/phone-agent-bridge-CallSession");
-    for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|x| x != "sqlite")
-            || path.file_stem().is_some_and(|s| s == "metadata")
-        {
-            continue;
-        }
-        let db = rusqlite::Connection::open(&path).unwrap();
-        let name: Option<String> = db
-            .query_row("SELECT name FROM __miniflare_do_name", [], |r| r.get(0))
-            .ok();
-        if name.as_deref() == Some(call_sid) {
-            return db
-                .query_row("SELECT value FROM _cf_METADATA WHERE key = 1", [], |r| {
-                    r.get::<_, Option<i64>>(0)
-                })
-                .ok()
-                .flatten()
-                .map(|ns| ns / 1_000_000);
-        }
-    }
-    panic!(
-        "no Durable Object storage for {call_sid} in {}",
-        dir.display()
-    )
+    h.call_object_db(call_sid)
+        .query_row("SELECT value FROM _cf_METADATA WHERE key = 1", [], |r| {
+            r.get::<_, Option<i64>>(0)
+        })
+        .ok()
+        .flatten()
+        .map(|ns| ns / 1_000_000)
 }
 
 #[tokio::test(flavor = "multi_thread")]

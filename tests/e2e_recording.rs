@@ -157,7 +157,32 @@ async fn wait_recording(h: &Harness, sid: &str) -> Value {
             })
             .await,
     );
+    checkpoints_cleared(h, sid).await;
     detail["call"].clone()
+}
+
+/// Once the recording is stored, the call object's storage keeps none of it: no checkpoint
+/// (`rec/…`), no count of upload tries, no stored marker.
+async fn checkpoints_cleared(h: &Harness, sid: &str) {
+    let recording_keys = || -> Vec<String> {
+        h.call_object_keys(sid)
+            .into_iter()
+            .filter(|k| k.starts_with("rec"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + SOON;
+    let mut left = recording_keys();
+    while !left.is_empty() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        left = recording_keys();
+    }
+    assert!(
+        left.is_empty(),
+        "the call object still holds {} recording keys once its recording is stored: {:?}…\n{}",
+        left.len(),
+        &left[..left.len().min(5)],
+        h.worker.log_tail(40)
+    );
 }
 
 // ---- 1. a call with a barge-in ------------------------------------------------------------------

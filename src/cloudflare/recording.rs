@@ -112,6 +112,9 @@ pub struct Recording {
     /// Which checkpoints hold part 1's audio and whether they are written (shared with the
     /// writer, which drops part 1 from memory once they all are).
     first: Rc<RefCell<FirstPart>>,
+    /// The key of every checkpoint taken, in order (shared with the writer, which deletes
+    /// them by key once the recording is stored).
+    written: Rc<RefCell<Vec<String>>>,
 }
 
 impl Recording {
@@ -129,6 +132,7 @@ impl Recording {
             checkpointed: 0,
             unsaved: Vec::new(),
             first: Rc::new(RefCell::new(FirstPart::new(PART_BYTES))),
+            written: Rc::default(),
         }
     }
 
@@ -145,6 +149,7 @@ impl Recording {
         self.checkpoints += 1;
         self.checkpointed += self.unsaved.len() as u64;
         self.first.borrow_mut().taken(seq, self.unsaved.len());
+        self.written.borrow_mut().push(key.clone());
         let value = js_sys::Uint8Array::from(&self.unsaved[..]);
         self.unsaved.clear();
         let call_sid = self.call_sid.clone();
@@ -238,13 +243,14 @@ impl Recording {
         };
         let (tx, rx) = mpsc::unbounded();
         self.tx = Some(tx);
-        let writer = Writer::new(
+        let mut writer = Writer::new(
             &self.call_sid,
             bucket,
             self.queued.clone(),
             self.keep.clone(),
             self.first.clone(),
         );
+        writer.written = Some(self.written.clone());
         let outbox = self.outbox.clone();
         worker::wasm_bindgen_futures::spawn_local(writer.run(rx, outbox));
     }
@@ -354,6 +360,46 @@ async fn clear_checkpoints(storage: &Storage, stored: bool) -> worker::Result<()
     }
     storage.delete(recording::CHECKPOINT_TRIES_KEY).await?;
     storage.delete(recording::CHECKPOINT_STORED_KEY).await?;
+    Ok(())
+}
+
+/// Deletes a stored recording's checkpoints by their keys (`keys`: every checkpoint its live
+/// upload took, written or not), without listing them: a listing reads their audio too, the
+/// whole recording, to learn keys the recording already has. The marker goes first and,
+/// with the count of upload tries, last, so a deletion cut off partway reads as stored.
+/// Checkpoints found after (none are expected: the object holds one call's) are listed and
+/// deleted, and logged.
+async fn clear_written_checkpoints(
+    storage: &Storage,
+    keys: Vec<String>,
+    call_sid: &str,
+) -> worker::Result<()> {
+    storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
+    for batch in keys.chunks(DELETE_BATCH) {
+        storage.delete_multiple(batch.to_vec()).await?;
+    }
+    let mut others = 0;
+    loop {
+        let left = checkpoint_keys(storage, DELETE_BATCH).await?;
+        if left.is_empty() {
+            break;
+        }
+        others += left.len();
+        storage.delete_multiple(left).await?;
+    }
+    if others > 0 {
+        log(
+            "warn",
+            "recording.other_checkpoints_cleared",
+            json!({ "call_sid": call_sid, "written": keys.len(), "others": others }),
+        );
+    }
+    storage
+        .delete_multiple(vec![
+            recording::CHECKPOINT_TRIES_KEY.to_owned(),
+            recording::CHECKPOINT_STORED_KEY.to_owned(),
+        ])
+        .await?;
     Ok(())
 }
 
@@ -530,6 +576,8 @@ struct Writer {
     first: Rc<RefCell<FirstPart>>,
     /// A recovery's reading of the checkpoints: the gaps it filled with silence.
     refill: Option<Rc<RefCell<Refill>>>,
+    /// A live upload's checkpoints, by key (see [`Recording`]); a recovery lists them.
+    written: Option<Rc<RefCell<Vec<String>>>>,
 }
 
 fn metadata() -> HttpMetadata {
@@ -558,6 +606,7 @@ impl Writer {
             keep,
             first,
             refill: None,
+            written: None,
         }
     }
 
@@ -644,7 +693,14 @@ impl Writer {
                 // partway the checkpoints left (the recording's end) are only deleted later,
                 // never uploaded over the file. Without it they all stay: a recovery stores
                 // the same file again.
-                if let Err(e) = clear_checkpoints(&self.keep.storage, true).await {
+                let cleared = match &self.written {
+                    Some(written) => {
+                        let keys = written.take();
+                        clear_written_checkpoints(&self.keep.storage, keys, &self.call_sid).await
+                    }
+                    None => clear_checkpoints(&self.keep.storage, true).await,
+                };
+                if let Err(e) = cleared {
                     log(
                         "warn",
                         "recording.checkpoints_not_cleared",

@@ -344,6 +344,43 @@ impl Harness {
             .wait_for_more_lines(what, than, direct_d1_write)
             .await;
     }
+
+    /// The call object's storage as `wrangler dev` keeps it: one SQLite file per object,
+    /// named in `__miniflare_do_name`; its keys and values in `_cf_KV`, its alarm in
+    /// `_cf_METADATA`.
+    pub fn call_object_db(&self, call_sid: &str) -> rusqlite::Connection {
+        let dir = self
+            .worker
+            .persist_dir
+            .join("v3/do/phone-agent-bridge-CallSession");
+        for entry in std::fs::read_dir(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|x| x != "sqlite")
+                || path.file_stem().is_some_and(|s| s == "metadata")
+            {
+                continue;
+            }
+            let db = rusqlite::Connection::open(&path).unwrap();
+            let name: Option<String> = db
+                .query_row("SELECT name FROM __miniflare_do_name", [], |r| r.get(0))
+                .ok();
+            if name.as_deref() == Some(call_sid) {
+                return db;
+            }
+        }
+        panic!(
+            "no Durable Object storage for {call_sid} in {}",
+            dir.display()
+        )
+    }
+
+    /// The keys in the call object's storage, in order.
+    pub fn call_object_keys(&self, call_sid: &str) -> Vec<String> {
+        let db = self.call_object_db(call_sid);
+        let mut keys = db.prepare("SELECT key FROM _cf_KV ORDER BY key").unwrap();
+        let rows = keys.query_map([], |r| r.get::<_, String>(0)).unwrap();
+        rows.map(|k| k.unwrap()).collect()
+    }
 }
 
 /// `n` chunks of μ-law test audio of `len` bytes each; chunk `i` is recognizable: it starts
