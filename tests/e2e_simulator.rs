@@ -694,13 +694,21 @@ async fn a_keypad_press_calls_the_agents_webhook_tool_and_the_offline_agent_says
         ],
     )
     .await;
-    let sid = detail["call"]["call_sid"].as_str().expect("call_sid").to_owned();
+    let sid = detail["call"]["call_sid"]
+        .as_str()
+        .expect("call_sid")
+        .to_owned();
     let requests = tools.requests();
     assert_eq!(requests.len(), 1, "one webhook request: {requests:#?}");
     let req = &requests[0];
     assert!(req.signature_ok, "signed with the agent's secret: {req:#?}");
     assert_eq!(req.json["tool"], "lookup_customer", "{}", req.body);
-    assert_eq!(req.json["arguments"], serde_json::json!({"phone": "[stand-in]"}), "{}", req.body);
+    assert_eq!(
+        req.json["arguments"],
+        serde_json::json!({"phone": "[stand-in]"}),
+        "{}",
+        req.body
+    );
     assert_eq!(req.json["call"]["call_sid"], sid.as_str(), "{}", req.body);
     assert_eq!(req.json["call"]["agent_id"], "default", "{}", req.body);
     let called: Vec<_> = events_of(&detail, "tool_call")
