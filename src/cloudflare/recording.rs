@@ -335,64 +335,45 @@ async fn first_checkpoint(storage: &Storage) -> worker::Result<Option<recording:
     Ok(first)
 }
 
-/// Deletes every checkpoint with the count of upload tries and the stored marker: in one
-/// deletion, which lands whole or not at all, when they fit in one ([`recording::clearing`]);
-/// else the checkpoints in batches, then the count and, last, the marker, so a deletion cut
-/// off partway still reads as stored (or given up). `stored`: the recording is stored, and
-/// the marker goes first when the deletion takes more than one step.
-async fn clear_checkpoints(storage: &Storage, stored: bool) -> worker::Result<()> {
-    let mut keys = checkpoint_keys(storage, recording::CLEAR_LISTING).await?;
-    if recording::clearing(keys.len()) == Clearing::AtOnce {
-        keys.push(recording::CHECKPOINT_TRIES_KEY.into());
-        keys.push(recording::CHECKPOINT_STORED_KEY.into());
-        storage.delete_multiple(keys).await?;
-        return Ok(());
+/// Deletes every checkpoint with the count of upload tries and the stored marker, and returns
+/// how many checkpoints a listing found. `written`: the keys of a live upload's checkpoints,
+/// deleted by key after the marker, however few, so they are not listed: a listing reads
+/// their audio too, the whole recording, to learn keys the recording already has (a
+/// listing after finds none, unless the object held others). Without them (a recovery's, or
+/// checkpoints given up), in one deletion, which lands whole or not at all, when they fit in
+/// one ([`recording::clearing`]); else in batches. The count and the marker go last,
+/// together, so a deletion cut off partway still reads as stored (or given up). `stored`:
+/// the recording is stored, and the marker goes first when the deletion takes more than one
+/// step.
+async fn clear_checkpoints(
+    storage: &Storage,
+    stored: bool,
+    written: &[String],
+) -> worker::Result<usize> {
+    if written.is_empty() {
+        let mut keys = checkpoint_keys(storage, recording::CLEAR_LISTING).await?;
+        if recording::clearing(keys.len()) == Clearing::AtOnce {
+            let listed = keys.len();
+            keys.push(recording::CHECKPOINT_TRIES_KEY.into());
+            keys.push(recording::CHECKPOINT_STORED_KEY.into());
+            storage.delete_multiple(keys).await?;
+            return Ok(listed);
+        }
     }
     if stored {
         storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
     }
+    for batch in written.chunks(DELETE_BATCH) {
+        storage.delete_multiple(batch.to_vec()).await?;
+    }
+    let mut listed = 0;
     loop {
         let keys = checkpoint_keys(storage, DELETE_BATCH).await?;
         if keys.is_empty() {
             break;
         }
+        listed += keys.len();
         storage.delete_multiple(keys).await?;
-    }
-    storage.delete(recording::CHECKPOINT_TRIES_KEY).await?;
-    storage.delete(recording::CHECKPOINT_STORED_KEY).await?;
-    Ok(())
-}
-
-/// Deletes a stored recording's checkpoints by their keys (`keys`: every checkpoint its live
-/// upload took, written or not), without listing them: a listing reads their audio too, the
-/// whole recording, to learn keys the recording already has. The marker goes first and,
-/// with the count of upload tries, last, so a deletion cut off partway reads as stored.
-/// Checkpoints found after (none are expected: the object holds one call's) are listed and
-/// deleted, and logged.
-async fn clear_written_checkpoints(
-    storage: &Storage,
-    keys: Vec<String>,
-    call_sid: &str,
-) -> worker::Result<()> {
-    storage.put(recording::CHECKPOINT_STORED_KEY, true).await?;
-    for batch in keys.chunks(DELETE_BATCH) {
-        storage.delete_multiple(batch.to_vec()).await?;
-    }
-    let mut others = 0;
-    loop {
-        let left = checkpoint_keys(storage, DELETE_BATCH).await?;
-        if left.is_empty() {
-            break;
-        }
-        others += left.len();
-        storage.delete_multiple(left).await?;
-    }
-    if others > 0 {
-        log(
-            "warn",
-            "recording.other_checkpoints_cleared",
-            json!({ "call_sid": call_sid, "written": keys.len(), "others": others }),
-        );
     }
     storage
         .delete_multiple(vec![
@@ -400,7 +381,7 @@ async fn clear_written_checkpoints(
             recording::CHECKPOINT_STORED_KEY.to_owned(),
         ])
         .await?;
-    Ok(())
+    Ok(listed)
 }
 
 /// The keys of the first `limit` checkpoints.
@@ -451,7 +432,9 @@ pub async fn recover(env: &Env, call_sid: &str, outbox: Outbox, keep: Keep) -> w
                 event,
                 json!({ "call_sid": call_sid, "reason": format!("{why:?}") }),
             );
-            return clear_checkpoints(&keep.storage, false).await;
+            return clear_checkpoints(&keep.storage, false, &[])
+                .await
+                .map(|_| ());
         }
     };
     let Ok(bucket) = env.bucket(BINDING) else {
@@ -693,13 +676,18 @@ impl Writer {
                 // partway the checkpoints left (the recording's end) are only deleted later,
                 // never uploaded over the file. Without it they all stay: a recovery stores
                 // the same file again.
-                let cleared = match &self.written {
-                    Some(written) => {
-                        let keys = written.take();
-                        clear_written_checkpoints(&self.keep.storage, keys, &self.call_sid).await
-                    }
-                    None => clear_checkpoints(&self.keep.storage, true).await,
-                };
+                let written = self.written.as_ref().map(|w| w.take()).unwrap_or_default();
+                let cleared = clear_checkpoints(&self.keep.storage, true, &written).await;
+                // By key, a listing after finds nothing, unless the object held others.
+                let others = *cleared.as_ref().unwrap_or(&0);
+                if !written.is_empty() && others > 0 {
+                    log(
+                        "warn",
+                        "recording.other_checkpoints_cleared",
+                        json!({ "call_sid": self.call_sid, "written": written.len(),
+                                "others": others }),
+                    );
+                }
                 if let Err(e) = cleared {
                     log(
                         "warn",
