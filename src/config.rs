@@ -573,6 +573,9 @@ pub struct Bridge {
     /// Caller audio goes to OpenAI this much at a time (`CALLER_AUDIO_CHUNK_MS`; see
     /// `call::CALLER_CHUNK_DEFAULT_MS`): 20 sends every Twilio frame as it comes.
     pub caller_audio_chunk_ms: u64,
+    /// How long a Realtime socket opened at the voice webhook waits for the call's media
+    /// stream (`OPENAI_PREOPEN_SECONDS`, 0–60); 0 opens it only once the stream is there.
+    pub openai_preopen_ms: u64,
     /// The least important call log lines printed (`LOG_LEVEL`; `info` unless set).
     pub log_level: crate::call::Level,
     /// Settings of the fallback that were invalid and set aside for their defaults (the
@@ -856,6 +859,7 @@ impl Bridge {
                     ..=crate::call::CALLER_CHUNK_MS_RANGE.1 as f64,
             )
             .round() as u64,
+            openai_preopen_ms: (number("OPENAI_PREOPEN_SECONDS", 10.0, 0.0..=60.0) * 1000.0) as u64,
             log_level: match get("LOG_LEVEL") {
                 None => crate::call::Level::Info,
                 Some(v) => v.parse().unwrap_or_else(|()| {
@@ -992,6 +996,7 @@ mod tests {
         // `ignored` says what was set aside (logged as config.ignored).
         let d = from(&[]);
         assert!(d.ignored.is_empty());
+        assert_eq!(d.openai_preopen_ms, 10_000);
         let check = |var: &str, value: &str, same: &dyn Fn(&Bridge) -> bool| {
             let c = from(&[(var, value)]);
             let fields: Vec<&str> = c.ignored.iter().map(|e| e.field).collect();
@@ -1081,6 +1086,12 @@ mod tests {
         check("CALLER_AUDIO_CHUNK_MS", "1000", &|c| {
             c.caller_audio_chunk_ms == 40
         });
+        check("OPENAI_PREOPEN_SECONDS", "120", &|c| {
+            c.openai_preopen_ms == 10_000
+        });
+        check("OPENAI_PREOPEN_SECONDS", "-1", &|c| {
+            c.openai_preopen_ms == 10_000
+        });
         check("LOG_LEVEL", "verbose", &|c| c.log_level == d.log_level);
         // A model the Realtime API does not have would fail every call: the default is
         // used, or the name meant when only its case is off (spaces are trimmed already).
@@ -1102,9 +1113,11 @@ mod tests {
             ("AGENT_VAD_SILENCE_MS", "800"),
             ("IDLE_TIMEOUT_SECONDS", "45"),
             ("CALLER_AUDIO_CHUNK_MS", "20"),
+            ("OPENAI_PREOPEN_SECONDS", "0"),
         ]);
         let fields: Vec<&str> = c.ignored.iter().map(|e| e.field).collect();
         assert_eq!(fields, ["AGENT_VOICE", "AGENT_LANGUAGE"]);
+        assert_eq!(c.openai_preopen_ms, 0);
         assert_eq!(c.agent.turn_detection.silence_duration_ms, 800);
         assert_eq!(c.idle_timeout_ms, 45_000);
         assert_eq!(c.caller_audio_chunk_ms, 20);

@@ -75,6 +75,29 @@ fn logged_events(log: &str, call_sid: &str) -> Vec<String> {
         .collect()
 }
 
+/// The line of `event` the Worker logged for `call_sid`, once wrangler printed it (it prints
+/// a Worker's lines as they come, some time after what they tell of).
+async fn logged_line(h: &support::Harness, call_sid: &str, event: &str) -> String {
+    let deadline = Instant::now() + SOON;
+    let wanted = format!(r#""event":"{event}""#);
+    loop {
+        let log = h.worker.log();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains(call_sid) && l.contains(&wanted))
+        {
+            return line.to_owned();
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "no {event} line for {call_sid} within {SOON:?}\n{}",
+                h.worker.log_tail(40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn voice_webhook_answers_twiml_connecting_a_stream_for_this_call_with_escaped_parameters() {
     let h = harness().await;
@@ -651,6 +674,191 @@ async fn greeting_follows_start_and_its_audio_reaches_twilio_byte_exact_with_a_m
         log.problems
     );
 
+    twilio.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+}
+
+/// A Worker as shipped as to the Realtime socket: opened at the voice webhook (held 3 s
+/// here, 10 by default). Every test on it claims its session before it posts the webhook.
+async fn preopen_harness() -> &'static support::Harness {
+    static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
+        tokio::sync::OnceCell::const_new();
+    support::shared_harness(&HARNESS, "e2e-bridge-preopen", || {
+        vec![("OPENAI_PREOPEN_SECONDS".into(), "3".into())]
+    })
+    .await
+}
+
+/// The greeting of the preopen tests: two chunks of known audio.
+fn preopen_greeting(tag: u8) -> (SessionScript, Vec<Vec<u8>>) {
+    let chunks = tagged_chunks(tag, 2, 800);
+    let script = SessionScript::new().once(
+        "response.create",
+        oai::full_response(
+            "resp_pre",
+            "item_pre",
+            &chunks,
+            "お電話ありがとうございます。",
+        ),
+    );
+    (script, chunks)
+}
+
+/// Opens the stream of a call whose webhook was answered with `twiml`, sends `connected`
+/// and `start`, and waits for the greeting's audio (`chunks`) to reach Twilio, unchanged.
+async fn stream_and_hear_greeting(
+    h: &support::Harness,
+    ids: &CallIds,
+    twiml: &tw::Twiml,
+    chunks: &[Vec<u8>],
+) -> MediaStream {
+    let twilio = h.open_stream(twiml).await;
+    twilio.send_connected();
+    twilio.send_start(ids, &twiml.parameters);
+    let heard = ok(
+        h,
+        twilio
+            .wait_until("the greeting's audio", SOON, |l| {
+                (l.media.len() >= chunks.len()).then(|| l.media_bytes())
+            })
+            .await,
+    );
+    assert_eq!(heard, chunks.concat(), "the greeting's audio, unchanged");
+    twilio
+}
+
+/// As shipped, the Realtime socket is opened as the voice webhook is answered, before
+/// Twilio opens the media stream: the session is there, with nothing sent on it yet, while
+/// the caller's stream is still to come. The stream's call takes it: one connection, the
+/// session configured on it, the greeting heard.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follows() {
+    let h = preopen_harness().await;
+    let (script, chunks) = preopen_greeting(0x61);
+    let claim = h.openai.claim(script).await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340061", "+81501234061").await;
+    // No stream yet: the session opens all the same.
+    let session = ok(h, claim.session(SOON).await);
+    assert_eq!(
+        session.handshake.header("authorization"),
+        Some(format!("Bearer {OPENAI_API_KEY}").as_str())
+    );
+    assert_eq!(
+        session.received_types(),
+        Vec::<String>::new(),
+        "nothing is sent before the call's stream is there"
+    );
+
+    let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
+    let types = session.received_types();
+    assert_eq!(
+        types.iter().take(2).map(String::as_str).collect::<Vec<_>>(),
+        ["session.update", "response.create"],
+        "configured, then the greeting asked for, on the socket opened at the webhook"
+    );
+    assert_eq!(claim.connections(), 1, "one connection for the call");
+    drop(claim);
+    twilio.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+    let line = logged_line(h, &ids.call_sid, "openai.preopened").await;
+    assert!(line.contains(r#""waited":false"#), "{line}");
+}
+
+/// A stream that comes while the socket opened at the webhook is still connecting waits for
+/// that connect rather than opening a second one.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_it() {
+    let h = preopen_harness().await;
+    let (script, chunks) = preopen_greeting(0x62);
+    // The handshake is answered 1.5 s after the Worker asked for it: the stream is there
+    // well before that.
+    let claim = h
+        .openai
+        .claim(script.handshake_delay(Duration::from_millis(1500)))
+        .await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340062", "+81501234062").await;
+    let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
+    let session = ok(h, claim.session(SOON).await);
+    assert_eq!(claim.connections(), 1, "one connection for the call");
+    assert_eq!(
+        session.received_types().first().map(String::as_str),
+        Some("session.update")
+    );
+    drop(claim);
+    twilio.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+    let line = logged_line(h, &ids.call_sid, "openai.preopened").await;
+    assert!(line.contains(r#""waited":true"#), "{line}");
+}
+
+/// No stream comes for the call (the caller hung up, or Twilio could not reach the Worker):
+/// the socket opened at the webhook is closed once its hold (`OPENAI_PREOPEN_SECONDS`) is
+/// over, with nothing sent on it, and the log says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() {
+    let h = preopen_harness().await;
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let ids = CallIds::new();
+    h.answer_call(&ids, "+819012340063", "+81501234063").await;
+    let session = ok(h, claim.session(SOON).await);
+    drop(claim);
+    let closed = ok(h, session.wait_closed(Duration::from_secs(3) + SOON).await);
+    assert_eq!(
+        closed.close_frame.map(|(code, _)| code),
+        Some(1000),
+        "closed normally"
+    );
+    assert_eq!(session.received_types(), Vec::<String>::new());
+    let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
+    assert!(line.contains(r#""held_ms":3000"#), "{line}");
+}
+
+/// The socket opened at the webhook is of no use to the stream when OpenAI refused it or
+/// closed it while it waited: the stream's call connects again, and is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connect() {
+    let h = preopen_harness().await;
+    // Refused: 503 to the upgrade at the webhook.
+    let refusing = h
+        .openai
+        .claim(SessionScript::new().refuse_upgrades(503))
+        .await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340064", "+81501234064").await;
+    ok(h, refusing.wait_refused(1, SOON).await);
+    drop(refusing);
+    let (script, chunks) = preopen_greeting(0x64);
+    let claim = h.openai.claim(script).await;
+    let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
+    let session = ok(h, claim.session(SOON).await);
+    assert_eq!(claim.connections(), 1);
+    drop(claim);
+    twilio.send_stop(&ids);
+    ok(h, session.wait_closed(SOON).await);
+    let line = logged_line(h, &ids.call_sid, "openai.preopen_failed").await;
+    assert!(line.contains(r#""status":503"#), "{line}");
+
+    // Closed by OpenAI while it waited for the stream.
+    let first = h.openai.claim(SessionScript::new()).await;
+    let ids = CallIds::new();
+    let twiml = h.answer_call(&ids, "+819012340065", "+81501234065").await;
+    let early = ok(h, first.session(SOON).await);
+    early.close_with(1011, "server error");
+    ok(h, early.wait_closed(SOON).await);
+    drop(first);
+    let (script, chunks) = preopen_greeting(0x65);
+    let claim = h.openai.claim(script).await;
+    let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
+    let session = ok(h, claim.session(SOON).await);
+    assert_eq!(claim.connections(), 1);
+    assert_eq!(
+        early.received_types(),
+        Vec::<String>::new(),
+        "nothing went on the closed socket"
+    );
+    drop(claim);
     twilio.send_stop(&ids);
     ok(h, session.wait_closed(SOON).await);
 }

@@ -3,6 +3,7 @@
 //! opens the OpenAI socket, and pumps both through the core's call machine.
 
 use super::outbox::Outbox;
+use super::preopen::Preopen;
 use super::recording::{self, Keep, Recording};
 use super::socket::{self, Event, Frame, Listeners, Side, Sink};
 use super::{bridge_config, log};
@@ -46,6 +47,8 @@ pub struct CallSession {
     outbox: RefCell<Option<Outbox>>,
     /// True while a writer of this instance is storing the call's recording.
     recording_busy: Rc<Cell<bool>>,
+    /// The Realtime socket opened at the webhook, until the stream's pump takes it.
+    preopen: RefCell<Option<Preopen>>,
 }
 
 impl DurableObject for CallSession {
@@ -56,6 +59,7 @@ impl DurableObject for CallSession {
             live: Rc::new(Cell::new(false)),
             outbox: RefCell::new(None),
             recording_busy: Rc::new(Cell::new(false)),
+            preopen: RefCell::new(None),
         }
     }
 
@@ -70,7 +74,11 @@ impl DurableObject for CallSession {
                     if !self.outbox().push(&registration.record()).await {
                         return Response::error("call record not kept", 500);
                     }
+                    let preopen = self.preopen_for(&registration);
                     storage.put(CALL_KEY, CallState::new(registration)).await?;
+                    if let Some(old) = self.preopen.replace(preopen) {
+                        old.discard("replaced");
+                    }
                 }
                 Response::empty().map(|r| r.with_status(204))
             }
@@ -202,6 +210,22 @@ impl CallSession {
     /// Twilio said so, rather than waiting for the watch alarm and overwriting Twilio's end
     /// with its own. Twilio's last word on a call whose stream never connected: why the agent
     /// never served it goes on record (else it would read as a plain completed call).
+    /// Starts opening the call's Realtime socket as its webhook registers it (see
+    /// `preopen`), unless `OPENAI_PREOPEN_SECONDS` is 0 or the configuration sends every
+    /// call to the fallback.
+    fn preopen_for(&self, registration: &Registration) -> Option<Preopen> {
+        let config = bridge_config(&self.env);
+        if config.openai_preopen_ms == 0 || config.fallback_only {
+            return None;
+        }
+        Some(Preopen::start(
+            config.realtime_connect_url(&registration.agent.model),
+            config.openai_api_key.expose().to_owned(),
+            registration.call.call_sid.0.clone(),
+            Duration::from_millis(config.openai_preopen_ms),
+        ))
+    }
+
     async fn before_status(&self, record: &StoreRecord) -> Result<()> {
         self.finalize_orphaned_stream().await?;
         let StoreRecord::TwilioStatus {
@@ -447,6 +471,7 @@ impl CallSession {
             openai: None,
             openai_listeners: None,
             openai_connect: 0,
+            preopen: self.preopen.borrow_mut().take(),
             twilio_listeners: Some(twilio_listeners),
             storage: Rc::new(storage),
             record,
@@ -538,6 +563,8 @@ struct Pump {
     openai_listeners: Option<Listeners>,
     /// Number of the latest OpenAI connect asked for; older ones are discarded.
     openai_connect: u64,
+    /// The socket opened at the webhook, for the first connect.
+    preopen: Option<Preopen>,
     twilio_listeners: Option<Listeners>,
     storage: Rc<Storage>,
     record: CallState,
@@ -710,6 +737,11 @@ impl Pump {
                         let _ = old.close(Some(1000), Some("replaced"));
                     }
                     let url = self.config.realtime_connect_url(&model);
+                    if let Some(preopen) = self.preopen.take() {
+                        if preopen.hand_over(&url, n, driver.sink()) {
+                            continue;
+                        }
+                    }
                     let key = self.config.openai_api_key.expose().to_owned();
                     let driver = driver.clone();
                     wasm_bindgen_futures::spawn_local(async move {
@@ -810,7 +842,7 @@ impl Pump {
 /// Opens the Realtime socket: an ordinary fetch with `Upgrade: websocket` and the bearer
 /// key (the only header the GA API wants; no `OpenAI-Beta`). A failure comes with the
 /// HTTP status of a refused upgrade, when there was an HTTP answer.
-async fn connect_openai(
+pub(super) async fn connect_openai(
     url: &str,
     key: &str,
     sink: Sink,

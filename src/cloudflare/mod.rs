@@ -6,6 +6,7 @@ mod call_session;
 mod db;
 mod http;
 mod outbox;
+mod preopen;
 mod recording;
 mod socket;
 

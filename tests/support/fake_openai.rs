@@ -563,6 +563,11 @@ impl Claim {
         }
     }
 
+    /// TCP connections to the fake during the claim so far (refused ones included).
+    pub fn connections(&self) -> usize {
+        self.shared.state.lock().unwrap().connections - self.connections_before
+    }
+
     /// Upgrades refused during the claim so far.
     pub fn refused(&self) -> usize {
         self.shared.state.lock().unwrap().refused - self.refused_before

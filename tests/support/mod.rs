@@ -150,6 +150,12 @@ impl Harness {
             // at a time, has its own test (`e2e_bridge`, `chunked_harness`): give this an
             // empty value for it.
             ("CALLER_AUDIO_CHUNK_MS".into(), "20".into()),
+            // The Realtime socket is opened when the stream comes, not at the webhook: the
+            // fake hands the session it scripts to whichever connection comes during a
+            // claim, and tests post webhooks without one. The default (the socket opened at
+            // the webhook) has its own tests (`e2e_bridge`, `preopen_harness`), which claim
+            // before they post: give this an empty value for it.
+            ("OPENAI_PREOPEN_SECONDS".into(), "0".into()),
         ];
         vars.retain(|(name, _)| !extra_vars.iter().any(|(extra, _)| extra == name));
         vars.extend(extra_vars);
