@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README's benchmark command: prints figures, asserts nothing about time.
 #   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--one-at-a-time]
-#                         [--skip-native] [--skip-load] [--profile]
+#                         [--skip-native] [--skip-load] [--skip-greeting] [--profile]
+#                         [--greeting-calls N] [--handshake-ms MS] [--gap-ms MS]
 #   npm run bench -- --calls 100 --one-at-a-time
 # (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
 # 3 rounds, each round running N calls against every target at once, so a change in the
@@ -22,7 +23,14 @@
 #    server in echo mode; call set-up, latency p50/p99 each way, frames lost, and workerd CPU
 #    seconds per call-minute, as ratios to the floor and to floor-rs (bench/load.mjs); for
 #    the bridge, how many calls left transcript rows in D1;
-# 4. with --profile, a V8 CPU profile of each Worker while every call of the first round
+# 4. the greeting: how long a caller waits for the agent's first audio, from the voice
+#    webhook's POST, one call at a time, with the Realtime socket opened at the webhook (the
+#    default) and at the stream (OPENAI_PREOPEN_SECONDS=0), behind a stand-in that answers
+#    each upgrade --handshake-ms after it came (OpenAI's connect as a Worker sees it; 400 by
+#    default) while the caller's stream opens --gap-ms after the webhook's answer (Twilio's
+#    own time to connect it; 300 by default), --greeting-calls calls each (10)
+#    (bench/greeting.mjs);
+# 5. with --profile, a V8 CPU profile of each Worker while every call of the first round
 #    streams: where its time goes, by kind (JavaScript, wasm, workerd built-ins such as
 #    WebSocket.send, GC) and by function (bench/profile.mjs; the .cpuprofile files are kept
 #    for Chrome's DevTools).
@@ -39,6 +47,10 @@ together=1
 native=1
 load=1
 profile=0
+greeting=1
+greeting_calls=10
+handshake_ms=400
+gap_ms=300
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --calls) calls="$2"; shift 2 ;;
@@ -48,13 +60,20 @@ while [[ $# -gt 0 ]]; do
     --skip-native) native=0; shift ;;
     --skip-load) load=0; shift ;;
     --profile) profile=1; shift ;;
-    -h|--help) sed -n '2,28p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    --skip-greeting) greeting=0; shift ;;
+    --greeting-calls) greeting_calls="$2"; shift 2 ;;
+    --handshake-ms) handshake_ms="$2"; shift 2 ;;
+    --gap-ms) gap_ms="$2"; shift 2 ;;
+    -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
   esac
 done
 [[ "$calls" =~ ^[0-9]+$ && "$calls" -ge 1 && "$calls" -le 1000 ]] || die "--calls must be 1..1000"
 [[ "$seconds" =~ ^[0-9]+$ && "$seconds" -ge 2 && "$seconds" -le 600 ]] || die "--seconds must be 2..600"
 [[ "$rounds" =~ ^[0-9]+$ && "$rounds" -ge 1 && "$rounds" -le 10 ]] || die "--rounds must be 1..10"
+[[ "$greeting_calls" =~ ^[0-9]+$ && "$greeting_calls" -ge 1 && "$greeting_calls" -le 100 ]] || die "--greeting-calls must be 1..100"
+[[ "$handshake_ms" =~ ^[0-9]+$ && "$handshake_ms" -le 10000 ]] || die "--handshake-ms must be 0..10000"
+[[ "$gap_ms" =~ ^[0-9]+$ && "$gap_ms" -le 10000 ]] || die "--gap-ms must be 0..10000"
 
 bash scripts/setup.sh
 
@@ -64,6 +83,7 @@ machine="$(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 native_out="$work/native.txt"
 wasm_core_out="$work/wasm-core.txt"
 load_out="$work/load.txt"
+greeting_out="$work/greeting.txt"
 
 log "building the Worker (release wasm)"
 bash scripts/build.sh >"$work/build.log" 2>&1 || { tail -40 "$work/build.log" >&2; die "build failed"; }
@@ -174,6 +194,31 @@ if [[ "$load" == 1 ]]; then
     "${how[@]}" "${profiles[@]}" --json "$work/load.json" | tee "$load_out"
 fi
 
+if [[ "$greeting" == 1 ]]; then
+  g_standin_port=$(free_port)
+  log "greeting: stand-in (conversation, upgrades answered after ${handshake_ms} ms) on :$g_standin_port"
+  start_bg greeting-standin node scripts/sim/standin.mjs --port "$g_standin_port" --handshake-ms "$handshake_ms" --quiet
+  g_standin_pid=$started
+  g_realtime="ws://127.0.0.1:$g_standin_port/v1/realtime"
+  g_token="bench-greeting-token-$$"
+  g_admin="bench-greeting-admin-$$"
+  g_at_webhook=$(free_port)
+  start_bridge "$g_at_webhook" "$work/greeting-at-webhook-state" "$g_realtime" "$g_token" "$g_admin" greeting-at-webhook
+  g_at_webhook_pid=$started
+  g_at_stream=$(free_port)
+  start_bridge "$g_at_stream" "$work/greeting-at-stream-state" "$g_realtime" "$g_token" "$g_admin" greeting-at-stream \
+    OPENAI_PREOPEN_SECONDS:0
+  g_at_stream_pid=$started
+  wait_http "http://127.0.0.1:$g_standin_port/healthz" "$work/greeting-standin.log" 20 "$g_standin_pid"
+  wait_http "http://127.0.0.1:$g_at_webhook/healthz" "$work/greeting-at-webhook.log" 300 "$g_at_webhook_pid"
+  wait_http "http://127.0.0.1:$g_at_stream/healthz" "$work/greeting-at-stream.log" 300 "$g_at_stream_pid"
+  log "greeting: $greeting_calls calls per bridge, one at a time, the stream ${gap_ms} ms after the webhook's answer"
+  timeout --foreground $((greeting_calls * 2 * 20 + 120)) node bench/greeting.mjs \
+    --target "socket-at-stream=http://127.0.0.1:$g_at_stream" \
+    --target "socket-at-webhook=http://127.0.0.1:$g_at_webhook" \
+    --auth-token "$g_token" --calls "$greeting_calls" --gap-ms "$gap_ms" --json "$work/greeting.json" | tee "$greeting_out"
+fi
+
 echo
 echo "================================================================================"
 echo "benchmark summary — $(date -u +%Y-%m-%dT%H:%MZ), $machine"
@@ -193,5 +238,12 @@ if [[ "$load" == 1 ]]; then
   echo " every frame once the call's audio path was up both ways; CPU: utime+stime of the Worker's"
   echo " workerd processes / call-minutes of audio; \"all calls streaming\": the same while every"
   echo " call is up, and \"set-up + teardown\": the rest of the run's CPU, per call)"
+fi
+if [[ "$greeting" == 1 ]]; then
+  echo
+  cat "$greeting_out"
+  echo "(greeting: the voice webhook's POST → the first agent audio on the stream; the stand-in"
+  echo " answered each Realtime upgrade ${handshake_ms} ms after it came, and the stream opened ${gap_ms} ms"
+  echo " after the webhook's answer; socket-at-stream runs with OPENAI_PREOPEN_SECONDS=0)"
 fi
 echo "logs and raw figures: $work"

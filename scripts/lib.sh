@@ -125,9 +125,13 @@ start_bg() { # name, command...
 # Migrates the local D1 in STATE, then starts the bridge in `wrangler dev` on PORT against
 # the Realtime server at REALTIME (the stand-in), as the load check and the benchmark both
 # run it, logging to $work/NAME.log (default bridge); sets $started to its pid and $inspector
-# to its inspector's port. The OpenAI key is a placeholder the stand-in accepts.
-start_bridge() { # port, state dir, realtime url, Twilio token, admin token[, name of its log]
+# to its inspector's port. The OpenAI key is a placeholder the stand-in accepts. Any further
+# arguments are NAME:VALUE variables of its own (`OPENAI_PREOPEN_SECONDS:0`).
+start_bridge() { # port, state dir, realtime url, Twilio token, admin token[, name of its log[, NAME:VALUE…]]
   local port="$1" state="$2" realtime="$3" token="$4" admin="$5" name="${6:-bridge}"
+  shift $(($# < 6 ? $# : 6))
+  local extra=() v
+  for v in "$@"; do extra+=(--var "$v"); done
   mkdir -p "$state"
   CI=true npx wrangler d1 migrations apply DB --local --persist-to "$state" >"$work/migrations.log" 2>&1 \
     || { tail -20 "$work/migrations.log" >&2; die "migrations failed"; }
@@ -135,7 +139,8 @@ start_bridge() { # port, state dir, realtime url, Twilio token, admin token[, na
   start_bg "$name" env CI=true NO_COLOR=1 npx wrangler dev --ip 127.0.0.1 --show-interactive-dev-session=false \
     --port "$port" --inspector-port "$inspector" --persist-to "$state" \
     --var "OPENAI_REALTIME_URL:$realtime" --var "TWILIO_AUTH_TOKEN:$token" \
-    --var "OPENAI_API_KEY:sk-stand-in-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin"
+    --var "OPENAI_API_KEY:sk-stand-in-not-a-key" --var "IDLE_TIMEOUT_SECONDS:600" --var "ADMIN_TOKEN:$admin" \
+    "${extra[@]}"
 }
 
 free_port() {

@@ -26,6 +26,9 @@
 //     audio is "transcribed" as one caller turn.
 //
 // Run alone:  node scripts/sim/standin.mjs [--port 8788] [--mode conversation|echo]
+//                                           [--handshake-ms N] [--quiet]
+// (--handshake-ms: each WebSocket upgrade is answered N ms after it came, as OpenAI's
+// connect takes time from a Worker; for bench/greeting.mjs.)
 // The Worker must then be started with
 //   --var OPENAI_REALTIME_URL:ws://127.0.0.1:8788/v1/realtime   (npm run dev:offline)
 // The same port serves Twilio's REST call updates under /twilio (rest.mjs), for the Worker's
@@ -752,9 +755,12 @@ class Session {
  * said, tool_called, truncated, error_sent, closed.
  */
 export class StandIn extends EventEmitter {
-  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null } = {}) {
+  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null, handshakeMs = 0 } = {}) {
     super();
     this.rest = rest; // a TwilioRest (rest.mjs) served under /twilio, or null
+    // The upgrade is answered this long after it came: OpenAI's connect as a Worker sees it
+    // (TCP, TLS, the upgrade, the session's creation), for the greeting benchmark.
+    this.handshakeMs = handshakeMs;
     this.port = port;
     this.host = host;
     this.mode = mode;
@@ -783,7 +789,9 @@ export class StandIn extends EventEmitter {
         this.wss.handleUpgrade(req, socket, head, (ws) => ws.close(4000, 'invalid_request_error.beta_api_shape_disabled'));
         return;
       }
-      this.wss.handleUpgrade(req, socket, head, (ws) => this.sessions.push(new Session(this, ws, req)));
+      const accept = () => this.wss.handleUpgrade(req, socket, head, (ws) => this.sessions.push(new Session(this, ws, req)));
+      if (this.handshakeMs > 0) setTimeout(accept, this.handshakeMs);
+      else accept();
     });
   }
 
@@ -850,11 +858,16 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   const mode = opt('--mode', 'conversation');
   const port = Number(opt('--port', DEFAULT_PORT));
   const quiet = args.includes('--quiet');
+  const handshakeMs = Number(opt('--handshake-ms', 0));
+  if (!Number.isInteger(handshakeMs) || handshakeMs < 0 || handshakeMs > 10_000) {
+    console.error('stand-in: --handshake-ms must be a whole number of ms from 0 to 10000');
+    process.exit(2);
+  }
   // Twilio's REST part too (rest.mjs), for any call, when the Worker's auth token is known.
   const devVars = fileURLToPath(new URL('../../.dev.vars', import.meta.url));
   const authToken = setting('TWILIO_AUTH_TOKEN', devVars);
   const rest = authToken ? new TwilioRest({ authToken, accountSid: setting('TWILIO_ACCOUNT_SID', devVars), anyCall: true }) : null;
-  const s = new StandIn({ port, mode, rest });
+  const s = new StandIn({ port, mode, rest, handshakeMs });
   s.listen().then(
     () => {
       console.log(`stand-in Realtime server (${mode}) on ${s.url} — not OpenAI`);

@@ -227,3 +227,20 @@ test('1-9 call the agent\'s own tools in the order listed, and the reply repeats
   assert.equal(events.filter((e) => e.type === 'response.function_call_arguments.done').length, 2);
   assert.ok(!events.some((e) => e.type === 'error'), JSON.stringify(events.filter((e) => e.type === 'error')));
 });
+
+test('with handshakeMs the upgrade is answered no sooner than that after it came', async (t) => {
+  const server = new StandIn({ port: 0, handshakeMs: 300 });
+  await server.listen();
+  const asked = performance.now();
+  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
+  t.after(async () => {
+    ws.terminate();
+    await server.close();
+  });
+  const created = await new Promise((resolve, reject) => {
+    ws.once('message', (data) => resolve(JSON.parse(data.toString())));
+    ws.once('error', reject);
+  });
+  assert.equal(created.type, 'session.created');
+  assert.ok(performance.now() - asked >= 300, 'answered after the handshake delay');
+});
