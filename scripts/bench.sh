@@ -2,7 +2,7 @@
 # README's benchmark command: prints figures, asserts nothing about time.
 #   bash scripts/bench.sh [--calls N] [--seconds S] [--rounds R] [--one-at-a-time]
 #                         [--skip-native] [--skip-load] [--skip-greeting] [--profile]
-#                         [--greeting-calls N] [--handshake-ms MS] [--gap-ms MS]
+#                         [--greeting-calls N] [--handshake-ms MS] [--rtt-ms MS] [--gap-ms MS]
 #   npm run bench -- --calls 100 --one-at-a-time
 # (or BENCH_CALLS / BENCH_SECONDS / BENCH_ROUNDS in the environment; defaults 20 calls × 30 s,
 # 3 rounds, each round running N calls against every target at once, so a change in the
@@ -27,9 +27,9 @@
 #    webhook's POST, one call at a time, with the Realtime socket opened at the webhook (the
 #    default) and at the stream (OPENAI_PREOPEN_SECONDS=0), behind a stand-in that answers
 #    each upgrade --handshake-ms after it came (OpenAI's connect as a Worker sees it; 400 by
-#    default) while the caller's stream opens --gap-ms after the webhook's answer (Twilio's
-#    own time to connect it; 300 by default), --greeting-calls calls each (10)
-#    (bench/greeting.mjs);
+#    default) and each event a round trip after it came (--rtt-ms, 100), while the caller's
+#    stream opens --gap-ms after the webhook's answer (Twilio's own time to connect it; 300),
+#    --greeting-calls calls each (10) (bench/greeting.mjs);
 # 5. with --profile, a V8 CPU profile of each Worker while every call of the first round
 #    streams: where its time goes, by kind (JavaScript, wasm, workerd built-ins such as
 #    WebSocket.send, GC) and by function (bench/profile.mjs; the .cpuprofile files are kept
@@ -50,6 +50,7 @@ profile=0
 greeting=1
 greeting_calls=10
 handshake_ms=400
+rtt_ms=100
 gap_ms=300
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -63,6 +64,7 @@ while [[ $# -gt 0 ]]; do
     --skip-greeting) greeting=0; shift ;;
     --greeting-calls) greeting_calls="$2"; shift 2 ;;
     --handshake-ms) handshake_ms="$2"; shift 2 ;;
+    --rtt-ms) rtt_ms="$2"; shift 2 ;;
     --gap-ms) gap_ms="$2"; shift 2 ;;
     -h|--help) sed -n '2,37p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) die "unknown option $1 (see --help)" ;;
@@ -74,6 +76,7 @@ done
 [[ "$greeting_calls" =~ ^[0-9]+$ && "$greeting_calls" -ge 1 && "$greeting_calls" -le 100 ]] || die "--greeting-calls must be 1..100"
 [[ "$handshake_ms" =~ ^[0-9]+$ && "$handshake_ms" -le 10000 ]] || die "--handshake-ms must be 0..10000"
 [[ "$gap_ms" =~ ^[0-9]+$ && "$gap_ms" -le 10000 ]] || die "--gap-ms must be 0..10000"
+[[ "$rtt_ms" =~ ^[0-9]+$ && "$rtt_ms" -le 10000 ]] || die "--rtt-ms must be 0..10000"
 
 bash scripts/setup.sh
 
@@ -196,8 +199,9 @@ fi
 
 if [[ "$greeting" == 1 ]]; then
   g_standin_port=$(free_port)
-  log "greeting: stand-in (conversation, upgrades answered after ${handshake_ms} ms) on :$g_standin_port"
-  start_bg greeting-standin node scripts/sim/standin.mjs --port "$g_standin_port" --handshake-ms "$handshake_ms" --quiet
+  log "greeting: stand-in (conversation, upgrades answered after ${handshake_ms} ms, events after ${rtt_ms} ms) on :$g_standin_port"
+  start_bg greeting-standin node scripts/sim/standin.mjs --port "$g_standin_port" --handshake-ms "$handshake_ms" \
+    --rtt-ms "$rtt_ms" --quiet
   g_standin_pid=$started
   g_realtime="ws://127.0.0.1:$g_standin_port/v1/realtime"
   g_token="bench-greeting-token-$$"
@@ -243,7 +247,7 @@ if [[ "$greeting" == 1 ]]; then
   echo
   cat "$greeting_out"
   echo "(greeting: the voice webhook's POST → the first agent audio on the stream; the stand-in"
-  echo " answered each Realtime upgrade ${handshake_ms} ms after it came, and the stream opened ${gap_ms} ms"
-  echo " after the webhook's answer; socket-at-stream runs with OPENAI_PREOPEN_SECONDS=0)"
+  echo " answered each Realtime upgrade ${handshake_ms} ms and each event ${rtt_ms} ms after it came, and the"
+  echo " stream opened ${gap_ms} ms after the webhook's answer; socket-at-stream runs with OPENAI_PREOPEN_SECONDS=0)"
 fi
 echo "logs and raw figures: $work"

@@ -728,9 +728,10 @@ async fn stream_and_hear_greeting(
 }
 
 /// As shipped, the Realtime socket is opened as the voice webhook is answered, before
-/// Twilio opens the media stream: the session is there, with nothing sent on it yet, while
-/// the caller's stream is still to come. The stream's call takes it: one connection, the
-/// session configured on it, the greeting heard.
+/// Twilio opens the media stream, and the session is configured on it at once: its
+/// `session.update` is answered while the caller's stream is still to come, and nothing
+/// else goes before the stream. The stream's call takes it: one connection, configured once,
+/// the greeting heard.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follows() {
     let h = preopen_harness().await;
@@ -738,16 +739,33 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
     let claim = h.openai.claim(script).await;
     let ids = CallIds::new();
     let twiml = h.answer_call(&ids, "+819012340061", "+81501234061").await;
-    // No stream yet: the session opens all the same.
+    // No stream yet: the session opens all the same, and is configured.
     let session = ok(h, claim.session(SOON).await);
     assert_eq!(
         session.handshake.header("authorization"),
         Some(format!("Bearer {OPENAI_API_KEY}").as_str())
     );
+    let update = ok(h, session.wait_event("session.update", SOON).await);
+    assert_eq!(
+        update.event["session"]["audio"]["output"]["format"]["type"],
+        "audio/pcmu"
+    );
+    ok(
+        h,
+        session
+            .wait_until("session.updated to be sent", SOON, |v| {
+                v.sent
+                    .iter()
+                    .any(|(_, e)| e["type"] == "session.updated")
+                    .then_some(())
+            })
+            .await,
+    );
+    tokio::time::sleep(QUIET).await;
     assert_eq!(
         session.received_types(),
-        Vec::<String>::new(),
-        "nothing is sent before the call's stream is there"
+        ["session.update"],
+        "nothing but the session's configuration before the call's stream is there"
     );
 
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
@@ -755,7 +773,7 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
     assert_eq!(
         types.iter().take(2).map(String::as_str).collect::<Vec<_>>(),
         ["session.update", "response.create"],
-        "configured, then the greeting asked for, on the socket opened at the webhook"
+        "configured once, then the greeting asked for, on the socket opened at the webhook"
     );
     assert_eq!(claim.connections(), 1, "one connection for the call");
     drop(claim);
@@ -783,8 +801,14 @@ async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_i
     let session = ok(h, claim.session(SOON).await);
     assert_eq!(claim.connections(), 1, "one connection for the call");
     assert_eq!(
-        session.received_types().first().map(String::as_str),
-        Some("session.update")
+        session
+            .received_types()
+            .iter()
+            .take(2)
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["session.update", "response.create"],
+        "configured once, then the greeting"
     );
     drop(claim);
     twilio.send_stop(&ids);
@@ -795,7 +819,8 @@ async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_i
 
 /// No stream comes for the call (the caller hung up, or Twilio could not reach the Worker):
 /// the socket opened at the webhook is closed once its hold (`OPENAI_PREOPEN_SECONDS`) is
-/// over, with nothing sent on it, and the log says why.
+/// over, with nothing sent on it but the session's configuration (no greeting, nothing
+/// billed), and the log says why.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() {
     let h = preopen_harness().await;
@@ -810,7 +835,7 @@ async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() 
         Some(1000),
         "closed normally"
     );
-    assert_eq!(session.received_types(), Vec::<String>::new());
+    assert_eq!(session.received_types(), ["session.update"]);
     let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
     assert!(line.contains(r#""held_ms":3000"#), "{line}");
 }
@@ -845,6 +870,7 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     let ids = CallIds::new();
     let twiml = h.answer_call(&ids, "+819012340065", "+81501234065").await;
     let early = ok(h, first.session(SOON).await);
+    ok(h, early.wait_event("session.update", SOON).await);
     early.close_with(1011, "server error");
     ok(h, early.wait_closed(SOON).await);
     drop(first);
@@ -855,8 +881,18 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     assert_eq!(claim.connections(), 1);
     assert_eq!(
         early.received_types(),
-        Vec::<String>::new(),
-        "nothing went on the closed socket"
+        ["session.update"],
+        "nothing but its configuration went on the closed socket"
+    );
+    assert_eq!(
+        session
+            .received_types()
+            .iter()
+            .take(2)
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+        ["session.update", "response.create"],
+        "the new socket is configured by the call"
     );
     drop(claim);
     twilio.send_stop(&ids);

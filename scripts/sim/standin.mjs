@@ -26,9 +26,10 @@
 //     audio is "transcribed" as one caller turn.
 //
 // Run alone:  node scripts/sim/standin.mjs [--port 8788] [--mode conversation|echo]
-//                                           [--handshake-ms N] [--quiet]
+//                                           [--handshake-ms N] [--rtt-ms N] [--quiet]
 // (--handshake-ms: each WebSocket upgrade is answered N ms after it came, as OpenAI's
-// connect takes time from a Worker; for bench/greeting.mjs.)
+// connect takes time from a Worker; --rtt-ms: each client event is handled N ms after it
+// came, a round trip to OpenAI; for bench/greeting.mjs.)
 // The Worker must then be started with
 //   --var OPENAI_REALTIME_URL:ws://127.0.0.1:8788/v1/realtime   (npm run dev:offline)
 // The same port serves Twilio's REST call updates under /twilio (rest.mjs), for the Worker's
@@ -214,7 +215,13 @@ class Session {
     this.pendingUserItem = null;
     this.echoItem = null;
     this.handshake = { path: req.url, authorization: req.headers.authorization ?? null, beta: req.headers['openai-beta'] ?? null };
-    ws.on('message', (data, isBinary) => this.onMessage(data, isBinary));
+    // Each client event is handled a round trip after it came (--rtt-ms): what a Worker
+    // waits for an answer from OpenAI across an ocean. Equal delays keep the order.
+    const rtt = server.rttMs;
+    ws.on('message', (data, isBinary) => {
+      if (rtt > 0) setTimeout(() => this.onMessage(data, isBinary), rtt);
+      else this.onMessage(data, isBinary);
+    });
     ws.on('close', (code, reason) => {
       for (const t of this.timers) clearTimeout(t);
       this.timers.clear();
@@ -755,12 +762,14 @@ class Session {
  * said, tool_called, truncated, error_sent, closed.
  */
 export class StandIn extends EventEmitter {
-  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null, handshakeMs = 0 } = {}) {
+  constructor({ port = DEFAULT_PORT, host = '127.0.0.1', mode = 'conversation', rest = null, handshakeMs = 0, rttMs = 0 } = {}) {
     super();
     this.rest = rest; // a TwilioRest (rest.mjs) served under /twilio, or null
     // The upgrade is answered this long after it came: OpenAI's connect as a Worker sees it
     // (TCP, TLS, the upgrade, the session's creation), for the greeting benchmark.
     this.handshakeMs = handshakeMs;
+    // Every client event is handled this long after it came (a round trip to OpenAI).
+    this.rttMs = rttMs;
     this.port = port;
     this.host = host;
     this.mode = mode;
@@ -858,16 +867,21 @@ if (process.argv[1] && fileURLToPath(import.meta.url) === process.argv[1]) {
   const mode = opt('--mode', 'conversation');
   const port = Number(opt('--port', DEFAULT_PORT));
   const quiet = args.includes('--quiet');
-  const handshakeMs = Number(opt('--handshake-ms', 0));
-  if (!Number.isInteger(handshakeMs) || handshakeMs < 0 || handshakeMs > 10_000) {
-    console.error('stand-in: --handshake-ms must be a whole number of ms from 0 to 10000');
-    process.exit(2);
-  }
+  const delay = (name) => {
+    const ms = Number(opt(name, 0));
+    if (!Number.isInteger(ms) || ms < 0 || ms > 10_000) {
+      console.error(`stand-in: ${name} must be a whole number of ms from 0 to 10000`);
+      process.exit(2);
+    }
+    return ms;
+  };
+  const handshakeMs = delay('--handshake-ms');
+  const rttMs = delay('--rtt-ms');
   // Twilio's REST part too (rest.mjs), for any call, when the Worker's auth token is known.
   const devVars = fileURLToPath(new URL('../../.dev.vars', import.meta.url));
   const authToken = setting('TWILIO_AUTH_TOKEN', devVars);
   const rest = authToken ? new TwilioRest({ authToken, accountSid: setting('TWILIO_ACCOUNT_SID', devVars), anyCall: true }) : null;
-  const s = new StandIn({ port, mode, rest, handshakeMs });
+  const s = new StandIn({ port, mode, rest, handshakeMs, rttMs });
   s.listen().then(
     () => {
       console.log(`stand-in Realtime server (${mode}) on ${s.url} — not OpenAI`);

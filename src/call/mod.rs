@@ -68,6 +68,10 @@ pub enum Input<'a> {
         reason: &'a str,
     },
     OpenAiOpened,
+    /// The Realtime socket opened, one the shell opened ahead of the call's stream and on
+    /// which it sent, as it opened, what [`ahead_of_stream`] gave: the session's
+    /// configuration is on its way already, and is not sent again.
+    OpenAiOpenedConfigured,
     OpenAiConnectFailed {
         reason: &'a str,
         /// The HTTP status of a refused upgrade; `None` when no HTTP answer came.
@@ -88,6 +92,16 @@ pub enum Input<'a> {
     },
     /// The time given by `poll_timeout` has come.
     Timeout,
+}
+
+/// What the shell sends on a Realtime socket it opens for a call ahead of the call's stream
+/// (as the voice webhook registers the call), as soon as it opens: the session's
+/// configuration, the same the machine sends on [`Input::OpenAiOpened`], so that
+/// `session.updated` is on its way before the stream is. The socket is handed to the machine
+/// with [`Input::OpenAiOpenedConfigured`]; what came on it meanwhile follows, in order.
+/// Nothing else goes ahead: the greeting waits for the stream (see `maybe_greet`).
+pub fn ahead_of_stream(agent: &Agent) -> Vec<String> {
+    vec![openai::session_update(agent)]
 }
 
 /// How much a log line matters, least first. `Debug` is the detail of every turn (speech
@@ -572,7 +586,8 @@ impl Call {
                     .unwrap_or(EndReason::TwilioSocketClosed { code });
                 self.end_after_transcript(reason, now);
             }
-            Input::OpenAiOpened => self.on_openai_opened(),
+            Input::OpenAiOpened => self.on_openai_opened(true),
+            Input::OpenAiOpenedConfigured => self.on_openai_opened(false),
             Input::OpenAiConnectFailed { reason, status } => {
                 self.log(
                     Level::Error,
@@ -861,7 +876,9 @@ impl Call {
 
     // ---- OpenAI side ----
 
-    fn on_openai_opened(&mut self) {
+    /// A Realtime socket opened; `configure`: the session's configuration goes now (it went
+    /// as the socket opened when the shell opened it ahead of the stream).
+    fn on_openai_opened(&mut self, configure: bool) {
         if self.upstream == Upstream::Closed {
             // A connect we gave up on while it was on its way: let it go.
             self.actions.push_back(Action::CloseOpenAi {
@@ -873,9 +890,15 @@ impl Call {
         if self.upstream != Upstream::Connecting {
             return;
         }
-        self.log(Level::Debug, "openai.connected", Value::Null);
+        self.log(
+            Level::Debug,
+            "openai.connected",
+            json!({ "configured_ahead": !configure }),
+        );
         self.upstream = Upstream::Configuring;
-        self.send_openai(openai::session_update(&self.agent));
+        if configure {
+            self.send_openai(openai::session_update(&self.agent));
+        }
     }
 
     /// A Realtime socket is open (configuring or ready). Frames read while none is are left

@@ -442,6 +442,44 @@ fn greeting_waits_for_both_session_ready_and_start() {
     assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
 }
 
+/// A socket the shell opened ahead of the stream carries what `ahead_of_stream` gave, which
+/// is what the machine sends on a socket it opens itself; handed over, it is not configured
+/// again, and the session it confirms greets once the stream has started.
+#[test]
+fn a_socket_configured_ahead_of_the_stream_is_not_configured_again() {
+    let mut plain = Sim::new();
+    let sent: Vec<String> = plain
+        .openai_opened()
+        .into_iter()
+        .map(|a| match a {
+            Action::SendOpenAi(text) => text,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(ahead_of_stream(&Agent::default()), sent);
+
+    let mut sim = Sim::new();
+    let out = sim.input(Input::OpenAiOpenedConfigured);
+    assert!(out.is_empty(), "configured again: {out:?}");
+    // Its session.updated, held by the shell and handed on, before the stream's start.
+    assert!(sim.openai(&session_updated("audio/pcmu")).is_empty());
+    let out = sim.twilio(&start());
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert!(is_greeting(&out[0]));
+
+    // A configuration the server did not take is as bad as ever, and a session that never
+    // confirms it times out as any other.
+    let mut sim = Sim::new();
+    sim.twilio(&start());
+    sim.input(Input::OpenAiOpenedConfigured);
+    let out = sim.openai(&session_updated("audio/pcm"));
+    assert!(out.iter().all(|a| !is_greeting(a)));
+    expect_redirect(&out);
+    let mut sim = Sim::new();
+    sim.input(Input::OpenAiOpenedConfigured);
+    assert_eq!(sim.call.poll_timeout(), Some(SESSION_SETUP_TIMEOUT));
+}
+
 #[test]
 fn session_without_pcmu_output_never_reaches_the_caller() {
     let mut sim = Sim::new();

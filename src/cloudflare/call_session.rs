@@ -223,6 +223,7 @@ impl CallSession {
             config.openai_api_key.expose().to_owned(),
             registration.call.call_sid.0.clone(),
             Duration::from_millis(config.openai_preopen_ms),
+            crate::call::ahead_of_stream(&registration.agent),
         ))
     }
 
@@ -527,7 +528,7 @@ impl Driver {
             // here: dropped unclosed, it would stay open at OpenAI with nothing to end it.
             let late: Vec<Event> = self.queue.borrow_mut().drain(..).collect();
             for event in late {
-                if let Event::OpenAiConnected(_, ws, listeners) = event {
+                if let Event::OpenAiConnected(_, ws, listeners, _) = event {
                     listeners.retire();
                     let _ = ws.close(Some(1000), Some("call ended"));
                 }
@@ -663,7 +664,7 @@ impl Pump {
                 };
                 self.call.handle(input, t);
             }
-            Event::OpenAiConnected(n, ws, listeners) => {
+            Event::OpenAiConnected(n, ws, listeners, configured) => {
                 // A connect the machine has since given up on (a setup timeout, then a
                 // new attempt) must not pass for the current session.
                 if self.call.is_ended() || n != self.openai_connect {
@@ -673,7 +674,12 @@ impl Pump {
                 }
                 self.openai = Some(ws);
                 self.openai_listeners = Some(listeners);
-                self.call.handle(Input::OpenAiOpened, t);
+                let opened = if configured {
+                    Input::OpenAiOpenedConfigured
+                } else {
+                    Input::OpenAiOpened
+                };
+                self.call.handle(opened, t);
             }
             Event::OpenAiFailed(n, status, reason) => {
                 if n == self.openai_connect {
@@ -746,7 +752,7 @@ impl Pump {
                     let driver = driver.clone();
                     wasm_bindgen_futures::spawn_local(async move {
                         let event = match connect_openai(&url, &key, driver.sink()).await {
-                            Ok((ws, listeners)) => Event::OpenAiConnected(n, ws, listeners),
+                            Ok((ws, listeners)) => Event::OpenAiConnected(n, ws, listeners, false),
                             Err((status, reason)) => Event::OpenAiFailed(n, status, reason),
                         };
                         driver.deliver(event);

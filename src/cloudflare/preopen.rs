@@ -3,9 +3,11 @@
 //! socket to OpenAI (TCP, TLS, the upgrade, the session's creation) takes another. Done
 //! one after the other, the caller hears the greeting later by the shorter of the two.
 //!
-//! The socket is the call's first connect, and nothing else: the call machine still sends
-//! the session's configuration once its pump takes the socket. Until then what OpenAI sends
-//! (`session.created`) is held, and handed on in order after the socket. A stream that
+//! The socket is the call's first connect. As it opens, what the call machine gives for it
+//! (`call::ahead_of_stream`: the session's configuration) goes on it, so that
+//! `session.updated` is on its way before the stream is; the greeting still waits for the
+//! stream. Until the stream's pump takes the socket what OpenAI sends (`session.created`,
+//! `session.updated`) is held, and handed on in order after the socket. A stream that
 //! comes while the connect is still on its way waits for it. A socket that closed while it
 //! waited, a connect that failed, or one made for another URL is not handed over: the pump
 //! connects as it would have without it. Unclaimed after `OPENAI_PREOPEN_SECONDS` (no
@@ -75,11 +77,12 @@ impl Relay {
 enum Slot {
     /// On its way; a pump that came meanwhile waits for it, as its connect number `n`.
     Connecting { claim: Option<(u64, Sink)> },
-    /// Open, nobody's yet.
+    /// Open, nobody's yet; `configured`: what went ahead went.
     Open {
         ws: WebSocket,
         listeners: Listeners,
         relay: Relay,
+        configured: bool,
     },
     /// Handed over, closed, failed or given up.
     Gone,
@@ -102,9 +105,15 @@ fn handed_over(call_sid: &str, waited: bool) {
 }
 
 impl Preopen {
-    /// Starts connecting to `url` (with the bearer `key`) for `call_sid`; the socket is
-    /// closed if no pump takes it within `hold` of opening.
-    pub fn start(url: String, key: String, call_sid: String, hold: Duration) -> Preopen {
+    /// Starts connecting to `url` (with the bearer `key`) for `call_sid`, sending `ahead` as
+    /// the socket opens; the socket is closed if no pump takes it within `hold` of opening.
+    pub fn start(
+        url: String,
+        key: String,
+        call_sid: String,
+        hold: Duration,
+        ahead: Vec<String>,
+    ) -> Preopen {
         let slot = Rc::new(RefCell::new(Slot::Connecting { claim: None }));
         let task_slot = slot.clone();
         let task_url = url.clone();
@@ -125,11 +134,17 @@ impl Preopen {
                 }
                 return;
             };
+            // What goes ahead goes first, whoever takes the socket.
+            let configured = result.as_ref().is_ok_and(|(ws, _)| {
+                ahead
+                    .iter()
+                    .all(|message| ws.send_with_str(message).is_ok())
+            });
             match (claim, result) {
                 (Some((n, sink)), Ok((ws, listeners))) => {
                     *slot.borrow_mut() = Slot::Gone;
                     handed_over(&call_sid, true);
-                    sink(Event::OpenAiConnected(n, ws, listeners));
+                    sink(Event::OpenAiConnected(n, ws, listeners, configured));
                     relay.point_to(sink);
                 }
                 (Some((n, sink)), Err((status, reason))) => {
@@ -141,6 +156,7 @@ impl Preopen {
                         ws,
                         listeners,
                         relay,
+                        configured,
                     };
                     Delay::from(hold).await;
                     let unclaimed = std::mem::replace(&mut *slot.borrow_mut(), Slot::Gone);
@@ -193,9 +209,10 @@ impl Preopen {
                 ws,
                 listeners,
                 relay,
+                configured,
             } if !relay.ended() => {
                 handed_over(&self.call_sid, false);
-                sink(Event::OpenAiConnected(n, ws, listeners));
+                sink(Event::OpenAiConnected(n, ws, listeners, configured));
                 relay.point_to(sink);
                 true
             }

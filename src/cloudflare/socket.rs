@@ -25,8 +25,9 @@ pub enum Frame {
 
 pub enum Event {
     Socket(Side, Frame),
-    /// The connect numbered so (see `Pump::openai_connect`) succeeded or failed.
-    OpenAiConnected(u64, WebSocket, Listeners),
+    /// The connect numbered so (see `Pump::openai_connect`) succeeded; true when the socket
+    /// was opened ahead of the stream and what `call::ahead_of_stream` gave went on it.
+    OpenAiConnected(u64, WebSocket, Listeners, bool),
     /// A failed connect: its number, the HTTP status of a refused upgrade, what went wrong.
     OpenAiFailed(u64, Option<u16>, String),
     HttpDone(u64, crate::http::Outcome),

@@ -244,3 +244,27 @@ test('with handshakeMs the upgrade is answered no sooner than that after it came
   assert.equal(created.type, 'session.created');
   assert.ok(performance.now() - asked >= 300, 'answered after the handshake delay');
 });
+
+test('with rttMs each client event is answered no sooner than that after it was sent, in order', async (t) => {
+  const server = new StandIn({ port: 0, rttMs: 200 });
+  await server.listen();
+  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
+  t.after(async () => {
+    ws.terminate();
+    await server.close();
+  });
+  const events = [];
+  ws.on('message', (data) => events.push({ at: performance.now(), ev: JSON.parse(data.toString()) }));
+  await new Promise((resolve) => ws.once('open', resolve));
+  const sent = performance.now();
+  ws.send(JSON.stringify({ type: 'session.update', session: { type: 'realtime', instructions: 'first' } }));
+  ws.send(JSON.stringify({ type: 'session.update', session: { type: 'realtime', instructions: 'second' } }));
+  const deadline = Date.now() + 5000;
+  while (events.filter((e) => e.ev.type === 'session.updated').length < 2 && Date.now() < deadline) {
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+  const updated = events.filter((e) => e.ev.type === 'session.updated');
+  assert.equal(updated.length, 2);
+  assert.deepEqual(updated.map((e) => e.ev.session.instructions), ['first', 'second']);
+  assert.ok(updated[0].at - sent >= 200, 'answered a round trip later');
+});
