@@ -566,17 +566,7 @@ async fn greeting_follows_start_and_its_audio_reaches_twilio_byte_exact_with_a_m
 
     // If the Worker opens its OpenAI session before `start`, it must not greet before `start`.
     if let Ok(session) = claim.session(Duration::from_secs(3)).await {
-        ok(
-            h,
-            session
-                .wait_until("session.updated to be sent", SOON, |v| {
-                    v.sent
-                        .iter()
-                        .any(|(_, e)| e["type"] == "session.updated")
-                        .then_some(())
-                })
-                .await,
-        );
+        ok(h, session.wait_sent("session.updated", SOON).await);
         tokio::time::sleep(QUIET).await;
         assert!(
             session.received_of_type("response.create").is_empty(),
@@ -727,6 +717,16 @@ async fn stream_and_hear_greeting(
     twilio
 }
 
+/// The session was configured once, then asked for the greeting: its first two events.
+fn assert_configured_then_greeted(session: &oai::Session, what: &str) {
+    let types = session.received_types();
+    assert_eq!(
+        types.iter().take(2).map(String::as_str).collect::<Vec<_>>(),
+        ["session.update", "response.create"],
+        "{what}: {types:?}"
+    );
+}
+
 /// As shipped, the Realtime socket is opened as the voice webhook is answered, before
 /// Twilio opens the media stream, and the session is configured on it at once: its
 /// `session.update` is answered while the caller's stream is still to come, and nothing
@@ -750,17 +750,7 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
         update.event["session"]["audio"]["output"]["format"]["type"],
         "audio/pcmu"
     );
-    ok(
-        h,
-        session
-            .wait_until("session.updated to be sent", SOON, |v| {
-                v.sent
-                    .iter()
-                    .any(|(_, e)| e["type"] == "session.updated")
-                    .then_some(())
-            })
-            .await,
-    );
+    ok(h, session.wait_sent("session.updated", SOON).await);
     tokio::time::sleep(QUIET).await;
     assert_eq!(
         session.received_types(),
@@ -769,11 +759,9 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
     );
 
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
-    let types = session.received_types();
-    assert_eq!(
-        types.iter().take(2).map(String::as_str).collect::<Vec<_>>(),
-        ["session.update", "response.create"],
-        "configured once, then the greeting asked for, on the socket opened at the webhook"
+    assert_configured_then_greeted(
+        &session,
+        "configured once, then the greeting asked for, on the socket opened at the webhook",
     );
     assert_eq!(claim.connections(), 1, "one connection for the call");
     drop(claim);
@@ -800,16 +788,7 @@ async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_i
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
     let session = ok(h, claim.session(SOON).await);
     assert_eq!(claim.connections(), 1, "one connection for the call");
-    assert_eq!(
-        session
-            .received_types()
-            .iter()
-            .take(2)
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        ["session.update", "response.create"],
-        "configured once, then the greeting"
-    );
+    assert_configured_then_greeted(&session, "configured once, then the greeting");
     drop(claim);
     twilio.send_stop(&ids);
     ok(h, session.wait_closed(SOON).await);
@@ -884,16 +863,7 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
         ["session.update"],
         "nothing but its configuration went on the closed socket"
     );
-    assert_eq!(
-        session
-            .received_types()
-            .iter()
-            .take(2)
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-        ["session.update", "response.create"],
-        "the new socket is configured by the call"
-    );
+    assert_configured_then_greeted(&session, "the new socket is configured by the call");
     drop(claim);
     twilio.send_stop(&ids);
     ok(h, session.wait_closed(SOON).await);

@@ -1422,17 +1422,7 @@ async fn start_call_session_first(
     twilio.send_connected();
     let openai = ok(h, claim.session(SOON).await);
     drop(claim);
-    ok(
-        h,
-        openai
-            .wait_until("session.updated to be sent", SOON, |v| {
-                v.sent
-                    .iter()
-                    .any(|(_, e)| e["type"] == "session.updated")
-                    .then_some(())
-            })
-            .await,
-    );
+    ok(h, openai.wait_sent("session.updated", SOON).await);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let start_sent_at = Instant::now();
     twilio.send_start(&ids, &twiml.parameters);

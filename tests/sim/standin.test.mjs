@@ -11,15 +11,21 @@ import WebSocket from 'ws';
 
 import { StandIn, argumentsFor, keypadPress, splitFrames } from '../../scripts/sim/standin.mjs';
 
-/** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
-async function session(t, extra = {}) {
-  const server = new StandIn({ port: 0 });
+/** A fresh stand-in (with `options`) and a socket to it, both closed when `t` ends. */
+async function connect(t, options = {}) {
+  const server = new StandIn({ port: 0, ...options });
   await server.listen();
   const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
   t.after(async () => {
     ws.terminate();
     await server.close();
   });
+  return ws;
+}
+
+/** A session on a fresh stand-in, set up as the Worker sets it: μ-law, VAD, transcription. */
+async function session(t, extra = {}) {
+  const ws = await connect(t);
   const events = [];
   const waiters = [];
   ws.on('message', (data) => {
@@ -85,13 +91,7 @@ test('a commit of nothing is refused, naming the event it refuses', async (t) =>
 });
 
 test('echo mode sends an append of several frames back a delta per 20 ms frame, each as it was', async (t) => {
-  const server = new StandIn({ port: 0, mode: 'echo' });
-  await server.listen();
-  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
-  t.after(async () => {
-    ws.terminate();
-    await server.close();
-  });
+  const ws = await connect(t, { mode: 'echo' });
   const deltas = [];
   ws.on('message', (data) => {
     const ev = JSON.parse(data.toString());
@@ -229,14 +229,8 @@ test('1-9 call the agent\'s own tools in the order listed, and the reply repeats
 });
 
 test('with handshakeMs the upgrade is answered no sooner than that after it came', async (t) => {
-  const server = new StandIn({ port: 0, handshakeMs: 300 });
-  await server.listen();
   const asked = performance.now();
-  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
-  t.after(async () => {
-    ws.terminate();
-    await server.close();
-  });
+  const ws = await connect(t, { handshakeMs: 300 });
   const created = await new Promise((resolve, reject) => {
     ws.once('message', (data) => resolve(JSON.parse(data.toString())));
     ws.once('error', reject);
@@ -246,13 +240,7 @@ test('with handshakeMs the upgrade is answered no sooner than that after it came
 });
 
 test('with rttMs each client event is answered no sooner than that after it was sent, in order', async (t) => {
-  const server = new StandIn({ port: 0, rttMs: 200 });
-  await server.listen();
-  const ws = new WebSocket(`${server.url}?model=gpt-realtime`, { headers: { authorization: 'Bearer test' } });
-  t.after(async () => {
-    ws.terminate();
-    await server.close();
-  });
+  const ws = await connect(t, { rttMs: 200 });
   const events = [];
   ws.on('message', (data) => events.push({ at: performance.now(), ev: JSON.parse(data.toString()) }));
   await new Promise((resolve) => ws.once('open', resolve));

@@ -323,6 +323,18 @@ impl Session {
         .await
     }
 
+    /// Waits until the fake has sent the Worker an event of this type (`session.updated`:
+    /// the session is configured).
+    pub async fn wait_sent(&self, event_type: &str, timeout: Duration) -> Result<(), String> {
+        self.wait_until(&format!("`{event_type}` to be sent"), timeout, |v| {
+            v.sent
+                .iter()
+                .any(|(_, e)| e["type"] == event_type)
+                .then_some(())
+        })
+        .await
+    }
+
     /// The first `n` client events of this type (waiting until there are that many).
     pub async fn wait_events(
         &self,
