@@ -1,6 +1,7 @@
 //! `CallSession`: the Durable Object that owns one call, named by its CallSid. It accepts
 //! Twilio's Media Stream socket only for a call whose signed voice webhook came first,
-//! opens the OpenAI socket, and pumps both through the core's call machine.
+//! opens the OpenAI socket (as the webhook registers the call: see `preopen`), and pumps
+//! both through the core's call machine.
 
 use super::outbox::Outbox;
 use super::preopen::Preopen;
@@ -204,12 +205,6 @@ enum Stream {
 }
 
 impl CallSession {
-    /// What a status callback does before Twilio's status is kept. Twilio reports on a call
-    /// this object streamed before it restarted (Twilio played the fallback and the call is
-    /// over): the stream is ended first, so the call reads as the failure it was, ended when
-    /// Twilio said so, rather than waiting for the watch alarm and overwriting Twilio's end
-    /// with its own. Twilio's last word on a call whose stream never connected: why the agent
-    /// never served it goes on record (else it would read as a plain completed call).
     /// Starts opening the call's Realtime socket as its webhook registers it (see
     /// `preopen`), unless `OPENAI_PREOPEN_SECONDS` is 0 or the configuration sends every
     /// call to the fallback.
@@ -227,6 +222,12 @@ impl CallSession {
         ))
     }
 
+    /// What a status callback does before Twilio's status is kept. Twilio reports on a call
+    /// this object streamed before it restarted (Twilio played the fallback and the call is
+    /// over): the stream is ended first, so the call reads as the failure it was, ended when
+    /// Twilio said so, rather than waiting for the watch alarm and overwriting Twilio's end
+    /// with its own. Twilio's last word on a call whose stream never connected: why the agent
+    /// never served it goes on record (else it would read as a plain completed call).
     async fn before_status(&self, record: &StoreRecord) -> Result<()> {
         self.finalize_orphaned_stream().await?;
         let StoreRecord::TwilioStatus {
