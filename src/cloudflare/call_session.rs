@@ -530,8 +530,7 @@ impl Driver {
             let late: Vec<Event> = self.queue.borrow_mut().drain(..).collect();
             for event in late {
                 if let Event::OpenAiConnected(_, ws, listeners, _) = event {
-                    listeners.retire();
-                    let _ = ws.close(Some(1000), Some("call ended"));
+                    socket::let_go(&ws, listeners, "call ended");
                 }
             }
             return;
@@ -669,8 +668,7 @@ impl Pump {
                 // A connect the machine has since given up on (a setup timeout, then a
                 // new attempt) must not pass for the current session.
                 if self.call.is_ended() || n != self.openai_connect {
-                    listeners.retire();
-                    let _ = ws.close(Some(1000), Some("superseded"));
+                    socket::let_go(&ws, listeners, "superseded");
                     return;
                 }
                 self.openai = Some(ws);

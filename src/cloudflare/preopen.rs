@@ -15,7 +15,7 @@
 //! closed, and with it the session at OpenAI, which has cost nothing.
 
 use super::log;
-use super::socket::{Event, Frame, Listeners, Sink};
+use super::socket::{self, Event, Frame, Listeners, Sink};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::Duration;
@@ -129,8 +129,7 @@ impl Preopen {
             let Some(claim) = claim else {
                 // Given up while it was on its way (see `Preopen::discard`).
                 if let Ok((ws, listeners)) = result {
-                    listeners.retire();
-                    let _ = ws.close(Some(1000), Some("no longer wanted"));
+                    socket::let_go(&ws, listeners, "no longer wanted");
                 }
                 return;
             };
@@ -167,8 +166,7 @@ impl Preopen {
                             serde_json::json!({ "call_sid": call_sid, "held_ms": hold.as_millis() as u64,
                                                 "then": "closed: no media stream came for it" }),
                         );
-                        listeners.retire();
-                        let _ = ws.close(Some(1000), Some("no media stream came"));
+                        socket::let_go(&ws, listeners, "no media stream came");
                     }
                 }
                 (None, Err((status, reason))) => {
@@ -217,8 +215,7 @@ impl Preopen {
                 true
             }
             Slot::Open { ws, listeners, .. } => {
-                listeners.retire();
-                let _ = ws.close(Some(1000), Some("closed while it waited"));
+                socket::let_go(&ws, listeners, "closed while it waited");
                 false
             }
             Slot::Gone => false,
@@ -229,8 +226,7 @@ impl Preopen {
     pub fn discard(self, why: &str) {
         let taken = std::mem::replace(&mut *self.slot.borrow_mut(), Slot::Gone);
         if let Slot::Open { ws, listeners, .. } = taken {
-            listeners.retire();
-            let _ = ws.close(Some(1000), Some(why));
+            socket::let_go(&ws, listeners, why);
         }
     }
 }

@@ -66,6 +66,13 @@ impl Drop for Listeners {
     }
 }
 
+/// Lets go of a socket nothing will use (a connect no longer wanted, a socket opened ahead
+/// that no stream took): its listeners retired, then a normal close with `reason`.
+pub fn let_go(ws: &WebSocket, listeners: Listeners, reason: &str) {
+    listeners.retire();
+    let _ = ws.close(Some(1000), Some(reason));
+}
+
 /// Forwards every event of `ws` to `sink`, tagged with `side`. The sink may not drop these
 /// listeners while it runs (they are running): see `Listeners::retire`.
 pub fn listen(ws: &WebSocket, side: Side, sink: Sink) -> worker::Result<Listeners> {
