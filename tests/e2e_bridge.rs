@@ -727,6 +727,21 @@ fn assert_configured_then_greeted(session: &oai::Session, what: &str) {
     );
 }
 
+/// The end of a preopen test's call: one connection to the fake during `claim` (no second
+/// connect), then the caller hangs up and the Worker closes the session.
+async fn one_connection_then_hang_up(
+    h: &support::Harness,
+    claim: oai::Claim,
+    twilio: &MediaStream,
+    ids: &CallIds,
+    session: &oai::Session,
+) {
+    assert_eq!(claim.connections(), 1, "one connection for the call");
+    drop(claim);
+    twilio.send_stop(ids);
+    ok(h, session.wait_closed(SOON).await);
+}
+
 /// As shipped, the Realtime socket is opened as the voice webhook is answered, before
 /// Twilio opens the media stream, and the session is configured on it at once: its
 /// `session.update` is answered while the caller's stream is still to come, and nothing
@@ -763,10 +778,7 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
         &session,
         "configured once, then the greeting asked for, on the socket opened at the webhook",
     );
-    assert_eq!(claim.connections(), 1, "one connection for the call");
-    drop(claim);
-    twilio.send_stop(&ids);
-    ok(h, session.wait_closed(SOON).await);
+    one_connection_then_hang_up(h, claim, &twilio, &ids, &session).await;
     let line = logged_line(h, &ids.call_sid, "openai.preopened").await;
     assert!(line.contains(r#""waited":false"#), "{line}");
 }
@@ -787,11 +799,8 @@ async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_i
     let twiml = h.answer_call(&ids, "+819012340062", "+81501234062").await;
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
     let session = ok(h, claim.session(SOON).await);
-    assert_eq!(claim.connections(), 1, "one connection for the call");
     assert_configured_then_greeted(&session, "configured once, then the greeting");
-    drop(claim);
-    twilio.send_stop(&ids);
-    ok(h, session.wait_closed(SOON).await);
+    one_connection_then_hang_up(h, claim, &twilio, &ids, &session).await;
     let line = logged_line(h, &ids.call_sid, "openai.preopened").await;
     assert!(line.contains(r#""waited":true"#), "{line}");
 }
@@ -837,10 +846,8 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     let claim = h.openai.claim(script).await;
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
     let session = ok(h, claim.session(SOON).await);
-    assert_eq!(claim.connections(), 1);
-    drop(claim);
-    twilio.send_stop(&ids);
-    ok(h, session.wait_closed(SOON).await);
+    assert_configured_then_greeted(&session, "the new socket is configured by the call");
+    one_connection_then_hang_up(h, claim, &twilio, &ids, &session).await;
     let line = logged_line(h, &ids.call_sid, "openai.preopen_failed").await;
     assert!(line.contains(r#""status":503"#), "{line}");
 
@@ -857,16 +864,13 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     let claim = h.openai.claim(script).await;
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
     let session = ok(h, claim.session(SOON).await);
-    assert_eq!(claim.connections(), 1);
     assert_eq!(
         early.received_types(),
         ["session.update"],
         "nothing but its configuration went on the closed socket"
     );
     assert_configured_then_greeted(&session, "the new socket is configured by the call");
-    drop(claim);
-    twilio.send_stop(&ids);
-    ok(h, session.wait_closed(SOON).await);
+    one_connection_then_hang_up(h, claim, &twilio, &ids, &session).await;
 }
 
 /// A caller who hangs up while the Realtime session is still being opened: the session that
