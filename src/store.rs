@@ -315,6 +315,11 @@ impl Record {
         }
     }
 
+    /// Twilio's word that the call is over (a terminal status: `completed`, `busy`, …).
+    pub fn is_final_status(&self) -> bool {
+        matches!(self, Record::TwilioStatus { status, .. } if status_rank(status) == Some(3))
+    }
+
     /// The statements that write this record; `now_ms` dates a row this write creates.
     pub fn statements(&self, now_ms: u64) -> Vec<Statement> {
         match self {
@@ -1195,6 +1200,19 @@ mod tests {
         assert!(status_rank("ringing") < status_rank("in-progress"));
         assert_eq!(status_rank("busy"), status_rank("completed"));
         assert_eq!(status_rank("bogus"), None);
+        let status = |status: &str| Record::TwilioStatus {
+            call_sid: "CA1".into(),
+            status: status.into(),
+            call_duration_s: None,
+            at_ms: 0,
+            parties: Parties::default(),
+        };
+        for over in ["completed", "busy", "no-answer", "canceled", "failed"] {
+            assert!(status(over).is_final_status(), "{over}");
+        }
+        for not_yet in ["ringing", "in-progress", "bogus"] {
+            assert!(!status(not_yet).is_final_status(), "{not_yet}");
+        }
     }
 
     #[test]

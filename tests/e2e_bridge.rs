@@ -822,6 +822,37 @@ async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() 
     assert!(line.contains(r#""held_ms":3000"#), "{line}");
 }
 
+/// Twilio's final status callback for a call whose stream never came (the caller hung up
+/// while Twilio connected it) closes the socket opened at its webhook then, not at the end
+/// of its hold.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_socket_opened_at_the_webhook_is_closed_when_twilio_says_the_call_is_over() {
+    let h = preopen_harness().await;
+    let claim = h.openai.claim(SessionScript::new()).await;
+    let ids = CallIds::new();
+    let (from, to) = ("+819012340066", "+81501234066");
+    h.answer_call(&ids, from, to).await;
+    let session = ok(h, claim.session(SOON).await);
+    drop(claim);
+    ok(h, session.wait_sent("session.updated", SOON).await);
+    let r = h
+        .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(1)))
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let closed = ok(h, session.wait_closed(SOON).await);
+    assert_eq!(
+        closed.close_frame.map(|(code, _)| code),
+        Some(1000),
+        "closed normally"
+    );
+    assert_eq!(session.received_types(), ["session.update"]);
+    let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
+    assert!(
+        line.contains("the call ended before its media stream came"),
+        "closed by the status callback, not the 3 s hold: {line}"
+    );
+}
+
 /// The socket opened at the webhook is of no use to the stream when OpenAI refused it or
 /// closed it while it waited: the stream's call connects again, and is served.
 #[tokio::test(flavor = "multi_thread")]

@@ -110,6 +110,9 @@ impl DurableObject for CallSession {
                     );
                     self.retry_cleanup(record.call_sid()).await;
                 }
+                if record.is_final_status() {
+                    self.discard_preopen(record.call_sid());
+                }
                 if !self.outbox().push(&record).await {
                     return Response::error("status not kept", 500);
                 }
@@ -220,6 +223,23 @@ impl CallSession {
             Duration::from_millis(config.openai_preopen_ms),
             crate::call::ahead_of_stream(&registration.agent),
         ))
+    }
+
+    /// The call is over before its stream took the socket opened at the webhook (the
+    /// caller hung up while Twilio connected, or Twilio could not reach the Worker): the
+    /// socket goes now rather than at the end of its hold.
+    fn discard_preopen(&self, call_sid: &str) {
+        let Some(preopen) = self.preopen.borrow_mut().take() else {
+            return;
+        };
+        if preopen.discard("the call ended") {
+            log(
+                "info",
+                "openai.preopened_unused",
+                serde_json::json!({ "call_sid": call_sid,
+                                    "then": "closed: the call ended before its media stream came" }),
+            );
+        }
     }
 
     /// What a status callback does before Twilio's status is kept. Twilio reports on a call

@@ -12,7 +12,8 @@
 //! waited, a connect that failed, or one made for another URL is not handed over: the pump
 //! connects as it would have without it. Unclaimed after `OPENAI_PREOPEN_SECONDS` (no
 //! stream came: the caller hung up, or Twilio could not reach the Worker) the socket is
-//! closed, and with it the session at OpenAI, which has cost nothing.
+//! closed, and with it the session at OpenAI, which has cost nothing; sooner when Twilio's
+//! status callback says the call is over.
 
 use super::log;
 use super::socket::{self, Event, Frame, Listeners, Sink};
@@ -222,11 +223,17 @@ impl Preopen {
         }
     }
 
-    /// Gives the socket up: closed now if open, or as soon as its connect ends.
-    pub fn discard(self, why: &str) {
+    /// Gives the socket up: closed now if open, or as soon as its connect ends. False when
+    /// there was none to give up (handed over, closed, failed, or given up already).
+    pub fn discard(self, why: &str) -> bool {
         let taken = std::mem::replace(&mut *self.slot.borrow_mut(), Slot::Gone);
-        if let Slot::Open { ws, listeners, .. } = taken {
-            socket::let_go(&ws, listeners, why);
+        match taken {
+            Slot::Open { ws, listeners, .. } => {
+                socket::let_go(&ws, listeners, why);
+                true
+            }
+            Slot::Connecting { .. } => true,
+            Slot::Gone => false,
         }
     }
 }
