@@ -15,6 +15,8 @@ use support::{harness, ok, tagged_chunks, CallSpec, OPENAI_API_KEY, SOON, TWILIO
 
 /// Long enough for a Worker to have done something it should not do (negative checks).
 const QUIET: Duration = Duration::from_secs(2);
+/// How long the preopen harness holds a socket opened at the webhook for its stream.
+const PREOPEN_HOLD: Duration = Duration::from_secs(8);
 
 fn b64(bytes: &[u8]) -> String {
     oai::b64(bytes)
@@ -662,13 +664,17 @@ async fn greeting_follows_start_and_its_audio_reaches_twilio_byte_exact_with_a_m
     ok(h, session.wait_closed(SOON).await);
 }
 
-/// A Worker as shipped as to the Realtime socket: opened at the voice webhook (held 3 s
-/// here, 10 by default). Every test on it claims its session before it posts the webhook.
+/// A Worker as shipped as to the Realtime socket: opened at the voice webhook (held 8 s
+/// here, 10 by default: long enough for a loaded machine to open the stream after the
+/// tests' 2 s of quiet). Every test on it claims its session before it posts the webhook.
 async fn preopen_harness() -> &'static support::Harness {
     static HARNESS: tokio::sync::OnceCell<Result<support::Harness, String>> =
         tokio::sync::OnceCell::const_new();
     support::shared_harness(&HARNESS, "e2e-bridge-preopen", || {
-        vec![("OPENAI_PREOPEN_SECONDS".into(), "3".into())]
+        vec![(
+            "OPENAI_PREOPEN_SECONDS".into(),
+            PREOPEN_HOLD.as_secs().to_string(),
+        )]
     })
     .await
 }
@@ -783,11 +789,11 @@ async fn the_realtime_socket_opened_at_the_webhook_serves_the_stream_that_follow
 async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_it() {
     let h = preopen_harness().await;
     let (script, chunks) = preopen_greeting(0x62);
-    // The handshake is answered 1.5 s after the Worker asked for it: the stream is there
+    // The handshake is answered 4 s after the Worker asked for it: the stream is there
     // well before that.
     let claim = h
         .openai
-        .claim(script.handshake_delay(Duration::from_millis(1500)))
+        .claim(script.handshake_delay(Duration::from_secs(4)))
         .await;
     let ids = CallIds::new();
     let twiml = h.answer_call(&ids, "+819012340062", "+81501234062").await;
@@ -811,7 +817,7 @@ async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() 
     h.answer_call(&ids, "+819012340063", "+81501234063").await;
     let session = ok(h, claim.session(SOON).await);
     drop(claim);
-    let closed = ok(h, session.wait_closed(Duration::from_secs(3) + SOON).await);
+    let closed = ok(h, session.wait_closed(PREOPEN_HOLD + SOON).await);
     assert_eq!(
         closed.close_frame.map(|(code, _)| code),
         Some(1000),
@@ -819,7 +825,8 @@ async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() 
     );
     assert_eq!(session.received_types(), ["session.update"]);
     let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
-    assert!(line.contains(r#""held_ms":3000"#), "{line}");
+    let held = format!(r#""held_ms":{}"#, PREOPEN_HOLD.as_millis());
+    assert!(line.contains(&held), "{line}");
 }
 
 /// Twilio's final status callback for a call whose stream never came (the caller hung up
@@ -849,7 +856,7 @@ async fn a_socket_opened_at_the_webhook_is_closed_when_twilio_says_the_call_is_o
     let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
     assert!(
         line.contains("the call ended before its media stream came"),
-        "closed by the status callback, not the 3 s hold: {line}"
+        "closed by the status callback, not the hold: {line}"
     );
 }
 
@@ -867,14 +874,16 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     let twiml = h.answer_call(&ids, "+819012340064", "+81501234064").await;
     ok(h, refusing.wait_refused(1, SOON).await);
     drop(refusing);
+    // Once the Worker has seen the refusal: a stream that came before would wait for the
+    // connect, and be handed its failure (see the connecting case above).
+    let line = logged_line(h, &ids.call_sid, "openai.preopen_failed").await;
+    assert!(line.contains(r#""status":503"#), "{line}");
     let (script, chunks) = preopen_greeting(0x64);
     let claim = h.openai.claim(script).await;
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
     let session = ok(h, claim.session(SOON).await);
     assert_configured_then_greeted(&session, "the new socket is configured by the call");
     one_connection_then_hang_up(h, claim, &twilio, &ids, &session).await;
-    let line = logged_line(h, &ids.call_sid, "openai.preopen_failed").await;
-    assert!(line.contains(r#""status":503"#), "{line}");
 
     // Closed by OpenAI while it waited for the stream.
     let first = h.openai.claim(SessionScript::new()).await;
@@ -885,6 +894,10 @@ async fn a_refused_or_closed_socket_from_the_webhook_is_replaced_by_a_new_connec
     early.close_with(1011, "server error");
     ok(h, early.wait_closed(SOON).await);
     drop(first);
+    // Once the Worker has seen the close: else the stream would take the socket, and the
+    // call would reconnect as for any session OpenAI closes.
+    let line = logged_line(h, &ids.call_sid, "openai.preopen_closed").await;
+    assert!(line.contains(r#""code":1011"#), "{line}");
     let (script, chunks) = preopen_greeting(0x65);
     let claim = h.openai.claim(script).await;
     let twilio = stream_and_hear_greeting(h, &ids, &twiml, &chunks).await;
@@ -912,10 +925,10 @@ async fn a_session_that_opens_after_the_caller_hung_up_is_closed_unused() {
     assert_eq!(reply.status, 200, "{}", reply.body);
     let twiml = tw::parse_twiml(&reply.body).unwrap_or_else(|e| panic!("{e}: {}", reply.body));
 
-    // The Realtime handshake is answered 1.5 s after the Worker asked for it…
+    // The Realtime handshake is answered 4 s after the Worker asked for it…
     let claim = h
         .openai
-        .claim(SessionScript::new().handshake_delay(Duration::from_millis(1500)))
+        .claim(SessionScript::new().handshake_delay(Duration::from_secs(4)))
         .await;
     let sig = tw::sign(TWILIO_AUTH_TOKEN, &twiml.stream_url, &[]);
     let stream = MediaStream::connect(&twiml.stream_url, Some(&sig))
@@ -1086,15 +1099,16 @@ async fn barge_in_clears_then_truncates_at_the_ms_heard_and_drops_rest_of_item()
     let (oa, twilio) = (&call.openai, &call.twilio);
     ok(h, oa.wait_event("response.create", SOON).await);
 
-    // A long greeting: 10 × 200 ms (1600 bytes), sent at once like the real API does.
+    // A long greeting: 30 × 200 ms (1600 bytes), sent at once like the real API does; 6 s,
+    // so that it is still playing when the interruption is handled on a loaded machine.
     let (resp, item) = ("resp_long", "item_long");
-    let chunks = tagged_chunks(0xB1, 10, 1600);
+    let chunks = tagged_chunks(0xB1, 30, 1600);
     oa.send_all(oai::response_start(resp, item));
     for c in &chunks {
         oa.send(oai::audio_delta(resp, item, c));
     }
 
-    // Marks go every 500 ms of audio: after the 3rd chunk (600 ms), the 6th and the 9th.
+    // Marks go every 500 ms of audio: after the 3rd chunk (600 ms), the 6th, the 9th…
     // Interrupt 300 ms after the first echo, between echoes.
     ok(
         h,
@@ -1147,16 +1161,18 @@ async fn barge_in_clears_then_truncates_at_the_ms_heard_and_drops_rest_of_item()
          when the clear came",
         clear.played_ms
     );
-    // Clear first, then truncate. They travel on two sockets, so allow for receive jitter.
+    // Clear first, then truncate (the call machine's order, unit-tested in
+    // `barge_in_clears_twilio_then_truncates_at_the_ms_played`). They travel on two sockets,
+    // one through wrangler's front end, read on two runtimes: allow for a loaded machine.
     assert!(
-        clear.at <= truncate.at + Duration::from_millis(25),
+        clear.at <= truncate.at + Duration::from_millis(500),
         "truncate reached OpenAI {:?} before the clear reached Twilio",
         clear.at - truncate.at
     );
     assert_eq!(
         log.media_bytes(),
         chunks.concat(),
-        "all 10 chunks were forwarded before the interruption"
+        "all 30 chunks were forwarded before the interruption"
     );
 
     // The model's late deltas of the interrupted item never reach Twilio; a new response does.
@@ -1367,7 +1383,8 @@ async fn secrets_never_appear_in_the_worker_log() {
         let _ = claim.expect_no_connection(Duration::from_millis(500)).await;
     }
 
-    let greeting = tagged_chunks(0x91, 8, 1600);
+    // 6 s: still playing when the interruption is handled on a loaded machine.
+    let greeting = tagged_chunks(0x91, 30, 1600);
     let call = h
         .start_call(CallSpec {
             script: SessionScript::new().once(
@@ -1400,7 +1417,8 @@ async fn secrets_never_appear_in_the_worker_log() {
     );
     call.twilio.send_stop(&call.ids);
     ok(h, call.openai.wait_closed(SOON).await);
-    tokio::time::sleep(Duration::from_secs(1)).await; // let the last log lines land
+    // The last of the call's lines: the log is whole once it is there.
+    logged_line(h, &call.ids.call_sid, "call.ended").await;
 
     h.assert_log_clean(&[OPENAI_API_KEY, TWILIO_AUTH_TOKEN, "SECRET"]);
 

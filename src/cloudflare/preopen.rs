@@ -9,8 +9,9 @@
 //! stream. Until the stream's pump takes the socket what OpenAI sends (`session.created`,
 //! `session.updated`) is held, and handed on in order after the socket. A stream that
 //! comes while the connect is still on its way waits for it. A socket that closed while it
-//! waited, a connect that failed, or one made for another URL is not handed over: the pump
-//! connects as it would have without it. Unclaimed after `OPENAI_PREOPEN_SECONDS` (no
+//! waited (`openai.preopen_closed`), a connect that failed (`openai.preopen_failed`), or
+//! one made for another URL is not handed over: the pump connects as it would have
+//! without it. Unclaimed after `OPENAI_PREOPEN_SECONDS` (no
 //! stream came: the caller hung up, or Twilio could not reach the Worker) the socket is
 //! closed, and with it the session at OpenAI, which has cost nothing; sooner when Twilio's
 //! status callback says the call is over.
@@ -22,9 +23,9 @@ use std::rc::Rc;
 use std::time::Duration;
 use worker::{Delay, WebSocket};
 
-/// A sink that holds what it is given until it is pointed somewhere.
-#[derive(Clone, Default)]
-struct Relay(Rc<RefCell<Target>>);
+/// A sink that holds what it is given until it is pointed somewhere; for the call named.
+#[derive(Clone)]
+struct Relay(Rc<RefCell<Target>>, Rc<str>);
 
 enum Target {
     Held(Vec<Event>),
@@ -38,6 +39,10 @@ impl Default for Target {
 }
 
 impl Relay {
+    fn new(call_sid: &str) -> Relay {
+        Relay(Rc::default(), call_sid.into())
+    }
+
     fn sink(&self) -> Sink {
         let me = self.clone();
         Rc::new(move |event| {
@@ -45,12 +50,31 @@ impl Relay {
             let to: Sink = match &mut *me.0.borrow_mut() {
                 Target::To(sink) => sink.clone(),
                 Target::Held(events) => {
+                    me.log_if_ended(&event);
                     events.push(event);
                     return;
                 }
             };
             to(event);
         })
+    }
+
+    /// OpenAI closed the socket, or it failed, before any stream took it: said as it
+    /// happens, since no call is there to say it.
+    fn log_if_ended(&self, event: &Event) {
+        let detail = match event {
+            Event::Socket(_, Frame::Closed { code, reason }) => {
+                serde_json::json!({ "code": code, "reason": reason })
+            }
+            Event::Socket(_, Frame::Error(error)) => serde_json::json!({ "error": error }),
+            _ => return,
+        };
+        log(
+            "warn",
+            "openai.preopen_closed",
+            serde_json::json!({ "call_sid": &*self.1, "detail": detail,
+                                "then": "the stream connects itself" }),
+        );
     }
 
     /// The socket closed or failed while nobody had it.
@@ -121,7 +145,7 @@ impl Preopen {
         let task_sid = call_sid.clone();
         worker::wasm_bindgen_futures::spawn_local(async move {
             let (slot, call_sid) = (task_slot, task_sid);
-            let relay = Relay::default();
+            let relay = Relay::new(&call_sid);
             let result = super::call_session::connect_openai(&task_url, &key, relay.sink()).await;
             let claim = match &mut *slot.borrow_mut() {
                 Slot::Connecting { claim } => Some(claim.take()),
