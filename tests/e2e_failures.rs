@@ -227,8 +227,9 @@ async fn http_401_on_the_upgrade_is_not_retried_and_the_caller_gets_the_fallback
 #[tokio::test(flavor = "multi_thread")]
 async fn http_429_on_the_upgrade_is_retried_with_pauses_then_the_caller_gets_the_fallback() {
     let h = harness().await;
-    let (ids, twilio, claim) = open_call(h, SessionScript::new().refuse_upgrades(429)).await;
+    // Before the stream: its first connect is made as the stream is accepted.
     let t0 = Instant::now();
+    let (ids, twilio, claim) = open_call(h, SessionScript::new().refuse_upgrades(429)).await;
     let req = expect_redirect(h, &ids, &twilio).await;
     let d = expect_failed(
         h,

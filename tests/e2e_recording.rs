@@ -191,8 +191,9 @@ async fn checkpoints_cleared(h: &Harness, sid: &str) {
 async fn a_call_with_a_barge_in_is_recorded_as_each_side_heard_it() {
     let h = harness().await;
     let (greet_resp, greet_item) = ("resp_greet", "item_greet");
-    // A 2 s greeting in ten 200 ms chunks; the caller talks over it once 3 have played.
-    let greeting_audio = tagged_chunks(0x31, 10, 1600);
+    // A 6 s greeting in thirty 200 ms chunks (still playing when the interruption is handled
+    // on a loaded machine); the caller talks over it once 2 marks (1.2 s) have echoed.
+    let greeting_audio = tagged_chunks(0x31, 30, 1600);
     let greeting: Vec<u8> = greeting_audio.concat();
     let mut events = oai::response_start(greet_resp, greet_item);
     events.extend(oai::audio_with_transcript(
