@@ -78,9 +78,10 @@ usage: npm run call -- --audio FILE.wav [options]
                       stand-in cannot understand words:
                       0 makes it call the agent's transfer_call, # its end_call,
                       1-9 the agent's own (webhook) tools, in the order listed
-  --lead-in S|auto    silence before the caller speaks: seconds, or auto = wait until the
-                      agent's greeting has played (at most 10 s). 1 makes the caller talk
-                      over the greeting as it plays (a barge-in). Default auto
+  --lead-in S|auto    when the caller speaks: S seconds into the agent's greeting (from its
+                      first audio), 0 at once, or auto = once the greeting has played; at
+                      most 10 s of silence before. 1 makes the caller talk over the
+                      greeting as it plays (a barge-in). Default auto
   --tail S            silence after the caller's audio, at least (default 3); the call goes on
                       while the agent is still answering, up to --max-tail (default 30)
   --dev-vars FILE     where TWILIO_AUTH_TOKEN and ADMIN_TOKEN are read when not in the
@@ -617,11 +618,16 @@ async function placeCall(opt, ctx) {
     if (mic.ended && !closed && !agentEnded) info(`[${((nowMs() - t0) / 1000).toFixed(1).padStart(5)}s] ${mic.ended}: the caller hangs up`);
   }
 
-  // Lead-in: silence while the greeting plays (auto), or a fixed time.
+  // Lead-in: silence while the greeting plays (auto), or for a time into it (counted from
+  // its first audio, however long the agent takes to start), at most 10 s in all.
   const leadInMs = opt.leadIn === 'auto' ? null : Number(opt.leadIn) * 1000;
-  while (caller && speaking()) {
+  let greetingFrom = null; // the frame count when the agent's first audio had come
+  while (caller && speaking() && leadInMs !== 0) {
     const elapsed = i * 20;
-    if (leadInMs !== null ? elapsed >= leadInMs : elapsed >= 10_000 || (elapsed >= 1000 && state.agentAudioBytes > 0 && agentQuiet(600))) break;
+    if (greetingFrom === null && state.agentAudioBytes > 0) greetingFrom = i;
+    const intoGreeting = greetingFrom === null ? 0 : (i - greetingFrom) * 20;
+    if (elapsed >= 10_000) break;
+    if (leadInMs !== null ? greetingFrom !== null && intoGreeting >= leadInMs : elapsed >= 1000 && greetingFrom !== null && agentQuiet(600)) break;
     if (!(await sendFrame(silence))) break;
     callerTimeline.push(silence);
   }

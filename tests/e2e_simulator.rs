@@ -361,8 +361,9 @@ async fn a_caller_who_talks_over_the_greeting_interrupts_it() {
     let scratch = support::scratch_dir("e2e-simulator-barge-in");
     let worker = start_worker(&root, standin_port, &scratch).await;
     let out = scratch.join("agent.wav");
-    // The caller starts while the greeting is playing (at 0 s the stand-in's VAD would
-    // cancel it before it made a sound: nothing to interrupt).
+    // The caller starts 1 s into the greeting, while it plays, however long the greeting
+    // took to start (at once, the stand-in's VAD would cancel it before it made a sound:
+    // nothing to interrupt).
     let (output, stdout) = offline_call(
         &root,
         &worker,
