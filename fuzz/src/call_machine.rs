@@ -11,8 +11,8 @@ use arbitrary::Arbitrary;
 use base64::Engine;
 use phone_agent_bridge::audio::{base64_decoded_len, bytes_to_ms};
 use phone_agent_bridge::call::{
-    Action, Call, EndReason, Input, Setup, Summary, MARK_EVERY_BYTES, MARK_EVERY_MS,
-    MAX_FRAME_BYTES, TRANSCRIPT_TAIL,
+    ahead_of_stream, Action, Call, EndReason, Input, Setup, Summary, MARK_EVERY_BYTES,
+    MARK_EVERY_MS, MAX_FRAME_BYTES, TRANSCRIPT_TAIL,
 };
 use phone_agent_bridge::config::{is_e164, realtime_model_problem, Agent, Secret};
 use phone_agent_bridge::http::{Outcome, Request};
@@ -45,6 +45,12 @@ const MAX_AUDIO_BYTES: usize = 16_000;
 const RECORDED_CLOCK_MS: u64 = 12_000;
 const ITEMS: [&str; 6] = ["item_0", "item_1", "item_2", "item_3", "item_4", "item_5"];
 
+/// The bit of [`Scenario::record`] that says the call's first socket was opened ahead of
+/// the stream: its `OpenAiOpened` is handed to the call as `OpenAiOpenedConfigured`. The
+/// corpus replay runs every input with it set and cleared, so inputs committed before it
+/// was read still mean what they meant.
+pub const PREOPENED: u8 = 0b1_0000;
+
 #[derive(Arbitrary, Debug, Clone, Serialize)]
 pub struct Scenario {
     /// Epoch ms of the call's start (kept below 2^53, the range of a JS `Date.now()`).
@@ -56,7 +62,9 @@ pub struct Scenario {
     /// millisecond of call, so a recorded call's clock is kept within [`RECORDED_CLOCK_MS`]
     /// (past the recorder's chunk, jitter and look-ahead bounds) to keep inputs fast; an
     /// unrecorded one may run for days. Bits 2 and 3 pick how much caller audio goes to
-    /// OpenAI at a time (`CALLER_AUDIO_CHUNK_MS`): 20, 40, 60 or 100 ms.
+    /// OpenAI at a time (`CALLER_AUDIO_CHUNK_MS`): 20, 40, 60 or 100 ms. Bit 4
+    /// ([`PREOPENED`]): the call's first socket was opened ahead of the stream, and what
+    /// `call::ahead_of_stream` gives went on it as it opened (`OPENAI_PREOPEN_SECONDS`).
     pub record: u8,
     pub ops: Vec<Op>,
 }
@@ -817,6 +825,9 @@ pub struct Harness {
     /// The current session confirmed μ-law both ways.
     pcmu_seen: bool,
     session_update_sent: bool,
+    /// What went ahead on the first socket as it opened, while it is still to open (see
+    /// [`PREOPENED`]); gone once it opened, failed, or another connect was asked for.
+    ahead: Option<Vec<String>>,
     greeted: bool,
     response_active: bool,
     response_awaited: bool,
@@ -1019,6 +1030,7 @@ impl Harness {
             ));
         }
         let model = agent.model.clone();
+        let ahead = (s.record & PREOPENED != 0).then(|| ahead_of_stream(&agent));
         let setup = Setup {
             context: CallContext {
                 call_sid: CALL_SID.into(),
@@ -1055,6 +1067,7 @@ impl Harness {
             stream_sid: None,
             pcmu_seen: false,
             session_update_sent: false,
+            ahead,
             greeted: false,
             response_active: false,
             response_awaited: false,
@@ -1148,11 +1161,21 @@ impl Harness {
                 code: *code,
                 reason,
             }),
-            Op::OpenAiOpened => self.feed(Input::OpenAiOpened),
-            Op::OpenAiConnectFailed(reason, status) => self.feed(Input::OpenAiConnectFailed {
-                reason,
-                status: *status,
-            }),
+            Op::OpenAiOpened => match self.ahead.take() {
+                Some(ahead) if self.openai == Socket::Connecting => {
+                    self.sent_ahead(&ahead);
+                    self.feed(Input::OpenAiOpenedConfigured)
+                }
+                _ => self.feed(Input::OpenAiOpened),
+            },
+            Op::OpenAiConnectFailed(reason, status) => {
+                // The shell's next connect is its own.
+                self.ahead = None;
+                self.feed(Input::OpenAiConnectFailed {
+                    reason,
+                    status: *status,
+                })
+            }
             Op::HttpDone {
                 pick,
                 ok,
@@ -1269,7 +1292,9 @@ impl Harness {
     pub fn feed(&mut self, input: Input<'_>) {
         // The shell's side of the contract: OpenAI frames only while its socket is open.
         let (allowed, next) = match input {
-            Input::OpenAiOpened => (self.openai == Socket::Connecting, Socket::Open),
+            Input::OpenAiOpened | Input::OpenAiOpenedConfigured => {
+                (self.openai == Socket::Connecting, Socket::Open)
+            }
             Input::OpenAiConnectFailed { .. } => (self.openai == Socket::Connecting, Socket::Gone),
             Input::OpenAiText(_) | Input::OpenAiBinary { .. } => {
                 (self.openai == Socket::Open, self.openai)
@@ -1604,6 +1629,7 @@ impl Harness {
                     self.openai = Socket::Connecting;
                     self.pcmu_seen = false;
                     self.session_update_sent = false;
+                    self.ahead = None;
                     self.response_active = false;
                     self.response_awaited = false;
                     // A greeting lost before any of it reached the caller is asked again.
@@ -1921,7 +1947,10 @@ impl Harness {
                         closed_openai == 1
                             && (reconnect_after_close
                                 || close_explained
-                                || matches!(input, Input::OpenAiOpened)),
+                                || matches!(
+                                    input,
+                                    Input::OpenAiOpened | Input::OpenAiOpenedConfigured
+                                )),
                         "OpenAI closed mid-call on {input:?} without a new socket"
                     );
                 }
@@ -1939,6 +1968,40 @@ impl Harness {
         }
     }
 
+    /// A `session.update` on the current socket (`v`, read from `s`): the only one on it,
+    /// asking for μ-law both ways.
+    fn session_update(&mut self, v: &Value, s: &str) {
+        check!(
+            !self.session_update_sent,
+            "session.update twice on one socket"
+        );
+        check!(
+            str_at(v, "/session/audio/output/format/type") == Some("audio/pcmu")
+                && str_at(v, "/session/audio/input/format/type") == Some("audio/pcmu"),
+            "session.update asks for μ-law: {s}"
+        );
+        self.session_update_sent = true;
+    }
+
+    /// What the shell sent on the first socket as it opened, ahead of the stream: the
+    /// session's configuration, and nothing else (the greeting waits for the stream).
+    fn sent_ahead(&mut self, ahead: &[String]) {
+        check!(
+            ahead.len() == 1,
+            "one message goes ahead of the stream: {ahead:?}"
+        );
+        for s in ahead {
+            let v: Value = serde_json::from_str(s)
+                .unwrap_or_else(|e| fail(format!("what goes ahead is not JSON ({e}): {s}")));
+            check!(
+                v["type"] == "session.update",
+                "only the configuration goes ahead of the stream: {s}"
+            );
+            self.session_update(&v, s);
+        }
+        milestone("session configured ahead");
+    }
+
     fn check_send_openai(&mut self, s: &str, step: &Step<'_>, st: &mut SendState<'_>) {
         let input = &step.input;
         let v: Value = serde_json::from_str(s)
@@ -1953,20 +2016,10 @@ impl Harness {
         let kind = v["type"].as_str().unwrap_or_default();
         if kind == "session.update" {
             check!(
-                !self.session_update_sent,
-                "session.update twice on one socket"
-            );
-            check!(
                 matches!(input, Input::OpenAiOpened),
                 "session.update on {input:?}"
             );
-            check!(
-                str_at(&v, "/session/audio/output/format/type") == Some("audio/pcmu")
-                    && str_at(&v, "/session/audio/input/format/type") == Some("audio/pcmu"),
-                "session.update asks for μ-law: {s}"
-            );
-            self.session_update_sent = true;
-            return;
+            return self.session_update(&v, s);
         }
         if self.contract {
             check!(

@@ -172,6 +172,20 @@ pub fn all() -> Vec<(&'static str, Scenario)> {
     gathered.record = 0b0101;
     out.push(("caller_audio_gathered", gathered));
 
+    // The socket opened at the webhook, configured as it opened: the session is ready
+    // before the stream, the greeting follows `start`, and the call never configures it.
+    let mut ops = ready();
+    ops.extend([
+        start(),
+        response_created("resp_greet"),
+        delta(0, 800),
+        echo(),
+    ]);
+    ops.extend([caller(160), caller(160), stop()]);
+    let mut ahead = scenario(d(), false, ops);
+    ahead.record |= crate::call_machine::PREOPENED;
+    out.push(("configured_ahead_of_the_stream", ahead));
+
     // Twilio's start before the session: caller audio waits, then flows in order.
     let mut ops = vec![start(), caller(160), caller(160), opened()];
     ops.extend([

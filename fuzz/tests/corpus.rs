@@ -27,9 +27,16 @@ fn replay<T: for<'a> Arbitrary<'a>>(target: &str, run: impl Fn(&T)) {
 
 #[test]
 fn call_machine_corpus_passes() {
-    use phone_agent_bridge_fuzz::call_machine::{count_milestones, Harness, Scenario};
+    use phone_agent_bridge_fuzz::call_machine::{count_milestones, Harness, Scenario, PREOPENED};
     count_milestones();
-    replay::<Scenario>("call_machine", Harness::run);
+    // Each input as it decodes, and with its first socket opened ahead of the stream or
+    // not the other way round: inputs committed before that bit was read keep their meaning.
+    replay::<Scenario>("call_machine", |s| {
+        Harness::run(s);
+        let mut other = s.clone();
+        other.record ^= PREOPENED;
+        Harness::run(&other);
+    });
     // What the seeds reach (`cargo test -- --nocapture` shows it).
     for (milestone, count) in count_milestones() {
         println!("{count:>8}  {milestone}");

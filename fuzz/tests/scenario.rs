@@ -30,6 +30,7 @@ fn seeds_round_trip_and_pass() {
         "caller audio relayed",
         "caller audio relayed, frames gathered",
         "greeting",
+        "session configured ahead",
         "reconnect",
         "tool webhook request",
         "function_call_output",
