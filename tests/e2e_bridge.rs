@@ -805,6 +805,24 @@ async fn a_stream_that_comes_while_the_webhooks_socket_is_connecting_waits_for_i
     assert!(line.contains(r#""waited":true"#), "{line}");
 }
 
+/// The socket opened at the webhook for `ids`' call is closed (`within`) normally with
+/// nothing sent on it but the session's configuration; the log line that says why.
+async fn closed_unused(
+    h: &support::Harness,
+    session: &oai::Session,
+    ids: &CallIds,
+    within: Duration,
+) -> String {
+    let closed = ok(h, session.wait_closed(within).await);
+    assert_eq!(
+        closed.close_frame.map(|(code, _)| code),
+        Some(1000),
+        "closed normally"
+    );
+    assert_eq!(session.received_types(), ["session.update"]);
+    logged_line(h, &ids.call_sid, "openai.preopened_unused").await
+}
+
 /// No stream comes for the call (the caller hung up, or Twilio could not reach the Worker):
 /// the socket opened at the webhook is closed once its hold (`OPENAI_PREOPEN_SECONDS`) is
 /// over, with nothing sent on it but the session's configuration (no greeting, nothing
@@ -817,14 +835,7 @@ async fn a_socket_opened_at_the_webhook_is_closed_unused_when_no_stream_comes() 
     h.answer_call(&ids, "+819012340063", "+81501234063").await;
     let session = ok(h, claim.session(SOON).await);
     drop(claim);
-    let closed = ok(h, session.wait_closed(PREOPEN_HOLD + SOON).await);
-    assert_eq!(
-        closed.close_frame.map(|(code, _)| code),
-        Some(1000),
-        "closed normally"
-    );
-    assert_eq!(session.received_types(), ["session.update"]);
-    let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
+    let line = closed_unused(h, &session, &ids, PREOPEN_HOLD + SOON).await;
     let held = format!(r#""held_ms":{}"#, PREOPEN_HOLD.as_millis());
     assert!(line.contains(&held), "{line}");
 }
@@ -846,14 +857,7 @@ async fn a_socket_opened_at_the_webhook_is_closed_when_twilio_says_the_call_is_o
         .post_status(&tw::status_params(&ids, from, to, "completed", 2, Some(1)))
         .await;
     assert_eq!(r.status, 204, "{}", r.body);
-    let closed = ok(h, session.wait_closed(SOON).await);
-    assert_eq!(
-        closed.close_frame.map(|(code, _)| code),
-        Some(1000),
-        "closed normally"
-    );
-    assert_eq!(session.received_types(), ["session.update"]);
-    let line = logged_line(h, &ids.call_sid, "openai.preopened_unused").await;
+    let line = closed_unused(h, &session, &ids, SOON).await;
     assert!(
         line.contains("the call ended before its media stream came"),
         "closed by the status callback, not the hold: {line}"
