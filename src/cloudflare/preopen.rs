@@ -50,7 +50,10 @@ impl Relay {
             let to: Sink = match &mut *me.0.borrow_mut() {
                 Target::To(sink) => sink.clone(),
                 Target::Held(events) => {
-                    me.log_if_ended(&event);
+                    // Once: a socket that fails is closed after.
+                    if !events.iter().any(ends) {
+                        me.log_if_ended(&event);
+                    }
                     events.push(event);
                     return;
                 }
@@ -80,9 +83,7 @@ impl Relay {
     /// The socket closed or failed while nobody had it.
     fn ended(&self) -> bool {
         match &*self.0.borrow() {
-            Target::Held(events) => events
-                .iter()
-                .any(|e| matches!(e, Event::Socket(_, Frame::Closed { .. } | Frame::Error(_)))),
+            Target::Held(events) => events.iter().any(ends),
             _ => false,
         }
     }
@@ -96,6 +97,14 @@ impl Relay {
             }
         }
     }
+}
+
+/// The socket's end: closed, or failed.
+fn ends(event: &Event) -> bool {
+    matches!(
+        event,
+        Event::Socket(_, Frame::Closed { .. } | Frame::Error(_))
+    )
 }
 
 /// What became of the connect.
