@@ -89,7 +89,10 @@ pub fn parse(entry: &Value) -> Result<Tool, String> {
 
 /// A function's `parameters` as the Realtime API takes them: the JSON Schema of an object
 /// (`{"type": "object", "properties": {name: schema}, "required": [names]}`). The server
-/// refuses the whole `session.update` for anything else, and with it every call.
+/// checks the schema against JSON Schema's own, nested schemas too, and refuses the whole
+/// `session.update` for a schema that breaks it, and with it every call: so the keywords that
+/// hold schemas or say what a value is are checked here, at every depth, and an agent with a
+/// misspelt `"type": "strng"` three levels down is refused when it is saved.
 fn check_parameters(p: &Value) -> Result<(), String> {
     let schema = p
         .as_object()
@@ -101,31 +104,116 @@ fn check_parameters(p: &Value) -> Result<(), String> {
                 .into(),
         );
     }
-    let properties = match schema.get("properties") {
-        None => None,
-        Some(Value::Object(props)) => Some(props),
+    check_keywords("parameters", schema, 0)
+}
+
+/// The types JSON Schema names.
+const SCHEMA_TYPES: [&str; 7] = [
+    "string", "number", "integer", "boolean", "object", "array", "null",
+];
+/// Deeper than this, a tool's arguments are not something a caller's words fill in; it also
+/// bounds the check's recursion (serde_json stops at 128 levels of its own).
+const MAX_SCHEMA_DEPTH: usize = 16;
+
+/// A schema nested at `path`: an object whose keywords are checked.
+fn check_schema(path: &str, schema: &Value, depth: usize) -> Result<(), String> {
+    let obj = schema
+        .as_object()
+        .ok_or_else(|| format!("{path} must be a schema such as {{\"type\": \"string\"}}"))?;
+    check_keywords(path, obj, depth)
+}
+
+/// The keywords of the schema at `path` that name types or hold schemas: the ones a typo
+/// in makes the server refuse the session. Others (`description`, `minimum`, `format`...)
+/// are left to the server, which ignores what it does not know.
+fn check_keywords(path: &str, schema: &Map<String, Value>, depth: usize) -> Result<(), String> {
+    if depth > MAX_SCHEMA_DEPTH {
+        return Err(format!(
+            "{path} is nested more than {MAX_SCHEMA_DEPTH} schemas deep"
+        ));
+    }
+    let a_type = |v: &Value| v.as_str().is_some_and(|t| SCHEMA_TYPES.contains(&t));
+    match schema.get("type") {
+        None => {}
+        Some(t) if a_type(t) => {}
+        Some(Value::Array(ts)) if !ts.is_empty() && ts.iter().all(a_type) => {}
         Some(_) => {
-            return Err("parameters.properties must be an object: a schema per argument".into())
-        }
-    };
-    for (name, property) in properties.into_iter().flatten() {
-        if !property.is_object() {
             return Err(format!(
-                "parameters.properties.{name} must be a schema such as {{\"type\": \"string\"}}"
-            ));
+                "{path}.type must be one of {} (or a list of them)",
+                SCHEMA_TYPES.join(", ")
+            ))
         }
     }
-    let Some(required) = schema.get("required") else {
-        return Ok(());
-    };
-    let names = required
-        .as_array()
-        .ok_or("parameters.required must be an array of property names")?;
+    if let Some(d) = schema.get("description") {
+        if !d.is_string() {
+            return Err(format!("{path}.description must be a string"));
+        }
+    }
+    match schema.get("properties") {
+        None => {}
+        Some(Value::Object(props)) => {
+            for (name, property) in props {
+                check_schema(&format!("{path}.properties.{name}"), property, depth + 1)?;
+            }
+        }
+        Some(_) => {
+            return Err(format!(
+                "{path}.properties must be an object: a schema per argument"
+            ))
+        }
+    }
     // A name not among the properties is valid JSON Schema (nothing can satisfy it but an
     // argument the model adds), and not refused by the server: an agent stored with one
     // keeps its calls.
-    if names.iter().any(|name| !name.is_string()) {
-        return Err("parameters.required must be an array of property names".into());
+    if let Some(required) = schema.get("required") {
+        let names = required
+            .as_array()
+            .filter(|n| n.iter().all(Value::is_string));
+        if names.is_none() {
+            return Err(format!(
+                "{path}.required must be an array of property names"
+            ));
+        }
+    }
+    if let Some(e) = schema.get("enum") {
+        if !e.is_array() {
+            return Err(format!(
+                "{path}.enum must be an array of the values allowed"
+            ));
+        }
+    }
+    match schema.get("items") {
+        None | Some(Value::Bool(_)) => {}
+        // The list form of drafts before 2020-12: a schema per position.
+        Some(Value::Array(each)) => {
+            for (i, item) in each.iter().enumerate() {
+                check_schema(&format!("{path}.items[{i}]"), item, depth + 1)?;
+            }
+        }
+        Some(item) => check_schema(&format!("{path}.items"), item, depth + 1)?,
+    }
+    for keyword in ["additionalProperties", "not"] {
+        match schema.get(keyword) {
+            None | Some(Value::Bool(_)) => {}
+            Some(s) => check_schema(&format!("{path}.{keyword}"), s, depth + 1)?,
+        }
+    }
+    for keyword in ["anyOf", "oneOf", "allOf"] {
+        let Some(list) = schema.get(keyword) else {
+            continue;
+        };
+        match list.as_array() {
+            Some(each) if !each.is_empty() => {
+                for (i, s) in each.iter().enumerate() {
+                    check_schema(&format!("{path}.{keyword}[{i}]"), s, depth + 1)?;
+                }
+            }
+            _ => {
+                return Err(format!(
+                    "{path}.{keyword} must be a non-empty array of schemas"
+                ))
+            }
+        }
     }
     Ok(())
 }
@@ -430,6 +518,96 @@ mod tests {
             let e = with(bad.clone()).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn nested_schemas_are_checked_at_every_depth() {
+        let with = |parameters: Value| {
+            parse(&json!({"type":"function","name":"x","url":"https://a","parameters":parameters}))
+        };
+        let ok = json!({"type":"object","description":"予約","properties":{
+            "slot":{"type":"object","properties":{
+                "date":{"type":"string","format":"date","description":"日付"},
+                "party":{"type":"integer","minimum":1},
+                "seats":{"type":"array","items":{"type":"string","enum":["窓際","個室"]}},
+                "note":{"type":["string","null"]},
+                "kind":{"anyOf":[{"type":"string"},{"type":"number"}]},
+                "pair":{"type":"array","items":[{"type":"string"},{"type":"number"}]},
+                "extra":{"type":"object","additionalProperties":{"type":"string"}},
+                "closed":{"type":"object","additionalProperties":false,"not":{"required":["x"]}}},
+                "required":["date"]}},
+            "required":["slot"]});
+        assert_eq!(with(ok.clone()).map(|_| ()), Ok(()), "{ok}");
+        let nest = |inner: Value| json!({"type":"object","properties":{"slot":{"type":"object","properties":{"date":inner}}}});
+        for (bad, says) in [
+            (
+                nest(json!({"type":"strng"})),
+                "parameters.properties.slot.properties.date.type must be one of",
+            ),
+            (nest(json!({"type":[]})), ".date.type must be one of"),
+            (
+                nest(json!({"type":["string", "text"]})),
+                ".date.type must be one of",
+            ),
+            (
+                nest(json!({"type":"string","description":["a"]})),
+                ".date.description must be a string",
+            ),
+            (
+                nest(json!("string")),
+                "parameters.properties.slot.properties.date must be a schema",
+            ),
+            (
+                nest(json!({"type":"string","enum":"a"})),
+                ".date.enum must be an array",
+            ),
+            (
+                nest(json!({"type":"array","items":{"type":"lst"}})),
+                ".date.items.type must be one of",
+            ),
+            (
+                nest(json!({"type":"array","items":[{"type":"string"}, 5]})),
+                ".date.items[1] must be a schema",
+            ),
+            (
+                nest(json!({"type":"object","properties":{"a":{}},"required":"a"})),
+                ".date.required must be an array",
+            ),
+            (
+                nest(json!({"type":"object","properties":["a"]})),
+                ".date.properties must be an object",
+            ),
+            (
+                nest(json!({"type":"object","additionalProperties":"no"})),
+                ".date.additionalProperties must be a schema",
+            ),
+            (
+                nest(json!({"anyOf":[]})),
+                ".date.anyOf must be a non-empty array",
+            ),
+            (
+                nest(json!({"oneOf":[{"type":"string"},{"type":"nothing"}]})),
+                ".date.oneOf[1].type must be one of",
+            ),
+            (
+                nest(json!({"not":{"type":1}})),
+                ".date.not.type must be one of",
+            ),
+        ] {
+            let e = with(bad.clone()).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // Depth is bounded: a schema nested 16 below `parameters` is taken, 17 refused.
+        let deep = |levels: usize| {
+            let mut s = json!({"type":"string"});
+            for _ in 0..levels {
+                s = json!({"type":"object","properties":{"a":s}});
+            }
+            s
+        };
+        assert!(with(deep(16)).is_ok());
+        let e = with(deep(17)).unwrap_err();
+        assert!(e.contains("nested more than 16"), "{e}");
     }
 
     #[test]

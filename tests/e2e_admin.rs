@@ -648,6 +648,8 @@ async fn a_model_or_tool_schema_the_realtime_api_would_refuse_is_not_saved() {
         b
     };
     let bad_tools = lookup_with(json!({"properties": {"q": {"type": "string"}}}));
+    let deep_typo = lookup_with(json!({"type": "object", "properties": {"slot": {
+        "type": "object", "properties": {"date": {"type": "strng"}}}}}));
     for (body, field, what) in [
         (
             with("model", json!("gpt-realtme")),
@@ -698,10 +700,24 @@ async fn a_model_or_tool_schema_the_realtime_api_would_refuse_is_not_saved() {
             "tools",
             "required that is not a list of names",
         ),
+        (
+            with("tools", deep_typo.clone()),
+            "tools",
+            "a misspelt type two schemas down",
+        ),
     ] {
         let r = api("POST", "/api/admin/agents", Some(body)).await;
         expect_field(&r, field, what);
     }
+    // The message names where in the schema the slip is.
+    let r = api("POST", "/api/admin/agents", Some(with("tools", deep_typo))).await;
+    assert!(
+        r.body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("parameters.properties.slot.properties.date.type")),
+        "{}",
+        r.text
+    );
     let r = api("GET", "/api/admin/agents/e2e-models", None).await;
     expect(&r, 404, "nothing was created");
     let r = api(
