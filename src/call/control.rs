@@ -28,8 +28,14 @@ pub const MAX_RECONNECTS: u32 = 3;
 /// Wait before each new attempt (the first is at once): a refusing or rate-limiting server
 /// gets a moment, and the attempts still fit well inside the window.
 const RECONNECT_DELAYS: [Millis; MAX_RECONNECTS as usize] = [Millis(0), Millis(500), Millis(1_500)];
-/// The agent is told to wrap up this long before the call's time limit.
+/// The agent is told to wrap up this long before the call's time limit…
 pub const WRAP_UP_BEFORE: Millis = Millis(30_000);
+
+/// …or half the limit before, when that is sooner: a call limited to 30 s is told half-way
+/// through, not as its greeting starts.
+pub fn wrap_up_before(max_call_seconds: u32) -> Millis {
+    Millis(WRAP_UP_BEFORE.0.min(u64::from(max_call_seconds) * 1000 / 2))
+}
 /// A response that failed for a passing reason (a server error) is asked for again after
 /// this pause…
 pub const RESPONSE_RETRY_DELAY: Millis = Millis(1_000);
@@ -509,6 +515,10 @@ impl Call {
         }
     }
 
+    fn wrap_up_before(&self) -> Millis {
+        wrap_up_before(self.agent.max_call_seconds)
+    }
+
     fn say_wrap_up(&mut self) {
         if !self.control.wrap_up_unsaid || self.upstream != Upstream::Ready {
             return;
@@ -536,7 +546,7 @@ impl Call {
         if let Some(end) = c.call_deadline {
             next = earliest(next, Some(end));
             if !c.wrap_up_sent {
-                next = earliest(next, Some(end.saturating_sub(WRAP_UP_BEFORE)));
+                next = earliest(next, Some(end.saturating_sub(self.wrap_up_before())));
             }
         }
         if self.line_can_idle() {
@@ -622,7 +632,7 @@ impl Call {
                 self.check_drained(now);
                 return;
             }
-            if !self.control.wrap_up_sent && now >= end.saturating_sub(WRAP_UP_BEFORE) {
+            if !self.control.wrap_up_sent && now >= end.saturating_sub(self.wrap_up_before()) {
                 self.control.wrap_up_sent = true;
                 self.event(now, EventKind::WrapUp, Value::Null);
                 // Not ready yet (still connecting, or reconnecting): said once it is.

@@ -1336,14 +1336,19 @@ fn a_session_lost_for_good_after_the_goodbye_was_said_lets_it_play_and_ends_as_p
     }
 }
 
-/// A call with a 35 s time limit whose reply `resp_w` (asked for at 5 s) is under way: 200 ms
-/// of its audio sent and not yet played. The sim, and the mark that follows that audio.
+/// When a call with a 35 s time limit is told to wrap up: half-way, its limit being under a
+/// minute.
+const WRAP_UP_AT_35: u64 = 17_500;
+
+/// A call with a 35 s time limit whose reply `resp_w` (the wrap-up's, asked for at
+/// [`WRAP_UP_AT_35`]) is under way: 200 ms of its audio sent and not yet played. The sim, and
+/// the mark that follows that audio.
 fn reply_under_way_before_the_time_limit() -> (Sim, String) {
     let mut sim = Sim::greeted(Agent {
         max_call_seconds: 35,
         ..agent_with_tools()
     });
-    sim.at(5_000);
+    sim.at(WRAP_UP_AT_35);
     let out = sim.input(Input::Timeout);
     assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
     sim.response("resp_w");
@@ -2451,12 +2456,13 @@ fn the_time_limit_s_end_is_not_called_off_by_speech() {
     assert_eq!(http_of(&out)[0].1.body, "Status=completed", "{out:?}");
 }
 
-/// A call of 35 s whose wrap-up (at 5 s) has been said and heard, and whose last reply
+/// A call of 35 s whose wrap-up (at [`WRAP_UP_AT_35`]) has been said and heard, and whose last reply
 /// (`resp_1`, started at 34 s) is still playing when the time limit's end comes: the
 /// ending drains, the hang-up waiting for that reply's mark, which is returned.
 fn time_limit_draining(sim: &mut Sim, also: impl FnOnce(&mut Sim)) -> String {
-    sim.at(5_000);
-    sim.input(Input::Timeout);
+    sim.at(WRAP_UP_AT_35);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(system_notes(&out).len(), 1, "the wrap-up: {out:?}");
     sim.response("resp_w");
     let w = sim.agent_chunk("item_w", &audio(800, 3));
     sim.response_done("resp_w");
@@ -2842,24 +2848,55 @@ fn an_agent_turn_queued_behind_earlier_audio_is_placed_where_it_is_heard() {
 mod recording;
 
 #[test]
-fn a_wrap_up_due_before_the_session_is_ready_is_said_once_it_is() {
+fn a_short_time_limit_s_wrap_up_comes_half_way_not_at_the_greeting() {
+    // With a limit under a minute, 30 s before its end would be at (or before) the start:
+    // the agent would be told to close the call as it greets the caller.
+    assert_eq!(control::wrap_up_before(30), Millis(15_000));
+    assert_eq!(control::wrap_up_before(35), Millis(35_000 - WRAP_UP_AT_35));
+    assert_eq!(control::wrap_up_before(60), control::WRAP_UP_BEFORE);
+    assert_eq!(control::wrap_up_before(600), control::WRAP_UP_BEFORE);
+    let mut sim = Sim::greeted(Agent {
+        max_call_seconds: 30,
+        ..Agent::default()
+    });
+    assert_eq!(sim.call.poll_timeout(), Some(Millis(15_000)));
+    sim.at(14_999);
+    let out = sim.input(Input::Timeout);
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+    sim.at(15_000);
+    let out = sim.input(Input::Timeout);
+    assert_eq!(system_notes(&out).len(), 1, "{out:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
+}
+
+#[test]
+fn a_wrap_up_due_while_the_session_is_replaced_is_said_once_the_new_one_is_ready() {
     let agent = Agent {
         max_call_seconds: 30,
         ..Agent::default()
     };
-    let mut sim = Sim::of(agent);
-    sim.drain();
-    sim.twilio(&start());
-    // With a 30 s limit the wrap-up is due at once, before the session is up.
-    assert_eq!(sim.call.poll_timeout(), Some(Millis(0)));
+    let mut sim = Sim::greeted(agent);
+    sim.at(14_000);
+    sim.lose_session_and_reconnect();
+    // The wrap-up falls due with no session to hear it.
+    sim.at(15_000);
     let out = sim.input(Input::Timeout);
-    assert!(out.is_empty(), "{out:?}");
-    assert_ne!(sim.call.poll_timeout(), Some(Millis(0)), "no busy loop");
+    assert!(system_notes(&out).is_empty(), "{out:?}");
+    assert!(sends_of(&out, "response.create").is_empty(), "{out:?}");
+    assert_ne!(
+        sim.call.poll_timeout(),
+        Some(Millis(15_000)),
+        "no busy loop"
+    );
+    let kinds: Vec<String> = events(&sim.records).into_iter().map(|e| e.1).collect();
+    assert_eq!(kinds, ["reconnect", "wrap_up"]);
+    sim.at(15_500);
     sim.openai_opened();
     let out = sim.openai(&session_updated("audio/pcmu"));
-    let items = sends_of(&out, "conversation.item.create");
-    assert_eq!(items.len(), 1, "{out:?}");
-    assert_eq!(items[0]["item"]["role"], "system");
+    let notes = system_notes(&out);
+    assert_eq!(notes.len(), 1, "{out:?}");
+    assert!(notes[0].contains("制限時間"), "{notes:?}");
+    assert_eq!(sends_of(&out, "response.create").len(), 1, "{out:?}");
 }
 
 #[test]
