@@ -1313,6 +1313,11 @@ async fn failing_d1_writes_are_retried_and_every_row_lands_once() {
         failures.iter().all(|l| l.contains("injected D1 failure")),
         "{failures:?}"
     );
+    // Each names the call whose records failed to go.
+    assert!(
+        failures.iter().all(|l| l.contains(&ids.call_sid)),
+        "{failures:?}"
+    );
     assert!(
         !log.contains(ADMIN_TOKEN),
         "the admin token reached the log"

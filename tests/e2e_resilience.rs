@@ -677,6 +677,24 @@ async fn a_restart_mid_call_finalizes_the_calls_as_bridge_restarted_and_keeps_ev
         );
     }
     assert_eq!(after[0].1["call"]["twilio_duration_s"], 61);
+    // Every line an outbox logged (D's failed writes while D1 was locked among them) names
+    // its call.
+    let sids: Vec<&str> = calls
+        .iter()
+        .map(|said| said.call.ids.call_sid.as_str())
+        .collect();
+    let log = h.worker.log();
+    let outbox_lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(r#""event":"outbox."#))
+        .collect();
+    assert!(!outbox_lines.is_empty(), "D's failed writes are logged");
+    for line in outbox_lines {
+        assert!(
+            sids.iter().any(|sid| line.contains(sid)),
+            "an outbox line naming no call: {line}"
+        );
+    }
 
     // What each call recorded up to the restart is stored: the object's next instance uploads
     // it from the checkpoints its pump kept in the object's storage.

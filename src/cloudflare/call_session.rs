@@ -10,7 +10,7 @@ use super::socket::{self, Event, Frame, Listeners, Side, Sink};
 use super::{bridge_config, log};
 use crate::call::{Action, Call, Input, Level, Setup};
 use crate::config::Bridge;
-use crate::ids::Millis;
+use crate::ids::{CallSid, Millis};
 use crate::store::Record as StoreRecord;
 use crate::webhook::{self, CallState, Registration, StreamRefusal};
 use futures::channel::oneshot;
@@ -123,7 +123,18 @@ impl DurableObject for CallSession {
     }
 
     async fn alarm(&self) -> Result<Response> {
+        // The call, named in this alarm's log lines and the outbox's: an object restarted
+        // with records waiting knows it only from its stored state. Read before the outbox
+        // starts, whose writer logs as soon as it runs.
+        let call_sid = match self.state.storage().get::<CallState>(CALL_KEY).await {
+            Ok(Some(state)) => Some(state.registration.call.call_sid),
+            _ => None,
+        };
+        let sid = call_sid.as_ref().map(CallSid::as_str);
         let outbox = self.outbox();
+        if let Some(sid) = sid {
+            outbox.name_call(sid);
+        }
         // This alarm is spent: records stored from now on need a new one.
         outbox.alarm_gone();
         // A step that fails is logged and the rest still runs: the records waiting in
@@ -133,20 +144,22 @@ impl DurableObject for CallSession {
             log(
                 "error",
                 "call.end_not_kept",
-                serde_json::json!({ "error": e.to_string(), "then": "the alarm tries again" }),
+                serde_json::json!({ "call_sid": sid, "error": e.to_string(),
+                                    "then": "the alarm tries again" }),
             );
-            self.set_alarm_or_log(CLEANUP_RETRY, None).await;
+            self.set_alarm_or_log(CLEANUP_RETRY, sid).await;
         }
         match self.finalize_orphaned_stream().await {
-            Ok(Stream::Live) => self.set_alarm_or_log(WATCH, None).await,
+            Ok(Stream::Live) => self.set_alarm_or_log(WATCH, sid).await,
             Ok(_) => {}
             Err(e) => {
                 log(
                     "error",
                     "call.watch_failed",
-                    serde_json::json!({ "error": e.to_string(), "then": "the alarm tries again" }),
+                    serde_json::json!({ "call_sid": sid, "error": e.to_string(),
+                                        "then": "the alarm tries again" }),
                 );
-                self.set_alarm_or_log(CLEANUP_RETRY, None).await;
+                self.set_alarm_or_log(CLEANUP_RETRY, sid).await;
             }
         }
         // What waits in storage, and what is still in memory (storage refused it).
@@ -154,7 +167,7 @@ impl DurableObject for CallSession {
             log(
                 "warn",
                 "outbox.alarm_flush_failed",
-                serde_json::json!({ "error": e.to_string() }),
+                serde_json::json!({ "call_sid": sid, "error": e.to_string() }),
             );
         }
         self.recover_recording().await;

@@ -102,6 +102,9 @@ struct Inner {
     injected_storage_failures: Cell<u64>,
     running: Cell<bool>,
     flushing: Lock,
+    /// The call whose records these are (an object serves one call), once known: named in
+    /// every log line of the outbox.
+    call_sid: RefCell<Option<String>>,
 }
 
 /// Cheap to clone; all clones share one queue and one background writer.
@@ -133,11 +136,32 @@ impl Outbox {
             injected_storage_failures: Cell::new(injected_storage),
             running: Cell::new(false),
             flushing: Lock::default(),
+            call_sid: RefCell::new(None),
         }));
         outbox.start(rx);
         // Whatever an earlier instance left queued goes first.
         let _ = outbox.0.wake.unbounded_send(());
         outbox
+    }
+
+    /// Names the call whose records these are, for the outbox's log lines: learnt from the
+    /// records handed over, or told by an object restarted with records waiting (its alarm
+    /// reads the call's stored state).
+    pub fn name_call(&self, call_sid: &str) {
+        let mut known = self.0.call_sid.borrow_mut();
+        if known.is_none() {
+            *known = Some(call_sid.to_owned());
+        }
+    }
+
+    /// A log line of the outbox, naming the call once it is known.
+    fn log(&self, level: &str, event: &str, mut fields: serde_json::Value) {
+        if let (Some(sid), serde_json::Value::Object(f)) =
+            (self.0.call_sid.borrow().as_deref(), &mut fields)
+        {
+            f.entry("call_sid").or_insert_with(|| sid.into());
+        }
+        log(level, event, fields);
     }
 
     fn start(&self, rx: UnboundedReceiver<()>) {
@@ -186,7 +210,7 @@ impl Outbox {
         loop {
             if self.0.storing.is_taken() {
                 if Date::now().as_millis().saturating_sub(start) > DURABLE_WAIT.as_millis() as u64 {
-                    log(
+                    self.log(
                         "error",
                         "outbox.not_durable",
                         serde_json::json!({ "why": "a D1 write took too long" }),
@@ -220,7 +244,7 @@ impl Outbox {
         let mut pause = 0;
         while !self.durable().await {
             pause = backoff_after(pause);
-            log(
+            self.log(
                 "error",
                 "outbox.not_kept_yet",
                 serde_json::json!({ "call_sid": call_sid, "what": what, "retry_in_ms": pause }),
@@ -241,6 +265,7 @@ impl Outbox {
     /// or by the background writer, whichever runs first.
     pub fn enqueue(&self, record: &Record) {
         let now = Date::now().as_millis();
+        self.name_call(record.call_sid());
         let statements = record.statements(now);
         if statements.is_empty() {
             return;
@@ -275,7 +300,7 @@ impl Outbox {
                 true
             }
             Err(e) => {
-                log(
+                self.log(
                     "warn",
                     "outbox.d1_write_failed",
                     serde_json::json!({ "error": e.to_string(), "then": "kept in storage, retried" }),
@@ -295,7 +320,7 @@ impl Outbox {
         from: &str,
         records: usize,
     ) -> worker::Result<()> {
-        log(
+        self.log(
             "debug",
             "outbox.d1_write",
             serde_json::json!({ "from": from, "records": records, "statements": statements.len() }),
@@ -365,7 +390,7 @@ impl Outbox {
             if let Err(e) = result {
                 // Local storage failing is as bad as it gets: say so loudly, and keep the
                 // record in memory for the next try rather than drop it.
-                log(
+                self.log(
                     "error",
                     "outbox.store_failed",
                     serde_json::json!({ "call_sid": call_sid, "error": e.to_string() }),
@@ -424,7 +449,7 @@ impl Outbox {
                 } else {
                     "outbox.d1_write_failed"
                 };
-                log(
+                self.log(
                     "warn",
                     event,
                     serde_json::json!({ "error": e.to_string(), "retry_in_ms": backoff }),
@@ -466,7 +491,7 @@ impl Outbox {
         self.0.ledger.borrow_mut().alarm_set();
         if let Err(e) = self.0.storage.set_alarm(ALARM_AFTER).await {
             self.0.ledger.borrow_mut().alarm_gone();
-            log(
+            self.log(
                 "error",
                 "outbox.alarm_not_set",
                 serde_json::json!({ "error": e.to_string() }),
@@ -516,7 +541,7 @@ impl Outbox {
                 };
                 match serde_json::from_str::<Vec<Statement>>(&v) {
                     Ok(mut s) => statements.append(&mut s),
-                    Err(e) => log(
+                    Err(e) => self.log(
                         "error",
                         "outbox.corrupt_entry",
                         serde_json::json!({ "key": k, "error": e.to_string() }),
