@@ -1675,7 +1675,9 @@ async fn a_slow_agent_lookup_gives_the_call_to_the_configured_agent_in_time() {
         h.worker
             .log()
             .lines()
-            .any(|l| l.contains("agent.lookup_timeout") && l.contains(&to[1..])),
+            .any(|l| l.contains("agent.lookup_timeout")
+                && l.contains(&to[1..])
+                && l.contains(&ids.call_sid)),
         "{}",
         h.worker.log_tail(30)
     );

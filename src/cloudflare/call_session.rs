@@ -323,7 +323,8 @@ impl CallSession {
                     log(
                         "warn",
                         "recording.checkpoints_unreadable",
-                        serde_json::json!({ "error": e.to_string() }),
+                        serde_json::json!({ "call_sid": state.registration.call.call_sid,
+                                            "error": e.to_string() }),
                     );
                     None
                 });

@@ -244,7 +244,7 @@ async fn voice(mut req: Request, env: Env, ctx: Context) -> Result<Response> {
     let slowed = setting_text(&env, crate::config::FAULT_INJECT_D1_LOOKUP_DELAY_MS)
         .and_then(|v| v.trim().parse().ok())
         .map_or(Duration::ZERO, Duration::from_millis);
-    let agent = agent_for(&env, &config, &answer.call.to, slowed).await;
+    let agent = agent_for(&env, &config, &answer.call, slowed).await;
     let twiml = answer.twiml(&config, &agent);
     let streams = answer.streams();
     let dial_action = answer.dial_action.clone();
@@ -545,16 +545,17 @@ const _: () = assert!(
     "the voice webhook's waits must stay well inside Twilio's timeout"
 );
 
-/// The agent that answers calls to `number`: its assignment, else the default agent in
+/// The agent that answers `call` (to its number): its assignment, else the default agent in
 /// D1. If D1 cannot answer, or does not within [`AGENT_LOOKUP_LIMIT`], the call is still
 /// taken, by the agent from configuration (whose id, `env`, the call's row then names).
 /// `slowed` delays the lookup (the test hook `FAULT_INJECT_D1_LOOKUP_DELAY_MS`).
 async fn agent_for(
     env: &Env,
     config: &Bridge,
-    number: &str,
+    call: &webhook::VoiceCall,
     slowed: Duration,
 ) -> crate::config::Agent {
+    let number = call.to.as_str();
     let lookup = async {
         if !slowed.is_zero() {
             Delay::from(slowed).await;
@@ -570,7 +571,8 @@ async fn agent_for(
                 "error",
                 "agent.lookup_timeout",
                 serde_json::json!({
-                    "number": number, "limit_ms": AGENT_LOOKUP_LIMIT.as_millis() as u64,
+                    "call_sid": call.call_sid, "number": number,
+                    "limit_ms": AGENT_LOOKUP_LIMIT.as_millis() as u64,
                     "agent_id": config.agent.id,
                 }),
             );
@@ -588,7 +590,7 @@ async fn agent_for(
     log(
         "warn",
         "agent.fallback_to_config",
-        serde_json::json!({ "number": number, "why": why }),
+        serde_json::json!({ "call_sid": call.call_sid, "number": number, "why": why }),
     );
     config.agent.clone()
 }
