@@ -28,7 +28,8 @@ const I18N = {
     recording: '録音', no_recording: 'この通話の録音はありません。', load_recording: '録音を読み込み中…',
     transcript: '会話', no_transcript: '会話の記録はありません。', caller: 'お客様', agent_role: 'エージェント',
     interrupted: '割り込みで中断', figures: '通話の数値', first_audio: '最初の応答まで',
-    tokens: 'トークン (入力 / 出力 / 合計)', end_reason: '終了理由', twilio_duration: 'Twilio 通話時間',
+    tokens: 'トークン (入力 / 出力 / 合計)', transcription: '文字起こし (入力 / 出力トークン)',
+    end_reason: '終了理由', twilio_duration: 'Twilio 通話時間',
     recording_size: '録音サイズ', timeline: 'タイムライン', ev_barge_in: '割り込み', ev_tool_call: 'ツール呼び出し',
     ev_other: 'その他のイベント', back: '← 通話一覧', call_not_found: '通話が見つかりません。',
     agents: 'エージェント', new_agent: '新しいエージェント', edit_agent: 'エージェントの編集', name: '名前',
@@ -65,7 +66,8 @@ const I18N = {
     recording: 'Recording', no_recording: 'This call has no recording.', load_recording: 'Loading the recording…',
     transcript: 'Conversation', no_transcript: 'Nothing was transcribed.', caller: 'Caller', agent_role: 'Agent',
     interrupted: 'cut by a barge-in', figures: 'Figures', first_audio: 'Time to first agent audio',
-    tokens: 'Tokens (in / out / total)', end_reason: 'End reason', twilio_duration: 'Twilio duration',
+    tokens: 'Tokens (in / out / total)', transcription: 'Transcription (in / out tokens)',
+    end_reason: 'End reason', twilio_duration: 'Twilio duration',
     recording_size: 'Recording size', timeline: 'Timeline', ev_barge_in: 'Barge-in', ev_tool_call: 'Tool call',
     ev_other: 'Other event', back: '← Calls', call_not_found: 'No such call.',
     agents: 'Agents', new_agent: 'New agent', edit_agent: 'Edit agent', name: 'Name',
@@ -674,6 +676,7 @@ async function renderCall(seq, sid) {
       fig(t('duration'), fmtDuration(call.duration_ms)),
       fig(t('first_audio'), call.first_audio_ms === null || call.first_audio_ms === undefined ? '—' : `${call.first_audio_ms} ${t('ms')}`),
       fig(t('tokens'), `${call.input_tokens ?? 0} / ${call.output_tokens ?? 0} / ${call.total_tokens ?? 0}`),
+      fig(t('transcription'), fmtTranscription(call)),
       fig(t('end_reason'), call.end_reason ? [codeLabel('end', call.end_reason), call.end_detail && ` (${call.end_detail})`] : dash(call.end_detail)),
       fig(t('barge_ins'), call.barge_ins ?? 0),
       fig(t('twilio_duration'), call.twilio_duration_s === null || call.twilio_duration_s === undefined ? '—' : `${call.twilio_duration_s} ${t('sec')}`),
@@ -683,6 +686,14 @@ async function renderCall(seq, sid) {
   );
 
   if (call.recording_key) await playRecording(seq, sid, audio, audioBox);
+}
+
+/** What transcribing the caller cost, billed apart from the session's tokens: tokens, and the
+ *  audio's length for a model billed by time (whisper-1). */
+function fmtTranscription(call) {
+  const tokens = `${call.transcription_input_tokens ?? 0} / ${call.transcription_output_tokens ?? 0}`;
+  const ms = call.transcription_audio_ms ?? 0;
+  return ms > 0 ? `${tokens} · ${(ms / 1000).toFixed(1)} ${t('sec')}` : tokens;
 }
 
 // A recording's link is renewed at most this many times in a row, a renewal counting as in a

@@ -3,6 +3,7 @@
 //! live models still emit are accepted as aliases (protocol.md D3.9).
 
 use crate::config::Agent;
+pub use crate::store::TranscriptionUsage;
 use crate::twilio::Text;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -68,6 +69,8 @@ pub enum ServerEvent<'a> {
     InputTranscriptionCompleted {
         item_id: Option<String>,
         transcript: String,
+        /// What this transcription cost; zeros when the event did not say.
+        usage: TranscriptionUsage,
     },
     InputTranscriptionFailed {
         item_id: Option<String>,
@@ -202,6 +205,26 @@ impl ErrorInfo {
     }
 }
 
+/// A transcription's `usage`: `{"type": "tokens", "input_tokens", "output_tokens", …}` for
+/// the models billed by tokens, `{"type": "duration", "seconds"}` for those billed by time.
+/// Anything else, or a field missing or not a number, counts as nothing.
+fn transcription_usage(usage: &Value) -> TranscriptionUsage {
+    let number = |key: &str| usage.get(key).and_then(Value::as_f64).filter(|n| *n >= 0.0);
+    let whole = |key: &str| number(key).map_or(0, |n| n as u64);
+    match usage.get("type").and_then(Value::as_str) {
+        Some("tokens") => TranscriptionUsage {
+            input_tokens: whole("input_tokens"),
+            output_tokens: whole("output_tokens"),
+            audio_ms: 0,
+        },
+        Some("duration") => TranscriptionUsage {
+            audio_ms: number("seconds").map_or(0, |s| (s * 1000.0).round() as u64),
+            ..TranscriptionUsage::default()
+        },
+        _ => TranscriptionUsage::default(),
+    }
+}
+
 #[derive(Debug, PartialEq, Clone, Copy, Default, Deserialize)]
 pub struct Usage {
     #[serde(default)]
@@ -270,6 +293,10 @@ struct RawEvent<'a> {
     name: Option<String>,
     #[serde(default)]
     arguments: Option<String>,
+    /// A transcription's usage, read leniently (see [`transcription_usage`]): a shape this
+    /// bridge does not know must not cost the caller's words.
+    #[serde(default)]
+    usage: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -417,6 +444,11 @@ pub fn parse(text: &str) -> Result<ServerEvent<'_>, ParseError> {
             ServerEvent::InputTranscriptionCompleted {
                 item_id: owned(raw.item_id),
                 transcript: raw.transcript.unwrap_or_default(),
+                usage: raw
+                    .usage
+                    .as_ref()
+                    .map(transcription_usage)
+                    .unwrap_or_default(),
             }
         }
         "conversation.item.input_audio_transcription.failed" => {

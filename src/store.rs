@@ -198,6 +198,9 @@ pub enum Record {
         total_tokens: u64,
         first_audio_ms: Option<u64>,
         barge_ins: u64,
+        /// What transcribing the caller cost (ends written before it was kept have none).
+        #[serde(default)]
+        transcription: TranscriptionUsage,
         /// Not the call's own account of its end but its object's presumption (the stream's
         /// pump is gone: a restart): written only where the call has no end yet, so the
         /// call's own end, if it reached D1, stays. Its time gives way to Twilio's: the
@@ -240,6 +243,25 @@ pub enum Record {
         #[serde(default)]
         parties: Parties,
     },
+}
+
+/// What the transcription of a call's caller speech cost, summed over its transcriptions:
+/// the transcription model's tokens, or for a model billed by time (`whisper-1`) the length
+/// of the audio it transcribed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TranscriptionUsage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub audio_ms: u64,
+}
+
+impl TranscriptionUsage {
+    /// This and `other` together.
+    pub fn add(&mut self, other: TranscriptionUsage) {
+        self.input_tokens = self.input_tokens.saturating_add(other.input_tokens);
+        self.output_tokens = self.output_tokens.saturating_add(other.output_tokens);
+        self.audio_ms = self.audio_ms.saturating_add(other.audio_ms);
+    }
 }
 
 /// Who a call is between, as a Twilio callback names them.
@@ -435,6 +457,7 @@ impl Record {
                 total_tokens,
                 first_audio_ms,
                 barge_ins,
+                transcription,
                 presumed,
             } => vec![
                 ensure_call(call_sid, *at_ms),
@@ -446,7 +469,8 @@ impl Record {
                          status = CASE WHEN {RANK_SQL} < 3 THEN ?10 \
                                   WHEN ?10 = 'failed' AND status = 'completed' THEN 'failed' \
                                   ELSE status END, \
-                         end_detail = ?11 \
+                         end_detail = ?11, transcription_input_tokens = ?12, \
+                         transcription_output_tokens = ?13, transcription_audio_ms = ?14 \
                          WHERE call_sid = ?1{}",
                         // A call with no end yet has an end time only from Twilio's final
                         // status: when the call was over, which a presumption does not move.
@@ -465,6 +489,9 @@ impl Record {
                         (*barge_ins).into(),
                         if *failed { "failed" } else { "completed" }.into(),
                         end_detail.as_deref().map(Value::from).unwrap_or(Value::Null),
+                        transcription.input_tokens.into(),
+                        transcription.output_tokens.into(),
+                        transcription.audio_ms.into(),
                     ],
                 ),
             ],
@@ -683,6 +710,11 @@ mod tests {
             total_tokens: 30,
             first_audio_ms: Some(640),
             barge_ins: 2,
+            transcription: TranscriptionUsage {
+                input_tokens: 40,
+                output_tokens: 12,
+                audio_ms: 0,
+            },
             presumed: false,
         }
     }
@@ -720,7 +752,23 @@ mod tests {
         assert_eq!(row["total_tokens"], 30);
         assert_eq!(row["first_audio_ms"], 640);
         assert_eq!(row["barge_ins"], 2);
+        assert_eq!(row["transcription_input_tokens"], 40);
+        assert_eq!(row["transcription_output_tokens"], 12);
+        assert_eq!(row["transcription_audio_ms"], 0);
         assert_eq!(row["from_number"], "+819012345678");
+    }
+
+    #[test]
+    fn an_end_kept_before_transcription_usage_was_reads_back_with_none() {
+        // An end owed and stored by an object (`CallState::end_owed`) before this field
+        // existed: read after a deploy, it is the same end with no transcription usage.
+        let mut stored = serde_json::to_value(ended(false)).unwrap();
+        stored.as_object_mut().unwrap().remove("transcription");
+        let Record::CallEnded { transcription, .. } = serde_json::from_value(stored).unwrap()
+        else {
+            panic!("not an end");
+        };
+        assert_eq!(transcription, TranscriptionUsage::default());
     }
 
     #[test]
@@ -974,6 +1022,7 @@ mod tests {
             total_tokens: 0,
             first_audio_ms: None,
             barge_ins: 0,
+            transcription: TranscriptionUsage::default(),
             presumed: true,
         }
     }

@@ -112,6 +112,7 @@ impl Registration {
             total_tokens: 0,
             first_audio_ms: None,
             barge_ins: 0,
+            transcription: Default::default(),
             presumed: true,
         }
     }
@@ -1664,6 +1665,7 @@ mod tests {
             total_tokens: 30,
             first_audio_ms: Some(640),
             barge_ins: 2,
+            transcription: Default::default(),
             presumed: false,
         };
         for own_end_kept in [true, false] {

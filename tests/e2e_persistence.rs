@@ -443,6 +443,9 @@ async fn a_call_with_a_barge_in_leaves_exactly_its_rows_in_conversation_order() 
         "input_tokens",
         "output_tokens",
         "total_tokens",
+        "transcription_input_tokens",
+        "transcription_output_tokens",
+        "transcription_audio_ms",
         "barge_ins",
         "twilio_duration_s",
     ];
@@ -455,6 +458,9 @@ async fn a_call_with_a_barge_in_leaves_exactly_its_rows_in_conversation_order() 
                 "status": "completed", "stream_sid": call.ids.stream_sid,
                 "openai_session_id": session_id, "end_reason": "twilio_stop",
                 "input_tokens": 400, "output_tokens": 65, "total_tokens": 465,
+                // The one transcription's, apart from the session's.
+                "transcription_input_tokens": 17, "transcription_output_tokens": 9,
+                "transcription_audio_ms": 0,
                 "barge_ins": 1, "twilio_duration_s": null,
             }),
             &keys

@@ -327,6 +327,8 @@ pub struct Stats {
     pub barge_ins: u64,
     pub responses: u64,
     pub tokens: openai::Usage,
+    /// What transcribing the caller cost, apart from `tokens`.
+    pub transcription: openai::TranscriptionUsage,
     /// Dropped input by reason.
     pub dropped: BTreeMap<&'static str, u64>,
     /// From Twilio's `start` to the first agent audio sent to Twilio.
@@ -1123,7 +1125,9 @@ impl Call {
             ServerEvent::InputTranscriptionCompleted {
                 item_id,
                 transcript,
+                usage,
             } => {
+                self.stats.transcription.add(usage);
                 self.log(
                     Level::Debug,
                     "openai.caller_transcript",
@@ -1562,6 +1566,7 @@ impl Call {
             total_tokens: self.stats.tokens.total_tokens,
             first_audio_ms: self.stats.first_audio_ms,
             barge_ins: self.stats.barge_ins,
+            transcription: self.stats.transcription,
             presumed: false,
         }));
         self.ended = Some(reason.clone());

@@ -2,7 +2,7 @@
 //! what arrives when and what the machine must do.
 
 use super::*;
-use crate::store::Role;
+use crate::store::{Role, TranscriptionUsage};
 use crate::twilio::RestConfig;
 use base64::Engine;
 
@@ -1650,7 +1650,7 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
     sim.agent_chunk("item_r", &audio(1600, 4));
     sim.agent_chunk("item_r", &audio(1600, 5));
     sim.agent_chunk("item_r", &audio(1600, 6));
-    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"予約をお願いしたいです"}"#);
+    sim.openai(r#"{"type":"conversation.item.input_audio_transcription.completed","item_id":"item_u","content_index":0,"transcript":"予約をお願いしたいです","usage":{"type":"tokens","input_tokens":17,"output_tokens":9,"total_tokens":26,"input_token_details":{"text_tokens":0,"audio_tokens":17}}}"#);
     sim.at(2800);
     sim.twilio(&mark(&r1));
     // The caller talks over the reply after 300 of its 800 ms (200 confirmed, 100 since).
@@ -1708,6 +1708,7 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
         total_tokens,
         first_audio_ms,
         barge_ins,
+        transcription,
         ..
     }) = sim.records.last()
     else {
@@ -1719,6 +1720,88 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
     assert_eq!(*total_tokens, 100);
     assert_eq!(*first_audio_ms, Some(300));
     assert_eq!(*barge_ins, 1);
+    // The transcription model's tokens, apart from the session's.
+    assert_eq!(
+        *transcription,
+        TranscriptionUsage {
+            input_tokens: 17,
+            output_tokens: 9,
+            audio_ms: 0
+        }
+    );
+}
+
+#[test]
+fn the_transcriptions_usage_is_summed_into_the_calls_end_and_an_odd_one_costs_no_words() {
+    let mut sim = Sim::greeted(Agent::default());
+    let transcribed = |sim: &mut Sim, item: &str, text: &str, usage: &str| {
+        sim.openai(&format!(
+            r#"{{"type":"conversation.item.input_audio_transcription.completed","item_id":"{item}","content_index":0,"transcript":"{text}"{usage}}}"#
+        ));
+    };
+    for (item, text, usage) in [
+        (
+            "item_a",
+            "もしもし",
+            r#","usage":{"type":"tokens","input_tokens":20,"output_tokens":4,"total_tokens":24}"#,
+        ),
+        // whisper-1 is billed by the audio's length.
+        (
+            "item_b",
+            "予約です",
+            r#","usage":{"type":"duration","seconds":2.4}"#,
+        ),
+        (
+            "item_c",
+            "明日の七時",
+            r#","usage":{"type":"tokens","input_tokens":31,"output_tokens":6,"total_tokens":37}"#,
+        ),
+        // A shape this bridge does not know counts as nothing; the words are kept.
+        (
+            "item_d",
+            "二名です",
+            r#","usage":{"type":"tokens","input_tokens":"many","output_tokens":-1}"#,
+        ),
+        (
+            "item_e",
+            "はい",
+            r#","usage":{"type":"credits","credits":3}"#,
+        ),
+        ("item_f", "以上です", ""),
+    ] {
+        sim.openai(&format!(
+            r#"{{"type":"conversation.item.added","item":{{"id":"{item}","type":"message","role":"user"}}}}"#
+        ));
+        transcribed(&mut sim, item, text, usage);
+    }
+    sim.twilio(STOP);
+    let said: Vec<String> = transcript(&sim.records)
+        .into_iter()
+        .filter(|e| e.1 == Role::Caller)
+        .map(|e| e.2)
+        .collect();
+    assert_eq!(
+        said,
+        [
+            "もしもし",
+            "予約です",
+            "明日の七時",
+            "二名です",
+            "はい",
+            "以上です"
+        ]
+    );
+    let Some(Record::CallEnded { transcription, .. }) = sim.records.last() else {
+        panic!("{:?}", sim.records.last())
+    };
+    assert_eq!(
+        *transcription,
+        TranscriptionUsage {
+            input_tokens: 51,
+            output_tokens: 10,
+            audio_ms: 2_400
+        }
+    );
 }
 
 #[test]

@@ -88,10 +88,12 @@ function callRow(sid, o) {
   return `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
     stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
     output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,
-    recording_bytes) VALUES (${[sid, 'AC00000000000000000000000000000001', o.from, o.to, 'default', 'inbound', o.status,
+    recording_bytes, transcription_input_tokens, transcription_output_tokens) VALUES (${[sid,
+    'AC00000000000000000000000000000001', o.from, o.to, 'default', 'inbound', o.status,
     `MZ${sid.slice(2)}`, 'sess_seed', iso(o.connected - 500), iso(o.connected), iso(o.connected + o.duration), o.duration,
     o.end_reason, o.input, o.output, o.input + o.output, o.first_audio, o.barge_ins, Math.round(o.duration / 1000),
-    o.key, o.key ? o.duration : null, o.key ? bytes : null].map(q).join(', ')});`;
+    o.key, o.key ? o.duration : null, o.key ? bytes : null, o.transcribed_in ?? 0, o.transcribed_out ?? 0,
+  ].map(q).join(', ')});`;
 }
 
 /** `call_events` rows of CALL_SID: [seq, ms from the stream start, type, detail]. */
@@ -107,6 +109,7 @@ export function sql() {
     callRow(CALL_SID, {
       from: '+819012345678', to: '+815012345678', status: 'completed', connected: CONNECTED_MS, duration: DURATION_MS,
       end_reason: 'twilio_stop', input: 1234, output: 567, first_audio: 640, barge_ins: 1, key: RECORDING_KEY,
+      transcribed_in: 210, transcribed_out: 48,
     }),
     callRow(OTHER_SID, {
       from: '+819087654321', to: '+815012345678', status: 'failed', connected: CONNECTED_MS - 3_600_000, duration: 4_000,
