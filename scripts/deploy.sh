@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # README's deploy command (`npm run deploy`): installs what the build needs, checks what only
 # you can set up before a first deploy and the [vars] as the Worker will read them
-# (src/bin/check-config.rs), then runs `wrangler deploy` (which builds the Worker with
-# scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
+# (src/bin/check-config.rs), applies the D1 migrations the database has not had yet, then
+# runs `wrangler deploy` (which builds the Worker with scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
 #   bash scripts/deploy.sh [--config FILE] [--check-only] [wrangler deploy options]
 # --config FILE (in this directory: wrangler resolves its paths from there) checks and
 # deploys FILE instead of wrangler.toml; --check-only stops after the checks.
@@ -28,11 +28,14 @@ done
 # committed. wrangler does not inherit [vars] into an environment: check the one deployed
 # (--env / -e, or CLOUDFLARE_ENV), with the values `--var KEY:VALUE` adds at deploy time.
 check_args=()
+env_args=()
+dry_run=0
 [[ -n "${CLOUDFLARE_ENV:-}" ]] && check_args=(--env "$CLOUDFLARE_ENV")
 for ((i = 0; i < ${#pass[@]}; i++)); do
   case "${pass[$i]}" in
-    --env|-e) check_args+=(--env "${pass[$((i + 1))]:-}") ;;
-    --env=*|-e=*) check_args+=(--env "${pass[$i]#*=}") ;;
+    --dry-run) dry_run=1 ;;
+    --env|-e) check_args+=(--env "${pass[$((i + 1))]:-}"); env_args=(--env "${pass[$((i + 1))]:-}") ;;
+    --env=*|-e=*) check_args+=(--env "${pass[$i]#*=}"); env_args=(--env "${pass[$i]#*=}") ;;
     --var=*) check_args+=(--var "${pass[$i]#*=}") ;;
     --var)
       # wrangler takes one or more KEY:VALUE after --var.
@@ -64,4 +67,12 @@ log "D1 database_id $id"
 [[ "$check_only" == 0 ]] || exit 0
 
 bash scripts/setup.sh
+# The database's schema before the Worker that writes it: a new Worker writing a column a
+# migration adds would have each call's records refused until the migration ran (kept in the
+# call objects' storage and retried, but not in D1). Applies only what D1 has not had yet;
+# a dry run deploys nothing and applies nothing.
+if [[ "$dry_run" == 0 ]]; then
+  log "applying D1 migrations not applied yet (migrations/)"
+  npx wrangler d1 migrations apply DB --remote -c "$config" "${env_args[@]}"
+fi
 npx wrangler deploy -c "$config" "${pass[@]}"

@@ -12,13 +12,17 @@ fn root() -> PathBuf {
 }
 
 fn deploy(args: &[&str]) -> Output {
-    Command::new("bash")
-        .arg("scripts/deploy.sh")
+    deploy_with(args, |_| {})
+}
+
+fn deploy_with(args: &[&str], env: impl FnOnce(&mut Command)) -> Output {
+    let mut cmd = Command::new("bash");
+    cmd.arg("scripts/deploy.sh")
         .args(args)
         .current_dir(root())
-        .env("CI", "true")
-        .output()
-        .expect("bash scripts/deploy.sh")
+        .env("CI", "true");
+    env(&mut cmd);
+    cmd.output().expect("bash scripts/deploy.sh")
 }
 
 fn text(out: &Output) -> String {
@@ -122,6 +126,10 @@ fn deploy_refuses_the_placeholder_database_and_says_what_to_run_then_deploys_wit
     assert!(out.status.success(), "{said}");
     assert!(said.contains("--dry-run: exiting now"), "{said}");
     assert!(
+        !said.contains("applying D1 migrations"),
+        "a dry run applies nothing: {said}"
+    );
+    assert!(
         said.contains("env.DB"),
         "the D1 binding is deployed: {said}"
     );
@@ -131,4 +139,38 @@ fn deploy_refuses_the_placeholder_database_and_says_what_to_run_then_deploys_wit
         outdir.display()
     );
     let _ = std::fs::remove_dir_all(&outdir);
+}
+
+#[test]
+fn a_deploy_applies_the_d1_migrations_the_database_lacks_before_the_worker() {
+    // A deploy for real, with `npx` a stand-in that notes what it was asked and reaches no
+    // account: the migrations go first, to the same config's database, then the Worker.
+    let good = Config::with_database_id(
+        ".deploy-test-migrate.toml",
+        "3f2b9c1e-7a4d-4e8b-9c2f-1a2b3c4d5e6f",
+    );
+    let bin = std::env::temp_dir().join(format!("deploy-npx-{}", std::process::id()));
+    std::fs::create_dir_all(&bin).unwrap();
+    let asked = bin.join("asked.txt");
+    let npx = bin.join("npx");
+    std::fs::write(&npx, "#!/bin/sh\necho \"$*\" >> \"$NPX_ASKED\"\n").unwrap();
+    std::fs::set_permissions(&npx, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let config = good.path().to_str().unwrap().to_owned();
+    let out = deploy_with(&["--config", &config, "--keep-vars"], |cmd| {
+        cmd.env("PATH", &path).env("NPX_ASKED", &asked);
+    });
+    let said = text(&out);
+    assert!(out.status.success(), "{said}");
+    let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&bin);
+    let lines: Vec<&str> = asked.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            format!("wrangler d1 migrations apply DB --remote -c {config}"),
+            format!("wrangler deploy -c {config} --keep-vars"),
+        ],
+        "{said}"
+    );
 }

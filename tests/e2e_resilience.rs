@@ -27,6 +27,9 @@
 //!   first deploy cut is refused as gone (410), though its end cannot be kept then, and the
 //!   call is finalized once storage takes records again; so is a call whose stream never
 //!   connected, whose final status Twilio sent meanwhile.
+//! - An upgrade running before its migration was applied: a Worker whose call ends write a
+//!   column the local D1 does not have yet (migration 0007 held back) keeps each refused end
+//!   in its object and lands it once the migration is applied.
 //!
 //! Waits are for observed events (a frame at a peer, a row in D1, a line in wrangler's log),
 //! with generous bounds; time is asserted only from below.
@@ -1126,4 +1129,95 @@ async fn what_a_call_object_decides_while_its_storage_refuses_records_is_not_los
             .await,
     );
     assert_eq!(detail["call"]["status"], "failed", "{}", pretty(&detail));
+}
+
+/// An upgrade deployed before its migration was applied (a plain `npx wrangler deploy` after
+/// a change to `migrations/`): the Worker writes a column the database does not have yet
+/// (0007's transcription usage, in each call's end). D1 refuses the call's end; the call's
+/// object keeps it and tries again, and once the migration is applied it lands, whole: late,
+/// not lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_call_s_end_written_before_its_migration_was_applied_lands_once_it_is() {
+    let scratch = support::scratch_dir("e2e-resilience-unmigrated");
+    let deployment = Deployment::copy_of(&support::repo_root(), &scratch.join("app"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The copy's migrations (a link to the repository's): all but the one the Worker needs.
+    let migrations = deployment.dir.join("migrations");
+    std::fs::remove_file(&migrations).unwrap();
+    std::fs::create_dir(&migrations).unwrap();
+    let mut shipped: Vec<std::path::PathBuf> =
+        std::fs::read_dir(support::repo_root().join("migrations"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "sql"))
+            .collect();
+    shipped.sort();
+    let needed = shipped
+        .iter()
+        .find(|p| p.to_string_lossy().contains("transcription_usage"))
+        .expect("the migration of the transcription usage")
+        .clone();
+    for m in shipped.iter().filter(|m| **m != needed) {
+        std::fs::copy(m, migrations.join(m.file_name().unwrap())).unwrap();
+    }
+    let h = Harness::start_from(
+        scratch.clone(),
+        deployment.dir.clone(),
+        vec![("ADMIN_TOKEN".into(), ADMIN_TOKEN.into())],
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the Worker did not start:\n{e}"));
+    let h = &h;
+    let admin = Admin::new(&h.base_url(), ADMIN_TOKEN);
+
+    // The call's turns land (they write nothing new); its end is refused by the old schema.
+    let said = converse(h, &admin, "+15551230621", 0xa1).await;
+    let sid = said.call.ids.call_sid.clone();
+    said.call.twilio.send_stop(&said.call.ids);
+    h.worker
+        .wait_for_line("the end refused by the schema without the column", |l| {
+            l.contains("outbox.d1_write_failed") && l.contains(&sid) && l.contains("no such column")
+        })
+        .await;
+    let r = admin.get(&format!("/api/admin/calls/{sid}")).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert!(r.body["call"]["end_reason"].is_null(), "{}", r.text);
+    assert_eq!(r.body["transcript"].as_array().map(Vec::len), Some(3));
+
+    // The migration, applied while the Worker runs, as it would be after the deploy. The
+    // Worker may hold the database's lock for a moment (SQLITE_BUSY): then again.
+    std::fs::copy(&needed, migrations.join(needed.file_name().unwrap())).unwrap();
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match support::worker::apply_migrations(
+            &deployment.dir,
+            &scratch.join("state"),
+            &scratch.join("migrations-after.log"),
+        ) {
+            Ok(()) => break,
+            Err(e) if e.contains("SQLITE_BUSY") && tries < 10 => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    // The end the object kept lands, with the transcription's usage it was refused for.
+    let detail = ok(
+        h,
+        admin
+            .wait_call(
+                &sid,
+                "the end, once the column is there",
+                D1_DEADLINE,
+                |d| d["call"]["end_reason"].is_string(),
+            )
+            .await,
+    );
+    let call = &detail["call"];
+    assert_eq!(call["end_reason"], "twilio_stop", "{}", pretty(call));
+    assert_eq!(call["transcription_input_tokens"], 17, "{}", pretty(call));
+    assert_eq!(call["transcription_output_tokens"], 9, "{}", pretty(call));
+    assert_eq!(detail["transcript"], said.before["transcript"]);
 }

@@ -335,7 +335,7 @@ impl Drop for WorkerProcess {
 
 /// `wrangler d1 migrations apply DB --local` into the same state directory, when the repo has
 /// `.sql` migrations.
-fn apply_migrations(root: &Path, persist_dir: &Path, log_path: &Path) -> Result<(), String> {
+pub fn apply_migrations(root: &Path, persist_dir: &Path, log_path: &Path) -> Result<(), String> {
     let dir = root.join("migrations");
     let has_sql = fs::read_dir(&dir)
         .map(|rd| {
