@@ -709,6 +709,7 @@ async function placeCall(opt, ctx) {
     if (detail) {
       const c = detail.call ?? {};
       console.log(`\nstored call record: status=${c.status} end_reason=${c.end_reason} duration_ms=${c.duration_ms} first_audio_ms=${c.first_audio_ms} barge_ins=${c.barge_ins}`);
+      console.log(`  tokens: session ${c.input_tokens ?? 0} in / ${c.output_tokens ?? 0} out; transcription ${c.transcription_input_tokens ?? 0} in / ${c.transcription_output_tokens ?? 0} out, ${((c.transcription_audio_ms ?? 0) / 1000).toFixed(1)} s of audio`);
       console.log('stored transcript (GET /api/admin/calls/' + ids.callSid + '):');
       if (!detail.transcript?.length) console.log('  (empty)');
       for (const e of detail.transcript ?? []) {

@@ -213,6 +213,21 @@ fn assert_stored_call(stdout: &str, context: &dyn Fn() -> String) {
         "the stored call should have ended by Twilio's stop:\n{}",
         context()
     );
+    // What the call cost, as stored: the stand-in bills its transcriptions by time, as
+    // whisper-1 does (the seconds of caller audio it heard).
+    let transcribed_s = stdout
+        .lines()
+        .find_map(|l| {
+            let l = l.trim().strip_prefix("tokens: session ")?;
+            let (_, rest) = l.split_once(" out, ")?;
+            rest.strip_suffix(" s of audio")?.parse::<f64>().ok()
+        })
+        .unwrap_or_else(|| panic!("no stored tokens printed:\n{}", context()));
+    assert!(
+        transcribed_s >= 1.0,
+        "{transcribed_s} s transcribed:\n{}",
+        context()
+    );
     let stored = stdout
         .split("stored transcript (GET /api/admin/calls/")
         .nth(1)
