@@ -1734,11 +1734,6 @@ fn a_conversation_is_recorded_in_conversation_order_with_the_cut_turn_flagged() 
 #[test]
 fn the_transcriptions_usage_is_summed_into_the_calls_end_and_an_odd_one_costs_no_words() {
     let mut sim = Sim::greeted(Agent::default());
-    let transcribed = |sim: &mut Sim, item: &str, text: &str, usage: &str| {
-        sim.openai(&format!(
-            r#"{{"type":"conversation.item.input_audio_transcription.completed","item_id":"{item}","content_index":0,"transcript":"{text}"{usage}}}"#
-        ));
-    };
     for (item, text, usage) in [
         (
             "item_a",
@@ -1772,7 +1767,9 @@ fn the_transcriptions_usage_is_summed_into_the_calls_end_and_an_odd_one_costs_no
         sim.openai(&format!(
             r#"{{"type":"conversation.item.added","item":{{"id":"{item}","type":"message","role":"user"}}}}"#
         ));
-        transcribed(&mut sim, item, text, usage);
+        sim.openai(&format!(
+            r#"{{"type":"conversation.item.input_audio_transcription.completed","item_id":"{item}","content_index":0,"transcript":"{text}"{usage}}}"#
+        ));
     }
     sim.twilio(STOP);
     let said: Vec<String> = transcript(&sim.records)
