@@ -1446,7 +1446,8 @@ fn is_system_item(e: &ClientEvent) -> bool {
 async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
     let h = harness().await;
     let number = "+815000000108";
-    // 30 s is the shortest limit; the wrap-up (30 s before the end) is due at once.
+    // 30 s is the shortest limit: the wrap-up is due half-way (30 s before the end would be
+    // at the start, as the greeting begins).
     agent_on_number(
         h,
         "e2e-max-duration",
@@ -1458,6 +1459,7 @@ async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
     let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     let sid = ids.call_sid.as_str();
 
+    greeting_played(h, &call).await;
     let wrap_up = ok(
         h,
         oa.wait_until("the wrap-up system item", SOON, |v| {
@@ -1469,8 +1471,12 @@ async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
         .as_str()
         .unwrap_or("");
     assert!(text.contains("制限時間"), "wrap-up text: {text:?}");
-    greeting_played(h, &call).await;
-    // The wrap-up response is asked for once the greeting is done.
+    let told_after = wrap_up.at.duration_since(call.start_sent_at);
+    assert!(
+        told_after >= Duration::from_secs(14),
+        "told to wrap up {told_after:?} after the start: not half-way through the 30 s"
+    );
+    // The wrap-up response is asked for with it, the greeting long done.
     let creates = ok(h, oa.wait_events("response.create", 2, SOON).await);
     assert!(creates[1].at > wrap_up.at);
     oa.send_all(oai::full_response(
@@ -1519,12 +1525,14 @@ async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
     assert_no_create_while_active(h, oa);
 }
 
-/// Twilio's `start` usually comes before the Realtime session is ready (the OpenAI connect
-/// takes longer): a wrap-up due at that moment must still reach the model.
+/// A wrap-up that falls due while the Realtime session is being replaced (the server ended
+/// it; the new one is not ready until after the wrap-up's time) still reaches the model: on
+/// the new session, once it is ready.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_wrap_up_due_before_the_session_is_ready_still_reaches_the_model() {
+async fn a_wrap_up_due_while_the_session_is_replaced_still_reaches_the_model() {
     let h = harness().await;
     let number = "+815000000109";
+    // 30 s: the wrap-up is due 15 s after the start.
     agent_on_number(
         h,
         "e2e-max-duration-early",
@@ -1536,23 +1544,52 @@ async fn a_wrap_up_due_before_the_session_is_ready_still_reaches_the_model() {
         .start_call(CallSpec {
             from: "+819011110109".into(),
             to: number.into(),
-            script: greeting_script().handshake_delay(Duration::from_millis(1500)),
+            script: greeting_script(),
             caller_audio: None,
         })
         .await;
-    let (oa, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
+    let (oa1, twilio, ids) = (&call.openai, &call.twilio, &call.ids);
     greeting_played(h, &call).await;
-    let found = oa
-        .wait_until("the wrap-up system item", Duration::from_secs(10), |v| {
-            v.received.iter().find(|e| is_system_item(e)).cloned()
+    let due = call.start_sent_at + Duration::from_secs(15);
+
+    // Three seconds before it, the session hits its limit; the next one is answered by hand,
+    // a second after the wrap-up's time (well inside the 8 s a replacement may take).
+    tokio::time::sleep_until((due - Duration::from_secs(3)).into()).await;
+    let claim = h
+        .openai
+        .claim(SessionScript::new().without_session_updated())
+        .await;
+    oa1.send(json!({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "session_expired",
+        "message": "Your session hit the maximum duration of 60 minutes.",
+        "param": null, "event_id": null}}));
+    oa1.close();
+    let oa2 = ok(h, claim.session(SOON).await);
+    drop(claim);
+    let update = ok(h, oa2.wait_event("session.update", SOON).await);
+    tokio::time::sleep_until((due + Duration::from_secs(1)).into()).await;
+    let wrap_up = |e: &ClientEvent| {
+        is_system_item(e)
+            && e.event["item"]["content"][0]["text"]
+                .as_str()
+                .is_some_and(|t| t.contains("制限時間"))
+    };
+    assert!(
+        !oa1.received().iter().any(wrap_up) && !oa2.received().iter().any(wrap_up),
+        "the wrap-up went out with no session ready to hear it"
+    );
+    oa2.send_session_updated(&update.event["session"]);
+    let found = oa2
+        .wait_until("the wrap-up on the new session", SOON, |v| {
+            v.received.iter().find(|e| wrap_up(e)).cloned()
         })
         .await;
     twilio.send_stop(ids);
-    let detail = wait_ended(h, &ids.call_sid, &[]).await;
+    let detail = wait_ended(h, &ids.call_sid, &["wrap_up"]).await;
     assert!(
         found.is_ok(),
-        "call {}: the agent was never told to wrap up (30 s limit, stream started before the \
-         session was ready): {}\nevents: {}",
+        "call {}: the agent was never told to wrap up (due while its session was replaced): \
+         {}\nevents: {}",
         ids.call_sid,
         found.unwrap_err(),
         pretty(&detail["events"])
