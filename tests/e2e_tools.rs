@@ -1525,6 +1525,25 @@ async fn the_time_limit_has_the_agent_wrap_up_then_hangs_up() {
     assert_no_create_while_active(h, oa);
 }
 
+/// The server ends `old` at its 60-minute limit. The session that replaces it is claimed
+/// before and answered by hand: returned with its `session.update`, not yet confirmed (the
+/// test sends `session.updated` when it wants the session ready).
+async fn expire_session(h: &Harness, old: &Session) -> (std::sync::Arc<Session>, ClientEvent) {
+    let claim = h
+        .openai
+        .claim(SessionScript::new().without_session_updated())
+        .await;
+    old.send(json!({"type": "error", "error": {
+        "type": "invalid_request_error", "code": "session_expired",
+        "message": "Your session hit the maximum duration of 60 minutes.",
+        "param": null, "event_id": null}}));
+    old.close();
+    let new = ok(h, claim.session(SOON).await);
+    drop(claim);
+    let update = ok(h, new.wait_event("session.update", SOON).await);
+    (new, update)
+}
+
 /// A wrap-up that falls due while the Realtime session is being replaced (the server ended
 /// it; the new one is not ready until after the wrap-up's time) still reaches the model: on
 /// the new session, once it is ready.
@@ -1555,18 +1574,7 @@ async fn a_wrap_up_due_while_the_session_is_replaced_still_reaches_the_model() {
     // Three seconds before it, the session hits its limit; the next one is answered by hand,
     // a second after the wrap-up's time (well inside the 8 s a replacement may take).
     tokio::time::sleep_until((due - Duration::from_secs(3)).into()).await;
-    let claim = h
-        .openai
-        .claim(SessionScript::new().without_session_updated())
-        .await;
-    oa1.send(json!({"type": "error", "error": {
-        "type": "invalid_request_error", "code": "session_expired",
-        "message": "Your session hit the maximum duration of 60 minutes.",
-        "param": null, "event_id": null}}));
-    oa1.close();
-    let oa2 = ok(h, claim.session(SOON).await);
-    drop(claim);
-    let update = ok(h, oa2.wait_event("session.update", SOON).await);
+    let (oa2, update) = expire_session(h, oa1).await;
     tokio::time::sleep_until((due + Duration::from_secs(1)).into()).await;
     let wrap_up = |e: &ClientEvent| {
         is_system_item(e)
@@ -1641,18 +1649,7 @@ async fn an_expired_session_is_replaced_seeded_with_the_conversation_and_loses_n
 
     // The session hits its 60-minute limit. The next session is ours; it is answered by hand
     // so that caller audio sent meanwhile falls in the gap for sure.
-    let claim = h
-        .openai
-        .claim(SessionScript::new().without_session_updated())
-        .await;
-    oa1.send(json!({"type": "error", "error": {
-        "type": "invalid_request_error", "code": "session_expired",
-        "message": "Your session hit the maximum duration of 60 minutes.",
-        "param": null, "event_id": null}}));
-    oa1.close();
-    let oa2 = ok(h, claim.session(SOON).await);
-    drop(claim);
-    let update = ok(h, oa2.wait_event("session.update", SOON).await);
+    let (oa2, update) = expire_session(h, oa1).await;
     assert_eq!(
         update.event["session"]["type"], "realtime",
         "{}",
