@@ -631,6 +631,12 @@ test('the page is served with its security headers, and works under its Content-
   assert.deepEqual(await page.evaluate(() => window.__csp), []);
 });
 
+test('a call transcribed by a model billed by time shows the seconds transcribed', async () => {
+  await page.goto(`${worker.baseUrl}/#/calls/${LONG_SID}`);
+  await page.locator('.figures').waitFor();
+  assert.match(await page.locator('.figures').innerText(), /文字起こし \(入力 \/ 出力\)\s*0 \/ 0 · 241\.4 秒/);
+});
+
 test('no errors in the page, and the other call has no recording', async () => {
   await page.goto(`${worker.baseUrl}/#/calls/${OTHER_SID}`);
   await page.getByText('この通話の録音はありません。').waitFor();

@@ -88,11 +88,12 @@ function callRow(sid, o) {
   return `INSERT INTO calls (call_sid, account_sid, from_number, to_number, agent_id, direction, status,
     stream_sid, openai_session_id, started_at, connected_at, ended_at, duration_ms, end_reason, input_tokens,
     output_tokens, total_tokens, first_audio_ms, barge_ins, twilio_duration_s, recording_key, recording_duration_ms,
-    recording_bytes, transcription_input_tokens, transcription_output_tokens) VALUES (${[sid,
+    recording_bytes, transcription_input_tokens, transcription_output_tokens, transcription_audio_ms) VALUES (${[sid,
     'AC00000000000000000000000000000001', o.from, o.to, 'default', 'inbound', o.status,
     `MZ${sid.slice(2)}`, 'sess_seed', iso(o.connected - 500), iso(o.connected), iso(o.connected + o.duration), o.duration,
     o.end_reason, o.input, o.output, o.input + o.output, o.first_audio, o.barge_ins, Math.round(o.duration / 1000),
     o.key, o.key ? o.duration : null, o.key ? bytes : null, o.transcribed_in ?? 0, o.transcribed_out ?? 0,
+    o.transcribed_ms ?? 0,
   ].map(q).join(', ')});`;
 }
 
@@ -164,6 +165,8 @@ export function testSql() {
       from: '+819011112222', to: '+815012345678', status: 'completed', connected: CONNECTED_MS - 7_200_000,
       duration: LONG_DURATION_MS, end_reason: 'agent_hangup', input: 9000, output: 4000, first_audio: 700, barge_ins: 0,
       key: LONG_RECORDING_KEY,
+      // Transcribed by a model billed by the audio's length (whisper-1).
+      transcribed_ms: 241_400,
     }),
   ].join('\n');
 }
