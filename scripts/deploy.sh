@@ -2,7 +2,8 @@
 # README's deploy command (`npm run deploy`): installs what the build needs, checks what only
 # you can set up before a first deploy and the [vars] as the Worker will read them
 # (src/bin/check-config.rs), applies the D1 migrations the database has not had yet, then
-# runs `wrangler deploy` (which builds the Worker with scripts/build.sh). Other options go to wrangler, e.g. `npm run deploy -- --dry-run`.
+# runs `wrangler deploy` (which builds the Worker with scripts/build.sh). Other options go to
+# wrangler, e.g. `npm run deploy -- --dry-run`.
 #   bash scripts/deploy.sh [--config FILE] [--check-only] [wrangler deploy options]
 # --config FILE (in this directory: wrangler resolves its paths from there) checks and
 # deploys FILE instead of wrangler.toml; --check-only stops after the checks.
@@ -17,7 +18,7 @@ while [[ $# -gt 0 ]]; do
   case "$1" in
     --config) config="$2"; shift 2 ;;
     --check-only) check_only=1; shift ;;
-    -h|--help) sed -n '2,8p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,9p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) pass+=("$1"); shift ;;
   esac
 done

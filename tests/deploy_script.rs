@@ -144,10 +144,12 @@ fn deploy_refuses_the_placeholder_database_and_says_what_to_run_then_deploys_wit
 #[test]
 fn a_deploy_applies_the_d1_migrations_the_database_lacks_before_the_worker() {
     // A deploy for real, with `npx` a stand-in that notes what it was asked and reaches no
-    // account: the migrations go first, to the same config's database, then the Worker.
-    let good = Config::with_database_id(
+    // account: the migrations go first, to the same config's (and environment's) database,
+    // then the Worker.
+    let good = Config::edited(
         ".deploy-test-migrate.toml",
         "3f2b9c1e-7a4d-4e8b-9c2f-1a2b3c4d5e6f",
+        |t| t + "\n[env.staging.vars]\nLOG_LEVEL = \"info\"\n",
     );
     let bin = std::env::temp_dir().join(format!("deploy-npx-{}", std::process::id()));
     std::fs::create_dir_all(&bin).unwrap();
@@ -157,20 +159,36 @@ fn a_deploy_applies_the_d1_migrations_the_database_lacks_before_the_worker() {
     std::fs::set_permissions(&npx, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
     let config = good.path().to_str().unwrap().to_owned();
-    let out = deploy_with(&["--config", &config, "--keep-vars"], |cmd| {
-        cmd.env("PATH", &path).env("NPX_ASKED", &asked);
-    });
-    let said = text(&out);
-    assert!(out.status.success(), "{said}");
-    let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+    for (args, expected) in [
+        (
+            vec!["--keep-vars"],
+            [
+                format!("wrangler d1 migrations apply DB --remote -c {config}"),
+                format!("wrangler deploy -c {config} --keep-vars"),
+            ],
+        ),
+        // An environment's Worker has its environment's database.
+        (
+            vec!["--env", "staging"],
+            [
+                format!("wrangler d1 migrations apply DB --remote -c {config} --env staging"),
+                format!("wrangler deploy -c {config} --env staging"),
+            ],
+        ),
+    ] {
+        let _ = std::fs::remove_file(&asked);
+        let args: Vec<&str> = ["--config", config.as_str()]
+            .into_iter()
+            .chain(args)
+            .collect();
+        let out = deploy_with(&args, |cmd| {
+            cmd.env("PATH", &path).env("NPX_ASKED", &asked);
+        });
+        let said = text(&out);
+        assert!(out.status.success(), "{args:?}: {said}");
+        let asked = std::fs::read_to_string(&asked).unwrap_or_default();
+        let lines: Vec<&str> = asked.lines().collect();
+        assert_eq!(lines, expected, "{args:?}: {said}");
+    }
     let _ = std::fs::remove_dir_all(&bin);
-    let lines: Vec<&str> = asked.lines().collect();
-    assert_eq!(
-        lines,
-        [
-            format!("wrangler d1 migrations apply DB --remote -c {config}"),
-            format!("wrangler deploy -c {config} --keep-vars"),
-        ],
-        "{said}"
-    );
 }
